@@ -1,0 +1,2 @@
+-- The trading database lives beside Dagster's in the same server.
+CREATE DATABASE trading;

@@ -1,0 +1,1 @@
+"""trading_pipeline: an observable IBKR trading pipeline built as a Dagster asset graph."""

@@ -1,0 +1,158 @@
+"""Brokers behind one small interface: the embedded paper broker here, IBKR in adapters/ibkr.
+
+The paper broker simulates the broker side in the trading database: it accepts orders (rejecting
+a client order id it has seen, as IBKR does), fills a marketable limit entry at once at its limit
+price, and leaves the stop-loss and take-profit children working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from trading_pipeline.adapters.trading_db import PaperFillRow, PaperOrderRow
+from trading_pipeline.core.analysis import OrderLeg
+from trading_pipeline.core.risk import AccountState, Position
+
+
+class DuplicateOrderError(Exception):
+    """The broker already has an order with this client order id."""
+
+
+@dataclass(frozen=True)
+class BrokerOrder:
+    client_order_id: str
+    broker_order_id: str
+    status: str  # Submitted, PreSubmitted, Filled, Cancelled, Inactive
+    filled_quantity: float
+    average_fill_price: float | None
+
+
+@dataclass(frozen=True)
+class BrokerExecution:
+    execution_id: str
+    client_order_id: str
+    symbol: str
+    side: str
+    quantity: float
+    price: float
+    executed_at: datetime
+
+
+class Broker(Protocol):
+    name: str
+
+    def account(self, marks: dict[str, float]) -> AccountState: ...
+
+    def find_order(self, client_order_id: str) -> BrokerOrder | None: ...
+
+    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float) -> list[BrokerOrder]: ...
+
+    def executions(self, client_order_id: str) -> list[BrokerExecution]: ...
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
+
+
+class PaperBroker:
+    name = "paper"
+
+    def __init__(self, sessions: sessionmaker[Session], starting_equity: float):
+        self._sessions = sessions
+        self._starting_equity = starting_equity
+
+    @staticmethod
+    def _as_broker_order(row: PaperOrderRow) -> BrokerOrder:
+        return BrokerOrder(row.client_order_id, str(row.broker_order_id), row.status,
+                           row.filled_quantity, row.average_fill_price)
+
+    def find_order(self, client_order_id: str) -> BrokerOrder | None:
+        with self._sessions() as session:
+            row = session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == client_order_id))
+            return self._as_broker_order(row) if row else None
+
+    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float) -> list[BrokerOrder]:
+        now = datetime.now(timezone.utc)
+        with self._sessions() as session:
+            try:
+                parent_id = None
+                rows = []
+                for leg in legs:
+                    row = PaperOrderRow(
+                        client_order_id=leg.client_order_id, parent_broker_order_id=parent_id,
+                        symbol=symbol, side=leg.side, order_type=leg.order_type, quantity=leg.quantity,
+                        price=leg.price, tif=leg.tif, status="PreSubmitted" if parent_id else "Submitted",
+                        filled_quantity=0.0, created_at=now)
+                    session.add(row)
+                    session.flush()
+                    parent_id = parent_id or row.broker_order_id
+                    rows.append(row)
+                entry = rows[0]
+                marketable = (entry.side == "BUY" and entry.price >= reference_price) or (
+                    entry.side == "SELL" and entry.price <= reference_price)
+                if entry.order_type == "LMT" and marketable:
+                    entry.status, entry.filled_quantity, entry.average_fill_price = "Filled", entry.quantity, entry.price
+                    session.add(PaperFillRow(broker_order_id=entry.broker_order_id, symbol=symbol, side=entry.side,
+                                             quantity=entry.quantity, price=entry.price, executed_at=now))
+                    for child in rows[1:]:
+                        child.status = "Submitted"  # children go live once the parent fills
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                raise DuplicateOrderError(legs[0].client_order_id) from None
+            return [self._as_broker_order(row) for row in rows]
+
+    def executions(self, client_order_id: str) -> list[BrokerExecution]:
+        with self._sessions() as session:
+            rows = session.execute(
+                select(PaperFillRow, PaperOrderRow.client_order_id)
+                .join(PaperOrderRow, PaperFillRow.broker_order_id == PaperOrderRow.broker_order_id)
+                .where(PaperOrderRow.client_order_id == client_order_id)).all()
+            return [BrokerExecution(f"paper-{fill.id}", coid, fill.symbol, fill.side, fill.quantity, fill.price,
+                                    _as_utc(fill.executed_at)) for fill, coid in rows]
+
+    def account(self, marks: dict[str, float]) -> AccountState:
+        """Cash and positions from the fills; positions valued at `marks` (last closes) where known."""
+        today = datetime.now(timezone.utc).date()
+        cash = self._starting_equity
+        quantities: dict[str, float] = {}
+        costs: dict[str, float] = {}
+        realized_today = 0.0
+        opened_today: set[str] = set()
+        with self._sessions() as session:
+            fills = session.scalars(select(PaperFillRow).order_by(PaperFillRow.id)).all()
+        for fill in fills:
+            signed = fill.quantity if fill.side == "BUY" else -fill.quantity
+            cash -= signed * fill.price
+            held = quantities.get(fill.symbol, 0.0)
+            average = costs.get(fill.symbol, 0.0) / held if held else 0.0
+            if held and (held > 0) != (signed > 0):  # reducing: realize P&L on the closed part
+                closed = min(abs(signed), abs(held))
+                pnl = closed * (fill.price - average) * (1 if held > 0 else -1)
+                if _as_utc(fill.executed_at).date() == today:
+                    realized_today += pnl
+                costs[fill.symbol] = average * (held + (closed if held < 0 else -closed))
+            else:
+                costs[fill.symbol] = costs.get(fill.symbol, 0.0) + signed * fill.price
+                if _as_utc(fill.executed_at).date() == today:
+                    opened_today.add(fill.symbol)
+            quantities[fill.symbol] = held + signed
+        positions = {}
+        unrealized_today = 0.0
+        for symbol, quantity in quantities.items():
+            if quantity == 0:
+                continue
+            average = costs[symbol] / quantity
+            mark = marks.get(symbol, average)
+            positions[symbol] = Position(quantity, round(average, 4), mark)
+            if symbol in opened_today:
+                unrealized_today += quantity * (mark - average)
+        equity = cash + sum(p.market_value for p in positions.values())
+        return AccountState(equity=round(equity, 2), cash=round(cash, 2), positions=positions,
+                            daily_pnl=round(realized_today + unrealized_today, 2))

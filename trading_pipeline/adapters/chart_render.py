@@ -1,0 +1,441 @@
+"""Render plotly figures to PNG bytes through ONE persistent headless Chromium (kaleido 1.x).
+
+`fig.to_image()` starts and stops a whole Chromium for every image (seconds each). A
+`ChartRenderer` starts the browser once, keeps `tabs` tabs with plotly.js loaded, and renders
+every figure of a run through them; `render_many` renders a batch concurrently, one figure
+per free tab.
+
+How it works: kaleido's `Kaleido` (a choreographer `Browser`) lives on a private asyncio loop
+in a daemon thread. Callers stay synchronous; every call waits on the loop with a deadline,
+so a hung Chromium turns into a `ChartRenderError` instead of hanging the run. After a hang
+or a crash the browser is killed (whole process group); the next call starts a new one.
+
+Chromium:
+- found via BROWSER_PATH, else kaleido/choreographer's own search (its downloaded Chrome,
+  then chrome/chromium/edge/... on PATH and in the usual install paths), else
+  /usr/bin/chromium, chromium, chromium-browser, google-chrome on PATH;
+- started by choreographer as
+  `python _unix_pipe_chromium_wrapper.py <chromium> --headless --no-sandbox --disable-gpu
+  --disable-dev-shm-usage --remote-debugging-pipe --user-data-dir=<tmp> ...` in its own
+  process group. Choreographer passes `--no-sandbox` unless `enable_sandbox=True`; Chromium
+  refuses to start as root without it, so the sandbox stays off (always off as root);
+- offline: MathJax is disabled (kaleido would load it from a CDN), plotly.js is the copy
+  shipped inside the plotly package, and with `offline=True` (default) all HTTP(S) goes to
+  a dead loopback proxy, so the renderer never reaches the network.
+
+kaleido, plotly and choreographer are imported lazily (inside methods): importing this
+module is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import math
+import os
+import shutil
+import signal
+import struct
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from trading_pipeline.errors import ChartRenderError
+
+if TYPE_CHECKING:
+    import subprocess
+
+_log = logging.getLogger(__name__)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_STARTUP_TIMEOUT_S = 30.0
+DEFAULT_WIDTH = 1920
+DEFAULT_HEIGHT = 1080
+FALLBACK_BROWSERS: tuple[str, ...] = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
+# Nothing listens on the discard port on loopback: any http(s) request fails immediately.
+OFFLINE_PROXY = "http://127.0.0.1:9"
+_CLOSE_GRACE_S = 10.0
+_BATCH_GRACE_S = 10.0
+
+INSTALL_FIX = (
+    "Install Chromium: `apt-get install chromium` on Debian/Ubuntu (any Chrome/Chromium works), "
+    "or let kaleido download one: run `plotly_get_chrome` (or `kaleido_get_chrome`) in a shell, "
+    "or call `kaleido.get_chrome_sync()` in Python; or set BROWSER_PATH to the full path of a "
+    "Chrome/Chromium executable."
+)
+
+
+def _is_executable_file(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def find_chromium() -> str:
+    """Path of the Chrome/Chromium to use, or ChartRenderError saying what to install.
+
+    Order: BROWSER_PATH (if set it must be valid: no silent fallback), then what
+    kaleido/choreographer finds, then FALLBACK_BROWSERS.
+    """
+    env = os.environ.get("BROWSER_PATH", "").strip()
+    if env:
+        if _is_executable_file(env):
+            return env
+        raise ChartRenderError(
+            f"BROWSER_PATH={env!r} is not an executable Chrome/Chromium "
+            f"({'not executable' if os.path.exists(env) else 'no such file'}).",
+            "Point BROWSER_PATH at a Chrome/Chromium executable (e.g. /usr/bin/chromium), or "
+            "unset it to let the renderer search. " + INSTALL_FIX,
+        )
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        found = Chromium.find_browser(skip_local=False)
+    except Exception as exc:  # noqa: BLE001 - best effort; fall through to our own list
+        _log.debug("choreographer browser search failed: %s", exc)
+        found = None
+    if found and _is_executable_file(found):
+        return found
+    for name in FALLBACK_BROWSERS:
+        path = name if os.path.isabs(name) else shutil.which(name)
+        if path and _is_executable_file(path):
+            return path
+    raise ChartRenderError(
+        "No Chrome/Chromium browser found to render charts (searched BROWSER_PATH, kaleido's "
+        f"downloaded Chrome, PATH and {', '.join(FALLBACK_BROWSERS)}).",
+        INSTALL_FIX,
+    )
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; ValueError if `data` is not a PNG."""
+    if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG (bad signature or no IHDR chunk)")
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def _figure_dict(fig: Any) -> dict[str, Any]:
+    if hasattr(fig, "to_dict"):
+        return fig.to_dict()
+    if isinstance(fig, dict) and "data" in fig:
+        return fig
+    raise TypeError(f"expected a plotly Figure or figure dict, got {type(fig).__name__}")
+
+
+def _figure_size(fig: dict[str, Any], width: int | None, height: int | None) -> tuple[int, int]:
+    layout = fig.get("layout") or {}
+    w = width or layout.get("width") or DEFAULT_WIDTH
+    h = height or layout.get("height") or DEFAULT_HEIGHT
+    return int(w), int(h)
+
+
+class ChartRenderer:
+    """Renders plotly figures to PNG through one persistent Chromium.
+
+    Use as a context manager (or `start()` ... `close()`); a render on a renderer that is
+    not running starts the browser first. Thread-safe: calls are serialised.
+
+    timeout_s: longest any one figure may take; a batch of n figures gets
+    timeout_s * ceil(n / tabs) + a small grace. startup_timeout_s bounds starting Chromium.
+    tabs: how many figures render concurrently in one batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+        tabs: int | None = None,
+        browser_path: str | None = None,
+        offline: bool = True,
+    ) -> None:
+        if timeout_s <= 0 or startup_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        self.timeout_s = float(timeout_s)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.tabs = max(1, tabs if tabs is not None else min(4, os.cpu_count() or 1))
+        self._explicit_browser_path = browser_path
+        self.offline = offline
+        self.browser_path: str | None = None  # the one actually started
+        self.starts = 0  # how many browsers this renderer started (restarts after failures)
+        self._lock = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._kaleido: Any = None
+        self._atexit = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> ChartRenderer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def is_running(self) -> bool:
+        proc = self._process()
+        return self._kaleido is not None and proc is not None and proc.poll() is None
+
+    def start(self) -> ChartRenderer:
+        """Start Chromium (once). Raises ChartRenderError if it cannot be found or started."""
+        with self._lock:
+            if self._kaleido is not None:
+                return self
+            path = self._explicit_browser_path or find_chromium()
+            if self._explicit_browser_path and not _is_executable_file(path):
+                raise ChartRenderError(
+                    f"Chromium path {path!r} given to ChartRenderer is not an executable file.",
+                    INSTALL_FIX,
+                )
+            try:
+                import kaleido
+            except ImportError as exc:
+                raise ChartRenderError(
+                    f"kaleido is not importable ({exc}); it renders plotly figures to PNG.",
+                    "Install it into the project environment: `pip install 'kaleido>=1,<2'`.",
+                ) from exc
+
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(
+                target=_run_loop, args=(loop,), name="chart-render-loop", daemon=True
+            )
+            thread.start()
+            self._loop, self._thread = loop, thread
+            kwargs: dict[str, Any] = {
+                "n": self.tabs,
+                "timeout": self.timeout_s,
+                "mathjax": False,  # kaleido would fetch MathJax from a CDN; charts need none
+                "path": path,
+            }
+            if self.offline:
+                kwargs["proxy_server"] = OFFLINE_PROXY
+
+            async def open_browser() -> Any:
+                k = kaleido.Kaleido(**kwargs)
+                self._kaleido = k  # visible to _kill even if open() hangs
+                await k.open()
+                return k
+
+            fut = asyncio.run_coroutine_threadsafe(open_browser(), loop)
+            try:
+                fut.result(timeout=self.startup_timeout_s)
+            except concurrent.futures.TimeoutError:
+                fut.cancel()
+                self._teardown(graceful=False)
+                raise ChartRenderError(
+                    f"Chromium at {path} did not start within {self.startup_timeout_s:.0f} s.",
+                    f"Check that it runs headless: `{path} --headless --no-sandbox "
+                    "--dump-dom about:blank`; raise startup_timeout_s on a slow machine. "
+                    + INSTALL_FIX,
+                ) from None
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a ChartRenderError
+                self._teardown(graceful=False)
+                raise ChartRenderError(
+                    f"Chromium at {path} failed to start: {type(exc).__name__}: {exc}",
+                    f"Check that it runs headless: `{path} --headless --no-sandbox "
+                    "--dump-dom about:blank` (missing shared libraries show up there). "
+                    + INSTALL_FIX,
+                ) from exc
+            self.browser_path = path
+            self.starts += 1
+            if self._atexit is None:
+                ref = weakref.ref(self)
+                self._atexit = lambda: (r := ref()) is not None and r.close()
+                atexit.register(self._atexit)
+            _log.info("chart renderer: Chromium %s started with %d tabs", path, self.tabs)
+            return self
+
+    def close(self) -> None:
+        """Close Chromium and the loop thread. Safe to call twice."""
+        with self._lock:
+            self._teardown(graceful=True)
+            if self._atexit is not None:
+                atexit.unregister(self._atexit)
+                self._atexit = None
+
+    # ---- rendering ---------------------------------------------------------------------
+
+    def render_png(self, fig: Any, width: int | None = None, height: int | None = None) -> bytes:
+        """PNG bytes of `fig` at width x height px (default: the figure's layout size)."""
+        return self.render_many([fig], width=width, height=height)[0]
+
+    def render_many(
+        self, figs: Iterable[Any], width: int | None = None, height: int | None = None
+    ) -> list[bytes]:
+        """PNG bytes for each figure, in order, rendered concurrently in one browser."""
+        specs = []
+        for fig in figs:
+            d = _figure_dict(fig)
+            w, h = _figure_size(d, width, height)
+            specs.append((d, w, h))
+        if not specs:
+            return []
+        with self._lock:
+            if self._kaleido is not None and not self.is_running:
+                _log.warning("chart renderer: Chromium exited between renders; restarting it")
+                self._teardown(graceful=False)
+            self.start()
+            results = self._render_batch(specs)
+        for i, (data, (_, w, h)) in enumerate(zip(results, specs, strict=True)):
+            _check_png(data, w, h, i)
+        return results
+
+    def _render_batch(self, specs: Sequence[tuple[dict[str, Any], int, int]]) -> list[bytes]:
+        k, loop = self._kaleido, self._loop
+        assert k is not None and loop is not None
+
+        async def batch() -> list[bytes]:
+            tasks = [
+                asyncio.create_task(
+                    k.calc_fig(d, opts={"format": "png", "width": w, "height": h, "scale": 1})
+                )
+                for d, w, h in specs
+            ]
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+        deadline = self.timeout_s * math.ceil(len(specs) / self.tabs) + _BATCH_GRACE_S
+        fut = asyncio.run_coroutine_threadsafe(batch(), loop)
+        try:
+            return fut.result(timeout=deadline)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            self._teardown(graceful=False)
+            raise self._timeout_error(len(specs)) from None
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            # kaleido's own per-figure timeout (asyncio.wait_for) fired: restart to be safe
+            self._teardown(graceful=False)
+            raise self._timeout_error(len(specs)) from exc
+        except Exception as exc:  # noqa: BLE001
+            proc = self._process()
+            code = proc.poll() if proc is not None else None
+            if proc is None or code is not None or _is_browser_failure(exc):
+                self._teardown(graceful=False)
+                raise ChartRenderError(
+                    f"Chromium ({self.browser_path}) crashed or closed while rendering "
+                    f"{len(specs)} chart(s) (exit code {code}; {type(exc).__name__}: {exc}).",
+                    "Retry the run: the renderer starts a fresh browser on the next call. If it "
+                    "keeps crashing, check memory (dmesg for the OOM killer) and that "
+                    f"`{self.browser_path} --headless --no-sandbox --dump-dom about:blank` works.",
+                ) from exc
+            raise ChartRenderError(
+                f"Rendering failed: {type(exc).__name__}: {exc}",
+                "The figure is probably invalid for plotly.js: build it with "
+                "build_chart_figure, or check the error above.",
+            ) from exc
+
+    def _timeout_error(self, n: int) -> ChartRenderError:
+        return ChartRenderError(
+            f"Rendering {n} chart(s) timed out (limit {self.timeout_s:g} s per chart); "
+            f"Chromium ({self.browser_path}) was killed and restarts on the next call.",
+            "If the machine is just slow or busy, raise timeout_s; if it hangs every time, "
+            "check that Chromium runs: "
+            f"`{self.browser_path} --headless --no-sandbox --dump-dom about:blank`.",
+        )
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _process(self) -> subprocess.Popen[Any] | None:
+        return getattr(self._kaleido, "subprocess", None) if self._kaleido is not None else None
+
+    def _teardown(self, *, graceful: bool) -> None:
+        """Stop the browser (politely if `graceful`, always killing leftovers) and the loop."""
+        k, loop, thread = self._kaleido, self._loop, self._thread
+        self._kaleido = self._loop = self._thread = None
+        if loop is None:
+            return
+        if k is not None and not graceful:
+            _kill(self._process_of(k))
+        if k is not None:
+            fut = asyncio.run_coroutine_threadsafe(k.close(), loop)
+            try:
+                fut.result(timeout=_CLOSE_GRACE_S)
+            except Exception as exc:  # noqa: BLE001 - closing must not raise
+                _log.debug("chart renderer: browser close failed: %r", exc)
+                fut.cancel()
+            _kill(self._process_of(k))
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=_CLOSE_GRACE_S)
+            if thread.is_alive():
+                _log.warning("chart renderer: loop thread did not stop; abandoning it")
+
+    @staticmethod
+    def _process_of(k: Any) -> subprocess.Popen[Any] | None:
+        return getattr(k, "subprocess", None)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=2))
+    finally:
+        loop.close()
+
+
+def _kill(proc: subprocess.Popen[Any] | None) -> None:
+    """SIGKILL the browser's whole process group (wrapper, chromium, its helpers)."""
+    if proc is None:
+        return
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)  # choreographer starts it in a new session
+        else:  # pragma: no cover - Windows
+            proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _is_browser_failure(exc: BaseException) -> bool:
+    try:
+        from choreographer.channels import ChannelClosedError
+        from choreographer.errors import BrowserClosedError, BrowserFailedError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(
+        exc,
+        (
+            BrowserClosedError,
+            BrowserFailedError,
+            ChannelClosedError,
+            asyncio.CancelledError,
+            concurrent.futures.CancelledError,
+        ),
+    )
+
+
+def _check_png(data: Any, width: int, height: int, index: int) -> None:
+    if not isinstance(data, bytes | bytearray):
+        raise ChartRenderError(
+            f"Chart {index}: the renderer returned {type(data).__name__}, not PNG bytes.",
+            "Check that kaleido 1.x is installed (`pip install 'kaleido>=1,<2'`).",
+        )
+    try:
+        size = png_size(bytes(data))
+    except ValueError:
+        raise ChartRenderError(
+            f"Chart {index}: the renderer returned {len(data)} bytes that are not a PNG "
+            f"(starts with {bytes(data[:8])!r}).",
+            "Check that kaleido 1.x and plotly match (`pip install -U kaleido plotly`).",
+        ) from None
+    if size != (width, height):
+        raise ChartRenderError(
+            f"Chart {index}: PNG is {size[0]}x{size[1]} px, expected {width}x{height}.",
+            "Render with scale=1 and the figure's width/height; check kaleido is 1.x.",
+        )

@@ -1,0 +1,86 @@
+"""Market data sources behind one interface: simulated (embedded), csv (a folder), ibkr.
+
+Every source returns the same frame: UTC DatetimeIndex of bar starts named "time", float64
+open/high/low/close/volume (shares), sorted, unique, only bars that had closed by `as_of`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+import pandas as pd
+
+from trading_pipeline.core.frames import OHLCV_COLUMNS
+from trading_pipeline.core.strategies import TimeframeSettings
+from trading_pipeline.errors import BarDataError
+
+
+class MarketDataSource(Protocol):
+    name: str
+
+    def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame: ...
+
+
+def history_start(history: TimeframeSettings, as_of: datetime) -> pd.Timestamp:
+    return pd.Timestamp(as_of).tz_convert("UTC") - timedelta(days=history.calendar_days())
+
+
+class SimulatedMarketData:
+    """Seeded, deterministic OHLCV on the NYSE calendar: no account, no network."""
+
+    name = "simulated"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
+        from trading_pipeline.core.market_sim import simulate_bars
+
+        return simulate_bars(symbol, timeframe, history_start(history, as_of), pd.Timestamp(as_of), seed=self.seed)
+
+
+class CsvMarketData:
+    """A folder of files named <SYMBOL>_<timeframe>.csv (e.g. AAPL_1d.csv) with a header row
+    `time,open,high,low,close,volume`; `time` is the bar start (ISO 8601; naive means UTC),
+    volume in shares. Rows after `as_of`, and a bar not closed by then, are dropped."""
+
+    name = "csv"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
+        from trading_pipeline.core.market_calendar import bar_close_times
+
+        path = self.folder / f"{symbol}_{timeframe}.csv"
+        if not path.exists():
+            raise BarDataError(
+                f"no market data for {symbol} {timeframe}: {path} does not exist",
+                f"add {path.name} to {self.folder} (columns time,open,high,low,close,volume), "
+                "or remove the symbol from the strategies file",
+            )
+        try:
+            raw = pd.read_csv(path)
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+            raise BarDataError(f"{path} is not a readable CSV ({exc})",
+                               "export it again as comma-separated text with a header row") from None
+        missing = [c for c in ("time", *OHLCV_COLUMNS) if c not in raw.columns]
+        if missing:
+            raise BarDataError(f"{path} lacks the column(s) {', '.join(missing)}",
+                               "the header must be time,open,high,low,close,volume")
+        try:
+            times = pd.to_datetime(raw["time"], utc=True, format="ISO8601")
+        except (ValueError, TypeError) as exc:
+            raise BarDataError(f"{path}: the time column has a value that is not an ISO time ({exc})",
+                               "write times like 2026-11-20T14:30:00Z") from None
+        frame = raw[list(OHLCV_COLUMNS)].apply(pd.to_numeric, errors="coerce").astype("float64")
+        frame.index = pd.DatetimeIndex(times, name="time")
+        frame = frame.loc[frame.index >= history_start(history, as_of)]
+        closed = bar_close_times(frame.index, timeframe)
+        as_of_ts = pd.Timestamp(as_of).tz_convert("UTC")
+        # A bar the calendar does not know is kept only if its start is a full bar before as_of.
+        fallback = frame.index + (pd.Timedelta(days=1) if timeframe == "1d" else pd.Timedelta(days=7))
+        close_time = closed.fillna(pd.Series(fallback, index=frame.index))
+        return frame.loc[(close_time <= as_of_ts).to_numpy()]

@@ -1,0 +1,136 @@
+"""Exactly-once order submission: one decision, one order at the broker, however often it runs.
+
+The sequence survives a retried step, a re-materialized partition and a crash at any point:
+1. the database already knows the decision's client order id as sent -> report it, send nothing;
+2. the broker already has that id (found by lookup, or answered "duplicate") -> record it, send nothing;
+3. otherwise write the legs as "submitting", send once (never retried blindly), record the answer.
+A "submitting" row left by a crash is reconciled with the broker before anything is sent.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from trading_pipeline.adapters.broker import Broker, BrokerOrder, DuplicateOrderError
+from trading_pipeline.adapters.trading_db import DecisionRow, ExecutionRow, OrderEventRow, OrderRow
+from trading_pipeline.core.analysis import OrderLeg, OrderRecord, TradeDecision
+from trading_pipeline.core.orders import client_order_id
+
+
+def record_decision(sessions: sessionmaker[Session], decision: TradeDecision) -> None:
+    """Insert or refresh the decision row (a re-materialized partition updates it in place)."""
+    values = decision.model_dump(mode="json", include={
+        "decision_id", "strategy", "symbol", "proposed_action", "action", "entry", "stop", "targets",
+        "r_multiple", "profit_margin", "confidence", "quantity", "rationale", "checks", "charts"})
+    values.update(as_of=decision.as_of, data_through=decision.data_through,
+                  payload=decision.model_dump(mode="json"))
+    with sessions() as session:
+        row = session.get(DecisionRow, decision.decision_id)
+        if row is None:
+            session.add(DecisionRow(**values))
+        else:
+            for key, value in values.items():
+                setattr(row, key, value)
+        session.commit()
+
+
+def sent_decision(sessions: sessionmaker[Session], decision_id: str) -> TradeDecision | None:
+    """The stored decision if orders were already sent for it: a re-run must not change it."""
+    with sessions() as session:
+        has_orders = session.scalar(select(OrderRow.client_order_id).where(
+            OrderRow.decision_id == decision_id).limit(1))
+        row = session.get(DecisionRow, decision_id) if has_orders else None
+        return TradeDecision.model_validate(row.payload) if row is not None and row.payload else None
+
+
+class OrderDesk:
+    def __init__(self, sessions: sessionmaker[Session], broker: Broker):
+        self._sessions = sessions
+        self._broker = broker
+
+    def _record(self, decision: TradeDecision, legs: list[OrderLeg], answers: dict[str, BrokerOrder],
+                status_if_unknown: str, detail: str) -> None:
+        with self._sessions() as session:
+            for leg in legs:
+                row = session.get(OrderRow, leg.client_order_id)
+                answer = answers.get(leg.client_order_id)
+                status = answer.status if answer else status_if_unknown
+                if row is None:
+                    row = OrderRow(
+                        client_order_id=leg.client_order_id, decision_id=decision.decision_id,
+                        parent_client_order_id=None if leg.role == "entry" else legs[0].client_order_id,
+                        symbol=decision.symbol, role=leg.role, side=leg.side, order_type=leg.order_type,
+                        quantity=leg.quantity, price=leg.price, tif=leg.tif, broker=self._broker.name,
+                        status=status)
+                    session.add(row)
+                row.status = status
+                if answer:
+                    row.broker_order_id = answer.broker_order_id
+                    row.filled_quantity = answer.filled_quantity
+                    row.average_fill_price = answer.average_fill_price
+                session.add(OrderEventRow(client_order_id=leg.client_order_id, status=status, detail=detail))
+            session.commit()
+        if answers:
+            self._record_executions(decision.symbol, legs)
+
+    def _record_executions(self, symbol: str, legs: list[OrderLeg]) -> None:
+        with self._sessions() as session:
+            for leg in legs:
+                for execution in self._broker.executions(leg.client_order_id):
+                    if session.get(ExecutionRow, execution.execution_id) is None:
+                        session.add(ExecutionRow(
+                            execution_id=execution.execution_id, client_order_id=leg.client_order_id,
+                            symbol=symbol, side=execution.side, quantity=execution.quantity,
+                            price=execution.price, broker=self._broker.name,
+                            executed_at=execution.executed_at))
+            session.commit()
+
+    def _result(self, decision: TradeDecision, legs: list[OrderLeg], status: str, reason: str) -> OrderRecord:
+        with self._sessions() as session:
+            rows = {r.client_order_id: r for r in session.scalars(
+                select(OrderRow).where(OrderRow.decision_id == decision.decision_id))}
+        entry = rows.get(legs[0].client_order_id)
+        return OrderRecord(
+            decision_id=decision.decision_id, symbol=decision.symbol, status=status, reason=reason,
+            broker=self._broker.name, client_order_id=legs[0].client_order_id,
+            broker_order_ids=[rows[leg.client_order_id].broker_order_id or "" for leg in legs
+                              if leg.client_order_id in rows],
+            legs=legs,
+            filled_quantity=int(entry.filled_quantity) if entry else 0,
+            average_fill_price=entry.average_fill_price if entry else None)
+
+    def submit_once(self, decision: TradeDecision, legs: list[OrderLeg], reference_price: float) -> OrderRecord:
+        coid = client_order_id(decision)
+        assert legs and legs[0].client_order_id == coid, "the entry leg must carry the decision's cOID"
+        with self._sessions() as session:
+            known = session.get(OrderRow, coid)
+            known_status = known.status if known else None
+        if known_status is not None and known_status != "submitting":
+            return self._result(decision, legs, "already_sent",
+                                f"decision {decision.decision_id} was already sent as {coid} "
+                                f"(status {known_status}); nothing sent again")
+
+        # Unknown to us, or a crash left it "submitting": ask the broker before sending anything.
+        existing = {leg.client_order_id: order for leg in legs
+                    if (order := self._broker.find_order(leg.client_order_id)) is not None}
+        if coid in existing:
+            self._record(decision, legs, existing, "unknown", "reconciled: the broker already had this order")
+            return self._result(decision, legs, "already_sent",
+                                f"the broker already had {coid}; recorded it and sent nothing again")
+
+        self._record(decision, legs, {}, "submitting", "about to send")
+        try:
+            answers = self._broker.place(decision.symbol, legs, reference_price)
+        except DuplicateOrderError:
+            existing = {leg.client_order_id: order for leg in legs
+                        if (order := self._broker.find_order(leg.client_order_id)) is not None}
+            self._record(decision, legs, existing, "unknown", "broker answered duplicate cOID; reconciled")
+            return self._result(decision, legs, "already_sent",
+                                f"the broker answered that {coid} exists; reconciled, sent nothing again")
+        self._record(decision, legs, {a.client_order_id: a for a in answers}, "unknown", "broker accepted")
+        entry = answers[0]
+        status = "filled" if entry.status == "Filled" else "submitted"
+        return self._result(decision, legs, status,
+                            f"sent {legs[0].side} {legs[0].quantity} {decision.symbol} @ {legs[0].price:.2f} "
+                            f"LMT as {coid}; broker status {entry.status}")

@@ -1,0 +1,147 @@
+"""The trading database: decisions, orders and their events, executions (SQLAlchemy 2.0).
+
+SQLite file by default, PostgreSQL in production (TRADING_DATABASE_URL). The paper broker keeps
+its own simulated broker-side state here too, in tables prefixed `paper_`.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True)}
+
+
+class DecisionRow(Base):
+    __tablename__ = "decisions"
+    decision_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    strategy: Mapped[str] = mapped_column(String(64), index=True)
+    symbol: Mapped[str] = mapped_column(String(16), index=True)
+    as_of: Mapped[datetime]
+    data_through: Mapped[datetime]
+    proposed_action: Mapped[str] = mapped_column(String(10))
+    action: Mapped[str] = mapped_column(String(10))
+    entry: Mapped[float | None] = mapped_column(Float)
+    stop: Mapped[float | None] = mapped_column(Float)
+    targets: Mapped[list] = mapped_column(JSON, default=list)
+    r_multiple: Mapped[float | None] = mapped_column(Float)
+    profit_margin: Mapped[float | None] = mapped_column(Float)
+    confidence: Mapped[float] = mapped_column(Float)
+    quantity: Mapped[int] = mapped_column(Integer)
+    rationale: Mapped[str] = mapped_column(Text)
+    checks: Mapped[list] = mapped_column(JSON, default=list)
+    charts: Mapped[dict] = mapped_column(JSON, default=dict)
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)  # the whole TradeDecision, as JSON
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OrderRow(Base):
+    """An order leg as the pipeline knows it. The client order id is unique: one per decision leg."""
+
+    __tablename__ = "orders"
+    client_order_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    decision_id: Mapped[str] = mapped_column(ForeignKey("decisions.decision_id"), index=True)
+    parent_client_order_id: Mapped[str | None] = mapped_column(String(64))
+    symbol: Mapped[str] = mapped_column(String(16), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    side: Mapped[str] = mapped_column(String(4))
+    order_type: Mapped[str] = mapped_column(String(12))
+    quantity: Mapped[int] = mapped_column(Integer)
+    price: Mapped[float] = mapped_column(Float)
+    tif: Mapped[str] = mapped_column(String(4))
+    broker: Mapped[str] = mapped_column(String(16))
+    broker_order_id: Mapped[str | None] = mapped_column(String(64))
+    # "submitting" is written before the broker call: a crash leaves it, and the next attempt
+    # reconciles with the broker instead of sending again.
+    status: Mapped[str] = mapped_column(String(24))
+    filled_quantity: Mapped[float] = mapped_column(Float, default=0.0)
+    average_fill_price: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OrderEventRow(Base):
+    __tablename__ = "order_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    client_order_id: Mapped[str] = mapped_column(ForeignKey("orders.client_order_id"), index=True)
+    status: Mapped[str] = mapped_column(String(24))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ExecutionRow(Base):
+    __tablename__ = "executions"
+    execution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_order_id: Mapped[str] = mapped_column(String(64), index=True)
+    symbol: Mapped[str] = mapped_column(String(16), index=True)
+    side: Mapped[str] = mapped_column(String(4))
+    quantity: Mapped[float] = mapped_column(Float)
+    price: Mapped[float] = mapped_column(Float)
+    broker: Mapped[str] = mapped_column(String(16))
+    executed_at: Mapped[datetime]
+
+
+class PaperOrderRow(Base):
+    """Broker-side state of the paper broker (what a real broker would hold)."""
+
+    __tablename__ = "paper_orders"
+    broker_order_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    client_order_id: Mapped[str] = mapped_column(String(64), unique=True)
+    parent_broker_order_id: Mapped[int | None] = mapped_column(Integer)
+    symbol: Mapped[str] = mapped_column(String(16), index=True)
+    side: Mapped[str] = mapped_column(String(4))
+    order_type: Mapped[str] = mapped_column(String(12))
+    quantity: Mapped[int] = mapped_column(Integer)
+    price: Mapped[float] = mapped_column(Float)
+    tif: Mapped[str] = mapped_column(String(4))
+    status: Mapped[str] = mapped_column(String(24))
+    filled_quantity: Mapped[float] = mapped_column(Float, default=0.0)
+    average_fill_price: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PaperFillRow(Base):
+    __tablename__ = "paper_fills"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    broker_order_id: Mapped[int] = mapped_column(ForeignKey("paper_orders.broker_order_id"), index=True)
+    symbol: Mapped[str] = mapped_column(String(16), index=True)
+    side: Mapped[str] = mapped_column(String(4))
+    quantity: Mapped[float] = mapped_column(Float)
+    price: Mapped[float] = mapped_column(Float)
+    executed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+@functools.lru_cache(maxsize=8)
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process, with the schema created on first use."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # concurrent runs: WAL + wait on locks
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def session_factory(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)

@@ -1,0 +1,86 @@
+"""Settings from the environment: which implementation serves each concern, and where data lives.
+
+Every variable is documented in .env.example and the README. Unknown values stop the code
+location from loading with a message that names the variable and the accepted values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from trading_pipeline.errors import ConfigError
+
+MODES: dict[str, tuple[str, ...]] = {
+    "TRADING_MARKET_DATA": ("simulated", "csv", "ibkr"),
+    "TRADING_ANALYST": ("rules", "openai"),
+    "TRADING_BROKER": ("paper", "ibkr"),
+    "TRADING_CHART_STORE": ("local", "s3"),
+}
+YES_VALUES = ("yes", "true", "1", "on")
+
+
+def env_mode(variable: str, environ: dict[str, str] | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    allowed = MODES[variable]
+    value = environ.get(variable, "").strip().lower() or allowed[0]
+    if value not in allowed:
+        raise ConfigError(
+            f"{variable}={environ.get(variable)!r} is not a known mode",
+            f"set {variable} to one of: {', '.join(allowed)} (default {allowed[0]}), or unset it",
+        )
+    return value
+
+
+def env_flag(variable: str, environ: dict[str, str] | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return environ.get(variable, "").strip().lower() in YES_VALUES
+
+
+def data_dir(environ: dict[str, str] | None = None) -> Path:
+    """Where the embedded defaults keep their files (charts, SQLite trading database)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("TRADING_DATA_DIR"):
+        return Path(environ["TRADING_DATA_DIR"]).expanduser().resolve()
+    if environ.get("DAGSTER_HOME"):
+        return Path(environ["DAGSTER_HOME"]).expanduser().resolve() / "trading"
+    return Path.home() / ".trading_pipeline"
+
+
+def database_url(environ: dict[str, str] | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    return environ.get("TRADING_DATABASE_URL") or f"sqlite:///{data_dir(environ) / 'trading.db'}"
+
+
+def parse_as_of(text: str) -> datetime:
+    """Parse an ISO-8601 time; naive times are taken as UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"as_of {text!r} is not an ISO-8601 time",
+            "use a time like 2026-11-20T21:30:00Z (UTC) or 2026-11-20T16:30:00-05:00",
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class KillSwitch:
+    """Stops all new orders: TRADING_KILL_SWITCH=yes, or a file named KILL_SWITCH in the data dir."""
+
+    engaged: bool
+    reason: str
+
+    @classmethod
+    def read(cls, environ: dict[str, str] | None = None) -> "KillSwitch":
+        environ = os.environ if environ is None else environ
+        if env_flag("TRADING_KILL_SWITCH", environ):
+            return cls(True, "TRADING_KILL_SWITCH is set; unset it to allow new orders")
+        file = data_dir(environ) / "KILL_SWITCH"
+        if file.exists():
+            return cls(True, f"kill-switch file {file} exists; delete it to allow new orders")
+        return cls(False, "")

@@ -1,0 +1,157 @@
+"""What analysts return and what the pipeline decides: validated pydantic models.
+
+Both analysts (the embedded rule-based one and the OpenAI one) return `TimeframeAnalysis`, so
+nothing downstream depends on which one ran.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Action(str, Enum):
+    BUY = "BUY"
+    SELL = "SELL"
+    HOLD = "HOLD"
+    NO_TRADE = "NO_TRADE"  # fail-closed outcome: invalid analysis or a risk gate said no
+
+
+class Trend(str, Enum):
+    UP = "up"
+    DOWN = "down"
+    SIDEWAYS = "sideways"
+
+
+class IndicatorVote(BaseModel):
+    """One input of the 3-of-4 rule, with the numbers it was read from."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    bullish: bool
+    detail: str
+
+
+class ChartSource(BaseModel):
+    """The chart an analysis or decision was made from (for lineage in the UI)."""
+
+    model_config = ConfigDict(frozen=True)
+    uri: str
+    sha256: str
+
+
+class TimeframeAnalysis(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    symbol: str
+    timeframe: str
+    as_of: datetime
+    data_through: datetime = Field(description="Start of the last bar the analysis saw.")
+    analyst: str = Field(description="Which analyst produced it, e.g. 'rules' or 'openai:gpt-4.1'.")
+    prompt_version: str | None = None
+    chart: ChartSource | None = None
+
+    valid: bool = True
+    invalid_reason: str | None = None
+
+    signal: Action
+    trend: Trend
+    confidence: float = Field(ge=0, le=1)
+    entry: float | None = None
+    stop: float | None = None
+    targets: list[float] = Field(default_factory=list)
+    support: list[float] = Field(default_factory=list)
+    resistance: list[float] = Field(default_factory=list)
+    votes: list[IndicatorVote] = Field(default_factory=list)
+    rationale: str
+
+    # Numeric context from the bars, so downstream checks need not reload them.
+    last_close: float
+    atr: float
+    recent_high: float
+    recent_low: float
+
+    @classmethod
+    def invalid(cls, *, reason: str, **context) -> "TimeframeAnalysis":
+        """Fail closed: an unusable analysis is a NO_TRADE that says why."""
+        return cls(
+            valid=False,
+            invalid_reason=reason,
+            signal=Action.NO_TRADE,
+            trend=Trend.SIDEWAYS,
+            confidence=0.0,
+            rationale=f"analysis unusable: {reason}",
+            **context,
+        )
+
+
+class RuleCheck(BaseModel):
+    """One deterministic gate and its numbers."""
+
+    model_config = ConfigDict(frozen=True)
+    rule: str
+    passed: bool
+    detail: str
+
+
+class TradeDecision(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    decision_id: str = Field(description="Stable id derived from what the decision was made from.")
+    strategy: str
+    symbol: str
+    as_of: datetime
+    data_through: datetime
+    proposed_action: Action = Field(description="What the analyses proposed, before the risk gates.")
+    action: Action = Field(description="What the pipeline decided after the risk gates.")
+    entry: float | None = None
+    stop: float | None = None
+    targets: list[float] = Field(default_factory=list)
+    r_multiple: float | None = None
+    profit_margin: float | None = None
+    confidence: float = 0.0
+    quantity: int = 0
+    account_equity: float | None = Field(None, description="Equity the size was computed from.")
+    closes_position: bool = Field(False, description="The order closes an open position (no bracket).")
+    confirmation: str = Field("", description="How the weekly analysis relates to the daily one.")
+    rationale: str
+    checks: list[RuleCheck] = Field(default_factory=list)
+    charts: dict[str, ChartSource] = Field(default_factory=dict)
+    analysts: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def actionable(self) -> bool:
+        return self.action in (Action.BUY, Action.SELL) and self.quantity > 0
+
+    @property
+    def rejections(self) -> list[RuleCheck]:
+        return [check for check in self.checks if not check.passed]
+
+
+class OrderLeg(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    client_order_id: str
+    role: str  # "entry", "stop_loss", "take_profit"
+    side: str  # BUY / SELL
+    order_type: str  # LMT / STP
+    quantity: int
+    price: float
+    tif: str
+
+
+class OrderRecord(BaseModel):
+    """What the orders asset did for one decision: sent, already sent, or why nothing was sent."""
+
+    model_config = ConfigDict(frozen=True)
+    decision_id: str
+    symbol: str
+    status: str  # "not_sent", "submitted", "filled", "already_sent", "rejected"
+    reason: str
+    broker: str
+    client_order_id: str | None = None
+    broker_order_ids: list[str] = Field(default_factory=list)
+    legs: list[OrderLeg] = Field(default_factory=list)
+    filled_quantity: int = 0
+    average_fill_price: float | None = None

@@ -1,0 +1,235 @@
+"""Technical indicators on OHLCV bars: SMA, RSI, MACD, Bollinger Bands and ATR from TA-Lib, plus
+SuperTrend computed exactly like TradingView's built-in `ta.supertrend`.
+
+Pure: no I/O, no Dagster. `compute_indicators` validates the bars first (`validate_bars`), so bad
+input fails with a `BarDataError` naming the rows instead of deep inside TA-Lib.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import talib
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trading_pipeline.core.bars import validate_bars
+
+try:
+    from numba import njit
+except ImportError:  # pragma: no cover - numba is a speed-up, the kernel is plain Python without it
+
+    def njit(*args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs:
+            return args[0]
+        return lambda function: function
+
+
+class IndicatorParams(BaseModel):
+    """Indicator settings. Column names carry the periods that vary (sma_20, rsi_14, atr_14).
+
+    Period bounds follow TA-Lib's own limits, so a bad value fails here rather than in TA-Lib.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sma_periods: tuple[int, ...] = (20, 50, 200)
+    rsi_period: int = Field(14, ge=2)
+    macd_fast: int = Field(12, ge=2)
+    macd_slow: int = Field(26, ge=2)
+    macd_signal: int = Field(9, ge=1)
+    bb_period: int = Field(20, ge=2)
+    bb_stddev: float = Field(2.0, gt=0)
+    atr_period: int = Field(14, ge=1)
+    supertrend_period: int = Field(10, ge=1)
+    supertrend_multiplier: float = Field(3.0, gt=0)
+
+    @field_validator("sma_periods")
+    @classmethod
+    def _sma_periods_valid(cls, periods: tuple[int, ...]) -> tuple[int, ...]:
+        if not periods:
+            raise ValueError("give at least one SMA period")
+        if any(period < 2 for period in periods):
+            raise ValueError(f"SMA periods must be >= 2, got {periods}")
+        if len(set(periods)) != len(periods):
+            raise ValueError(f"SMA periods must be distinct (each becomes a column sma_N), got {periods}")
+        return periods
+
+    @model_validator(mode="after")
+    def _macd_fast_below_slow(self) -> "IndicatorParams":
+        if self.macd_fast >= self.macd_slow:
+            raise ValueError(f"macd_fast ({self.macd_fast}) must be below macd_slow ({self.macd_slow})")
+        return self
+
+    @property
+    def sma_columns(self) -> tuple[str, ...]:
+        return tuple(f"sma_{period}" for period in self.sma_periods)
+
+    @property
+    def rsi_column(self) -> str:
+        return f"rsi_{self.rsi_period}"
+
+    @property
+    def atr_column(self) -> str:
+        return f"atr_{self.atr_period}"
+
+    def indicator_columns(self) -> tuple[str, ...]:
+        """The columns `compute_indicators` adds, in order."""
+        return (
+            *self.sma_columns,
+            self.rsi_column,
+            "macd",
+            "macd_signal",
+            "macd_hist",
+            "bb_upper",
+            "bb_middle",
+            "bb_lower",
+            self.atr_column,
+            "supertrend",
+            "supertrend_direction",
+        )
+
+    def required_bars(self) -> int:
+        """Bars needed before every indicator has a value on the last bar (200 with the defaults).
+
+        Each term is the indicator's lookback (the index of its first value, as TA-Lib counts it) + 1.
+        """
+        return max(
+            max(self.sma_periods),  # SMA(n): first value on bar n-1
+            self.rsi_period + 1,  # RSI(n) needs n price changes
+            self.macd_slow + self.macd_signal - 1,  # slow EMA, then the signal EMA of the MACD line
+            self.bb_period,
+            self.atr_period + 1,  # TA-Lib's ATR skips bar 0, which has no previous close
+            self.supertrend_period,  # TradingView's ATR counts bar 0's high-low as a true range
+        )
+
+
+def compute_indicators(bars: pd.DataFrame, params: IndicatorParams | None = None) -> pd.DataFrame:
+    """Return a copy of `bars` with the indicator columns of `params` (see `indicator_columns`).
+
+    `bars`: float columns open, high, low, close, volume; sorted unique UTC DatetimeIndex (checked by
+    `validate_bars`, which raises `BarDataError`). With fewer than `params.required_bars()` bars the
+    longer indicators are NaN throughout; every indicator is NaN during its own warm-up.
+
+    SMA, RSI, MACD, Bollinger Bands (population standard deviation) and ATR are TA-Lib's values;
+    SuperTrend is TradingView's `ta.supertrend` (see `supertrend`), with `supertrend_direction`
+    +1 for an uptrend and -1 for a downtrend.
+    """
+    params = params or IndicatorParams()
+    validate_bars(bars)
+    high, low, close = (
+        np.ascontiguousarray(bars[column].to_numpy(dtype=np.float64)) for column in ("high", "low", "close")
+    )
+
+    indicators: dict[str, np.ndarray] = {}
+    for period, column in zip(params.sma_periods, params.sma_columns):
+        indicators[column] = talib.SMA(close, timeperiod=period)
+    indicators[params.rsi_column] = talib.RSI(close, timeperiod=params.rsi_period)
+    indicators["macd"], indicators["macd_signal"], indicators["macd_hist"] = talib.MACD(
+        close, fastperiod=params.macd_fast, slowperiod=params.macd_slow, signalperiod=params.macd_signal
+    )
+    indicators["bb_upper"], indicators["bb_middle"], indicators["bb_lower"] = talib.BBANDS(
+        close, timeperiod=params.bb_period, nbdevup=params.bb_stddev, nbdevdn=params.bb_stddev, matype=0
+    )
+    indicators[params.atr_column] = talib.ATR(high, low, close, timeperiod=params.atr_period)
+    indicators["supertrend"], indicators["supertrend_direction"] = supertrend(
+        high, low, close, params.supertrend_period, params.supertrend_multiplier
+    )
+
+    # Drop stale indicator columns (re-running on an already enriched frame) and add all at once.
+    result = bars.drop(columns=[column for column in indicators if column in bars.columns])
+    return pd.concat([result, pd.DataFrame(indicators, index=bars.index)], axis=1)
+
+
+def supertrend(
+    high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int = 10, multiplier: float = 3.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """TradingView's `ta.supertrend(multiplier, period)`: returns (line, direction) as float arrays.
+
+    direction is +1 in an uptrend (line = lower band) and -1 in a downtrend (line = upper band), the
+    opposite sign of TradingView's own direction output. Both are NaN before the ATR exists, i.e. on
+    bars 0 .. period-2. The inputs must be clean (see `validate_bars`); this does not check them.
+    """
+    if period < 1:
+        raise ValueError(f"period must be >= 1, got {period}")
+    return _supertrend_kernel(
+        np.ascontiguousarray(high, dtype=np.float64),
+        np.ascontiguousarray(low, dtype=np.float64),
+        np.ascontiguousarray(close, dtype=np.float64),
+        int(period),
+        float(multiplier),
+    )
+
+
+@njit(cache=True, nogil=True)
+def _supertrend_kernel(high, low, close, period, multiplier):  # pragma: no cover - runs compiled
+    """Bar-by-bar transcription of TradingView's reference Pine script for ta.supertrend:
+
+        src = hl2, atr = ta.atr(period) = ta.rma(ta.tr(true), period)
+        upperBand = src + factor * atr, lowerBand = src - factor * atr
+        prevLowerBand = nz(lowerBand[1]), prevUpperBand = nz(upperBand[1])
+        lowerBand := lowerBand > prevLowerBand or close[1] < prevLowerBand ? lowerBand : prevLowerBand
+        upperBand := upperBand < prevUpperBand or close[1] > prevUpperBand ? upperBand : prevUpperBand
+        direction = na(atr[1]) ? 1 : superTrend[1] == prevUpperBand ? (close > upperBand ? -1 : 1)
+                                                                    : (close < lowerBand ? 1 : -1)
+        superTrend := direction == -1 ? lowerBand : upperBand
+
+    Pine's na semantics are kept: nz() turns a missing band into 0 and any comparison with na is
+    false, so the first bands and the band ratchet match TradingView even in edge cases.
+    """
+    n = close.shape[0]
+    line = np.full(n, np.nan)
+    direction = np.full(n, np.nan)
+    if n < period:
+        return line, direction
+
+    # Wilder's RMA of the true range, seeded with the simple mean of the first `period` ranges;
+    # bar 0 has no previous close, so its true range is high - low (ta.tr(true)).
+    atr = np.full(n, np.nan)
+    seed_sum = 0.0
+    for i in range(period):
+        seed_sum += _true_range(high, low, close, i)
+    atr[period - 1] = seed_sum / period
+    alpha = 1.0 / period
+    for i in range(period, n):
+        atr[i] = alpha * _true_range(high, low, close, i) + (1.0 - alpha) * atr[i - 1]
+
+    lower_band = np.nan
+    upper_band = np.nan
+    previous_line = np.nan
+    for i in range(n):
+        previous_close = close[i - 1] if i > 0 else np.nan
+        previous_lower = 0.0 if np.isnan(lower_band) else lower_band  # nz(lowerBand[1])
+        previous_upper = 0.0 if np.isnan(upper_band) else upper_band  # nz(upperBand[1])
+        hl2 = (high[i] + low[i]) / 2.0
+        basic_lower = hl2 - multiplier * atr[i]
+        basic_upper = hl2 + multiplier * atr[i]
+        # NaN comparisons are False, as na comparisons are in Pine.
+        if basic_lower > previous_lower or previous_close < previous_lower:
+            lower_band = basic_lower
+        else:
+            lower_band = previous_lower
+        if basic_upper < previous_upper or previous_close > previous_upper:
+            upper_band = basic_upper
+        else:
+            upper_band = previous_upper
+
+        if i == 0 or np.isnan(atr[i - 1]):
+            tv_direction = 1  # TradingView: 1 = down
+        elif previous_line == previous_upper:
+            tv_direction = -1 if close[i] > upper_band else 1
+        else:
+            tv_direction = 1 if close[i] < lower_band else -1
+        previous_line = lower_band if tv_direction == -1 else upper_band
+
+        if not np.isnan(atr[i]):
+            line[i] = previous_line
+            direction[i] = -tv_direction  # ours: +1 = up
+    return line, direction
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _true_range(high, low, close, i):  # pragma: no cover - runs compiled
+    if i == 0:
+        return high[0] - low[0]
+    previous_close = close[i - 1]
+    return max(high[i] - low[i], abs(high[i] - previous_close), abs(low[i] - previous_close))

@@ -1,0 +1,125 @@
+"""The embedded analyst: the origin system's deterministic 3-of-4 technical rule.
+
+Votes: SuperTrend direction, close vs SMA 20, MACD vs its signal, RSI vs 50. Three or four
+bullish votes propose a BUY, three or four bearish a SELL, a 2-2 split a HOLD. The stop is
+2×ATR from the entry; the first target is 3×ATR unless a recent level stands in the way (then
+the level, which may make the trade too small for the risk gates), the second 5×ATR.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from trading_pipeline.core.analysis import Action, ChartSource, IndicatorVote, TimeframeAnalysis, Trend
+from trading_pipeline.core.frames import MarketFrame
+
+ANALYST_NAME = "rules"
+STOP_ATR = 2.0
+TARGET1_ATR = 3.0
+TARGET2_ATR = 5.0
+LEVEL_LOOKBACKS = (20, 50)
+# A level within this many ATRs of the entry is being broken through, not an obstacle.
+BREAKOUT_ATR = 0.5
+REQUIRED_COLUMNS = ("close", "high", "low", "sma_20", "sma_50", "sma_200", "rsi_14", "macd",
+                    "macd_signal", "atr_14", "supertrend_direction")
+
+
+def numeric_context(frame: pd.DataFrame) -> dict[str, float]:
+    """Last close, ATR and the recent range: what analyses and plausibility checks are read against."""
+    recent = frame.tail(LEVEL_LOOKBACKS[-1])
+    return {
+        "last_close": float(frame["close"].iloc[-1]),
+        "atr": float(frame["atr_14"].iloc[-1]),
+        "recent_high": float(recent["high"].max()),
+        "recent_low": float(recent["low"].min()),
+    }
+
+
+def _levels(frame: pd.DataFrame) -> tuple[list[float], list[float]]:
+    lows = sorted({round(float(frame["low"].tail(n).min()), 2) for n in LEVEL_LOOKBACKS})
+    highs = sorted({round(float(frame["high"].tail(n).max()), 2) for n in LEVEL_LOOKBACKS})
+    return lows, highs
+
+
+def analyze(indicators: MarketFrame, chart: ChartSource | None = None) -> TimeframeAnalysis:
+    frame = indicators.frame
+    last = frame.iloc[-1]
+    context = dict(
+        symbol=indicators.symbol,
+        timeframe=indicators.timeframe,
+        as_of=indicators.as_of,
+        data_through=indicators.last_bar_start.to_pydatetime(),
+        analyst=ANALYST_NAME,
+        chart=chart,
+    )
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns or pd.isna(last[c])]
+    if missing:
+        return TimeframeAnalysis.invalid(
+            reason=f"no value on the last bar for {', '.join(missing)} (too little history?)",
+            last_close=float(last["close"]), atr=0.0,
+            recent_high=float(frame["high"].max()), recent_low=float(frame["low"].min()),
+            **context,
+        )
+    numbers = numeric_context(frame)
+    close, atr = numbers["last_close"], numbers["atr"]
+    votes = [
+        IndicatorVote(name="supertrend", bullish=last["supertrend_direction"] > 0,
+                      detail=f"SuperTrend {'up' if last['supertrend_direction'] > 0 else 'down'}"),
+        IndicatorVote(name="close_vs_sma20", bullish=close > last["sma_20"],
+                      detail=f"close {close:.2f} {'>' if close > last['sma_20'] else '<='} SMA20 {last['sma_20']:.2f}"),
+        IndicatorVote(name="macd_vs_signal", bullish=last["macd"] > last["macd_signal"],
+                      detail=f"MACD {last['macd']:.3f} {'>' if last['macd'] > last['macd_signal'] else '<='} signal {last['macd_signal']:.3f}"),
+        IndicatorVote(name="rsi_vs_50", bullish=last["rsi_14"] > 50,
+                      detail=f"RSI {last['rsi_14']:.1f} {'>' if last['rsi_14'] > 50 else '<='} 50"),
+    ]
+    bullish = sum(v.bullish for v in votes)
+    if close > last["sma_50"] > last["sma_200"]:
+        trend = Trend.UP
+    elif close < last["sma_50"] < last["sma_200"]:
+        trend = Trend.DOWN
+    else:
+        trend = Trend.SIDEWAYS
+    support, resistance = _levels(frame)
+
+    if bullish >= 3:
+        signal, direction = Action.BUY, 1
+    elif bullish <= 1:
+        signal, direction = Action.SELL, -1
+    else:
+        signal, direction = Action.HOLD, 0
+
+    entry = stop = None
+    targets: list[float] = []
+    notes = []
+    if direction and atr > 0 and math.isfinite(atr):
+        entry = round(close, 2)
+        stop = round(entry - direction * STOP_ATR * atr, 2)
+        target1 = entry + direction * TARGET1_ATR * atr
+        obstacles = resistance if direction > 0 else support
+        in_the_way = [lvl for lvl in obstacles
+                      if direction * (lvl - entry) > BREAKOUT_ATR * atr
+                      and direction * (lvl - target1) < 0]
+        if in_the_way:
+            level = min(in_the_way, key=lambda lvl: abs(lvl - entry))
+            notes.append(f"first target capped at the recent {'high' if direction > 0 else 'low'} {level:.2f}")
+            target1 = level
+        target2 = entry + direction * TARGET2_ATR * atr
+        targets = [round(target1, 2), round(target2, 2)]
+
+    agreeing = bullish if direction >= 0 else 4 - bullish
+    confidence = {4: 0.8, 3: 0.6}.get(agreeing, 0.5) if direction else 0.5
+    if direction and trend == (Trend.UP if direction > 0 else Trend.DOWN):
+        confidence += 0.1
+    rationale = (
+        f"{bullish} of 4 indicators bullish ({'; '.join(v.detail for v in votes)}); trend {trend.value}"
+        + (f"; entry {entry:.2f}, stop {stop:.2f} (2×ATR {atr:.2f}), targets {targets[0]:.2f}/{targets[1]:.2f}"
+           if entry is not None else "; no setup")
+        + ("; " + "; ".join(notes) if notes else "")
+    )
+    return TimeframeAnalysis(
+        signal=signal, trend=trend, confidence=round(min(confidence, 0.9), 2),
+        entry=entry, stop=stop, targets=targets, support=support, resistance=resistance,
+        votes=votes, rationale=rationale, **numbers, **context,
+    )

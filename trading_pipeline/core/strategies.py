@@ -1,0 +1,209 @@
+"""The strategies file: which symbols trade, on which timeframes, under which risk limits.
+
+Pure: parses YAML and validates it with pydantic. Errors name the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trading_pipeline.core.frames import TIMEFRAMES
+from trading_pipeline.errors import StrategiesFileError
+
+# IBKR history periods ("2y", "260w", ...); the units are the ones /iserver/marketdata/history takes.
+PERIOD_PATTERN = re.compile(r"^(\d{1,4})(d|w|m|y)$")
+PERIOD_LIMITS = {"d": 1000, "w": 792, "m": 182, "y": 15}
+# Dagster partition keys reject | , [ ] and "..."; IBKR symbols use letters, digits, '.' and ' '.
+SYMBOL_PATTERN = re.compile(r"^[A-Z][A-Z0-9.]{0,11}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimeframeSettings(_Strict):
+    period: str = Field(description="History to load, in IBKR's period units: e.g. 2y, 260w, 500d.")
+
+    @field_validator("period")
+    @classmethod
+    def _valid_period(cls, value: str) -> str:
+        match = PERIOD_PATTERN.match(value)
+        if not match:
+            raise ValueError(f"period {value!r} is not like '2y', '260w', '18m' or '500d'")
+        count, unit = int(match.group(1)), match.group(2)
+        if not 1 <= count <= PERIOD_LIMITS[unit]:
+            raise ValueError(f"period {value!r}: IBKR accepts 1-{PERIOD_LIMITS[unit]}{unit}")
+        return value
+
+    def calendar_days(self) -> int:
+        count, unit = PERIOD_PATTERN.match(self.period).groups()  # type: ignore[union-attr]
+        return int(count) * {"d": 1, "w": 7, "m": 31, "y": 366}[unit]
+
+
+class RiskSettings(_Strict):
+    min_r: float = Field(1.0, gt=0, description="Minimum reward/risk to the first target.")
+    min_profit_margin: float = Field(0.05, ge=0, lt=1, description="Minimum |target1-entry|/entry.")
+    risk_per_trade: float = Field(0.01, gt=0, le=0.05, description="Share of equity lost if the stop is hit.")
+    max_position_share: float = Field(0.10, gt=0, le=1, description="Cap on one position's value / equity.")
+    max_open_positions: int = Field(10, ge=1)
+    max_gross_exposure: float = Field(0.90, gt=0, le=2, description="Cap on sum(|position value|) / equity.")
+    allow_short: bool = Field(False, description="May a SELL open a short position?")
+    daily_loss_limit: float = Field(0.03, gt=0, le=1, description="Stop new orders after losing this share today.")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Proposals below this confidence are not traded.")
+
+
+class OrderSettings(_Strict):
+    enabled: bool = Field(False, description="May this strategy send orders at all? Off unless said.")
+    tif: str = Field("DAY", pattern="^(DAY|GTC)$")
+
+
+class Strategy(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str = ""
+    symbols: list[str] = Field(min_length=1)
+    timeframes: dict[str, TimeframeSettings]
+    risk: RiskSettings = RiskSettings()
+    orders: OrderSettings = OrderSettings()
+
+    @field_validator("symbols")
+    @classmethod
+    def _valid_symbols(cls, symbols: list[str]) -> list[str]:
+        for symbol in symbols:
+            if isinstance(symbol, bool):
+                # YAML 1.1 reads ON, OFF, YES, NO as booleans.
+                raise ValueError(f"a symbol was read as the boolean {symbol}: quote it, e.g. 'ON'")
+            if not isinstance(symbol, str) or not SYMBOL_PATTERN.match(symbol):
+                raise ValueError(
+                    f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B'"
+                )
+        duplicates = sorted({s for s in symbols if symbols.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"symbols listed twice: {', '.join(duplicates)}")
+        return symbols
+
+    @field_validator("timeframes")
+    @classmethod
+    def _both_timeframes(cls, timeframes: dict[str, TimeframeSettings]) -> dict[str, TimeframeSettings]:
+        if set(timeframes) != set(TIMEFRAMES):
+            raise ValueError(
+                f"timeframes must be exactly {', '.join(TIMEFRAMES)} (the daily analysis leads, "
+                f"the weekly confirms); got {', '.join(map(str, timeframes)) or 'none'}"
+            )
+        return timeframes
+
+
+class StrategiesFile(_Strict):
+    strategies: list[Strategy] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "StrategiesFile":
+        names = [s.name for s in self.strategies]
+        if len(set(names)) != len(names):
+            raise ValueError(f"strategy names must be unique: {names}")
+        return self
+
+    def symbols(self) -> list[str]:
+        return [symbol for strategy in self.strategies for symbol in strategy.symbols]
+
+    def strategy_for(self, symbol: str) -> Strategy:
+        for strategy in self.strategies:
+            if symbol in strategy.symbols:
+                return strategy
+        raise StrategiesFileError(
+            f"symbol {symbol!r} is not in any strategy of the strategies file",
+            "add it to a strategy's symbols, or materialize only the symbols the file lists",
+        )
+
+
+def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Map each key path (as pydantic reports it) to its 1-based line in the file."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines.update(_line_index(value_node, path + (key,)))
+            lines[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_index(item, path + (i,)))
+    return lines
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
+    # pydantic's loc can end with validator names; use the longest prefix the YAML knows.
+    for end in range(len(loc), -1, -1):
+        key = tuple(str(p) if not isinstance(p, int) else p for p in loc[:end])
+        if key in lines:
+            return lines[key]
+    return 1
+
+
+FIX_HINT = (
+    "edit the strategies file at that line; see trading_pipeline/data/strategies.yaml for a "
+    "complete, valid example and README section 'Strategies' for every field"
+)
+
+
+def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise StrategiesFileError(f"{where}: not valid YAML ({problem})", FIX_HINT) from None
+    if root is None or not isinstance(data, dict):
+        raise StrategiesFileError(
+            f"{source}:1: the file must be a mapping with a top-level 'strategies:' list", FIX_HINT
+        )
+    lines = _line_index(root)
+    try:
+        parsed = StrategiesFile.model_validate(data)
+    except ValidationError as exc:
+        messages = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            field = ".".join(str(p) for p in loc) or "(file)"
+            messages.append(f"{source}:{_line_for(lines, loc)}: {field}: {error['msg']}")
+        raise StrategiesFileError("invalid strategies file:\n  " + "\n  ".join(messages), FIX_HINT) from None
+
+    owner: dict[str, tuple[str, int]] = {}
+    for s_index, strategy in enumerate(parsed.strategies):
+        for y_index, symbol in enumerate(strategy.symbols):
+            line = lines.get(("strategies", s_index, "symbols", y_index), 1)
+            if symbol in owner:
+                first_strategy, first_line = owner[symbol]
+                raise StrategiesFileError(
+                    f"{source}:{line}: symbol {symbol} is in strategy {strategy.name!r} and "
+                    f"already in {first_strategy!r} (line {first_line}); a symbol belongs to one strategy",
+                    "remove it from one of the two strategies",
+                )
+            owner[symbol] = (strategy.name, line)
+    return parsed
+
+
+DEFAULT_STRATEGIES_FILE = Path(__file__).resolve().parent.parent / "data" / "strategies.yaml"
+
+
+def load_strategies(path: str | Path | None = None) -> StrategiesFile:
+    file = Path(path) if path else DEFAULT_STRATEGIES_FILE
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StrategiesFileError(
+            f"strategies file {file} does not exist",
+            "set TRADING_STRATEGIES_FILE to an existing YAML file, or unset it to use the demo "
+            f"strategies in {DEFAULT_STRATEGIES_FILE}",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StrategiesFileError(
+            f"strategies file {file} cannot be read ({exc})",
+            "check the path and permissions in TRADING_STRATEGIES_FILE; the file must be UTF-8 YAML",
+        ) from None
+    return parse_strategies(text, source=str(file))

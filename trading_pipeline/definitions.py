@@ -1,0 +1,37 @@
+"""The code location: one Definitions with the six assets, their checks, jobs and resources.
+
+Loading reads the strategies file (TRADING_STRATEGIES_FILE) and the mode variables; a bad file or
+an unknown mode stops the load with a message naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from trading_pipeline.core.strategies import StrategiesFile
+from trading_pipeline.graph.assets import build_assets
+from trading_pipeline.graph.partitions import strategies
+from trading_pipeline.graph.resources import resources_from_env
+
+TIMEFRAME_ASSETS = ["market_bars", "indicator_frames", "chart_images", "ai_analyses"]
+SYMBOL_ASSETS = ["trade_decisions", "orders"]
+
+
+def build_definitions(strategies_file: StrategiesFile | None = None, resources: dict | None = None) -> dg.Definitions:
+    assets = build_assets(strategies_file or strategies())
+    analyze_timeframe = dg.define_asset_job(
+        "analyze_timeframe", selection=dg.AssetSelection.assets(*TIMEFRAME_ASSETS),
+        description="Bars → indicators → chart → analysis for one symbol × timeframe partition.")
+    decide_and_order = dg.define_asset_job(
+        "decide_and_order", selection=dg.AssetSelection.assets(*SYMBOL_ASSETS),
+        description="Consolidate both timeframes' analyses, run the risk gates, send the order (once).")
+    return dg.Definitions(
+        assets=assets,
+        jobs=[analyze_timeframe, decide_and_order],
+        resources=resources if resources is not None else resources_from_env(),
+        # Steps are small and I/O-bound; a process per step costs ~1.5 s here (dagster-notes.md).
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions()

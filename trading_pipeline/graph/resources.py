@@ -1,0 +1,166 @@
+"""Dagster resources: one per concern of the mode table, each picking its implementation.
+
+`resources_from_env()` reads the environment (see .env.example); every field can also be set
+in the Dagster launchpad. Heavy libraries (boto3, kaleido, openai) are imported only when used.
+"""
+
+
+import functools
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from trading_pipeline import config
+from trading_pipeline.errors import ConfigError
+
+
+class TradingDatabaseResource(dg.ConfigurableResource):
+    """The trading database (SQLAlchemy URL). SQLite file by default; the schema is created on first use."""
+
+    url: str
+
+    def sessions(self):
+        from trading_pipeline.adapters.trading_db import session_factory
+
+        return session_factory(self.url)
+
+    def describe(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+
+class MarketDataResource(dg.ConfigurableResource):
+    """Where bars come from: simulated (default), csv, ibkr."""
+
+    mode: str = "simulated"
+    seed: int = 0
+    csv_dir: str | None = None
+
+    def source(self):
+        from trading_pipeline.adapters import market_data
+
+        if self.mode == "simulated":
+            return market_data.SimulatedMarketData(seed=self.seed)
+        if self.mode == "csv":
+            if not self.csv_dir:
+                raise ConfigError("TRADING_MARKET_DATA=csv needs a folder of CSV files",
+                                  "set TRADING_CSV_DIR to the folder holding <SYMBOL>_<timeframe>.csv files")
+            return market_data.CsvMarketData(Path(self.csv_dir))
+        raise ConfigError(f"market data mode {self.mode!r} is not available in this version",
+                          "use TRADING_MARKET_DATA=simulated or csv")
+
+
+class AnalystResource(dg.ConfigurableResource):
+    """Who reads the charts: rules (deterministic, default) or openai (vision model)."""
+
+    mode: str = "rules"
+
+    def analyze(self, indicators, chart):
+        if self.mode == "rules":
+            from trading_pipeline.core import rules_analyst
+
+            return rules_analyst.analyze(indicators, chart)
+        raise ConfigError(f"analyst mode {self.mode!r} is not available in this version",
+                          "use TRADING_ANALYST=rules")
+
+
+class ChartStoreResource(dg.ConfigurableResource):
+    """Where chart PNGs go: a local folder (default) or S3/MinIO through dagster-aws S3Resource."""
+
+    mode: str = "local"
+    local_dir: str = ""
+    s3_bucket: str = "trading-charts"
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+
+    def store(self):
+        from trading_pipeline.adapters.chart_store import LocalChartStore, S3ChartStore
+
+        if self.mode == "local":
+            return LocalChartStore(Path(self.local_dir))
+        from dagster_aws.s3 import S3Resource
+
+        # Credentials and region come from the usual AWS_* variables (boto3's own lookup).
+        client = S3Resource(endpoint_url=self.s3_endpoint_url).get_client()
+        return S3ChartStore(client, self.s3_bucket, self.s3_prefix)
+
+
+class ChartRendererResource(dg.ConfigurableResource):
+    """Renders chart figures to PNG through one persistent Chromium, shared by every run in the
+    process (the demo, tests and benchmarks run many in one process; it is closed at exit)."""
+
+    width: int = 1920
+    height: int = 1080
+    timeout_seconds: float = 60.0
+
+    def renderer(self):
+        return _shared_renderer(self.timeout_seconds)
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_renderer(timeout_seconds: float):
+    from trading_pipeline.adapters.chart_render import ChartRenderer
+
+    return ChartRenderer(timeout_s=timeout_seconds).start()
+
+
+class BrokerResource(dg.ConfigurableResource):
+    """Where orders go: paper (simulated fills in the trading database, default) or ibkr.
+
+    Orders are off unless `orders_enabled` (TRADING_ORDERS_ENABLED=yes) *and* the strategy's
+    `orders.enabled` say otherwise.
+    """
+
+    mode: str = "paper"
+    orders_enabled: bool = False
+    allow_live: bool = False
+    paper_equity: float = 100_000.0
+    database: TradingDatabaseResource
+
+    def broker(self):
+        if self.mode == "paper":
+            from trading_pipeline.adapters.broker import PaperBroker
+
+            return PaperBroker(self.database.sessions(), self.paper_equity)
+        raise ConfigError(f"broker mode {self.mode!r} is not available in this version",
+                          "use TRADING_BROKER=paper")
+
+
+def _float_env(name: str, default: float, environ) -> float:
+    raw = environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number", f"set {name} to a number like {default:g}") from None
+
+
+def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
+    environ = dict(os.environ if environ is None else environ)
+    database = TradingDatabaseResource(url=config.database_url(environ))
+    return {
+        "trading_db": database,
+        "market_data": MarketDataResource(
+            mode=config.env_mode("TRADING_MARKET_DATA", environ),
+            seed=int(_float_env("TRADING_SIM_SEED", 0, environ)),
+            csv_dir=environ.get("TRADING_CSV_DIR") or None),
+        "analyst": AnalystResource(mode=config.env_mode("TRADING_ANALYST", environ)),
+        "chart_store": ChartStoreResource(
+            mode=config.env_mode("TRADING_CHART_STORE", environ),
+            local_dir=str(config.data_dir(environ)),  # keys start with charts/
+            s3_bucket=environ.get("TRADING_S3_BUCKET", "trading-charts"),
+            s3_prefix=environ.get("TRADING_S3_PREFIX", ""),
+            s3_endpoint_url=environ.get("AWS_ENDPOINT_URL") or None),
+        "chart_renderer": ChartRendererResource(
+            width=int(_float_env("TRADING_CHART_WIDTH", 1920, environ)),
+            height=int(_float_env("TRADING_CHART_HEIGHT", 1080, environ))),
+        "broker": BrokerResource(
+            mode=config.env_mode("TRADING_BROKER", environ),
+            orders_enabled=config.env_flag("TRADING_ORDERS_ENABLED", environ),
+            allow_live=config.env_flag("TRADING_ALLOW_LIVE", environ),
+            paper_equity=_float_env("TRADING_PAPER_EQUITY", 100_000.0, environ),
+            database=database),
+    }
