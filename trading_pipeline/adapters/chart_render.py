@@ -59,7 +59,6 @@ FALLBACK_BROWSERS: tuple[str, ...] = ("/usr/bin/chromium", "chromium", "chromium
 # Nothing listens on the discard port on loopback: any http(s) request fails immediately.
 OFFLINE_PROXY = "http://127.0.0.1:9"
 _CLOSE_GRACE_S = 10.0
-_BATCH_GRACE_S = 10.0
 
 INSTALL_FIX = (
     "Install Chromium: `apt-get install chromium` on Debian/Ubuntu (any Chrome/Chromium works), "
@@ -207,7 +206,9 @@ class ChartRenderer:
             self._loop, self._thread = loop, thread
             kwargs: dict[str, Any] = {
                 "n": self.tabs,
-                "timeout": self.timeout_s,
+                # No kaleido-internal timeout: cancelling a render mid-write can leave the
+                # devtools pipe half-written. Deadlines are enforced here, by killing Chromium.
+                "timeout": None,
                 "mathjax": False,  # kaleido would fetch MathJax from a CDN; charts need none
                 "path": path,
             }
@@ -301,7 +302,7 @@ class ChartRenderer:
                 for t in tasks:
                     t.cancel()
 
-        deadline = self.timeout_s * math.ceil(len(specs) / self.tabs) + _BATCH_GRACE_S
+        deadline = self.timeout_s * math.ceil(len(specs) / self.tabs)
         fut = asyncio.run_coroutine_threadsafe(batch(), loop)
         try:
             return fut.result(timeout=deadline)
@@ -309,10 +310,6 @@ class ChartRenderer:
             fut.cancel()
             self._teardown(graceful=False)
             raise self._timeout_error(len(specs)) from None
-        except (TimeoutError, asyncio.TimeoutError) as exc:
-            # kaleido's own per-figure timeout (asyncio.wait_for) fired: restart to be safe
-            self._teardown(graceful=False)
-            raise self._timeout_error(len(specs)) from exc
         except Exception as exc:  # noqa: BLE001
             proc = self._process()
             code = proc.poll() if proc is not None else None

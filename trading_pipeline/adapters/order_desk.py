@@ -64,6 +64,7 @@ class OrderDesk:
                         quantity=leg.quantity, price=leg.price, tif=leg.tif, broker=self._broker.name,
                         status=status)
                     session.add(row)
+                    session.flush()  # the event below references this row
                 row.status = status
                 if answer:
                     row.broker_order_id = answer.broker_order_id

@@ -99,7 +99,7 @@ def _daily_path(symbol: str, seed: int) -> _Path:
 def _weekly_path(daily: _Path) -> _Path:
     sessions = daily.bars.index.tz_convert("America/New_York").normalize().tz_localize(None)
     # Monday of each session's calendar week; weeks never span a weekend, as sessions are Mon-Fri.
-    week = sessions - pd.to_timedelta(sessions.dayofweek, unit="D")
+    week = sessions - pd.to_timedelta(sessions.day_of_week, unit="D")
     frame = daily.bars.assign(bar_start=daily.bars.index, bar_close=daily.closes)
     weekly = frame.groupby(week.to_numpy(), sort=True).agg(
         time=("bar_start", "first"),

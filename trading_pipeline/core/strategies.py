@@ -70,13 +70,18 @@ class Strategy(_Strict):
     risk: RiskSettings = RiskSettings()
     orders: OrderSettings = OrderSettings()
 
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _no_yaml_booleans(cls, symbols):
+        # YAML 1.1 reads ON, OFF, YES, NO as booleans.
+        if isinstance(symbols, list) and any(isinstance(s, bool) for s in symbols):
+            raise ValueError("a symbol was read as a boolean (ON, OFF, YES, NO): quote it, e.g. 'ON'")
+        return symbols
+
     @field_validator("symbols")
     @classmethod
     def _valid_symbols(cls, symbols: list[str]) -> list[str]:
         for symbol in symbols:
-            if isinstance(symbol, bool):
-                # YAML 1.1 reads ON, OFF, YES, NO as booleans.
-                raise ValueError(f"a symbol was read as the boolean {symbol}: quote it, e.g. 'ON'")
             if not isinstance(symbol, str) or not SYMBOL_PATTERN.match(symbol):
                 raise ValueError(
                     f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B'"

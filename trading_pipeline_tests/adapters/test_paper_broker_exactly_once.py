@@ -1,0 +1,111 @@
+"""Exactly once with the paper broker: re-runs, a crash between send and record, duplicate cOIDs."""
+
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import func, select
+
+from trading_pipeline.adapters.broker import DuplicateOrderError, PaperBroker
+from trading_pipeline.adapters.order_desk import OrderDesk, record_decision, sent_decision
+from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, PaperOrderRow, session_factory
+from trading_pipeline.core.analysis import Action, TradeDecision
+from trading_pipeline.core.orders import build_legs, client_order_id
+
+AS_OF = datetime(2026, 11, 20, 22, 0, tzinfo=timezone.utc)
+
+
+def buy_decision(decision_id="d1", quantity=50, symbol="AAPL"):
+    return TradeDecision(decision_id=decision_id, strategy="s", symbol=symbol, as_of=AS_OF, data_through=AS_OF,
+                         proposed_action=Action.BUY, action=Action.BUY, entry=100.0, stop=96.0,
+                         targets=[106.0, 110.0], r_multiple=1.5, profit_margin=0.06, confidence=0.7,
+                         quantity=quantity, rationale="test", account_equity=100_000.0)
+
+
+def broker_orders(sessions, coid):
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(PaperOrderRow)
+                              .where(PaperOrderRow.client_order_id == coid))
+
+
+def test_bracket_legs_derive_from_decision():
+    legs = build_legs(buy_decision(), "DAY")
+    assert [(leg.role, leg.side, leg.order_type, leg.price) for leg in legs] == [
+        ("entry", "BUY", "LMT", 100.0), ("stop_loss", "SELL", "STP", 96.0), ("take_profit", "SELL", "LMT", 106.0)]
+    assert legs[0].client_order_id == client_order_id(buy_decision()) == "tp-d1"
+    assert {leg.quantity for leg in legs} == {50}
+
+
+def test_submit_fills_and_records_then_rerun_sends_nothing(database_url):
+    sessions = session_factory(database_url)
+    broker = PaperBroker(sessions, 100_000.0)
+    decision = buy_decision()
+    record_decision(sessions, decision)
+    legs = build_legs(decision, "DAY")
+    first = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0)
+    assert first.status == "filled" and first.filled_quantity == 50 and len(first.broker_order_ids) == 3
+    again = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0)
+    assert again.status == "already_sent"
+    assert broker_orders(sessions, "tp-d1") == 1
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ExecutionRow)) == 1
+        assert session.get(OrderRow, "tp-d1-sl").status == "Submitted"  # the stop is working
+    account = broker.account({"AAPL": 103.0})
+    assert account.positions["AAPL"].quantity == 50
+    assert account.cash == pytest.approx(100_000 - 5_000)
+    assert account.equity == pytest.approx(100_000 + 150)
+    assert account.daily_pnl == pytest.approx(150)
+    assert sent_decision(sessions, "d1") == decision
+
+
+class CrashAfterSend(PaperBroker):
+    """The broker accepts the order, then the process dies before the answer is recorded."""
+
+    def place(self, symbol, legs, reference_price):
+        super().place(symbol, legs, reference_price)
+        raise ConnectionError("process died after the broker accepted the order")
+
+
+def test_crash_between_send_and_record_is_reconciled_not_resent(database_url):
+    sessions = session_factory(database_url)
+    decision = buy_decision("d2")
+    record_decision(sessions, decision)
+    legs = build_legs(decision, "DAY")
+    with pytest.raises(ConnectionError):
+        OrderDesk(sessions, CrashAfterSend(sessions, 100_000.0)).submit_once(decision, legs, 100.0)
+    with sessions() as session:
+        assert session.get(OrderRow, "tp-d2").status == "submitting"  # the marker the crash left
+    # a restarted process (new desk, new broker object) retries the step
+    retry = OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(decision, legs, 100.0)
+    assert retry.status == "already_sent" and "broker already had" in retry.reason
+    assert broker_orders(sessions, "tp-d2") == 1
+    with sessions() as session:
+        assert session.get(OrderRow, "tp-d2").status == "Filled"
+
+
+class ForgetfulLookup(PaperBroker):
+    """A broker whose live-orders lookup misses the order (IBKR's empty first answer)."""
+
+    def find_order(self, client_order_id):
+        return None
+
+
+def test_duplicate_coid_answer_counts_as_already_sent(database_url):
+    sessions = session_factory(database_url)
+    decision = buy_decision("d3")
+    record_decision(sessions, decision)
+    legs = build_legs(decision, "DAY")
+    PaperBroker(sessions, 100_000.0).place("AAPL", legs, 100.0)  # sent by an earlier, unrecorded attempt
+    with pytest.raises(DuplicateOrderError):
+        PaperBroker(sessions, 100_000.0).place("AAPL", legs, 100.0)
+    result = OrderDesk(sessions, ForgetfulLookup(sessions, 100_000.0)).submit_once(decision, legs, 100.0)
+    assert result.status == "already_sent" and "duplicate" in result.reason or "exists" in result.reason
+    assert broker_orders(sessions, "tp-d3") == 1
+
+
+def test_non_marketable_limit_stays_working(database_url):
+    sessions = session_factory(database_url)
+    decision = buy_decision("d4")
+    record_decision(sessions, decision)
+    result = OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(
+        decision, build_legs(decision, "DAY"), reference_price=101.0)  # limit 100 below the last price
+    assert result.status == "submitted" and result.filled_quantity == 0

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+
+from trading_pipeline.core.analysis import Action
+from trading_pipeline.core.risk import AccountState, MarketContext, Position, Proposal, evaluate
+from trading_pipeline.core.strategies import RiskSettings
+
+LIMITS = RiskSettings()  # min R 1, margin 5%, 1% risk, 10% cap, 10 positions, 90% exposure
+MARKET = MarketContext(last_close=100.0, atr=2.0, recent_high=110.0, recent_low=90.0,
+                       market_open=True, next_open="Mon")
+ACCOUNT = AccountState(equity=100_000.0, cash=100_000.0)
+
+
+def failed(verdict):
+    return {c.rule for c in verdict.checks if not c.passed}
+
+
+def test_buy_sized_by_risk_then_capped_by_position_share():
+    # risk per share 4 → floor(100000 × 1% / 4) = 250 shares; cap 10% × 100000 / 100 = 100 shares
+    verdict = evaluate(Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.7), "X", MARKET, ACCOUNT, LIMITS)
+    assert verdict.accepted
+    assert verdict.r_multiple == pytest.approx(1.5)
+    assert verdict.profit_margin == pytest.approx(0.06)
+    assert verdict.quantity == 100
+    wide = LIMITS.model_copy(update={"max_position_share": 1.0})
+    assert evaluate(Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.7), "X", MARKET, ACCOUNT, wide).quantity == 250
+
+
+def test_r_below_minimum_is_rejected_with_numbers():
+    verdict = evaluate(Proposal(Action.BUY, 100.0, 94.0, [105.0], 0.7), "X", MARKET, ACCOUNT, LIMITS)
+    assert not verdict.accepted and verdict.quantity == 0
+    assert failed(verdict) == {"min_r"}
+    detail = next(c.detail for c in verdict.checks if c.rule == "min_r")
+    assert "0.83" in detail and "1.00" in detail
+
+
+def test_margin_below_minimum_is_rejected():
+    verdict = evaluate(Proposal(Action.BUY, 100.0, 98.0, [103.0], 0.7), "X", MARKET, ACCOUNT, LIMITS)
+    assert failed(verdict) == {"min_profit_margin"}
+
+
+def test_stop_on_wrong_side_is_rejected_and_missing_stop_defaults_to_two_atr():
+    wrong = evaluate(Proposal(Action.BUY, 100.0, 101.0, [110.0], 0.7), "X", MARKET, ACCOUNT, LIMITS)
+    assert "stop_side" in failed(wrong)
+    default = evaluate(Proposal(Action.BUY, 100.0, None, [106.0], 0.7), "X", MARKET, ACCOUNT, LIMITS)
+    assert default.stop == 96.0 and default.accepted
+
+
+@pytest.mark.parametrize("entry, stop, target, rule", [
+    (250.0, 240.0, 270.0, "entry_plausible"),       # a model that invents a price far from the close
+    (100.0, 96.0, 400.0, "prices_plausible"),       # target far outside the recent range ± 6 ATR
+    (math.nan, 96.0, 106.0, "entry_plausible"),
+])
+def test_implausible_prices_fail_closed(entry, stop, target, rule):
+    verdict = evaluate(Proposal(Action.BUY, entry, stop, [target], 0.9), "X", MARKET, ACCOUNT, LIMITS)
+    assert not verdict.accepted and rule in failed(verdict)
+
+
+def test_sell_without_position_is_a_short_and_refused_unless_allowed():
+    proposal = Proposal(Action.SELL, 100.0, 104.0, [94.0], 0.7)
+    refused = evaluate(proposal, "X", MARKET, ACCOUNT, LIMITS)
+    assert failed(refused) == {"no_short_sale"}
+    allowed = evaluate(proposal, "X", MARKET, ACCOUNT, LIMITS.model_copy(update={"allow_short": True}))
+    assert allowed.accepted and allowed.quantity == 100
+
+
+def test_sell_with_long_position_closes_it():
+    account = AccountState(100_000.0, 90_000.0, {"X": Position(37, 95.0, 100.0)})
+    verdict = evaluate(Proposal(Action.SELL, 100.0, 104.0, [94.0], 0.7), "X", MARKET, account, LIMITS)
+    assert verdict.accepted and verdict.closes_position and verdict.quantity == 37
+
+
+def test_portfolio_limits():
+    held = {f"S{i}": Position(10, 100.0, 100.0) for i in range(10)}
+    full = AccountState(100_000.0, 90_000.0, held)
+    proposal = Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.7)
+    assert "max_open_positions" in failed(evaluate(proposal, "X", MARKET, full, LIMITS))
+    exposed = AccountState(100_000.0, 15_000.0, {"Y": Position(850, 100.0, 100.0)})  # 85% gross
+    verdict = evaluate(proposal, "X", MARKET, exposed, LIMITS)
+    assert verdict.accepted and verdict.quantity == 50  # only 5% of equity left under the 90% cap
+    already = AccountState(100_000.0, 90_000.0, {"X": Position(10, 100.0, 100.0)})
+    assert "no_pyramiding" in failed(evaluate(proposal, "X", MARKET, already, LIMITS))
+
+
+def test_kill_switch_daily_loss_and_confidence():
+    proposal = Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.7)
+    assert "kill_switch" in failed(evaluate(proposal, "X", MARKET, ACCOUNT, LIMITS, kill_switch=(True, "file")))
+    losing = AccountState(100_000.0, 100_000.0, daily_pnl=-3_500.0)
+    assert "daily_loss" in failed(evaluate(proposal, "X", MARKET, losing, LIMITS))
+    unsure = Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.3)
+    assert "confidence" in failed(evaluate(unsure, "X", MARKET, ACCOUNT, LIMITS))
+
+
+def test_hold_and_no_trade_send_nothing():
+    for action in (Action.HOLD, Action.NO_TRADE):
+        verdict = evaluate(Proposal(action, None, None, [], 0.5), "X", MARKET, ACCOUNT, LIMITS)
+        assert not verdict.accepted and verdict.quantity == 0

@@ -1,0 +1,79 @@
+import pytest
+
+from trading_pipeline.core.strategies import DEFAULT_STRATEGIES_FILE, load_strategies, parse_strategies
+from trading_pipeline.errors import StrategiesFileError
+
+VALID = """\
+strategies:
+  - name: s1
+    symbols: [AAPL, BRK.B]
+    timeframes:
+      1d: {period: 2y}
+      1w: {period: 6y}
+"""
+
+
+def test_demo_file_has_at_least_five_symbols_and_orders_need_opt_in():
+    demo = load_strategies(DEFAULT_STRATEGIES_FILE)
+    assert len(demo.symbols()) >= 5
+    strategy = demo.strategies[0]
+    assert set(strategy.timeframes) == {"1d", "1w"}
+    assert strategy.risk.min_r == 1.0 and strategy.risk.min_profit_margin == 0.05
+
+
+def test_valid_file_and_defaults():
+    parsed = parse_strategies(VALID)
+    strategy = parsed.strategy_for("BRK.B")
+    assert strategy.name == "s1"
+    assert strategy.orders.enabled is False  # orders are off unless the file says so
+    assert strategy.risk.allow_short is False
+    assert strategy.timeframes["1w"].calendar_days() == 6 * 366
+
+
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        (VALID.replace("AAPL", "aapl"), 3, "upper-case ticker"),
+        (VALID.replace("period: 6y", "period: 6q"), 6, "period '6q'"),
+        (VALID.replace("period: 2y", "period: 16y"), 5, "1-15y"),
+        (VALID + "    risk: {min_r: 0}\n", 7, "greater than 0"),
+        (VALID + "    risk: {min_rr: 2}\n", 7, "Extra inputs"),
+        (VALID.replace("      1w: {period: 6y}\n", ""), 4, "exactly 1d, 1w"),
+        (VALID.replace("AAPL", "ON"), 3, "quote it"),
+    ],
+)
+def test_bad_file_names_line_and_fix(text, line, words):
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(text, source="my.yaml")
+    message = str(info.value)
+    assert f"my.yaml:{line}:" in message
+    assert words in message
+    assert "Fix:" in message
+
+
+def test_symbol_in_two_strategies_is_rejected_with_both_lines():
+    text = VALID + """\
+  - name: s2
+    symbols: [MSFT, AAPL]
+    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}
+"""
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(text, source="f.yaml")
+    assert "f.yaml:8: symbol AAPL is in strategy 's2' and already in 's1' (line 3)" in str(info.value)
+
+
+def test_yaml_syntax_error_names_line():
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies("strategies:\n  - name: [unclosed\n", source="x.yaml")
+    assert "x.yaml:" in str(info.value) and "not valid YAML" in str(info.value)
+
+
+def test_missing_file_says_how_to_fix(tmp_path):
+    with pytest.raises(StrategiesFileError) as info:
+        load_strategies(tmp_path / "nope.yaml")
+    assert "does not exist" in str(info.value) and "TRADING_STRATEGIES_FILE" in str(info.value)
+
+
+def test_unknown_symbol_lookup_is_a_clear_error():
+    with pytest.raises(StrategiesFileError, match="not in any strategy"):
+        parse_strategies(VALID).strategy_for("TSLA")

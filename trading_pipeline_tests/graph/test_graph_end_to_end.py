@@ -1,0 +1,117 @@
+"""Materialize all six assets for two symbols × two timeframes and check what comes out against
+the bars: entry = last daily close, stop = entry ∓ 2×ATR (TA-Lib on the same bars), R and size
+recomputed, exactly one paper order for the accepted decision, none for the other."""
+
+import hashlib
+import math
+from pathlib import Path
+from urllib.parse import urlparse
+
+import dagster as dg
+import pytest
+import talib
+from sqlalchemy import func, select
+
+from trading_pipeline.adapters.trading_db import DecisionRow, PaperOrderRow, session_factory
+from trading_pipeline.core.analysis import Action
+from trading_pipeline.core.strategies import parse_strategies
+from trading_pipeline.definitions import build_definitions
+from trading_pipeline.graph.assets import AS_OF_TAG
+from trading_pipeline.graph.resources import resources_from_env
+
+# At this point in time the simulated market (seed 0) gives SPY an accepted BUY and AAPL none.
+AS_OF = "2026-09-01T21:30:00+00:00"
+STRATEGIES = parse_strategies("""\
+strategies:
+  - name: graph_test
+    symbols: [SPY, AAPL]
+    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}
+    orders: {enabled: true}
+""")
+
+
+def run_symbol(defs, instance, symbol):
+    outputs = {}
+    for timeframe in ("1d", "1w"):
+        result = defs.resolve_job_def("analyze_timeframe").execute_in_process(
+            partition_key=dg.MultiPartitionKey({"symbol": symbol, "timeframe": timeframe}),
+            instance=instance, tags={AS_OF_TAG: AS_OF})
+        assert result.success
+        outputs[timeframe] = {name: result.output_for_node(name)
+                              for name in ("market_bars", "indicator_frames", "chart_images", "ai_analyses")}
+    result = defs.resolve_job_def("decide_and_order").execute_in_process(
+        partition_key=symbol, instance=instance, tags={AS_OF_TAG: AS_OF})
+    assert result.success
+    return outputs, result.output_for_node("trade_decisions"), result.output_for_node("orders")
+
+
+@pytest.fixture
+def environment(tmp_path):
+    return {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_ORDERS_ENABLED": "yes"}
+
+
+def test_whole_graph_two_symbols(environment, tmp_path):
+    defs = build_definitions(STRATEGIES, resources_from_env(environment))
+    sessions = session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        results = {symbol: run_symbol(defs, instance, symbol) for symbol in ("SPY", "AAPL")}
+
+        for symbol, (outputs, decision, order) in results.items():
+            for timeframe, out in outputs.items():
+                bars = out["market_bars"].frame
+                assert str(bars.index[-1]) < AS_OF and bars.index.is_monotonic_increasing
+                png_path = Path(urlparse(out["chart_images"].uri).path)
+                assert hashlib.sha256(png_path.read_bytes()).hexdigest() == out["chart_images"].sha256
+                assert out["ai_analyses"].chart.sha256 == out["chart_images"].sha256
+            daily = outputs["1d"]["market_bars"].frame
+            atr = talib.ATR(daily["high"].to_numpy(), daily["low"].to_numpy(), daily["close"].to_numpy(), 14)[-1]
+            last_close = float(daily["close"].iloc[-1])
+            assert decision.data_through == daily.index[-1].to_pydatetime()
+            if decision.proposed_action in (Action.BUY, Action.SELL):
+                direction = 1 if decision.proposed_action == Action.BUY else -1
+                assert decision.entry == pytest.approx(last_close, abs=0.005)
+                assert decision.stop == pytest.approx(last_close - direction * 2 * atr, abs=0.011)
+                risk = abs(decision.entry - decision.stop)
+                assert decision.r_multiple == pytest.approx(abs(decision.targets[0] - decision.entry) / risk, abs=1e-3)
+            with sessions() as session:
+                row = session.get(DecisionRow, decision.decision_id)
+                assert row is not None and row.action == decision.action.value
+
+        spy_outputs, spy, spy_order = results["SPY"]
+        assert spy.action == Action.BUY
+        risk = spy.entry - spy.stop
+        expected_quantity = min(math.floor(100_000 * 0.01 / risk), math.floor(100_000 * 0.10 / spy.entry))
+        assert spy.quantity == expected_quantity > 0
+        assert spy_order.status == "filled" and spy_order.filled_quantity == spy.quantity
+        assert [leg.role for leg in spy_order.legs] == ["entry", "stop_loss", "take_profit"]
+        assert spy_order.legs[1].price == spy.stop and spy_order.legs[2].price == spy.targets[0]
+
+        _, aapl, aapl_order = results["AAPL"]
+        assert aapl.action != Action.BUY and aapl.quantity == 0
+        assert aapl_order.status == "not_sent" and aapl.action.value in aapl_order.reason
+
+        # Re-materializing the decision and order for SPY sends nothing new.
+        _, spy_again, spy_order_again = run_symbol(defs, instance, "SPY")
+        assert spy_again.decision_id == spy.decision_id
+        assert spy_order_again.status == "already_sent"
+        with sessions() as session:
+            assert session.scalar(select(func.count()).select_from(PaperOrderRow)
+                                  .where(PaperOrderRow.client_order_id == spy_order.client_order_id)) == 1
+            assert session.scalar(select(func.count()).select_from(PaperOrderRow)) == 3  # one bracket
+
+        # The UI shows a thumbnail on each chart materialization.
+        event = instance.get_latest_materialization_event(dg.AssetKey("chart_images"))
+        thumbnail = event.asset_materialization.metadata["thumbnail"].value
+        assert thumbnail.startswith("![chart](data:image/png;base64,") and len(thumbnail) < 120_000
+
+
+def test_orders_stay_off_without_opt_in(tmp_path):
+    environment = {"TRADING_DATA_DIR": str(tmp_path / "data")}
+    defs = build_definitions(STRATEGIES, resources_from_env(environment))
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        _, decision, order = run_symbol(defs, instance, "SPY")
+    assert decision.action == Action.BUY
+    assert order.status == "not_sent" and "TRADING_ORDERS_ENABLED=yes" in order.reason
+    sessions = session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(PaperOrderRow)) == 0
