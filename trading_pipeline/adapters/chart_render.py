@@ -58,7 +58,7 @@ DEFAULT_HEIGHT = 1080
 FALLBACK_BROWSERS: tuple[str, ...] = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
 # Nothing listens on the discard port on loopback: any http(s) request fails immediately.
 OFFLINE_PROXY = "http://127.0.0.1:9"
-_CLOSE_GRACE_S = 10.0
+_CLOSE_GRACE_S = 5.0
 
 INSTALL_FIX = (
     "Install Chromium: `apt-get install chromium` on Debian/Ubuntu (any Chrome/Chromium works), "
@@ -178,6 +178,12 @@ class ChartRenderer:
     def is_running(self) -> bool:
         proc = self._process()
         return self._kaleido is not None and proc is not None and proc.poll() is None
+
+    @property
+    def browser_pid(self) -> int | None:
+        """Pid of the browser's process-group leader (choreographer's wrapper), if running."""
+        proc = self._process()
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def start(self) -> ChartRenderer:
         """Start Chromium (once). Raises ChartRenderError if it cannot be found or started."""
@@ -348,25 +354,33 @@ class ChartRenderer:
         self._kaleido = self._loop = self._thread = None
         if loop is None:
             return
-        if k is not None and not graceful:
-            _kill(self._process_of(k))
         if k is not None:
-            fut = asyncio.run_coroutine_threadsafe(k.close(), loop)
+            if not graceful:
+                _hard_kill(k)
+            fut = None
             try:
-                fut.result(timeout=_CLOSE_GRACE_S)
-            except Exception as exc:  # noqa: BLE001 - closing must not raise
-                _log.debug("chart renderer: browser close failed: %r", exc)
-                fut.cancel()
-            _kill(self._process_of(k))
-        loop.call_soon_threadsafe(loop.stop)
+                fut = asyncio.run_coroutine_threadsafe(k.close(), loop)
+            except RuntimeError:  # loop already closed
+                pass
+            if fut is not None:
+                try:
+                    fut.result(timeout=_CLOSE_GRACE_S)
+                except Exception as exc:  # noqa: BLE001 - closing must not raise
+                    _log.debug("chart renderer: browser close failed: %r", exc)
+                    _hard_kill(k)  # unblocks the close (its pipe threads) so the loop can stop
+                    try:
+                        fut.result(timeout=_CLOSE_GRACE_S)
+                    except Exception:  # noqa: BLE001
+                        fut.cancel()
+            _hard_kill(k)  # no-op if it closed cleanly
+        try:
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:
+            pass
         if thread is not None:
             thread.join(timeout=_CLOSE_GRACE_S)
             if thread.is_alive():
                 _log.warning("chart renderer: loop thread did not stop; abandoning it")
-
-    @staticmethod
-    def _process_of(k: Any) -> subprocess.Popen[Any] | None:
-        return getattr(k, "subprocess", None)
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -382,13 +396,33 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
+def _hard_kill(k: Any) -> None:
+    """Kill the browser and close kaleido's devtools pipe.
+
+    The pipe must be closed by us: choreographer keeps both ends of both pipes open in this
+    process, so after Chromium dies its reader/writer threads would block until then (and
+    kaleido's close() waits for those threads).
+    """
+    _kill(getattr(k, "subprocess", None))
+    channel = getattr(k, "_channel", None)
+    if channel is not None:
+        try:
+            channel.close()
+        except Exception as exc:  # noqa: BLE001
+            _log.debug("chart renderer: closing the devtools pipe failed: %r", exc)
+
+
 def _kill(proc: subprocess.Popen[Any] | None) -> None:
-    """SIGKILL the browser's whole process group (wrapper, chromium, its helpers)."""
-    if proc is None:
+    """SIGKILL the browser's whole process group (wrapper, chromium, its helpers).
+
+    Only while the wrapper is unreaped: then its pid is certainly still our process group
+    (choreographer starts it with start_new_session=True), never a recycled pid.
+    """
+    if proc is None or proc.poll() is not None:
         return
     try:
         if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)  # choreographer starts it in a new session
+            os.killpg(proc.pid, signal.SIGKILL)
         else:  # pragma: no cover - Windows
             proc.kill()
     except (ProcessLookupError, PermissionError):

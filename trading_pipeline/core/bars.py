@@ -116,9 +116,7 @@ def _check_numeric(bars: pd.DataFrame) -> None:
             bad = series.index[as_numbers.isna() & series.notna()]
             if len(bad):
                 examples = ", ".join(repr(series.loc[time]) for time in bad[:3])
-                detail = (
-                    f"non-numeric values (e.g. {examples}) at {_format_times(bad[:_ROWS_SHOWN], len(bad))}"
-                )
+                detail = f"non-numeric values (e.g. {examples}) at {_format_times(bad[:_ROWS_SHOWN], len(bad))}"
             else:
                 detail = "values that are numbers but stored as text/objects"
             raise BarDataError(
@@ -148,8 +146,7 @@ def _check_values(bars: pd.DataFrame) -> None:
                 bars.index,
                 values < 0,
                 "Volume is negative on",
-                "Volume must be >= 0; some sources send -1 for 'unknown': "
-                "replace it with 0 or drop those bars.",
+                "Volume must be >= 0; some sources send -1 for 'unknown': replace it with 0 or drop those bars.",
                 bars[column],
             )
         else:
@@ -174,8 +171,7 @@ def _check_ohlc_consistency(bars: pd.DataFrame) -> None:
         for row in rows[:_ROWS_SHOWN]
     ]
     raise BarDataError(
-        f"{len(rows)} bar(s) are inconsistent (need low <= open, close <= high): "
-        f"{_format_list(shown, len(rows))}.",
+        f"{len(rows)} bar(s) are inconsistent (need low <= open, close <= high): {_format_list(shown, len(rows))}.",
         "Check the column order (open, high, low, close) and the data source; drop or correct those bars.",
     )
 
@@ -198,7 +194,7 @@ def _raise_for_rows(
 
 
 def _is_utc(tz: dt.tzinfo) -> bool:
-    return tz == dt.timezone.utc or str(tz) in _UTC_NAMES
+    return tz == dt.UTC or str(tz) in _UTC_NAMES
 
 
 def _format_time(time: pd.Timestamp) -> str:

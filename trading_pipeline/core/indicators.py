@@ -55,7 +55,7 @@ class IndicatorParams(BaseModel):
         return periods
 
     @model_validator(mode="after")
-    def _macd_fast_below_slow(self) -> "IndicatorParams":
+    def _macd_fast_below_slow(self) -> IndicatorParams:
         if self.macd_fast >= self.macd_slow:
             raise ValueError(f"macd_fast ({self.macd_fast}) must be below macd_slow ({self.macd_slow})")
         return self
@@ -121,7 +121,7 @@ def compute_indicators(bars: pd.DataFrame, params: IndicatorParams | None = None
     )
 
     indicators: dict[str, np.ndarray] = {}
-    for period, column in zip(params.sma_periods, params.sma_columns):
+    for period, column in zip(params.sma_periods, params.sma_columns, strict=True):
         indicators[column] = talib.SMA(close, timeperiod=period)
     indicators[params.rsi_column] = talib.RSI(close, timeperiod=params.rsi_period)
     indicators["macd"], indicators["macd_signal"], indicators["macd_hist"] = talib.MACD(
@@ -147,7 +147,8 @@ def supertrend(
 
     direction is +1 in an uptrend (line = lower band) and -1 in a downtrend (line = upper band), the
     opposite sign of TradingView's own direction output. Both are NaN before the ATR exists, i.e. on
-    bars 0 .. period-2. The inputs must be clean (see `validate_bars`); this does not check them.
+    bars 0 .. period-2 (with period 1, bar 0's line is 0: Pine's nz() of the missing previous band,
+    as on TradingView). The inputs must be clean (see `validate_bars`); this does not check them.
     """
     if period < 1:
         raise ValueError(f"period must be >= 1, got {period}")

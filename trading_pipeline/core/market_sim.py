@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +32,7 @@ _REGULAR_SESSION_MINUTES = 390.0  # 09:30-16:00 New York
 _PATH_CACHE_SIZE = 256
 
 
-def simulate_bars(
-    symbol: str, timeframe: str, start: pd.Timestamp, as_of: pd.Timestamp, seed: int = 0
-) -> pd.DataFrame:
+def simulate_bars(symbol: str, timeframe: str, start: pd.Timestamp, as_of: pd.Timestamp, seed: int = 0) -> pd.DataFrame:
     """Simulated OHLCV bars of `symbol` for `timeframe` ("1d" or "1w").
 
     Returns the bars whose start is >= `start` and which had closed by `as_of` (bar close <= as_of):
@@ -64,8 +63,7 @@ def simulate_bars(
         raise BarDataError(
             f"The simulated market ends with the session of {LAST_SESSION.date()}, but bars up to "
             f"{as_of.isoformat()} were requested for {symbol}.",
-            f"Use an as_of on or before {LAST_SESSION.date()} (UTC) in simulated mode, "
-            "or a live data source.",
+            f"Use an as_of on or before {LAST_SESSION.date()} (UTC) in simulated mode, or a live data source.",
         )
     path = _path(symbol, seed, timeframe)
     wanted = np.asarray((path.bars.index >= start) & (path.closes <= as_of))
@@ -183,7 +181,10 @@ def _schedule() -> pd.DataFrame:
     """XNYS sessions (index: session date) with UTC open and close times, early closes included."""
     import exchange_calendars  # slow to import; only needed the first time bars are simulated
 
-    calendar = exchange_calendars.get_calendar(CALENDAR_NAME, start=FIRST_SESSION, end=LAST_SESSION)
+    with warnings.catch_warnings():
+        # exchange_calendars' own use of a pandas API deprecated in pandas 3.1; not actionable here.
+        warnings.filterwarnings("ignore", message="Series.values returning an ndarray")
+        calendar = exchange_calendars.get_calendar(CALENDAR_NAME, start=FIRST_SESSION, end=LAST_SESSION)
     return calendar.schedule[["open", "close"]]
 
 

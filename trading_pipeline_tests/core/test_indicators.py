@@ -91,7 +91,7 @@ def test_talib_values_match_textbook_formulas(bars, enriched):
     gains, losses = np.maximum(change, 0), np.maximum(-change, 0)
     avg_gain, avg_loss = gains[:14].mean(), losses[:14].mean()
     expected_rsi = [100 * avg_gain / (avg_gain + avg_loss)]
-    for gain, loss in zip(gains[14:], losses[14:]):
+    for gain, loss in zip(gains[14:], losses[14:], strict=True):
         avg_gain = (avg_gain * 13 + gain) / 14
         avg_loss = (avg_loss * 13 + loss) / 14
         expected_rsi.append(100 * avg_gain / (avg_gain + avg_loss))
@@ -301,8 +301,8 @@ def pine_as_columns(high, low, close, factor, atr_period):
     """The reference in our convention: NaN until the ATR exists, direction +1 = up."""
     lines, directions, atrs = pine_supertrend(list(high), list(low), list(close), factor, atr_period)
     warm = [atr is None for atr in atrs]
-    line = np.array([np.nan if w else v for v, w in zip(lines, warm)], dtype=float)
-    direction = np.array([np.nan if w else -d for d, w in zip(directions, warm)], dtype=float)
+    line = np.array([np.nan if w else v for v, w in zip(lines, warm, strict=True)], dtype=float)
+    direction = np.array([np.nan if w else -d for d, w in zip(directions, warm, strict=True)], dtype=float)
     return line, direction
 
 
@@ -463,7 +463,7 @@ def test_supertrend_is_fast_on_a_million_bars():
     high, low = close * 1.01, close * 0.99
     supertrend(high[:100], low[:100], close[:100])  # JIT compile / cache load outside the timing
     started = time.perf_counter()
-    line, direction = supertrend(high, low, close)
+    line, _ = supertrend(high, low, close)
     elapsed = time.perf_counter() - started
     assert elapsed < 0.5, f"SuperTrend on 1M bars took {elapsed:.3f}s"
     assert np.isfinite(line[9:]).all()

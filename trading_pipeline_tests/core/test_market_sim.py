@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ def calendar_week(times: pd.DatetimeIndex) -> pd.PeriodIndex:
 def xnys_schedule() -> pd.DataFrame:
     import exchange_calendars
 
-    return exchange_calendars.get_calendar("XNYS", start="2015-01-01", end="2026-12-31").schedule
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Series.values returning an ndarray")  # in exchange_calendars
+        return exchange_calendars.get_calendar("XNYS", start="2015-01-01", end="2026-12-31").schedule
 
 
 # --------------------------------------------------------------------------- determinism

@@ -1,0 +1,221 @@
+"""ChartRenderer against a real headless Chromium (skipped when none is installed).
+
+Never downloads a browser (no kaleido.get_chrome): the missing-browser cases only check the
+error message.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from trading_pipeline.adapters import chart_render
+from trading_pipeline.adapters.chart_render import ChartRenderer, find_chromium, png_size
+from trading_pipeline.core.chart_figure import build_chart_figure
+from trading_pipeline.errors import ChartRenderError
+from trading_pipeline_tests.core.test_chart_figure import AS_OF, make_indicator_frame
+
+
+def _have_chromium() -> bool:
+    try:
+        find_chromium()
+    except ChartRenderError:
+        return False
+    return True
+
+
+needs_chromium = pytest.mark.skipif(
+    not _have_chromium(), reason="no Chrome/Chromium installed (apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def figures():
+    daily = build_chart_figure(make_indicator_frame(400, "1d"), "AAPL", "1d", AS_OF)
+    weekly = build_chart_figure(make_indicator_frame(260, "1w"), "AAPL", "1w", AS_OF)
+    small = build_chart_figure(
+        make_indicator_frame(300, "1d", seed=3), "MSFT", "1d", AS_OF, width=800, height=600
+    )
+    return daily, weekly, small
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    if not _have_chromium():
+        pytest.skip("no Chrome/Chromium installed")
+    with ChartRenderer(timeout_s=60) as r:
+        yield r
+
+
+def _gone(pid: int, within_s: float = 5.0) -> bool:
+    """True once `pid` no longer exists (or is a zombie)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ---- pure helpers ----------------------------------------------------------------------
+
+
+def test_png_size_parses_ihdr():
+    header = chart_render.PNG_SIGNATURE + b"\x00\x00\x00\rIHDR" + (1920).to_bytes(4, "big")
+    assert png_size(header + (1080).to_bytes(4, "big") + b"\x08\x06\x00\x00\x00") == (1920, 1080)
+    with pytest.raises(ValueError):
+        png_size(b"GIF89a" + b"\x00" * 30)
+
+
+def test_import_is_cheap():
+    code = (
+        "import sys, trading_pipeline.adapters.chart_render\n"
+        "heavy = [m for m in ('kaleido', 'plotly', 'choreographer') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_browser_path_pointing_nowhere_is_a_chart_render_error(monkeypatch):
+    monkeypatch.setenv("BROWSER_PATH", "/nonexistent/chromium")
+    with pytest.raises(ChartRenderError) as info:
+        ChartRenderer().start()
+    err = info.value
+    assert "/nonexistent/chromium" in err.problem and "no such file" in err.problem
+    assert "apt-get install chromium" in err.fix and "BROWSER_PATH" in err.fix
+    assert "get_chrome" in err.fix
+
+
+def test_no_browser_anywhere_names_what_to_install(monkeypatch, tmp_path):
+    from choreographer.browsers.chromium import Chromium
+
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # empty dir: nothing on PATH
+    monkeypatch.setattr(Chromium, "find_browser", classmethod(lambda cls, **kw: None))
+    monkeypatch.setattr(chart_render, "FALLBACK_BROWSERS", (str(tmp_path / "chromium"), "chromium"))
+    with pytest.raises(ChartRenderError) as info:
+        find_chromium()
+    assert "No Chrome/Chromium browser found" in info.value.problem
+    fix = info.value.fix
+    assert "apt-get install chromium" in fix and "kaleido.get_chrome_sync()" in fix
+    assert "plotly_get_chrome" in fix and "BROWSER_PATH" in fix
+
+
+def test_browser_path_env_wins(monkeypatch):
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("needs /usr/bin/chromium")
+    monkeypatch.setenv("BROWSER_PATH", "/usr/bin/chromium")
+    assert find_chromium() == "/usr/bin/chromium"
+
+
+# ---- real Chromium -----------------------------------------------------------------------
+
+
+@needs_chromium
+def test_renders_three_figures_in_one_session(renderer, figures):
+    daily, weekly, small = figures
+    pid = renderer.browser_pid
+    pngs = renderer.render_many([daily, weekly, small])
+    assert len(pngs) == 3
+    for png in pngs:
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert [png_size(p) for p in pngs] == [(1920, 1080), (1920, 1080), (800, 600)]
+    # single render, explicit size, still the same browser (one session, no restart)
+    one = renderer.render_png(daily, 1280, 720)
+    assert png_size(one) == (1280, 720)
+    assert renderer.browser_pid == pid and renderer.starts == 1
+    # the renderer is offline and the browser is not sandboxed (we run as root here)
+    assert renderer.offline
+
+
+@needs_chromium
+def test_render_many_keeps_order(renderer, figures):
+    daily, _, small = figures
+    pngs = renderer.render_many([small, daily, small])
+    assert [png_size(p) for p in pngs] == [(800, 600), (1920, 1080), (800, 600)]
+    assert pngs[0] == pngs[2]  # same figure, same bytes
+
+
+@needs_chromium
+def test_invalid_figure_is_a_type_error(renderer):
+    with pytest.raises(TypeError):
+        renderer.render_png(["not a figure"])
+
+
+@needs_chromium
+def test_tiny_timeout_raises_and_next_render_recovers(figures):
+    daily = figures[0]
+    with ChartRenderer(timeout_s=0.001) as r:
+        t0 = time.monotonic()
+        with pytest.raises(ChartRenderError) as info:
+            r.render_png(daily)
+        assert time.monotonic() - t0 < 10
+        assert "timed out" in info.value.problem and "timeout_s" in info.value.fix
+        assert not r.is_running  # killed
+        r.timeout_s = 60
+        assert png_size(r.render_png(daily)) == (1920, 1080)
+        assert r.starts == 2
+
+
+@needs_chromium
+def test_hung_browser_times_out_and_is_killed(figures):
+    daily = figures[0]
+    with ChartRenderer(timeout_s=2) as r:
+        r.render_png(daily)
+        pid = r.browser_pid
+        os.killpg(pid, signal.SIGSTOP)  # freeze Chromium: every render now hangs
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ChartRenderError) as info:
+                r.render_png(daily)
+            elapsed = time.monotonic() - t0
+        finally:
+            try:  # only reached if the renderer failed to kill it
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert "timed out" in info.value.problem
+        assert elapsed < 2 + 8, elapsed
+        assert _gone(pid)
+
+
+@needs_chromium
+def test_browser_crash_mid_render_is_a_clear_error(figures):
+    daily = figures[0]
+    with ChartRenderer(timeout_s=30) as r:
+        r.render_png(daily)
+        pid = r.browser_pid
+        os.killpg(pid, signal.SIGSTOP)  # the batch below is certainly still in flight...
+        killer = threading.Timer(1.0, os.killpg, (pid, signal.SIGKILL))  # ...when it dies
+        killer.start()
+        try:
+            with pytest.raises(ChartRenderError) as info:
+                r.render_many([daily, daily, daily])
+        finally:
+            killer.join()
+        assert "crashed or closed" in info.value.problem
+        assert "Retry" in info.value.fix
+        # the next call starts a fresh browser
+        assert png_size(r.render_png(daily)) == (1920, 1080)
+        assert r.starts == 2 and r.browser_pid != pid
+
+
+@needs_chromium
+def test_close_stops_the_browser(figures):
+    r = ChartRenderer().start()
+    pid = r.browser_pid
+    assert pid is not None and r.is_running
+    r.close()
+    r.close()  # idempotent
+    assert not r.is_running and r.browser_pid is None
+    assert _gone(pid)

@@ -1,0 +1,62 @@
+"""The code location loads fast and light, and refuses bad configuration with problem + fix."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from trading_pipeline.errors import ConfigError, StrategiesFileError
+from trading_pipeline.graph.resources import resources_from_env
+
+
+def load_in_subprocess(env_overrides):
+    code = textwrap.dedent("""
+        import sys, time
+        t = time.perf_counter()
+        import trading_pipeline.definitions as d
+        heavy = [m for m in ("plotly", "kaleido", "openai", "boto3", "talib", "numba") if m in sys.modules]
+        print(sorted(k.to_user_string() for k in d.defs.resolve_asset_graph().get_all_asset_keys()))
+        print("heavy:", heavy)
+    """)
+    env = {**os.environ, **env_overrides}
+    return subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_definitions_expose_six_assets_and_import_no_heavy_library():
+    result = load_in_subprocess({})
+    assert result.returncode == 0, result.stderr
+    assert "['ai_analyses', 'chart_images', 'indicator_frames', 'market_bars', 'orders', 'trade_decisions']" in result.stdout
+    assert "heavy: []" in result.stdout
+
+
+def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
+    bad = tmp_path / "strategies.yaml"
+    bad.write_text("strategies:\n  - name: x\n    symbols: [aapl]\n    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n")
+    result = load_in_subprocess({"TRADING_STRATEGIES_FILE": str(bad)})
+    assert result.returncode != 0
+    assert f"{bad}:3" in result.stderr and "Fix:" in result.stderr
+    assert StrategiesFileError.__name__ in result.stderr
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("TRADING_BROKER", "interactive", "one of: paper, ibkr"),
+    ("TRADING_MARKET_DATA", "yahoo", "one of: simulated, csv, ibkr"),
+    ("TRADING_ANALYST", "openai", "not available in this version"),
+    ("TRADING_PAPER_EQUITY", "lots", "not a number"),
+])
+def test_bad_mode_is_refused_with_fix(variable, value, words):
+    with pytest.raises(ConfigError) as info:
+        resources_from_env({variable: value})
+    assert words in str(info.value) and variable in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_defaults_are_the_embedded_modes(tmp_path):
+    resources = resources_from_env({"TRADING_DATA_DIR": str(tmp_path)})
+    assert resources["market_data"].mode == "simulated"
+    assert resources["analyst"].mode == "rules"
+    assert resources["broker"].mode == "paper" and resources["broker"].orders_enabled is False
+    assert resources["chart_store"].mode == "local"
+    assert resources["trading_db"].url == f"sqlite:///{tmp_path / 'trading.db'}"
