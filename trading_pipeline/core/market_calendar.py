@@ -35,20 +35,18 @@ def describe_next_open(ts: datetime) -> str:
 
 def bar_close_times(index: pd.DatetimeIndex, timeframe: str) -> pd.Series:
     """When each bar (by its start time) closed: its session's close for 1d, the close of the
-    last session of its calendar week for 1w. Bars outside the calendar get NaT."""
-    cal = calendar()
-    closes = cal.schedule["close"]
-    opens = cal.schedule["open"]
-    session_of = pd.Series(closes.values, index=opens.values)
+    last session of its calendar week for 1w. Bars before the calendar's first session get NaT."""
+    schedule = calendar().schedule
+    opens = pd.DatetimeIndex(schedule["open"]).tz_convert("UTC")
+    closes = pd.DatetimeIndex(schedule["close"]).tz_convert("UTC")
+    index = pd.DatetimeIndex(index).tz_convert("UTC")
     if timeframe == "1d":
-        position = session_of.index.searchsorted(index, side="right") - 1
-        result = pd.Series(pd.NaT, index=index, dtype="datetime64[ns, UTC]")
-        valid = position >= 0
-        result[valid] = session_of.values[position[valid]]
-        return result
-    if timeframe == "1w":
-        week_start = closes.index.to_period("W-SUN")
-        last_close_of_week = pd.Series(closes.values, index=week_start).groupby(level=0).max()
-        weeks = index.tz_convert("America/New_York").tz_localize(None).to_period("W-SUN")
-        return pd.Series(last_close_of_week.reindex(weeks).values, index=index)
-    raise ValueError(f"unknown timeframe {timeframe!r}")
+        position = opens.searchsorted(index, side="right") - 1
+        values = [closes[p] if p >= 0 else pd.NaT for p in position]
+    elif timeframe == "1w":
+        weeks = pd.Series(closes, index=schedule.index.to_period("W-SUN")).groupby(level=0).max()
+        bar_weeks = index.tz_convert("America/New_York").tz_localize(None).to_period("W-SUN")
+        values = [weeks.get(week, pd.NaT) for week in bar_weeks]
+    else:
+        raise ValueError(f"unknown timeframe {timeframe!r}")
+    return pd.Series(pd.DatetimeIndex(values, tz="UTC"), index=index)

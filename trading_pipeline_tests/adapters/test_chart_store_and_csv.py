@@ -1,0 +1,101 @@
+"""Chart stores against a real local folder and a real S3 server (moto in server mode on
+loopback), and the CSV market data source."""
+
+import hashlib
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import boto3
+import pandas as pd
+import pytest
+
+from trading_pipeline.adapters.chart_store import LocalChartStore, S3ChartStore, chart_key
+from trading_pipeline.adapters.market_data import CsvMarketData
+from trading_pipeline.core.strategies import TimeframeSettings
+from trading_pipeline.errors import BarDataError
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"chart-bytes" * 100
+AS_OF = datetime(2026, 11, 20, 21, 30, tzinfo=timezone.utc)
+
+
+def test_chart_key_is_stable_and_readable():
+    assert chart_key("BRK.B", "1w", AS_OF) == "charts/BRK.B/1w/2026-11-20T213000Z.png"
+
+
+def test_local_store_writes_atomically(tmp_path):
+    stored = LocalChartStore(tmp_path).put_png(chart_key("AAPL", "1d", AS_OF), PNG)
+    path = tmp_path / "charts/AAPL/1d/2026-11-20T213000Z.png"
+    assert path.read_bytes() == PNG and stored.uri == path.resolve().as_uri()
+    assert stored.sha256 == hashlib.sha256(PNG).hexdigest() and stored.size_bytes == len(PNG)
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("moto server did not start")
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(10)
+
+
+def test_s3_store_creates_bucket_and_stores_png(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    from trading_pipeline.graph.resources import ChartStoreResource
+
+    store = ChartStoreResource(mode="s3", s3_bucket="charts-test", s3_prefix="prod",
+                               s3_endpoint_url=s3_endpoint).store()
+    stored = store.put_png(chart_key("AAPL", "1d", AS_OF), PNG)
+    assert stored.uri == "s3://charts-test/prod/charts/AAPL/1d/2026-11-20T213000Z.png"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    head = client.head_object(Bucket="charts-test", Key="prod/charts/AAPL/1d/2026-11-20T213000Z.png")
+    assert head["ContentType"] == "image/png" and head["Metadata"]["sha256"] == hashlib.sha256(PNG).hexdigest()
+    assert store.get_png(stored.key) == PNG
+
+
+def write_csv(folder, symbol, timeframe, rows):
+    pd.DataFrame(rows, columns=["time", "open", "high", "low", "close", "volume"]).to_csv(
+        folder / f"{symbol}_{timeframe}.csv", index=False)
+
+
+def test_csv_source_drops_bars_not_closed_by_as_of(tmp_path):
+    write_csv(tmp_path, "AAPL", "1d", [
+        ("2026-11-18T14:30:00Z", 10, 11, 9, 10.5, 1000),
+        ("2026-11-19T14:30:00Z", 10.5, 12, 10, 11.5, 1200),
+        ("2026-11-20T14:30:00Z", 11.5, 12, 11, 11.8, 900),  # this session closes 21:00 UTC
+        ("2026-11-23T14:30:00Z", 11.8, 12.5, 11.7, 12.2, 800),
+    ])
+    source = CsvMarketData(tmp_path)
+    mid_session = source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), datetime(2026, 11, 20, 18, 0, tzinfo=timezone.utc))
+    assert list(mid_session.index.strftime("%m-%d")) == ["11-18", "11-19"]
+    after_close = source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert list(after_close["close"]) == [10.5, 11.5, 11.8]
+    assert str(after_close.index.tz) == "UTC" and after_close.dtypes.unique().tolist() == ["float64"]
+
+
+def test_csv_source_errors_name_the_file_and_fix(tmp_path):
+    source = CsvMarketData(tmp_path)
+    with pytest.raises(BarDataError, match="MSFT_1d.csv") as info:
+        source.fetch("MSFT", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert "remove the symbol" in info.value.fix
+    (tmp_path / "MSFT_1d.csv").write_text("date,o,h,l,c,v\n2026-01-02,1,1,1,1,1\n")
+    with pytest.raises(BarDataError, match="lacks the column"):
+        source.fetch("MSFT", "1d", TimeframeSettings(period="1y"), AS_OF)
