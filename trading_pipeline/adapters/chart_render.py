@@ -39,6 +39,7 @@ import shutil
 import signal
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,12 @@ FALLBACK_BROWSERS: tuple[str, ...] = ("/usr/bin/chromium", "chromium", "chromium
 # Nothing listens on the discard port on loopback: any http(s) request fails immediately.
 OFFLINE_PROXY = "http://127.0.0.1:9"
 _CLOSE_GRACE_S = 5.0
+_POLL_S = 0.25
+
+
+class _BrowserDied(Exception):
+    """Internal: the browser process exited while a render was waiting."""
+
 
 INSTALL_FIX = (
     "Install Chromium: `apt-get install chromium` on Debian/Ubuntu (any Chrome/Chromium works), "
@@ -308,22 +315,33 @@ class ChartRenderer:
                 for t in tasks:
                     t.cancel()
 
-        deadline = self.timeout_s * math.ceil(len(specs) / self.tabs)
+        deadline = time.monotonic() + self.timeout_s * math.ceil(len(specs) / self.tabs)
         fut = asyncio.run_coroutine_threadsafe(batch(), loop)
+        proc = self._process()
         try:
-            return fut.result(timeout=deadline)
+            # Wait in short slices so a dead browser is noticed at once, not at the deadline.
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise concurrent.futures.TimeoutError
+                try:
+                    return fut.result(timeout=min(_POLL_S, remaining))
+                except concurrent.futures.TimeoutError:
+                    if proc is not None and proc.poll() is not None and not fut.done():
+                        raise _BrowserDied from None
         except concurrent.futures.TimeoutError:
             fut.cancel()
             self._teardown(graceful=False)
             raise self._timeout_error(len(specs)) from None
         except Exception as exc:  # noqa: BLE001
-            proc = self._process()
             code = proc.poll() if proc is not None else None
-            if proc is None or code is not None or _is_browser_failure(exc):
+            if isinstance(exc, _BrowserDied) or code is not None or _is_browser_failure(exc):
+                fut.cancel()
                 self._teardown(graceful=False)
+                detail = "" if isinstance(exc, _BrowserDied) else f"; {type(exc).__name__}: {exc}"
                 raise ChartRenderError(
-                    f"Chromium ({self.browser_path}) crashed or closed while rendering "
-                    f"{len(specs)} chart(s) (exit code {code}; {type(exc).__name__}: {exc}).",
+                    f"Chromium ({self.browser_path}) crashed or exited while rendering "
+                    f"{len(specs)} chart(s) (exit code {code}{detail}).",
                     "Retry the run: the renderer starts a fresh browser on the next call. If it "
                     "keeps crashing, check memory (dmesg for the OOM killer) and that "
                     f"`{self.browser_path} --headless --no-sandbox --dump-dom about:blank` works.",

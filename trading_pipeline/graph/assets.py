@@ -84,7 +84,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
 
     @dg.asset(
         partitions_def=symbol_timeframe,
-        group_name="market",
+        group_name="trading",
         check_specs=checks.bar_check_specs("market_bars"),
         description="OHLCV bars for one symbol and timeframe: UTC bar starts, only bars closed by the run's as_of.",
     )
@@ -115,7 +115,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
 
     @dg.asset(
         partitions_def=symbol_timeframe,
-        group_name="market",
+        group_name="trading",
         check_specs=checks.indicator_check_specs("indicator_frames"),
         description="Bars plus SMA 20/50/200, RSI 14, MACD 12/26/9, Bollinger 20/2, ATR 14, SuperTrend 10/3.",
     )
@@ -136,7 +136,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
 
     @dg.asset(
         partitions_def=symbol_timeframe,
-        group_name="charts",
+        group_name="trading",
         description="A multi-panel chart PNG in the chart store; thumbnail and location in the metadata.",
     )
     def chart_images(
@@ -172,7 +172,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
 
     @dg.asset(
         partitions_def=symbol_timeframe,
-        group_name="analysis",
+        group_name="trading",
         check_specs=checks.analysis_check_specs("ai_analyses"),
         description="Per-timeframe analysis (validated model) by the configured analyst; invalid = NO_TRADE.",
     )
@@ -202,7 +202,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
 
     @dg.asset(
         partitions_def=symbols,
-        group_name="decisions",
+        group_name="trading",
         ins={"ai_analyses": dg.AssetIn(partition_mapping=from_both_timeframes)},
         check_specs=checks.decision_check_specs("trade_decisions"),
         description="Daily analysis leads, weekly confirms; deterministic risk gates decide BUY/SELL/HOLD/NO_TRADE.",
@@ -243,7 +243,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
 
     @dg.asset(
         partitions_def=symbols,
-        group_name="orders",
+        group_name="trading",
         description="What was sent to the broker for the decision (exactly once), or why nothing was.",
     )
     def orders(

@@ -203,7 +203,7 @@ def test_browser_crash_mid_render_is_a_clear_error(figures):
                 r.render_many([daily, daily, daily])
         finally:
             killer.join()
-        assert "crashed or closed" in info.value.problem
+        assert "crashed or exited" in info.value.problem
         assert "Retry" in info.value.fix
         # the next call starts a fresh browser
         assert png_size(r.render_png(daily)) == (1920, 1080)
