@@ -25,9 +25,12 @@ def build_definitions(strategies_file: StrategiesFile | None = None, resources: 
     decide_and_order = dg.define_asset_job(
         "decide_and_order", selection=dg.AssetSelection.assets(*SYMBOL_ASSETS),
         description="Consolidate both timeframes' analyses, run the risk gates, send the order (once).")
+    from trading_pipeline.graph.portfolio import order_status_sensor, portfolio_sync, sync_portfolio_job
+
     return dg.Definitions(
-        assets=assets,
-        jobs=[analyze_timeframe, decide_and_order],
+        assets=[*assets, portfolio_sync],
+        jobs=[analyze_timeframe, decide_and_order, sync_portfolio_job],
+        sensors=[order_status_sensor],
         resources=resources if resources is not None else resources_from_env(),
         # Steps are small and I/O-bound; a process per step costs ~1.5 s here (dagster-notes.md).
         executor=dg.in_process_executor,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
 
+import pandas as pd
+
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,13 +53,38 @@ class Broker(Protocol):
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None: ...
 
-    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float) -> list[BrokerOrder]: ...
+    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float,
+              placed_at: datetime | None = None) -> list[BrokerOrder]:
+        """Send the legs as one order (a bracket when there are children). `placed_at` is the
+        decision's point in time; a real broker ignores it, the paper broker stamps with it."""
+        ...
 
     def executions(self, client_order_id: str) -> list[BrokerExecution]: ...
+
+    def open_orders(self) -> list[BrokerOrder]: ...
+
+
+FINAL_STATUSES = ("Filled", "Cancelled", "Inactive")
 
 
 def _as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
+
+
+def _fill_price(order: PaperOrderRow, bar) -> float | None:
+    """Where a daily bar fills the order, or None. Gaps fill at the open (worse for stops)."""
+    open_, high, low = float(bar["open"]), float(bar["high"]), float(bar["low"])
+    if order.order_type == "STP":
+        if order.side == "SELL" and low <= order.price:
+            return round(min(open_, order.price), 2)
+        if order.side == "BUY" and high >= order.price:
+            return round(max(open_, order.price), 2)
+        return None
+    if order.side == "BUY" and low <= order.price:
+        return round(min(open_, order.price), 2)
+    if order.side == "SELL" and high >= order.price:
+        return round(max(open_, order.price), 2)
+    return None
 
 
 class PaperBroker:
@@ -77,8 +104,9 @@ class PaperBroker:
             row = session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == client_order_id))
             return self._as_broker_order(row) if row else None
 
-    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float) -> list[BrokerOrder]:
-        now = datetime.now(timezone.utc)
+    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float,
+              placed_at: datetime | None = None) -> list[BrokerOrder]:
+        now = placed_at or datetime.now(timezone.utc)
         with self._sessions() as session:
             try:
                 parent_id = None
@@ -116,6 +144,77 @@ class PaperBroker:
                 .where(PaperOrderRow.client_order_id == client_order_id)).all()
             return [BrokerExecution(f"paper-{fill.id}", coid, fill.symbol, fill.side, fill.quantity, fill.price,
                                     _as_utc(fill.executed_at)) for fill, coid in rows]
+
+    def open_orders(self) -> list[BrokerOrder]:
+        with self._sessions() as session:
+            rows = session.scalars(select(PaperOrderRow).where(PaperOrderRow.status.not_in(FINAL_STATUSES))
+                                   .order_by(PaperOrderRow.broker_order_id)).all()
+            return [self._as_broker_order(row) for row in rows]
+
+    def working_symbols(self) -> list[str]:
+        with self._sessions() as session:
+            return sorted(set(session.scalars(select(PaperOrderRow.symbol).where(
+                PaperOrderRow.status.not_in(FINAL_STATUSES)))))
+
+    def simulate_fills(self, daily_bars: dict[str, "pd.DataFrame"]) -> list[str]:
+        """Advance working orders through the daily bars that started after each order was placed.
+
+        Entry limits fill when the bar trades through the limit (at the open if it gapped through);
+        a stop triggers when the low reaches it, a take-profit when the high does; if one bar
+        reaches both, the stop is assumed first (the conservative reading of a daily bar). When a
+        child fills its sibling is cancelled (one-cancels-other). Returns what happened, for logs.
+        """
+        happened = []
+        with self._sessions() as session:
+            working = session.scalars(select(PaperOrderRow).where(PaperOrderRow.status.not_in(FINAL_STATUSES))
+                                      .order_by(PaperOrderRow.broker_order_id)).all()
+            orders_by_id = {row.broker_order_id: row for row in working}
+            for symbol in sorted({row.symbol for row in working}):
+                bars = daily_bars.get(symbol)
+                if bars is None or bars.empty:
+                    continue
+                mine = [row for row in working if row.symbol == symbol]
+                # Walk the bars in time order so that, within a bracket, whichever leg the market
+                # reaches first fills (stop before target within the same bar).
+                for start, bar in bars.iterrows():
+                    for row in mine:
+                        if row.status in FINAL_STATUSES:
+                            continue
+                        parent = None
+                        active_since = _as_utc(row.created_at)
+                        if row.parent_broker_order_id is not None:
+                            parent = orders_by_id.get(row.parent_broker_order_id) or session.get(
+                                PaperOrderRow, row.parent_broker_order_id)
+                            if parent is None or parent.status != "Filled":
+                                continue  # children wait for their parent
+                            active_since = max(active_since, self._fill_time(session, parent))
+                        if start <= pd.Timestamp(active_since):
+                            continue  # only bars that started after the order was live
+                        price = _fill_price(row, bar)
+                        if price is None:
+                            continue
+                        row.status, row.filled_quantity, row.average_fill_price = "Filled", row.quantity, price
+                        session.add(PaperFillRow(broker_order_id=row.broker_order_id, symbol=symbol, side=row.side,
+                                                 quantity=row.quantity, price=price, executed_at=start.to_pydatetime()))
+                        session.flush()
+                        happened.append(f"{row.client_order_id} {row.side} {row.quantity} {symbol} filled at "
+                                        f"{price:.2f} on the bar of {start.date()}")
+                        family = [r for r in mine if r.parent_broker_order_id == (
+                            row.broker_order_id if parent is None else parent.broker_order_id)]
+                        for other in family:
+                            if parent is None and other.status == "PreSubmitted":
+                                other.status = "Submitted"  # children go live once the parent fills
+                            elif parent is not None and other is not row and other.status not in FINAL_STATUSES:
+                                other.status = "Cancelled"
+                                happened.append(f"{other.client_order_id} cancelled (one-cancels-other)")
+            session.commit()
+        return happened
+
+    @staticmethod
+    def _fill_time(session: Session, order: PaperOrderRow) -> datetime:
+        executed = session.scalar(select(PaperFillRow.executed_at).where(
+            PaperFillRow.broker_order_id == order.broker_order_id).order_by(PaperFillRow.id))
+        return _as_utc(executed) if executed else _as_utc(order.created_at)
 
     def account(self, marks: dict[str, float]) -> AccountState:
         """Cash and positions from the fills; positions valued at `marks` (last closes) where known."""

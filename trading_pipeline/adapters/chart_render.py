@@ -42,7 +42,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from trading_pipeline.errors import ChartRenderError
 
@@ -99,7 +99,7 @@ def find_chromium() -> str:
         from choreographer.browsers.chromium import Chromium
 
         found = Chromium.find_browser(skip_local=False)
-    except Exception as exc:  # noqa: BLE001 - best effort; fall through to our own list
+    except Exception as exc:  # noqa: BLE001 - best effort
         _log.debug("choreographer browser search failed: %s", exc)
         found = None
     if found and _is_executable_file(found):
@@ -175,7 +175,7 @@ class ChartRenderer:
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    def __enter__(self) -> ChartRenderer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -212,9 +212,7 @@ class ChartRenderer:
                 ) from exc
 
             loop = asyncio.new_event_loop()
-            thread = threading.Thread(
-                target=_run_loop, args=(loop,), name="chart-render-loop", daemon=True
-            )
+            thread = threading.Thread(target=_run_loop, args=(loop,), name="chart-render-loop", daemon=True)
             thread.start()
             self._loop, self._thread = loop, thread
             kwargs: dict[str, Any] = {
@@ -230,8 +228,13 @@ class ChartRenderer:
 
             async def open_browser() -> Any:
                 k = kaleido.Kaleido(**kwargs)
-                self._kaleido = k  # visible to _kill even if open() hangs
-                await k.open()
+                self._kaleido = k  # visible to _hard_kill even if open() hangs
+                try:
+                    await k.open()
+                except Exception:
+                    if _abandoned():
+                        return None  # start() gave up already and reported it
+                    raise
                 return k
 
             fut = asyncio.run_coroutine_threadsafe(open_browser(), loop)
@@ -243,16 +246,14 @@ class ChartRenderer:
                 raise ChartRenderError(
                     f"Chromium at {path} did not start within {self.startup_timeout_s:.0f} s.",
                     f"Check that it runs headless: `{path} --headless --no-sandbox "
-                    "--dump-dom about:blank`; raise startup_timeout_s on a slow machine. "
-                    + INSTALL_FIX,
+                    "--dump-dom about:blank`; raise startup_timeout_s on a slow machine. " + INSTALL_FIX,
                 ) from None
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a ChartRenderError
+            except Exception as exc:
                 self._teardown(graceful=False)
                 raise ChartRenderError(
-                    f"Chromium at {path} failed to start: {type(exc).__name__}: {exc}",
+                    f"Chromium at {path} failed to start: {type(exc).__name__}: {_describe(exc)}",
                     f"Check that it runs headless: `{path} --headless --no-sandbox "
-                    "--dump-dom about:blank` (missing shared libraries show up there). "
-                    + INSTALL_FIX,
+                    "--dump-dom about:blank` (missing shared libraries show up there). " + INSTALL_FIX,
                 ) from exc
             self.browser_path = path
             self.starts += 1
@@ -277,9 +278,7 @@ class ChartRenderer:
         """PNG bytes of `fig` at width x height px (default: the figure's layout size)."""
         return self.render_many([fig], width=width, height=height)[0]
 
-    def render_many(
-        self, figs: Iterable[Any], width: int | None = None, height: int | None = None
-    ) -> list[bytes]:
+    def render_many(self, figs: Iterable[Any], width: int | None = None, height: int | None = None) -> list[bytes]:
         """PNG bytes for each figure, in order, rendered concurrently in one browser."""
         specs = []
         for fig in figs:
@@ -304,13 +303,15 @@ class ChartRenderer:
 
         async def batch() -> list[bytes]:
             tasks = [
-                asyncio.create_task(
-                    k.calc_fig(d, opts={"format": "png", "width": w, "height": h, "scale": 1})
-                )
+                asyncio.create_task(k.calc_fig(d, opts={"format": "png", "width": w, "height": h, "scale": 1}))
                 for d, w, h in specs
             ]
             try:
                 return list(await asyncio.gather(*tasks))
+            except Exception:
+                if _abandoned():
+                    return []  # the caller gave up already and reported it
+                raise
             finally:
                 for t in tasks:
                     t.cancel()
@@ -333,7 +334,7 @@ class ChartRenderer:
             fut.cancel()
             self._teardown(graceful=False)
             raise self._timeout_error(len(specs)) from None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             code = proc.poll() if proc is not None else None
             if isinstance(exc, _BrowserDied) or code is not None or _is_browser_failure(exc):
                 fut.cancel()
@@ -383,12 +384,12 @@ class ChartRenderer:
             if fut is not None:
                 try:
                     fut.result(timeout=_CLOSE_GRACE_S)
-                except Exception as exc:  # noqa: BLE001 - closing must not raise
+                except Exception as exc:  # noqa: BLE001 - best effort
                     _log.debug("chart renderer: browser close failed: %r", exc)
                     _hard_kill(k)  # unblocks the close (its pipe threads) so the loop can stop
                     try:
                         fut.result(timeout=_CLOSE_GRACE_S)
-                    except Exception:  # noqa: BLE001
+                    except Exception:  # noqa: BLE001 - best effort
                         fut.cancel()
             _hard_kill(k)  # no-op if it closed cleanly
         try:
@@ -426,7 +427,7 @@ def _hard_kill(k: Any) -> None:
     if channel is not None:
         try:
             channel.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - best effort
             _log.debug("chart renderer: closing the devtools pipe failed: %r", exc)
 
 
@@ -447,8 +448,21 @@ def _kill(proc: subprocess.Popen[Any] | None) -> None:
         pass
     try:
         proc.wait(timeout=5)
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as exc:  # noqa: BLE001 - best effort
+        _log.debug("chart renderer: browser did not exit after SIGKILL: %r", exc)
+
+
+def _abandoned() -> bool:
+    """In a task: has the waiting thread cancelled it? (Then nobody reads its exception.)"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _describe(exc: BaseException) -> str:
+    """choreographer packs sentences into exception args; join them readably."""
+    if len(exc.args) > 1 and all(isinstance(a, str) for a in exc.args):
+        return " ".join(a.strip() for a in exc.args)
+    return str(exc)
 
 
 def _is_browser_failure(exc: BaseException) -> bool:

@@ -122,7 +122,7 @@ class OrderDesk:
 
         self._record(decision, legs, {}, "submitting", "about to send")
         try:
-            answers = self._broker.place(decision.symbol, legs, reference_price)
+            answers = self._broker.place(decision.symbol, legs, reference_price, placed_at=decision.as_of)
         except DuplicateOrderError:
             existing = {leg.client_order_id: order for leg in legs
                         if (order := self._broker.find_order(leg.client_order_id)) is not None}

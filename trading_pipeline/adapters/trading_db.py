@@ -23,6 +23,39 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(timezone=True)}
 
 
+class StrategyRow(Base):
+    """The strategies file as last seen by the pipeline (kept for history and joins)."""
+
+    __tablename__ = "strategies"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class SymbolRow(Base):
+    __tablename__ = "symbols"
+    symbol: Mapped[str] = mapped_column(String(16), primary_key=True)
+    strategy: Mapped[str] = mapped_column(ForeignKey("strategies.name"), index=True)
+    conid: Mapped[int | None] = mapped_column(Integer)  # IBKR contract id, once resolved
+    exchange: Mapped[str | None] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ChartRow(Base):
+    __tablename__ = "charts"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    symbol: Mapped[str] = mapped_column(String(16), index=True)
+    timeframe: Mapped[str] = mapped_column(String(4))
+    as_of: Mapped[datetime]
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class DecisionRow(Base):
     __tablename__ = "decisions"
     decision_id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -91,6 +124,30 @@ class ExecutionRow(Base):
     price: Mapped[float] = mapped_column(Float)
     broker: Mapped[str] = mapped_column(String(16))
     executed_at: Mapped[datetime]
+
+
+class PositionSnapshotRow(Base):
+    __tablename__ = "position_snapshots"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    taken_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    broker: Mapped[str] = mapped_column(String(16))
+    symbol: Mapped[str] = mapped_column(String(16), index=True)
+    quantity: Mapped[float] = mapped_column(Float)
+    average_price: Mapped[float] = mapped_column(Float)
+    market_price: Mapped[float] = mapped_column(Float)
+    unrealized_pnl: Mapped[float] = mapped_column(Float)
+
+
+class AccountSnapshotRow(Base):
+    __tablename__ = "account_snapshots"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    taken_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    broker: Mapped[str] = mapped_column(String(16))
+    equity: Mapped[float] = mapped_column(Float)
+    cash: Mapped[float] = mapped_column(Float)
+    gross_exposure: Mapped[float] = mapped_column(Float)
+    daily_pnl: Mapped[float] = mapped_column(Float)
+    open_positions: Mapped[int] = mapped_column(Integer)
 
 
 class PaperOrderRow(Base):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from trading_pipeline.errors import BarDataError
@@ -260,9 +260,7 @@ def build_chart_figure(
         lo, hi = ranges[name]
         d0, d1 = domains[row - 1]
         finite = [(float(v), t, c) for v, t, c in items if _finite(v)]
-        placed = _spread_labels(
-            [v for v, _, _ in finite], lo, hi, (d1 - d0) * plot_height_px, LABEL_GAP_PX
-        )
+        placed = _spread_labels([v for v, _, _ in finite], lo, hi, (d1 - d0) * plot_height_px, LABEL_GAP_PX)
         for (_, text, color), y in zip(finite, placed, strict=True):
             annotations.append({
                 "x": 1.0, "xref": "paper", "xanchor": "left", "xshift": 6,
@@ -445,9 +443,7 @@ def _panel_ranges(view: pd.DataFrame) -> dict[str, list[float]]:
     }
 
 
-def _spread_labels(
-    values: Sequence[float], lo: float, hi: float, panel_px: float, gap_px: float
-) -> list[float]:
+def _spread_labels(values: Sequence[float], lo: float, hi: float, panel_px: float, gap_px: float) -> list[float]:
     """Y positions (data units) near `values`, at least `gap_px` apart, inside [lo, hi]."""
     if not values:
         return []
@@ -472,8 +468,8 @@ def _spread_labels(
 
 def _as_utc(ts: datetime) -> datetime:
     if ts.tzinfo is None:
-        return ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc)
+        return ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC)
 
 
 def _fmt_price(v: Any) -> str:

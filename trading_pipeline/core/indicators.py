@@ -136,8 +136,10 @@ def compute_indicators(bars: pd.DataFrame, params: IndicatorParams | None = None
     )
 
     # Drop stale indicator columns (re-running on an already enriched frame) and add all at once.
+    # copy=False keeps each freshly computed array as its own column block: building one 2-D block
+    # would copy ~100 MB on a million bars for nothing (copy-on-write keeps `bars` itself untouched).
     result = bars.drop(columns=[column for column in indicators if column in bars.columns])
-    return pd.concat([result, pd.DataFrame(indicators, index=bars.index)], axis=1)
+    return pd.concat([result, pd.DataFrame(indicators, index=bars.index, copy=False)], axis=1)
 
 
 def supertrend(
@@ -176,34 +178,47 @@ def _supertrend_kernel(high, low, close, period, multiplier):  # pragma: no cove
 
     Pine's na semantics are kept: nz() turns a missing band into 0 and any comparison with na is
     false, so the first bands and the band ratchet match TradingView even in edge cases.
+
+    One pass: the ATR (Wilder's RMA of the true range, seeded with the simple mean of the first
+    `period` ranges; bar 0 has no previous close, so its true range is high - low, as ta.tr(true))
+    is carried along in a scalar instead of a third array, with the same arithmetic in the same order.
     """
     n = close.shape[0]
-    line = np.full(n, np.nan)
-    direction = np.full(n, np.nan)
+    line = np.empty(n)
+    direction = np.empty(n)
     if n < period:
+        line[:] = np.nan
+        direction[:] = np.nan
         return line, direction
 
-    # Wilder's RMA of the true range, seeded with the simple mean of the first `period` ranges;
-    # bar 0 has no previous close, so its true range is high - low (ta.tr(true)).
-    atr = np.full(n, np.nan)
-    seed_sum = 0.0
-    for i in range(period):
-        seed_sum += _true_range(high, low, close, i)
-    atr[period - 1] = seed_sum / period
     alpha = 1.0 / period
-    for i in range(period, n):
-        atr[i] = alpha * _true_range(high, low, close, i) + (1.0 - alpha) * atr[i - 1]
-
+    seed_sum = 0.0
+    atr = np.nan  # atr of bar i (NaN until bar period-1)
+    previous_atr = np.nan  # atr[i - 1]
+    previous_close = np.nan  # close[i - 1]
     lower_band = np.nan
     upper_band = np.nan
     previous_line = np.nan
     for i in range(n):
-        previous_close = close[i - 1] if i > 0 else np.nan
+        bar_high = high[i]
+        bar_low = low[i]
+        bar_close = close[i]
+        if i == 0:
+            true_range = bar_high - bar_low
+        else:
+            true_range = max(bar_high - bar_low, abs(bar_high - previous_close), abs(bar_low - previous_close))
+        if i < period:
+            seed_sum += true_range
+            if i == period - 1:
+                atr = seed_sum / period
+        else:
+            atr = alpha * true_range + (1.0 - alpha) * atr
+
         previous_lower = 0.0 if np.isnan(lower_band) else lower_band  # nz(lowerBand[1])
         previous_upper = 0.0 if np.isnan(upper_band) else upper_band  # nz(upperBand[1])
-        hl2 = (high[i] + low[i]) / 2.0
-        basic_lower = hl2 - multiplier * atr[i]
-        basic_upper = hl2 + multiplier * atr[i]
+        hl2 = (bar_high + bar_low) / 2.0
+        basic_lower = hl2 - multiplier * atr
+        basic_upper = hl2 + multiplier * atr
         # NaN comparisons are False, as na comparisons are in Pine.
         if basic_lower > previous_lower or previous_close < previous_lower:
             lower_band = basic_lower
@@ -214,23 +229,20 @@ def _supertrend_kernel(high, low, close, period, multiplier):  # pragma: no cove
         else:
             upper_band = previous_upper
 
-        if i == 0 or np.isnan(atr[i - 1]):
+        if np.isnan(previous_atr):  # also bar 0
             tv_direction = 1  # TradingView: 1 = down
         elif previous_line == previous_upper:
-            tv_direction = -1 if close[i] > upper_band else 1
+            tv_direction = -1 if bar_close > upper_band else 1
         else:
-            tv_direction = 1 if close[i] < lower_band else -1
+            tv_direction = 1 if bar_close < lower_band else -1
         previous_line = lower_band if tv_direction == -1 else upper_band
 
-        if not np.isnan(atr[i]):
+        if np.isnan(atr):
+            line[i] = np.nan
+            direction[i] = np.nan
+        else:
             line[i] = previous_line
             direction[i] = -tv_direction  # ours: +1 = up
+        previous_atr = atr
+        previous_close = bar_close
     return line, direction
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _true_range(high, low, close, i):  # pragma: no cover - runs compiled
-    if i == 0:
-        return high[0] - low[0]
-    previous_close = close[i - 1]
-    return max(high[i] - low[i], abs(high[i] - previous_close), abs(low[i] - previous_close))

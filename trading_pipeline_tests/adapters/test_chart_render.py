@@ -39,9 +39,7 @@ needs_chromium = pytest.mark.skipif(
 def figures():
     daily = build_chart_figure(make_indicator_frame(400, "1d"), "AAPL", "1d", AS_OF)
     weekly = build_chart_figure(make_indicator_frame(260, "1w"), "AAPL", "1w", AS_OF)
-    small = build_chart_figure(
-        make_indicator_frame(300, "1d", seed=3), "MSFT", "1d", AS_OF, width=800, height=600
-    )
+    small = build_chart_figure(make_indicator_frame(300, "1d", seed=3), "MSFT", "1d", AS_OF, width=800, height=600)
     return daily, weekly, small
 
 
@@ -116,6 +114,26 @@ def test_browser_path_env_wins(monkeypatch):
         pytest.skip("needs /usr/bin/chromium")
     monkeypatch.setenv("BROWSER_PATH", "/usr/bin/chromium")
     assert find_chromium() == "/usr/bin/chromium"
+
+
+def test_browser_that_exits_at_once_is_a_start_error(tmp_path):
+    with pytest.raises(ChartRenderError) as info:
+        ChartRenderer(browser_path="/bin/false", startup_timeout_s=20).start()
+    assert "failed to start" in info.value.problem and "/bin/false" in info.value.problem
+    assert "--headless" in info.value.fix
+
+
+def test_browser_that_never_answers_hits_the_startup_timeout(tmp_path):
+    fake = tmp_path / "fake-chromium"
+    fake.write_text("#!/bin/sh\nexec sleep 120\n")
+    fake.chmod(0o755)
+    r = ChartRenderer(browser_path=str(fake), startup_timeout_s=2)
+    t0 = time.monotonic()
+    with pytest.raises(ChartRenderError) as info:
+        r.start()
+    assert time.monotonic() - t0 < 2 + 8
+    assert "did not start within 2 s" in info.value.problem
+    assert not r.is_running
 
 
 # ---- real Chromium -----------------------------------------------------------------------

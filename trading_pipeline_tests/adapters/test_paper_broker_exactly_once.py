@@ -11,7 +11,7 @@ from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, PaperOr
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
 
-AS_OF = datetime(2026, 11, 20, 22, 0, tzinfo=timezone.utc)
+AS_OF = datetime.now(timezone.utc).replace(microsecond=0)  # daily P&L counts today's fills
 
 
 def buy_decision(decision_id="d1", quantity=50, symbol="AAPL"):
@@ -60,8 +60,8 @@ def test_submit_fills_and_records_then_rerun_sends_nothing(database_url):
 class CrashAfterSend(PaperBroker):
     """The broker accepts the order, then the process dies before the answer is recorded."""
 
-    def place(self, symbol, legs, reference_price):
-        super().place(symbol, legs, reference_price)
+    def place(self, symbol, legs, reference_price, placed_at=None):
+        super().place(symbol, legs, reference_price, placed_at)
         raise ConnectionError("process died after the broker accepted the order")
 
 

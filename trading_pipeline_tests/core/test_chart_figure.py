@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import pytest
 from trading_pipeline.core.chart_figure import REQUIRED_COLUMNS, build_chart_figure
 from trading_pipeline.errors import BarDataError
 
-AS_OF = datetime(2025, 6, 2, 21, 37, 12, tzinfo=timezone.utc)
+AS_OF = datetime(2025, 6, 2, 21, 37, 12, tzinfo=UTC)
 
 
 def make_indicator_frame(n: int = 400, timeframe: str = "1d", seed: int = 7) -> pd.DataFrame:
@@ -35,9 +36,7 @@ def make_indicator_frame(n: int = 400, timeframe: str = "1d", seed: int = 7) -> 
     high = np.maximum(open_, close) * (1 + np.abs(rng.normal(0, step / 2, n)))
     low = np.minimum(open_, close) * (1 - np.abs(rng.normal(0, step / 2, n)))
     volume = rng.lognormal(14, 0.4, n).round()
-    df = pd.DataFrame(
-        {"open": open_, "high": high, "low": low, "close": close, "volume": volume}, index=index
-    )
+    df = pd.DataFrame({"open": open_, "high": high, "low": low, "close": close, "volume": volume}, index=index)
     c = df["close"]
     for w in (20, 50, 200):
         df[f"sma_{w}"] = c.rolling(w).mean()
@@ -236,7 +235,7 @@ def test_labels_in_a_panel_do_not_overlap(daily):
         lo, hi = ax.range
         px_per_unit = (ax.domain[1] - ax.domain[0]) * height_px / (hi - lo)
         ys = sorted(a.y for a in fig.layout.annotations if a.yref == ref)
-        gaps = [(b - a) * px_per_unit for a, b in zip(ys, ys[1:])]
+        gaps = [(b - a) * px_per_unit for a, b in itertools.pairwise(ys)]
         assert all(g >= 21.9 for g in gaps), gaps
         assert all(lo <= y <= hi for y in ys)
 

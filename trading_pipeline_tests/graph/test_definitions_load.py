@@ -28,7 +28,8 @@ def load_in_subprocess(env_overrides):
 def test_definitions_expose_six_assets_and_import_no_heavy_library():
     result = load_in_subprocess({})
     assert result.returncode == 0, result.stderr
-    assert "['ai_analyses', 'chart_images', 'indicator_frames', 'market_bars', 'orders', 'trade_decisions']" in result.stdout
+    assert ("['account_summary', 'ai_analyses', 'chart_images', 'executions', 'indicator_frames', 'market_bars', "
+            "'orders', 'positions', 'trade_decisions']") in result.stdout
     assert "heavy: []" in result.stdout
 
 

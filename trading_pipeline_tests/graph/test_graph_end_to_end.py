@@ -3,6 +3,7 @@ the bars: entry = last daily close, stop = entry ∓ 2×ATR (TA-Lib on the same 
 recomputed, exactly one paper order for the accepted decision, none for the other."""
 
 import hashlib
+from datetime import datetime
 import math
 from pathlib import Path
 from urllib.parse import urlparse
@@ -115,3 +116,42 @@ def test_orders_stay_off_without_opt_in(tmp_path):
     sessions = session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(PaperOrderRow)) == 0
+
+
+def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp_path):
+    """After SPY's entry fills on 2026-09-01, syncing at a later as_of walks the daily bars: the
+    first bar whose low reaches the stop (or high the target) fills that child, the sibling is
+    cancelled, and the trade's realized R follows from the fills."""
+    from trading_pipeline.adapters.market_data import SimulatedMarketData
+    from trading_pipeline.core.strategies import TimeframeSettings
+
+    defs = build_definitions(STRATEGIES, resources_from_env(environment))
+    later = "2026-11-20T22:00:00+00:00"
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        _, decision, order = run_symbol(defs, instance, "SPY")
+        assert order.status == "filled"
+        result = defs.resolve_job_def("sync_portfolio").execute_in_process(instance=instance, tags={AS_OF_TAG: later})
+        assert result.success
+        trades = result.output_for_node("portfolio_sync", "executions")
+        positions = result.output_for_node("portfolio_sync", "positions")
+        account = result.output_for_node("portfolio_sync", "account_summary")
+        check = [e for e in result.get_asset_check_evaluations() if e.check_name == "no_drift"][0]
+        assert check.passed
+
+    bars = SimulatedMarketData().fetch("SPY", "1d", TimeframeSettings(period="1y"),
+                                       datetime.fromisoformat(later))
+    after = bars[bars.index > decision.as_of]
+    hit = after[(after["low"] <= decision.stop) | (after["high"] >= decision.targets[0])]
+    (trade,) = trades
+    assert trade["decision_id"] == decision.decision_id and trade["entry"] == decision.entry
+    if hit.empty:
+        assert trade["status"] == "open" and positions[0]["quantity"] == decision.quantity
+    else:
+        bar = hit.iloc[0]
+        stopped = bar["low"] <= decision.stop  # a bar reaching both counts as stopped (conservative)
+        expected_exit = round(min(bar["open"], decision.stop), 2) if stopped else round(max(bar["open"], decision.targets[0]), 2)
+        assert trade["status"] == "closed" and trade["exit"] == expected_exit
+        expected_r = round((expected_exit - decision.entry) / (decision.entry - decision.stop), 2)
+        assert trade["r_multiple"] == expected_r
+        assert positions == [] and account["open_positions"] == 0
+        assert account["equity"] == pytest.approx(100_000 + decision.quantity * (expected_exit - decision.entry), abs=0.01)
