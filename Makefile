@@ -29,6 +29,7 @@ demo: chromium $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m trading_pipeline.demo $(DEMO_ARGS)
 
 dev: chromium $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m trading_pipeline.graph.pools
 	$(VENV)/bin/dagster dev -m trading_pipeline.definitions -h 127.0.0.1 -p 3000
 
 test: chromium

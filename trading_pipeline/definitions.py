@@ -10,7 +10,9 @@ import dagster as dg
 
 from trading_pipeline.core.strategies import StrategiesFile
 from trading_pipeline.graph.assets import build_assets
+from trading_pipeline.graph.automation import build_automation
 from trading_pipeline.graph.partitions import strategies
+from trading_pipeline.graph.portfolio import order_status_sensor, portfolio_sync, sync_portfolio_job
 from trading_pipeline.graph.resources import resources_from_env
 
 TIMEFRAME_ASSETS = ["market_bars", "indicator_frames", "chart_images", "ai_analyses"]
@@ -18,19 +20,24 @@ SYMBOL_ASSETS = ["trade_decisions", "orders"]
 
 
 def build_definitions(strategies_file: StrategiesFile | None = None, resources: dict | None = None) -> dg.Definitions:
-    assets = build_assets(strategies_file or strategies())
+    strategies_file = strategies_file or strategies()
+    assets = build_assets(strategies_file)
     analyze_timeframe = dg.define_asset_job(
         "analyze_timeframe", selection=dg.AssetSelection.assets(*TIMEFRAME_ASSETS),
         description="Bars → indicators → chart → analysis for one symbol × timeframe partition.")
     decide_and_order = dg.define_asset_job(
         "decide_and_order", selection=dg.AssetSelection.assets(*SYMBOL_ASSETS),
+        # Never re-run a run that may have sent an order: exactly-once would hold, but a human
+        # should look at a failed order step first.
+        tags={"dagster/max_retries": "0"},
         description="Consolidate both timeframes' analyses, run the risk gates, send the order (once).")
-    from trading_pipeline.graph.portfolio import order_status_sensor, portfolio_sync, sync_portfolio_job
+    schedules, sensors = build_automation(strategies_file)
 
     return dg.Definitions(
         assets=[*assets, portfolio_sync],
         jobs=[analyze_timeframe, decide_and_order, sync_portfolio_job],
-        sensors=[order_status_sensor],
+        schedules=schedules,
+        sensors=[*sensors, order_status_sensor],
         resources=resources if resources is not None else resources_from_env(),
         # Steps are small and I/O-bound; a process per step costs ~1.5 s here (dagster-notes.md).
         executor=dg.in_process_executor,

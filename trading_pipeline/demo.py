@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         symbols = wanted
 
     instance = DagsterInstance.get()
+    from trading_pipeline.graph.pools import configure_pools
+
+    configure_pools(instance)
     analyze = defs.resolve_job_def("analyze_timeframe")
     decide = defs.resolve_job_def("decide_and_order")
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the UI keeps the full logs

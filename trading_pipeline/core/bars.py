@@ -41,10 +41,66 @@ def validate_bars(bars: pd.DataFrame) -> None:
             "Check the symbol, timeframe and date range requested from the market data source.",
         )
     _check_columns(bars)
+    if _plainly_valid(bars):
+        return
+    # Something is off: the detailed checks below find the first problem and name its rows.
     _check_index(bars.index)
     _check_numeric(bars)
     _check_values(bars)
     _check_ohlc_consistency(bars)
+
+
+def _plainly_valid(bars: pd.DataFrame) -> bool:
+    """True if `bars` certainly passes every detailed check below, decided in one compiled pass
+    (a million bars in a few milliseconds, where the detailed checks take tens); False means "run
+    the detailed checks", which then raise naming the offending rows. Only plain numpy number
+    columns and a UTC DatetimeIndex take this path, and only when numba is installed.
+    """
+    if _clean_rows is None:
+        return False
+    index = bars.index
+    if not (isinstance(index, pd.DatetimeIndex) and index.tz is not None and _is_utc(index.tz)):
+        return False
+    columns = [bars[column] for column in OHLCV_COLUMNS]
+    if not all(
+        isinstance(column, pd.Series) and isinstance(column.dtype, np.dtype) and column.dtype.kind in "iuf"
+        for column in columns
+    ):
+        return False
+    arrays = (np.ascontiguousarray(column.to_numpy(dtype=np.float64)) for column in columns)
+    return bool(_clean_rows(np.ascontiguousarray(index.asi8), *arrays))
+
+
+def _clean_rows_kernel(times, open_, high, low, close, volume):  # pragma: no cover - runs compiled
+    """Whether the rows pass every detailed check: times strictly increasing (so sorted and
+    unique) without NaT; low > 0, high < inf, low <= open <= high and low <= close <= high (so all
+    four prices are finite and > 0); 0 <= volume < inf. NaN fails every comparison, so any NaN
+    makes this False. No early exit: clean frames, the case this is for, are read to the end anyway,
+    and the loop without branches is the fast one."""
+    n = times.shape[0]
+    if n == 0 or times[0] == _NAT:  # NaT is the smallest int64: strictly increasing rules out any later one
+        return False
+    clean = True
+    for i in range(n):
+        o = open_[i]
+        h = high[i]
+        lo = low[i]
+        c = close[i]
+        v = volume[i]
+        clean &= (lo > 0.0) & (h < np.inf) & (lo <= o) & (o <= h) & (lo <= c) & (c <= h) & (v >= 0.0) & (v < np.inf)
+    for i in range(1, n):
+        clean &= times[i] > times[i - 1]
+    return clean
+
+
+_NAT = np.iinfo(np.int64).min
+
+try:
+    from numba import njit
+except ImportError:  # pragma: no cover - without numba every frame takes the detailed checks
+    _clean_rows = None
+else:
+    _clean_rows = njit(cache=True, nogil=True)(_clean_rows_kernel)
 
 
 def _check_columns(bars: pd.DataFrame) -> None:

@@ -213,7 +213,7 @@ def build_chart_figure(
             "tickfont": {"size": 14}, "nticks": 4,
         }  # fmt: skip
     price_axis = layout[_axis_key("yaxis", PANEL_ROW["price"])]
-    price_axis.update(nticks=10, tickformat=",.4~g" if ranges["price"][1] < 10 else ",.2f")
+    price_axis.update(nticks=10, tickformat=".4f" if ranges["price"][1] < 10 else ",.2f")
     layout[_axis_key("yaxis", PANEL_ROW["volume"])].update(tickformat="~s", nticks=3)
     layout[_axis_key("yaxis", PANEL_ROW["rsi"])].update(tickmode="array", tickvals=[30, 70])
 
@@ -235,15 +235,23 @@ def build_chart_figure(
     plot_height_px = height - MARGIN["t"] - MARGIN["b"]
     last = view.iloc[-1]
     last_up = bool(last["close"] >= last["open"])
+    dp = _price_decimals(last["close"])
+    # dotted line at the last close across the price panel, leading the eye to its label
+    if _finite(last["close"]):
+        shapes.append({
+            "type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y",
+            "y0": float(last["close"]), "y1": float(last["close"]),
+            "line": {"color": UP if last_up else DOWN, "width": 1, "dash": "dot"},
+        })  # fmt: skip
     st_color = ST_UP if last["supertrend_direction"] == 1 else ST_DOWN
     hist_color = ST_UP if _finite(last["macd_hist"]) and last["macd_hist"] >= 0 else ST_DOWN
     labels: dict[str, list[tuple[Any, str, str]]] = {
         "price": [
-            (last["close"], f"<b>close {_fmt_price(last['close'])}</b>", UP if last_up else DOWN),
-            (last["sma_20"], f"SMA20 {_fmt_price(last['sma_20'])}", SMA_COLORS["sma_20"]),
-            (last["sma_50"], f"SMA50 {_fmt_price(last['sma_50'])}", SMA_COLORS["sma_50"]),
-            (last["sma_200"], f"SMA200 {_fmt_price(last['sma_200'])}", SMA_COLORS["sma_200"]),
-            (last["supertrend"], f"ST {_fmt_price(last['supertrend'])}", st_color),
+            (last["close"], f"<b>close {_fmt_price(last['close'], dp)}</b>", UP if last_up else DOWN),
+            (last["sma_20"], f"SMA20 {_fmt_price(last['sma_20'], dp)}", SMA_COLORS["sma_20"]),
+            (last["sma_50"], f"SMA50 {_fmt_price(last['sma_50'], dp)}", SMA_COLORS["sma_50"]),
+            (last["sma_200"], f"SMA200 {_fmt_price(last['sma_200'], dp)}", SMA_COLORS["sma_200"]),
+            (last["supertrend"], f"ST {_fmt_price(last['supertrend'], dp)}", st_color),
         ],
         "volume": [(last["volume"], f"vol {_fmt_volume(last['volume'])}", UP if last_up else DOWN)],
         "macd": [
@@ -252,7 +260,7 @@ def build_chart_figure(
             (last["macd_hist"], f"hist {_fmt_osc(last['macd_hist'])}", hist_color),
         ],
         "rsi": [(last["rsi_14"], f"RSI {_fmt_fixed(last['rsi_14'], 1)}", RSI_COLOR)],
-        "atr": [(last["atr_14"], f"ATR {_fmt_price(last['atr_14'])}", ATR_COLOR)],
+        "atr": [(last["atr_14"], f"ATR {_fmt_price(last['atr_14'], dp)}", ATR_COLOR)],
     }
     annotations: list[dict[str, Any]] = []
     for name, items in labels.items():
@@ -276,7 +284,7 @@ def build_chart_figure(
     tf_text = f"{timeframe} ({tf_name})" if tf_name else timeframe
     title = (
         f"<b>{symbol}</b>  ·  {tf_text}  ·  as of {as_of_utc:%Y-%m-%d %H:%M} UTC"
-        f"  ·  last close <b>{_fmt_price(last['close'])}</b>"
+        f"  ·  last close <b>{_fmt_price(last['close'], dp)}</b>"
         f"  ·  last {n} bars {x[0]} → {x[-1]}"
     )
     layout.update(
@@ -472,13 +480,13 @@ def _as_utc(ts: datetime) -> datetime:
     return ts.astimezone(UTC)
 
 
-def _fmt_price(v: Any) -> str:
-    if not _finite(v):
-        return "n/a"
-    v = float(v)
-    if abs(v) >= 1:
-        return f"{v:.2f}"
-    return f"{v:.4f}"
+def _price_decimals(close: Any) -> int:
+    """2 decimals for stocks; 4 when the price is below 10 (FX pairs, penny stocks)."""
+    return 2 if _finite(close) and abs(float(close)) >= 10 else 4
+
+
+def _fmt_price(v: Any, decimals: int) -> str:
+    return f"{float(v):.{decimals}f}" if _finite(v) else "n/a"
 
 
 def _fmt_osc(v: Any) -> str:

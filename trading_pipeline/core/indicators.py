@@ -154,17 +154,23 @@ def supertrend(
     """
     if period < 1:
         raise ValueError(f"period must be >= 1, got {period}")
+    close = np.ascontiguousarray(close, dtype=np.float64)
+    # The outputs are allocated here by numpy, not inside the kernel: numpy asks the kernel for
+    # transparent huge pages on large arrays and numba's allocator does not, which makes the
+    # kernel's first writes to its own fresh million-bar arrays several milliseconds slower.
     return _supertrend_kernel(
         np.ascontiguousarray(high, dtype=np.float64),
         np.ascontiguousarray(low, dtype=np.float64),
-        np.ascontiguousarray(close, dtype=np.float64),
+        close,
         int(period),
         float(multiplier),
+        np.empty(close.shape[0]),
+        np.empty(close.shape[0]),
     )
 
 
 @njit(cache=True, nogil=True)
-def _supertrend_kernel(high, low, close, period, multiplier):  # pragma: no cover - runs compiled
+def _supertrend_kernel(high, low, close, period, multiplier, line=None, direction=None):  # pragma: no cover
     """Bar-by-bar transcription of TradingView's reference Pine script for ta.supertrend:
 
         src = hl2, atr = ta.atr(period) = ta.rma(ta.tr(true), period)
@@ -182,10 +188,15 @@ def _supertrend_kernel(high, low, close, period, multiplier):  # pragma: no cove
     One pass: the ATR (Wilder's RMA of the true range, seeded with the simple mean of the first
     `period` ranges; bar 0 has no previous close, so its true range is high - low, as ta.tr(true))
     is carried along in a scalar instead of a third array, with the same arithmetic in the same order.
+
+    `line` and `direction`, if given, are float arrays as long as `close` to write the result into;
+    otherwise the kernel allocates them. Either way it returns (line, direction).
     """
     n = close.shape[0]
-    line = np.empty(n)
-    direction = np.empty(n)
+    if line is None:
+        line = np.empty(n)
+    if direction is None:
+        direction = np.empty(n)
     if n < period:
         line[:] = np.nan
         direction[:] = np.nan
@@ -219,30 +230,29 @@ def _supertrend_kernel(high, low, close, period, multiplier):  # pragma: no cove
         hl2 = (bar_high + bar_low) / 2.0
         basic_lower = hl2 - multiplier * atr
         basic_upper = hl2 + multiplier * atr
-        # NaN comparisons are False, as na comparisons are in Pine.
-        if basic_lower > previous_lower or previous_close < previous_lower:
-            lower_band = basic_lower
-        else:
-            lower_band = previous_lower
-        if basic_upper < previous_upper or previous_close > previous_upper:
-            upper_band = basic_upper
-        else:
-            upper_band = previous_upper
+        # NaN comparisons are False, as na comparisons are in Pine. The conditions combine with
+        # & and | rather than and/or, so the compiled loop selects instead of branching on price
+        # data (unpredictable branches cost more than the whole bar's arithmetic).
+        take_lower = (basic_lower > previous_lower) | (previous_close < previous_lower)
+        lower_band = basic_lower if take_lower else previous_lower
+        take_upper = (basic_upper < previous_upper) | (previous_close > previous_upper)
+        upper_band = basic_upper if take_upper else previous_upper
 
-        if np.isnan(previous_atr):  # also bar 0
-            tv_direction = 1  # TradingView: 1 = down
-        elif previous_line == previous_upper:
-            tv_direction = -1 if bar_close > upper_band else 1
-        else:
-            tv_direction = 1 if bar_close < lower_band else -1
-        previous_line = lower_band if tv_direction == -1 else upper_band
+        # TradingView's direction is -1 (up) when
+        #   superTrend[1] == prevUpperBand and close > upperBand, or
+        #   superTrend[1] != prevUpperBand and not close < lowerBand,
+        # and always 1 (down) while atr[1] is na (bar 0 included).
+        was_upper = previous_line == previous_upper
+        up = (was_upper & (bar_close > upper_band)) | ((not was_upper) & (not (bar_close < lower_band)))
+        up = up & (not np.isnan(previous_atr))
+        previous_line = lower_band if up else upper_band
 
         if np.isnan(atr):
             line[i] = np.nan
             direction[i] = np.nan
         else:
             line[i] = previous_line
-            direction[i] = -tv_direction  # ours: +1 = up
+            direction[i] = 1.0 if up else -1.0  # ours: +1 = up (TradingView's -1)
         previous_atr = atr
         previous_close = bar_close
     return line, direction

@@ -50,3 +50,35 @@ def bar_close_times(index: pd.DatetimeIndex, timeframe: str) -> pd.Series:
     else:
         raise ValueError(f"unknown timeframe {timeframe!r}")
     return pd.Series(pd.DatetimeIndex(values, tz="UTC"), index=index)
+
+
+# --- When the automation fires (pure: give it a time, it says which session, if any) -------------
+
+def session_on(ts: datetime) -> pd.Timestamp | None:
+    """The XNYS session on the New York date of `ts`, or None on weekends and holidays."""
+    day = pd.Timestamp(ts).tz_convert("America/New_York").date()
+    label = pd.Timestamp(day)
+    return label if calendar().is_session(label) else None
+
+
+def closed_session(ts: datetime) -> pd.Timestamp | None:
+    """The session of `ts`'s New York date if it has closed by `ts` (early closes included)."""
+    session = session_on(ts)
+    if session is None or pd.Timestamp(ts) < calendar().session_close(session):
+        return None
+    return session
+
+
+def is_last_session_of_week(session: pd.Timestamp) -> bool:
+    following = calendar().next_session(session)
+    return following.isocalendar()[:2] != session.isocalendar()[:2]
+
+
+def opened_session(ts: datetime) -> pd.Timestamp | None:
+    """The session that is open at `ts`, or None when the market is closed."""
+    session = session_on(ts)
+    if session is None:
+        return None
+    cal = calendar()
+    moment = pd.Timestamp(ts)
+    return session if cal.session_open(session) <= moment < cal.session_close(session) else None

@@ -69,6 +69,7 @@ class Strategy(_Strict):
     timeframes: dict[str, TimeframeSettings]
     risk: RiskSettings = RiskSettings()
     orders: OrderSettings = OrderSettings()
+    trade_at_open: bool = Field(True, description="The market-open sensor decides (and orders) for this strategy.")
 
     @field_validator("symbols", mode="before")
     @classmethod

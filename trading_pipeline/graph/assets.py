@@ -31,6 +31,8 @@ from trading_pipeline.graph.resources import (
 )
 
 AS_OF_TAG = "trading/as_of"
+# Reads may retry; order submission never does (exactly once is enforced, but not by retrying).
+READ_RETRY = dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 THUMBNAIL_WIDTH = 480  # the event log stores the thumbnail: keep it small
 
 
@@ -47,7 +49,9 @@ def run_as_of(context) -> datetime:
 
 
 def _fail(error: UserError) -> dg.Failure:
-    return dg.Failure(description=str(error), metadata={"problem": error.problem, "fix": error.fix})
+    # A user error will not fix itself: never retried, whatever the step's retry policy.
+    return dg.Failure(description=str(error), metadata={"problem": error.problem, "fix": error.fix},
+                      allow_retries=False)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         partitions_def=symbol_timeframe,
         group_name="trading",
         check_specs=checks.bar_check_specs("market_bars"),
+        retry_policy=READ_RETRY,
+        pool="market_data",
         description="OHLCV bars for one symbol and timeframe: UTC bar starts, only bars closed by the run's as_of.",
     )
     def market_bars(context: dg.AssetExecutionContext, market_data: MarketDataResource):
@@ -137,6 +143,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
     @dg.asset(
         partitions_def=symbol_timeframe,
         group_name="trading",
+        retry_policy=dg.RetryPolicy(max_retries=1, delay=2),
         description="A multi-panel chart PNG in the chart store; thumbnail and location in the metadata.",
     )
     def chart_images(
@@ -174,6 +181,8 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         partitions_def=symbol_timeframe,
         group_name="trading",
         check_specs=checks.analysis_check_specs("ai_analyses"),
+        retry_policy=READ_RETRY,
+        pool="llm",
         description="Per-timeframe analysis (validated model) by the configured analyst; invalid = NO_TRADE.",
     )
     def ai_analyses(
@@ -205,6 +214,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         group_name="trading",
         ins={"ai_analyses": dg.AssetIn(partition_mapping=from_both_timeframes)},
         check_specs=checks.decision_check_specs("trade_decisions"),
+        retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
         description="Daily analysis leads, weekly confirms; deterministic risk gates decide BUY/SELL/HOLD/NO_TRADE.",
     )
     def trade_decisions(
@@ -244,6 +254,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
     @dg.asset(
         partitions_def=symbols,
         group_name="trading",
+        pool="broker_orders",  # no retry policy: an order step is never retried automatically
         description="What was sent to the broker for the decision (exactly once), or why nothing was.",
     )
     def orders(

@@ -7,7 +7,9 @@ appear; no code change.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from pathlib import Path
 
 import dagster as dg
 
@@ -17,7 +19,28 @@ from trading_pipeline.core.strategies import StrategiesFile, load_strategies
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str | None) -> StrategiesFile:
-    return load_strategies(path)
+    """Load the strategies file; keep a copy of the last good one so that a bad edit followed by
+    a reload or restart keeps the code location up on the last good version (the
+    strategies_file_sensor and this warning report the bad edit)."""
+    from trading_pipeline import config
+    from trading_pipeline.core.strategies import DEFAULT_STRATEGIES_FILE
+    from trading_pipeline.errors import StrategiesFileError
+
+    last_good = config.data_dir() / "strategies.last_good.yaml"
+    try:
+        loaded = load_strategies(path)
+    except StrategiesFileError as error:
+        if path is None or not last_good.exists():
+            raise
+        logging.getLogger(__name__).error(
+            f"{error}\nUsing the last good strategies file {last_good} until the file is fixed.")
+        return load_strategies(last_good)
+    try:
+        last_good.parent.mkdir(parents=True, exist_ok=True)
+        last_good.write_text(Path(path or DEFAULT_STRATEGIES_FILE).read_text(encoding="utf-8"), encoding="utf-8")
+    except OSError:
+        pass  # a read-only data dir only loses the fallback
+    return loaded
 
 
 def strategies() -> StrategiesFile:

@@ -252,3 +252,15 @@ def test_import_does_not_load_plotly():
         "assert 'plotly' not in sys.modules, 'plotly imported at module level'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_low_priced_instrument_gets_four_decimals(daily):
+    fx = daily.copy()
+    price_like = [c for c in fx.columns if c not in ("volume", "rsi_14", "supertrend_direction")]
+    fx[price_like] = fx[price_like] * 0.0123
+    fig = build_chart_figure(fx, "EUR.USD", "1d", AS_OF)
+    last = fx.iloc[-1]
+    assert f"{last['close']:.4f}" in fig.layout.title.text
+    texts = _annotation_texts(fig)
+    assert f"close {last['close']:.4f}" in texts and f"ATR {last['atr_14']:.4f}" in texts
+    assert fig.layout.yaxis.tickformat == ".4f"

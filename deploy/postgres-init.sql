@@ -1,2 +1,0 @@
--- The trading database lives beside Dagster's in the same server.
-CREATE DATABASE trading;

@@ -1,0 +1,31 @@
+"""Alerts: the log always, and a webhook when TRADING_ALERT_WEBHOOK_URL is set.
+
+The payload is `{"text": ...}`, which Slack incoming webhooks and most chat/webhook relays accept.
+A failing webhook is logged, never raised: an alert must not fail the sensor that sends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_log = logging.getLogger(__name__)
+
+
+def send_alert(text: str, logger: logging.Logger | None = None, environ: dict[str, str] | None = None) -> bool:
+    """Log `text` as a warning and post it to the webhook if one is configured. True if posted."""
+    logger = logger or _log
+    logger.warning(text)
+    url = (os.environ if environ is None else environ).get("TRADING_ALERT_WEBHOOK_URL", "").strip()
+    if not url:
+        return False
+    import httpx
+
+    try:
+        response = httpx.post(url, json={"text": text}, timeout=10.0)
+        response.raise_for_status()
+        return True
+    except httpx.HTTPError as error:
+        # The URL may embed a token (Slack's does): name only its host.
+        logger.error(f"alert webhook at {httpx.URL(url).host} failed: {type(error).__name__}")
+        return False

@@ -1,0 +1,227 @@
+"""The `ibkr` broker: the pipeline's Broker protocol on the Client Portal gateway.
+
+- `place` sends the legs as ONE request: the entry with its cOID, and (for a bracket) the
+  stop-loss and take-profit children carrying `parentId` = the entry's cOID and, as IBKR's spec
+  says for bracket children, no cOID of their own. Sent once, never retried; a duplicate cOID
+  answer raises DuplicateOrderError; questions follow the client's allow-list policy.
+- `find_order(cOID)` reads the live orders (the empty first answer of a session is re-asked),
+  then the last 7 days of executions (an order that filled on an earlier day is no longer in the
+  live list). A child leg's cOID is `<entry cOID>-sl` / `<entry cOID>-tp` (core/orders.build_legs);
+  IBKR knows children only through their parent, so they are found via the parent order.
+- `executions(cOID)`: IBKR tags executions with `order_ref` = the cOID, which only the entry has;
+  the children's fills show in positions and P&L (`account`).
+- `account(marks)`: summary + every positions page (cache invalidated first) + IBKR's daily P&L.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from trading_pipeline.adapters.broker import BrokerExecution, BrokerOrder, DuplicateOrderError
+from trading_pipeline.adapters.ibkr.client import IBKRClient, parse_number
+from trading_pipeline.adapters.ibkr.errors import IBKRDuplicateOrder, IBKRError, IBKRRequestError
+from trading_pipeline.core.analysis import OrderLeg
+from trading_pipeline.core.risk import AccountState, Position
+
+log = logging.getLogger(__name__)
+
+CHILD_SUFFIX = {"stop_loss": "-sl", "take_profit": "-tp"}  # as core/orders.build_legs names them
+_CHILD_KIND = {"-sl": ("STP", "STOP"), "-tp": ("LMT", "LIMIT")}
+
+
+def _status_text(order: dict) -> str:
+    return str(order.get("status") or order.get("order_status") or "")
+
+
+def _order_type(order: dict) -> str:
+    return str(order.get("origOrderType") or order.get("orderType") or order.get("order_type") or "").upper()
+
+
+class IBKRBroker:
+    name = "ibkr"
+
+    def __init__(self, client: IBKRClient, order_cache_seconds: float | None = None):
+        self.client = client
+        # One live-orders answer serves the lookups of one reconciliation (IBKR allows 1 call per 5 s).
+        self.order_cache_seconds = (client.pacing.slow_endpoint_interval if order_cache_seconds is None
+                                    else order_cache_seconds)
+
+    # ------------------------------------------------------------------ placing
+    @staticmethod
+    def _check_legs(legs: list[OrderLeg]) -> None:
+        if not legs or legs[0].role != "entry":
+            raise ValueError("the first leg must be the entry")
+        parent = legs[0].client_order_id
+        for leg in legs[1:]:
+            suffix = CHILD_SUFFIX.get(leg.role)
+            if suffix is None or leg.client_order_id != parent + suffix:
+                raise ValueError(f"child leg {leg.client_order_id!r} ({leg.role}) must be named "
+                                 f"{parent}-sl (stop_loss) or {parent}-tp (take_profit)")
+
+    def order_payload(self, conid: int, legs: list[OrderLeg], account_id: str) -> list[dict]:
+        parent = legs[0].client_order_id
+        orders = []
+        for leg in legs:
+            order = {"acctId": account_id, "conid": int(conid), "orderType": leg.order_type,
+                     "price": round(float(leg.price), 2), "side": leg.side, "quantity": int(leg.quantity),
+                     "tif": leg.tif}
+            if leg.role == "entry":
+                order["cOID"] = parent
+            else:
+                order["parentId"] = parent  # bracket child: no cOID of its own (IBKR's rule)
+            orders.append(order)
+        return orders
+
+    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float) -> list[BrokerOrder]:
+        """Send `legs` as one single or bracket order. `reference_price` is not sent: IBKR prices the
+        order itself and asks (o163) when the limit is far from the market."""
+        self._check_legs(legs)
+        contract = self.client.resolve(symbol)
+        info = self.client.check_may_trade()
+        payload = self.order_payload(contract.conid, legs, info.account_id)
+        try:
+            answers = self.client.place_orders(payload)
+        except IBKRDuplicateOrder as duplicate:
+            raise DuplicateOrderError(duplicate.client_order_id) from duplicate
+        by_coid: dict[str, dict] = {}
+        if len(answers) == len(legs):
+            by_coid = {leg.client_order_id: answer for leg, answer in zip(legs, answers)}
+        else:  # IBKR's bracket acknowledgement shape is unconfirmed: only the first is certain
+            log.warning("IBKR acknowledged %d order(s) for %d leg(s) of %s", len(answers), len(legs),
+                        legs[0].client_order_id)
+            by_coid = {legs[0].client_order_id: answers[0]}
+        result = []
+        for leg in legs:
+            answer = by_coid.get(leg.client_order_id)
+            if answer is None:
+                continue
+            order_id = str(answer.get("order_id"))
+            status = str(answer.get("order_status") or "Submitted")
+            filled, average = 0.0, None
+            try:
+                current = self.client.order_status(order_id)
+                status = str(current.get("order_status") or status)
+                filled = parse_number(current.get("cum_fill")) or 0.0
+                average = parse_number(current.get("average_price"))
+            except IBKRError as error:
+                log.warning("status of new order %s unavailable: %s", order_id, error.problem)
+            result.append(BrokerOrder(leg.client_order_id, order_id, status, filled, average))
+        return result
+
+    # ------------------------------------------------------------------ lookups
+    @staticmethod
+    def _as_broker_order(client_order_id: str, order: dict) -> BrokerOrder:
+        average = parse_number(order.get("avgPrice"))
+        return BrokerOrder(client_order_id, str(order.get("orderId")), _status_text(order),
+                           parse_number(order.get("filledQuantity")) or 0.0, average or None)
+
+    def _split_child(self, client_order_id: str) -> tuple[str, str] | None:
+        for suffix in _CHILD_KIND:
+            if client_order_id.endswith(suffix) and len(client_order_id) > len(suffix):
+                return client_order_id[: -len(suffix)], suffix
+        return None
+
+    def find_order(self, client_order_id: str) -> BrokerOrder | None:
+        orders = self.client.live_orders(max_age=self.order_cache_seconds)
+        for order in orders:
+            if order.get("order_ref") == client_order_id:
+                return self._as_broker_order(client_order_id, order)
+        child = self._split_child(client_order_id)
+        if child is not None:
+            parent_ref, suffix = child
+            parent = next((o for o in orders if o.get("order_ref") == parent_ref), None)
+            if parent is not None:
+                found = self._find_child(orders, parent, suffix)
+                return self._as_broker_order(client_order_id, found) if found else None
+        return self._from_executions(client_order_id)
+
+    @staticmethod
+    def _find_child(orders: list[dict], parent: dict, suffix: str) -> dict | None:
+        wanted = _CHILD_KIND[suffix]
+        parent_id = str(parent.get("orderId"))
+        typed = [o for o in orders if _order_type(o) in wanted and o is not parent]
+        linked = [o for o in typed if str(o.get("parentId") or "") == parent_id]
+        if linked:
+            return linked[0]
+        if any("parentId" in o for o in orders):
+            return None
+        # Without a parentId field: the child is the same contract and size, opposite side,
+        # submitted after the parent (IBKR numbers a request's orders in sequence).
+        candidates = [o for o in typed
+                      if o.get("conid") == parent.get("conid") and o.get("side") != parent.get("side")
+                      and parse_number(o.get("totalSize")) == parse_number(parent.get("totalSize"))
+                      and int(o.get("orderId") or 0) > int(parent.get("orderId") or 0)]
+        return min(candidates, key=lambda o: int(o.get("orderId") or 0)) if candidates else None
+
+    def _from_executions(self, client_order_id: str) -> BrokerOrder | None:
+        fills = [t for t in self.client.trades(days=7, max_age=self.order_cache_seconds)
+                 if t.get("order_ref") == client_order_id]
+        if not fills:
+            return None
+        quantity = sum(parse_number(t.get("size")) or 0.0 for t in fills)
+        notional = sum((parse_number(t.get("size")) or 0.0) * (parse_number(t.get("price")) or 0.0) for t in fills)
+        # the order left the live list (an earlier day): its executions prove it existed and filled
+        return BrokerOrder(client_order_id, "", "Filled", quantity, notional / quantity if quantity else None)
+
+    def executions(self, client_order_id: str) -> list[BrokerExecution]:
+        result = []
+        for trade in self.client.trades(days=7, max_age=self.order_cache_seconds):
+            if trade.get("order_ref") != client_order_id:
+                continue
+            side = {"B": "BUY", "S": "SELL"}.get(str(trade.get("side")), str(trade.get("side")).upper())
+            millis = trade.get("trade_time_r")
+            executed = (datetime.fromtimestamp(int(millis) / 1000, tz=timezone.utc) if millis is not None
+                        else datetime.strptime(str(trade["trade_time"]), "%Y%m%d-%H:%M:%S").replace(
+                            tzinfo=timezone.utc))
+            result.append(BrokerExecution(str(trade["execution_id"]), client_order_id, str(trade.get("symbol")),
+                                          side, parse_number(trade.get("size")) or 0.0,
+                                          parse_number(trade.get("price")) or 0.0, executed))
+        return result
+
+    # ------------------------------------------------------------------ account
+    def account(self, marks: dict[str, float]) -> AccountState:
+        """Equity and cash from the summary, every position (fresh), daily P&L from IBKR's
+        partitioned P&L; with no P&L row and no positions, today's realized P&L from the ledger."""
+        summary = self.client.summary()
+        positions: dict[str, Position] = {}
+        for row in self.client.positions(fresh=True):
+            quantity = parse_number(row.get("position")) or 0.0
+            if quantity == 0:
+                continue
+            symbol = str(row.get("ticker") or row.get("contractDesc") or row.get("conid"))
+            average = parse_number(row.get("avgPrice")) or parse_number(row.get("avgCost")) or 0.0
+            if row.get("assetClass", "STK") == "STK":
+                price = marks.get(symbol, parse_number(row.get("mktPrice")) or average)
+            else:  # options/futures: value them as IBKR does (market value includes the multiplier)
+                price = (parse_number(row.get("mktValue")) or 0.0) / quantity
+            if symbol in positions:  # the same ticker twice (e.g. two listings): merge
+                held = positions[symbol]
+                total = held.quantity + quantity
+                average = (held.average_price * held.quantity + average * quantity) / total if total else 0.0
+                quantity = total
+            positions[symbol] = Position(quantity, round(average, 4), price)
+        daily = self.client.pnl()
+        if daily is not None and parse_number(daily.get("dpl")) is not None:
+            daily_pnl = parse_number(daily.get("dpl")) or 0.0
+        elif not positions:
+            base = self.client.ledger().get("BASE") or {}
+            daily_pnl = parse_number(base.get("realizedpnl")) or 0.0
+        else:
+            raise IBKRRequestError(
+                "IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned has no row) while "
+                "positions are open, so the daily-loss limit cannot be checked",
+                "run again in a few seconds (the P&L feed starts on first use); if it persists, check the account "
+                "in Client Portal")
+
+        def amount(key: str) -> float | None:
+            value = summary.get(key)
+            return parse_number(value.get("amount")) if isinstance(value, dict) else parse_number(value)
+
+        equity = amount("netliquidation")
+        cash = amount("totalcashvalue")
+        if equity is None or cash is None:
+            raise IBKRRequestError("IBKR's account summary lacks netliquidation or totalcashvalue",
+                                   "run again; if it persists, check the account summary in Client Portal")
+        return AccountState(equity=round(equity, 2), cash=round(cash, 2), positions=positions,
+                            daily_pnl=round(daily_pnl, 2))

@@ -1,0 +1,230 @@
+"""IBKR history rules, kept pure so they are checked before any request and tested directly.
+
+- `validate_history_request(period, bar)`: IBKR's period syntax and its period -> allowed bars
+  table (reference section 5, "Step Size" in IBKR's docs). A pair IBKR would refuse never leaves
+  this process.
+- `plan_pages(...)`: maps a strategy period (e.g. '2y', '6y') to the request(s) that cover it:
+  the strategy's own period when IBKR's table allows the bar and it holds at most 1000 points,
+  else pages of the longest allowed period, each anchored with `startTime`.
+- `normalize_bars(...)`: IBKR `data[]` -> our frame (UTC session-open index, float64, shares).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import pandas as pd
+
+from trading_pipeline.adapters.ibkr.errors import IBKRHistoryRequestError
+
+BARS: tuple[str, ...] = ("1min", "2min", "3min", "5min", "10min", "15min", "30min",
+                         "1h", "2h", "3h", "4h", "8h", "1d", "1w", "1m")
+_BAR_RANK = {bar: i for i, bar in enumerate(BARS)}
+
+PERIOD_RE = re.compile(r"^(\d{1,4})(min|h|d|w|m|y)$")
+PERIOD_LIMITS = {"min": 30, "h": 8, "d": 1000, "w": 792, "m": 182, "y": 15}
+_UNIT_DAYS = {"min": 1 / 1440, "h": 1 / 24, "d": 1.0, "w": 7.0, "m": 30.0, "y": 365.0}
+
+# IBKR's table: a period uses the row of the shortest listed period that is at least as long.
+# (row, row length in days, shortest allowed bar, longest allowed bar, default bar)
+STEP_TABLE: tuple[tuple[str, float, str, str], ...] = (
+    ("1min", 1 / 1440, "1min", "1min"),
+    ("1h", 1 / 24, "1min", "8h"),
+    ("1d", 1.0, "1min", "8h"),
+    ("1w", 7.0, "10min", "1w"),
+    ("1m", 30.0, "1h", "1m"),
+    ("3m", 91.0, "2h", "1m"),
+    ("6m", 182.0, "4h", "1m"),
+    ("1y", 365.0, "8h", "1m"),
+    ("2y", 730.0, "1d", "1m"),
+    ("3y", 1095.0, "1d", "1m"),
+    ("15y", 5479.0, "1w", "1m"),
+)
+MAX_POINTS = 1000  # IBKR returns at most 1000 points per response
+# The longest single request per bar we page with: 3y of daily bars (~756), 15y of weekly (~783).
+PAGE_PERIOD = {"1d": "3y", "1w": "15y"}
+TIMEFRAME_BAR = {"1d": "1d", "1w": "1w"}
+BAR_SECONDS = {"1d": 86_400, "1w": 7 * 86_400}
+_TABLE_TEXT = ("1min:1min; 1h:1min-8h; 1d:1min-8h; 1w:10min-1w; 1m:1h-1m; 3m:2h-1m; 6m:4h-1m; "
+               "1y:8h-1m; 2y:1d-1m; 3y:1d-1m; 15y:1w-1m")
+
+
+def parse_period(period: str) -> tuple[int, str]:
+    match = PERIOD_RE.match(period or "")
+    if not match:
+        raise IBKRHistoryRequestError(
+            f"history period {period!r} is not in IBKR's format",
+            "use a number and a lower-case unit: {1-30}min, {1-8}h, {1-1000}d, {1-792}w, {1-182}m or {1-15}y "
+            "(e.g. 2y, 260w, 500d)")
+    count, unit = int(match.group(1)), match.group(2)
+    if not 1 <= count <= PERIOD_LIMITS[unit]:
+        raise IBKRHistoryRequestError(
+            f"history period {period!r} is outside IBKR's range for unit {unit!r} (1-{PERIOD_LIMITS[unit]})",
+            f"use a period of 1-{PERIOD_LIMITS[unit]}{unit}, or a larger unit")
+    return count, unit
+
+
+def period_days(period: str) -> float:
+    count, unit = parse_period(period)
+    return count * _UNIT_DAYS[unit]
+
+
+def step_row(period: str) -> tuple[str, str, str]:
+    """(table row, shortest bar, longest bar) that IBKR applies to `period`."""
+    days = period_days(period)
+    for row, row_days, low, high in STEP_TABLE:
+        if days <= row_days + 1e-9:
+            return row, low, high
+    row, _, low, high = STEP_TABLE[-1]
+    return row, low, high
+
+
+def allowed_bars(period: str) -> tuple[str, ...]:
+    _, low, high = step_row(period)
+    return BARS[_BAR_RANK[low]:_BAR_RANK[high] + 1]
+
+
+def validate_history_request(period: str, bar: str) -> None:
+    """Raise IBKRHistoryRequestError unless IBKR accepts `bar` for `period` (checked before any call)."""
+    if bar not in _BAR_RANK:
+        raise IBKRHistoryRequestError(f"history bar {bar!r} is not one IBKR knows",
+                                      f"use one of {', '.join(BARS)}")
+    row, low, high = step_row(period)
+    if bar not in allowed_bars(period):
+        raise IBKRHistoryRequestError(
+            f"IBKR does not allow bar {bar} for period {period}: periods up to {row} take bars {low} to {high} "
+            f"(IBKR's table: {_TABLE_TEXT})",
+            f"choose a bar from {low} to {high} for period {period}, or a period whose row allows {bar}")
+
+
+def estimated_points(period: str, bar: str) -> int:
+    """Upper estimate of how many bars IBKR returns for (period, bar); for the 1000-point limit."""
+    count, unit = parse_period(period)
+    if bar == "1d":
+        # 'd' periods count trading days (30d returned 29-30 daily bars in a recorded response)
+        return count if unit == "d" else math.ceil(period_days(period) * 253 / 365)
+    if bar == "1w":
+        return math.ceil(count / 5) + 1 if unit == "d" else math.ceil(period_days(period) / 7) + 1
+    if bar == "1m":
+        return math.ceil(period_days(period) / 30) + 1
+    minutes = {"min": 1, "h": 60}
+    match = re.match(r"^(\d+)(min|h)$", bar)
+    bar_minutes = int(match.group(1)) * minutes[match.group(2)]  # type: ignore[union-attr]
+    return math.ceil(period_days(period) * 24 * 60 / bar_minutes)
+
+
+def format_start_time(moment: datetime) -> str:
+    """IBKR's `startTime`: UTC `YYYYMMDD-HH:mm:ss`."""
+    return pd.Timestamp(moment).tz_convert("UTC").strftime("%Y%m%d-%H:%M:%S")
+
+
+@dataclass(frozen=True)
+class HistoryPlan:
+    bar: str
+    period: str  # period of every request
+    paged: bool  # True: several requests anchored with startTime, walking backwards
+    anchor: datetime | None  # startTime of the first request (None: up to now)
+    reason: str
+
+
+def plan_pages(timeframe: str, strategy_period: str, as_of: datetime, now: datetime | None = None) -> HistoryPlan:
+    """How to fetch `strategy_period` of `timeframe` bars up to `as_of`.
+
+    One request with the strategy's own period when IBKR's table allows the bar for it and it
+    holds at most 1000 points (e.g. 2y of 1d, 6y of 1w); otherwise pages of PAGE_PERIOD walking
+    back from `as_of` with `startTime` (e.g. 6y of 1d: the table allows only 1w-1m beyond 3y).
+    A run at an earlier point in time (`as_of` more than one bar ago) anchors the first request at
+    `as_of`; IBKR's example answer shows `startTime` as the end of the returned window.
+    """
+    if timeframe not in TIMEFRAME_BAR:
+        raise IBKRHistoryRequestError(f"timeframe {timeframe!r} has no IBKR bar", "use 1d or 1w")
+    bar = TIMEFRAME_BAR[timeframe]
+    now = now or datetime.now(timezone.utc)
+    as_of = pd.Timestamp(as_of).tz_convert("UTC").to_pydatetime()
+    anchor = as_of if (now - as_of) > timedelta(seconds=BAR_SECONDS[bar]) else None
+    parse_period(strategy_period)
+    if bar in allowed_bars(strategy_period) and estimated_points(strategy_period, bar) <= MAX_POINTS:
+        return HistoryPlan(bar, strategy_period, False, anchor,
+                           f"period {strategy_period} with bar {bar} is allowed and fits one response")
+    page = PAGE_PERIOD[bar]
+    why = (f"IBKR's table does not allow bar {bar} for period {strategy_period}"
+           if bar not in allowed_bars(strategy_period)
+           else f"period {strategy_period} of {bar} bars exceeds {MAX_POINTS} points")
+    return HistoryPlan(bar, page, True, anchor, f"{why}: paging with period {page} and startTime")
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization
+# ---------------------------------------------------------------------------------------------
+
+def _number(value) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    return float(str(value).replace(",", ""))
+
+
+def raw_bars_frame(data: list[dict]) -> pd.DataFrame:
+    """IBKR `data[]` as a frame indexed by IBKR's own `t` (UTC), raw values (volume as IBKR sends it)."""
+    if not data:
+        return pd.DataFrame(columns=["open", "high", "low", "close", "volume"], dtype="float64",
+                            index=pd.DatetimeIndex([], tz="UTC", name="time"))
+    rows = []
+    for bar in data:
+        rows.append((int(bar["t"]), _number(bar["o"]), _number(bar["h"]), _number(bar["l"]),
+                     _number(bar["c"]), _number(bar.get("v", 0.0))))
+    frame = pd.DataFrame(rows, columns=["t", "open", "high", "low", "close", "volume"])
+    frame.index = pd.DatetimeIndex(pd.to_datetime(frame.pop("t"), unit="ms", utc=True), name="time")
+    return frame.astype("float64")
+
+
+def _session_opens():
+    from trading_pipeline.core.market_calendar import calendar
+
+    schedule = calendar().schedule
+    opens = pd.DatetimeIndex(schedule["open"]).tz_convert("UTC")
+    dates = pd.DatetimeIndex(schedule.index).tz_localize(None).normalize()
+    return pd.Series(opens, index=dates)
+
+
+def session_start_index(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeIndex:
+    """Map IBKR bar times to our bar starts: the XNYS session open (1d) or the open of the
+    week's first session (1w). NaT where no session matches.
+
+    1d: IBKR stamps a daily RTH bar with the session open (e.g. 14:30 UTC); the bar's UTC date is
+        its session date, whatever time of day IBKR uses.
+    1w: IBKR's anchor for weekly bars is not documented. Monthly bars carry 00:00 UTC of the
+        period's first day (ibind's recorded fixture: t=1698796800000 = 2023-11-01T00:00Z), so a
+        weekly `t` is expected at the week's start (Sunday or Monday 00:00 UTC) or at its first
+        session's open. As `t` is a bar *start*, a weekend date begins the following trading
+        week and any weekday belongs to its own Mon-Fri week; both map to that week's first
+        session open, which is where the simulated and CSV sources put a weekly bar.
+    """
+    opens = _session_opens()
+    dates = pd.DatetimeIndex(index).tz_convert("UTC").tz_localize(None).normalize()
+    if timeframe == "1d":
+        return pd.DatetimeIndex(opens.reindex(dates).to_numpy(), tz="UTC") if len(dates) else \
+            pd.DatetimeIndex([], tz="UTC")
+    if timeframe != "1w":
+        raise ValueError(f"unknown timeframe {timeframe!r}")
+    weekend = dates.weekday >= 5
+    rolled = dates + pd.to_timedelta((7 - dates.weekday) * weekend, unit="D")
+    first_open = opens.groupby(opens.index.to_period("W-SUN")).min()
+    periods = rolled.to_period("W-SUN")
+    return pd.DatetimeIndex([first_open.get(p, pd.NaT) for p in periods], tz="UTC")
+
+
+def normalize_bars(raw: pd.DataFrame, timeframe: str, volume_multiplier: float) -> tuple[pd.DataFrame, int]:
+    """Raw IBKR bars -> our frame: index = session-open bar starts (UTC, named "time"), float64
+    open/high/low/close/volume with volume in shares. Returns (frame, number of bars dropped
+    because no XNYS session matches their date)."""
+    starts = session_start_index(raw.index, timeframe)
+    frame = raw.copy()
+    frame.index = pd.DatetimeIndex(starts, name="time")
+    frame["volume"] = frame["volume"] * float(volume_multiplier)
+    unmatched = int(frame.index.isna().sum())
+    frame = frame.loc[~frame.index.isna()]
+    frame = frame[~frame.index.duplicated(keep="last")].sort_index()
+    return frame.astype("float64"), unmatched

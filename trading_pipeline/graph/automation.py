@@ -1,0 +1,148 @@
+"""Schedules and sensors. All are off until the user turns them on (UI: Automation); the ones
+that lead to orders say so. Times are America/New_York on the XNYS calendar.
+
+- `daily_close_schedule`: after each regular close, analyze every symbol's 1d partition.
+- `weekly_close_schedule`: after the last session of each week, analyze the 1w partitions.
+- `market_open_sensor`: once per trading day at the open, decide and order for the symbols of
+  strategies that trade at the open (PLACES ORDERS when orders are enabled).
+- `run_failure_alert_sensor`: tells the user what failed and what to do (log + webhook).
+- `strategies_file_sensor`: reports a bad edit of the strategies file without taking the code
+  location down, and says when a reload would change the partitions.
+"""
+
+import os
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from trading_pipeline.core.frames import TIMEFRAMES
+from trading_pipeline.core.strategies import StrategiesFile, load_strategies
+from trading_pipeline.errors import UserError
+from trading_pipeline.graph.assets import AS_OF_TAG
+
+NEW_YORK = "America/New_York"
+
+
+def _now() -> datetime:  # one place to travel in time in tests
+    return datetime.now(timezone.utc)
+
+
+def _timeframe_requests(strategies_file: StrategiesFile, timeframe: str, session, as_of: datetime):
+    for symbol in strategies_file.symbols():
+        yield dg.RunRequest(
+            run_key=f"{timeframe}:{session.date()}:{symbol}",
+            partition_key=dg.MultiPartitionKey({"symbol": symbol, "timeframe": timeframe}),
+            tags={AS_OF_TAG: as_of.isoformat(), "trading/trigger": f"{timeframe}_close_schedule"})
+
+
+def build_automation(strategies_file: StrategiesFile) -> tuple[list, list]:
+    from trading_pipeline.core import market_calendar
+
+    @dg.schedule(job_name="analyze_timeframe", cron_schedule="15 16 * * 1-5", execution_timezone=NEW_YORK,
+                 default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description="16:15 New York on weekdays: if the session has closed, analyze every symbol's 1d bars.")
+    def daily_close_schedule(context: dg.ScheduleEvaluationContext):
+        tick = context.scheduled_execution_time
+        session = market_calendar.closed_session(tick)
+        if session is None:
+            return dg.SkipReason(f"{tick:%Y-%m-%d} is not a trading day: no daily analysis")
+        return list(_timeframe_requests(strategies_file, "1d", session, tick))
+
+    @dg.schedule(job_name="analyze_timeframe", cron_schedule="30 16 * * 1-5", execution_timezone=NEW_YORK,
+                 default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description="16:30 New York on weekdays: after the week's last session, analyze the 1w bars.")
+    def weekly_close_schedule(context: dg.ScheduleEvaluationContext):
+        tick = context.scheduled_execution_time
+        session = market_calendar.closed_session(tick)
+        if session is None or not market_calendar.is_last_session_of_week(session):
+            return dg.SkipReason(f"{tick:%Y-%m-%d} is not the last session of its week: no weekly analysis")
+        return list(_timeframe_requests(strategies_file, "1w", session, tick))
+
+    at_open = [s for strategy in strategies_file.strategies if strategy.trade_at_open for s in strategy.symbols]
+
+    @dg.sensor(job_name="decide_and_order", minimum_interval_seconds=60,
+               default_status=dg.DefaultSensorStatus.STOPPED,
+               description="Once per trading day at the open: decide and (if orders are enabled) send orders "
+                           "for the symbols of strategies with trade_at_open. Places orders: off until you turn it on.")
+    def market_open_sensor(context: dg.SensorEvaluationContext):
+        now = _now()
+        session = market_calendar.opened_session(now)
+        if session is None:
+            return dg.SkipReason(f"market closed at {now.isoformat(timespec='minutes')}")
+        if context.cursor == str(session.date()):
+            return dg.SkipReason(f"already fired for the session of {session.date()}")
+        requests = [dg.RunRequest(run_key=f"open:{session.date()}:{symbol}", partition_key=symbol,
+                                  tags={AS_OF_TAG: now.isoformat(), "trading/trigger": "market_open_sensor"})
+                    for symbol in at_open]
+        return dg.SensorResult(run_requests=requests, cursor=str(session.date()))
+
+    @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.STOPPED,
+                           description="Tells you what failed and what to do: the log, and TRADING_ALERT_WEBHOOK_URL.")
+    def run_failure_alert_sensor(context: dg.RunFailureSensorContext):
+        from trading_pipeline.adapters.alerts import send_alert
+
+        send_alert(failure_message(context), logger=context.log)
+
+    @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+               description="Checks the strategies file; reports a bad edit, or a valid one that needs a reload.")
+    def strategies_file_sensor(context: dg.SensorEvaluationContext):
+        from trading_pipeline.adapters.alerts import send_alert
+
+        path = os.environ.get("TRADING_STRATEGIES_FILE") or None
+        try:
+            current = load_strategies(path)
+        except UserError as error:
+            if context.cursor != f"bad:{error}":
+                send_alert(f"strategies file edit rejected; the running code location keeps the last good "
+                           f"version.\n{error}", logger=context.log)
+            context.update_cursor(f"bad:{error}")
+            return dg.SkipReason(f"strategies file invalid (code location unchanged): {error}")
+        added = sorted(set(current.symbols()) - set(strategies_file.symbols()))
+        removed = sorted(set(strategies_file.symbols()) - set(current.symbols()))
+        context.update_cursor("ok")
+        if added or removed or current != strategies_file:
+            return dg.SkipReason(
+                f"strategies file changed (added: {', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}): "
+                "reload the code location (Deployment → Reload) to apply it")
+        return dg.SkipReason("strategies file unchanged and valid")
+
+    schedules = [daily_close_schedule, weekly_close_schedule]
+    sensors = [market_open_sensor, run_failure_alert_sensor, strategies_file_sensor]
+    return schedules, sensors
+
+
+FIXES = {
+    "BarDataError": "check the market data source for that symbol, or remove the symbol from the strategies file",
+    "ChartRenderError": "install Chromium (apt-get install chromium) or set BROWSER_PATH",
+    "ConfigError": "correct the variable named above in .env and reload the code location",
+    "StrategiesFileError": "fix the strategies file at the line named above",
+}
+
+
+def failure_message(context: dg.RunFailureSensorContext) -> str:
+    run = context.dagster_run
+    partition = run.tags.get("dagster/partition", "")
+    text = f"run {run.run_id[:8]} of {run.job_name}{f' for {partition}' if partition else ''} failed"
+    failures = context.get_step_failure_events()
+    if failures:
+        event = failures[0]
+        data = event.step_failure_data
+        error = data.error
+        if data.user_failure_data and data.user_failure_data.description:
+            # Our own failures carry the problem and the fix in their description.
+            text += f" at step {event.step_key}: {data.user_failure_data.description}"
+            return text + "\n  Open the run in the Dagster UI for its full logs."
+        first = error.message.strip().splitlines()[0] if error else "unknown error"
+        text += f" at step {event.step_key}: {first}"
+        cause = error.cause if error else None
+        while cause is not None:
+            text += f"\n  caused by: {cause.message.strip().splitlines()[0]}"
+            for name, fix in FIXES.items():
+                if name in (cause.cls_name or ""):
+                    text += f"\n  what to do: {fix}"
+            cause = cause.cause
+    elif context.failure_event.message:
+        text += f": {context.failure_event.message}"
+    return text + "\n  Open the run in the Dagster UI for its full logs."
+
+

@@ -1,0 +1,27 @@
+"""Concurrency pools (Dagster op-level limits shared by all runs of the instance).
+
+    market_data  4  history requests (IBKR allows 5 in flight; ibind uses 4)
+    llm          4  model calls
+    broker_orders 1 order placement: one at a time, never two decisions racing at the broker
+
+Run `python -m trading_pipeline.graph.pools` (the Makefile's demo and dev targets do) to set
+them on the instance in DAGSTER_HOME; change them later in the UI (Deployment → Concurrency).
+"""
+
+from __future__ import annotations
+
+POOL_LIMITS = {"market_data": 4, "llm": 4, "broker_orders": 1}
+
+
+def configure_pools(instance) -> dict[str, int]:
+    for pool, limit in POOL_LIMITS.items():
+        instance.event_log_storage.set_concurrency_slots(pool, limit)
+    return dict(POOL_LIMITS)
+
+
+if __name__ == "__main__":
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        for pool, limit in configure_pools(instance).items():
+            print(f"pool {pool}: {limit}")

@@ -1,0 +1,1 @@
+"""Production deployment: docker-compose.yml, Dockerfile and deploy/, tested without a Docker engine."""
