@@ -13,35 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import Broker, BrokerOrder, DuplicateOrderError
-from trading_pipeline.adapters.trading_db import DecisionRow, ExecutionRow, OrderEventRow, OrderRow
+from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow
 from trading_pipeline.core.analysis import OrderLeg, OrderRecord, TradeDecision
 from trading_pipeline.core.orders import client_order_id
-
-
-def record_decision(sessions: sessionmaker[Session], decision: TradeDecision) -> None:
-    """Insert or refresh the decision row (a re-materialized partition updates it in place)."""
-    values = decision.model_dump(mode="json", include={
-        "decision_id", "strategy", "symbol", "proposed_action", "action", "entry", "stop", "targets",
-        "r_multiple", "profit_margin", "confidence", "quantity", "rationale", "checks", "charts"})
-    values.update(as_of=decision.as_of, data_through=decision.data_through,
-                  payload=decision.model_dump(mode="json"))
-    with sessions() as session:
-        row = session.get(DecisionRow, decision.decision_id)
-        if row is None:
-            session.add(DecisionRow(**values))
-        else:
-            for key, value in values.items():
-                setattr(row, key, value)
-        session.commit()
-
-
-def sent_decision(sessions: sessionmaker[Session], decision_id: str) -> TradeDecision | None:
-    """The stored decision if orders were already sent for it: a re-run must not change it."""
-    with sessions() as session:
-        has_orders = session.scalar(select(OrderRow.client_order_id).where(
-            OrderRow.decision_id == decision_id).limit(1))
-        row = session.get(DecisionRow, decision_id) if has_orders else None
-        return TradeDecision.model_validate(row.payload) if row is not None and row.payload else None
 
 
 class OrderDesk:

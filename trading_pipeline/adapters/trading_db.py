@@ -180,9 +180,24 @@ class PaperFillRow(Base):
     executed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+MIGRATION_LOCK_ID = 7_420_011  # PostgreSQL advisory lock: one process migrates at a time
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (creates it on an empty database)."""
+    from sqlalchemy import text
+
+    from trading_pipeline import migrations
+
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        migrations.upgrade(engine.url.render_as_string(hide_password=False), connection=connection)
+
+
 @functools.lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
-    """One engine per URL per process, with the schema created on first use."""
+    """One engine per URL per process, with the schema migrated on first use."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +211,7 @@ def get_engine(url: str) -> Engine:
             cursor.close()
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    upgrade_schema(engine)
     return engine
 
 

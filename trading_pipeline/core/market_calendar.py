@@ -82,3 +82,59 @@ def opened_session(ts: datetime) -> pd.Timestamp | None:
     cal = calendar()
     moment = pd.Timestamp(ts)
     return session if cal.session_open(session) <= moment < cal.session_close(session) else None
+
+
+GAP_TIMEFRAMES = ("1d", "1w")
+
+
+def calendar_gaps(bars: pd.DataFrame, timeframe: str) -> list[pd.Timestamp]:
+    """The XNYS periods between the first and the last bar (both included) that have no bar.
+
+    "1d": every session is a period; a missing one is given as its open time in UTC, which is how
+    daily bars are stamped (e.g. 2024-07-03 13:30 UTC; an early close does not change the open).
+    "1w": every calendar week (Monday to Sunday) with at least one session is a period; a missing
+    one is given as the open of its first session, as weekly bars are stamped (e.g. the Tuesday
+    after Labor Day). Holidays and weekends are never gaps, and a week shortened by a holiday is
+    complete with the bar of its remaining sessions.
+
+    A bar counts for the session, or the week, of its UTC date: XNYS opens at 13:30 or 14:30 UTC,
+    so bars stamped at the open, at the close or at midnight of the session date all match. Bars
+    on days without a session are ignored. Periods outside the calendar's range (from 2000, to
+    about a year ahead) are not judged. Returns the gaps sorted, [] for a frame without bars.
+    Raises ValueError for an unknown timeframe or a timezone-naive index.
+    """
+    if timeframe not in GAP_TIMEFRAMES:
+        raise ValueError(f"timeframe must be one of {GAP_TIMEFRAMES}, got {timeframe!r}")
+    index = pd.DatetimeIndex(bars.index)
+    if index.tz is None:
+        raise ValueError("bars need a timezone-aware index (bar start times in UTC) to be placed on the calendar")
+    if len(index) == 0:
+        return []
+    days = index.tz_convert("UTC").tz_localize(None).normalize()
+    schedule = calendar().schedule
+    sessions = pd.DatetimeIndex(schedule.index)  # session dates, tz-naive
+    opens = pd.DatetimeIndex(schedule["open"]).tz_convert("UTC")
+    if timeframe == "1d":
+        expected = (sessions >= days.min()) & (sessions <= days.max())
+        missing = expected & ~sessions.isin(days)
+    else:
+        weeks = sessions.to_period("W-SUN")
+        bar_weeks = days.to_period("W-SUN")
+        first_session_of_week = ~weeks.duplicated()  # sessions are sorted
+        expected = first_session_of_week & (weeks >= bar_weeks.min()) & (weeks <= bar_weeks.max())
+        missing = expected & ~weeks.isin(bar_weeks)
+    return list(opens[missing])
+
+
+def describe_gaps(gaps: list[pd.Timestamp], limit: int = 5) -> str:
+    """One line for people: "none", or how many periods are missing and the first `limit` of them
+    by their New York date, e.g. "2 missing: Wed 2024-07-03, Fri 2024-07-05"."""
+    if not gaps:
+        return "none"
+    shown = [pd.Timestamp(gap).tz_convert("America/New_York").strftime("%a %Y-%m-%d") for gap in gaps[: max(limit, 0)]]
+    text = f"{len(gaps)} missing"
+    if shown:
+        text += ": " + ", ".join(shown)
+        if len(gaps) > len(shown):
+            text += f" and {len(gaps) - len(shown)} more"
+    return text

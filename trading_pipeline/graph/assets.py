@@ -151,8 +151,10 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         indicator_frames: MarketFrame,
         chart_renderer: ChartRendererResource,
         chart_store: ChartStoreResource,
+        trading_db: TradingDatabaseResource,
     ):
         from trading_pipeline.adapters.chart_store import chart_key
+        from trading_pipeline.adapters.records import record_chart
         from trading_pipeline.core.chart_figure import build_chart_figure
 
         frames = indicator_frames
@@ -165,6 +167,8 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         stored = chart_store.store().put_png(chart_key(frames.symbol, frames.timeframe, frames.as_of), png)
         ref = ChartImageRef(frames.symbol, frames.timeframe, frames.as_of, stored.uri, stored.key,
                             stored.sha256, stored.size_bytes, chart_renderer.width, chart_renderer.height)
+        record_chart(trading_db.sessions(), key=ref.key, symbol=ref.symbol, timeframe=ref.timeframe, as_of=ref.as_of,
+                     uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size_bytes, width=ref.width, height=ref.height)
         link = dg.MetadataValue.url(stored.uri) if stored.uri.startswith(("http", "file")) else dg.MetadataValue.text(stored.uri)
         return dg.MaterializeResult(
             value=ref,
@@ -223,7 +227,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         broker: BrokerResource,
         trading_db: TradingDatabaseResource,
     ):
-        from trading_pipeline.adapters.order_desk import record_decision, sent_decision
+        from trading_pipeline.adapters.records import record_decision, record_strategy, sent_decision
         from trading_pipeline.core import market_calendar
         from trading_pipeline.core.decisions import decide
 
@@ -232,6 +236,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         by_timeframe = {analysis.timeframe: analysis for analysis in ai_analyses.values()}
         daily, weekly = by_timeframe["1d"], by_timeframe["1w"]
         sessions = trading_db.sessions()
+        record_strategy(sessions, strategy)
         account = broker.broker().account({symbol: daily.last_close})
         decision = decide(
             strategy, symbol, daily, weekly, account,

@@ -15,6 +15,9 @@ from trading_pipeline.errors import BarDataError
 
 # Freshness: how many closed periods the last bar may lag behind as_of.
 MAX_STALE_PERIODS = {"1d": 2, "1w": 1}
+# Gaps: how many XNYS sessions (1d) or weeks (1w) may lack a bar between the first and the last bar.
+# IBKR's history sometimes lacks the bar of a half day, so a few are tolerated.
+MAX_GAPS = {"1d": 3, "1w": 1}
 
 
 def bar_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
@@ -25,6 +28,10 @@ def bar_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
                           description="Enough bars for the slowest indicator (SMA 200) on the last bar."),
         dg.AssetCheckSpec("fresh", asset=asset, blocking=True,
                           description="The last bar is the latest closed period before as_of (small tolerance)."),
+        dg.AssetCheckSpec("no_gaps", asset=asset, blocking=True,
+                          description="No XNYS session (1d) or week (1w) lacks a bar between the first and the last "
+                                      f"bar, up to a small tolerance (1d: {MAX_GAPS['1d']}, 1w: {MAX_GAPS['1w']}): "
+                                      "IBKR sometimes lacks a half day."),
     ]
 
 
@@ -68,7 +75,30 @@ def bar_checks(bars: MarketFrame, period: str) -> list[dg.AssetCheckResult]:
     else:
         results.append(dg.AssetCheckResult(check_name="fresh", passed=False,
                                            metadata={"problem": "no bars at all before as_of"}))
+    results.append(_gap_check(bars))
     return results
+
+
+def _gap_check(bars: MarketFrame) -> dg.AssetCheckResult:
+    from trading_pipeline.core.market_calendar import calendar_gaps, describe_gaps
+
+    tolerance = MAX_GAPS[bars.timeframe]
+    try:
+        gaps = calendar_gaps(bars.frame, bars.timeframe)
+    except (ValueError, TypeError) as error:  # e.g. a timezone-naive index, which bars_valid names too
+        return dg.AssetCheckResult(check_name="no_gaps", passed=False,
+                                   metadata={"problem": f"the bars cannot be placed on the XNYS calendar: {error}",
+                                             "tolerance": tolerance})
+    passed = len(gaps) <= tolerance
+    unit = "sessions" if bars.timeframe == "1d" else "weeks"
+    return dg.AssetCheckResult(
+        check_name="no_gaps", passed=passed,
+        metadata={"missing_periods": len(gaps), "tolerance": tolerance,
+                  "missing": describe_gaps(gaps),
+                  "all_missing": ", ".join(str(gap) for gap in gaps) or "none",
+                  "fix": "" if passed else
+                  f"{len(gaps)} XNYS {unit} have no {bars.timeframe} bar (at most {tolerance} tolerated): "
+                  f"re-request the history from the {bars.source} source, or check its symbol and session settings"})
 
 
 def indicator_check_specs(asset: str) -> list[dg.AssetCheckSpec]:

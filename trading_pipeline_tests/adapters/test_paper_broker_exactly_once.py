@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy import func, select
 
 from trading_pipeline.adapters.broker import DuplicateOrderError, PaperBroker
-from trading_pipeline.adapters.order_desk import OrderDesk, record_decision, sent_decision
+from trading_pipeline.adapters.order_desk import OrderDesk
+from trading_pipeline.adapters.records import record_decision, sent_decision
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, PaperOrderRow, session_factory
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id

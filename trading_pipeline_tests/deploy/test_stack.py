@@ -83,8 +83,8 @@ def test_runs_went_through_the_queue_and_succeeded(deployment, materialized):
                 events = set(connection.execute(
                     sa.text("SELECT dagster_event_type FROM event_logs WHERE run_id = :r AND dagster_event_type IS NOT NULL"),
                     {"r": run_id}).scalars())
-                # Queued by the webserver, dequeued by the daemon, run by the code location.
-                assert {"PIPELINE_ENQUEUED", "PIPELINE_DEQUEUED", "PIPELINE_START", "PIPELINE_SUCCESS",
+                # Queued by the webserver, launched by the daemon, run in the code location.
+                assert {"PIPELINE_ENQUEUED", "PIPELINE_STARTING", "PIPELINE_START", "PIPELINE_SUCCESS",
                         "ASSET_MATERIALIZATION"} <= events, (run_id, sorted(events))
     finally:
         engine.dispose()

@@ -13,7 +13,14 @@ import pytest
 import talib
 from sqlalchemy import func, select
 
-from trading_pipeline.adapters.trading_db import DecisionRow, PaperOrderRow, session_factory
+from trading_pipeline.adapters.trading_db import (
+    ChartRow,
+    DecisionRow,
+    PaperOrderRow,
+    StrategyRow,
+    SymbolRow,
+    session_factory,
+)
 from trading_pipeline.core.analysis import Action
 from trading_pipeline.core.strategies import parse_strategies
 from trading_pipeline.definitions import build_definitions
@@ -77,6 +84,12 @@ def test_whole_graph_two_symbols(environment, tmp_path):
             with sessions() as session:
                 row = session.get(DecisionRow, decision.decision_id)
                 assert row is not None and row.action == decision.action.value
+                assert session.get(SymbolRow, symbol).strategy == "graph_test"
+                for timeframe, out in outputs.items():
+                    chart_row = session.get(ChartRow, out["chart_images"].key)
+                    assert chart_row.sha256 == out["chart_images"].sha256 and chart_row.timeframe == timeframe
+        with sessions() as session:
+            assert session.get(StrategyRow, "graph_test").settings["risk"]["min_r"] == 1.0
 
         spy_outputs, spy, spy_order = results["SPY"]
         assert spy.action == Action.BUY

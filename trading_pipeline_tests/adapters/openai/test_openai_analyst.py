@@ -409,8 +409,8 @@ def test_requests_in_flight_are_bounded_by_the_configured_concurrency(make_analy
         results = list(pool.map(lambda _: analyst.analyze(daily, chart_for(png), png), range(6)))
     elapsed = time.perf_counter() - started
     assert all(r.valid for r in results)
-    assert openai_server.max_in_flight == 3
-    assert 0.5 <= elapsed < 1.5  # two waves of 3
+    assert openai_server.max_in_flight == 3  # in parallel, but never more than the pool allows
+    assert elapsed >= 0.5  # so six calls took (at least) two waves
 
 
 # --- secrets ---------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def test_consolidation_call_returns_a_strict_proposal_the_risk_gates_accept(make
     # The same decision path as the rules analyst: decide() accepts the analyses as they are.
     decision = decide(STRATEGY, "AAPL", d, w, AccountState(100_000, 100_000), market_open=True, next_open="now")
     assert decision.analysts == {"1d": "openai:gpt-4.1-mini", "1w": "openai:gpt-4.1-mini"}
-    assert decision.proposed_action == Action.BUY  # decide() still consolidates by the rules until it is wired
+    assert decision.proposed_action == Action.BUY
 
 
 def test_consolidation_cannot_turn_a_daily_buy_into_a_sell(make_analyst, openai_server, daily, weekly, png):

@@ -67,7 +67,7 @@ def test_unusable_bars_are_named_before_any_number_is_judged():
 def test_tolerance_uses_the_share_of_the_close_when_atr_is_small():
     ctx = NumericContext(last_close=100.0, atr=0.5, recent_high=101.0, recent_low=99.0)
     assert ctx.entry_tolerance() == 2.0
-    assert plausibility_problems("BUY", 101.9, 99.5, [101.5], ctx) == []
+    assert plausibility_problems("BUY", 101.9, 99.5, [103.0], ctx) == []
 
 
 def test_r_is_recomputed_from_the_prices():

@@ -1,0 +1,178 @@
+"""Dagster side of IBKR: the `ibkr` resource, the history concurrency pool, the session-health
+sensor, and the hold the orders asset checks before placing anything.
+
+- `IBKRResource` (resource key "ibkr") serves the `ibkr` market data source (`market_data()`) and
+  the `ibkr` broker (`broker()`) from one client per process and configuration, so all steps of a
+  run share its pacing (<= 10 requests/s, <= 4 history requests in flight).
+- `IBKR_HISTORY_POOL` ("ibkr_history"): put `pool=IBKR_HISTORY_POOL` on `market_bars` in ibkr
+  mode and set its limit (`dagster instance concurrency set ibkr_history 4`) so parallel runs
+  never have more history steps in flight than IBKR allows.
+- `ibkr_session_sensor` (default STOPPED; turn it on in the UI): every 60 s it tickles the
+  gateway (keepalive), re-opens the brokerage session if it timed out (ssodh/init), and records
+  the status in its cursor and in a small JSON file.
+- `order_placement_held()` reads that file: it returns why orders are held while the last
+  recorded status (at most `max_age_seconds` old) is unhealthy, else None.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+
+from trading_pipeline.adapters.ibkr.client import DEFAULT_AUTO_CONFIRM, DEFAULT_GATEWAY_URL
+
+IBKR_HISTORY_POOL = "ibkr_history"
+SESSION_STATUS_FILE = "ibkr_session.json"
+SENSOR_INTERVAL_SECONDS = 60  # IBKR: tickle about every 60 s; the session dies after ~6 min idle
+STATUS_MAX_AGE_SECONDS = 300
+
+
+def default_status_path(environ: dict[str, str] | None = None) -> Path:
+    """IBKR_SESSION_STATUS_FILE, else <TRADING_DATA_DIR>/ibkr_session.json."""
+    from trading_pipeline import config
+
+    environ = os.environ if environ is None else environ
+    if environ.get("IBKR_SESSION_STATUS_FILE"):
+        return Path(environ["IBKR_SESSION_STATUS_FILE"]).expanduser()
+    return config.data_dir(environ) / SESSION_STATUS_FILE
+
+
+class IBKRResource(dg.ConfigurableResource):
+    """The IBKR Client Portal gateway (IBKR_GATEWAY_URL, IBKR_ACCOUNT_ID, IBKR_VERIFY_SSL, ...)."""
+
+    gateway_url: str = DEFAULT_GATEWAY_URL
+    account_id: str | None = None
+    verify_ssl: bool = False
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 30.0
+    allow_live: bool = False
+    auto_confirm: list[str] = list(DEFAULT_AUTO_CONFIRM)
+    exchanges: list[str] = []
+    conids: dict[str, int] = {}
+    take_over_session: bool = False
+    history_concurrency: int = 4
+    volume_multiplier: float | None = None
+    status_file: str | None = None
+
+    def _key(self) -> tuple:
+        return (self.gateway_url, self.account_id, self.verify_ssl, self.connect_timeout_seconds,
+                self.read_timeout_seconds, self.allow_live, tuple(self.auto_confirm), tuple(self.exchanges),
+                tuple(sorted(self.conids.items())), self.take_over_session, self.history_concurrency)
+
+    def client(self):
+        """The process-wide client for this configuration (shared pacing and session state)."""
+        return _shared_client(self._key())
+
+    def market_data(self):
+        from trading_pipeline.adapters.ibkr.market_data import IBKRMarketData
+
+        return IBKRMarketData(self.client(), volume_multiplier=self.volume_multiplier)
+
+    def broker(self):
+        from trading_pipeline.adapters.ibkr.broker import IBKRBroker
+
+        return IBKRBroker(self.client())
+
+    def status_path(self) -> Path:
+        return Path(self.status_file).expanduser() if self.status_file else default_status_path()
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "IBKRResource":
+        """Built from the same variables as IBKRClient.from_env (errors name the variable)."""
+        from trading_pipeline.adapters.ibkr.client import settings_from_env
+
+        environ = dict(os.environ if environ is None else environ)
+        settings = settings_from_env(environ)
+        multiplier = (environ.get("IBKR_HISTORY_VOLUME_MULTIPLIER") or "").strip()
+        return cls(
+            gateway_url=settings["gateway_url"], account_id=settings["account_id"],
+            verify_ssl=settings["verify_ssl"], connect_timeout_seconds=settings["connect_timeout"],
+            read_timeout_seconds=settings["read_timeout"], allow_live=settings["allow_live"],
+            auto_confirm=list(settings["auto_confirm"]), exchanges=list(settings["exchanges"] or []),
+            conids=settings["conid_overrides"], take_over_session=settings["take_over_competing_session"],
+            history_concurrency=settings["pacing"].history_concurrency,
+            volume_multiplier=float(multiplier) if multiplier else None,
+            status_file=environ.get("IBKR_SESSION_STATUS_FILE") or None)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_client(key: tuple):
+    from trading_pipeline.adapters.ibkr.client import IBKRClient
+    from trading_pipeline.adapters.ibkr.pacing import Pacing
+
+    (url, account, verify, connect, read, allow_live, auto, exchanges, conids, take_over, concurrency) = key
+    return IBKRClient(url, account_id=account, verify_ssl=verify, connect_timeout=connect, read_timeout=read,
+                      allow_live=allow_live, auto_confirm=auto, exchanges=exchanges or None,
+                      take_over_competing_session=take_over, conid_overrides=dict(conids),
+                      pacing=Pacing(history_concurrency=concurrency))
+
+
+# ------------------------------------------------------------------------------------------------
+# Session status: written by the sensor, read before placing orders
+# ------------------------------------------------------------------------------------------------
+
+def write_session_status(path: Path, record: dict) -> None:
+    """Atomically replace the status file (readers never see a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".ibkr_session.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        json.dump(record, stream, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def read_session_status(path: Path | None = None) -> dict | None:
+    path = path or default_status_path()
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def order_placement_held(status_path: Path | None = None, max_age_seconds: float = STATUS_MAX_AGE_SECONDS,
+                         now: datetime | None = None) -> str | None:
+    """Why IBKR order placement is held, or None.
+
+    Held while the session-health sensor's last record (at most `max_age_seconds` old) says the
+    session is unhealthy. No record, or an older one (the sensor is off), holds nothing: the
+    broker checks the session itself right before sending.
+    """
+    record = read_session_status(status_path)
+    if not record or "healthy" not in record:
+        return None
+    try:
+        checked = datetime.fromisoformat(str(record["checked_at"]))
+    except (KeyError, ValueError):
+        return None
+    now = now or datetime.now(timezone.utc)
+    age = (now - checked).total_seconds()
+    if age > max_age_seconds or record["healthy"]:
+        return None
+    return (f"IBKR session unhealthy at {checked.isoformat(timespec='seconds')} ({age:.0f} s ago, "
+            f"ibkr_session_sensor): {record.get('detail') or 'no detail'}. Order placement is held until the "
+            "sensor records a healthy session (it re-checks every minute)")
+
+
+@dg.sensor(
+    name="ibkr_session_sensor",
+    minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Keeps the IBKR gateway session alive (tickle), reopens a timed-out brokerage session, records "
+                "its health (cursor + status file); orders are held while it is unhealthy.",
+)
+def ibkr_session_sensor(context: dg.SensorEvaluationContext, ibkr: IBKRResource):
+    health = ibkr.client().session_health()
+    record = {**health.as_dict(), "gateway_url": ibkr.gateway_url}
+    write_session_status(ibkr.status_path(), record)
+    previous = json.loads(context.cursor) if context.cursor else {}
+    context.update_cursor(json.dumps(record, sort_keys=True))
+    if previous.get("healthy") != health.healthy:
+        (context.log.info if health.healthy else context.log.warning)(
+            f"IBKR session {'healthy' if health.healthy else 'UNHEALTHY'}: {health.detail}")
+    state = "healthy" if health.healthy else "unhealthy, order placement held"
+    return dg.SkipReason(f"IBKR session {state}: {health.detail}")
