@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 
 from trading_pipeline.core.frames import TIMEFRAMES
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--as-of", help="point in time of the run (ISO 8601, default now)")
     parser.add_argument("--symbols", help="comma-separated subset of the strategies' symbols")
     args = parser.parse_args(argv)
+    # Dagster's beta/preview notices about APIs we chose deliberately are noise in a terminal.
+    warnings.filterwarnings("ignore", message=r".*(is currently in beta|is currently in preview).*")
     _load_dotenv()
     if not os.environ.get("DAGSTER_HOME"):
         print("DAGSTER_HOME is not set. Run `make demo`, or export DAGSTER_HOME=$PWD/.dagster_home first.",

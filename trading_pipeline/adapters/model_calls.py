@@ -114,7 +114,12 @@ _created_lock = threading.Lock()
 
 
 def ensure_tables(sessions: sessionmaker[Session]) -> None:
-    """Create the two tables if missing (get_engine may have run before this module was imported)."""
+    """Create the two tables if they are missing.
+
+    The schema belongs to Alembic (trading_pipeline/migrations): its revision for these tables runs
+    when the engine is created, and then this finds them and does nothing. It only creates them on a
+    database migrated by a revision set that does not include them yet.
+    """
     engine = sessions.kw["bind"]
     key = str(engine.url)
     with _created_lock:
@@ -347,21 +352,50 @@ class ModelCallLog:
         self.sessions = sessions
         self.redactor = redactor
 
-    def record(self, **fields: Any) -> None:
+    def _clean(self, fields: dict[str, Any]) -> dict[str, Any]:
         for name in ("error", "response", "outcome"):
             if fields.get(name) is not None:
                 fields[name] = self.redactor.text(str(fields[name]))
         if fields.get("request") is not None:
             fields["request"] = self.redactor.json(fields["request"])
         fields.setdefault("total_tokens", int(fields.get("prompt_tokens") or 0) + int(fields.get("completion_tokens") or 0))
-        with self.sessions.begin() as session:
-            session.add(ModelCallRow(**fields))
+        return fields
 
-    def finish(self, call_id: str, outcome: str) -> None:
-        """Write what the call became (valid analysis, or why it is unusable) on all its rows."""
+    def record(self, **fields: Any) -> None:
+        """Write one row now (failed attempts, budget refusals); redacted."""
         with self.sessions.begin() as session:
-            session.execute(update(ModelCallRow).where(ModelCallRow.call_id == call_id)
-                            .values(outcome=self.redactor.text(outcome)[:4000]))
+            session.add(ModelCallRow(**self._clean(fields)))
+
+    def settle(self, call_id: str, outcome: str, *, row: dict[str, Any] | None = None,
+               cache_put: tuple[str, dict[str, Any]] | None = None, cache_hit_key: str | None = None) -> None:
+        """In one transaction: the call's last row (if not yet written), what the call became ("valid"
+        or "invalid: why") on all its rows, and its response-cache entry (a fresh answer, or a hit)."""
+        outcome = self.redactor.text(outcome)[:4000]
+        for attempt in range(2):
+            try:
+                with self.sessions.begin() as session:
+                    if row is not None:
+                        session.add(ModelCallRow(**self._clean(dict(row)), outcome=outcome))
+                    session.execute(update(ModelCallRow)
+                                    .where(ModelCallRow.call_id == call_id, ModelCallRow.outcome.is_(None))
+                                    .values(outcome=outcome))
+                    if cache_put is not None:
+                        key, fields = cache_put
+                        entry = session.get(ModelResponseCacheRow, key)
+                        if entry is None:
+                            session.add(ModelResponseCacheRow(cache_key=key, **fields))
+                        else:  # a bypassed cache replaces the entry with the fresh answer
+                            for name, value in fields.items():
+                                setattr(entry, name, value)
+                            entry.created_at = utcnow()
+                    if cache_hit_key is not None:
+                        session.execute(update(ModelResponseCacheRow)
+                                        .where(ModelResponseCacheRow.cache_key == cache_hit_key)
+                                        .values(hits=ModelResponseCacheRow.hits + 1, last_hit_at=utcnow()))
+                return
+            except IntegrityError:  # a concurrent run cached the same key first: update it instead
+                if attempt:
+                    raise
 
     def tokens_used(self, *, run_id: str | None = None, since: datetime | None = None) -> int:
         query = select(func.coalesce(func.sum(ModelCallRow.total_tokens), 0)).where(ModelCallRow.cache_hit.is_(False))
@@ -414,29 +448,12 @@ class ResponseCache:
         self.sessions = sessions
 
     def get(self, key: str) -> CachedResponse | None:
-        with self.sessions.begin() as session:
+        """Read-only lookup; entries are written (and hits counted) by ModelCallLog.settle."""
+        with self.sessions() as session:
             row = session.get(ModelResponseCacheRow, key)
             if row is None:
                 return None
-            row.hits += 1
-            row.last_hit_at = utcnow()
             return CachedResponse(row.content, row.vision, row.response_format, row.call_id)
-
-    def put(self, key: str, **fields: Any) -> None:
-        """Insert or replace (a bypassed cache stores the fresh answer for the next run)."""
-        for _ in range(2):
-            try:
-                with self.sessions.begin() as session:
-                    row = session.get(ModelResponseCacheRow, key)
-                    if row is None:
-                        session.add(ModelResponseCacheRow(cache_key=key, **fields))
-                    else:
-                        for name, value in fields.items():
-                            setattr(row, name, value)
-                        row.created_at = utcnow()
-                return
-            except IntegrityError:  # a concurrent writer inserted the same key: update it instead
-                continue
 
 
 def cache_enabled(environ: Mapping[str, str], run_tags: Mapping[str, str] | None = None) -> bool:

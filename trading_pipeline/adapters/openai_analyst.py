@@ -291,6 +291,11 @@ class _Answer:
     response_format: str
     call_id: str
     cached: bool
+    # Written together with the outcome, in one transaction, once the answer has been judged:
+    row: dict[str, Any] | None = None  # the successful attempt (or the cache hit)
+    cache_put: tuple[str, dict[str, Any]] | None = None  # (key, fields) of a fresh schema-valid answer
+    cache_hit_key: str | None = None
+    reservation: Any = None  # the budget reservation, released once the row is in the log
 
 
 @dataclass
@@ -405,6 +410,7 @@ class OpenAIAnalyst:
             return TimeframeAnalysis.invalid(
                 reason=f"the chart PNG given does not match the chart reference {chart.uri} (sha256 differs)",
                 analyst=self.name, **base)
+        result: _Answer | None = None
         call_id = None
         try:
             result = self._complete(
@@ -416,14 +422,16 @@ class OpenAIAnalyst:
             call_id = result.call_id
             analysis = self._timeframe_analysis(result, numbers, base)
         except _Unusable as error:
-            call_id = getattr(error, "call_id", call_id)
+            call_id = call_id or getattr(error, "call_id", None)
             analysis = TimeframeAnalysis.invalid(reason=str(error), analyst=self.name, **base)
         except Exception as error:  # noqa: BLE001 - fail closed on anything, say what it was
             analysis = TimeframeAnalysis.invalid(
                 reason=f"unexpected error in the openai analyst: {type(error).__name__}: {self.redactor.text(str(error))}",
                 analyst=self.name, **base)
         if call_id is not None:
-            self._finish(call_id, "valid" if analysis.valid else f"invalid: {analysis.invalid_reason}")
+            problem = self._settle(result, call_id, "valid" if analysis.valid else f"invalid: {analysis.invalid_reason}")
+            if problem:
+                analysis = TimeframeAnalysis.invalid(reason=problem, analyst=self.name, **base)
         return analysis
 
     def consolidate(self, daily: TimeframeAnalysis, weekly: TimeframeAnalysis) -> Consolidated:
@@ -482,9 +490,7 @@ class OpenAIAnalyst:
         problems = plausibility_problems(signal, entry, stop, targets, numbers,
                                          support=answer.support, resistance=answer.resistance)
         if problems:
-            error = _Unusable(f"implausible numbers from the model ({signal.value}): " + "; ".join(problems))
-            error.call_id = result.call_id  # type: ignore[attr-defined]
-            raise error
+            raise _Unusable(f"implausible numbers from the model ({signal.value}): " + "; ".join(problems))
         notes = []
         if trade:
             r = reward_risk(entry, stop, targets[0])
@@ -549,9 +555,9 @@ class OpenAIAnalyst:
                                     user_text=user_text, png=None, context=context, answer_model=ConsolidationAnswer)
         except _Unusable as error:
             call_id = getattr(error, "call_id", None)
-            if call_id:
-                self._finish(call_id, f"invalid: {error}")
-            return _no_trade(f"the consolidation call gave nothing usable: {error}")
+            reason = f"the consolidation call gave nothing usable: {error}"
+            problem = self._settle(None, call_id, f"invalid: {error}") if call_id else None
+            return _no_trade(problem or reason)
         answer: ConsolidationAnswer = result.answer  # type: ignore[assignment]
         action = Action(answer.action)
         trade = action in (Action.BUY, Action.SELL)
@@ -561,9 +567,10 @@ class OpenAIAnalyst:
         who = f"{self.name}, prompt {prompt.version}"
         if problems:
             reason = f"the consolidation proposal is implausible ({action.value}): " + "; ".join(problems)
-            self._finish(result.call_id, f"invalid: {reason}")
-            return _no_trade(reason)
-        self._finish(result.call_id, "valid")
+            return _no_trade(self._settle(result, result.call_id, f"invalid: {reason}") or reason)
+        problem = self._settle(result, result.call_id, "valid")
+        if problem:
+            return _no_trade(problem)
         lead = daily.signal
         if not trade:
             return Consolidated(
@@ -580,11 +587,20 @@ class OpenAIAnalyst:
 
     # -- the call itself --
 
-    def _finish(self, call_id: str, outcome: str) -> None:
+    def _settle(self, result: _Answer | None, call_id: str, outcome: str) -> str | None:
+        """Record the call's last row, its outcome and its cache entry in one transaction. Returns a
+        reason when that fails: an unrecorded call would escape the budgets, so it is not used."""
         try:
-            self.calls.finish(call_id, outcome)
-        except Exception:  # noqa: BLE001 - the outcome column is informative; the analysis already says it
-            log.exception("could not write the outcome of model call %s", call_id)
+            self.calls.settle(call_id, outcome, row=result.row if result else None,
+                              cache_put=result.cache_put if result else None,
+                              cache_hit_key=result.cache_hit_key if result else None)
+            return None
+        except Exception as error:  # noqa: BLE001 - fail closed
+            log.exception("could not record model call %s", call_id)
+            return (f"the model call could not be recorded in the trading database "
+                    f"({type(error).__name__}: {self.redactor.text(str(error))[:300]}); its answer is not used")
+        finally:
+            Budget.release(result.reservation if result else None)
 
     def client(self):
         with self._client_lock:
@@ -616,16 +632,17 @@ class OpenAIAnalyst:
         if s.cache:
             cached = self.cache.get(key)
             if cached is not None:
-                call_id = uuid.uuid4().hex
-                self.calls.record(call_id=call_id, attempt=0, vision=cached.vision, response_format=cached.response_format,
-                                  cache_hit=True, status=model_calls.CACHE_HIT, response=cached.content,
-                                  request={"cache_of_call": cached.call_id}, **common)
                 try:
                     answer = parse_answer(cached.content, answer_model)
                 except _Unusable as error:  # a cache row that no longer validates is a miss, not an answer
                     log.warning("cached answer %s no longer validates (%s); calling the model", key, error)
                 else:
-                    return _Answer(answer, cached.vision, cached.response_format, call_id, cached=True)
+                    call_id = uuid.uuid4().hex
+                    row = dict(call_id=call_id, attempt=0, vision=cached.vision, response_format=cached.response_format,
+                               cache_hit=True, status=model_calls.CACHE_HIT, response=cached.content,
+                               request={"cache_of_call": cached.call_id}, **common)
+                    return _Answer(answer, cached.vision, cached.response_format, call_id, cached=True, row=row,
+                                   cache_hit_key=key)
 
         client = self.client()  # built (and `openai` imported) before any latency is measured
         call_id = uuid.uuid4().hex
@@ -653,8 +670,10 @@ class OpenAIAnalyst:
                 status, http_status, text, headers, error_text = self._send(client, body)
                 latency_ms = (time.perf_counter() - started) * 1000
                 if status == "ok":
-                    return self._accept(text, row, attempt, http_status, latency_ms, estimate, answer_model, key,
-                                        context_sha, send_image, adapt.response_format)
+                    result = self._accept(text, row, attempt, http_status, latency_ms, estimate, answer_model, key,
+                                          context_sha, send_image, adapt.response_format)
+                    result.reservation, reservation = reservation, None  # released by _settle
+                    return result
                 self.calls.record(attempt=attempt, status=status, http_status=http_status, error=error_text,
                                   response=text, latency_ms=latency_ms, **row)
             finally:
@@ -806,12 +825,12 @@ class OpenAIAnalyst:
                                                         "not an object" in str(error) else "schema_violation")
             self.calls.record(status=status, error=str(error), **accounted)
             raise self._unusable(call_id, str(error)) from None
-        self.calls.record(status=model_calls.OK, **accounted)
-        # Stored even when the cache is bypassed: the fresh answer serves the next run.
-        self.cache.put(key, kind=row["kind"], model=s.model, prompt_version=row["prompt_version"],
-                       image_sha256=row["image_sha256"], context_sha256=context_sha, content=content, vision=vision,
-                       response_format=response_format, call_id=call_id)
-        return _Answer(answer, vision, response_format, call_id, cached=False)
+        # The cache entry is stored even when the cache is bypassed: the fresh answer serves the next run.
+        cache_fields = dict(kind=row["kind"], model=s.model, prompt_version=row["prompt_version"],
+                            image_sha256=row["image_sha256"], context_sha256=context_sha, content=content,
+                            vision=vision, response_format=response_format, call_id=call_id)
+        return _Answer(answer, vision, response_format, call_id, cached=False, row=dict(status=model_calls.OK, **accounted),
+                       cache_put=(key, cache_fields))
 
     @staticmethod
     def _content(body: Any) -> str:

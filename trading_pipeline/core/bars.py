@@ -7,6 +7,7 @@ bad frame fails here with a readable `BarDataError` instead of deep inside TA-Li
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,12 @@ PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
 
 # How many offending rows a message lists before summarising the rest as "and N more".
 _ROWS_SHOWN = 5
+
+# From this many rows on, a compiled single pass first checks the whole frame (and imports numba
+# for it); below it the detailed checks take under a millisecond anyway.
+_COMPILED_CHECK_MIN_ROWS = 20_000
+
+_NAT = np.iinfo(np.int64).min
 
 _UTC_NAMES = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"})
 
@@ -41,7 +48,7 @@ def validate_bars(bars: pd.DataFrame) -> None:
             "Check the symbol, timeframe and date range requested from the market data source.",
         )
     _check_columns(bars)
-    if _plainly_valid(bars):
+    if len(bars.index) >= _COMPILED_CHECK_MIN_ROWS and _plainly_valid(bars):
         return
     # Something is off: the detailed checks below find the first problem and name its rows.
     _check_index(bars.index)
@@ -56,7 +63,8 @@ def _plainly_valid(bars: pd.DataFrame) -> bool:
     the detailed checks", which then raise naming the offending rows. Only plain numpy number
     columns and a UTC DatetimeIndex take this path, and only when numba is installed.
     """
-    if _clean_rows is None:
+    clean_rows = _compiled_clean_rows()
+    if clean_rows is None:
         return False
     index = bars.index
     if not (isinstance(index, pd.DatetimeIndex) and index.tz is not None and _is_utc(index.tz)):
@@ -68,10 +76,20 @@ def _plainly_valid(bars: pd.DataFrame) -> bool:
     ):
         return False
     arrays = (np.ascontiguousarray(column.to_numpy(dtype=np.float64)) for column in columns)
-    return bool(_clean_rows(np.ascontiguousarray(index.asi8), *arrays))
+    return bool(clean_rows(np.ascontiguousarray(index.asi8), *arrays))
 
 
-def _clean_rows_kernel(times, open_, high, low, close, volume):  # pragma: no cover - runs compiled
+@functools.lru_cache(maxsize=1)
+def _compiled_clean_rows():
+    """`_clean_rows` compiled by numba (imported only now: it is slow to import), or None without numba."""
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - without numba every frame takes the detailed checks
+        return None
+    return njit(cache=True, nogil=True)(_clean_rows)
+
+
+def _clean_rows(times, open_, high, low, close, volume):  # pragma: no cover - runs compiled
     """Whether the rows pass every detailed check: times strictly increasing (so sorted and
     unique) without NaT; low > 0, high < inf, low <= open <= high and low <= close <= high (so all
     four prices are finite and > 0); 0 <= volume < inf. NaN fails every comparison, so any NaN
@@ -91,16 +109,6 @@ def _clean_rows_kernel(times, open_, high, low, close, volume):  # pragma: no co
     for i in range(1, n):
         clean &= times[i] > times[i - 1]
     return clean
-
-
-_NAT = np.iinfo(np.int64).min
-
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - without numba every frame takes the detailed checks
-    _clean_rows = None
-else:
-    _clean_rows = njit(cache=True, nogil=True)(_clean_rows_kernel)
 
 
 def _check_columns(bars: pd.DataFrame) -> None:

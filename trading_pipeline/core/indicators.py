@@ -8,7 +8,6 @@ input fails with a `BarDataError` naming the rows instead of deep inside TA-Lib.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -128,15 +127,17 @@ def compute_indicators(bars: pd.DataFrame, params: IndicatorParams | None = None
         np.ascontiguousarray(bars[column].to_numpy(dtype=np.float64)) for column in ("high", "low", "close")
     )
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="supertrend") if (
-        len(close) >= _SUPERTREND_THREAD_MIN_BARS
-    ) else nullcontext() as second_thread:
-        # SuperTrend's compiled kernel releases the GIL, TA-Lib does not: on long frames the kernel
-        # runs on a second thread while TA-Lib computes the rest. Same calls, same results.
-        supertrend_args = (high, low, close, params.supertrend_period, params.supertrend_multiplier)
-        pending = second_thread.submit(supertrend, *supertrend_args) if second_thread else None
+    supertrend_args = (high, low, close, params.supertrend_period, params.supertrend_multiplier)
+    if len(close) < _SUPERTREND_THREAD_MIN_BARS:
         indicators = _talib_indicators(high, low, close, params)
-        line_and_direction = pending.result() if pending else supertrend(*supertrend_args)
+        line_and_direction = supertrend(*supertrend_args)
+    else:
+        # SuperTrend's compiled kernel releases the GIL and TA-Lib does not: on long frames the
+        # kernel runs on a second thread while TA-Lib computes the rest. Same calls, same results.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="supertrend") as second_thread:
+            pending = second_thread.submit(supertrend, *supertrend_args)
+            indicators = _talib_indicators(high, low, close, params)
+            line_and_direction = pending.result()
     indicators["supertrend"], indicators["supertrend_direction"] = line_and_direction
 
     # Drop stale indicator columns (re-running on an already enriched frame) and add all at once.

@@ -5,6 +5,7 @@ Pure: parses YAML and validates it with pydantic. Errors name the file, the line
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from trading_pipeline.errors import StrategiesFileError
 PERIOD_PATTERN = re.compile(r"^(\d{1,4})(d|w|m|y)$")
 PERIOD_LIMITS = {"d": 1000, "w": 792, "m": 182, "y": 15}
 # Dagster partition keys reject | , [ ] and "..."; IBKR symbols use letters, digits, '.' and ' '.
+# The slowest indicator, SMA 200, needs 200 bars; the run-time check counts the real bars.
+MIN_HISTORY_BARS = 200
+BARS_PER_YEAR = {"1d": 252, "1w": 52}
 SYMBOL_PATTERN = re.compile(r"^[A-Z][A-Z0-9.]{0,11}$")
 
 
@@ -43,6 +47,10 @@ class TimeframeSettings(_Strict):
     def calendar_days(self) -> int:
         count, unit = PERIOD_PATTERN.match(self.period).groups()  # type: ignore[union-attr]
         return int(count) * {"d": 1, "w": 7, "m": 31, "y": 366}[unit]
+
+    def expected_bars(self, timeframe: str) -> int:
+        """Roughly how many bars the period holds (NYSE: ~252 sessions, 52 weeks a year)."""
+        return int(self.calendar_days() / 365.25 * BARS_PER_YEAR[timeframe])
 
 
 class RiskSettings(_Strict):
@@ -100,6 +108,13 @@ class Strategy(_Strict):
                 f"timeframes must be exactly {', '.join(TIMEFRAMES)} (the daily analysis leads, "
                 f"the weekly confirms); got {', '.join(map(str, timeframes)) or 'none'}"
             )
+        for timeframe, settings in timeframes.items():
+            expected = settings.expected_bars(timeframe)
+            if expected < MIN_HISTORY_BARS:
+                needed = math.ceil(MIN_HISTORY_BARS / BARS_PER_YEAR[timeframe] * 10) / 10
+                raise ValueError(
+                    f"{timeframe} period {settings.period} gives about {expected} bars; SMA 200 needs "
+                    f"{MIN_HISTORY_BARS} — use at least {needed:g}y (e.g. {math.ceil(needed)}y)")
         return timeframes
 
 

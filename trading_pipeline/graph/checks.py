@@ -93,12 +93,10 @@ def _gap_check(bars: MarketFrame) -> dg.AssetCheckResult:
     unit = "sessions" if bars.timeframe == "1d" else "weeks"
     return dg.AssetCheckResult(
         check_name="no_gaps", passed=passed,
-        metadata={"missing_periods": len(gaps), "tolerance": tolerance,
-                  "missing": describe_gaps(gaps),
-                  "all_missing": ", ".join(str(gap) for gap in gaps) or "none",
+        metadata={"missing_periods": len(gaps), "tolerance": tolerance, "missing": describe_gaps(gaps),
                   "fix": "" if passed else
-                  f"{len(gaps)} XNYS {unit} have no {bars.timeframe} bar (at most {tolerance} tolerated): "
-                  f"re-request the history from the {bars.source} source, or check its symbol and session settings"})
+                  f"{len(gaps)} XNYS {unit} have no {bars.timeframe} bar, more than the {tolerance} tolerated: "
+                  f"re-request the {bars.timeframe} history from the {bars.source} source and check it is complete"})
 
 
 def indicator_check_specs(asset: str) -> list[dg.AssetCheckSpec]:

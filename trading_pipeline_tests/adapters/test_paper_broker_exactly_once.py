@@ -110,3 +110,46 @@ def test_non_marketable_limit_stays_working(database_url):
     result = OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(
         decision, build_legs(decision, "DAY"), reference_price=101.0)  # limit 100 below the last price
     assert result.status == "submitted" and result.filled_quantity == 0
+
+
+CRASHING_PROCESS = """
+import os, sys
+from datetime import datetime, timezone
+from trading_pipeline.adapters.broker import PaperBroker
+from trading_pipeline.adapters.order_desk import OrderDesk
+from trading_pipeline.adapters.records import record_decision
+from trading_pipeline.adapters.trading_db import session_factory
+from trading_pipeline.core.analysis import Action, TradeDecision
+from trading_pipeline.core.orders import build_legs
+
+class DiesAfterSend(PaperBroker):
+    def place(self, *args, **kwargs):
+        super().place(*args, **kwargs)
+        os._exit(17)  # the process is killed right after the broker accepted the order
+
+now = datetime.now(timezone.utc)
+decision = TradeDecision(decision_id="restart", strategy="s", symbol="AAPL", as_of=now, data_through=now,
+                         proposed_action=Action.BUY, action=Action.BUY, entry=100.0, stop=96.0, targets=[106.0],
+                         quantity=10, rationale="t", account_equity=1e5)
+sessions = session_factory(sys.argv[1])
+record_decision(sessions, decision)
+OrderDesk(sessions, DiesAfterSend(sessions, 1e5)).submit_once(decision, build_legs(decision, "DAY"), 100.0)
+"""
+
+
+def test_process_killed_after_send_then_restarted_sends_once(database_url):
+    import subprocess
+    import sys
+
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_PROCESS, database_url], capture_output=True, text=True,
+                             timeout=120)
+    assert crashed.returncode == 17, crashed.stderr
+    sessions = session_factory(database_url)
+    decision = TradeDecision(decision_id="restart", strategy="s", symbol="AAPL", as_of=AS_OF, data_through=AS_OF,
+                             proposed_action=Action.BUY, action=Action.BUY, entry=100.0, stop=96.0, targets=[106.0],
+                             quantity=10, rationale="t", account_equity=1e5)
+    result = OrderDesk(sessions, PaperBroker(sessions, 1e5)).submit_once(decision, build_legs(decision, "DAY"), 100.0)
+    assert result.status == "already_sent"
+    assert broker_orders(sessions, "tp-restart") == 1
+    with sessions() as session:
+        assert session.get(OrderRow, "tp-restart").status == "Filled"

@@ -40,6 +40,7 @@ def test_valid_file_and_defaults():
         (VALID + "    risk: {min_rr: 2}\n", 7, "Extra inputs"),
         (VALID.replace("      1w: {period: 6y}\n", ""), 4, "exactly 1d, 1w"),
         (VALID.replace("AAPL", "ON"), 3, "quote it"),
+        (VALID.replace("period: 6y", "period: 2y"), 4, "1w period 2y gives about 104 bars; SMA 200 needs 200"),
     ],
 )
 def test_bad_file_names_line_and_fix(text, line, words):

@@ -212,7 +212,9 @@ def _start(tmp: Path, processes: ProcessSet, admin, admin_url, dagster_db: str, 
                 "TRADING_CHART_STORE": "s3",
                 "TRADING_DATA_DIR": str(tmp / "data"),
                 "TRADING_STRATEGIES_FILE": str(REPO / "trading_pipeline/data/strategies.yaml"),
-                "TRADING_ORDERS_ENABLED": "yes"}
+                "TRADING_ORDERS_ENABLED": "yes",
+                # Smaller charts render faster; the size is not what this test is about.
+                "TRADING_CHART_WIDTH": "960", "TRADING_CHART_HEIGHT": "540"}
 
     # The code location, then the webserver and the daemon, with their compose commands.
     processes.start("user_code", local_command(services["user_code"]["command"], replacements), code_env, cwd=tmp)

@@ -176,11 +176,9 @@ def test_compose_health_checks_pass_against_the_running_processes(deployment, ma
                                                      "POSTGRES_DB": deployment.dagster_db})
     assert result.returncode == 0 and "accepting connections" in result.stdout, (result.stdout, result.stderr)
 
-    # The checks can fail: no code server on a free port, and no daemon heartbeat within 0 s.
+    # The check can fail: nothing answers on a free port.
     dead = healthcheck_argv(services["user_code"], {"4000": str(free_port())})
     assert subprocess.run(dead, env=deployment.dagster_env, capture_output=True, timeout=60).returncode != 0
-    stale = deployment.run_healthcheck("daemon", {"DAGSTER_DAEMON_HEARTBEAT_TOLERANCE": "0"})
-    assert stale.returncode != 0 and "not running" in stale.stdout
 
 
 def test_setup_steps_are_idempotent(deployment):

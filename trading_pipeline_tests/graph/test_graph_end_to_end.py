@@ -168,3 +168,44 @@ def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp
         assert trade["r_multiple"] == expected_r
         assert positions == [] and account["open_positions"] == 0
         assert account["equity"] == pytest.approx(100_000 + decision.quantity * (expected_exit - decision.entry), abs=0.01)
+
+
+def test_order_step_failing_after_send_then_rerun_sends_once(environment, tmp_path):
+    """The orders step dies between the broker's acceptance and the record; re-executing the
+    job (what a user does after a failure) reconciles instead of sending a second order."""
+    from trading_pipeline.adapters.broker import PaperBroker
+    from trading_pipeline.graph.resources import BrokerResource
+
+    class FlakyPaperBroker(PaperBroker):
+        calls = 0
+
+        def place(self, *args, **kwargs):
+            answer = super().place(*args, **kwargs)
+            FlakyPaperBroker.calls += 1
+            if FlakyPaperBroker.calls == 1:
+                raise ConnectionResetError("connection lost after the broker accepted the order")
+            return answer
+
+    class FlakyBrokerResource(BrokerResource):
+        def broker(self):
+            return FlakyPaperBroker(self.database.sessions(), self.paper_equity)
+
+    resources = resources_from_env(environment)
+    resources["broker"] = FlakyBrokerResource(orders_enabled=True, database=resources["trading_db"])
+    defs = build_definitions(STRATEGIES, resources)
+    sessions = session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        for timeframe in ("1d", "1w"):
+            assert defs.resolve_job_def("analyze_timeframe").execute_in_process(
+                partition_key=dg.MultiPartitionKey({"symbol": "SPY", "timeframe": timeframe}),
+                instance=instance, tags={AS_OF_TAG: AS_OF}).success
+        job = defs.resolve_job_def("decide_and_order")
+        first = job.execute_in_process(partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF},
+                                       raise_on_error=False)
+        assert not first.success
+        second = job.execute_in_process(partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF})
+        order = second.output_for_node("orders")
+    assert order.status == "already_sent" and FlakyPaperBroker.calls == 1
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(PaperOrderRow)
+                              .where(PaperOrderRow.client_order_id == order.client_order_id)) == 1

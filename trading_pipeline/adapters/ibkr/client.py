@@ -341,6 +341,8 @@ class IBKRClient:
                     self._session_checked_at = None
                 if retry_no_bridge and not order:
                     self.ensure_session(force=True)
+                    if path != "/iserver/accounts":
+                        self.accounts()  # a reopened session needs its pre-flight before the retry
                     retry_no_bridge = False
                     continue
                 raise IBKRSessionError(
@@ -870,20 +872,18 @@ class IBKRClient:
             cached = self._orders_cache
             if cached and max_age > 0 and time.monotonic() - cached[0] <= max_age:
                 return cached[1]
-            first = self._live_orders_epoch != self._session_epoch
-            epoch = self._session_epoch
-        calls = 2 if first else 1
         orders: list[dict] = []
-        call = 0
-        while call < calls:
+        for _ in range(3):
             status, body = self._request("GET", "/iserver/account/orders", params={"accountId": account})
             body = self._check_error_body("live orders", status, body) or {}
             orders = list(body.get("orders") or []) if isinstance(body, dict) else list(body)
-            if call == 0 and calls == 1 and isinstance(body, dict) and body.get("snapshot") is False:
-                calls = 2  # IBKR says the list is not complete yet: ask once more
-            call += 1
+            with self._state:  # the session this answer came from (a re-open during the call counts)
+                first = self._live_orders_epoch != self._session_epoch
+                self._live_orders_epoch = self._session_epoch
+            incomplete = isinstance(body, dict) and body.get("snapshot") is False
+            if not (first or incomplete):
+                break
         with self._state:
-            self._live_orders_epoch = epoch
             self._orders_cache = (time.monotonic(), orders)
         return orders
 

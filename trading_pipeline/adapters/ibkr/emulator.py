@@ -213,7 +213,7 @@ class GatewayState:
         self.history_in_flight = 0
         self.peak_history_in_flight = 0
         self.counts: collections.Counter[str] = collections.Counter()
-        self.log: list[tuple[float, str, str, int]] = []
+        self.log: list[tuple[float, str, str, int, dict]] = []  # (time, method, path, status, query)
         self.rate_limited = 0
         self.penalty_until = 0.0
         self.last_slow: dict[tuple[str, str], float] = {}
@@ -491,9 +491,9 @@ class IBKREmulator:
 
     def count(self, method: str, pattern: str) -> int:
         with self.state.lock:
-            return sum(1 for _, m, p, _ in self.state.log if m == method and fnmatch.fnmatch(p, pattern))
+            return sum(1 for _, m, p, _, _ in self.state.log if m == method and fnmatch.fnmatch(p, pattern))
 
-    def requests(self, method: str | None = None, pattern: str = "*") -> list[tuple[float, str, str, int]]:
+    def requests(self, method: str | None = None, pattern: str = "*") -> list[tuple[float, str, str, int, dict]]:
         with self.state.lock:
             return [r for r in self.state.log if (method is None or r[1] == method) and fnmatch.fnmatch(r[2], pattern)]
 
@@ -546,7 +546,7 @@ class IBKREmulator:
             s.peak_rps = max(s.peak_rps, len(s.arrivals))
             s.counts[f"{method} {path}"] += 1
             entry_index = len(s.log)
-            s.log.append((time.time(), method, path, 0))
+            s.log.append((time.time(), method, path, 0, dict(request.query_params)))
         if not any(fnmatch.fnmatch(client_ip, pattern) for pattern in self.config.allow_ips):
             return self._logged(entry_index, _plain("Access Denied", 403))
         if method in ("POST", "PUT") and "content-length" not in request.headers:
@@ -590,8 +590,8 @@ class IBKREmulator:
 
     def _logged(self, index: int, response):
         with self.state.lock:
-            t, m, p, _ = self.state.log[index]
-            self.state.log[index] = (t, m, p, response.status_code)
+            t, m, p, _, q = self.state.log[index]
+            self.state.log[index] = (t, m, p, response.status_code, q)
         return response
 
     def _pacing(self, method: str, path: str, now: float):

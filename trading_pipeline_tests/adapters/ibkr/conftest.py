@@ -1,0 +1,66 @@
+"""The real IBKRClient over real HTTP against the emulator, started per test on 127.0.0.1.
+
+Waits are scaled down on both sides (the emulator's 1-per-5-s endpoints answer 429 within 0.3 s,
+the client spaces them by 0.3 s); `test_default_limits_*` runs the documented defaults.
+"""
+
+import socket
+
+import pytest
+
+from trading_pipeline.adapters.ibkr.client import IBKRClient
+from trading_pipeline.adapters.ibkr.emulator import EmulatorConfig, IBKREmulator
+from trading_pipeline.adapters.ibkr.pacing import Pacing
+
+FAST = Pacing(slow_endpoint_interval=0.3, tickle_interval=0.2, rate_limit_backoff=0.2, rate_limit_retries=3,
+              read_backoff=0.05, poll_interval=0.05, session_polls=5, cancel_timeout=5.0)
+EMULATOR_FAST = {"slow_interval": 0.3, "tickle_interval": 0.2}
+
+
+@pytest.fixture
+def emulator_factory():
+    started = []
+
+    def make(https: bool = False, **config) -> IBKREmulator:
+        emulator = IBKREmulator(EmulatorConfig(**{**EMULATOR_FAST, **config}), host="127.0.0.1", port=0,
+                                https=https).start()
+        started.append(emulator)
+        return emulator
+
+    yield make
+    for emulator in started:
+        emulator.stop()
+
+
+@pytest.fixture
+def emulator(emulator_factory) -> IBKREmulator:
+    return emulator_factory()
+
+
+@pytest.fixture
+def client_factory():
+    clients = []
+
+    def make(emulator_or_url, **settings) -> IBKRClient:
+        settings.setdefault("pacing", FAST)
+        url = emulator_or_url if isinstance(emulator_or_url, str) else emulator_or_url.url
+        client = IBKRClient(url, **settings)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def client(emulator, client_factory) -> IBKRClient:
+    return client_factory(emulator)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,119 @@
+"""A person's view of the deployment: headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright; no browser download) opens the webserver's asset graph and a chart materialization.
+The screenshots are kept; their pages are checked to show the asset names and the thumbnail.
+
+The page may only talk to 127.0.0.1: every other request is aborted (and counted).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+import pytest
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from trading_pipeline_tests.deploy.conftest import SYMBOL
+from trading_pipeline_tests.deploy.test_stack import CHAIN, latest
+
+CHROMIUM = os.environ.get("TEST_CHROMIUM", "/usr/bin/chromium")
+VIEWPORT = {"width": 1600, "height": 1000}
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set TEST_CHROMIUM)")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, viewport=VIEWPORT,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser):
+    blocked: list[str] = []
+
+    def only_loopback(route):
+        url = urlparse(route.request.url)
+        if url.scheme in ("http", "https", "ws", "wss") and url.hostname not in LOCAL_HOSTS:
+            blocked.append(route.request.url)
+            return route.abort()
+        return route.continue_()
+
+    page = browser.new_page()
+    page.route("**/*", only_loopback)
+    page.blocked = blocked
+    yield page
+    page.close()
+
+
+def screenshot(page, directory: Path, name: str) -> Image.Image:
+    path = directory / f"{name}.png"
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 20_000, f"{path} is suspiciously small"
+    image = Image.open(path).convert("RGB")
+    assert image.size == (VIEWPORT["width"], VIEWPORT["height"])
+    # Not blank: many colours, and dark text on the light page.
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 200, f"{path}: only {len(colours or [])} colours"
+    darkest = min(sum(rgb) for _, rgb in colours)
+    assert darkest < 200, f"{path}: no dark pixels (no text?)"
+    print(f"screenshot: {path}")
+    return image
+
+
+def test_asset_graph_shows_every_asset(deployment, materialized, page, tmp_path_factory):
+    shots = tmp_path_factory.mktemp("screenshots", numbered=False)
+    page.goto(f"{deployment.webserver_url}/asset-groups", wait_until="domcontentloaded")
+    # The graph's nodes are HTML: wait until every asset's name is rendered.
+    page.wait_for_function(
+        "names => names.every(n => document.body.innerText.includes(n))", arg=CHAIN, timeout=60_000)
+    page.wait_for_load_state("networkidle")
+    screenshot(page, shots, "asset-graph")
+    text = page.inner_text("body")
+    for name in CHAIN:
+        assert name in text
+        # Each name is drawn inside the visible part of the page, not just present in the DOM.
+        box = page.get_by_text(name, exact=True).first.bounding_box()
+        assert box is not None and 0 <= box["x"] < VIEWPORT["width"] and 0 <= box["y"] < VIEWPORT["height"], (name, box)
+    assert "Join the Dagster community" not in text  # deploy/dagster.yaml turns the pop-up off
+    assert page.blocked == [], page.blocked
+
+
+def test_chart_materialization_shows_its_thumbnail(deployment, materialized, page, tmp_path_factory):
+    partition = f"{SYMBOL}|1d"
+    event = latest(deployment, "chart_images", [partition])[partition]
+    expected = base64.b64decode(event["metadata"]["thumbnail"].split(",", 1)[1].rstrip(")"))
+    shots = tmp_path_factory.getbasetemp() / "screenshots"
+    shots.mkdir(exist_ok=True)
+
+    page.goto(f"{deployment.webserver_url}/assets/chart_images?view=events&partition={quote(partition)}",
+              wait_until="domcontentloaded")
+    thumbnail = page.locator('img[src^="data:image/png;base64,"]').first
+    thumbnail.wait_for(state="visible", timeout=60_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle(),
+                           timeout=30_000)
+    thumbnail.scroll_into_view_if_needed()
+    screenshot(page, shots, "chart-thumbnail")
+
+    src = thumbnail.get_attribute("src")
+    shown = base64.b64decode(src.split(",", 1)[1])
+    assert shown == expected  # the very PNG stored in the materialization's metadata
+    natural = page.evaluate("img => [img.naturalWidth, img.naturalHeight]", thumbnail.element_handle())
+    assert list(Image.open(io.BytesIO(shown)).size) == natural and natural[0] >= 200
+    box = thumbnail.bounding_box()
+    assert box is not None and box["width"] > 100 and box["height"] > 50  # drawn, not a broken icon
+    assert page.blocked == [], page.blocked
