@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import tempfile
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,11 +60,22 @@ class IBKRResource(dg.ConfigurableResource):
     history_concurrency: int = 4
     volume_multiplier: float | None = None
     status_file: str | None = None
+    state_dir: str | None = None  # shared by every process: default <TRADING_DATA_DIR>/ibkr/<url hash>
 
     def _key(self) -> tuple:
         return (self.gateway_url, self.account_id, self.verify_ssl, self.connect_timeout_seconds,
                 self.read_timeout_seconds, self.allow_live, tuple(self.auto_confirm), tuple(self.exchanges),
-                tuple(sorted(self.conids.items())), self.take_over_session, self.history_concurrency)
+                tuple(sorted(self.conids.items())), self.take_over_session, self.history_concurrency,
+                str(self.resolved_state_dir()))
+
+    def resolved_state_dir(self) -> Path:
+        """Where the processes talking to this gateway share their pacing (rate window, 429 hold,
+        history slots, order gate) and the map of cOIDs to IBKR order ids."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        from trading_pipeline import config
+
+        return config.data_dir() / "ibkr" / f"gateway-{zlib.crc32(self.gateway_url.encode()):08x}"
 
     def client(self):
         """The process-wide client for this configuration (shared pacing and session state)."""
@@ -77,7 +89,7 @@ class IBKRResource(dg.ConfigurableResource):
     def broker(self):
         from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 
-        return IBKRBroker(self.client())
+        return IBKRBroker(self.client(), id_map_path=self.resolved_state_dir() / "order-ids.json")
 
     def status_path(self) -> Path:
         return Path(self.status_file).expanduser() if self.status_file else default_status_path()
@@ -98,7 +110,8 @@ class IBKRResource(dg.ConfigurableResource):
             conids=settings["conid_overrides"], take_over_session=settings["take_over_competing_session"],
             history_concurrency=settings["pacing"].history_concurrency,
             volume_multiplier=float(multiplier) if multiplier else None,
-            status_file=environ.get("IBKR_SESSION_STATUS_FILE") or None)
+            status_file=environ.get("IBKR_SESSION_STATUS_FILE") or None,
+            state_dir=settings["shared_pacing_dir"])
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,11 +119,12 @@ def _shared_client(key: tuple):
     from trading_pipeline.adapters.ibkr.client import IBKRClient
     from trading_pipeline.adapters.ibkr.pacing import Pacing
 
-    (url, account, verify, connect, read, allow_live, auto, exchanges, conids, take_over, concurrency) = key
+    (url, account, verify, connect, read, allow_live, auto, exchanges, conids, take_over, concurrency,
+     state_dir) = key
     return IBKRClient(url, account_id=account, verify_ssl=verify, connect_timeout=connect, read_timeout=read,
                       allow_live=allow_live, auto_confirm=auto, exchanges=exchanges or None,
                       take_over_competing_session=take_over, conid_overrides=dict(conids),
-                      pacing=Pacing(history_concurrency=concurrency))
+                      pacing=Pacing(history_concurrency=concurrency), shared_pacing_dir=state_dir)
 
 
 # ------------------------------------------------------------------------------------------------

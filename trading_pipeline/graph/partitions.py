@@ -7,6 +7,7 @@ appear; no code change.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -26,7 +27,10 @@ def _load(path: str | None) -> StrategiesFile:
     from trading_pipeline.core.strategies import DEFAULT_STRATEGIES_FILE
     from trading_pipeline.errors import StrategiesFileError
 
-    last_good = config.data_dir() / "strategies.last_good.yaml"
+    source = Path(path or DEFAULT_STRATEGIES_FILE).resolve()
+    # One copy per strategies file: a different file never falls back to another's last version.
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    last_good = config.data_dir() / f"strategies.last_good.{digest}.yaml"
     try:
         loaded = load_strategies(path)
     except StrategiesFileError as error:
@@ -37,7 +41,7 @@ def _load(path: str | None) -> StrategiesFile:
         return load_strategies(last_good)
     try:
         last_good.parent.mkdir(parents=True, exist_ok=True)
-        last_good.write_text(Path(path or DEFAULT_STRATEGIES_FILE).read_text(encoding="utf-8"), encoding="utf-8")
+        last_good.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
     except OSError:
         pass  # a read-only data dir only loses the fallback
     return loaded

@@ -148,13 +148,19 @@ NOT_YET_AVAILABLE = {
 
 
 def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
+    from_process = environ is None
     environ = dict(os.environ if environ is None else environ)
     for variable in config.MODES:
         mode = config.env_mode(variable, environ)
         if (variable, mode) in NOT_YET_AVAILABLE:
             raise ConfigError(f"{variable}={mode} is not available in this version of trading_pipeline",
                               f"set {variable} to {NOT_YET_AVAILABLE[(variable, mode)]}, or unset it")
-    database = TradingDatabaseResource(url=config.database_url(environ))
+    # A PostgreSQL URL carries a password: hand Dagster the variable's name, not its value, so
+    # the UI and the event log never show it.
+    if from_process and environ.get("TRADING_DATABASE_URL"):
+        database = TradingDatabaseResource(url=dg.EnvVar("TRADING_DATABASE_URL"))
+    else:
+        database = TradingDatabaseResource(url=config.database_url(environ))
     return {
         "trading_db": database,
         "market_data": MarketDataResource(

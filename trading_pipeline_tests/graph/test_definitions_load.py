@@ -25,8 +25,8 @@ def load_in_subprocess(env_overrides):
                           timeout=120)
 
 
-def test_definitions_expose_six_assets_and_import_no_heavy_library():
-    result = load_in_subprocess({})
+def test_definitions_expose_six_assets_and_import_no_heavy_library(tmp_path):
+    result = load_in_subprocess({"TRADING_DATA_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert ("['account_summary', 'ai_analyses', 'chart_images', 'executions', 'indicator_frames', 'market_bars', "
             "'orders', 'positions', 'trade_decisions']") in result.stdout
@@ -36,7 +36,7 @@ def test_definitions_expose_six_assets_and_import_no_heavy_library():
 def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     bad = tmp_path / "strategies.yaml"
     bad.write_text("strategies:\n  - name: x\n    symbols: [aapl]\n    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n")
-    result = load_in_subprocess({"TRADING_STRATEGIES_FILE": str(bad)})
+    result = load_in_subprocess({"TRADING_STRATEGIES_FILE": str(bad), "TRADING_DATA_DIR": str(tmp_path / "data")})
     assert result.returncode != 0
     assert f"{bad}:3" in result.stderr and "Fix:" in result.stderr
     assert StrategiesFileError.__name__ in result.stderr
@@ -61,3 +61,15 @@ def test_defaults_are_the_embedded_modes(tmp_path):
     assert resources["broker"].mode == "paper" and resources["broker"].orders_enabled is False
     assert resources["chart_store"].mode == "local"
     assert resources["trading_db"].url == f"sqlite:///{tmp_path / 'trading.db'}"
+
+
+def test_database_url_with_password_stays_out_of_resource_config(monkeypatch):
+    import dagster as dg
+
+    secret_url = "postgresql+psycopg2://trader:s3cret@127.0.0.1:5432/trading"
+    monkeypatch.setenv("TRADING_DATABASE_URL", secret_url)
+    resources = resources_from_env()
+    assert isinstance(resources["trading_db"].url, dg.EnvVar)
+    defs = dg.Definitions(assets=[], resources=resources)
+    snapshot = repr(defs.get_repository_def().get_top_level_resources())
+    assert "s3cret" not in snapshot
