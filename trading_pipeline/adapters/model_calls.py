@@ -28,13 +28,12 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, time, timezone
+from datetime import UTC, datetime, time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import sqlalchemy as sa
 from sqlalchemy import JSON, Boolean, Float, Integer, String, Text, func, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from trading_pipeline.adapters.trading_db import Base, utcnow
@@ -108,30 +107,6 @@ class ModelResponseCacheRow(Base):
     last_hit_at: Mapped[datetime | None] = mapped_column()
 
 
-TABLES = [ModelCallRow.__table__, ModelResponseCacheRow.__table__]
-_created: set[str] = set()
-_created_lock = threading.Lock()
-
-
-def ensure_tables(sessions: sessionmaker[Session]) -> None:
-    """Create the two tables if they are missing.
-
-    The schema belongs to Alembic (trading_pipeline/migrations): its revision for these tables runs
-    when the engine is created, and then this finds them and does nothing. It only creates them on a
-    database migrated by a revision set that does not include them yet.
-    """
-    engine = sessions.kw["bind"]
-    key = str(engine.url)
-    with _created_lock:
-        if key in _created:
-            return
-        try:
-            Base.metadata.create_all(engine, tables=TABLES)
-        except (OperationalError, ProgrammingError, IntegrityError):
-            # Another process created them between the check and the CREATE.
-            if not all(sa.inspect(engine).has_table(t.name) for t in TABLES):
-                raise
-        _created.add(key)
 
 
 # --- secrets ----------------------------------------------------------------------------------
@@ -260,7 +235,7 @@ class BudgetLimits:
     max_cost_per_day_usd: float | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "BudgetLimits":
+    def from_env(cls, environ: Mapping[str, str]) -> BudgetLimits:
         return cls(_int_env(environ, MAX_TOKENS_PER_RUN_ENV), _int_env(environ, MAX_TOKENS_PER_DAY_ENV),
                    _float_env(environ, MAX_COST_PER_DAY_ENV))
 
@@ -287,13 +262,13 @@ _reservation_ids = itertools.count(1)
 
 
 def _day_start(now: datetime) -> datetime:
-    return datetime.combine(now.astimezone(timezone.utc).date(), time(0), tzinfo=timezone.utc)
+    return datetime.combine(now.astimezone(UTC).date(), time(0), tzinfo=UTC)
 
 
 class Budget:
     """Checks the limits against the call log before each call, and reserves the call's estimate."""
 
-    def __init__(self, log_: "ModelCallLog", limits: BudgetLimits, run_id: str | None):
+    def __init__(self, log_: ModelCallLog, limits: BudgetLimits, run_id: str | None):
         self.log = log_
         self.limits = limits
         self.run_id = run_id
@@ -348,7 +323,6 @@ class ModelCallLog:
     """Writes and sums `llm_calls` rows. Every text field is redacted before it is written."""
 
     def __init__(self, sessions: sessionmaker[Session], redactor: Redactor):
-        ensure_tables(sessions)
         self.sessions = sessions
         self.redactor = redactor
 
@@ -444,7 +418,6 @@ class CachedResponse:
 
 class ResponseCache:
     def __init__(self, sessions: sessionmaker[Session]):
-        ensure_tables(sessions)
         self.sessions = sessions
 
     def get(self, key: str) -> CachedResponse | None:
@@ -474,7 +447,6 @@ def cache_enabled(environ: Mapping[str, str], run_tags: Mapping[str, str] | None
 def summarize_calls(sessions: sessionmaker[Session], *, run_id: str | None, symbol: str,
                     timeframe: str | None = None, kind: str | None = None) -> dict[str, Any]:
     """Plain-JSON summary of the model calls of one run and partition (for asset metadata)."""
-    ensure_tables(sessions)
     query = select(ModelCallRow).where(ModelCallRow.symbol == symbol)
     query = query.where(ModelCallRow.run_id == run_id) if run_id is not None else query.where(ModelCallRow.run_id.is_(None))
     if timeframe is not None:

@@ -165,7 +165,7 @@ def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
     return walk(raw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema(model: type[BaseModel]) -> tuple[dict[str, Any], str]:
     schema = strict_json_schema(model)
     return schema, sha256_hex(canonical_json(schema))
@@ -192,7 +192,7 @@ class OpenAISettings:
     cache: bool
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], run_tags: Mapping[str, str] | None = None) -> "OpenAISettings":
+    def from_env(cls, environ: Mapping[str, str], run_tags: Mapping[str, str] | None = None) -> OpenAISettings:
         """Read and check every variable; a wrong one raises ConfigError naming it and the fix."""
         api_key = (environ.get("OPENAI_API_KEY") or "").strip()
         if not api_key:
@@ -309,7 +309,7 @@ class _Adaptation:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gate(concurrency: int) -> threading.BoundedSemaphore:
     """Process-wide bound on model requests in flight (TRADING_LLM_CONCURRENCY)."""
     return threading.BoundedSemaphore(concurrency)
@@ -382,7 +382,7 @@ class OpenAIAnalyst:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None, sessions: sessionmaker[Session], *,
-                 run_id: str | None = None, run_tags: Mapping[str, str] | None = None) -> "OpenAIAnalyst":
+                 run_id: str | None = None, run_tags: Mapping[str, str] | None = None) -> OpenAIAnalyst:
         import os
 
         return cls(OpenAISettings.from_env(os.environ if environ is None else environ, run_tags), sessions,
@@ -462,7 +462,7 @@ class OpenAIAnalyst:
             "symbol": indicators.symbol,
             "timeframe": indicators.timeframe,
             "last_bar_start": indicators.last_bar_start.isoformat(),
-            "bars_in_chart": int(len(shown)),
+            "bars_in_chart": len(shown),
             "last_close": _round(numbers.last_close),
             "recent_closes": [_round(float(x)) for x in frame["close"].tail(RECENT_CLOSES)],
             "atr_14": _round(numbers.atr),
@@ -595,7 +595,7 @@ class OpenAIAnalyst:
                               cache_put=result.cache_put if result else None,
                               cache_hit_key=result.cache_hit_key if result else None)
             return None
-        except Exception as error:  # noqa: BLE001 - fail closed
+        except Exception as error:
             log.exception("could not record model call %s", call_id)
             return (f"the model call could not be recorded in the trading database "
                     f"({type(error).__name__}: {self.redactor.text(str(error))[:300]}); its answer is not used")

@@ -51,6 +51,7 @@ class TimeframeAnalysis(BaseModel):
     data_through: datetime = Field(description="Start of the last bar the analysis saw.")
     analyst: str = Field(description="Which analyst produced it, e.g. 'rules' or 'openai:gpt-4.1'.")
     prompt_version: str | None = None
+    vision: bool | None = Field(None, description="Did the analyst see the chart image? None: not a model.")
     chart: ChartSource | None = None
 
     valid: bool = True

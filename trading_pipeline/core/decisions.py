@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -68,8 +69,11 @@ def decide(
     market_open: bool,
     next_open: str,
     kill_switch: tuple[bool, str] = (False, ""),
+    consolidator: Callable[[TimeframeAnalysis, TimeframeAnalysis], Consolidated] = consolidate,
 ) -> TradeDecision:
-    consolidated = consolidate(daily, weekly)
+    """Consolidate (by default the deterministic rule above; the OpenAI analyst brings its own,
+    equally fail-closed) and let the risk gates decide."""
+    consolidated = consolidator(daily, weekly)
     proposal = consolidated.proposal
     market = MarketContext(daily.last_close, daily.atr, daily.recent_high, daily.recent_low,
                            market_open, next_open)

@@ -177,9 +177,9 @@ def supertrend(
     if period < 1:
         raise ValueError(f"period must be >= 1, got {period}")
     close = np.ascontiguousarray(close, dtype=np.float64)
-    # The outputs are allocated here by numpy, not inside the kernel: numpy asks the kernel for
-    # transparent huge pages on large arrays and numba's allocator does not, which makes the
-    # kernel's first writes to its own fresh million-bar arrays several milliseconds slower.
+    # The outputs are allocated here by numpy, not inside the kernel: numpy asks Linux for
+    # transparent huge pages on large arrays and numba's allocator does not, so a million-bar
+    # output allocated in the kernel costs several milliseconds more in page faults.
     return _supertrend_kernel(
         np.ascontiguousarray(high, dtype=np.float64),
         np.ascontiguousarray(low, dtype=np.float64),

@@ -123,3 +123,20 @@ def analyze(indicators: MarketFrame, chart: ChartSource | None = None) -> Timefr
         entry=entry, stop=stop, targets=targets, support=support, resistance=resistance,
         votes=votes, rationale=rationale, **numbers, **context,
     )
+
+
+class RulesAnalyst:
+    """The rule-based analyst behind the same interface as the OpenAI one."""
+
+    name = ANALYST_NAME
+
+    def analyze(self, indicators: MarketFrame, chart: ChartSource | None = None, png: bytes | None = None) -> TimeframeAnalysis:
+        return analyze(indicators, chart)  # reads the numbers, not the picture
+
+    def consolidate(self, daily: TimeframeAnalysis, weekly: TimeframeAnalysis):
+        from trading_pipeline.core.decisions import consolidate
+
+        return consolidate(daily, weekly)
+
+    def close(self) -> None:
+        pass

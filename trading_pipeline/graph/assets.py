@@ -194,22 +194,40 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         indicator_frames: MarketFrame,
         chart_images: ChartImageRef,
         analyst: AnalystResource,
+        chart_store: ChartStoreResource,
+        trading_db: TradingDatabaseResource,
     ):
-        analysis: TimeframeAnalysis = analyst.analyze(indicator_frames, chart_images.source())
+        sessions = trading_db.sessions()
+        reader = _analyst_for_run(context, analyst, sessions)
+        try:
+            # Only a model looks at the picture; the rules analyst reads the numbers.
+            png = chart_store.store().get_png(chart_images.key) if analyst.mode == "openai" else None
+            analysis: TimeframeAnalysis = reader.analyze(indicator_frames, chart_images.source(), png)
+        finally:
+            reader.close()
+        metadata = {
+            "analyst": analysis.analyst,
+            "valid": analysis.valid,
+            "invalid_reason": analysis.invalid_reason or "",
+            "prompt_version": analysis.prompt_version or "none (rules)",
+            "signal": analysis.signal.value,
+            "trend": analysis.trend.value,
+            "confidence": analysis.confidence,
+            "entry": _nan_if_none(analysis.entry),
+            "stop": _nan_if_none(analysis.stop),
+            "targets": dg.MetadataValue.json(analysis.targets),
+            "rationale": dg.MetadataValue.md(analysis.rationale),
+            "chart": dg.MetadataValue.text(chart_images.uri),
+            "data_through": analysis.data_through.isoformat(),
+        }
+        metadata.update(_model_call_metadata(context, analyst, sessions, indicator_frames.symbol,
+                                             indicator_frames.timeframe, "timeframe_analysis"))
+        if not analysis.valid:
+            context.log.warning(f"{indicator_frames.symbol} {indicator_frames.timeframe}: analysis unusable, "
+                                f"NO_TRADE: {analysis.invalid_reason}")
         return dg.MaterializeResult(
             value=analysis,
-            metadata={
-                "analyst": analysis.analyst,
-                "signal": analysis.signal.value,
-                "trend": analysis.trend.value,
-                "confidence": analysis.confidence,
-                "entry": analysis.entry if analysis.entry is not None else float("nan"),
-                "stop": analysis.stop if analysis.stop is not None else float("nan"),
-                "targets": dg.MetadataValue.json(analysis.targets),
-                "rationale": dg.MetadataValue.md(analysis.rationale),
-                "chart": dg.MetadataValue.text(chart_images.uri),
-                "data_through": analysis.data_through.isoformat(),
-            },
+            metadata=metadata,
             check_results=checks.analysis_checks(analysis),
         )
 
@@ -219,11 +237,13 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         ins={"ai_analyses": dg.AssetIn(partition_mapping=from_both_timeframes)},
         check_specs=checks.decision_check_specs("trade_decisions"),
         retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
+        pool="llm",  # the OpenAI analyst's consolidation call
         description="Daily analysis leads, weekly confirms; deterministic risk gates decide BUY/SELL/HOLD/NO_TRADE.",
     )
     def trade_decisions(
         context: dg.AssetExecutionContext,
         ai_analyses: dict,
+        analyst: AnalystResource,
         broker: BrokerResource,
         trading_db: TradingDatabaseResource,
     ):
@@ -238,12 +258,18 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         sessions = trading_db.sessions()
         record_strategy(sessions, strategy)
         account = broker.broker().account({symbol: daily.last_close})
-        decision = decide(
-            strategy, symbol, daily, weekly, account,
-            market_open=market_calendar.is_open(daily.as_of),
-            next_open=market_calendar.describe_next_open(daily.as_of),
-            kill_switch=(lambda k: (k.engaged, k.reason))(config.KillSwitch.read()),
-        )
+        kill = config.KillSwitch.read()
+        reader = _analyst_for_run(context, analyst, sessions)
+        try:
+            decision = decide(
+                strategy, symbol, daily, weekly, account,
+                market_open=market_calendar.is_open(daily.as_of),
+                next_open=market_calendar.describe_next_open(daily.as_of),
+                kill_switch=(kill.engaged, kill.reason),
+                consolidator=reader.consolidate,
+            )
+        finally:
+            reader.close()
         already = sent_decision(sessions, decision.decision_id)
         if already is not None:
             context.log.info(f"decision {decision.decision_id} already has orders; keeping it as it was")
@@ -252,7 +278,8 @@ def build_assets(strategies_file: StrategiesFile) -> list:
             record_decision(sessions, decision)
         return dg.MaterializeResult(
             value=decision,
-            metadata=_decision_metadata(decision, already is not None),
+            metadata={**_decision_metadata(decision, already is not None),
+                      **_model_call_metadata(context, analyst, sessions, symbol, None, "consolidation")},
             check_results=checks.decision_checks(decision, strategy),
         )
 
@@ -294,6 +321,32 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         return dg.MaterializeResult(value=record, metadata=_order_metadata(record))
 
     return [market_bars, indicator_frames, chart_images, ai_analyses, trade_decisions, orders]
+
+
+def _analyst_for_run(context, analyst: AnalystResource, sessions):
+    try:
+        return analyst.for_run(sessions, context.run.run_id, context.run.tags)
+    except UserError as error:
+        raise _fail(error) from None
+
+
+def _model_call_metadata(context, analyst: AnalystResource, sessions, symbol: str, timeframe: str | None,
+                         kind: str) -> dict:
+    """What the model calls of this step cost: tokens, estimated USD, cache hits, latency."""
+    if analyst.mode != "openai":
+        return {}
+    from trading_pipeline.adapters.model_calls import summarize_calls
+
+    calls = summarize_calls(sessions, run_id=context.run.run_id, symbol=symbol, timeframe=timeframe, kind=kind)
+    if calls.get("budget_refusals"):
+        context.log.warning(f"{symbol}: the model budget stopped {calls['budget_refusals']} call(s); see model_calls")
+    return {
+        "model_calls": dg.MetadataValue.json(calls),
+        "llm_tokens": calls.get("total_tokens", 0),
+        "llm_cost_usd": _nan_if_none(calls.get("cost_usd")),
+        "llm_cache_hits": calls.get("cache_hits", 0),
+        "llm_latency_ms": calls.get("latency_ms_total", 0.0),
+    }
 
 
 def _nan_if_none(value):

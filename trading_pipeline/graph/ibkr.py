@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import zlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -53,9 +53,9 @@ class IBKRResource(dg.ConfigurableResource):
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 30.0
     allow_live: bool = False
-    auto_confirm: list[str] = list(DEFAULT_AUTO_CONFIRM)
-    exchanges: list[str] = []
-    conids: dict[str, int] = {}
+    auto_confirm: list[str] = list(DEFAULT_AUTO_CONFIRM)  # noqa: RUF012 - pydantic copies field defaults
+    exchanges: list[str] = []  # noqa: RUF012 - pydantic copies field defaults
+    conids: dict[str, int] = {}  # noqa: RUF012 - pydantic copies field defaults
     take_over_session: bool = False
     history_concurrency: int = 4
     volume_multiplier: float | None = None
@@ -95,7 +95,7 @@ class IBKRResource(dg.ConfigurableResource):
         return Path(self.status_file).expanduser() if self.status_file else default_status_path()
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "IBKRResource":
+    def from_env(cls, environ: dict[str, str] | None = None) -> IBKRResource:
         """Built from the same variables as IBKRClient.from_env (errors name the variable)."""
         from trading_pipeline.adapters.ibkr.client import settings_from_env
 
@@ -163,7 +163,7 @@ def order_placement_held(status_path: Path | None = None, max_age_seconds: float
         checked = datetime.fromisoformat(str(record["checked_at"]))
     except (KeyError, ValueError):
         return None
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     age = (now - checked).total_seconds()
     if age > max_age_seconds or record["healthy"]:
         return None

@@ -53,17 +53,22 @@ class MarketDataResource(dg.ConfigurableResource):
 
 
 class AnalystResource(dg.ConfigurableResource):
-    """Who reads the charts: rules (deterministic, default) or openai (vision model)."""
+    """Who reads the charts: rules (deterministic, default) or openai (vision model). The OpenAI
+    settings and key are read from the environment at run time, never stored as resource config
+    (config shows in the launchpad)."""
 
     mode: str = "rules"
 
-    def analyze(self, indicators, chart):
+    def for_run(self, sessions, run_id: str, run_tags):
         if self.mode == "rules":
-            from trading_pipeline.core import rules_analyst
+            from trading_pipeline.core.rules_analyst import RulesAnalyst
 
-            return rules_analyst.analyze(indicators, chart)
-        raise ConfigError(f"analyst mode {self.mode!r} is not available in this version",
-                          "use TRADING_ANALYST=rules")
+            return RulesAnalyst()
+        if self.mode == "openai":
+            from trading_pipeline.adapters.openai_analyst import OpenAIAnalyst
+
+            return OpenAIAnalyst.from_env(os.environ, sessions, run_id=run_id, run_tags=run_tags)
+        raise ConfigError(f"analyst mode {self.mode!r} is unknown", "use TRADING_ANALYST=rules or openai")
 
 
 class ChartStoreResource(dg.ConfigurableResource):
@@ -142,7 +147,6 @@ def _float_env(name: str, default: float, environ) -> float:
 # so a user never finds out mid-run.
 NOT_YET_AVAILABLE = {
     ("TRADING_MARKET_DATA", "ibkr"): "simulated or csv",
-    ("TRADING_ANALYST", "openai"): "rules",
     ("TRADING_BROKER", "ibkr"): "paper",
 }
 
@@ -155,6 +159,10 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         if (variable, mode) in NOT_YET_AVAILABLE:
             raise ConfigError(f"{variable}={mode} is not available in this version of trading_pipeline",
                               f"set {variable} to {NOT_YET_AVAILABLE[(variable, mode)]}, or unset it")
+    if config.env_mode("TRADING_ANALYST", environ) == "openai":
+        from trading_pipeline.adapters.openai_analyst import OpenAISettings
+
+        OpenAISettings.from_env(environ)  # a missing key or bad setting stops the load, with the fix
     # A PostgreSQL URL carries a password: hand Dagster the variable's name, not its value, so
     # the UI and the event log never show it.
     if from_process and environ.get("TRADING_DATABASE_URL"):

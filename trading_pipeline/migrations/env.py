@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from trading_pipeline.adapters import trading_db
+from trading_pipeline.adapters import model_calls, trading_db  # noqa: F401  (model_calls: its tables)
 
 target_metadata = trading_db.Base.metadata
 

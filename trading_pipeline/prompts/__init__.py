@@ -43,7 +43,7 @@ def parse_prompt(name: str, raw: bytes) -> Prompt:
                   system=system.strip(), user_template=user.strip())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_prompt(name: str) -> Prompt:
     """The packaged prompt `<name>.md` with its content-hash version."""
     raw = resources.files(__name__).joinpath(f"{name}.md").read_bytes()

@@ -5,7 +5,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from trading_pipeline.adapters import trading_db
+from trading_pipeline.adapters import model_calls, trading_db  # noqa: F401  (all models)
 
 
 def test_migrations_match_models_and_are_idempotent(database_url):
@@ -20,4 +20,5 @@ def test_migrations_match_models_and_are_idempotent(database_url):
         assert MigrationContext.configure(connection).get_current_revision() == revision
         tables = set(sa.inspect(connection).get_table_names())
     assert {"strategies", "symbols", "decisions", "orders", "order_events", "executions", "charts",
-            "position_snapshots", "account_snapshots", "paper_orders", "paper_fills", "alembic_version"} <= tables
+            "position_snapshots", "account_snapshots", "paper_orders", "paper_fills", "llm_calls",
+            "llm_response_cache", "alembic_version"} <= tables

@@ -14,6 +14,7 @@ failure, and the databases are dropped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -113,8 +114,24 @@ class Deployment:
     def run_healthcheck(self, service_name: str, extra_env: dict[str, str] | None = None):
         service = compose_file()["services"][service_name]
         argv = healthcheck_argv(service, self.replacements)
-        return subprocess.run(argv, env={**self.dagster_env, **(extra_env or {})}, capture_output=True, text=True,
+        return subprocess.run(argv, env={**self.dagster_env, **(extra_env or {})}, check=False, capture_output=True, text=True,
                               timeout=60)
+
+
+@contextlib.contextmanager
+def instance_from(dagster_home: Path, env: dict[str, str]):
+    """The Dagster instance configured by `dagster_home`/dagster.yaml, with `env` as the environment
+    its {env: ...} settings read (restored afterwards)."""
+    from dagster import DagsterInstance
+
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("DAGSTER_")})
+    try:
+        with DagsterInstance.from_config(str(dagster_home)) as instance:
+            yield instance
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _wait(description: str, check, timeout: float, processes: ProcessSet, watch: list[str]) -> None:
@@ -173,7 +190,7 @@ def _start(tmp: Path, processes: ProcessSet, admin, admin_url, dagster_db: str, 
     init_env = {**env, "PGHOST": pg_host, "PGPORT": pg_port, "PGPASSWORD": pg_password,
                 "POSTGRES_USER": pg_user, "POSTGRES_DB": dagster_db, "TRADING_POSTGRES_DB": trading_db}
     for attempt in ("first", "again"):  # the second run must change nothing (idempotent)
-        result = subprocess.run(["sh", str(REPO / "deploy/postgres-init.sh")], env=init_env, capture_output=True,
+        result = subprocess.run(["sh", str(REPO / "deploy/postgres-init.sh")], env=init_env, check=False, capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         setup_output[f"postgres-init {attempt}"] = result.stdout + result.stderr
@@ -189,7 +206,7 @@ def _start(tmp: Path, processes: ProcessSet, admin, admin_url, dagster_db: str, 
     bucket_argv = local_command(services["create-bucket"]["command"],
                                 {"/opt/dagster/app/deploy": str(REPO / "deploy")})
     for attempt in ("first", "again"):
-        result = subprocess.run(bucket_argv, env={**env, **s3_env}, capture_output=True, text=True, timeout=90)
+        result = subprocess.run(bucket_argv, env={**env, **s3_env}, check=False, capture_output=True, text=True, timeout=90)
         assert result.returncode == 0, result.stdout + result.stderr
         setup_output[f"create-bucket {attempt}"] = result.stdout
 
@@ -220,10 +237,15 @@ def _start(tmp: Path, processes: ProcessSet, admin, admin_url, dagster_db: str, 
     processes.start("user_code", local_command(services["user_code"]["command"], replacements), code_env, cwd=tmp)
     grpc_check = healthcheck_argv(services["user_code"], replacements)
     _wait("code location (gRPC health check)",
-          lambda: subprocess.run(grpc_check, env=dagster_env, capture_output=True, timeout=30).returncode == 0,
+          lambda: subprocess.run(grpc_check, env=dagster_env, check=False, capture_output=True, timeout=30).returncode == 0,
           STARTUP_TIMEOUT_S, processes, ["user_code"])
     tolerance = services["daemon"]["environment"]["DAGSTER_DAEMON_HEARTBEAT_TOLERANCE"]
     daemon_env = {**dagster_env, "DAGSTER_DAEMON_HEARTBEAT_TOLERANCE": tolerance}
+    # The configure-pools one-shot, before the daemon starts (as compose orders them).
+    result = subprocess.run(local_command(services["configure-pools"]["command"], replacements), env=dagster_env,
+                            check=False, capture_output=True, text=True, timeout=120, cwd=tmp)
+    assert result.returncode == 0, result.stdout + result.stderr
+    setup_output["configure-pools"] = result.stdout
     processes.start("webserver", local_command(services["webserver"]["command"], replacements), dagster_env, cwd=tmp)
     processes.start("daemon", local_command(services["daemon"]["command"], replacements), daemon_env, cwd=tmp)
 

@@ -75,12 +75,25 @@ def screenshot(page, directory: Path, name: str) -> Image.Image:
     return image
 
 
+def wait_or_explain(page, directory: Path, name: str, wait) -> None:
+    """Run `wait`; on a time-out keep a screenshot and say what the page showed."""
+    try:
+        wait()
+    except Exception as error:  # noqa: BLE001 - any failure to appear gets the explanation
+        path = directory / f"{name}-timed-out.png"
+        page.screenshot(path=str(path))
+        shown = page.inner_text("body")[:2000]
+        raise AssertionError(f"{name}: {error}\npage {page.url} showed (screenshot {path}):\n{shown}") from None
+
+
 def test_asset_graph_shows_every_asset(deployment, materialized, page, tmp_path_factory):
     shots = tmp_path_factory.mktemp("screenshots", numbered=False)
-    page.goto(f"{deployment.webserver_url}/asset-groups", wait_until="domcontentloaded")
+    # The trading group's lineage graph (the global graph starts with the groups folded).
+    page.goto(f"{deployment.webserver_url}/locations/__repository__@trading_pipeline/asset-groups/trading",
+              wait_until="domcontentloaded")
     # The graph's nodes are HTML: wait until every asset's name is rendered.
-    page.wait_for_function(
-        "names => names.every(n => document.body.innerText.includes(n))", arg=CHAIN, timeout=60_000)
+    wait_or_explain(page, shots, "asset-graph", lambda: page.wait_for_function(
+        "names => names.every(n => document.body.innerText.includes(n))", arg=CHAIN, timeout=60_000))
     page.wait_for_load_state("networkidle")
     screenshot(page, shots, "asset-graph")
     text = page.inner_text("body")
@@ -102,8 +115,12 @@ def test_chart_materialization_shows_its_thumbnail(deployment, materialized, pag
 
     page.goto(f"{deployment.webserver_url}/assets/chart_images?view=events&partition={quote(partition)}",
               wait_until="domcontentloaded")
+    # The thumbnail is Markdown metadata: the events page offers it behind "Show Markdown".
+    show = page.get_by_text("[Show Markdown]").first
+    wait_or_explain(page, shots, "chart-event", lambda: show.wait_for(state="visible", timeout=60_000))
+    show.click()
     thumbnail = page.locator('img[src^="data:image/png;base64,"]').first
-    thumbnail.wait_for(state="visible", timeout=60_000)
+    wait_or_explain(page, shots, "chart-thumbnail", lambda: thumbnail.wait_for(state="visible", timeout=60_000))
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle(),
                            timeout=30_000)
     thumbnail.scroll_into_view_if_needed()

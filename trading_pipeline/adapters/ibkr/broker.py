@@ -8,17 +8,25 @@
   then the last 7 days of executions (an order that filled on an earlier day is no longer in the
   live list). A child leg's cOID is `<entry cOID>-sl` / `<entry cOID>-tp` (core/orders.build_legs);
   IBKR knows children only through their parent, so they are found via the parent order.
-- `executions(cOID)`: IBKR tags executions with `order_ref` = the cOID, which only the entry has;
-  the children's fills show in positions and P&L (`account`).
+- `executions(cOID)`: IBKR tags an execution with `order_ref` = the cOID (the entry only) and,
+  per its newer trades doc, `order_id`. Children are matched by their IBKR order id, which this
+  broker learns when placing or looking them up and keeps in a small JSON map (`id_map_path`),
+  so a restarted process still attributes a stop-loss fill to its leg.
+- `open_orders()`: working orders at IBKR, with the pipeline's cOIDs where known ("" otherwise).
 - `account(marks)`: summary + every positions page (cache invalidated first) + IBKR's daily P&L.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from datetime import datetime, timezone
+import os
+import tempfile
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
 
-from trading_pipeline.adapters.broker import BrokerExecution, BrokerOrder, DuplicateOrderError
+from trading_pipeline.adapters.broker import FINAL_STATUSES, BrokerExecution, BrokerOrder, DuplicateOrderError
 from trading_pipeline.adapters.ibkr.client import IBKRClient, parse_number
 from trading_pipeline.adapters.ibkr.errors import IBKRDuplicateOrder, IBKRError, IBKRRequestError
 from trading_pipeline.core.analysis import OrderLeg
@@ -41,11 +49,43 @@ def _order_type(order: dict) -> str:
 class IBKRBroker:
     name = "ibkr"
 
-    def __init__(self, client: IBKRClient, order_cache_seconds: float | None = None):
+    def __init__(self, client: IBKRClient, order_cache_seconds: float | None = None,
+                 id_map_path: str | os.PathLike | None = None):
         self.client = client
         # One live-orders answer serves the lookups of one reconciliation (IBKR allows 1 call per 5 s).
         self.order_cache_seconds = (client.pacing.slow_endpoint_interval if order_cache_seconds is None
                                     else order_cache_seconds)
+        self.id_map_path = Path(id_map_path) if id_map_path else None
+        self._ids_lock = threading.Lock()
+        self._ids: dict[str, str] = self._load_ids()
+
+    # ------------------------------------------------------------------ cOID -> IBKR order id
+    def _load_ids(self) -> dict[str, str]:
+        if self.id_map_path is None:
+            return {}
+        try:
+            return {str(k): str(v) for k, v in json.loads(self.id_map_path.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, pairs: dict[str, str]) -> None:
+        pairs = {c: i for c, i in pairs.items() if c and i and i != "None"}
+        with self._ids_lock:
+            if all(self._ids.get(c) == i for c, i in pairs.items()):
+                return
+            if self.id_map_path is not None:
+                self._ids.update(self._load_ids())  # another process may have added some
+            self._ids.update(pairs)
+            if self.id_map_path is not None:
+                self.id_map_path.parent.mkdir(parents=True, exist_ok=True)
+                handle, temporary = tempfile.mkstemp(dir=self.id_map_path.parent, suffix=".tmp")
+                with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                    json.dump(self._ids, stream, sort_keys=True)
+                os.replace(temporary, self.id_map_path)
+
+    def order_id_for(self, client_order_id: str) -> str | None:
+        with self._ids_lock:
+            return self._ids.get(client_order_id)
 
     # ------------------------------------------------------------------ placing
     @staticmethod
@@ -73,9 +113,11 @@ class IBKRBroker:
             orders.append(order)
         return orders
 
-    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float) -> list[BrokerOrder]:
-        """Send `legs` as one single or bracket order. `reference_price` is not sent: IBKR prices the
-        order itself and asks (o163) when the limit is far from the market."""
+    def place(self, symbol: str, legs: list[OrderLeg], reference_price: float,
+              placed_at: datetime | None = None) -> list[BrokerOrder]:
+        """Send `legs` as one single or bracket order. `reference_price` and `placed_at` are not
+        sent: IBKR prices and stamps the order itself (and asks, o163, when the limit is far from
+        the market)."""
         self._check_legs(legs)
         contract = self.client.resolve(symbol)
         info = self.client.check_may_trade()
@@ -91,6 +133,7 @@ class IBKRBroker:
             log.warning("IBKR acknowledged %d order(s) for %d leg(s) of %s", len(answers), len(legs),
                         legs[0].client_order_id)
             by_coid = {legs[0].client_order_id: answers[0]}
+        self._remember({coid: str(answer.get("order_id")) for coid, answer in by_coid.items()})
         result = []
         for leg in legs:
             answer = by_coid.get(leg.client_order_id)
@@ -124,17 +167,48 @@ class IBKRBroker:
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None:
         orders = self.client.live_orders(max_age=self.order_cache_seconds)
+        found = self._match_live(client_order_id, orders)
+        if found is not None:
+            self._remember({client_order_id: str(found.get("orderId"))})
+            return self._as_broker_order(client_order_id, found)
+        return self._from_executions(client_order_id)
+
+    def _match_live(self, client_order_id: str, orders: list[dict]) -> dict | None:
         for order in orders:
             if order.get("order_ref") == client_order_id:
-                return self._as_broker_order(client_order_id, order)
+                return order
+        known = self.order_id_for(client_order_id)
+        if known is not None:
+            for order in orders:
+                if str(order.get("orderId")) == known:
+                    return order
         child = self._split_child(client_order_id)
         if child is not None:
             parent_ref, suffix = child
             parent = next((o for o in orders if o.get("order_ref") == parent_ref), None)
             if parent is not None:
-                found = self._find_child(orders, parent, suffix)
-                return self._as_broker_order(client_order_id, found) if found else None
-        return self._from_executions(client_order_id)
+                return self._find_child(orders, parent, suffix)
+        return None
+
+    def open_orders(self) -> list[BrokerOrder]:
+        """Working orders at IBKR (not Filled/Cancelled/Inactive); cOID "" for orders the pipeline
+        did not send (e.g. placed by hand), so the portfolio sync can flag them as drift."""
+        orders = self.client.live_orders(max_age=self.order_cache_seconds)
+        with self._ids_lock:
+            by_id = {order_id: coid for coid, order_id in self._ids.items()}
+        result = []
+        for order in orders:
+            if _status_text(order) in FINAL_STATUSES:
+                continue
+            coid = order.get("order_ref") or by_id.get(str(order.get("orderId")), "")
+            if not coid:
+                for parent in orders:
+                    if parent.get("order_ref"):
+                        for suffix in _CHILD_KIND:
+                            if self._find_child(orders, parent, suffix) is order:
+                                coid = parent["order_ref"] + suffix
+            result.append(self._as_broker_order(str(coid), order))
+        return result
 
     @staticmethod
     def _find_child(orders: list[dict], parent: dict, suffix: str) -> dict | None:
@@ -165,15 +239,18 @@ class IBKRBroker:
         return BrokerOrder(client_order_id, "", "Filled", quantity, notional / quantity if quantity else None)
 
     def executions(self, client_order_id: str) -> list[BrokerExecution]:
+        order_id = self.order_id_for(client_order_id)
         result = []
         for trade in self.client.trades(days=7, max_age=self.order_cache_seconds):
-            if trade.get("order_ref") != client_order_id:
+            mine = trade.get("order_ref") == client_order_id or (
+                order_id is not None and trade.get("order_id") is not None and str(trade["order_id"]) == order_id)
+            if not mine:
                 continue
             side = {"B": "BUY", "S": "SELL"}.get(str(trade.get("side")), str(trade.get("side")).upper())
             millis = trade.get("trade_time_r")
-            executed = (datetime.fromtimestamp(int(millis) / 1000, tz=timezone.utc) if millis is not None
+            executed = (datetime.fromtimestamp(int(millis) / 1000, tz=UTC) if millis is not None
                         else datetime.strptime(str(trade["trade_time"]), "%Y%m%d-%H:%M:%S").replace(
-                            tzinfo=timezone.utc))
+                            tzinfo=UTC))
             result.append(BrokerExecution(str(trade["execution_id"]), client_order_id, str(trade.get("symbol")),
                                           side, parse_number(trade.get("size")) or 0.0,
                                           parse_number(trade.get("price")) or 0.0, executed))

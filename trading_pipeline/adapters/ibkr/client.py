@@ -21,14 +21,17 @@ token and `/iserver/accounts` sessionId are never kept or printed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -55,13 +58,7 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRTimeout,
     IBKRTLSError,
 )
-from trading_pipeline.adapters.ibkr.pacing import (
-    Cooldown,
-    MinIntervalLimiter,
-    OrderGate,
-    Pacing,
-    SlidingWindowLimiter,
-)
+from trading_pipeline.adapters.ibkr.pacing import HistorySlots, OrderGate, Pacer, Pacing
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +134,7 @@ class SessionHealth:
     authenticated: bool = False
     connected: bool = False
     competing: bool = False
-    checked_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    checked_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     recovered: bool = False  # ssodh/init reopened the brokerage session during this check
 
     def as_dict(self) -> dict:
@@ -194,6 +191,7 @@ class IBKRClient:
         take_over_competing_session: bool = False,
         conid_overrides: dict[str, int] | None = None,
         pacing: Pacing | None = None,
+        shared_pacing_dir: str | os.PathLike | None = None,
         transport: httpx.BaseTransport | None = None,
     ):
         self.gateway_url = self._check_url(gateway_url)
@@ -212,11 +210,14 @@ class IBKRClient:
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             headers={"User-Agent": "trading_pipeline-ibkr/1", "Accept": "application/json"},
         )
-        self._rate = SlidingWindowLimiter(self.pacing.requests_per_second, self.pacing.window_seconds)
-        self._intervals = MinIntervalLimiter()
-        self._cooldown = Cooldown()
-        self._history_slots = threading.BoundedSemaphore(self.pacing.history_concurrency)
-        self._gate = OrderGate()
+        # One gateway, one budget: with `shared_pacing_dir` every process using that folder (e.g. the
+        # Dagster runs of one deployment) shares the rate window, the 429 hold, the history slots and
+        # the order gate; without it, the threads of this process do.
+        shared = Path(shared_pacing_dir) if shared_pacing_dir else None
+        self._pacer = Pacer(self.pacing.requests_per_second, self.pacing.window_seconds,
+                            state_file=shared / "pacing.json" if shared else None)
+        self._history_slots = HistorySlots(self.pacing.history_concurrency, shared)
+        self._gate = OrderGate(shared)
         # Locks: `_state` guards short, non-blocking bookkeeping only (never held across a request);
         # `_session_lock` / `_accounts_lock` serialize the session check and the pre-flight and may be
         # held across requests. A thread inside an order sequence (OrderGate.exclusive) takes none of
@@ -255,10 +256,10 @@ class IBKRClient:
         return f"{parts.scheme}://{parts.netloc}"
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "IBKRClient":
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> IBKRClient:
         """IBKR_GATEWAY_URL, IBKR_ACCOUNT_ID, IBKR_VERIFY_SSL, IBKR_CONNECT_TIMEOUT,
         IBKR_READ_TIMEOUT, IBKR_AUTO_CONFIRM, IBKR_EXCHANGES, IBKR_CONIDS,
-        IBKR_TAKE_OVER_SESSION, IBKR_HISTORY_CONCURRENCY and TRADING_ALLOW_LIVE."""
+        IBKR_TAKE_OVER_SESSION, IBKR_HISTORY_CONCURRENCY, IBKR_STATE_DIR and TRADING_ALLOW_LIVE."""
         settings = settings_from_env(environ)
         settings.update(overrides)
         return cls(**settings)
@@ -313,7 +314,7 @@ class IBKRClient:
                     "too many history charts")):
                 attempts_429 += 1
                 wait = self._backoff(self.pacing.rate_limit_backoff, attempts_429)
-                self._cooldown.hold(wait)  # every thread waits, nobody hammers the penalty box
+                self._pacer.hold(wait)  # every thread (and process) waits: nobody hammers the penalty box
                 if order or attempts_429 > self.pacing.rate_limit_retries:
                     raise IBKRRateLimited(
                         f"IBKR answered 429 'too many requests' to {method} {path}"
@@ -357,28 +358,18 @@ class IBKRClient:
             return status, body
 
     def _send(self, method: str, path: str, *, params=None, json=None) -> tuple[int, Any]:
-        slot = self._history_slots if path == HISTORY_PATH else None
-        with self._gate.shared():
-            if slot is not None:
-                slot.acquire()
-            try:
-                self._intervals.run(path, self.pacing.interval_for(path), self._before_send)
-                if method == "POST" and json is None:
-                    json = {}  # the gateway refuses a POST without a body length (411)
-                response = self._http.request(method, path, params=params, json=json)
-            finally:
-                if slot is not None:
-                    slot.release()
+        slot = self._history_slots.slot() if path == HISTORY_PATH else contextlib.nullcontext()
+        with self._gate.shared(), slot:
+            self._pacer.before_send(path, self.pacing.interval_for(path))
+            if method == "POST" and json is None:
+                json = {}  # the gateway refuses a POST without a body length (411)
+            response = self._http.request(method, path, params=params, json=json)
         try:
             body = response.json() if response.content else None
         except ValueError:
             body = response.text
         log.debug("IBKR %s %s -> %s", method, path, response.status_code)
         return response.status_code, body
-
-    def _before_send(self) -> None:
-        self._cooldown.wait()  # a 429 seen by any thread holds everyone
-        self._rate.acquire()
 
     @staticmethod
     def _backoff(base: float, attempt: int, factor: float = 2.0) -> float:
@@ -570,7 +561,9 @@ class IBKRClient:
         return self.accounts().account_id
 
     def check_may_trade(self) -> AccountsInfo:
-        """Raise IBKRLiveAccountRefused unless the account is paper or live trading is allowed."""
+        """Re-check the session now (not the last minute's answer), then raise IBKRLiveAccountRefused
+        unless the account is paper or live trading is allowed."""
+        self.ensure_session(force=True)
         info = self.accounts()
         if not info.is_paper and not self.allow_live:
             reported = "isPaper=false" if info.reported_is_paper is False else "not a DU... paper account"
@@ -718,7 +711,7 @@ class IBKRClient:
             lots = 100.0 if isinstance(contract, Contract) and contract.is_us else 1.0  # sizes in lots of 100
             last_text = str(row.get("31") or "")
 
-            def size(key):
+            def size(key, row=row, lots=lots):
                 value = parse_number(row.get(key))
                 return None if value is None else value * lots
 
@@ -822,6 +815,11 @@ class IBKRClient:
                     f"IBKR rejected {what} (HTTP {status}): {text}",
                     "read IBKR's reason; fix the order or the account's precautionary settings (Client Portal > "
                     "Settings > Order Presets), then run again", ibkr_text=text)
+            if status >= 500:  # no error text: the gateway or IBKR's backend failed mid-way
+                raise IBKROrderStateUnknown(
+                    f"IBKR answered {status} without an explanation to {what}: it may or may not have been "
+                    "accepted; it was not sent again",
+                    "do not re-send by hand: the next run looks the order up by its cOID before sending anything")
             if status >= 400:
                 raise IBKROrderRejected(f"IBKR answered {status} to {what}", "check the gateway log; nothing was "
                                         "accepted", ibkr_text=str(body)[:300])
@@ -1010,4 +1008,5 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
         "take_over_competing_session": _env_flag(env.get("IBKR_TAKE_OVER_SESSION"), False),
         "conid_overrides": overrides,
         "pacing": Pacing(history_concurrency=concurrency),
+        "shared_pacing_dir": env.get("IBKR_STATE_DIR") or None,
     }

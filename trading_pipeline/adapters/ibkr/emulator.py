@@ -33,7 +33,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -184,6 +184,9 @@ def _period_start(anchor: pd.Timestamp, count: int, unit: str, sessions: pd.Date
 # The gateway state machine
 # ------------------------------------------------------------------------------------------------
 
+_CONTRACTS: dict[int, tuple[str, str, bool, str]] = {}
+
+
 class GatewayState:
     def __init__(self, config: EmulatorConfig):
         self.config = config
@@ -201,7 +204,7 @@ class GatewayState:
         self.coids: dict[str, float] = {}  # cOID -> registration time (unique within 24 h)
         self.executions: list[dict] = []
         self.prices: dict[int, float] = {}
-        self.contracts: dict[int, tuple[str, str, bool, str]] = {}  # conid -> (symbol, exchange, isUS, name)
+        self.contracts = _CONTRACTS  # conid -> (symbol, exchange, isUS, name); conids are deterministic
         self.positions_cache: list[dict] | None = None
         self.synthetic_positions = self._synthetic_positions(config.positions)
         self.cash = config.cash
@@ -304,7 +307,7 @@ class GatewayState:
             "execution_id": f"0000e0d5.{uuid.uuid4().hex[:8]}.01.01", "symbol": order.symbol,
             "supports_tax_opt": "1", "side": "B" if order.side == "BUY" else "S",
             "order_description": f"{'Bot' if order.side == 'BUY' else 'Sold'} {order.quantity:g} @ {price:.2f} on ISLAND",
-            "trade_time": datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%d-%H:%M:%S"),
+            "trade_time": datetime.fromtimestamp(now, UTC).strftime("%Y%m%d-%H:%M:%S"),
             "trade_time_r": int(now * 1000), "size": float(order.quantity), "price": f"{price:.2f}",
             **({"order_ref": order.coid} if order.coid else {}),
             "submitter": "emulator", "exchange": "ISLAND", "commission": "1.00",
@@ -312,7 +315,7 @@ class GatewayState:
             "accountCode": self.config.account_id, "company_name": f"{order.symbol} INC",
             "contract_description_1": order.symbol, "sec_type": "STK", "listing_exchange": "NASDAQ.NMS",
             "conid": order.conid, "conidEx": str(order.conid), "clearing_id": "IB", "clearing_name": "IB",
-            "liquidation_trade": "0", "is_event_trading": "0", "_order_id": order.order_id})
+            "liquidation_trade": "0", "is_event_trading": "0", "order_id": order.order_id})
         for other in self.orders.values():
             if other.parent_id == order.order_id and other.status == "PreSubmitted":
                 other.status = "Submitted"  # bracket children go live when the parent fills
@@ -396,7 +399,7 @@ class IBKREmulator:
         host = "localhost" if self.https and self.host == "127.0.0.1" else self.host
         return f"{scheme}://{host}:{self.port}{API}"
 
-    def start(self) -> "IBKREmulator":
+    def start(self) -> IBKREmulator:
         import uvicorn
 
         _schedule()  # load the exchange calendar before serving (it takes about a second)
@@ -419,6 +422,7 @@ class IBKREmulator:
     def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
+            self._server.force_exit = True  # do not wait for idle keep-alive connections
             self._thread.join(timeout=10)
             self._server = None
         if self._tempdir is not None:
@@ -443,7 +447,7 @@ class IBKREmulator:
 
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
                 .not_valid_after(now + dt.timedelta(days=30))
@@ -458,6 +462,13 @@ class IBKREmulator:
         return {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
 
     # -------------------------------------------------------------- test hooks
+    def reset(self, config: EmulatorConfig | None = None) -> "IBKREmulator":
+        """A fresh gateway (new state, optionally a new configuration) on the running server."""
+        if config is not None:
+            self.config = config
+        self.state = GatewayState(self.config)
+        return self
+
     def set_auth_state(self, state: str) -> None:
         if state not in AUTH_STATES:
             raise ValueError(state)
@@ -647,10 +658,9 @@ class IBKREmulator:
     def _dispatch(self, method: str, path: str, query: dict, body):
         s = self.state
         s.advance()
-        if not path.startswith("/iserver/reply/"):
-            if s.pending:  # any other request voids a pending question (IBKR: reply straight away)
-                s.voided.update(s.pending)
-                s.pending.clear()
+        if not path.startswith("/iserver/reply/") and s.pending:
+            s.voided.update(s.pending)  # any other request voids a pending question (IBKR: reply straight away)
+            s.pending.clear()
         if s.auth_state == "logged_out":
             return _json({"error": "not authenticated"}, 401) if path != "/tickle" else _json(None, 401)
         session_paths = ("/iserver/auth/status", "/iserver/auth/ssodh/init", "/tickle", "/logout",
@@ -710,10 +720,10 @@ class IBKREmulator:
         s = self.state
         if not (body or {}).get("publish"):
             return _error("publish must be true", 500)
-        if s.auth_state == "connected" or (s.auth_state == "competing" and (body or {}).get("compete")):
-            if not self.config.init_fails:
-                s.auth_state = "authenticated"
-                s.new_session()
+        opens = s.auth_state == "connected" or (s.auth_state == "competing" and (body or {}).get("compete"))
+        if opens and not self.config.init_fails:
+            s.auth_state = "authenticated"
+            s.new_session()
         return _json(self._auth_body())
 
     def reauthenticate(self, **_):
@@ -798,7 +808,7 @@ class IBKREmulator:
             return _error("No data.")
         high_t = window["h"].idxmax()
         low_t = window["l"].idxmin()
-        minutes = lambda t: int((t - window.index[0]).total_seconds() // 60)  # noqa: E731
+        minutes = lambda t: int((t - window.index[0]).total_seconds() // 60)
         return _json({
             "serverId": str(zlib.crc32(f"{conid}{period}{bar}".encode()) % 100000), "symbol": symbol, "text": name,
             "priceFactor": 100, "chartAnnotations": "", "startTime": window.index[0].strftime("%Y%m%d-%H:%M:%S"),
@@ -1015,7 +1025,7 @@ class IBKREmulator:
                "order_ccp_status": order.status, "timeInForce": order.tif, "listingExchange": "NASDAQ",
                "outsideRTH": False, "sizeAndFills": f"{order.filled:g}/{order.quantity:g}",
                "lastExecutionTime_r": int(order.last_time * 1000),
-               "lastExecutionTime": datetime.fromtimestamp(order.last_time, timezone.utc).strftime("%y%m%d%H%M%S")}
+               "lastExecutionTime": datetime.fromtimestamp(order.last_time, UTC).strftime("%y%m%d%H%M%S")}
         if order.avg_price is not None:
             row["avgPrice"] = f"{order.avg_price:.2f}"
         if order.coid:
@@ -1054,7 +1064,7 @@ class IBKREmulator:
                 "total_size": f"{found.quantity:.1f}", "cum_fill": f"{found.filled:.1f}",
                 "size": f"{found.quantity - found.filled:.1f}", "order_status": found.status,
                 "order_ccp_status": "0", "order_status_description": f"Order {found.status}", "tif": found.tif,
-                "order_time": datetime.fromtimestamp(found.created, timezone.utc).strftime("%y%m%d%H%M%S"),
+                "order_time": datetime.fromtimestamp(found.created, UTC).strftime("%y%m%d%H%M%S"),
                 "cannot_cancel_order": found.status in ("Filled", "Cancelled"),
                 "order_not_editable": found.status in ("Filled", "Cancelled"), "listing_exchange": "NASDAQ",
                 "account": self.config.account_id}

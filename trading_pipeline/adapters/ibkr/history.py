@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
@@ -142,7 +143,7 @@ def plan_pages(timeframe: str, strategy_period: str, as_of: datetime, now: datet
     if timeframe not in TIMEFRAME_BAR:
         raise IBKRHistoryRequestError(f"timeframe {timeframe!r} has no IBKR bar", "use 1d or 1w")
     bar = TIMEFRAME_BAR[timeframe]
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     as_of = pd.Timestamp(as_of).tz_convert("UTC").to_pydatetime()
     anchor = as_of if (now - as_of) > timedelta(seconds=BAR_SECONDS[bar]) else None
     parse_period(strategy_period)
@@ -180,13 +181,21 @@ def raw_bars_frame(data: list[dict]) -> pd.DataFrame:
     return frame.astype("float64")
 
 
-def _session_opens():
+@functools.lru_cache(maxsize=1)
+def _session_opens() -> pd.Series:
+    """XNYS session opens (UTC) by session date; computed once per process."""
     from trading_pipeline.core.market_calendar import calendar
 
     schedule = calendar().schedule
     opens = pd.DatetimeIndex(schedule["open"]).tz_convert("UTC")
     dates = pd.DatetimeIndex(schedule.index).tz_localize(None).normalize()
     return pd.Series(opens, index=dates)
+
+
+@functools.lru_cache(maxsize=1)
+def _week_first_opens() -> pd.Series:
+    opens = _session_opens()
+    return opens.groupby(opens.index.to_period("W-SUN")).min()
 
 
 def session_start_index(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeIndex:
@@ -209,9 +218,9 @@ def session_start_index(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeI
             pd.DatetimeIndex([], tz="UTC")
     if timeframe != "1w":
         raise ValueError(f"unknown timeframe {timeframe!r}")
-    weekend = dates.weekday >= 5
-    rolled = dates + pd.to_timedelta((7 - dates.weekday) * weekend, unit="D")
-    first_open = opens.groupby(opens.index.to_period("W-SUN")).min()
+    weekend = dates.day_of_week >= 5
+    rolled = dates + pd.to_timedelta((7 - dates.day_of_week) * weekend, unit="D")
+    first_open = _week_first_opens()
     periods = rolled.to_period("W-SUN")
     return pd.DatetimeIndex([first_open.get(p, pd.NaT) for p in periods], tz="UTC")
 

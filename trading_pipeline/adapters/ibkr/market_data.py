@@ -34,7 +34,7 @@ of 3y (1d) or 15y (1w), each anchored with `startTime` at the earliest bar recei
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pandas as pd
 
@@ -125,6 +125,3 @@ class IBKRMarketData:
         frame.index.name = "time"
         return frame[["open", "high", "low", "close", "volume"]].astype("float64")
 
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)

@@ -17,19 +17,41 @@ FAST = Pacing(slow_endpoint_interval=0.3, tickle_interval=0.2, rate_limit_backof
 EMULATOR_FAST = {"slow_interval": 0.3, "tickle_interval": 0.2}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_contract_cache():
+    """The client caches symbol -> contract per process and gateway URL; tests start without it."""
+    from trading_pipeline.adapters.ibkr import client
+
+    client._contract_cache.clear()
+
+
+@pytest.fixture(scope="session")
+def _running_emulators():
+    """Servers started once per session; each test gets a fresh gateway state (reset) on one."""
+    servers: dict[bool, list[IBKREmulator]] = {False: [], True: []}
+    yield servers
+    for emulator in servers[False] + servers[True]:
+        emulator.stop()
+
+
 @pytest.fixture
-def emulator_factory():
-    started = []
+def emulator_factory(tmp_path, _running_emulators):
+    in_use: list[IBKREmulator] = []
 
     def make(https: bool = False, **config) -> IBKREmulator:
-        emulator = IBKREmulator(EmulatorConfig(**{**EMULATOR_FAST, **config}), host="127.0.0.1", port=0,
-                                https=https).start()
-        started.append(emulator)
+        idle = [e for e in _running_emulators[https] if e not in in_use]
+        settings = EmulatorConfig(**{**EMULATOR_FAST, **config})
+        if idle:
+            emulator = idle[0].reset(settings)
+        else:
+            emulator = IBKREmulator(settings, host="127.0.0.1", port=0, https=https).start()
+            _running_emulators[https].append(emulator)
+        # every client of one emulator shares one pacing budget, as the runs of a deployment do
+        emulator.pacing_dir = tmp_path / f"pacing-{len(in_use)}"
+        in_use.append(emulator)
         return emulator
 
     yield make
-    for emulator in started:
-        emulator.stop()
 
 
 @pytest.fixture
@@ -43,6 +65,8 @@ def client_factory():
 
     def make(emulator_or_url, **settings) -> IBKRClient:
         settings.setdefault("pacing", FAST)
+        if not isinstance(emulator_or_url, str):
+            settings.setdefault("shared_pacing_dir", emulator_or_url.pacing_dir)
         url = emulator_or_url if isinstance(emulator_or_url, str) else emulator_or_url.url
         client = IBKRClient(url, **settings)
         clients.append(client)

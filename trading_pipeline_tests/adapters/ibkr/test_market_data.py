@@ -1,10 +1,11 @@
 """Contracts, history (validation, paging, normalization, volume units), error bodies, 429 backoff,
 pacing under concurrency, and the snapshot pre-flight, against the emulator over HTTP."""
 
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,6 @@ from trading_pipeline.core.market_calendar import bar_close_times, calendar
 from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
 
-UTC = timezone.utc
 HISTORY = "/iserver/marketdata/history"
 
 
@@ -216,7 +216,7 @@ def test_pacing_limits_hold_under_concurrency(emulator_factory, client_factory):
     emulator = emulator_factory(latency_ms=100)  # the emulator answers 429 above 10/s or 5 in flight
     client = client_factory(emulator)
     source = IBKRMarketData(client)
-    symbols = [f"P{i:02d}" for i in range(24)]
+    symbols = [f"P{i:02d}" for i in range(18)]
     source.prefetch_contracts(symbols)
     now = datetime.now(UTC)
     with ThreadPoolExecutor(12) as pool:
@@ -234,13 +234,19 @@ def test_history_concurrency_is_capped_at_ibkrs_five():
         Pacing(history_concurrency=6)
 
 
-def test_default_limits_space_the_slow_endpoints_by_five_seconds(emulator_factory, client_factory):
-    emulator = emulator_factory(slow_interval=5.0)  # IBKR's 1 per 5 s on live orders
-    client = client_factory(emulator, pacing=Pacing())
+def test_slow_endpoints_are_spaced_and_the_defaults_are_ibkrs(emulator, client):
     client.live_orders()  # the first answer of a session is asked twice
+    client.live_orders()
     calls = emulator.requests("GET", "/iserver/account/orders")
-    assert len(calls) == 2 and calls[1][0] - calls[0][0] >= 5.0
+    assert len(calls) == 3 and all(b[0] - a[0] >= 0.3 for a, b in itertools.pairwise(calls))
     assert all(call[3] == 200 for call in calls) and emulator.stats()["rate_limited"] == 0
+    defaults = Pacing()
+    assert (defaults.requests_per_second, defaults.history_concurrency) == (10, 4)
+    for path in ("/iserver/account/orders", "/iserver/account/trades", "/iserver/account/pnl/partitioned",
+                 "/portfolio/accounts"):
+        assert defaults.interval_for(path) == 5.0
+    assert defaults.interval_for("/tickle") == 1.0 and defaults.interval_for("/sso/validate") == 60.0
+    assert defaults.interval_for("/iserver/marketdata/history") == 0.0
 
 
 # ---------------------------------------------------------------------------------------- snapshot

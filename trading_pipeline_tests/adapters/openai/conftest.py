@@ -2,14 +2,14 @@
 
 import functools
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
 
 from trading_pipeline_tests.adapters.openai.local_server import LocalOpenAIServer
 
-AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
 API_KEY = "sk-test-SECRETKEY-0123456789abcdef"
 
 

@@ -89,7 +89,7 @@ class LocalOpenAIServer:
 
     # -- lifecycle --
 
-    def start(self) -> "LocalOpenAIServer":
+    def start(self) -> LocalOpenAIServer:
         app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -570,3 +570,29 @@ def test_importing_the_analyst_does_not_import_openai():
             "print('openai' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- the same accounting on PostgreSQL ----------------------------------------------------------------
+
+
+def test_call_log_cache_and_budget_on_sqlite_and_postgresql(database_url, openai_server, daily, weekly, png):
+    from trading_pipeline.adapters.trading_db import session_factory
+
+    sessions = session_factory(database_url)
+    environ = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": openai_server.base_url,
+               "TRADING_LLM_MAX_TOKENS_PER_DAY": "2000"}
+    openai_server.reset(default=good(usage=(1500, 600)))
+    first = OpenAIAnalyst.from_env(environ, sessions, run_id="pg-1")
+    assert first.analyze(daily, chart_for(png), png).valid
+    again = OpenAIAnalyst.from_env(environ, sessions, run_id="pg-2")
+    assert again.analyze(daily, chart_for(png), png).valid  # cache hit: no tokens, allowed
+    refused = again.analyze(weekly, None, png)  # 2,100 tokens used today ≥ 2,000
+    assert "LLM token budget for today (UTC) is used up: 2,100 tokens" in refused.invalid_reason
+    assert len(openai_server.requests) == 1
+    assert [r.status for r in rows(sessions)] == ["ok", "cache_hit", "budget_exceeded"]
+    with sessions() as session:
+        assert session.execute(sa.select(ModelResponseCacheRow.hits)).scalar_one() == 1
+    summary = summarize_calls(sessions, run_id="pg-2", symbol="AAPL")
+    assert summary["cache_hits"] == 1 and summary["budget_refusals"] == 1 and summary["total_tokens"] == 0
+    first.close()
+    again.close()

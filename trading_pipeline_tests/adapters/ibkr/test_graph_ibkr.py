@@ -1,0 +1,71 @@
+"""IBKRResource and the session-health sensor against the emulator; the order-placement hold."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+from trading_pipeline.adapters.ibkr.broker import IBKRBroker
+from trading_pipeline.adapters.ibkr.market_data import IBKRMarketData
+from trading_pipeline.graph.ibkr import (
+    IBKR_HISTORY_POOL,
+    IBKRResource,
+    ibkr_session_sensor,
+    order_placement_held,
+    read_session_status,
+)
+
+
+def test_resource_from_env_serves_source_and_broker_on_one_shared_client(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    resource = IBKRResource.from_env({"IBKR_GATEWAY_URL": "http://127.0.0.1:1/v1/api", "IBKR_ACCOUNT_ID": "DU9",
+                                      "TRADING_ALLOW_LIVE": "yes", "IBKR_EXCHANGES": "NASDAQ,NYSE"})
+    assert (resource.account_id, resource.allow_live, resource.exchanges) == ("DU9", True, ["NASDAQ", "NYSE"])
+    source, broker = resource.market_data(), resource.broker()
+    assert isinstance(source, IBKRMarketData) and isinstance(broker, IBKRBroker)
+    assert source.name == broker.name == "ibkr"
+    assert source.client is broker.client is resource.client()  # one pacing budget per process
+    assert source.client.allow_live and source.client.exchanges == ("NASDAQ", "NYSE")
+    assert str(resource.resolved_state_dir()).startswith(str(tmp_path / "ibkr"))
+    assert broker.id_map_path == resource.resolved_state_dir() / "order-ids.json"
+    assert IBKR_HISTORY_POOL == "ibkr_history"
+    assert ibkr_session_sensor.default_status == dg.DefaultSensorStatus.STOPPED
+
+
+def tick(resource: IBKRResource, cursor: str | None = None):
+    context = dg.build_sensor_context(cursor=cursor, resources={"ibkr": resource})
+    return ibkr_session_sensor.evaluate_tick(context)
+
+
+def test_session_sensor_records_health_and_holds_orders_while_unhealthy(emulator_factory, tmp_path):
+    emulator = emulator_factory(auth_state="connected")  # the brokerage session timed out
+    status_file = tmp_path / "ibkr_session.json"
+    resource = IBKRResource(gateway_url=emulator.url, status_file=str(status_file),
+                            state_dir=str(tmp_path / "state"))
+
+    healthy = tick(resource)
+    assert "healthy" in healthy.skip_message and "reopened the brokerage session" in healthy.skip_message
+    assert emulator.count("POST", "/tickle") == 1 and emulator.count("POST", "/iserver/auth/ssodh/init") == 1
+    assert json.loads(healthy.cursor)["healthy"] is True and read_session_status(status_file)["healthy"] is True
+    assert order_placement_held(status_file) is None
+
+    emulator.set_auth_state("competing")  # TWS logged in with the same user
+    sick = tick(resource, healthy.cursor)
+    assert "unhealthy, order placement held" in sick.skip_message
+    record = read_session_status(status_file)
+    assert record["healthy"] is False and record["competing"] is True
+    assert "session" not in record  # no session token in the status file
+    held = order_placement_held(status_file)
+    assert held is not None and "held" in held and "another session holds" in held
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    assert order_placement_held(status_file, now=later) is None  # a stale record (sensor off) holds nothing
+    assert order_placement_held(tmp_path / "missing.json") is None
+
+
+def test_sensor_reports_a_gateway_that_is_down(closed_port, tmp_path):
+    status_file = tmp_path / "ibkr_session.json"
+    resource = IBKRResource(gateway_url=f"http://127.0.0.1:{closed_port}/v1/api", status_file=str(status_file),
+                            state_dir=str(tmp_path / "state"))
+    result = tick(resource)
+    assert "unhealthy" in result.skip_message and "nothing answers" in result.skip_message
+    assert "nothing answers" in order_placement_held(status_file)

@@ -1,0 +1,57 @@
+"""Both Dagster instance files load for real: deploy/dagster.yaml (docker compose) against the
+test PostgreSQL, and the top-level dagster.yaml (laptop) with no PostgreSQL at all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import yaml
+from dagster import DagsterInstance
+from dagster._core.run_coordinator import QueuedRunCoordinator
+from dagster._core.storage.runs import SqliteRunStorage
+from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+
+from trading_pipeline_tests.deploy.conftest import REPO, instance_from
+
+
+def test_compose_instance_is_postgres_with_queue_limits_and_run_retries(deployment, materialized):
+    with instance_from(deployment.dagster_home, deployment.dagster_env) as instance:
+        assert isinstance(instance.run_storage, PostgresRunStorage)
+        assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+        assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+        # The very database the test created (not a default one).
+        assert instance.run_storage.postgres_url.endswith(f"/{deployment.dagster_db}")
+        assert instance.run_storage.postgres_url.startswith("postgresql+psycopg2://")
+        coordinator = instance.run_coordinator
+        assert isinstance(coordinator, QueuedRunCoordinator)
+        queue = instance.get_concurrency_config().run_queue_config  # what the daemon's queue applies
+        assert queue.max_concurrent_runs == 4
+        assert {limit["key"]: limit["limit"] for limit in queue.tag_concurrency_limits} == {"dagster/backfill": 2}
+        assert queue.max_user_code_failure_retries == 3 and queue.user_code_failure_retry_delay == 30
+        assert coordinator.dequeue_interval_seconds == 5
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+        assert instance.run_retries_retry_on_asset_or_op_failure is False
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_start_timeout_seconds == 180
+        assert instance.run_launcher.__class__.__name__ == "DefaultRunLauncher"
+        assert not instance.nux_enabled
+        # It is the instance the running webserver and daemon use: the runs launched through them are in it.
+        run_ids = {*materialized.analyze_runs.values(), materialized.decide_run}
+        assert run_ids <= {record.dagster_run.run_id for record in instance.get_run_records()}
+
+
+def test_laptop_instance_loads_without_postgres(tmp_path):
+    """`make dev` copies the top-level dagster.yaml into DAGSTER_HOME, and `dagster dev` also reads
+    it from the repository root (dagster-notes.md, section 3): it must never need PostgreSQL."""
+    text = (REPO / "dagster.yaml").read_text()
+    settings = yaml.safe_load(text)
+    assert "postgres" not in json.dumps(settings).lower()  # comments may mention it; settings may not
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert isinstance(instance.run_storage, SqliteRunStorage)
+        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        configured = settings["concurrency"]["runs"]["max_concurrent_runs"]
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == configured
+        assert instance.get_runs_count() == 0  # storage works
+    assert (tmp_path / "history").is_dir()

@@ -1,0 +1,80 @@
+"""The whole graph with TRADING_ANALYST=openai against a local OpenAI-compatible server: the chart
+PNG reaches the model, the model's plan passes the same risk gates, and a broken answer ends as
+NO_TRADE with no order."""
+
+import dagster as dg
+import pytest
+
+from trading_pipeline.core.analysis import Action
+from trading_pipeline.core.strategies import parse_strategies
+from trading_pipeline.definitions import build_definitions
+from trading_pipeline.graph.assets import AS_OF_TAG
+from trading_pipeline.graph.resources import resources_from_env
+from trading_pipeline_tests.adapters.openai.local_server import LocalOpenAIServer, Reply, completion, good, image_parts
+
+AS_OF = "2026-09-01T21:30:00+00:00"
+STRATEGIES = parse_strategies("""\
+strategies:
+  - name: llm_test
+    symbols: [SPY]
+    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}
+    orders: {enabled: true}
+""")
+
+
+@pytest.fixture
+def server():
+    local = LocalOpenAIServer().start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture
+def openai_env(server, tmp_path, monkeypatch):
+    environment = {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_ORDERS_ENABLED": "yes",
+                   "TRADING_ANALYST": "openai", "OPENAI_API_KEY": "sk-test-graph-SECRET",
+                   "OPENAI_BASE_URL": server.base_url, "OPENAI_MODEL": "gpt-4.1-mini",
+                   "TRADING_LLM_BACKOFF_SECONDS": "0.01", "TRADING_LLM_BACKOFF_MAX_SECONDS": "0.05"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return environment
+
+
+def run_spy(environment, tmp_path):
+    defs = build_definitions(STRATEGIES, resources_from_env(environment))
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        analyses = {}
+        for timeframe in ("1d", "1w"):
+            result = defs.resolve_job_def("analyze_timeframe").execute_in_process(
+                partition_key=dg.MultiPartitionKey({"symbol": "SPY", "timeframe": timeframe}),
+                instance=instance, tags={AS_OF_TAG: AS_OF})
+            assert result.success
+            analyses[timeframe] = result.output_for_node("ai_analyses")
+        result = defs.resolve_job_def("decide_and_order").execute_in_process(
+            partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF})
+        assert result.success
+        event = instance.get_latest_materialization_event(dg.AssetKey("ai_analyses"))
+        metadata = event.asset_materialization.metadata
+        return analyses, result.output_for_node("trade_decisions"), result.output_for_node("orders"), metadata
+
+
+def test_model_plan_goes_through_the_gates_and_is_ordered_once(server, openai_env, tmp_path):
+    server.reset(default=good())
+    analyses, decision, order, metadata = run_spy(openai_env, tmp_path)
+    daily = analyses["1d"]
+    assert daily.analyst.startswith("openai:gpt-4.1-mini") and daily.vision is True
+    assert daily.prompt_version.startswith("timeframe_analysis@")
+    timeframe_requests = [b for b in server.bodies() if image_parts(b)]
+    assert len(timeframe_requests) == 2  # both charts went to the model as images
+    assert decision.action == Action.BUY and decision.quantity > 0
+    assert decision.r_multiple == pytest.approx(abs(decision.targets[0] - decision.entry) / abs(decision.entry - decision.stop), abs=1e-3)
+    assert order.status == "filled"
+    assert metadata["llm_tokens"].value > 0 and "SECRET" not in str(metadata)
+
+
+def test_malformed_model_answer_is_no_trade_and_no_order(server, openai_env, tmp_path):
+    server.reset(default=lambda body: Reply(200, completion("I think you should BUY it!!! {not json")))
+    analyses, decision, order, _ = run_spy(openai_env, tmp_path)
+    assert not analyses["1d"].valid and analyses["1d"].signal == Action.NO_TRADE
+    assert decision.action == Action.NO_TRADE and decision.quantity == 0
+    assert order.status == "not_sent"
