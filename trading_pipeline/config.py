@@ -51,7 +51,17 @@ def data_dir(environ: dict[str, str] | None = None) -> Path:
 
 def database_url(environ: dict[str, str] | None = None) -> str:
     environ = os.environ if environ is None else environ
-    return environ.get("TRADING_DATABASE_URL") or f"sqlite:///{data_dir(environ) / 'trading.db'}"
+    url = environ.get("TRADING_DATABASE_URL") or f"sqlite:///{data_dir(environ) / 'trading.db'}"
+    return normalize_database_url(url)
+
+
+def normalize_database_url(url: str) -> str:
+    """A bare postgresql:// (or Heroku-style postgres://) URL means the psycopg2 driver we ship;
+    SQLAlchemy 2.1 would otherwise pick psycopg 3, which is not installed."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
 
 
 def parse_as_of(text: str) -> datetime:

@@ -14,9 +14,15 @@ POOL_LIMITS = {"market_data": 4, "llm": 4, "broker_orders": 1}
 
 
 def configure_pools(instance) -> dict[str, int]:
+    """Set the default limit of each pool that has none yet; a limit changed in the UI stays."""
+    storage = instance.event_log_storage
+    existing = storage.get_concurrency_keys()
+    limits = {}
     for pool, limit in POOL_LIMITS.items():
-        instance.event_log_storage.set_concurrency_slots(pool, limit)
-    return dict(POOL_LIMITS)
+        if pool not in existing:
+            storage.set_concurrency_slots(pool, limit)
+        limits[pool] = storage.get_concurrency_info(pool).slot_count
+    return limits
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ class TradingDatabaseResource(dg.ConfigurableResource):
     def sessions(self):
         from trading_pipeline.adapters.trading_db import session_factory
 
-        return session_factory(self.url)
+        return session_factory(config.normalize_database_url(self.url))
 
     def describe(self) -> str:
         from sqlalchemy.engine import make_url

@@ -436,33 +436,47 @@ class IBKREmulator:
         self.stop()
 
     def _self_signed_cert(self) -> dict:
-        import datetime as dt
+        """A throwaway self-signed certificate for localhost (like the gateway's own vertx.jks):
+        made with the `cryptography` package if installed, else with the `openssl` command."""
+        import shutil
+        import subprocess
         import tempfile
         from pathlib import Path
 
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = dt.datetime.now(dt.UTC)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-                .not_valid_after(now + dt.timedelta(days=30))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-                .sign(key, hashes.SHA256()))
         self._tempdir = tempfile.TemporaryDirectory(prefix="ibkr-emulator-")
         folder = Path(self._tempdir.name)
-        (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.TraditionalOpenSSL,
-                                                           serialization.NoEncryption()))
-        return {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
+        cert, key = folder / "cert.pem", folder / "key.pem"
+        try:
+            import datetime as dt
+
+            from cryptography import x509
+            from cryptography.hazmat.primitives import hashes, serialization
+            from cryptography.hazmat.primitives.asymmetric import ec
+            from cryptography.x509.oid import NameOID
+        except ImportError:
+            if shutil.which("openssl") is None:
+                raise SystemExit("--https needs the 'cryptography' package or the openssl command: install one, "
+                                 "or run without --https and set IBKR_GATEWAY_URL=http://127.0.0.1:<port>/v1/api") \
+                    from None
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+                            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                            "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+            return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        private = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = dt.datetime.now(dt.UTC)
+        certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                       .public_key(private.public_key()).serial_number(x509.random_serial_number())
+                       .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+                       .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                       .sign(private, hashes.SHA256()))
+        cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                              serialization.NoEncryption()))
+        return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
 
     # -------------------------------------------------------------- test hooks
-    def reset(self, config: EmulatorConfig | None = None) -> "IBKREmulator":
+    def reset(self, config: EmulatorConfig | None = None) -> IBKREmulator:
         """A fresh gateway (new state, optionally a new configuration) on the running server."""
         if config is not None:
             self.config = config

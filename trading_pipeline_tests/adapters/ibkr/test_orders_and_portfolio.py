@@ -53,6 +53,9 @@ def test_bracket_is_one_request_children_by_parent_id_stop_warning_auto_confirme
         ("tp-d1", "Filled"), ("tp-d1-sl", "Submitted"), ("tp-d1-tp", "Submitted")]
     assert answers[0].filled_quantity == 10 and answers[0].average_fill_price == 100.0
     assert answers[0].broker_order_id == str(parent.order_id)
+    single = broker.place("MSFT", bracket(coid="tp-single", entry=99.5)[:1], 99.5)  # closing trade: one leg
+    assert [(o.client_order_id, o.status) for o in single] == [("tp-single", "Submitted")]
+    assert len(emulator.requests("POST", "/iserver/reply/*")) == 1  # no stop order, no question
 
 
 def test_unknown_question_is_declined_with_ibkrs_text(emulator, broker):
