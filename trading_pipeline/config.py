@@ -18,6 +18,7 @@ MODES: dict[str, tuple[str, ...]] = {
     "TRADING_ANALYST": ("rules", "openai"),
     "TRADING_BROKER": ("paper", "ibkr"),
     "TRADING_CHART_STORE": ("local", "s3"),
+    "TRADING_IO_MANAGER": ("fs", "s3"),
 }
 YES_VALUES = ("yes", "true", "1", "on")
 

@@ -169,7 +169,7 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         database = TradingDatabaseResource(url=dg.EnvVar("TRADING_DATABASE_URL"))
     else:
         database = TradingDatabaseResource(url=config.database_url(environ))
-    return {
+    resources = {
         "trading_db": database,
         "market_data": MarketDataResource(
             mode=config.env_mode("TRADING_MARKET_DATA", environ),
@@ -192,3 +192,13 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
             paper_equity=_float_env("TRADING_PAPER_EQUITY", 100_000.0, environ),
             database=database),
     }
+    if config.env_mode("TRADING_IO_MANAGER", environ) == "s3":
+        # Asset values in the bucket instead of DAGSTER_HOME/storage: what runs on several
+        # machines (Docker or Kubernetes run launchers) need to read each other's outputs.
+        from dagster_aws.s3 import S3PickleIOManager, S3Resource
+
+        resources["io_manager"] = S3PickleIOManager(
+            s3_resource=S3Resource(endpoint_url=environ.get("AWS_ENDPOINT_URL") or None),
+            s3_bucket=environ.get("TRADING_S3_BUCKET", "trading-charts"),
+            s3_prefix=environ.get("TRADING_IO_PREFIX", "dagster"))
+    return resources

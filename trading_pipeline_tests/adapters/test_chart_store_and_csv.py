@@ -2,10 +2,6 @@
 loopback), and the CSV market data source."""
 
 import hashlib
-import socket
-import subprocess
-import sys
-import time
 from datetime import datetime, timezone
 
 import boto3
@@ -31,28 +27,6 @@ def test_local_store_writes_atomically(tmp_path):
     assert path.read_bytes() == PNG and stored.uri == path.resolve().as_uri()
     assert stored.sha256 == hashlib.sha256(PNG).hexdigest() and stored.size_bytes == len(PNG)
     assert not list(tmp_path.rglob("*.partial"))
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("moto server did not start")
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(10)
 
 
 def test_s3_store_creates_bucket_and_stores_png(s3_endpoint, monkeypatch):

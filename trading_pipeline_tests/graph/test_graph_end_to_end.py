@@ -209,3 +209,27 @@ def test_order_step_failing_after_send_then_rerun_sends_once(environment, tmp_pa
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(PaperOrderRow)
                               .where(PaperOrderRow.client_order_id == order.client_order_id)) == 1
+
+
+def test_s3_io_manager_and_chart_store_for_several_machines(tmp_path, s3_endpoint, monkeypatch):
+    """TRADING_IO_MANAGER=s3 keeps asset values in the bucket (what runs on other machines read)."""
+    import boto3
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="io-test")
+    environment = {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_IO_MANAGER": "s3",
+                   "TRADING_CHART_STORE": "s3", "TRADING_S3_BUCKET": "io-test", "AWS_ENDPOINT_URL": s3_endpoint}
+    defs = build_definitions(STRATEGIES, resources_from_env(environment))
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = defs.resolve_job_def("analyze_timeframe").execute_in_process(
+            partition_key=dg.MultiPartitionKey({"symbol": "SPY", "timeframe": "1d"}), instance=instance,
+            tags={AS_OF_TAG: AS_OF})
+        assert result.success
+        chart = result.output_for_node("chart_images")
+    keys = {item["Key"] for item in client.list_objects_v2(Bucket="io-test")["Contents"]}
+    assert {"dagster/market_bars/SPY/1d", "dagster/indicator_frames/SPY/1d", "dagster/ai_analyses/SPY/1d"} <= keys
+    assert chart.uri == f"s3://io-test/{chart.key}" and chart.key in keys
+    assert not (tmp_path / "storage" / "market_bars").exists()  # nothing went to the local fs IO manager
