@@ -21,6 +21,7 @@ MODES: dict[str, tuple[str, ...]] = {
     "TRADING_IO_MANAGER": ("fs", "s3"),
 }
 YES_VALUES = ("yes", "true", "1", "on")
+NO_VALUES = ("no", "false", "0", "off")
 
 
 def env_mode(variable: str, environ: dict[str, str] | None = None) -> str:
@@ -35,9 +36,19 @@ def env_mode(variable: str, environ: dict[str, str] | None = None) -> str:
     return value
 
 
-def env_flag(variable: str, environ: dict[str, str] | None = None) -> bool:
+def env_flag(variable: str, environ: dict[str, str] | None = None, default: bool = False) -> bool:
+    """A yes/no variable. Anything else stops with the accepted values: a typo in a safety switch
+    must not silently mean "no" (or "yes")."""
     environ = os.environ if environ is None else environ
-    return environ.get(variable, "").strip().lower() in YES_VALUES
+    value = environ.get(variable, "").strip().lower()
+    if not value:
+        return default
+    if value in YES_VALUES:
+        return True
+    if value in NO_VALUES:
+        return False
+    raise ConfigError(f"{variable}={environ.get(variable)!r} is neither yes nor no",
+                      f"set {variable} to yes or no (also accepted: {', '.join(YES_VALUES + NO_VALUES)})")
 
 
 def data_dir(environ: dict[str, str] | None = None) -> Path:

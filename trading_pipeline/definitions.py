@@ -11,6 +11,7 @@ import dagster as dg
 from trading_pipeline.core.strategies import StrategiesFile
 from trading_pipeline.graph.assets import build_assets
 from trading_pipeline.graph.automation import build_automation
+from trading_pipeline.graph.ibkr import ibkr_session_sensor
 from trading_pipeline.graph.partitions import strategies
 from trading_pipeline.graph.portfolio import order_status_sensor, portfolio_sync, sync_portfolio_job
 from trading_pipeline.graph.resources import resources_from_env
@@ -37,7 +38,7 @@ def build_definitions(strategies_file: StrategiesFile | None = None, resources: 
         assets=[*assets, portfolio_sync],
         jobs=[analyze_timeframe, decide_and_order, sync_portfolio_job],
         schedules=schedules,
-        sensors=[*sensors, order_status_sensor],
+        sensors=[*sensors, order_status_sensor, ibkr_session_sensor],
         resources=resources if resources is not None else resources_from_env(),
         # Steps are small and I/O-bound; a process per step costs ~1.5 s here (dagster-notes.md).
         executor=dg.in_process_executor,

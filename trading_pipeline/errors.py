@@ -26,3 +26,8 @@ class BarDataError(UserError):
 
 class ChartRenderError(UserError):
     """Charts cannot be rendered (no Chromium, crashed or hung renderer)."""
+
+
+class OrderRejectedError(UserError):
+    """The broker refused the order outright: nothing is working there for it. A broker adapter
+    raises a subclass; the order desk records the rejection instead of leaving it unknown."""

@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from typing import Protocol
 
 import pandas as pd
-
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,7 +63,7 @@ class Broker(Protocol):
     def open_orders(self) -> list[BrokerOrder]: ...
 
 
-FINAL_STATUSES = ("Filled", "Cancelled", "Inactive")
+FINAL_STATUSES = ("Filled", "Cancelled", "Inactive", "Rejected")
 
 
 def _as_utc(value: datetime) -> datetime:

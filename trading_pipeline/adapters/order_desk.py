@@ -16,6 +16,7 @@ from trading_pipeline.adapters.broker import Broker, BrokerOrder, DuplicateOrder
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow
 from trading_pipeline.core.analysis import OrderLeg, OrderRecord, TradeDecision
 from trading_pipeline.core.orders import client_order_id
+from trading_pipeline.errors import OrderRejectedError
 
 
 class OrderDesk:
@@ -81,6 +82,12 @@ class OrderDesk:
         with self._sessions() as session:
             known = session.get(OrderRow, coid)
             known_status = known.status if known else None
+        if known_status == "Rejected":
+            with self._sessions() as session:
+                detail = session.scalars(select(OrderEventRow.detail).where(
+                    OrderEventRow.client_order_id == coid).order_by(OrderEventRow.id.desc())).first()
+            return self._result(decision, legs, "rejected",
+                                f"the broker rejected {coid} earlier; not sent again ({detail})")
         if known_status is not None and known_status != "submitting":
             return self._result(decision, legs, "already_sent",
                                 f"decision {decision.decision_id} was already sent as {coid} "
@@ -97,6 +104,9 @@ class OrderDesk:
         self._record(decision, legs, {}, "submitting", "about to send")
         try:
             answers = self._broker.place(decision.symbol, legs, reference_price, placed_at=decision.as_of)
+        except OrderRejectedError as rejection:
+            self._record(decision, legs, {}, "Rejected", rejection.problem)
+            return self._result(decision, legs, "rejected", str(rejection))
         except DuplicateOrderError:
             existing = {leg.client_order_id: order for leg in legs
                         if (order := self._broker.find_order(leg.client_order_id)) is not None}

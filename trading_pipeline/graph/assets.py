@@ -15,7 +15,7 @@ import dagster as dg
 import pandas as pd
 
 from trading_pipeline import config
-from trading_pipeline.core.analysis import Action, ChartSource, OrderRecord, TimeframeAnalysis, TradeDecision
+from trading_pipeline.core.analysis import ChartSource, OrderRecord, TimeframeAnalysis, TradeDecision
 from trading_pipeline.core.frames import MarketFrame
 from trading_pipeline.core.strategies import StrategiesFile
 from trading_pipeline.errors import UserError
@@ -311,6 +311,8 @@ def build_assets(strategies_file: StrategiesFile) -> list:
             reason = f"strategy {strategy.name!r} has orders.enabled: false in the strategies file"
         elif kill.engaged:
             reason = f"kill switch engaged: {kill.reason}"
+        elif held := broker.placement_held():
+            reason = held
         if reason is not None:
             record = OrderRecord(decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
                                  reason=reason, broker=the_broker.name)

@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from trading_pipeline.core.frames import TIMEFRAMES
 from trading_pipeline.core.strategies import StrategiesFile, load_strategies
 from trading_pipeline.errors import UserError
 from trading_pipeline.graph.assets import AS_OF_TAG

@@ -186,7 +186,11 @@ def ibkr_session_sensor(context: dg.SensorEvaluationContext, ibkr: IBKRResource)
     previous = json.loads(context.cursor) if context.cursor else {}
     context.update_cursor(json.dumps(record, sort_keys=True))
     if previous.get("healthy") != health.healthy:
-        (context.log.info if health.healthy else context.log.warning)(
-            f"IBKR session {'healthy' if health.healthy else 'UNHEALTHY'}: {health.detail}")
+        if health.healthy:
+            context.log.info(f"IBKR session healthy: {health.detail}")
+        else:
+            from trading_pipeline.adapters.alerts import send_alert
+
+            send_alert(f"IBKR session UNHEALTHY, order placement held: {health.detail}", logger=context.log)
     state = "healthy" if health.healthy else "unhealthy, order placement held"
     return dg.SkipReason(f"IBKR session {state}: {health.detail}")

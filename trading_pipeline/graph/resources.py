@@ -13,6 +13,7 @@ import dagster as dg
 
 from trading_pipeline import config
 from trading_pipeline.errors import ConfigError
+from trading_pipeline.graph.ibkr import IBKRResource
 
 
 class TradingDatabaseResource(dg.ConfigurableResource):
@@ -37,6 +38,7 @@ class MarketDataResource(dg.ConfigurableResource):
     mode: str = "simulated"
     seed: int = 0
     csv_dir: str | None = None
+    ibkr: IBKRResource
 
     def source(self):
         from trading_pipeline.adapters import market_data
@@ -48,8 +50,9 @@ class MarketDataResource(dg.ConfigurableResource):
                 raise ConfigError("TRADING_MARKET_DATA=csv needs a folder of CSV files",
                                   "set TRADING_CSV_DIR to the folder holding <SYMBOL>_<timeframe>.csv files")
             return market_data.CsvMarketData(Path(self.csv_dir))
-        raise ConfigError(f"market data mode {self.mode!r} is not available in this version",
-                          "use TRADING_MARKET_DATA=simulated or csv")
+        if self.mode == "ibkr":
+            return self.ibkr.market_data()
+        raise ConfigError(f"market data mode {self.mode!r} is unknown", "use TRADING_MARKET_DATA=simulated, csv or ibkr")
 
 
 class AnalystResource(dg.ConfigurableResource):
@@ -123,14 +126,24 @@ class BrokerResource(dg.ConfigurableResource):
     allow_live: bool = False
     paper_equity: float = 100_000.0
     database: TradingDatabaseResource
+    ibkr: IBKRResource
 
     def broker(self):
         if self.mode == "paper":
             from trading_pipeline.adapters.broker import PaperBroker
 
             return PaperBroker(self.database.sessions(), self.paper_equity)
-        raise ConfigError(f"broker mode {self.mode!r} is not available in this version",
-                          "use TRADING_BROKER=paper")
+        if self.mode == "ibkr":
+            return self.ibkr.broker()  # refuses a live account unless TRADING_ALLOW_LIVE=yes
+        raise ConfigError(f"broker mode {self.mode!r} is unknown", "use TRADING_BROKER=paper or ibkr")
+
+    def placement_held(self) -> str | None:
+        """Why orders must wait (an unhealthy IBKR session per ibkr_session_sensor), or None."""
+        if self.mode != "ibkr":
+            return None
+        from trading_pipeline.graph.ibkr import order_placement_held
+
+        return order_placement_held(self.ibkr.status_path())
 
 
 def _float_env(name: str, default: float, environ) -> float:
@@ -143,22 +156,11 @@ def _float_env(name: str, default: float, environ) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number", f"set {name} to a number like {default:g}") from None
 
 
-# Modes the design names whose adapters this version does not ship yet: refused at load time,
-# so a user never finds out mid-run.
-NOT_YET_AVAILABLE = {
-    ("TRADING_MARKET_DATA", "ibkr"): "simulated or csv",
-    ("TRADING_BROKER", "ibkr"): "paper",
-}
-
-
 def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
     from_process = environ is None
     environ = dict(os.environ if environ is None else environ)
     for variable in config.MODES:
-        mode = config.env_mode(variable, environ)
-        if (variable, mode) in NOT_YET_AVAILABLE:
-            raise ConfigError(f"{variable}={mode} is not available in this version of trading_pipeline",
-                              f"set {variable} to {NOT_YET_AVAILABLE[(variable, mode)]}, or unset it")
+        config.env_mode(variable, environ)  # an unknown mode stops the load, naming the accepted ones
     if config.env_mode("TRADING_ANALYST", environ) == "openai":
         from trading_pipeline.adapters.openai_analyst import OpenAISettings
 
@@ -169,12 +171,15 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         database = TradingDatabaseResource(url=dg.EnvVar("TRADING_DATABASE_URL"))
     else:
         database = TradingDatabaseResource(url=config.database_url(environ))
+    ibkr = IBKRResource.from_env(environ)  # builds settings only; never connects at load
     resources = {
         "trading_db": database,
+        "ibkr": ibkr,
         "market_data": MarketDataResource(
             mode=config.env_mode("TRADING_MARKET_DATA", environ),
             seed=int(_float_env("TRADING_SIM_SEED", 0, environ)),
-            csv_dir=environ.get("TRADING_CSV_DIR") or None),
+            csv_dir=environ.get("TRADING_CSV_DIR") or None,
+            ibkr=ibkr),
         "analyst": AnalystResource(mode=config.env_mode("TRADING_ANALYST", environ)),
         "chart_store": ChartStoreResource(
             mode=config.env_mode("TRADING_CHART_STORE", environ),
@@ -190,7 +195,8 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
             orders_enabled=config.env_flag("TRADING_ORDERS_ENABLED", environ),
             allow_live=config.env_flag("TRADING_ALLOW_LIVE", environ),
             paper_equity=_float_env("TRADING_PAPER_EQUITY", 100_000.0, environ),
-            database=database),
+            database=database,
+            ibkr=ibkr),
     }
     if config.env_mode("TRADING_IO_MANAGER", environ) == "s3":
         # Asset values in the bucket instead of DAGSTER_HOME/storage: what runs on several

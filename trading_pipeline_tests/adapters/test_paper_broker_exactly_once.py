@@ -153,3 +153,25 @@ def test_process_killed_after_send_then_restarted_sends_once(database_url):
     assert broker_orders(sessions, "tp-restart") == 1
     with sessions() as session:
         assert session.get(OrderRow, "tp-restart").status == "Filled"
+
+
+class RefusingBroker(PaperBroker):
+    def place(self, *args, **kwargs):
+        from trading_pipeline.errors import OrderRejectedError
+
+        raise OrderRejectedError("the broker declined: price more than 3% from market",
+                                 "check the limit price against the market")
+
+
+def test_rejected_order_is_recorded_and_not_resent(database_url):
+    sessions = session_factory(database_url)
+    decision = buy_decision("d5")
+    record_decision(sessions, decision)
+    legs = build_legs(decision, "DAY")
+    first = OrderDesk(sessions, RefusingBroker(sessions, 1e5)).submit_once(decision, legs, 100.0)
+    assert first.status == "rejected" and "3% from market" in first.reason
+    again = OrderDesk(sessions, PaperBroker(sessions, 1e5)).submit_once(decision, legs, 100.0)
+    assert again.status == "rejected" and "not sent again" in again.reason
+    assert broker_orders(sessions, "tp-d5") == 0
+    with sessions() as session:
+        assert session.get(OrderRow, "tp-d5").status == "Rejected"

@@ -45,7 +45,9 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
 @pytest.mark.parametrize("variable, value, words", [
     ("TRADING_BROKER", "interactive", "one of: paper, ibkr"),
     ("TRADING_MARKET_DATA", "yahoo", "one of: simulated, csv, ibkr"),
-    ("TRADING_ANALYST", "openai", "not available in this version"),
+    ("TRADING_ANALYST", "openai", "needs OPENAI_API_KEY"),
+    ("TRADING_ORDERS_ENABLED", "yess", "neither yes nor no"),
+    ("IBKR_VERIFY_SSL", "maybe", "neither yes nor no"),
     ("TRADING_PAPER_EQUITY", "lots", "not a number"),
 ])
 def test_bad_mode_is_refused_with_fix(variable, value, words):

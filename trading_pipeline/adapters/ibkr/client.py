@@ -59,6 +59,7 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRTLSError,
 )
 from trading_pipeline.adapters.ibkr.pacing import HistorySlots, OrderGate, Pacer, Pacing
+from trading_pipeline.config import env_flag
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +168,6 @@ def parse_number(value: Any) -> float | None:
 
 _contract_cache: dict[tuple, Contract] = {}
 _contract_cache_lock = threading.Lock()
-
-
-def _env_flag(value: str | None, default: bool = False) -> bool:
-    if value is None or not value.strip():
-        return default
-    return value.strip().lower() in ("yes", "true", "1", "on")
 
 
 class IBKRClient:
@@ -999,13 +994,13 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
     return {
         "gateway_url": env.get("IBKR_GATEWAY_URL") or DEFAULT_GATEWAY_URL,
         "account_id": env.get("IBKR_ACCOUNT_ID") or None,
-        "verify_ssl": _env_flag(env.get("IBKR_VERIFY_SSL"), False),
+        "verify_ssl": env_flag("IBKR_VERIFY_SSL", env),
         "connect_timeout": number("IBKR_CONNECT_TIMEOUT", 5.0),
         "read_timeout": number("IBKR_READ_TIMEOUT", 30.0),
-        "allow_live": _env_flag(env.get("TRADING_ALLOW_LIVE"), False),
+        "allow_live": env_flag("TRADING_ALLOW_LIVE", env),
         "auto_confirm": DEFAULT_AUTO_CONFIRM if auto is None else [i for i in auto.split(",") if i.strip()],
         "exchanges": exchanges or None,
-        "take_over_competing_session": _env_flag(env.get("IBKR_TAKE_OVER_SESSION"), False),
+        "take_over_competing_session": env_flag("IBKR_TAKE_OVER_SESSION", env),
         "conid_overrides": overrides,
         "pacing": Pacing(history_concurrency=concurrency),
         "shared_pacing_dir": env.get("IBKR_STATE_DIR") or None,

@@ -8,7 +8,7 @@ returns is never copied into a message.
 
 from __future__ import annotations
 
-from trading_pipeline.errors import ConfigError, UserError
+from trading_pipeline.errors import ConfigError, OrderRejectedError, UserError
 
 LOGIN_FIX = (
     "open {login_url} in a browser on the machine that runs the gateway and log in (2FA included); "
@@ -77,7 +77,7 @@ class IBKRRequestError(IBKRError):
         self.ibkr_text = ibkr_text
 
 
-class IBKROrderRejected(IBKRError):
+class IBKROrderRejected(IBKRError, OrderRejectedError):
     """IBKR rejected the order, or asked a question the policy does not allow confirming
     (the order was then declined). Nothing is working at IBKR for it."""
 
