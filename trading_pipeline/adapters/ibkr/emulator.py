@@ -258,7 +258,9 @@ class GatewayState:
 
     def price(self, conid: int) -> float:
         if conid not in self.prices:
-            self.prices[conid] = float(_daily_bars(conid, self.config.seed)["c"].iloc[-1])
+            # the market now: the close of the latest bar that has started (never a later one)
+            daily = _daily_bars(conid, self.config.seed)
+            self.prices[conid] = float(daily["c"][daily.index <= pd.Timestamp.now(tz="UTC")].iloc[-1])
         return self.prices[conid]
 
     def _synthetic_positions(self, count: int) -> list[dict]:

@@ -20,6 +20,7 @@ strategies:
     symbols: [{", ".join(SYMBOLS)}]
     timeframes: {{1d: {{period: 2y}}, 1w: {{period: 6y}}}}
     orders: {{enabled: true}}
+    risk: {{min_r: 0.1, min_profit_margin: 0.0, min_confidence: 0.0}}  # let the emulator's setups through
 """)
 
 
@@ -48,6 +49,7 @@ def test_whole_graph_against_the_emulator(emulator_factory, tmp_path, monkeypatc
             outcomes[symbol] = (result.output_for_node("trade_decisions"), result.output_for_node("orders"))
 
         sent = {s: (d, o) for s, (d, o) in outcomes.items() if d.actionable}
+        assert sent, {s: (d.proposed_action.value, d.rationale) for s, (d, o) in outcomes.items()}
         for symbol, (decision, order) in outcomes.items():
             assert decision.account_equity and decision.account_equity > 0  # read from the IBKR account
             if decision.actionable:
