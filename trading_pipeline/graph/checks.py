@@ -66,7 +66,11 @@ def bar_checks(bars: MarketFrame, period: str) -> list[dg.AssetCheckResult]:
         metadata={"bars": len(bars.frame), "needed": needed, "period": period,
                   "fix": "" if len(bars.frame) >= needed else
                   f"lengthen the {bars.timeframe} period in the strategies file (now {period})"}))
-    if len(bars.frame):
+    if len(bars.frame) and getattr(bars.frame.index, "tz", None) is None:
+        results.append(dg.AssetCheckResult(check_name="fresh", passed=False, metadata={
+            "problem": "bar times carry no time zone, so freshness cannot be judged",
+            "fix": "the market data source must return UTC bar start times"}))
+    elif len(bars.frame):
         behind = _periods_behind(bars)
         results.append(dg.AssetCheckResult(
             check_name="fresh", passed=behind <= MAX_STALE_PERIODS[bars.timeframe],
