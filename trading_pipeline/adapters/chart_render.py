@@ -10,18 +10,31 @@ in a daemon thread. Callers stay synchronous; every call waits on the loop with 
 so a hung Chromium turns into a `ChartRenderError` instead of hanging the run. After a hang
 or a crash the browser is killed (whole process group); the next call starts a new one.
 
+Speed (see bench/charts.py). Stock kaleido reloads a tab's page (re-parsing the 4.6 MB
+plotly.js) after every figure, which costs more than rendering the figure itself, and it
+loads its tabs one after the other at start. `_warm_kaleido_class` keeps the pages loaded:
+a tab is reloaded only after `TAB_RECYCLE_AFTER` figures or after a figure failed (a failed
+render may leave the page dirty), and all tabs load in parallel. plotly.js removes the
+graph it renders from the page, so a page's DOM and JS heap stay flat across renders. Chromium
+is also started without the windows' New Tab Page and top-chrome WebUI pages (`EXTRA_ARGS`),
+each a renderer process that costs a CPU-second or more at start and draws nothing of ours.
+Both rely on kaleido/choreographer internals; where those are missing (another kaleido
+version) the renderer falls back to stock behaviour (slower, still correct) and logs it:
+`fast_path` says which is in use.
+
 Chromium:
 - found via BROWSER_PATH, else kaleido/choreographer's own search (its downloaded Chrome,
   then chrome/chromium/edge/... on PATH and in the usual install paths), else
   /usr/bin/chromium, chromium, chromium-browser, google-chrome on PATH;
 - started by choreographer as
   `python _unix_pipe_chromium_wrapper.py <chromium> --headless --no-sandbox --disable-gpu
-  --disable-dev-shm-usage --remote-debugging-pipe --user-data-dir=<tmp> ...` in its own
-  process group. Choreographer passes `--no-sandbox` unless `enable_sandbox=True`; Chromium
-  refuses to start as root without it, so the sandbox stays off (always off as root);
+  --disable-dev-shm-usage --remote-debugging-pipe --user-data-dir=<tmp> ... EXTRA_ARGS` in
+  its own process group. Choreographer passes `--no-sandbox` unless `enable_sandbox=True`;
+  Chromium refuses to start as root without it, so the sandbox stays off (always off as root);
 - offline: MathJax is disabled (kaleido would load it from a CDN), plotly.js is the copy
-  shipped inside the plotly package, and with `offline=True` (default) all HTTP(S) goes to
-  a dead loopback proxy, so the renderer never reaches the network.
+  shipped inside the plotly package, background networking is off, and with `offline=True`
+  (default) all HTTP(S) goes to a dead loopback proxy, so the renderer never reaches the
+  network.
 
 kaleido, plotly and choreographer are imported lazily (inside methods): importing this
 module is cheap.
@@ -32,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import logging
 import math
 import os
@@ -61,6 +75,21 @@ FALLBACK_BROWSERS: tuple[str, ...] = ("/usr/bin/chromium", "chromium", "chromium
 OFFLINE_PROXY = "http://127.0.0.1:9"
 _CLOSE_GRACE_S = 5.0
 _POLL_S = 0.25
+# A tab's page is reloaded after this many figures (kaleido: after every one); see module doc.
+TAB_RECYCLE_AFTER = 200
+# Appended to choreographer's Chromium command line. The positional about:blank replaces the
+# first window's New Tab Page; the features are the omnibox popup WebUIs Chromium preloads for
+# every window (both are renderer processes loading a WebUI app). Unknown features are
+# ignored by Chromium, so older/newer versions start fine with these.
+EXTRA_ARGS: tuple[str, ...] = (
+    "--disable-background-networking",
+    "--disable-features=PreloadTopChromeWebUI,WebUIOmniboxPopup,WebUIOmniboxAimPopup",
+    "about:blank",
+)
+# kaleido internals the warm subclass overrides or calls (kaleido 1.x).
+_KALEIDO_HOOKS: tuple[str, ...] = (
+    "_get_kaleido_tab", "_return_kaleido_tab", "populate_targets", "_conform_tabs", "_create_kaleido_tab",
+)  # fmt: skip
 
 
 class _BrowserDied(Exception):
@@ -138,6 +167,82 @@ def _figure_size(fig: dict[str, Any], width: int | None, height: int | None) -> 
     return int(w), int(h)
 
 
+@functools.cache
+def _warm_kaleido_class() -> type:
+    """kaleido.Kaleido, subclassed to keep tab pages loaded and load them in parallel.
+
+    Returns stock kaleido.Kaleido (and logs why) if this kaleido lacks the internals used.
+    """
+    import kaleido
+
+    base = kaleido.Kaleido
+    missing = [name for name in _KALEIDO_HOOKS if not callable(getattr(base, name, None))]
+    if missing:
+        _log.warning(
+            "chart renderer: kaleido %s has no %s; using its stock tab handling (a page reload "
+            "per figure: slower, still correct)",
+            getattr(kaleido, "__version__", "?"), ", ".join(missing),
+        )  # fmt: skip
+        return base
+
+    class WarmKaleido(base):  # type: ignore[misc, valid-type]
+        """Reloads a tab's page only after `recycle_after` figures or after a failed render."""
+
+        recycle_after = TAB_RECYCLE_AFTER
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.tab_reloads = 0  # page reloads done (kaleido would do one per figure)
+            self._renders_since_load: dict[int, int] = {}  # id(tab) -> figures since its page loaded
+            self._stale: set[int] = set()  # tabs to reload before their next figure
+
+        async def populate_targets(self) -> None:
+            # kaleido's version loads the first tab's page, and only then creates and loads the
+            # others: do it all at once (each tab is its own renderer process).
+            await super(base, self).populate_targets()  # choreographer: adopt existing tabs
+            existing = list(self.tabs.values())
+            jobs = [self._create_kaleido_tab() for _ in range(max(0, self._n - len(existing)))]
+            if existing:
+                jobs.append(self._conform_tabs(existing))
+            await asyncio.gather(*jobs)
+
+        async def _get_kaleido_tab(self) -> Any:
+            tab = await super()._get_kaleido_tab()
+            key = id(tab)
+            if key in self._stale or self._renders_since_load.get(key, 0) >= self.recycle_after:
+                try:
+                    await tab.reload()
+                except BaseException:
+                    self._stale.add(key)
+                    self.tabs_ready.put_nowait(tab)  # keep it in the pool; retried next time
+                    raise
+                self.tab_reloads += 1
+                self._stale.discard(key)
+                self._renders_since_load[key] = 0
+            self._renders_since_load[key] = self._renders_since_load.get(key, 0) + 1
+            return tab
+
+        async def _return_kaleido_tab(self, tab: Any) -> None:
+            await self.tabs_ready.put(tab)  # no reload: the page stays warm
+
+        def reload_before_next_use(self) -> None:
+            """After a failed render: every tab that rendered gets a fresh page first."""
+            self._stale.update(self._renders_since_load)
+
+    return WarmKaleido
+
+
+def _add_chromium_args(k: Any, args: Sequence[str]) -> bool:
+    """Append `args` to the command line choreographer starts Chromium with (before open())."""
+    impl = getattr(k, "_browser_impl", None)
+    get_cli = getattr(impl, "get_cli", None)
+    if not callable(get_cli):
+        _log.warning("chart renderer: cannot add Chromium arguments (choreographer internals changed)")
+        return False
+    impl.get_cli = lambda: [*get_cli(), *args]
+    return True
+
+
 class ChartRenderer:
     """Renders plotly figures to PNG through one persistent Chromium.
 
@@ -146,7 +251,9 @@ class ChartRenderer:
 
     timeout_s: longest any one figure may take; a batch of n figures gets
     timeout_s * ceil(n / tabs) + a small grace. startup_timeout_s bounds starting Chromium.
-    tabs: how many figures render concurrently in one batch.
+    tabs: how many figures render concurrently in one batch (default: one per core, at most 4).
+    tab_recycle_after: a tab's page is reloaded after this many figures (and after any failed
+    render); in between, plotly.js stays loaded (see the module doc).
     """
 
     def __init__(
@@ -157,9 +264,13 @@ class ChartRenderer:
         tabs: int | None = None,
         browser_path: str | None = None,
         offline: bool = True,
+        tab_recycle_after: int = TAB_RECYCLE_AFTER,
     ) -> None:
         if timeout_s <= 0 or startup_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if tab_recycle_after < 1:
+            raise ValueError(f"tab_recycle_after must be at least 1, got {tab_recycle_after}")
+        self.tab_recycle_after = int(tab_recycle_after)
         self.timeout_s = float(timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
         self.tabs = max(1, tabs if tabs is not None else min(4, os.cpu_count() or 1))
@@ -172,6 +283,7 @@ class ChartRenderer:
         self._thread: threading.Thread | None = None
         self._kaleido: Any = None
         self._atexit = None
+        self.fast_path = False  # warm tabs + lean Chromium start in use (see module doc)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -185,6 +297,11 @@ class ChartRenderer:
     def is_running(self) -> bool:
         proc = self._process()
         return self._kaleido is not None and proc is not None and proc.poll() is None
+
+    @property
+    def tab_reloads(self) -> int:
+        """Tab page reloads in the current browser (0 with stock kaleido, which does not count)."""
+        return getattr(self._kaleido, "tab_reloads", 0)
 
     @property
     def browser_pid(self) -> int | None:
@@ -222,12 +339,17 @@ class ChartRenderer:
                 "timeout": None,
                 "mathjax": False,  # kaleido would fetch MathJax from a CDN; charts need none
                 "path": path,
+                "enable_extensions": False,  # Chromium's component extensions: nothing we use
             }
             if self.offline:
                 kwargs["proxy_server"] = OFFLINE_PROXY
+            kaleido_class = _warm_kaleido_class()
 
             async def open_browser() -> Any:
-                k = kaleido.Kaleido(**kwargs)
+                k = kaleido_class(**kwargs)
+                k.recycle_after = self.tab_recycle_after
+                args_added = _add_chromium_args(k, EXTRA_ARGS)
+                self.fast_path = args_added and kaleido_class is not kaleido.Kaleido
                 self._kaleido = k  # visible to _hard_kill even if open() hangs
                 try:
                     await k.open()
@@ -311,6 +433,8 @@ class ChartRenderer:
             except Exception:
                 if _abandoned():
                     return []  # the caller gave up already and reported it
+                if hasattr(k, "reload_before_next_use"):
+                    k.reload_before_next_use()  # a failed render may leave a page dirty
                 raise
             finally:
                 for t in tasks:

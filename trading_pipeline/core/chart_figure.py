@@ -71,6 +71,7 @@ MARGIN = {"l": 90, "r": 175, "t": 96, "b": 74}
 VERTICAL_SPACING = 0.025
 BASE_FONT = 15
 LABEL_FONT = 14
+ST_DOT_SIZE = 5  # marker for a SuperTrend run of a single bar
 LABEL_GAP_PX = 22  # minimum vertical distance between two value labels in one panel
 MAX_TICKS = 14
 
@@ -143,11 +144,20 @@ def build_chart_figure(
         mask = (direction == sign).to_numpy().tolist()
         add(row, {
             "type": "scatter", "y": [v if m else None for v, m in zip(supertrend, mask, strict=True)],
-            "name": label, "mode": "lines+markers", "connectgaps": False,
+            "name": label, "legendgroup": label, "mode": "lines", "connectgaps": False,
             "line": {"color": color, "width": 2.2},
-            # a one-bar run has no line segment: show it as a dot instead
-            "marker": {"color": color, "size": _isolated_marker_sizes(mask, 5)},
         })  # fmt: skip
+        # A one-bar run has no line segment: show it as a dot. The dots are their own trace
+        # holding only those bars; markers on the line trace would put an SVG node (size 0)
+        # on every bar, which costs render time and draws nothing.
+        dots = [i for i in _isolated(mask) if supertrend[i] is not None]
+        if dots:
+            traces.append({
+                "type": "scatter", "x": [x[i] for i in dots], "y": [supertrend[i] for i in dots],
+                "name": f"{label} (1 bar)", "legendgroup": label, "showlegend": False,
+                "mode": "markers", "marker": {"color": color, "size": ST_DOT_SIZE},
+                "xaxis": _axis_key("x", row), "yaxis": _axis_key("y", row),
+            })  # fmt: skip
 
     # ---- volume ------------------------------------------------------------------------
     up_bar = (view["close"] >= view["open"]).to_numpy().tolist()
@@ -371,13 +381,13 @@ def _values(series: pd.Series) -> list[float | None]:
     return [float(v) if _finite(v) else None for v in series.to_numpy()]
 
 
-def _isolated_marker_sizes(mask: Sequence[bool], size: float) -> list[float]:
+def _isolated(mask: Sequence[bool]) -> list[int]:
+    """Positions of one-bar runs: True with False (or the window's edge) on both sides."""
     n = len(mask)
-    out = []
-    for i, m in enumerate(mask):
-        isolated = m and (i == 0 or not mask[i - 1]) and (i == n - 1 or not mask[i + 1])
-        out.append(size if isolated else 0)
-    return out
+    return [
+        i for i, m in enumerate(mask)
+        if m and (i == 0 or not mask[i - 1]) and (i == n - 1 or not mask[i + 1])
+    ]  # fmt: skip
 
 
 def _x_labels(index: pd.DatetimeIndex) -> list[str]:

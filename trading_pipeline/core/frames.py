@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # the code location imports this module: keep pandas out of its import
+    import pandas as pd
 
 TIMEFRAMES: tuple[str, ...] = ("1d", "1w")
 OHLCV_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume")

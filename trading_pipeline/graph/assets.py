@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import dagster as dg
-import pandas as pd
 
 from trading_pipeline import config
 from trading_pipeline.core.analysis import ChartSource, OrderRecord, TimeframeAnalysis, TradeDecision
@@ -126,6 +125,8 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         description="Bars plus SMA 20/50/200, RSI 14, MACD 12/26/9, Bollinger 20/2, ATR 14, SuperTrend 10/3.",
     )
     def indicator_frames(context: dg.AssetExecutionContext, market_bars: MarketFrame):
+        import pandas as pd
+
         from trading_pipeline.core.indicators import compute_indicators
 
         try:

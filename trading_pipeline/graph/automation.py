@@ -35,12 +35,12 @@ def _timeframe_requests(strategies_file: StrategiesFile, timeframe: str, session
 
 
 def build_automation(strategies_file: StrategiesFile) -> tuple[list, list]:
-    from trading_pipeline.core import market_calendar
-
     @dg.schedule(job_name="analyze_timeframe", cron_schedule="15 16 * * 1-5", execution_timezone=NEW_YORK,
                  default_status=dg.DefaultScheduleStatus.STOPPED,
                  description="16:15 New York on weekdays: if the session has closed, analyze every symbol's 1d bars.")
     def daily_close_schedule(context: dg.ScheduleEvaluationContext):
+        from trading_pipeline.core import market_calendar  # exchange_calendars: only when evaluated
+
         tick = context.scheduled_execution_time
         session = market_calendar.closed_session(tick)
         if session is None:
@@ -51,6 +51,8 @@ def build_automation(strategies_file: StrategiesFile) -> tuple[list, list]:
                  default_status=dg.DefaultScheduleStatus.STOPPED,
                  description="16:30 New York on weekdays: after the week's last session, analyze the 1w bars.")
     def weekly_close_schedule(context: dg.ScheduleEvaluationContext):
+        from trading_pipeline.core import market_calendar
+
         tick = context.scheduled_execution_time
         session = market_calendar.closed_session(tick)
         if session is None or not market_calendar.is_last_session_of_week(session):
@@ -64,6 +66,8 @@ def build_automation(strategies_file: StrategiesFile) -> tuple[list, list]:
                description="Once per trading day at the open: decide and (if orders are enabled) send orders "
                            "for the symbols of strategies with trade_at_open. Places orders: off until you turn it on.")
     def market_open_sensor(context: dg.SensorEvaluationContext):
+        from trading_pipeline.core import market_calendar
+
         now = _now()
         session = market_calendar.opened_session(now)
         if session is None:

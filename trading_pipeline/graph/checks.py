@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import dagster as dg
-import pandas as pd
 
 from trading_pipeline.core.analysis import Action, TimeframeAnalysis, TradeDecision
 from trading_pipeline.core.frames import MarketFrame
@@ -37,6 +36,8 @@ def bar_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
 
 def _periods_behind(bars: MarketFrame) -> int:
     """Closed periods on the exchange calendar between the last bar and as_of."""
+    import pandas as pd
+
     from trading_pipeline.core.market_calendar import calendar
 
     cal = calendar()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from trading_pipeline.adapters.ibkr.client import DEFAULT_AUTO_CONFIRM, DEFAULT_GATEWAY_URL
+from trading_pipeline.adapters.ibkr.settings import DEFAULT_AUTO_CONFIRM, DEFAULT_GATEWAY_URL
 
 IBKR_HISTORY_POOL = "ibkr_history"
 SESSION_STATUS_FILE = "ibkr_session.json"
@@ -97,7 +97,7 @@ class IBKRResource(dg.ConfigurableResource):
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> IBKRResource:
         """Built from the same variables as IBKRClient.from_env (errors name the variable)."""
-        from trading_pipeline.adapters.ibkr.client import settings_from_env
+        from trading_pipeline.adapters.ibkr.settings import settings_from_env
 
         environ = dict(os.environ if environ is None else environ)
         settings = settings_from_env(environ)

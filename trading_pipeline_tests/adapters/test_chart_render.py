@@ -237,3 +237,115 @@ def test_close_stops_the_browser(figures):
     r.close()  # idempotent
     assert not r.is_running and r.browser_pid is None
     assert _gone(pid)
+
+
+# ---- warm tabs and lean start (the speed-ups; see the module doc) -------------------------
+
+
+def test_add_chromium_args_without_choreographer_internals_is_a_no_op():
+    class Bare:
+        pass
+
+    assert chart_render._add_chromium_args(Bare(), ["--x"]) is False
+
+
+def test_tab_recycle_after_must_be_positive():
+    with pytest.raises(ValueError):
+        ChartRenderer(tab_recycle_after=0)
+
+
+def _browser_cmdlines(pgid: int) -> list[list[str]]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:
+                    continue
+            with open(f"/proc/{entry}/cmdline") as f:
+                out.append(f.read().split("\0"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+@needs_chromium
+def test_fast_path_is_on_with_the_installed_kaleido(renderer, figures):
+    """If a kaleido upgrade removes the internals the renderer hooks, this fails (the renderer
+    itself would fall back to stock kaleido: correct, but a page reload per figure)."""
+    renderer.render_png(figures[2])
+    assert renderer.fast_path
+    main = [c for c in _browser_cmdlines(renderer.browser_pid) if "--remote-debugging-pipe" in c]
+    assert main, "Chromium's command line not found"
+    for arg in chart_render.EXTRA_ARGS:
+        assert arg in main[-1]
+
+
+@needs_chromium
+def test_tabs_are_not_reloaded_per_figure(renderer, figures):
+    daily, weekly, small = figures
+    before = renderer.tab_reloads
+    pngs = renderer.render_many([daily, weekly, small, daily])
+    renderer.render_png(small)
+    assert [png_size(p) for p in pngs] == [(1920, 1080), (1920, 1080), (800, 600), (1920, 1080)]
+    assert renderer.tab_reloads == before
+    assert renderer.starts == 1
+
+
+@needs_chromium
+def test_warm_tab_renders_the_same_bytes_as_a_fresh_page(figures):
+    """Nothing a figure leaves in the page changes the next one: a figure rendered after others
+    in a warm tab is byte-identical to the same figure on a freshly loaded page."""
+    daily, weekly, small = figures
+    with ChartRenderer(tabs=1) as r:
+        fresh = r.render_png(daily)
+        for fig in (weekly, small, weekly):
+            r.render_png(fig)
+        assert r.render_png(daily) == fresh
+        assert r.tab_reloads == 0
+
+
+@needs_chromium
+def test_tab_page_is_recycled_after_n_figures(figures):
+    small = figures[2]
+    with ChartRenderer(tabs=1, tab_recycle_after=2) as r:
+        pngs = [r.render_png(small) for _ in range(5)]
+        assert r.tab_reloads == 2  # before the 3rd and the 5th figure
+        assert len(set(pngs)) == 1 and png_size(pngs[0]) == (800, 600)
+        assert r.starts == 1
+
+
+@needs_chromium
+def test_figure_rejected_by_plotly_js_is_an_error_and_the_tab_gets_a_fresh_page(figures):
+    small = figures[2]
+    with ChartRenderer(tabs=1, timeout_s=60) as r:
+        good = r.render_png(small)
+        pid = r.browser_pid
+        with pytest.raises(ChartRenderError) as info:
+            r.render_png({"data": "not a list", "layout": {"width": 300, "height": 200}})
+        assert "Rendering failed" in info.value.problem and "build_chart_figure" in info.value.fix
+        assert r.is_running and r.browser_pid == pid  # not a browser failure: no restart
+        assert r.render_png(small) == good
+        assert r.tab_reloads == 1 and r.starts == 1
+
+
+@needs_chromium
+def test_without_kaleido_internals_falls_back_to_stock_kaleido(monkeypatch, figures):
+    import kaleido
+
+    class OldKaleido(kaleido.Kaleido):
+        _return_kaleido_tab = None  # as if this kaleido version had no such hook
+
+    monkeypatch.setattr(kaleido, "Kaleido", OldKaleido)
+    chart_render._warm_kaleido_class.cache_clear()
+    try:
+        assert chart_render._warm_kaleido_class() is OldKaleido
+    finally:
+        monkeypatch.undo()
+        chart_render._warm_kaleido_class.cache_clear()
+    # the real fallback path: stock kaleido (a reload per figure) still renders correctly
+    monkeypatch.setattr(chart_render, "_warm_kaleido_class", lambda: kaleido.Kaleido)
+    with ChartRenderer(tabs=1) as r:
+        assert png_size(r.render_png(figures[2])) == (800, 600)
+        assert not r.fast_path and r.tab_reloads == 0

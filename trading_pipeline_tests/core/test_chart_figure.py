@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trading_pipeline.core.chart_figure import REQUIRED_COLUMNS, build_chart_figure
+from trading_pipeline.core.chart_figure import REQUIRED_COLUMNS, ST_DOWN, ST_UP, build_chart_figure
 from trading_pipeline.errors import BarDataError
 
 AS_OF = datetime(2025, 6, 2, 21, 37, 12, tzinfo=UTC)
@@ -146,12 +146,55 @@ def test_supertrend_split_by_direction(daily):
     assert any(v is not None for v in up) and any(v is not None for v in down)
 
 
+def _with_directions(frame: pd.DataFrame, directions: list[float]) -> pd.DataFrame:
+    """`frame` with the last len(directions) SuperTrend directions replaced."""
+    out = frame.copy()
+    out.iloc[-len(directions):, out.columns.get_loc("supertrend_direction")] = directions
+    return out
+
+
+def test_supertrend_one_bar_runs_are_dots_not_per_bar_markers(daily):
+    # window of 150 bars: up, except one-bar down runs at 100 and at the last bar, and a
+    # one-bar up run at 120 between two down runs
+    directions = [1.0] * 150
+    directions[100] = -1.0
+    directions[115:120] = [-1.0] * 5
+    directions[121:125] = [-1.0] * 4
+    directions[149] = -1.0
+    frame = _with_directions(daily, directions)
+    fig = build_chart_figure(frame, "AAPL", "1d", AS_OF)
+    labels = [ts.strftime("%Y-%m-%d") for ts in frame.index[-150:]]
+    st = frame["supertrend"].iloc[-150:]
+
+    down_dots = _trace(fig, "SuperTrend down (1 bar)")
+    assert list(down_dots.x) == [labels[100], labels[149]]
+    assert list(down_dots.y) == pytest.approx([st.iloc[100], st.iloc[149]])
+    up_dots = _trace(fig, "SuperTrend up (1 bar)")
+    assert list(up_dots.x) == [labels[120]] and list(up_dots.y) == pytest.approx([st.iloc[120]])
+    for dots, color in ((down_dots, ST_DOWN), (up_dots, ST_UP)):
+        assert dots.mode == "markers" and dots.marker.color == color and dots.showlegend is False
+        assert (dots.xaxis, dots.yaxis) == ("x", "y")
+    # the lines themselves carry no markers: no SVG node per bar
+    for name in ("SuperTrend up", "SuperTrend down"):
+        assert _trace(fig, name).mode == "lines"
+    assert all(len(t.x) <= 2 for t in fig.data if t.type == "scatter" and "markers" in (t.mode or ""))
+
+
+def test_supertrend_without_one_bar_runs_has_no_dots(daily):
+    frame = _with_directions(daily, [1.0] * 75 + [-1.0] * 75)
+    fig = build_chart_figure(frame, "AAPL", "1d", AS_OF)
+    assert not [t.name for t in fig.data if t.name.endswith("(1 bar)")]
+
+
 @pytest.mark.parametrize(("timeframe", "expected"), [("1d", 150), ("1w", 104)])
 def test_x_range_covers_exactly_last_bars(daily, weekly, timeframe, expected):
     frame = daily if timeframe == "1d" else weekly
     fig = build_chart_figure(frame, "MSFT", timeframe, AS_OF)
     want = [ts.strftime("%Y-%m-%d") for ts in frame.index[-expected:]]
     for trace in fig.data:
+        if trace.name.endswith("(1 bar)"):  # SuperTrend dots: only their own bars
+            assert set(trace.x) <= set(want), trace.name
+            continue
         assert list(trace.x) == want, trace.name
     assert tuple(fig.layout.xaxis.range) == (-0.5, expected - 0.5)
     assert fig.layout.xaxis.type == "category"

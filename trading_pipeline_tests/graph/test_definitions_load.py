@@ -16,7 +16,8 @@ def load_in_subprocess(env_overrides):
         import sys, time
         t = time.perf_counter()
         import trading_pipeline.definitions as d
-        heavy = [m for m in ("plotly", "kaleido", "openai", "boto3", "talib", "numba") if m in sys.modules]
+        heavy = [m for m in ("plotly", "kaleido", "openai", "boto3", "talib", "numba", "pandas", "httpx",
+                             "exchange_calendars", "sqlalchemy") if m in sys.modules]
         print(sorted(k.to_user_string() for k in d.defs.resolve_asset_graph().get_all_asset_keys()))
         print("heavy:", heavy)
     """)

@@ -59,18 +59,10 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRTLSError,
 )
 from trading_pipeline.adapters.ibkr.pacing import HistorySlots, OrderGate, Pacer, Pacing
-from trading_pipeline.config import env_flag
+from trading_pipeline.adapters.ibkr.settings import DEFAULT_AUTO_CONFIRM, DEFAULT_GATEWAY_URL, settings_from_env
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GATEWAY_URL = "https://localhost:5000/v1/api"
-# Question ids confirmed without a human: warnings that are inherent to the pipeline's own orders.
-#   o10331 / o10152: "stop order" warnings (every bracket has a STP stop-loss child)
-#   o403: "order will fill immediately" (a marketable limit entry fills at its limit or better)
-#   p12: the notice offering IBKR's price-management algo
-# Everything else (o163 price >3% from market, o354 no market data, o383 size limit, o451 value
-# limit, o10151 market order, unknown ids) declines the order and raises IBKROrderRejected.
-DEFAULT_AUTO_CONFIRM: tuple[str, ...] = ("o10331", "o10152", "o403", "p12")
 HISTORY_PATH = "/iserver/marketdata/history"
 FINAL_ORDER_STATES = {"Filled", "Cancelled", "Inactive"}
 SNAPSHOT_FIELDS = ("31", "55", "84", "85", "86", "88", "7059", "7762", "7295", "7741", "6509")
@@ -960,48 +952,3 @@ class IBKRClient:
                                   "check it in Client Portal; a cancel of a working order usually completes in "
                                   "seconds, a filled order cannot be cancelled")
             time.sleep(self.pacing.poll_interval)
-
-
-def settings_from_env(environ: dict[str, str] | None = None) -> dict:
-    """Client keyword arguments from the environment (see IBKRClient.from_env)."""
-    env = os.environ if environ is None else environ
-
-    def number(name: str, default: float) -> float:
-        raw = (env.get(name) or "").strip()
-        if not raw:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise IBKRConfigError(f"{name}={raw!r} is not a number", f"set {name} to seconds, e.g. {default:g}") \
-                from None
-        if value <= 0:
-            raise IBKRConfigError(f"{name}={raw!r} must be positive", f"set {name} to e.g. {default:g}")
-        return value
-
-    auto = env.get("IBKR_AUTO_CONFIRM")
-    exchanges = [e for e in (env.get("IBKR_EXCHANGES") or "").split(",") if e.strip()]
-    overrides = {}
-    for item in (env.get("IBKR_CONIDS") or "").split(","):
-        if not item.strip():
-            continue
-        symbol, _, conid = item.partition("=")
-        if not conid.strip().isdigit():
-            raise IBKRConfigError(f"IBKR_CONIDS entry {item.strip()!r} is not SYMBOL=conid",
-                                  "write it like IBKR_CONIDS=AAPL=265598,BRK.B=72063691")
-        overrides[symbol.strip().upper()] = int(conid)
-    concurrency = int(number("IBKR_HISTORY_CONCURRENCY", 4))
-    return {
-        "gateway_url": env.get("IBKR_GATEWAY_URL") or DEFAULT_GATEWAY_URL,
-        "account_id": env.get("IBKR_ACCOUNT_ID") or None,
-        "verify_ssl": env_flag("IBKR_VERIFY_SSL", env),
-        "connect_timeout": number("IBKR_CONNECT_TIMEOUT", 5.0),
-        "read_timeout": number("IBKR_READ_TIMEOUT", 30.0),
-        "allow_live": env_flag("TRADING_ALLOW_LIVE", env),
-        "auto_confirm": DEFAULT_AUTO_CONFIRM if auto is None else [i for i in auto.split(",") if i.strip()],
-        "exchanges": exchanges or None,
-        "take_over_competing_session": env_flag("IBKR_TAKE_OVER_SESSION", env),
-        "conid_overrides": overrides,
-        "pacing": Pacing(history_concurrency=concurrency),
-        "shared_pacing_dir": env.get("IBKR_STATE_DIR") or None,
-    }
