@@ -339,7 +339,6 @@ class ChartRenderer:
                 "timeout": None,
                 "mathjax": False,  # kaleido would fetch MathJax from a CDN; charts need none
                 "path": path,
-                "enable_extensions": False,  # Chromium's component extensions: nothing we use
             }
             if self.offline:
                 kwargs["proxy_server"] = OFFLINE_PROXY
