@@ -13,19 +13,25 @@ before any timing; both sides render the same 40 figure objects.
   through `render_png` one at a time (how the chart_images asset calls it): the per-chart
   latency of a warm renderer.
 
-No network traffic. kaleido's default page loads
-MathJax from a CDN (cdnjs.cloudflare.com). `plotly.io.defaults.mathjax` is forwarded to kaleido
-only when truthy, so `False` cannot switch it off from plotly: it points at an empty local
-script instead (the charts contain no LaTeX). plotly.js is the copy inside the plotly package
-(kaleido's default when plotly is installed; checked below: the page kaleido writes has no
-http(s) URL). CHOREO_PROXY_SERVER sends any other HTTP(S) request of every Chromium that
-choreographer starts to a dead loopback port, as `ChartRenderer(offline=True)` does.
-`--watch-network` samples our sockets while running (see `NetworkWatch`).
+No network traffic leaves the machine:
+- kaleido's default page loads MathJax from a CDN (cdnjs.cloudflare.com). plotly forwards
+  `plotly.io.defaults.mathjax` to kaleido only when it is truthy, so `False` cannot switch it off
+  from plotly: it points at an empty local script instead (the charts contain no LaTeX);
+- plotly.js is the copy inside the plotly package (kaleido's default when plotly is installed);
+  checked before running: the page kaleido writes loads no http(s) URL;
+- CHOREO_PROXY_SERVER makes choreographer start every Chromium (naive and renderer alike) with
+  `--proxy-server=http://127.0.0.1:9`, a dead loopback port, as `ChartRenderer(offline=True)`
+  does: any other HTTP(S) request (Chromium's own background requests) fails on loopback.
+Verified with `strace -f -e trace=connect,sendto,sendmsg`: every AF_INET connect goes to
+127.0.0.1:9; the only other one is Chromium's IPv6 reachability probe, a UDP connect() to
+2001:4860:4860::8888 that is closed without sending anything (a UDP connect sends no packet).
+`--watch-network` also samples our sockets while running (see `NetworkWatch`).
 
 Targets: renderer >= 8x faster than naive, <= 0.3 s per chart amortized (startup included) on a
 2-core machine. The machine's load average is printed: on a shared, busy machine every number
 grows; the renderer's CPU-seconds per chart (this process and its browser) are printed too, as
-they depend less on the load (on 2 idle cores, wall time is about half of them). Exits 1 if a target is missed.
+they depend less on the load (on 2 idle cores, wall time is about half of them). Exits 1 if a
+target is missed.
 
 Run: `.venv/bin/python bench/charts.py [--symbols N] [--repeats N] [--show N] [--watch-network]`.
 """
@@ -43,6 +49,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Self
 
 warnings.filterwarnings("ignore")
 
@@ -93,7 +100,7 @@ class NetworkWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> NetworkWatch:
+    def __enter__(self) -> Self:
         if self.enabled:
             self._thread.start()
         return self
@@ -115,8 +122,8 @@ class NetworkWatch:
             try:
                 self.seen |= _foreign_peers(_tree_pids(os.getpid()))
                 self.samples += 1
-            except Exception:  # noqa: BLE001 - a racing process exit; sample again
-                pass
+            except OSError:  # a process exited while being read; sample again
+                continue
 
 
 def _tree_pids(root: int) -> set[int]:
@@ -247,6 +254,22 @@ def run_renderer(figures) -> dict:
             "sequential": sequential, **info}  # fmt: skip
 
 
+def versions() -> str:
+    import subprocess
+    from importlib.metadata import version
+
+    from trading_pipeline.adapters.chart_render import find_chromium
+
+    path = find_chromium()
+    try:
+        out = subprocess.run(
+            [path, "--version"], check=False, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        out = f"? ({exc})"
+    return f"plotly {version('plotly')}, kaleido {version('kaleido')}, {out} ({path})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--symbols", type=int, default=20, help="symbols (x 2 timeframes); default 20")
@@ -257,6 +280,7 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; "
           f"load average {os.getloadavg()[0]:.1f} at start")  # fmt: skip
+    print(f"versions: {versions()}")
     with tempfile.TemporaryDirectory() as tmp:
         configure_offline(Path(tmp))
         t = time.perf_counter()
@@ -287,7 +311,9 @@ def main() -> None:
     seq_times = [statistics.median(r["sequential"][i] for r in renderer_runs) for i in range(n)]
     last = renderer_runs[-1]
 
-    print(f"\nper chart (median of {args.repeats} run(s)): naive fig.to_image | renderer.render_png, warm, one at a time")
+    print(
+        f"\nper chart (median of {args.repeats} run(s)): naive fig.to_image | renderer.render_png, warm, one at a time"
+    )
     for i, (symbol, timeframe, _) in enumerate(figures[: args.show]):
         print(f"  {symbol:6s} {timeframe}  {naive_times[i]:6.2f} s | {seq_times[i]:5.3f} s")
 

@@ -149,7 +149,7 @@ def test_supertrend_split_by_direction(daily):
 def _with_directions(frame: pd.DataFrame, directions: list[float]) -> pd.DataFrame:
     """`frame` with the last len(directions) SuperTrend directions replaced."""
     out = frame.copy()
-    out.iloc[-len(directions):, out.columns.get_loc("supertrend_direction")] = directions
+    out.iloc[-len(directions) :, out.columns.get_loc("supertrend_direction")] = directions
     return out
 
 
