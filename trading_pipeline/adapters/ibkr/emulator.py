@@ -258,9 +258,15 @@ class GatewayState:
 
     def price(self, conid: int) -> float:
         if conid not in self.prices:
-            # the market now: the close of the latest bar that has started (never a later one)
+            # The market now: the open of the session in progress, else the close of the latest
+            # finished one. A session's close is not known before it ends (it would be look-ahead,
+            # and a decision made on the last closed bar would see a >3% o163 gap on volatile days).
             daily = _daily_bars(conid, self.config.seed)
-            self.prices[conid] = float(daily["c"][daily.index <= pd.Timestamp.now(tz="UTC")].iloc[-1])
+            now = pd.Timestamp.now(tz="UTC")
+            started = daily.index <= now
+            session_close = _schedule()["close"][started].iloc[-1]
+            latest = daily[started].iloc[-1]
+            self.prices[conid] = float(latest["c"] if session_close <= now else latest["o"])
         return self.prices[conid]
 
     def _synthetic_positions(self, count: int) -> list[dict]:
