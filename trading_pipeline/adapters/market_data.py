@@ -43,8 +43,9 @@ class SimulatedMarketData:
 
 class CsvMarketData:
     """A folder of files named <SYMBOL>_<timeframe>.csv (e.g. AAPL_1d.csv) with a header row
-    `time,open,high,low,close,volume`; `time` is the bar start (ISO 8601; naive means UTC),
-    volume in shares. Rows after `as_of`, and a bar not closed by then, are dropped."""
+    `time,open,high,low,close,volume`; `time` is the bar start (ISO 8601; naive means UTC; a
+    date alone is fine), volume in shares. Bars are anchored like every source's (session open;
+    a weekly bar at its week's first session open); a bar not closed by `as_of` is dropped."""
 
     name = "csv"
 
@@ -52,7 +53,7 @@ class CsvMarketData:
         self.folder = Path(folder)
 
     def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
-        from trading_pipeline.core.market_calendar import bar_close_times
+        from trading_pipeline.core.market_calendar import bar_close_times, session_start_index
 
         path = self.folder / f"{symbol}_{timeframe}.csv"
         if not path.exists():
@@ -78,9 +79,17 @@ class CsvMarketData:
         frame = raw[list(OHLCV_COLUMNS)].apply(pd.to_numeric, errors="coerce").astype("float64")
         frame.index = pd.DatetimeIndex(times, name="time")
         frame = frame.loc[frame.index >= history_start(history, as_of)]
+        # One anchoring for every source: a date-only daily row (00:00 UTC) is that date's
+        # session, not the previous one, so it is not used before its session has closed.
+        starts = session_start_index(frame.index, timeframe)
+        unmatched = frame.index[starts.isna()]
+        if len(unmatched):
+            shown = ", ".join(str(t.date()) for t in unmatched[:5]) + (" …" if len(unmatched) > 5 else "")
+            raise BarDataError(
+                f"{path}: {len(unmatched)} row(s) fall on no NYSE session ({shown})",
+                "remove rows for weekends and exchange holidays, or check the time column "
+                "(a daily row's UTC date must be its session date)")
+        frame.index = pd.DatetimeIndex(starts, name="time")
         closed = bar_close_times(frame.index, timeframe)
         as_of_ts = pd.Timestamp(as_of).tz_convert("UTC")
-        # A bar the calendar does not know is kept only if its start is a full bar before as_of.
-        fallback = frame.index + (pd.Timedelta(days=1) if timeframe == "1d" else pd.Timedelta(days=7))
-        close_time = closed.fillna(pd.Series(fallback, index=frame.index))
-        return frame.loc[(close_time <= as_of_ts).to_numpy()]
+        return frame.loc[(closed <= as_of_ts).to_numpy()]

@@ -52,6 +52,51 @@ def bar_close_times(index: pd.DatetimeIndex, timeframe: str) -> pd.Series:
     return pd.Series(pd.DatetimeIndex(values, tz="UTC"), index=index)
 
 
+@functools.lru_cache(maxsize=1)
+def _session_opens() -> pd.Series:
+    """XNYS session opens (UTC) by session date; computed once per process."""
+    schedule = calendar().schedule
+    opens = pd.DatetimeIndex(schedule["open"]).tz_convert("UTC")
+    dates = pd.DatetimeIndex(schedule.index).tz_localize(None).normalize()
+    return pd.Series(opens, index=dates)
+
+
+@functools.lru_cache(maxsize=1)
+def _week_first_opens() -> pd.Series:
+    opens = _session_opens()
+    return opens.groupby(opens.index.to_period("W-SUN")).min()
+
+
+def session_start_index(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeIndex:
+    """Map a source's bar times to our bar starts: the XNYS session open (1d) or the open of
+    the week's first session (1w). NaT where no session matches. Every source goes through
+    this, so a bar's start (and hence when it closed) never depends on how a source stamps it.
+
+    1d: the bar's UTC date is its session date, whatever time of day the source uses: IBKR
+        stamps a daily RTH bar with the session open (e.g. 14:30 UTC); a CSV export often has
+        the date only (00:00 UTC), which must not be read as the previous session's bar (that
+        would let a bar be used before its session closed: look-ahead).
+    1w: IBKR's anchor for weekly bars is not documented. Monthly bars carry 00:00 UTC of the
+        period's first day (ibind's recorded fixture: t=1698796800000 = 2023-11-01T00:00Z), so a
+        weekly `t` is expected at the week's start (Sunday or Monday 00:00 UTC) or at its first
+        session's open. As `t` is a bar *start*, a weekend date begins the following trading
+        week and any weekday belongs to its own Mon-Fri week; both map to that week's first
+        session open, which is where the simulated market puts a weekly bar too.
+    """
+    opens = _session_opens()
+    dates = pd.DatetimeIndex(index).tz_convert("UTC").tz_localize(None).normalize()
+    if timeframe == "1d":
+        return pd.DatetimeIndex(opens.reindex(dates).to_numpy(), tz="UTC") if len(dates) else \
+            pd.DatetimeIndex([], tz="UTC")
+    if timeframe != "1w":
+        raise ValueError(f"unknown timeframe {timeframe!r}")
+    weekend = dates.day_of_week >= 5
+    rolled = dates + pd.to_timedelta((7 - dates.day_of_week) * weekend, unit="D")
+    first_open = _week_first_opens()
+    periods = rolled.to_period("W-SUN")
+    return pd.DatetimeIndex([first_open.get(p, pd.NaT) for p in periods], tz="UTC")
+
+
 # --- When the automation fires (pure: give it a time, it says which session, if any) -------------
 
 def session_on(ts: datetime) -> pd.Timestamp | None:

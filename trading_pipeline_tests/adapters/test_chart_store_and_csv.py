@@ -73,3 +73,37 @@ def test_csv_source_errors_name_the_file_and_fix(tmp_path):
     (tmp_path / "MSFT_1d.csv").write_text("date,o,h,l,c,v\n2026-01-02,1,1,1,1,1\n")
     with pytest.raises(BarDataError, match="lacks the column"):
         source.fetch("MSFT", "1d", TimeframeSettings(period="1y"), AS_OF)
+
+
+def test_csv_date_only_rows_are_their_own_session_no_look_ahead(tmp_path):
+    # Yahoo-style exports: a date, no time (00:00 UTC). Read naively, the bar of 11-20 would be
+    # taken for the previous session's and used mid-session on 11-20, its final close included.
+    write_csv(tmp_path, "AAPL", "1d", [("2026-11-18", 10, 11, 9, 10.5, 1000),
+                                        ("2026-11-19", 10.5, 12, 10, 11.5, 1200),
+                                        ("2026-11-20", 11.5, 12, 11, 11.8, 900)])
+    source = CsvMarketData(tmp_path)
+    mid_session = source.fetch("AAPL", "1d", TimeframeSettings(period="1y"),
+                               datetime(2026, 11, 20, 15, 0, tzinfo=timezone.utc))
+    assert [str(t) for t in mid_session.index] == ["2026-11-18 14:30:00+00:00", "2026-11-19 14:30:00+00:00"]
+    assert list(source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)["close"]) == [10.5, 11.5, 11.8]
+
+
+def test_csv_weekly_rows_anchor_at_the_weeks_first_session_and_wait_for_its_last(tmp_path):
+    # 2026-11-23 is the Monday of Thanksgiving week: sessions Mon-Wed, Thu closed, Fri early close 18:00 UTC.
+    write_csv(tmp_path, "AAPL", "1w", [("2026-11-16", 10, 11, 9, 10.5, 5000),
+                                        ("2026-11-23", 10.5, 12, 10, 11.5, 4000)])
+    source = CsvMarketData(tmp_path)
+    during = source.fetch("AAPL", "1w", TimeframeSettings(period="2y"),
+                          datetime(2026, 11, 27, 17, 59, tzinfo=timezone.utc))
+    assert [str(t) for t in during.index] == ["2026-11-16 14:30:00+00:00"]
+    after = source.fetch("AAPL", "1w", TimeframeSettings(period="2y"),
+                         datetime(2026, 11, 27, 18, 0, tzinfo=timezone.utc))
+    assert [str(t) for t in after.index] == ["2026-11-16 14:30:00+00:00", "2026-11-23 14:30:00+00:00"]
+
+
+def test_csv_rows_on_days_without_a_session_are_named(tmp_path):
+    write_csv(tmp_path, "AAPL", "1d", [("2026-11-25", 10, 11, 9, 10.5, 1000),
+                                        ("2026-11-26", 10.5, 12, 10, 11.5, 1200)])  # Thanksgiving
+    with pytest.raises(BarDataError, match=r"1 row\(s\) fall on no NYSE session \(2026-11-26\)") as info:
+        CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF.replace(day=28))
+    assert "holidays" in info.value.fix

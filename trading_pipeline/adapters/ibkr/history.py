@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 
 from trading_pipeline.adapters.ibkr.errors import IBKRHistoryRequestError
+from trading_pipeline.core.market_calendar import session_start_index
 
 BARS: tuple[str, ...] = ("1min", "2min", "3min", "5min", "10min", "15min", "30min",
                          "1h", "2h", "3h", "4h", "8h", "1d", "1w", "1m")
@@ -179,50 +179,6 @@ def raw_bars_frame(data: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["t", "open", "high", "low", "close", "volume"])
     frame.index = pd.DatetimeIndex(pd.to_datetime(frame.pop("t"), unit="ms", utc=True), name="time")
     return frame.astype("float64")
-
-
-@functools.lru_cache(maxsize=1)
-def _session_opens() -> pd.Series:
-    """XNYS session opens (UTC) by session date; computed once per process."""
-    from trading_pipeline.core.market_calendar import calendar
-
-    schedule = calendar().schedule
-    opens = pd.DatetimeIndex(schedule["open"]).tz_convert("UTC")
-    dates = pd.DatetimeIndex(schedule.index).tz_localize(None).normalize()
-    return pd.Series(opens, index=dates)
-
-
-@functools.lru_cache(maxsize=1)
-def _week_first_opens() -> pd.Series:
-    opens = _session_opens()
-    return opens.groupby(opens.index.to_period("W-SUN")).min()
-
-
-def session_start_index(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeIndex:
-    """Map IBKR bar times to our bar starts: the XNYS session open (1d) or the open of the
-    week's first session (1w). NaT where no session matches.
-
-    1d: IBKR stamps a daily RTH bar with the session open (e.g. 14:30 UTC); the bar's UTC date is
-        its session date, whatever time of day IBKR uses.
-    1w: IBKR's anchor for weekly bars is not documented. Monthly bars carry 00:00 UTC of the
-        period's first day (ibind's recorded fixture: t=1698796800000 = 2023-11-01T00:00Z), so a
-        weekly `t` is expected at the week's start (Sunday or Monday 00:00 UTC) or at its first
-        session's open. As `t` is a bar *start*, a weekend date begins the following trading
-        week and any weekday belongs to its own Mon-Fri week; both map to that week's first
-        session open, which is where the simulated and CSV sources put a weekly bar.
-    """
-    opens = _session_opens()
-    dates = pd.DatetimeIndex(index).tz_convert("UTC").tz_localize(None).normalize()
-    if timeframe == "1d":
-        return pd.DatetimeIndex(opens.reindex(dates).to_numpy(), tz="UTC") if len(dates) else \
-            pd.DatetimeIndex([], tz="UTC")
-    if timeframe != "1w":
-        raise ValueError(f"unknown timeframe {timeframe!r}")
-    weekend = dates.day_of_week >= 5
-    rolled = dates + pd.to_timedelta((7 - dates.day_of_week) * weekend, unit="D")
-    first_open = _week_first_opens()
-    periods = rolled.to_period("W-SUN")
-    return pd.DatetimeIndex([first_open.get(p, pd.NaT) for p in periods], tz="UTC")
 
 
 def normalize_bars(raw: pd.DataFrame, timeframe: str, volume_multiplier: float) -> tuple[pd.DataFrame, int]:
