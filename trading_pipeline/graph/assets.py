@@ -40,7 +40,7 @@ def run_as_of(context) -> datetime:
     text = context.run.tags.get(AS_OF_TAG) or os.environ.get("TRADING_AS_OF")
     if text:
         return config.parse_as_of(text)
-    record = context.instance.get_run_record_by_id(context.run_id)
+    record = context.instance.get_run_record_by_id(context.run.run_id)
     created = record.create_timestamp if record else datetime.now(timezone.utc)
     if created.tzinfo is None:
         created = created.replace(tzinfo=timezone.utc)
