@@ -67,6 +67,17 @@ def database_url(environ: dict[str, str] | None = None) -> str:
     return normalize_database_url(url)
 
 
+def check_database_url(url: str) -> None:
+    """The trading database is SQLite or PostgreSQL; say so at load, not as a driver import error."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme.split("+", 1)[0] not in ("sqlite", "postgresql", "postgres"):
+        shown = f"{scheme}://…" if scheme else "a value that is not a URL"
+        raise ConfigError(
+            f"TRADING_DATABASE_URL is {shown}: the trading database is SQLite or PostgreSQL",
+            "set it to a URL like postgresql://user:password@host:5432/trading, or unset it for "
+            "the SQLite file in $TRADING_DATA_DIR")
+
+
 def normalize_database_url(url: str) -> str:
     """A bare postgresql:// (or Heroku-style postgres://) URL means the psycopg2 driver we ship;
     SQLAlchemy 2.1 would otherwise pick psycopg 3, which is not installed."""
@@ -76,13 +87,13 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
-def parse_as_of(text: str) -> datetime:
-    """Parse an ISO-8601 time; naive times are taken as UTC."""
+def parse_as_of(text: str, source: str = "as_of") -> datetime:
+    """Parse an ISO-8601 time; naive times are taken as UTC. `source` names where it came from."""
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise ConfigError(
-            f"as_of {text!r} is not an ISO-8601 time",
+            f"{source} {text!r} is not an ISO-8601 time",
             "use a time like 2026-11-20T21:30:00Z (UTC) or 2026-11-20T16:30:00-05:00",
         ) from None
     if value.tzinfo is None:

@@ -37,7 +37,7 @@ def _fmt(value, pattern="{:.2f}") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--as-of", help="point in time of the run (ISO 8601, default now)")
+    parser.add_argument("--as-of", help="point in time of the run (ISO 8601; default TRADING_AS_OF, else now)")
     parser.add_argument("--symbols", help="comma-separated subset of the strategies' symbols")
     args = parser.parse_args(argv)
     # Dagster's beta/preview notices about APIs we chose deliberately are noise in a terminal.
@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         from trading_pipeline.graph.assets import AS_OF_TAG
         from trading_pipeline.graph.partitions import strategies
 
-        as_of = config.parse_as_of(args.as_of) if args.as_of else datetime.now(timezone.utc).replace(microsecond=0)
+        if args.as_of or os.environ.get("TRADING_AS_OF"):
+            as_of = config.parse_as_of(*((args.as_of, "--as-of") if args.as_of else
+                                         (os.environ["TRADING_AS_OF"], "TRADING_AS_OF")))
+        else:
+            as_of = datetime.now(timezone.utc).replace(microsecond=0)
         strategies_file = strategies()
         defs = build_definitions(strategies_file)
     except UserError as error:

@@ -37,9 +37,10 @@ THUMBNAIL_WIDTH = 480  # the event log stores the thumbnail: keep it small
 
 def run_as_of(context) -> datetime:
     """The run's point in time: the `trading/as_of` tag, else TRADING_AS_OF, else the run's creation."""
-    text = context.run.tags.get(AS_OF_TAG) or os.environ.get("TRADING_AS_OF")
-    if text:
-        return config.parse_as_of(text)
+    if context.run.tags.get(AS_OF_TAG):
+        return config.parse_as_of(context.run.tags[AS_OF_TAG], f"run tag {AS_OF_TAG}")
+    if os.environ.get("TRADING_AS_OF"):
+        return config.parse_as_of(os.environ["TRADING_AS_OF"], "TRADING_AS_OF")
     record = context.instance.get_run_record_by_id(context.run.run_id)
     created = record.create_timestamp if record else datetime.now(timezone.utc)
     if created.tzinfo is None:

@@ -165,6 +165,10 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         from trading_pipeline.adapters.openai_analyst import OpenAISettings
 
         OpenAISettings.from_env(environ)  # a missing key or bad setting stops the load, with the fix
+    if environ.get("TRADING_DATABASE_URL"):
+        config.check_database_url(environ["TRADING_DATABASE_URL"])  # never echoes the URL (password)
+    if environ.get("TRADING_AS_OF"):
+        config.parse_as_of(environ["TRADING_AS_OF"], "TRADING_AS_OF")  # a bad time stops the load, not every run
     # A PostgreSQL URL carries a password: hand Dagster the variable's name, not its value, so
     # the UI and the event log never show it.
     if from_process and environ.get("TRADING_DATABASE_URL"):

@@ -50,11 +50,14 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     ("TRADING_ORDERS_ENABLED", "yess", "neither yes nor no"),
     ("IBKR_VERIFY_SSL", "maybe", "neither yes nor no"),
     ("TRADING_PAPER_EQUITY", "lots", "not a number"),
+    ("TRADING_AS_OF", "yesterday", "not an ISO-8601 time"),
+    ("TRADING_DATABASE_URL", "mysql://trader:hunter2@db/trading", "SQLite or PostgreSQL"),
 ])
 def test_bad_mode_is_refused_with_fix(variable, value, words):
     with pytest.raises(ConfigError) as info:
         resources_from_env({variable: value})
     assert words in str(info.value) and variable in str(info.value) and "Fix:" in str(info.value)
+    assert "hunter2" not in str(info.value)
 
 
 def test_defaults_are_the_embedded_modes(tmp_path):
