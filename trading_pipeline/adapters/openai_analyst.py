@@ -8,11 +8,19 @@ LM Studio) through Chat Completions:
 - per symbol, a consolidation call (daily leads, weekly confirms) returns the decision proposal
   just as strictly.
 
-Servers differ, so the analyst adapts and records what it did: ```json fences are stripped; a
-server that rejects `json_schema` gets `json_object` with the schema in the prompt (then no
-`response_format` at all); with OPENAI_VISION=auto a server that rejects image input gets the
-numeric context only (`vision: false`); `max_completion_tokens` falls back to `max_tokens`, and
-a rejected `temperature` is dropped.
+Servers differ, so the analyst adapts and records what it did (in `llm_calls` and in the
+analysis's rationale): a server that rejects `json_schema` gets `json_object` with the schema in
+the prompt (then no `response_format` at all, "none"); with OPENAI_VISION=auto a server that
+rejects image input gets the numeric context only (`vision: false`); `max_completion_tokens`
+falls back to `max_tokens`, and a rejected `temperature` is dropped. Whatever the mode, the answer
+is validated by the same strict pydantic models.
+
+Model text is read strictly (`read_json`): ```json fences, a leading <think>…</think> block of a
+reasoning model, or prose around one JSON object are removed and said; several candidate objects,
+NaN/Infinity, duplicate keys, absurd nesting or length fail closed. A server's `usage` is used only
+when it is plausible (else the call is budgeted by estimate), `retry-after(-ms)` is honoured up to
+TRADING_LLM_BACKOFF_MAX_SECONDS, and an HTML page, a 200 carrying an error, a rejected key, an
+unknown model or an unreachable server each give a reason naming the variable to fix.
 
 Fail closed: invalid JSON, a schema violation, a refusal, empty content, implausible numbers
 (core/analysis_validation.py), exhausted retries, a used-up budget or any unexpected error give an
@@ -25,6 +33,7 @@ Every HTTP attempt, cache hit and budget refusal is a row in `llm_calls` (adapte
 from __future__ import annotations
 
 import base64
+import email.utils
 import functools
 import hashlib
 import json
@@ -37,6 +46,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -98,6 +108,14 @@ INDICATOR_COLUMNS = ("sma_20", "sma_50", "sma_200", "rsi_14", "macd", "macd_sign
                      "bb_middle", "bb_lower", "atr_14", "supertrend", "supertrend_direction", "volume")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 JSON_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(?P<body>.*?)\n?\s*```$", re.DOTALL)
+ANY_FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(?P<body>.*?)```", re.DOTALL)
+# Reasoning models on vLLM, Ollama or llama.cpp without a reasoning parser put their thinking first.
+REASONING_BLOCK = re.compile(r"^<(?P<tag>think|thinking|reasoning)>.*?</(?P=tag)>", re.DOTALL | re.IGNORECASE)
+REASONING_OPEN = re.compile(r"^<(?P<tag>think|thinking|reasoning)>", re.IGNORECASE)
+REASONING_CLOSE = re.compile(r"</(?P<tag>think|thinking|reasoning)>", re.IGNORECASE)
+MAX_ANSWER_CHARS = 200_000  # an answer is a few KB; far more is a runaway model or a hostile server
+MAX_JSON_CANDIDATES = 64  # '{' positions tried when looking for a second JSON object in prose
+MAX_REPORTED_TOKENS = 10_000_000  # per usage field; beyond that a server's usage is not believed
 
 
 # --- the answers the model must give (validated here, never trusted as given) -----------------
@@ -291,6 +309,7 @@ class _Answer:
     response_format: str
     call_id: str
     cached: bool
+    notes: tuple[str, ...] = ()  # what was removed around the JSON (reasoning, prose)
     # Written together with the outcome, in one transaction, once the answer has been judged:
     row: dict[str, Any] | None = None  # the successful attempt (or the cache hit)
     cache_put: tuple[str, dict[str, Any]] | None = None  # (key, fields) of a fresh schema-valid answer
@@ -326,20 +345,116 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def parse_answer(content: str, model: type[BaseModel]) -> BaseModel:
-    """Validate the model's text against the schema; raises _Unusable saying what is wrong."""
-    body = strip_fences(content)
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):  # {"signal": "HOLD", ..., "signal": "BUY"}: which one the model meant is unknown
+        seen: set[str] = set()
+        duplicates = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        raise ValueError(f"duplicate key(s) {duplicates} in one object")
+    return data
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
+def _decode(text: str, start: int | None = None) -> tuple[Any, int]:
+    """Strict JSON (no NaN/Infinity, no duplicate keys) from `start` (None: the whole text)."""
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        if start is None:
+            return _DECODER.decode(text), len(text)
+        return _DECODER.raw_decode(text, start)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _unusable_with(status: str, reason: str) -> _Unusable:
+    error = _Unusable(reason)
+    error.status = status  # type: ignore[attr-defined]
+    return error
+
+
+def read_json(content: str) -> tuple[Any, tuple[str, ...]]:
+    """The one JSON value in the model's text, and notes saying what was removed around it.
+
+    Plain JSON or JSON in a ``` fence is read as is. Otherwise a leading <think>…</think> block (or
+    text up to a lone </think>) is removed, then the one fenced block, or the one JSON object the
+    text holds, is read. No JSON, several candidates, or JSON that is not strict (NaN, Infinity,
+    duplicate keys) raise _Unusable saying so: the answer is never guessed.
+    """
+    if len(content) > MAX_ANSWER_CHARS:
+        raise _unusable_with("invalid_json", f"the model's answer is {len(content):,} characters long, more than the "
+                                             f"{MAX_ANSWER_CHARS:,} an answer may have")
+    text = content.strip()
+    try:
+        return _decode(strip_fences(text))[0], ()
     except ValueError as error:
-        raise _Unusable(f"the model's answer is not valid JSON ({error}): {body[:200]!r}") from None
+        problem = error
+    notes: list[str] = []
+    block = REASONING_BLOCK.match(text)
+    close = None if block else list(REASONING_CLOSE.finditer(text))
+    if block:
+        text = text[block.end():].strip()
+        notes.append(f"a <{block.group('tag').lower()}> reasoning block before the JSON was removed")
+    elif REASONING_OPEN.match(text):
+        tag = REASONING_OPEN.match(text).group("tag").lower()
+        raise _unusable_with("invalid_json", f"the model's answer is a reasoning block that never closes (<{tag}> "
+                             f"without </{tag}>) and holds no JSON answer: it ran out of output tokens or never "
+                             "answered. Fix: raise OPENAI_MAX_OUTPUT_TOKENS, or enable the server's reasoning parser")
+    elif close:
+        text = text[close[-1].end():].strip()
+        notes.append(f"text up to a </{close[-1].group('tag').lower()}> reasoning end tag was removed")
+    if notes:
+        try:
+            return _decode(strip_fences(text))[0], tuple(notes)
+        except ValueError as error:
+            problem = error
+    around = "text around the JSON was ignored"
+    fences = [m.group("body").strip() for m in ANY_FENCE.finditer(text)]
+    if len(fences) > 1:
+        raise _unusable_with("invalid_json", f"the model's answer holds {len(fences)} fenced blocks; which one is the "
+                                             f"answer is ambiguous: {text[:200]!r}")
+    if fences:
+        try:
+            return _decode(fences[0])[0], (*notes, around)
+        except ValueError as error:
+            raise _unusable_with("invalid_json", f"the model's answer is not valid JSON ({error}): "
+                                                 f"{fences[0][:200]!r}") from None
+    start = text.find("{")
+    if start == -1:
+        raise _unusable_with("invalid_json", f"the model's answer is not valid JSON ({problem}): {text[:200]!r}")
+    try:  # the JSON object starts at the first brace: text before it is prose, braces in prose are not guessed past
+        value, end = _decode(text, start)
+    except ValueError as error:
+        raise _unusable_with("invalid_json", f"the model's answer is not valid JSON ({error}): "
+                                             f"{text[start:start + 200]!r}") from None
+    found, position = 1, text.find("{", end)
+    for _ in range(MAX_JSON_CANDIDATES):
+        if position == -1:
+            break
+        try:
+            _, position = _decode(text, position)
+            found += 1
+        except ValueError:
+            position += 1
+        position = text.find("{", position)
+    if found > 1:
+        raise _unusable_with("invalid_json", f"the model's answer holds {found} JSON objects; which one is the answer "
+                                             f"is ambiguous: {text[:200]!r}")
+    return value, (*notes, around)
+
+
+def parse_answer(content: str, model: type[BaseModel]) -> tuple[BaseModel, tuple[str, ...]]:
+    """Validate the model's text against the schema: (answer, notes on text removed around the JSON).
+    Raises _Unusable saying what is wrong."""
+    data, notes = read_json(content)
     if not isinstance(data, dict):
-        raise _Unusable(f"the model's answer is JSON but not an object: {body[:200]!r}")
+        raise _unusable_with("invalid_json", f"the model's answer is JSON but not an object: {content.strip()[:200]!r}")
     try:
-        return model.model_validate(data, strict=True)
+        return model.model_validate(data, strict=True), notes
     except ValidationError as error:
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'answer'}: {e['msg']}" for e in error.errors()[:6])
-        raise _Unusable(f"the model's answer violates the response schema ({error.error_count()} problem(s): {details})") from None
+        raise _unusable_with("schema_violation", f"the model's answer violates the response schema "
+                                                 f"({error.error_count()} problem(s): {details})") from None
 
 
 def _mentions(error_text: str, *words: str) -> bool:
@@ -351,11 +466,21 @@ def _round(x: float) -> float:
 
 
 def _usage(body: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(prompt, completion) tokens as the server reports them, or None when missing or not believable
+    (nulls, text, booleans, negative or absurd counts): the call is then budgeted by estimate."""
     usage = body.get("usage")
     if not isinstance(usage, Mapping):
         return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+
+    def count(value: Any) -> int | None:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPORTED_TOKENS:
+            return None
+        return value
+
+    prompt, completion = count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
         return None
     return prompt, completion
 
@@ -497,8 +622,7 @@ class OpenAIAnalyst:
             notes.append(f"R recomputed from the prices: |{targets[0]:.2f} − {entry:.2f}| / |{entry:.2f} − {stop:.2f}| = {r:.2f}")
         if not result.vision:
             notes.append("numeric context only: the model did not see the chart")
-        if result.response_format != "json_schema":
-            notes.append(f"server without json_schema: answered in {result.response_format} mode")
+        notes.extend(_answer_notes(result))
         rationale = f"{answer.setup}: {answer.rationale}" + "".join(f" [{n}]" for n in notes)
         extra = {"vision": result.vision} if "vision" in TimeframeAnalysis.model_fields else {}
         return TimeframeAnalysis(
@@ -572,17 +696,18 @@ class OpenAIAnalyst:
         if problem:
             return _no_trade(problem)
         lead = daily.signal
+        notes = "".join(f" [{n}]" for n in _answer_notes(result))
         if not trade:
             return Consolidated(
                 Proposal(Action.HOLD, None, None, [], answer.confidence), "declined by the consolidation",
-                f"HOLD: the consolidation declined the daily {lead.value} ({who}): {answer.rationale} "
+                f"HOLD: the consolidation declined the daily {lead.value} ({who}): {answer.rationale}{notes} "
                 f"(daily: {daily.rationale} | weekly: {weekly.rationale})")
         confirmation = "confirmed (strong)" if weekly.signal == lead else "partially confirmed (weekly neutral)"
         r = reward_risk(entry, stop, targets[0])
         return Consolidated(
             Proposal(action, entry, stop, targets, answer.confidence), confirmation,
             f"{action.value} led by the daily analysis, {confirmation} by the weekly; consolidation ({who}): "
-            f"{answer.rationale} [R recomputed from the prices: {r:.2f}] "
+            f"{answer.rationale} [R recomputed from the prices: {r:.2f}]{notes} "
             f"(daily: {daily.rationale} | weekly: {weekly.rationale})")
 
     # -- the call itself --
@@ -633,7 +758,7 @@ class OpenAIAnalyst:
             cached = self.cache.get(key)
             if cached is not None:
                 try:
-                    answer = parse_answer(cached.content, answer_model)
+                    answer, notes = parse_answer(cached.content, answer_model)
                 except _Unusable as error:  # a cache row that no longer validates is a miss, not an answer
                     log.warning("cached answer %s no longer validates (%s); calling the model", key, error)
                 else:
@@ -641,8 +766,8 @@ class OpenAIAnalyst:
                     row = dict(call_id=call_id, attempt=0, vision=cached.vision, response_format=cached.response_format,
                                cache_hit=True, status=model_calls.CACHE_HIT, response=cached.content,
                                request={"cache_of_call": cached.call_id}, **common)
-                    return _Answer(answer, cached.vision, cached.response_format, call_id, cached=True, row=row,
-                                   cache_hit_key=key)
+                    return _Answer(answer, cached.vision, cached.response_format, call_id, cached=True, notes=notes,
+                                   row=row, cache_hit_key=key)
 
         client = self.client()  # built (and `openai` imported) before any latency is measured
         call_id = uuid.uuid4().hex
@@ -670,8 +795,8 @@ class OpenAIAnalyst:
                 status, http_status, text, headers, error_text = self._send(client, body)
                 latency_ms = (time.perf_counter() - started) * 1000
                 if status == "ok":
-                    result = self._accept(text, row, attempt, http_status, latency_ms, estimate, answer_model, key,
-                                          context_sha, send_image, adapt.response_format)
+                    result = self._accept(text, headers, row, attempt, http_status, latency_ms, estimate, answer_model,
+                                          key, context_sha, send_image, adapt.response_format)
                     result.reservation, reservation = reservation, None  # released by _settle
                     return result
                 self.calls.record(attempt=attempt, status=status, http_status=http_status, error=error_text,
@@ -695,8 +820,9 @@ class OpenAIAnalyst:
                     time.sleep(self._backoff(len(failures), headers))
                     continue
                 raise self._unusable(call_id, f"the model call failed after {len(failures)} attempt(s) "
-                                     f"({'; '.join(failures)}): {self._short(error_text)}")
-            raise self._unusable(call_id, self._explain(http_status, error_text))
+                                     f"({'; '.join(failures)}): {self._short(error_text)}. "
+                                     f"Fix: {self._retry_fix(status)}")
+            raise self._unusable(call_id, self._explain(http_status, error_text, text))
 
     def _unusable(self, call_id: str, reason: str) -> _Unusable:
         error = _Unusable(self.redactor.text(reason))
@@ -706,15 +832,33 @@ class OpenAIAnalyst:
     def _short(self, text: str | None) -> str:
         return (self.redactor.text(text or "") or "")[:300]
 
-    def _explain(self, http_status: int | None, error_text: str | None) -> str:
+    def _explain(self, http_status: int | None, error_text: str | None, response_text: str | None = None) -> str:
         s, short = self.settings, self._short(error_text)
-        if http_status in (401, 403):
+        lowered = f"{error_text or ''} {response_text or ''}".lower()
+        key_words = ("api key", "api_key", "apikey", "unauthorized", "unauthenticated", "authentication")
+        model_words = ("not found", "does not exist", "not exist", "invalid model", "unknown model", "no such model",
+                       "not a valid model", "model_not_found")
+        if http_status in (401, 403) or (http_status == 400 and _mentions(lowered, *key_words)):
             return (f"the server at {self._endpoint} refused the API key ({http_status}): {short}. "
                     "Fix: set OPENAI_API_KEY to a valid key for OPENAI_BASE_URL")
-        if http_status == 404:
-            return (f"the server at {self._endpoint} answered 404 for model {s.model!r}: {short}. "
-                    "Fix: check OPENAI_MODEL and OPENAI_BASE_URL (the API root, usually ending in /v1)")
-        return f"the server rejected the request ({http_status}): {short}"
+        unknown_model = http_status in (400, 422) and "model" in lowered and _mentions(lowered, *model_words)
+        if http_status == 404 or unknown_model:
+            return (f"the server at {self._endpoint} answered {http_status} for model {s.model!r}: {short}. "
+                    "Fix: check OPENAI_MODEL (the model's name as this server knows it, e.g. `ollama list`) and "
+                    "OPENAI_BASE_URL (the API root, usually ending in /v1)")
+        return (f"the server at {self._endpoint} rejected the request ({http_status}): {short}. Fix: check that "
+                "OPENAI_BASE_URL is an OpenAI-compatible Chat Completions API and OPENAI_MODEL one of its models")
+
+    def _retry_fix(self, status: str) -> str:
+        s = self.settings
+        if status == "connection_error":
+            return f"start the server, or set OPENAI_BASE_URL to its API root (now {self._endpoint})"
+        if status == "timeout":
+            return f"raise OPENAI_TIMEOUT_SECONDS (now {s.timeout_s:g}) for a slow server, or check its load"
+        if status == "rate_limited":
+            return ("lower TRADING_LLM_CONCURRENCY, raise TRADING_LLM_MAX_ATTEMPTS or TRADING_LLM_BACKOFF_MAX_SECONDS, "
+                    "or raise the account's rate limit")
+        return "check the server's logs; TRADING_LLM_MAX_ATTEMPTS sets how often a failing call is tried"
 
     def _learn(self, error_text: str, sent_image: bool, adapt: _Adaptation) -> str | None:
         """Adapt to a 400 that names a feature the server lacks; return what changed (None: nothing)."""
@@ -738,14 +882,13 @@ class OpenAIAnalyst:
         return None
 
     def _backoff(self, attempt: int, headers: Mapping[str, str] | None) -> float:
+        """Exponential backoff with jitter; a server's retry-after(-ms) is honoured up to
+        TRADING_LLM_BACKOFF_MAX_SECONDS (a wait of an hour would stall the whole run)."""
         s = self.settings
         delay = min(s.backoff_max_s, s.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-        retry_after = (headers or {}).get("retry-after")
-        if retry_after:
-            try:
-                delay = max(delay, min(float(retry_after), s.backoff_max_s))
-            except ValueError:
-                pass
+        asked = _retry_after(headers or {})
+        if asked is not None:
+            delay = max(delay, min(asked, s.backoff_max_s))
         return delay
 
     def _request(self, prompt: Prompt, user_text: str, png: bytes | None, image_sha: str | None,
@@ -803,14 +946,14 @@ class OpenAIAnalyst:
                 status = "rate_limited" if code == 429 else "server_error" if code >= 500 else "http_error"
                 return status, code, response.text, response.headers, f"{code}: {error.message}"
 
-    def _accept(self, text: str | None, row: dict, attempt: int, http_status: int | None, latency_ms: float,
-                estimate: int, answer_model: type[BaseModel], key: str, context_sha: str, vision: bool,
-                response_format: str) -> _Answer:
+    def _accept(self, text: str | None, headers: Mapping[str, str] | None, row: dict, attempt: int,
+                http_status: int | None, latency_ms: float, estimate: int, answer_model: type[BaseModel], key: str,
+                context_sha: str, vision: bool, response_format: str) -> _Answer:
         s = self.settings
         call_id = row["call_id"]
         try:
             body = json.loads(text or "")
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         usage = _usage(body) if isinstance(body, Mapping) else None
         prompt_tokens, completion_tokens = usage if usage else (estimate - s.max_output_tokens, s.max_output_tokens)
@@ -818,47 +961,100 @@ class OpenAIAnalyst:
                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage_estimated=usage is None,
                          cost_usd=s.price.cost(prompt_tokens, completion_tokens) if s.price else None, **row)
         try:
-            content = self._content(body)
-            answer = parse_answer(content, answer_model)
-        except _Unusable as error:
-            status = getattr(error, "status", None) or ("invalid_json" if "not valid JSON" in str(error) or
-                                                        "not an object" in str(error) else "schema_violation")
-            self.calls.record(status=status, error=str(error), **accounted)
-            raise self._unusable(call_id, str(error)) from None
+            # Redacted before it is read: a server echoing the key cannot put it into an analysis.
+            content = self.redactor.text(self._content(body, text, headers, http_status))
+            answer, notes = parse_answer(content, answer_model)
+        except Exception as error:  # noqa: BLE001 - whatever the server sent, the call is in the log
+            status = getattr(error, "status", None) or "malformed_response"
+            reason = str(error) if isinstance(error, _Unusable) else \
+                f"the server's response could not be read ({type(error).__name__}: {error})"
+            self.calls.record(status=status, error=self.redactor.text(reason), **accounted)
+            raise self._unusable(call_id, reason) from None
         # The cache entry is stored even when the cache is bypassed: the fresh answer serves the next run.
         cache_fields = dict(kind=row["kind"], model=s.model, prompt_version=row["prompt_version"],
                             image_sha256=row["image_sha256"], context_sha256=context_sha, content=content,
                             vision=vision, response_format=response_format, call_id=call_id)
-        return _Answer(answer, vision, response_format, call_id, cached=False, row=dict(status=model_calls.OK, **accounted),
-                       cache_put=(key, cache_fields))
+        return _Answer(answer, vision, response_format, call_id, cached=False, notes=notes,
+                       row=dict(status=model_calls.OK, **accounted), cache_put=(key, cache_fields))
 
-    @staticmethod
-    def _content(body: Any) -> str:
-        def unusable(status: str, reason: str) -> _Unusable:
-            error = _Unusable(reason)
-            error.status = status  # type: ignore[attr-defined]
-            return error
-
-        if not isinstance(body, Mapping) or not isinstance(body.get("choices"), list) or not body["choices"]:
-            raise unusable("malformed_response", "the server's response is not a chat completion (no choices)")
-        choice = body["choices"][0] if isinstance(body["choices"][0], Mapping) else {}
+    def _content(self, body: Any, text: str | None, headers: Mapping[str, str] | None, http_status: int | None) -> str:
+        """The answer text of a chat completion; _Unusable (with a status) saying what is missing."""
+        if body is None:
+            content_type = (headers or {}).get("content-type") or "no content type"
+            html = "html" in content_type.lower() or (text or "").lstrip()[:1] == "<"
+            raise _unusable_with("malformed_response", (
+                f"the server at {self._endpoint} answered HTTP {http_status} with "
+                f"{'an HTML page' if html else 'a body that is not JSON'} ({content_type}: {(text or '')[:200]!r}) "
+                "instead of a chat completion. Fix: set OPENAI_BASE_URL to the API root of an OpenAI-compatible "
+                "server (usually ending in /v1, e.g. https://api.openai.com/v1 or http://127.0.0.1:11434/v1)"))
+        choices = body.get("choices") if isinstance(body, Mapping) else None
+        if isinstance(body, Mapping) and not choices and body.get("error"):  # proxies put upstream errors in a 200
+            problem = body["error"]
+            message = problem.get("message") if isinstance(problem, Mapping) else problem
+            raise _unusable_with("error_in_body", f"the server at {self._endpoint} answered HTTP {http_status} with an "
+                                                  f"error instead of a completion: {str(message)[:300]}")
+        if not isinstance(choices, list) or not choices:
+            raise _unusable_with("malformed_response", "the server's response is not a chat completion (no choices)")
+        choice = choices[0] if isinstance(choices[0], Mapping) else {}
         message = choice.get("message") if isinstance(choice.get("message"), Mapping) else {}
         finish = choice.get("finish_reason")
         refusal = message.get("refusal")
         if refusal:
-            raise unusable("refusal", f"the model refused: {str(refusal)[:300]}")
+            raise _unusable_with("refusal", f"the model refused: {str(refusal)[:300]}")
         if finish == "content_filter":
-            raise unusable("content_filter", "the server's content filter stopped the answer (finish_reason=content_filter)")
+            raise _unusable_with("content_filter", "the server's content filter stopped the answer "
+                                                   "(finish_reason=content_filter)")
         content = message.get("content")
         if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-        if not isinstance(content, str) or not content.strip():
-            raise unusable("empty", "the model returned empty content"
-                           + (" (finish_reason=length: raise OPENAI_MAX_OUTPUT_TOKENS)" if finish == "length" else ""))
+            content = "".join(p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+        if content is not None and not isinstance(content, str):
+            raise _unusable_with("empty", f"the model's content is not text (got {type(content).__name__})")
+        if not content or not content.strip():
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            hint = ""
+            if reasoning and finish == "length":
+                hint = (" (the model spent its output on reasoning and was cut off before answering, "
+                        "finish_reason=length: raise OPENAI_MAX_OUTPUT_TOKENS)")
+            elif finish == "length":
+                hint = " (finish_reason=length: raise OPENAI_MAX_OUTPUT_TOKENS)"
+            elif reasoning:
+                hint = " (the model gave only reasoning, no answer)"
+            raise _unusable_with("empty", "the model returned empty content" + hint)
         if finish == "length":
-            raise unusable("truncated", "the answer was cut off at the output token limit (finish_reason=length); "
-                                        "raise OPENAI_MAX_OUTPUT_TOKENS")
+            raise _unusable_with("truncated", "the answer was cut off at the output token limit "
+                                              "(finish_reason=length); raise OPENAI_MAX_OUTPUT_TOKENS")
         return content
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a server asks to wait: retry-after-ms, or retry-after as seconds or an HTTP date."""
+    try:
+        milliseconds = headers.get("retry-after-ms")
+        if milliseconds:
+            value = float(milliseconds) / 1000
+        else:
+            raw = (headers.get("retry-after") or "").strip()
+            if not raw:
+                return None
+            try:
+                value = float(raw)
+            except ValueError:
+                value = (email.utils.parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds()
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _answer_notes(result: _Answer) -> list[str]:
+    """How the answer was obtained, when it was not the plain Structured Outputs path."""
+    notes = []
+    if result.response_format == "json_object":
+        notes.append("server without json_schema: answered in json_object mode")
+    elif result.response_format != "json_schema":
+        notes.append("server without json_schema or json_object: answered in plain-prompt mode "
+                     "(no response_format, schema in the prompt)")
+    notes.extend(result.notes)
+    return notes
 
 
 def _summary(a: TimeframeAnalysis) -> dict[str, Any]:

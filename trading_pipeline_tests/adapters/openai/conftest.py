@@ -1,12 +1,16 @@
 """Fixtures: the local OpenAI-compatible server, real indicator frames, a chart PNG, a trading DB."""
 
 import functools
+import hashlib
 import io
 from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
+from trading_pipeline.adapters.model_calls import ModelCallRow, ModelResponseCacheRow
+from trading_pipeline.core.analysis import ChartSource
 from trading_pipeline_tests.adapters.openai.local_server import LocalOpenAIServer
 
 AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
@@ -82,3 +86,17 @@ def make_analyst(openai_server, sessions):
     yield make
     for analyst in created:
         analyst.close()
+
+
+def chart_for(png: bytes) -> ChartSource:
+    return ChartSource(uri="file:///charts/AAPL/1d/test.png", sha256=hashlib.sha256(png).hexdigest())
+
+
+def rows(sessions) -> list[ModelCallRow]:
+    with sessions() as session:
+        return list(session.execute(sa.select(ModelCallRow).order_by(ModelCallRow.id)).scalars())
+
+
+def cached_entries(sessions) -> int:
+    with sessions() as session:
+        return session.execute(sa.select(sa.func.count()).select_from(ModelResponseCacheRow)).scalar_one()

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
-from trading_pipeline.adapters.model_calls import ModelCallRow, ModelResponseCacheRow, summarize_calls
+from trading_pipeline.adapters.model_calls import ModelResponseCacheRow, summarize_calls
 from trading_pipeline.adapters.openai_analyst import OpenAIAnalyst, OpenAISettings
 from trading_pipeline.core.analysis import Action, ChartSource
 from trading_pipeline.core.decisions import decide
@@ -20,7 +20,7 @@ from trading_pipeline.core.risk import AccountState, MarketContext, evaluate
 from trading_pipeline.core.strategies import parse_strategies
 from trading_pipeline.errors import ConfigError
 from trading_pipeline.prompts import load_prompt
-from trading_pipeline_tests.adapters.openai.conftest import API_KEY
+from trading_pipeline_tests.adapters.openai.conftest import API_KEY, chart_for, rows
 from trading_pipeline_tests.adapters.openai.local_server import (
     Reply,
     completion,
@@ -30,15 +30,6 @@ from trading_pipeline_tests.adapters.openai.local_server import (
     image_parts,
     timeframe_answer,
 )
-
-
-def chart_for(png: bytes) -> ChartSource:
-    return ChartSource(uri="file:///charts/AAPL/1d/test.png", sha256=hashlib.sha256(png).hexdigest())
-
-
-def rows(sessions) -> list[ModelCallRow]:
-    with sessions() as session:
-        return list(session.execute(sa.select(ModelCallRow).order_by(ModelCallRow.id)).scalars())
 
 
 def answer_text(body: dict, **overrides) -> str:

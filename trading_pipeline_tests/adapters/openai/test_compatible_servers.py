@@ -1,0 +1,447 @@
+"""OpenAI-compatible servers that are not OpenAI (vLLM, Ollama, LM Studio, llama.cpp, LiteLLM,
+OpenRouter-like proxies) and hostile model output, over real HTTP against the local server.
+
+Every case ends either in a valid, fully checked analysis or in NO_TRADE with a reason that names
+the problem (and, for configuration problems, the variable to fix); never in a crash, never in a
+BUY or SELL from numbers that were not checked, and always with the call in `llm_calls`.
+"""
+
+import json
+import logging
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+import sqlalchemy as sa
+
+from trading_pipeline.adapters.model_calls import summarize_calls
+from trading_pipeline.adapters.openai_analyst import OpenAIAnalyst
+from trading_pipeline.core.analysis import Action
+from trading_pipeline_tests.adapters.openai.conftest import API_KEY, cached_entries, chart_for, rows
+from trading_pipeline_tests.adapters.openai.local_server import (
+    Reply,
+    completion,
+    context_of,
+    error,
+    good,
+    timeframe_answer,
+)
+
+
+def answer_json(body: dict, **overrides) -> str:
+    return json.dumps(timeframe_answer(context_of(body), **overrides))
+
+
+def content(text_of_body, **completion_kwargs):
+    """A step answering 200 with a chat completion whose content is computed from the request."""
+    return lambda body: Reply(200, completion(text_of_body(body), **completion_kwargs))
+
+
+def raw(body_of_request, status: int = 200, **headers):
+    """A step answering with a raw body (a dict is sent as JSON, a str as is)."""
+    return lambda body: Reply(status, body_of_request(body), headers=dict(headers))
+
+
+def assert_no_trade(analysis, reason: str) -> None:
+    assert not analysis.valid and analysis.signal == Action.NO_TRADE, analysis.rationale
+    assert analysis.entry is None and analysis.stop is None and analysis.targets == []
+    assert reason in analysis.invalid_reason, analysis.invalid_reason
+
+
+# --- 1. servers without Structured Outputs --------------------------------------------------------
+
+
+def rejects_response_format(body):
+    """LM Studio-like: neither json_schema nor json_object is accepted, only plain text."""
+    if "response_format" in body:
+        kind = body["response_format"]["type"]
+        return error(400, f"'response_format.type' {kind!r} is not supported: must be 'text'")
+    return good()(body)
+
+
+def test_server_rejecting_json_schema_and_json_object_gets_the_schema_in_the_prompt(make_analyst, openai_server,
+                                                                                    daily, weekly, png, sessions):
+    openai_server.reset(default=rejects_response_format)
+    analyst = make_analyst()
+    analysis = analyst.analyze(daily, chart_for(png), png)
+
+    assert analysis.valid and analysis.signal == Action.BUY
+    assert "answered in plain-prompt mode (no response_format, schema in the prompt)" in analysis.rationale
+    first, second, third = openai_server.bodies()
+    assert first["response_format"]["type"] == "json_schema" and second["response_format"] == {"type": "json_object"}
+    assert "response_format" not in third
+    assert '"additionalProperties":false' in third["messages"][0]["content"]  # the schema travels in the prompt
+    assert [(r.status, r.http_status, r.response_format) for r in rows(sessions)] == [
+        ("http_error", 400, "json_schema"), ("http_error", 400, "json_object"), ("ok", 200, "none")]
+    assert summarize_calls(sessions, run_id="run-1", symbol="AAPL")["response_formats"] == [
+        "json_object", "json_schema", "none"]
+
+    # Learned for this analyst: the next call goes straight to the plain prompt, and the answer is
+    # still validated strictly (an extra field is a schema violation, not ignored).
+    openai_server.reset(lambda body: Reply(200, completion(answer_json(body, position_size=100))))
+    strict = analyst.analyze(weekly, None, png)
+    assert_no_trade(strict, "violates the response schema")
+    assert len(openai_server.requests) == 1 and "response_format" not in openai_server.bodies()[0]
+    assert rows(sessions)[-1].response_format == "none" and rows(sessions)[-1].status == "schema_violation"
+
+
+def test_fastapi_style_422_on_response_format_is_understood(make_analyst, openai_server, daily, png, sessions):
+    def step(body):  # vLLM / LiteLLM answer a body they cannot validate with FastAPI's 422
+        if body.get("response_format", {}).get("type") == "json_schema":
+            return Reply(422, {"detail": [{"loc": ["body", "response_format", "type"], "type": "literal_error",
+                                           "msg": "Input should be 'text' or 'json_object'"}]})
+        return good()(body)
+
+    openai_server.reset(default=step)
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert analysis.valid and "answered in json_object mode" in analysis.rationale
+    assert [r.response_format for r in rows(sessions)] == ["json_schema", "json_object"]
+
+
+# --- 2. what reasoning and chatty models wrap around the JSON ------------------------------------
+
+
+@pytest.mark.parametrize("case, wrap, note", [
+    ("fence", lambda j: f"```json\n{j}\n```", None),
+    ("prose before a fence", lambda j: f"Here is my analysis of the chart:\n\n```json\n{j}\n```\nGood luck!",
+     "text around the JSON was ignored"),
+    ("prose before bare JSON", lambda j: f"Sure! Based on the chart:\n{j}", "text around the JSON was ignored"),
+    ("prose after bare JSON", lambda j: f"{j}\n\nNote: this is not financial advice.",
+     "text around the JSON was ignored"),
+    ("think block", lambda j: "<think>\nThe trend is up. A draft: {\"signal\": \"SELL\"} no, wait.\n</think>\n\n" + j,
+     "<think> reasoning block"),
+    ("think block then fence", lambda j: f"<think>Let me look at {{the}} chart.</think>\n```json\n{j}\n```",
+     "<think> reasoning block"),
+    ("reasoning without its opening tag", lambda j: "Okay, the user wants a plan {maybe}.\n</think>\n\n" + j,
+     "</think> reasoning"),
+])
+def test_json_wrapped_in_fences_prose_or_reasoning_is_read(make_analyst, openai_server, daily, png, sessions,
+                                                           case, wrap, note):
+    openai_server.reset(content(lambda body: wrap(answer_json(body))))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert analysis.valid and analysis.signal == Action.BUY, (case, analysis.invalid_reason)
+    if note:
+        assert note in analysis.rationale  # what was removed is said, and the raw text is in llm_calls
+    [row] = rows(sessions)
+    assert row.status == "ok" and row.outcome == "valid"
+    stored = json.loads(row.response)["choices"][0]["message"]["content"]
+    assert stored == wrap(json.dumps(timeframe_answer(context_of(openai_server.bodies()[0]))))  # kept as sent
+
+
+@pytest.mark.parametrize("case, text, reason", [
+    ("reasoning that never ends", lambda b: "<think>The trend is up, so I would buy at " + "…" * 50,
+     "reasoning block that never closes"),
+    ("two answers in prose", lambda b: f"Option A: {answer_json(b)}\nOption B: {answer_json(b, signal='HOLD')}",
+     "2 JSON objects"),
+    ("two fenced blocks", lambda b: f"```json\n{answer_json(b)}\n```\nor\n```json\n{answer_json(b)}\n```",
+     "2 fenced blocks"),
+    ("prose with no JSON", lambda b: "<think>hmm</think>I recommend a BUY at the last close.", "not valid JSON"),
+    ("deeply nested object", lambda b: '{"a":' * 30_000, "not valid JSON"),
+    ("deeply nested array", lambda b: "[" * 100_000, "not valid JSON"),
+    ("an answer far too long", lambda b: answer_json(b, rationale="x" * 300_000), "characters long"),
+])
+def test_unreadable_wrapped_answers_are_no_trade_and_recorded(make_analyst, openai_server, daily, png, sessions,
+                                                              case, text, reason):
+    openai_server.reset(content(text))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, reason)
+    assert "unexpected error" not in analysis.invalid_reason, case
+    [row] = rows(sessions)
+    assert row.status == "invalid_json" and row.outcome.startswith("invalid: ") and row.prompt_tokens == 1200
+    assert cached_entries(sessions) == 0
+
+
+# --- 3. completions that are odd, incomplete or hostile ------------------------------------------
+
+
+def without(*names):
+    def step(body):
+        reply = completion(answer_json(body))
+        for name in names:
+            reply.pop(name)
+        return Reply(200, reply)
+    return step
+
+
+def with_usage(usage):
+    def step(body):
+        reply = completion(answer_json(body))
+        reply["usage"] = usage
+        return Reply(200, reply)
+    return step
+
+
+def content_parts(body):
+    reply = completion(None)
+    text = answer_json(body)
+    reply["choices"][0]["message"]["content"] = [{"type": "text", "text": text[:40]},
+                                                 {"type": "text", "text": text[40:]}]
+    return Reply(200, reply)
+
+
+@pytest.mark.parametrize("case, step, estimated", [
+    ("no id, created, model or object", without("id", "created", "model", "object"), False),
+    ("no usage", without("usage"), True),
+    ("usage with nulls", with_usage({"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}), True),
+    ("usage as text", with_usage({"prompt_tokens": "1200", "completion_tokens": "300"}), True),
+    ("negative usage", with_usage({"prompt_tokens": -1_000_000, "completion_tokens": 300}), True),
+    ("absurd usage", with_usage({"prompt_tokens": 10**15, "completion_tokens": 300}), True),
+    ("usage as booleans", with_usage({"prompt_tokens": True, "completion_tokens": True}), True),
+    ("usage as a list", with_usage([1200, 300]), True),
+    ("content as parts", content_parts, False),
+])
+def test_odd_but_usable_completions_are_read_and_accounted(make_analyst, openai_server, daily, png, sessions,
+                                                           case, step, estimated):
+    openai_server.reset(step)
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert analysis.valid and analysis.signal == Action.BUY, (case, analysis.invalid_reason)
+    [row] = rows(sessions)
+    assert row.status == "ok" and row.usage_estimated is estimated
+    # A server's usage is taken only when it is plausible; otherwise the call is budgeted by estimate.
+    assert row.total_tokens > 1500 if estimated else row.total_tokens == 1500
+    assert 0 < row.total_tokens < 10_000_000
+
+
+def choice(**fields):
+    def step(body):
+        reply = completion(None)
+        reply["choices"] = [fields] if fields else []
+        return Reply(200, reply)
+    return step
+
+
+@pytest.mark.parametrize("case, step, reason, status", [
+    ("empty choices", choice(), "not a chat completion (no choices)", "malformed_response"),
+    ("choices null", raw(lambda b: {**completion("{}"), "choices": None}), "not a chat completion",
+     "malformed_response"),
+    ("choice without a message", choice(index=0, finish_reason="stop"), "empty content", "empty"),
+    ("a choice that is not an object", raw(lambda b: {**completion("{}"), "choices": ["BUY"]}), "empty content",
+     "empty"),
+    ("content null with a refusal", choice(message={"role": "assistant", "content": None, "refusal": "I can't."}),
+     "the model refused: I can't.", "refusal"),
+    ("truncated JSON", content(lambda b: answer_json(b)[:80], finish_reason="length"),
+     "cut off at the output token limit (finish_reason=length); raise OPENAI_MAX_OUTPUT_TOKENS", "truncated"),
+    ("all tokens spent on reasoning", choice(finish_reason="length", message={
+        "role": "assistant", "content": None, "reasoning_content": "Let me think about the chart..."}),
+     "spent its output on reasoning", "empty"),
+    ("content parts with non-text", choice(finish_reason="stop", message={
+        "role": "assistant", "content": [{"type": "text", "text": 5}, {"type": "text", "text": None}]}),
+     "empty content", "empty"),
+    ("content as an object", choice(finish_reason="stop", message={"role": "assistant", "content": {"signal": "BUY"}}),
+     "content is not text (got dict)", "empty"),
+    ("an error in a 200 body", raw(lambda b: {"error": {"message": "Upstream provider overloaded", "code": 502}}),
+     "answered HTTP 200 with an error instead of a completion: Upstream provider overloaded", "error_in_body"),
+    ("a JSON bomb as the body", raw(lambda b: '{"choices":' + "[" * 100_000), "not JSON", "malformed_response"),
+])
+def test_incomplete_completions_are_no_trade_and_recorded(make_analyst, openai_server, daily, png, sessions,
+                                                          case, step, reason, status):
+    openai_server.reset(step)
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, reason)
+    assert "unexpected error" not in analysis.invalid_reason, case
+    [row] = rows(sessions)  # the call is in the log (and so counts against the budgets)
+    assert row.status == status and row.outcome == f"invalid: {analysis.invalid_reason}"
+    assert row.total_tokens > 0
+    assert len(openai_server.requests) == 1  # not retried: the server answered
+
+
+# --- 4. numbers the model should not have given ---------------------------------------------------
+
+
+def numbers(**overrides):
+    """An otherwise sound BUY with some fields replaced by raw JSON text (may be invalid JSON numbers)."""
+    def text(body):
+        answer = timeframe_answer(context_of(body))
+        marked = {k: f"@@{k}@@" for k in overrides}
+        out = json.dumps({**answer, **marked})
+        for key, value in overrides.items():
+            out = out.replace(json.dumps(marked[key]), value(context_of(body)) if callable(value) else value)
+        return out
+    return content(text)
+
+
+@pytest.mark.parametrize("case, step, reason, status", [
+    ("price as a string", numbers(entry=lambda c: json.dumps(str(c["last_close"]))),
+     "entry: Input should be a valid number", "schema_violation"),
+    ("NaN", numbers(stop="NaN"), "NaN is not a number JSON allows", "invalid_json"),
+    ("Infinity", numbers(targets="[Infinity]"), "Infinity is not a number JSON allows", "invalid_json"),
+    ("-Infinity", numbers(stop="-Infinity"), "-Infinity is not a number JSON allows", "invalid_json"),
+    ("overflowing float", numbers(entry="1e999"), "entry: Input should be a finite number", "schema_violation"),
+    ("integer too long", numbers(entry="1" + "0" * 5000), "not valid JSON", "invalid_json"),
+    ("huge integer", numbers(entry="1" + "0" * 400), "entry: Input should be a valid number", "schema_violation"),
+    ("boolean as a price", numbers(entry="true"), "entry: Input should be a valid number", "schema_violation"),
+    ("negative entry", numbers(entry=lambda c: json.dumps(-c["last_close"])), "away from the last close", "ok"),
+    ("negative prices everywhere", numbers(entry="-1", stop="-2", targets="[-0.5]"), "away from the last close", "ok"),
+    ("absurdly large entry", numbers(entry="1e12"), "away from the last close", "ok"),
+    ("absurdly large target", numbers(targets="[1e300]"), "outside the recent range", "ok"),
+    ("target on the wrong side", numbers(targets=lambda c: json.dumps([round(c["last_close"] - 3 * c["atr_14"], 2)])),
+     "needs targets above the entry", "ok"),
+    ("stop on the wrong side", numbers(stop=lambda c: json.dumps(round(c["last_close"] + 2 * c["atr_14"], 2))),
+     "needs the stop below the entry", "ok"),
+    ("confidence as a percentage", numbers(confidence="70"), "confidence: Input should be less than or equal to 1",
+     "schema_violation"),
+    ("confidence as a percent string", numbers(confidence='"70%"'), "confidence: Input should be a valid number",
+     "schema_violation"),
+    ("confidence as a numeric string", numbers(confidence='"0.7"'), "confidence: Input should be a valid number",
+     "schema_violation"),
+    ("negative confidence", numbers(confidence="-0.1"), "confidence: Input should be greater than or equal to 0",
+     "schema_violation"),
+    ("confidence as a boolean", numbers(confidence="true"), "confidence: Input should be a valid number",
+     "schema_violation"),
+    ("signal in lower case", numbers(signal='"buy"'), "signal: Input should be 'BUY', 'SELL' or 'HOLD'",
+     "schema_violation"),
+    ("a duplicate key changing the signal", content(lambda b: answer_json(b)[:-1] + ', "signal": "SELL"}'),
+     "duplicate key(s) ['signal']", "invalid_json"),
+])
+def test_bad_numbers_are_no_trade_never_a_trade(make_analyst, openai_server, daily, png, sessions, case, step, reason,
+                                                status):
+    openai_server.reset(step)
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, reason)
+    assert analysis.signal not in (Action.BUY, Action.SELL)
+    [row] = rows(sessions)
+    assert row.status == status and row.outcome == f"invalid: {analysis.invalid_reason}"
+    # Only a schema-valid answer is cached (its numbers are judged again on every cache hit).
+    assert cached_entries(sessions) == (1 if status == "ok" else 0)
+
+
+@pytest.mark.parametrize("value, reason", [("NaN", "NaN is not a number JSON allows"),
+                                           ("1.5", "confidence: Input should be less than or equal to 1"),
+                                           ('"0.7"', "confidence: Input should be a valid number")])
+def test_bad_numbers_in_the_consolidation_are_no_trade(make_analyst, openai_server, daily, weekly, png, value, reason):
+    openai_server.reset(default=good())
+    analyst = make_analyst()
+    d, w = analyst.analyze(daily, chart_for(png), png), analyst.analyze(weekly, None, png)
+    assert d.signal == w.signal == Action.BUY
+
+    def step(body):
+        answer = {"action": "BUY", "entry": d.entry, "stop": d.stop, "targets": d.targets[:1], "confidence": 0.5,
+                  "rationale": "weekly agrees"}
+        return Reply(200, completion(json.dumps(answer).replace('"confidence": 0.5', f'"confidence": {value}')))
+
+    openai_server.reset(step)
+    consolidated = analyst.consolidate(d, w)
+    assert consolidated.proposal.action == Action.NO_TRADE and reason in consolidated.rationale
+
+
+# --- 5. HTTP trouble: the message names the variable to fix --------------------------------------
+
+
+def test_html_page_with_200_names_openai_base_url(make_analyst, openai_server, daily, png, sessions):
+    page = "<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head><body>Welcome</body></html>"
+    openai_server.reset(raw(lambda b: page, **{"content-type": "text/html; charset=utf-8"}))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, f"the server at {openai_server.base_url} answered HTTP 200 with an HTML page (text/html")
+    assert "Welcome to nginx" in analysis.invalid_reason
+    assert "Fix: set OPENAI_BASE_URL to the API root of an OpenAI-compatible server" in analysis.invalid_reason
+    [row] = rows(sessions)
+    assert row.status == "malformed_response" and row.response == page and row.usage_estimated
+
+
+def test_plain_text_with_200_is_no_trade(make_analyst, openai_server, daily, png):
+    openai_server.reset(raw(lambda b: "OK", **{"content-type": "text/plain"}))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "answered HTTP 200 with a body that is not JSON (text/plain: 'OK')")
+    assert "OPENAI_BASE_URL" in analysis.invalid_reason
+
+
+@pytest.mark.parametrize("status, message", [
+    (401, "Incorrect API key provided."),
+    (403, "Forbidden"),
+    (400, "API key not valid. Please pass a valid API key."),  # Gemini's OpenAI-compatible endpoint
+])
+def test_rejected_key_says_check_openai_api_key_and_is_not_retried(make_analyst, openai_server, daily, png, sessions,
+                                                                   status, message):
+    openai_server.reset(default=error(status, message))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, f"refused the API key ({status})")
+    assert "Fix: set OPENAI_API_KEY to a valid key" in analysis.invalid_reason
+    assert len(openai_server.requests) == 1 and [r.status for r in rows(sessions)] == ["http_error"]
+
+
+@pytest.mark.parametrize("status, message", [
+    (404, "model \"llava:13b\" not found, try pulling it first"),  # Ollama
+    (404, "The model `llava:13b` does not exist."),  # vLLM
+    (400, "Invalid model name passed in model=llava:13b"),  # LiteLLM
+])
+def test_unknown_model_names_openai_model_and_is_not_retried(make_analyst, openai_server, daily, png, status, message):
+    openai_server.reset(default=error(status, message))
+    analysis = make_analyst(OPENAI_MODEL="llava:13b").analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, f"answered {status} for model 'llava:13b'")
+    assert "Fix: check OPENAI_MODEL" in analysis.invalid_reason
+    assert len(openai_server.requests) == 1
+
+
+@pytest.mark.parametrize("retry_after", ["3600", "retry-after-date"])
+def test_retry_after_is_honoured_but_bounded(make_analyst, openai_server, daily, png, sessions, retry_after):
+    if retry_after == "retry-after-date":
+        retry_after = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
+    openai_server.reset(error(429, "Rate limit reached", **{"retry-after": retry_after}), good())
+    started = time.perf_counter()
+    analysis = make_analyst(TRADING_LLM_BACKOFF_MAX_SECONDS="0.3").analyze(daily, chart_for(png), png)
+    elapsed = time.perf_counter() - started
+    assert analysis.valid
+    assert 0.3 <= elapsed < 3  # an hour was asked for; TRADING_LLM_BACKOFF_MAX_SECONDS caps the wait
+    assert [r.status for r in rows(sessions)] == ["rate_limited", "ok"]
+
+
+def test_retry_after_ms_is_honoured(make_analyst, openai_server, daily, png):
+    openai_server.reset(error(429, "Rate limit reached", **{"retry-after-ms": "250"}), good())
+    started = time.perf_counter()
+    assert make_analyst(TRADING_LLM_BACKOFF_MAX_SECONDS="5").analyze(daily, chart_for(png), png).valid
+    assert time.perf_counter() - started >= 0.25
+
+
+def test_rate_limits_that_never_end_name_the_settings(make_analyst, openai_server, daily, png):
+    openai_server.reset(default=error(429, "Rate limit reached", **{"retry-after": "0"}))
+    analysis = make_analyst(TRADING_LLM_MAX_ATTEMPTS=2).analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "failed after 2 attempt(s)")
+    assert "Fix: lower TRADING_LLM_CONCURRENCY" in analysis.invalid_reason
+
+
+def test_connection_refused_names_openai_base_url(sessions, daily, png):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    analyst = OpenAIAnalyst.from_env({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
+                                      "TRADING_LLM_MAX_ATTEMPTS": "2", "TRADING_LLM_BACKOFF_SECONDS": "0.01"}, sessions)
+    try:
+        analysis = analyst.analyze(daily, chart_for(png), png)
+    finally:
+        analyst.close()
+    assert_no_trade(analysis, f"cannot reach http://127.0.0.1:{port}/v1")
+    assert (f"Fix: start the server, or set OPENAI_BASE_URL to its API root (now http://127.0.0.1:{port}/v1)"
+            in analysis.invalid_reason)
+    assert API_KEY not in analysis.invalid_reason
+    assert [r.status for r in rows(sessions)] == ["connection_error"] * 2
+
+
+# --- 6. the API key, even when a hostile server echoes it ----------------------------------------
+
+
+def test_a_server_echoing_the_key_cannot_put_it_into_the_analysis_the_log_or_the_database(
+        make_analyst, openai_server, daily, weekly, png, sessions, caplog):
+    caplog.set_level(logging.DEBUG)
+
+    def echo(body):  # a hostile proxy that reflects the Authorization header into the model's text
+        return Reply(200, completion(answer_json(body, rationale=f"Bearer {API_KEY} says buy; key {API_KEY}",
+                                                 setup=f"setup {API_KEY}"[:200])))
+
+    openai_server.reset(echo, raw(lambda b: f"<html>{API_KEY}</html>"), error(500, f"upstream said {API_KEY}"),
+                        error(404, f"no model for key {API_KEY}"))
+    analyst = make_analyst(TRADING_LLM_MAX_ATTEMPTS=1, TRADING_LLM_CACHE="off")
+    results = [analyst.analyze(daily, chart_for(png), png), analyst.analyze(weekly, None, png),
+               analyst.analyze(daily, None, png), analyst.analyze(weekly, chart_for(png), png)]
+    assert results[0].valid and "[REDACTED]" in results[0].rationale
+    assert [r.valid for r in results[1:]] == [False, False, False]
+    dumps = [r.model_dump_json() for r in results]
+    dumps.append(json.dumps(summarize_calls(sessions, run_id="run-1", symbol="AAPL")))  # what Dagster metadata shows
+    dumps.append(caplog.text)
+    with sessions.kw["bind"].connect() as connection:
+        for table in ("llm_calls", "llm_response_cache"):
+            dumps.extend(str(tuple(row)) for row in connection.execute(sa.text(f"SELECT * FROM {table}")))
+    assert len(rows(sessions)) == 4
+    for text in dumps:
+        assert API_KEY not in text and "SECRETKEY" not in text
