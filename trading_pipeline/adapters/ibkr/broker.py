@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, BrokerExecution, BrokerOrder, DuplicateOrderError
-from trading_pipeline.adapters.ibkr.client import IBKRClient, parse_number
-from trading_pipeline.adapters.ibkr.errors import IBKRDuplicateOrder, IBKRError, IBKRRequestError
+from trading_pipeline.adapters.ibkr.client import IBKRClient, parse_conid, parse_number
+from trading_pipeline.adapters.ibkr.errors import IBKRDuplicateOrder, IBKRError, IBKRMalformedAnswer, IBKRRequestError
 from trading_pipeline.core.analysis import OrderLeg
 from trading_pipeline.core.risk import AccountState, Position
 
@@ -40,6 +40,11 @@ _CHILD_KIND = {"-sl": ("STP", "STOP"), "-tp": ("LMT", "LIMIT")}
 
 def _status_text(order: dict) -> str:
     return str(order.get("status") or order.get("order_status") or "")
+
+
+def _order_number(order: dict) -> int:
+    """IBKR's order id (an int in live orders, a string in placement answers); 0 if unusable."""
+    return parse_conid(order.get("orderId")) or 0
 
 
 def _order_type(order: dict) -> str:
@@ -223,10 +228,11 @@ class IBKRBroker:
         # Without a parentId field: the child is the same contract and size, opposite side,
         # submitted after the parent (IBKR numbers a request's orders in sequence).
         candidates = [o for o in typed
-                      if o.get("conid") == parent.get("conid") and o.get("side") != parent.get("side")
+                      if parse_conid(o.get("conid")) == parse_conid(parent.get("conid"))
+                      and o.get("side") != parent.get("side")
                       and parse_number(o.get("totalSize")) == parse_number(parent.get("totalSize"))
-                      and int(o.get("orderId") or 0) > int(parent.get("orderId") or 0)]
-        return min(candidates, key=lambda o: int(o.get("orderId") or 0)) if candidates else None
+                      and _order_number(o) > _order_number(parent)]
+        return min(candidates, key=_order_number) if candidates else None
 
     def _from_executions(self, client_order_id: str) -> BrokerOrder | None:
         fills = [t for t in self.client.trades(days=7, max_age=self.order_cache_seconds)
@@ -247,14 +253,30 @@ class IBKRBroker:
             if not mine:
                 continue
             side = {"B": "BUY", "S": "SELL"}.get(str(trade.get("side")), str(trade.get("side")).upper())
-            millis = trade.get("trade_time_r")
-            executed = (datetime.fromtimestamp(int(millis) / 1000, tz=UTC) if millis is not None
-                        else datetime.strptime(str(trade["trade_time"]), "%Y%m%d-%H:%M:%S").replace(
-                            tzinfo=UTC))
-            result.append(BrokerExecution(str(trade["execution_id"]), client_order_id, str(trade.get("symbol")),
+            execution_id = str(trade.get("execution_id") or "").strip()
+            if not execution_id:
+                raise IBKRMalformedAnswer(
+                    f"an IBKR execution of {client_order_id} has no execution_id, so it cannot be recorded once",
+                    "check the executions in Client Portal; the gateway's trades answer lacks IBKR's documented "
+                    "execution_id")
+            result.append(BrokerExecution(execution_id, client_order_id, str(trade.get("symbol")),
                                           side, parse_number(trade.get("size")) or 0.0,
-                                          parse_number(trade.get("price")) or 0.0, executed))
+                                          parse_number(trade.get("price")) or 0.0, self._executed_at(trade)))
         return result
+
+    @staticmethod
+    def _executed_at(trade: dict) -> datetime:
+        """`trade_time_r` (epoch ms), else `trade_time` (UTC 'YYYYMMDD-HH:mm:ss')."""
+        millis = parse_number(trade.get("trade_time_r"))
+        if millis is not None and millis > 1e11:
+            return datetime.fromtimestamp(millis / 1000, tz=UTC)
+        try:
+            return datetime.strptime(str(trade.get("trade_time")), "%Y%m%d-%H:%M:%S").replace(tzinfo=UTC)
+        except ValueError:
+            raise IBKRMalformedAnswer(
+                f"IBKR execution {trade.get('execution_id')!r} has no usable time (trade_time_r="
+                f"{trade.get('trade_time_r')!r}, trade_time={trade.get('trade_time')!r})",
+                "check the execution in Client Portal; IBKR documents trade_time_r in epoch ms") from None
 
     # ------------------------------------------------------------------ account
     def account(self, marks: dict[str, float]) -> AccountState:
@@ -263,12 +285,17 @@ class IBKRBroker:
         summary = self.client.summary()
         positions: dict[str, Position] = {}
         for row in self.client.positions(fresh=True):
-            quantity = parse_number(row.get("position")) or 0.0
+            symbol = str(row.get("ticker") or row.get("contractDesc") or row.get("conid"))
+            quantity = parse_number(row.get("position"))
+            if quantity is None:  # a position of unknown size must not pass for none (risk limits read it)
+                raise IBKRMalformedAnswer(
+                    f"IBKR's position row for {symbol} has no usable position ({row.get('position')!r})",
+                    "check the position in Client Portal; the gateway's positions answer lacks IBKR's documented "
+                    "numeric position field")
             if quantity == 0:
                 continue
-            symbol = str(row.get("ticker") or row.get("contractDesc") or row.get("conid"))
             average = parse_number(row.get("avgPrice")) or parse_number(row.get("avgCost")) or 0.0
-            if row.get("assetClass", "STK") == "STK":
+            if str(row.get("assetClass") or "STK").upper() == "STK":
                 price = marks.get(symbol, parse_number(row.get("mktPrice")) or average)
             else:  # options/futures: value them as IBKR does (market value includes the multiplier)
                 price = (parse_number(row.get("mktValue")) or 0.0) / quantity
@@ -282,7 +309,8 @@ class IBKRBroker:
         if daily is not None and parse_number(daily.get("dpl")) is not None:
             daily_pnl = parse_number(daily.get("dpl")) or 0.0
         elif not positions:
-            base = self.client.ledger().get("BASE") or {}
+            base = self.client.ledger().get("BASE")
+            base = base if isinstance(base, dict) else {}
             daily_pnl = parse_number(base.get("realizedpnl")) or 0.0
         else:
             raise IBKRRequestError(

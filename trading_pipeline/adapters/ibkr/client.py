@@ -5,8 +5,14 @@ Built to the documented behaviour of the real gateway (shared/reference/ibkr-cli
 Session   `POST /iserver/auth/status`; `ssodh/init` when connected but not authenticated;
           `/tickle` keepalive; `GET /iserver/accounts` pre-flight once per brokerage session;
           a competing session is reported (taken over only if configured).
-Errors    gateway not running, not logged in (401 / 'no session'), IP not allowed (403), TLS,
-          '{"error": ...}' bodies with status 200, 400 'no bridge' -> clear `IBKRError`s.
+Errors    gateway not running, not logged in (401 / 'no session' / a redirect to a login page), IP
+          not allowed (403), TLS, '{"error": ...}' bodies with status 200, 400 'no bridge' -> clear
+          `IBKRError`s. An answer that is not the documented JSON (HTML, empty, plain text,
+          truncated, wrongly shaped) is asked again (reads), then named (IBKRMalformedAnswer); for
+          an order it is IBKROrderStateUnknown (reconciled by cOID), never a rejection.
+Shapes    read as documented and as hostile gateways vary them: conids and numbers as strings,
+          flags as "true"/"false" (a doubtful isPaper is live, a doubtful authenticated is not),
+          a dict where a list is documented (order answers, one account), `error: null` next to data.
 Pacing    <= 10 requests/s overall, <= 4 (max 5) history requests in flight, 1 per 5 s on the
           slow endpoints, 1/s tickle; a 429 holds every thread and backs off; reads and transport
           errors are retried with backoff; an order request is never retried.
@@ -22,6 +28,7 @@ token and `/iserver/accounts` sessionId are never kept or printed.
 from __future__ import annotations
 
 import contextlib
+import json as jsonlib
 import logging
 import os
 import re
@@ -49,6 +56,7 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRGatewayUnreachable,
     IBKRHistoryRequestError,
     IBKRLiveAccountRefused,
+    IBKRMalformedAnswer,
     IBKRNotLoggedIn,
     IBKROrderRejected,
     IBKROrderStateUnknown,
@@ -68,6 +76,66 @@ FINAL_ORDER_STATES = {"Filled", "Cancelled", "Inactive"}
 SNAPSHOT_FIELDS = ("31", "55", "84", "85", "86", "88", "7059", "7762", "7295", "7741", "6509")
 _DUPLICATE_RE = re.compile(r"Local order ID=(?P<coid>.+?) is already registered", re.IGNORECASE)
 _TRANSIENT_HISTORY = ("chart data is not available", "too many history charts requests")
+_SHAPES = {dict: "a JSON object", list: "a JSON list", (dict, list): "a JSON object or list"}
+
+
+class NotJSON(str):
+    """A response body that did not parse as JSON (an HTML page, plain text, truncated JSON),
+    kept as the text received so that it can be described, never parsed further."""
+
+
+def describe_body(body: Any) -> str:
+    """A short description of an answer body for error messages: what it is, never the whole page
+    (and never the values of a JSON object, which may hold a session token)."""
+    if body is None:
+        return "an empty body"
+    if isinstance(body, NotJSON):
+        text = body.strip()
+        if not text:
+            return "an empty body"
+        if text[:1] == "<":
+            found = (re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+                     or re.search(r"<h1[^>]*>(.*?)</h1>", text, re.IGNORECASE | re.DOTALL))
+            name = " ".join(re.sub(r"<[^>]+>", " ", found.group(1)).split())[:80] if found else ""
+            return "an HTML page" + (f" ({name!r})" if name else "")
+        if text[:1] in "{[":
+            return f"truncated or malformed JSON ({len(text)} characters)"
+        return f"plain text {' '.join(text.split())[:120]!r}"
+    if isinstance(body, dict):
+        keys = [str(k) for k in body][:8]
+        return f"a JSON object with keys {', '.join(keys)}" if keys else "an empty JSON object"
+    if isinstance(body, list):
+        return f"a JSON list of {len(body)} item(s)"
+    return f"a JSON {type(body).__name__}"
+
+
+def parse_flag(value: Any) -> bool | None:
+    """IBKR's booleans as a hostile gateway might send them: true/false, "true"/"false", 1/0.
+    None when missing or unrecognizable (callers decide which way that fails closed)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+    return None
+
+
+def parse_conid(value: Any) -> int | None:
+    """A conid as IBKR sends it: an int almost everywhere, a string in secdef/search (and from
+    other gateways anywhere). None unless it is a positive whole number."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and value > 0 else None
+    text = str(value).strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
 
 
 @dataclass(frozen=True)
@@ -148,6 +216,7 @@ def parse_number(value: Any) -> float | None:
         return None
     if text[0] in "CH" and len(text) > 1:
         text = text[1:]
+    text = text.removesuffix("%")
     scale = 1.0
     if text and text[-1] in "KMB":
         scale = {"K": 1e3, "M": 1e6, "B": 1e9}[text[-1]]
@@ -262,15 +331,19 @@ class IBKRClient:
 
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
-                 order: bool = False, ensure: bool = True, retry_no_bridge: bool = True) -> tuple[int, Any]:
+                 order: bool = False, ensure: bool = True, retry_no_bridge: bool = True,
+                 expect: type | tuple[type, ...] | None = None) -> tuple[int, Any]:
         """Send one request under every pacing rule. Reads are retried (transport errors, 5xx,
-        429 with a long global hold); an order request (`order=True`) is sent exactly once."""
+        429 with a long global hold, and, with `expect`, a 2xx answer that is not the documented
+        JSON shape: an HTML page, an empty body, truncated JSON); an order request (`order=True`)
+        is sent exactly once. A read whose answer stays malformed raises IBKRMalformedAnswer; an
+        `{"error": ...}` body is returned for the caller to judge."""
         if ensure and not order and not self._gate.in_exclusive():
             self.ensure_session()
-        attempts_5xx = attempts_429 = attempts_transport = 0
+        attempts_5xx = attempts_429 = attempts_transport = attempts_malformed = 0
         while True:
             try:
-                status, body = self._send(method, path, params=params, json=json)
+                status, body, location = self._send(method, path, params=params, json=json)
             except httpx.ConnectError as exc:
                 if self._is_tls_error(exc):
                     raise self._tls_error(exc) from None
@@ -315,6 +388,17 @@ class IBKRClient:
                 with self._state:
                     self._session_checked_at = None
                 raise self._not_logged_in("the gateway answered 401 (no authenticated session)")
+            if 300 <= status < 400:  # the gateway answers; a redirect is its (or a proxy's) login page
+                target = urlsplit(location).path if location else "(no Location header)"
+                if any(word in target.lower() for word in ("login", "sso", "auth")):
+                    with self._state:
+                        self._session_checked_at = None
+                    raise self._not_logged_in(f"{method} {path} was redirected (HTTP {status}) to the login page "
+                                              f"{target}" + (" (the order was not placed)" if order else ""))
+                raise IBKRRequestError(
+                    f"{method} {path}: the gateway redirected (HTTP {status}) to {target} instead of answering",
+                    f"check that IBKR_GATEWAY_URL is the gateway's own address plus /v1/api (scheme, host, port), "
+                    f"not a proxy or a web page; and that you are logged in at {self.login_url}", status=status)
             if status == 403:
                 raise IBKRAccessDenied(
                     f"the gateway at {self.login_url} refused this machine (403 Access Denied): its IP is not "
@@ -337,40 +421,96 @@ class IBKRClient:
                     f"{method} {path}: the brokerage session is not open ('no bridge')",
                     f"the session is being reopened; run again. If it persists, log in again at {self.login_url}")
             if status >= 500 and not order and status != 501:
-                transient = path != HISTORY_PATH or not text or any(t in text.lower() for t in _TRANSIENT_HISTORY)
+                transient = (path != HISTORY_PATH or not text or isinstance(body, NotJSON)
+                             or any(t in text.lower() for t in _TRANSIENT_HISTORY))
                 if transient and attempts_5xx < self.pacing.read_retries:
                     attempts_5xx += 1
                     time.sleep(self._backoff(self.pacing.read_backoff, attempts_5xx))
                     continue
+            if (expect is not None and not order and status < 300 and not self._error_field(body)
+                    and not isinstance(body, expect)):
+                if attempts_malformed < self.pacing.read_retries:
+                    attempts_malformed += 1
+                    log.warning("IBKR %s %s answered %s with %s; asking again", method, path, status,
+                                describe_body(body))
+                    time.sleep(self._backoff(self.pacing.read_backoff, attempts_malformed))
+                    continue
+                raise self._malformed(f"{method} {path}", status, body, expect,
+                                      tries=attempts_malformed + 1)
             return status, body
 
-    def _send(self, method: str, path: str, *, params=None, json=None) -> tuple[int, Any]:
+    def _send(self, method: str, path: str, *, params=None, json=None) -> tuple[int, Any, str]:
+        """(status, body, Location header). The body is the parsed JSON, None when empty, or a
+        `NotJSON` string (HTML, plain text, truncated JSON), whatever the Content-Type says."""
         slot = self._history_slots.slot() if path == HISTORY_PATH else contextlib.nullcontext()
         with self._gate.shared(), slot:
             self._pacer.before_send(path, self.pacing.interval_for(path))
             if method == "POST" and json is None:
                 json = {}  # the gateway refuses a POST without a body length (411)
             response = self._http.request(method, path, params=params, json=json)
-        try:
-            body = response.json() if response.content else None
-        except ValueError:
-            body = response.text
+        body: Any
+        if not response.content.strip():
+            body = None
+        else:
+            try:
+                body = jsonlib.loads(response.content)
+            except ValueError:  # also UnicodeDecodeError
+                body = NotJSON(response.content.decode("utf-8", errors="replace"))
         log.debug("IBKR %s %s -> %s", method, path, response.status_code)
-        return response.status_code, body
+        return response.status_code, body, response.headers.get("location", "")
 
     @staticmethod
     def _backoff(base: float, attempt: int, factor: float = 2.0) -> float:
         return base * factor ** (attempt - 1)
 
     @staticmethod
-    def _error_text(body: Any) -> str:
-        if isinstance(body, dict) and isinstance(body.get("error"), str):
-            return body["error"]
-        if isinstance(body, list) and body and isinstance(body[0], dict) and isinstance(body[0].get("error"), str):
-            return body[0]["error"]
+    def _error_field(body: Any) -> str:
+        """The text of an `{"error": ...}` answer (also `[{"error": ...}]`); "" if there is none.
+        A null or empty `error` next to real data is not an error."""
+        value = None
+        if isinstance(body, dict):
+            value = body.get("error")
+        elif isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
+            value = body[0].get("error")
+        if value is None or value == "" or value is False:
+            return ""
+        return " ".join(value.split())[:300] if isinstance(value, str) else jsonlib.dumps(value)[:300]
+
+    @classmethod
+    def _error_text(cls, body: Any) -> str:
+        """IBKR's error text: the `error` field, else a plain-text body, else a description of an
+        HTML page or broken JSON (never the page itself)."""
+        text = cls._error_field(body)
+        if text:
+            return text
+        if isinstance(body, NotJSON):
+            stripped = body.strip()
+            return describe_body(body) if stripped[:1] in "<{[" else " ".join(stripped.split())[:300]
         if isinstance(body, str):
             return body.strip()[:300]
         return ""
+
+    @staticmethod
+    def _strings(body: Any):
+        """Every string in an answer (for texts IBKR may put in any field, e.g. a duplicate cOID)."""
+        if isinstance(body, str):
+            yield body
+        elif isinstance(body, dict):
+            for value in body.values():
+                yield from IBKRClient._strings(value)
+        elif isinstance(body, list):
+            for value in body:
+                yield from IBKRClient._strings(value)
+
+    def _malformed(self, what: str, status: int, body: Any, expected: Any = None, tries: int = 1) -> IBKRMalformedAnswer:
+        shape = _SHAPES.get(expected, "JSON") if expected is not None else "JSON"
+        return IBKRMalformedAnswer(
+            f"{what}: the gateway answered HTTP {status} with {describe_body(body)} where IBKR documents {shape}"
+            + (f" ({tries} tries)" if tries > 1 else ""),
+            "this is not an answer of the Client Portal gateway's API: check that IBKR_GATEWAY_URL points at the "
+            "gateway itself plus /v1/api (not a proxy, a load balancer or a web page) and that the gateway is up "
+            "to date; if it worked before, IBKR may be restarting its servers (nightly about 00:00-01:00 local, "
+            "Saturday evening): run again later", status=status)
 
     @staticmethod
     def _is_tls_error(exc: Exception) -> bool:
@@ -403,36 +543,43 @@ class IBKRClient:
 
     def _check_error_body(self, what: str, status: int, body: Any, fix: str | None = None) -> Any:
         text = self._error_text(body)
-        if status >= 400 or (isinstance(body, dict) and "error" in body):
+        if status >= 400 or self._error_field(body):
             raise IBKRRequestError(
                 f"{what}: IBKR answered {status}" + (f" with error {text!r}" if text else ""),
                 fix or "check the request; IBKR restarts its servers nightly (about 00:00-01:00 local) and on "
                        "Saturday evening, so retry later if it was working before",
                 status=status, ibkr_text=text or None)
+        if isinstance(body, NotJSON):
+            raise self._malformed(what, status, body)
         return body
 
     # ------------------------------------------------------------------ session
     def auth_status(self) -> AuthStatus:
-        status, body = self._request("POST", "/iserver/auth/status", ensure=False, retry_no_bridge=False)
+        status, body = self._request("POST", "/iserver/auth/status", ensure=False, retry_no_bridge=False,
+                                     expect=dict)
         body = self._check_error_body("auth status", status, body)
         return self._auth_from(body or {})
 
     @staticmethod
-    def _auth_from(body: dict) -> AuthStatus:
-        server = body.get("serverInfo") or {}
-        return AuthStatus(bool(body.get("authenticated")), bool(body.get("connected")),
-                          bool(body.get("competing")), str(body.get("message") or ""),
+    def _auth_from(body: Any) -> AuthStatus:
+        """Flags read strictly (a string "false" is false): a missing or unreadable `authenticated`
+        or `connected` counts as not authenticated / not connected, so the session is never taken
+        for healthy on a doubtful answer."""
+        body = body if isinstance(body, dict) else {}
+        server = body.get("serverInfo") if isinstance(body.get("serverInfo"), dict) else {}
+        return AuthStatus(parse_flag(body.get("authenticated")) is True, parse_flag(body.get("connected")) is True,
+                          parse_flag(body.get("competing")) is True, str(body.get("message") or ""),
                           str(body.get("fail") or ""), str(server.get("serverName") or ""))
 
     def tickle(self) -> AuthStatus:
         """Keepalive (`POST /tickle`, 1/s at most); returns the brokerage auth state it reports.
         The session token in the answer is deliberately dropped."""
-        status, body = self._request("POST", "/tickle", ensure=False, retry_no_bridge=False)
+        status, body = self._request("POST", "/tickle", ensure=False, retry_no_bridge=False, expect=dict)
         body = self._check_error_body("tickle", status, body)
         body = body if isinstance(body, dict) else {}
-        auth = ((body.get("iserver") or {}).get("authStatus")) or {}
-        state = self._auth_from(auth)
-        if body.get("collission"):  # IBKR's spelling
+        iserver = body.get("iserver") if isinstance(body.get("iserver"), dict) else {}
+        state = self._auth_from(iserver.get("authStatus"))
+        if parse_flag(body.get("collission")):  # IBKR's spelling
             state = AuthStatus(state.authenticated, state.connected, True, state.message, state.fail,
                                state.server_name)
         return state
@@ -512,19 +659,25 @@ class IBKRClient:
             if self._accounts is not None and self._accounts_epoch == self._session_epoch and not refresh:
                 return self._accounts
             epoch = self._session_epoch
-            status, body = self._request("GET", "/iserver/accounts")
+            status, body = self._request("GET", "/iserver/accounts", expect=dict)
             body = self._check_error_body("accounts", status, body)
-            accounts = tuple(str(a) for a in (body or {}).get("accounts") or ())
+            listed = body.get("accounts")
+            if isinstance(listed, str):  # a single account not wrapped in a list
+                listed = [listed]
+            if listed is not None and not isinstance(listed, list):
+                raise self._malformed("accounts", status, listed, list)
+            accounts = tuple(dict.fromkeys(str(a).strip() for a in listed or () if str(a or "").strip()))
             if not accounts:
                 raise IBKRAccountError("the gateway lists no brokerage account for this login",
                                        f"log in at {self.login_url} with a username that has an account")
             if self.account_id_setting:
-                if self.account_id_setting not in accounts:
+                match = next((a for a in accounts if a.upper() == self.account_id_setting.upper()), None)
+                if match is None:
                     raise IBKRAccountError(
                         f"IBKR_ACCOUNT_ID={self.account_id_setting} is not an account of this login "
                         f"(accounts: {', '.join(accounts)})",
                         "set IBKR_ACCOUNT_ID to one of those accounts, or log the gateway in with the right user")
-                account = self.account_id_setting
+                account = match
             elif len(accounts) == 1:
                 account = accounts[0]
             else:
@@ -535,11 +688,13 @@ class IBKRClient:
                 status, switched = self._request("POST", "/iserver/account", json={"acctId": account})
                 self._check_error_body(f"switching to account {account}", status, switched)
                 selected = account
-            reported = body.get("isPaper")
+            raw_paper = body.get("isPaper")
+            reported = parse_flag(raw_paper)
+            if raw_paper is not None and reported is None:
+                reported = False  # present but unreadable (e.g. "maybe"): not a confirmation of paper
             # Paper only if both say so: a DU... id and isPaper not false. Anything else is treated as live.
             is_paper = account.upper().startswith("DU") and reported is not False
-            self._accounts = AccountsInfo(accounts, selected, account, is_paper,
-                                          None if reported is None else bool(reported))
+            self._accounts = AccountsInfo(accounts, selected, account, is_paper, reported)
             self._accounts_epoch = epoch
             return self._accounts
 
@@ -608,18 +763,29 @@ class IBKRClient:
         return symbol.upper()
 
     def _stocks(self, symbols: list[str]) -> dict:
-        status, body = self._request("GET", "/trsrv/stocks", params={"symbols": ",".join(symbols)})
+        status, body = self._request("GET", "/trsrv/stocks", params={"symbols": ",".join(symbols)}, expect=dict)
         body = self._check_error_body(f"contract lookup for {', '.join(symbols)}", status, body)
         return body if isinstance(body, dict) else {}
 
-    def _pick_contract(self, symbol: str, entries: list[dict]) -> Contract:
-        candidates = []
-        for instrument in entries:
-            if instrument.get("assetClass", "STK") != "STK":
+    def _pick_contract(self, symbol: str, entries: Any) -> Contract:
+        """Candidates from IBKR's instruments -> contracts; a contract without a usable conid (missing,
+        not a whole number; IBKR sends it as an int here and a string elsewhere) is left out."""
+        if isinstance(entries, dict):  # one instrument, not wrapped in a list
+            entries = [entries]
+        candidates, unusable = [], 0
+        for instrument in entries if isinstance(entries, list) else []:
+            if not isinstance(instrument, dict) or str(instrument.get("assetClass") or "STK").upper() != "STK":
                 continue
-            for contract in instrument.get("contracts") or []:
-                candidates.append(Contract(symbol, int(contract["conid"]), str(contract.get("exchange") or ""),
-                                           bool(contract.get("isUS")), str(instrument.get("name") or "")))
+            contracts = instrument.get("contracts")
+            for contract in contracts if isinstance(contracts, list) else []:
+                conid = parse_conid(contract.get("conid")) if isinstance(contract, dict) else None
+                if conid is None:
+                    unusable += 1
+                    continue
+                candidates.append(Contract(symbol, conid, str(contract.get("exchange") or ""),
+                                           parse_flag(contract.get("isUS")) is True, str(instrument.get("name") or "")))
+        if unusable:
+            log.warning("IBKR listed %d contract(s) of %s without a usable conid; ignored", unusable, symbol)
         if self.exchanges is None:
             matches = [c for c in candidates if c.is_us]
             policy = "US listings (isUS)"
@@ -654,7 +820,7 @@ class IBKRClient:
         if start_time is not None:
             params["startTime"] = hist.format_start_time(start_time)
         for attempt in range(2):
-            status, body = self._request("GET", HISTORY_PATH, params=params)
+            status, body = self._request("GET", HISTORY_PATH, params=params, expect=dict)
             text = self._error_text(body)
             if text and "chart data is not available" in text.lower() and attempt == 0:
                 time.sleep(self.pacing.read_backoff)
@@ -665,9 +831,13 @@ class IBKRClient:
                 f"IBKR has no {bar} history for conid {conid} (period {period}"
                 + (f", startTime {params['startTime']}" if "startTime" in params else "") + f"): {text!r}",
                 "check the symbol and that the account has market data for it")
-        return self._check_error_body(f"history of conid {conid} ({period}, {bar})", status, body,
+        body = self._check_error_body(f"history of conid {conid} ({period}, {bar})", status, body,
                                       fix="check the conid, period and bar; 'Chart data is not available' "
                                           "usually clears within minutes")
+        data = body.get("data")
+        if data is not None and not isinstance(data, list):
+            raise self._malformed(f"history of conid {conid} ({period}, {bar}): its 'data'", status, data, list)
+        return body
 
     def snapshot(self, items: Iterable[Contract | int], fields: Iterable[str] = SNAPSHOT_FIELDS) -> dict[int, Snapshot]:
         """`GET /iserver/marketdata/snapshot` with the pre-flight re-poll: the first call for a
@@ -683,11 +853,12 @@ class IBKRClient:
         params = {"conids": ",".join(map(str, conids)), "fields": ",".join(fields)}
         rows: dict[int, dict] = {}
         for attempt in range(self.pacing.snapshot_polls):
-            status, body = self._request("GET", "/iserver/marketdata/snapshot", params=params)
+            status, body = self._request("GET", "/iserver/marketdata/snapshot", params=params, expect=list)
             body = self._check_error_body("market data snapshot", status, body)
-            for row in body or []:
-                if isinstance(row, dict) and "conid" in row:
-                    rows[int(row["conid"])] = row
+            for row in body:
+                conid = parse_conid(row.get("conid")) if isinstance(row, dict) else None
+                if conid is not None:
+                    rows[conid] = row
             if all(any(f in rows.get(c, {}) for f in fields) for c in conids):
                 break
             time.sleep(self.pacing.poll_interval)
@@ -696,7 +867,7 @@ class IBKRClient:
             row = rows.get(conid, {})
             contract = contracts[conid]
             lots = 100.0 if isinstance(contract, Contract) and contract.is_us else 1.0  # sizes in lots of 100
-            last_text = str(row.get("31") or "")
+            last_text = str(row.get("31") or "").strip()
 
             def size(key, row=row, lots=lots):
                 value = parse_number(row.get(key))
@@ -721,7 +892,7 @@ class IBKRClient:
             if self._portfolio_epoch == self._session_epoch:
                 return account
             epoch = self._session_epoch
-        status, body = self._request("GET", "/portfolio/accounts")  # required before /portfolio/*
+        status, body = self._request("GET", "/portfolio/accounts", expect=list)  # required before /portfolio/*
         self._check_error_body("portfolio accounts", status, body)
         with self._state:
             self._portfolio_epoch = epoch
@@ -729,7 +900,7 @@ class IBKRClient:
 
     def portfolio_accounts(self) -> list[dict]:
         self.accounts()
-        status, body = self._request("GET", "/portfolio/accounts")
+        status, body = self._request("GET", "/portfolio/accounts", expect=list)
         with self._state:
             self._portfolio_epoch = self._session_epoch
         return self._check_error_body("portfolio accounts", status, body) or []
@@ -747,30 +918,33 @@ class IBKRClient:
             self.invalidate_positions()
         result: list[dict] = []
         for page in range(max_pages):
-            status, body = self._request("GET", f"/portfolio/{account}/positions/{page}")
+            status, body = self._request("GET", f"/portfolio/{account}/positions/{page}", expect=list)
             body = self._check_error_body(f"positions page {page}", status, body)
-            if not body:
+            if not body:  # `[]`: the end (an empty *body* is not an end: it was retried, then refused)
                 return result
+            if not all(isinstance(row, dict) for row in body):
+                raise self._malformed(f"positions page {page}", status, body, list)
             result.extend(body)
         raise IBKRRequestError(f"positions did not end after {max_pages} pages", "report this: IBKR kept paging")
 
     def summary(self) -> dict:
         account = self._portfolio_ready()
-        status, body = self._request("GET", f"/portfolio/{account}/summary")
-        return self._check_error_body("account summary", status, body) or {}
+        status, body = self._request("GET", f"/portfolio/{account}/summary", expect=dict)
+        return self._check_error_body("account summary", status, body)
 
     def ledger(self) -> dict:
         account = self._portfolio_ready()
-        status, body = self._request("GET", f"/portfolio/{account}/ledger")
-        return self._check_error_body("account ledger", status, body) or {}
+        status, body = self._request("GET", f"/portfolio/{account}/ledger", expect=dict)
+        return self._check_error_body("account ledger", status, body)
 
     def pnl(self) -> dict | None:
         """This account's row of `GET /iserver/account/pnl/partitioned` ({'dpl': daily P&L, 'nl',
         'upl', ...}), or None when IBKR has no row for it yet."""
         account = self.account_id
-        status, body = self._request("GET", "/iserver/account/pnl/partitioned")
-        body = self._check_error_body("account P&L", status, body) or {}
-        for key, row in ((body.get("upnl") or {}) if isinstance(body, dict) else {}).items():
+        status, body = self._request("GET", "/iserver/account/pnl/partitioned", expect=dict)
+        body = self._check_error_body("account P&L", status, body)
+        rows = body.get("upnl")
+        for key, row in (rows.items() if isinstance(rows, dict) else ()):
             if str(key).split(".")[0] == account and isinstance(row, dict):
                 return row
         return None
@@ -782,6 +956,11 @@ class IBKRClient:
         IBKRDuplicateOrder, IBKROrderRejected (IBKR's text), IBKROrderStateUnknown (transport),
         IBKRLiveAccountRefused (live account without allow_live)."""
         info = self.check_may_trade()
+        foreign = sorted({str(o["acctId"]) for o in orders if o.get("acctId") not in (None, "", info.account_id)})
+        if foreign:
+            raise IBKRAccountError(
+                f"an order names account {', '.join(foreign)}, but the checked account is {info.account_id}; "
+                "nothing was sent", "build orders for the account the client chose (IBKR_ACCOUNT_ID)")
         coid = next((o.get("cOID") for o in orders if o.get("cOID")), "")
         with self._gate.exclusive():  # nothing else may reach the gateway until the reply loop ends
             status, body = self._request("POST", f"/iserver/account/{info.account_id}/orders",
@@ -792,12 +971,30 @@ class IBKRClient:
                 self._invalidate_order_caches()
 
     def _confirm_loop(self, status: int, body: Any, coid: str, what: str) -> list[dict]:
+        """Judge each answer of a placement/modification and its replies. An answer that may hide an
+        accepted order (5xx without IBKR's reason, a 2xx that is not JSON or has no order id) is
+        IBKROrderStateUnknown, never a rejection: a rejection is final for the order desk, while
+        an unknown state is reconciled by cOID before anything is sent again."""
+        unknown_fix = ("do not re-send by hand: the next run looks the order up by its cOID at IBKR before sending "
+                       "anything (or check the order list in Client Portal)")
         for _ in range(self.pacing.reply_rounds + 1):
-            text = self._error_text(body)
-            if text:
+            for text in self._strings(body):  # ibind looks for this anywhere in the body; so do we
                 duplicate = _DUPLICATE_RE.search(text)
                 if duplicate:
-                    raise IBKRDuplicateOrder(duplicate.group("coid").strip() or coid, text)
+                    raise IBKRDuplicateOrder(duplicate.group("coid").strip() or coid, " ".join(text.split())[:300])
+            if isinstance(body, NotJSON) or (body is None and status < 400):
+                if 400 <= status < 500:
+                    raise IBKROrderRejected(f"IBKR refused {what} with HTTP {status} and {describe_body(body)}",
+                                            "check the gateway log; nothing was accepted",
+                                            ibkr_text=self._error_text(body))
+                raise IBKROrderStateUnknown(
+                    f"the gateway answered {what} with HTTP {status} and {describe_body(body)} instead of IBKR's "
+                    "JSON answer: the order may or may not have been accepted; it was not sent again", unknown_fix)
+            items = body if isinstance(body, list) else [body] if isinstance(body, dict) else []
+            accepted = [i for i in items if isinstance(i, dict) and i.get("order_id") not in (None, "")]
+            text = "" if accepted else (self._error_field(body)
+                                        or next((self._error_field(i) for i in items if self._error_field(i)), ""))
+            if text:
                 raise IBKROrderRejected(
                     f"IBKR rejected {what} (HTTP {status}): {text}",
                     "read IBKR's reason; fix the order or the account's precautionary settings (Client Portal > "
@@ -805,35 +1002,39 @@ class IBKRClient:
             if status >= 500:  # no error text: the gateway or IBKR's backend failed mid-way
                 raise IBKROrderStateUnknown(
                     f"IBKR answered {status} without an explanation to {what}: it may or may not have been "
-                    "accepted; it was not sent again",
-                    "do not re-send by hand: the next run looks the order up by its cOID before sending anything")
+                    "accepted; it was not sent again", unknown_fix)
             if status >= 400:
-                raise IBKROrderRejected(f"IBKR answered {status} to {what}", "check the gateway log; nothing was "
-                                        "accepted", ibkr_text=str(body)[:300])
-            items = body if isinstance(body, list) else [body] if isinstance(body, dict) else []
-            question = next((i for i in items if isinstance(i, dict) and i.get("id") and
-                             ("message" in i or "messageIds" in i)), None)
-            if question is None:
-                accepted = [i for i in items if isinstance(i, dict) and i.get("order_id") is not None]
+                raise IBKROrderRejected(f"IBKR answered {status} to {what} with {describe_body(body)}",
+                                        "check the gateway log; nothing was accepted", ibkr_text=describe_body(body))
+            questions = [i for i in items if isinstance(i, dict) and i.get("id") not in (None, "")
+                         and ("message" in i or "messageIds" in i)]
+            if not questions:
                 if not accepted:
-                    raise IBKROrderStateUnknown(f"IBKR's answer to {what} has neither an order id nor a question: "
-                                                f"{str(body)[:200]}",
-                                                "check the order list in Client Portal; the next run reconciles "
-                                                "by cOID before sending anything")
+                    raise IBKROrderStateUnknown(
+                        f"IBKR's answer to {what} has neither an order id nor a question ({describe_body(body)})",
+                        unknown_fix)
                 return accepted
-            ids = tuple(str(i) for i in question.get("messageIds") or ())
-            message = question.get("message")
-            message = " ".join(message) if isinstance(message, list) else str(message or "")
-            message = " ".join(message.split())
+            ids: list[str] = []
+            messages: list[str] = []
+            for question in questions:  # IBKR asks one at a time; should several come, all must be allowed
+                raw_ids = question.get("messageIds")
+                raw_ids = raw_ids.split(",") if isinstance(raw_ids, str) else raw_ids if isinstance(raw_ids, list) else []
+                ids.extend(str(i).strip() for i in raw_ids if str(i).strip())
+                message = question.get("message")
+                messages.append(" ".join(str(m) for m in message) if isinstance(message, list) else str(message or ""))
+            ids = list(dict.fromkeys(ids))
+            message = " ".join(" ".join(messages).split())
+            reply_id = str(questions[0]["id"])
             if ids and all(i in self.auto_confirm for i in ids):
                 log.info("IBKR asked %s for %s; auto-confirmed (allow-list)", ",".join(ids), what)
-                status, body = self._request("POST", f"/iserver/reply/{question['id']}",
-                                             json={"confirmed": True}, order=True)
+                status, body = self._request("POST", f"/iserver/reply/{reply_id}", json={"confirmed": True},
+                                             order=True)
                 continue
             try:  # decline straight away: the order is thrown away
-                self._request("POST", f"/iserver/reply/{question['id']}", json={"confirmed": False}, order=True)
+                self._request("POST", f"/iserver/reply/{reply_id}", json={"confirmed": False}, order=True)
             except IBKRError as exc:
                 log.warning("declining IBKR question %s failed (%s); the order is void anyway", ids, exc.problem)
+            ids = tuple(ids)
             raise IBKROrderRejected(
                 f"IBKR asked to confirm {what} with message {', '.join(ids) or '(no id)'}: {message!r}. That id is "
                 "not in the auto-confirm list, so the order was declined and nothing was placed",
@@ -859,13 +1060,17 @@ class IBKRClient:
                 return cached[1]
         orders: list[dict] = []
         for _ in range(3):
-            status, body = self._request("GET", "/iserver/account/orders", params={"accountId": account})
-            body = self._check_error_body("live orders", status, body) or {}
-            orders = list(body.get("orders") or []) if isinstance(body, dict) else list(body)
+            status, body = self._request("GET", "/iserver/account/orders", params={"accountId": account},
+                                         expect=(dict, list))
+            body = self._check_error_body("live orders", status, body)
+            listed = body.get("orders") if isinstance(body, dict) else body  # documented: {"orders": [...]}
+            if listed is not None and not isinstance(listed, list):
+                raise self._malformed("live orders: their 'orders'", status, listed, list)
+            orders = [o for o in listed or () if isinstance(o, dict)]
             with self._state:  # the session this answer came from (a re-open during the call counts)
                 first = self._live_orders_epoch != self._session_epoch
                 self._live_orders_epoch = self._session_epoch
-            incomplete = isinstance(body, dict) and body.get("snapshot") is False
+            incomplete = isinstance(body, dict) and parse_flag(body.get("snapshot")) is False
             if not (first or incomplete):
                 break
         with self._state:
@@ -874,9 +1079,9 @@ class IBKRClient:
 
     def order_status(self, order_id: int | str) -> dict:
         self.accounts()  # pre-flight
-        status, body = self._request("GET", f"/iserver/account/order/status/{order_id}")
+        status, body = self._request("GET", f"/iserver/account/order/status/{order_id}", expect=dict)
         return self._check_error_body(f"status of order {order_id}", status, body,
-                                      fix="IBKR answers 503 for orders that ended before this session") or {}
+                                      fix="IBKR answers 503 for orders that ended before this session")
 
     def trades(self, days: int = 7, max_age: float = 0.0) -> list[dict]:
         """Executions of the last `days` (1-7) via `GET /iserver/account/trades` (1 per 5 s)."""
@@ -886,8 +1091,8 @@ class IBKRClient:
             cached = self._trades_cache
             if cached and max_age > 0 and cached[1] >= days and time.monotonic() - cached[0] <= max_age:
                 return cached[2]
-        status, body = self._request("GET", "/iserver/account/trades", params={"days": str(days)})
-        rows = list(self._check_error_body("trades", status, body) or [])
+        status, body = self._request("GET", "/iserver/account/trades", params={"days": str(days)}, expect=list)
+        rows = [row for row in self._check_error_body("trades", status, body) if isinstance(row, dict)]
         with self._state:
             self._trades_cache = (time.monotonic(), days, rows)
         return rows
@@ -902,7 +1107,11 @@ class IBKRClient:
             raise IBKRRequestError(f"cannot modify an order of type {status.get('order_type')!r}",
                                    "modify it in Client Portal")
         side = {"B": "BUY", "S": "SELL"}.get(str(status.get("side")), str(status.get("side")))
-        fields = {"conid": int(status["conid"]), "orderType": order_type, "side": side,
+        conid = parse_conid(status.get("conid"))
+        if conid is None:
+            raise IBKRMalformedAnswer(f"IBKR's status of the order has no usable conid ({status.get('conid')!r})",
+                                      "modify the order in Client Portal, or pass its original fields")
+        fields = {"conid": conid, "orderType": order_type, "side": side,
                   "quantity": parse_number(status.get("total_size") or status.get("size")),
                   "tif": str(status.get("tif") or "DAY")}
         price = parse_number(status.get("limit_price")) if order_type in ("LMT", "STOP_LIMIT") else \
@@ -937,8 +1146,13 @@ class IBKRClient:
         account = self.accounts().account_id
         status, body = self._request("DELETE", f"/iserver/account/{account}/order/{order_id}", order=True)
         self._invalidate_order_caches()
-        self._check_error_body(f"cancel of order {order_id}", status, body,
-                               fix="check the order id (an unknown id answers \"OrderID ... doesn't exist\")")
+        if status < 300 and (body is None or isinstance(body, NotJSON)):
+            # the cancel may or may not have arrived: the order's own status tells (polled below)
+            log.warning("IBKR answered the cancel of order %s with %s; polling its status", order_id,
+                        describe_body(body))
+        else:
+            self._check_error_body(f"cancel of order {order_id}", status, body,
+                                   fix="check the order id (an unknown id answers \"OrderID ... doesn't exist\")")
         deadline = time.monotonic() + (self.pacing.cancel_timeout if timeout is None else timeout)
         last = ""
         while True:

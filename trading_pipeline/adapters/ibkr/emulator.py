@@ -17,7 +17,11 @@ bodies with status 200; 429 above 10 requests/s, above 5 history requests in fli
 
 Only this module imports starlette/uvicorn; the client never imports it. It serves 127.0.0.1 by
 default. Test hooks: the `IBKREmulator` object (set_auth_state, set_price, inject, stats, ...)
-and, for a running CLI instance, GET /__emulator__/stats and POST /__emulator__/state.
+and, for a running CLI instance, GET /__emulator__/stats and POST /__emulator__/state. `inject`
+plays a hostile gateway for the next N matching requests: any status and JSON body, raw bytes
+(HTML pages, empty or truncated bodies) with headers (a redirect's Location), the normal answer
+delayed or replaced after the request took effect, or the normal answer reshaped by a function.
+Without injected faults it behaves as documented.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -69,7 +74,8 @@ class EmulatorConfig:
     tickle_interval: float = 1.0
     penalty_seconds: float = 0.0
     duplicate_status: int = 400  # IBKR's status for a duplicate cOID is unconfirmed (400 or 200)
-    weekly_anchor: str = "monday"  # 'monday' (00:00 UTC) or 'first_session' (open of the week's first session)
+    # 'monday' / 'sunday' (00:00 UTC starting the week) or 'first_session' (open of the week's first session)
+    weekly_anchor: str = "monday"
     positions: int = 3  # synthetic positions held from the start (for paging: > 100)
     cash: float = 100_000.0
     daily_pnl: float = 0.0  # added to the P&L of today's fills
@@ -93,6 +99,13 @@ class EmulatorConfig:
 
 @dataclass
 class Fault:
+    """An injected answer. By default it replaces the gateway's answer with `body` as JSON (None:
+    an empty body) and `status`. `raw` sends those bytes/text instead (an HTML page, truncated
+    JSON, ...) with `content_type`. `process` handles the request normally first (the gateway's
+    state changes, e.g. an order is placed) and then answers with the fault; `transform` also
+    handles it normally and answers with transform(the gateway's JSON answer), same status
+    (a differently shaped but equivalent answer: a dict instead of a list, strings for numbers)."""
+
     method: str | None
     path: str  # fnmatch pattern on the path after /v1/api
     status: int = 200
@@ -100,6 +113,19 @@ class Fault:
     count: int = 1
     delay: float = 0.0  # seconds before answering
     process: bool = False  # handle the request normally, then delay and answer (e.g. an answer lost in transit)
+    raw: str | bytes | None = None
+    content_type: str = "text/html; charset=utf-8"
+    transform: Callable[[object], object] | None = None
+    headers: dict[str, str] | None = None  # e.g. a Location for a redirect
+
+    def response(self):
+        response = _json(self.body, self.status)
+        if self.raw is not None:
+            from starlette.responses import Response
+
+            response = Response(self.raw, status_code=self.status, media_type=self.content_type)
+        response.headers.update(self.headers or {})
+        return response
 
 
 @dataclass
@@ -167,8 +193,9 @@ def _weekly_bars(conid: int, seed: int, anchor: str) -> pd.DataFrame:
         firsts = daily.index.to_series().groupby(weeks, sort=True).min()
         weekly.index = pd.DatetimeIndex(firsts.to_numpy()).tz_localize("UTC") if firsts.dt.tz is None \
             else pd.DatetimeIndex(firsts)
-    else:  # Monday 00:00 UTC of the week
-        weekly.index = pd.PeriodIndex.from_ordinals(weekly.index.to_numpy(), freq="W-SUN").start_time.tz_localize("UTC")
+    else:  # Monday (or the Sunday before it) 00:00 UTC of the week
+        mondays = pd.PeriodIndex.from_ordinals(weekly.index.to_numpy(), freq="W-SUN").start_time.tz_localize("UTC")
+        weekly.index = mondays - pd.Timedelta(days=1) if anchor == "sunday" else mondays
     return weekly
 
 
@@ -506,9 +533,13 @@ class IBKREmulator:
             self.state.advance()
 
     def inject(self, path: str, method: str | None = None, status: int = 200, body=None, count: int = 1,
-               delay: float = 0.0, process: bool = False) -> None:
+               delay: float = 0.0, process: bool = False, raw: str | bytes | None = None,
+               content_type: str = "text/html; charset=utf-8", transform=None,
+               headers: dict[str, str] | None = None) -> None:
+        """The next `count` requests matching (method, path pattern) get the fault (see Fault)."""
         with self.state.lock:
-            self.state.faults.append(Fault(method, path, status, body, count, delay, process))
+            self.state.faults.append(Fault(method, path, status, body, count, delay, process, raw, content_type,
+                                           transform, headers))
 
     def new_day(self) -> None:
         """Finished orders leave the live-orders list (it covers the current day only); executions
@@ -588,10 +619,10 @@ class IBKREmulator:
         if limited is not None:
             return self._logged(entry_index, limited)
         fault = self._take_fault(method, path)
-        if fault is not None and not fault.process:
+        if fault is not None and not fault.process and fault.transform is None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
-            return self._logged(entry_index, _json(fault.body, fault.status))
+            return self._logged(entry_index, fault.response())
         history = path == "/iserver/marketdata/history"
         if history:
             with s.lock:
@@ -611,10 +642,15 @@ class IBKREmulator:
             except ValueError:
                 return self._logged(entry_index, _error("Bad Request: invalid JSON", 400))
             response = await asyncio.to_thread(self._dispatch_locked, method, path, dict(request.query_params), body)
-            if fault is not None and fault.process:
+            if fault is not None and fault.transform is not None:
+                import json
+
+                answer = json.loads(response.body) if response.body else None
+                response = _json(fault.transform(answer), response.status_code)
+            elif fault is not None and fault.process:
                 await asyncio.sleep(fault.delay)
-                if fault.body is not None or fault.status != 200:
-                    response = _json(fault.body, fault.status)
+                if fault.body is not None or fault.raw is not None or fault.status != 200:
+                    response = fault.response()
             return self._logged(entry_index, response)
         finally:
             if history:
@@ -1158,7 +1194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cash", type=float, default=100_000.0)
     parser.add_argument("--penalty-seconds", type=float, default=0.0, help="429 penalty box after a pacing breach")
     parser.add_argument("--no-pacing", action="store_true", help="do not answer 429 to pacing breaches")
-    parser.add_argument("--weekly-anchor", choices=("monday", "first_session"), default="monday")
+    parser.add_argument("--weekly-anchor", choices=("monday", "sunday", "first_session"), default="monday")
     args = parser.parse_args(argv)
     config = EmulatorConfig(account_id=args.account, live=args.live, auth_state=args.auth_state,
                             latency_ms=args.latency_ms, positions=args.positions, cash=args.cash,

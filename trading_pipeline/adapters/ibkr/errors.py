@@ -77,6 +77,12 @@ class IBKRRequestError(IBKRError):
         self.ibkr_text = ibkr_text
 
 
+class IBKRMalformedAnswer(IBKRRequestError):
+    """The gateway answered something its documented API never returns: an HTML page, an empty
+    body, plain text, truncated JSON, or JSON of the wrong shape (e.g. a list where an object is
+    documented, a bar without a time). Reads were retried before this is raised."""
+
+
 class IBKROrderRejected(IBKRError, OrderRejectedError):
     """IBKR rejected the order, or asked a question the policy does not allow confirming
     (the order was then declined). Nothing is working at IBKR for it."""

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
-from trading_pipeline.adapters.ibkr.errors import IBKRHistoryRequestError
+from trading_pipeline.adapters.ibkr.errors import IBKRHistoryRequestError, IBKRMalformedAnswer
 from trading_pipeline.core.market_calendar import session_start_index
 
 BARS: tuple[str, ...] = ("1min", "2min", "3min", "5min", "10min", "15min", "30min",
@@ -161,21 +161,48 @@ def plan_pages(timeframe: str, strategy_period: str, as_of: datetime, now: datet
 # Normalization
 # ---------------------------------------------------------------------------------------------
 
-def _number(value) -> float:
+# `t` is epoch milliseconds: 1e11 ms is March 1973, 1e14 ms the year 5138. A value outside is in
+# another unit (seconds, microseconds) and would silently misdate every bar, so it is refused.
+_T_MS_RANGE = (1e11, 1e14)
+_BAD_DATA_FIX = ("this gateway's history answer does not follow IBKR's documented shape (data[] of "
+                 "{t: epoch ms, o, h, l, c, v}); check that IBKR_GATEWAY_URL points at the Client Portal gateway, "
+                 "or use another market data source (TRADING_MARKET_DATA) until it does")
+
+
+def _number(value, key: str, bar) -> float:
+    if isinstance(value, bool) or value is None:
+        raise IBKRMalformedAnswer(f"IBKR history bar {bar!r} has no usable {key!r} ({value!r})", _BAD_DATA_FIX)
     if isinstance(value, (int, float)):
         return float(value)
-    return float(str(value).replace(",", ""))
+    try:
+        return float(str(value).strip().replace(",", ""))
+    except ValueError:
+        raise IBKRMalformedAnswer(f"IBKR history bar {bar!r} has no usable {key!r} ({value!r})", _BAD_DATA_FIX) \
+            from None
 
 
 def raw_bars_frame(data: list[dict]) -> pd.DataFrame:
-    """IBKR `data[]` as a frame indexed by IBKR's own `t` (UTC), raw values (volume as IBKR sends it)."""
+    """IBKR `data[]` as a frame indexed by IBKR's own `t` (UTC), raw values (volume as IBKR sends it),
+    in the order IBKR sent them (callers sort and drop duplicates). Numbers may come as strings;
+    a missing or empty `v` is 0. A bar without a usable t/o/h/l/c, or a `t` that is not epoch
+    milliseconds, raises IBKRMalformedAnswer naming the bar."""
     if not data:
         return pd.DataFrame(columns=["open", "high", "low", "close", "volume"], dtype="float64",
                             index=pd.DatetimeIndex([], tz="UTC", name="time"))
     rows = []
     for bar in data:
-        rows.append((int(bar["t"]), _number(bar["o"]), _number(bar["h"]), _number(bar["l"]),
-                     _number(bar["c"]), _number(bar.get("v", 0.0))))
+        if not isinstance(bar, dict):
+            raise IBKRMalformedAnswer(f"IBKR history data holds {bar!r} where a bar object is documented",
+                                      _BAD_DATA_FIX)
+        t = _number(bar.get("t"), "t", bar)
+        if not _T_MS_RANGE[0] <= t < _T_MS_RANGE[1]:
+            raise IBKRMalformedAnswer(
+                f"IBKR history bar {bar!r} has t={bar.get('t')!r}, which is not an epoch time in milliseconds "
+                "(seconds or microseconds would misdate every bar)", _BAD_DATA_FIX)
+        volume = bar.get("v")
+        rows.append((int(t), _number(bar.get("o"), "o", bar), _number(bar.get("h"), "h", bar),
+                     _number(bar.get("l"), "l", bar), _number(bar.get("c"), "c", bar),
+                     0.0 if volume is None or volume == "" else _number(volume, "v", bar)))
     frame = pd.DataFrame(rows, columns=["t", "open", "high", "low", "close", "volume"])
     frame.index = pd.DatetimeIndex(pd.to_datetime(frame.pop("t"), unit="ms", utc=True), name="time")
     return frame.astype("float64")

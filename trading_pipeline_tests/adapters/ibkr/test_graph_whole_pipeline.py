@@ -5,7 +5,6 @@ decision becomes one bracket at the emulator, and a re-run sends nothing new."""
 from datetime import UTC, datetime
 
 import dagster as dg
-import pytest
 
 from trading_pipeline.core.analysis import Action
 from trading_pipeline.core.strategies import parse_strategies

@@ -121,11 +121,12 @@ def test_daily_bars_normalized_volume_in_shares_and_only_closed_bars(emulator, c
 def test_weekly_bars_map_to_the_weeks_first_session_whatever_ibkrs_anchor(emulator_factory, client_factory):
     as_of = datetime(2024, 2, 21, 22, 0, tzinfo=UTC)  # Wednesday of the Presidents' Day week
     frames = {}
-    for anchor in ("monday", "first_session"):
+    for anchor in ("monday", "sunday", "first_session"):
         emulator = emulator_factory(weekly_anchor=anchor)
         frames[anchor] = IBKRMarketData(client_factory(emulator)).fetch(
             "AAPL", "1w", TimeframeSettings(period="6y"), as_of)
     pd.testing.assert_frame_equal(frames["monday"], frames["first_session"])
+    pd.testing.assert_frame_equal(frames["monday"], frames["sunday"])
     weekly = frames["monday"]
     assert weekly.index[-1] == pd.Timestamp("2024-02-12 14:30", tz="UTC")  # the running week is left out
     assert pd.Timestamp("2024-01-16 14:30", tz="UTC") in weekly.index  # MLK day: the week starts Tuesday
