@@ -35,6 +35,16 @@ def record_strategy(sessions: sessionmaker[Session], strategy: Strategy) -> None
         session.commit()
 
 
+def record_contract(sessions: sessionmaker[Session], strategy: Strategy, symbol: str, conid: int,
+                    exchange: str | None) -> None:
+    """The IBKR contract a symbol resolved to (conid, listing exchange), kept with the symbol."""
+    record_strategy(sessions, strategy)
+    with sessions() as session:
+        row = session.get(SymbolRow, symbol)
+        row.conid, row.exchange = int(conid), exchange
+        session.commit()
+
+
 def record_chart(sessions: sessionmaker[Session], *, key: str, symbol: str, timeframe: str, as_of, uri: str,
                  sha256: str, size_bytes: int, width: int, height: int) -> None:
     with sessions() as session:

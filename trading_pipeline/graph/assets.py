@@ -94,7 +94,8 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         pool="market_data",
         description="OHLCV bars for one symbol and timeframe: UTC bar starts, only bars closed by the run's as_of.",
     )
-    def market_bars(context: dg.AssetExecutionContext, market_data: MarketDataResource):
+    def market_bars(context: dg.AssetExecutionContext, market_data: MarketDataResource,
+                    trading_db: TradingDatabaseResource):
         symbol, timeframe = symbol_and_timeframe(context)
         strategy = strategies_file.strategy_for(symbol)
         as_of = run_as_of(context)
@@ -105,9 +106,17 @@ def build_assets(strategies_file: StrategiesFile) -> list:
             raise _fail(error) from None
         bars = MarketFrame(symbol, timeframe, as_of, source.name, frame)
         context.log.info(f"{symbol} {timeframe}: {len(frame)} bars from {source.name} up to {as_of.isoformat()}")
+        contract_metadata = {}
+        if hasattr(source, "contract"):  # IBKR: keep the conid the bars (and orders) refer to
+            from trading_pipeline.adapters.records import record_contract
+
+            contract = source.contract(symbol)
+            record_contract(trading_db.sessions(), strategy, symbol, contract.conid, contract.exchange)
+            contract_metadata = {"conid": contract.conid, "exchange": contract.exchange}
         return dg.MaterializeResult(
             value=bars,
             metadata={
+                **contract_metadata,
                 "source": source.name,
                 "as_of": as_of.isoformat(),
                 "bars": len(frame),

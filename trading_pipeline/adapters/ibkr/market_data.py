@@ -62,6 +62,10 @@ class IBKRMarketData:
             return float(self.volume_multiplier)
         return US_VOLUME_LOT if contract.is_us else 1.0
 
+    def contract(self, symbol: str) -> Contract:
+        """The IBKR contract the bars of `symbol` come from (resolved once, cached)."""
+        return self.client.resolve(symbol)
+
     def prefetch_contracts(self, symbols: list[str]) -> dict[str, Contract]:
         """Resolve many symbols in a few batched contract lookups (then cached)."""
         return self.client.resolve_many(symbols)

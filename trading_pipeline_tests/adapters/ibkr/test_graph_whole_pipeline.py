@@ -5,6 +5,7 @@ decision becomes one bracket at the emulator, and a re-run sends nothing new."""
 from datetime import UTC, datetime
 
 import dagster as dg
+import sqlalchemy as sa
 
 from trading_pipeline.core.analysis import Action
 from trading_pipeline.core.strategies import parse_strategies
@@ -19,7 +20,7 @@ strategies:
     symbols: [{", ".join(SYMBOLS)}]
     timeframes: {{1d: {{period: 2y}}, 1w: {{period: 6y}}}}
     orders: {{enabled: true}}
-    risk: {{min_r: 0.1, min_profit_margin: 0.0, min_confidence: 0.0}}  # let the emulator's setups through
+    risk: {{min_r: 0.1, min_profit_margin: 0.0, min_confidence: 0.0, allow_short: true}}  # let setups through
 """)
 
 
@@ -31,7 +32,7 @@ def test_whole_graph_against_the_emulator(emulator_factory, tmp_path, monkeypatc
     monkeypatch.setenv("TRADING_DATA_DIR", environment["TRADING_DATA_DIR"])
     defs = build_definitions(STRATEGIES, resources_from_env(environment))
     as_of = datetime.now(UTC).replace(microsecond=0).isoformat()
-    outcomes = {}
+    outcomes, conids = {}, {}
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         for symbol in SYMBOLS:
             for timeframe in ("1d", "1w"):
@@ -42,6 +43,10 @@ def test_whole_graph_against_the_emulator(emulator_factory, tmp_path, monkeypatc
                 bars = result.output_for_node("market_bars")
                 assert bars.source == "ibkr" and len(bars.frame) >= 200
                 assert bars.frame.index[-1] < datetime.fromisoformat(as_of)
+                materialization = result.asset_materializations_for_node("market_bars")[0]
+                conids[symbol] = materialization.metadata["conid"].value  # the contract the bars came from
+                if timeframe == "1d":  # the market now is where the decision's bars end (no o163 gap)
+                    emulator.set_price(symbol, bars.last_close)
             result = defs.resolve_job_def("decide_and_order").execute_in_process(
                 partition_key=symbol, instance=instance, tags={AS_OF_TAG: as_of})
             assert result.success
@@ -57,6 +62,9 @@ def test_whole_graph_against_the_emulator(emulator_factory, tmp_path, monkeypatc
             else:
                 assert order.status == "not_sent" and decision.action in (Action.HOLD, Action.NO_TRADE)
                 assert len(emulator.orders_with_coid(f"tp-{decision.decision_id}")) == 0
+        with sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'trading.db'}").connect() as db:
+            recorded = dict(db.execute(sa.text("SELECT symbol, conid FROM symbols")).all())
+        assert recorded == conids and all(isinstance(c, int) and c > 0 for c in conids.values())
         for symbol, (decision, order) in sent.items():
             again = defs.resolve_job_def("decide_and_order").execute_in_process(
                 partition_key=symbol, instance=instance, tags={AS_OF_TAG: as_of})
