@@ -4,9 +4,8 @@ sensor, and the hold the orders asset checks before placing anything.
 - `IBKRResource` (resource key "ibkr") serves the `ibkr` market data source (`market_data()`) and
   the `ibkr` broker (`broker()`) from one client per process and configuration, so all steps of a
   run share its pacing (<= 10 requests/s, <= 4 history requests in flight).
-- `IBKR_HISTORY_POOL` ("ibkr_history"): put `pool=IBKR_HISTORY_POOL` on `market_bars` in ibkr
-  mode and set its limit (`dagster instance concurrency set ibkr_history 4`) so parallel runs
-  never have more history steps in flight than IBKR allows.
+- History steps across runs are limited by the `market_data` pool on `market_bars` (4 by default,
+  graph/pools.py), so parallel runs never have more history requests in flight than IBKR allows.
 - `ibkr_session_sensor` (default STOPPED; turn it on in the UI): every 60 s it tickles the
   gateway (keepalive), re-opens the brokerage session if it timed out (ssodh/init), and records
   the status in its cursor and in a small JSON file.
@@ -28,7 +27,6 @@ import dagster as dg
 
 from trading_pipeline.adapters.ibkr.settings import DEFAULT_AUTO_CONFIRM, DEFAULT_GATEWAY_URL
 
-IBKR_HISTORY_POOL = "ibkr_history"
 SESSION_STATUS_FILE = "ibkr_session.json"
 SENSOR_INTERVAL_SECONDS = 60  # IBKR: tickle about every 60 s; the session dies after ~6 min idle
 STATUS_MAX_AGE_SECONDS = 300

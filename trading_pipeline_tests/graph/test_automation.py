@@ -11,6 +11,7 @@ import pytest
 from trading_pipeline.core.strategies import parse_strategies
 from trading_pipeline.definitions import build_definitions
 from trading_pipeline.graph import automation
+from trading_pipeline.graph.pools import POOL_LIMITS
 from trading_pipeline.graph.resources import resources_from_env
 
 STRATEGIES_TEXT = """\
@@ -194,3 +195,11 @@ def test_order_step_never_retries(defs, instance):
     orders_node = job.graph.node_named("orders")
     assert orders_node.definition.retry_policy is None
     assert defs.resolve_job_def("analyze_timeframe").graph.node_named("market_bars").definition.retry_policy.max_retries == 3
+
+
+def test_steps_that_call_a_limited_service_sit_in_its_pool(defs):
+    pools = {key: defs.resolve_assets_def(key).op.pool for key in
+             ("market_bars", "indicator_frames", "ai_analyses", "trade_decisions", "orders")}
+    assert pools == {"market_bars": "market_data", "indicator_frames": None, "ai_analyses": "llm",
+                     "trade_decisions": "llm", "orders": "broker_orders"}
+    assert POOL_LIMITS["broker_orders"] == 1  # one order placement at a time, across runs

@@ -8,7 +8,6 @@ import dagster as dg
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.ibkr.market_data import IBKRMarketData
 from trading_pipeline.graph.ibkr import (
-    IBKR_HISTORY_POOL,
     IBKRResource,
     ibkr_session_sensor,
     order_placement_held,
@@ -28,7 +27,6 @@ def test_resource_from_env_serves_source_and_broker_on_one_shared_client(monkeyp
     assert source.client.allow_live and source.client.exchanges == ("NASDAQ", "NYSE")
     assert str(resource.resolved_state_dir()).startswith(str(tmp_path / "ibkr"))
     assert broker.id_map_path == resource.resolved_state_dir() / "order-ids.json"
-    assert IBKR_HISTORY_POOL == "ibkr_history"
     assert ibkr_session_sensor.default_status == dg.DefaultSensorStatus.STOPPED
 
 
