@@ -197,9 +197,11 @@ def test_order_step_never_retries(defs, instance):
     assert defs.resolve_job_def("analyze_timeframe").graph.node_named("market_bars").definition.retry_policy.max_retries == 3
 
 
-def test_steps_that_call_a_limited_service_sit_in_its_pool(defs):
-    pools = {key: defs.resolve_assets_def(key).op.pool for key in
-             ("market_bars", "indicator_frames", "ai_analyses", "trade_decisions", "orders")}
+def test_steps_that_call_a_limited_service_sit_in_its_pool(defs, instance):
+    nodes = {job: defs.resolve_job_def(job).graph for job in ("analyze_timeframe", "decide_and_order")}
+    pools = {key: nodes[job].node_named(key).definition.pool for job, keys in (
+        ("analyze_timeframe", ("market_bars", "indicator_frames", "ai_analyses")),
+        ("decide_and_order", ("trade_decisions", "orders"))) for key in keys}
     assert pools == {"market_bars": "market_data", "indicator_frames": None, "ai_analyses": "llm",
                      "trade_decisions": "llm", "orders": "broker_orders"}
     assert POOL_LIMITS["broker_orders"] == 1  # one order placement at a time, across runs
