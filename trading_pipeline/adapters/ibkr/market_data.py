@@ -22,7 +22,7 @@ Non-US listings in ibind's fixture carry integer volumes (CDN on PURE, CFC on IB
 factor is applied to US contracts only; `volume_multiplier` overrides it if IBKR changes this.
 
 Bar times. IBKR stamps an RTH daily bar with the session open (t=14:30 UTC in the VOO answer);
-weekly bars are mapped to their trading week's first session open (history.session_start_index),
+weekly bars are mapped to their trading week's first session open (market_calendar.session_start_index),
 which is what the simulated and CSV sources use.
 
 History period. The strategy's period (TimeframeSettings.period) is sent as IBKR's `period` when
