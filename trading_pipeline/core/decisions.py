@@ -49,6 +49,44 @@ def consolidate(daily: TimeframeAnalysis, weekly: TimeframeAnalysis) -> Consolid
         f"(daily: {daily.rationale} | weekly: {weekly.rationale})")
 
 
+# How many newer periods may have closed between an analysis and the decision that uses it: the
+# daily must be the latest (the close schedule runs after every session, the market-open sensor
+# decides before the next one closes); the weekly may lag one week (its schedule runs after the
+# daily's, and a weekly confirmation a week old still says which way the larger trend points).
+MAX_NEWER_PERIODS = {"1d": 0, "1w": 1}
+
+
+def analyses_out_of_date(daily: TimeframeAnalysis, weekly: TimeframeAnalysis, decided_at: datetime) -> str | None:
+    """Why these analyses cannot back a decision at `decided_at`, or None.
+
+    Look-ahead: an analysis saw a bar that had not closed by `decided_at` (e.g. the 1w partition
+    was materialized now and the decision replays an earlier point in time). Staleness: newer
+    bars had closed by `decided_at` than the analysis saw (its schedule is off, or a run failed).
+    """
+    import pandas as pd
+
+    from trading_pipeline.core.market_calendar import bar_close_times, periods_closed_between
+
+    problems = []
+    for analysis in (daily, weekly):
+        tf, symbol = analysis.timeframe, analysis.symbol
+        closed_at = bar_close_times(pd.DatetimeIndex([analysis.data_through]), tf).iloc[0]
+        if pd.notna(closed_at) and closed_at > pd.Timestamp(decided_at):
+            problems.append(
+                f"the {tf} analysis saw the bar of {analysis.data_through:%Y-%m-%d}, which closed at "
+                f"{closed_at:%Y-%m-%d %H:%M} UTC, after this decision's point in time {decided_at:%Y-%m-%d %H:%M} UTC "
+                f"(look-ahead): materialize {symbol}|{tf} with the run tag trading/as_of={decided_at.isoformat()}")
+            continue
+        newer = periods_closed_between(analysis.as_of, decided_at, tf)
+        if newer > MAX_NEWER_PERIODS[tf]:
+            unit = "session" if tf == "1d" else "week"
+            problems.append(
+                f"the {tf} analysis is out of date: it was made as of {analysis.as_of:%Y-%m-%d %H:%M} UTC and "
+                f"{newer} {unit}(s) closed after it, by {decided_at:%Y-%m-%d %H:%M} UTC (at most "
+                f"{MAX_NEWER_PERIODS[tf]} allowed): materialize {symbol}|{tf} first (the {tf} close schedule does)")
+    return "; ".join(problems) or None
+
+
 def decision_id(strategy: str, symbol: str, data_through: datetime, action: Action) -> str:
     """Same strategy, symbol, daily bars and direction => same decision, whatever the run.
 
@@ -70,10 +108,19 @@ def decide(
     next_open: str,
     kill_switch: tuple[bool, str] = (False, ""),
     consolidator: Callable[[TimeframeAnalysis, TimeframeAnalysis], Consolidated] = consolidate,
+    decided_at: datetime | None = None,
 ) -> TradeDecision:
     """Consolidate (by default the deterministic rule above; the OpenAI analyst brings its own,
-    equally fail-closed) and let the risk gates decide."""
-    consolidated = consolidator(daily, weekly)
+    equally fail-closed) and let the risk gates decide. `decided_at` is the decision's point in
+    time (the run's as_of; default the daily analysis's): analyses that saw past it, or that
+    newer closed bars have overtaken, give NO_TRADE before any consolidation (or model call)."""
+    decided_at = decided_at or daily.as_of
+    out_of_date = analyses_out_of_date(daily, weekly, decided_at)
+    if out_of_date:
+        consolidated = Consolidated(Proposal(Action.NO_TRADE, None, None, [], 0.0), "none",
+                                    f"NO_TRADE because the analyses do not match this point in time: {out_of_date}")
+    else:
+        consolidated = consolidator(daily, weekly)
     proposal = consolidated.proposal
     market = MarketContext(daily.last_close, daily.atr, daily.recent_high, daily.recent_low,
                            market_open, next_open)
@@ -91,7 +138,7 @@ def decide(
     charts = {a.timeframe: a.chart for a in (daily, weekly) if a.chart is not None}
     return TradeDecision(
         decision_id=decision_id(strategy.name, symbol, daily.data_through, proposal.action),
-        strategy=strategy.name, symbol=symbol, as_of=daily.as_of, data_through=daily.data_through,
+        strategy=strategy.name, symbol=symbol, as_of=decided_at, data_through=daily.data_through,
         proposed_action=proposal.action, action=action,
         entry=verdict.entry, stop=verdict.stop, targets=verdict.targets,
         r_multiple=verdict.r_multiple, profit_margin=verdict.profit_margin,

@@ -97,6 +97,27 @@ def session_start_index(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeI
     return pd.DatetimeIndex([first_open.get(p, pd.NaT) for p in periods], tz="UTC")
 
 
+def periods_closed_between(after: datetime, until: datetime, timeframe: str) -> int:
+    """How many sessions (1d) or trading weeks (1w, at their last session's close) closed in
+    the window (after, until]."""
+    closes = _session_closes()
+    after_ts, until_ts = pd.Timestamp(after).tz_convert("UTC"), pd.Timestamp(until).tz_convert("UTC")
+    if timeframe == "1d":
+        return int(((closes > after_ts) & (closes <= until_ts)).sum())
+    if timeframe != "1w":
+        raise ValueError(f"unknown timeframe {timeframe!r}")
+    week_closes = closes.groupby(closes.index.to_period("W-SUN")).max()
+    return int(((week_closes > after_ts) & (week_closes <= until_ts)).sum())
+
+
+@functools.lru_cache(maxsize=1)
+def _session_closes() -> pd.Series:
+    """XNYS session closes (UTC) by session date; computed once per process."""
+    schedule = calendar().schedule
+    dates = pd.DatetimeIndex(schedule.index).tz_localize(None).normalize()
+    return pd.Series(pd.DatetimeIndex(schedule["close"]).tz_convert("UTC"), index=dates)
+
+
 # --- When the automation fires (pure: give it a time, it says which session, if any) -------------
 
 def session_on(ts: datetime) -> pd.Timestamp | None:

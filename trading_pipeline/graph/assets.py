@@ -271,13 +271,15 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         account = broker.broker().account({symbol: daily.last_close})
         kill = config.KillSwitch.read()
         reader = _analyst_for_run(context, analyst, sessions)
+        decided_at = run_as_of(context)  # this run's point in time, not the analyses' (may be older)
         try:
             decision = decide(
                 strategy, symbol, daily, weekly, account,
-                market_open=market_calendar.is_open(daily.as_of),
-                next_open=market_calendar.describe_next_open(daily.as_of),
+                market_open=market_calendar.is_open(decided_at),
+                next_open=market_calendar.describe_next_open(decided_at),
                 kill_switch=(kill.engaged, kill.reason),
                 consolidator=reader.consolidate,
+                decided_at=decided_at,
             )
         finally:
             reader.close()

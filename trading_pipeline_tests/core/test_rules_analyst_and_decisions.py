@@ -106,3 +106,57 @@ def test_decision_records_gates_and_id_ignores_prices():
                           AccountState(1e5, 1e5), market_open=True, next_open="")
     assert other_prices.decision_id == decision.decision_id
     assert decision.decision_id != decision_id("t", "X", AS_OF, Action.SELL)
+
+
+# AS_OF is Friday 2026-11-20 after the close (21:00 UTC), the last session of its week.
+MONDAY_OPEN = datetime(2026, 11, 23, 14, 30, tzinfo=timezone.utc)
+
+
+def dated(signal, timeframe, as_of, data_through):
+    return analysis(signal, timeframe, as_of=as_of, data_through=data_through)
+
+
+def test_analyses_from_the_last_close_back_a_decision_at_the_next_open():
+    daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=timezone.utc))
+    weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=timezone.utc))
+    decision = decide(STRATEGY, "X", daily, weekly, AccountState(1e5, 1e5), market_open=True, next_open="",
+                      decided_at=MONDAY_OPEN)
+    assert decision.action == Action.BUY and decision.as_of == MONDAY_OPEN  # placed as of the decision's run
+
+
+def test_a_weekly_analysis_that_saw_past_the_decision_is_look_ahead():
+    # A replay as of Wednesday 2026-11-18, but the 1w partition was materialized after Friday's close.
+    wednesday = datetime(2026, 11, 18, 22, 0, tzinfo=timezone.utc)
+    daily = dated(Action.BUY, "1d", wednesday, datetime(2026, 11, 18, 14, 30, tzinfo=timezone.utc))
+    weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=timezone.utc))
+    decision = decide(STRATEGY, "X", daily, weekly, AccountState(1e5, 1e5), market_open=False, next_open="",
+                      decided_at=wednesday)
+    assert decision.action == Action.NO_TRADE and decision.quantity == 0
+    assert "the 1w analysis saw the bar of 2026-11-16, which closed at 2026-11-20 21:00 UTC" in decision.rationale
+    assert "look-ahead" in decision.rationale and "X|1w" in decision.rationale
+
+
+@pytest.mark.parametrize("timeframe, analysed_at, decided_at, newer", [
+    ("1d", datetime(2026, 11, 19, 22, 0, tzinfo=timezone.utc), MONDAY_OPEN, 1),  # Friday's session closed since
+    ("1w", datetime(2026, 11, 6, 22, 0, tzinfo=timezone.utc), MONDAY_OPEN, 2),  # two weeks closed since
+])
+def test_analyses_overtaken_by_newer_closed_bars_are_no_trade(timeframe, analysed_at, decided_at, newer):
+    through = datetime(analysed_at.year, analysed_at.month, analysed_at.day, 14, 30, tzinfo=timezone.utc)
+    fresh_daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=timezone.utc))
+    fresh_weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=timezone.utc))
+    stale = dated(Action.BUY, timeframe, analysed_at, through)
+    daily, weekly = (stale, fresh_weekly) if timeframe == "1d" else (fresh_daily, stale)
+    decision = decide(STRATEGY, "X", daily, weekly, AccountState(1e5, 1e5), market_open=True, next_open="",
+                      decided_at=decided_at)
+    assert decision.action == Action.NO_TRADE
+    assert f"the {timeframe} analysis is out of date" in decision.rationale and f"{newer} " in decision.rationale
+    assert f"materialize X|{timeframe} first" in decision.rationale
+
+
+def test_a_weekly_one_week_old_still_confirms():
+    daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=timezone.utc))
+    last_week = dated(Action.BUY, "1w", datetime(2026, 11, 13, 22, 0, tzinfo=timezone.utc),
+                      datetime(2026, 11, 9, 14, 30, tzinfo=timezone.utc))
+    decision = decide(STRATEGY, "X", daily, last_week, AccountState(1e5, 1e5), market_open=True, next_open="",
+                      decided_at=MONDAY_OPEN)
+    assert decision.action == Action.BUY
