@@ -1,5 +1,7 @@
 """`make demo`: materialize the whole graph for every strategy symbol into the persistent local
-Dagster home, then print the decisions and orders with their chart locations.
+Dagster home, then print the decisions and orders with their chart locations. Paper orders are
+only placed (working) by then; when the run's as_of is in the past, the demo syncs the paper
+portfolio up to now and shows what became of them (fills, stops, targets, realized R).
 
 Usage: python -m trading_pipeline.demo [--as-of ISO_TIME] [--symbols AAPL,MSFT]
 """
@@ -56,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: paper broker, so orders are on for this run (simulated fills, no real money)")
 
     try:
-        from dagster import DagsterInstance, MultiPartitionKey
+        from dagster import DagsterInstance
 
         from trading_pipeline import config
         from trading_pipeline.definitions import build_definitions
-        from trading_pipeline.graph.assets import AS_OF_TAG
         from trading_pipeline.graph.partitions import strategies
+        from trading_pipeline.graph.resources import resources_from_env
 
         if args.as_of or os.environ.get("TRADING_AS_OF"):
             as_of = config.parse_as_of(*((args.as_of, "--as-of") if args.as_of else
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             as_of = datetime.now(timezone.utc).replace(microsecond=0)
         strategies_file = strategies()
-        defs = build_definitions(strategies_file)
+        resources = resources_from_env()
+        defs = build_definitions(strategies_file, resources)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -83,7 +86,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         symbols = wanted
 
-    instance = DagsterInstance.get()
+    # Entered, the instance is also the one Dagster's definitions state is read from while loading jobs.
+    with DagsterInstance.get() as instance:
+        return _run(defs, resources, instance, symbols, as_of, broker_mode)
+
+
+def _run(defs, resources, instance, symbols: list[str], as_of: datetime, broker_mode: str) -> int:
+    """Materialize the graph for the symbols, print the table, then what became of the orders."""
+    from dagster import MultiPartitionKey
+
+    from trading_pipeline.graph.assets import AS_OF_TAG
     from trading_pipeline.graph.pools import configure_pools
 
     configure_pools(instance)
@@ -133,11 +145,96 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{symbol}: {order.reason if order.status != 'not_sent' else decision.rationale[:300]}")
         for timeframe, chart in decision.charts.items():
             print(f"    {timeframe} chart: {chart.uri}")
+    placed = {symbol: order for symbol, (_, order) in results.items()
+              if order.client_order_id and order.status in ("submitted", "filled", "already_sent")}
+    if placed:
+        print()
+        print(_what_became_of_the_orders(defs, resources, instance, broker_mode, as_of, placed, quiet))
     print(f"\n{len(results)} of {len(symbols)} symbols done in {time.perf_counter() - started:.1f} s. "
           "Open the UI on these runs with `make dev` (http://127.0.0.1:3000).")
     for symbol, (where, text) in failures.items():
         print(f"\n{symbol} failed at {where}:\n{text}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _now() -> datetime:  # one place to travel in time in tests
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _what_became_of_the_orders(defs, resources, instance, broker_mode: str, as_of: datetime,
+                               placed: dict, run_config: dict) -> str:
+    """The orders are working at the broker, not filled: fills come from later market data. With
+    the paper broker and an as_of whose first session has closed by now, run the portfolio sync
+    up to now and tell each order's story; otherwise say how to see the fills."""
+    from trading_pipeline.adapters.broker import first_live_session
+    from trading_pipeline.core import market_calendar
+    from trading_pipeline.graph.assets import AS_OF_TAG
+
+    how_to_follow = ("run the sync_portfolio job (`make dev`, Launchpad) or turn on order_status_sensor "
+                     "to record the fills")
+    if broker_mode != "paper":
+        return f"The orders are at the broker: {how_to_follow}."
+    session = first_live_session(as_of)
+    session_close = market_calendar.calendar().session_close(session)
+    now = _now()
+    if now < session_close:
+        close_text = session_close.tz_convert("America/New_York").strftime("%a %Y-%m-%d %H:%M %Z")
+        return (f"Paper orders are working, not filled: they can fill from the session of {session.date()} on. "
+                f"After its close ({close_text}), {how_to_follow}.")
+    result = defs.resolve_job_def("sync_portfolio").execute_in_process(
+        instance=instance, run_config=run_config, raise_on_error=False,
+        tags={AS_OF_TAG: now.isoformat(), "trading/launched_by": "demo"})
+    if not result.success:
+        return f"The portfolio sync up to now failed:\n{_failure_text(result)}"
+    trades = {t["decision_id"]: t for t in result.output_for_node("portfolio_sync", "executions")}
+    positions = {p["symbol"]: p for p in result.output_for_node("portfolio_sync", "positions")}
+    account = result.output_for_node("portfolio_sync", "account_summary")
+    rows = [_order_story(resources["trading_db"].sessions(), order.decision_id, trades.get(order.decision_id),
+                         positions.get(symbol)) for symbol, order in placed.items()]
+    heading = (f"What became of the paper orders (daily bars from the session of {session.date()} up to now, "
+               f"{now.isoformat()}; the sync_portfolio job):")
+    table = _table([[symbol, *row] for symbol, row in zip(placed, rows)], ["symbol", "entry", "exit", "realized R", "P&L"])
+    summary = (f"Paper account: equity {account['equity']:,.2f}, cash {account['cash']:,.2f}, "
+               f"{account['open_positions']} open position(s).")
+    return "\n".join([heading, table, summary])
+
+
+def _order_story(sessions, decision_id: str, trade: dict | None, position: dict | None) -> list[str]:
+    """One decision's legs as the trading database has them after the sync: entry, exit, R, P&L."""
+    from sqlalchemy import select
+
+    from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow
+
+    with sessions() as session:
+        legs = {row.role: row for row in session.scalars(select(OrderRow).where(OrderRow.decision_id == decision_id))}
+        fill_day = {e.client_order_id: e.executed_at.date() for e in session.scalars(
+            select(ExecutionRow).where(ExecutionRow.client_order_id.in_([leg.client_order_id for leg in legs.values()])))}
+        entry = legs["entry"]
+        last_detail = session.scalars(select(OrderEventRow.detail).where(
+            OrderEventRow.client_order_id == entry.client_order_id).order_by(OrderEventRow.id.desc())).first()
+
+    def filled(leg) -> str:
+        return f"@ {leg.average_fill_price:.2f} on {fill_day.get(leg.client_order_id, '?')}"
+
+    if entry.status == "Filled":
+        entry_text = f"{entry.side} {entry.quantity} filled {filled(entry)}"
+    elif entry.status == "Cancelled":
+        entry_text = (last_detail or "cancelled").removeprefix("sync: ")
+    else:
+        entry_text = f"working ({entry.status}): no bar has reached {entry.price:.2f} yet"
+    stop, target = legs.get("stop_loss"), legs.get("take_profit")
+    if stop is not None and stop.status == "Filled":
+        exit_text = f"stopped out {filled(stop)}"
+    elif target is not None and target.status == "Filled":
+        exit_text = f"target hit {filled(target)}"
+    elif entry.status == "Filled" and stop is not None and target is not None:
+        exit_text = f"open: stop {stop.price:.2f} and target {target.price:.2f} working"
+    else:
+        exit_text = "-"
+    if trade is not None and trade["status"] == "closed":
+        return [entry_text, exit_text, _fmt(trade["r_multiple"]), f"{trade['realized_pnl']:+,.2f}"]
+    unrealized = f"{position['unrealized_pnl']:+,.2f} unrealized" if trade is not None and position else "-"
+    return [entry_text, exit_text, "-", unrealized]
 
 
 def _failure_text(result) -> str:

@@ -1,8 +1,11 @@
 """Brokers behind one small interface: the embedded paper broker here, IBKR in adapters/ibkr.
 
-The paper broker simulates the broker side in the trading database: it accepts orders (rejecting
-a client order id it has seen, as IBKR does), fills a marketable limit entry at once at its limit
-price, and leaves the stop-loss and take-profit children working.
+The paper broker simulates the broker side in the trading database. It accepts orders (rejecting
+a client order id it has seen, as IBKR does) and leaves them working: nothing fills when an order
+is placed. Fills come later, from the daily bars the portfolio sync walks (`simulate_fills`): an
+entry limit fills on a bar of a session in which it was live (at the open when the market gapped
+through the limit), a DAY entry that did not fill expires at the close of its first session, and
+the stop-loss and take-profit children go live once their parent has filled.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.trading_db import PaperFillRow, PaperOrderRow
+from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import OrderLeg
 from trading_pipeline.core.risk import AccountState, Position
+from trading_pipeline.errors import OrderRejectedError
 
 
 class DuplicateOrderError(Exception):
     """The broker already has an order with this client order id."""
+
+
+class PaperOrderRejected(OrderRejectedError):
+    """The paper broker refused the order (it has no way to simulate it)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,7 @@ class BrokerOrder:
     status: str  # Submitted, PreSubmitted, Filled, Cancelled, Inactive
     filled_quantity: float
     average_fill_price: float | None
+    detail: str = ""  # why the order is in its status, when the broker says (e.g. why it was cancelled)
 
 
 @dataclass(frozen=True)
@@ -64,27 +74,85 @@ class Broker(Protocol):
 
 
 FINAL_STATUSES = ("Filled", "Cancelled", "Inactive", "Rejected")
+PAPER_TIME_IN_FORCE = ("DAY", "GTC")
+
+
+def _utcnow() -> datetime:  # one place to travel in time in tests
+    return datetime.now(timezone.utc)
 
 
 def _as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
 
 
-def _fill_price(order: PaperOrderRow, bar) -> float | None:
-    """Where a daily bar fills the order, or None. Gaps fill at the open (worse for stops)."""
-    open_, high, low = float(bar["open"]), float(bar["high"]), float(bar["low"])
-    if order.order_type == "STP":
-        if order.side == "SELL" and low <= order.price:
-            return round(min(open_, order.price), 2)
-        if order.side == "BUY" and high >= order.price:
-            return round(max(open_, order.price), 2)
-        return None
-    if order.side == "BUY" and low <= order.price:
-        return round(min(open_, order.price), 2)
-    if order.side == "SELL" and high >= order.price:
-        return round(max(open_, order.price), 2)
-    return None
+# --- When and where a daily bar fills an order (pure: plain values in, plain values out) ----------
 
+def first_live_session(placed_at: datetime) -> pd.Timestamp:
+    """The XNYS session an order placed at `placed_at` first works in: the session in progress,
+    else the next one (placed after Friday's close: Monday's, or the session after a holiday)."""
+    in_progress = market_calendar.opened_session(placed_at)
+    if in_progress is not None:
+        return in_progress
+    return market_calendar.session_on(market_calendar.next_open(placed_at))
+
+
+def expiry_of(tif: str, placed_at: datetime) -> pd.Timestamp | None:
+    """When an unfilled order stops working: a DAY order at the close of its first live session,
+    a GTC order never."""
+    if tif == "GTC":
+        return None
+    if tif == "DAY":
+        return market_calendar.calendar().session_close(first_live_session(placed_at))
+    raise ValueError(f"the paper broker knows the time in force {PAPER_TIME_IN_FORCE}, not {tif!r}")
+
+
+def _executes_at_or_below(side: str, order_type: str) -> bool:
+    """A buy limit and a sell stop execute once the market comes down to their price; a sell
+    limit and a buy stop once it comes up to it."""
+    return (side == "BUY") != (order_type == "STP")
+
+
+def trades_through(side: str, order_type: str, price: float, bar) -> bool:
+    """Whether the bar's range reaches the order's price from the side that executes it."""
+    if _executes_at_or_below(side, order_type):
+        return float(bar["low"]) <= price
+    return float(bar["high"]) >= price
+
+
+def fill_price(side: str, order_type: str, price: float, bar) -> float | None:
+    """Where a daily bar that started while the order was working fills it, or None. A gap
+    through the price fills at the open: better than a limit, worse than a stop."""
+    if not trades_through(side, order_type, price, bar):
+        return None
+    open_ = float(bar["open"])
+    return round(min(open_, price) if _executes_at_or_below(side, order_type) else max(open_, price), 2)
+
+
+def entry_fill(side: str, order_type: str, price: float, placed_at: datetime, bar_start: pd.Timestamp,
+               bar_close: pd.Timestamp, bar) -> tuple[float, datetime] | None:
+    """Price and time at which a daily bar fills an entry placed at `placed_at`, or None.
+
+    A bar that ended before the order existed cannot fill it. A bar already in progress at
+    placement fills it only at its own price: the bar's open happened before the order existed,
+    so the open's better price cannot be claimed. A bar that started at or after placement fills
+    it as `fill_price` says. The fill is stamped at the bar's start, or at placement when later.
+    """
+    placed = pd.Timestamp(placed_at)
+    if bar_close <= placed:
+        return None
+    if bar_start < placed:
+        if not trades_through(side, order_type, price, bar):
+            return None
+        return round(price, 2), placed.to_pydatetime()
+    price_filled = fill_price(side, order_type, price, bar)
+    return None if price_filled is None else (price_filled, bar_start.to_pydatetime())
+
+
+def describe_expiry(placed_at: datetime) -> str:
+    return f"DAY order expired unfilled at the close of {first_live_session(placed_at).date()}"
+
+
+# --- The paper broker -----------------------------------------------------------------------------
 
 class PaperBroker:
     name = "paper"
@@ -94,18 +162,41 @@ class PaperBroker:
         self._starting_equity = starting_equity
 
     @staticmethod
-    def _as_broker_order(row: PaperOrderRow) -> BrokerOrder:
+    def _status_detail(session: Session, row: PaperOrderRow) -> str:
+        """Why a cancelled order was cancelled. The paper broker has no cancel request: an entry is
+        cancelled only when its DAY expires unfilled, a child only with its parent or because its
+        sibling filled (one-cancels-other), so the reason follows from the orders themselves."""
+        if row.status != "Cancelled":
+            return ""
+        if row.parent_broker_order_id is None:
+            return describe_expiry(_as_utc(row.created_at))
+        parent = session.get(PaperOrderRow, row.parent_broker_order_id)
+        if parent is not None and parent.status == "Cancelled":
+            return f"cancelled with its parent {parent.client_order_id}: {describe_expiry(_as_utc(parent.created_at))}"
+        sibling = session.scalar(select(PaperOrderRow.client_order_id).where(
+            PaperOrderRow.parent_broker_order_id == row.parent_broker_order_id,
+            PaperOrderRow.broker_order_id != row.broker_order_id, PaperOrderRow.status == "Filled"))
+        return f"one-cancels-other: {sibling} filled" if sibling else ""
+
+    def _as_broker_order(self, session: Session, row: PaperOrderRow) -> BrokerOrder:
         return BrokerOrder(row.client_order_id, str(row.broker_order_id), row.status,
-                           row.filled_quantity, row.average_fill_price)
+                           row.filled_quantity, row.average_fill_price, self._status_detail(session, row))
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None:
         with self._sessions() as session:
             row = session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == client_order_id))
-            return self._as_broker_order(row) if row else None
+            return self._as_broker_order(session, row) if row else None
 
     def place(self, symbol: str, legs: list[OrderLeg], reference_price: float,
               placed_at: datetime | None = None) -> list[BrokerOrder]:
-        now = placed_at or datetime.now(timezone.utc)
+        """Accept the legs as working orders; nothing fills here (`simulate_fills` fills them on
+        later bars). `reference_price` is not used: whether a limit is marketable is for the
+        market after `placed_at` to say, not for the last close the decision was made from."""
+        unsupported = sorted({leg.tif for leg in legs} - set(PAPER_TIME_IN_FORCE))
+        if unsupported:
+            raise PaperOrderRejected(f"the paper broker does not support time in force {', '.join(unsupported)}",
+                                     f"use one of {', '.join(PAPER_TIME_IN_FORCE)} (orders.tif in the strategies file)")
+        now = placed_at or _utcnow()
         with self._sessions() as session:
             try:
                 parent_id = None
@@ -120,20 +211,11 @@ class PaperBroker:
                     session.flush()
                     parent_id = parent_id or row.broker_order_id
                     rows.append(row)
-                entry = rows[0]
-                marketable = (entry.side == "BUY" and entry.price >= reference_price) or (
-                    entry.side == "SELL" and entry.price <= reference_price)
-                if entry.order_type == "LMT" and marketable:
-                    entry.status, entry.filled_quantity, entry.average_fill_price = "Filled", entry.quantity, entry.price
-                    session.add(PaperFillRow(broker_order_id=entry.broker_order_id, symbol=symbol, side=entry.side,
-                                             quantity=entry.quantity, price=entry.price, executed_at=now))
-                    for child in rows[1:]:
-                        child.status = "Submitted"  # children go live once the parent fills
                 session.commit()
             except IntegrityError:
                 session.rollback()
                 raise DuplicateOrderError(legs[0].client_order_id) from None
-            return [self._as_broker_order(row) for row in rows]
+            return [self._as_broker_order(session, row) for row in rows]
 
     def executions(self, client_order_id: str) -> list[BrokerExecution]:
         with self._sessions() as session:
@@ -148,20 +230,31 @@ class PaperBroker:
         with self._sessions() as session:
             rows = session.scalars(select(PaperOrderRow).where(PaperOrderRow.status.not_in(FINAL_STATUSES))
                                    .order_by(PaperOrderRow.broker_order_id)).all()
-            return [self._as_broker_order(row) for row in rows]
+            return [self._as_broker_order(session, row) for row in rows]
 
     def working_symbols(self) -> list[str]:
         with self._sessions() as session:
             return sorted(set(session.scalars(select(PaperOrderRow.symbol).where(
                 PaperOrderRow.status.not_in(FINAL_STATUSES)))))
 
-    def simulate_fills(self, daily_bars: dict[str, "pd.DataFrame"]) -> list[str]:
-        """Advance working orders through the daily bars that started after each order was placed.
+    def working_since(self) -> datetime | None:
+        """When the oldest working order was placed: the sync needs daily bars from then on."""
+        with self._sessions() as session:
+            oldest = session.scalar(select(PaperOrderRow.created_at).where(
+                PaperOrderRow.status.not_in(FINAL_STATUSES)).order_by(PaperOrderRow.created_at))
+            return _as_utc(oldest) if oldest else None
 
-        Entry limits fill when the bar trades through the limit (at the open if it gapped through);
-        a stop triggers when the low reaches it, a take-profit when the high does; if one bar
-        reaches both, the stop is assumed first (the conservative reading of a daily bar). When a
-        child fills its sibling is cancelled (one-cancels-other). Returns what happened, for logs.
+    def simulate_fills(self, daily_bars: dict[str, pd.DataFrame]) -> list[str]:
+        """Advance working orders through the daily bars (indexed by session open, as every source's).
+
+        Entries are live from their placement: see `entry_fill` for which bars fill them and at
+        what price. A DAY entry still unfilled at the close of its first live session is cancelled
+        with its children; a GTC entry keeps working. Children go live once their parent filled and
+        work from the next bar on; a stop triggers when the low reaches it, a take-profit when the
+        high does; if one bar reaches both, the stop is assumed first (the conservative reading of
+        a daily bar). When a child fills its sibling is cancelled (one-cancels-other). An order is
+        left as it is when the bars start after the session it went live in (its fills would be
+        guessed). Returns what happened, for logs.
         """
         happened = []
         with self._sessions() as session:
@@ -173,41 +266,95 @@ class PaperBroker:
                 if bars is None or bars.empty:
                     continue
                 mine = [row for row in working if row.symbol == symbol]
+                for row in self._not_covered(session, mine, orders_by_id, bars.index[0]):
+                    mine.remove(row)
+                    happened.append(f"{row.client_order_id} not advanced: the {symbol} daily bars start on "
+                                    f"{bars.index[0].date()}, after the session it went live in")
+                closes = market_calendar.bar_close_times(bars.index, "1d")
+                expiries = {row.broker_order_id: expiry_of(row.tif, _as_utc(row.created_at))
+                            for row in mine if row.parent_broker_order_id is None}
                 # Walk the bars in time order so that, within a bracket, whichever leg the market
                 # reaches first fills (stop before target within the same bar).
                 for start, bar in bars.iterrows():
                     for row in mine:
                         if row.status in FINAL_STATUSES:
                             continue
-                        parent = None
-                        active_since = _as_utc(row.created_at)
-                        if row.parent_broker_order_id is not None:
+                        if row.parent_broker_order_id is None:
+                            happened += self._advance_entry(session, row, expiries[row.broker_order_id], mine,
+                                                            start, closes[start], bar)
+                        else:
                             parent = orders_by_id.get(row.parent_broker_order_id) or session.get(
                                 PaperOrderRow, row.parent_broker_order_id)
-                            if parent is None or parent.status != "Filled":
-                                continue  # children wait for their parent
-                            active_since = max(active_since, self._fill_time(session, parent))
-                        if start <= pd.Timestamp(active_since):
-                            continue  # only bars that started after the order was live
-                        price = _fill_price(row, bar)
-                        if price is None:
-                            continue
-                        row.status, row.filled_quantity, row.average_fill_price = "Filled", row.quantity, price
-                        session.add(PaperFillRow(broker_order_id=row.broker_order_id, symbol=symbol, side=row.side,
-                                                 quantity=row.quantity, price=price, executed_at=start.to_pydatetime()))
-                        session.flush()
-                        happened.append(f"{row.client_order_id} {row.side} {row.quantity} {symbol} filled at "
-                                        f"{price:.2f} on the bar of {start.date()}")
-                        family = [r for r in mine if r.parent_broker_order_id == (
-                            row.broker_order_id if parent is None else parent.broker_order_id)]
-                        for other in family:
-                            if parent is None and other.status == "PreSubmitted":
-                                other.status = "Submitted"  # children go live once the parent fills
-                            elif parent is not None and other is not row and other.status not in FINAL_STATUSES:
-                                other.status = "Cancelled"
-                                happened.append(f"{other.client_order_id} cancelled (one-cancels-other)")
+                            happened += self._advance_child(session, row, parent, mine, start, bar)
             session.commit()
         return happened
+
+    def _not_covered(self, session: Session, orders: list[PaperOrderRow], orders_by_id: dict,
+                     first_bar: pd.Timestamp) -> list[PaperOrderRow]:
+        """The orders whose live time the bars do not reach back to (children of unfilled parents
+        are judged with their parent, when it fills during the walk)."""
+        uncovered = []
+        for row in orders:
+            if row.parent_broker_order_id is None:
+                live_from = _as_utc(row.created_at)
+            else:
+                parent = orders_by_id.get(row.parent_broker_order_id) or session.get(
+                    PaperOrderRow, row.parent_broker_order_id)
+                if parent is None or parent.status != "Filled":
+                    continue
+                live_from = self._fill_time(session, parent)
+            session_open = market_calendar.calendar().session_open(first_live_session(live_from))
+            if first_bar > session_open:
+                uncovered.append(row)
+        return uncovered
+
+    def _fill(self, session: Session, row: PaperOrderRow, price: float, at: datetime) -> str:
+        row.status, row.filled_quantity, row.average_fill_price = "Filled", row.quantity, price
+        session.add(PaperFillRow(broker_order_id=row.broker_order_id, symbol=row.symbol, side=row.side,
+                                 quantity=row.quantity, price=price, executed_at=at))
+        session.flush()
+        return (f"{row.client_order_id} {row.side} {row.quantity} {row.symbol} filled at {price:.2f} "
+                f"on the bar of {at.date()}")
+
+    def _advance_entry(self, session: Session, row: PaperOrderRow, expires_at: pd.Timestamp | None,
+                       orders: list[PaperOrderRow], start: pd.Timestamp, close: pd.Timestamp, bar) -> list[str]:
+        placed_at = _as_utc(row.created_at)
+        children = [o for o in orders if o.parent_broker_order_id == row.broker_order_id]
+        if expires_at is None or start < expires_at:
+            fill = entry_fill(row.side, row.order_type, row.price, placed_at, start, close, bar)
+            if fill is not None:
+                lines = [self._fill(session, row, *fill)]
+                for child in children:
+                    if child.status == "PreSubmitted":
+                        child.status = "Submitted"  # children go live once the parent fills
+                return lines
+        if expires_at is None or close < expires_at:
+            return []
+        row.status = "Cancelled"
+        lines = [f"{row.client_order_id} cancelled: {describe_expiry(placed_at)}"]
+        for child in children:
+            if child.status not in FINAL_STATUSES:
+                child.status = "Cancelled"
+                lines.append(f"{child.client_order_id} cancelled with its parent {row.client_order_id}")
+        return lines
+
+    def _advance_child(self, session: Session, row: PaperOrderRow, parent: PaperOrderRow | None,
+                       orders: list[PaperOrderRow], start: pd.Timestamp, bar) -> list[str]:
+        if parent is None or parent.status != "Filled":
+            return []  # children wait for their parent
+        active_since = max(_as_utc(row.created_at), self._fill_time(session, parent))
+        if start <= pd.Timestamp(active_since):
+            return []  # only bars that started after the parent filled (its own bar is ambiguous)
+        price = fill_price(row.side, row.order_type, row.price, bar)
+        if price is None:
+            return []
+        lines = [self._fill(session, row, price, start.to_pydatetime())]
+        for sibling in orders:
+            if (sibling.parent_broker_order_id == parent.broker_order_id and sibling is not row
+                    and sibling.status not in FINAL_STATUSES):
+                sibling.status = "Cancelled"
+                lines.append(f"{sibling.client_order_id} cancelled (one-cancels-other)")
+        return lines
 
     @staticmethod
     def _fill_time(session: Session, order: PaperOrderRow) -> datetime:
@@ -217,7 +364,7 @@ class PaperBroker:
 
     def account(self, marks: dict[str, float]) -> AccountState:
         """Cash and positions from the fills; positions valued at `marks` (last closes) where known."""
-        today = datetime.now(timezone.utc).date()
+        today = _utcnow().date()
         cash = self._starting_equity
         quantities: dict[str, float] = {}
         costs: dict[str, float] = {}

@@ -48,13 +48,15 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker) -> list[str
                 continue
             if (order.status, order.filled_quantity) != (row.status, row.filled_quantity):
                 changes.append(f"{row.client_order_id}: {row.status} → {order.status} "
-                               f"(filled {order.filled_quantity:g}/{row.quantity})")
+                               f"(filled {order.filled_quantity:g}/{row.quantity})"
+                               + (f": {order.detail}" if order.detail else ""))
                 row.status = order.status
                 row.filled_quantity = order.filled_quantity
                 row.average_fill_price = order.average_fill_price
                 row.broker_order_id = row.broker_order_id or order.broker_order_id
                 session.add(OrderEventRow(client_order_id=row.client_order_id, status=order.status,
-                                          detail=f"sync: filled {order.filled_quantity:g}"))
+                                          detail=f"sync: {order.detail}" if order.detail
+                                          else f"sync: filled {order.filled_quantity:g}"))
         session.commit()
     return changes
 

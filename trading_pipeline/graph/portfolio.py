@@ -8,10 +8,23 @@ import dagster as dg
 from trading_pipeline.graph.assets import run_as_of
 from trading_pipeline.graph.resources import BrokerResource, MarketDataResource, TradingDatabaseResource
 
-MARK_HISTORY = "3m"  # enough daily bars to advance paper orders placed in the last weeks
+MARK_HISTORY = "3m"  # daily bars for the marks; more when a paper order has been working longer
+MAX_HISTORY_DAYS = 1000  # IBKR's limit for a period in days
 SYNC_JOB = "sync_portfolio"
 SENSOR_INTERVAL_SECONDS = 300
 AFTER_CLOSE_GRACE = timedelta(minutes=30)  # catch fills reported just after the close
+
+
+def fill_history(as_of: datetime, working_since: datetime | None) -> str:
+    """The daily history the sync fetches: the marks' 3 months, or back to the session before the
+    oldest working paper order was placed, so its fills are read from every bar it was live in."""
+    from trading_pipeline.core.strategies import TimeframeSettings
+
+    default_days = TimeframeSettings(period=MARK_HISTORY).calendar_days()
+    if working_since is None:
+        return MARK_HISTORY
+    days = (as_of - working_since).days + 7  # a week's margin for weekends and holidays
+    return MARK_HISTORY if days <= default_days else f"{min(days, MAX_HISTORY_DAYS)}d"
 
 
 def _table(rows: list[dict], columns: list[str]) -> dg.MetadataValue:
@@ -46,10 +59,12 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
     if hasattr(the_broker, "working_symbols"):
         symbols |= set(the_broker.working_symbols())
     source = market_data.source()
+    history = TimeframeSettings(period=fill_history(
+        as_of, the_broker.working_since() if hasattr(the_broker, "working_since") else None))
     bars = {}
     for symbol in sorted(symbols):
         try:
-            bars[symbol] = source.fetch(symbol, "1d", TimeframeSettings(period=MARK_HISTORY), as_of)
+            bars[symbol] = source.fetch(symbol, "1d", history, as_of)
         except Exception as error:  # a symbol without data must not stop the others' sync
             context.log.warning(f"no prices for {symbol}: {error}")
     if hasattr(the_broker, "simulate_fills"):

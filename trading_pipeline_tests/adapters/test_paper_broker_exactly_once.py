@@ -1,18 +1,25 @@
-"""Exactly once with the paper broker: re-runs, a crash between send and record, duplicate cOIDs."""
+"""Exactly once with the paper broker: re-runs, a crash between send and record, duplicate cOIDs.
+The paper broker fills nothing at placement: an order is working until later bars fill it."""
 
 from datetime import datetime, timezone
 
+import pandas as pd
 import pytest
 from sqlalchemy import func, select
 
+from trading_pipeline.adapters import broker as broker_module
 from trading_pipeline.adapters.broker import DuplicateOrderError, PaperBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
+from trading_pipeline.adapters.portfolio_sync import sync_portfolio
 from trading_pipeline.adapters.records import record_decision, sent_decision
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, PaperOrderRow, session_factory
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
 
-AS_OF = datetime.now(timezone.utc).replace(microsecond=0)  # daily P&L counts today's fills
+AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)  # a Tuesday, after the close
+# Wednesday's session, stamped with its open as every source stamps daily bars: trades through 100.
+WEDNESDAY = pd.DataFrame({"open": [100.5], "high": [101.0], "low": [99.0], "close": [100.8], "volume": [1e6]},
+                         index=pd.DatetimeIndex([pd.Timestamp("2026-09-02T13:30:00Z")], name="time"))
 
 
 def buy_decision(decision_id="d1", quantity=50, symbol="AAPL"):
@@ -36,21 +43,33 @@ def test_bracket_legs_derive_from_decision():
     assert {leg.quantity for leg in legs} == {50}
 
 
-def test_submit_fills_and_records_then_rerun_sends_nothing(database_url):
+def test_submit_records_then_rerun_sends_nothing_and_later_bars_fill(database_url, monkeypatch):
     sessions = session_factory(database_url)
     broker = PaperBroker(sessions, 100_000.0)
     decision = buy_decision()
     record_decision(sessions, decision)
     legs = build_legs(decision, "DAY")
     first = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0)
-    assert first.status == "filled" and first.filled_quantity == 50 and len(first.broker_order_ids) == 3
+    assert first.status == "submitted" and first.filled_quantity == 0 and len(first.broker_order_ids) == 3
     again = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0)
     assert again.status == "already_sent"
     assert broker_orders(sessions, "tp-d1") == 1
     with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ExecutionRow)) == 0
+        assert session.get(OrderRow, "tp-d1").status == "Submitted"
+        assert session.get(OrderRow, "tp-d1-sl").status == "PreSubmitted"  # waits for the entry to fill
+
+    assert broker.simulate_fills({"AAPL": WEDNESDAY}) == ["tp-d1 BUY 50 AAPL filled at 100.00 on the bar of 2026-09-02"]
+    report = sync_portfolio(sessions, broker, {"AAPL": 100.8})
+    assert report.new_executions == 1 and report.drift == []
+    with sessions() as session:
         assert session.scalar(select(func.count()).select_from(ExecutionRow)) == 1
+        assert session.get(OrderRow, "tp-d1").status == "Filled"
         assert session.get(OrderRow, "tp-d1-sl").status == "Submitted"  # the stop is working
-    account = broker.account({"AAPL": 103.0})
+    assert OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0).status == "already_sent"
+    assert broker_orders(sessions, "tp-d1") == 1
+    monkeypatch.setattr(broker_module, "_utcnow", lambda: datetime(2026, 9, 2, 21, 0, tzinfo=timezone.utc))
+    account = broker.account({"AAPL": 103.0})  # on the evening of the fill: today's P&L
     assert account.positions["AAPL"].quantity == 50
     assert account.cash == pytest.approx(100_000 - 5_000)
     assert account.equity == pytest.approx(100_000 + 150)
@@ -79,8 +98,9 @@ def test_crash_between_send_and_record_is_reconciled_not_resent(database_url):
     retry = OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(decision, legs, 100.0)
     assert retry.status == "already_sent" and "broker already had" in retry.reason
     assert broker_orders(sessions, "tp-d2") == 1
-    with sessions() as session:
-        assert session.get(OrderRow, "tp-d2").status == "Filled"
+    with sessions() as session:  # the broker's state, recorded: working, not "submitting"
+        assert session.get(OrderRow, "tp-d2").status == "Submitted"
+        assert session.get(OrderRow, "tp-d2-tp").status == "PreSubmitted"
 
 
 class ForgetfulLookup(PaperBroker):
@@ -103,13 +123,15 @@ def test_duplicate_coid_answer_counts_as_already_sent(database_url):
     assert broker_orders(sessions, "tp-d3") == 1
 
 
-def test_non_marketable_limit_stays_working(database_url):
+@pytest.mark.parametrize("reference_price", [101.0, 99.0])  # limit 100 below / above the last price
+def test_limit_entry_stays_working_whatever_the_last_price(database_url, reference_price):
     sessions = session_factory(database_url)
     decision = buy_decision("d4")
     record_decision(sessions, decision)
     result = OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(
-        decision, build_legs(decision, "DAY"), reference_price=101.0)  # limit 100 below the last price
+        decision, build_legs(decision, "DAY"), reference_price=reference_price)
     assert result.status == "submitted" and result.filled_quantity == 0
+    assert PaperBroker(sessions, 100_000.0).executions("tp-d4") == []
 
 
 CRASHING_PROCESS = """
@@ -152,7 +174,7 @@ def test_process_killed_after_send_then_restarted_sends_once(database_url):
     assert result.status == "already_sent"
     assert broker_orders(sessions, "tp-restart") == 1
     with sessions() as session:
-        assert session.get(OrderRow, "tp-restart").status == "Filled"
+        assert session.get(OrderRow, "tp-restart").status == "Submitted"
 
 
 class RefusingBroker(PaperBroker):

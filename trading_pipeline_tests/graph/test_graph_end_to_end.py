@@ -1,6 +1,7 @@
 """Materialize all six assets for two symbols × two timeframes and check what comes out against
 the bars: entry = last daily close, stop = entry ∓ 2×ATR (TA-Lib on the same bars), R and size
-recomputed, exactly one paper order for the accepted decision, none for the other."""
+recomputed, exactly one paper order for the accepted decision (working, not filled, when it is
+placed), none for the other; the portfolio sync then fills it from the later bars."""
 
 import hashlib
 from datetime import datetime
@@ -96,9 +97,14 @@ def test_whole_graph_two_symbols(environment, tmp_path):
         risk = spy.entry - spy.stop
         expected_quantity = min(math.floor(100_000 * 0.01 / risk), math.floor(100_000 * 0.10 / spy.entry))
         assert spy.quantity == expected_quantity > 0
-        assert spy_order.status == "filled" and spy_order.filled_quantity == spy.quantity
+        # Placed after Tuesday's close: working until Wednesday's session says whether it fills.
+        assert spy_order.status == "submitted" and spy_order.filled_quantity == 0
+        assert spy_order.average_fill_price is None
         assert [leg.role for leg in spy_order.legs] == ["entry", "stop_loss", "take_profit"]
         assert spy_order.legs[1].price == spy.stop and spy_order.legs[2].price == spy.targets[0]
+        with sessions() as session:
+            assert [row.status for row in session.scalars(select(PaperOrderRow).order_by(
+                PaperOrderRow.broker_order_id))] == ["Submitted", "PreSubmitted", "PreSubmitted"]
 
         _, aapl, aapl_order = results["AAPL"]
         assert aapl.action != Action.BUY and aapl.quantity == 0
@@ -132,9 +138,11 @@ def test_orders_stay_off_without_opt_in(tmp_path):
 
 
 def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp_path):
-    """After SPY's entry fills on 2026-09-01, syncing at a later as_of walks the daily bars: the
-    first bar whose low reaches the stop (or high the target) fills that child, the sibling is
-    cancelled, and the trade's realized R follows from the fills."""
+    """SPY's entry is placed after Tuesday 2026-09-01's close. Syncing at a later as_of walks the
+    daily bars: Wednesday's session trades through the limit and fills the entry (at the open had
+    it gapped below); from the next bar on, the first bar whose low reaches the stop (or high the
+    target) fills that child, the sibling is cancelled, and the trade's realized R follows from
+    the fills."""
     from trading_pipeline.adapters.market_data import SimulatedMarketData
     from trading_pipeline.core.strategies import TimeframeSettings
 
@@ -142,7 +150,7 @@ def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp
     later = "2026-11-20T22:00:00+00:00"
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         _, decision, order = run_symbol(defs, instance, "SPY")
-        assert order.status == "filled"
+        assert order.status == "submitted"
         result = defs.resolve_job_def("sync_portfolio").execute_in_process(instance=instance, tags={AS_OF_TAG: later})
         assert result.success
         trades = result.output_for_node("portfolio_sync", "executions")
@@ -153,10 +161,14 @@ def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp
 
     bars = SimulatedMarketData().fetch("SPY", "1d", TimeframeSettings(period="1y"),
                                        datetime.fromisoformat(later))
-    after = bars[bars.index > decision.as_of]
+    wednesday = bars[bars.index > decision.as_of].iloc[0]
+    assert wednesday.name.date().isoformat() == "2026-09-02"
+    assert wednesday["low"] <= decision.entry  # the simulated market (seed 0) fills the entry on Wednesday
+    entry_fill = round(min(wednesday["open"], decision.entry), 2)
+    after = bars[bars.index > wednesday.name]  # the children work from the bar after the entry's
     hit = after[(after["low"] <= decision.stop) | (after["high"] >= decision.targets[0])]
     (trade,) = trades
-    assert trade["decision_id"] == decision.decision_id and trade["entry"] == decision.entry
+    assert trade["decision_id"] == decision.decision_id and trade["entry"] == entry_fill
     if hit.empty:
         assert trade["status"] == "open" and positions[0]["quantity"] == decision.quantity
     else:
@@ -164,10 +176,10 @@ def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp
         stopped = bar["low"] <= decision.stop  # a bar reaching both counts as stopped (conservative)
         expected_exit = round(min(bar["open"], decision.stop), 2) if stopped else round(max(bar["open"], decision.targets[0]), 2)
         assert trade["status"] == "closed" and trade["exit"] == expected_exit
-        expected_r = round((expected_exit - decision.entry) / (decision.entry - decision.stop), 2)
+        expected_r = round((expected_exit - entry_fill) / (entry_fill - decision.stop), 2)
         assert trade["r_multiple"] == expected_r
         assert positions == [] and account["open_positions"] == 0
-        assert account["equity"] == pytest.approx(100_000 + decision.quantity * (expected_exit - decision.entry), abs=0.01)
+        assert account["equity"] == pytest.approx(100_000 + decision.quantity * (expected_exit - entry_fill), abs=0.01)
 
 
 def test_order_step_failing_after_send_then_rerun_sends_once(environment, tmp_path):
@@ -234,3 +246,76 @@ def test_s3_io_manager_and_chart_store_for_several_machines(tmp_path, s3_endpoin
     assert {"dagster/market_bars/SPY/1d", "dagster/indicator_frames/SPY/1d", "dagster/ai_analyses/SPY/1d"} <= keys
     assert chart.uri == f"s3://io-test/{chart.key}" and chart.key in keys
     assert not (tmp_path / "storage" / "market_bars").exists()  # nothing went to the local fs IO manager
+
+
+@pytest.fixture
+def demo_environment(tmp_path, monkeypatch):
+    """What `make demo` runs in, in a temporary Dagster home (the demo turns paper orders on)."""
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout is read
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "yes")
+    for name in ("TRADING_DATA_DIR", "TRADING_AS_OF", "TRADING_BROKER", "TRADING_MARKET_DATA", "TRADING_ANALYST",
+                 "TRADING_DATABASE_URL", "TRADING_STRATEGIES_FILE", "TRADING_PAPER_EQUITY", "TRADING_SIM_SEED",
+                 "TRADING_KILL_SWITCH", "TRADING_CHART_STORE", "TRADING_IO_MANAGER"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "home"
+
+
+def test_demo_in_the_past_syncs_up_to_now_and_tells_what_became_of_the_order(demo_environment, capsys):
+    from trading_pipeline import demo
+
+    assert demo.main(["--as-of", AS_OF, "--symbols", "SPY,AAPL"]) == 0
+    out = capsys.readouterr().out
+    spy_row = next(line for line in out.splitlines() if line.startswith("SPY ") and "BUY→BUY" in line)
+    assert " submitted " in spy_row  # placed, not filled
+    assert "What became of the paper orders (daily bars from the session of 2026-09-02 up to now" in out
+    # SPY's limit 48.84 was traded on Wednesday (low 48.53) and the target 51.87 on 2026-10-26.
+    story = next(line for line in out.splitlines() if line.startswith("SPY ") and "filled" in line)
+    assert story.split() == ["SPY", "BUY", "204", "filled", "@", "48.84", "on", "2026-09-02", "target", "hit", "@",
+                             "51.87", "on", "2026-10-26", "1.50", "+618.12"]
+    assert "Paper account: equity 100,618.12, cash 100,618.12, 0 open position(s)." in out
+
+
+def test_demo_before_the_first_session_closed_says_how_to_see_the_fills(demo_environment, capsys, monkeypatch):
+    from trading_pipeline import demo
+
+    monkeypatch.setattr(demo, "_now", lambda: datetime.fromisoformat("2026-09-02T15:00:00+00:00"))
+    assert demo.main(["--as-of", AS_OF, "--symbols", "SPY"]) == 0
+    out = capsys.readouterr().out
+    assert ("Paper orders are working, not filled: they can fill from the session of 2026-09-02 on. After its "
+            "close (Wed 2026-09-02 16:00 EDT), run the sync_portfolio job") in out
+    assert "What became of" not in out
+
+
+def test_demo_story_of_an_expired_and_of_an_open_order(tmp_path):
+    """The demo's words for a DAY entry that expired unfilled and for a filled entry still open."""
+    import pandas as pd
+
+    from trading_pipeline.adapters.broker import PaperBroker
+    from trading_pipeline.adapters.order_desk import OrderDesk
+    from trading_pipeline.adapters.portfolio_sync import sync_portfolio
+    from trading_pipeline.adapters.records import record_decision
+    from trading_pipeline.core.analysis import TradeDecision
+    from trading_pipeline.core.orders import build_legs
+    from trading_pipeline.demo import _order_story
+
+    sessions = session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
+    placed_at = datetime.fromisoformat(AS_OF)
+    for decision_id, symbol in (("expired", "AAPL"), ("open", "SPY")):
+        decision = TradeDecision(decision_id=decision_id, strategy="s", symbol=symbol, as_of=placed_at,
+                                 data_through=placed_at, proposed_action=Action.BUY, action=Action.BUY, entry=100.0,
+                                 stop=96.0, targets=[106.0], quantity=10, rationale="t", account_equity=1e5)
+        record_decision(sessions, decision)
+        OrderDesk(sessions, PaperBroker(sessions, 1e5)).submit_once(decision, build_legs(decision, "DAY"), 100.0)
+    wednesday = pd.DatetimeIndex([pd.Timestamp("2026-09-02T13:30:00Z")], name="time")
+    bars = {"AAPL": pd.DataFrame({"open": [103.0], "high": [104.0], "low": [101.0], "close": [102.0]}, index=wednesday),
+            "SPY": pd.DataFrame({"open": [99.0], "high": [101.0], "low": [98.5], "close": [100.5]}, index=wednesday)}
+    broker = PaperBroker(sessions, 1e5)
+    broker.simulate_fills(bars)
+    report = sync_portfolio(sessions, broker, {"AAPL": 102.0, "SPY": 100.5})
+    (trade,) = report.trades
+    (position,) = report.positions
+    assert _order_story(sessions, "expired", None, None) == [
+        "DAY order expired unfilled at the close of 2026-09-02", "-", "-", "-"]
+    assert _order_story(sessions, "open", trade, position) == [
+        "BUY 10 filled @ 99.00 on 2026-09-02", "open: stop 96.00 and target 106.00 working", "-", "+15.00 unrealized"]

@@ -68,7 +68,7 @@ def test_model_plan_goes_through_the_gates_and_is_ordered_once(server, openai_en
     assert len(timeframe_requests) == 2  # both charts went to the model as images
     assert decision.action == Action.BUY and decision.quantity > 0
     assert decision.r_multiple == pytest.approx(abs(decision.targets[0] - decision.entry) / abs(decision.entry - decision.stop), abs=1e-3)
-    assert order.status == "filled"
+    assert order.status == "submitted" and order.filled_quantity == 0  # working until later bars fill it
     assert metadata["llm_tokens"].value > 0 and "SECRET" not in str(metadata)
 
 
