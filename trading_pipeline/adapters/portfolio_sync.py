@@ -23,7 +23,7 @@ from trading_pipeline.adapters.trading_db import (
     OrderRow,
     PositionSnapshotRow,
 )
-from trading_pipeline.core.risk import AccountState
+from trading_pipeline.core.risk import AccountState, WorkingEntry
 
 
 @dataclass
@@ -36,10 +36,11 @@ class SyncReport:
     trades: list[dict] = field(default_factory=list)
 
 
-def _advance_orders(sessions: sessionmaker[Session], broker: Broker) -> list[str]:
+def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str | None = None) -> list[str]:
     changes = []
     with sessions() as session:
-        open_rows = session.scalars(select(OrderRow).where(OrderRow.status.not_in(FINAL_STATUSES))).all()
+        query = select(OrderRow).where(OrderRow.status.not_in(FINAL_STATUSES))
+        open_rows = session.scalars(query if role is None else query.where(OrderRow.role == role)).all()
         for row in open_rows:
             order = broker.find_order(row.client_order_id)
             if order is None:
@@ -59,6 +60,19 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker) -> list[str
                                           else f"sync: filled {order.filled_quantity:g}"))
         session.commit()
     return changes
+
+
+def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:
+    """The pipeline's entry orders that may still fill, by symbol, after asking the broker for
+    their state. The risk gates count them as positions, so a working entry is never doubled by a
+    later decision; one whose state is unknown ('submitting') counts too until it is reconciled."""
+    _advance_orders(sessions, broker, role="entry")
+    with sessions() as session:
+        rows = session.scalars(select(OrderRow).where(OrderRow.role == "entry",
+                                                      OrderRow.status.not_in(FINAL_STATUSES))).all()
+        return {row.symbol: WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
+                                         row.price, row.status)
+                for row in rows if row.quantity - row.filled_quantity > 0}
 
 
 def _record_executions(sessions: sessionmaker[Session], broker: Broker) -> int:

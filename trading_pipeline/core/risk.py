@@ -31,11 +31,27 @@ class Position:
 
 
 @dataclass(frozen=True)
+class WorkingEntry:
+    """An entry order the pipeline sent that may still fill (its unfilled part)."""
+
+    client_order_id: str
+    side: str
+    quantity: float
+    price: float
+    status: str
+
+    def describe(self) -> str:
+        return f"{self.client_order_id} ({self.side} {self.quantity:g} @ {self.price:.2f}, {self.status})"
+
+
+@dataclass(frozen=True)
 class AccountState:
     equity: float
     cash: float
     positions: dict[str, Position] = field(default_factory=dict)
     daily_pnl: float = 0.0
+    # By symbol. They count as positions for the limits: if they fill, they are positions.
+    working_entries: dict[str, WorkingEntry] = field(default_factory=dict)
 
     @property
     def gross_exposure(self) -> float:
@@ -44,6 +60,17 @@ class AccountState:
     @property
     def open_positions(self) -> int:
         return sum(1 for p in self.positions.values() if p.quantity != 0)
+
+    @property
+    def committed_exposure(self) -> float:
+        """Gross exposure if every working entry filled at its limit."""
+        return self.gross_exposure + sum(abs(w.quantity * w.price) for w in self.working_entries.values())
+
+    @property
+    def committed_positions(self) -> int:
+        """Open positions plus symbols with a working entry and no position yet."""
+        held = {s for s, p in self.positions.items() if p.quantity != 0}
+        return len(held | set(self.working_entries))
 
 
 @dataclass(frozen=True)
@@ -181,16 +208,25 @@ def evaluate(
     if held_qty != 0:
         check("no_pyramiding", False, f"already holding {held_qty:g} {symbol}; no second entry")
         return verdict(False, **numbers)
-    check("max_open_positions", account.open_positions < limits.max_open_positions,
-          f"{account.open_positions} open positions vs maximum {limits.max_open_positions}")
+    working = account.working_entries.get(symbol)
+    if working is not None:
+        check("no_pyramiding", False,
+              f"entry order {working.describe()} for {symbol} may still fill; no second entry until it fills, "
+              "expires or is cancelled (the sync_portfolio job or order_status_sensor brings order states up to "
+              "date; a 'submitting' or 'unknown' order is reconciled by re-running its orders step)")
+        return verdict(False, **numbers)
+    check("max_open_positions", account.committed_positions < limits.max_open_positions,
+          f"{account.open_positions} open positions + {len(account.working_entries)} working entries "
+          f"vs maximum {limits.max_open_positions}")
 
     by_risk = math.floor(account.equity * limits.risk_per_trade / risk)
     by_share = math.floor(account.equity * limits.max_position_share / entry)
-    room = account.equity * limits.max_gross_exposure - account.gross_exposure
+    room = account.equity * limits.max_gross_exposure - account.committed_exposure
     by_exposure = max(0, math.floor(room / entry))
     quantity = min(by_risk, by_share, by_exposure)
     check("position_size", quantity >= 1,
           f"size = min(floor({account.equity:.2f} × {limits.risk_per_trade:.2%} / {risk:.2f}) = {by_risk}, "
           f"cap {limits.max_position_share:.0%} of equity / {entry:.2f} = {by_share}, "
-          f"gross-exposure room {room:.2f} / {entry:.2f} = {by_exposure}) = {quantity}")
+          f"gross-exposure room (positions and working entries) {room:.2f} / {entry:.2f} = {by_exposure}) "
+          f"= {quantity}")
     return verdict(True, quantity, **numbers)

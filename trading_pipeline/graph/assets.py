@@ -6,6 +6,7 @@ market_bars → indicator_frames → chart_images → ai_analyses   (symbol × t
 
 
 import base64
+import dataclasses
 import io
 import os
 from dataclasses import dataclass
@@ -258,6 +259,7 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         broker: BrokerResource,
         trading_db: TradingDatabaseResource,
     ):
+        from trading_pipeline.adapters.portfolio_sync import working_entries
         from trading_pipeline.adapters.records import record_decision, record_strategy, sent_decision
         from trading_pipeline.core import market_calendar
         from trading_pipeline.core.decisions import decide
@@ -268,7 +270,10 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         daily, weekly = by_timeframe["1d"], by_timeframe["1w"]
         sessions = trading_db.sessions()
         record_strategy(sessions, strategy)
-        account = broker.broker().account({symbol: daily.last_close})
+        the_broker = broker.broker()
+        # Entries sent earlier that may still fill count as positions for the limits.
+        account = dataclasses.replace(the_broker.account({symbol: daily.last_close}),
+                                      working_entries=working_entries(sessions, the_broker))
         kill = config.KillSwitch.read()
         reader = _analyst_for_run(context, analyst, sessions)
         decided_at = run_as_of(context)  # this run's point in time, not the analyses' (may be older)

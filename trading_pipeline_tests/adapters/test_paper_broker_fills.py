@@ -11,12 +11,13 @@ from sqlalchemy import select
 
 from trading_pipeline.adapters.broker import PaperBroker, entry_fill, expiry_of, first_live_session
 from trading_pipeline.adapters.order_desk import OrderDesk
-from trading_pipeline.adapters.portfolio_sync import sync_portfolio
+from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs
+from trading_pipeline.core.risk import WorkingEntry
 
 # 2026-09-01 is a Tuesday; 21:30 UTC is 17:30 in New York, after the close.
 TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
@@ -275,3 +276,33 @@ def test_sync_fetches_bars_back_to_the_oldest_working_order(database_url):
     submit(sessions, decision("older", TUESDAY_AFTER_CLOSE))
     submit(sessions, decision("newer", WEDNESDAY_MIDDAY))
     assert broker.working_since() == TUESDAY_AFTER_CLOSE
+
+
+def test_a_working_entry_counts_until_it_fills_or_expires(database_url):
+    """What the risk gates see (working_entries): the entry sent on Tuesday evening may still fill
+    until the broker says it is done; a later decision must not send a second one meanwhile."""
+    sessions = session_factory(database_url)
+    submit(sessions, decision("working", TUESDAY_AFTER_CLOSE))
+    broker = PaperBroker(sessions, 100_000.0)
+    assert working_entries(sessions, broker) == {
+        "AAPL": WorkingEntry("tp-working", "BUY", 50, 100.0, "Submitted")}
+    broker.simulate_fills(daily_bars({"2026-09-02": (103.0, 105.0, 101.5, 104.0)}))  # expired unfilled
+    assert working_entries(sessions, broker) == {}  # the state is asked of the broker, not taken as recorded
+    with sessions() as session:
+        assert session.get(OrderRow, "tp-working").status == "Cancelled"
+
+
+def test_an_entry_in_unknown_state_counts_as_working(database_url):
+    sessions = session_factory(database_url)
+    the_decision = decision("unknown", TUESDAY_AFTER_CLOSE)
+    record_decision(sessions, the_decision)
+    legs = build_legs(the_decision, "DAY")
+
+    class CrashingBroker(PaperBroker):
+        def place(self, *args, **kwargs):
+            raise ConnectionError("the process died between send and record")
+
+    with pytest.raises(ConnectionError):
+        OrderDesk(sessions, CrashingBroker(sessions, 100_000.0)).submit_once(the_decision, legs, 100.0)
+    working = working_entries(sessions, PaperBroker(sessions, 100_000.0))
+    assert working["AAPL"].status == "submitting"  # reconciled by re-running its orders step, not doubled

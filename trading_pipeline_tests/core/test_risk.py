@@ -3,7 +3,7 @@ import math
 import pytest
 
 from trading_pipeline.core.analysis import Action
-from trading_pipeline.core.risk import AccountState, MarketContext, Position, Proposal, evaluate
+from trading_pipeline.core.risk import AccountState, MarketContext, Position, Proposal, WorkingEntry, evaluate
 from trading_pipeline.core.strategies import RiskSettings
 
 LIMITS = RiskSettings()  # min R 1, margin 5%, 1% risk, 10% cap, 10 positions, 90% exposure
@@ -96,3 +96,26 @@ def test_hold_and_no_trade_send_nothing():
     for action in (Action.HOLD, Action.NO_TRADE):
         verdict = evaluate(Proposal(action, None, None, [], 0.5), "X", MARKET, ACCOUNT, LIMITS)
         assert not verdict.accepted and verdict.quantity == 0
+
+
+BUY = Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.7)
+
+
+def test_a_working_entry_for_the_symbol_blocks_a_second_entry():
+    working = WorkingEntry("tp-earlier", "BUY", 100, 99.5, "Submitted")
+    verdict = evaluate(BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_entries={"X": working}), LIMITS)
+    assert not verdict.accepted and failed(verdict) == {"no_pyramiding"}
+    detail = next(c.detail for c in verdict.checks if c.rule == "no_pyramiding")
+    assert "tp-earlier (BUY 100 @ 99.50, Submitted)" in detail and "no second entry" in detail
+
+
+def test_working_entries_elsewhere_count_as_positions_and_exposure():
+    others = {f"S{i}": WorkingEntry(f"tp-{i}", "BUY", 10, 100.0, "Submitted") for i in range(10)}
+    full = evaluate(BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_entries=others), LIMITS)
+    assert failed(full) == {"max_open_positions"}  # 10 working entries would be 10 positions
+    assert "0 open positions + 10 working entries vs maximum 10" in \
+        next(c.detail for c in full.checks if c.rule == "max_open_positions")
+    # 85,000 committed by working entries leaves 90% × 100,000 − 85,000 = 5,000 of room: 50 shares
+    committed = {"S": WorkingEntry("tp-s", "BUY", 850, 100.0, "PreSubmitted")}
+    sized = evaluate(BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_entries=committed), LIMITS)
+    assert sized.accepted and sized.quantity == 50

@@ -319,3 +319,27 @@ def test_demo_story_of_an_expired_and_of_an_open_order(tmp_path):
         "DAY order expired unfilled at the close of 2026-09-02", "-", "-", "-"]
     assert _order_story(sessions, "open", trade, position) == [
         "BUY 10 filled @ 99.00 on 2026-09-02", "open: stop 96.00 and target 106.00 working", "-", "+15.00 unrealized"]
+
+
+def test_a_later_decision_never_doubles_a_working_entry(environment, tmp_path):
+    """SPY's BUY of Tuesday is working (not yet synced); Thursday's analyses propose BUY again.
+    The working entry counts as a position: nothing new is sent until the broker says it is done."""
+    defs = build_definitions(STRATEGIES, resources_from_env(environment))
+    sessions = session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        _, first, first_order = run_symbol(defs, instance, "SPY")
+        assert first.action == Action.BUY and first_order.status == "submitted"
+        thursday = "2026-09-03T21:30:00+00:00"
+        for timeframe in ("1d", "1w"):
+            assert defs.resolve_job_def("analyze_timeframe").execute_in_process(
+                partition_key=dg.MultiPartitionKey({"symbol": "SPY", "timeframe": timeframe}),
+                instance=instance, tags={AS_OF_TAG: thursday}).success
+        result = defs.resolve_job_def("decide_and_order").execute_in_process(
+            partition_key="SPY", instance=instance, tags={AS_OF_TAG: thursday})
+        second, second_order = result.output_for_node("trade_decisions"), result.output_for_node("orders")
+    assert second.decision_id != first.decision_id and second.proposed_action == Action.BUY
+    assert second.action == Action.NO_TRADE and second_order.status == "not_sent"
+    blocked = next(c for c in second.checks if not c.passed)
+    assert blocked.rule == "no_pyramiding" and first_order.client_order_id in blocked.detail
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(PaperOrderRow)) == 3  # one bracket only
