@@ -125,7 +125,8 @@ def decide(
     market = MarketContext(daily.last_close, daily.atr, daily.recent_high, daily.recent_low,
                            market_open, next_open)
     verdict = evaluate(proposal, symbol, market, account, strategy.risk,
-                       kill_switch=kill_switch, tif=strategy.orders.tif)
+                       kill_switch=kill_switch, tif=strategy.orders.tif,
+                       when_market_closed=strategy.orders.when_market_closed)
     if proposal.action in (Action.BUY, Action.SELL):
         action = proposal.action if verdict.accepted else Action.NO_TRADE
     else:

@@ -118,6 +118,7 @@ def evaluate(
     *,
     kill_switch: tuple[bool, str] = (False, ""),
     tif: str = "DAY",
+    when_market_closed: str = "next_open",
 ) -> RiskVerdict:
     """Run every gate; the verdict lists each rule with its numbers, passed or not."""
     checks: list[RuleCheck] = []
@@ -189,8 +190,13 @@ def evaluate(
     check("daily_loss", account.daily_pnl > -limits.daily_loss_limit * account.equity,
           f"today's P&L {account.daily_pnl:.2f} vs limit −{limits.daily_loss_limit:.0%} of equity "
           f"{account.equity:.2f} = {-limits.daily_loss_limit * account.equity:.2f}")
-    check("market_hours", market.market_open or tif in ("DAY", "GTC"),
-          "market open" if market.market_open else f"market closed: the {tif} order is for the next open ({market.next_open})")
+    if market.market_open:
+        check("market_hours", True, "market open")
+    elif when_market_closed == "next_open":
+        check("market_hours", True, f"market closed: the {tif} order is for the next open ({market.next_open})")
+    else:
+        check("market_hours", False, f"market closed (next open {market.next_open}); the strategy sends orders "
+                                     "only while it is open (orders.when_market_closed: no_trade)")
 
     closes_position = direction < 0 and held_qty > 0
     if closes_position:

@@ -68,6 +68,10 @@ class RiskSettings(_Strict):
 class OrderSettings(_Strict):
     enabled: bool = Field(False, description="May this strategy send orders at all? Off unless said.")
     tif: str = Field("DAY", pattern="^(DAY|GTC)$")
+    when_market_closed: str = Field(
+        "next_open", pattern="^(next_open|no_trade)$",
+        description="A decision made while the market is closed: next_open sends the order for the next "
+                    "open; no_trade sends nothing (orders only while the market is open).")
 
 
 class Strategy(_Strict):

@@ -59,6 +59,7 @@ class IBKRResource(dg.ConfigurableResource):
     volume_multiplier: float | None = None
     status_file: str | None = None
     state_dir: str | None = None  # shared by every process: default <TRADING_DATA_DIR>/ibkr/<url hash>
+    in_use: bool = True  # does a mode (market data or broker) use IBKR? Else the session sensor idles.
 
     def _key(self) -> tuple:
         return (self.gateway_url, self.account_id, self.verify_ssl, self.connect_timeout_seconds,
@@ -95,6 +96,7 @@ class IBKRResource(dg.ConfigurableResource):
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> IBKRResource:
         """Built from the same variables as IBKRClient.from_env (errors name the variable)."""
+        from trading_pipeline import config
         from trading_pipeline.adapters.ibkr.settings import settings_from_env
 
         environ = dict(os.environ if environ is None else environ)
@@ -109,7 +111,8 @@ class IBKRResource(dg.ConfigurableResource):
             history_concurrency=settings["pacing"].history_concurrency,
             volume_multiplier=float(multiplier) if multiplier else None,
             status_file=environ.get("IBKR_SESSION_STATUS_FILE") or None,
-            state_dir=settings["shared_pacing_dir"])
+            state_dir=settings["shared_pacing_dir"],
+            in_use="ibkr" in (config.env_mode("TRADING_MARKET_DATA", environ), config.env_mode("TRADING_BROKER", environ)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -178,6 +181,9 @@ def order_placement_held(status_path: Path | None = None, max_age_seconds: float
                 "its health (cursor + status file); orders are held while it is unhealthy.",
 )
 def ibkr_session_sensor(context: dg.SensorEvaluationContext, ibkr: IBKRResource):
+    if not ibkr.in_use:  # no gateway to keep alive: never tickle (or alert about) a default URL
+        return dg.SkipReason("IBKR not in use: neither TRADING_MARKET_DATA nor TRADING_BROKER is ibkr; "
+                             "turn this sensor off, or set one of them to ibkr")
     health = ibkr.client().session_health()
     record = {**health.as_dict(), "gateway_url": ibkr.gateway_url}
     write_session_status(ibkr.status_path(), record)

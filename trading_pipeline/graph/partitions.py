@@ -34,7 +34,7 @@ def _load(path: str | None) -> StrategiesFile:
     try:
         loaded = load_strategies(path)
     except StrategiesFileError as error:
-        if path is None or not last_good.exists():
+        if not last_good.exists():  # nothing good has loaded yet: the error stops the load
             raise
         logging.getLogger(__name__).error(
             f"{error}\nUsing the last good strategies file {last_good} until the file is fixed.")

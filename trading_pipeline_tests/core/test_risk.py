@@ -119,3 +119,14 @@ def test_working_entries_elsewhere_count_as_positions_and_exposure():
     committed = {"S": WorkingEntry("tp-s", "BUY", 850, 100.0, "PreSubmitted")}
     sized = evaluate(BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_entries=committed), LIMITS)
     assert sized.accepted and sized.quantity == 50
+
+
+def test_market_hours_gate_follows_the_strategy_when_the_market_is_closed():
+    closed = MarketContext(100.0, 2.0, 110.0, 90.0, market_open=False, next_open="Mon 2026-11-23 09:30 EST")
+    for_next_open = evaluate(BUY, "X", closed, ACCOUNT, LIMITS, tif="GTC")
+    assert for_next_open.accepted
+    assert "the GTC order is for the next open (Mon 2026-11-23 09:30 EST)" in \
+        next(c.detail for c in for_next_open.checks if c.rule == "market_hours")
+    only_while_open = evaluate(BUY, "X", closed, ACCOUNT, LIMITS, when_market_closed="no_trade")
+    assert not only_while_open.accepted and failed(only_while_open) == {"market_hours"}
+    assert evaluate(BUY, "X", MARKET, ACCOUNT, LIMITS, when_market_closed="no_trade").accepted  # open: sent

@@ -160,3 +160,11 @@ def test_a_weekly_one_week_old_still_confirms():
     decision = decide(STRATEGY, "X", daily, last_week, AccountState(1e5, 1e5), market_open=True, next_open="",
                       decided_at=MONDAY_OPEN)
     assert decision.action == Action.BUY
+
+
+def test_a_strategy_that_trades_only_while_open_sends_nothing_when_closed():
+    only_open = STRATEGY.model_copy(update={"orders": STRATEGY.orders.model_copy(
+        update={"when_market_closed": "no_trade"})})
+    decision = decide(only_open, "X", analysis(Action.BUY), analysis(Action.BUY, "1w"), AccountState(1e5, 1e5),
+                      market_open=False, next_open="Mon 09:30")
+    assert decision.action == Action.NO_TRADE and "orders.when_market_closed: no_trade" in decision.rationale

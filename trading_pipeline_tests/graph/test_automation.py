@@ -189,6 +189,27 @@ def test_bad_edit_after_a_good_load_keeps_the_last_good_file(tmp_path, monkeypat
     partitions._load.cache_clear()
 
 
+def test_a_bad_edit_of_the_packaged_default_keeps_the_last_good_file_too(tmp_path, monkeypatch):
+    from trading_pipeline.core import strategies as strategies_module
+    from trading_pipeline.errors import StrategiesFileError
+    from trading_pipeline.graph import partitions
+
+    default = tmp_path / "packaged.yaml"  # stands in for trading_pipeline/data/strategies.yaml
+    monkeypatch.setattr(strategies_module, "DEFAULT_STRATEGIES_FILE", default)
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path / "data"))
+    default.write_text("strategies: [")
+    partitions._load.cache_clear()
+    with pytest.raises(StrategiesFileError):  # never loaded: nothing to fall back on
+        partitions._load(None)
+    default.write_text(STRATEGIES_TEXT)
+    partitions._load.cache_clear()
+    assert partitions._load(None).symbols() == ["SPY", "AAPL", "MSFT"]
+    default.write_text(STRATEGIES_TEXT.replace("[SPY, AAPL]", "[SPY, aapl]"))
+    partitions._load.cache_clear()
+    assert partitions._load(None).symbols() == ["SPY", "AAPL", "MSFT"]
+    partitions._load.cache_clear()
+
+
 def test_order_step_never_retries(defs, instance):
     job = defs.resolve_job_def("decide_and_order")
     assert job.tags.get("dagster/max_retries") == "0"

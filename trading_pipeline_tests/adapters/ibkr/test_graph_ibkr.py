@@ -67,3 +67,14 @@ def test_sensor_reports_a_gateway_that_is_down(closed_port, tmp_path):
     result = tick(resource)
     assert "unhealthy" in result.skip_message and "nothing answers" in result.skip_message
     assert "nothing answers" in order_placement_held(status_file)
+
+
+def test_session_sensor_idles_when_no_mode_uses_ibkr(closed_port, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    url = f"http://127.0.0.1:{closed_port}/v1/api"  # nothing listens: a tickle would fail and alert
+    idle = IBKRResource.from_env({"IBKR_GATEWAY_URL": url})
+    assert idle.in_use is False
+    result = tick(idle)
+    assert "IBKR not in use" in result.skip_message and not (tmp_path / "ibkr_session.json").exists()
+    broker_only = IBKRResource.from_env({"IBKR_GATEWAY_URL": url, "TRADING_BROKER": "ibkr"})
+    assert broker_only.in_use is True and "nothing answers" in tick(broker_only).skip_message
