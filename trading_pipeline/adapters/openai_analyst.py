@@ -496,7 +496,8 @@ class OpenAIAnalyst:
         self.settings = settings
         self.name = f"{ANALYST_PREFIX}:{settings.model}"
         self.run_id = run_id
-        self.redactor = Redactor([settings.api_key])
+        # The key, and a password in OPENAI_BASE_URL (https://user:password@proxy/v1), never leave.
+        self.redactor = Redactor([settings.api_key, urlsplit(settings.base_url or "").password or ""])
         self.calls = ModelCallLog(sessions, self.redactor)
         self.cache = ResponseCache(sessions)
         self.budget = Budget(self.calls, settings.limits, run_id)
@@ -733,6 +734,9 @@ class OpenAIAnalyst:
                 import httpx2
                 import openai
 
+                # httpx2 logs every request's full URL at INFO: a password in OPENAI_BASE_URL
+                # would reach the logs. Our own llm_calls rows record each call instead.
+                logging.getLogger("httpx2").setLevel(max(logging.getLogger("httpx2").level, logging.WARNING))
                 s = self.settings
                 self._client = openai.OpenAI(
                     api_key=s.api_key, base_url=s.base_url, timeout=s.timeout_s, max_retries=0,

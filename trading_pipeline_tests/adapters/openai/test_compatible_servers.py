@@ -445,3 +445,21 @@ def test_a_server_echoing_the_key_cannot_put_it_into_the_analysis_the_log_or_the
     assert len(rows(sessions)) == 4
     for text in dumps:
         assert API_KEY not in text and "SECRETKEY" not in text
+
+
+def test_a_password_in_the_base_url_is_redacted_like_the_key(make_analyst, openai_server, daily, png, sessions,
+                                                              caplog):
+    caplog.set_level(logging.DEBUG)
+    password = "proxy-PASSWORD-42"
+    with_password = openai_server.base_url.replace("http://", f"http://trader:{password}@", 1)
+    openai_server.reset(error(500, f"upstream refused trader:{password}"))
+    analyst = make_analyst(OPENAI_BASE_URL=with_password, TRADING_LLM_MAX_ATTEMPTS=1, TRADING_LLM_CACHE="off")
+    result = analyst.analyze(daily, chart_for(png), png)
+    assert not result.valid
+    dumps = [result.model_dump_json(), json.dumps(summarize_calls(sessions, run_id="run-1", symbol="AAPL")),
+             caplog.text]
+    with sessions.kw["bind"].connect() as connection:
+        dumps.extend(str(tuple(row)) for row in connection.execute(sa.text("SELECT * FROM llm_calls")))
+    assert any("[REDACTED]" in text for text in dumps)
+    leaks = [text[max(0, text.find(password) - 200):text.find(password) + 50] for text in dumps if password in text]
+    assert not leaks, leaks
