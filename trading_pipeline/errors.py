@@ -31,3 +31,8 @@ class ChartRenderError(UserError):
 class OrderRejectedError(UserError):
     """The broker refused the order outright: nothing is working there for it. A broker adapter
     raises a subclass; the order desk records the rejection instead of leaving it unknown."""
+
+
+class ExitOrderStateError(UserError):
+    """A position cannot be closed safely: one of its stop-loss or take-profit orders could not be
+    confirmed cancelled, and closing while it may still work could trade the symbol a second time."""

@@ -72,6 +72,11 @@ class Broker(Protocol):
 
     def open_orders(self) -> list[BrokerOrder]: ...
 
+    def cancel(self, client_order_id: str) -> BrokerOrder | None:
+        """Cancel a working order and return its final state (an order already final is left as
+        it is); None when the broker does not know the id."""
+        ...
+
 
 FINAL_STATUSES = ("Filled", "Cancelled", "Inactive", "Rejected")
 PAPER_TIME_IN_FORCE = ("DAY", "GTC")
@@ -163,9 +168,9 @@ class PaperBroker:
 
     @staticmethod
     def _status_detail(session: Session, row: PaperOrderRow) -> str:
-        """Why a cancelled order was cancelled. The paper broker has no cancel request: an entry is
-        cancelled only when its DAY expires unfilled, a child only with its parent or because its
-        sibling filled (one-cancels-other), so the reason follows from the orders themselves."""
+        """Why a cancelled order was cancelled: an entry when its DAY expires unfilled, a child with
+        its parent, because its sibling filled (one-cancels-other), or on request (`cancel`: the
+        exits of a position being closed), so the reason follows from the orders themselves."""
         if row.status != "Cancelled":
             return ""
         if row.parent_broker_order_id is None:
@@ -176,7 +181,7 @@ class PaperBroker:
         sibling = session.scalar(select(PaperOrderRow.client_order_id).where(
             PaperOrderRow.parent_broker_order_id == row.parent_broker_order_id,
             PaperOrderRow.broker_order_id != row.broker_order_id, PaperOrderRow.status == "Filled"))
-        return f"one-cancels-other: {sibling} filled" if sibling else ""
+        return f"one-cancels-other: {sibling} filled" if sibling else "cancelled on request"
 
     def _as_broker_order(self, session: Session, row: PaperOrderRow) -> BrokerOrder:
         return BrokerOrder(row.client_order_id, str(row.broker_order_id), row.status,
@@ -186,6 +191,16 @@ class PaperBroker:
         with self._sessions() as session:
             row = session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == client_order_id))
             return self._as_broker_order(session, row) if row else None
+
+    def cancel(self, client_order_id: str) -> BrokerOrder | None:
+        with self._sessions() as session:
+            row = session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == client_order_id))
+            if row is None:
+                return None
+            if row.status not in FINAL_STATUSES:
+                row.status = "Cancelled"
+                session.commit()
+            return self._as_broker_order(session, row)
 
     def place(self, symbol: str, legs: list[OrderLeg], reference_price: float,
               placed_at: datetime | None = None) -> list[BrokerOrder]:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from trading_pipeline.adapters.broker import Broker, BrokerOrder, DuplicateOrderError
+from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, BrokerOrder, DuplicateOrderError
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow
-from trading_pipeline.core.analysis import OrderLeg, OrderRecord, TradeDecision
+from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, TradeDecision
 from trading_pipeline.core.orders import client_order_id
-from trading_pipeline.errors import OrderRejectedError
+from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError, UserError
 
 
 class OrderDesk:
@@ -75,6 +75,64 @@ class OrderDesk:
             legs=legs,
             filled_quantity=int(entry.filled_quantity) if entry else 0,
             average_fill_price=entry.average_fill_price if entry else None)
+
+    def _ever_sent(self, coid: str) -> bool:
+        """Did an earlier attempt send this order (recorded as sent, or known to the broker)?"""
+        with self._sessions() as session:
+            known = session.get(OrderRow, coid)
+            if known is not None and known.status != "submitting":
+                return True
+        return self._broker.find_order(coid) is not None
+
+    def cancel_exits(self, symbol: str, reason: str) -> list[str]:
+        """Cancel the pipeline's working stop-loss and take-profit orders for `symbol`: a position
+        being closed must not keep exits that would trade it again (a stop left working after the
+        close would open a short). Raises ExitOrderStateError when one cannot be confirmed gone."""
+        with self._sessions() as session:
+            coids = session.scalars(select(OrderRow.client_order_id).where(
+                OrderRow.symbol == symbol, OrderRow.role.in_(("stop_loss", "take_profit")),
+                OrderRow.status.not_in(FINAL_STATUSES))).all()
+        done = []
+        for coid in coids:
+            try:
+                answer = self._broker.cancel(coid)
+            except UserError as error:
+                raise ExitOrderStateError(
+                    f"could not cancel {coid}, an exit order of the {symbol} position being closed "
+                    f"({error.problem}); nothing was sent", error.fix) from None
+            if answer is None or answer.status not in FINAL_STATUSES:
+                state = "unknown to the broker" if answer is None else f"still {answer.status}"
+                raise ExitOrderStateError(
+                    f"{coid}, an exit order of the {symbol} position being closed, is {state}: closing now "
+                    "could trade the position twice, so nothing was sent",
+                    "check the order at the broker (cancel it by hand if it still works), run sync_portfolio, "
+                    "then re-run the orders step")
+            with self._sessions() as session:
+                row = session.get(OrderRow, coid)
+                row.status, row.filled_quantity = answer.status, answer.filled_quantity
+                session.add(OrderEventRow(client_order_id=coid, status=answer.status, detail=reason))
+                session.commit()
+            done.append(f"{coid} {answer.status}")
+        return done
+
+    def close_once(self, decision: TradeDecision, legs: list[OrderLeg], reference_price: float) -> OrderRecord:
+        """Close a position exactly once: first its working exits are cancelled and the position is
+        read again (it may have been closed by one of them meanwhile); then the closing order."""
+        coid = legs[0].client_order_id
+        if not self._ever_sent(coid):
+            cancelled = self.cancel_exits(decision.symbol, f"cancelled: decision {decision.decision_id} closes "
+                                                           f"the {decision.symbol} position")
+            held = self._broker.account({}).positions.get(decision.symbol)
+            held_quantity = held.quantity if held else 0.0
+            direction = 1 if decision.action == Action.SELL else -1  # SELL closes a long, BUY covers a short
+            if direction * held_quantity < decision.quantity:
+                return OrderRecord(
+                    decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
+                    broker=self._broker.name, legs=legs,
+                    reason=f"the {decision.symbol} position is {held_quantity:g} now, not the {decision.quantity} "
+                           f"this decision closes (an exit filled meanwhile?); nothing sent"
+                           + (f" (cancelled: {', '.join(cancelled)})" if cancelled else ""))
+        return self.submit_once(decision, legs, reference_price)
 
     def submit_once(self, decision: TradeDecision, legs: list[OrderLeg], reference_price: float) -> OrderRecord:
         coid = client_order_id(decision)

@@ -336,7 +336,12 @@ def build_assets(strategies_file: StrategiesFile) -> list:
                                  reason=reason, broker=the_broker.name)
         else:
             legs = build_legs(decision, strategy.orders.tif, decision.closes_position)
-            record = OrderDesk(trading_db.sessions(), the_broker).submit_once(decision, legs, decision.entry)
+            desk = OrderDesk(trading_db.sessions(), the_broker)
+            try:
+                record = (desk.close_once if decision.closes_position else desk.submit_once)(
+                    decision, legs, decision.entry)
+            except UserError as error:  # an exit that cannot be confirmed cancelled: nothing sent
+                raise _fail(error) from None
         context.log.info(f"{decision.symbol}: {record.status}: {record.reason}")
         return dg.MaterializeResult(value=record, metadata=_order_metadata(record))
 

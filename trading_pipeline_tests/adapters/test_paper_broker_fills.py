@@ -306,3 +306,62 @@ def test_an_entry_in_unknown_state_counts_as_working(database_url):
         OrderDesk(sessions, CrashingBroker(sessions, 100_000.0)).submit_once(the_decision, legs, 100.0)
     working = working_entries(sessions, PaperBroker(sessions, 100_000.0))
     assert working["AAPL"].status == "submitting"  # reconciled by re-running its orders step, not doubled
+
+
+# --- closing a position: its exits go first -----------------------------------------------------
+
+THURSDAY_AFTER_CLOSE = datetime(2026, 9, 3, 21, 30, tzinfo=timezone.utc)
+
+
+def open_long(sessions, decision_id="long"):
+    """A bracket sent Tuesday evening, its entry filled on Wednesday at 97 (stop 96, target 106)."""
+    submit(sessions, decision(decision_id, TUESDAY_AFTER_CLOSE))
+    broker = PaperBroker(sessions, 100_000.0)
+    broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5)}))
+    sync_portfolio(sessions, broker, {"AAPL": 98.5})
+    return broker
+
+
+def closing(decision_id="close", price=98.0):
+    the_decision = decision(decision_id, THURSDAY_AFTER_CLOSE, action=Action.SELL, entry=price, stop=101.0,
+                            target=95.0).model_copy(update={"closes_position": True})
+    return the_decision, build_legs(the_decision, "DAY", closes_position=True)
+
+
+def test_closing_a_position_cancels_its_exits_first_so_nothing_trades_twice(database_url):
+    sessions = session_factory(database_url)
+    broker = open_long(sessions)
+    assert statuses(broker, "long") == {"tp-long": "Filled", "tp-long-sl": "Submitted", "tp-long-tp": "Submitted"}
+    the_decision, legs = closing()
+    record_decision(sessions, the_decision)
+    result = OrderDesk(sessions, broker).close_once(the_decision, legs, 98.0)
+    assert result.status == "submitted" and [leg.role for leg in result.legs] == ["entry"]
+    assert statuses(broker, "long") == {"tp-long": "Filled", "tp-long-sl": "Cancelled", "tp-long-tp": "Cancelled"}
+    assert broker.find_order("tp-long-sl").detail == "cancelled on request"
+    with sessions() as session:
+        assert session.get(OrderRow, "tp-long-sl").status == "Cancelled"
+        assert session.scalars(select(OrderEventRow.detail).where(OrderEventRow.client_order_id == "tp-long-sl")
+                               .order_by(OrderEventRow.id.desc())).first() == \
+            "cancelled: decision close closes the AAPL position"
+    # Friday falls through the old stop (96) and fills the close at 98: one sale, the position is flat.
+    broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5), "2026-09-03": (98.0, 98.6, 97.5, 98.2),
+                                      "2026-09-04": (98.5, 99.0, 94.0, 95.0)}))
+    assert broker.executions("tp-long-sl") == [] and len(broker.executions("tp-close")) == 1
+    assert broker.account({"AAPL": 95.0}).positions == {}
+    again = OrderDesk(sessions, broker).close_once(the_decision, legs, 98.0)
+    assert again.status == "already_sent"  # exactly once, like any order
+
+
+def test_a_position_an_exit_already_closed_is_not_closed_again(database_url):
+    sessions = session_factory(database_url)
+    broker = open_long(sessions, "stopped")
+    broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5),
+                                      "2026-09-03": (97.0, 97.5, 95.0, 95.5)}))  # the stop fills; not synced
+    the_decision, legs = closing("late-close", price=95.5)
+    record_decision(sessions, the_decision)
+    result = OrderDesk(sessions, broker).close_once(the_decision, legs, 95.5)
+    assert result.status == "not_sent" and "position is 0 now, not the 50 this decision closes" in result.reason
+    assert broker.find_order("tp-late-close") is None  # no sale that would have opened a short
+    with sessions() as session:
+        assert session.get(OrderRow, "tp-stopped-sl").status == "Filled"
+        assert session.get(OrderRow, "tp-stopped-tp").status == "Cancelled"

@@ -195,6 +195,18 @@ class IBKRBroker:
                 return self._find_child(orders, parent, suffix)
         return None
 
+    def cancel(self, client_order_id: str) -> BrokerOrder | None:
+        """Cancel the working order with this cOID (polled until IBKR reports it final)."""
+        found = self.find_order(client_order_id)
+        if found is None or found.status in FINAL_STATUSES:
+            return found
+        final = self.client.cancel_order(found.broker_order_id)
+        return BrokerOrder(client_order_id, found.broker_order_id,
+                           str(final.get("order_status") or final.get("status") or "Cancelled"),
+                           parse_number(final.get("cum_fill")) or found.filled_quantity,
+                           parse_number(final.get("average_price")) or found.average_fill_price,
+                           "cancelled on request")
+
     def open_orders(self) -> list[BrokerOrder]:
         """Working orders at IBKR (not Filled/Cancelled/Inactive); cOID "" for orders the pipeline
         did not send (e.g. placed by hand), so the portfolio sync can flag them as drift."""

@@ -288,3 +288,15 @@ def test_daily_pnl_missing_fails_closed_with_open_positions(emulator_factory, cl
     with pytest.raises(IBKRRequestError) as raised:
         IBKRBroker(client_factory(holding)).account({})
     assert "daily-loss limit cannot be checked" in raised.value.problem
+
+
+def test_cancel_by_client_order_id_reaches_bracket_children(emulator, broker):
+    emulator.set_price("MSFT", 100.0)
+    broker.place("MSFT", bracket(coid="tp-exit", entry=100.5), reference_price=100.5)  # entry fills at once
+    stop = broker.cancel("tp-exit-sl")  # a child has no cOID at IBKR: found through its parent
+    assert (stop.client_order_id, stop.status) == ("tp-exit-sl", "Cancelled")
+    assert emulator.count("DELETE", "/iserver/account/*/order/*") == 1
+    assert broker.find_order("tp-exit-tp").status == "Submitted"  # only the one asked for
+    assert broker.cancel("tp-exit").status == "Filled"  # a final order is left as it is, no DELETE
+    assert emulator.count("DELETE", "/iserver/account/*/order/*") == 1
+    assert broker.cancel("tp-never-sent") is None
