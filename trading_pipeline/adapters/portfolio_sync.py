@@ -137,6 +137,28 @@ def _trades_by_decision(session: Session) -> list[dict]:
     return trades
 
 
+def _protection_drift(session: Session, held: dict[str, float], implied: dict[str, float]) -> list[str]:
+    """Stop-loss orders that no longer match the position they protect: after a partial entry
+    fill, a partial exit or a trade by hand, a stop for the original size would trade more (or
+    less) than is held when it triggers."""
+    stops: dict[str, float] = {}
+    for row in session.scalars(select(OrderRow).where(
+            OrderRow.role == "stop_loss", OrderRow.status.not_in((*FINAL_STATUSES, "PreSubmitted")))):
+        stops[row.symbol] = stops.get(row.symbol, 0.0) + row.quantity - row.filled_quantity
+    problems = []
+    for symbol in sorted(set(stops) | {s for s in held if implied.get(s)}):
+        position, covered = abs(held.get(symbol, 0.0)), stops.get(symbol, 0.0)
+        if abs(position - covered) < 1e-9:
+            continue
+        if position == 0:
+            problems.append(f"{symbol}: working stop-loss orders for {covered:g} shares but no position: "
+                            "cancel them before they trigger")
+        else:
+            problems.append(f"{symbol}: the position is {position:g} shares but working stop-loss orders cover "
+                            f"{covered:g}: adjust the stop's quantity at the broker (or close the position)")
+    return problems
+
+
 def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[str, float]) -> SyncReport:
     changes = _advance_orders(sessions, broker)
     added = _record_executions(sessions, broker)
@@ -155,6 +177,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
             if abs(implied.get(symbol, 0.0) - held.get(symbol, 0.0)) > 1e-9:
                 drift.append(f"{symbol}: broker holds {held.get(symbol, 0.0):g}, the pipeline's executions "
                              f"imply {implied.get(symbol, 0.0):g}")
+        drift.extend(_protection_drift(session, held, implied))
         positions = []
         for symbol, position in sorted(account.positions.items()):
             unrealized = round(position.quantity * (position.market_price - position.average_price), 2)

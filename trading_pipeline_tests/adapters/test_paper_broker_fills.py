@@ -15,7 +15,7 @@ from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_ent
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core import market_calendar
-from trading_pipeline.core.analysis import Action, TradeDecision
+from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
 from trading_pipeline.core.orders import build_legs
 from trading_pipeline.core.risk import WorkingEntry
 
@@ -365,3 +365,32 @@ def test_a_position_an_exit_already_closed_is_not_closed_again(database_url):
     with sessions() as session:
         assert session.get(OrderRow, "tp-stopped-sl").status == "Filled"
         assert session.get(OrderRow, "tp-stopped-tp").status == "Cancelled"
+
+
+def sell_by_hand(broker, coid, quantity, day):
+    """A sale placed at the broker by hand (not by the pipeline), filled on `day`'s bar."""
+    broker.place("AAPL", [OrderLeg(client_order_id=coid, role="entry", side="SELL", order_type="LMT",
+                                   quantity=quantity, price=98.0, tif="DAY")], 98.0,
+                 placed_at=datetime(2026, 9, 2, 21, 30, tzinfo=timezone.utc))
+    bars = {"2026-09-02": (97.0, 99.0, 96.5, 98.5), "2026-09-03": (98.0, 99.5, 97.5, 99.0)}
+    broker.simulate_fills(daily_bars({d: bars[d] for d in bars if d <= day}))
+
+
+def test_a_stop_larger_than_the_position_is_flagged_as_drift(database_url):
+    sessions = session_factory(database_url)
+    broker = open_long(sessions, "covered")
+    assert sync_portfolio(sessions, broker, {"AAPL": 98.5}).drift == []  # 50 held, stop for 50
+    sell_by_hand(broker, "manual-1", 20, "2026-09-03")
+    assert broker.account({}).positions["AAPL"].quantity == 30
+    drift = sync_portfolio(sessions, broker, {"AAPL": 99.0}).drift
+    assert "AAPL: the position is 30 shares but working stop-loss orders cover 50: adjust the stop's quantity " \
+           "at the broker (or close the position)" in drift
+    assert "AAPL: broker holds 30, the pipeline's executions imply 50" in drift
+
+
+def test_a_stop_with_no_position_left_is_flagged_as_drift(database_url):
+    sessions = session_factory(database_url)
+    broker = open_long(sessions, "flat")
+    sell_by_hand(broker, "manual-2", 50, "2026-09-03")
+    drift = sync_portfolio(sessions, broker, {"AAPL": 99.0}).drift
+    assert "AAPL: working stop-loss orders for 50 shares but no position: cancel them before they trigger" in drift
