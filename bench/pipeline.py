@@ -8,7 +8,6 @@ Run: `make bench` or `.venv/bin/python bench/pipeline.py [--symbols N]`.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile

@@ -8,7 +8,7 @@ import boto3
 import pandas as pd
 import pytest
 
-from trading_pipeline.adapters.chart_store import LocalChartStore, S3ChartStore, chart_key
+from trading_pipeline.adapters.chart_store import LocalChartStore, chart_key
 from trading_pipeline.adapters.market_data import CsvMarketData
 from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
