@@ -63,9 +63,10 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
 
 
 def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:
-    """The pipeline's entry orders that may still fill, by symbol, after asking the broker for
-    their state. The risk gates count them as positions, so a working entry is never doubled by a
-    later decision; one whose state is unknown ('submitting') counts too until it is reconciled."""
+    """The pipeline's orders that may still fill, by symbol, after asking the broker for their
+    state: each decision's first leg (the bracket's entry, or the order closing a position). The
+    risk gates send no second order for such a symbol and count opening ones as positions; one
+    whose state is unknown ('submitting') counts too until it is reconciled."""
     _advance_orders(sessions, broker, role="entry")
     with sessions() as session:
         rows = session.scalars(select(OrderRow).where(OrderRow.role == "entry",

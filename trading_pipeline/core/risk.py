@@ -50,7 +50,8 @@ class AccountState:
     cash: float
     positions: dict[str, Position] = field(default_factory=dict)
     daily_pnl: float = 0.0
-    # By symbol. They count as positions for the limits: if they fill, they are positions.
+    # By symbol: the pipeline's orders that open or close a position and may still fill. A symbol
+    # with one gets no second order; opening ones count as positions for the limits.
     working_entries: dict[str, WorkingEntry] = field(default_factory=dict)
 
     @property
@@ -198,6 +199,13 @@ def evaluate(
         check("market_hours", False, f"market closed (next open {market.next_open}); the strategy sends orders "
                                      "only while it is open (orders.when_market_closed: no_trade)")
 
+    working = account.working_entries.get(symbol)
+    if working is not None:  # opening or closing: a second order would double what the first does
+        check("order_working", False,
+              f"order {working.describe()} for {symbol} may still fill; no second order until it fills, "
+              "expires or is cancelled (the sync_portfolio job or order_status_sensor brings order states up to "
+              "date; a 'submitting' or 'unknown' order is reconciled by re-running its orders step)")
+        return verdict(False, **numbers)
     closes_position = direction < 0 and held_qty > 0
     if closes_position:
         quantity = int(held_qty)
@@ -213,13 +221,6 @@ def evaluate(
               "(risk.allow_short: false)")
     if held_qty != 0:
         check("no_pyramiding", False, f"already holding {held_qty:g} {symbol}; no second entry")
-        return verdict(False, **numbers)
-    working = account.working_entries.get(symbol)
-    if working is not None:
-        check("no_pyramiding", False,
-              f"entry order {working.describe()} for {symbol} may still fill; no second entry until it fills, "
-              "expires or is cancelled (the sync_portfolio job or order_status_sensor brings order states up to "
-              "date; a 'submitting' or 'unknown' order is reconciled by re-running its orders step)")
         return verdict(False, **numbers)
     check("max_open_positions", account.committed_positions < limits.max_open_positions,
           f"{account.open_positions} open positions + {len(account.working_entries)} working entries "

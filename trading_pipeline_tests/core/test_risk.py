@@ -104,9 +104,20 @@ BUY = Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.7)
 def test_a_working_entry_for_the_symbol_blocks_a_second_entry():
     working = WorkingEntry("tp-earlier", "BUY", 100, 99.5, "Submitted")
     verdict = evaluate(BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_entries={"X": working}), LIMITS)
-    assert not verdict.accepted and failed(verdict) == {"no_pyramiding"}
-    detail = next(c.detail for c in verdict.checks if c.rule == "no_pyramiding")
-    assert "tp-earlier (BUY 100 @ 99.50, Submitted)" in detail and "no second entry" in detail
+    assert not verdict.accepted and failed(verdict) == {"order_working"}
+    detail = next(c.detail for c in verdict.checks if c.rule == "order_working")
+    assert "tp-earlier (BUY 100 @ 99.50, Submitted)" in detail and "no second order" in detail
+
+
+def test_a_working_closing_order_blocks_a_second_close():
+    # Monday's SELL closing the 100 held is still working; Tuesday's SELL must not sell 100 again.
+    long = {"X": Position(quantity=100, average_price=95.0, market_price=100.0)}
+    closing = WorkingEntry("tp-close-monday", "SELL", 100, 100.0, "Submitted")
+    sell = Proposal(Action.SELL, 100.0, 104.0, [94.0], 0.7)
+    verdict = evaluate(sell, "X", MARKET, AccountState(100_000.0, 90_000.0, positions=long,
+                                                       working_entries={"X": closing}), LIMITS)
+    assert not verdict.accepted and verdict.quantity == 0 and failed(verdict) == {"order_working"}
+    assert evaluate(sell, "X", MARKET, AccountState(100_000.0, 90_000.0, positions=long), LIMITS).closes_position
 
 
 def test_working_entries_elsewhere_count_as_positions_and_exposure():

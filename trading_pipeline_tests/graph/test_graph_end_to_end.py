@@ -340,6 +340,6 @@ def test_a_later_decision_never_doubles_a_working_entry(environment, tmp_path):
     assert second.decision_id != first.decision_id and second.proposed_action == Action.BUY
     assert second.action == Action.NO_TRADE and second_order.status == "not_sent"
     blocked = next(c for c in second.checks if not c.passed)
-    assert blocked.rule == "no_pyramiding" and first_order.client_order_id in blocked.detail
+    assert blocked.rule == "order_working" and first_order.client_order_id in blocked.detail
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(PaperOrderRow)) == 3  # one bracket only
