@@ -400,6 +400,7 @@ def _decision_metadata(decision: TradeDecision, unchanged: bool) -> dict:
         "risk_gates": checks_table,
         "charts": dg.MetadataValue.json({tf: c.uri for tf, c in decision.charts.items()}),
         "data_through": decision.data_through.isoformat(),
+        "decided_at": decision.as_of.isoformat(),  # the run's point in time: when the order goes out
     }
     if unchanged:
         metadata["note"] = "orders were already sent for this decision; the stored decision is kept unchanged"
