@@ -58,7 +58,11 @@ class BrokerExecution:
 class Broker(Protocol):
     name: str
 
-    def account(self, marks: dict[str, float]) -> AccountState: ...
+    def account(self, marks: dict[str, float], as_of: datetime | None = None) -> AccountState:
+        """Equity, cash, positions (valued at `marks` where given) and today's P&L. `as_of` is the
+        decision's point in time: the paper broker leaves out later fills (a replay must not see
+        its own future); a real broker only knows the present and ignores it."""
+        ...
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None: ...
 
@@ -377,9 +381,11 @@ class PaperBroker:
             PaperFillRow.broker_order_id == order.broker_order_id).order_by(PaperFillRow.id))
         return _as_utc(executed) if executed else _as_utc(order.created_at)
 
-    def account(self, marks: dict[str, float]) -> AccountState:
-        """Cash and positions from the fills; positions valued at `marks` (last closes) where known."""
-        today = _utcnow().date()
+    def account(self, marks: dict[str, float], as_of: datetime | None = None) -> AccountState:
+        """Cash and positions from the fills up to `as_of` (default now); positions valued at
+        `marks` (last closes) where known; today is `as_of`'s UTC date."""
+        as_of = _as_utc(as_of) if as_of is not None else _utcnow()
+        today = as_of.date()
         cash = self._starting_equity
         quantities: dict[str, float] = {}
         costs: dict[str, float] = {}
@@ -388,6 +394,8 @@ class PaperBroker:
         with self._sessions() as session:
             fills = session.scalars(select(PaperFillRow).order_by(PaperFillRow.id)).all()
         for fill in fills:
+            if _as_utc(fill.executed_at) > as_of:
+                continue  # after the point in time asked about (a replay after a sync)
             signed = fill.quantity if fill.side == "BUY" else -fill.quantity
             cash -= signed * fill.price
             held = quantities.get(fill.symbol, 0.0)

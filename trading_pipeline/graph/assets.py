@@ -271,12 +271,12 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         sessions = trading_db.sessions()
         record_strategy(sessions, strategy)
         the_broker = broker.broker()
-        # Entries sent earlier that may still fill count as positions for the limits.
-        account = dataclasses.replace(the_broker.account({symbol: daily.last_close}),
+        decided_at = run_as_of(context)  # this run's point in time, not the analyses' (may be older)
+        # Orders sent earlier that may still fill count for the limits (and block a second order).
+        account = dataclasses.replace(the_broker.account({symbol: daily.last_close}, as_of=decided_at),
                                       working_entries=working_entries(sessions, the_broker))
         kill = config.KillSwitch.read()
         reader = _analyst_for_run(context, analyst, sessions)
-        decided_at = run_as_of(context)  # this run's point in time, not the analyses' (may be older)
         try:
             decision = decide(
                 strategy, symbol, daily, weekly, account,

@@ -394,3 +394,15 @@ def test_a_stop_with_no_position_left_is_flagged_as_drift(database_url):
     sell_by_hand(broker, "manual-2", 50, "2026-09-03")
     drift = sync_portfolio(sessions, broker, {"AAPL": 99.0}).drift
     assert "AAPL: working stop-loss orders for 50 shares but no position: cancel them before they trigger" in drift
+
+
+def test_the_paper_account_at_a_point_in_time_leaves_out_later_fills(database_url):
+    sessions = session_factory(database_url)
+    broker = open_long(sessions, "replay")  # filled at 97 on Wednesday 2026-09-02 (13:30 UTC)
+    now = broker.account({"AAPL": 98.5})
+    assert now.positions["AAPL"].quantity == 50 and now.cash == pytest.approx(100_000 - 50 * 97.0)
+    before = broker.account({"AAPL": 98.5}, as_of=TUESDAY_AFTER_CLOSE)  # a replay of Tuesday evening
+    assert before.positions == {} and before.cash == 100_000.0 and before.equity == 100_000.0
+    that_day = broker.account({"AAPL": 98.5}, as_of=WEDNESDAY_MIDDAY)
+    assert that_day.positions["AAPL"].quantity == 50
+    assert that_day.daily_pnl == pytest.approx(50 * (98.5 - 97.0))  # opened that day: its P&L is that day's

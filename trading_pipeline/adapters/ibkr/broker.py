@@ -291,9 +291,10 @@ class IBKRBroker:
                 "check the execution in Client Portal; IBKR documents trade_time_r in epoch ms") from None
 
     # ------------------------------------------------------------------ account
-    def account(self, marks: dict[str, float]) -> AccountState:
+    def account(self, marks: dict[str, float], as_of: datetime | None = None) -> AccountState:
         """Equity and cash from the summary, every position (fresh), daily P&L from IBKR's
-        partitioned P&L; with no P&L row and no positions, today's realized P&L from the ledger."""
+        partitioned P&L; with no P&L row and no positions, today's realized P&L from the ledger.
+        IBKR knows only the present: `as_of` is not used."""
         summary = self.client.summary()
         positions: dict[str, Position] = {}
         for row in self.client.positions(fresh=True):
