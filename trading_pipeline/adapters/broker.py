@@ -90,7 +90,7 @@ def _utcnow() -> datetime:  # one place to travel in time in tests
     return datetime.now(timezone.utc)
 
 
-def _as_utc(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
 
 
@@ -178,10 +178,10 @@ class PaperBroker:
         if row.status != "Cancelled":
             return ""
         if row.parent_broker_order_id is None:
-            return describe_expiry(_as_utc(row.created_at))
+            return describe_expiry(as_utc(row.created_at))
         parent = session.get(PaperOrderRow, row.parent_broker_order_id)
         if parent is not None and parent.status == "Cancelled":
-            return f"cancelled with its parent {parent.client_order_id}: {describe_expiry(_as_utc(parent.created_at))}"
+            return f"cancelled with its parent {parent.client_order_id}: {describe_expiry(as_utc(parent.created_at))}"
         sibling = session.scalar(select(PaperOrderRow.client_order_id).where(
             PaperOrderRow.parent_broker_order_id == row.parent_broker_order_id,
             PaperOrderRow.broker_order_id != row.broker_order_id, PaperOrderRow.status == "Filled"))
@@ -243,7 +243,7 @@ class PaperBroker:
                 .join(PaperOrderRow, PaperFillRow.broker_order_id == PaperOrderRow.broker_order_id)
                 .where(PaperOrderRow.client_order_id == client_order_id)).all()
             return [BrokerExecution(f"paper-{fill.id}", coid, fill.symbol, fill.side, fill.quantity, fill.price,
-                                    _as_utc(fill.executed_at)) for fill, coid in rows]
+                                    as_utc(fill.executed_at)) for fill, coid in rows]
 
     def open_orders(self) -> list[BrokerOrder]:
         with self._sessions() as session:
@@ -261,7 +261,7 @@ class PaperBroker:
         with self._sessions() as session:
             oldest = session.scalar(select(PaperOrderRow.created_at).where(
                 PaperOrderRow.status.not_in(FINAL_STATUSES)).order_by(PaperOrderRow.created_at))
-            return _as_utc(oldest) if oldest else None
+            return as_utc(oldest) if oldest else None
 
     def simulate_fills(self, daily_bars: dict[str, pd.DataFrame]) -> list[str]:
         """Advance working orders through the daily bars (indexed by session open, as every source's).
@@ -290,7 +290,7 @@ class PaperBroker:
                     happened.append(f"{row.client_order_id} not advanced: the {symbol} daily bars start on "
                                     f"{bars.index[0].date()}, after the session it went live in")
                 closes = market_calendar.bar_close_times(bars.index, "1d")
-                expiries = {row.broker_order_id: expiry_of(row.tif, _as_utc(row.created_at))
+                expiries = {row.broker_order_id: expiry_of(row.tif, as_utc(row.created_at))
                             for row in mine if row.parent_broker_order_id is None}
                 # Walk the bars in time order so that, within a bracket, whichever leg the market
                 # reaches first fills (stop before target within the same bar).
@@ -315,7 +315,7 @@ class PaperBroker:
         uncovered = []
         for row in orders:
             if row.parent_broker_order_id is None:
-                live_from = _as_utc(row.created_at)
+                live_from = as_utc(row.created_at)
             else:
                 parent = orders_by_id.get(row.parent_broker_order_id) or session.get(
                     PaperOrderRow, row.parent_broker_order_id)
@@ -337,7 +337,7 @@ class PaperBroker:
 
     def _advance_entry(self, session: Session, row: PaperOrderRow, expires_at: pd.Timestamp | None,
                        orders: list[PaperOrderRow], start: pd.Timestamp, close: pd.Timestamp, bar) -> list[str]:
-        placed_at = _as_utc(row.created_at)
+        placed_at = as_utc(row.created_at)
         children = [o for o in orders if o.parent_broker_order_id == row.broker_order_id]
         if expires_at is None or start < expires_at:
             fill = entry_fill(row.side, row.order_type, row.price, placed_at, start, close, bar)
@@ -361,7 +361,7 @@ class PaperBroker:
                        orders: list[PaperOrderRow], start: pd.Timestamp, bar) -> list[str]:
         if parent is None or parent.status != "Filled":
             return []  # children wait for their parent
-        active_since = max(_as_utc(row.created_at), self._fill_time(session, parent))
+        active_since = max(as_utc(row.created_at), self._fill_time(session, parent))
         if start <= pd.Timestamp(active_since):
             return []  # only bars that started after the parent filled (its own bar is ambiguous)
         price = fill_price(row.side, row.order_type, row.price, bar)
@@ -379,12 +379,12 @@ class PaperBroker:
     def _fill_time(session: Session, order: PaperOrderRow) -> datetime:
         executed = session.scalar(select(PaperFillRow.executed_at).where(
             PaperFillRow.broker_order_id == order.broker_order_id).order_by(PaperFillRow.id))
-        return _as_utc(executed) if executed else _as_utc(order.created_at)
+        return as_utc(executed) if executed else as_utc(order.created_at)
 
     def account(self, marks: dict[str, float], as_of: datetime | None = None) -> AccountState:
         """Cash and positions from the fills up to `as_of` (default now); positions valued at
         `marks` (last closes) where known; today is `as_of`'s UTC date."""
-        as_of = _as_utc(as_of) if as_of is not None else _utcnow()
+        as_of = as_utc(as_of) if as_of is not None else _utcnow()
         today = as_of.date()
         cash = self._starting_equity
         quantities: dict[str, float] = {}
@@ -394,7 +394,7 @@ class PaperBroker:
         with self._sessions() as session:
             fills = session.scalars(select(PaperFillRow).order_by(PaperFillRow.id)).all()
         for fill in fills:
-            if _as_utc(fill.executed_at) > as_of:
+            if as_utc(fill.executed_at) > as_of:
                 continue  # after the point in time asked about (a replay after a sync)
             signed = fill.quantity if fill.side == "BUY" else -fill.quantity
             cash -= signed * fill.price
@@ -403,12 +403,12 @@ class PaperBroker:
             if held and (held > 0) != (signed > 0):  # reducing: realize P&L on the closed part
                 closed = min(abs(signed), abs(held))
                 pnl = closed * (fill.price - average) * (1 if held > 0 else -1)
-                if _as_utc(fill.executed_at).date() == today:
+                if as_utc(fill.executed_at).date() == today:
                     realized_today += pnl
                 costs[fill.symbol] = average * (held + (closed if held < 0 else -closed))
             else:
                 costs[fill.symbol] = costs.get(fill.symbol, 0.0) + signed * fill.price
-                if _as_utc(fill.executed_at).date() == today:
+                if as_utc(fill.executed_at).date() == today:
                     opened_today.add(fill.symbol)
             quantities[fill.symbol] = held + signed
         positions = {}

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker
+from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, as_utc, describe_expiry, expiry_of
 from trading_pipeline.adapters.trading_db import (
     AccountSnapshotRow,
     DecisionRow,
@@ -41,11 +42,30 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
     with sessions() as session:
         query = select(OrderRow).where(OrderRow.status.not_in(FINAL_STATUSES))
         open_rows = session.scalars(query if role is None else query.where(OrderRow.role == role)).all()
-        for row in open_rows:
+        # Entries first: an unlisted child is judged by what became of its parent.
+        for row in sorted(open_rows, key=lambda r: r.parent_client_order_id is not None):
             order = broker.find_order(row.client_order_id)
+            parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
             if order is None:
                 if row.status == "submitting":
                     changes.append(f"{row.client_order_id}: recorded as submitting but unknown to the broker")
+                elif _day_order_gone(row):
+                    # IBKR lists only the current session's orders (and a week of executions): a DAY
+                    # order absent after its session closed, with no execution, expired unfilled.
+                    # Left open, it would block the symbol's next order (order_working) for ever.
+                    detail = (f"sync: no longer listed by the broker and no execution after its DAY session: "
+                              f"{describe_expiry(as_utc(row.created_at))}")
+                    changes.append(f"{row.client_order_id}: {row.status} → Cancelled ({detail})")
+                    row.status = "Cancelled"
+                    session.add(OrderEventRow(client_order_id=row.client_order_id, status="Cancelled", detail=detail))
+                elif parent is not None and parent.status == "Cancelled" and not parent.filled_quantity:
+                    detail = f"sync: cancelled with its parent {parent.client_order_id}, which never filled"
+                    changes.append(f"{row.client_order_id}: {row.status} → Cancelled ({detail})")
+                    row.status = "Cancelled"
+                    session.add(OrderEventRow(client_order_id=row.client_order_id, status="Cancelled", detail=detail))
+                else:
+                    changes.append(f"{row.client_order_id}: {row.status} here but unknown to the broker; "
+                                   "check it at the broker")
                 continue
             if (order.status, order.filled_quantity) != (row.status, row.filled_quantity):
                 changes.append(f"{row.client_order_id}: {row.status} → {order.status} "
@@ -60,6 +80,13 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
                                           else f"sync: filled {order.filled_quantity:g}"))
         session.commit()
     return changes
+
+
+def _day_order_gone(row: OrderRow) -> bool:
+    """An unfilled DAY entry (or closing order) whose session has closed."""
+    if row.role != "entry" or row.tif != "DAY" or row.filled_quantity:
+        return False
+    return pd.Timestamp(datetime.now(timezone.utc)) > expiry_of("DAY", as_utc(row.created_at))
 
 
 def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:

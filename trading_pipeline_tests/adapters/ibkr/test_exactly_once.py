@@ -96,3 +96,30 @@ def test_duplicate_coid_answer_counts_as_already_sent(emulator, client, sessions
     assert result.status == "already_sent" and "exists" in result.reason
     assert len(emulator.orders_with_coid("tp-e3")) == 1
     assert [r[3] for r in emulator.requests("POST", ORDERS_POST)] == [200, 400]  # the second was refused
+
+
+def test_a_day_entry_gone_from_the_broker_after_its_session_is_expired_not_working_for_ever(
+        emulator, client, sessions):
+    """IBKR lists only the current day's orders: yesterday's unfilled DAY entry is simply absent.
+    The sync must close it, or order_working would hold the symbol's next order for ever."""
+    from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
+
+    emulator.set_price("AAPL", 100.0)
+    decision = buy_decision("gone").model_copy(update={"entry": 98.5, "stop": 95.0, "targets": [104.0]})
+    record_decision(sessions, decision)
+    broker = IBKRBroker(client)
+    sent = OrderDesk(sessions, broker).submit_once(decision, build_legs(decision, "DAY"), 98.5)
+    assert sent.status == "submitted"  # 98.50 is below the market: working
+    assert "AAPL" in working_entries(sessions, broker)
+    assert broker.cancel("tp-gone").status == "Cancelled"  # what the end of its session does at IBKR
+    emulator.new_day()  # ... and the next day it is no longer listed
+    with sessions() as session:  # it was placed on 2026-11-20, a session long closed
+        session.get(OrderRow, "tp-gone").created_at = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
+        session.commit()
+    assert broker.find_order("tp-gone") is None
+    report = sync_portfolio(sessions, broker, {})
+    assert any(change.startswith("tp-gone: Submitted → Cancelled") and "DAY order expired unfilled at the "
+               "close of 2026-11-20" in change for change in report.status_changes)
+    assert "AAPL" not in working_entries(sessions, broker)
+    with sessions() as session:  # its children went with it, not left "PreSubmitted" for ever
+        assert {session.get(OrderRow, c).status for c in ("tp-gone-sl", "tp-gone-tp")} == {"Cancelled"}
