@@ -99,11 +99,12 @@ def test_duplicate_coid_answer_counts_as_already_sent(emulator, client, sessions
 
 
 def test_a_day_entry_gone_from_the_broker_after_its_session_is_expired_not_working_for_ever(
-        emulator, client, sessions):
+        emulator, client, tmp_path):
     """IBKR lists only the current day's orders: yesterday's unfilled DAY entry is simply absent.
     The sync must close it, or order_working would hold the symbol's next order for ever."""
     from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
 
+    sessions = session_factory(f"sqlite:///{tmp_path / 't.db'}")  # only this test's orders
     emulator.set_price("AAPL", 100.0)
     decision = buy_decision("gone").model_copy(update={"entry": 98.5, "stop": 95.0, "targets": [104.0]})
     record_decision(sessions, decision)
