@@ -53,16 +53,12 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
                     # IBKR lists only the current session's orders (and a week of executions): a DAY
                     # order absent after its session closed, with no execution, expired unfilled.
                     # Left open, it would block the symbol's next order (order_working) for ever.
-                    detail = (f"sync: no longer listed by the broker and no execution after its DAY session: "
-                              f"{describe_expiry(as_utc(row.created_at))}")
-                    changes.append(f"{row.client_order_id}: {row.status} → Cancelled ({detail})")
-                    row.status = "Cancelled"
-                    session.add(OrderEventRow(client_order_id=row.client_order_id, status="Cancelled", detail=detail))
+                    changes.append(_cancel_row(session, row, "sync: no longer listed by the broker and no execution "
+                                                             f"after its DAY session: "
+                                                             f"{describe_expiry(as_utc(row.created_at))}"))
                 elif parent is not None and parent.status == "Cancelled" and not parent.filled_quantity:
-                    detail = f"sync: cancelled with its parent {parent.client_order_id}, which never filled"
-                    changes.append(f"{row.client_order_id}: {row.status} → Cancelled ({detail})")
-                    row.status = "Cancelled"
-                    session.add(OrderEventRow(client_order_id=row.client_order_id, status="Cancelled", detail=detail))
+                    changes.append(_cancel_row(session, row, f"sync: cancelled with its parent "
+                                                             f"{parent.client_order_id}, which never filled"))
                 else:
                     changes.append(f"{row.client_order_id}: {row.status} here but unknown to the broker; "
                                    "check it at the broker")
@@ -80,6 +76,14 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
                                           else f"sync: filled {order.filled_quantity:g}"))
         session.commit()
     return changes
+
+
+def _cancel_row(session: Session, row: OrderRow, detail: str) -> str:
+    """Record an order the broker no longer lists as Cancelled; returns the change line."""
+    change = f"{row.client_order_id}: {row.status} → Cancelled ({detail})"
+    row.status = "Cancelled"
+    session.add(OrderEventRow(client_order_id=row.client_order_id, status="Cancelled", detail=detail))
+    return change
 
 
 def _day_order_gone(row: OrderRow) -> bool:
