@@ -117,3 +117,49 @@ class KillSwitch:
         if file.exists():
             return cls(True, f"kill-switch file {file} exists; delete it to allow new orders")
         return cls(False, "")
+
+
+@dataclass(frozen=True)
+class SafetySwitches:
+    """What widens what may be sent: orders on, a live account allowed. Set by the deployment
+    (environment) and read when an order is about to be sent; no run's config can change them."""
+
+    orders_enabled: bool
+    allow_live: bool
+
+    @classmethod
+    def read(cls, environ: dict[str, str] | None = None) -> "SafetySwitches":
+        return cls(orders_enabled=env_flag("TRADING_ORDERS_ENABLED", environ),
+                   allow_live=env_flag("TRADING_ALLOW_LIVE", environ))
+
+
+RUN_SET_SWITCH = ("{field} is a safety switch of the deployment ({variable}), not a run setting: this run's "
+                  "config tried to set it, so the run was refused and nothing was sent")
+
+
+def simulated_clock(environ: dict[str, str] | None = None) -> datetime | None:
+    """TRADING_AS_OF: the deployment's simulated 'now' (paper broker only; refused with IBKR)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("TRADING_AS_OF", "").strip()
+    return parse_as_of(raw, "TRADING_AS_OF") if raw else None
+
+
+def trading_now(environ: dict[str, str] | None = None) -> datetime:
+    """The time an order is sent: the real clock, or the simulated one a paper deployment sets."""
+    return simulated_clock(environ) or datetime.now(timezone.utc)
+
+
+def check_real_prices_for_a_trading_broker(environ: dict[str, str]) -> None:
+    """A broker that trades receives only decisions made on real, current prices."""
+    if env_mode("TRADING_BROKER", environ) != "ibkr":
+        return
+    if env_mode("TRADING_MARKET_DATA", environ) == "simulated":
+        raise ConfigError(
+            "TRADING_BROKER=ibkr with TRADING_MARKET_DATA=simulated (the default) would send real orders "
+            "decided on made-up prices",
+            "set TRADING_MARKET_DATA=ibkr (or csv with current files), or use TRADING_BROKER=paper")
+    if environ.get("TRADING_AS_OF", "").strip():
+        raise ConfigError(
+            f"TRADING_AS_OF={environ['TRADING_AS_OF']!r} is set with TRADING_BROKER=ibkr: a broker that trades "
+            "only receives decisions made now, never a replay of the past",
+            "unset TRADING_AS_OF (a leftover in .env?); replay the past with the backtest or TRADING_BROKER=paper")

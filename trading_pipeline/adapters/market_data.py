@@ -93,3 +93,25 @@ class CsvMarketData:
         closed = bar_close_times(frame.index, timeframe)
         as_of_ts = pd.Timestamp(as_of).tz_convert("UTC")
         return frame.loc[(closed <= as_of_ts).to_numpy()]
+
+
+MARK_HISTORY = TimeframeSettings(period="1m")  # a month of daily bars holds the last two closes
+
+
+def marks_for(source: MarketDataSource, symbols, as_of: datetime, log=None) -> dict:
+    """Each symbol's Mark at `as_of`: the close of its latest closed daily bar and the close before.
+    A symbol whose data cannot be read is left out (and logged): the account then says it is
+    unmarked, rather than the whole step failing for one symbol."""
+    from trading_pipeline.core.risk import Mark
+
+    marks = {}
+    for symbol in sorted(set(symbols)):
+        try:
+            closes = source.fetch(symbol, "1d", MARK_HISTORY, as_of)["close"]
+        except Exception as error:  # noqa: BLE001 - one symbol's data must not hide the others' marks
+            if log is not None:
+                log.warning(f"no mark for {symbol}: {error}")
+            continue
+        if len(closes):
+            marks[symbol] = Mark(float(closes.iloc[-1]), float(closes.iloc[-2]) if len(closes) > 1 else None)
+    return marks

@@ -1,22 +1,38 @@
-"""Exactly-once order submission: one decision, one order at the broker, however often it runs.
+"""Exactly-once order submission and safe exits: one decision, one order at the broker, however
+often it runs, and a position that is never left without an order protecting it.
 
-The sequence survives a retried step, a re-materialized partition and a crash at any point:
+Entries (`submit_once`) survive a retried step, a re-materialized partition and a crash at any point:
 1. the database already knows the decision's client order id as sent -> report it, send nothing;
 2. the broker already has that id (found by lookup, or answered "duplicate") -> record it, send nothing;
-3. otherwise write the legs as "submitting", send once (never retried blindly), record the answer.
-A "submitting" row left by a crash is reconciled with the broker before anything is sent.
+3. otherwise, under the account lock, check the account-wide limits again on a fresh account
+   (other runs may have used the room since the decision), write the legs as "submitting", send
+   once (never retried blindly), record the answer.
+A "submitting" row left by a crash is reconciled with the broker (here, or by the portfolio sync).
+
+Exits (`exit_once`) never cancel protection first: the position's working stop-loss (else its
+take-profit) is modified into a market order for min(stop size, held size). It stays in its
+bracket's one-cancels-other group, so the sibling is cancelled when it fills and the two can never
+both fill; if the broker refuses the change, the stop keeps working as it was. Only a position with
+no working exit order of the pipeline is closed by a standalone market order of the held size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, BrokerOrder, DuplicateOrderError
-from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow
-from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, TradeDecision
-from trading_pipeline.core.orders import client_order_id
-from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError, UserError
+from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow, account_lock
+from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, RuleCheck, TradeDecision
+from trading_pipeline.core.orders import client_order_id, exit_leg, resize_legs
+from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError
+
+# Limits re-checked right before sending: (quantity allowed now, the checks with their numbers).
+LimitCheck = Callable[[], tuple[int, list[RuleCheck]]]
+EXIT_ORDER_TYPE = "MKT"  # an exit that exits after a gap: a limit at yesterday's close may never fill
 
 
 class OrderDesk:
@@ -24,6 +40,7 @@ class OrderDesk:
         self._sessions = sessions
         self._broker = broker
 
+    # ------------------------------------------------------------------ recording
     def _record(self, decision: TradeDecision, legs: list[OrderLeg], answers: dict[str, BrokerOrder],
                 status_if_unknown: str, detail: str) -> None:
         with self._sessions() as session:
@@ -34,13 +51,14 @@ class OrderDesk:
                 if row is None:
                     row = OrderRow(
                         client_order_id=leg.client_order_id, decision_id=decision.decision_id,
-                        parent_client_order_id=None if leg.role == "entry" else legs[0].client_order_id,
+                        parent_client_order_id=None if leg.role in ("entry", "exit") else legs[0].client_order_id,
                         symbol=decision.symbol, role=leg.role, side=leg.side, order_type=leg.order_type,
                         quantity=leg.quantity, price=leg.price, tif=leg.tif, broker=self._broker.name,
                         status=status)
                     session.add(row)
                     session.flush()  # the event below references this row
                 row.status = status
+                row.quantity = leg.quantity  # resized under the account lock before sending
                 if answer:
                     row.broker_order_id = answer.broker_order_id
                     row.filled_quantity = answer.filled_quantity
@@ -48,15 +66,15 @@ class OrderDesk:
                 session.add(OrderEventRow(client_order_id=leg.client_order_id, status=status, detail=detail))
             session.commit()
         if answers:
-            self._record_executions(decision.symbol, legs)
+            self._record_executions(decision.symbol, [leg.client_order_id for leg in legs])
 
-    def _record_executions(self, symbol: str, legs: list[OrderLeg]) -> None:
+    def _record_executions(self, symbol: str, coids: list[str]) -> None:
         with self._sessions() as session:
-            for leg in legs:
-                for execution in self._broker.executions(leg.client_order_id):
+            for coid in coids:
+                for execution in self._broker.executions(coid):
                     if session.get(ExecutionRow, execution.execution_id) is None:
                         session.add(ExecutionRow(
-                            execution_id=execution.execution_id, client_order_id=leg.client_order_id,
+                            execution_id=execution.execution_id, client_order_id=coid,
                             symbol=symbol, side=execution.side, quantity=execution.quantity,
                             price=execution.price, broker=self._broker.name,
                             executed_at=execution.executed_at))
@@ -65,103 +83,60 @@ class OrderDesk:
     def _result(self, decision: TradeDecision, legs: list[OrderLeg], status: str, reason: str) -> OrderRecord:
         with self._sessions() as session:
             rows = {r.client_order_id: r for r in session.scalars(
-                select(OrderRow).where(OrderRow.decision_id == decision.decision_id))}
-        entry = rows.get(legs[0].client_order_id)
+                select(OrderRow).where(OrderRow.client_order_id.in_([leg.client_order_id for leg in legs])))}
+        first = rows.get(legs[0].client_order_id)
         return OrderRecord(
             decision_id=decision.decision_id, symbol=decision.symbol, status=status, reason=reason,
             broker=self._broker.name, client_order_id=legs[0].client_order_id,
             broker_order_ids=[rows[leg.client_order_id].broker_order_id or "" for leg in legs
                               if leg.client_order_id in rows],
             legs=legs,
-            filled_quantity=int(entry.filled_quantity) if entry else 0,
-            average_fill_price=entry.average_fill_price if entry else None)
+            filled_quantity=int(first.filled_quantity) if first else 0,
+            average_fill_price=first.average_fill_price if first else None)
 
-    def _ever_sent(self, coid: str) -> bool:
-        """Did an earlier attempt send this order (recorded as sent, or known to the broker)?"""
+    def _not_sent(self, decision: TradeDecision, reason: str, legs: list[OrderLeg] | None = None) -> OrderRecord:
+        return OrderRecord(decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
+                           reason=reason, broker=self._broker.name, legs=legs or [])
+
+    def _last_detail(self, coid: str) -> str:
         with self._sessions() as session:
-            known = session.get(OrderRow, coid)
-            if known is not None and known.status != "submitting":
-                return True
-        return self._broker.find_order(coid) is not None
+            return session.scalars(select(OrderEventRow.detail).where(
+                OrderEventRow.client_order_id == coid).order_by(OrderEventRow.id.desc())).first() or ""
 
-    def cancel_exits(self, symbol: str, reason: str) -> list[str]:
-        """Cancel the pipeline's working stop-loss and take-profit orders for `symbol`: a position
-        being closed must not keep exits that would trade it again (a stop left working after the
-        close would open a short). Raises ExitOrderStateError when one cannot be confirmed gone."""
-        with self._sessions() as session:
-            coids = session.scalars(select(OrderRow.client_order_id).where(
-                OrderRow.symbol == symbol, OrderRow.role.in_(("stop_loss", "take_profit")),
-                OrderRow.status.not_in(FINAL_STATUSES))).all()
-        done = []
-        for coid in coids:
-            try:
-                answer = self._broker.cancel(coid)
-            except UserError as error:
-                raise ExitOrderStateError(
-                    f"could not cancel {coid}, an exit order of the {symbol} position being closed "
-                    f"({error.problem}); nothing was sent", error.fix) from None
-            if answer is None or answer.status not in FINAL_STATUSES:
-                state = "unknown to the broker" if answer is None else f"still {answer.status}"
-                raise ExitOrderStateError(
-                    f"{coid}, an exit order of the {symbol} position being closed, is {state}: closing now "
-                    "could trade the position twice, so nothing was sent",
-                    "check the order at the broker (cancel it by hand if it still works), run sync_portfolio, "
-                    "then re-run the orders step")
-            with self._sessions() as session:
-                row = session.get(OrderRow, coid)
-                row.status, row.filled_quantity = answer.status, answer.filled_quantity
-                session.add(OrderEventRow(client_order_id=coid, status=answer.status, detail=reason))
-                session.commit()
-            done.append(f"{coid} {answer.status}")
-        return done
-
-    def close_once(self, decision: TradeDecision, legs: list[OrderLeg], reference_price: float) -> OrderRecord:
-        """Close a position exactly once: first its working exits are cancelled and the position is
-        read again (it may have been closed by one of them meanwhile); then the closing order."""
+    def _known(self, decision: TradeDecision, legs: list[OrderLeg]) -> OrderRecord | None:
+        """What an earlier attempt of this decision already did, or None (never sent, or 'submitting')."""
         coid = legs[0].client_order_id
-        if not self._ever_sent(coid):
-            cancelled = self.cancel_exits(decision.symbol, f"cancelled: decision {decision.decision_id} closes "
-                                                           f"the {decision.symbol} position")
-            held = self._broker.account({}).positions.get(decision.symbol)
-            held_quantity = held.quantity if held else 0.0
-            direction = 1 if decision.action == Action.SELL else -1  # SELL closes a long, BUY covers a short
-            if direction * held_quantity < decision.quantity:
-                return OrderRecord(
-                    decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
-                    broker=self._broker.name, legs=legs,
-                    reason=f"the {decision.symbol} position is {held_quantity:g} now, not the {decision.quantity} "
-                           f"this decision closes (an exit filled meanwhile?); nothing sent"
-                           + (f" (cancelled: {', '.join(cancelled)})" if cancelled else ""))
-        return self.submit_once(decision, legs, reference_price)
-
-    def submit_once(self, decision: TradeDecision, legs: list[OrderLeg], reference_price: float) -> OrderRecord:
-        coid = client_order_id(decision)
-        assert legs and legs[0].client_order_id == coid, "the entry leg must carry the decision's cOID"
         with self._sessions() as session:
             known = session.get(OrderRow, coid)
             known_status = known.status if known else None
         if known_status == "Rejected":
-            with self._sessions() as session:
-                detail = session.scalars(select(OrderEventRow.detail).where(
-                    OrderEventRow.client_order_id == coid).order_by(OrderEventRow.id.desc())).first()
             return self._result(decision, legs, "rejected",
-                                f"the broker rejected {coid} earlier; not sent again ({detail})")
+                                f"the broker rejected {coid} for this decision; it stays rejected and is not sent "
+                                f"again ({self._last_detail(coid)}). The next decision for {decision.symbol} is "
+                                "sent as usual")
         if known_status is not None and known_status != "submitting":
             return self._result(decision, legs, "already_sent",
                                 f"decision {decision.decision_id} was already sent as {coid} "
                                 f"(status {known_status}); nothing sent again")
+        return None
 
-        # Unknown to us, or a crash left it "submitting": ask the broker before sending anything.
+    def _reconciled(self, decision: TradeDecision, legs: list[OrderLeg]) -> OrderRecord | None:
+        """Unknown to us, or a crash left it 'submitting': the broker is asked before anything is sent."""
+        coid = legs[0].client_order_id
         existing = {leg.client_order_id: order for leg in legs
                     if (order := self._broker.find_order(leg.client_order_id)) is not None}
-        if coid in existing:
-            self._record(decision, legs, existing, "unknown", "reconciled: the broker already had this order")
-            return self._result(decision, legs, "already_sent",
-                                f"the broker already had {coid}; recorded it and sent nothing again")
+        if coid not in existing:
+            return None
+        self._record(decision, legs, existing, "unknown", "reconciled: the broker already had this order")
+        return self._result(decision, legs, "already_sent",
+                            f"the broker already had {coid}; recorded it and sent nothing again")
 
+    def _send(self, decision: TradeDecision, legs: list[OrderLeg], reference_price: float,
+              placed_at: datetime | None) -> OrderRecord:
+        coid = legs[0].client_order_id
         self._record(decision, legs, {}, "submitting", "about to send")
         try:
-            answers = self._broker.place(decision.symbol, legs, reference_price, placed_at=decision.as_of)
+            answers = self._broker.place(decision.symbol, legs, reference_price, placed_at=placed_at)
         except OrderRejectedError as rejection:
             self._record(decision, legs, {}, "Rejected", rejection.problem)
             return self._result(decision, legs, "rejected", str(rejection))
@@ -172,8 +147,162 @@ class OrderDesk:
             return self._result(decision, legs, "already_sent",
                                 f"the broker answered that {coid} exists; reconciled, sent nothing again")
         self._record(decision, legs, {a.client_order_id: a for a in answers}, "unknown", "broker accepted")
-        entry = answers[0]
-        status = "filled" if entry.status == "Filled" else "submitted"
+        first = legs[0]
+        status = "filled" if answers and answers[0].status == "Filled" else "submitted"
+        price = "MKT" if first.price is None else f"@ {first.price:.2f} {first.order_type}"
         return self._result(decision, legs, status,
-                            f"sent {legs[0].side} {legs[0].quantity} {decision.symbol} @ {legs[0].price:.2f} "
-                            f"LMT as {coid}; broker status {entry.status}")
+                            f"sent {first.side} {first.quantity} {decision.symbol} {price} as {coid}; broker status "
+                            f"{answers[0].status if answers else 'unknown'}")
+
+    def recorded(self, decision: TradeDecision) -> OrderRecord | None:
+        """What the orders of this decision are now, as the trading database knows them (the sync
+        keeps it in step with the broker), or None when nothing was sent for it ('submitting' rows
+        left by a crash count as not known: the next attempt or the sync reconciles them)."""
+        with self._sessions() as session:
+            rows = session.scalars(select(OrderRow).where(
+                (OrderRow.decision_id == decision.decision_id) | (OrderRow.exit_decision_id == decision.decision_id))
+                .order_by(OrderRow.created_at)).all()
+        first = next((r for r in rows if r.role in ("entry", "exit") and r.decision_id == decision.decision_id), None)
+        first = first or next((r for r in rows if r.exit_decision_id == decision.decision_id), None)
+        if first is None or first.status == "submitting":
+            return None
+        legs = [self._as_leg(first)] + [self._as_leg(r) for r in rows if r is not first
+                                        and r.parent_client_order_id == first.client_order_id]
+        states = ", ".join(f"{r.client_order_id} {r.status}" + (f" (filled {r.filled_quantity:g}/{r.quantity})"
+                                                                 if r.filled_quantity else "")
+                           for r in [first, *[r for r in rows if r is not first
+                                              and r.parent_client_order_id == first.client_order_id]])
+        status = {"Rejected": "rejected", "Filled": "filled"}.get(first.status, "already_sent")
+        detail = f": {self._last_detail(first.client_order_id)}" if status == "rejected" else ""
+        return OrderRecord(
+            decision_id=decision.decision_id, symbol=decision.symbol, status=status,
+            reason=f"sent earlier for this decision; now {states}{detail}", broker=first.broker,
+            client_order_id=first.client_order_id,
+            broker_order_ids=[r.broker_order_id or "" for r in rows], legs=legs,
+            filled_quantity=int(first.filled_quantity or 0), average_fill_price=first.average_fill_price)
+
+    # ------------------------------------------------------------------ entries
+    def submit_once(self, decision: TradeDecision, legs: list[OrderLeg], reference_price: float, *,
+                    placed_at: datetime | None = None, limits: LimitCheck | None = None) -> OrderRecord:
+        """Send the decision's legs exactly once. `limits` re-checks the account-wide limits on a
+        fresh account under the account lock (the size may only shrink); `placed_at` is the
+        send time (the broker's own clock when None)."""
+        coid = client_order_id(decision)
+        assert legs and legs[0].client_order_id == coid, "the first leg must carry the decision's cOID"
+        if (known := self._known(decision, legs)) is not None:
+            return known
+        with account_lock(self._sessions):
+            if (reconciled := self._reconciled(decision, legs)) is not None:
+                return reconciled
+            if limits is not None:
+                allowed, checks = limits()
+                if allowed < 1:
+                    failed = "; ".join(f"{c.rule}: {c.detail}" for c in checks if not c.passed)
+                    return self._not_sent(decision, f"the account's limits, checked again right before sending, "
+                                                    f"leave no room for this order: {failed}", legs)
+                if allowed < legs[0].quantity:
+                    legs = resize_legs(legs, allowed)
+            return self._send(decision, legs, reference_price, placed_at)
+
+    # ------------------------------------------------------------------ exits
+    def _protective_order(self, symbol: str) -> OrderRow | None:
+        """The pipeline's working exit child for `symbol` (stop-loss first, else take-profit), with
+        its state asked of the broker first."""
+        with self._sessions() as session:
+            rows = session.scalars(select(OrderRow).where(
+                OrderRow.symbol == symbol, OrderRow.role.in_(("stop_loss", "take_profit")),
+                OrderRow.status.not_in(FINAL_STATUSES))).all()
+        for role in ("stop_loss", "take_profit"):
+            for row in rows:
+                if row.role != role:
+                    continue
+                current = self._broker.find_order(row.client_order_id)
+                if current is not None and current.status not in FINAL_STATUSES:
+                    return row
+        return None
+
+    def _exit_in_progress(self, decision: TradeDecision) -> OrderRow | None:
+        with self._sessions() as session:
+            return session.scalars(select(OrderRow).where(
+                OrderRow.exit_decision_id == decision.decision_id)).first()
+
+    def exit_once(self, decision: TradeDecision, *, placed_at: datetime | None = None) -> OrderRecord:
+        """Close (or reduce) the decision's position exactly once, never leaving it unprotected and
+        never trading more than is held."""
+        standalone = [exit_leg(decision, decision.quantity)]
+        if (known := self._known(decision, standalone)) is not None:
+            return known
+        converted = self._exit_in_progress(decision)
+        if converted is not None and converted.order_type == EXIT_ORDER_TYPE:
+            return self._result(decision, [self._as_leg(converted)], "already_sent",
+                                f"decision {decision.decision_id} already turned {converted.client_order_id} into "
+                                f"its exit (status {converted.status}); nothing sent again")
+        with account_lock(self._sessions):
+            if (reconciled := self._reconciled(decision, standalone)) is not None:
+                return reconciled
+            held = self._broker.account({}).positions.get(decision.symbol)
+            direction = 1 if decision.action == Action.SELL else -1  # SELL closes a long, BUY covers a short
+            held_quantity = int(direction * held.quantity) if held else 0
+            if held_quantity < 1:
+                return self._not_sent(decision, f"the {decision.symbol} position is "
+                                                f"{held.quantity if held else 0:g} now: nothing to close in this "
+                                                "direction (an exit or stop filled meanwhile?); nothing sent")
+            protective = converted or self._protective_order(decision.symbol)
+            if protective is None:
+                legs = [exit_leg(decision, held_quantity)]
+                return self._send(decision, legs, decision.entry or 0.0, placed_at)
+            return self._convert_into_exit(decision, protective, held_quantity)
+
+    def _convert_into_exit(self, decision: TradeDecision, row: OrderRow, held_quantity: int) -> OrderRecord:
+        coid = row.client_order_id
+        remaining = int(row.quantity - (row.filled_quantity or 0))
+        quantity = min(remaining, held_quantity)  # never more than is held: no flip into the other side
+        with self._sessions() as session:  # the intent first: a crash after the modify is resumed, not redone
+            stored = session.get(OrderRow, coid)
+            stored.exit_decision_id = decision.decision_id
+            session.add(OrderEventRow(client_order_id=coid, status=stored.status,
+                                      detail=f"turning into a {EXIT_ORDER_TYPE} exit of {quantity} for decision "
+                                             f"{decision.decision_id}"))
+            session.commit()
+        try:
+            # The order's total size at the broker: what it already filled plus what is left to exit.
+            total = int(quantity + (row.filled_quantity or 0))
+            answer = self._broker.modify(coid, order_type=EXIT_ORDER_TYPE, price=None,
+                                         quantity=total if quantity != remaining else None)
+        except OrderRejectedError as refusal:
+            with self._sessions() as session:
+                stored = session.get(OrderRow, coid)
+                stored.exit_decision_id = None
+                session.add(OrderEventRow(client_order_id=coid, status=stored.status,
+                                          detail=f"exit refused by the broker, the {row.role} keeps working as it "
+                                                 f"was: {refusal.problem}"))
+                session.commit()
+            return self._result(decision, [self._as_leg(row)], "rejected",
+                                f"the broker refused to turn {coid} into a market exit ({refusal.problem}); the "
+                                f"{row.role} keeps protecting the position unchanged. Fix: {refusal.fix}")
+        if answer is None:
+            raise ExitOrderStateError(
+                f"{coid}, the {row.role} of the {decision.symbol} position, is unknown to the broker: the exit was "
+                "not sent (a standalone sale could close the position twice if the order still works)",
+                "check the order at the broker, run sync_portfolio, then re-run the orders step")
+        with self._sessions() as session:
+            stored = session.get(OrderRow, coid)
+            stored.order_type, stored.price, stored.quantity = EXIT_ORDER_TYPE, None, total
+            stored.status, stored.filled_quantity = answer.status, answer.filled_quantity
+            stored.broker_order_id = stored.broker_order_id or answer.broker_order_id
+            session.add(OrderEventRow(client_order_id=coid, status=answer.status,
+                                      detail=f"converted into a {EXIT_ORDER_TYPE} exit of {quantity} by decision "
+                                             f"{decision.decision_id}"))
+            session.commit()
+            leg = self._as_leg(stored)
+        self._record_executions(decision.symbol, [coid])
+        note = "" if quantity == held_quantity else f" (the position is {held_quantity}; the rest is not the pipeline's)"
+        return self._result(decision, [leg], "submitted",
+                            f"turned {coid} ({row.role}) into a {EXIT_ORDER_TYPE} exit: {row.side} {quantity} "
+                            f"{decision.symbol}{note}; it stays one-cancels-other with its sibling; broker status "
+                            f"{answer.status}")
+
+    @staticmethod
+    def _as_leg(row: OrderRow) -> OrderLeg:
+        return OrderLeg(client_order_id=row.client_order_id, role=row.role, side=row.side,
+                        order_type=row.order_type, quantity=row.quantity, price=row.price, tif=row.tif)

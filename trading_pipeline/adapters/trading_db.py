@@ -6,12 +6,17 @@ its own simulated broker-side state here too, in tables prefixed `paper_`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -88,13 +93,16 @@ class OrderRow(Base):
     decision_id: Mapped[str] = mapped_column(ForeignKey("decisions.decision_id"), index=True)
     parent_client_order_id: Mapped[str | None] = mapped_column(String(64))
     symbol: Mapped[str] = mapped_column(String(16), index=True)
-    role: Mapped[str] = mapped_column(String(16))
+    role: Mapped[str] = mapped_column(String(16))  # entry, stop_loss, take_profit, exit
     side: Mapped[str] = mapped_column(String(4))
     order_type: Mapped[str] = mapped_column(String(12))
     quantity: Mapped[int] = mapped_column(Integer)
-    price: Mapped[float] = mapped_column(Float)
+    price: Mapped[float | None] = mapped_column(Float)  # none for a market order
     tif: Mapped[str] = mapped_column(String(4))
     broker: Mapped[str] = mapped_column(String(16))
+    # A protective stop turned into a market exit by this decision (the exit stays in the stop's
+    # one-cancels-other group, so the position is never without an order that closes it).
+    exit_decision_id: Mapped[str | None] = mapped_column(String(40), index=True)
     broker_order_id: Mapped[str | None] = mapped_column(String(64))
     # "submitting" is written before the broker call: a crash leaves it, and the next attempt
     # reconciles with the broker instead of sending again.
@@ -161,7 +169,7 @@ class PaperOrderRow(Base):
     side: Mapped[str] = mapped_column(String(4))
     order_type: Mapped[str] = mapped_column(String(12))
     quantity: Mapped[int] = mapped_column(Integer)
-    price: Mapped[float] = mapped_column(Float)
+    price: Mapped[float | None] = mapped_column(Float)  # none for a market order
     tif: Mapped[str] = mapped_column(String(4))
     status: Mapped[str] = mapped_column(String(24))
     filled_quantity: Mapped[float] = mapped_column(Float, default=0.0)
@@ -181,12 +189,59 @@ class PaperFillRow(Base):
 
 
 MIGRATION_LOCK_ID = 7_420_011  # PostgreSQL advisory lock: one process migrates at a time
+ACCOUNT_LOCK_ID = 7_420_012  # PostgreSQL advisory lock: one order placement per account at a time
+ACCOUNT_LOCK_TIMEOUT_SECONDS = 120.0
+
+
+@contextlib.contextmanager
+def account_lock(sessions: sessionmaker[Session], timeout: float = ACCOUNT_LOCK_TIMEOUT_SECONDS):
+    """Hold the account's order lock: the limit check and the placement of one run happen while no
+    other run or process checks or places (else two runs size on the same snapshot and together
+    break max_open_positions or the exposure cap). PostgreSQL: a session advisory lock on its own
+    connection; SQLite: an exclusive lock on a file beside the database (SQLite's own write lock
+    cannot be held across a broker call without blocking every other writer)."""
+    engine = sessions.kw["bind"]
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SET lock_timeout = :ms"), {"ms": f"{int(timeout * 1000)}ms"})
+            try:
+                connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": ACCOUNT_LOCK_ID})
+            except OperationalError:
+                raise TimeoutError(f"the account lock was not free within {timeout:.0f} s") from None
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": ACCOUNT_LOCK_ID})
+                connection.commit()
+        return
+    database = engine.url.database
+    lock_path = Path(f"{database}.account.lock") if database and database != ":memory:" else None
+    if lock_path is None:  # an in-memory database lives in one process: a thread lock is enough
+        with _MEMORY_LOCK:
+            yield
+        return
+    with open(lock_path, "a+") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the account lock {lock_path} was not free within {timeout:.0f} s") from None
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_MEMORY_LOCK = threading.RLock()
 
 
 def upgrade_schema(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (creates it on an empty database)."""
-    from sqlalchemy import text
-
     from trading_pipeline import migrations
 
     with engine.begin() as connection:

@@ -134,11 +134,11 @@ class TradeDecision(BaseModel):
 class OrderLeg(BaseModel):
     model_config = ConfigDict(frozen=True)
     client_order_id: str
-    role: str  # "entry", "stop_loss", "take_profit"
+    role: str  # "entry", "stop_loss", "take_profit", "exit"
     side: str  # BUY / SELL
-    order_type: str  # LMT / STP
+    order_type: str  # LMT / STP / MKT
     quantity: int
-    price: float
+    price: float | None  # none for a market order
     tif: str
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from trading_pipeline.core.analysis import Action, TimeframeAnalysis, TradeDecision
-from trading_pipeline.core.risk import AccountState, MarketContext, Proposal, evaluate
+from trading_pipeline.core.risk import TICK, AccountState, MarketContext, Proposal, evaluate
 from trading_pipeline.core.strategies import Strategy
 
 LEAD, CONFIRM = "1d", "1w"
@@ -109,11 +109,13 @@ def decide(
     kill_switch: tuple[bool, str] = (False, ""),
     consolidator: Callable[[TimeframeAnalysis, TimeframeAnalysis], Consolidated] = consolidate,
     decided_at: datetime | None = None,
+    tick: float = TICK,
 ) -> TradeDecision:
     """Consolidate (by default the deterministic rule above; the OpenAI analyst brings its own,
     equally fail-closed) and let the risk gates decide. `decided_at` is the decision's point in
     time (the run's as_of; default the daily analysis's): analyses that saw past it, or that
-    newer closed bars have overtaken, give NO_TRADE before any consolidation (or model call)."""
+    newer closed bars have overtaken, give NO_TRADE before any consolidation (or model call).
+    `tick` is the contract's minimum price increment: prices are rounded to it before the gates."""
     decided_at = decided_at or daily.as_of
     out_of_date = analyses_out_of_date(daily, weekly, decided_at)
     if out_of_date:
@@ -123,7 +125,7 @@ def decide(
         consolidated = consolidator(daily, weekly)
     proposal = consolidated.proposal
     market = MarketContext(daily.last_close, daily.atr, daily.recent_high, daily.recent_low,
-                           market_open, next_open)
+                           market_open, next_open, tick)
     verdict = evaluate(proposal, symbol, market, account, strategy.risk,
                        kill_switch=kill_switch, tif=strategy.orders.tif,
                        when_market_closed=strategy.orders.when_market_closed)
@@ -148,3 +150,25 @@ def decide(
         confirmation=consolidated.confirmation, rationale=rationale, checks=verdict.checks,
         charts=charts, analysts={a.timeframe: a.analyst for a in (daily, weekly)},
     )
+
+
+def decision_not_current(decision: TradeDecision, now: datetime, max_age_minutes: int | None = None) -> str | None:
+    """Why a decision can no longer be sent at `now`, or None. A decision is current from its point
+    in time until the next session closes (its prices are then history), and no longer than
+    `max_age_minutes` when the strategy says so. A replay of the past is the backtest's job."""
+    from trading_pipeline.core.market_calendar import periods_closed_between
+
+    made = decision.as_of
+    if made > now:
+        return (f"the decision is for {made:%Y-%m-%d %H:%M} UTC, after the send time {now:%Y-%m-%d %H:%M} UTC "
+                "(a run tag trading/as_of in the future?); nothing is sent ahead of its time")
+    closed = periods_closed_between(made, now, "1d")
+    if closed:
+        return (f"the decision was made at {made:%Y-%m-%d %H:%M} UTC and {closed} session(s) closed since, by "
+                f"{now:%Y-%m-%d %H:%M} UTC: its prices are history. Materialize {decision.symbol}'s analyses and "
+                "trade_decisions again for a current decision (replaying the past is the backtest's job)")
+    age = (now - made).total_seconds() / 60
+    if max_age_minutes is not None and age > max_age_minutes:
+        return (f"the decision is {age:.0f} minutes old, over the strategy's orders.max_decision_age_minutes "
+                f"{max_age_minutes}: materialize trade_decisions again for a current decision")
+    return None

@@ -7,7 +7,8 @@ recomputed here from the proposal's prices and the real bars; nothing is taken a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 
 from trading_pipeline.core.analysis import Action, RuleCheck
 from trading_pipeline.core.strategies import RiskSettings
@@ -17,6 +18,7 @@ DEFAULT_STOP_ATR = 2.0
 ENTRY_TOLERANCE_ATR = 1.0
 ENTRY_TOLERANCE_SHARE = 0.02
 RANGE_TOLERANCE_ATR = 6.0
+TICK = 0.01  # the minimum increment of US stocks above $1, when the broker does not say
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,20 @@ class Position:
     quantity: float  # negative = short
     average_price: float
     market_price: float
+    conid: int | None = None
 
     @property
     def market_value(self) -> float:
         return self.quantity * self.market_price
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A symbol's price at a point in time: the close of its latest closed daily bar, and the close
+    of the session before it (today's P&L of a position held overnight is measured from it)."""
+
+    price: float
+    previous_close: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class MarketContext:
     recent_low: float
     market_open: bool
     next_open: str  # human-readable, for the reason text
+    tick: float = TICK  # the contract's minimum price increment
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,58 @@ def _fmt(x: float | None) -> str:
     return "none" if x is None else f"{x:.2f}"
 
 
+def to_tick(price: float, tick: float) -> float:
+    """`price` rounded to the nearest multiple of `tick`, without binary noise (99.996 -> 100.0 at 0.01)."""
+    decimals = max(0, -Decimal(str(tick)).normalize().as_tuple().exponent)
+    return round(round(price / tick) * tick, decimals)
+
+
+def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, limits: RiskSettings,
+                 own_order: str | None = None) -> tuple[int, list[RuleCheck]]:
+    """The account-wide gates of an opening trade and its size: no order already working for the
+    symbol, no position in it, the daily-loss breaker, the open-positions cap, and the size from
+    risk per trade, the position cap and the gross-exposure room. Run when the decision is made
+    and again, under the account lock, right before the order is sent (other runs may have used
+    the room since). `own_order` is this decision's cOID (a reconciliation may find it working)."""
+    checks: list[RuleCheck] = []
+
+    def check(rule: str, passed: bool, detail: str) -> bool:
+        checks.append(RuleCheck(rule=rule, passed=bool(passed), detail=detail))
+        return passed
+
+    working = {s: w for s, w in account.working_entries.items() if w.client_order_id != own_order}
+    held = account.positions.get(symbol)
+    held_qty = held.quantity if held else 0
+    check("daily_loss", account.daily_pnl > -limits.daily_loss_limit * account.equity,
+          f"today's P&L {account.daily_pnl:.2f} vs limit −{limits.daily_loss_limit:.0%} of equity "
+          f"{account.equity:.2f} = {-limits.daily_loss_limit * account.equity:.2f}")
+    if symbol in working:  # a second order would double what the first does
+        check("order_working", False,
+              f"order {working[symbol].describe()} for {symbol} may still fill; no second order until it fills, "
+              "expires or is cancelled (the sync_portfolio job or order_status_sensor brings order states up to "
+              "date and reconciles 'submitting' orders)")
+        return 0, checks
+    if held_qty != 0:
+        check("no_pyramiding", False, f"already holding {held_qty:g} {symbol}; no second entry")
+        return 0, checks
+    others = replace(account, working_entries=working)
+    check("max_open_positions", others.committed_positions < limits.max_open_positions,
+          f"{others.open_positions} open positions + {len(working)} working entries "
+          f"vs maximum {limits.max_open_positions}")
+    risk = abs(entry - stop)
+    by_risk = math.floor(account.equity * limits.risk_per_trade / risk)
+    by_share = math.floor(account.equity * limits.max_position_share / entry)
+    room = account.equity * limits.max_gross_exposure - others.committed_exposure
+    by_exposure = max(0, math.floor(room / entry))
+    quantity = max(0, min(by_risk, by_share, by_exposure))
+    check("position_size", quantity >= 1,
+          f"size = min(floor({account.equity:.2f} × {limits.risk_per_trade:.2%} / {risk:.2f}) = {by_risk}, "
+          f"cap {limits.max_position_share:.0%} of equity / {entry:.2f} = {by_share}, "
+          f"gross-exposure room (positions and working entries) {room:.2f} / {entry:.2f} = {by_exposure}) "
+          f"= {quantity}")
+    return (quantity if all(c.passed for c in checks) else 0), checks
+
+
 def evaluate(
     proposal: Proposal,
     symbol: str,
@@ -121,8 +186,54 @@ def evaluate(
     tif: str = "DAY",
     when_market_closed: str = "next_open",
 ) -> RiskVerdict:
-    """Run every gate; the verdict lists each rule with its numbers, passed or not."""
+    """Run every gate; the verdict lists each rule with its numbers, passed or not.
+
+    A proposal against a held position (SELL while long, BUY while short) is an exit and passes
+    only the gates that make sense for one (`_evaluate_exit`): the entry gates never stop the
+    pipeline from reducing risk."""
+    if proposal.action not in (Action.BUY, Action.SELL):
+        return RiskVerdict(False, 0, proposal.entry, proposal.stop, list(proposal.targets), None, None,
+                           [RuleCheck(rule="actionable", passed=False,
+                                      detail=f"proposal is {proposal.action.value}: nothing to send")])
+    direction = 1 if proposal.action == Action.BUY else -1
+    held = account.positions.get(symbol)
+    if held is not None and direction * held.quantity < 0:
+        return _evaluate_exit(proposal, symbol, market, account, held, kill_switch)
+    return _evaluate_entry(proposal, symbol, market, account, limits, direction,
+                           kill_switch=kill_switch, tif=tif, when_market_closed=when_market_closed)
+
+
+def _evaluate_exit(proposal: Proposal, symbol: str, market: MarketContext, account: AccountState,
+                   held: Position, kill_switch: tuple[bool, str]) -> RiskVerdict:
+    """Gates of an exit: a position to close and no other order of the symbol working. Model
+    prices, confidence, market hours, the loss breaker and the kill switch do not apply: the exit
+    is a market order for at most the held size, so it can only reduce the position."""
     checks: list[RuleCheck] = []
+    quantity = int(abs(held.quantity))
+    what = "SELL closes the long" if proposal.action == Action.SELL else "BUY covers the short"
+    checks.append(RuleCheck(rule="position_to_close", passed=quantity >= 1,
+                            detail=f"{what} position of {quantity} {symbol} (a market order for at most the held size)"))
+    working = account.working_entries.get(symbol)
+    if working is not None:
+        checks.append(RuleCheck(rule="order_working", passed=False,
+                                detail=f"order {working.describe()} for {symbol} may still fill; the exit waits until "
+                                       "it fills, expires or is cancelled (its bracket's stop protects what filled)"))
+    engaged, why = kill_switch
+    if engaged:
+        checks.append(RuleCheck(rule="kill_switch", passed=True,
+                                detail=f"kill switch engaged ({why}): it stops entries; an exit only reduces the "
+                                       "position, so it is allowed (TRADING_ORDERS_ENABLED=no stops exits too)"))
+    accepted = all(c.passed for c in checks)
+    exit_price = to_tick(market.last_close, market.tick)  # a reference: the exit is a market order
+    return RiskVerdict(accepted, quantity if accepted else 0, exit_price, None, [], None, None, checks,
+                       closes_position=True)
+
+
+def _evaluate_entry(proposal: Proposal, symbol: str, market: MarketContext, account: AccountState,
+                    limits: RiskSettings, direction: int, *, kill_switch: tuple[bool, str], tif: str,
+                    when_market_closed: str) -> RiskVerdict:
+    checks: list[RuleCheck] = []
+    tick = market.tick
 
     def check(rule: str, passed: bool, detail: str) -> bool:
         checks.append(RuleCheck(rule=rule, passed=bool(passed), detail=detail))
@@ -135,62 +246,67 @@ def evaluate(
         ok = accepted and all(c.passed for c in checks)
         return RiskVerdict(accepted=ok, quantity=quantity if ok else 0, checks=checks, **base)
 
-    if proposal.action not in (Action.BUY, Action.SELL):
-        check("actionable", False, f"proposal is {proposal.action.value}: nothing to send")
-        return verdict(False)
-    direction = 1 if proposal.action == Action.BUY else -1
     engaged, why = kill_switch
     check("kill_switch", not engaged, why or "kill switch off")
     check("confidence", proposal.confidence >= limits.min_confidence,
           f"confidence {proposal.confidence:.2f} vs minimum {limits.min_confidence:.2f}")
 
     atr, close = market.atr, market.last_close
-    entry = proposal.entry
-    if not check("atr_available", atr > 0 and math.isfinite(atr), f"ATR {atr}"):
+    if not check("atr_available", atr > 0 and math.isfinite(atr), f"ATR {atr:.4f}" if math.isfinite(atr) else "ATR none"):
         return verdict(False)
+    if proposal.entry is not None and not math.isfinite(proposal.entry):
+        check("entry_plausible", False, f"entry {proposal.entry} is not a number")
+        return verdict(False)
+    if not all(math.isfinite(p) for p in [*proposal.targets, *([proposal.stop] if proposal.stop is not None else [])]):
+        check("prices_plausible", False, f"stop {proposal.stop} and targets {proposal.targets} must be numbers")
+        return verdict(False)
+    # Every price as the exchange will take it, before any gate looks at it: a stop 0.004 below
+    # the entry is the entry itself once rounded.
+    entry = None if proposal.entry is None else to_tick(proposal.entry, tick)
+    targets = [to_tick(t, tick) for t in proposal.targets]
     entry_tolerance = max(ENTRY_TOLERANCE_ATR * atr, ENTRY_TOLERANCE_SHARE * close)
-    if not check("entry_plausible",
-                 entry is not None and math.isfinite(entry) and abs(entry - close) <= entry_tolerance,
+    if not check("entry_plausible", entry is not None and abs(entry - close) <= entry_tolerance,
                  f"entry {_fmt(entry)} vs last close {close:.2f} (tolerance ±{entry_tolerance:.2f})"):
         return verdict(False)
-    entry = round(entry, 2)
 
-    stop = proposal.stop
-    if stop is None:
-        stop = round(entry - direction * DEFAULT_STOP_ATR * atr, 2)
+    if proposal.stop is None:
+        stop = to_tick(entry - direction * DEFAULT_STOP_ATR * atr, tick)
         check("stop_default", True, f"no stop proposed: using entry ∓ 2×ATR = {stop:.2f}")
-    if not check("stop_side", math.isfinite(stop) and direction * (entry - stop) > 0,
+    else:
+        stop = to_tick(proposal.stop, tick)
+    rounded = dict(entry=entry, stop=stop, targets=targets)
+    if not check("stop_side", direction * (entry - stop) > 0,
                  f"{proposal.action.value} needs stop {'below' if direction > 0 else 'above'} "
-                 f"entry {entry:.2f}; got {stop:.2f}"):
-        return verdict(False, entry=entry, stop=stop)
+                 f"entry {entry:.2f}; got {stop:.2f} (rounded to the {tick:g} tick)"):
+        return verdict(False, **rounded)
+    min_distance = max(tick, limits.min_stop_atr * atr)
+    if not check("stop_distance", abs(entry - stop) >= min_distance - tick / 2,
+                 f"stop distance {abs(entry - stop):.2f} vs minimum max(1 tick {tick:g}, "
+                 f"{limits.min_stop_atr:g} × ATR {atr:.2f}) = {min_distance:.2f}"):
+        return verdict(False, **rounded)
 
     low_bound = market.recent_low - RANGE_TOLERANCE_ATR * atr
     high_bound = market.recent_high + RANGE_TOLERANCE_ATR * atr
-    prices_in_range = all(low_bound <= p <= high_bound for p in [stop, *proposal.targets] if math.isfinite(p)) \
-        and all(math.isfinite(p) for p in proposal.targets)
-    check("prices_plausible", prices_in_range,
-          f"stop {stop:.2f} and targets {[round(t, 2) for t in proposal.targets]} within recent range "
-          f"{market.recent_low:.2f}-{market.recent_high:.2f} ± {RANGE_TOLERANCE_ATR:g}×ATR "
-          f"({low_bound:.2f}-{high_bound:.2f})")
-    if not check("target_present", bool(proposal.targets) and direction * (proposal.targets[0] - entry) > 0,
-                 f"first target {_fmt(proposal.targets[0] if proposal.targets else None)} must be "
+    check("prices_plausible", all(low_bound <= p <= high_bound for p in [stop, *targets]),
+          f"stop {stop:.2f} and targets {targets} within recent range "
+          f"{market.recent_low:.2f} to {market.recent_high:.2f} ± {RANGE_TOLERANCE_ATR:g}×ATR "
+          f"({low_bound:.2f} to {high_bound:.2f})")
+    if not check("target_present", bool(targets) and direction * (targets[0] - entry) > 0,
+                 f"first target {_fmt(targets[0] if targets else None)} must be "
                  f"{'above' if direction > 0 else 'below'} entry {entry:.2f}"):
-        return verdict(False, entry=entry, stop=stop)
-    target = proposal.targets[0]
+        return verdict(False, **rounded)
+    target = targets[0]
     risk = abs(entry - stop)
     r_multiple = round(abs(target - entry) / risk, 3)
     margin = round(abs(target - entry) / entry, 4)
     check("min_r", r_multiple >= limits.min_r,
-          f"R = |{target:.2f} − {entry:.2f}| / |{entry:.2f} − {stop:.2f}| = {r_multiple:.2f} vs minimum {limits.min_r:.2f}")
+          f"R = reward {abs(target - entry):.2f} (target {target:.2f}, entry {entry:.2f}) ÷ risk {risk:.2f} "
+          f"(stop {stop:.2f}) = {r_multiple:.2f} vs minimum {limits.min_r:.2f}")
     check("min_profit_margin", margin >= limits.min_profit_margin,
-          f"margin = |{target:.2f} − {entry:.2f}| / {entry:.2f} = {margin:.2%} vs minimum {limits.min_profit_margin:.2%}")
-    numbers = dict(entry=entry, stop=stop, r_multiple=r_multiple, profit_margin=margin)
+          f"margin = reward {abs(target - entry):.2f} ÷ entry {entry:.2f} = {margin:.2%} "
+          f"vs minimum {limits.min_profit_margin:.2%}")
+    numbers = dict(r_multiple=r_multiple, profit_margin=margin, **rounded)
 
-    held = account.positions.get(symbol)
-    held_qty = held.quantity if held else 0
-    check("daily_loss", account.daily_pnl > -limits.daily_loss_limit * account.equity,
-          f"today's P&L {account.daily_pnl:.2f} vs limit −{limits.daily_loss_limit:.0%} of equity "
-          f"{account.equity:.2f} = {-limits.daily_loss_limit * account.equity:.2f}")
     if market.market_open:
         check("market_hours", True, "market open")
     elif when_market_closed == "next_open":
@@ -198,42 +314,10 @@ def evaluate(
     else:
         check("market_hours", False, f"market closed (next open {market.next_open}); the strategy sends orders "
                                      "only while it is open (orders.when_market_closed: no_trade)")
-
-    working = account.working_entries.get(symbol)
-    if working is not None:  # opening or closing: a second order would double what the first does
-        check("order_working", False,
-              f"order {working.describe()} for {symbol} may still fill; no second order until it fills, "
-              "expires or is cancelled (the sync_portfolio job or order_status_sensor brings order states up to "
-              "date; a 'submitting' or 'unknown' order is reconciled by re-running its orders step)")
-        return verdict(False, **numbers)
-    closes_position = direction < 0 and held_qty > 0
-    if closes_position:
-        quantity = int(held_qty)
-        check("position_size", True, f"SELL closes the long position of {quantity} shares")
-        return verdict(True, quantity, closes_position=True, **numbers)
-    if direction > 0 and held_qty < 0:
-        quantity = int(-held_qty)
-        check("position_size", True, f"BUY covers the short position of {quantity} shares")
-        return verdict(True, quantity, closes_position=True, **numbers)
     if direction < 0:
         check("no_short_sale", limits.allow_short,
               f"SELL with no {symbol} position would open a short; the strategy does not allow short sales "
               "(risk.allow_short: false)")
-    if held_qty != 0:
-        check("no_pyramiding", False, f"already holding {held_qty:g} {symbol}; no second entry")
-        return verdict(False, **numbers)
-    check("max_open_positions", account.committed_positions < limits.max_open_positions,
-          f"{account.open_positions} open positions + {len(account.working_entries)} working entries "
-          f"vs maximum {limits.max_open_positions}")
-
-    by_risk = math.floor(account.equity * limits.risk_per_trade / risk)
-    by_share = math.floor(account.equity * limits.max_position_share / entry)
-    room = account.equity * limits.max_gross_exposure - account.committed_exposure
-    by_exposure = max(0, math.floor(room / entry))
-    quantity = min(by_risk, by_share, by_exposure)
-    check("position_size", quantity >= 1,
-          f"size = min(floor({account.equity:.2f} × {limits.risk_per_trade:.2%} / {risk:.2f}) = {by_risk}, "
-          f"cap {limits.max_position_share:.0%} of equity / {entry:.2f} = {by_share}, "
-          f"gross-exposure room (positions and working entries) {room:.2f} / {entry:.2f} = {by_exposure}) "
-          f"= {quantity}")
+    quantity, account_checks = entry_limits(symbol, entry, stop, account, limits)
+    checks.extend(account_checks)
     return verdict(True, quantity, **numbers)

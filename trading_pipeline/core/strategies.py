@@ -63,6 +63,8 @@ class RiskSettings(_Strict):
     allow_short: bool = Field(False, description="May a SELL open a short position?")
     daily_loss_limit: float = Field(0.03, gt=0, le=1, description="Stop new orders after losing this share today.")
     min_confidence: float = Field(0.5, ge=0, le=1, description="Proposals below this confidence are not traded.")
+    min_stop_atr: float = Field(0.25, ge=0, le=10, description="Minimum entry-to-stop distance, in ATRs (and at "
+                                "least one tick): a stop inside the noise gives an absurd size and R.")
 
 
 class OrderSettings(_Strict):
@@ -72,6 +74,10 @@ class OrderSettings(_Strict):
         "next_open", pattern="^(next_open|no_trade)$",
         description="A decision made while the market is closed: next_open sends the order for the next "
                     "open; no_trade sends nothing (orders only while the market is open).")
+    max_decision_age_minutes: int | None = Field(
+        None, ge=1, le=7 * 24 * 60,
+        description="A decision older than this when its order would go out is not sent. Whatever this says, a "
+                    "decision is never sent once a session has closed after it (its prices are history).")
 
 
 class Strategy(_Strict):

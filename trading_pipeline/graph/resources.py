@@ -1,7 +1,7 @@
 """Dagster resources: one per concern of the mode table, each picking its implementation.
 
-`resources_from_env()` reads the environment (see .env.example); every field can also be set
-in the Dagster launchpad. Heavy libraries (boto3, kaleido, openai) are imported only when used.
+`resources_from_env()` reads the environment (see .env.example); fields can also be set in the
+Dagster launchpad, except the safety switches, which only the deployment sets (BrokerResource). Heavy libraries (boto3, kaleido, openai) are imported only when used.
 """
 
 
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from trading_pipeline import config
 from trading_pipeline.errors import ConfigError
@@ -117,18 +118,23 @@ def _shared_renderer(timeout_seconds: float):
 class BrokerResource(dg.ConfigurableResource):
     """Where orders go: paper (simulated fills in the trading database, default) or ibkr.
 
-    Orders are off unless `orders_enabled` (TRADING_ORDERS_ENABLED=yes) *and* the strategy's
-    `orders.enabled` say otherwise.
+    Whether orders may be sent at all (TRADING_ORDERS_ENABLED, and the strategy's `orders.enabled`)
+    and whether a live account is allowed (TRADING_ALLOW_LIVE) are NOT fields here: they are read
+    from the deployment's environment when an order is sent (config.SafetySwitches), so no run's
+    config can turn them on. The two fields below exist only to refuse a run that tries.
     """
 
     mode: str = "paper"
-    orders_enabled: bool = False
-    allow_live: bool = False
     paper_equity: float = 100_000.0
     database: TradingDatabaseResource
     ibkr: IBKRResource
+    orders_enabled: bool | None = Field(None, description="Refused: set TRADING_ORDERS_ENABLED in the deployment.")
+    allow_live: bool | None = Field(None, description="Refused: set TRADING_ALLOW_LIVE in the deployment.")
 
-    def broker(self):
+    def setup_for_execution(self, context) -> None:
+        refuse_run_set_switches(self, {"orders_enabled": "TRADING_ORDERS_ENABLED", "allow_live": "TRADING_ALLOW_LIVE"})
+
+    def broker(self, symbols: tuple[str, ...] = ()):
         if self.mode == "paper":
             from trading_pipeline.adapters.broker import PaperBroker
 
@@ -144,6 +150,15 @@ class BrokerResource(dg.ConfigurableResource):
         from trading_pipeline.graph.ibkr import order_placement_held
 
         return order_placement_held(self.ibkr.status_path())
+
+
+def refuse_run_set_switches(resource: dg.ConfigurableResource, switches: dict[str, str]) -> None:
+    """Fail the run before any step when its config sets a safety switch (they are the deployment's)."""
+    for field, variable in switches.items():
+        if getattr(resource, field, None) is not None:
+            raise ConfigError(config.RUN_SET_SWITCH.format(field=field, variable=variable),
+                              f"remove resources.…{field} from the run config; the operator sets {variable} "
+                              "in the deployment's environment")
 
 
 def _float_env(name: str, default: float, environ) -> float:
@@ -169,6 +184,8 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         config.check_database_url(environ["TRADING_DATABASE_URL"])  # never echoes the URL (password)
     if environ.get("TRADING_AS_OF"):
         config.parse_as_of(environ["TRADING_AS_OF"], "TRADING_AS_OF")  # a bad time stops the load, not every run
+    config.check_real_prices_for_a_trading_broker(environ)  # simulated prices or a replay never reach IBKR
+    config.SafetySwitches.read(environ)  # a typo in a switch stops the load (read again when sending)
     # A PostgreSQL URL carries a password: hand Dagster the variable's name, not its value, so
     # the UI and the event log never show it.
     if from_process and environ.get("TRADING_DATABASE_URL"):
@@ -196,8 +213,6 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
             height=int(_float_env("TRADING_CHART_HEIGHT", 1080, environ))),
         "broker": BrokerResource(
             mode=config.env_mode("TRADING_BROKER", environ),
-            orders_enabled=config.env_flag("TRADING_ORDERS_ENABLED", environ),
-            allow_live=config.env_flag("TRADING_ALLOW_LIVE", environ),
             paper_equity=_float_env("TRADING_PAPER_EQUITY", 100_000.0, environ),
             database=database,
             ibkr=ibkr),

@@ -141,3 +141,60 @@ def test_market_hours_gate_follows_the_strategy_when_the_market_is_closed():
     only_while_open = evaluate(BUY, "X", closed, ACCOUNT, LIMITS, when_market_closed="no_trade")
     assert not only_while_open.accepted and failed(only_while_open) == {"market_hours"}
     assert evaluate(BUY, "X", MARKET, ACCOUNT, LIMITS, when_market_closed="no_trade").accepted  # open: sent
+
+
+# --- Exits pass the gates that make sense for exits (issue 12.3) ------------------------------------
+
+LONG = {"X": Position(quantity=100, average_price=95.0, market_price=100.0)}
+# A SELL that would fail every entry gate: unsure, far-fetched prices, a stop on the wrong side.
+WILD_SELL = Proposal(Action.SELL, 250.0, 90.0, [400.0], 0.1)
+
+
+def test_an_exit_is_not_stopped_by_entry_gates():
+    losing = AccountState(100_000.0, 90_000.0, positions=LONG, daily_pnl=-4_000.0)  # the loss breaker is hit
+    closed = MarketContext(100.0, 2.0, 110.0, 90.0, market_open=False, next_open="Mon")
+    verdict = evaluate(WILD_SELL, "X", closed, losing, LIMITS, kill_switch=(True, "file"),
+                       when_market_closed="no_trade")
+    assert verdict.accepted and verdict.closes_position and verdict.quantity == 100
+    assert {c.rule for c in verdict.checks} == {"position_to_close", "kill_switch"}
+    assert failed(verdict) == set()
+    # The model's numbers play no part: the exit is a market order, the reference is the last close.
+    assert (verdict.entry, verdict.stop, verdict.targets, verdict.r_multiple) == (100.0, None, [], None)
+
+
+def test_the_same_proposal_as_an_entry_is_refused_by_those_gates():
+    verdict = evaluate(WILD_SELL, "X", MARKET, AccountState(100_000.0, 100_000.0, daily_pnl=-4_000.0),
+                       LIMITS.model_copy(update={"allow_short": True}), kill_switch=(True, "file"))
+    assert not verdict.accepted
+    assert {"kill_switch", "confidence", "entry_plausible"} <= failed(verdict)
+
+
+def test_a_buy_covers_a_short_whatever_the_entry_gates_say():
+    short = {"X": Position(quantity=-40, average_price=105.0, market_price=100.0)}
+    verdict = evaluate(Proposal(Action.BUY, 100.0, None, [], 0.0), "X", MARKET,
+                       AccountState(100_000.0, 104_000.0, positions=short), LIMITS)
+    assert verdict.accepted and verdict.closes_position and verdict.quantity == 40
+
+
+# --- Prices rounded to the tick before the gates; a minimum stop distance (issue 12.6) --------------
+
+def test_a_sub_tick_stop_is_the_entry_once_rounded_and_is_refused():
+    verdict = evaluate(Proposal(Action.BUY, 100.00, 99.996, [106.0], 0.9), "X", MARKET, ACCOUNT, LIMITS)
+    assert not verdict.accepted and failed(verdict) == {"stop_side"}
+    assert verdict.stop == 100.0 and verdict.quantity == 0 and verdict.r_multiple is None
+
+
+def test_a_stop_inside_the_minimum_distance_is_refused():
+    # 0.05 below the entry: one tick clear, but inside 0.25 × ATR 2.0 = 0.50 (R would be 120).
+    verdict = evaluate(Proposal(Action.BUY, 100.00, 99.95, [106.0], 0.9), "X", MARKET, ACCOUNT, LIMITS)
+    assert not verdict.accepted and failed(verdict) == {"stop_distance"}
+    assert "minimum max(1 tick 0.01, 0.25 × ATR 2.00) = 0.50" in \
+        next(c.detail for c in verdict.checks if c.rule == "stop_distance")
+
+
+def test_prices_are_rounded_to_the_contracts_tick():
+    quarter = MarketContext(100.0, 2.0, 110.0, 90.0, market_open=True, next_open="", tick=0.25)
+    verdict = evaluate(Proposal(Action.BUY, 100.1, 96.13, [106.4], 0.9), "X", quarter, ACCOUNT, LIMITS)
+    assert verdict.accepted
+    assert (verdict.entry, verdict.stop, verdict.targets) == (100.0, 96.25, [106.5])
+    assert verdict.r_multiple == round(6.5 / 3.75, 3)

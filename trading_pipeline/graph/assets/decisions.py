@@ -5,12 +5,19 @@ import dataclasses
 import dagster as dg
 
 from trading_pipeline import config
+from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import TradeDecision
 from trading_pipeline.core.strategies import StrategiesFile
+from trading_pipeline.errors import UserError
 from trading_pipeline.graph import checks
 from trading_pipeline.graph.assets.analyses import analyst_for_run, model_call_metadata
-from trading_pipeline.graph.assets.common import nan_if_none, run_as_of
-from trading_pipeline.graph.resources import AnalystResource, BrokerResource, TradingDatabaseResource
+from trading_pipeline.graph.assets.common import fail, nan_if_none, run_as_of
+from trading_pipeline.graph.resources import (
+    AnalystResource,
+    BrokerResource,
+    MarketDataResource,
+    TradingDatabaseResource,
+)
 
 
 def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
@@ -30,11 +37,10 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
         ai_analyses: dict,
         analyst: AnalystResource,
         broker: BrokerResource,
+        market_data: MarketDataResource,
         trading_db: TradingDatabaseResource,
     ):
-        from trading_pipeline.adapters.portfolio_sync import working_entries
         from trading_pipeline.adapters.records import record_decision, record_strategy, sent_decision
-        from trading_pipeline.core import market_calendar
         from trading_pipeline.core.decisions import decide
 
         symbol = context.partition_key
@@ -43,11 +49,12 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
         daily, weekly = by_timeframe["1d"], by_timeframe["1w"]
         sessions = trading_db.sessions()
         record_strategy(sessions, strategy)
-        the_broker = broker.broker()
         decided_at = run_as_of(context)  # this run's point in time, not the analyses' (may be older)
-        # Orders sent earlier that may still fill count for the limits (and block a second order).
-        account = dataclasses.replace(the_broker.account({symbol: daily.last_close}, as_of=decided_at),
-                                      working_entries=working_entries(sessions, the_broker))
+        try:  # the broker's answers (a wrong account, a missing P&L) are the user's to fix: never retried
+            the_broker = broker.broker(symbols=tuple(strategies_file.symbols()))
+            account, tick = account_for_decision(the_broker, market_data, sessions, symbol, decided_at, context.log)
+        except UserError as error:
+            raise fail(error) from None
         kill = config.KillSwitch.read()
         reader = analyst_for_run(context, analyst, sessions)
         try:
@@ -58,6 +65,7 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
                 kill_switch=(kill.engaged, kill.reason),
                 consolidator=reader.consolidate,
                 decided_at=decided_at,
+                tick=tick,
             )
         finally:
             reader.close()
@@ -75,6 +83,20 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
         )
 
     return [trade_decisions]
+
+
+def account_for_decision(the_broker, market_data: MarketDataResource, sessions, symbol: str, decided_at, log):
+    """The account as the risk gates see it at the decision's point in time: every position marked
+    to its latest closed price (unrealized losses count for equity, size and the loss breaker),
+    the orders that may still fill, and the contract's minimum tick."""
+    from trading_pipeline.adapters.market_data import marks_for
+    from trading_pipeline.adapters.portfolio_sync import working_entries
+
+    held = the_broker.account({}, as_of=decided_at).positions
+    marks = marks_for(market_data.source(), {*held, symbol}, decided_at, log=log)
+    account = dataclasses.replace(the_broker.account(marks, as_of=decided_at),
+                                  working_entries=working_entries(sessions, the_broker))
+    return account, the_broker.min_tick(symbol)
 
 
 def decision_metadata(decision: TradeDecision, unchanged: bool) -> dict:

@@ -1,13 +1,20 @@
-"""Orders: what was sent to the broker for a decision (exactly once), or why nothing was."""
+"""Orders: what was sent to the broker for a decision (exactly once), or why nothing was.
+
+The switches are the deployment's (config.SafetySwitches, read now, never from run config); the
+decision must still be current at send time; entries re-check the account's limits under the
+account lock; exits turn the position's stop into a market order (adapters/order_desk.py).
+"""
+
+import dataclasses
 
 import dagster as dg
 
 from trading_pipeline import config
 from trading_pipeline.core.analysis import OrderRecord, TradeDecision
-from trading_pipeline.core.strategies import StrategiesFile
+from trading_pipeline.core.strategies import StrategiesFile, Strategy
 from trading_pipeline.errors import UserError
 from trading_pipeline.graph.assets.common import fail
-from trading_pipeline.graph.resources import BrokerResource, TradingDatabaseResource
+from trading_pipeline.graph.resources import BrokerResource, MarketDataResource, TradingDatabaseResource
 
 
 def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
@@ -21,51 +28,91 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
         context: dg.AssetExecutionContext,
         trade_decisions: TradeDecision,
         broker: BrokerResource,
+        market_data: MarketDataResource,
         trading_db: TradingDatabaseResource,
     ):
         from trading_pipeline.adapters.order_desk import OrderDesk
-        from trading_pipeline.core.orders import build_legs
 
         decision = trade_decisions
         strategy = strategies_file.strategy_for(decision.symbol)
-        the_broker = broker.broker()
-        kill = config.KillSwitch.read()
-        reason = None
-        if not decision.actionable:
-            reason = f"decision is {decision.action.value}: {decision.rationale}"
-        elif not broker.orders_enabled:
-            reason = "orders are off: set TRADING_ORDERS_ENABLED=yes to let the pipeline send orders"
-        elif not strategy.orders.enabled:
-            reason = f"strategy {strategy.name!r} has orders.enabled: false in the strategies file"
-        elif kill.engaged:
-            reason = f"kill switch engaged: {kill.reason}"
-        elif held := broker.placement_held():
-            reason = held
-        if reason is not None:
-            record = OrderRecord(decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
-                                 reason=reason, broker=the_broker.name)
-        else:
-            legs = build_legs(decision, strategy.orders.tif, decision.closes_position)
-            desk = OrderDesk(trading_db.sessions(), the_broker)
-            try:
-                record = (desk.close_once if decision.closes_position else desk.submit_once)(
-                    decision, legs, decision.entry)
-            except UserError as error:  # an exit that cannot be confirmed cancelled: nothing sent
-                raise fail(error) from None
+        sessions = trading_db.sessions()
+        try:
+            the_broker = broker.broker(symbols=tuple(strategies_file.symbols()))
+            desk = OrderDesk(sessions, the_broker)
+            # What an earlier run did for this decision is what the asset shows, whatever the switches say now.
+            record = desk.recorded(decision)
+            if record is None:
+                now = config.trading_now()
+                reason = why_not_sent(decision, strategy, broker, now)
+                if reason is not None:
+                    record = OrderRecord(decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
+                                         reason=reason, broker=the_broker.name)
+                elif decision.closes_position:
+                    record = desk.exit_once(decision, placed_at=now)
+                else:
+                    record = _send_entry(desk, decision, strategy, the_broker, market_data, sessions, now, context)
+        except UserError as error:  # bad gateway answer, wrong account, an exit whose state is unknown
+            raise fail(error) from None
         context.log.info(f"{decision.symbol}: {record.status}: {record.reason}")
         return dg.MaterializeResult(value=record, metadata=order_metadata(record))
 
     return [orders]
 
 
+def why_not_sent(decision: TradeDecision, strategy: Strategy, broker: BrokerResource, now) -> str | None:
+    """The first reason this decision's order must not go out now, or None."""
+    from trading_pipeline.core.decisions import decision_not_current
+
+    if not decision.actionable:
+        return f"decision is {decision.action.value}: {decision.rationale}"
+    if not config.SafetySwitches.read().orders_enabled:
+        return ("orders are off: the deployment sets TRADING_ORDERS_ENABLED=yes to let the pipeline send orders "
+                "(environment of the code location; a run's config cannot)")
+    if not strategy.orders.enabled:
+        return f"strategy {strategy.name!r} has orders.enabled: false in the strategies file"
+    kill = config.KillSwitch.read()
+    if kill.engaged and not decision.closes_position:  # exits only reduce risk: they still go out
+        return f"kill switch engaged: {kill.reason}"
+    if held := broker.placement_held():
+        return held
+    stale = decision_not_current(decision, now, strategy.orders.max_decision_age_minutes)
+    if stale:
+        return f"decision not current: {stale}"
+    return None
+
+
+def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, market_data: MarketDataResource,
+                sessions, now, context) -> OrderRecord:
+    from trading_pipeline.adapters.market_data import marks_for
+    from trading_pipeline.adapters.portfolio_sync import working_entries
+    from trading_pipeline.core.orders import build_legs, client_order_id
+    from trading_pipeline.core.risk import entry_limits
+
+    def limits_now():
+        """The account as it is now (other runs may have placed since the decision), marked to market."""
+        held = the_broker.account({}, as_of=now).positions
+        marks = marks_for(market_data.source(), {*held, decision.symbol}, now, log=context.log)
+        account = dataclasses.replace(the_broker.account(marks, as_of=now),
+                                      working_entries=working_entries(sessions, the_broker))
+        return entry_limits(decision.symbol, decision.entry, decision.stop, account, strategy.risk,
+                            own_order=client_order_id(decision))
+
+    return desk.submit_once(decision, build_legs(decision, strategy.orders.tif), decision.entry,
+                            placed_at=now, limits=limits_now)
+
+
 def order_metadata(record: OrderRecord) -> dict:
+    legs = "\n".join(f"| {leg.role} | {leg.side} | {leg.order_type} | {leg.quantity} | "
+                      f"{'market' if leg.price is None else f'{leg.price:.2f}'} | {leg.tif} | {leg.client_order_id} |"
+                      for leg in record.legs)
     return {
         "status": record.status,
-        "reason": record.reason,
+        "reason": dg.MetadataValue.md(record.reason),
         "broker": record.broker,
         "client_order_id": record.client_order_id or "none",
         "broker_order_ids": dg.MetadataValue.json(record.broker_order_ids),
-        "legs": dg.MetadataValue.json([leg.model_dump() for leg in record.legs]),
+        "legs": dg.MetadataValue.md("| role | side | type | quantity | price | tif | cOID |\n|---|---|---|---:|---:|---|---|\n"
+                                    + legs) if record.legs else dg.MetadataValue.text("none"),
         "filled_quantity": record.filled_quantity,
         "decision_id": record.decision_id,
     }

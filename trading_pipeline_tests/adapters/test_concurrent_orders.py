@@ -1,0 +1,88 @@
+"""N decide runs at once against one account (issue 12.8): each sized its decision on the same empty
+account, but the limit check and the placement are one atomic step across processes, so together
+they never exceed max_open_positions or the gross-exposure cap, on SQLite and on PostgreSQL."""
+
+import dataclasses
+import multiprocessing
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+
+from trading_pipeline.adapters.broker import PaperBroker
+from trading_pipeline.adapters.order_desk import OrderDesk
+from trading_pipeline.adapters.portfolio_sync import working_entries
+from trading_pipeline.adapters.records import record_decision
+from trading_pipeline.adapters.trading_db import OrderRow, PaperOrderRow, session_factory
+from trading_pipeline.core.analysis import Action, TradeDecision
+from trading_pipeline.core.orders import build_legs, client_order_id
+from trading_pipeline.core.risk import entry_limits
+from trading_pipeline.core.strategies import RiskSettings
+
+SYMBOLS = ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF"]
+LIMITS = RiskSettings(max_open_positions=3, max_gross_exposure=0.30, max_position_share=0.10)
+AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
+
+
+def decision(symbol: str) -> TradeDecision:
+    # What each run decided on the same snapshot (an empty account): 100 shares at 100 = 10% each.
+    return TradeDecision(decision_id=f"conc-{symbol}", strategy="s", symbol=symbol, as_of=AS_OF, data_through=AS_OF,
+                         proposed_action=Action.BUY, action=Action.BUY, entry=100.0, stop=96.0, targets=[106.0],
+                         r_multiple=1.5, profit_margin=0.06, confidence=0.7, quantity=100, rationale="test")
+
+
+def decide_and_send(url: str, symbol: str, start) -> str:
+    sessions = session_factory(url)
+    broker = PaperBroker(sessions, 100_000.0)
+    the_decision = decision(symbol)
+    record_decision(sessions, the_decision)
+
+    def limits_now():
+        account = dataclasses.replace(broker.account({}), working_entries=working_entries(sessions, broker))
+        return entry_limits(symbol, 100.0, 96.0, account, LIMITS, own_order=client_order_id(the_decision))
+
+    start.wait()  # every process sends at the same moment
+    return OrderDesk(sessions, broker).submit_once(the_decision, build_legs(the_decision, "DAY"), 100.0,
+                                                   placed_at=AS_OF, limits=limits_now).status
+
+
+def test_concurrent_runs_respect_the_account_limits(database_url):
+    session_factory(database_url)  # the schema, once, before the processes race
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, like Dagster's run workers
+    with context.Manager() as manager:
+        start = manager.Barrier(len(SYMBOLS))
+        with context.Pool(len(SYMBOLS)) as pool:
+            statuses = pool.starmap(decide_and_send, [(database_url, symbol, start) for symbol in SYMBOLS])
+    assert sorted(statuses) == ["not_sent"] * 3 + ["submitted"] * 3
+    sessions = session_factory(database_url)
+    with sessions() as session:
+        placed = session.scalars(select(PaperOrderRow).where(PaperOrderRow.parent_broker_order_id.is_(None))).all()
+        recorded = session.scalars(select(OrderRow).where(OrderRow.role == "entry")).all()
+    assert len(placed) == 3 and len(recorded) == 3
+    assert sum(row.quantity * row.price for row in placed) <= 0.30 * 100_000.0
+
+
+def test_the_recheck_shrinks_an_order_to_the_room_left(database_url):
+    sessions = session_factory(database_url)
+    broker = PaperBroker(sessions, 100_000.0)
+    first, second = decision("AAA"), decision("BBB").model_copy(update={"quantity": 250})
+    for the_decision in (first, second):
+        record_decision(sessions, the_decision)
+
+    def limits_for(the_decision):
+        def limits_now():
+            account = dataclasses.replace(broker.account({}), working_entries=working_entries(sessions, broker))
+            return entry_limits(the_decision.symbol, 100.0, 96.0, account,
+                                LIMITS.model_copy(update={"max_position_share": 0.25}),
+                                own_order=client_order_id(the_decision))
+        return limits_now
+
+    desk = OrderDesk(sessions, broker)
+    assert desk.submit_once(first, build_legs(first, "DAY"), 100.0, placed_at=AS_OF,
+                            limits=limits_for(first)).status == "submitted"
+    # 30% × 100,000 − 10,000 working = 20,000 of room: 200 shares, not the 250 decided.
+    result = desk.submit_once(second, build_legs(second, "DAY"), 100.0, placed_at=AS_OF, limits=limits_for(second))
+    assert result.status == "submitted" and [leg.quantity for leg in result.legs] == [200, 200, 200]
+    assert broker.find_order("tp-conc-BBB-sl") is not None
+    with sessions() as session:
+        assert {row.quantity for row in session.scalars(select(PaperOrderRow).where(
+            PaperOrderRow.client_order_id.like("tp-conc-BBB%")))} == {200}
