@@ -64,7 +64,7 @@ def test_defaults_are_the_embedded_modes(tmp_path):
     resources = resources_from_env({"TRADING_DATA_DIR": str(tmp_path)})
     assert resources["market_data"].mode == "simulated"
     assert resources["analyst"].mode == "rules"
-    assert resources["broker"].mode == "paper" and resources["broker"].orders_enabled is False
+    assert resources["broker"].mode == "paper" and resources["broker"].orders_enabled is None  # the deployment's
     assert resources["chart_store"].mode == "local"
     assert resources["trading_db"].url == f"sqlite:///{tmp_path / 'trading.db'}"
 
@@ -79,3 +79,14 @@ def test_database_url_with_password_stays_out_of_resource_config(monkeypatch):
     # What Dagster shows of a resource is its config: the variable's name, not the URL.
     assert "s3cret" not in repr(resources["trading_db"]) and "s3cret" not in repr(resources["broker"])
     assert "TRADING_DATABASE_URL" in repr(resources["trading_db"])
+
+
+@pytest.mark.parametrize("environment, variable", [
+    ({"TRADING_BROKER": "ibkr"}, "TRADING_MARKET_DATA=simulated"),
+    ({"TRADING_BROKER": "ibkr", "TRADING_MARKET_DATA": "ibkr", "TRADING_AS_OF": "2026-09-01T21:30:00Z"},
+     "TRADING_AS_OF='2026-09-01T21:30:00Z' is set with TRADING_BROKER=ibkr"),
+])
+def test_a_trading_broker_never_gets_simulated_prices_or_a_replay(environment, variable):
+    with pytest.raises(ConfigError) as info:
+        resources_from_env(environment)
+    assert variable in str(info.value) and "Fix:" in str(info.value)

@@ -5,7 +5,6 @@ import dataclasses
 import dagster as dg
 
 from trading_pipeline import config
-from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import TradeDecision
 from trading_pipeline.core.strategies import StrategiesFile
 from trading_pipeline.errors import UserError
@@ -41,6 +40,7 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
         trading_db: TradingDatabaseResource,
     ):
         from trading_pipeline.adapters.records import record_decision, record_strategy, sent_decision
+        from trading_pipeline.core import market_calendar
         from trading_pipeline.core.decisions import decide
 
         symbol = context.partition_key

@@ -1,0 +1,95 @@
+"""Order safety through the graph (issue 12): the switches are the deployment's, a run's config cannot
+turn them on; a decision is sent only while it is current; what was sent stays what the orders
+asset shows, whatever the switches say later."""
+
+from datetime import datetime, timedelta
+
+import dagster as dg
+import pytest
+from sqlalchemy import func, select
+
+from trading_pipeline.adapters.trading_db import PaperOrderRow, session_factory
+from trading_pipeline.core.analysis import Action
+from trading_pipeline.core.strategies import parse_strategies
+from trading_pipeline.definitions import build_definitions
+from trading_pipeline.graph.assets import AS_OF_TAG
+from trading_pipeline.graph.resources import resources_from_env
+
+AS_OF = "2026-09-01T21:30:00+00:00"  # the simulated market (seed 0) gives SPY an accepted BUY here
+STRATEGIES = parse_strategies("""\
+strategies:
+  - name: safety_test
+    symbols: [SPY]
+    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}
+    orders: {enabled: true}
+""")
+
+
+@pytest.fixture
+def deployment(tmp_path, monkeypatch):
+    """A paper deployment whose clock is AS_OF; orders off unless a test turns them on."""
+    for name in ("TRADING_ORDERS_ENABLED", "TRADING_KILL_SWITCH", "TRADING_BROKER", "TRADING_MARKET_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TRADING_AS_OF", AS_OF)
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path / "data"))
+    defs = build_definitions(STRATEGIES, resources_from_env())
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        for timeframe in ("1d", "1w"):
+            assert defs.resolve_job_def("analyze_timeframe").execute_in_process(
+                partition_key=dg.MultiPartitionKey({"symbol": "SPY", "timeframe": timeframe}),
+                instance=instance, tags={AS_OF_TAG: AS_OF}).success
+        yield defs, instance, session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")
+
+
+def paper_orders(sessions) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(PaperOrderRow))
+
+
+def test_a_run_config_cannot_turn_orders_on(deployment):
+    defs, instance, sessions = deployment
+    result = defs.resolve_job_def("decide_and_order").execute_in_process(
+        partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF}, raise_on_error=False,
+        run_config={"resources": {"broker": {"config": {"orders_enabled": True}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_failure)
+    text = str(failure.event_specific_data.error) if failure.event_specific_data else failure.message
+    assert "orders_enabled is a safety switch of the deployment (TRADING_ORDERS_ENABLED)" in (text + failure.message)
+    assert paper_orders(sessions) == 0
+
+
+def test_orders_follow_the_deployment_switch_read_when_sending(deployment, monkeypatch):
+    defs, instance, sessions = deployment
+    job = defs.resolve_job_def("decide_and_order")
+    off = job.execute_in_process(partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF})
+    assert off.output_for_node("trade_decisions").action == Action.BUY
+    assert off.output_for_node("orders").status == "not_sent" and paper_orders(sessions) == 0
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "yes")  # the operator turns orders on; no reload needed
+    on = job.execute_in_process(partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF})
+    sent = on.output_for_node("orders")
+    assert sent.status == "submitted" and paper_orders(sessions) == 3
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "no")  # off again: the asset still shows what was sent
+    again = job.execute_in_process(partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF})
+    shown = again.output_for_node("orders")
+    assert shown.status == "already_sent" and shown.client_order_id == sent.client_order_id
+    assert "sent earlier for this decision" in shown.reason and paper_orders(sessions) == 3
+
+
+def test_a_two_week_old_decision_is_not_sent(deployment, monkeypatch):
+    defs, instance, sessions = deployment
+    decided = defs.resolve_job_def("decide_and_order").execute_in_process(
+        partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF})
+    assert decided.output_for_node("trade_decisions").action == Action.BUY  # orders were off then
+    two_weeks_later = (datetime.fromisoformat(AS_OF) + timedelta(days=14)).isoformat()
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "yes")
+    for clock in (two_weeks_later, None):  # the deployment's simulated clock, then the real one
+        if clock:
+            monkeypatch.setenv("TRADING_AS_OF", clock)
+        else:
+            monkeypatch.delenv("TRADING_AS_OF")
+        only_orders = dg.materialize([*defs.assets], selection=["orders"], partition_key="SPY", instance=instance,
+                                     resources=defs.resources, tags={AS_OF_TAG: two_weeks_later})
+        order = only_orders.output_for_node("orders")
+        assert order.status == "not_sent" and "decision not current" in order.reason
+        assert "session(s) closed since" in order.reason
+    assert paper_orders(sessions) == 0
