@@ -6,14 +6,17 @@ import dagster as dg
 
 from trading_pipeline import config
 from trading_pipeline.core.analysis import TradeDecision
-from trading_pipeline.core.strategies import StrategiesFile
+from trading_pipeline.core.strategies import StrategiesFile, Strategy
 from trading_pipeline.errors import UserError
 from trading_pipeline.graph import checks
 from trading_pipeline.graph.assets.analyses import analyst_for_run, model_call_metadata
 from trading_pipeline.graph.assets.common import fail, nan_if_none, run_as_of
+from trading_pipeline.graph.assets.decision_chart import render_decision_chart
 from trading_pipeline.graph.resources import (
     AnalystResource,
     BrokerResource,
+    ChartRendererResource,
+    ChartStoreResource,
     MarketDataResource,
     TradingDatabaseResource,
 )
@@ -25,7 +28,8 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
     @dg.asset(
         partitions_def=symbols,
         group_name="trading",
-        ins={"ai_analyses": dg.AssetIn(partition_mapping=from_both_timeframes)},
+        ins={"ai_analyses": dg.AssetIn(partition_mapping=from_both_timeframes),
+             "indicator_frames": dg.AssetIn(partition_mapping=from_both_timeframes)},
         check_specs=checks.decision_check_specs("trade_decisions"),
         retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
         pool="llm",  # the OpenAI analyst's consolidation call
@@ -34,9 +38,12 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
     def trade_decisions(
         context: dg.AssetExecutionContext,
         ai_analyses: dict,
+        indicator_frames: dict,
         analyst: AnalystResource,
         broker: BrokerResource,
         market_data: MarketDataResource,
+        chart_renderer: ChartRendererResource,
+        chart_store: ChartStoreResource,
         trading_db: TradingDatabaseResource,
     ):
         from trading_pipeline.adapters.records import record_decision, record_strategy, sent_decision
@@ -75,9 +82,11 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
             decision = already
         else:
             record_decision(sessions, decision)
+        daily_frame = next(f for f in indicator_frames.values() if f.timeframe == "1d").frame
         return dg.MaterializeResult(
             value=decision,
-            metadata={**decision_metadata(decision, already is not None),
+            metadata={**decision_metadata(decision, already is not None, strategy),
+                      **render_decision_chart(decision, daily_frame, chart_renderer, chart_store, log=context.log),
                       **model_call_metadata(context, analyst, sessions, symbol, None, "consolidation")},
             check_results=checks.decision_checks(decision, strategy),
         )
@@ -99,27 +108,47 @@ def account_for_decision(the_broker, market_data: MarketDataResource, sessions, 
     return account, the_broker.min_tick(symbol)
 
 
-def decision_metadata(decision: TradeDecision, unchanged: bool) -> dict:
-    checks_table = dg.MetadataValue.md(
-        "| rule | passed | detail |\n|---|---|---|\n"
-        + "\n".join(f"| {c.rule} | {'yes' if c.passed else '**no**'} | {c.detail.replace('|', '/')} |"
-                    for c in decision.checks)
-    ) if decision.checks else dg.MetadataValue.text("no gates run: nothing to trade")
+def _number(value, pattern="{:,.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def decision_metadata(decision: TradeDecision, unchanged: bool, strategy: Strategy) -> dict:
+    gates = "\n".join(f"| {c.rule} | {'yes' if c.passed else '**no**'} | {c.detail.replace('|', '¦')} |"
+                       for c in decision.checks)
+    risk, orders = strategy.risk, strategy.orders
+    limits = (
+        "| limit | value |\n|---|---:|\n"
+        f"| min R | {risk.min_r:g} |\n| min profit margin | {risk.min_profit_margin:.1%} |\n"
+        f"| risk per trade | {risk.risk_per_trade:.2%} |\n| max position share | {risk.max_position_share:.0%} |\n"
+        f"| max open positions | {risk.max_open_positions} |\n| max gross exposure | {risk.max_gross_exposure:.0%} |\n"
+        f"| daily loss limit | {risk.daily_loss_limit:.1%} |\n| min confidence | {risk.min_confidence:.2f} |\n"
+        f"| min stop distance | {risk.min_stop_atr:g} × ATR |\n| shorts allowed | {'yes' if risk.allow_short else 'no'} |\n"
+        f"| orders enabled (strategy) | {'yes' if orders.enabled else 'no'} |\n| time in force | {orders.tif} |\n"
+        f"| market closed | {orders.when_market_closed} |")
+    levels = (
+        "| level | price |\n|---|---:|\n"
+        f"| entry | {_number(decision.entry)} |\n| stop | {_number(decision.stop)} |\n"
+        + "".join(f"| target {i} | {_number(t)} |\n" for i, t in enumerate(decision.targets, 1))
+        + f"| R multiple | {_number(decision.r_multiple)} |\n| profit margin | {_number(decision.profit_margin, '{:.2%}')} |\n"
+        f"| quantity | {decision.quantity:,} |\n| equity sized on | {_number(decision.account_equity)} |")
     metadata = {
         "decision_id": decision.decision_id,
+        "strategy": decision.strategy,
         "action": decision.action.value,
         "proposed_action": decision.proposed_action.value,
+        "closes_position": decision.closes_position,
         "confirmation": decision.confirmation,
+        "levels": dg.MetadataValue.md(levels),
         "entry": nan_if_none(decision.entry),
         "stop": nan_if_none(decision.stop),
-        "targets": dg.MetadataValue.json(decision.targets),
         "r_multiple": nan_if_none(decision.r_multiple),
-        "profit_margin": nan_if_none(decision.profit_margin),
-        "confidence": decision.confidence,
+        "confidence": round(decision.confidence, 2),
         "quantity": decision.quantity,
         "rationale": dg.MetadataValue.md(decision.rationale),
-        "risk_gates": checks_table,
-        "charts": dg.MetadataValue.json({tf: c.uri for tf, c in decision.charts.items()}),
+        "risk_gates": dg.MetadataValue.md("| gate | passed | numbers |\n|---|---|---|\n" + gates) if decision.checks
+        else dg.MetadataValue.text("no gates run: nothing to trade"),
+        "strategy_limits": dg.MetadataValue.md(limits),
+        "charts": dg.MetadataValue.md("\n".join(f"- {tf}: {c.uri}" for tf, c in decision.charts.items()) or "none"),
         "data_through": decision.data_through.isoformat(),
         "decided_at": decision.as_of.isoformat(),  # the run's point in time: when the order goes out
     }
