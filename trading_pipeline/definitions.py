@@ -12,7 +12,8 @@ from trading_pipeline.core.strategies import StrategiesFile
 from trading_pipeline.graph.assets import build_assets
 from trading_pipeline.graph.automation import build_automation
 from trading_pipeline.graph.ibkr import ibkr_session_sensor
-from trading_pipeline.graph.partitions import strategies
+from trading_pipeline.graph.partitions import strategies, strategies_load_problem
+from trading_pipeline.graph.strategies_asset import strategies_spec
 from trading_pipeline.graph.portfolio import order_status_sensor, portfolio_sync, sync_portfolio_job
 from trading_pipeline.graph.resources import resources_from_env
 
@@ -35,7 +36,7 @@ def build_definitions(strategies_file: StrategiesFile | None = None, resources: 
     schedules, sensors = build_automation(strategies_file)
 
     return dg.Definitions(
-        assets=[*assets, portfolio_sync],
+        assets=[strategies_spec(strategies_file, strategies_load_problem()), *assets, portfolio_sync],
         jobs=[analyze_timeframe, decide_and_order, sync_portfolio_job],
         schedules=schedules,
         sensors=[*sensors, order_status_sensor, ibkr_session_sensor],

@@ -1,5 +1,5 @@
-"""Schedules and sensors. All are off until the user turns them on (UI: Automation); the ones
-that lead to orders say so. Times are America/New_York on the XNYS calendar.
+"""Schedules and sensors. Those that lead to orders are off until the user turns them on (UI:
+Automation) and say so; the failure alert and the strategies-file check are on by default. Times are America/New_York on the XNYS calendar.
 
 - `daily_close_schedule`: after each regular close, analyze every symbol's 1d partition.
 - `weekly_close_schedule`: after the last session of each week, analyze the 1w partitions.
@@ -79,14 +79,15 @@ def build_automation(strategies_file: StrategiesFile) -> tuple[list, list]:
                     for symbol in at_open]
         return dg.SensorResult(run_requests=requests, cursor=str(session.date()))
 
-    @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.STOPPED,
+    # The two sensors below never place orders: on by default, so a failure or a bad edit is reported.
+    @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING,
                            description="Tells you what failed and what to do: the log, and TRADING_ALERT_WEBHOOK_URL.")
     def run_failure_alert_sensor(context: dg.RunFailureSensorContext):
         from trading_pipeline.adapters.alerts import send_alert
 
         send_alert(failure_message(context), logger=context.log)
 
-    @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+    @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
                description="Checks the strategies file; reports a bad edit, or a valid one that needs a reload.")
     def strategies_file_sensor(context: dg.SensorEvaluationContext):
         from trading_pipeline.adapters.alerts import send_alert

@@ -18,6 +18,10 @@ from trading_pipeline.core.frames import TIMEFRAMES
 from trading_pipeline.core.strategies import StrategiesFile, load_strategies
 
 
+# Why the last load fell back to the last good strategies file (shown on the `strategies` asset), or None.
+LOAD_PROBLEMS: dict[str | None, str] = {}
+
+
 @functools.lru_cache(maxsize=4)
 def _load(path: str | None) -> StrategiesFile:
     """Load the strategies file; keep a copy of the last good one so that a bad edit followed by
@@ -38,7 +42,9 @@ def _load(path: str | None) -> StrategiesFile:
             raise
         logging.getLogger(__name__).error(
             f"{error}\nUsing the last good strategies file {last_good} until the file is fixed.")
+        LOAD_PROBLEMS[path] = f"{error}\n\nThe code location runs on the last good copy ({last_good}) until the file is fixed."
         return load_strategies(last_good)
+    LOAD_PROBLEMS.pop(path, None)
     try:
         last_good.parent.mkdir(parents=True, exist_ok=True)
         last_good.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
@@ -49,6 +55,11 @@ def _load(path: str | None) -> StrategiesFile:
 
 def strategies() -> StrategiesFile:
     return _load(os.environ.get("TRADING_STRATEGIES_FILE") or None)
+
+
+def strategies_load_problem() -> str | None:
+    """Why the strategies file in use is the last good copy (a rejected edit), or None."""
+    return LOAD_PROBLEMS.get(os.environ.get("TRADING_STRATEGIES_FILE") or None)
 
 
 def build_partitions(strategies_file: StrategiesFile):

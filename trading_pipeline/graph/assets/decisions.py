@@ -30,6 +30,7 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
         group_name="trading",
         ins={"ai_analyses": dg.AssetIn(partition_mapping=from_both_timeframes),
              "indicator_frames": dg.AssetIn(partition_mapping=from_both_timeframes)},
+        deps=["strategies"],  # the strategy and limits it applied (lineage: strategies → trade_decisions)
         check_specs=checks.decision_check_specs("trade_decisions"),
         retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
         pool="llm",  # the OpenAI analyst's consolidation call
