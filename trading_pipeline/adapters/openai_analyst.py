@@ -734,9 +734,7 @@ class OpenAIAnalyst:
                 import httpx2
                 import openai
 
-                # httpx2 logs every request's full URL at INFO: a password in OPENAI_BASE_URL
-                # would reach the logs. Our own llm_calls rows record each call instead.
-                logging.getLogger("httpx2").setLevel(max(logging.getLogger("httpx2").level, logging.WARNING))
+                _quiet_http_loggers()
                 s = self.settings
                 self._client = openai.OpenAI(
                     api_key=s.api_key, base_url=s.base_url, timeout=s.timeout_s, max_retries=0,
@@ -764,7 +762,8 @@ class OpenAIAnalyst:
                 try:
                     answer, notes = parse_answer(cached.content, answer_model)
                 except _Unusable as error:  # a cache row that no longer validates is a miss, not an answer
-                    log.warning("cached answer %s no longer validates (%s); calling the model", key, error)
+                    log.warning("cached answer %s no longer validates (%s); calling the model", key,
+                                self.redactor.text(str(error)))
                 else:
                     call_id = uuid.uuid4().hex
                     row = dict(call_id=call_id, attempt=0, vision=cached.vision, response_format=cached.response_format,
@@ -1028,6 +1027,18 @@ class OpenAIAnalyst:
             raise _unusable_with("truncated", "the answer was cut off at the output token limit "
                                               "(finish_reason=length); raise OPENAI_MAX_OUTPUT_TOKENS")
         return content
+
+
+# Loggers of the HTTP stack that write what the server sent verbatim, unredacted: httpx2 every request's
+# full URL (a password in OPENAI_BASE_URL) and status line at INFO, httpcore2 every response header and
+# openai the x-request-id header at DEBUG. Each call is recorded (redacted) in llm_calls instead.
+_VERBATIM_LOGGERS = {"httpx2": logging.WARNING, "httpcore2": logging.INFO, "openai": logging.INFO}
+
+
+def _quiet_http_loggers() -> None:
+    for name, level in _VERBATIM_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.level, level))
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

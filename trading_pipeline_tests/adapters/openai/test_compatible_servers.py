@@ -463,3 +463,52 @@ def test_a_password_in_the_base_url_is_redacted_like_the_key(make_analyst, opena
     assert any("[REDACTED]" in text for text in dumps)
     leaks = [text[max(0, text.find(password) - 200):text.find(password) + 50] for text in dumps if password in text]
     assert not leaks, leaks
+
+
+# A gateway key (no `sk-` prefix, so only the key itself can identify it) holding a common 7-letter word.
+FRAGMENT_KEY = "Q7vXm2LpR9tK4wZb-support-Hn3cYd8fJ6gTqW1e"
+
+
+def key_runs(text: str, key: str = FRAGMENT_KEY) -> list[str]:
+    """Every run of 8 consecutive characters of the key that stands in the text."""
+    return sorted({key[i:i + 8] for i in range(len(key) - 7) if key[i:i + 8] in text})
+
+
+def test_a_server_echoing_fragments_of_the_key_leaves_no_8_character_run_anywhere(
+        make_analyst, openai_server, daily, weekly, png, sessions, caplog):
+    caplog.set_level(logging.DEBUG)
+    start, middle, end = FRAGMENT_KEY[:8], FRAGMENT_KEY[10:18], FRAGMENT_KEY[-8:]
+    assert "support" in FRAGMENT_KEY and len({start, middle, end}) == 3
+
+    def echo(body):  # parts of the key in the model's text, around a word the key shares with any answer
+        return Reply(200, completion(answer_json(
+            body, setup=f"pullback {middle}", rationale=f"Price holds support; checked with {start} and {end}.")))
+
+    openai_server.reset(
+        echo,
+        error(500, f"upstream refused the key ending {middle}"),
+        error(401, f"Incorrect API key provided: {start}****{end}."),  # OpenAI shows the key's end like this
+        raw(lambda b: "OK", **{"content-type": f"text/plain; key={end}", "x-request-id": f"req-{middle}"}))
+    analyst = make_analyst(OPENAI_API_KEY=FRAGMENT_KEY, TRADING_LLM_MAX_ATTEMPTS=1, TRADING_LLM_CACHE="off")
+    results = [analyst.analyze(daily, chart_for(png), png), analyst.analyze(weekly, None, png),
+               analyst.analyze(daily, None, png), analyst.analyze(weekly, chart_for(png), png)]
+
+    assert results[0].valid and "[REDACTED]" in results[0].rationale
+    # Seven characters the key shares with ordinary text are not a leak: the answer keeps its word.
+    assert "Price holds support; checked with [REDACTED] and [REDACTED]." in results[0].rationale
+    assert [r.valid for r in results[1:]] == [False, False, False]
+    assert "Incorrect API key provided: [REDACTED]****[REDACTED]." in results[2].invalid_reason
+    assert "(text/plain; key=[REDACTED]: 'OK')" in results[3].invalid_reason  # the header-derived message
+    assert [r.status for r in rows(sessions)] == ["ok", "server_error", "http_error", "malformed_response"]
+
+    # The invalid reasons are the texts of the errors the calls raised; the rest is what is stored or logged.
+    shown = [r.model_dump_json() for r in results]
+    shown.append(json.dumps(summarize_calls(sessions, run_id="run-1", symbol="AAPL")))  # Dagster metadata
+    shown.extend([caplog.text, *(record.getMessage() for record in caplog.records)])
+    engine = sessions.kw["bind"]
+    with engine.connect() as connection:
+        for table in sa.inspect(engine).get_table_names():  # the whole trading DB, llm_calls first of all
+            shown.extend(str(tuple(row)) for row in connection.execute(sa.text(f"SELECT * FROM {table}")))
+    assert {request["headers"]["authorization"] for request in openai_server.requests} == {f"Bearer {FRAGMENT_KEY}"}
+    leaks = [(runs, text[:300]) for text in shown if (runs := key_runs(text))]
+    assert not leaks, leaks

@@ -177,3 +177,12 @@ def test_redactor_removes_the_key_and_anything_shaped_like_one():
 
 def test_recorded_endpoint_drops_credentials_in_the_url():
     assert model_calls.endpoint_for_record("https://user:pw@example.com:8443/v1?api-key=zz") == "https://example.com:8443/v1"
+
+
+def test_redactor_removes_every_run_of_8_characters_of_a_secret_and_keeps_shorter_ones():
+    key = "Q7vXm2LpR9tK4wZb-support-Hn3cYd8fJ6gTqW1e"
+    redactor = Redactor([key, "pw42"])
+    text = f"a {key[:8]} b {key[10:18]} c {key[-8:]} d {key[3:30]} e {key[:8]}{key[-8:]} f support {key[:7]} pw42"
+    assert redactor.text(text) == (
+        "a [REDACTED] b [REDACTED] c [REDACTED] d [REDACTED] e [REDACTED] f support Q7vXm2L [REDACTED]")
+    assert redactor.json({"error": {"message": f"key ending {key[-9:]}"}}) == {"error": {"message": "key ending [REDACTED]"}}
