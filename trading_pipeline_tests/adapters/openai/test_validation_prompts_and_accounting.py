@@ -5,8 +5,9 @@ import json
 import pytest
 
 from trading_pipeline.adapters import model_calls
+from trading_pipeline.adapters.llm.answers import TimeframeAnswer, strict_json_schema
+from trading_pipeline.adapters.llm.json_text import strip_fences
 from trading_pipeline.adapters.model_calls import BudgetLimits, Redactor, cache_enabled, cache_key, price_for
-from trading_pipeline.adapters.openai_analyst import TimeframeAnswer, strict_json_schema, strip_fences
 from trading_pipeline.core.analysis import Action
 from trading_pipeline.core.analysis_validation import (
     NumericContext,
@@ -158,7 +159,8 @@ def test_cache_switches():
 
 
 def test_cache_key_depends_on_model_prompt_image_context_and_schema():
-    base = dict(kind="k", model="m", prompt_version="p@1", image_sha256="i", context={"close": 1.0}, schema_sha256="s")
+    base = {"kind": "k", "model": "m", "prompt_version": "p@1", "image_sha256": "i", "context": {"close": 1.0},
+            "schema_sha256": "s"}
     key, _ = cache_key(**base)
     assert cache_key(**base)[0] == key
     for change in ({"model": "m2"}, {"prompt_version": "p@2"}, {"image_sha256": None}, {"context": {"close": 1.01}},
