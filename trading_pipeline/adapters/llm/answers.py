@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -36,6 +36,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
+# The trade plan's fields both answers share (declared in each, in the order the model writes them).
+Stop = Annotated[float | None, Field(description="Stop: below the entry for BUY, above for SELL; null for HOLD.")]
+Targets = Annotated[list[float], Field(max_length=3, description="1-2 targets beyond the entry; [] for HOLD.")]
+Confidence = Annotated[float, Field(ge=0, le=1, description="0 to 1.")]
+Rationale = Annotated[str, Field(min_length=1, max_length=2000)]
+
+
 class IndicatorReading(_Strict):
     name: str = Field(description="supertrend, close_vs_sma20, macd_vs_signal, rsi_vs_50, bollinger, volume or atr")
     reading: str = Field(description="What the indicator shows, with the numbers read.")
@@ -50,19 +57,19 @@ class TimeframeAnswer(_Strict):
     setup: str = Field(min_length=1, max_length=200, description="The setup in a few words.")
     signal: Literal["BUY", "SELL", "HOLD"]
     entry: float | None = Field(description="Limit entry near the last close; null for HOLD.")
-    stop: float | None = Field(description="Stop: below the entry for BUY, above for SELL; null for HOLD.")
-    targets: list[float] = Field(max_length=3, description="1-2 targets beyond the entry; [] for HOLD.")
-    confidence: float = Field(ge=0, le=1, description="0 to 1.")
-    rationale: str = Field(min_length=1, max_length=2000)
+    stop: Stop
+    targets: Targets
+    confidence: Confidence
+    rationale: Rationale
 
 
 class ConsolidationAnswer(_Strict):
     action: Literal["BUY", "SELL", "HOLD"]
     entry: float | None = Field(description="Limit entry near the daily last close; null for HOLD.")
-    stop: float | None = Field(description="Stop: below the entry for BUY, above for SELL; null for HOLD.")
-    targets: list[float] = Field(max_length=3, description="1-2 targets beyond the entry; [] for HOLD.")
-    confidence: float = Field(ge=0, le=1, description="0 to 1.")
-    rationale: str = Field(min_length=1, max_length=2000)
+    stop: Stop
+    targets: Targets
+    confidence: Confidence
+    rationale: Rationale
 
 
 # Keywords a Structured Outputs server may not know; the bounds are enforced by pydantic here instead.

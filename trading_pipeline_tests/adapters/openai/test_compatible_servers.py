@@ -22,21 +22,14 @@ from trading_pipeline.core.analysis import Action
 from trading_pipeline_tests.adapters.openai.conftest import API_KEY, cached_entries, chart_for, rows
 from trading_pipeline_tests.adapters.openai.local_server import (
     Reply,
+    answer_json,
     completion,
     context_of,
     error,
     good,
+    scripted,
     timeframe_answer,
 )
-
-
-def answer_json(body: dict, **overrides) -> str:
-    return json.dumps(timeframe_answer(context_of(body), **overrides))
-
-
-def content(text_of_body, **completion_kwargs):
-    """A step answering 200 with a chat completion whose content is computed from the request."""
-    return lambda body: Reply(200, completion(text_of_body(body), **completion_kwargs))
 
 
 def raw(body_of_request, status: int = 200, **headers):
@@ -119,7 +112,7 @@ def test_fastapi_style_422_on_response_format_is_understood(make_analyst, openai
 ])
 def test_json_wrapped_in_fences_prose_or_reasoning_is_read(make_analyst, openai_server, daily, png, sessions,
                                                            case, wrap, note):
-    openai_server.reset(content(lambda body: wrap(answer_json(body))))
+    openai_server.reset(scripted(lambda body: wrap(answer_json(body))))
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert analysis.valid and analysis.signal == Action.BUY, (case, analysis.invalid_reason)
     if note:
@@ -144,7 +137,7 @@ def test_json_wrapped_in_fences_prose_or_reasoning_is_read(make_analyst, openai_
 ])
 def test_unreadable_wrapped_answers_are_no_trade_and_recorded(make_analyst, openai_server, daily, png, sessions,
                                                               case, text, reason):
-    openai_server.reset(content(text))
+    openai_server.reset(scripted(text))
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert_no_trade(analysis, reason)
     assert "unexpected error" not in analysis.invalid_reason, case
@@ -221,7 +214,7 @@ def choice(**fields):
      "empty"),
     ("content null with a refusal", choice(message={"role": "assistant", "content": None, "refusal": "I can't."}),
      "the model refused: I can't.", "refusal"),
-    ("truncated JSON", content(lambda b: answer_json(b)[:80], finish_reason="length"),
+    ("truncated JSON", scripted(lambda b: answer_json(b)[:80], finish_reason="length"),
      "cut off at the output token limit (finish_reason=length); raise OPENAI_MAX_OUTPUT_TOKENS", "truncated"),
     ("all tokens spent on reasoning", choice(finish_reason="length", message={
         "role": "assistant", "content": None, "reasoning_content": "Let me think about the chart..."}),
@@ -259,7 +252,7 @@ def numbers(**overrides):
         for key, value in overrides.items():
             out = out.replace(json.dumps(marked[key]), value(context_of(body)) if callable(value) else value)
         return out
-    return content(text)
+    return scripted(text)
 
 
 @pytest.mark.parametrize("case, step, reason, status", [
@@ -292,7 +285,7 @@ def numbers(**overrides):
      "schema_violation"),
     ("signal in lower case", numbers(signal='"buy"'), "signal: Input should be 'BUY', 'SELL' or 'HOLD'",
      "schema_violation"),
-    ("a duplicate key changing the signal", content(lambda b: answer_json(b)[:-1] + ', "signal": "SELL"}'),
+    ("a duplicate key changing the signal", scripted(lambda b: answer_json(b)[:-1] + ', "signal": "SELL"}'),
      "duplicate key(s) ['signal']", "invalid_json"),
 ])
 def test_bad_numbers_are_no_trade_never_a_trade(make_analyst, openai_server, daily, png, sessions, case, step, reason,
