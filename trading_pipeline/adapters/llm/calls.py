@@ -186,20 +186,24 @@ class ModelCaller:
                      "latency_ms": latency_ms, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "usage_estimated": usage is None,
                      "cost_usd": s.price.cost(prompt_tokens, completion_tokens) if s.price else None, **row}
+        content = redacted = None
         try:
+            content = completion_content(body, sent.text, sent.headers, sent.http_status, self.transport.endpoint)
             # Redacted before it is read: a server echoing the key cannot put it into an analysis.
-            content = self.redactor.text(completion_content(body, sent.text, sent.headers, sent.http_status,
-                                                            self.transport.endpoint))
-            answer, notes = parse_answer(content, answer_model)
+            redacted = self.redactor.text(content)
+            answer, notes = parse_answer(redacted, answer_model)
         except Exception as error:  # noqa: BLE001 - whatever the server sent, the call is in the log
             status = error.status if isinstance(error, Unusable) else "malformed_response"
             reason = str(error) if isinstance(error, Unusable) else \
                 f"the server's response could not be read ({type(error).__name__}: {error})"
+            if redacted != content:  # a key sharing 8 characters with the answer's own words breaks it
+                reason += (" [text matching OPENAI_API_KEY was redacted from the answer before it was read: "
+                           "the server echoed the key, or the key shares 8 or more characters with the answer]")
             self.calls.record(status=status, error=reason, **accounted)
             raise self.unusable(call_id, reason) from None
         # The cache entry is stored even when the cache is bypassed: the fresh answer serves the next run.
         cache_fields = {"kind": row["kind"], "model": s.model, "prompt_version": row["prompt_version"],
-                        "image_sha256": row["image_sha256"], "context_sha256": context_sha, "content": content,
+                        "image_sha256": row["image_sha256"], "context_sha256": context_sha, "content": redacted,
                         "vision": row["vision"], "response_format": row["response_format"], "call_id": call_id}
         return Answer(answer, row["vision"], row["response_format"], call_id, cached=False, notes=notes,
                       row={"status": model_calls.OK, **accounted}, cache_put=(key, cache_fields))

@@ -505,3 +505,13 @@ def test_a_server_echoing_fragments_of_the_key_leaves_no_8_character_run_anywher
     assert {request["headers"]["authorization"] for request in openai_server.requests} == {f"Bearer {FRAGMENT_KEY}"}
     leaks = [(runs, text[:300]) for text in shown if (runs := key_runs(text))]
     assert not leaks, leaks
+
+
+def test_an_answer_broken_by_redacting_the_key_says_so(make_analyst, openai_server, daily, png, sessions):
+    # A hand-made key holding a word of the answer: redacting it breaks the JSON, fail closed, and the
+    # reason says why rather than leaving a bare schema violation to puzzle over.
+    openai_server.reset(scripted(answer_json))
+    analysis = make_analyst(OPENAI_API_KEY="local-rationale-key").analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "violates the response schema")
+    assert "text matching OPENAI_API_KEY was redacted from the answer before it was read" in analysis.invalid_reason
+    assert "rational" not in rows(sessions)[0].response
