@@ -14,7 +14,9 @@ Budgets (all optional; unset = no limit): `TRADING_LLM_MAX_TOKENS_PER_RUN`,
 starts only while what was used (from `llm_calls`) plus what calls in flight in this process have
 reserved stays below every limit; otherwise `BudgetExceeded` says which limit and how to lift it.
 
-Secrets: every text written here goes through `Redactor` (the API key, `Bearer …` and `sk-…` tokens).
+Secrets: every text written here goes through `Redactor`: the API key and any run of 8 or more of its
+consecutive characters (a server may echo part of it), a password in the base URL, `Bearer …` and
+`sk-…` tokens.
 """
 
 from __future__ import annotations
@@ -115,19 +117,58 @@ _TOKEN_PATTERNS = (
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=\-*]+"),
     re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}"),
 )
+# The shortest run of a secret's consecutive characters that counts as a leak of it.
+MIN_SECRET_RUN = 8
+MIN_SECRET_LENGTH = 4  # a secret shorter than this is not looked for (it would match ordinary text)
 
 
 class Redactor:
-    """Removes the API key (and anything shaped like one) from text and nested JSON."""
+    """Removes secrets (the API key, a password in the base URL) from text and nested JSON, and
+    anything shaped like a key (`Bearer …`, `sk-…`).
+
+    What counts as a leak of a secret: any run of MIN_SECRET_RUN (8) or more of its consecutive
+    characters, wherever it stands, so a server echoing the start, the middle or the end of the key
+    is caught too. Shorter runs are left alone: 7 characters of a key are often ordinary text
+    ("sk-proj", "support", "1234567"), hiding them would mangle answers and JSON, and they give away
+    little of a random key. A secret of 4 to 7 characters is redacted only whole. The match is exact
+    (case-sensitive): an echo the server transformed (case, encoding, order) is not recognised.
+    """
 
     def __init__(self, secrets: Iterable[str] = ()):
-        self._secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        needles: set[str] = set()
+        for secret in secrets:
+            if secret and len(secret) >= MIN_SECRET_RUN:
+                needles.update(secret[i:i + MIN_SECRET_RUN] for i in range(len(secret) - MIN_SECRET_RUN + 1))
+            elif secret and len(secret) >= MIN_SECRET_LENGTH:
+                needles.add(secret)
+        self._needles = tuple(sorted(needles))
+
+    def _secret_spans(self, value: str) -> list[tuple[int, int]]:
+        """Where secrets' runs stand in `value`, overlapping and touching runs merged, in order."""
+        found = []
+        for needle in self._needles:
+            start = value.find(needle)
+            while start != -1:
+                found.append((start, start + len(needle)))
+                start = value.find(needle, start + 1)
+        spans: list[tuple[int, int]] = []
+        for start, end in sorted(found):
+            if spans and start <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+            else:
+                spans.append((start, end))
+        return spans
 
     def text(self, value: str | None) -> str | None:
+        """The text with every secret run and key-shaped token replaced by [REDACTED]; the one way
+        text from a model server is cleaned before it is stored, logged or raised."""
         if value is None:
             return None
-        for secret in self._secrets:
-            value = value.replace(secret, "[REDACTED]")
+        kept, position = [], 0
+        for start, end in self._secret_spans(value):
+            kept.append(value[position:start] + "[REDACTED]")
+            position = end
+        value = "".join(kept) + value[position:]
         value = _TOKEN_PATTERNS[0].sub(r"\1[REDACTED]", value)
         return _TOKEN_PATTERNS[1].sub("[REDACTED]", value)
 

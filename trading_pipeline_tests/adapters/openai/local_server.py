@@ -184,6 +184,16 @@ def consolidation_answer(context: dict, **overrides) -> dict:
     return answer
 
 
+def answer_json(body: dict, **overrides) -> str:
+    """A sound timeframe answer to this request, as the model's text."""
+    return json.dumps(timeframe_answer(context_of(body), **overrides))
+
+
+def scripted(text_of_body: Callable[[dict], str], **completion_kwargs) -> Callable[[dict], Reply]:
+    """A step answering 200 with a chat completion whose content is computed from the request."""
+    return lambda body: Reply(200, completion(text_of_body(body), **completion_kwargs))
+
+
 def good(delay: float = 0.0, usage: tuple[int, int] = (1200, 300), fence: bool = False, **overrides) -> Callable[[dict], Reply]:
     """A step answering a timeframe or consolidation request soundly (optionally in a ```json fence)."""
 

@@ -22,21 +22,14 @@ from trading_pipeline.core.analysis import Action
 from trading_pipeline_tests.adapters.openai.conftest import API_KEY, cached_entries, chart_for, rows
 from trading_pipeline_tests.adapters.openai.local_server import (
     Reply,
+    answer_json,
     completion,
     context_of,
     error,
     good,
+    scripted,
     timeframe_answer,
 )
-
-
-def answer_json(body: dict, **overrides) -> str:
-    return json.dumps(timeframe_answer(context_of(body), **overrides))
-
-
-def content(text_of_body, **completion_kwargs):
-    """A step answering 200 with a chat completion whose content is computed from the request."""
-    return lambda body: Reply(200, completion(text_of_body(body), **completion_kwargs))
 
 
 def raw(body_of_request, status: int = 200, **headers):
@@ -119,7 +112,7 @@ def test_fastapi_style_422_on_response_format_is_understood(make_analyst, openai
 ])
 def test_json_wrapped_in_fences_prose_or_reasoning_is_read(make_analyst, openai_server, daily, png, sessions,
                                                            case, wrap, note):
-    openai_server.reset(content(lambda body: wrap(answer_json(body))))
+    openai_server.reset(scripted(lambda body: wrap(answer_json(body))))
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert analysis.valid and analysis.signal == Action.BUY, (case, analysis.invalid_reason)
     if note:
@@ -144,7 +137,7 @@ def test_json_wrapped_in_fences_prose_or_reasoning_is_read(make_analyst, openai_
 ])
 def test_unreadable_wrapped_answers_are_no_trade_and_recorded(make_analyst, openai_server, daily, png, sessions,
                                                               case, text, reason):
-    openai_server.reset(content(text))
+    openai_server.reset(scripted(text))
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert_no_trade(analysis, reason)
     assert "unexpected error" not in analysis.invalid_reason, case
@@ -221,7 +214,7 @@ def choice(**fields):
      "empty"),
     ("content null with a refusal", choice(message={"role": "assistant", "content": None, "refusal": "I can't."}),
      "the model refused: I can't.", "refusal"),
-    ("truncated JSON", content(lambda b: answer_json(b)[:80], finish_reason="length"),
+    ("truncated JSON", scripted(lambda b: answer_json(b)[:80], finish_reason="length"),
      "cut off at the output token limit (finish_reason=length); raise OPENAI_MAX_OUTPUT_TOKENS", "truncated"),
     ("all tokens spent on reasoning", choice(finish_reason="length", message={
         "role": "assistant", "content": None, "reasoning_content": "Let me think about the chart..."}),
@@ -259,7 +252,7 @@ def numbers(**overrides):
         for key, value in overrides.items():
             out = out.replace(json.dumps(marked[key]), value(context_of(body)) if callable(value) else value)
         return out
-    return content(text)
+    return scripted(text)
 
 
 @pytest.mark.parametrize("case, step, reason, status", [
@@ -292,7 +285,7 @@ def numbers(**overrides):
      "schema_violation"),
     ("signal in lower case", numbers(signal='"buy"'), "signal: Input should be 'BUY', 'SELL' or 'HOLD'",
      "schema_violation"),
-    ("a duplicate key changing the signal", content(lambda b: answer_json(b)[:-1] + ', "signal": "SELL"}'),
+    ("a duplicate key changing the signal", scripted(lambda b: answer_json(b)[:-1] + ', "signal": "SELL"}'),
      "duplicate key(s) ['signal']", "invalid_json"),
 ])
 def test_bad_numbers_are_no_trade_never_a_trade(make_analyst, openai_server, daily, png, sessions, case, step, reason,
@@ -463,3 +456,62 @@ def test_a_password_in_the_base_url_is_redacted_like_the_key(make_analyst, opena
     assert any("[REDACTED]" in text for text in dumps)
     leaks = [text[max(0, text.find(password) - 200):text.find(password) + 50] for text in dumps if password in text]
     assert not leaks, leaks
+
+
+# A gateway key (no `sk-` prefix, so only the key itself can identify it) holding a common 7-letter word.
+FRAGMENT_KEY = "Q7vXm2LpR9tK4wZb-support-Hn3cYd8fJ6gTqW1e"
+
+
+def key_runs(text: str, key: str = FRAGMENT_KEY) -> list[str]:
+    """Every run of 8 consecutive characters of the key that stands in the text."""
+    return sorted({key[i:i + 8] for i in range(len(key) - 7) if key[i:i + 8] in text})
+
+
+def test_a_server_echoing_fragments_of_the_key_leaves_no_8_character_run_anywhere(
+        make_analyst, openai_server, daily, weekly, png, sessions, caplog):
+    caplog.set_level(logging.DEBUG)
+    start, middle, end = FRAGMENT_KEY[:8], FRAGMENT_KEY[10:18], FRAGMENT_KEY[-8:]
+    assert "support" in FRAGMENT_KEY and len({start, middle, end}) == 3
+
+    def echo(body):  # parts of the key in the model's text, around a word the key shares with any answer
+        return Reply(200, completion(answer_json(
+            body, setup=f"pullback {middle}", rationale=f"Price holds support; checked with {start} and {end}.")))
+
+    openai_server.reset(
+        echo,
+        error(500, f"upstream refused the key ending {middle}"),
+        error(401, f"Incorrect API key provided: {start}****{end}."),  # OpenAI shows the key's end like this
+        raw(lambda b: "OK", **{"content-type": f"text/plain; key={end}", "x-request-id": f"req-{middle}"}))
+    analyst = make_analyst(OPENAI_API_KEY=FRAGMENT_KEY, TRADING_LLM_MAX_ATTEMPTS=1, TRADING_LLM_CACHE="off")
+    results = [analyst.analyze(daily, chart_for(png), png), analyst.analyze(weekly, None, png),
+               analyst.analyze(daily, None, png), analyst.analyze(weekly, chart_for(png), png)]
+
+    assert results[0].valid and "[REDACTED]" in results[0].rationale
+    # Seven characters the key shares with ordinary text are not a leak: the answer keeps its word.
+    assert "Price holds support; checked with [REDACTED] and [REDACTED]." in results[0].rationale
+    assert [r.valid for r in results[1:]] == [False, False, False]
+    assert "Incorrect API key provided: [REDACTED]****[REDACTED]." in results[2].invalid_reason
+    assert "(text/plain; key=[REDACTED]: 'OK')" in results[3].invalid_reason  # the header-derived message
+    assert [r.status for r in rows(sessions)] == ["ok", "server_error", "http_error", "malformed_response"]
+
+    # The invalid reasons are the texts of the errors the calls raised; the rest is what is stored or logged.
+    shown = [r.model_dump_json() for r in results]
+    shown.append(json.dumps(summarize_calls(sessions, run_id="run-1", symbol="AAPL")))  # Dagster metadata
+    shown.extend([caplog.text, *(record.getMessage() for record in caplog.records)])
+    engine = sessions.kw["bind"]
+    with engine.connect() as connection:
+        for table in sa.inspect(engine).get_table_names():  # the whole trading DB, llm_calls first of all
+            shown.extend(str(tuple(row)) for row in connection.execute(sa.text(f"SELECT * FROM {table}")))
+    assert {request["headers"]["authorization"] for request in openai_server.requests} == {f"Bearer {FRAGMENT_KEY}"}
+    leaks = [(runs, text[:300]) for text in shown if (runs := key_runs(text))]
+    assert not leaks, leaks
+
+
+def test_an_answer_broken_by_redacting_the_key_says_so(make_analyst, openai_server, daily, png, sessions):
+    # A hand-made key holding a word of the answer: redacting it breaks the JSON, fail closed, and the
+    # reason says why rather than leaving a bare schema violation to puzzle over.
+    openai_server.reset(scripted(answer_json))
+    analysis = make_analyst(OPENAI_API_KEY="local-rationale-key").analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "violates the response schema")
+    assert "text matching OPENAI_API_KEY was redacted from the answer before it was read" in analysis.invalid_reason
+    assert "rational" not in rows(sessions)[0].response

@@ -23,23 +23,15 @@ from trading_pipeline.prompts import load_prompt
 from trading_pipeline_tests.adapters.openai.conftest import API_KEY, chart_for, rows
 from trading_pipeline_tests.adapters.openai.local_server import (
     Reply,
+    answer_json,
     completion,
     context_of,
     error,
     good,
     image_parts,
+    scripted,
     timeframe_answer,
 )
-
-
-def answer_text(body: dict, **overrides) -> str:
-    return json.dumps(timeframe_answer(context_of(body), **overrides))
-
-
-def scripted(text_of_body, **completion_kwargs):
-    """A step whose reply content is computed from the request body."""
-    return lambda body: Reply(200, completion(text_of_body(body), **completion_kwargs))
-
 
 # --- the good path ---------------------------------------------------------------------------------
 
@@ -96,7 +88,7 @@ def test_json_in_code_fences_is_accepted(make_analyst, openai_server, daily, png
 
 
 def test_hold_from_the_model_is_an_explicit_hold_without_a_plan(make_analyst, openai_server, daily, png):
-    openai_server.reset(scripted(lambda b: answer_text(b, signal="HOLD", entry=None, stop=None, targets=[],
+    openai_server.reset(scripted(lambda b: answer_json(b, signal="HOLD", entry=None, stop=None, targets=[],
                                                        setup="no clear setup")))
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert analysis.valid and analysis.signal == Action.HOLD
@@ -111,13 +103,13 @@ def test_hold_from_the_model_is_an_explicit_hold_without_a_plan(make_analyst, op
      "not valid JSON", "invalid_json"),
     ("prose instead of JSON", lambda b: Reply(200, completion("I would BUY this stock at 250.")),
      "not valid JSON", "invalid_json"),
-    ("schema violation: unknown signal", scripted(lambda b: answer_text(b, signal="STRONG_BUY")),
+    ("schema violation: unknown signal", scripted(lambda b: answer_json(b, signal="STRONG_BUY")),
      "violates the response schema", "schema_violation"),
-    ("schema violation: price as text", scripted(lambda b: answer_text(b, entry="37.5")),
+    ("schema violation: price as text", scripted(lambda b: answer_json(b, entry="37.5")),
      "violates the response schema", "schema_violation"),
-    ("schema violation: extra field", scripted(lambda b: answer_text(b, position_size=100)),
+    ("schema violation: extra field", scripted(lambda b: answer_json(b, position_size=100)),
      "violates the response schema", "schema_violation"),
-    ("schema violation: confidence above 1", scripted(lambda b: answer_text(b, confidence=7)),
+    ("schema violation: confidence above 1", scripted(lambda b: answer_json(b, confidence=7)),
      "violates the response schema", "schema_violation"),
     ("refusal", lambda b: Reply(200, completion(None, refusal="I can't help with trading decisions.")),
      "the model refused: I can't help", "refusal"),
@@ -150,7 +142,7 @@ def test_unusable_answers_are_no_trade_with_the_reason(make_analyst, openai_serv
     (lambda c: {"signal": "SELL", "stop": round(c["last_close"] - 2 * c["atr_14"], 2)}, "needs the stop above"),
 ])
 def test_implausible_numbers_are_no_trade(make_analyst, openai_server, daily, png, sessions, overrides, reason):
-    openai_server.reset(scripted(lambda b: answer_text(b, **overrides(context_of(b)))))
+    openai_server.reset(scripted(lambda b: answer_json(b, **overrides(context_of(b)))))
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert not analysis.valid and analysis.signal == Action.NO_TRADE
     assert analysis.invalid_reason.startswith("implausible numbers from the model")
@@ -299,7 +291,7 @@ def test_server_rejecting_max_completion_tokens_gets_max_tokens(make_analyst, op
 
 
 def test_server_without_usage_is_still_budgeted_by_estimate(make_analyst, openai_server, daily, png, sessions):
-    openai_server.reset(lambda b: Reply(200, completion(answer_text(b), usage=None)))
+    openai_server.reset(lambda b: Reply(200, completion(answer_json(b), usage=None)))
     assert make_analyst().analyze(daily, chart_for(png), png).valid
     [row] = rows(sessions)
     assert row.usage_estimated and row.total_tokens > 1500

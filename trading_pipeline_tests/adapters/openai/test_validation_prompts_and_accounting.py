@@ -5,8 +5,9 @@ import json
 import pytest
 
 from trading_pipeline.adapters import model_calls
+from trading_pipeline.adapters.llm.answers import TimeframeAnswer, strict_json_schema
+from trading_pipeline.adapters.llm.json_text import strip_fences
 from trading_pipeline.adapters.model_calls import BudgetLimits, Redactor, cache_enabled, cache_key, price_for
-from trading_pipeline.adapters.openai_analyst import TimeframeAnswer, strict_json_schema, strip_fences
 from trading_pipeline.core.analysis import Action
 from trading_pipeline.core.analysis_validation import (
     NumericContext,
@@ -158,7 +159,8 @@ def test_cache_switches():
 
 
 def test_cache_key_depends_on_model_prompt_image_context_and_schema():
-    base = dict(kind="k", model="m", prompt_version="p@1", image_sha256="i", context={"close": 1.0}, schema_sha256="s")
+    base = {"kind": "k", "model": "m", "prompt_version": "p@1", "image_sha256": "i", "context": {"close": 1.0},
+            "schema_sha256": "s"}
     key, _ = cache_key(**base)
     assert cache_key(**base)[0] == key
     for change in ({"model": "m2"}, {"prompt_version": "p@2"}, {"image_sha256": None}, {"context": {"close": 1.01}},
@@ -177,3 +179,12 @@ def test_redactor_removes_the_key_and_anything_shaped_like_one():
 
 def test_recorded_endpoint_drops_credentials_in_the_url():
     assert model_calls.endpoint_for_record("https://user:pw@example.com:8443/v1?api-key=zz") == "https://example.com:8443/v1"
+
+
+def test_redactor_removes_every_run_of_8_characters_of_a_secret_and_keeps_shorter_ones():
+    key = "Q7vXm2LpR9tK4wZb-support-Hn3cYd8fJ6gTqW1e"
+    redactor = Redactor([key, "pw42"])
+    text = f"a {key[:8]} b {key[10:18]} c {key[-8:]} d {key[3:30]} e {key[:8]}{key[-8:]} f support {key[:7]} pw42"
+    assert redactor.text(text) == (
+        "a [REDACTED] b [REDACTED] c [REDACTED] d [REDACTED] e [REDACTED] f support Q7vXm2L [REDACTED]")
+    assert redactor.json({"error": {"message": f"key ending {key[-9:]}"}}) == {"error": {"message": "key ending [REDACTED]"}}

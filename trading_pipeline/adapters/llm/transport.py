@@ -1,0 +1,230 @@
+"""HTTP to an OpenAI-compatible server: the client, one request, backoff, what the server accepts
+and what its errors mean.
+
+- `Transport.send` makes one Chat Completions request through the `openai` SDK (imported only when
+  the first client is built) and never raises for HTTP trouble: it says what happened (`Sent`).
+- `ServerFeatures` remembers what this endpoint accepts, learned from its 400s: a server rejecting
+  `json_schema` gets `json_object` (then no `response_format` at all, "none"); with
+  OPENAI_VISION=auto one rejecting image input gets the numeric context only; `max_completion_tokens`
+  falls back to `max_tokens`; a rejected `temperature` is dropped.
+- `Transport.backoff`: exponential with jitter; a server's retry-after(-ms) is honoured up to
+  TRADING_LLM_BACKOFF_MAX_SECONDS.
+- `Transport.explain` / `retry_fix`: a rejected key, an unknown model, an unreachable server each
+  give a reason naming the variable to fix; server text in it is redacted.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import logging
+import math
+import random
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from trading_pipeline.adapters import model_calls
+from trading_pipeline.adapters.llm.settings import OpenAISettings
+from trading_pipeline.adapters.model_calls import Redactor
+
+# Loggers of the HTTP stack that write what the server sent verbatim, unredacted: httpx2 every request's
+# full URL (a password in OPENAI_BASE_URL) and status line at INFO, httpcore2 every response header and
+# openai the x-request-id header at DEBUG. Each call is recorded (redacted) in llm_calls instead.
+_VERBATIM_LOGGERS = {"httpx2": logging.WARNING, "httpcore2": logging.INFO, "openai": logging.INFO}
+# What `ServerFeatures.learn` returns when the image was rejected but OPENAI_VISION=yes forbids dropping it.
+IMAGE_REJECTED_WITH_VISION_YES = "image_rejected_yes"
+RETRYABLE = ("rate_limited", "server_error", "timeout", "connection_error")
+
+
+class Sent(NamedTuple):
+    """What one request came to: status ok | rate_limited | server_error | http_error | timeout |
+    connection_error, and whatever the server answered."""
+
+    status: str
+    http_status: int | None
+    text: str | None
+    headers: Mapping[str, str] | None
+    error_text: str | None
+
+
+def mentions(text: str, *words: str) -> bool:
+    return any(word in text for word in words)
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a request may use (a snapshot of ServerFeatures)."""
+
+    vision_ok: bool | None = None
+    response_format: str = "json_schema"  # -> json_object -> none
+    max_tokens_param: str = "max_completion_tokens"  # -> max_tokens
+    send_temperature: bool = True
+
+
+class ServerFeatures:
+    """What this endpoint accepts, learned from its 400s (per analyst, shared by its threads)."""
+
+    def __init__(self, settings: OpenAISettings):
+        self.settings = settings
+        self._known = Features()
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> Features:
+        with self._lock:
+            return self._known
+
+    def learn(self, error_text: str, sent_image: bool, tried: Features) -> str | None:
+        """Adapt to a 400 (lowercased `error_text`) naming a feature the server lacks; return what
+        changed (None: nothing; IMAGE_REJECTED_WITH_VISION_YES: the image cannot be dropped)."""
+        s = self.settings
+        with self._lock:
+            if sent_image and mentions(error_text, "image", "vision", "multimodal", "multi-modal"):
+                if s.vision == "yes":
+                    return IMAGE_REJECTED_WITH_VISION_YES
+                self._known = replace(self._known, vision_ok=False)
+                return "the server rejects image input: continuing with the numeric context only (vision: false)"
+            if tried.response_format != "none" and mentions(error_text, "response_format", "json_schema",
+                                                            "response format", "structured output", "json_object",
+                                                            "schema"):
+                fallback = "json_object" if tried.response_format == "json_schema" else "none"
+                self._known = replace(self._known, response_format=fallback)
+                return f"the server rejects response_format {tried.response_format}: using {fallback}"
+            if tried.max_tokens_param == "max_completion_tokens" and mentions(error_text, "max_completion_tokens"):
+                self._known = replace(self._known, max_tokens_param="max_tokens")
+                return "the server rejects max_completion_tokens: using max_tokens"
+            if tried.send_temperature and s.temperature is not None and mentions(error_text, "temperature"):
+                self._known = replace(self._known, send_temperature=False)
+                return "the server rejects temperature: leaving it out"
+        return None
+
+
+@functools.cache
+def _gate(concurrency: int) -> threading.BoundedSemaphore:
+    """Process-wide bound on model requests in flight (TRADING_LLM_CONCURRENCY)."""
+    return threading.BoundedSemaphore(concurrency)
+
+
+def _quiet_http_loggers() -> None:
+    for name, level in _VERBATIM_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.level, level))
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a server asks to wait: retry-after-ms, or retry-after as seconds or an HTTP date."""
+    try:
+        milliseconds = headers.get("retry-after-ms")
+        if milliseconds:
+            value = float(milliseconds) / 1000
+        else:
+            raw = (headers.get("retry-after") or "").strip()
+            if not raw:
+                return None
+            try:
+                value = float(raw)
+            except ValueError:
+                value = (email.utils.parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds()
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+class Transport:
+    """The HTTP side of the analyst's model calls, for one endpoint."""
+
+    def __init__(self, settings: OpenAISettings, redactor: Redactor, client: Any = None):
+        self.settings = settings
+        self.redactor = redactor
+        self.endpoint = model_calls.endpoint_for_record(settings.base_url)  # as recorded: no credentials
+        self._client = client
+        self._client_lock = threading.Lock()
+
+    def client(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                import httpx2
+                import openai
+
+                _quiet_http_loggers()
+                s = self.settings
+                self._client = openai.OpenAI(
+                    api_key=s.api_key, base_url=s.base_url, timeout=s.timeout_s, max_retries=0,
+                    http_client=httpx2.Client(
+                        timeout=s.timeout_s,
+                        limits=httpx2.Limits(max_connections=max(16, 2 * s.concurrency),
+                                             max_keepalive_connections=max(8, s.concurrency))))
+                _ = self._client.chat.completions.with_raw_response  # import the SDK's lazy parts now
+            return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def send(self, body: dict[str, Any]) -> Sent:
+        """One request (body fields the SDK does not know travel as extra_body), never raising for HTTP trouble."""
+        import openai
+
+        client = self.client()
+        request = dict(body)
+        known = {"model", "messages", "max_completion_tokens", "max_tokens", "temperature", "response_format"}
+        extra = {k: request.pop(k) for k in list(request) if k not in known}
+        with _gate(self.settings.concurrency):
+            try:
+                raw = client.chat.completions.with_raw_response.create(**request, extra_body=extra or None)
+                return Sent("ok", raw.status_code, raw.http_response.text, raw.headers, None)
+            except openai.APITimeoutError as error:
+                return Sent("timeout", None, None, None, f"timed out after {self.settings.timeout_s:g} s: {error}")
+            except openai.APIConnectionError as error:
+                return Sent("connection_error", None, None, None,
+                            f"cannot reach {self.endpoint}: {error} {error.__cause__ or ''}".strip())
+            except openai.APIStatusError as error:
+                response = error.response
+                code = response.status_code
+                status = "rate_limited" if code == 429 else "server_error" if code >= 500 else "http_error"
+                return Sent(status, code, response.text, response.headers, f"{code}: {error.message}")
+
+    def backoff(self, attempt: int, headers: Mapping[str, str] | None) -> float:
+        """Exponential backoff with jitter; a server's retry-after(-ms) is honoured up to
+        TRADING_LLM_BACKOFF_MAX_SECONDS (a wait of an hour would stall the whole run)."""
+        s = self.settings
+        delay = min(s.backoff_max_s, s.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+        asked = retry_after(headers or {})
+        if asked is not None:
+            delay = max(delay, min(asked, s.backoff_max_s))
+        return delay
+
+    def short(self, text: str | None) -> str:
+        """Server text fit for a reason: redacted, at most 300 characters."""
+        return (self.redactor.text(text or "") or "")[:300]
+
+    def explain(self, http_status: int | None, error_text: str | None, response_text: str | None = None) -> str:
+        """Why a request the server answered (not retryable) gave nothing, and what to fix."""
+        s, short = self.settings, self.short(error_text)
+        lowered = f"{error_text or ''} {response_text or ''}".lower()
+        key_words = ("api key", "api_key", "apikey", "unauthorized", "unauthenticated", "authentication")
+        model_words = ("not found", "does not exist", "not exist", "invalid model", "unknown model", "no such model",
+                       "not a valid model", "model_not_found")
+        if http_status in (401, 403) or (http_status == 400 and mentions(lowered, *key_words)):
+            return (f"the server at {self.endpoint} refused the API key ({http_status}): {short}. "
+                    "Fix: set OPENAI_API_KEY to a valid key for OPENAI_BASE_URL")
+        unknown_model = http_status in (400, 422) and "model" in lowered and mentions(lowered, *model_words)
+        if http_status == 404 or unknown_model:
+            return (f"the server at {self.endpoint} answered {http_status} for model {s.model!r}: {short}. "
+                    "Fix: check OPENAI_MODEL (the model's name as this server knows it, e.g. `ollama list`) and "
+                    "OPENAI_BASE_URL (the API root, usually ending in /v1)")
+        return (f"the server at {self.endpoint} rejected the request ({http_status}): {short}. Fix: check that "
+                "OPENAI_BASE_URL is an OpenAI-compatible Chat Completions API and OPENAI_MODEL one of its models")
+
+    def retry_fix(self, status: str) -> str:
+        """What to change when retries of a `status` failure ran out."""
+        if status == "connection_error":
+            return f"start the server, or set OPENAI_BASE_URL to its API root (now {self.endpoint})"
+        if status == "timeout":
+            return f"raise OPENAI_TIMEOUT_SECONDS (now {self.settings.timeout_s:g}) for a slow server, or check its load"
+        if status == "rate_limited":
+            return ("lower TRADING_LLM_CONCURRENCY, raise TRADING_LLM_MAX_ATTEMPTS or TRADING_LLM_BACKOFF_MAX_SECONDS, "
+                    "or raise the account's rate limit")
+        return "check the server's logs; TRADING_LLM_MAX_ATTEMPTS sets how often a failing call is tried"
