@@ -24,10 +24,17 @@ class Position:
     quantity: float  # negative = short
     average_price: float
     market_price: float
+    conid: int | None = None  # the broker's contract id (IBKR), by which positions map to symbols
 
     @property
     def market_value(self) -> float:
         return self.quantity * self.market_price
+
+
+@dataclass(frozen=True)
+class Mark:
+    price: float
+    previous_close: float | None = None
 
 
 @dataclass(frozen=True)
