@@ -24,7 +24,7 @@ class Position:
     quantity: float  # negative = short
     average_price: float
     market_price: float
-    conid: int | None = None  # the broker's contract id (IBKR), by which positions map to symbols
+    conid: int | None = None
 
     @property
     def market_value(self) -> float:
@@ -33,6 +33,9 @@ class Position:
 
 @dataclass(frozen=True)
 class Mark:
+    """A symbol's price at a point in time: the close of its latest closed daily bar, and the close
+    of the session before it (today's P&L of a position held overnight is measured from it)."""
+
     price: float
     previous_close: float | None = None
 
