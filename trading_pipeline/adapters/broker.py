@@ -59,10 +59,9 @@ class Broker(Protocol):
     name: str
 
     def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
-        """Equity, cash, positions (keyed by the strategy's symbol) and today's P&L. `marks` are the
-        latest closed daily bars' closes (and the session's before); a broker with its own figures
-        (IBKR) uses them only for positions it has no price for. `as_of` is the decision's point in
-        time: the paper broker leaves out later fills; a real broker only knows the present."""
+        """Equity, cash, positions (valued at `marks`, the latest closed daily bars) and today's
+        P&L. `as_of` is the decision's point in time: the paper broker leaves out later fills (a
+        replay must not see its own future); a real broker only knows the present and ignores it."""
         ...
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None: ...
@@ -84,14 +83,14 @@ class Broker(Protocol):
 
     def modify(self, client_order_id: str, *, order_type: str | None = None, price: float | None = None,
                quantity: int | None = None) -> BrokerOrder | None:
-        """Change a working order in place; returns its state after the change. Raises
-        OrderRejectedError when the broker refuses (the order stays as it was); None when the
-        broker does not know the id. order_type "MKT" with price None turns a stop into a market
-        order (a bracket child stays in its one-cancels-other group)."""
+        """Change a working order in place and return its state after the change (a final order
+        is returned unchanged); None when the broker does not know the id. Raises
+        OrderRejectedError when the broker refuses (the order stays as it was). order_type "MKT"
+        with price None turns a stop into a market order."""
         ...
 
     def min_tick(self, symbol: str) -> float:
-        """The contract's minimum price increment (0.01 when the broker does not say)."""
+        """The contract's minimum price increment."""
         ...
 
 

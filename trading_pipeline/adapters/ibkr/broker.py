@@ -44,7 +44,6 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRDuplicateOrder,
     IBKRError,
     IBKRMalformedAnswer,
-    IBKROrderRejected,
     IBKRRequestError,
 )
 from trading_pipeline.core.analysis import OrderLeg
@@ -258,17 +257,13 @@ class IBKRBroker:
                quantity: int | None = None) -> BrokerOrder | None:
         """Change the working order with this cOID in place (`POST .../order/{orderId}`, every
         original field repeated). order_type "MKT" with no price makes a stop a market order; a
-        bracket child keeps its one-cancels-other group. None when IBKR does not know the cOID;
+        bracket child keeps its one-cancels-other group. None when IBKR does not know the cOID; a
+        final order (filled, cancelled) is returned unchanged, without a request;
         IBKROrderRejected (an OrderRejectedError) when IBKR refuses or a question is declined: the
         order then stays as it was."""
         found = self.find_order(client_order_id)
-        if found is None:
-            return None
-        if found.status in FINAL_STATUSES or not found.broker_order_id:
-            raise IBKROrderRejected(
-                f"order {client_order_id} is {found.status} at IBKR, so it cannot be changed"
-                + (f" ({found.detail})" if found.detail else ""),
-                "nothing to change: the portfolio sync records what it became (its fills or its cancel)")
+        if found is None or found.status in FINAL_STATUSES:
+            return found  # unknown, or already final (filled, cancelled): nothing to change
         changes: dict = {}
         if order_type is not None:
             changes["orderType"] = order_type.upper()

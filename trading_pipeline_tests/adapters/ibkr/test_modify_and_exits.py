@@ -78,11 +78,10 @@ def test_refused_or_declined_modification_leaves_the_order_as_it_was(open_market
     assert broker.modify("mx-never-sent", order_type="MKT") is None  # unknown to IBKR
 
 
-def test_a_filled_order_cannot_be_modified(open_market):
+def test_a_final_order_is_returned_unchanged_without_a_request(open_market):
     emulator, broker = open_market
     emulator.set_price("MSFT", 100.0)
     broker.place("MSFT", bracket(coid="mx-5", entry=100.5), 100.5)
-    with pytest.raises(IBKROrderRejected) as raised:
-        broker.modify("mx-5", price=100.0)
-    assert "is Filled at IBKR" in raised.value.problem
+    unchanged = broker.modify("mx-5", price=100.0)
+    assert (unchanged.status, unchanged.filled_quantity, unchanged.average_fill_price) == ("Filled", 10, 100.0)
     assert emulator.count("POST", MODIFY_POST) == 0
