@@ -158,7 +158,7 @@ class GatewayEndpoints:
         if contract is None:
             return _error(f"no contract for conid {conid}", 500)
         symbol, exchange, _, name = contract
-        increment = self.config.tick_sizes.get(symbol, 0.01)
+        increment = self.state.tick_of(int(conid))
         digits = max(0, -int(np.floor(np.log10(increment) + 1e-9))) if increment < 1 else 0
         return _json({"con_id": int(conid), "symbol": symbol, "company_name": name, "instrument_type": "STK",
                       "exchange": "SMART", "listing_exchange": exchange, "currency": "USD", "local_symbol": symbol,
@@ -346,6 +346,13 @@ class GatewayEndpoints:
                     return f"parentId {order['parentId']} matches no order of this request"
         return None
 
+    def _off_tick(self, order: dict):
+        """IBKR rejects (HTTP 200, an error object) a price that is not a multiple of the tick."""
+        if "price" in order and self.state.off_tick(order["conid"], order["price"]):
+            return _error(f"The price does not conform to the minimum price variation for this contract "
+                          f"({self.state.tick_of(order['conid']):g}).")
+        return None
+
     def place(self, acct, body, **_):
         s = self.state
         if acct not in s.accounts:
@@ -354,6 +361,9 @@ class GatewayEndpoints:
         problem = self._validate_orders(orders)
         if problem:
             return _error(problem, 500)  # bad request content gives 500
+        for order in orders:
+            if (refused := self._off_tick(order)) is not None:
+                return refused
         cutoff = time.time() - 86_400
         for order in orders:
             coid = order.get("cOID")
@@ -503,6 +513,8 @@ class GatewayEndpoints:
             return _error(f"order {order} is {found.status} and cannot be modified")
         if body["quantity"] < found.filled:
             return _error(f"the quantity cannot be below the {found.filled:g} already filled")
+        if (refused := self._off_tick(body)) is not None:
+            return refused
         questions = []
         if found.order_type == "LMT" and found.parent_id is None and "price" in body:
             market = s.price(found.conid)

@@ -269,6 +269,15 @@ class GatewayState:
                            "contracts": [{"conid": other, "exchange": "NYSE", "isUS": True}]})
         return result
 
+    def tick_of(self, conid: int) -> float:
+        return self.config.tick_sizes.get(self.symbol_of(conid), 0.01)
+
+    def off_tick(self, conid: int, price) -> bool:
+        """Whether a price is not a multiple of the contract's minimum increment."""
+        tick = self.tick_of(conid)
+        steps = float(price) / tick
+        return abs(steps - round(steps)) > 1e-6
+
     def symbol_of(self, conid: int) -> str:
         return self.contracts.get(conid, (f"C{conid}",))[0]
 

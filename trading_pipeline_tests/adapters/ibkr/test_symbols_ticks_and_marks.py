@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
+from trading_pipeline.adapters.ibkr.errors import IBKROrderRejected
 from trading_pipeline.core.risk import Mark
 from trading_pipeline_tests.adapters.ibkr.test_orders_and_portfolio import bracket
 
@@ -43,6 +44,15 @@ def test_min_tick_from_the_contract_rules_cached_per_conid(emulator, client, cap
     emulator.inject("/iserver/contract/*/info-and-rules", method="GET", body={"error": "contract rules unavailable"})
     assert broker.min_tick("IBM") == 0.01
     assert broker.min_tick("AAPL") == 0.01 and len(emulator.requests("GET", "/iserver/contract/*")) == 5  # not cached
+
+
+def test_a_price_off_the_contracts_tick_is_rejected_by_ibkr(emulator, client):
+    broker = IBKRBroker(client)
+    emulator.set_price("TICK05", 100.0)
+    with pytest.raises(IBKROrderRejected) as raised:
+        broker.place("TICK05", bracket(coid="tk-1", entry=99.0, stop=95.02, target=105.0), 99.0)
+    assert "minimum price variation" in raised.value.ibkr_text and emulator.orders_with_coid("tk-1") == []
+    assert len(broker.place("TICK05", bracket(coid="tk-2", entry=99.0, stop=95.05, target=105.0), 99.0)) == 3
 
 
 def test_positions_are_valued_at_ibkrs_price_and_marks_only_fill_gaps(emulator_factory, client_factory):
