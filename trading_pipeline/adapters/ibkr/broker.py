@@ -2,7 +2,8 @@
 
 - `place` sends the legs as ONE request: the entry with its cOID, and (for a bracket) the
   stop-loss and take-profit children carrying `parentId` = the entry's cOID and, as IBKR's spec
-  says for bracket children, no cOID of their own. Sent once, never retried; a duplicate cOID
+  says for bracket children, no cOID of their own; or one standalone exit (a MKT order, no
+  price) with its cOID. Sent once, never retried; a duplicate cOID
   answer raises DuplicateOrderError; questions follow the client's allow-list policy.
 - `find_order(cOID)` reads the live orders (the empty first answer of a session is re-asked),
   then the last 7 days of executions (an order that filled on an earlier day is no longer in the
@@ -121,8 +122,10 @@ class IBKRBroker:
     # ------------------------------------------------------------------ placing
     @staticmethod
     def _check_legs(legs: list[OrderLeg]) -> None:
-        if not legs or legs[0].role != "entry":
-            raise ValueError("the first leg must be the entry")
+        if not legs or legs[0].role not in ("entry", "exit"):
+            raise ValueError("the first leg must be the entry (or a standalone exit)")
+        if legs[0].role == "exit" and len(legs) > 1:
+            raise ValueError("a standalone exit is one order, without children")
         parent = legs[0].client_order_id
         for leg in legs[1:]:
             suffix = CHILD_SUFFIX.get(leg.role)
@@ -135,9 +138,10 @@ class IBKRBroker:
         orders = []
         for leg in legs:
             order = {"acctId": account_id, "conid": int(conid), "orderType": leg.order_type,
-                     "price": round(float(leg.price), 2), "side": leg.side, "quantity": int(leg.quantity),
-                     "tif": leg.tif}
-            if leg.role == "entry":
+                     "side": leg.side, "quantity": int(leg.quantity), "tif": leg.tif}
+            if leg.order_type != "MKT" and leg.price is not None:  # a market order carries no price
+                order["price"] = round(float(leg.price), 2)
+            if leg.role in ("entry", "exit"):
                 order["cOID"] = parent
             else:
                 order["parentId"] = parent  # bracket child: no cOID of its own (IBKR's rule)

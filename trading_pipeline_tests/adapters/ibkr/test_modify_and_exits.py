@@ -6,6 +6,7 @@ import pytest
 
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.ibkr.errors import IBKROrderRejected
+from trading_pipeline.core.analysis import OrderLeg
 from trading_pipeline.errors import OrderRejectedError
 from trading_pipeline_tests.adapters.ibkr.test_orders_and_portfolio import bracket
 
@@ -45,6 +46,19 @@ def test_market_exit_waits_for_the_next_open_while_the_market_is_closed(emulator
     filled = broker.find_order("mx-2-sl")
     assert (filled.status, filled.filled_quantity, filled.average_fill_price) == ("Filled", 10, 97.0)
     assert broker.find_order("mx-2-tp").status == "Cancelled"
+
+
+def test_a_standalone_market_exit_closes_a_position_opened_by_hand(open_market):
+    emulator, broker = open_market
+    emulator.set_price("MSFT", 100.0)
+    broker.place("MSFT", bracket(coid="mx-hand", entry=100.5)[:1], 100.5)  # a position without a stop
+    emulator.set_price("MSFT", 99.0)
+    exit_leg = OrderLeg.model_construct(client_order_id="mx-exit", role="exit", side="SELL", order_type="MKT",
+                                        quantity=10, price=None, tif="DAY")  # market orders carry no price
+    (placed,) = broker.place("MSFT", [exit_leg], 99.0)
+    assert (placed.client_order_id, placed.status, placed.average_fill_price) == ("mx-exit", "Filled", 99.0)
+    assert "MSFT" not in broker.account({}).positions
+    assert [(e.side, e.quantity) for e in broker.executions("mx-exit")] == [("SELL", 10)]
 
 
 def test_resize_and_partial_take_profit_reduce_the_other_leg(open_market):
