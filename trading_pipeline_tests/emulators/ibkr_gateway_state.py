@@ -114,7 +114,7 @@ class EmuOrder:
     conid: int
     symbol: str
     side: str
-    order_type: str  # LMT / STP
+    order_type: str  # LMT / STP / MKT
     quantity: float
     price: float
     tif: str
