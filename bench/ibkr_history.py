@@ -6,7 +6,7 @@ the pacing-limited ideal, plus the peak history requests in flight and the peak 
 second the emulator saw (IBKR's limits: 5 in flight, 10 per second; the client uses 4 and a
 1.2 s window). The emulator answers 429 to any breach, so "429 answers: 0" is part of the result.
 
-The emulator runs in its own process (`python -m trading_pipeline.adapters.ibkr.emulator`), as the
+The emulator runs in its own process (`python -m trading_pipeline_tests.emulators.ibkr_gateway`), as the
 gateway does, so its request timestamps are not distorted by the client's threads.
 
 Run: `.venv/bin/python bench/ibkr_history.py [--symbols 100] [--latency-ms 200] [--workers 8]`.
@@ -55,8 +55,9 @@ def main() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "trading_pipeline.adapters.ibkr.emulator", "--port", str(port),
-         "--latency-ms", str(args.latency_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [sys.executable, "-m", "trading_pipeline_tests.emulators.ibkr_gateway", "--port", str(port),
+         "--latency-ms", str(args.latency_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent)  # the emulator lives with the tests, in the checkout
     url = f"http://127.0.0.1:{port}/v1/api"
     control = f"http://127.0.0.1:{port}/__emulator__/stats"
     try:

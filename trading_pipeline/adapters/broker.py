@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from trading_pipeline.adapters.trading_db import PaperFillRow, PaperOrderRow
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import OrderLeg
-from trading_pipeline.core.risk import AccountState, Position
+from trading_pipeline.core.risk import AccountState, Mark, Position
 from trading_pipeline.errors import OrderRejectedError
 
 
@@ -58,10 +58,10 @@ class BrokerExecution:
 class Broker(Protocol):
     name: str
 
-    def account(self, marks: dict[str, float], as_of: datetime | None = None) -> AccountState:
-        """Equity, cash, positions (valued at `marks` where given) and today's P&L. `as_of` is the
-        decision's point in time: the paper broker leaves out later fills (a replay must not see
-        its own future); a real broker only knows the present and ignores it."""
+    def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
+        """Equity, cash, positions (valued at `marks`, the latest closed daily bars) and today's
+        P&L. `as_of` is the decision's point in time: the paper broker leaves out later fills (a
+        replay must not see its own future); a real broker only knows the present and ignores it."""
         ...
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None: ...
@@ -79,6 +79,18 @@ class Broker(Protocol):
     def cancel(self, client_order_id: str) -> BrokerOrder | None:
         """Cancel a working order and return its final state (an order already final is left as
         it is); None when the broker does not know the id."""
+        ...
+
+    def modify(self, client_order_id: str, *, order_type: str | None = None, price: float | None = None,
+               quantity: int | None = None) -> BrokerOrder | None:
+        """Change a working order in place and return its state after the change (a final order
+        is returned unchanged); None when the broker does not know the id. Raises
+        OrderRejectedError when the broker refuses (the order stays as it was). order_type "MKT"
+        with price None turns a stop into a market order."""
+        ...
+
+    def min_tick(self, symbol: str) -> float:
+        """The contract's minimum price increment."""
         ...
 
 

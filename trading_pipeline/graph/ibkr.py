@@ -20,12 +20,13 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 
-from trading_pipeline.adapters.ibkr.settings import DEFAULT_AUTO_CONFIRM, DEFAULT_GATEWAY_URL
+from trading_pipeline.adapters.ibkr.settings import DEFAULT_GATEWAY_URL
 
 SESSION_STATUS_FILE = "ibkr_session.json"
 SENSOR_INTERVAL_SECONDS = 60  # IBKR: tickle about every 60 s; the session dies after ~6 min idle
@@ -43,15 +44,17 @@ def default_status_path(environ: dict[str, str] | None = None) -> Path:
 
 
 class IBKRResource(dg.ConfigurableResource):
-    """The IBKR Client Portal gateway (IBKR_GATEWAY_URL, IBKR_ACCOUNT_ID, IBKR_VERIFY_SSL, ...)."""
+    """The IBKR Client Portal gateway (IBKR_GATEWAY_URL, IBKR_ACCOUNT_ID, IBKR_VERIFY_SSL, ...).
+
+    No safety switch is a field: TRADING_ALLOW_LIVE and IBKR_AUTO_CONFIRM widen what may be sent,
+    so the client reads them from the deployment's environment at every send, and no run config
+    can set them."""
 
     gateway_url: str = DEFAULT_GATEWAY_URL
     account_id: str | None = None
     verify_ssl: bool = False
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 30.0
-    allow_live: bool = False
-    auto_confirm: list[str] = list(DEFAULT_AUTO_CONFIRM)  # noqa: RUF012 - pydantic copies field defaults
     exchanges: list[str] = []  # noqa: RUF012 - pydantic copies field defaults
     conids: dict[str, int] = {}  # noqa: RUF012 - pydantic copies field defaults
     take_over_session: bool = False
@@ -63,7 +66,7 @@ class IBKRResource(dg.ConfigurableResource):
 
     def _key(self) -> tuple:
         return (self.gateway_url, self.account_id, self.verify_ssl, self.connect_timeout_seconds,
-                self.read_timeout_seconds, self.allow_live, tuple(self.auto_confirm), tuple(self.exchanges),
+                self.read_timeout_seconds, tuple(self.exchanges),
                 tuple(sorted(self.conids.items())), self.take_over_session, self.history_concurrency,
                 str(self.resolved_state_dir()))
 
@@ -85,10 +88,13 @@ class IBKRResource(dg.ConfigurableResource):
 
         return IBKRMarketData(self.client(), volume_multiplier=self.volume_multiplier)
 
-    def broker(self):
+    def broker(self, symbols: Iterable[str] = ()):
+        """The `ibkr` broker; `symbols` are the strategies' symbols, under which it reports positions
+        and executions (matched by conid: IBKR's ticker for BRK.B is 'BRK B')."""
         from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 
-        return IBKRBroker(self.client(), id_map_path=self.resolved_state_dir() / "order-ids.json")
+        return IBKRBroker(self.client(), id_map_path=self.resolved_state_dir() / "order-ids.json",
+                          symbols=symbols)
 
     def status_path(self) -> Path:
         return Path(self.status_file).expanduser() if self.status_file else default_status_path()
@@ -105,8 +111,7 @@ class IBKRResource(dg.ConfigurableResource):
         return cls(
             gateway_url=settings["gateway_url"], account_id=settings["account_id"],
             verify_ssl=settings["verify_ssl"], connect_timeout_seconds=settings["connect_timeout"],
-            read_timeout_seconds=settings["read_timeout"], allow_live=settings["allow_live"],
-            auto_confirm=list(settings["auto_confirm"]), exchanges=list(settings["exchanges"] or []),
+            read_timeout_seconds=settings["read_timeout"], exchanges=list(settings["exchanges"] or []),
             conids=settings["conid_overrides"], take_over_session=settings["take_over_competing_session"],
             history_concurrency=settings["pacing"].history_concurrency,
             volume_multiplier=float(multiplier) if multiplier else None,
@@ -120,10 +125,9 @@ def _shared_client(key: tuple):
     from trading_pipeline.adapters.ibkr.client import IBKRClient
     from trading_pipeline.adapters.ibkr.pacing import Pacing
 
-    (url, account, verify, connect, read, allow_live, auto, exchanges, conids, take_over, concurrency,
-     state_dir) = key
+    (url, account, verify, connect, read, exchanges, conids, take_over, concurrency, state_dir) = key
     return IBKRClient(url, account_id=account, verify_ssl=verify, connect_timeout=connect, read_timeout=read,
-                      allow_live=allow_live, auto_confirm=auto, exchanges=exchanges or None,
+                      exchanges=exchanges or None,
                       take_over_competing_session=take_over, conid_overrides=dict(conids),
                       pacing=Pacing(history_concurrency=concurrency), shared_pacing_dir=state_dir)
 

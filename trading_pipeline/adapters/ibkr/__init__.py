@@ -1,11 +1,11 @@
-"""IBKR Client Portal Web API: client, `ibkr` market data source, `ibkr` broker, local emulator.
+"""IBKR Client Portal Web API: client, `ibkr` market data source, `ibkr` broker.
 
     from trading_pipeline.adapters.ibkr.client import IBKRClient
     from trading_pipeline.adapters.ibkr.market_data import IBKRMarketData
     from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 
-The emulator (`python -m trading_pipeline.adapters.ibkr.emulator`) is never imported by the
-client path: it alone needs starlette/uvicorn.
+The gateway emulator is a test tool and lives with the tests
+(`python -m trading_pipeline_tests.emulators.ibkr_gateway`, from the checkout).
 """
 
 _LAZY = {

@@ -2,18 +2,29 @@
 
 - `place` sends the legs as ONE request: the entry with its cOID, and (for a bracket) the
   stop-loss and take-profit children carrying `parentId` = the entry's cOID and, as IBKR's spec
-  says for bracket children, no cOID of their own. Sent once, never retried; a duplicate cOID
+  says for bracket children, no cOID of their own; or one standalone exit (a MKT order, no
+  price) with its cOID. Sent once, never retried; a duplicate cOID
   answer raises DuplicateOrderError; questions follow the client's allow-list policy.
 - `find_order(cOID)` reads the live orders (the empty first answer of a session is re-asked),
   then the last 7 days of executions (an order that filled on an earlier day is no longer in the
   live list). A child leg's cOID is `<entry cOID>-sl` / `<entry cOID>-tp` (core/orders.build_legs);
-  IBKR knows children only through their parent, so they are found via the parent order.
+  IBKR knows children only through their parent (`parentId`: the parent's order id, or on some
+  gateways its cOID), so they are found via the parent order while listed, and after a day
+  rollover (IBKR lists the current day only) by their saved IBKR order ids in the executions'
+  `order_id`/`orderId`. A child that IBKR no longer lists, has no execution, and whose sibling
+  filled was cancelled by the bracket's one-cancels-other group.
+- `modify(cOID, order_type=, price=, quantity=)`: the order changed in place (the modify endpoint
+  repeats every original field); a bracket child stays in its one-cancels-other group.
+- `min_tick(symbol)`: IBKR's `rules.increment` for the resolved contract (0.01 when unknown).
 - `executions(cOID)`: IBKR tags an execution with `order_ref` = the cOID (the entry only) and,
   per its newer trades doc, `order_id`. Children are matched by their IBKR order id, which this
   broker learns when placing or looking them up and keeps in a small JSON map (`id_map_path`),
   so a restarted process still attributes a stop-loss fill to its leg.
 - `open_orders()`: working orders at IBKR, with the pipeline's cOIDs where known ("" otherwise).
-- `account(marks)`: summary + every positions page (cache invalidated first) + IBKR's daily P&L.
+- `account(marks)`: summary + every positions page (cache invalidated first) + IBKR's daily P&L,
+  valued at IBKR's own prices (a mark only where IBKR has none). Positions are keyed by the
+  strategy's symbol: the position's conid is matched to the contract each of `symbols` resolves
+  to (IBKR's ticker for BRK.B is 'BRK B'); a position of no strategy symbol keeps IBKR's ticker.
 """
 
 from __future__ import annotations
@@ -23,19 +34,27 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, BrokerExecution, BrokerOrder, DuplicateOrderError
 from trading_pipeline.adapters.ibkr.client import IBKRClient, parse_conid, parse_number
-from trading_pipeline.adapters.ibkr.errors import IBKRDuplicateOrder, IBKRError, IBKRMalformedAnswer, IBKRRequestError
+from trading_pipeline.adapters.ibkr.errors import (
+    IBKRContractError,
+    IBKRDuplicateOrder,
+    IBKRError,
+    IBKRMalformedAnswer,
+    IBKRRequestError,
+)
 from trading_pipeline.core.analysis import OrderLeg
-from trading_pipeline.core.risk import AccountState, Position
+from trading_pipeline.core.risk import AccountState, Mark, Position
 
 log = logging.getLogger(__name__)
 
 CHILD_SUFFIX = {"stop_loss": "-sl", "take_profit": "-tp"}  # as core/orders.build_legs names them
-_CHILD_KIND = {"-sl": ("STP", "STOP"), "-tp": ("LMT", "LIMIT")}
+_CHILD_KIND = {"-sl": ("STP", "STOP", "MKT", "MARKET"), "-tp": ("LMT", "LIMIT")}  # a stop made an exit is MKT
+_SIBLING = {"-sl": "-tp", "-tp": "-sl"}
 
 
 def _status_text(order: dict) -> str:
@@ -51,12 +70,20 @@ def _order_type(order: dict) -> str:
     return str(order.get("origOrderType") or order.get("orderType") or order.get("order_type") or "").upper()
 
 
+def _execution_order_id(trade: dict) -> str:
+    """The IBKR order id an execution belongs to (`order_id`, or `orderId` on some gateways)."""
+    value = trade.get("order_id", trade.get("orderId"))
+    return "" if value in (None, "") else str(value)
+
+
 class IBKRBroker:
     name = "ibkr"
 
     def __init__(self, client: IBKRClient, order_cache_seconds: float | None = None,
-                 id_map_path: str | os.PathLike | None = None):
+                 id_map_path: str | os.PathLike | None = None, symbols: Iterable[str] = ()):
         self.client = client
+        # The strategies' symbols: positions and executions are reported under these, by conid.
+        self.symbols = tuple(dict.fromkeys(s.strip() for s in symbols if s.strip()))
         # One live-orders answer serves the lookups of one reconciliation (IBKR allows 1 call per 5 s).
         self.order_cache_seconds = (client.pacing.slow_endpoint_interval if order_cache_seconds is None
                                     else order_cache_seconds)
@@ -95,8 +122,10 @@ class IBKRBroker:
     # ------------------------------------------------------------------ placing
     @staticmethod
     def _check_legs(legs: list[OrderLeg]) -> None:
-        if not legs or legs[0].role != "entry":
-            raise ValueError("the first leg must be the entry")
+        if not legs or legs[0].role not in ("entry", "exit"):
+            raise ValueError("the first leg must be the entry (or a standalone exit)")
+        if legs[0].role == "exit" and len(legs) > 1:
+            raise ValueError("a standalone exit is one order, without children")
         parent = legs[0].client_order_id
         for leg in legs[1:]:
             suffix = CHILD_SUFFIX.get(leg.role)
@@ -109,9 +138,10 @@ class IBKRBroker:
         orders = []
         for leg in legs:
             order = {"acctId": account_id, "conid": int(conid), "orderType": leg.order_type,
-                     "price": round(float(leg.price), 2), "side": leg.side, "quantity": int(leg.quantity),
-                     "tif": leg.tif}
-            if leg.role == "entry":
+                     "side": leg.side, "quantity": int(leg.quantity), "tif": leg.tif}
+            if leg.order_type != "MKT" and leg.price is not None:  # a market order carries no price
+                order["price"] = round(float(leg.price), 2)
+            if leg.role in ("entry", "exit"):
                 order["cOID"] = parent
             else:
                 order["parentId"] = parent  # bracket child: no cOID of its own (IBKR's rule)
@@ -178,6 +208,26 @@ class IBKRBroker:
             return self._as_broker_order(client_order_id, found)
         return self._from_executions(client_order_id)
 
+    def min_tick(self, symbol: str) -> float:
+        return self.client.min_tick(self.client.resolve(symbol).conid)
+
+    def symbols_by_conid(self) -> dict[int, str]:
+        """conid -> the strategy symbol whose contract it is (resolved once per process, cached by the
+        client). A symbol IBKR cannot resolve is left out (its orders fail where they are placed)."""
+        if not self.symbols:
+            return {}
+        try:
+            contracts = self.client.resolve_many(self.symbols)
+            return {contracts[s.upper()].conid: s for s in self.symbols}
+        except IBKRContractError:
+            mapping = {}
+            for symbol in self.symbols:
+                try:
+                    mapping[self.client.resolve(symbol).conid] = symbol
+                except IBKRContractError as error:
+                    log.warning("strategy symbol %s has no IBKR contract: %s", symbol, error.problem)
+            return mapping
+
     def _match_live(self, client_order_id: str, orders: list[dict]) -> dict | None:
         for order in orders:
             if order.get("order_ref") == client_order_id:
@@ -207,6 +257,41 @@ class IBKRBroker:
                            parse_number(final.get("average_price")) or found.average_fill_price,
                            "cancelled on request")
 
+    def modify(self, client_order_id: str, *, order_type: str | None = None, price: float | None = None,
+               quantity: int | None = None) -> BrokerOrder | None:
+        """Change the working order with this cOID in place (`POST .../order/{orderId}`, every
+        original field repeated). order_type "MKT" with no price makes a stop a market order; a
+        bracket child keeps its one-cancels-other group. None when IBKR does not know the cOID; a
+        final order (filled, cancelled) is returned unchanged, without a request;
+        IBKROrderRejected (an OrderRejectedError) when IBKR refuses or a question is declined: the
+        order then stays as it was."""
+        found = self.find_order(client_order_id)
+        if found is None or found.status in FINAL_STATUSES:
+            return found  # unknown, or already final (filled, cancelled): nothing to change
+        changes: dict = {}
+        if order_type is not None:
+            changes["orderType"] = order_type.upper()
+        if price is not None:
+            changes["price"] = round(float(price), 2)
+        if quantity is not None:
+            if int(quantity) <= 0:
+                raise ValueError(f"a modified quantity must be positive, not {quantity!r}")
+            changes["quantity"] = int(quantity)
+        if not changes:
+            return found
+        answers = self.client.modify_order(found.broker_order_id, **changes)
+        status = str(answers[0].get("order_status") or found.status) if answers else found.status
+        filled, average = found.filled_quantity, found.average_fill_price
+        try:
+            current = self.client.order_status(found.broker_order_id)
+            status = str(current.get("order_status") or status)
+            filled = parse_number(current.get("cum_fill")) or 0.0
+            average = parse_number(current.get("average_price"))
+        except IBKRError as error:
+            log.warning("status of modified order %s unavailable: %s", found.broker_order_id, error.problem)
+        return BrokerOrder(client_order_id, found.broker_order_id, status, filled, average,
+                           "modified: " + ", ".join(f"{k} {v}" for k, v in changes.items()))
+
     def open_orders(self) -> list[BrokerOrder]:
         """Working orders at IBKR (not Filled/Cancelled/Inactive); cOID "" for orders the pipeline
         did not send (e.g. placed by hand), so the portfolio sync can flag them as drift."""
@@ -224,15 +309,18 @@ class IBKRBroker:
                         for suffix in _CHILD_KIND:
                             if self._find_child(orders, parent, suffix) is order:
                                 coid = parent["order_ref"] + suffix
+                if coid:  # learnt while listed: found again by id after IBKR stops listing it
+                    self._remember({str(coid): str(order.get("orderId"))})
             result.append(self._as_broker_order(str(coid), order))
         return result
 
     @staticmethod
     def _find_child(orders: list[dict], parent: dict, suffix: str) -> dict | None:
         wanted = _CHILD_KIND[suffix]
-        parent_id = str(parent.get("orderId"))
+        # parentId is the parent's IBKR order id; some gateways echo the cOID it was placed with
+        parent_keys = {str(v) for v in (parent.get("orderId"), parent.get("order_ref")) if v not in (None, "")}
         typed = [o for o in orders if _order_type(o) in wanted and o is not parent]
-        linked = [o for o in typed if str(o.get("parentId") or "") == parent_id]
+        linked = [o for o in typed if str(o.get("parentId") or "") in parent_keys]
         if linked:
             return linked[0]
         if any("parentId" in o for o in orders):
@@ -246,24 +334,41 @@ class IBKRBroker:
                       and _order_number(o) > _order_number(parent)]
         return min(candidates, key=_order_number) if candidates else None
 
+    def _own_trades(self, client_order_id: str) -> list[dict]:
+        """This order's executions of the last 7 days: by `order_ref` (the cOID; entries only) or by
+        the IBKR order id saved for the cOID (bracket children carry no order_ref)."""
+        order_id = self.order_id_for(client_order_id)
+        return [t for t in self.client.trades(days=7, max_age=self.order_cache_seconds)
+                if t.get("order_ref") == client_order_id
+                or (order_id is not None and _execution_order_id(t) == order_id)]
+
     def _from_executions(self, client_order_id: str) -> BrokerOrder | None:
-        fills = [t for t in self.client.trades(days=7, max_age=self.order_cache_seconds)
-                 if t.get("order_ref") == client_order_id]
-        if not fills:
+        """An order IBKR no longer lists (it lists the current day only): filled if it has
+        executions; a bracket child without any is cancelled when its sibling filled (one cancels
+        the other); else unknown (None)."""
+        order_id = self.order_id_for(client_order_id) or ""
+        fills = self._own_trades(client_order_id)
+        if fills:
+            quantity = sum(parse_number(t.get("size")) or 0.0 for t in fills)
+            notional = sum((parse_number(t.get("size")) or 0.0) * (parse_number(t.get("price")) or 0.0)
+                           for t in fills)
+            return BrokerOrder(client_order_id, order_id or _execution_order_id(fills[0]), "Filled", quantity,
+                               notional / quantity if quantity else None,
+                               "IBKR no longer lists the order (an earlier day); found by its executions")
+        child = self._split_child(client_order_id)
+        if child is None or not order_id:
             return None
-        quantity = sum(parse_number(t.get("size")) or 0.0 for t in fills)
-        notional = sum((parse_number(t.get("size")) or 0.0) * (parse_number(t.get("price")) or 0.0) for t in fills)
-        # the order left the live list (an earlier day): its executions prove it existed and filled
-        return BrokerOrder(client_order_id, "", "Filled", quantity, notional / quantity if quantity else None)
+        parent_ref, suffix = child
+        sibling = parent_ref + _SIBLING[suffix]
+        if self.order_id_for(sibling) and self._own_trades(sibling):
+            return BrokerOrder(client_order_id, order_id, "Cancelled", 0.0, None,
+                               f"one-cancels-other: {sibling} filled (IBKR no longer lists this order)")
+        return None
 
     def executions(self, client_order_id: str) -> list[BrokerExecution]:
-        order_id = self.order_id_for(client_order_id)
+        by_conid = self.symbols_by_conid()
         result = []
-        for trade in self.client.trades(days=7, max_age=self.order_cache_seconds):
-            mine = trade.get("order_ref") == client_order_id or (
-                order_id is not None and trade.get("order_id") is not None and str(trade["order_id"]) == order_id)
-            if not mine:
-                continue
+        for trade in self._own_trades(client_order_id):
             side = {"B": "BUY", "S": "SELL"}.get(str(trade.get("side")), str(trade.get("side")).upper())
             execution_id = str(trade.get("execution_id") or "").strip()
             if not execution_id:
@@ -271,7 +376,8 @@ class IBKRBroker:
                     f"an IBKR execution of {client_order_id} has no execution_id, so it cannot be recorded once",
                     "check the executions in Client Portal; the gateway's trades answer lacks IBKR's documented "
                     "execution_id")
-            result.append(BrokerExecution(execution_id, client_order_id, str(trade.get("symbol")),
+            symbol = by_conid.get(parse_conid(trade.get("conid")), str(trade.get("symbol")))
+            result.append(BrokerExecution(execution_id, client_order_id, symbol,
                                           side, parse_number(trade.get("size")) or 0.0,
                                           parse_number(trade.get("price")) or 0.0, self._executed_at(trade)))
         return result
@@ -291,14 +397,18 @@ class IBKRBroker:
                 "check the execution in Client Portal; IBKR documents trade_time_r in epoch ms") from None
 
     # ------------------------------------------------------------------ account
-    def account(self, marks: dict[str, float], as_of: datetime | None = None) -> AccountState:
-        """Equity and cash from the summary, every position (fresh), daily P&L from IBKR's
-        partitioned P&L; with no P&L row and no positions, today's realized P&L from the ledger.
-        IBKR knows only the present: `as_of` is not used."""
+    def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
+        """Equity and cash from the summary, every position (fresh) at IBKR's market price (a mark
+        only where IBKR has none), daily P&L from IBKR's partitioned P&L; with no P&L row and no
+        positions, today's realized P&L from the ledger. Positions are keyed by the strategy's
+        symbol (matched by conid), else IBKR's ticker. IBKR knows only the present: `as_of` is
+        not used."""
         summary = self.client.summary()
+        by_conid = self.symbols_by_conid()
         positions: dict[str, Position] = {}
         for row in self.client.positions(fresh=True):
-            symbol = str(row.get("ticker") or row.get("contractDesc") or row.get("conid"))
+            conid = parse_conid(row.get("conid"))
+            symbol = by_conid.get(conid) or str(row.get("ticker") or row.get("contractDesc") or row.get("conid"))
             quantity = parse_number(row.get("position"))
             if quantity is None:  # a position of unknown size must not pass for none (risk limits read it)
                 raise IBKRMalformedAnswer(
@@ -309,15 +419,19 @@ class IBKRBroker:
                 continue
             average = parse_number(row.get("avgPrice")) or parse_number(row.get("avgCost")) or 0.0
             if str(row.get("assetClass") or "STK").upper() == "STK":
-                price = marks.get(symbol, parse_number(row.get("mktPrice")) or average)
+                price = parse_number(row.get("mktPrice"))
+                if not price or price <= 0:  # IBKR has no price (no market data): the last close, else cost
+                    mark = marks.get(symbol)
+                    price = mark.price if mark is not None else average
             else:  # options/futures: value them as IBKR does (market value includes the multiplier)
                 price = (parse_number(row.get("mktValue")) or 0.0) / quantity
-            if symbol in positions:  # the same ticker twice (e.g. two listings): merge
+            if symbol in positions:  # the same symbol twice (e.g. two listings): merge
                 held = positions[symbol]
                 total = held.quantity + quantity
                 average = (held.average_price * held.quantity + average * quantity) / total if total else 0.0
                 quantity = total
-            positions[symbol] = Position(quantity, round(average, 4), price)
+                conid = held.conid
+            positions[symbol] = Position(quantity, round(average, 4), price, conid)
         daily = self.client.pnl()
         if daily is not None and parse_number(daily.get("dpl")) is not None:
             daily_pnl = parse_number(daily.get("dpl")) or 0.0

@@ -77,6 +77,11 @@ class IBKRRequestError(IBKRError):
         self.ibkr_text = ibkr_text
 
 
+class IBKRPnLUnavailable(IBKRError):
+    """The gateway does not serve the partitioned P&L endpoint (404): the daily-loss limit has no
+    daily P&L to check. Not transient: asking again gets the same answer."""
+
+
 class IBKRMalformedAnswer(IBKRRequestError):
     """The gateway answered something its documented API never returns: an HTML page, an empty
     body, plain text, truncated JSON, or JSON of the wrong shape (e.g. a list where an object is

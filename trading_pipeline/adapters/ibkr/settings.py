@@ -4,6 +4,7 @@ validates these variables when it loads, without importing the client (httpx, pa
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from trading_pipeline.adapters.ibkr.errors import IBKRConfigError
 from trading_pipeline.adapters.ibkr.pacing import Pacing
@@ -19,8 +20,31 @@ DEFAULT_GATEWAY_URL = "https://localhost:5000/v1/api"
 DEFAULT_AUTO_CONFIRM: tuple[str, ...] = ("o10331", "o10152", "o403", "p12")
 
 
+@dataclass(frozen=True)
+class IBKRSwitches:
+    """What widens what the IBKR client may send: orders on a live account, reply questions
+    confirmed without a human. Set by the deployment, read when an order is sent or a question
+    answered; never a client, resource or run setting."""
+
+    allow_live: bool
+    auto_confirm: tuple[str, ...]
+
+
+def read_switches(environ: dict[str, str] | None = None) -> IBKRSwitches:
+    """TRADING_ALLOW_LIVE and IBKR_AUTO_CONFIRM from the environment, now. The client calls this at
+    every placement, modification and reply question (see IBKRClient `switches`).
+    TODO(lead): read them through trading_pipeline.config.SafetySwitches.read() once it lands."""
+    env = os.environ if environ is None else environ
+    auto = env.get("IBKR_AUTO_CONFIRM")
+    ids = DEFAULT_AUTO_CONFIRM if auto is None else auto.split(",")
+    return IBKRSwitches(allow_live=env_flag("TRADING_ALLOW_LIVE", env),
+                        auto_confirm=tuple(dict.fromkeys(i.strip() for i in ids if i.strip())))
+
+
 def settings_from_env(environ: dict[str, str] | None = None) -> dict:
-    """Client keyword arguments from the environment (see IBKRClient.from_env)."""
+    """Client keyword arguments from the environment (see IBKRClient.from_env). The safety switches
+    (TRADING_ALLOW_LIVE, IBKR_AUTO_CONFIRM) are not among them: `read_switches` reads them at send
+    time; they are checked here only so that a typo stops the code location when it loads."""
     env = os.environ if environ is None else environ
 
     def number(name: str, default: float) -> float:
@@ -36,7 +60,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
             raise IBKRConfigError(f"{name}={raw!r} must be positive", f"set {name} to e.g. {default:g}")
         return value
 
-    auto = env.get("IBKR_AUTO_CONFIRM")
+    read_switches(env)  # a typo in TRADING_ALLOW_LIVE fails now, not at the first order
     exchanges = [e for e in (env.get("IBKR_EXCHANGES") or "").split(",") if e.strip()]
     overrides = {}
     for item in (env.get("IBKR_CONIDS") or "").split(","):
@@ -54,8 +78,6 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
         "verify_ssl": env_flag("IBKR_VERIFY_SSL", env),
         "connect_timeout": number("IBKR_CONNECT_TIMEOUT", 5.0),
         "read_timeout": number("IBKR_READ_TIMEOUT", 30.0),
-        "allow_live": env_flag("TRADING_ALLOW_LIVE", env),
-        "auto_confirm": DEFAULT_AUTO_CONFIRM if auto is None else [i for i in auto.split(",") if i.strip()],
         "exchanges": exchanges or None,
         "take_over_competing_session": env_flag("IBKR_TAKE_OVER_SESSION", env),
         "conid_overrides": overrides,

@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from trading_pipeline.adapters.ibkr.client import IBKRClient
-from trading_pipeline.adapters.ibkr.emulator import EmulatorConfig, IBKREmulator
 from trading_pipeline.adapters.ibkr.pacing import Pacing
+from trading_pipeline_tests.emulators.ibkr_gateway import EmulatorConfig, IBKREmulator
 
 FAST = Pacing(slow_endpoint_interval=0.3, tickle_interval=0.2, rate_limit_backoff=0.2, rate_limit_retries=3,
               read_backoff=0.05, poll_interval=0.05, session_polls=5, cancel_timeout=5.0)
@@ -23,6 +23,15 @@ def _fresh_contract_cache():
     from trading_pipeline.adapters.ibkr import client
 
     client._contract_cache.clear()
+    client._tick_cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _default_safety_switches(monkeypatch):
+    """The client reads TRADING_ALLOW_LIVE and IBKR_AUTO_CONFIRM at send time: tests start from the
+    defaults (no live trading, the built-in allow-list) and set them with monkeypatch."""
+    monkeypatch.delenv("TRADING_ALLOW_LIVE", raising=False)
+    monkeypatch.delenv("IBKR_AUTO_CONFIRM", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,17 @@ def test_resource_from_env_serves_source_and_broker_on_one_shared_client(monkeyp
     monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
     resource = IBKRResource.from_env({"IBKR_GATEWAY_URL": "http://127.0.0.1:1/v1/api", "IBKR_ACCOUNT_ID": "DU9",
                                       "TRADING_ALLOW_LIVE": "yes", "IBKR_EXCHANGES": "NASDAQ,NYSE"})
-    assert (resource.account_id, resource.allow_live, resource.exchanges) == ("DU9", True, ["NASDAQ", "NYSE"])
-    source, broker = resource.market_data(), resource.broker()
+    assert (resource.account_id, resource.exchanges) == ("DU9", ["NASDAQ", "NYSE"])
+    source, broker = resource.market_data(), resource.broker(symbols=["BRK.B"])
     assert isinstance(source, IBKRMarketData) and isinstance(broker, IBKRBroker)
-    assert source.name == broker.name == "ibkr"
+    assert source.name == broker.name == "ibkr" and broker.symbols == ("BRK.B",)
     assert source.client is broker.client is resource.client()  # one pacing budget per process
-    assert source.client.allow_live and source.client.exchanges == ("NASDAQ", "NYSE")
+    assert source.client.exchanges == ("NASDAQ", "NYSE")
+    # the switch is not the resource's: the client reads the process environment when it sends
+    monkeypatch.delenv("TRADING_ALLOW_LIVE", raising=False)
+    assert not source.client.switches().allow_live
+    monkeypatch.setenv("TRADING_ALLOW_LIVE", "yes")
+    assert source.client.switches().allow_live
     assert str(resource.resolved_state_dir()).startswith(str(tmp_path / "ibkr"))
     assert broker.id_map_path == resource.resolved_state_dir() / "order-ids.json"
     assert ibkr_session_sensor.default_status == dg.DefaultSensorStatus.STOPPED

@@ -18,6 +18,7 @@ from trading_pipeline.adapters.ibkr.errors import (
 )
 from trading_pipeline.adapters.ibkr.market_data import IBKRMarketData
 from trading_pipeline.core.analysis import OrderLeg
+from trading_pipeline.core.risk import Mark
 from trading_pipeline.core.strategies import TimeframeSettings
 
 ORDERS_POST = "/iserver/account/*/orders"
@@ -71,13 +72,14 @@ def test_unknown_question_is_declined_with_ibkrs_text(emulator, broker):
     assert declined[3] == 200
 
 
-def test_price_far_from_market_question_is_declined_by_default(emulator, broker, client_factory):
+def test_price_far_from_market_question_is_declined_by_default(emulator, broker, client_factory, monkeypatch):
     emulator.set_price("MSFT", 100.0)
     with pytest.raises(IBKROrderRejected) as raised:
         broker.place("MSFT", bracket(coid="tp-far", entry=110.0, stop=105.0, target=120.0), 110.0)
     assert raised.value.message_ids == ("o163",) and "Percentage constraint of 3%" in raised.value.ibkr_text
     assert emulator.orders_with_coid("tp-far") == []
-    allowing = IBKRBroker(client_factory(emulator, auto_confirm=["o10331", "o163"]))
+    monkeypatch.setenv("IBKR_AUTO_CONFIRM", "o10331,o163")
+    allowing = IBKRBroker(client_factory(emulator))
     placed = allowing.place("MSFT", bracket(coid="tp-far", entry=110.0, stop=105.0, target=120.0), 110.0)
     assert len(placed) == 3 and len(emulator.orders_with_coid("tp-far")) == 1
 
@@ -231,7 +233,7 @@ def test_modify_repeats_every_field_and_follows_the_policy(emulator, client, bro
     assert client.order_status(order_id)["limit_price"] == "98.75"
 
 
-def test_live_account_is_refused_without_the_opt_in(emulator_factory, client_factory):
+def test_live_account_is_refused_without_the_opt_in(emulator_factory, client_factory, monkeypatch):
     emulator = emulator_factory(live=True)
     emulator.set_price("MSFT", 100.0)
     refused = IBKRBroker(client_factory(emulator))
@@ -242,7 +244,8 @@ def test_live_account_is_refused_without_the_opt_in(emulator_factory, client_fac
     assert "TRADING_ALLOW_LIVE=yes" in raised.value.fix
     assert emulator.count("POST", ORDERS_POST) == 0
     assert refused.account({}).equity > 0  # reading a live account is fine
-    allowed = IBKRBroker(client_factory(emulator, allow_live=True))
+    monkeypatch.setenv("TRADING_ALLOW_LIVE", "yes")
+    allowed = IBKRBroker(client_factory(emulator))
     assert len(allowed.place("MSFT", bracket(coid="tp-live-acct"), 100.0)) == 3
 
 
@@ -272,10 +275,11 @@ def test_positions_all_pages_after_invalidating_the_cache(emulator_factory, clie
 def test_account_state_from_summary_positions_and_daily_pnl(emulator_factory, client_factory):
     emulator = emulator_factory(positions=2, daily_pnl=-125.5, cash=50_000.0)
     broker = IBKRBroker(client_factory(emulator))
-    state = broker.account({"POS000": 55.0})
+    state = broker.account({"POS000": Mark(55.0)})
     assert state.cash == 50_000.0
     assert state.equity == pytest.approx(50_000 + 10 * 51 + 11 * 52)
-    assert state.positions["POS000"].market_price == 55.0 and state.positions["POS001"].market_price == 52.0
+    # IBKR's own prices (a mark is only for a position IBKR has no price for)
+    assert state.positions["POS000"].market_price == 51.0 and state.positions["POS001"].market_price == 52.0
     assert state.positions["POS001"].quantity == 11 and state.positions["POS001"].average_price == 51.0
     assert state.daily_pnl == -125.5
     assert emulator.count("GET", "/iserver/account/pnl/partitioned") == 1

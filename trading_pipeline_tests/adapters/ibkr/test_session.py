@@ -149,17 +149,20 @@ def test_configuration_errors_name_the_variable_and_never_echo_credentials():
         IBKRClient.from_env({"IBKR_HISTORY_CONCURRENCY": "6"})
     client = IBKRClient.from_env({"TRADING_ALLOW_LIVE": "yes", "IBKR_AUTO_CONFIRM": "o10331",
                                   "IBKR_CONIDS": "AAPL=265598", "IBKR_ACCOUNT_ID": "DU1"})
-    assert client.allow_live and client.auto_confirm == ("o10331",) and client.conid_overrides == {"AAPL": 265598}
+    assert client.switches().allow_live and client.switches().auto_confirm == ("o10331",)
+    assert client.conid_overrides == {"AAPL": 265598}
     assert client.gateway_url == "https://localhost:5000/v1/api" and not client.verify_ssl
     client.close()
 
 
-def test_client_path_does_not_import_the_emulator_server():
-    """Only emulator.py may import starlette/uvicorn, and no client module imports the emulator."""
+def test_product_package_holds_no_emulator_and_never_imports_it():
+    """The gateway emulator is a test tool: it lives in trading_pipeline_tests/emulators, and no
+    module of the product's IBKR package imports it or its server (starlette/uvicorn)."""
     package = Path(__file__).resolve().parents[3] / "trading_pipeline" / "adapters" / "ibkr"
-    client_modules = [p for p in package.glob("*.py") if p.name != "emulator.py"]
-    assert {p.name for p in client_modules} >= {"client.py", "market_data.py", "broker.py", "history.py"}
-    for module in client_modules:
+    modules = list(package.glob("*.py"))
+    assert {p.name for p in modules} >= {"client.py", "market_data.py", "broker.py", "history.py", "transport.py"}
+    assert not any("emulator" in p.name for p in modules)
+    for module in modules:
         imported = set()
         for node in ast.walk(ast.parse(module.read_text())):
             if isinstance(node, ast.Import):
@@ -167,5 +170,6 @@ def test_client_path_does_not_import_the_emulator_server():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module)
                 imported.update(f"{node.module}.{alias.name}" for alias in node.names)
-        offending = {m for m in imported if m.split(".")[0] in ("starlette", "uvicorn") or m.endswith("emulator")}
+        offending = {m for m in imported if m.split(".")[0] in ("starlette", "uvicorn", "trading_pipeline_tests")
+                     or "emulator" in m}
         assert not offending, f"{module.name} imports {offending}"
