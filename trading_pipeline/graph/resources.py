@@ -140,7 +140,9 @@ class BrokerResource(dg.ConfigurableResource):
 
             return PaperBroker(self.database.sessions(), self.paper_equity)
         if self.mode == "ibkr":
-            return self.ibkr.broker()  # refuses a live account unless TRADING_ALLOW_LIVE=yes
+            # Positions keyed by the strategies' symbols (matched by conid); a live account is
+            # refused at send time unless the deployment sets TRADING_ALLOW_LIVE=yes.
+            return self.ibkr.broker(symbols=symbols)
         raise ConfigError(f"broker mode {self.mode!r} is unknown", "use TRADING_BROKER=paper or ibkr")
 
     def placement_held(self) -> str | None:

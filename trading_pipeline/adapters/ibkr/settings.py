@@ -32,12 +32,14 @@ class IBKRSwitches:
 
 def read_switches(environ: dict[str, str] | None = None) -> IBKRSwitches:
     """TRADING_ALLOW_LIVE and IBKR_AUTO_CONFIRM from the environment, now. The client calls this at
-    every placement, modification and reply question (see IBKRClient `switches`).
-    TODO(lead): read them through trading_pipeline.config.SafetySwitches.read() once it lands."""
+    every placement, modification and reply question (see IBKRClient `switches`). TRADING_ALLOW_LIVE
+    is the deployment's safety switch (config.SafetySwitches); the allow-list is IBKR's own."""
+    from trading_pipeline.config import SafetySwitches
+
     env = os.environ if environ is None else environ
     auto = env.get("IBKR_AUTO_CONFIRM")
     ids = DEFAULT_AUTO_CONFIRM if auto is None else auto.split(",")
-    return IBKRSwitches(allow_live=env_flag("TRADING_ALLOW_LIVE", env),
+    return IBKRSwitches(allow_live=SafetySwitches.read(env).allow_live,
                         auto_confirm=tuple(dict.fromkeys(i.strip() for i in ids if i.strip())))
 
 
