@@ -15,9 +15,12 @@ DEFAULT_GATEWAY_URL = "https://localhost:5000/v1/api"
 #   o10331 / o10152: "stop order" warnings (every bracket has a STP stop-loss child)
 #   o403: "order will fill immediately" (a marketable limit entry fills at its limit or better)
 #   p12: the notice offering IBKR's price-management algo
+#   o10151: "market order" warning: the pipeline's only market orders are exits (a stop turned into
+#     a market order, or a standalone exit); declining it would leave a position the strategy
+#     closes open (its stop still protects it, but the exit never happens)
 # Everything else (o163 price >3% from market, o354 no market data, o383 size limit, o451 value
-# limit, o10151 market order, unknown ids) declines the order and raises IBKROrderRejected.
-DEFAULT_AUTO_CONFIRM: tuple[str, ...] = ("o10331", "o10152", "o403", "p12")
+# limit, unknown ids) declines the order and raises IBKROrderRejected.
+DEFAULT_AUTO_CONFIRM: tuple[str, ...] = ("o10331", "o10152", "o403", "p12", "o10151")
 
 
 @dataclass(frozen=True)
