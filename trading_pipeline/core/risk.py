@@ -24,10 +24,17 @@ class Position:
     quantity: float  # negative = short
     average_price: float
     market_price: float
+    conid: int | None = None
 
     @property
     def market_value(self) -> float:
         return self.quantity * self.market_price
+
+
+@dataclass(frozen=True)
+class Mark:
+    price: float
+    previous_close: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class AccountState:
     # By symbol: the pipeline's orders that open or close a position and may still fill. A symbol
     # with one gets no second order; opening ones count as positions for the limits.
     working_entries: dict[str, WorkingEntry] = field(default_factory=dict)
+    # Held symbols the broker had no price for: valued at their average price, so equity and
+    # today's P&L leave out their moves.
+    unmarked: tuple[str, ...] = ()
 
     @property
     def gross_exposure(self) -> float:
