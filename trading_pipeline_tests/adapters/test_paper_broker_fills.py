@@ -17,8 +17,8 @@ from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
-from trading_pipeline.core.orders import build_legs
 from trading_pipeline.core.fills import DailyBar, Leg, expiry_of, first_live_session, leg_fill
+from trading_pipeline.core.orders import build_legs
 from trading_pipeline.core.risk import Mark, WorkingEntry
 
 # 2026-09-01 is a Tuesday; 21:30 UTC is 17:30 in New York, after the close.
