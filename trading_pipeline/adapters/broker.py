@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
@@ -149,7 +150,10 @@ class PaperBroker:
     name = "paper"
 
     def __init__(self, sessions: sessionmaker[Session], starting_equity: float,
-                 commission_model: str = "ibkr_fixed", slippage_bps: float = 0.0):
+                 commission_model: str = "ibkr_fixed", slippage_bps: float = 0.0,
+                 clock: Callable[[], datetime] | None = None):
+        """`clock` says what time it is for placements without `placed_at` and for
+        modifications: the real clock unless the deployment simulates one (TRADING_AS_OF)."""
         if commission_model not in COMMISSION_MODELS:
             raise ConfigError(f"TRADING_PAPER_COMMISSION={commission_model!r} is not a known commission model",
                               f"set TRADING_PAPER_COMMISSION to one of: {', '.join(COMMISSION_MODELS)} "
@@ -161,6 +165,10 @@ class PaperBroker:
         self._starting_equity = starting_equity
         self.commission_model = commission_model
         self.slippage_bps = slippage_bps
+        self._clock = clock
+
+    def _now(self) -> datetime:
+        return self._clock() if self._clock is not None else _utcnow()
 
     @staticmethod
     def _as_broker_order(row: PaperOrderRow) -> BrokerOrder:
@@ -179,12 +187,20 @@ class PaperBroker:
         return PAPER_MIN_TICK
 
     def cancel(self, client_order_id: str) -> BrokerOrder | None:
+        """Cancel a working order; an unfilled parent takes its waiting children with it (as at
+        IBKR: they can no longer go live)."""
         with self._sessions() as session:
             row = self._row(session, client_order_id)
             if row is None:
                 return None
             if row.status not in FINAL_STATUSES:
                 row.status, row.detail = "Cancelled", "cancelled on request"
+                if row.filled_quantity == 0:
+                    for child in session.scalars(select(PaperOrderRow).where(
+                            PaperOrderRow.parent_broker_order_id == row.broker_order_id,
+                            PaperOrderRow.status.not_in(FINAL_STATUSES))):
+                        child.status = "Cancelled"
+                        child.detail = f"cancelled with its parent {row.client_order_id}: cancelled on request"
                 session.commit()
             return self._as_broker_order(row)
 
@@ -210,7 +226,7 @@ class PaperBroker:
                                      f"use one of {', '.join(PAPER_TIME_IN_FORCE)} (orders.tif in the strategies file)")
         for leg in legs:
             self._check_price(leg.order_type, None if leg.order_type == "MKT" else leg.price)
-        now = placed_at or _utcnow()
+        now = placed_at or self._now()
         with self._sessions() as session:
             try:
                 parent_id = None
@@ -254,7 +270,7 @@ class PaperBroker:
                     f"give a quantity of at least {max(row.filled_quantity, 1):g}")
             row.order_type, row.price, row.quantity = new_type, new_price, new_quantity
             if row.live_since is not None:
-                row.live_since = _utcnow()
+                row.live_since = self._now()
             if row.filled_quantity >= row.quantity:
                 row.status = "Filled"
             session.commit()
@@ -392,7 +408,7 @@ class PaperBroker:
         bad = [symbol for symbol, mark in marks.items() if not isinstance(mark, Mark)]
         if bad:
             raise TypeError(f"account() takes marks as core.risk.Mark values; got {marks[bad[0]]!r} for {bad[0]}")
-        as_of = as_utc(as_of) if as_of is not None else _utcnow()
+        as_of = as_utc(as_of) if as_of is not None else self._now()
         reference_time = previous_close_time(as_of)
         with self._sessions() as session:
             fills = session.scalars(select(PaperFillRow).order_by(PaperFillRow.id)).all()

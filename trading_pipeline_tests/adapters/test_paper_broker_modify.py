@@ -122,3 +122,22 @@ def test_min_tick_and_cost_settings():
                 {"TRADING_PAPER_SLIPPAGE_BPS": "-2"}, {"TRADING_PAPER_SLIPPAGE_BPS": "inf"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             config.paper_costs(bad)
+
+
+def test_cancelling_an_unfilled_entry_cancels_its_waiting_children(database_url):
+    broker = PaperBroker(session_factory(database_url), 100_000.0)
+    broker.place("AAPL", [
+        OrderLeg(client_order_id="c", role="entry", side="BUY", order_type="LMT", quantity=5, price=100.0, tif="GTC"),
+        OrderLeg(client_order_id="c-sl", role="stop_loss", side="SELL", order_type="STP", quantity=5, price=96.0,
+                 tif="GTC")], 100.0, placed_at=TUESDAY_EVENING)
+    assert broker.cancel("c").status == "Cancelled"
+    assert broker.find_order("c-sl").detail == "cancelled with its parent c: cancelled on request"
+    assert broker.open_orders() == []
+
+
+def test_modifications_are_stamped_by_the_brokers_clock(database_url):
+    broker = open_long(database_url)
+    simulated = PaperBroker(session_factory(database_url), 100_000.0, clock=lambda: THURSDAY_EVENING)
+    simulated.modify("e-sl", order_type="MKT")
+    later = {**WEDNESDAY, "2026-09-03": (104.0, 106.0, 102.0, 103.0), "2026-09-04": (101.0, 102.0, 99.0, 99.5)}
+    assert broker.simulate_fills(bars(later))[0] == "e-sl SELL 50 AAPL filled at 101.00 on the bar of 2026-09-04"
