@@ -163,3 +163,28 @@ def check_real_prices_for_a_trading_broker(environ: dict[str, str]) -> None:
             f"TRADING_AS_OF={environ['TRADING_AS_OF']!r} is set with TRADING_BROKER=ibkr: a broker that trades "
             "only receives decisions made now, never a replay of the past",
             "unset TRADING_AS_OF (a leftover in .env?); replay the past with the backtest or TRADING_BROKER=paper")
+
+
+def paper_costs(environ: dict[str, str] | None = None) -> tuple[str, float]:
+    """The paper broker's commission model and slippage: TRADING_PAPER_COMMISSION (ibkr_fixed,
+    the default | ibkr_tiered | none) and TRADING_PAPER_SLIPPAGE_BPS (basis points on stop and
+    market fills, default 0)."""
+    from trading_pipeline.core.costs import COMMISSION_MODELS
+
+    environ = os.environ if environ is None else environ
+    model = environ.get("TRADING_PAPER_COMMISSION", "").strip().lower() or COMMISSION_MODELS[0]
+    if model not in COMMISSION_MODELS:
+        raise ConfigError(f"TRADING_PAPER_COMMISSION={environ.get('TRADING_PAPER_COMMISSION')!r} is not a known "
+                          "commission model",
+                          f"set TRADING_PAPER_COMMISSION to one of: {', '.join(COMMISSION_MODELS)} "
+                          f"(default {COMMISSION_MODELS[0]}), or unset it")
+    text = environ.get("TRADING_PAPER_SLIPPAGE_BPS", "").strip()
+    try:
+        slippage = float(text) if text else 0.0
+    except ValueError:
+        slippage = float("nan")
+    if not (slippage >= 0 and slippage != float("inf")):
+        raise ConfigError(f"TRADING_PAPER_SLIPPAGE_BPS={environ.get('TRADING_PAPER_SLIPPAGE_BPS')!r} is not a "
+                          "slippage in basis points",
+                          "set TRADING_PAPER_SLIPPAGE_BPS to a number >= 0 (e.g. 5 for 0.05%), or unset it for 0")
+    return model, slippage

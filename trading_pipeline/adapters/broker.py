@@ -2,14 +2,18 @@
 
 The paper broker simulates the broker side in the trading database. It accepts orders (rejecting
 a client order id it has seen, as IBKR does) and leaves them working: nothing fills when an order
-is placed. Fills come later, from the daily bars the portfolio sync walks (`simulate_fills`): an
-entry limit fills on a bar of a session in which it was live (at the open when the market gapped
-through the limit), a DAY entry that did not fill expires at the close of its first session, and
-the stop-loss and take-profit children go live once their parent has filled.
+is placed. Fills come later, from the daily bars the portfolio sync walks (`simulate_fills`),
+by the rules of core/fills.py (the same function the backtest uses): entries fill in the sessions
+they were live in, DAY orders expire at the close of their first session, the stop-loss and
+take-profit children go live with their parent's fill. Each fill is charged its commission
+(core/costs.py) and stop and market fills their slippage.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
@@ -22,8 +26,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from trading_pipeline.adapters.trading_db import PaperFillRow, PaperOrderRow
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import OrderLeg
+from trading_pipeline.core.costs import COMMISSION_MODELS
+from trading_pipeline.core.fills import (
+    ORDER_TYPES,
+    TIME_IN_FORCE,
+    BarOutcome,
+    Bracket,
+    Leg,
+    bracket_on_bar,
+    daily_bars,
+    expiry_of,
+    expiry_reason,
+    first_live_session,
+)
 from trading_pipeline.core.risk import AccountState, Mark, Position
-from trading_pipeline.errors import OrderRejectedError
+from trading_pipeline.errors import ConfigError, OrderRejectedError
 
 
 class DuplicateOrderError(Exception):
@@ -53,6 +70,7 @@ class BrokerExecution:
     quantity: float
     price: float
     executed_at: datetime
+    commission: float = 0.0  # what the broker charged for it, fees included
 
 
 class Broker(Protocol):
@@ -95,7 +113,8 @@ class Broker(Protocol):
 
 
 FINAL_STATUSES = ("Filled", "Cancelled", "Inactive", "Rejected")
-PAPER_TIME_IN_FORCE = ("DAY", "GTC")
+PAPER_TIME_IN_FORCE = TIME_IN_FORCE
+PAPER_MIN_TICK = 0.01
 
 
 def _utcnow() -> datetime:  # one place to travel in time in tests
@@ -106,71 +125,23 @@ def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
 
 
-# --- When and where a daily bar fills an order (pure: plain values in, plain values out) ----------
-
-def first_live_session(placed_at: datetime) -> pd.Timestamp:
-    """The XNYS session an order placed at `placed_at` first works in: the session in progress,
-    else the next one (placed after Friday's close: Monday's, or the session after a holiday)."""
-    in_progress = market_calendar.opened_session(placed_at)
-    if in_progress is not None:
-        return in_progress
-    return market_calendar.session_on(market_calendar.next_open(placed_at))
-
-
-def expiry_of(tif: str, placed_at: datetime) -> pd.Timestamp | None:
-    """When an unfilled order stops working: a DAY order at the close of its first live session,
-    a GTC order never."""
-    if tif == "GTC":
-        return None
-    if tif == "DAY":
-        return market_calendar.calendar().session_close(first_live_session(placed_at))
-    raise ValueError(f"the paper broker knows the time in force {PAPER_TIME_IN_FORCE}, not {tif!r}")
-
-
-def _executes_at_or_below(side: str, order_type: str) -> bool:
-    """A buy limit and a sell stop execute once the market comes down to their price; a sell
-    limit and a buy stop once it comes up to it."""
-    return (side == "BUY") != (order_type == "STP")
-
-
-def trades_through(side: str, order_type: str, price: float, bar) -> bool:
-    """Whether the bar's range reaches the order's price from the side that executes it."""
-    if _executes_at_or_below(side, order_type):
-        return float(bar["low"]) <= price
-    return float(bar["high"]) >= price
-
-
-def fill_price(side: str, order_type: str, price: float, bar) -> float | None:
-    """Where a daily bar that started while the order was working fills it, or None. A gap
-    through the price fills at the open: better than a limit, worse than a stop."""
-    if not trades_through(side, order_type, price, bar):
-        return None
-    open_ = float(bar["open"])
-    return round(min(open_, price) if _executes_at_or_below(side, order_type) else max(open_, price), 2)
-
-
-def entry_fill(side: str, order_type: str, price: float, placed_at: datetime, bar_start: pd.Timestamp,
-               bar_close: pd.Timestamp, bar) -> tuple[float, datetime] | None:
-    """Price and time at which a daily bar fills an entry placed at `placed_at`, or None.
-
-    A bar that ended before the order existed cannot fill it. A bar already in progress at
-    placement fills it only at its own price: the bar's open happened before the order existed,
-    so the open's better price cannot be claimed. A bar that started at or after placement fills
-    it as `fill_price` says. The fill is stamped at the bar's start, or at placement when later.
-    """
-    placed = pd.Timestamp(placed_at)
-    if bar_close <= placed:
-        return None
-    if bar_start < placed:
-        if not trades_through(side, order_type, price, bar):
-            return None
-        return round(price, 2), placed.to_pydatetime()
-    price_filled = fill_price(side, order_type, price, bar)
-    return None if price_filled is None else (price_filled, bar_start.to_pydatetime())
-
 
 def describe_expiry(placed_at: datetime) -> str:
-    return f"DAY order expired unfilled at the close of {first_live_session(placed_at).date()}"
+    """Why a DAY order placed at `placed_at` is gone unfilled."""
+    return expiry_reason(expiry_of("DAY", placed_at))
+
+
+@functools.lru_cache(maxsize=1)
+def _session_closes() -> pd.DatetimeIndex:
+    return pd.DatetimeIndex(market_calendar.calendar().schedule["close"]).tz_convert("UTC")
+
+
+def previous_close_time(as_of: datetime) -> pd.Timestamp:
+    """The close the day's P&L is measured from: that of the session before the latest session
+    closed by `as_of` (the session whose close a Mark's `previous_close` is)."""
+    closes = _session_closes()
+    latest = closes.searchsorted(pd.Timestamp(as_of), side="right") - 1
+    return closes[latest - 1]
 
 
 # --- The paper broker -----------------------------------------------------------------------------
@@ -178,45 +149,71 @@ def describe_expiry(placed_at: datetime) -> str:
 class PaperBroker:
     name = "paper"
 
-    def __init__(self, sessions: sessionmaker[Session], starting_equity: float):
+    def __init__(self, sessions: sessionmaker[Session], starting_equity: float,
+                 commission_model: str = "ibkr_fixed", slippage_bps: float = 0.0,
+                 clock: Callable[[], datetime] | None = None):
+        """`clock` says what time it is for placements without `placed_at` and for
+        modifications: the real clock unless the deployment simulates one (TRADING_AS_OF)."""
+        if commission_model not in COMMISSION_MODELS:
+            raise ConfigError(f"TRADING_PAPER_COMMISSION={commission_model!r} is not a known commission model",
+                              f"set TRADING_PAPER_COMMISSION to one of: {', '.join(COMMISSION_MODELS)} "
+                              "(default ibkr_fixed), or unset it")
+        if not (math.isfinite(slippage_bps) and slippage_bps >= 0):
+            raise ConfigError(f"TRADING_PAPER_SLIPPAGE_BPS={slippage_bps!r} is not a slippage in basis points",
+                              "set TRADING_PAPER_SLIPPAGE_BPS to a number >= 0 (e.g. 5 for 0.05%), or unset it for 0")
         self._sessions = sessions
         self._starting_equity = starting_equity
+        self.commission_model = commission_model
+        self.slippage_bps = slippage_bps
+        self._clock = clock
+
+    def _now(self) -> datetime:
+        return self._clock() if self._clock is not None else _utcnow()
 
     @staticmethod
-    def _status_detail(session: Session, row: PaperOrderRow) -> str:
-        """Why a cancelled order was cancelled: an entry when its DAY expires unfilled, a child with
-        its parent, because its sibling filled (one-cancels-other), or on request (`cancel`: the
-        exits of a position being closed), so the reason follows from the orders themselves."""
-        if row.status != "Cancelled":
-            return ""
-        if row.parent_broker_order_id is None:
-            return describe_expiry(as_utc(row.created_at))
-        parent = session.get(PaperOrderRow, row.parent_broker_order_id)
-        if parent is not None and parent.status == "Cancelled":
-            return f"cancelled with its parent {parent.client_order_id}: {describe_expiry(as_utc(parent.created_at))}"
-        sibling = session.scalar(select(PaperOrderRow.client_order_id).where(
-            PaperOrderRow.parent_broker_order_id == row.parent_broker_order_id,
-            PaperOrderRow.broker_order_id != row.broker_order_id, PaperOrderRow.status == "Filled"))
-        return f"one-cancels-other: {sibling} filled" if sibling else "cancelled on request"
-
-    def _as_broker_order(self, session: Session, row: PaperOrderRow) -> BrokerOrder:
+    def _as_broker_order(row: PaperOrderRow) -> BrokerOrder:
         return BrokerOrder(row.client_order_id, str(row.broker_order_id), row.status,
-                           row.filled_quantity, row.average_fill_price, self._status_detail(session, row))
+                           row.filled_quantity, row.average_fill_price, row.detail or "")
+
+    def _row(self, session: Session, client_order_id: str) -> PaperOrderRow | None:
+        return session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == client_order_id))
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None:
         with self._sessions() as session:
-            row = session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == client_order_id))
-            return self._as_broker_order(session, row) if row else None
+            row = self._row(session, client_order_id)
+            return self._as_broker_order(row) if row else None
+
+    def min_tick(self, symbol: str) -> float:
+        return PAPER_MIN_TICK
 
     def cancel(self, client_order_id: str) -> BrokerOrder | None:
+        """Cancel a working order; an unfilled parent takes its waiting children with it (as at
+        IBKR: they can no longer go live)."""
         with self._sessions() as session:
-            row = session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == client_order_id))
+            row = self._row(session, client_order_id)
             if row is None:
                 return None
             if row.status not in FINAL_STATUSES:
-                row.status = "Cancelled"
+                row.status, row.detail = "Cancelled", "cancelled on request"
+                if row.filled_quantity == 0:
+                    for child in session.scalars(select(PaperOrderRow).where(
+                            PaperOrderRow.parent_broker_order_id == row.broker_order_id,
+                            PaperOrderRow.status.not_in(FINAL_STATUSES))):
+                        child.status = "Cancelled"
+                        child.detail = f"cancelled with its parent {row.client_order_id}: cancelled on request"
                 session.commit()
-            return self._as_broker_order(session, row)
+            return self._as_broker_order(row)
+
+    @staticmethod
+    def _check_price(order_type: str, price: float | None) -> None:
+        if order_type not in ORDER_TYPES:
+            raise PaperOrderRejected(f"the paper broker does not support the order type {order_type}",
+                                     f"use one of {', '.join(ORDER_TYPES)}")
+        if order_type == "MKT" and price is not None:
+            raise PaperOrderRejected("a market order has no price", "send MKT with price None")
+        if order_type != "MKT" and (price is None or not math.isfinite(price) or price <= 0):
+            raise PaperOrderRejected(f"a {order_type} order needs a positive price, not {price!r}",
+                                     "give the order its limit or stop price")
 
     def place(self, symbol: str, legs: list[OrderLeg], reference_price: float,
               placed_at: datetime | None = None) -> list[BrokerOrder]:
@@ -227,7 +224,9 @@ class PaperBroker:
         if unsupported:
             raise PaperOrderRejected(f"the paper broker does not support time in force {', '.join(unsupported)}",
                                      f"use one of {', '.join(PAPER_TIME_IN_FORCE)} (orders.tif in the strategies file)")
-        now = placed_at or _utcnow()
+        for leg in legs:
+            self._check_price(leg.order_type, None if leg.order_type == "MKT" else leg.price)
+        now = placed_at or self._now()
         with self._sessions() as session:
             try:
                 parent_id = None
@@ -236,8 +235,9 @@ class PaperBroker:
                     row = PaperOrderRow(
                         client_order_id=leg.client_order_id, parent_broker_order_id=parent_id,
                         symbol=symbol, side=leg.side, order_type=leg.order_type, quantity=leg.quantity,
-                        price=leg.price, tif=leg.tif, status="PreSubmitted" if parent_id else "Submitted",
-                        filled_quantity=0.0, created_at=now)
+                        price=None if leg.order_type == "MKT" else leg.price, tif=leg.tif,
+                        status="PreSubmitted" if parent_id else "Submitted", filled_quantity=0.0,
+                        created_at=now, live_since=None if parent_id else now)
                     session.add(row)
                     session.flush()
                     parent_id = parent_id or row.broker_order_id
@@ -246,7 +246,35 @@ class PaperBroker:
             except IntegrityError:
                 session.rollback()
                 raise DuplicateOrderError(legs[0].client_order_id) from None
-            return [self._as_broker_order(session, row) for row in rows]
+            return [self._as_broker_order(row) for row in rows]
+
+    def modify(self, client_order_id: str, *, order_type: str | None = None, price: float | None = None,
+               quantity: int | None = None) -> BrokerOrder | None:
+        """Change a working order in place. It works from the change on, for fills as for a new
+        order: a stop turned into a market order at t fills at the open of the first session that
+        starts after t, or at the close of the session in progress at t. It stays in its bracket
+        (one-cancels-other with its siblings) and keeps its time in force and DAY expiry."""
+        with self._sessions() as session:
+            row = self._row(session, client_order_id)
+            if row is None:
+                return None
+            if row.status in FINAL_STATUSES:
+                return self._as_broker_order(row)
+            new_type = order_type or row.order_type
+            new_price = price if (price is not None or order_type == "MKT") else row.price
+            self._check_price(new_type, new_price)
+            new_quantity = row.quantity if quantity is None else quantity
+            if new_quantity <= 0 or new_quantity < row.filled_quantity:
+                raise PaperOrderRejected(
+                    f"{client_order_id}: quantity {new_quantity} is below the {row.filled_quantity:g} already filled",
+                    f"give a quantity of at least {max(row.filled_quantity, 1):g}")
+            row.order_type, row.price, row.quantity = new_type, new_price, new_quantity
+            if row.live_since is not None:
+                row.live_since = self._now()
+            if row.filled_quantity >= row.quantity:
+                row.status = "Filled"
+            session.commit()
+            return self._as_broker_order(row)
 
     def executions(self, client_order_id: str) -> list[BrokerExecution]:
         with self._sessions() as session:
@@ -255,13 +283,13 @@ class PaperBroker:
                 .join(PaperOrderRow, PaperFillRow.broker_order_id == PaperOrderRow.broker_order_id)
                 .where(PaperOrderRow.client_order_id == client_order_id)).all()
             return [BrokerExecution(f"paper-{fill.id}", coid, fill.symbol, fill.side, fill.quantity, fill.price,
-                                    as_utc(fill.executed_at)) for fill, coid in rows]
+                                    as_utc(fill.executed_at), fill.commission) for fill, coid in rows]
 
     def open_orders(self) -> list[BrokerOrder]:
         with self._sessions() as session:
             rows = session.scalars(select(PaperOrderRow).where(PaperOrderRow.status.not_in(FINAL_STATUSES))
                                    .order_by(PaperOrderRow.broker_order_id)).all()
-            return [self._as_broker_order(session, row) for row in rows]
+            return [self._as_broker_order(row) for row in rows]
 
     def working_symbols(self) -> list[str]:
         with self._sessions() as session:
@@ -275,164 +303,171 @@ class PaperBroker:
                 PaperOrderRow.status.not_in(FINAL_STATUSES)).order_by(PaperOrderRow.created_at))
             return as_utc(oldest) if oldest else None
 
-    def simulate_fills(self, daily_bars: dict[str, pd.DataFrame]) -> list[str]:
-        """Advance working orders through the daily bars (indexed by session open, as every source's).
+    # --- fills from daily bars ---
 
-        Entries are live from their placement: see `entry_fill` for which bars fill them and at
-        what price. A DAY entry still unfilled at the close of its first live session is cancelled
-        with its children; a GTC entry keeps working. Children go live once their parent filled and
-        work from the next bar on; a stop triggers when the low reaches it, a take-profit when the
-        high does; if one bar reaches both, the stop is assumed first (the conservative reading of
-        a daily bar). When a child fills its sibling is cancelled (one-cancels-other). An order is
-        left as it is when the bars start after the session it went live in (its fills would be
-        guessed). Returns what happened, for logs.
-        """
+    def simulate_fills(self, daily_bars_by_symbol: dict[str, pd.DataFrame]) -> list[str]:
+        """Advance the working orders through the daily bars (indexed by session open, as every
+        source's), bracket by bracket, with `core.fills.bracket_on_bar`: the rules are there.
+        A bracket is left as it is when the bars start after the session one of its orders went
+        live in (its fills would be guessed). Re-walking bars an order has already been through
+        changes nothing: an order still working did not fill on them. Returns what happened."""
         happened = []
         with self._sessions() as session:
             working = session.scalars(select(PaperOrderRow).where(PaperOrderRow.status.not_in(FINAL_STATUSES))
                                       .order_by(PaperOrderRow.broker_order_id)).all()
-            orders_by_id = {row.broker_order_id: row for row in working}
             for symbol in sorted({row.symbol for row in working}):
-                bars = daily_bars.get(symbol)
-                if bars is None or bars.empty:
+                frame = daily_bars_by_symbol.get(symbol)
+                if frame is None or frame.empty:
                     continue
-                mine = [row for row in working if row.symbol == symbol]
-                for row in self._not_covered(session, mine, orders_by_id, bars.index[0]):
-                    mine.remove(row)
-                    happened.append(f"{row.client_order_id} not advanced: the {symbol} daily bars start on "
-                                    f"{bars.index[0].date()}, after the session it went live in")
-                closes = market_calendar.bar_close_times(bars.index, "1d")
-                expiries = {row.broker_order_id: expiry_of(row.tif, as_utc(row.created_at))
-                            for row in mine if row.parent_broker_order_id is None}
-                # Walk the bars in time order so that, within a bracket, whichever leg the market
-                # reaches first fills (stop before target within the same bar).
-                for start, bar in bars.iterrows():
-                    for row in mine:
-                        if row.status in FINAL_STATUSES:
-                            continue
-                        if row.parent_broker_order_id is None:
-                            happened += self._advance_entry(session, row, expiries[row.broker_order_id], mine,
-                                                            start, closes[start], bar)
-                        else:
-                            parent = orders_by_id.get(row.parent_broker_order_id) or session.get(
-                                PaperOrderRow, row.parent_broker_order_id)
-                            happened += self._advance_child(session, row, parent, mine, start, bar)
+                groups: dict[int, list[PaperOrderRow]] = {}
+                for row in working:
+                    if row.symbol == symbol:
+                        groups.setdefault(row.parent_broker_order_id or row.broker_order_id, []).append(row)
+                brackets: dict[int, Bracket] = {}
+                for root, rows in groups.items():
+                    uncovered = [row for row in rows if not self._covered(row, frame.index[0])]
+                    if uncovered:
+                        happened += [f"{row.client_order_id} not advanced: the {symbol} daily bars start on "
+                                     f"{frame.index[0].date()}, after the session it went live in" for row in uncovered]
+                        continue
+                    parent = next((row for row in rows if row.broker_order_id == root), None)
+                    brackets[root] = Bracket(self._leg(parent) if parent else None,
+                                             tuple(self._leg(row) for row in rows if row is not parent))
+                rows_by_key = {row.client_order_id: row for row in working if row.symbol == symbol}
+                for bar in daily_bars(frame):
+                    for root in list(brackets):
+                        outcome = bracket_on_bar(brackets[root], bar, slippage_bps=self.slippage_bps,
+                                                 commission_model=self.commission_model)
+                        happened += self._record(session, outcome, rows_by_key, bar.start)
+                        brackets[root] = outcome.bracket
+                        if outcome.done:
+                            del brackets[root]
             session.commit()
         return happened
 
-    def _not_covered(self, session: Session, orders: list[PaperOrderRow], orders_by_id: dict,
-                     first_bar: pd.Timestamp) -> list[PaperOrderRow]:
-        """The orders whose live time the bars do not reach back to (children of unfilled parents
-        are judged with their parent, when it fills during the walk)."""
-        uncovered = []
-        for row in orders:
-            if row.parent_broker_order_id is None:
-                live_from = as_utc(row.created_at)
-            else:
-                parent = orders_by_id.get(row.parent_broker_order_id) or session.get(
-                    PaperOrderRow, row.parent_broker_order_id)
-                if parent is None or parent.status != "Filled":
-                    continue
-                live_from = self._fill_time(session, parent)
-            session_open = market_calendar.calendar().session_open(first_live_session(live_from))
-            if first_bar > session_open:
-                uncovered.append(row)
-        return uncovered
-
-    def _fill(self, session: Session, row: PaperOrderRow, price: float, at: datetime) -> str:
-        row.status, row.filled_quantity, row.average_fill_price = "Filled", row.quantity, price
-        session.add(PaperFillRow(broker_order_id=row.broker_order_id, symbol=row.symbol, side=row.side,
-                                 quantity=row.quantity, price=price, executed_at=at))
-        session.flush()
-        return (f"{row.client_order_id} {row.side} {row.quantity} {row.symbol} filled at {price:.2f} "
-                f"on the bar of {at.date()}")
-
-    def _advance_entry(self, session: Session, row: PaperOrderRow, expires_at: pd.Timestamp | None,
-                       orders: list[PaperOrderRow], start: pd.Timestamp, close: pd.Timestamp, bar) -> list[str]:
-        placed_at = as_utc(row.created_at)
-        children = [o for o in orders if o.parent_broker_order_id == row.broker_order_id]
-        if expires_at is None or start < expires_at:
-            fill = entry_fill(row.side, row.order_type, row.price, placed_at, start, close, bar)
-            if fill is not None:
-                lines = [self._fill(session, row, *fill)]
-                for child in children:
-                    if child.status == "PreSubmitted":
-                        child.status = "Submitted"  # children go live once the parent fills
-                return lines
-        if expires_at is None or close < expires_at:
-            return []
-        row.status = "Cancelled"
-        lines = [f"{row.client_order_id} cancelled: {describe_expiry(placed_at)}"]
-        for child in children:
-            if child.status not in FINAL_STATUSES:
-                child.status = "Cancelled"
-                lines.append(f"{child.client_order_id} cancelled with its parent {row.client_order_id}")
-        return lines
-
-    def _advance_child(self, session: Session, row: PaperOrderRow, parent: PaperOrderRow | None,
-                       orders: list[PaperOrderRow], start: pd.Timestamp, bar) -> list[str]:
-        if parent is None or parent.status != "Filled":
-            return []  # children wait for their parent
-        active_since = max(as_utc(row.created_at), self._fill_time(session, parent))
-        if start <= pd.Timestamp(active_since):
-            return []  # only bars that started after the parent filled (its own bar is ambiguous)
-        price = fill_price(row.side, row.order_type, row.price, bar)
-        if price is None:
-            return []
-        lines = [self._fill(session, row, price, start.to_pydatetime())]
-        for sibling in orders:
-            if (sibling.parent_broker_order_id == parent.broker_order_id and sibling is not row
-                    and sibling.status not in FINAL_STATUSES):
-                sibling.status = "Cancelled"
-                lines.append(f"{sibling.client_order_id} cancelled (one-cancels-other)")
-        return lines
+    @staticmethod
+    def _leg(row: PaperOrderRow) -> Leg:
+        return Leg(row.client_order_id, row.side, row.order_type, row.quantity - row.filled_quantity, row.price,
+                   as_utc(row.live_since) if row.live_since else None,
+                   expiry_of(row.tif, as_utc(row.created_at)))
 
     @staticmethod
-    def _fill_time(session: Session, order: PaperOrderRow) -> datetime:
-        executed = session.scalar(select(PaperFillRow.executed_at).where(
-            PaperFillRow.broker_order_id == order.broker_order_id).order_by(PaperFillRow.id))
-        return as_utc(executed) if executed else as_utc(order.created_at)
+    def _covered(row: PaperOrderRow, first_bar: pd.Timestamp) -> bool:
+        """Whether the bars reach back to the session the order went live in (a child waiting for
+        its parent is judged with the parent)."""
+        if row.live_since is None:
+            return True
+        session_open = market_calendar.calendar().session_open(first_live_session(as_utc(row.live_since)))
+        return first_bar <= session_open
 
-    def account(self, marks: dict[str, float], as_of: datetime | None = None) -> AccountState:
-        """Cash and positions from the fills up to `as_of` (default now); positions valued at
-        `marks` (last closes) where known; today is `as_of`'s UTC date."""
-        as_of = as_utc(as_of) if as_of is not None else _utcnow()
-        today = as_of.date()
-        cash = self._starting_equity
-        quantities: dict[str, float] = {}
-        costs: dict[str, float] = {}
-        realized_today = 0.0
-        opened_today: set[str] = set()
+    @staticmethod
+    def _record(session: Session, outcome: BarOutcome, rows: dict[str, PaperOrderRow],
+                bar_start: datetime) -> list[str]:
+        lines = []
+        day = pd.Timestamp(bar_start).tz_convert("America/New_York").date()
+        for fill in outcome.fills:
+            row = rows[fill.key]
+            filled = row.filled_quantity + fill.quantity
+            row.average_fill_price = round(
+                ((row.average_fill_price or 0.0) * row.filled_quantity + fill.price * fill.quantity) / filled, 4)
+            row.filled_quantity = filled
+            row.status = "Filled" if filled >= row.quantity - 1e-9 else row.status
+            if fill.detail:
+                row.detail = fill.detail
+            session.add(PaperFillRow(broker_order_id=row.broker_order_id, symbol=row.symbol, side=row.side,
+                                     quantity=fill.quantity, price=fill.price, commission=fill.commission,
+                                     executed_at=pd.Timestamp(fill.at).to_pydatetime()))
+            lines.append(f"{row.client_order_id} {row.side} {fill.quantity:g} {row.symbol} filled at "
+                         f"{fill.price:.2f} on the bar of {day}")
+        for key, live_since in outcome.went_live:
+            row = rows[key]
+            row.live_since = pd.Timestamp(live_since).to_pydatetime()
+            if row.status == "PreSubmitted":
+                row.status = "Submitted"  # children work once their parent filled
+        for key, left in outcome.reduced:
+            rows[key].quantity = rows[key].filled_quantity + left
+        for cancelled in outcome.cancelled:
+            row = rows[cancelled.key]
+            row.status, row.detail = "Cancelled", cancelled.reason
+            lines.append(f"{row.client_order_id} cancelled: {cancelled.reason}")
+        session.flush()
+        return lines
+
+    # --- the account ---
+
+    def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
+        """Cash and positions from the fills up to `as_of` (default now), commissions charged.
+
+        Every held position is valued at its mark (the latest closed daily close); one without a
+        mark at its average price, and listed in `unmarked`. Today's P&L is the change of the
+        account's value since the previous close (`previous_close_time`): positions held then
+        count from their mark's previous close (their average price when it is not known), those
+        opened since from their fill, and what was sold since at its fill price, net of the
+        commissions paid since. Without closes since the fills it is realized P&L + unrealized
+        change, as a statement would show it."""
+        bad = [symbol for symbol, mark in marks.items() if not isinstance(mark, Mark)]
+        if bad:
+            raise TypeError(f"account() takes marks as core.risk.Mark values; got {marks[bad[0]]!r} for {bad[0]}")
+        as_of = as_utc(as_of) if as_of is not None else self._now()
+        reference_time = previous_close_time(as_of)
         with self._sessions() as session:
             fills = session.scalars(select(PaperFillRow).order_by(PaperFillRow.id)).all()
+        fills = sorted((f for f in fills if as_utc(f.executed_at) <= as_of),
+                       key=lambda f: (as_utc(f.executed_at), f.id))
+        book = _Book(self._starting_equity)
+        reference = None
         for fill in fills:
-            if as_utc(fill.executed_at) > as_of:
-                continue  # after the point in time asked about (a replay after a sync)
-            signed = fill.quantity if fill.side == "BUY" else -fill.quantity
-            cash -= signed * fill.price
-            held = quantities.get(fill.symbol, 0.0)
-            average = costs.get(fill.symbol, 0.0) / held if held else 0.0
-            if held and (held > 0) != (signed > 0):  # reducing: realize P&L on the closed part
-                closed = min(abs(signed), abs(held))
-                pnl = closed * (fill.price - average) * (1 if held > 0 else -1)
-                if as_utc(fill.executed_at).date() == today:
-                    realized_today += pnl
-                costs[fill.symbol] = average * (held + (closed if held < 0 else -closed))
-            else:
-                costs[fill.symbol] = costs.get(fill.symbol, 0.0) + signed * fill.price
-                if as_utc(fill.executed_at).date() == today:
-                    opened_today.add(fill.symbol)
-            quantities[fill.symbol] = held + signed
-        positions = {}
-        unrealized_today = 0.0
-        for symbol, quantity in quantities.items():
+            if reference is None and as_utc(fill.executed_at) > reference_time:
+                reference = book.copy()
+            book.apply(fill.symbol, fill.quantity if fill.side == "BUY" else -fill.quantity, fill.price,
+                       fill.commission)
+        reference = reference or book.copy()
+
+        positions, unmarked = {}, []
+        for symbol, quantity in book.quantities.items():
             if quantity == 0:
                 continue
-            average = costs[symbol] / quantity
-            mark = marks.get(symbol, average)
-            positions[symbol] = Position(quantity, round(average, 4), mark)
-            if symbol in opened_today:
-                unrealized_today += quantity * (mark - average)
-        equity = cash + sum(p.market_value for p in positions.values())
-        return AccountState(equity=round(equity, 2), cash=round(cash, 2), positions=positions,
-                            daily_pnl=round(realized_today + unrealized_today, 2))
+            average = book.average(symbol)
+            mark = marks.get(symbol)
+            if mark is None:
+                unmarked.append(symbol)
+            positions[symbol] = Position(quantity, round(average, 4), mark.price if mark else average)
+        equity = book.cash + sum(p.market_value for p in positions.values())
+        value_then = reference.cash
+        for symbol, quantity in reference.quantities.items():
+            mark = marks.get(symbol)
+            known = mark is not None and mark.previous_close is not None
+            value_then += quantity * (mark.previous_close if known else reference.average(symbol))
+        return AccountState(equity=round(equity, 2), cash=round(book.cash, 2), positions=positions,
+                            daily_pnl=round(equity - value_then, 2), unmarked=tuple(sorted(unmarked)))
+
+
+class _Book:
+    """Cash and average-cost positions, fill by fill."""
+
+    def __init__(self, cash: float):
+        self.cash = cash
+        self.quantities: dict[str, float] = {}
+        self.costs: dict[str, float] = {}
+
+    def copy(self) -> _Book:
+        other = _Book(self.cash)
+        other.quantities, other.costs = dict(self.quantities), dict(self.costs)
+        return other
+
+    def average(self, symbol: str) -> float:
+        held = self.quantities.get(symbol, 0.0)
+        return self.costs.get(symbol, 0.0) / held if held else 0.0
+
+    def apply(self, symbol: str, signed: float, price: float, commission: float) -> None:
+        self.cash -= signed * price + commission
+        held = self.quantities.get(symbol, 0.0)
+        if held and (held > 0) != (signed > 0):  # reducing: the rest keeps its average price
+            closed = min(abs(signed), abs(held))
+            average = self.average(symbol)
+            remaining = held + (closed if held < 0 else -closed)
+            opened = signed + (closed if signed < 0 else -closed)  # beyond flat: a new position at this price
+            self.costs[symbol] = average * remaining + opened * price
+        else:
+            self.costs[symbol] = self.costs.get(symbol, 0.0) + signed * price
+        self.quantities[symbol] = held + signed

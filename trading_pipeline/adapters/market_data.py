@@ -6,6 +6,7 @@ open/high/low/close/volume (shares), sorted, unique, only bars that had closed b
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -13,8 +14,11 @@ from typing import Protocol
 import pandas as pd
 
 from trading_pipeline.core.frames import OHLCV_COLUMNS
+from trading_pipeline.core.risk import Mark
 from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
+
+logger = logging.getLogger(__name__)
 
 
 class MarketDataSource(Protocol):
@@ -95,23 +99,23 @@ class CsvMarketData:
         return frame.loc[(closed <= as_of_ts).to_numpy()]
 
 
-MARK_HISTORY = TimeframeSettings(period="1m")  # a month of daily bars holds the last two closes
+MARK_HISTORY = TimeframeSettings(period="1m")  # two closed sessions, even after a long holiday
 
 
-def marks_for(source: MarketDataSource, symbols, as_of: datetime, log=None) -> dict:
-    """Each symbol's Mark at `as_of`: the close of its latest closed daily bar and the close before.
-    A symbol whose data cannot be read is left out (and logged): the account then says it is
-    unmarked, rather than the whole step failing for one symbol."""
-    from trading_pipeline.core.risk import Mark
-
+def marks_for(source: MarketDataSource, symbols, as_of: datetime) -> dict[str, Mark]:
+    """Each symbol's mark at `as_of`: the close of its latest daily bar closed by then and the
+    close before it. A symbol whose data cannot be read (or has no bar) is left out and logged:
+    the account then values that position at its average price and says so."""
     marks = {}
     for symbol in sorted(set(symbols)):
         try:
             closes = source.fetch(symbol, "1d", MARK_HISTORY, as_of)["close"]
-        except Exception as error:  # noqa: BLE001 - one symbol's data must not hide the others' marks
-            if log is not None:
-                log.warning(f"no mark for {symbol}: {error}")
+        except Exception as error:  # noqa: BLE001 - one symbol's missing data must not hide the others' marks
+            logger.warning("no mark for %s at %s: %s", symbol, as_of, error)
             continue
-        if len(closes):
-            marks[symbol] = Mark(float(closes.iloc[-1]), float(closes.iloc[-2]) if len(closes) > 1 else None)
+        if closes.empty:
+            logger.warning("no mark for %s at %s: no daily bar closed in the month before", symbol, as_of)
+            continue
+        previous = float(closes.iloc[-2]) if len(closes) > 1 else None
+        marks[symbol] = Mark(float(closes.iloc[-1]), previous)
     return marks

@@ -132,6 +132,7 @@ class ExecutionRow(Base):
     price: Mapped[float] = mapped_column(Float)
     broker: Mapped[str] = mapped_column(String(16))
     executed_at: Mapped[datetime]
+    commission: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # fees included
 
 
 class PositionSnapshotRow(Base):
@@ -175,6 +176,10 @@ class PaperOrderRow(Base):
     filled_quantity: Mapped[float] = mapped_column(Float, default=0.0)
     average_fill_price: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When it started working for fill purposes: its placement, its last modification, or its
+    # parent's fill (a bracket child; None while it waits for the parent).
+    live_since: Mapped[datetime | None]
+    detail: Mapped[str | None] = mapped_column(Text)  # why it is in its status (cancel reason, fill note)
 
 
 class PaperFillRow(Base):
@@ -186,6 +191,7 @@ class PaperFillRow(Base):
     quantity: Mapped[float] = mapped_column(Float)
     price: Mapped[float] = mapped_column(Float)
     executed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    commission: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # fees included
 
 
 MIGRATION_LOCK_ID = 7_420_011  # PostgreSQL advisory lock: one process migrates at a time

@@ -65,6 +65,9 @@ class AccountState:
     # By symbol: the pipeline's orders that open or close a position and may still fill. A symbol
     # with one gets no second order; opening ones count as positions for the limits.
     working_entries: dict[str, WorkingEntry] = field(default_factory=dict)
+    # Held symbols the broker had no price for: valued at their average price, so equity and
+    # today's P&L leave out their moves.
+    unmarked: tuple[str, ...] = ()
 
     @property
     def gross_exposure(self) -> float:

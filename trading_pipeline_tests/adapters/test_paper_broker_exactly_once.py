@@ -15,6 +15,7 @@ from trading_pipeline.adapters.records import record_decision, sent_decision
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, PaperOrderRow, session_factory
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
+from trading_pipeline.core.risk import Mark
 
 AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)  # a Tuesday, after the close
 # Wednesday's session, stamped with its open as every source stamps daily bars: trades through 100.
@@ -60,7 +61,7 @@ def test_submit_records_then_rerun_sends_nothing_and_later_bars_fill(database_ur
         assert session.get(OrderRow, "tp-d1-sl").status == "PreSubmitted"  # waits for the entry to fill
 
     assert broker.simulate_fills({"AAPL": WEDNESDAY}) == ["tp-d1 BUY 50 AAPL filled at 100.00 on the bar of 2026-09-02"]
-    report = sync_portfolio(sessions, broker, {"AAPL": 100.8})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(100.8)})
     assert report.new_executions == 1 and report.drift == []
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(ExecutionRow)) == 1
@@ -69,11 +70,11 @@ def test_submit_records_then_rerun_sends_nothing_and_later_bars_fill(database_ur
     assert OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0).status == "already_sent"
     assert broker_orders(sessions, "tp-d1") == 1
     monkeypatch.setattr(broker_module, "_utcnow", lambda: datetime(2026, 9, 2, 21, 0, tzinfo=timezone.utc))
-    account = broker.account({"AAPL": 103.0})  # on the evening of the fill: today's P&L
+    account = broker.account({"AAPL": Mark(103.0, 100.8)})  # on the evening of the fill: today's P&L
     assert account.positions["AAPL"].quantity == 50
-    assert account.cash == pytest.approx(100_000 - 5_000)
-    assert account.equity == pytest.approx(100_000 + 150)
-    assert account.daily_pnl == pytest.approx(150)
+    assert account.cash == pytest.approx(100_000 - 5_000 - 1.00)  # IBKR's $1.00 minimum commission
+    assert account.equity == pytest.approx(100_000 + 150 - 1.00)
+    assert account.daily_pnl == pytest.approx(150 - 1.00)  # opened today: from its fill, not the previous close
     assert sent_decision(sessions, "d1") == decision
 
 

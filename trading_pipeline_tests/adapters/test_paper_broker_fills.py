@@ -1,7 +1,8 @@
 """Honest paper fills: nothing fills at placement; entries fill on the daily bars of the sessions
-they were live in (gaps at the open, a bar in progress at placement only at the limit), DAY
-entries expire at the close of their first session with their children, GTC entries keep
-working, and the sync records what happened and why."""
+they were live in (gaps at the open, a bar in progress at placement only at the limit), the stop
+counts on the entry's fill bar, DAY entries expire at the close of their first session with their
+children, GTC entries keep working, and the sync records what happened and why. The rules
+themselves are tested in core/test_fills.py; these test the broker around them."""
 
 from datetime import datetime, timezone
 
@@ -9,15 +10,16 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from trading_pipeline.adapters.broker import PaperBroker, entry_fill, expiry_of, first_live_session
+from trading_pipeline.adapters.broker import PaperBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
 from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
+from trading_pipeline.core.fills import DailyBar, Leg, expiry_of, first_live_session, leg_fill
 from trading_pipeline.core.orders import build_legs
-from trading_pipeline.core.risk import WorkingEntry
+from trading_pipeline.core.risk import Mark, WorkingEntry
 
 # 2026-09-01 is a Tuesday; 21:30 UTC is 17:30 in New York, after the close.
 TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
@@ -75,19 +77,24 @@ def test_day_expires_at_its_first_session_close_gtc_never():
         expiry_of("OPG", pd.Timestamp("2026-09-11T20:30:00Z"))
 
 
-def test_entry_fill_by_when_the_bar_started():
-    bar = {"open": 98.0, "high": 101.0, "low": 97.0, "close": 100.5}
+def test_an_entry_fills_by_when_the_bar_started():
     start, close = pd.Timestamp("2026-09-02T13:30:00Z"), pd.Timestamp("2026-09-02T20:00:00Z")
+    bar = DailyBar(start, close, open=98.0, high=101.0, low=97.0, close=100.5)
+
+    def fill(side, price, live_since):
+        result = leg_fill(Leg("e", side, "LMT", 50, price, live_since), bar, slippage_bps=0.0, commission_model="none")
+        return None if result is None else (result.price, result.at)
+
     # started after placement: the open is below the limit, so the buy fills at the open
-    assert entry_fill("BUY", "LMT", 100.0, TUESDAY_AFTER_CLOSE, start, close, bar) == (98.0, start.to_pydatetime())
+    assert fill("BUY", 100.0, TUESDAY_AFTER_CLOSE) == (98.0, start)
     # in progress at placement: at the limit, stamped at placement
-    assert entry_fill("BUY", "LMT", 100.0, WEDNESDAY_MIDDAY, start, close, bar) == (100.0, WEDNESDAY_MIDDAY)
+    assert fill("BUY", 100.0, WEDNESDAY_MIDDAY) == (100.0, WEDNESDAY_MIDDAY)
     # in progress, but the range never reached the limit
-    assert entry_fill("BUY", "LMT", 96.5, WEDNESDAY_MIDDAY, start, close, bar) is None
+    assert fill("BUY", 96.5, WEDNESDAY_MIDDAY) is None
     # a sell limit mirrors it: gap up through the limit fills at the open
-    assert entry_fill("SELL", "LMT", 97.5, TUESDAY_AFTER_CLOSE, start, close, bar) == (98.0, start.to_pydatetime())
+    assert fill("SELL", 97.5, TUESDAY_AFTER_CLOSE) == (98.0, start)
     # over before the order existed
-    assert entry_fill("BUY", "LMT", 100.0, datetime(2026, 9, 2, 21, 0, tzinfo=timezone.utc), start, close, bar) is None
+    assert fill("BUY", 100.0, datetime(2026, 9, 2, 21, 0, tzinfo=timezone.utc)) is None
 
 
 # --- the paper broker and the sync ---------------------------------------------------------------
@@ -102,32 +109,58 @@ def test_place_never_fills_even_a_marketable_limit(database_url):
     assert broker.executions("tp-placed") == [] and broker.account({}).positions == {}
 
 
-def test_gap_down_open_fills_a_buy_limit_at_the_open(database_url):
+def test_gap_down_open_fills_a_buy_limit_at_the_open_and_charges_the_commission(database_url):
     sessions = session_factory(database_url)
     submit(sessions, decision("gapdown", TUESDAY_AFTER_CLOSE))
-    broker = PaperBroker(sessions, 100_000.0)
+    broker = PaperBroker(sessions, 100_000.0)  # IBKR Pro fixed by default
     bars = daily_bars({
         "2026-09-01": (99.0, 101.0, 98.0, 100.0),  # the decision's bar: closed before the order existed
-        "2026-09-02": (97.0, 99.0, 95.5, 98.5),  # gaps down through the limit (and the stop, same bar)
+        "2026-09-02": (97.0, 99.0, 96.5, 98.5),  # gaps down through the limit, stays above the stop
         "2026-09-03": (98.0, 99.5, 97.0, 99.0),
     })
     happened = broker.simulate_fills(bars)
     assert happened == ["tp-gapdown BUY 50 AAPL filled at 97.00 on the bar of 2026-09-02"]
     (fill,) = broker.executions("tp-gapdown")
-    assert (fill.price, fill.executed_at) == (97.0, datetime(2026, 9, 2, 13, 30, tzinfo=timezone.utc))
-    # The children went live with the fill and wait for the next bar: the entry's own bar reached
-    # the stop too, but whether before or after the fill a daily bar cannot tell.
+    assert (fill.price, fill.executed_at, fill.commission) == (
+        97.0, datetime(2026, 9, 2, 13, 30, tzinfo=timezone.utc), 1.00)  # 50 shares: IBKR's $1.00 minimum
     assert statuses(broker, "gapdown") == {"tp-gapdown": "Filled", "tp-gapdown-sl": "Submitted",
                                            "tp-gapdown-tp": "Submitted"}
-    account = broker.account({"AAPL": 99.0})
-    assert account.cash == pytest.approx(100_000 - 50 * 97.0)
+    account = broker.account({"AAPL": Mark(99.0)})
+    assert account.cash == pytest.approx(100_000 - 50 * 97.0 - 1.00)
     assert account.positions["AAPL"].average_price == 97.0
 
-    report = sync_portfolio(sessions, broker, {"AAPL": 99.0})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)})
     assert report.new_executions == 1
     assert report.trades == [{"decision_id": "gapdown", "symbol": "AAPL", "side": "BUY", "quantity": 50,
                               "entry": 97.0, "exit": None, "status": "open", "realized_pnl": 0.0,
                               "r_multiple": None}]
+
+
+def test_the_stop_counts_on_the_entry_fill_bar(database_url):
+    """The entry filled at the open, so the rest of the bar came after it: the bar's low reached the
+    stop, so the trade was stopped out that day (before, paper left the stop for the next bar)."""
+    sessions = session_factory(database_url)
+    submit(sessions, decision("samebar", TUESDAY_AFTER_CLOSE))
+    broker = PaperBroker(sessions, 100_000.0, commission_model="none")
+    bars = daily_bars({"2026-09-02": (97.0, 107.0, 95.5, 98.5),  # fills at 97, reaches the stop and the target
+                       "2026-09-03": (98.0, 110.0, 97.0, 109.0)})
+    assert broker.simulate_fills(bars) == [
+        "tp-samebar BUY 50 AAPL filled at 97.00 on the bar of 2026-09-02",
+        "tp-samebar-sl SELL 50 AAPL filled at 96.00 on the bar of 2026-09-02",
+        "tp-samebar-tp cancelled: one-cancels-other: tp-samebar-sl filled"]
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(109.0)})
+    (trade,) = report.trades
+    assert (trade["exit"], trade["status"], trade["realized_pnl"], trade["r_multiple"]) == (96.0, "closed", -50.0, -1.0)
+
+
+def test_slippage_on_stop_fills_only(database_url):
+    sessions = session_factory(database_url)
+    submit(sessions, decision("slip", TUESDAY_AFTER_CLOSE))
+    broker = PaperBroker(sessions, 100_000.0, commission_model="none", slippage_bps=10)
+    broker.simulate_fills(daily_bars({"2026-09-02": (100.5, 101.0, 99.0, 100.5),  # the limit: no slippage
+                                      "2026-09-03": (99.0, 99.5, 95.0, 96.0)}))  # the stop: 10 bp worse
+    assert broker.find_order("tp-slip").average_fill_price == 100.0
+    assert broker.find_order("tp-slip-sl").average_fill_price == round(96.0 * (1 - 0.001), 2)
 
 
 def test_gap_up_that_never_comes_back_expires_the_day_entry_with_its_children(database_url):
@@ -145,14 +178,14 @@ def test_gap_up_that_never_comes_back_expires_the_day_entry_with_its_children(da
     })
     reason = "DAY order expired unfilled at the close of 2026-09-02"
     assert broker.simulate_fills(bars) == [f"tp-gapup cancelled: {reason}",
-                                           "tp-gapup-sl cancelled with its parent tp-gapup",
-                                           "tp-gapup-tp cancelled with its parent tp-gapup"]
+                                           f"tp-gapup-sl cancelled: cancelled with its parent tp-gapup: {reason}",
+                                           f"tp-gapup-tp cancelled: cancelled with its parent tp-gapup: {reason}"]
     assert set(statuses(broker, "gapup").values()) == {"Cancelled"}
     assert broker.executions("tp-gapup") == [] and broker.open_orders() == []
     assert broker.find_order("tp-gapup").detail == reason
     assert broker.find_order("tp-gapup-sl").detail == f"cancelled with its parent tp-gapup: {reason}"
 
-    report = sync_portfolio(sessions, broker, {"AAPL": 100.5})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(100.5)})
     assert f"tp-gapup: Submitted → Cancelled (filled 0/50): {reason}" in report.status_changes
     assert report.trades == [] and report.account.positions == {} and report.drift == []
     with sessions() as session:
@@ -232,13 +265,15 @@ def test_bracket_stop_first_on_an_ambiguous_bar_and_realized_r(database_url):
     assert broker.simulate_fills(bars) == [
         "tp-bracket BUY 50 AAPL filled at 100.00 on the bar of 2026-09-02",
         "tp-bracket-sl SELL 50 AAPL filled at 96.00 on the bar of 2026-09-03",
-        "tp-bracket-tp cancelled (one-cancels-other)"]
+        "tp-bracket-tp cancelled: one-cancels-other: tp-bracket-sl filled"]
     assert broker.find_order("tp-bracket-tp").detail == "one-cancels-other: tp-bracket-sl filled"
-    report = sync_portfolio(sessions, broker, {"AAPL": 101.0})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(101.0)})
     (trade,) = report.trades
     assert (trade["entry"], trade["exit"], trade["status"], trade["realized_pnl"], trade["r_multiple"]) == (
         100.0, 96.0, "closed", -200.0, -1.0)
-    assert report.account.cash == pytest.approx(100_000 - 200)
+    # commissions: the buy $1.00 (minimum); the sale $1.00 + SEC fee $0.14 + FINRA TAF $0.01
+    assert [e.commission for e in broker.executions("tp-bracket") + broker.executions("tp-bracket-sl")] == [1.0, 1.15]
+    assert report.account.cash == pytest.approx(100_000 - 200 - 2.15)
 
 
 def test_order_is_not_advanced_when_the_bars_start_after_it_went_live(database_url):
@@ -318,7 +353,7 @@ def open_long(sessions, decision_id="long"):
     submit(sessions, decision(decision_id, TUESDAY_AFTER_CLOSE))
     broker = PaperBroker(sessions, 100_000.0)
     broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5)}))
-    sync_portfolio(sessions, broker, {"AAPL": 98.5})
+    sync_portfolio(sessions, broker, {"AAPL": Mark(98.5)})
     return broker
 
 
@@ -347,7 +382,7 @@ def test_closing_a_position_cancels_its_exits_first_so_nothing_trades_twice(data
     broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5), "2026-09-03": (98.0, 98.6, 97.5, 98.2),
                                       "2026-09-04": (98.5, 99.0, 94.0, 95.0)}))
     assert broker.executions("tp-long-sl") == [] and len(broker.executions("tp-close")) == 1
-    assert broker.account({"AAPL": 95.0}).positions == {}
+    assert broker.account({"AAPL": Mark(95.0)}).positions == {}
     again = OrderDesk(sessions, broker).close_once(the_decision, legs, 98.0)
     assert again.status == "already_sent"  # exactly once, like any order
 
@@ -379,10 +414,10 @@ def sell_by_hand(broker, coid, quantity, day):
 def test_a_stop_larger_than_the_position_is_flagged_as_drift(database_url):
     sessions = session_factory(database_url)
     broker = open_long(sessions, "covered")
-    assert sync_portfolio(sessions, broker, {"AAPL": 98.5}).drift == []  # 50 held, stop for 50
+    assert sync_portfolio(sessions, broker, {"AAPL": Mark(98.5)}).drift == []  # 50 held, stop for 50
     sell_by_hand(broker, "manual-1", 20, "2026-09-03")
     assert broker.account({}).positions["AAPL"].quantity == 30
-    drift = sync_portfolio(sessions, broker, {"AAPL": 99.0}).drift
+    drift = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)}).drift
     assert "AAPL: the position is 30 shares but working stop-loss orders cover 50: adjust the stop's quantity " \
            "at the broker (or close the position)" in drift
     assert "AAPL: broker holds 30, the pipeline's executions imply 50" in drift
@@ -392,17 +427,17 @@ def test_a_stop_with_no_position_left_is_flagged_as_drift(database_url):
     sessions = session_factory(database_url)
     broker = open_long(sessions, "flat")
     sell_by_hand(broker, "manual-2", 50, "2026-09-03")
-    drift = sync_portfolio(sessions, broker, {"AAPL": 99.0}).drift
+    drift = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)}).drift
     assert "AAPL: working stop-loss orders for 50 shares but no position: cancel them before they trigger" in drift
 
 
 def test_the_paper_account_at_a_point_in_time_leaves_out_later_fills(database_url):
     sessions = session_factory(database_url)
     broker = open_long(sessions, "replay")  # filled at 97 on Wednesday 2026-09-02 (13:30 UTC)
-    now = broker.account({"AAPL": 98.5})
-    assert now.positions["AAPL"].quantity == 50 and now.cash == pytest.approx(100_000 - 50 * 97.0)
-    before = broker.account({"AAPL": 98.5}, as_of=TUESDAY_AFTER_CLOSE)  # a replay of Tuesday evening
+    now = broker.account({"AAPL": Mark(98.5)})
+    assert now.positions["AAPL"].quantity == 50 and now.cash == pytest.approx(100_000 - 50 * 97.0 - 1.0)
+    before = broker.account({"AAPL": Mark(98.5)}, as_of=TUESDAY_AFTER_CLOSE)  # a replay of Tuesday evening
     assert before.positions == {} and before.cash == 100_000.0 and before.equity == 100_000.0
-    that_day = broker.account({"AAPL": 98.5}, as_of=WEDNESDAY_MIDDAY)
+    that_day = broker.account({"AAPL": Mark(98.5)}, as_of=WEDNESDAY_MIDDAY)
     assert that_day.positions["AAPL"].quantity == 50
-    assert that_day.daily_pnl == pytest.approx(50 * (98.5 - 97.0))  # opened that day: its P&L is that day's
+    assert that_day.daily_pnl == pytest.approx(50 * (98.5 - 97.0) - 1.0)  # opened that day: its P&L is that day's

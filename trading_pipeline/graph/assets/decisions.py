@@ -103,7 +103,7 @@ def account_for_decision(the_broker, market_data: MarketDataResource, sessions, 
     from trading_pipeline.adapters.portfolio_sync import working_entries
 
     held = the_broker.account({}, as_of=decided_at).positions
-    marks = marks_for(market_data.source(), {*held, symbol}, decided_at, log=log)
+    marks = marks_for(market_data.source(), {*held, symbol}, decided_at)
     account = dataclasses.replace(the_broker.account(marks, as_of=decided_at),
                                   working_entries=working_entries(sessions, the_broker))
     return account, the_broker.min_tick(symbol)

@@ -91,7 +91,7 @@ def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, m
     def limits_now():
         """The account as it is now (other runs may have placed since the decision), marked to market."""
         held = the_broker.account({}, as_of=now).positions
-        marks = marks_for(market_data.source(), {*held, decision.symbol}, now, log=context.log)
+        marks = marks_for(market_data.source(), {*held, decision.symbol}, now)
         account = dataclasses.replace(the_broker.account(marks, as_of=now),
                                       working_entries=working_entries(sessions, the_broker))
         return entry_limits(decision.symbol, decision.entry, decision.stop, account, strategy.risk,
