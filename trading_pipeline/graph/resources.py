@@ -138,7 +138,9 @@ class BrokerResource(dg.ConfigurableResource):
         if self.mode == "paper":
             from trading_pipeline.adapters.broker import PaperBroker
 
-            return PaperBroker(self.database.sessions(), self.paper_equity)
+            commission_model, slippage_bps = config.paper_costs()
+            return PaperBroker(self.database.sessions(), self.paper_equity, commission_model=commission_model,
+                               slippage_bps=slippage_bps, clock=config.trading_now)
         if self.mode == "ibkr":
             # Positions keyed by the strategies' symbols (matched by conid); a live account is
             # refused at send time unless the deployment sets TRADING_ALLOW_LIVE=yes.
@@ -188,6 +190,7 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         config.parse_as_of(environ["TRADING_AS_OF"], "TRADING_AS_OF")  # a bad time stops the load, not every run
     config.check_real_prices_for_a_trading_broker(environ)  # simulated prices or a replay never reach IBKR
     config.SafetySwitches.read(environ)  # a typo in a switch stops the load (read again when sending)
+    config.paper_costs(environ)  # so does an unknown commission model or a bad slippage
     # A PostgreSQL URL carries a password: hand Dagster the variable's name, not its value, so
     # the UI and the event log never show it.
     if from_process and environ.get("TRADING_DATABASE_URL"):
