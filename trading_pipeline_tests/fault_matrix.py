@@ -26,6 +26,7 @@ KILLED = 86  # the exit status of a killed attempt
 # 2026-09-01 is a Tuesday: decided after its close; the entry can fill on Wednesday's bar.
 TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
 THURSDAY_EVENING = datetime(2026, 9, 3, 21, 30, tzinfo=timezone.utc)
+FRIDAY_EVENING = datetime(2026, 9, 4, 21, 30, tzinfo=timezone.utc)  # after every bar below: the broker's state
 BARS = {"2026-09-02": (97.0, 99.0, 96.5, 98.5),   # the entry (limit 100) fills at the open, 97
         "2026-09-03": (98.0, 99.0, 97.5, 98.2),   # the bracket keeps working
         "2026-09-04": (99.0, 99.5, 98.0, 98.8)}   # a market exit made on Thursday evening fills at this open
@@ -143,7 +144,7 @@ def _protected(url: str) -> tuple[float, bool]:
     from trading_pipeline.adapters.trading_db import PaperOrderRow, session_factory
 
     sessions = session_factory(url)
-    held = PaperBroker(sessions, 100_000.0).account({}).positions.get("AAPL")
+    held = PaperBroker(sessions, 100_000.0).account({}, as_of=FRIDAY_EVENING).positions.get("AAPL")
     quantity = held.quantity if held else 0.0
     if quantity == 0:
         return 0.0, True
@@ -168,7 +169,7 @@ def _orders_sent(url: str, kind: str) -> tuple[int, bool]:
     with sessions() as session:
         coids = set(session.scalars(select(PaperOrderRow.client_order_id)))
         mkt = session.scalars(select(PaperOrderRow).where(PaperOrderRow.order_type == "MKT")).all()
-    held = PaperBroker(sessions, 100_000.0).account({}).positions.get("AAPL")
+    held = PaperBroker(sessions, 100_000.0).account({}, as_of=FRIDAY_EVENING).positions.get("AAPL")
     if kind == "entry":
         sent = {c for c in coids if c.startswith("tp-fm-entry")}
         return len(sent), len(sent) not in (0, 3)
@@ -189,7 +190,7 @@ def run_cell(kind: str, point: str, workdir: Path) -> Cell:
     killed = process.exitcode == KILLED
     _, protected_after_kill = _protected(url)
     rerun = _act(url, kind, now)  # the orders step runs again (a retry, a re-materialization)
-    _sync(url, list(BARS), datetime(2026, 9, 4, 21, 30, tzinfo=timezone.utc))
+    _sync(url, list(BARS), FRIDAY_EVENING)
     again = _act(url, kind, now)  # and once more after the sync: still nothing new
     position, protected_after_rerun = _protected(url)
     count, twice = _orders_sent(url, kind)
