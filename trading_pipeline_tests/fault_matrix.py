@@ -72,14 +72,12 @@ def _decision(decision_id: str, as_of: datetime, action: str, closes: bool):
 
 def _world(url: str, now: datetime):
     """The trading DB, the paper broker and the order desk, with the paper broker's clock at `now`."""
-    from trading_pipeline.adapters import broker as broker_module
     from trading_pipeline.adapters.broker import PaperBroker
     from trading_pipeline.adapters.order_desk import OrderDesk
     from trading_pipeline.adapters.trading_db import session_factory
 
-    broker_module._utcnow = lambda: now  # the simulated clock of a paper deployment
     sessions = session_factory(url)
-    broker = PaperBroker(sessions, 100_000.0)
+    broker = PaperBroker(sessions, 100_000.0, clock=lambda: now)  # the simulated clock of a paper deployment
     return sessions, broker, OrderDesk(sessions, broker)
 
 
