@@ -347,9 +347,10 @@ class PaperBroker:
 
     @staticmethod
     def _leg(row: PaperOrderRow) -> Leg:
+        expires_at = expiry_of(row.tif, as_utc(row.created_at))
         return Leg(row.client_order_id, row.side, row.order_type, row.quantity - row.filled_quantity, row.price,
                    as_utc(row.live_since) if row.live_since else None,
-                   expiry_of(row.tif, as_utc(row.created_at)))
+                   expires_at.to_pydatetime() if expires_at is not None else None)
 
     @staticmethod
     def _covered(row: PaperOrderRow, first_bar: pd.Timestamp) -> bool:
