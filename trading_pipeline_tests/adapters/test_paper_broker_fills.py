@@ -441,3 +441,21 @@ def test_the_paper_account_at_a_point_in_time_leaves_out_later_fills(database_ur
     that_day = broker.account({"AAPL": Mark(98.5)}, as_of=WEDNESDAY_MIDDAY)
     assert that_day.positions["AAPL"].quantity == 50
     assert that_day.daily_pnl == pytest.approx(50 * (98.5 - 97.0) - 1.0)  # opened that day: its P&L is that day's
+
+
+def test_walking_the_same_bars_again_changes_nothing(database_url):
+    """Each sync walks every bar since the oldest working order: the bar an entry filled on inside
+    the session is walked again later, and its high must not fill the target then (the target
+    works from the next bar, as the first walk decided)."""
+    sessions = session_factory(database_url)
+    submit(sessions, decision("again", TUESDAY_AFTER_CLOSE))
+    broker = PaperBroker(sessions, 100_000.0)
+    fill_bar = {"2026-09-02": (101.0, 107.0, 99.5, 101.0)}  # opens above 100, comes down to it; high above 106
+    assert broker.simulate_fills(daily_bars(fill_bar)) == [
+        "tp-again BUY 50 AAPL filled at 100.00 on the bar of 2026-09-02"]
+    assert broker.simulate_fills(daily_bars(fill_bar)) == []
+    later = {**fill_bar, "2026-09-03": (101.0, 102.0, 100.5, 101.5), "2026-09-04": (104.0, 106.5, 103.0, 106.0)}
+    assert broker.simulate_fills(daily_bars(later)) == [
+        "tp-again-tp SELL 50 AAPL filled at 106.00 on the bar of 2026-09-04",
+        "tp-again-sl cancelled: one-cancels-other: tp-again-tp filled"]
+    assert broker.simulate_fills(daily_bars(later)) == []
