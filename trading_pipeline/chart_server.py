@@ -4,7 +4,8 @@ open in the browser (which refuses file:// links from a web page).
     python -m trading_pipeline.chart_server      # `make dev` starts it next to the Dagster UI
 
 Serves GET/HEAD of `/charts/<...>.png` from the local store's folder (TRADING_DATA_DIR, else
-$DAGSTER_HOME/trading) on 127.0.0.1, port TRADING_CHART_SERVER_PORT (3001). Nothing else: no
+$DAGSTER_HOME/trading) on 127.0.0.1, port TRADING_CHART_SERVER_PORT (3001); reads ./.env like
+the demo. Nothing else: no
 listing, no other file types, nothing outside that folder (`..`, symlinks out of it). The links
 are the chart store's `public_url(key)`. Standard library only.
 """
@@ -110,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, help="default TRADING_CHART_SERVER_PORT, else 3001")
     args = parser.parse_args(argv)
+    try:  # the .env that `dg dev` and the demo read (dagster ships python-dotenv); the shell's values win
+        from dotenv import load_dotenv
+
+        load_dotenv(".env", override=False)
+    except ImportError:
+        pass
     try:
         port = args.port if args.port is not None else chart_server_port()
         root = config.data_dir()
