@@ -401,6 +401,7 @@ def build_decision_figure(
     without entry/stop gets no levels and a title saying so. `fills` are drawn as markers at
     their session and price; a fill after the last bar gets its own slot right of it.
     """
+    _check_frame(frame, symbol, timeframe)
     action_name = str(getattr(action, "value", action)).upper()
     fills = sorted(fills, key=lambda f: _as_utc(f.time))
     window = frame.iloc[-(bars_shown or DEFAULT_BARS_SHOWN.get(timeframe, FALLBACK_BARS_SHOWN)):]
@@ -735,15 +736,15 @@ def _right_room(bars: int) -> float:
     return float(max(RIGHT_ROOM_MIN_BARS, math.ceil(bars * RIGHT_ROOM_SHARE)))
 
 
-def _volume_ticks(top: float, max_ticks: int = 3) -> list[float]:
-    """0 and up to `max_ticks` round steps (1, 2, 2.5, 5 x 10^k) below `top`."""
+def _volume_ticks(top: float) -> list[float]:
+    """0 and two or three round steps (1, 2, 2.5, 5 x 10^k) up to `top`: the largest round step
+    that fits twice (the next one up is at most twice as big, so at most three fit)."""
     if not _finite(top) or top <= 0:
         return [0.0]
-    raw = top / max_ticks
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    count = int(top // step)
-    return [float(step * i) for i in range(count + 1)]
+    half = top / 2
+    magnitude = 10 ** math.floor(math.log10(half))
+    step = max(m * scale for scale in (magnitude / 10, magnitude) for m in (1, 2, 2.5, 5) if m * scale <= half)
+    return [float(step * i) for i in range(int(top // step) + 1)]
 
 
 def _fmt_volume_tick(v: float) -> str:
@@ -751,4 +752,4 @@ def _fmt_volume_tick(v: float) -> str:
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(v) >= div:
             return f"{v / div:.2f}".rstrip("0").rstrip(".") + suffix
-    return f"{v:.0f}"
+    return f"{v:g}"

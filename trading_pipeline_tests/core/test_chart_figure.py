@@ -371,7 +371,7 @@ def test_volume_axis_has_round_compact_ticks(daily):
         assert axis.tickmode == "array"
         values, texts = list(axis.tickvals), list(axis.ticktext)
         top = axis.range[1]
-        assert values[0] == 0 and 2 <= len(values) <= 4 and values[-1] <= top
+        assert values[0] == 0 and len(values) in (3, 4) and values[-1] <= top  # two or three steps
         step = values[1]
         mantissa = step / 10 ** np.floor(np.log10(step))
         assert round(mantissa, 6) in (1, 2, 2.5, 5)
@@ -479,3 +479,9 @@ def test_fills_are_marked_at_their_session_and_price():
     assert list(fig.layout.xaxis5.categoryarray) == categories
     lo, hi = fig.layout.yaxis.range
     assert lo < 101.25 and hi > 120.5
+
+
+def test_decision_chart_of_an_empty_frame_is_a_bar_data_error(daily):
+    with pytest.raises(BarDataError) as info:
+        build_decision_figure(daily.iloc[:0], "AAPL", AS_OF, action="BUY", entry=1.0, stop=0.9, targets=[1.2])
+    assert "no bars" in str(info.value) and info.value.fix
