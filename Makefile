@@ -46,7 +46,7 @@ demo: chromium $(DAGSTER_HOME)/dagster.yaml
 dev: chromium $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m trading_pipeline.graph.pools
 	@$(PY) -m trading_pipeline.chart_server & charts=$$!; \
-	  trap 'kill $$charts 2>/dev/null' EXIT; trap 'exit 130' INT TERM; \
+	  trap 'kill $$charts 2>/dev/null' EXIT; trap 'exit 0' INT TERM; \
 	  $(VENV)/bin/dg dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
 
 test: install-test chromium
