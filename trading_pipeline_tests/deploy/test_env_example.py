@@ -51,7 +51,7 @@ def _dump(value):
 
 
 def test_documented_values_are_the_code_defaults(monkeypatch, tmp_path):
-    from trading_pipeline.adapters.ibkr.settings import settings_from_env
+    from trading_pipeline.adapters.ibkr.settings import read_switches, settings_from_env
     from trading_pipeline.adapters.model_calls import cache_enabled
     from trading_pipeline.adapters.openai_analyst import OpenAISettings
     from trading_pipeline.graph.resources import resources_from_env
@@ -62,8 +62,7 @@ def test_documented_values_are_the_code_defaults(monkeypatch, tmp_path):
 
     def everything(environ):
         resources = {name: _dump(resource) for name, resource in resources_from_env(environ).items()}
-        ibkr = settings_from_env(environ)
-        ibkr["auto_confirm"] = list(ibkr["auto_confirm"])  # the default is a tuple, a parsed value a list
+        ibkr = (settings_from_env(environ), read_switches(environ))  # switches: read when an order goes out
         return (resources, OpenAISettings.from_env(environ), ibkr, cache_enabled(environ))
 
     assert everything(uncommented) == everything(base)
