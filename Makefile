@@ -1,38 +1,55 @@
-# The two commands: `make demo` runs the whole pipeline on the embedded defaults, `make test`
-# runs the tests. Both set up what they need: .venv, packages, and a Chromium for kaleido.
+# The two commands: `make demo` runs the whole pipeline on the embedded defaults, `make dev`
+# opens the Dagster UI on its runs (and the chart server for the chart links). `make test` runs
+# the tests. Each sets up what it needs: .venv, packages, and a Chromium for kaleido; the demo
+# installs only the package, the tests add their tools (the [test] extra).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+DAGSTER_PORT ?= 3000
 
-.PHONY: demo test dev install chromium bench clean
+.PHONY: demo test dev install install-test chromium bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.created:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
 	  { echo "Python 3.11 or newer is needed (found: $$($(PYTHON) --version)). Install it, or run make PYTHON=python3.12 ..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
 	@touch $@
 
-install: $(VENV)/.installed
+# What the demo and the UI need: the package and its dependencies.
+$(VENV)/.installed-demo: pyproject.toml | $(VENV)/.created
+	$(VENV)/bin/pip install -q -e .
+	@touch $@
+
+# The test tools on top (pytest, moto, playwright, ruff, ...).
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-demo
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+install: $(VENV)/.installed-demo
+install-test: $(VENV)/.installed-test
 
 chromium: install
 	@$(PY) -m trading_pipeline.ensure_chromium
 
 # The local Dagster home keeps the demo's runs so `make dev` shows them.
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: deploy/local/dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+	cp deploy/local/dagster.yaml $@
 
 demo: chromium $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m trading_pipeline.demo $(DEMO_ARGS)
 
+# The Dagster UI (`dg dev`, what Dagster 1.13 recommends over `dagster dev`) on workspace.yaml's one
+# code location, and the chart server for the chart links; Ctrl-C stops both.
 dev: chromium $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m trading_pipeline.graph.pools
-	$(VENV)/bin/dagster dev -m trading_pipeline.definitions -h 127.0.0.1 -p 3000
+	@$(PY) -m trading_pipeline.chart_server & charts=$$!; \
+	  trap 'kill $$charts 2>/dev/null' EXIT; trap 'exit 0' INT TERM; \
+	  $(VENV)/bin/dg dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
 
-test: chromium
+test: install-test chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: chromium

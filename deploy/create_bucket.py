@@ -4,10 +4,16 @@ at start-up (service create-bucket), before the code location starts.
 Reads the usual variables: TRADING_S3_BUCKET, AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION. Waits up to CREATE_BUCKET_WAIT_SECONDS (60) for the
 server to answer. Exit code 0 when the bucket exists afterwards.
+
+With TRADING_CHART_BASE_URL set (docker compose sets it to the bucket's URL), the chart PNGs
+(<TRADING_S3_PREFIX>/charts/*, nothing else) become readable without credentials, so the chart
+links in the Dagster UI open in a browser for as long as the chart exists. Anyone who can reach
+MinIO's port can then read the charts: it binds to 127.0.0.1 unless BIND_ADDRESS says otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -39,6 +45,21 @@ def ensure_bucket(client, bucket: str, region: str | None) -> bool:
     return True
 
 
+def charts_read_policy(bucket: str, prefix: str) -> dict:
+    """Bucket policy: anonymous GetObject on the chart PNGs only (no listing, no other keys)."""
+    charts = f"{prefix.strip('/')}/charts/*" if prefix.strip("/") else "charts/*"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "PublicReadChartPngs",
+            "Effect": "Allow",
+            "Principal": {"AWS": ["*"]},
+            "Action": ["s3:GetObject"],
+            "Resource": [f"arn:aws:s3:::{bucket}/{charts}"],
+        }],
+    }
+
+
 def main() -> int:
     bucket = os.environ.get("TRADING_S3_BUCKET") or "trading-charts"
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
@@ -62,6 +83,17 @@ def main() -> int:
             print(f"create-bucket: {where} refused bucket {bucket!r}: {code}: {error}", file=sys.stderr)
             return 1
     print(f"create-bucket: bucket {bucket!r} {'created' if created else 'already exists'} at {where}")
+    if os.environ.get("TRADING_CHART_BASE_URL"):
+        policy = charts_read_policy(bucket, os.environ.get("TRADING_S3_PREFIX") or "")
+        try:
+            client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+        except ClientError as error:
+            print(f"create-bucket: {where} refused the public-read policy for the charts: {error}. "
+                  "Chart links in the UI will not open; unset TRADING_CHART_BASE_URL to get presigned links "
+                  "instead, or allow bucket policies.", file=sys.stderr)
+            return 1
+        print(f"create-bucket: chart PNGs readable at {os.environ['TRADING_CHART_BASE_URL']}/"
+              f"{policy['Statement'][0]['Resource'][0].split('/', 1)[1]}")
     return 0
 
 

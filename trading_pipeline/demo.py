@@ -130,28 +130,36 @@ def _run(defs, resources, instance, symbols: list[str], as_of: datetime, broker_
         status = "ok" if symbol in results else f"FAILED at {failures[symbol][0]}"
         print(f"  [{n}/{len(symbols)}] {symbol}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
+    from trading_pipeline.adapters.chart_store import chart_key
+
+    store = resources["chart_store"].store()
+
+    def link(symbol: str, timeframe: str) -> str:  # http(s): a browser opens it (not file:// from a web page)
+        return store.public_url(chart_key(symbol, timeframe, as_of))
+
     rows = []
     for symbol, (decision, order) in results.items():
         charts = decision.charts
         rows.append([symbol, f"{decision.proposed_action.value}→{decision.action.value}",
                      _fmt(decision.entry), _fmt(decision.stop), _fmt(decision.targets[0] if decision.targets else None),
                      _fmt(decision.r_multiple), _fmt(decision.profit_margin, "{:.1%}"), str(decision.quantity),
-                     order.status, charts["1d"].uri if "1d" in charts else "-"])
+                     order.status, link(symbol, "1d") if "1d" in charts else "-"])
     print()
     print(_table(rows, ["symbol", "proposed→decided", "entry", "stop", "target", "R", "margin", "qty",
                         "order", "daily chart"]))
     print()
     for symbol, (decision, order) in results.items():
         print(f"{symbol}: {order.reason if order.status != 'not_sent' else decision.rationale[:300]}")
-        for timeframe, chart in decision.charts.items():
-            print(f"    {timeframe} chart: {chart.uri}")
+        for timeframe in decision.charts:
+            print(f"    {timeframe} chart: {link(symbol, timeframe)}")
     placed = {symbol: order for symbol, (_, order) in results.items()
               if order.client_order_id and order.status in ("submitted", "filled", "already_sent")}
     if placed:
         print()
         print(_what_became_of_the_orders(defs, resources, instance, broker_mode, as_of, placed, quiet))
     print(f"\n{len(results)} of {len(symbols)} symbols done in {time.perf_counter() - started:.1f} s. "
-          "Open the UI on these runs with `make dev` (http://127.0.0.1:3000).")
+          "Open the UI on these runs with `make dev` (http://127.0.0.1:3000); it also serves the chart links"
+          + (f" ({store.base_url})." if getattr(store, "base_url", None) else "."))
     for symbol, (where, text) in failures.items():
         print(f"\n{symbol} failed at {where}:\n{text}", file=sys.stderr)
     return 1 if failures else 0

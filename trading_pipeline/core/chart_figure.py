@@ -7,15 +7,21 @@ last `bars_shown` bars and draws them.
 Layout (shared x, one row per panel): price (candles, SMA 20/50/200, Bollinger band,
 SuperTrend green/red), volume, MACD, RSI (30/70), ATR. The x axis is categorical (one slot
 per bar), so weekends, holidays and missing weeks leave no holes. The latest value of each
-series is written in the right margin of its panel, at the series' level.
+series is written in the right margin of its panel, at the series' level. Daily and weekly
+bars are labelled with their session's date; a few empty slots follow the last candle.
 
-plotly is imported inside `build_chart_figure` so importing this module stays cheap.
+`build_decision_figure` draws a trade decision on the daily chart like a trading platform's
+position tool: a red zone entry -> stop, a green zone entry -> first target, a labelled line
+per level (price and R multiple) and, when the order filled, a marker per fill.
+
+plotly is imported inside the builders so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +34,11 @@ if TYPE_CHECKING:
 DEFAULT_BARS_SHOWN: dict[str, int] = {"1d": 150, "1w": 104}
 FALLBACK_BARS_SHOWN = 150
 TIMEFRAME_NAMES: dict[str, str] = {"1d": "daily", "1w": "weekly"}
+# Bars labelled with their session's date (on the exchange's clock), not a UTC time.
+SESSION_TIMEFRAMES = frozenset({"1d", "1w"})
+EXCHANGE_TZ = "America/New_York"  # the XNYS calendar every market-data mode follows
+RIGHT_ROOM_SHARE = 0.03
+RIGHT_ROOM_MIN_BARS = 2
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "open", "high", "low", "close", "volume",
@@ -85,12 +96,14 @@ def build_chart_figure(
     bars_shown: int | None = None,
     width: int = 1920,
     height: int = 1080,
+    right_room: float | None = None,
 ) -> go.Figure:
     """Return the chart figure for the last `bars_shown` bars of `frame`.
 
     `frame` is an indicator frame (UTC DatetimeIndex of bar starts, columns REQUIRED_COLUMNS,
     NaNs allowed in warm-up rows). `bars_shown` defaults to DEFAULT_BARS_SHOWN[timeframe]
-    (150 daily, 104 weekly). The figure's layout carries `width` x `height`.
+    (150 daily, 104 weekly). The figure's layout carries `width` x `height`. `right_room` is
+    the number of empty bar slots after the last candle (default ~3 % of the window, at least 2).
     """
     import plotly.graph_objects as go
 
@@ -102,7 +115,7 @@ def build_chart_figure(
 
     view = frame.iloc[-bars_shown:]
     n = len(view)
-    x = _x_labels(view.index)
+    x = _x_labels(view.index, timeframe)
 
     domains = _row_domains([h for _, _, h in PANELS], VERTICAL_SPACING)
     traces: list[dict[str, Any]] = []
@@ -199,15 +212,17 @@ def build_chart_figure(
 
     # ---- axes --------------------------------------------------------------------------
     # Category x: one slot per bar, so non-trading days/weeks leave no holes.
-    tickvals, ticktext = _ticks(view.index)
+    tickvals, ticktext = _ticks(view.index, timeframe)
     ranges = _panel_ranges(view)
+    # a few empty slots right of the last candle, so it does not touch the frame
+    x_range = [-0.5, n - 0.5 + (_right_room(n) if right_room is None else float(right_room))]
     layout: dict[str, Any] = {}
     for name, title, _ in PANELS:
         row = PANEL_ROW[name]
         bottom = row == len(PANELS)
         layout[_axis_key("xaxis", row)] = {
             "type": "category", "categoryorder": "array", "categoryarray": x,
-            "range": [-0.5, n - 0.5], "rangeslider": {"visible": False},
+            "range": x_range, "rangeslider": {"visible": False},
             "domain": [0.0, 1.0], "anchor": _axis_key("y", row),
             "matches": None if row == 1 else "x",
             "tickmode": "array", "tickvals": tickvals, "ticktext": ticktext, "tickangle": 0,
@@ -224,7 +239,9 @@ def build_chart_figure(
         }  # fmt: skip
     price_axis = layout[_axis_key("yaxis", PANEL_ROW["price"])]
     price_axis.update(nticks=10, tickformat=".4f" if ranges["price"][1] < 10 else ",.2f")
-    layout[_axis_key("yaxis", PANEL_ROW["volume"])].update(tickformat="~s", nticks=3)
+    volume_ticks = _volume_ticks(ranges["volume"][1])
+    layout[_axis_key("yaxis", PANEL_ROW["volume"])].update(
+        tickmode="array", tickvals=volume_ticks, ticktext=[_fmt_volume_tick(v) for v in volume_ticks])
     layout[_axis_key("yaxis", PANEL_ROW["rsi"])].update(tickmode="array", tickvals=[30, 70])
 
     # RSI 30-70 band and guides, MACD zero line (full-width shapes on the panel's y axis).
@@ -334,6 +351,178 @@ def build_chart_figure(
     return go.Figure(data=traces, layout=layout)
 
 
+# ---- decision chart --------------------------------------------------------------------
+
+ZONE_RISK = "rgba(239, 83, 80, 0.16)"
+ZONE_REWARD = "rgba(38, 166, 154, 0.16)"
+ENTRY_COLOR = "#455a64"
+STOP_COLOR = "#c62828"
+TARGET_COLOR = "#1b7f3b"
+FILL_BUY = "#1e63d6"
+FILL_SELL = "#e65100"
+DECISION_ROOM_SHARE = 0.15  # the position tool's zones need room right of the last candle
+DECISION_ROOM_MIN_BARS = 12
+LEVEL_LABEL_GAP_PX = 26
+NO_LEVEL_ACTIONS = frozenset({"HOLD", "NO_TRADE"})
+
+
+@dataclass(frozen=True)
+class ChartFill:
+    """One execution to mark on a decision chart: when, at what price, which side, how many."""
+
+    time: datetime
+    price: float
+    side: str  # "BUY" | "SELL"
+    quantity: float
+    label: str = ""  # e.g. "entry", "stop", "target"; shown before the side
+
+
+def build_decision_figure(
+    frame: pd.DataFrame,
+    symbol: str,
+    as_of: datetime,
+    *,
+    action: Any,
+    entry: float | None,
+    stop: float | None,
+    targets: Sequence[float] = (),
+    r_multiple: float | None = None,
+    fills: Iterable[ChartFill] = (),
+    timeframe: str = "1d",
+    bars_shown: int | None = None,
+    width: int = 1920,
+    height: int = 1080,
+) -> go.Figure:
+    """The daily chart of `frame` with the decision drawn on it (see the module docstring).
+
+    `action` is an Action or its value. BUY/SELL with entry and stop get the zones, one line per
+    level (entry, stop, each target) labelled with its price and R multiple (|level - entry| /
+    |entry - stop|), and the decision's `r_multiple` in the title. HOLD, NO_TRADE, or a trade
+    without entry/stop gets no levels and a title saying so. `fills` are drawn as markers at
+    their session and price; a fill after the last bar gets its own slot right of it.
+    """
+    _check_frame(frame, symbol, timeframe)
+    action_name = str(getattr(action, "value", action)).upper()
+    fills = sorted(fills, key=lambda f: _as_utc(f.time))
+    window = frame.iloc[-(bars_shown or DEFAULT_BARS_SHOWN.get(timeframe, FALLBACK_BARS_SHOWN)):]
+    labels = _x_labels(window.index, timeframe)
+    fill_slots, extra_slots = _fill_slots(fills, labels, timeframe)
+    n = len(labels)
+    has_levels = action_name not in NO_LEVEL_ACTIONS and _finite(entry) and _finite(stop) and entry != stop
+    room = _right_room(n) + len(extra_slots)
+    if has_levels:  # the zones and their labels need room
+        room = max(DECISION_ROOM_MIN_BARS, math.ceil(n * DECISION_ROOM_SHARE), len(extra_slots) + 4)
+    fig = build_chart_figure(frame, symbol, timeframe, as_of, bars_shown=len(window),
+                             width=width, height=height, right_room=room)
+    if extra_slots:  # sessions after the last bar that hold fills
+        categories = labels + extra_slots
+        for axis in [k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")]:
+            fig.layout[axis].categoryarray = categories
+
+    x_end = n - 0.5 + room
+    dp = _price_decimals(entry if _finite(entry) else window["close"].iloc[-1])
+    levels: list[tuple[float, str, str]] = []
+    if has_levels:
+        entry, stop = float(entry), float(stop)
+        risk = abs(entry - stop)
+        first_target = next((float(t) for t in targets if _finite(t)), None)
+        # the zones start at the last closed bar: the order works from the next session on
+        zones = [(stop, ZONE_RISK)] + ([(first_target, ZONE_REWARD)] if first_target is not None else [])
+        for level, color in zones:
+            fig.add_shape(type="rect", xref="x", yref="y", x0=n - 1, x1=x_end, y0=entry, y1=level,
+                          fillcolor=color, line={"width": 0}, layer="below")
+        levels.append((entry, f"<b>{action_name} entry {_fmt_price(entry, dp)}</b>", ENTRY_COLOR))
+        levels.append((stop, f"stop {_fmt_price(stop, dp)}  ·  −1R ({_fmt_price(risk, dp)})", STOP_COLOR))
+        finite_targets = [float(t) for t in targets if _finite(t)]
+        for i, target in enumerate(finite_targets, 1):
+            name = "target" if len(finite_targets) == 1 else f"target {i}"
+            levels.append((target, f"{name} {_fmt_price(target, dp)}  ·  +{abs(target - entry) / risk:.2f}R", TARGET_COLOR))
+        for level, _, color in levels:
+            fig.add_shape(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=level, y1=level,
+                          line={"color": color, "width": 1.4, "dash": "dash"})
+    # the price axis shows every level and fill
+    lo, hi = fig.layout.yaxis.range
+    values = [v for v, _, _ in levels] + [float(f.price) for f in fills if _finite(f.price)]
+    if values and (min(values) < lo or max(values) > hi):
+        lo, hi = min(lo, *values), max(hi, *values)
+        pad = (hi - lo) * 0.03
+        lo, hi = lo - pad, hi + pad
+        fig.layout.yaxis.range = [lo, hi]
+    if levels:
+        domain = fig.layout.yaxis.domain
+        panel_px = (domain[1] - domain[0]) * (height - MARGIN["t"] - MARGIN["b"])
+        placed = _spread_labels([v for v, _, _ in levels], lo, hi, panel_px, LEVEL_LABEL_GAP_PX)
+        for (_, text, color), y in zip(levels, placed, strict=True):
+            fig.add_annotation(x=x_end, xref="x", xanchor="right", xshift=-4, y=y, yref="y",
+                               yanchor="middle", text=text, showarrow=False, align="right",
+                               font={"size": LABEL_FONT, "color": "#ffffff"}, bgcolor=color,
+                               bordercolor=color, borderpad=3)
+
+    for side, color, symbol_name in (("BUY", FILL_BUY, "triangle-up"), ("SELL", FILL_SELL, "triangle-down")):
+        marks = [(slot, f) for slot, f in zip(fill_slots, fills, strict=True)
+                 if slot is not None and f.side.upper() == side and _finite(f.price)]
+        if not marks:
+            continue
+        fig.add_trace({
+            "type": "scatter", "mode": "markers+text", "name": f"{side.lower()} fill",
+            "x": [slot for slot, _ in marks], "y": [float(f.price) for _, f in marks],
+            "text": [f"{(f.label + ' ').lstrip()}{side} {f.quantity:g} @ {_fmt_price(f.price, dp)}"
+                     f" ({_as_utc(f.time).astimezone(_exchange_zone()):%b %d})" for _, f in marks],
+            "textposition": "bottom center" if side == "BUY" else "top center",
+            "textfont": {"size": LABEL_FONT, "color": color},
+            "marker": {"symbol": symbol_name, "size": 16, "color": color, "line": {"color": "#ffffff", "width": 1}},
+            "xaxis": "x", "yaxis": "y",
+        })  # fmt: skip
+
+    as_of_text = f"{_as_utc(as_of):%Y-%m-%d %H:%M} UTC"
+    if has_levels:
+        r_text = f"  ·  R <b>{r_multiple:.2f}</b>" if _finite(r_multiple) else ""
+        headline = (f"<b>{symbol}</b>  ·  decision <b>{action_name}</b>  ·  as of {as_of_text}"
+                    f"  ·  entry {_fmt_price(entry, dp)}  ·  stop {_fmt_price(stop, dp)}{r_text}")
+    elif action_name in NO_LEVEL_ACTIONS:
+        headline = f"<b>{symbol}</b>  ·  decision <b>{action_name}</b>: no trade, no levels  ·  as of {as_of_text}"
+    else:
+        headline = (f"<b>{symbol}</b>  ·  decision <b>{action_name}</b> without entry and stop: "
+                    f"no levels  ·  as of {as_of_text}")
+    fig.layout.title.text = headline
+    return fig
+
+
+def _exchange_zone():
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(EXCHANGE_TZ)
+
+
+def _fill_slots(fills: Sequence[ChartFill], labels: list[str], timeframe: str) -> tuple[list[Any], list[str]]:
+    """The x slot (category label) of each fill and the labels of sessions after the window.
+
+    A fill sits on the bar of its session date (New York); a date between two bars (no
+    session) on the bar before; a date after the last bar on a new slot of its own; a date
+    before the window nowhere (None).
+    """
+    import pandas as pd
+
+    slots: list[Any] = []
+    extra: list[str] = []
+    if not labels:
+        return [None] * len(fills), extra
+    first, last = labels[0], labels[-1]
+    for f in fills:
+        day = _x_labels(pd.DatetimeIndex([_as_utc(f.time)]), timeframe if timeframe in SESSION_TIMEFRAMES else "1d")[0]
+        if day < first:
+            slots.append(None)
+        elif day in labels:
+            slots.append(day)
+        elif day > last:
+            if day not in extra:
+                extra.append(day)
+            slots.append(day)
+        else:
+            slots.append(max(label for label in labels if label <= day))
+    return slots, sorted(extra)
+
+
 # ---- helpers ---------------------------------------------------------------------------
 
 
@@ -390,15 +579,37 @@ def _isolated(mask: Sequence[bool]) -> list[int]:
     ]  # fmt: skip
 
 
-def _x_labels(index: pd.DatetimeIndex) -> list[str]:
+def _session_dates(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeIndex | None:
+    """For daily and weekly bars: each bar's session date on the exchange's clock, else None.
+
+    Daily and weekly bars are stamped with their (first) session's open in UTC; the date a
+    trader knows them by is that session's date in New York (the calendar every mode uses).
+    Bars all stamped at midnight UTC are dates already and keep them.
+    """
+    if timeframe not in SESSION_TIMEFRAMES:
+        return None
+    naive = index.tz_convert("UTC").tz_localize(None) if index.tz is not None else index
+    if all(ts.hour == 0 and ts.minute == 0 for ts in naive):
+        return naive  # date-only stamps (midnight UTC): the date is the session's
+    return index.tz_convert(EXCHANGE_TZ).tz_localize(None).normalize() if index.tz is not None else naive.normalize()
+
+
+def _x_labels(index: pd.DatetimeIndex, timeframe: str) -> list[str]:
+    """Category labels, one per bar: the session date for daily/weekly bars, else the UTC start."""
+    dates = _session_dates(index, timeframe)
+    if dates is not None:
+        return [ts.strftime("%Y-%m-%d") for ts in dates]
     if all(ts.hour == 0 and ts.minute == 0 for ts in index):
         return [ts.strftime("%Y-%m-%d") for ts in index]
     return [ts.strftime("%Y-%m-%d %H:%M") for ts in index]
 
 
-def _ticks(index: pd.DatetimeIndex) -> tuple[list[str], list[str]]:
+def _ticks(index: pd.DatetimeIndex, timeframe: str) -> tuple[list[str], list[str]]:
     """Tick positions at calendar boundaries: the finest step giving <= MAX_TICKS ticks."""
-    labels = _x_labels(index)
+    labels = _x_labels(index, timeframe)
+    dates = _session_dates(index, timeframe)
+    if dates is not None:
+        index = dates
     # (key function for the period a bar belongs to, label format)
     steps: list[tuple[Any, str]] = [
         (lambda t: (t.isocalendar()[0], t.isocalendar()[1]), "%b %d"),
@@ -518,3 +729,27 @@ def _fmt_volume(v: Any) -> str:
         if abs(v) >= div:
             return f"{v / div:.2f}{suffix}"
     return f"{v:.0f}"
+
+
+def _right_room(bars: int) -> float:
+    """Empty category slots right of the last candle: ~3 % of the window, at least 2."""
+    return float(max(RIGHT_ROOM_MIN_BARS, math.ceil(bars * RIGHT_ROOM_SHARE)))
+
+
+def _volume_ticks(top: float) -> list[float]:
+    """0 and two or three round steps (1, 2, 2.5, 5 x 10^k) up to `top`: the largest round step
+    that fits twice (the next one up is at most twice as big, so at most three fit)."""
+    if not _finite(top) or top <= 0:
+        return [0.0]
+    half = top / 2
+    magnitude = 10 ** math.floor(math.log10(half))
+    step = max(m * scale for scale in (magnitude / 10, magnitude) for m in (1, 2, 2.5, 5) if m * scale <= half)
+    return [float(step * i) for i in range(int(top // step) + 1)]
+
+
+def _fmt_volume_tick(v: float) -> str:
+    """Compact volume: 0, 500K, 1.2M, 2.5B (no trailing .0)."""
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(v) >= div:
+            return f"{v / div:.2f}".rstrip("0").rstrip(".") + suffix
+    return f"{v:g}"

@@ -28,6 +28,18 @@ _END_OF_SIMULATION = pd.Timestamp("2041-01-01", tz="UTC")
 _TRADING_DAYS_PER_YEAR = 252
 _REGULAR_SESSION_MINUTES = 390.0  # 09:30-16:00 New York
 
+# Price level (USD) each well-known symbol walks around, near where it traded in 2025, so the
+# demo's SPY is not at 45. Other symbols draw a level of 20-500 from their seed. Only the level
+# is fixed: returns, volatility and volume still come from (symbol, seed).
+KNOWN_PRICE_LEVELS: dict[str, float] = {
+    "SPY": 600.0, "QQQ": 520.0, "IWM": 220.0, "DIA": 430.0,
+    "AAPL": 230.0, "MSFT": 420.0, "NVDA": 140.0, "AMZN": 200.0, "GOOG": 175.0, "GOOGL": 175.0,
+    "META": 600.0, "TSLA": 300.0, "AVGO": 300.0, "AMD": 150.0, "INTC": 25.0, "CSCO": 60.0,
+    "ORCL": 200.0, "JPM": 240.0, "V": 340.0, "MA": 560.0, "BRK.B": 480.0, "XOM": 110.0,
+    "CVX": 150.0, "KO": 68.0, "PEP": 150.0, "WMT": 95.0, "COST": 900.0, "HD": 390.0,
+    "DIS": 110.0, "BA": 190.0, "PFE": 25.0, "UNH": 320.0, "LLY": 800.0,
+}  # fmt: skip
+
 # Enough per-symbol paths for a large watchlist; one path is ~10,300 sessions (~0.6 MB).
 _PATH_CACHE_SIZE = 256
 
@@ -88,7 +100,7 @@ def _path(symbol: str, seed: int, timeframe: str) -> _Path:
 def _daily_path(symbol: str, seed: int) -> _Path:
     schedule = _schedule()
     session_minutes = (schedule["close"] - schedule["open"]).dt.total_seconds().to_numpy() / 60.0
-    bars = _simulate_daily_ohlcv(_rng(symbol, seed), session_minutes)
+    bars = _simulate_daily_ohlcv(_rng(symbol, seed), session_minutes, KNOWN_PRICE_LEVELS.get(symbol.upper()))
     frame = pd.DataFrame(bars, index=pd.DatetimeIndex(schedule["open"], name="time"))
     closes = pd.DatetimeIndex(schedule["close"])
     return _Path(frame, closes)
@@ -112,17 +124,20 @@ def _weekly_path(daily: _Path) -> _Path:
     return _Path(bars, pd.DatetimeIndex(weekly["bar_close"]))
 
 
-def _simulate_daily_ohlcv(rng: np.random.Generator, session_minutes: np.ndarray) -> dict[str, np.ndarray]:
+def _simulate_daily_ohlcv(rng: np.random.Generator, session_minutes: np.ndarray,
+                          price_level: float | None = None) -> dict[str, np.ndarray]:
     """A geometric random walk with slow drift regimes, turned into OHLCV bars.
 
-    Per symbol: daily volatility 1-3 %, a starting price of 20-500 and a typical volume.
+    Per symbol: daily volatility 1-3 %, a starting price (`price_level`, else drawn in 20-500)
+    and a typical volume.
     Drift regimes last ~4 months on average, with annual drifts of roughly +-40 %, so some symbols
     trend up, some down and some chop at any date. A weak pull towards the starting price level
     (half-life 1.5 years) keeps 41 years of walk within plausible prices.
     """
     n = len(session_minutes)
     daily_volatility = rng.uniform(0.01, 0.03)
-    start_price = float(np.exp(rng.uniform(np.log(20.0), np.log(500.0))))
+    drawn_price = float(np.exp(rng.uniform(np.log(20.0), np.log(500.0))))  # drawn anyway: same stream after
+    start_price = drawn_price if price_level is None else float(price_level)
     base_volume = float(np.exp(rng.uniform(np.log(2e5), np.log(2e7))))
 
     # Piecewise-constant drift (per session) and a volatility multiplier per regime.

@@ -176,7 +176,7 @@ def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
 
 FIX_HINT = (
     "edit the strategies file at that line; see trading_pipeline/data/strategies.yaml for a "
-    "complete, valid example and README section 'Strategies' for every field"
+    "complete, valid example and docs/strategies.md for every field"
 )
 
 

@@ -83,17 +83,19 @@ class ChartStoreResource(dg.ConfigurableResource):
     s3_bucket: str = "trading-charts"
     s3_prefix: str = ""
     s3_endpoint_url: str | None = None
+    # browser links to charts (chart_store.chart_base_url); None: presigned links (S3 only)
+    base_url: str | None = None
 
     def store(self):
         from trading_pipeline.adapters.chart_store import LocalChartStore, S3ChartStore
 
         if self.mode == "local":
-            return LocalChartStore(Path(self.local_dir))
+            return LocalChartStore(Path(self.local_dir), self.base_url)
         from dagster_aws.s3 import S3Resource
 
         # Credentials and region come from the usual AWS_* variables (boto3's own lookup).
         client = S3Resource(endpoint_url=self.s3_endpoint_url).get_client()
-        return S3ChartStore(client, self.s3_bucket, self.s3_prefix)
+        return S3ChartStore(client, self.s3_bucket, self.s3_prefix, self.base_url)
 
 
 class ChartRendererResource(dg.ConfigurableResource):
@@ -184,6 +186,8 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         from trading_pipeline.adapters.openai_analyst import OpenAISettings
 
         OpenAISettings.from_env(environ)  # a missing key or bad setting stops the load, with the fix
+    from trading_pipeline.adapters.chart_store import chart_base_url
+
     if environ.get("TRADING_DATABASE_URL"):
         config.check_database_url(environ["TRADING_DATABASE_URL"])  # never echoes the URL (password)
     if environ.get("TRADING_AS_OF"):
@@ -209,6 +213,7 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         "analyst": AnalystResource(mode=config.env_mode("TRADING_ANALYST", environ)),
         "chart_store": ChartStoreResource(
             mode=config.env_mode("TRADING_CHART_STORE", environ),
+            base_url=chart_base_url(config.env_mode("TRADING_CHART_STORE", environ), environ),
             local_dir=str(config.data_dir(environ)),  # keys start with charts/
             s3_bucket=environ.get("TRADING_S3_BUCKET", "trading-charts"),
             s3_prefix=environ.get("TRADING_S3_PREFIX", ""),

@@ -13,11 +13,12 @@ import sys
 import threading
 import time
 
+import pandas as pd
 import pytest
 
 from trading_pipeline.adapters import chart_render
 from trading_pipeline.adapters.chart_render import ChartRenderer, find_chromium, png_size
-from trading_pipeline.core.chart_figure import build_chart_figure
+from trading_pipeline.core.chart_figure import ChartFill, build_chart_figure, build_decision_figure
 from trading_pipeline.errors import ChartRenderError
 from trading_pipeline_tests.core.test_chart_figure import AS_OF, make_indicator_frame
 
@@ -154,6 +155,24 @@ def test_renders_three_figures_in_one_session(renderer, figures):
     assert renderer.browser_pid == pid and renderer.starts == 1
     # the renderer is offline and the browser is not sandboxed (we run as root here)
     assert renderer.offline
+
+
+@needs_chromium
+def test_decision_charts_render(renderer):
+    """The decision chart (zones, levels, fills in a slot after the last bar) and the no-trade
+    variant are valid figures for plotly.js: PNGs of the requested size."""
+    frame = make_indicator_frame(300, "1d")
+    last = float(frame["close"].iloc[-1])
+    fill_day = (frame.index[-1] + pd.Timedelta(days=1, hours=15)).to_pydatetime()
+    trade = build_decision_figure(frame, "AAPL", AS_OF, action="BUY", entry=last, stop=last * 0.96,
+                                  targets=[last * 1.08], r_multiple=2.0, width=1280, height=720,
+                                  fills=[ChartFill(fill_day, last, "BUY", 100, "entry")])
+    no_trade = build_decision_figure(frame, "AAPL", AS_OF, action="NO_TRADE", entry=None, stop=None,
+                                     targets=[], r_multiple=None, width=1280, height=720)
+    pngs = renderer.render_many([trade, no_trade])
+    assert [png_size(p) for p in pngs] == [(1280, 720), (1280, 720)]
+    assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    assert pngs[0] != pngs[1]
 
 
 @needs_chromium

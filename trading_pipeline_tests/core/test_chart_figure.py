@@ -12,7 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trading_pipeline.core.chart_figure import REQUIRED_COLUMNS, ST_DOWN, ST_UP, build_chart_figure
+from trading_pipeline.core.chart_figure import (
+    REQUIRED_COLUMNS,
+    ST_DOWN,
+    ST_UP,
+    ChartFill,
+    build_chart_figure,
+    build_decision_figure,
+)
 from trading_pipeline.errors import BarDataError
 
 AS_OF = datetime(2025, 6, 2, 21, 37, 12, tzinfo=UTC)
@@ -196,7 +203,8 @@ def test_x_range_covers_exactly_last_bars(daily, weekly, timeframe, expected):
             assert set(trace.x) <= set(want), trace.name
             continue
         assert list(trace.x) == want, trace.name
-    assert tuple(fig.layout.xaxis.range) == (-0.5, expected - 0.5)
+    start, end = fig.layout.xaxis.range
+    assert start == -0.5 and expected - 0.5 + 2 <= end <= expected - 0.5 + 0.04 * expected + 1
     assert fig.layout.xaxis.type == "category"
     assert list(fig.layout.xaxis.categoryarray) == want
     candles = _trace(fig, "OHLC")
@@ -206,7 +214,7 @@ def test_x_range_covers_exactly_last_bars(daily, weekly, timeframe, expected):
 def test_bars_shown_override_and_short_history(daily):
     fig = build_chart_figure(daily, "MSFT", "1d", AS_OF, bars_shown=30)
     assert len(_trace(fig, "OHLC").x) == 30
-    assert tuple(fig.layout.xaxis.range) == (-0.5, 29.5)
+    assert tuple(fig.layout.xaxis.range) == (-0.5, 31.5)  # 2 empty slots after the last candle
     short = daily.iloc[:40]  # fewer bars than bars_shown: draw them all (SMA 200 all NaN)
     fig = build_chart_figure(short, "MSFT", "1d", AS_OF)
     assert len(_trace(fig, "OHLC").x) == 40
@@ -307,3 +315,173 @@ def test_low_priced_instrument_gets_four_decimals(daily):
     texts = _annotation_texts(fig)
     assert f"close {last['close']:.4f}" in texts and f"ATR {last['atr_14']:.4f}" in texts
     assert fig.layout.yaxis.tickformat == ".4f"
+
+
+# ---- dates, room and volume ticks ------------------------------------------------------
+
+
+def _at_session_open(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with bars stamped like IBKR and the simulated market do: the session's open in UTC."""
+    out = frame.copy()
+    out.index = out.index + pd.Timedelta(hours=14, minutes=30)
+    return out
+
+
+@pytest.mark.parametrize("timeframe", ["1d", "1w"])
+def test_daily_and_weekly_bars_are_labelled_with_dates_not_utc_times(daily, weekly, timeframe):
+    frame = _at_session_open(daily if timeframe == "1d" else weekly)
+    fig = build_chart_figure(frame, "AAPL", timeframe, AS_OF)
+    shown = frame.index[-len(_trace(fig, "OHLC").x):]
+    dates = [ts.strftime("%Y-%m-%d") for ts in shown]
+    assert list(fig.layout.xaxis.categoryarray) == dates
+    assert list(_trace(fig, "OHLC").x) == dates
+    assert set(fig.layout.xaxis5.tickvals) <= set(dates)
+    assert "14:30" not in fig.layout.title.text
+    assert f"{dates[0]} → {dates[-1]}" in fig.layout.title.text
+
+
+def test_session_date_is_new_yorks_date_not_utcs():
+    # a bar starting at 01:00 UTC belongs to the previous evening's session in New York
+    frame = make_indicator_frame(60, "1d")
+    frame.index = frame.index + pd.Timedelta(hours=1)
+    fig = build_chart_figure(frame, "AAPL", "1d", AS_OF)
+    expected = (frame.index[-1] - pd.Timedelta(days=1)).strftime("%Y-%m-%d")
+    assert fig.layout.xaxis.categoryarray[-1] == expected
+
+
+def test_intraday_bars_keep_their_utc_time(daily):
+    frame = _at_session_open(daily)
+    fig = build_chart_figure(frame, "AAPL", "1h", AS_OF)
+    assert fig.layout.xaxis.categoryarray[-1] == frame.index[-1].strftime("%Y-%m-%d %H:%M")
+
+
+def test_room_right_of_the_last_candle(daily):
+    fig = build_chart_figure(daily, "AAPL", "1d", AS_OF)
+    assert fig.layout.xaxis.range[1] - (150 - 0.5) == 5  # 3 % of 150 bars, rounded up
+    fig = build_chart_figure(daily, "AAPL", "1d", AS_OF, right_room=20)
+    assert fig.layout.xaxis.range[1] == 169.5
+
+
+def test_volume_axis_has_round_compact_ticks(daily):
+    for scale, texts in ((1.0, None), (40.0, None), (0.001, None)):
+        frame = daily.copy()
+        frame["volume"] = frame["volume"] * scale
+        fig = build_chart_figure(frame, "AAPL", "1d", AS_OF)
+        axis = fig.layout.yaxis2
+        assert axis.tickmode == "array"
+        values, texts = list(axis.tickvals), list(axis.ticktext)
+        top = axis.range[1]
+        assert values[0] == 0 and len(values) in (3, 4) and values[-1] <= top  # two or three steps
+        step = values[1]
+        mantissa = step / 10 ** np.floor(np.log10(step))
+        assert round(mantissa, 6) in (1, 2, 2.5, 5)
+        assert all(re.fullmatch(r"0|\d+(\.\d+)?[KMB]?", t) for t in texts), texts
+    fig = build_chart_figure(daily, "AAPL", "1d", AS_OF)
+    vmax = fig.layout.yaxis2.range[1]
+    assert vmax > 1e6  # lognormal(14, .4): millions
+    assert any(t.endswith("M") for t in fig.layout.yaxis2.ticktext)
+
+
+# ---- decision chart -------------------------------------------------------------------
+
+
+def _shapes(fig, kind):
+    return [s for s in fig.layout.shapes if s.type == kind]
+
+
+def _level_labels(fig) -> list[str]:
+    return [re.sub(r"<[^>]+>", "", a.text) for a in fig.layout.annotations if a.xref == "x"]
+
+
+def test_buy_decision_draws_zones_levels_and_r():
+    frame = _at_session_open(make_indicator_frame(300, "1d"))
+    last = float(frame["close"].iloc[-1])
+    entry, stop, target = round(last, 2), round(last * 0.95, 2), round(last * 1.10, 2)
+    fig = build_decision_figure(frame, "AAPL", AS_OF, action="BUY", entry=entry, stop=stop,
+                                targets=[target, round(last * 1.2, 2)], r_multiple=2.0)
+    rects = _shapes(fig, "rect")
+    risk = [r for r in rects if "239, 83, 80" in r.fillcolor]
+    reward = [r for r in rects if "38, 166, 154, 0.16" in r.fillcolor]
+    assert len(risk) == 1 and (risk[0].y0, risk[0].y1) == (entry, stop)
+    assert len(reward) == 1 and (reward[0].y0, reward[0].y1) == (entry, target)
+    # the zones start at the last candle and run to the right edge of the room after it
+    assert risk[0].x0 == 149 and risk[0].x1 == fig.layout.xaxis.range[1]  # 150 bars shown
+    assert fig.layout.xaxis.range[1] - 149.5 >= 12
+    labels = _level_labels(fig)
+    assert f"BUY entry {entry:.2f}" in labels
+    assert any(t.startswith(f"stop {stop:.2f}") and "−1R" in t for t in labels)
+    assert any(t.startswith(f"target 1 {target:.2f}") and t.endswith("+2.00R") for t in labels)
+    assert any(t.startswith("target 2 ") and t.endswith("+4.00R") for t in labels)
+    lines = {round(s.y0, 2) for s in _shapes(fig, "line") if s.line.dash == "dash" and s.yref == "y"}
+    assert {entry, stop, target} <= lines
+    lo, hi = fig.layout.yaxis.range
+    assert lo < stop and hi > last * 1.2
+    title = fig.layout.title.text
+    assert "AAPL" in title and "BUY" in title and "R <b>2.00</b>" in title
+    assert list(fig.layout.xaxis.categoryarray)[-1] == frame.index[-1].strftime("%Y-%m-%d")
+
+
+def test_sell_decision_zones_point_the_other_way(daily):
+    last = float(daily["close"].iloc[-1])
+    fig = build_decision_figure(daily, "AAPL", AS_OF, action="SELL", entry=last, stop=last * 1.04,
+                                targets=[last * 0.9], r_multiple=2.5)
+    risk = next(r for r in _shapes(fig, "rect") if "239, 83, 80" in r.fillcolor)
+    reward = next(r for r in _shapes(fig, "rect") if "38, 166, 154, 0.16" in r.fillcolor)
+    assert risk.y1 > risk.y0 and reward.y1 < reward.y0
+    assert any(t.endswith("+2.50R") for t in _level_labels(fig))
+
+
+@pytest.mark.parametrize("action", ["NO_TRADE", "HOLD"])
+def test_no_trade_and_hold_have_no_levels_and_say_so(daily, action):
+    fig = build_decision_figure(daily, "AAPL", AS_OF, action=action, entry=None, stop=None, targets=[],
+                                r_multiple=None)
+    plain = build_chart_figure(daily, "AAPL", "1d", AS_OF)
+    assert len(fig.layout.shapes) == len(plain.layout.shapes)  # nothing drawn beyond the chart
+    assert _level_labels(fig) == []
+    assert f"decision <b>{action}</b>: no trade, no levels" in fig.layout.title.text
+    assert fig.layout.yaxis.range == plain.layout.yaxis.range
+
+
+def test_action_enum_is_accepted(daily):
+    from trading_pipeline.core.analysis import Action
+
+    fig = build_decision_figure(daily, "AAPL", AS_OF, action=Action.NO_TRADE, entry=101.0, stop=99.0,
+                                targets=[110.0], r_multiple=None)
+    assert "NO_TRADE" in fig.layout.title.text and _level_labels(fig) == []
+
+
+def test_trade_without_stop_draws_no_levels(daily):
+    fig = build_decision_figure(daily, "AAPL", AS_OF, action="BUY", entry=101.0, stop=None, targets=[110.0],
+                                r_multiple=None)
+    assert _level_labels(fig) == [] and "without entry and stop" in fig.layout.title.text
+
+
+def test_fills_are_marked_at_their_session_and_price():
+    frame = _at_session_open(make_indicator_frame(300, "1d"))
+    last_date = frame.index[-1]
+    inside = frame.index[-10] + pd.Timedelta(minutes=5)
+    after = last_date + pd.Timedelta(days=3, hours=2)  # a session after the chart's last bar
+    before = frame.index[0]  # outside the 150-bar window: not drawn
+    fills = [ChartFill(after.to_pydatetime(), 120.5, "SELL", 204, "target"),
+             ChartFill(inside.to_pydatetime(), 101.25, "BUY", 204, "entry"),
+             ChartFill(before.to_pydatetime(), 99.0, "BUY", 1)]
+    last = float(frame["close"].iloc[-1])
+    fig = build_decision_figure(frame, "AAPL", AS_OF, action="BUY", entry=last, stop=last - 3, targets=[last + 6],
+                                r_multiple=2.0, fills=fills)
+    buys, sells = _trace(fig, "buy fill"), _trace(fig, "sell fill")
+    assert list(buys.x) == [inside.strftime("%Y-%m-%d")] and list(buys.y) == [101.25]
+    assert buys.text[0].startswith("entry BUY 204 @ 101.25")
+    assert list(sells.x) == [after.strftime("%Y-%m-%d")] and list(sells.y) == [120.5]
+    assert buys.marker.symbol == "triangle-up" and sells.marker.symbol == "triangle-down"
+    # the later session got a slot of its own after the last bar, on every panel's axis
+    categories = list(fig.layout.xaxis.categoryarray)
+    assert categories[-1] == after.strftime("%Y-%m-%d") and categories[-2] == last_date.strftime("%Y-%m-%d")
+    assert list(fig.layout.xaxis5.categoryarray) == categories
+    lo, hi = fig.layout.yaxis.range
+    assert lo < 101.25 and hi > 120.5
+
+
+def test_decision_chart_of_an_empty_frame_is_a_bar_data_error(daily):
+    with pytest.raises(BarDataError) as info:
+        build_decision_figure(daily.iloc[:0], "AAPL", AS_OF, action="BUY", entry=1.0, stop=0.9, targets=[1.2])
+    assert "no bars" in str(info.value) and info.value.fix

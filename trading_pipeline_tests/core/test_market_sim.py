@@ -255,12 +255,34 @@ def test_bars_are_consistent_and_plausible(symbol):
     assert (bars["volume"] > 0).all()
 
     first_close = bars["close"].iloc[0]
-    assert 15 <= first_close <= 650  # starts around 20-500
+    level = market_sim.KNOWN_PRICE_LEVELS[symbol]
+    assert 0.85 * level <= first_close <= 1.15 * level  # starts at the symbol's level
     log_returns = np.diff(np.log(bars["close"].to_numpy()))
     assert 0.008 <= log_returns.std() <= 0.045  # daily volatility of about 1-3 %
     gaps = np.log(bars["open"].to_numpy()[1:] / bars["close"].to_numpy()[:-1])
     assert np.abs(gaps).mean() < np.abs(log_returns).mean()  # opens near the previous close
     assert bars["close"].max() / bars["close"].min() < 200  # no runaway prices over 41 years
+
+
+def test_known_symbols_trade_near_their_real_level_and_others_in_20_to_500():
+    as_of = utc("2026-01-28 22:00")
+    for symbol, level in (("SPY", 600), ("QQQ", 520), ("AAPL", 230), ("NVDA", 140), ("KO", 68)):
+        closes = simulate_bars(symbol, "1d", as_of - pd.Timedelta(days=365), as_of)["close"]
+        assert 0.4 * level <= closes.min() and closes.max() <= 2.5 * level, (symbol, closes.min(), closes.max())
+    assert simulate_bars("spy", "1d", as_of - pd.Timedelta(days=30), as_of)["close"].iloc[-1] > 200
+    for symbol in ("ZZZT", "ACME"):  # unknown: a level drawn from the seed
+        first = simulate_bars(symbol, "1d", utc("2000-01-01"), utc("2000-02-01"))["close"].iloc[0]
+        assert 15 <= first <= 650
+
+
+def test_a_known_level_only_rescales_the_walk():
+    """The level changes prices, not the walk: returns are the same as with the drawn level."""
+    session_minutes = np.full(300, 390.0)
+    drawn = market_sim._simulate_daily_ohlcv(market_sim._rng("SPY", 0), session_minutes)
+    fixed = market_sim._simulate_daily_ohlcv(market_sim._rng("SPY", 0), session_minutes, 600.0)
+    ratio = fixed["close"] / drawn["close"]
+    assert ratio.std() / ratio.mean() < 0.01  # same path up to rounding to cents
+    np.testing.assert_array_equal(fixed["volume"], drawn["volume"])
 
 
 def test_early_close_sessions_trade_less():

@@ -202,7 +202,9 @@ def _start(tmp: Path, processes: ProcessSet, admin, admin_url, dagster_db: str, 
     s3_endpoint = f"http://127.0.0.1:{s3_port}"
     s3_env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "deploy-test",
               "AWS_SECRET_ACCESS_KEY": "deploy-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
-              "TRADING_S3_BUCKET": BUCKET}
+              "TRADING_S3_BUCKET": BUCKET,
+              # as compose sets it: chart links at the bucket's URL, charts/ readable without credentials
+              "TRADING_CHART_BASE_URL": f"{s3_endpoint}/{BUCKET}"}
     bucket_argv = local_command(services["create-bucket"]["command"],
                                 {"/opt/dagster/app/deploy": str(REPO / "deploy")})
     for attempt in ("first", "again"):

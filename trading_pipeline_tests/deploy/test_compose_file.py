@@ -31,6 +31,7 @@ NOT_PASSED_TO_USER_CODE = {
     "TRADING_CSV_DIR": "a host folder: mount it with an override file (README: Production with docker compose)",
     "BROWSER_PATH": "the image sets it (Debian's chromium)",
     "TRADING_POSTGRES_DB": "compose only: names the trading database inside TRADING_DATABASE_URL",
+    "TRADING_CHART_SERVER_PORT": "the loopback chart server is for a laptop (make dev); compose links to MinIO",
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY", re.IGNORECASE)
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?P<op>:?[-?+])?(?P<arg>[^}]*)\}")
@@ -43,11 +44,8 @@ def compose() -> dict:
 
 
 def env_example_variables() -> set[str]:
-    names = set()
-    for line in (REPO / ".env.example").read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            names.add(line.split("=", 1)[0].strip())
-    return names
+    """Every variable .env.example documents (as `# NAME=default`, commented out)."""
+    return set(re.findall(r"^# ?([A-Z][A-Z0-9_]+)=", (REPO / ".env.example").read_text(), re.MULTILINE))
 
 
 # --- the official schema -------------------------------------------------------------------------
@@ -135,6 +133,29 @@ def test_no_literal_secrets(compose):
     assert "${POSTGRES_PASSWORD:?" in url
     # The only password-like literal is the gateway keystore's public default, outside this file.
     assert "mywebapi" not in COMPOSE_FILE.read_text()
+
+
+def test_a_copy_of_env_example_leaves_the_required_secrets_unset():
+    """`cp .env.example .env` sets no password: compose's ${VAR:?...} refuses to start until the
+    user sets their own (there is no default password to forget to change)."""
+    from dotenv import dotenv_values
+
+    text = COMPOSE_FILE.read_text()
+    required = {m["name"] for m in INTERPOLATION.finditer(text) if m["op"] == ":?"}
+    assert {"POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= required
+    copied = dotenv_values(REPO / ".env.example")
+    assert not required & {name for name, value in copied.items() if value}
+    assert not re.search(r"(?i)changeme|password=\S", (REPO / ".env.example").read_text())
+    assert required <= env_example_variables()  # ... and each is documented, to uncomment
+
+
+def test_chart_links_point_at_the_published_minio_bucket(compose):
+    services = compose["services"]
+    link = "${TRADING_CHART_BASE_URL:-http://127.0.0.1:9000/${TRADING_S3_BUCKET:-trading-charts}}"
+    assert services["user_code"]["environment"]["TRADING_CHART_BASE_URL"] == link
+    assert services["create-bucket"]["environment"]["TRADING_CHART_BASE_URL"] == link  # makes charts/ readable
+    assert services["create-bucket"]["environment"]["TRADING_S3_PREFIX"] == "${TRADING_S3_PREFIX:-}"
+    assert "${BIND_ADDRESS:-127.0.0.1}:9000:9000" in services["minio"]["ports"]
 
 
 def test_secrets_reach_only_the_services_that_need_them(compose):
@@ -267,6 +288,12 @@ def test_docker_compose_profile_and_bind_address(docker_compose, tmp_path):
     services = json.loads(result.stdout)["services"]
     assert "ibkr-gateway" not in services  # only with --profile ibkr
     assert {p["host_ip"] for s in services.values() for p in s.get("ports", [])} == {"192.0.2.10"}
+
+
+def test_docker_compose_refuses_a_fresh_copy_of_env_example(docker_compose, tmp_path):
+    result = compose_config(docker_compose, tmp_path, (REPO / ".env.example").read_text().splitlines())
+    assert result.returncode != 0
+    assert "set POSTGRES_PASSWORD in .env" in result.stderr or "set AWS_" in result.stderr
 
 
 @pytest.mark.parametrize("missing", ["POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])

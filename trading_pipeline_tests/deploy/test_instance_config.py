@@ -1,5 +1,5 @@
 """Both Dagster instance files load for real: deploy/dagster.yaml (docker compose) against the
-test PostgreSQL, and the top-level dagster.yaml (laptop) with no PostgreSQL at all."""
+test PostgreSQL, and deploy/local/dagster.yaml (laptop) with no PostgreSQL at all."""
 
 from __future__ import annotations
 
@@ -42,12 +42,14 @@ def test_compose_instance_is_postgres_with_queue_limits_and_run_retries(deployme
 
 
 def test_laptop_instance_loads_without_postgres(tmp_path):
-    """`make dev` copies the top-level dagster.yaml into DAGSTER_HOME, and `dagster dev` also reads
-    it from the repository root (dagster-notes.md, section 3): it must never need PostgreSQL."""
-    text = (REPO / "dagster.yaml").read_text()
+    """`make demo` and `make dev` copy deploy/local/dagster.yaml into DAGSTER_HOME: it must never
+    need PostgreSQL. It is not at the repository root, where Dagster would read it when run without
+    DAGSTER_HOME and warn about it when run with one (dagster-notes.md, section 3)."""
+    assert not (REPO / "dagster.yaml").exists()
+    text = (REPO / "deploy/local/dagster.yaml").read_text()
     settings = yaml.safe_load(text)
     assert "postgres" not in json.dumps(settings).lower()  # comments may mention it; settings may not
-    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    shutil.copy(REPO / "deploy/local/dagster.yaml", tmp_path / "dagster.yaml")
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         assert isinstance(instance.run_storage, SqliteRunStorage)
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)

@@ -198,6 +198,9 @@ def test_setup_steps_are_idempotent(deployment):
     assert "CREATE DATABASE" not in deployment.setup_output["postgres-init again"]
     assert "created" in deployment.setup_output["create-bucket first"]
     assert "already exists" in deployment.setup_output["create-bucket again"]
+    # The chart links (TRADING_CHART_BASE_URL) work without credentials: charts/ only is public-read.
+    assert f"chart PNGs readable at {deployment.s3_endpoint}/{BUCKET}/charts/*" in \
+        deployment.setup_output["create-bucket first"]
     engine = sa.create_engine(deployment.trading_db_url)
     try:
         with engine.connect() as connection:

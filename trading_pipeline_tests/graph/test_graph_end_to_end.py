@@ -268,12 +268,14 @@ def test_demo_in_the_past_syncs_up_to_now_and_tells_what_became_of_the_order(dem
     out = capsys.readouterr().out
     spy_row = next(line for line in out.splitlines() if line.startswith("SPY ") and "BUY→BUY" in line)
     assert " submitted " in spy_row  # placed, not filled
+    # the chart link is one the browser opens: the chart server `make dev` starts
+    assert spy_row.rstrip().endswith("http://127.0.0.1:3001/charts/SPY/1d/2026-09-01T213000Z.png")
     assert "What became of the paper orders (daily bars from the session of 2026-09-02 up to now" in out
-    # SPY's limit 48.84 was traded on Wednesday (low 48.53) and the target 51.87 on 2026-10-26.
+    # SPY's limit 825.71 was traded on Wednesday and the target 876.96 on 2026-10-26.
     story = next(line for line in out.splitlines() if line.startswith("SPY ") and "filled" in line)
-    assert story.split() == ["SPY", "BUY", "204", "filled", "@", "48.84", "on", "2026-09-02", "target", "hit", "@",
-                             "51.87", "on", "2026-10-26", "1.50", "+618.12"]
-    assert "Paper account: equity 100,618.12, cash 100,618.12, 0 open position(s)." in out
+    assert story.split() == ["SPY", "BUY", "12", "filled", "@", "825.71", "on", "2026-09-02", "target", "hit", "@",
+                             "876.96", "on", "2026-10-26", "1.50", "+615.00"]
+    assert "Paper account: equity 100,615.00, cash 100,615.00, 0 open position(s)." in out
 
 
 def test_demo_before_the_first_session_closed_says_how_to_see_the_fills(demo_environment, capsys, monkeypatch):

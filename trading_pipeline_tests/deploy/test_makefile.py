@@ -1,0 +1,136 @@
+"""The Makefile's commands: what `make demo` and `make test` install, and `make dev` for real
+(the Dagster UI through `dg dev` plus the chart server, both stopped by one Ctrl-C).
+
+`make dev` runs against a stand-in virtualenv folder whose python and dg exec the test's own
+interpreter's, with the install stamps already made, so nothing is installed here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from trading_pipeline.adapters.chart_store import LocalChartStore
+from trading_pipeline_tests.deploy.processes import ProcessSet, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PNG = b"\x89PNG\r\n\x1a\n" + b"chart" * 50
+TEST_TOOLS = ("pytest", "moto", "playwright", "ruff", "check-jsonschema")
+
+
+def _dry_run(target: str, venv: Path) -> str:
+    """The commands `make <target>` would run for a fresh checkout (nothing installed yet)."""
+    result = subprocess.run(["make", "-n", "-C", str(REPO), target, f"VENV={venv}"],
+                            capture_output=True, text=True, check=True, timeout=60)
+    return result.stdout
+
+
+def test_demo_installs_the_package_without_test_tools(tmp_path):
+    demo = _dry_run("demo", tmp_path / "venv")
+    installs = [line for line in demo.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert installs == [f"{tmp_path / 'venv'}/bin/pip install -q -e ."], installs
+    assert "[test]" not in demo
+    dev = _dry_run("dev", tmp_path / "venv")
+    assert "[test]" not in dev and "pip install -q -e ." in dev
+    test = _dry_run("test", tmp_path / "venv")
+    assert "pip install -q -e '.[test]'" in test and "-m pytest" in test
+
+
+def test_test_tools_are_an_extra_not_dependencies():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    dependencies = " ".join(project["dependencies"]).lower()
+    extra = " ".join(project["optional-dependencies"]["test"]).lower()
+    for tool in TEST_TOOLS:
+        assert tool in extra and tool not in dependencies, tool
+    assert "dagster-dg-cli" in dependencies  # `dg dev` is what make dev runs
+
+
+def test_one_code_location_name_everywhere():
+    import yaml
+
+    name = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dagster"]["code_location_name"]
+    for workspace in ("workspace.yaml", "deploy/workspace.yaml"):
+        entries = yaml.safe_load((REPO / workspace).read_text())["load_from"]
+        assert [next(iter(e.values()))["location_name"] for e in entries] == [name], workspace
+    makefile = (REPO / "Makefile").read_text()
+    assert "dg dev -w workspace.yaml" in makefile and "dagster dev" not in makefile.replace("`dagster dev`", "")
+
+
+def _stand_in_venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, target in (("python", sys.executable), ("dg", str(BIN / "dg"))):
+        script = venv / "bin" / name
+        script.write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
+        script.chmod(0o755)
+    for stamp in (".created", ".installed-demo"):
+        (venv / stamp).touch()
+    future = time.time() + 3600  # newer than pyproject.toml, so make installs nothing
+    os.utime(venv / ".installed-demo", (future, future))
+    return venv
+
+
+def _wait_for(check, what: str, procs: ProcessSet, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        procs.assert_running("make")
+        try:
+            result = check()
+            if result:
+                return result
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not ready after {timeout:.0f} s:\n{procs.log_tail('make')}")
+        time.sleep(0.5)
+
+
+@pytest.mark.skipif(not (BIN / "dg").exists(), reason="dagster-dg-cli is not installed (pip install -e .)")
+def test_make_dev_serves_the_ui_and_the_charts_and_ctrl_c_stops_both(tmp_path):
+    venv = _stand_in_venv(tmp_path)
+    data = tmp_path / "trading"
+    key = "charts/SPY/1d/2026-01-28T210000Z.png"
+    LocalChartStore(data).put_png(key, PNG)
+    ui_port, chart_port = free_port(), free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "TRADING_DATA_DIR": str(data),
+           "TRADING_CHART_SERVER_PORT": str(chart_port), "PYTHONPATH": str(REPO)}
+    env.pop("MAKEFLAGS", None)
+    procs = ProcessSet(tmp_path / "logs")
+    make = procs.start("make", ["make", "-C", str(REPO), "dev", f"VENV={venv}", f"DAGSTER_PORT={ui_port}"], env)
+    try:
+        chart = _wait_for(lambda: httpx.get(f"http://127.0.0.1:{chart_port}/{key}", timeout=2), "chart server", procs)
+        assert chart.status_code == 200 and chart.headers["content-type"] == "image/png" and chart.content == PNG
+        query = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
+
+        def locations():
+            response = httpx.post(f"http://127.0.0.1:{ui_port}/graphql", json={"query": query}, timeout=5)
+            entries = response.json()["data"]["workspaceOrError"]["locationEntries"]
+            return entries if entries and all(e["loadStatus"] == "LOADED" for e in entries) else None
+
+        assert [e["name"] for e in _wait_for(locations, "Dagster UI", procs)] == ["trading_pipeline"]
+        assert (tmp_path / "home" / "dagster.yaml").read_text() == (REPO / "deploy/local/dagster.yaml").read_text()
+
+        os.killpg(make.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+        make.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while procs.survivors() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert procs.survivors() == [], procs.log_tail("make")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{chart_port}/{key}", timeout=2)
+        log = (tmp_path / "logs" / "make.log").read_text(errors="replace")
+        assert "superseded" not in log  # `dagster dev` would print "dev_command is superseded"
+        assert "Found a dagster instance configuration" not in log
+        assert f"chart server: http://127.0.0.1:{chart_port}/charts/" in log
+        assert "Error 130" not in log and "***" not in log  # Ctrl-C is how it stops, not an error
+    finally:
+        procs.kill_all()
