@@ -187,17 +187,19 @@ def test_bad_edit_after_a_good_load_keeps_the_last_good_file(tmp_path, monkeypat
     partitions._load.cache_clear()
     assert partitions._load(str(path)).symbols() == ["SPY", "AAPL", "MSFT"]  # reload keeps the location up
     # ... and the UI says so: the strategies asset carries the rejection with its line and fix.
-    monkeypatch.setenv("TRADING_STRATEGIES_FILE", str(path))
-    defs = build_definitions(partitions.strategies(), resources_from_env({"TRADING_DATA_DIR": str(tmp_path)}))
-    spec = defs.resolve_assets_def("strategies").specs_by_key[dg.AssetKey("strategies")]
-    assert spec.description.startswith("⚠ THE LAST EDIT OF THE STRATEGIES FILE WAS REJECTED")
-    assert f"{path}:1" in spec.metadata["rejected_edit"].value and "Fix:" in spec.metadata["rejected_edit"].value
-    assert "| max open positions / gross exposure |" in spec.metadata["strategies"].value
-    path.write_text(STRATEGIES_TEXT)  # fixed: the warning goes away on the next reload
-    partitions._load.cache_clear()
-    defs = build_definitions(partitions.strategies(), resources_from_env({"TRADING_DATA_DIR": str(tmp_path)}))
-    spec = defs.resolve_assets_def("strategies").specs_by_key[dg.AssetKey("strategies")]
-    assert "rejected_edit" not in spec.metadata and not spec.description.startswith("⚠")
+    # (under a live instance: an earlier test leaves a disposed one's storage in Dagster's context)
+    with dg.instance_for_test():
+        monkeypatch.setenv("TRADING_STRATEGIES_FILE", str(path))
+        defs = build_definitions(partitions.strategies(), resources_from_env({"TRADING_DATA_DIR": str(tmp_path)}))
+        spec = defs.resolve_assets_def("strategies").specs_by_key[dg.AssetKey("strategies")]
+        assert spec.description.startswith("⚠ THE LAST EDIT OF THE STRATEGIES FILE WAS REJECTED")
+        assert f"{path}:1" in spec.metadata["rejected_edit"].value and "Fix:" in spec.metadata["rejected_edit"].value
+        assert "| max open positions / gross exposure |" in spec.metadata["strategies"].value
+        path.write_text(STRATEGIES_TEXT)  # fixed: the warning goes away on the next reload
+        partitions._load.cache_clear()
+        defs = build_definitions(partitions.strategies(), resources_from_env({"TRADING_DATA_DIR": str(tmp_path)}))
+        spec = defs.resolve_assets_def("strategies").specs_by_key[dg.AssetKey("strategies")]
+        assert "rejected_edit" not in spec.metadata and not spec.description.startswith("⚠")
     partitions._load.cache_clear()
 
 

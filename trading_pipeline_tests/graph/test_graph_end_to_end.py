@@ -55,8 +55,13 @@ def run_symbol(defs, instance, symbol):
 
 
 @pytest.fixture
-def environment(tmp_path):
-    return {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_ORDERS_ENABLED": "yes"}
+def environment(tmp_path, monkeypatch):
+    """A paper deployment with orders on whose clock is AS_OF (the switches and the clock are read
+    from the environment when an order is sent, so they are set there, not only in the resources)."""
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "yes")
+    monkeypatch.setenv("TRADING_AS_OF", AS_OF)
+    monkeypatch.delenv("TRADING_KILL_SWITCH", raising=False)
+    return {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_ORDERS_ENABLED": "yes", "TRADING_AS_OF": AS_OF}
 
 
 def test_whole_graph_two_symbols(environment, tmp_path):
