@@ -15,6 +15,7 @@ from trading_pipeline.adapters.records import record_decision, sent_decision
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, PaperOrderRow, session_factory
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
+from trading_pipeline.core.risk import Mark
 
 AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)  # a Tuesday, after the close
 # Wednesday's session, stamped with its open as every source stamps daily bars: trades through 100.
@@ -60,7 +61,7 @@ def test_submit_records_then_rerun_sends_nothing_and_later_bars_fill(database_ur
         assert session.get(OrderRow, "tp-d1-sl").status == "PreSubmitted"  # waits for the entry to fill
 
     assert broker.simulate_fills({"AAPL": WEDNESDAY}) == ["tp-d1 BUY 50 AAPL filled at 100.00 on the bar of 2026-09-02"]
-    report = sync_portfolio(sessions, broker, {"AAPL": 100.8})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(100.8)})
     assert report.new_executions == 1 and report.drift == []
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(ExecutionRow)) == 1

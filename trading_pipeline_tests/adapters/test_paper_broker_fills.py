@@ -17,7 +17,7 @@ from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, sessio
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
 from trading_pipeline.core.orders import build_legs
-from trading_pipeline.core.risk import WorkingEntry
+from trading_pipeline.core.risk import Mark, WorkingEntry
 
 # 2026-09-01 is a Tuesday; 21:30 UTC is 17:30 in New York, after the close.
 TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
@@ -123,11 +123,13 @@ def test_gap_down_open_fills_a_buy_limit_at_the_open(database_url):
     assert account.cash == pytest.approx(100_000 - 50 * 97.0)
     assert account.positions["AAPL"].average_price == 97.0
 
-    report = sync_portfolio(sessions, broker, {"AAPL": 99.0})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)})
     assert report.new_executions == 1
-    assert report.trades == [{"decision_id": "gapdown", "symbol": "AAPL", "side": "BUY", "quantity": 50,
-                              "entry": 97.0, "exit": None, "status": "open", "realized_pnl": 0.0,
-                              "r_multiple": None}]
+    (trade,) = report.trades
+    assert {key: trade[key] for key in ("decision_id", "symbol", "side", "quantity", "entry", "exit", "status",
+                                        "realized_pnl", "r_multiple")} == {
+        "decision_id": "gapdown", "symbol": "AAPL", "side": "BUY", "quantity": 50, "entry": 97.0, "exit": None,
+        "status": "open", "realized_pnl": 0.0, "r_multiple": None}
 
 
 def test_gap_up_that_never_comes_back_expires_the_day_entry_with_its_children(database_url):
@@ -152,7 +154,7 @@ def test_gap_up_that_never_comes_back_expires_the_day_entry_with_its_children(da
     assert broker.find_order("tp-gapup").detail == reason
     assert broker.find_order("tp-gapup-sl").detail == f"cancelled with its parent tp-gapup: {reason}"
 
-    report = sync_portfolio(sessions, broker, {"AAPL": 100.5})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(100.5)})
     assert f"tp-gapup: Submitted → Cancelled (filled 0/50): {reason}" in report.status_changes
     assert report.trades == [] and report.account.positions == {} and report.drift == []
     with sessions() as session:
@@ -234,7 +236,7 @@ def test_bracket_stop_first_on_an_ambiguous_bar_and_realized_r(database_url):
         "tp-bracket-sl SELL 50 AAPL filled at 96.00 on the bar of 2026-09-03",
         "tp-bracket-tp cancelled (one-cancels-other)"]
     assert broker.find_order("tp-bracket-tp").detail == "one-cancels-other: tp-bracket-sl filled"
-    report = sync_portfolio(sessions, broker, {"AAPL": 101.0})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(101.0)})
     (trade,) = report.trades
     assert (trade["entry"], trade["exit"], trade["status"], trade["realized_pnl"], trade["r_multiple"]) == (
         100.0, 96.0, "closed", -200.0, -1.0)
@@ -318,7 +320,7 @@ def open_long(sessions, decision_id="long"):
     submit(sessions, decision(decision_id, TUESDAY_AFTER_CLOSE))
     broker = PaperBroker(sessions, 100_000.0)
     broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5)}))
-    sync_portfolio(sessions, broker, {"AAPL": 98.5})
+    sync_portfolio(sessions, broker, {"AAPL": Mark(98.5)})
     return broker
 
 
@@ -379,10 +381,10 @@ def sell_by_hand(broker, coid, quantity, day):
 def test_a_stop_larger_than_the_position_is_flagged_as_drift(database_url):
     sessions = session_factory(database_url)
     broker = open_long(sessions, "covered")
-    assert sync_portfolio(sessions, broker, {"AAPL": 98.5}).drift == []  # 50 held, stop for 50
+    assert sync_portfolio(sessions, broker, {"AAPL": Mark(98.5)}).drift == []  # 50 held, stop for 50
     sell_by_hand(broker, "manual-1", 20, "2026-09-03")
     assert broker.account({}).positions["AAPL"].quantity == 30
-    drift = sync_portfolio(sessions, broker, {"AAPL": 99.0}).drift
+    drift = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)}).drift
     assert "AAPL: the position is 30 shares but working stop-loss orders cover 50: adjust the stop's quantity " \
            "at the broker (or close the position)" in drift
     assert "AAPL: broker holds 30, the pipeline's executions imply 50" in drift
@@ -392,7 +394,7 @@ def test_a_stop_with_no_position_left_is_flagged_as_drift(database_url):
     sessions = session_factory(database_url)
     broker = open_long(sessions, "flat")
     sell_by_hand(broker, "manual-2", 50, "2026-09-03")
-    drift = sync_portfolio(sessions, broker, {"AAPL": 99.0}).drift
+    drift = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)}).drift
     assert "AAPL: working stop-loss orders for 50 shares but no position: cancel them before they trigger" in drift
 
 
