@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, as_utc, describe_expiry, expiry_of
@@ -90,7 +90,11 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
         row.average_fill_price = sum(e.quantity * e.price for e in executions) / filled
         _record_change(session, row, status, f"sync: found by its executions ({filled:g} filled)")
         return change
-    age = datetime.now(UTC) - as_utc(row.created_at)
+    # Timed from the last attempt (a re-run of the orders step writes 'about to send' again), not
+    # from the row's creation: an old row being sent again right now is in flight too.
+    last_attempt = session.scalar(select(func.max(OrderEventRow.at)).where(
+        OrderEventRow.client_order_id == row.client_order_id)) or row.created_at
+    age = datetime.now(UTC) - max(as_utc(last_attempt), as_utc(row.created_at))
     if age >= SUBMITTING_GRACE:
         return _cancel_row(session, row, NEVER_REACHED)
     return (f"{row.client_order_id}: {row.status} for {age.total_seconds():.0f}s and not at the broker yet "

@@ -295,9 +295,13 @@ class CrashAfterAck(PaperBroker):
 
 
 def age(sessions, decision_id, by: timedelta):
+    """Move the decision's rows and their events `by` into the past."""
     with sessions() as session:
         for row in session.scalars(select(OrderRow).where(OrderRow.decision_id == decision_id)):
             row.created_at = datetime.now(UTC) - by
+            for event in session.scalars(select(OrderEventRow).where(
+                    OrderEventRow.client_order_id == row.client_order_id)):
+                event.at = datetime.now(UTC) - by
         session.commit()
 
 
@@ -330,6 +334,13 @@ def test_a_crash_before_the_send_is_closed_after_the_grace_period(sessions):
     assert any(line.startswith("tp-lost: submitting for ") and "checked again by the next sync" in line
                for line in young.status_changes)
     assert "AAPL" in working_entries(sessions, broker)  # still counts against a second order
+
+    age(sessions, "lost", SUBMITTING_GRACE + timedelta(seconds=1))
+    with sessions() as session:  # an orders step re-running the old decision right now: in flight again
+        session.add(OrderEventRow(client_order_id="tp-lost", status="submitting", detail="about to send"))
+        session.commit()
+    sync_portfolio(sessions, broker, {})
+    assert rows(sessions, "tp-lost")["tp-lost"].status == "submitting"
 
     age(sessions, "lost", SUBMITTING_GRACE + timedelta(seconds=1))
     report = sync_portfolio(sessions, broker, {})
