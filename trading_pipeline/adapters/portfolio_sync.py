@@ -387,6 +387,19 @@ def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
 
 # --- what each decision's orders became (observations on the `orders` asset) -----------------------
 
+def _changes_since_last_sync(session: Session, broker_name: str, started: datetime) -> list[tuple[str, str]]:
+    """Order events written since the previous sync by others than this sync (the orders step
+    placing or converting a stop into an exit, the risk gates reading an entry's state): what an
+    order became shows on the asset whoever saw it first. (cOID, line) pairs, oldest first."""
+    previous = session.scalar(select(func.max(AccountSnapshotRow.taken_at)).where(
+        AccountSnapshotRow.broker == broker_name))
+    query = select(OrderEventRow).where(OrderEventRow.at < started).order_by(OrderEventRow.id)
+    if previous is not None:
+        query = query.where(OrderEventRow.at > previous)
+    return [(event.client_order_id, f"{event.client_order_id}: {event.status} ({event.detail})")
+            for event in session.scalars(query)]
+
+
 def _order_outcomes(session: Session, changed: set[str], changes: list[str]) -> list[dict]:
     """For each decision with a changed order: its legs' states, fills, average prices and
     commissions, which child filled, and the change lines."""
@@ -429,12 +442,15 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
                    as_of: datetime | None = None) -> SyncReport:
     """One pass: order states, executions, the account at the marks, protection, snapshots, books.
     Positions are keyed as the broker returns them: by the strategy's symbol (never re-keyed)."""
+    started = datetime.now(UTC)
     changes, changed = _advance_orders(sessions, broker)
     added = _record_executions(sessions, broker)
     account = _account(broker, marks, as_of)
     now = datetime.now(UTC)
     drift = []
     with sessions() as session:
+        changes_elsewhere = _changes_since_last_sync(session, broker.name, started)
+        changed |= {coid for coid, _ in changes_elsewhere}
         known = {row.client_order_id for row in session.scalars(select(OrderRow))}
         for order in broker.open_orders():
             if order.client_order_id not in known:
@@ -466,6 +482,6 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
                                        gross_exposure=account.gross_exposure, daily_pnl=account.daily_pnl,
                                        open_positions=account.open_positions))
         trades = _trades(session, as_utc(as_of) if as_of is not None else now)
-        outcomes = _order_outcomes(session, changed, changes)
+        outcomes = _order_outcomes(session, changed, [line for _, line in changes_elsewhere] + changes)
         session.commit()
     return SyncReport(account, changes, added, drift, positions, trades, protection.unprotected, outcomes)

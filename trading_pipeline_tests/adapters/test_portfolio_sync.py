@@ -265,6 +265,11 @@ def test_partial_take_profit_then_stop_is_one_trade_with_both_exits(memory_sessi
 def test_the_sync_reports_what_each_changed_order_became(sessions):
     broker = PaperBroker(sessions, 100_000.0)
     send(sessions, broker, decision("story"))
+    (placed,) = sync_portfolio(sessions, broker, {}).orders  # sent since the last sync: observed once
+    assert (placed["status"], placed["filled_quantity"], placed["filled_child"]) == ("Submitted", 0, None)
+    assert [line for line in placed["changes"] if line.startswith("tp-story:")] == [
+        "tp-story: submitting (about to send)", "tp-story: Submitted (broker accepted)"]
+    assert "tp-story-sl: PreSubmitted (broker accepted)" in placed["changes"]
     assert sync_portfolio(sessions, broker, {}).orders == []  # nothing changed: nothing to observe
     broker.simulate_fills(daily_bars({"2026-09-02": (100.5, 101.0, 99.0, 100.5),
                                       "2026-09-03": (101.0, 107.0, 100.8, 106.5)}))
