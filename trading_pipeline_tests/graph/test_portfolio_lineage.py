@@ -72,8 +72,10 @@ def observations(instance) -> list:
     return [(r.partition_key, r.asset_observation.metadata) for r in reversed(records)]
 
 
-def test_the_portfolio_assets_hang_off_every_symbols_orders(deployment):
-    graph = deployment.resolve_asset_graph()
+def test_the_portfolio_assets_hang_off_every_symbols_orders(deployment, tmp_path):
+    # Resolved under a live instance: an instance an earlier test left behind is not consulted.
+    with dg.instance_for_test(temp_dir=str(tmp_path)):
+        graph = deployment.resolve_asset_graph()
     for asset in ("positions", "executions", "account_summary"):
         node = graph.get(dg.AssetKey(asset))
         assert dg.AssetKey("orders") in node.parent_keys
