@@ -237,8 +237,10 @@ def _exit_reason(row: OrderRow | None, converted: set[str]) -> str:
     """Why a fill that reduced a position happened, from the role of its order."""
     if row is None:
         return "manual"
-    if row.role == "stop_loss":
-        return "exit" if row.client_order_id in converted or row.order_type == "MKT" else "stop_loss"
+    if row.role == "stop_loss":  # a stop turned into a market exit by a decision keeps its role
+        turned = (row.client_order_id in converted or row.order_type == "MKT"
+                  or getattr(row, "exit_decision_id", None))  # the column arrives with the exits work
+        return "exit" if turned else "stop_loss"
     if row.role in ("take_profit", "exit"):
         return row.role
     if row.role == "entry":  # a later decision's order that closed the position
@@ -250,7 +252,7 @@ def _trades(session: Session, now: datetime) -> list[dict]:
     """The books by position: every execution matched FIFO per symbol (core/books.py)."""
     orders = {row.client_order_id: row for row in session.scalars(select(OrderRow))}
     converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
-        OrderEventRow.detail.contains("converted to exit"))))
+        OrderEventRow.detail.contains("converted"))))
     stops = dict(session.execute(select(DecisionRow.decision_id, DecisionRow.stop)).all())
     executions = session.scalars(select(ExecutionRow).order_by(ExecutionRow.executed_at)).all()
     fills = [Fill(execution_id=e.execution_id, symbol=e.symbol, side=e.side, quantity=e.quantity, price=e.price,
@@ -410,7 +412,7 @@ def _order_outcomes(session: Session, changed: set[str], changes: list[str]) -> 
     for execution in session.scalars(select(ExecutionRow)):
         commissions[execution.client_order_id] = commissions.get(execution.client_order_id, 0.0) + _commission(execution)
     converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
-        OrderEventRow.detail.contains("converted to exit"))))
+        OrderEventRow.detail.contains("converted"))))
     role_order = {"entry": 0, "exit": 0, "stop_loss": 1, "take_profit": 2}
     outcomes = []
     for decision_id in sorted(decision_ids):

@@ -260,6 +260,29 @@ def test_partial_take_profit_then_stop_is_one_trade_with_both_exits(memory_sessi
     assert trade["r_multiple"] == 0.15 and report.account.positions == {}
 
 
+def test_a_stop_turned_into_an_exit_closes_the_trade_as_an_exit(memory_sessions):
+    """The lead's exit: a later decision modifies the bracket's stop into a market order (role stays
+    stop_loss, an order event says so); its fill is the trade's exit, not a stop-out."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("held"))
+    broker.fill("tp-held", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    broker.modify("tp-held-sl", order_type="MKT")
+    with memory_sessions() as session:  # what the orders step records when it converts the stop
+        row = session.get(OrderRow, "tp-held-sl")
+        row.order_type = "MKT"
+        session.add(OrderEventRow(client_order_id="tp-held-sl", status="Submitted",
+                                  detail="converted into a MKT exit of 50 by decision later"))
+        session.commit()
+    broker.fill("tp-held-sl", 50, 101.0, WEDNESDAY_OPEN + timedelta(days=1))
+    report = sync_portfolio(memory_sessions, broker, {})
+    (trade,) = report.trades
+    assert (trade["status"], trade["exit"], trade["exit_reason"], trade["realized_pnl"]) == (
+        "closed", 101.0, "exit", 50.0)
+    (outcome,) = report.orders
+    assert outcome["filled_child"] == "exit"
+
+
 # --- 2. what each order became, for the `orders` asset ---------------------------------------------
 
 def test_the_sync_reports_what_each_changed_order_became(sessions):
