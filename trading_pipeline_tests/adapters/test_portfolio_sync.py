@@ -58,12 +58,19 @@ def daily_bars(rows: dict[str, tuple[float, float, float, float]], symbol="AAPL"
     return {symbol: frame}
 
 
-def send(sessions, broker, the_decision, tif="DAY"):
+def send(sessions, broker, the_decision, legs=None, *, crash: str | None = None):
+    """Do what the orders step does, the sync's input: the legs written 'submitting', placed at the
+    broker at the decision's time (the paper broker fills them from the bars after it), the
+    broker's answer recorded. `crash` stops it 'before_send' or 'after_ack' (a killed process)."""
     record_decision(sessions, the_decision)
-    legs = build_legs(the_decision, tif, the_decision.closes_position)
+    legs = legs or build_legs(the_decision, "DAY")
     desk = OrderDesk(sessions, broker)
-    return (desk.close_once if the_decision.closes_position else desk.submit_once)(
-        the_decision, legs, the_decision.entry)
+    desk._record(the_decision, legs, {}, "submitting", "about to send")
+    if crash == "before_send":
+        return
+    answers = broker.place(the_decision.symbol, legs, the_decision.entry, placed_at=the_decision.as_of)
+    if crash != "after_ack":
+        desk._record(the_decision, legs, {a.client_order_id: a for a in answers}, "unknown", "broker accepted")
 
 
 def rows(sessions, *coids) -> dict[str, OrderRow]:
@@ -221,9 +228,12 @@ def test_a_position_closed_by_a_later_decision_is_one_closed_trade(sessions):
     send(sessions, broker, decision("open"))
     broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5)}))
     sync_portfolio(sessions, broker, {"AAPL": Mark(98.5)})
+    broker.cancel("tp-open-sl")  # (whatever the orders step does with the bracket's exits)
+    broker.cancel("tp-open-tp")
     closing = decision("close", as_of=THURSDAY_AFTER_CLOSE, action=Action.SELL, entry=98.0, stop=101.0,
-                       target=95.0).model_copy(update={"closes_position": True})
-    assert send(sessions, broker, closing).status == "submitted"
+                       target=95.0)
+    send(sessions, broker, closing, [OrderLeg(client_order_id="tp-close", role="exit", side="SELL",
+                                              order_type="LMT", quantity=50, price=98.0, tif="DAY")])
     broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5), "2026-09-03": (98.0, 98.6, 97.5, 98.2),
                                       "2026-09-04": (98.5, 99.0, 97.8, 98.8)}))
     report = sync_portfolio(sessions, broker, {"AAPL": Mark(98.8, 98.2)}, as_of=datetime(2026, 9, 4, 21, tzinfo=UTC))
@@ -311,17 +321,6 @@ def test_the_sync_reports_what_each_changed_order_became(sessions):
 
 # --- 3. crash leftovers reconciled by the sync alone -----------------------------------------------
 
-class CrashBeforeSend(PaperBroker):
-    def place(self, *args, **kwargs):
-        raise ConnectionError("the process died after writing 'submitting', before sending")
-
-
-class CrashAfterAck(PaperBroker):
-    def place(self, *args, **kwargs):
-        super().place(*args, **kwargs)
-        raise ConnectionError("the process died after the broker's ack, before recording it")
-
-
 def age(sessions, decision_id, by: timedelta):
     """Move the decision's rows and their events `by` into the past."""
     with sessions() as session:
@@ -334,8 +333,7 @@ def age(sessions, decision_id, by: timedelta):
 
 
 def test_a_crash_after_the_ack_is_reconciled_by_the_sync_alone(sessions):
-    with pytest.raises(ConnectionError):
-        send(sessions, CrashAfterAck(sessions, 100_000.0), decision("acked"))
+    send(sessions, PaperBroker(sessions, 100_000.0), decision("acked"), crash="after_ack")
     coids = ("tp-acked", "tp-acked-sl", "tp-acked-tp")
     assert {row.status for row in rows(sessions, *coids).values()} == {"submitting"}
     broker = PaperBroker(sessions, 100_000.0)
@@ -352,8 +350,7 @@ def test_a_crash_after_the_ack_is_reconciled_by_the_sync_alone(sessions):
 
 
 def test_a_crash_before_the_send_is_closed_after_the_grace_period(sessions):
-    with pytest.raises(ConnectionError):
-        send(sessions, CrashBeforeSend(sessions, 100_000.0), decision("lost"))
+    send(sessions, PaperBroker(sessions, 100_000.0), decision("lost"), crash="before_send")
     broker = PaperBroker(sessions, 100_000.0)
     coids = ("tp-lost", "tp-lost-sl", "tp-lost-tp")
 
@@ -382,11 +379,7 @@ def test_a_crash_before_the_send_is_closed_after_the_grace_period(sessions):
 def test_an_unconfirmed_order_no_longer_listed_is_found_by_its_executions(memory_sessions):
     """IBKR after a rollover: the acked entry filled yesterday and is no longer listed by cOID."""
     broker = BookBroker()
-    the_decision = decision("rolled")
-    record_decision(memory_sessions, the_decision)
-    legs = build_legs(the_decision, "DAY")
-    OrderDesk(memory_sessions, broker)._record(the_decision, legs, {}, "submitting", "about to send")
-    broker.place("AAPL", legs, 100.0)
+    send(memory_sessions, broker, decision("rolled"), crash="after_ack")
     broker.fill("tp-rolled", 50, 99.5, WEDNESDAY_OPEN)
     broker.forgotten.add("tp-rolled")
     age(memory_sessions, "rolled", timedelta(days=1))
