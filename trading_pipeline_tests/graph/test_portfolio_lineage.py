@@ -51,7 +51,12 @@ def deployment(tmp_path):
                              entry=100.0, stop=96.0, targets=[106.0], quantity=50, rationale="t",
                              account_equity=100_000.0)
     record_decision(sessions, decision)
-    OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(decision, build_legs(decision, "DAY"), 100.0)
+    # What the orders step does, placed at the decision's time so the paper broker fills it from
+    # the bars after it: rows written 'submitting', the order placed, the broker's answer recorded.
+    legs, desk = build_legs(decision, "DAY"), OrderDesk(sessions, PaperBroker(sessions, 100_000.0))
+    desk._record(decision, legs, {}, "submitting", "about to send")
+    answers = PaperBroker(sessions, 100_000.0).place("AAPL", legs, 100.0, placed_at=TUESDAY_AFTER_CLOSE)
+    desk._record(decision, legs, {a.client_order_id: a for a in answers}, "unknown", "broker accepted")
     return defs
 
 
