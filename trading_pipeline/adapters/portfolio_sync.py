@@ -1,18 +1,22 @@
 """Portfolio sync: bring the trading database up to date with the broker.
 
-Advances recorded orders to the broker's state, records executions (partial fills included),
-snapshots positions and the account, computes P&L per position and per decision (the realized
-R multiple once a trade is closed), and flags drift: orders or positions at the broker that the
-pipeline does not know about, or that disagree with what its executions imply.
+Advances recorded orders to the broker's state (a 'submitting' or 'unknown' row left by a crash
+included: found by its cOID, or closed once it clearly never reached the broker), records
+executions (partial fills and commissions included), keeps each position's protective orders
+sized to it, snapshots positions and the account (valued at the marks), keeps the books by
+position (core/books.py: FIFO trades with net P&L and realized R), and flags drift: orders or
+positions at the broker that the pipeline does not know about or that disagree with what its
+executions imply, and a pipeline position without a working stop-loss.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, as_utc, describe_expiry, expiry_of
@@ -24,7 +28,17 @@ from trading_pipeline.adapters.trading_db import (
     OrderRow,
     PositionSnapshotRow,
 )
-from trading_pipeline.core.risk import AccountState, WorkingEntry
+from trading_pipeline.core import market_calendar
+from trading_pipeline.core.books import Fill, describe_duration, match_trades
+from trading_pipeline.core.risk import AccountState, Mark, WorkingEntry
+from trading_pipeline.errors import OrderRejectedError
+
+# An orders step writes 'submitting' and sends within seconds (its HTTP calls time out well before
+# this). A row still unknown to the broker after two minutes never reached it (the process died
+# before or while sending); a younger one may be in flight, so it is left for the next sync.
+SUBMITTING_GRACE = timedelta(minutes=2)
+UNCONFIRMED = ("submitting", "unknown")  # states the pipeline wrote without the broker's word
+NEVER_REACHED = "never reached the broker (sync)"
 
 
 @dataclass
@@ -35,20 +49,74 @@ class SyncReport:
     drift: list[str] = field(default_factory=list)
     positions: list[dict] = field(default_factory=list)
     trades: list[dict] = field(default_factory=list)
+    # The drift that leaves a pipeline position without protection (also in `drift`): an error.
+    unprotected: list[str] = field(default_factory=list)
+    # What each decision's orders became, for the decisions whose orders changed in this sync.
+    orders: list[dict] = field(default_factory=list)
 
 
-def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str | None = None) -> list[str]:
-    changes = []
+# --- order states -------------------------------------------------------------------------------
+
+def _record_change(session: Session, row: OrderRow, status: str, detail: str) -> None:
+    row.status = status
+    session.add(OrderEventRow(client_order_id=row.client_order_id, status=status, detail=detail))
+
+
+def _cancel_row(session: Session, row: OrderRow, detail: str) -> str:
+    """Record an order the broker no longer lists (or never had) as Cancelled; returns the change line."""
+    change = f"{row.client_order_id}: {row.status} → Cancelled ({detail})"
+    _record_change(session, row, "Cancelled", detail)
+    return change
+
+
+def _day_order_gone(row: OrderRow) -> bool:
+    """An unfilled DAY entry (or closing order) whose session has closed."""
+    if row.role != "entry" or row.tif != "DAY" or row.filled_quantity:
+        return False
+    return pd.Timestamp(datetime.now(UTC)) > expiry_of("DAY", as_utc(row.created_at))
+
+
+def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> str:
+    """A row written without the broker's word that the broker does not list by its cOID. Its
+    executions prove it reached the broker (an order no longer listed after a rollover); with
+    none, it never did once the grace period is over; before that it may still be in flight."""
+    executions = broker.executions(row.client_order_id)
+    if executions:
+        filled = sum(e.quantity for e in executions)
+        status = "Filled" if filled >= row.quantity else row.status
+        change = (f"{row.client_order_id}: {row.status} → {status} (filled {filled:g}/{row.quantity}: "
+                  "found by its executions, no longer listed by the broker)")
+        row.filled_quantity = filled
+        row.average_fill_price = sum(e.quantity * e.price for e in executions) / filled
+        _record_change(session, row, status, f"sync: found by its executions ({filled:g} filled)")
+        return change
+    # Timed from the last attempt (a re-run of the orders step writes 'about to send' again), not
+    # from the row's creation: an old row being sent again right now is in flight too.
+    last_attempt = session.scalar(select(func.max(OrderEventRow.at)).where(
+        OrderEventRow.client_order_id == row.client_order_id)) or row.created_at
+    age = datetime.now(UTC) - max(as_utc(last_attempt), as_utc(row.created_at))
+    if age >= SUBMITTING_GRACE:
+        return _cancel_row(session, row, NEVER_REACHED)
+    return (f"{row.client_order_id}: {row.status} for {age.total_seconds():.0f}s and not at the broker yet "
+            f"(it may be in flight); checked again by the next sync, and recorded as Cancelled if still "
+            f"absent after {SUBMITTING_GRACE.total_seconds() / 60:g} minutes")
+
+
+def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str | None = None) -> tuple[list[str], set[str]]:
+    """Bring the pipeline's open orders to the broker's state; returns the change lines and the
+    cOIDs whose state changed."""
+    changes, changed = [], set()
     with sessions() as session:
         query = select(OrderRow).where(OrderRow.status.not_in(FINAL_STATUSES))
         open_rows = session.scalars(query if role is None else query.where(OrderRow.role == role)).all()
         # Entries first: an unlisted child is judged by what became of its parent.
         for row in sorted(open_rows, key=lambda r: r.parent_client_order_id is not None):
+            before = (row.status, row.filled_quantity)
             order = broker.find_order(row.client_order_id)
             parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
             if order is None:
-                if row.status == "submitting":
-                    changes.append(f"{row.client_order_id}: recorded as submitting but unknown to the broker")
+                if row.status in UNCONFIRMED:
+                    changes.append(_unconfirmed_not_found(session, broker, row))
                 elif _day_order_gone(row):
                     # IBKR lists only the current session's orders (and a week of executions): a DAY
                     # order absent after its session closed, with no execution, expired unfilled.
@@ -62,42 +130,30 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
                 else:
                     changes.append(f"{row.client_order_id}: {row.status} here but unknown to the broker; "
                                    "check it at the broker")
-                continue
-            if (order.status, order.filled_quantity) != (row.status, row.filled_quantity):
+            elif (order.status, order.filled_quantity) != before:
+                reconciled = row.status in UNCONFIRMED
                 changes.append(f"{row.client_order_id}: {row.status} → {order.status} "
                                f"(filled {order.filled_quantity:g}/{row.quantity})"
-                               + (f": {order.detail}" if order.detail else ""))
-                row.status = order.status
+                               + (f": {order.detail}" if order.detail else "")
+                               + (" (reconciled by cOID)" if reconciled else ""))
                 row.filled_quantity = order.filled_quantity
                 row.average_fill_price = order.average_fill_price
                 row.broker_order_id = row.broker_order_id or order.broker_order_id
-                session.add(OrderEventRow(client_order_id=row.client_order_id, status=order.status,
-                                          detail=f"sync: {order.detail}" if order.detail
-                                          else f"sync: filled {order.filled_quantity:g}"))
+                detail = f"sync: {order.detail}" if order.detail else f"sync: filled {order.filled_quantity:g}"
+                _record_change(session, row, order.status,
+                               f"sync: reconciled by cOID, the broker has it ({detail.removeprefix('sync: ')})"
+                               if reconciled else detail)
+            if (row.status, row.filled_quantity) != before:
+                changed.add(row.client_order_id)
         session.commit()
-    return changes
-
-
-def _cancel_row(session: Session, row: OrderRow, detail: str) -> str:
-    """Record an order the broker no longer lists as Cancelled; returns the change line."""
-    change = f"{row.client_order_id}: {row.status} → Cancelled ({detail})"
-    row.status = "Cancelled"
-    session.add(OrderEventRow(client_order_id=row.client_order_id, status="Cancelled", detail=detail))
-    return change
-
-
-def _day_order_gone(row: OrderRow) -> bool:
-    """An unfilled DAY entry (or closing order) whose session has closed."""
-    if row.role != "entry" or row.tif != "DAY" or row.filled_quantity:
-        return False
-    return pd.Timestamp(datetime.now(timezone.utc)) > expiry_of("DAY", as_utc(row.created_at))
+    return changes, changed
 
 
 def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:
     """The pipeline's orders that may still fill, by symbol, after asking the broker for their
     state: each decision's first leg (the bracket's entry, or the order closing a position). The
     risk gates send no second order for such a symbol and count opening ones as positions; one
-    whose state is unknown ('submitting') counts too until it is reconciled."""
+    whose state is unknown ('submitting') counts too until the sync reconciles it."""
     _advance_orders(sessions, broker, role="entry")
     with sessions() as session:
         rows = session.scalars(select(OrderRow).where(OrderRow.role == "entry",
@@ -107,6 +163,19 @@ def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str
                 for row in rows if row.quantity - row.filled_quantity > 0}
 
 
+def working_symbols(sessions: sessionmaker[Session]) -> set[str]:
+    """Symbols with a pipeline order that may still work (the sync marks them and walks their bars)."""
+    with sessions() as session:
+        return set(session.scalars(select(OrderRow.symbol).where(OrderRow.status.not_in(FINAL_STATUSES))))
+
+
+# --- executions, marks, account -------------------------------------------------------------------
+
+def _commission(execution) -> float:
+    # Executions carry their commission once the brokers report it (issue 12, point 10); 0 until then.
+    return float(getattr(execution, "commission", 0.0) or 0.0)
+
+
 def _record_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
     added = 0
     with sessions() as session:
@@ -114,13 +183,44 @@ def _record_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
         for row in rows:
             for execution in broker.executions(row.client_order_id):
                 if session.get(ExecutionRow, execution.execution_id) is None:
-                    session.add(ExecutionRow(
+                    recorded = ExecutionRow(
                         execution_id=execution.execution_id, client_order_id=row.client_order_id,
                         symbol=row.symbol, side=execution.side, quantity=execution.quantity,
-                        price=execution.price, broker=broker.name, executed_at=execution.executed_at))
+                        price=execution.price, broker=broker.name, executed_at=execution.executed_at)
+                    if hasattr(ExecutionRow, "commission"):  # the column arrives with commissions
+                        recorded.commission = _commission(execution)
+                    session.add(recorded)
                     added += 1
         session.commit()
     return added
+
+
+def marks_from_daily_bars(bars: dict[str, pd.DataFrame], as_of: datetime) -> dict[str, Mark]:
+    """Each symbol's mark at `as_of`: the close of its latest daily bar whose session had closed by
+    then (a session in progress has no close yet), and the close of the session before it."""
+    marks = {}
+    for symbol, frame in bars.items():
+        if frame.empty:
+            continue
+        closes = market_calendar.bar_close_times(frame.index, "1d")
+        closed = frame["close"][(pd.DatetimeIndex(closes) <= pd.Timestamp(as_of)).tolist()]
+        if closed.empty:
+            continue
+        previous = float(closed.iloc[-2]) if len(closed) > 1 else None
+        marks[symbol] = Mark(price=float(closed.iloc[-1]), previous_close=previous)
+    return marks
+
+
+def _account(broker: Broker, marks: dict[str, Mark], as_of: datetime | None) -> AccountState:
+    """The broker's account valued at the marks.
+
+    TRANSITION (issue 12): the brokers' `account(marks: dict[str, Mark], as_of)` lands with the
+    paper and IBKR work; a broker whose `account` still reads plain prices gets the marks' prices.
+    Delete this function (call `broker.account(marks, as_of)`) once both take Marks."""
+    annotation = inspect.signature(broker.account).parameters["marks"].annotation
+    if "Mark" in str(annotation):
+        return broker.account(marks, as_of)
+    return broker.account({symbol: mark.price for symbol, mark in marks.items()}, as_of)
 
 
 def _implied_positions(session: Session) -> dict[str, float]:
@@ -131,73 +231,228 @@ def _implied_positions(session: Session) -> dict[str, float]:
     return {symbol: quantity for symbol, quantity in quantities.items() if abs(quantity) > 1e-9}
 
 
-def _trades_by_decision(session: Session) -> list[dict]:
-    """Per decision: entry and exit fills, P&L, and the realized R multiple once closed."""
-    trades = []
-    decisions = {d.decision_id: d for d in session.scalars(select(DecisionRow))}
-    orders = session.scalars(select(OrderRow)).all()
-    executions = session.scalars(select(ExecutionRow)).all()
-    fills_by_order: dict[str, list[ExecutionRow]] = {}
-    for execution in executions:
-        fills_by_order.setdefault(execution.client_order_id, []).append(execution)
-    for decision_id in sorted({o.decision_id for o in orders}):
-        legs = [o for o in orders if o.decision_id == decision_id]
-        decision = decisions.get(decision_id)
-        entry_legs = [o for o in legs if o.role == "entry"]
-        exit_legs = [o for o in legs if o.role != "entry"]
-        entry_fills = [f for o in entry_legs for f in fills_by_order.get(o.client_order_id, [])]
-        exit_fills = [f for o in exit_legs for f in fills_by_order.get(o.client_order_id, [])]
-        if not entry_fills:
+# --- the books --------------------------------------------------------------------------------------
+
+def _exit_reason(row: OrderRow | None, converted: set[str]) -> str:
+    """Why a fill that reduced a position happened, from the role of its order."""
+    if row is None:
+        return "manual"
+    if row.role == "stop_loss":  # a stop turned into a market exit by a decision keeps its role
+        turned = (row.client_order_id in converted or row.order_type == "MKT"
+                  or getattr(row, "exit_decision_id", None))  # the column arrives with the exits work
+        return "exit" if turned else "stop_loss"
+    if row.role in ("take_profit", "exit"):
+        return row.role
+    if row.role == "entry":  # a later decision's order that closed the position
+        return "exit"
+    return "manual"
+
+
+def _trades(session: Session, now: datetime) -> list[dict]:
+    """The books by position: every execution matched FIFO per symbol (core/books.py)."""
+    orders = {row.client_order_id: row for row in session.scalars(select(OrderRow))}
+    converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
+        OrderEventRow.detail.contains("converted"))))
+    stops = dict(session.execute(select(DecisionRow.decision_id, DecisionRow.stop)).all())
+    executions = session.scalars(select(ExecutionRow).order_by(ExecutionRow.executed_at)).all()
+    fills = [Fill(execution_id=e.execution_id, symbol=e.symbol, side=e.side, quantity=e.quantity, price=e.price,
+                  commission=_commission(e), executed_at=as_utc(e.executed_at),
+                  decision_id=orders[e.client_order_id].decision_id if e.client_order_id in orders else "",
+                  reason=_exit_reason(orders.get(e.client_order_id), converted))
+             for e in executions]
+    return [{
+        "decision_id": trade.decision_id, "symbol": trade.symbol, "side": trade.side,
+        "quantity": round(trade.quantity), "entry": round(trade.entry, 2),
+        "exit": round(trade.exit, 2) if trade.exit is not None else None,
+        "closed_quantity": round(trade.closed_quantity), "status": trade.status,
+        "realized_pnl": round(trade.realized_pnl, 2), "commission": round(trade.commission, 2),
+        "r_multiple": round(trade.r_multiple, 2) if trade.r_multiple is not None else None,
+        "exit_reason": ", ".join(trade.exit_reasons) or None,
+        "opened_at": trade.opened_at.isoformat(),
+        "closed_at": trade.closed_at.isoformat() if trade.status == "closed" else None,
+        "holding_time": describe_duration(trade.holding_time(now)),
+    } for trade in match_trades(fills, stops)]
+
+
+# --- protection: every pipeline position keeps a working stop sized to it --------------------------
+
+@dataclass
+class _Protection:
+    changes: list[str] = field(default_factory=list)
+    changed: set[str] = field(default_factory=set)
+    drift: list[str] = field(default_factory=list)
+    unprotected: list[str] = field(default_factory=list)
+
+
+def _working_exits(session: Session, symbol: str, role: str) -> list[OrderRow]:
+    """The symbol's working protective orders: confirmed by the broker, and live (a child whose
+    entry has not filled at all waits; one whose entry filled in part protects that part)."""
+    rows = session.scalars(select(OrderRow).where(
+        OrderRow.symbol == symbol, OrderRow.role == role,
+        OrderRow.status.not_in((*FINAL_STATUSES, *UNCONFIRMED)))).all()
+    live = []
+    for row in rows:
+        parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
+        if parent is None or parent.filled_quantity > 0:
+            live.append(row)
+    return live
+
+
+def _resize(session: Session, broker: Broker, row: OrderRow, held: float, why: str, result: _Protection) -> bool:
+    """Modify a working exit so that what is left of it equals the position. False when the broker
+    refused or does not know the order (drift says so) or cannot modify orders (the caller reports
+    the mismatch)."""
+    new_quantity = round(row.filled_quantity + held)
+    remaining = row.quantity - row.filled_quantity
+    symbol = row.symbol
+    cannot = (f"{symbol}: the position is {held:g} shares but the {row.role.replace('_', '-')} "
+              f"{row.client_order_id} is for {remaining:g}")
+    modify = getattr(broker, "modify", None)  # TRANSITION (issue 12): every broker gets modify()
+    if modify is None:
+        return False  # the caller reports the mismatch for a person to fix
+    try:
+        answer = modify(row.client_order_id, quantity=new_quantity)
+    except OrderRejectedError as refusal:
+        result.drift.append(f"{cannot}, and the broker refused to resize it to {held:g} ({refusal.problem}): "
+                            f"adjust its quantity at the broker by hand (or close the position); {refusal.fix}")
+        return False
+    if answer is None:
+        result.drift.append(f"{cannot}, and the broker does not know that order: check the position's "
+                            "protective orders at the broker")
+        return False
+    line = f"resized from {remaining:g} to {held:g} shares to match the position ({why})"
+    row.quantity = new_quantity
+    row.broker_order_id = row.broker_order_id or answer.broker_order_id
+    _record_change(session, row, answer.status, f"sync: {line}")
+    result.changes.append(f"{row.client_order_id}: {line}")
+    result.changed.add(row.client_order_id)
+    return True
+
+
+def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
+                       implied: dict[str, float]) -> _Protection:
+    """Compare each position with the stop-loss orders protecting it and fix what can be fixed:
+    a stop (and take-profit) larger than the position, once its entry is done (a partial
+    take-profit, or a partial entry whose remainder expired or was cancelled), is resized to the
+    position, so that it can never trade more than is held. What cannot be fixed is drift; a
+    position the pipeline opened with no working stop-loss is reported as unprotected."""
+    result = _Protection()
+    symbols = {row.symbol for row in session.scalars(select(OrderRow).where(
+        OrderRow.role == "stop_loss", OrderRow.status.not_in(FINAL_STATUSES)))}
+    for symbol in sorted(symbols | set(implied)):
+        stops = _working_exits(session, symbol, "stop_loss")
+        position = abs(held.get(symbol, 0.0))
+        closing_side = "SELL" if held.get(symbol, 0.0) > 0 else "BUY"
+        wrong_side = [row.client_order_id for row in stops if row.side != closing_side]
+        if position and wrong_side:
+            result.drift.append(f"{symbol}: the position is {held[symbol]:g} shares but the working stop-loss "
+                                f"{', '.join(wrong_side)} would add to it instead of closing it: cancel it at "
+                                "the broker and protect the position with a stop on the other side")
             continue
-        entry_qty = sum(f.quantity for f in entry_fills)
-        entry_price = sum(f.quantity * f.price for f in entry_fills) / entry_qty
-        direction = 1 if entry_fills[0].side == "BUY" else -1
-        exit_qty = sum(f.quantity for f in exit_fills)
-        exit_price = sum(f.quantity * f.price for f in exit_fills) / exit_qty if exit_qty else None
-        closed = exit_qty >= entry_qty
-        realized = direction * (exit_price - entry_price) * exit_qty if exit_price is not None else 0.0
-        r_multiple = None
-        if closed and decision is not None and decision.stop is not None and entry_price != decision.stop:
-            r_multiple = round(direction * (exit_price - entry_price) / abs(entry_price - decision.stop), 2)
-        trades.append({
-            "decision_id": decision_id, "symbol": entry_fills[0].symbol,
-            "side": entry_fills[0].side, "quantity": entry_qty, "entry": round(entry_price, 2),
-            "exit": round(exit_price, 2) if exit_price is not None else None,
-            "status": "closed" if closed else "open", "realized_pnl": round(realized, 2),
-            "r_multiple": r_multiple,
-        })
-    return trades
-
-
-def _protection_drift(session: Session, held: dict[str, float], implied: dict[str, float]) -> list[str]:
-    """Stop-loss orders that no longer match the position they protect: after a partial entry
-    fill, a partial exit or a trade by hand, a stop for the original size would trade more (or
-    less) than is held when it triggers."""
-    stops: dict[str, float] = {}
-    for row in session.scalars(select(OrderRow).where(
-            OrderRow.role == "stop_loss", OrderRow.status.not_in((*FINAL_STATUSES, "PreSubmitted")))):
-        stops[row.symbol] = stops.get(row.symbol, 0.0) + row.quantity - row.filled_quantity
-    problems = []
-    for symbol in sorted(set(stops) | {s for s in held if implied.get(s)}):
-        position, covered = abs(held.get(symbol, 0.0)), stops.get(symbol, 0.0)
+        covered = sum(row.quantity - row.filled_quantity for row in stops)
+        if position == 0:
+            if stops:
+                result.drift.append(f"{symbol}: working stop-loss orders for {covered:g} shares but no position: "
+                                    "cancel them before they trigger")
+            continue
+        if not stops:
+            if implied.get(symbol):
+                result.unprotected.append(
+                    f"{symbol}: the pipeline's position of {held[symbol]:g} shares has NO working stop-loss: "
+                    "place a protective stop at the broker now (or close the position); the pipeline keeps "
+                    "a stop on every position it opened until it is flat")
+            continue
         if abs(position - covered) < 1e-9:
             continue
-        if position == 0:
-            problems.append(f"{symbol}: working stop-loss orders for {covered:g} shares but no position: "
-                            "cancel them before they trigger")
-        else:
-            problems.append(f"{symbol}: the position is {position:g} shares but working stop-loss orders cover "
+        entries = [session.get(OrderRow, row.parent_client_order_id) for row in stops if row.parent_client_order_id]
+        if position < covered and any(e is not None and e.status not in FINAL_STATUSES for e in entries):
+            continue  # the entry is still filling: its children are sized to it at the broker
+        if position < covered and len(stops) == 1:
+            (stop,) = stops
+            entry = session.get(OrderRow, stop.parent_client_order_id) if stop.parent_client_order_id else None
+            why = (f"entry {entry.client_order_id} {entry.status} with {entry.filled_quantity:g}/{entry.quantity} "
+                   "filled" if entry is not None and entry.filled_quantity < entry.quantity
+                   else "the position was reduced")
+            if _resize(session, broker, stop, position, why, result):
+                for target in _working_exits(session, symbol, "take_profit"):
+                    if (target.parent_client_order_id == stop.parent_client_order_id
+                            and target.quantity - target.filled_quantity > position + 1e-9):
+                        _resize(session, broker, target, position, why, result)
+                continue
+            if any(stop.client_order_id in line for line in result.drift):
+                continue  # the broker refused or did not know it: already reported
+        result.drift.append(f"{symbol}: the position is {position:g} shares but working stop-loss orders cover "
                             f"{covered:g}: adjust the stop's quantity at the broker (or close the position)")
-    return problems
+    result.drift.extend(result.unprotected)
+    return result
 
 
-def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[str, float]) -> SyncReport:
-    changes = _advance_orders(sessions, broker)
+# --- what each decision's orders became (observations on the `orders` asset) -----------------------
+
+def _changes_since_last_sync(session: Session, broker_name: str, started: datetime) -> list[tuple[str, str]]:
+    """Order events written since the previous sync by others than this sync (the orders step
+    placing or converting a stop into an exit, the risk gates reading an entry's state): what an
+    order became shows on the asset whoever saw it first. (cOID, line) pairs, oldest first."""
+    previous = session.scalar(select(func.max(AccountSnapshotRow.taken_at)).where(
+        AccountSnapshotRow.broker == broker_name))
+    query = select(OrderEventRow).where(OrderEventRow.at < started).order_by(OrderEventRow.id)
+    if previous is not None:
+        query = query.where(OrderEventRow.at > previous)
+    return [(event.client_order_id, f"{event.client_order_id}: {event.status} ({event.detail})")
+            for event in session.scalars(query)]
+
+
+def _order_outcomes(session: Session, changed: set[str], changes: list[str]) -> list[dict]:
+    """For each decision with a changed order: its legs' states, fills, average prices and
+    commissions, which child filled, and the change lines."""
+    if not changed:
+        return []
+    decision_ids = set(session.scalars(select(OrderRow.decision_id).where(OrderRow.client_order_id.in_(changed))))
+    commissions: dict[str, float] = {}
+    for execution in session.scalars(select(ExecutionRow)):
+        commissions[execution.client_order_id] = commissions.get(execution.client_order_id, 0.0) + _commission(execution)
+    converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
+        OrderEventRow.detail.contains("converted"))))
+    role_order = {"entry": 0, "exit": 0, "stop_loss": 1, "take_profit": 2}
+    outcomes = []
+    for decision_id in sorted(decision_ids):
+        legs = sorted(session.scalars(select(OrderRow).where(OrderRow.decision_id == decision_id)),
+                      key=lambda r: (role_order.get(r.role, 3), r.client_order_id))
+        first = legs[0]
+        children = [leg for leg in legs[1:] if leg.filled_quantity > 0]
+        filled_child = ", ".join(_exit_reason(leg, converted) if leg.role == "stop_loss" else leg.role
+                                 for leg in children) or None
+        coids = {leg.client_order_id for leg in legs}
+        outcomes.append({
+            "symbol": first.symbol, "decision_id": decision_id, "client_order_id": first.client_order_id,
+            "status": first.status, "filled_quantity": first.filled_quantity, "quantity": first.quantity,
+            "average_fill_price": first.average_fill_price, "filled_child": filled_child,
+            "commission": round(sum(commissions.get(leg.client_order_id, 0.0) for leg in legs), 2),
+            "legs": [{"role": leg.role, "client_order_id": leg.client_order_id, "side": leg.side,
+                      "order_type": leg.order_type, "quantity": leg.quantity, "price": leg.price,
+                      "status": leg.status, "filled_quantity": leg.filled_quantity,
+                      "average_fill_price": leg.average_fill_price,
+                      "commission": round(commissions.get(leg.client_order_id, 0.0), 2)} for leg in legs],
+            "changes": [line for line in changes if line.split(":", 1)[0] in coids],
+        })
+    return outcomes
+
+
+# --- the sync ---------------------------------------------------------------------------------------
+
+def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[str, Mark],
+                   as_of: datetime | None = None) -> SyncReport:
+    """One pass: order states, executions, the account at the marks, protection, snapshots, books.
+    Positions are keyed as the broker returns them: by the strategy's symbol (never re-keyed)."""
+    started = datetime.now(UTC)
+    changes, changed = _advance_orders(sessions, broker)
     added = _record_executions(sessions, broker)
-    account = broker.account(marks)
-    now = datetime.now(timezone.utc)
+    account = _account(broker, marks, as_of)
+    now = datetime.now(UTC)
     drift = []
     with sessions() as session:
+        changes_elsewhere = _changes_since_last_sync(session, broker.name, started)
+        changed |= {coid for coid, _ in changes_elsewhere}
         known = {row.client_order_id for row in session.scalars(select(OrderRow))}
         for order in broker.open_orders():
             if order.client_order_id not in known:
@@ -209,19 +464,26 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
             if abs(implied.get(symbol, 0.0) - held.get(symbol, 0.0)) > 1e-9:
                 drift.append(f"{symbol}: broker holds {held.get(symbol, 0.0):g}, the pipeline's executions "
                              f"imply {implied.get(symbol, 0.0):g}")
-        drift.extend(_protection_drift(session, held, implied))
+        protection = _protect_positions(session, broker, held, implied)
+        session.commit()
+        changes.extend(protection.changes)
+        changed |= protection.changed
+        drift.extend(protection.drift)
         positions = []
         for symbol, position in sorted(account.positions.items()):
             unrealized = round(position.quantity * (position.market_price - position.average_price), 2)
+            stop = _working_exits(session, symbol, "stop_loss")
             positions.append({"symbol": symbol, "quantity": position.quantity,
                               "average_price": position.average_price, "market_price": position.market_price,
-                              "market_value": round(position.market_value, 2), "unrealized_pnl": unrealized})
+                              "market_value": round(position.market_value, 2), "unrealized_pnl": unrealized,
+                              "stop": stop[0].price if len(stop) == 1 else None})
             session.add(PositionSnapshotRow(taken_at=now, broker=broker.name, symbol=symbol,
                                             quantity=position.quantity, average_price=position.average_price,
                                             market_price=position.market_price, unrealized_pnl=unrealized))
         session.add(AccountSnapshotRow(taken_at=now, broker=broker.name, equity=account.equity, cash=account.cash,
                                        gross_exposure=account.gross_exposure, daily_pnl=account.daily_pnl,
                                        open_positions=account.open_positions))
-        trades = _trades_by_decision(session)
+        trades = _trades(session, as_utc(as_of) if as_of is not None else now)
+        outcomes = _order_outcomes(session, changed, [line for _, line in changes_elsewhere] + changes)
         session.commit()
-    return SyncReport(account, changes, added, drift, positions, trades)
+    return SyncReport(account, changes, added, drift, positions, trades, protection.unprotected, outcomes)

@@ -1,7 +1,7 @@
 """Portfolio assets (unpartitioned): positions, executions and the account summary, kept in step
 with the broker by one sync step, and the order-status sensor that runs it during market hours."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -27,35 +27,90 @@ def fill_history(as_of: datetime, working_since: datetime | None) -> str:
     return MARK_HISTORY if days <= default_days else f"{min(days, MAX_HISTORY_DAYS)}d"
 
 
-def _table(rows: list[dict], columns: list[str]) -> dg.MetadataValue:
+# Metadata tables: (key, header, format); numbers right-aligned and rounded as a trader reads them.
+def _quantity(value) -> str:
+    return f"{value:,.0f}"
+
+
+def _price(value) -> str:
+    return f"{value:,.2f}"
+
+
+def _signed(value) -> str:
+    return f"{value:+,.2f}"
+
+
+POSITION_COLUMNS = [("symbol", "symbol", None), ("quantity", "qty", _quantity), ("average_price", "avg price", _price),
+                    ("market_price", "mark", _price), ("unrealized_pnl", "unrealized P&L", _signed),
+                    ("market_value", "value", _price), ("stop", "stop", _price)]
+TRADE_COLUMNS = [("symbol", "symbol", None), ("side", "side", None), ("quantity", "qty", _quantity),
+                 ("entry", "entry", _price), ("exit", "exit", _price), ("realized_pnl", "P&L", _signed),
+                 ("r_multiple", "R", _signed), ("status", "status", None), ("exit_reason", "exit by", None),
+                 ("commission", "comm.", _price), ("holding_time", "held", None), ("decision_id", "decision", None)]
+LEG_COLUMNS = [("role", "role", None), ("side", "side", None), ("order_type", "type", None),
+               ("quantity", "qty", _quantity), ("price", "price", _price), ("status", "status", None),
+               ("filled_quantity", "filled", _quantity), ("average_fill_price", "avg fill", _price),
+               ("commission", "comm.", _price), ("client_order_id", "cOID", None)]
+
+
+def _table(rows: list[dict], columns: list[tuple]) -> dg.MetadataValue:
+    """A markdown table; the most telling columns come first so a narrow panel shows them."""
     if not rows:
         return dg.MetadataValue.md("_none_")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
+             "|" + "|".join("---:" if fmt else ":---" for _, _, fmt in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) + " |")
+        cells = ["" if row.get(key) is None else fmt(row[key]) if fmt else str(row[key]) for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def _bullets(lines: list[str]) -> dg.MetadataValue:
+    return dg.MetadataValue.md("\n".join(f"- {line}" for line in lines) or "_none_")
+
+
+def order_observation(outcome: dict) -> dg.AssetObservation:
+    """What a decision's orders became, on the `orders` asset's partition (the symbol): the sync
+    observes it, it does not re-materialize it (the asset's value stays what the orders step sent)."""
+    return dg.AssetObservation(asset_key="orders", partition=outcome["symbol"], metadata={
+        "decision_id": outcome["decision_id"],
+        "client_order_id": outcome["client_order_id"],
+        "status": outcome["status"],
+        "filled": f"{outcome['filled_quantity']:,.0f}/{outcome['quantity']:,}",
+        "average_fill_price": (dg.MetadataValue.float(round(float(outcome["average_fill_price"]), 2))
+                               if outcome["average_fill_price"] is not None else "none"),
+        "filled_child": outcome["filled_child"] or "none",
+        "commission": dg.MetadataValue.float(float(outcome["commission"])),
+        "legs": _table(outcome["legs"], LEG_COLUMNS),
+        "changes": _bullets(outcome["changes"]),
+    })
 
 
 @dg.multi_asset(
     outs={
-        "positions": dg.AssetOut(description="Open positions at the broker with unrealized P&L.",
+        "positions": dg.AssetOut(description="Open positions at the broker with unrealized P&L and their stop.",
                                  group_name="portfolio"),
-        "executions": dg.AssetOut(description="Fills recorded from the broker; P&L and realized R per decision.",
+        "executions": dg.AssetOut(description="The books by position: fills matched FIFO into trades, with "
+                                              "net P&L, realized R and what closed them.",
                                   group_name="portfolio"),
         "account_summary": dg.AssetOut(description="Equity, cash, exposure and today's P&L.",
                                        group_name="portfolio"),
     },
+    # Downstream of every symbol's orders: the lineage runs bars -> ... -> order -> fill -> position.
+    deps=[dg.AssetDep("orders", partition_mapping=dg.AllPartitionMapping())],
     check_specs=[dg.AssetCheckSpec("no_drift", asset="positions",
-                                   description="The broker's orders and positions match what the pipeline sent and recorded.")],
+                                   description="The broker's orders and positions match what the pipeline sent and "
+                                               "recorded, and every pipeline position has a working stop-loss.")],
 )
 def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, market_data: MarketDataResource,
                    trading_db: TradingDatabaseResource):
-    from trading_pipeline.adapters.portfolio_sync import sync_portfolio
+    from trading_pipeline.adapters.portfolio_sync import marks_from_daily_bars, sync_portfolio, working_symbols
     from trading_pipeline.core.strategies import TimeframeSettings
 
     as_of = run_as_of(context)
     the_broker = broker.broker()
-    symbols = set(the_broker.account({}).positions)
+    sessions = trading_db.sessions()
+    symbols = set(the_broker.account({}, as_of).positions) | working_symbols(sessions)
     if hasattr(the_broker, "working_symbols"):
         symbols |= set(the_broker.working_symbols())
     source = market_data.source()
@@ -65,38 +120,44 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
     for symbol in sorted(symbols):
         try:
             bars[symbol] = source.fetch(symbol, "1d", history, as_of)
-        except Exception as error:  # a symbol without data must not stop the others' sync
+        except Exception as error:  # noqa: BLE001 -- a symbol without data must not stop the others' sync
             context.log.warning(f"no prices for {symbol}: {error}")
     if hasattr(the_broker, "simulate_fills"):
         for line in the_broker.simulate_fills(bars):
             context.log.info(f"paper broker: {line}")
-    marks = {symbol: float(frame["close"].iloc[-1]) for symbol, frame in bars.items() if not frame.empty}
-    report = sync_portfolio(trading_db.sessions(), the_broker, marks)
+    report = sync_portfolio(sessions, the_broker, marks_from_daily_bars(bars, as_of), as_of)
     for change in report.status_changes:
         context.log.info(change)
     for problem in report.drift:
-        context.log.warning(f"drift: {problem}")
+        if problem in report.unprotected:
+            context.log.error(f"UNPROTECTED POSITION: {problem}")
+        else:
+            context.log.warning(f"drift: {problem}")
+    for outcome in report.orders:
+        context.log_event(order_observation(outcome))
     account = report.account
     yield dg.Output(report.positions, output_name="positions", metadata={
-        "positions": _table(report.positions, ["symbol", "quantity", "average_price", "market_price",
-                                               "market_value", "unrealized_pnl"]),
+        "positions": _table(report.positions, POSITION_COLUMNS),
         "count": len(report.positions)})
     yield dg.Output(report.trades, output_name="executions", metadata={
-        "trades": _table(report.trades, ["decision_id", "symbol", "side", "quantity", "entry", "exit", "status",
-                                         "realized_pnl", "r_multiple"]),
+        "trades": _table(report.trades, TRADE_COLUMNS),
+        "realized_pnl": dg.MetadataValue.float(float(round(sum(t["realized_pnl"] for t in report.trades), 2))),
         "new_executions": report.new_executions,
-        "order_status_changes": dg.MetadataValue.md("\n".join(f"- {c}" for c in report.status_changes) or "_none_")})
-    summary = {"equity": account.equity, "cash": account.cash, "gross_exposure": round(account.gross_exposure, 2),
-               "daily_pnl": account.daily_pnl, "open_positions": account.open_positions, "broker": the_broker.name}
+        "order_status_changes": _bullets(report.status_changes)})
+    summary = {"equity": round(account.equity, 2), "cash": round(account.cash, 2),
+               "gross_exposure": round(account.gross_exposure, 2), "daily_pnl": round(account.daily_pnl, 2),
+               "open_positions": account.open_positions, "broker": the_broker.name}
     yield dg.Output(summary, output_name="account_summary", metadata={**summary, "as_of": as_of.isoformat()})
     yield dg.AssetCheckResult(check_name="no_drift", asset_key="positions", passed=not report.drift,
-                              severity=dg.AssetCheckSeverity.WARN,
-                              metadata={"drift": dg.MetadataValue.md("\n".join(f"- {d}" for d in report.drift) or "none")})
+                              severity=dg.AssetCheckSeverity.ERROR if report.unprotected
+                              else dg.AssetCheckSeverity.WARN,
+                              metadata={"drift": _bullets(report.drift)})
 
 
 sync_portfolio_job = dg.define_asset_job(
     SYNC_JOB, selection=dg.AssetSelection.assets("positions", "executions", "account_summary"),
-    description="Advance order states, record executions, refresh positions and the account, flag drift.")
+    description="Advance order states (reconcile crash leftovers), record executions, resize stops to their "
+                "positions, refresh positions and the account at the marks, keep the books, flag drift.")
 
 
 def market_session_active(now: datetime) -> bool:
@@ -109,9 +170,10 @@ def market_session_active(now: datetime) -> bool:
 @dg.sensor(job=sync_portfolio_job, minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
            default_status=dg.DefaultSensorStatus.STOPPED,
            description="During market hours, syncs orders, executions and positions with the broker every 5 minutes. "
-                       "Read-only towards the broker; off until you turn it on.")
+                       "Sends no new order; it resizes a protective stop (and take-profit) that is larger than "
+                       "its position. Off until you turn it on.")
 def order_status_sensor(context: dg.SensorEvaluationContext):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if not market_session_active(now):
         return dg.SkipReason(f"market closed at {now.isoformat(timespec='minutes')}: nothing to sync")
     bucket = now.replace(second=0, microsecond=0)

@@ -304,6 +304,7 @@ def test_demo_story_of_an_expired_and_of_an_open_order(tmp_path):
     from trading_pipeline.adapters.records import record_decision
     from trading_pipeline.core.analysis import TradeDecision
     from trading_pipeline.core.orders import build_legs
+    from trading_pipeline.core.risk import Mark
     from trading_pipeline.demo import _order_story
 
     sessions = session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
@@ -319,7 +320,7 @@ def test_demo_story_of_an_expired_and_of_an_open_order(tmp_path):
             "SPY": pd.DataFrame({"open": [99.0], "high": [101.0], "low": [98.5], "close": [100.5]}, index=wednesday)}
     broker = PaperBroker(sessions, 1e5)
     broker.simulate_fills(bars)
-    report = sync_portfolio(sessions, broker, {"AAPL": 102.0, "SPY": 100.5})
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(102.0), "SPY": Mark(100.5)})
     (trade,) = report.trades
     (position,) = report.positions
     assert _order_story(sessions, "expired", None, None) == [

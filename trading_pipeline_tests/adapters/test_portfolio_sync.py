@@ -1,0 +1,509 @@
+"""The portfolio sync (issue 12): books by position, what each order became, crash leftovers
+reconciled by cOID, stops resized to their position, marks, and positions keyed by the strategy's
+symbol. Against the paper broker, and against `BookBroker` where the broker side needs what the
+paper broker of this branch lacks (`modify`, commissions, partial fills): a small broker that
+keeps its orders and fills in memory and implements the Broker protocol of issue 12."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+import pytest
+from sqlalchemy import select
+
+from trading_pipeline.adapters import portfolio_sync as sync_module
+from trading_pipeline.adapters.broker import BrokerOrder, PaperBroker
+from trading_pipeline.adapters.order_desk import OrderDesk
+from trading_pipeline.adapters.portfolio_sync import (
+    NEVER_REACHED,
+    SUBMITTING_GRACE,
+    marks_from_daily_bars,
+    sync_portfolio,
+    working_entries,
+)
+from trading_pipeline.adapters.records import record_decision
+from trading_pipeline.adapters.trading_db import (
+    ExecutionRow,
+    OrderEventRow,
+    OrderRow,
+    PositionSnapshotRow,
+    session_factory,
+)
+from trading_pipeline.core import market_calendar
+from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
+from trading_pipeline.core.orders import build_legs
+from trading_pipeline.core.risk import AccountState, Mark, Position
+from trading_pipeline.errors import OrderRejectedError
+
+TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
+THURSDAY_AFTER_CLOSE = datetime(2026, 9, 3, 21, 30, tzinfo=UTC)
+WEDNESDAY_OPEN = datetime(2026, 9, 2, 13, 30, tzinfo=UTC)
+
+
+def decision(decision_id, as_of=TUESDAY_AFTER_CLOSE, action=Action.BUY, entry=100.0, stop=96.0, target=106.0,
+             symbol="AAPL", quantity=50):
+    return TradeDecision(decision_id=decision_id, strategy="s", symbol=symbol, as_of=as_of, data_through=as_of,
+                         proposed_action=action, action=action, entry=entry, stop=stop, targets=[target],
+                         r_multiple=1.5, profit_margin=0.06, confidence=0.7, quantity=quantity, rationale="test",
+                         account_equity=100_000.0)
+
+
+def daily_bars(rows: dict[str, tuple[float, float, float, float]], symbol="AAPL") -> dict[str, pd.DataFrame]:
+    cal = market_calendar.calendar()
+    index = pd.DatetimeIndex([cal.session_open(pd.Timestamp(day)) for day in rows], name="time")
+    frame = pd.DataFrame(list(rows.values()), index=index, columns=["open", "high", "low", "close"])
+    frame["volume"] = 1_000_000.0
+    return {symbol: frame}
+
+
+def send(sessions, broker, the_decision, legs=None, *, crash: str | None = None):
+    """Do what the orders step does, the sync's input: the legs written 'submitting', placed at the
+    broker at the decision's time (the paper broker fills them from the bars after it), the
+    broker's answer recorded. `crash` stops it 'before_send' or 'after_ack' (a killed process)."""
+    record_decision(sessions, the_decision)
+    legs = legs or build_legs(the_decision, "DAY")
+    desk = OrderDesk(sessions, broker)
+    desk._record(the_decision, legs, {}, "submitting", "about to send")
+    if crash == "before_send":
+        return
+    answers = broker.place(the_decision.symbol, legs, the_decision.entry, placed_at=the_decision.as_of)
+    if crash != "after_ack":
+        desk._record(the_decision, legs, {a.client_order_id: a for a in answers}, "unknown", "broker accepted")
+
+
+def rows(sessions, *coids) -> dict[str, OrderRow]:
+    with sessions() as session:
+        return {coid: session.get(OrderRow, coid) for coid in coids}
+
+
+def events(sessions, coid) -> list[str]:
+    with sessions() as session:
+        return session.scalars(select(OrderEventRow.detail).where(OrderEventRow.client_order_id == coid)
+                               .order_by(OrderEventRow.id)).all()
+
+
+# --- a broker with modify, commissions and partial fills, in memory -----------------------------------
+
+@dataclass(frozen=True)
+class Execution:  # BrokerExecution with the commission issue 12 adds
+    execution_id: str
+    client_order_id: str
+    symbol: str
+    side: str
+    quantity: float
+    price: float
+    executed_at: datetime
+    commission: float = 0.0
+
+
+@dataclass
+class HeldOrder:
+    symbol: str
+    leg: OrderLeg
+    broker_order_id: str
+    parent: str | None
+    status: str
+    filled: float = 0.0
+    average: float | None = None
+
+
+class BookBroker:
+    """Orders and fills in memory. Children work once their parent has a fill (IBKR sizes them to the
+    parent); a child filled completely cancels its siblings (one-cancels-other). `fill` is what the
+    market does; `refuse_modify` makes the next modify fail as a broker refusal does."""
+
+    name = "book"
+
+    def __init__(self, starting_cash: float = 100_000.0):
+        self.cash = starting_cash
+        self.orders: dict[str, HeldOrder] = {}
+        self.fills: list[Execution] = []
+        self.forgotten: set[str] = set()  # orders the broker no longer lists (an IBKR day rollover)
+        self.refuse_modify: str | None = None
+        self.modified: list[tuple[str, dict]] = []
+        self.account_calls: list[tuple[dict, datetime | None]] = []
+
+    def _answer(self, coid: str) -> BrokerOrder:
+        order = self.orders[coid]
+        return BrokerOrder(coid, order.broker_order_id, order.status, order.filled, order.average)
+
+    def place(self, symbol, legs, reference_price, placed_at=None):
+        parent = None
+        for leg in legs:
+            if leg.client_order_id in self.orders:
+                from trading_pipeline.adapters.broker import DuplicateOrderError
+
+                raise DuplicateOrderError(leg.client_order_id)
+            self.orders[leg.client_order_id] = HeldOrder(symbol, leg, str(1000 + len(self.orders)), parent,
+                                                         "PreSubmitted" if parent else "Submitted")
+            parent = parent or leg.client_order_id
+        return [self._answer(leg.client_order_id) for leg in legs]
+
+    def find_order(self, client_order_id):
+        if client_order_id not in self.orders or client_order_id in self.forgotten:
+            return None
+        return self._answer(client_order_id)
+
+    def executions(self, client_order_id):
+        return [f for f in self.fills if f.client_order_id == client_order_id]
+
+    def open_orders(self):
+        return [self._answer(c) for c, o in self.orders.items()
+                if o.status not in ("Filled", "Cancelled") and c not in self.forgotten]
+
+    def cancel(self, client_order_id):
+        if client_order_id not in self.orders:
+            return None
+        if self.orders[client_order_id].status not in ("Filled", "Cancelled"):
+            self.orders[client_order_id].status = "Cancelled"
+        return self._answer(client_order_id)
+
+    def modify(self, client_order_id, *, order_type=None, price=None, quantity=None):
+        if client_order_id not in self.orders:
+            return None
+        if self.refuse_modify:
+            problem, self.refuse_modify = self.refuse_modify, None
+            raise OrderRejectedError(problem, "answer the broker's question in Client Portal")
+        order = self.orders[client_order_id]
+        changes = {k: v for k, v in (("order_type", order_type), ("price", price), ("quantity", quantity)) if v}
+        order.leg = order.leg.model_copy(update=changes)
+        self.modified.append((client_order_id, changes))
+        return self._answer(client_order_id)
+
+    def min_tick(self, symbol):
+        return 0.01
+
+    def fill(self, client_order_id, quantity, price, at, commission=0.0):
+        order = self.orders[client_order_id]
+        self.fills.append(Execution(f"x{len(self.fills) + 1}", client_order_id, order.symbol, order.leg.side,
+                                    quantity, price, at, commission))
+        order.average = ((order.average or 0.0) * order.filled + price * quantity) / (order.filled + quantity)
+        order.filled += quantity
+        order.status = "Filled" if order.filled >= order.leg.quantity else "Submitted"
+        signed = quantity if order.leg.side == "BUY" else -quantity
+        self.cash -= signed * price + commission
+        for coid, other in self.orders.items():
+            if other.parent == client_order_id and other.status == "PreSubmitted":
+                other.status = "Submitted"
+            if (order.status == "Filled" and order.parent and other.parent == order.parent and coid != client_order_id
+                    and other.status not in ("Filled", "Cancelled")):
+                other.status = "Cancelled"
+
+    def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
+        self.account_calls.append((marks, as_of))
+        held: dict[str, list[float]] = {}
+        for f in self.fills:
+            quantity, cost = held.get(f.symbol, [0.0, 0.0])
+            signed = f.quantity if f.side == "BUY" else -f.quantity
+            held[f.symbol] = [quantity + signed, cost + signed * f.price]
+        positions = {}
+        for symbol, (quantity, cost) in held.items():
+            if quantity:
+                price = marks[symbol].price if symbol in marks else cost / quantity
+                positions[symbol] = Position(quantity, round(cost / quantity, 4), price)
+        equity = self.cash + sum(p.market_value for p in positions.values())
+        return AccountState(equity=round(equity, 2), cash=round(self.cash, 2), positions=positions)
+
+
+@pytest.fixture
+def sessions(database_url):
+    """SQLite and PostgreSQL: for what stores or reads order times and states."""
+    return session_factory(database_url)
+
+
+@pytest.fixture
+def memory_sessions(tmp_path):
+    """SQLite only: for the sync's logic against BookBroker (keeps the suite fast)."""
+    return session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
+
+
+# --- 1. books by position ---------------------------------------------------------------------------
+
+def test_a_position_closed_by_a_later_decision_is_one_closed_trade(sessions):
+    """Paper: Tuesday's BUY fills Wednesday at 97; Thursday's decision closes it, filled Friday at 98.
+    Before: the closing order was a second 'open' trade and the first never realized anything."""
+    broker = PaperBroker(sessions, 100_000.0)
+    send(sessions, broker, decision("open"))
+    broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5)}))
+    sync_portfolio(sessions, broker, {"AAPL": Mark(98.5)})
+    broker.cancel("tp-open-sl")  # (whatever the orders step does with the bracket's exits)
+    broker.cancel("tp-open-tp")
+    closing = decision("close", as_of=THURSDAY_AFTER_CLOSE, action=Action.SELL, entry=98.0, stop=101.0,
+                       target=95.0)
+    send(sessions, broker, closing, [OrderLeg(client_order_id="tp-close", role="exit", side="SELL",
+                                              order_type="LMT", quantity=50, price=98.0, tif="DAY")])
+    broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5), "2026-09-03": (98.0, 98.6, 97.5, 98.2),
+                                      "2026-09-04": (98.5, 99.0, 97.8, 98.8)}))
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(98.8, 98.2)}, as_of=datetime(2026, 9, 4, 21, tzinfo=UTC))
+    (trade,) = report.trades
+    assert {k: trade[k] for k in ("decision_id", "side", "quantity", "entry", "exit", "status", "exit_reason",
+                                  "holding_time")} == {
+        "decision_id": "open", "side": "BUY", "quantity": 50, "entry": 97.0, "exit": 98.5, "status": "closed",
+        "exit_reason": "exit", "holding_time": "2d 0h"}
+    net = 50 * (98.5 - 97.0) - trade["commission"]  # whatever the broker charged (none on a free paper broker)
+    assert trade["realized_pnl"] == round(net, 2)
+    assert trade["r_multiple"] == round(net / (50 * 1.0), 2)  # 1R: the 97 fill to the 96 stop
+    assert report.account.positions == {} and report.drift == []
+
+
+def test_a_stopped_out_bracket_reports_stop_loss_and_minus_one_r(memory_sessions):
+    broker = PaperBroker(memory_sessions, 100_000.0)
+    send(memory_sessions, broker, decision("stopped"))
+    broker.simulate_fills(daily_bars({"2026-09-02": (100.5, 101.0, 99.0, 100.5),
+                                      "2026-09-03": (99.0, 99.5, 95.0, 95.5)}))
+    (trade,) = sync_portfolio(memory_sessions, broker, {"AAPL": Mark(95.5, 100.5)}).trades
+    net = -200.0 - trade["commission"]
+    assert (trade["exit"], trade["status"], trade["realized_pnl"], trade["r_multiple"], trade["exit_reason"]) == (
+        96.0, "closed", round(net, 2), round(net / 200.0, 2), "stop_loss")
+    assert trade["opened_at"] == "2026-09-02T13:30:00+00:00" and trade["holding_time"] == "1d 0h"
+
+
+def test_partial_take_profit_then_stop_is_one_trade_with_both_exits(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("tpsl"))
+    broker.fill("tp-tpsl", 50, 100.0, WEDNESDAY_OPEN)
+    broker.fill("tp-tpsl-tp", 20, 106.0, WEDNESDAY_OPEN + timedelta(days=1))
+    sync_portfolio(memory_sessions, broker, {})  # resizes the stop to the 30 left
+    broker.fill("tp-tpsl-sl", 30, 97.0, WEDNESDAY_OPEN + timedelta(days=2))
+    report = sync_portfolio(memory_sessions, broker, {})
+    (trade,) = report.trades
+    assert (trade["quantity"], trade["exit"], trade["status"], trade["realized_pnl"], trade["exit_reason"]) == (
+        50, 100.6, "closed", 30.0, "take_profit, stop_loss")
+    assert trade["r_multiple"] == 0.15 and report.account.positions == {}
+
+
+def test_a_stop_turned_into_an_exit_closes_the_trade_as_an_exit(memory_sessions):
+    """The lead's exit: a later decision modifies the bracket's stop into a market order (role stays
+    stop_loss, an order event says so); its fill is the trade's exit, not a stop-out."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("held"))
+    broker.fill("tp-held", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    broker.modify("tp-held-sl", order_type="MKT")
+    with memory_sessions() as session:  # what the orders step records when it converts the stop
+        row = session.get(OrderRow, "tp-held-sl")
+        row.order_type = "MKT"
+        session.add(OrderEventRow(client_order_id="tp-held-sl", status="Submitted",
+                                  detail="converted into a MKT exit of 50 by decision later"))
+        session.commit()
+    broker.fill("tp-held-sl", 50, 101.0, WEDNESDAY_OPEN + timedelta(days=1))
+    report = sync_portfolio(memory_sessions, broker, {})
+    (trade,) = report.trades
+    assert (trade["status"], trade["exit"], trade["exit_reason"], trade["realized_pnl"]) == (
+        "closed", 101.0, "exit", 50.0)
+    (outcome,) = report.orders
+    assert outcome["filled_child"] == "exit"
+
+
+# --- 2. what each order became, for the `orders` asset ---------------------------------------------
+
+def test_the_sync_reports_what_each_changed_order_became(sessions):
+    broker = PaperBroker(sessions, 100_000.0)
+    send(sessions, broker, decision("story"))
+    (placed,) = sync_portfolio(sessions, broker, {}).orders  # sent since the last sync: observed once
+    assert (placed["status"], placed["filled_quantity"], placed["filled_child"]) == ("Submitted", 0, None)
+    assert [line for line in placed["changes"] if line.startswith("tp-story:")] == [
+        "tp-story: submitting (about to send)", "tp-story: Submitted (broker accepted)"]
+    assert "tp-story-sl: PreSubmitted (broker accepted)" in placed["changes"]
+    assert sync_portfolio(sessions, broker, {}).orders == []  # nothing changed: nothing to observe
+    broker.simulate_fills(daily_bars({"2026-09-02": (100.5, 101.0, 99.0, 100.5),
+                                      "2026-09-03": (101.0, 107.0, 100.8, 106.5)}))
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(106.5, 100.5)})
+    (outcome,) = report.orders
+    assert {k: outcome[k] for k in ("symbol", "decision_id", "client_order_id", "status", "filled_quantity",
+                                    "average_fill_price", "filled_child")} == {
+        "symbol": "AAPL", "decision_id": "story", "client_order_id": "tp-story", "status": "Filled",
+        "filled_quantity": 50, "average_fill_price": 100.0, "filled_child": "take_profit"}
+    legs = {leg["role"]: leg for leg in outcome["legs"]}
+    assert outcome["commission"] == round(sum(leg["commission"] for leg in outcome["legs"]), 2)
+    assert (legs["take_profit"]["status"], legs["take_profit"]["average_fill_price"]) == ("Filled", 106.0)
+    assert legs["stop_loss"]["status"] == "Cancelled"
+    assert any(line.startswith("tp-story-tp: PreSubmitted → Filled") for line in outcome["changes"])
+    assert any(line.startswith("tp-story-sl: PreSubmitted → Cancelled") for line in outcome["changes"])
+
+
+# --- 3. crash leftovers reconciled by the sync alone -----------------------------------------------
+
+def age(sessions, decision_id, by: timedelta):
+    """Move the decision's rows and their events `by` into the past."""
+    with sessions() as session:
+        for row in session.scalars(select(OrderRow).where(OrderRow.decision_id == decision_id)):
+            row.created_at = datetime.now(UTC) - by
+            for event in session.scalars(select(OrderEventRow).where(
+                    OrderEventRow.client_order_id == row.client_order_id)):
+                event.at = datetime.now(UTC) - by
+        session.commit()
+
+
+def test_a_crash_after_the_ack_is_reconciled_by_the_sync_alone(sessions):
+    send(sessions, PaperBroker(sessions, 100_000.0), decision("acked"), crash="after_ack")
+    coids = ("tp-acked", "tp-acked-sl", "tp-acked-tp")
+    assert {row.status for row in rows(sessions, *coids).values()} == {"submitting"}
+    broker = PaperBroker(sessions, 100_000.0)
+    broker.simulate_fills(daily_bars({"2026-09-02": (99.0, 101.0, 98.5, 100.5)}))  # the entry fills at 99
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(100.5)})  # no orders step re-run
+    after = rows(sessions, *coids)
+    assert (after["tp-acked"].status, after["tp-acked"].filled_quantity, after["tp-acked"].average_fill_price) == (
+        "Filled", 50, 99.0)
+    assert after["tp-acked-sl"].status == "Submitted" and after["tp-acked-tp"].status == "Submitted"
+    assert all(after[c].broker_order_id == broker.find_order(c).broker_order_id for c in coids)
+    assert events(sessions, "tp-acked")[-1] == "sync: reconciled by cOID, the broker has it (filled 50)"
+    assert report.new_executions == 1 and report.drift == []
+    assert report.account.positions["AAPL"].quantity == 50
+
+
+def test_a_crash_before_the_send_is_closed_after_the_grace_period(sessions):
+    send(sessions, PaperBroker(sessions, 100_000.0), decision("lost"), crash="before_send")
+    broker = PaperBroker(sessions, 100_000.0)
+    coids = ("tp-lost", "tp-lost-sl", "tp-lost-tp")
+
+    young = sync_portfolio(sessions, broker, {})
+    assert {row.status for row in rows(sessions, *coids).values()} == {"submitting"}  # may be in flight
+    assert any(line.startswith("tp-lost: submitting for ") and "checked again by the next sync" in line
+               for line in young.status_changes)
+    assert "AAPL" in working_entries(sessions, broker)  # still counts against a second order
+
+    age(sessions, "lost", SUBMITTING_GRACE + timedelta(seconds=1))
+    with sessions() as session:  # an orders step re-running the old decision right now: in flight again
+        session.add(OrderEventRow(client_order_id="tp-lost", status="submitting", detail="about to send"))
+        session.commit()
+    sync_portfolio(sessions, broker, {})
+    assert rows(sessions, "tp-lost")["tp-lost"].status == "submitting"
+
+    age(sessions, "lost", SUBMITTING_GRACE + timedelta(seconds=1))
+    report = sync_portfolio(sessions, broker, {})
+    assert {row.status for row in rows(sessions, *coids).values()} == {"Cancelled"}
+    assert events(sessions, "tp-lost")[-1] == NEVER_REACHED
+    assert f"tp-lost: submitting → Cancelled ({NEVER_REACHED})" in report.status_changes
+    assert working_entries(sessions, broker) == {} and report.drift == []
+    assert broker.find_order("tp-lost") is None  # and nothing was sent by the sync
+
+
+def test_an_unconfirmed_order_no_longer_listed_is_found_by_its_executions(memory_sessions):
+    """IBKR after a rollover: the acked entry filled yesterday and is no longer listed by cOID."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("rolled"), crash="after_ack")
+    broker.fill("tp-rolled", 50, 99.5, WEDNESDAY_OPEN)
+    broker.forgotten.add("tp-rolled")
+    age(memory_sessions, "rolled", timedelta(days=1))
+    sync_portfolio(memory_sessions, broker, {})
+    entry = rows(memory_sessions, "tp-rolled")["tp-rolled"]
+    assert (entry.status, entry.filled_quantity, entry.average_fill_price) == ("Filled", 50, 99.5)
+    with memory_sessions() as session:
+        assert [e.price for e in session.scalars(select(ExecutionRow))] == [99.5]
+
+
+# --- 4. stops resized after partial fills -------------------------------------------------------------
+
+def test_a_partial_take_profit_resizes_the_stop_to_the_position(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("ptp"))
+    broker.fill("tp-ptp", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    broker.fill("tp-ptp-tp", 20, 106.0, WEDNESDAY_OPEN + timedelta(days=1))
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert broker.modified == [("tp-ptp-sl", {"quantity": 30})]  # the take-profit has 30 left already
+    assert rows(memory_sessions, "tp-ptp-sl")["tp-ptp-sl"].quantity == 30
+    line = "resized from 50 to 30 shares to match the position (the position was reduced)"
+    assert f"tp-ptp-sl: {line}" in report.status_changes
+    assert events(memory_sessions, "tp-ptp-sl")[-1] == f"sync: {line}"
+    assert report.drift == []
+    assert "tp-ptp-sl" in {leg["client_order_id"] for o in report.orders for leg in o["legs"]}
+    assert sync_portfolio(memory_sessions, broker, {}).status_changes == []  # done once
+
+
+def test_a_partial_entry_whose_rest_expired_resizes_stop_and_target(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("pentry"))
+    broker.fill("tp-pentry", 20, 100.0, WEDNESDAY_OPEN)
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert broker.modified == [] and report.drift == []  # the entry still works: children follow it
+    broker.cancel("tp-pentry")  # its DAY ended with 20 of 50 filled
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert broker.modified == [("tp-pentry-sl", {"quantity": 20}), ("tp-pentry-tp", {"quantity": 20})]
+    why = "entry tp-pentry Cancelled with 20/50 filled"
+    assert f"tp-pentry-tp: resized from 50 to 20 shares to match the position ({why})" in report.status_changes
+    assert report.drift == []
+
+
+def test_a_refused_resize_is_drift_that_says_what_to_do(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("refused"))
+    broker.fill("tp-refused", 50, 100.0, WEDNESDAY_OPEN)
+    broker.fill("tp-refused-tp", 20, 106.0, WEDNESDAY_OPEN + timedelta(days=1))
+    broker.refuse_modify = "the order cannot be modified while it is being routed"
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert rows(memory_sessions, "tp-refused-sl")["tp-refused-sl"].quantity == 50  # unchanged, still protecting
+    assert report.drift == [(
+        "AAPL: the position is 30 shares but the stop-loss tp-refused-sl is for 50, and the broker refused to "
+        "resize it to 30 (the order cannot be modified while it is being routed): adjust its quantity at the "
+        "broker by hand (or close the position); answer the broker's question in Client Portal")]
+
+
+def test_a_pipeline_position_without_a_working_stop_is_flagged_loudly(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("naked"))
+    broker.fill("tp-naked", 50, 100.0, WEDNESDAY_OPEN)
+    broker.cancel("tp-naked-sl")  # cancelled by hand at the broker
+    report = sync_portfolio(memory_sessions, broker, {})
+    problem = ("AAPL: the pipeline's position of 50 shares has NO working stop-loss: place a protective stop at "
+               "the broker now (or close the position); the pipeline keeps a stop on every position it opened "
+               "until it is flat")
+    assert report.unprotected == [problem] and problem in report.drift
+
+
+# --- 5. marks -------------------------------------------------------------------------------------------
+
+def test_marks_are_the_latest_closed_close_and_the_close_before():
+    bars = daily_bars({"2026-09-01": (99.0, 101.0, 98.0, 100.0), "2026-09-02": (100.0, 102.0, 99.0, 101.0),
+                       "2026-09-03": (101.0, 103.0, 100.0, 102.5)})  # Thursday's bar is in progress at noon
+    thursday_noon = datetime(2026, 9, 3, 16, 0, tzinfo=UTC)
+    assert marks_from_daily_bars(bars, thursday_noon) == {"AAPL": Mark(101.0, 100.0)}
+    assert marks_from_daily_bars(bars, THURSDAY_AFTER_CLOSE) == {"AAPL": Mark(102.5, 101.0)}
+    first = daily_bars({"2026-09-01": (99.0, 101.0, 98.0, 100.0)})
+    assert marks_from_daily_bars(first, THURSDAY_AFTER_CLOSE) == {"AAPL": Mark(100.0, None)}
+    assert marks_from_daily_bars(first, datetime(2026, 9, 1, 15, tzinfo=UTC)) == {}  # nothing closed yet
+
+
+def test_the_account_is_asked_with_the_marks_and_the_point_in_time(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("marked"))
+    broker.fill("tp-marked", 50, 100.0, WEDNESDAY_OPEN)
+    marks = {"AAPL": Mark(95.0, 99.0)}
+    report = sync_portfolio(memory_sessions, broker, marks, as_of=THURSDAY_AFTER_CLOSE)
+    assert broker.account_calls == [(marks, THURSDAY_AFTER_CLOSE)]
+    (position,) = report.positions
+    assert (position["market_price"], position["unrealized_pnl"], position["stop"]) == (95.0, -250.0, 96.0)
+    assert report.account.equity == 100_000.0 - 250.0
+
+
+def test_a_broker_still_reading_plain_prices_gets_the_marks_prices(memory_sessions):
+    """The transition: this branch's paper broker values positions at floats."""
+    broker = PaperBroker(memory_sessions, 100_000.0)
+    send(memory_sessions, broker, decision("plain"))
+    broker.simulate_fills(daily_bars({"2026-09-02": (99.0, 101.0, 98.5, 100.5)}))
+    report = sync_portfolio(memory_sessions, broker, {"AAPL": Mark(95.0, 99.0)})
+    assert report.account.positions["AAPL"].market_price == 95.0
+    account = sync_module._account(broker, {"AAPL": Mark(95.0)}, None)
+    assert account.equity == pytest.approx(account.cash + 50 * 95.0)
+
+
+# --- 6. positions keyed by the strategy's symbol ---------------------------------------------------------
+
+def test_positions_stay_keyed_by_the_strategy_symbol(memory_sessions):
+    """The broker keys positions by the strategy's symbol (IBKR maps BRK B's conid back to BRK.B):
+    executions, drift, protection and snapshots all use that key, nothing re-keys by ticker."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("brk", symbol="BRK.B", entry=480.0, stop=470.0, target=500.0, quantity=10))
+    broker.fill("tp-brk", 10, 480.0, WEDNESDAY_OPEN)
+    broker.fill("tp-brk-tp", 4, 500.0, WEDNESDAY_OPEN + timedelta(days=1))
+    report = sync_portfolio(memory_sessions, broker, {"BRK.B": Mark(490.0, 485.0)})
+    assert report.drift == []  # the broker's 6 BRK.B are the executions' 6 BRK.B
+    assert broker.modified == [("tp-brk-sl", {"quantity": 6})]
+    assert [p["symbol"] for p in report.positions] == ["BRK.B"] and report.positions[0]["market_price"] == 490.0
+    assert [(t["symbol"], t["status"]) for t in report.trades] == [("BRK.B", "partly closed")]
+    with memory_sessions() as session:
+        assert set(session.scalars(select(PositionSnapshotRow.symbol))) == {"BRK.B"}
+        assert set(session.scalars(select(ExecutionRow.symbol))) == {"BRK.B"}
