@@ -102,6 +102,24 @@ class CsvMarketData:
 MARK_HISTORY = TimeframeSettings(period="1m")  # two closed sessions, even after a long holiday
 
 
+def marks_from_daily_bars(bars: dict[str, pd.DataFrame], as_of: datetime) -> dict[str, Mark]:
+    """Each symbol's mark at `as_of`: the close of its latest daily bar whose session had closed by
+    then (a session in progress has no close yet), and the close of the session before it."""
+    marks = {}
+    for symbol, frame in bars.items():
+        if frame.empty:
+            continue
+        from trading_pipeline.core import market_calendar  # exchange_calendars: only when used
+
+        closes = market_calendar.bar_close_times(frame.index, "1d")
+        closed = frame["close"][(pd.DatetimeIndex(closes) <= pd.Timestamp(as_of)).tolist()]
+        if closed.empty:
+            continue
+        previous = float(closed.iloc[-2]) if len(closed) > 1 else None
+        marks[symbol] = Mark(price=float(closed.iloc[-1]), previous_close=previous)
+    return marks
+
+
 def marks_for(source: MarketDataSource, symbols, as_of: datetime) -> dict[str, Mark]:
     """Each symbol's mark at `as_of`: the close of its latest daily bar closed by then and the
     close before it. A symbol whose data cannot be read (or has no bar) is left out and logged:
@@ -109,13 +127,13 @@ def marks_for(source: MarketDataSource, symbols, as_of: datetime) -> dict[str, M
     marks = {}
     for symbol in sorted(set(symbols)):
         try:
-            closes = source.fetch(symbol, "1d", MARK_HISTORY, as_of)["close"]
+            frame = source.fetch(symbol, "1d", MARK_HISTORY, as_of)
         except Exception as error:  # noqa: BLE001 - one symbol's missing data must not hide the others' marks
             logger.warning("no mark for %s at %s: %s", symbol, as_of, error)
             continue
-        if closes.empty:
+        mark = marks_from_daily_bars({symbol: frame}, as_of).get(symbol)
+        if mark is None:
             logger.warning("no mark for %s at %s: no daily bar closed in the month before", symbol, as_of)
             continue
-        previous = float(closes.iloc[-2]) if len(closes) > 1 else None
-        marks[symbol] = Mark(float(closes.iloc[-1]), previous)
+        marks[symbol] = mark
     return marks

@@ -11,7 +11,6 @@ executions imply, and a pipeline position without a working stop-loss.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -28,7 +27,6 @@ from trading_pipeline.adapters.trading_db import (
     OrderRow,
     PositionSnapshotRow,
 )
-from trading_pipeline.core import market_calendar
 from trading_pipeline.core.books import Fill, describe_duration, match_trades
 from trading_pipeline.core.risk import AccountState, Mark, WorkingEntry
 from trading_pipeline.errors import OrderRejectedError
@@ -171,11 +169,6 @@ def working_symbols(sessions: sessionmaker[Session]) -> set[str]:
 
 # --- executions, marks, account -------------------------------------------------------------------
 
-def _commission(execution) -> float:
-    # Executions carry their commission once the brokers report it (issue 12, point 10); 0 until then.
-    return float(getattr(execution, "commission", 0.0) or 0.0)
-
-
 def _record_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
     added = 0
     with sessions() as session:
@@ -187,40 +180,11 @@ def _record_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
                         execution_id=execution.execution_id, client_order_id=row.client_order_id,
                         symbol=row.symbol, side=execution.side, quantity=execution.quantity,
                         price=execution.price, broker=broker.name, executed_at=execution.executed_at)
-                    if hasattr(ExecutionRow, "commission"):  # the column arrives with commissions
-                        recorded.commission = _commission(execution)
+                    recorded.commission = execution.commission
                     session.add(recorded)
                     added += 1
         session.commit()
     return added
-
-
-def marks_from_daily_bars(bars: dict[str, pd.DataFrame], as_of: datetime) -> dict[str, Mark]:
-    """Each symbol's mark at `as_of`: the close of its latest daily bar whose session had closed by
-    then (a session in progress has no close yet), and the close of the session before it."""
-    marks = {}
-    for symbol, frame in bars.items():
-        if frame.empty:
-            continue
-        closes = market_calendar.bar_close_times(frame.index, "1d")
-        closed = frame["close"][(pd.DatetimeIndex(closes) <= pd.Timestamp(as_of)).tolist()]
-        if closed.empty:
-            continue
-        previous = float(closed.iloc[-2]) if len(closed) > 1 else None
-        marks[symbol] = Mark(price=float(closed.iloc[-1]), previous_close=previous)
-    return marks
-
-
-def _account(broker: Broker, marks: dict[str, Mark], as_of: datetime | None) -> AccountState:
-    """The broker's account valued at the marks.
-
-    TRANSITION (issue 12): the brokers' `account(marks: dict[str, Mark], as_of)` lands with the
-    paper and IBKR work; a broker whose `account` still reads plain prices gets the marks' prices.
-    Delete this function (call `broker.account(marks, as_of)`) once both take Marks."""
-    annotation = inspect.signature(broker.account).parameters["marks"].annotation
-    if "Mark" in str(annotation):
-        return broker.account(marks, as_of)
-    return broker.account({symbol: mark.price for symbol, mark in marks.items()}, as_of)
 
 
 def _implied_positions(session: Session) -> dict[str, float]:
@@ -239,7 +203,7 @@ def _exit_reason(row: OrderRow | None, converted: set[str]) -> str:
         return "manual"
     if row.role == "stop_loss":  # a stop turned into a market exit by a decision keeps its role
         turned = (row.client_order_id in converted or row.order_type == "MKT"
-                  or getattr(row, "exit_decision_id", None))  # the column arrives with the exits work
+                  or row.exit_decision_id)
         return "exit" if turned else "stop_loss"
     if row.role in ("take_profit", "exit"):
         return row.role
@@ -256,7 +220,7 @@ def _trades(session: Session, now: datetime) -> list[dict]:
     stops = dict(session.execute(select(DecisionRow.decision_id, DecisionRow.stop)).all())
     executions = session.scalars(select(ExecutionRow).order_by(ExecutionRow.executed_at)).all()
     fills = [Fill(execution_id=e.execution_id, symbol=e.symbol, side=e.side, quantity=e.quantity, price=e.price,
-                  commission=_commission(e), executed_at=as_utc(e.executed_at),
+                  commission=e.commission, executed_at=as_utc(e.executed_at),
                   decision_id=orders[e.client_order_id].decision_id if e.client_order_id in orders else "",
                   reason=_exit_reason(orders.get(e.client_order_id), converted))
              for e in executions]
@@ -307,11 +271,8 @@ def _resize(session: Session, broker: Broker, row: OrderRow, held: float, why: s
     symbol = row.symbol
     cannot = (f"{symbol}: the position is {held:g} shares but the {row.role.replace('_', '-')} "
               f"{row.client_order_id} is for {remaining:g}")
-    modify = getattr(broker, "modify", None)  # TRANSITION (issue 12): every broker gets modify()
-    if modify is None:
-        return False  # the caller reports the mismatch for a person to fix
     try:
-        answer = modify(row.client_order_id, quantity=new_quantity)
+        answer = broker.modify(row.client_order_id, quantity=new_quantity)
     except OrderRejectedError as refusal:
         result.drift.append(f"{cannot}, and the broker refused to resize it to {held:g} ({refusal.problem}): "
                             f"adjust its quantity at the broker by hand (or close the position); {refusal.fix}")
@@ -410,7 +371,7 @@ def _order_outcomes(session: Session, changed: set[str], changes: list[str]) -> 
     decision_ids = set(session.scalars(select(OrderRow.decision_id).where(OrderRow.client_order_id.in_(changed))))
     commissions: dict[str, float] = {}
     for execution in session.scalars(select(ExecutionRow)):
-        commissions[execution.client_order_id] = commissions.get(execution.client_order_id, 0.0) + _commission(execution)
+        commissions[execution.client_order_id] = commissions.get(execution.client_order_id, 0.0) + execution.commission
     converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
         OrderEventRow.detail.contains("converted"))))
     role_order = {"entry": 0, "exit": 0, "stop_loss": 1, "take_profit": 2}
@@ -447,7 +408,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
     started = datetime.now(UTC)
     changes, changed = _advance_orders(sessions, broker)
     added = _record_executions(sessions, broker)
-    account = _account(broker, marks, as_of)
+    account = broker.account(marks, as_of)
     now = datetime.now(UTC)
     drift = []
     with sessions() as session:

@@ -104,7 +104,8 @@ def order_observation(outcome: dict) -> dg.AssetObservation:
 )
 def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, market_data: MarketDataResource,
                    trading_db: TradingDatabaseResource):
-    from trading_pipeline.adapters.portfolio_sync import marks_from_daily_bars, sync_portfolio, working_symbols
+    from trading_pipeline.adapters.market_data import marks_from_daily_bars
+    from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_symbols
     from trading_pipeline.core.strategies import TimeframeSettings
 
     as_of = run_as_of(context)

@@ -15,11 +15,11 @@ from sqlalchemy import select
 
 from trading_pipeline.adapters import portfolio_sync as sync_module
 from trading_pipeline.adapters.broker import BrokerOrder, PaperBroker
+from trading_pipeline.adapters.market_data import marks_from_daily_bars
 from trading_pipeline.adapters.order_desk import OrderDesk
 from trading_pipeline.adapters.portfolio_sync import (
     NEVER_REACHED,
     SUBMITTING_GRACE,
-    marks_from_daily_bars,
     sync_portfolio,
     working_entries,
 )

@@ -22,6 +22,7 @@ from trading_pipeline.adapters.trading_db import (
     SymbolRow,
     session_factory,
 )
+from trading_pipeline.core import costs
 from trading_pipeline.core.analysis import Action
 from trading_pipeline.core.strategies import parse_strategies
 from trading_pipeline.definitions import build_definitions
@@ -170,7 +171,10 @@ def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp
     assert wednesday.name.date().isoformat() == "2026-09-02"
     assert wednesday["low"] <= decision.entry  # the simulated market (seed 0) fills the entry on Wednesday
     entry_fill = round(min(wednesday["open"], decision.entry), 2)
-    after = bars[bars.index > wednesday.name]  # the children work from the bar after the entry's
+    # The stop counts on the entry's own bar too (core/fills.py); on this market Wednesday stays above it,
+    # and the entry filled inside the bar, so the target works from the next bar on.
+    assert wednesday["low"] > decision.stop
+    after = bars[bars.index > wednesday.name]
     hit = after[(after["low"] <= decision.stop) | (after["high"] >= decision.targets[0])]
     (trade,) = trades
     assert trade["decision_id"] == decision.decision_id and trade["entry"] == entry_fill
@@ -181,10 +185,14 @@ def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp
         stopped = bar["low"] <= decision.stop  # a bar reaching both counts as stopped (conservative)
         expected_exit = round(min(bar["open"], decision.stop), 2) if stopped else round(max(bar["open"], decision.targets[0]), 2)
         assert trade["status"] == "closed" and trade["exit"] == expected_exit
-        expected_r = round((expected_exit - entry_fill) / (entry_fill - decision.stop), 2)
+        # Realized R is net of what IBKR's fixed pricing charges on both fills (SEC and FINRA fees on the sale).
+        charged = (costs.commission("ibkr_fixed", "BUY", decision.quantity, entry_fill)
+                   + costs.commission("ibkr_fixed", "SELL", decision.quantity, expected_exit))
+        net = decision.quantity * (expected_exit - entry_fill) - charged
+        expected_r = round(net / (decision.quantity * (entry_fill - decision.stop)), 2)
         assert trade["r_multiple"] == expected_r
         assert positions == [] and account["open_positions"] == 0
-        assert account["equity"] == pytest.approx(100_000 + decision.quantity * (expected_exit - entry_fill), abs=0.01)
+        assert account["equity"] == pytest.approx(100_000 + net, abs=0.01)
 
 
 def test_order_step_failing_after_send_then_rerun_sends_once(environment, tmp_path):

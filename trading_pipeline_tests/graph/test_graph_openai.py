@@ -32,6 +32,7 @@ def server():
 @pytest.fixture
 def openai_env(server, tmp_path, monkeypatch):
     environment = {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_ORDERS_ENABLED": "yes",
+                   "TRADING_AS_OF": AS_OF,  # the paper deployment's clock: the decision is current when sent
                    "TRADING_ANALYST": "openai", "OPENAI_API_KEY": "sk-test-graph-SECRET",
                    "OPENAI_BASE_URL": server.base_url, "OPENAI_MODEL": "gpt-4.1-mini",
                    "TRADING_LLM_BACKOFF_SECONDS": "0.01", "TRADING_LLM_BACKOFF_MAX_SECONDS": "0.05"}
