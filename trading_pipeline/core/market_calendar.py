@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ def bar_close_times(index: pd.DatetimeIndex, timeframe: str) -> pd.Series:
     return pd.Series(pd.DatetimeIndex(values.view("M8[ns]"), tz="UTC"), index=index)
 
 
-def bar_close_time(start: datetime, timeframe: str) -> pd.Timestamp | None:
+def bar_close_time(start: datetime, timeframe: str) -> datetime | None:
     """`bar_close_times` of one bar start, without building pandas objects (the decision step
     asks this twice per decision; a backtest makes tens of thousands): None where that gives NaT."""
     opens, closes, weeks, week_closes = _schedule_ns()
@@ -57,20 +58,27 @@ def bar_close_time(start: datetime, timeframe: str) -> pd.Timestamp | None:
         position = int(np.searchsorted(opens, _ns(start), side="right")) - 1
         value = int(closes[position]) if position >= 0 else _NAT
     elif timeframe == "1w":
-        local_day = pd.Timestamp(start).tz_convert("America/New_York").date().toordinal() - _EPOCH_ORDINAL
-        value = int(_lookup(weeks, week_closes, np.array([(local_day + 3) // 7]))[0])
+        local_day = start.astimezone(_NEW_YORK).date().toordinal() - _EPOCH_ORDINAL
+        week = (local_day + 3) // 7
+        position = min(int(np.searchsorted(weeks, week)), len(weeks) - 1)
+        value = int(week_closes[position]) if weeks[position] == week else _NAT
     else:
         raise ValueError(f"unknown timeframe {timeframe!r}")
-    return None if value == _NAT else pd.Timestamp(value, tz="UTC")
+    return None if value == _NAT else _EPOCH + timedelta(microseconds=value // 1000)
 
 
 def _ns(moment: datetime) -> int:
-    return pd.Timestamp(moment).tz_convert("UTC").as_unit("ns").value
+    if isinstance(moment, pd.Timestamp):
+        return moment.tz_convert("UTC").as_unit("ns").value
+    return (moment - _EPOCH) // _MICROSECOND * 1000
 
 
 _NAT = np.iinfo(np.int64).min
 _NS_PER_DAY = 86_400 * 10**9
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_NEW_YORK = ZoneInfo("America/New_York")
 
 
 def _week_numbers(index: pd.DatetimeIndex) -> np.ndarray:
