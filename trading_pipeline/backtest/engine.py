@@ -316,8 +316,10 @@ class Backtest:
     def __init__(self, settings: BacktestSettings, strategy: Strategy, bars: dict[str, dict[str, pd.DataFrame]],
                  *, analyst: BacktestAnalyst | None = None, indicator_params: IndicatorParams | None = None,
                  data_digest: str = "", code: str | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None,
+                 on_decision: Callable[[TradeDecision], None] | None = None):
         self.settings = settings
+        self.on_decision = on_decision
         self.strategy = strategy
         self.symbols = list(bars)
         self.analyst = analyst or RulesAnalyst()
@@ -434,6 +436,8 @@ class Backtest:
                                       consolidator=self.analyst.consolidate, decided_at=decided_at)
                     decisions.append(DecisionRecord.of(decision, _new_york_date(start),
                                                        not (day_analysis.valid and week_analysis.valid)))
+                    if self.on_decision is not None:
+                        self.on_decision(decision)
                     if decision.actionable:
                         entry = self._place(decision, working, decided_at, marks)
                         if entry is not None:

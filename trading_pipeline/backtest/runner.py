@@ -86,12 +86,13 @@ def load(settings: BacktestSettings, *, strategies_file: StrategiesFile | None =
 def run_backtest(settings: BacktestSettings, *, strategies_file: StrategiesFile | None = None,
                  source: MarketDataSource | None = None, analyst: BacktestAnalyst | None = None,
                  progress: Callable[[int, int], None] | None = None, loaded=None,
-                 point: dict[str, float] | None = None) -> BacktestResult:
+                 point: dict[str, float] | None = None, on_decision=None) -> BacktestResult:
     strategy, bars, extra = loaded or load(settings, strategies_file=strategies_file, source=source)
     strategy, params = with_overrides(strategy, settings, point or {})
     bars = {symbol: bars[symbol] for symbol in strategy.symbols}
     result = Backtest(settings, strategy, bars, analyst=analyst, indicator_params=params,
-                      data_digest=data.data_digest(bars), code=code_version(), progress=progress).run()
+                      data_digest=data.data_digest(bars), code=code_version(), progress=progress,
+                      on_decision=on_decision).run()
     result.extra_benchmarks = extra
     warning = knowledge_cutoff_warning(settings, getattr(analyst, "model", None))
     if warning:
