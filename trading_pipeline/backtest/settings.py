@@ -68,8 +68,8 @@ class BacktestSettings(BaseModel):
 
     @model_validator(mode="after")
     def _window(self) -> BacktestSettings:
-        if self.end <= self.start:
-            raise ValueError(f"end {self.end} must be after start {self.start}")
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
         if self.data == "csv" and not self.csv_dir:
             raise ValueError("data: csv needs csv_dir (a folder of <SYMBOL>_<timeframe>.csv files)")
         if self.grid and not self.folds:

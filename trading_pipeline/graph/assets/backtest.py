@@ -6,8 +6,6 @@ run's trades, equity and decisions to the trading database and the equity chart 
 store, and shows the statistics, the chart's thumbnail and the per-gate rejections in metadata.
 """
 
-from __future__ import annotations
-
 from datetime import date
 
 import dagster as dg
