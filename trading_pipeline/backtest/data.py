@@ -122,9 +122,11 @@ class HistoryCache:
             self.hits += 1
             frame = pd.read_csv(path, index_col="time")
             frame.index = pd.DatetimeIndex(pd.to_datetime(frame.index, utc=True, format="ISO8601"), name="time")
+            frame.index = frame.index.as_unit("ns")
             return frame[list(OHLCV_COLUMNS)].astype("float64")
         self.misses += 1
         frame = self.source.fetch(symbol, timeframe, history, as_of)
+        frame.index = frame.index.as_unit("ns")  # as a cached answer reads back
         self.folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         frame.to_csv(partial, index_label="time", float_format="%.17g")

@@ -228,13 +228,14 @@ class BacktestResult:
         return run_key(self.settings, self.code_version, self.data_digest)
 
     def result_digest(self) -> str:
-        """sha256 of what the run produced (decisions, fills, equity): equal for equal runs."""
+        """sha256 of what the run produced (decisions, fills, equity): equal for equal runs
+        (times as ISO text: equal instants whatever their tzinfo object)."""
         digest = hashlib.sha256()
         for record in self.decisions:
             digest.update(repr((record.session, record.symbol, record.decision_id, record.action, record.quantity,
                                 record.entry, record.stop, record.target, record.failed_gates)).encode())
         for fill in self.fills:
-            digest.update(repr((fill.at, fill.symbol, fill.side, fill.quantity, fill.price, fill.commission,
+            digest.update(repr((fill.at.isoformat(), fill.symbol, fill.side, fill.quantity, fill.price, fill.commission,
                                 fill.role)).encode())
         digest.update(np.ascontiguousarray(self.equity.to_numpy(np.float64)).tobytes())
         return digest.hexdigest()

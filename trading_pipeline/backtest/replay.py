@@ -45,7 +45,8 @@ def anonymized(frame: pd.DataFrame) -> pd.DataFrame:
                                                      "bb_lower", "supertrend", "atr_14", "macd", "macd_signal",
                                                      "macd_hist") or c.startswith("sma_")]
     rebased = frame.copy()
-    rebased[price_like] = frame[price_like] * (100.0 / last_close)
+    # Rounded: a chart shows no more, and the same shape at another price level keys the same.
+    rebased[price_like] = (frame[price_like] * (100.0 / last_close)).round(6)
     rebased.index = pd.bdate_range(end=_ANONYMOUS_END, periods=len(frame), freq="B", tz="UTC", name="time")
     return rebased
 
