@@ -109,7 +109,6 @@ def walk_forward_lines(walk) -> list[str]:
     rows = []
     for fold in walk.folds:
         chosen = ", ".join(f"{k}={v:g}" for k, v in fold.chosen.items()) or "(strategy as is)"
-        best = dict(fold.scores)
         in_score = max(score for _, score in fold.scores)
         out_stats = equity_statistics(fold.out_of_sample_result.equity)
         rows.append([str(fold.number), f"{fold.in_sample[0]}..{fold.in_sample[1]}",
@@ -117,7 +116,6 @@ def walk_forward_lines(walk) -> list[str]:
                      fmt(out_stats.get(walk.metric) if walk.metric != "expectancy_r" else
                          trade_statistics(fold.out_of_sample_result.trades)["expectancy_r"], "num"),
                      fmt(out_stats["total_return"], "pct")])
-        del best
     joined_in = equity_statistics(walk.in_sample_equity)
     joined_out = equity_statistics(walk.out_of_sample_equity)
     lines = [f"Walk-forward ({len(walk.folds)} folds, chosen by in-sample {walk.metric}):",
