@@ -55,12 +55,12 @@ def bar_close_time(start: datetime, timeframe: str) -> datetime | None:
     asks this twice per decision; a backtest makes tens of thousands): None where that gives NaT."""
     opens, closes, weeks, week_closes = _schedule_ns()
     if timeframe == "1d":
-        position = int(np.searchsorted(opens, _ns(start), side="right")) - 1
+        position = int(opens.searchsorted(_ns(start), side="right")) - 1
         value = int(closes[position]) if position >= 0 else _NAT
     elif timeframe == "1w":
         local_day = start.astimezone(_NEW_YORK).date().toordinal() - _EPOCH_ORDINAL
         week = (local_day + 3) // 7
-        position = min(int(np.searchsorted(weeks, week)), len(weeks) - 1)
+        position = min(int(weeks.searchsorted(week)), len(weeks) - 1)
         value = int(week_closes[position]) if weeks[position] == week else _NAT
     else:
         raise ValueError(f"unknown timeframe {timeframe!r}")
@@ -160,7 +160,7 @@ def periods_closed_between(after: datetime, until: datetime, timeframe: str) -> 
         closes = week_closes
     elif timeframe != "1d":
         raise ValueError(f"unknown timeframe {timeframe!r}")
-    return max(0, int(np.searchsorted(closes, _ns(until), side="right") - np.searchsorted(closes, _ns(after), side="right")))
+    return max(0, int(closes.searchsorted(_ns(until), side="right") - closes.searchsorted(_ns(after), side="right")))
 
 
 # --- When the automation fires (pure: give it a time, it says which session, if any) -------------
