@@ -1,14 +1,14 @@
 """`llm_replay`: the OpenAI analyst's answers replayed from the response cache, never the network.
 
 The replay analyst *is* the live `OpenAIAnalyst` (same numeric context, prompts, validation,
-plausibility checks and consolidation) with only the model call replaced: `_complete` looks the
-answer up in the response cache (loaded once) and a miss is an unusable answer, so NO_TRADE,
-counted. No client is ever built (`client()` raises) and nothing is written to the call log.
+plausibility checks and consolidation) with only its model caller replaced: `CacheOnlyCaller`
+looks the answer up in the response cache (loaded once) and a miss is an unusable answer, so
+NO_TRADE, counted. No client is ever built and nothing is written to the call log.
 
 The cache key of a chart analysis uses `chart_spec_sha256` (the chart's data and figure spec)
 where the live analyst used the PNG's sha256, so replay never renders a chart. For live answers
-to be found here, the live analyst must key its timeframe analyses the same way (see the report
-of issue 13: one line in `OpenAIAnalyst._complete`).
+to be found here, the live analyst must key its timeframe analyses the same way (one line in
+`ModelCaller.complete`: `image_sha256` from `chart_spec_sha256(indicators)` rather than the PNG).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters import model_calls, openai_analyst
+from trading_pipeline.adapters.llm.answers import Unusable, parse_answer, schema_for
+from trading_pipeline.adapters.llm.calls import Answer
+from trading_pipeline.adapters.llm.settings import DEFAULT_MODEL, OpenAISettings
 from trading_pipeline.backtest.engine import PreparedSeries
 from trading_pipeline.backtest.settings import BacktestSettings
 from trading_pipeline.core import chart_figure
@@ -74,69 +77,65 @@ def _figure_code_version() -> str:
     return hashlib.sha256(Path(chart_figure.__file__).read_bytes()).hexdigest()[:16]
 
 
-class CacheOnlyAnalyst(openai_analyst.OpenAIAnalyst):
-    """The live OpenAI analyst answering from the response cache only."""
+class CacheOnlyCaller:
+    """Stands in for the live analyst's `ModelCaller`: the answer comes from the response cache
+    (loaded once) or not at all. A miss raises `Unusable`, which the analyst turns into NO_TRADE."""
 
-    def __init__(self, model: str, answers: dict[str, model_calls.CachedResponse], *, anonymize: bool = False):
-        settings = openai_analyst.OpenAISettings(
-            api_key="replay-has-no-key", base_url="http://127.0.0.1:9/v1", model=model, vision="auto",
-            timeout_s=1.0, max_output_tokens=1500, temperature=0.0, max_attempts=1, backoff_s=0.0,
-            backoff_max_s=0.0, concurrency=1, price=None, limits=model_calls.BudgetLimits(), cache=True)
-        super().__init__(settings, sessionmaker(), run_id=None)
+    def __init__(self, model: str, answers: dict[str, model_calls.CachedResponse]):
         self.model = model
         self.answers = answers
-        self.anonymize = anonymize
+        self.redactor = model_calls.Redactor([])
+        self.chart_sha: str | None = None  # the chart being analyzed, set by ReplayAnalyst
         self.hits = 0
         self.misses = 0
-        self._chart_sha: str | None = None
 
-    def analyze(self, indicators: MarketFrame, chart=None, png: bytes | None = None) -> TimeframeAnalysis:
-        self._chart_sha = chart_spec_sha256(indicators, anonymize=self.anonymize)
-        try:
-            return super().analyze(indicators, chart, None)
-        finally:
-            self._chart_sha = None
-
-    def client(self):
-        raise RuntimeError("llm_replay makes no model call")
-
-    def _settle(self, result, call_id: str, outcome: str) -> str | None:
-        return None  # a replay writes nothing to the call log
-
-    def _complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt, user_text: str,
-                  png: bytes | None, context: dict[str, Any], answer_model) -> Any:
-        _, schema_sha = openai_analyst._schema(answer_model)
+    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt, user_text: str,
+                 png: bytes | None, context: dict[str, Any], answer_model) -> Answer:
+        _, schema_sha = schema_for(answer_model)
         key, _ = model_calls.cache_key(kind=kind, model=self.model, prompt_version=prompt.version,
-                                       image_sha256=self._chart_sha if kind == TIMEFRAME_ANALYSIS
-                                       else None, context=context, schema_sha256=schema_sha)
+                                       image_sha256=self.chart_sha if kind == TIMEFRAME_ANALYSIS else None,
+                                       context=context, schema_sha256=schema_sha)
         cached = self.answers.get(key)
         if cached is None:
             self.misses += 1
-            raise openai_analyst._Unusable(f"llm_replay: no cached {kind} answer of {self.model} for {symbol} "
-                                           f"{timeframe or ''} (key {key[:12]}); NO_TRADE")
-        answer, notes = openai_analyst.parse_answer(cached.content, answer_model)
+            raise Unusable(f"llm_replay: no cached {kind} answer of {self.model} for {symbol} {timeframe or ''} "
+                           f"(key {key[:12]}): NO_TRADE")
+        answer, notes = parse_answer(cached.content, answer_model)
         self.hits += 1
-        return openai_analyst._Answer(answer, cached.vision, cached.response_format, f"replay-{key[:12]}",
-                                      cached=True, notes=notes)
+        return Answer(answer, cached.vision, cached.response_format, f"replay-{key[:12]}", cached=True, notes=notes)
+
+    def settle(self, result, call_id: str, outcome: str) -> str | None:
+        return None  # a replay writes nothing to the call log
+
+    def close(self) -> None:
+        pass
 
 
 class ReplayAnalyst:
     """The backtest loop's analyst for `llm_replay` (see the module docstring)."""
 
     def __init__(self, model: str, answers: dict[str, model_calls.CachedResponse], *, anonymize: bool = False):
-        self.live = CacheOnlyAnalyst(model, answers, anonymize=anonymize)
+        settings = OpenAISettings(
+            api_key="", base_url="http://127.0.0.1:9/v1", model=model, vision="auto", timeout_s=1.0,
+            max_output_tokens=1500, temperature=0.0, max_attempts=1, backoff_s=0.0, backoff_max_s=0.0,
+            concurrency=1, price=None, limits=model_calls.BudgetLimits(), cache=True)
+        self.live = openai_analyst.OpenAIAnalyst(settings, sessionmaker())
+        self.caller = CacheOnlyCaller(model, answers)
+        self.live.caller, self.live.redactor = self.caller, self.caller.redactor  # no client, no call log
         self.model = model
+        self.anonymize = anonymize
         self.name = self.live.name + " (replay)"
 
     def analyze(self, series: PreparedSeries, end: int, as_of: datetime) -> TimeframeAnalysis:
         frame = MarketFrame(series.symbol, series.timeframe, as_of, "backtest", series.frame.iloc[:end])
+        self.caller.chart_sha = chart_spec_sha256(frame, anonymize=self.anonymize)
         return self.live.analyze(frame)
 
     def consolidate(self, daily: TimeframeAnalysis, weekly: TimeframeAnalysis):
         return self.live.consolidate(daily, weekly)
 
     def counters(self) -> dict[str, int]:
-        return {"cache_hits": self.live.hits, "cache_misses": self.live.misses}
+        return {"cache_hits": self.caller.hits, "cache_misses": self.caller.misses}
 
 
 def load_answers(sessions: sessionmaker[Session], model: str) -> dict[str, model_calls.CachedResponse]:
@@ -149,7 +148,7 @@ def load_answers(sessions: sessionmaker[Session], model: str) -> dict[str, model
 
 
 def model_for(settings: BacktestSettings) -> str:
-    return settings.model or (os.environ.get("OPENAI_MODEL") or openai_analyst.DEFAULT_MODEL).strip()
+    return settings.model or (os.environ.get("OPENAI_MODEL") or DEFAULT_MODEL).strip()
 
 
 def analyst_for(settings: BacktestSettings, sessions: sessionmaker[Session]) -> ReplayAnalyst:
