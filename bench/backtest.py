@@ -54,8 +54,10 @@ def main() -> None:
     print(f"{args.symbols} symbols x {args.years} years x {{1d, 1w}}, rules analyst, full statistics")
     print(f"wall time {wall:.2f} s (bars {loaded_at - started:.2f} s, run {ran_at - loaded_at:.2f} s of which core "
           f"loop {core:.2f} s, statistics and report {wall - (ran_at - started):.2f} s)")
+    cpu = result.core_loop_cpu_seconds
     print(f"core loop: {decisions:,} decisions ({result.analyses:,} per-timeframe analyses) = "
-          f"{decisions / core:,.0f} decisions/s, {(decisions + result.analyses) / core:,.0f} decisions+analyses/s")
+          f"{decisions / core:,.0f} decisions/s, {(decisions + result.analyses) / core:,.0f} decisions+analyses/s "
+          f"(CPU time {cpu:.2f} s: {decisions / cpu:,.0f} decisions/s on a core of its own)")
     print(f"closed trades {summary['trades']['trades']:,}; result digest {summary['result_digest'][:16]}")
 
     if args.live_samples:
@@ -69,6 +71,8 @@ def main() -> None:
 
 
 def live_graph_seconds(samples: int) -> float:
+    import logging
+
     import dagster as dg
 
     from trading_pipeline.core import market_calendar
@@ -79,6 +83,7 @@ def live_graph_seconds(samples: int) -> float:
 
     strategies = parse_strategies("strategies:\n  - name: live\n    symbols: [BENCH00]\n"
                                   "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n")
+    logging.getLogger("dagster").setLevel(logging.WARNING)
     sessions = market_calendar.calendar().sessions_in_range("2024-03-01", "2024-12-31")
     with tempfile.TemporaryDirectory() as folder:
         defs = build_definitions(strategies, resources_from_env({"TRADING_DATA_DIR": folder}))

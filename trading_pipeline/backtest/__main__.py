@@ -116,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nStored as run {result.run_key} in {config.database_url().split('://')[0]} "
               f"(tables backtest_runs, backtest_trades, backtest_equity, backtest_decisions).")
     print(f"{len(result.decisions):,} decisions in {result.core_loop_seconds:.1f} s "
-          f"({len(result.decisions) / max(result.core_loop_seconds, 1e-9):,.0f}/s in the core loop); "
+          f"({len(result.decisions) / max(result.core_loop_seconds, 1e-9):,.0f}/s in the core loop, "
+          f"{len(result.decisions) / max(result.core_loop_cpu_seconds, 1e-9):,.0f}/s of CPU time); "
           f"{time.perf_counter() - started:.1f} s in all.", file=sys.stderr)
     return 0
 

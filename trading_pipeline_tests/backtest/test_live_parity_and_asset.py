@@ -84,6 +84,9 @@ def test_backtest_asset_shows_statistics_and_chart_and_stores_the_run(tmp_path):
         assert result.success
         event = instance.get_latest_materialization_event(dg.AssetKey("backtest"))
         metadata = event.asset_materialization.metadata
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        assert checks["after_knowledge_cutoff"].passed  # the rules analyst
+        assert checks["enough_trades"].passed is (metadata["trades"].value >= 30)
     figures = {row.data["figure"]: row.data for row in metadata["statistics"].value.records}
     assert {"Sharpe", "Max drawdown", "Expectancy (R)", "SQN (over R)", "Commissions paid"} <= set(figures)
     assert metadata["equity_chart"].value.startswith("![chart](data:image/png;base64,")

@@ -46,6 +46,10 @@ def build_backtest_assets(strategies_file: StrategiesFile) -> list:
     @dg.asset(
         partitions_def=strategies,
         group_name="backtest",
+        check_specs=[dg.AssetCheckSpec("enough_trades", asset="backtest",
+                                       description="Enough closed trades for the trade figures to mean something."),
+                     dg.AssetCheckSpec("after_knowledge_cutoff", asset="backtest",
+                                       description="llm_replay: the window starts after the model's knowledge cutoff.")],
         description="The strategy replayed over history through the live core (analyst, decide, order legs, "
                     "paper fill rules, IBKR commissions): statistics, equity chart, gate rejections.",
     )
@@ -56,7 +60,7 @@ def build_backtest_assets(strategies_file: StrategiesFile) -> list:
 
         from trading_pipeline.backtest import replay, runner
         from trading_pipeline.backtest.data import HistoryCache
-        from trading_pipeline.backtest.report import equity_figure, statistics_table, text_report
+        from trading_pipeline.backtest.report import equity_figure, statistics_table, text_report, walk_forward_lines
         from trading_pipeline.backtest.settings import BacktestSettings
         from trading_pipeline.backtest.statistics import summarize
         from trading_pipeline.backtest.store import save
@@ -103,7 +107,18 @@ def build_backtest_assets(strategies_file: StrategiesFile) -> list:
         for warning in result.warnings:
             context.log.warning(warning)
         gates = summary["pipeline"]["gate_rejections"]
-        return dg.MaterializeResult(metadata={
+        cutoff = runner.knowledge_cutoff_warning(settings, replay.model_for(settings))
+        checks = [
+            dg.AssetCheckResult(check_name="enough_trades", passed=summary["trades"]["trades"] >= runner.MIN_TRADES,
+                                severity=dg.AssetCheckSeverity.WARN,
+                                metadata={"closed_trades": summary["trades"]["trades"]}),
+            dg.AssetCheckResult(check_name="after_knowledge_cutoff", passed=cutoff is None,
+                                severity=dg.AssetCheckSeverity.WARN,
+                                metadata={"detail": cutoff or ("the rules analyst knows no history"
+                                                               if settings.analyst == "rules" else
+                                                               "the window starts after the model's cutoff")}),
+        ]
+        return dg.MaterializeResult(check_results=checks, metadata={
             "statistics": dg.MetadataValue.table(
                 records=[dg.TableRecord(row) for row in statistics_table(summary)],
                 schema=dg.TableSchema(columns=[dg.TableColumn("figure", "string"),
@@ -125,6 +140,8 @@ def build_backtest_assets(strategies_file: StrategiesFile) -> list:
             "expectancy_r": summary["trades"]["expectancy_r"] if summary["trades"]["expectancy_r"] is not None
             else float("nan"),
             "warnings": dg.MetadataValue.json(result.warnings),
+            **({"walk_forward": dg.MetadataValue.md("```\n" + "\n".join(walk_forward_lines(walk)) + "\n```")}
+               if walk is not None else {}),
         })
 
     return [backtest]
