@@ -97,6 +97,10 @@ def run_backtest(settings: BacktestSettings, *, strategies_file: StrategiesFile 
     warning = knowledge_cutoff_warning(settings, getattr(analyst, "model", None))
     if warning:
         result.warnings.append(warning)
+    if strategy.orders.when_market_closed == "no_trade":
+        result.warnings.append(
+            f"strategy {strategy.name} has orders.when_market_closed: no_trade, and a backtest decides at each "
+            "session's close (market closed): every proposal is rejected by the market_hours gate")
     closed = sum(t.closed for t in result.trades)
     if closed < MIN_TRADES:
         result.warnings.append(f"only {closed} closed trades (fewer than {MIN_TRADES}): the trade statistics say "
