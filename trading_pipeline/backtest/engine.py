@@ -36,7 +36,7 @@ from trading_pipeline.core import fills, market_calendar, rules_analyst
 from trading_pipeline.core.analysis import Action, TimeframeAnalysis, TradeDecision
 from trading_pipeline.core.decisions import Consolidated, consolidate, decide
 from trading_pipeline.core.indicators import IndicatorParams, compute_indicators
-from trading_pipeline.core.orders import build_legs
+from trading_pipeline.core.orders import build_legs, exit_leg
 from trading_pipeline.core.risk import AccountState, Position, WorkingEntry
 from trading_pipeline.core.strategies import Strategy
 
@@ -441,7 +441,8 @@ class Backtest:
                     if self.on_decision is not None:
                         self.on_decision(decision)
                     if decision.actionable:
-                        entry = self._place(decision, working, decided_at, marks)
+                        entry = self._place(decision, working, decided_at, marks,
+                                            ledger.quantities.get(symbol, 0.0))
                         if entry is not None:
                             working_entries[symbol] = entry
 
@@ -492,24 +493,29 @@ class Backtest:
         return entries
 
     def _place(self, decision: TradeDecision, working: dict[str, _Working], decided_at: datetime,
-               marks: dict[str, float]) -> WorkingEntry | None:
-        """The decision's orders, as the orders step would send them."""
-        symbol, tif = decision.symbol, self.strategy.orders.tif
-        legs = build_legs(decision, tif, decision.closes_position)
+               marks: dict[str, float], held: float) -> WorkingEntry | None:
+        """The decision's orders, as the orders step sends them (adapters/order_desk.py): a bracket
+        for an opening trade; for one that closes a position, the bracket's working stop turned
+        into a market order of at most the held quantity, else one standalone market exit."""
+        symbol = decision.symbol
         if decision.closes_position:
+            quantity = int(abs(held))
             work = working.get(symbol)
             stop = next((leg for leg in work.bracket.children if work.roles[leg.key] == STOP_LOSS), None) \
                 if work is not None and work.bracket.parent is None else None
-            if stop is not None:  # the bracket's stop becomes a market order: the exit
-                children = tuple(fills.Leg(leg.key, leg.side, "MKT", leg.quantity, None, decided_at, None)
+            if stop is not None:
+                exit_quantity = min(stop.quantity, quantity)  # never more than is held
+                children = tuple(fills.Leg(leg.key, leg.side, "MKT", exit_quantity, None, decided_at, None)
                                  if leg is stop else leg for leg in work.bracket.children)
                 work.bracket = fills.Bracket(None, children)
                 work.exit_requested = True
-                return WorkingEntry(stop.key, stop.side, stop.quantity, marks[symbol], "Submitted")
-            entry = legs[0]  # no working stop: one standalone market order of the held quantity
-            leg = fills.Leg(entry.client_order_id, entry.side, "MKT", entry.quantity, None, decided_at, None)
+                return WorkingEntry(stop.key, stop.side, exit_quantity, marks[symbol], "Submitted")
+            exit_order = exit_leg(decision, quantity)
+            leg = fills.Leg(exit_order.client_order_id, exit_order.side, exit_order.order_type, exit_order.quantity,
+                            None, decided_at, fills.expiry_of(exit_order.tif, decided_at))
             working[symbol] = _Working(fills.Bracket(leg, ()), {leg.key: EXIT}, decision)
             return WorkingEntry(leg.key, leg.side, leg.quantity, marks[symbol], "Submitted")
+        legs = build_legs(decision, self.strategy.orders.tif)
         entry, *children = legs
         parent = fills.Leg(entry.client_order_id, entry.side, entry.order_type, entry.quantity, entry.price,
                            decided_at, fills.expiry_of(entry.tif, decided_at))

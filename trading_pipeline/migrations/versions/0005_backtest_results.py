@@ -1,14 +1,14 @@
 """backtest results
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0005_backtest
+Revises: 0004_exits
 Create Date: 2026-12-06 16:50:15.846062
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0003'
-down_revision = '0002'
+revision = '0005_backtest'
+down_revision = '0004_exits'
 branch_labels = None
 depends_on = None
 
