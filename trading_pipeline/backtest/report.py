@@ -14,7 +14,7 @@ EQUITY_ROWS = (
     ("sharpe", "Sharpe", "num"), ("sortino", "Sortino", "num"), ("calmar", "Calmar", "num"),
     ("max_drawdown", "Max drawdown", "pct"), ("max_drawdown_sessions", "Longest drawdown (sessions)", "int"),
     ("time_in_market", "Time in market", "pct"), ("average_exposure", "Average exposure / equity", "pct"),
-    ("alpha", "Alpha (ann.)", "num"), ("beta", "Beta", "num"), ("final_equity", "Final equity", "usd"),
+    ("alpha", "Alpha (ann.)", "pct"), ("beta", "Beta", "num"), ("final_equity", "Final equity", "usd"),
 )
 TRADE_ROWS = (
     ("trades", "Closed trades", "int"), ("open_at_end", "Open at the end", "int"), ("win_rate", "Win rate", "pct"),
