@@ -87,8 +87,9 @@ def analyze_at(columns: Columns, end: int, *, symbol: str, timeframe: str, as_of
         "analyst": ANALYST_NAME,
         "chart": chart,
     }
-    last = {column: columns[column][end - 1] for column in REQUIRED_COLUMNS if column in columns}
-    missing = [c for c in REQUIRED_COLUMNS if c not in last or np.isnan(last[c])]
+    arrays = columns.arrays
+    last = {column: float(arrays[column][end - 1]) for column in REQUIRED_COLUMNS if column in arrays}
+    missing = [c for c in REQUIRED_COLUMNS if c not in last or math.isnan(last[c])]
     if missing:
         return TimeframeAnalysis.invalid(
             reason=f"no value on the last bar for {', '.join(missing)} (too little history?)",
