@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 DAGSTER_PORT ?= 3000
 
-.PHONY: demo test dev install install-test chromium bench clean
+.PHONY: demo test dev install install-test chromium bench backtest clean
 
 $(VENV)/.created:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
@@ -54,6 +54,10 @@ test: install-test chromium
 
 bench: chromium
 	$(PY) bench/pipeline.py
+
+# A backtest of the first strategy on the simulated market; options: BACKTEST_ARGS="--start 2018-01-01 ..."
+backtest: install
+	$(PY) -m trading_pipeline.backtest $(BACKTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .dagster_home .pytest_cache

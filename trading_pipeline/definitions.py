@@ -33,11 +33,13 @@ def build_definitions(strategies_file: StrategiesFile | None = None, resources: 
         # should look at a failed order step first.
         tags={"dagster/max_retries": "0"},
         description="Consolidate both timeframes' analyses, run the risk gates, send the order (once).")
+    run_backtest = dg.define_asset_job("run_backtest", selection=dg.AssetSelection.groups("backtest"),
+                                       description="Replay one strategy over history (set the window in the config).")
     schedules, sensors = build_automation(strategies_file)
 
     return dg.Definitions(
         assets=[strategies_spec(strategies_file, strategies_load_problem()), *assets, portfolio_sync],
-        jobs=[analyze_timeframe, decide_and_order, sync_portfolio_job],
+        jobs=[analyze_timeframe, decide_and_order, sync_portfolio_job, run_backtest],
         schedules=schedules,
         sensors=[*sensors, order_status_sensor, ibkr_session_sensor],
         resources=resources if resources is not None else resources_from_env(),

@@ -65,13 +65,13 @@ def analyses_out_of_date(daily: TimeframeAnalysis, weekly: TimeframeAnalysis, de
     """
     import pandas as pd
 
-    from trading_pipeline.core.market_calendar import bar_close_times, periods_closed_between
+    from trading_pipeline.core.market_calendar import bar_close_time, periods_closed_between
 
     problems = []
     for analysis in (daily, weekly):
         tf, symbol = analysis.timeframe, analysis.symbol
-        closed_at = bar_close_times(pd.DatetimeIndex([analysis.data_through]), tf).iloc[0]
-        if pd.notna(closed_at) and closed_at > pd.Timestamp(decided_at):
+        closed_at = bar_close_time(analysis.data_through, tf)
+        if closed_at is not None and closed_at > pd.Timestamp(decided_at):
             problems.append(
                 f"the {tf} analysis saw the bar of {analysis.data_through:%Y-%m-%d}, which closed at "
                 f"{closed_at:%Y-%m-%d %H:%M} UTC, after this decision's point in time {decided_at:%Y-%m-%d %H:%M} UTC "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
+import numpy as np
 import pandas as pd
 
 EXCHANGE = "XNYS"
@@ -36,20 +38,73 @@ def describe_next_open(ts: datetime) -> str:
 def bar_close_times(index: pd.DatetimeIndex, timeframe: str) -> pd.Series:
     """When each bar (by its start time) closed: its session's close for 1d, the close of the
     last session of its calendar week for 1w. Bars before the calendar's first session get NaT."""
-    schedule = calendar().schedule
-    opens = pd.DatetimeIndex(schedule["open"]).tz_convert("UTC")
-    closes = pd.DatetimeIndex(schedule["close"]).tz_convert("UTC")
     index = pd.DatetimeIndex(index).tz_convert("UTC")
+    opens, closes, weeks, week_closes = _schedule_ns()
     if timeframe == "1d":
-        position = opens.searchsorted(index, side="right") - 1
-        values = [closes[p] if p >= 0 else pd.NaT for p in position]
+        position = np.searchsorted(opens, index.as_unit("ns").asi8, side="right") - 1
+        values = np.where(position >= 0, closes[np.maximum(position, 0)], _NAT)
     elif timeframe == "1w":
-        weeks = pd.Series(closes, index=schedule.index.to_period("W-SUN")).groupby(level=0).max()
-        bar_weeks = index.tz_convert("America/New_York").tz_localize(None).to_period("W-SUN")
-        values = [weeks.get(week, pd.NaT) for week in bar_weeks]
+        values = _lookup(weeks, week_closes, _week_numbers(index))
     else:
         raise ValueError(f"unknown timeframe {timeframe!r}")
-    return pd.Series(pd.DatetimeIndex(values, tz="UTC"), index=index)
+    return pd.Series(pd.DatetimeIndex(values.view("M8[ns]"), tz="UTC"), index=index)
+
+
+def bar_close_time(start: datetime, timeframe: str) -> datetime | None:
+    """`bar_close_times` of one bar start, without building pandas objects (the decision step
+    asks this twice per decision; a backtest makes tens of thousands): None where that gives NaT."""
+    opens, closes, weeks, week_closes = _schedule_ns()
+    if timeframe == "1d":
+        position = int(opens.searchsorted(_ns(start), side="right")) - 1
+        value = int(closes[position]) if position >= 0 else _NAT
+    elif timeframe == "1w":
+        local_day = start.astimezone(_NEW_YORK).date().toordinal() - _EPOCH_ORDINAL
+        week = (local_day + 3) // 7
+        position = min(int(weeks.searchsorted(week)), len(weeks) - 1)
+        value = int(week_closes[position]) if weeks[position] == week else _NAT
+    else:
+        raise ValueError(f"unknown timeframe {timeframe!r}")
+    return None if value == _NAT else _EPOCH + timedelta(microseconds=value // 1000)
+
+
+def _ns(moment: datetime) -> int:
+    if isinstance(moment, pd.Timestamp):
+        return moment.tz_convert("UTC").as_unit("ns").value
+    return (moment - _EPOCH) // _MICROSECOND * 1000
+
+
+_NAT = np.iinfo(np.int64).min
+_NS_PER_DAY = 86_400 * 10**9
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_NEW_YORK = ZoneInfo("America/New_York")
+
+
+def _week_numbers(index: pd.DatetimeIndex) -> np.ndarray:
+    """Monday-to-Sunday calendar week of each time's New York date (weeks since the one of 1970-01-01)."""
+    local = index.tz_convert("America/New_York").tz_localize(None).as_unit("ns").asi8
+    return (local // _NS_PER_DAY + 3) // 7  # 1970-01-01 was a Thursday: +3 starts weeks on Monday
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """values[k] for each wanted key found in the sorted `keys`, NaT where absent."""
+    position = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    return np.where(keys[position] == wanted, values[position], _NAT)
+
+
+@functools.lru_cache(maxsize=1)
+def _schedule_ns() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """XNYS session opens and closes (UTC, int64 ns, ascending), the calendar weeks that have a
+    session and each week's last close: plain arrays, so a lookup is a binary search (the
+    backtest asks for every session of years of history)."""
+    schedule = calendar().schedule
+    opens = pd.DatetimeIndex(schedule["open"]).tz_convert("UTC").as_unit("ns").asi8
+    closes = pd.DatetimeIndex(schedule["close"]).tz_convert("UTC").as_unit("ns").asi8
+    session_days = pd.DatetimeIndex(schedule.index).tz_localize(None).as_unit("ns").asi8 // _NS_PER_DAY
+    session_weeks = (session_days + 3) // 7
+    last_of_week = np.flatnonzero(np.append(session_weeks[1:] != session_weeks[:-1], True))
+    return opens, closes, session_weeks[last_of_week], closes[last_of_week]
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,22 +155,12 @@ def session_start_index(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeI
 def periods_closed_between(after: datetime, until: datetime, timeframe: str) -> int:
     """How many sessions (1d) or trading weeks (1w, at their last session's close) closed in
     the window (after, until]."""
-    closes = _session_closes()
-    after_ts, until_ts = pd.Timestamp(after).tz_convert("UTC"), pd.Timestamp(until).tz_convert("UTC")
-    if timeframe == "1d":
-        return int(((closes > after_ts) & (closes <= until_ts)).sum())
-    if timeframe != "1w":
+    _, closes, _, week_closes = _schedule_ns()
+    if timeframe == "1w":
+        closes = week_closes
+    elif timeframe != "1d":
         raise ValueError(f"unknown timeframe {timeframe!r}")
-    week_closes = closes.groupby(closes.index.to_period("W-SUN")).max()
-    return int(((week_closes > after_ts) & (week_closes <= until_ts)).sum())
-
-
-@functools.lru_cache(maxsize=1)
-def _session_closes() -> pd.Series:
-    """XNYS session closes (UTC) by session date; computed once per process."""
-    schedule = calendar().schedule
-    dates = pd.DatetimeIndex(schedule.index).tz_localize(None).normalize()
-    return pd.Series(pd.DatetimeIndex(schedule["close"]).tz_convert("UTC"), index=dates)
+    return max(0, int(closes.searchsorted(_ns(until), side="right") - closes.searchsorted(_ns(after), side="right")))
 
 
 # --- When the automation fires (pure: give it a time, it says which session, if any) -------------

@@ -9,7 +9,9 @@ the level, which may make the trade too small for the risk gates), the second 5Ã
 from __future__ import annotations
 
 import math
+from datetime import datetime
 
+import numpy as np
 import pandas as pd
 
 from trading_pipeline.core.analysis import Action, ChartSource, IndicatorVote, TimeframeAnalysis, Trend
@@ -26,43 +28,76 @@ REQUIRED_COLUMNS = ("close", "high", "low", "sma_20", "sma_50", "sma_200", "rsi_
                     "macd_signal", "atr_14", "supertrend_direction")
 
 
+class Columns:
+    """A frame's numeric columns as float arrays. The rule reads the bar at `end - 1` and the bars
+    before it through this, without pandas: the live graph reads one frame once, the backtest one
+    long series at every session (the same function on the same numbers, ~50x faster than pandas)."""
+
+    __slots__ = ("arrays", "index")
+
+    def __init__(self, frame: pd.DataFrame):
+        self.index = frame.index
+        self.arrays = {column: frame[column].to_numpy(dtype=np.float64) for column in frame.columns
+                       if pd.api.types.is_numeric_dtype(frame[column])}
+
+    def __contains__(self, column: str) -> bool:
+        return column in self.arrays
+
+    def __getitem__(self, column: str) -> np.ndarray:
+        return self.arrays[column]
+
+
 def numeric_context(frame: pd.DataFrame) -> dict[str, float]:
     """Last close, ATR and the recent range: what analyses and plausibility checks are read against."""
-    recent = frame.tail(LEVEL_LOOKBACKS[-1])
+    return numeric_context_at(Columns(frame), len(frame))
+
+
+def numeric_context_at(columns: Columns, end: int) -> dict[str, float]:
+    """`numeric_context` of the first `end` bars."""
+    recent = slice(max(0, end - LEVEL_LOOKBACKS[-1]), end)
     return {
-        "last_close": float(frame["close"].iloc[-1]),
-        "atr": float(frame["atr_14"].iloc[-1]),
-        "recent_high": float(recent["high"].max()),
-        "recent_low": float(recent["low"].min()),
+        "last_close": float(columns["close"][end - 1]),
+        "atr": float(columns["atr_14"][end - 1]),
+        "recent_high": float(columns["high"][recent].max()),
+        "recent_low": float(columns["low"][recent].min()),
     }
 
 
-def _levels(frame: pd.DataFrame) -> tuple[list[float], list[float]]:
-    lows = sorted({round(float(frame["low"].tail(n).min()), 2) for n in LEVEL_LOOKBACKS})
-    highs = sorted({round(float(frame["high"].tail(n).max()), 2) for n in LEVEL_LOOKBACKS})
+def _levels(columns: Columns, end: int) -> tuple[list[float], list[float]]:
+    lows = sorted({round(float(columns["low"][max(0, end - n):end].min()), 2) for n in LEVEL_LOOKBACKS})
+    highs = sorted({round(float(columns["high"][max(0, end - n):end].max()), 2) for n in LEVEL_LOOKBACKS})
     return lows, highs
 
 
 def analyze(indicators: MarketFrame, chart: ChartSource | None = None) -> TimeframeAnalysis:
-    frame = indicators.frame
-    last = frame.iloc[-1]
-    context = dict(
-        symbol=indicators.symbol,
-        timeframe=indicators.timeframe,
-        as_of=indicators.as_of,
-        data_through=indicators.last_bar_start.to_pydatetime(),
-        analyst=ANALYST_NAME,
-        chart=chart,
-    )
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns or pd.isna(last[c])]
+    return analyze_at(Columns(indicators.frame), len(indicators.frame), symbol=indicators.symbol,
+                      timeframe=indicators.timeframe, as_of=indicators.as_of,
+                      data_through=indicators.last_bar_start.to_pydatetime(), chart=chart)
+
+
+def analyze_at(columns: Columns, end: int, *, symbol: str, timeframe: str, as_of: datetime,
+               data_through: datetime, chart: ChartSource | None = None) -> TimeframeAnalysis:
+    """The analysis of the first `end` bars of `columns` (bar `end - 1` is the last one seen),
+    `data_through` being that bar's start. `analyze` is this on a whole frame."""
+    context = {
+        "symbol": symbol,
+        "timeframe": timeframe,
+        "as_of": as_of,
+        "data_through": data_through,
+        "analyst": ANALYST_NAME,
+        "chart": chart,
+    }
+    arrays = columns.arrays
+    last = {column: float(arrays[column][end - 1]) for column in REQUIRED_COLUMNS if column in arrays}
+    missing = [c for c in REQUIRED_COLUMNS if c not in last or math.isnan(last[c])]
     if missing:
         return TimeframeAnalysis.invalid(
             reason=f"no value on the last bar for {', '.join(missing)} (too little history?)",
             last_close=float(last["close"]), atr=0.0,
-            recent_high=float(frame["high"].max()), recent_low=float(frame["low"].min()),
+            recent_high=float(columns["high"][:end].max()), recent_low=float(columns["low"][:end].min()),
             **context,
         )
-    numbers = numeric_context(frame)
+    numbers = numeric_context_at(columns, end)
     close, atr = numbers["last_close"], numbers["atr"]
     votes = [
         IndicatorVote(name="supertrend", bullish=last["supertrend_direction"] > 0,
@@ -81,7 +116,7 @@ def analyze(indicators: MarketFrame, chart: ChartSource | None = None) -> Timefr
         trend = Trend.DOWN
     else:
         trend = Trend.SIDEWAYS
-    support, resistance = _levels(frame)
+    support, resistance = _levels(columns, end)
 
     if bullish >= 3:
         signal, direction = Action.BUY, 1

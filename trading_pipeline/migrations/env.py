@@ -4,6 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from trading_pipeline.adapters import model_calls, trading_db  # noqa: F401  (model_calls: its tables)
+from trading_pipeline.backtest import store  # noqa: F401  (its tables)
 
 target_metadata = trading_db.Base.metadata
 

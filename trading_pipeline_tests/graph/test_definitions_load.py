@@ -29,8 +29,8 @@ def load_in_subprocess(env_overrides):
 def test_definitions_expose_six_assets_and_import_no_heavy_library(tmp_path):
     result = load_in_subprocess({"TRADING_DATA_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    assert ("['account_summary', 'ai_analyses', 'chart_images', 'executions', 'indicator_frames', 'market_bars', "
-            "'orders', 'positions', 'strategies', 'trade_decisions']") in result.stdout
+    assert ("['account_summary', 'ai_analyses', 'backtest', 'chart_images', 'executions', 'indicator_frames', "
+            "'market_bars', 'orders', 'positions', 'strategies', 'trade_decisions']") in result.stdout
     assert "heavy: []" in result.stdout
 
 

@@ -8,6 +8,7 @@ market_bars → indicator_frames (market.py) → chart_images (charts.py) → ai
 
 from trading_pipeline.core.strategies import StrategiesFile
 from trading_pipeline.graph.assets.analyses import build_analysis_assets
+from trading_pipeline.graph.assets.backtest import build_backtest_assets
 from trading_pipeline.graph.assets.charts import build_chart_assets
 from trading_pipeline.graph.assets.common import AS_OF_TAG, ChartImageRef, run_as_of
 from trading_pipeline.graph.assets.decisions import build_decision_assets
@@ -26,4 +27,5 @@ def build_assets(strategies_file: StrategiesFile) -> list:
         *build_analysis_assets(symbol_timeframe),
         *build_decision_assets(strategies_file, symbols),
         *build_order_assets(strategies_file, symbols),
+        *build_backtest_assets(strategies_file),
     ]

@@ -1,0 +1,114 @@
+"""One backtest from settings: the strategy, the bars, the analyst, the run, the warnings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+from trading_pipeline.adapters.market_data import MarketDataSource
+from trading_pipeline.backtest import data
+from trading_pipeline.backtest.engine import Backtest, BacktestAnalyst, BacktestResult, code_version
+from trading_pipeline.backtest.settings import INDICATOR_GRID_KEYS, BacktestSettings
+from trading_pipeline.core.indicators import IndicatorParams
+from trading_pipeline.core.strategies import StrategiesFile, Strategy, load_strategies
+from trading_pipeline.errors import ConfigError
+
+MIN_TRADES = 30
+
+# Training-data cutoffs as the vendors state them (approximate: set `model_cutoff` to override).
+MODEL_KNOWLEDGE_CUTOFFS: dict[str, date] = {
+    "gpt-4o": date(2023, 10, 1),
+    "gpt-4o-mini": date(2023, 10, 1),
+    "gpt-4.1": date(2024, 6, 1),
+    "gpt-4.1-mini": date(2024, 6, 1),
+    "gpt-4.1-nano": date(2024, 6, 1),
+    "gpt-5": date(2024, 9, 30),
+    "gpt-5-mini": date(2024, 5, 31),
+    "gpt-5-nano": date(2024, 5, 31),
+}
+
+
+def strategy_named(strategies_file: StrategiesFile, name: str) -> Strategy:
+    for strategy in strategies_file.strategies:
+        if strategy.name == name:
+            return strategy
+    names = ", ".join(s.name for s in strategies_file.strategies)
+    raise ConfigError(f"strategy {name!r} is not in the strategies file (it has: {names})",
+                      "pass one of those names, or point TRADING_STRATEGIES_FILE at the file that defines it")
+
+
+def with_overrides(strategy: Strategy, settings: BacktestSettings, point: dict[str, float]) -> tuple[Strategy, IndicatorParams | None]:
+    """The strategy (and indicator settings) with a grid point's values and the run's symbols."""
+    risk_values = {k: v for k, v in point.items() if k not in INDICATOR_GRID_KEYS}
+    indicator_values = {k: v for k, v in point.items() if k in INDICATOR_GRID_KEYS}
+    risk = type(strategy.risk).model_validate({**strategy.risk.model_dump(), **risk_values})
+    updated = strategy.model_copy(update={"risk": risk, "symbols": list(settings.symbols or strategy.symbols)})
+    return updated, (IndicatorParams(**indicator_values) if indicator_values else None)
+
+
+def knowledge_cutoff_warning(settings: BacktestSettings, model: str | None) -> str | None:
+    if settings.analyst != "llm_replay":
+        return None
+    cutoff = settings.model_cutoff or (MODEL_KNOWLEDGE_CUTOFFS.get((model or "").lower()))
+    if cutoff is None:
+        return (f"the knowledge cutoff of model {model!r} is unknown: if the window ({settings.start}..) lies "
+                "before it, the model may know what happened next; set model_cutoff to check")
+    if settings.start < cutoff:
+        return (f"the window starts {settings.start}, before model {model}'s knowledge cutoff {cutoff}: the model "
+                "may have seen this history (and what came after) in training; anonymized charts reduce this, "
+                "results before the cutoff are not evidence of skill")
+    return None
+
+
+def load(settings: BacktestSettings, *, strategies_file: StrategiesFile | None = None,
+         source: MarketDataSource | None = None) -> tuple[Strategy, dict[str, dict[str, pd.DataFrame]], dict[str, pd.Series]]:
+    """The strategy, its bars for the window plus warm-up, and the extra benchmark closes."""
+    strategies_file = strategies_file or load_strategies()
+    strategy = strategy_named(strategies_file, settings.strategy)
+    symbols = list(settings.symbols or strategy.symbols)
+    source = source or data.source_for(settings.data, seed=settings.seed, csv_dir=settings.csv_dir)
+    window = data.Window.of(settings.start, settings.end)
+    bars = data.load_bars(source, symbols, settings.start, window, settings.warmup_bars)
+    extra: dict[str, pd.Series] = {}
+    wanted = {settings.benchmark} - {"equal_weight"} | ({"SPY"} if "SPY" in symbols else set())
+    for symbol in sorted(wanted):
+        frame = bars[symbol]["1d"] if symbol in bars else \
+            data.load_bars(source, [symbol], settings.start, window, settings.warmup_bars)[symbol]["1d"]
+        closes = frame["close"]
+        extra[symbol] = pd.Series(closes.to_numpy(), index=pd.DatetimeIndex(
+            closes.index.tz_convert("America/New_York").date, name="session"))
+    return strategy, bars, extra
+
+
+def run_backtest(settings: BacktestSettings, *, strategies_file: StrategiesFile | None = None,
+                 source: MarketDataSource | None = None, analyst: BacktestAnalyst | None = None,
+                 progress: Callable[[int, int], None] | None = None, loaded=None,
+                 point: dict[str, float] | None = None, on_decision=None) -> BacktestResult:
+    strategy, bars, extra = loaded or load(settings, strategies_file=strategies_file, source=source)
+    strategy, params = with_overrides(strategy, settings, point or {})
+    bars = {symbol: bars[symbol] for symbol in strategy.symbols}
+    result = Backtest(settings, strategy, bars, analyst=analyst, indicator_params=params,
+                      data_digest=data.data_digest(bars), code=code_version(), progress=progress,
+                      on_decision=on_decision).run()
+    result.extra_benchmarks = extra
+    warning = knowledge_cutoff_warning(settings, getattr(analyst, "model", None))
+    if warning:
+        result.warnings.append(warning)
+    if strategy.orders.when_market_closed == "no_trade":
+        result.warnings.append(
+            f"strategy {strategy.name} has orders.when_market_closed: no_trade, and a backtest decides at each "
+            "session's close (market closed): every proposal is rejected by the market_hours gate")
+    closed = sum(t.closed for t in result.trades)
+    if closed < MIN_TRADES:
+        result.warnings.append(f"only {closed} closed trades (fewer than {MIN_TRADES}): the trade statistics say "
+                               "little; lengthen the window or add symbols")
+    return result
+
+
+def history_cache_folder() -> Path:
+    from trading_pipeline import config
+
+    return config.data_dir() / "backtest_history"

@@ -1,0 +1,57 @@
+"""Walk-forward chooses each fold's grid point in-sample and scores it out-of-sample; the command
+prints the report (with a walk-forward section) and stores the run."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from trading_pipeline.adapters.trading_db import session_factory
+from trading_pipeline.backtest import runner
+from trading_pipeline.backtest.__main__ import main
+from trading_pipeline.backtest.store import BacktestRunRow
+from trading_pipeline.backtest.walk_forward import score, split, walk_forward
+from trading_pipeline_tests.backtest.conftest import STRATEGIES, settings
+
+
+def test_each_fold_chooses_in_sample_and_is_scored_out_of_sample():
+    wf_settings = settings(symbols=("SPY", "AAPL"), folds=2, grid={"min_r": (1.0, 1.6)}, grid_metric="total_return")
+    loaded = runner.load(wf_settings, strategies_file=STRATEGIES)
+    walk = walk_forward(wf_settings, loaded)
+    windows = split(wf_settings.start, wf_settings.end, 2)
+    assert [(f.in_sample, f.out_of_sample) for f in walk.folds] == windows
+    assert windows[0][1] == windows[1][0]  # fold 1's out-of-sample part is fold 2's in-sample part
+    for fold in walk.folds:
+        assert [point for point, _ in fold.scores] == [{"min_r": 1.0}, {"min_r": 1.6}]
+        assert fold.chosen == max(fold.scores, key=lambda item: item[1])[0]
+        assert score(fold.in_sample_result, "total_return") == max(s for _, s in fold.scores)
+        oos = fold.out_of_sample_result
+        assert oos.equity.index[0].date() == fold.out_of_sample[0] and oos.equity.index[-1].date() == fold.out_of_sample[1]
+        assert oos.strategy.risk.min_r == fold.chosen["min_r"]
+    joined = walk.out_of_sample_equity
+    assert len(joined) == sum(len(f.out_of_sample_result.equity) for f in walk.folds)
+    assert joined.iloc[0] == wf_settings.initial_cash
+
+
+def test_the_command_prints_the_report_and_stores_the_run(tmp_path, monkeypatch, capsys):
+    strategies_file = tmp_path / "strategies.yaml"
+    strategies_file.write_text("""\
+strategies:
+  - name: cli_test
+    symbols: [SPY, AAPL]
+    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}
+""")
+    monkeypatch.setenv("TRADING_STRATEGIES_FILE", str(strategies_file))
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path / "data"))
+    assert main(["--start", "2024-01-01", "--end", "2024-08-30", "--quiet", "--folds", "1",
+                 "--grid", "min_r=1,1.5"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("Backtest of strategy cli_test", "Sharpe", "Expectancy (R)", "R distribution", "Risk gate",
+                    "Monthly", "Walk-forward (1 folds", "Stored as run"):
+        assert heading in out
+    sessions = session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")
+    with sessions() as session:
+        assert session.scalars(select(BacktestRunRow.strategy)).all() == ["cli_test"]
+    assert main(["--strategy", "nope", "--quiet", "--no-save"]) == 2
+    assert "strategy 'nope' is not in the strategies file" in capsys.readouterr().err
+    assert main(["--start", "2024-05-01", "--end", "2024-01-01", "--quiet", "--no-save"]) == 2
+    assert "is before start" in capsys.readouterr().err
