@@ -3,7 +3,11 @@ Dagster home, then print the decisions and orders with their chart locations. Pa
 only placed (working) by then; when the run's as_of is in the past, the demo syncs the paper
 portfolio up to now and shows what became of them (fills, stops, targets, realized R).
 
-Usage: python -m trading_pipeline.demo [--as-of ISO_TIME] [--symbols AAPL,MSFT]
+By default (paper broker, no --as-of, no TRADING_AS_OF) the demo replays STORY_AS_OF on the
+simulated market: a point where a trade is decided, sent and later filled, so the first run shows
+the whole loop every time. `--now` runs at the current time instead.
+
+Usage: python -m trading_pipeline.demo [--as-of ISO_TIME | --now] [--symbols AAPL,MSFT]
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import os
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from trading_pipeline.core.frames import TIMEFRAMES
 from trading_pipeline.errors import UserError
+
+# Tuesday 2026-09-01 after the close: on the simulated market (seed 0) SPY's BUY passes every gate,
+# fills the next morning and reaches its target in October.
+STORY_AS_OF = "2026-09-01T21:30:00+00:00"
 
 
 def _load_dotenv() -> None:
@@ -39,7 +47,10 @@ def _fmt(value, pattern="{:.2f}") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--as-of", help="point in time of the run (ISO 8601; default TRADING_AS_OF, else now)")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--as-of", help="point in time of the run (ISO 8601; default TRADING_AS_OF, else the story's "
+                                      f"{STORY_AS_OF} on the simulated market, else now)")
+    when.add_argument("--now", action="store_true", help="run at the current time (orders fill in later sessions)")
     parser.add_argument("--symbols", help="comma-separated subset of the strategies' symbols")
     args = parser.parse_args(argv)
     # Dagster's beta/preview notices about APIs we chose deliberately are noise in a terminal.
@@ -65,11 +76,25 @@ def main(argv: list[str] | None = None) -> int:
         from trading_pipeline.graph.partitions import strategies
         from trading_pipeline.graph.resources import resources_from_env
 
-        if args.as_of or os.environ.get("TRADING_AS_OF"):
-            as_of = config.parse_as_of(*((args.as_of, "--as-of") if args.as_of else
-                                         (os.environ["TRADING_AS_OF"], "TRADING_AS_OF")))
+        story = (not args.now and not args.as_of and not os.environ.get("TRADING_AS_OF") and broker_mode == "paper"
+                 and (os.environ.get("TRADING_MARKET_DATA") or "simulated").strip().lower() == "simulated")
+        if args.as_of or os.environ.get("TRADING_AS_OF") or story:
+            source = ((args.as_of, "--as-of") if args.as_of else
+                      (os.environ["TRADING_AS_OF"], "TRADING_AS_OF") if os.environ.get("TRADING_AS_OF") else
+                      (STORY_AS_OF, "STORY_AS_OF"))
+            as_of = config.parse_as_of(*source)
         else:
             as_of = datetime.now(timezone.utc).replace(microsecond=0)
+        if story:
+            print(f"demo: replaying {as_of:%a %Y-%m-%d %H:%M} UTC, after that session's close, on the simulated "
+                  "market: a point where a trade is decided, sent, then filled. `make demo DEMO_ARGS=--now` "
+                  "runs at the current time.")
+        replay = broker_mode == "paper" and as_of < datetime.now(timezone.utc) - timedelta(minutes=5)
+        set_clock = replay and not os.environ.get("TRADING_AS_OF")
+        if set_clock:
+            # The paper deployment's clock is the replayed point while deciding and sending (a decision
+            # is sent only while current); the sync afterwards runs at the real clock.
+            os.environ["TRADING_AS_OF"] = as_of.isoformat()
         strategies_file = strategies()
         resources = resources_from_env()
         defs = build_definitions(strategies_file, resources)
@@ -88,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Entered, the instance is also the one Dagster's definitions state is read from while loading jobs.
     with DagsterInstance.get() as instance:
-        return _run(defs, resources, instance, symbols, as_of, broker_mode)
+        return _run(defs, resources, instance, symbols, as_of, broker_mode, set_clock)
 
 
-def _run(defs, resources, instance, symbols: list[str], as_of: datetime, broker_mode: str) -> int:
+def _run(defs, resources, instance, symbols: list[str], as_of: datetime, broker_mode: str,
+         set_clock: bool = False) -> int:
     """Materialize the graph for the symbols, print the table, then what became of the orders."""
     from dagster import MultiPartitionKey
 
@@ -149,11 +175,14 @@ def _run(defs, resources, instance, symbols: list[str], as_of: datetime, broker_
                         "order", "daily chart"]))
     print()
     for symbol, (decision, order) in results.items():
-        print(f"{symbol}: {order.reason if order.status != 'not_sent' else decision.rationale[:300]}")
+        # An accepted decision that was not sent says why not (orders off, kill switch, ...), not its rationale.
+        print(f"{symbol}: {order.reason if order.status != 'not_sent' or decision.actionable else decision.rationale[:300]}")
         for timeframe in decision.charts:
             print(f"    {timeframe} chart: {link(symbol, timeframe)}")
     placed = {symbol: order for symbol, (_, order) in results.items()
               if order.client_order_id and order.status in ("submitted", "filled", "already_sent")}
+    if set_clock:
+        os.environ.pop("TRADING_AS_OF", None)  # back to the real clock for the sync up to now
     if placed:
         print()
         print(_what_became_of_the_orders(defs, resources, instance, broker_mode, as_of, placed, quiet))

@@ -4,6 +4,7 @@ recomputed, exactly one paper order for the accepted decision (working, not fill
 placed), none for the other; the portfolio sync then fills it from the later bars."""
 
 import hashlib
+import os
 from datetime import datetime
 import math
 from pathlib import Path
@@ -274,21 +275,37 @@ def demo_environment(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def test_demo_in_the_past_syncs_up_to_now_and_tells_what_became_of_the_order(demo_environment, capsys):
+def test_demo_replays_the_story_by_default_and_tells_what_became_of_the_order(demo_environment, capsys):
     from trading_pipeline import demo
 
-    assert demo.main(["--as-of", AS_OF, "--symbols", "SPY,AAPL"]) == 0
+    assert demo.STORY_AS_OF == AS_OF
+    assert demo.main(["--symbols", "SPY,AAPL"]) == 0  # no --as-of: the story's point in time, stated as such
     out = capsys.readouterr().out
+    assert "demo: replaying Tue 2026-09-01 21:30 UTC, after that session's close, on the simulated market" in out
+    assert "`make demo DEMO_ARGS=--now` runs at the current time" in out
     spy_row = next(line for line in out.splitlines() if line.startswith("SPY ") and "BUY→BUY" in line)
     assert " submitted " in spy_row  # placed, not filled
     # the chart link is one the browser opens: the chart server `make dev` starts
     assert spy_row.rstrip().endswith("http://127.0.0.1:3001/charts/SPY/1d/2026-09-01T213000Z.png")
     assert "What became of the paper orders (daily bars from the session of 2026-09-02 up to now" in out
-    # SPY's limit 825.71 was traded on Wednesday and the target 876.96 on 2026-10-26.
+    # SPY's limit 825.71 was traded on Wednesday and the target 876.96 on 2026-10-26; IBKR's fixed
+    # commission ($1.00 minimum a side, plus SEC and FINRA fees on the sale) comes off the P&L and R.
     story = next(line for line in out.splitlines() if line.startswith("SPY ") and "filled" in line)
+    charged = costs.commission("ibkr_fixed", "BUY", 12, 825.71) + costs.commission("ibkr_fixed", "SELL", 12, 876.96)
+    pnl = round(12 * (876.96 - 825.71) - charged, 2)
     assert story.split() == ["SPY", "BUY", "12", "filled", "@", "825.71", "on", "2026-09-02", "target", "hit", "@",
-                             "876.96", "on", "2026-10-26", "1.50", "+615.00"]
-    assert "Paper account: equity 100,615.00, cash 100,615.00, 0 open position(s)." in out
+                             "876.96", "on", "2026-10-26", f"{pnl / (12 * (825.71 - 791.54)):.2f}", f"+{pnl:,.2f}"]
+    assert f"Paper account: equity {100_000 + pnl:,.2f}, cash {100_000 + pnl:,.2f}, 0 open position(s)." in out
+    assert "TRADING_AS_OF" not in os.environ  # the replay's clock is gone once the demo is done
+
+
+def test_demo_says_why_an_accepted_decision_was_not_sent(demo_environment, capsys, monkeypatch):
+    from trading_pipeline import demo
+
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "no")
+    assert demo.main(["--symbols", "SPY"]) == 0
+    out = capsys.readouterr().out
+    assert "SPY: orders are off: the deployment sets TRADING_ORDERS_ENABLED=yes" in out
 
 
 def test_demo_before_the_first_session_closed_says_how_to_see_the_fills(demo_environment, capsys, monkeypatch):
@@ -322,7 +339,8 @@ def test_demo_story_of_an_expired_and_of_an_open_order(tmp_path):
                                  data_through=placed_at, proposed_action=Action.BUY, action=Action.BUY, entry=100.0,
                                  stop=96.0, targets=[106.0], quantity=10, rationale="t", account_equity=1e5)
         record_decision(sessions, decision)
-        OrderDesk(sessions, PaperBroker(sessions, 1e5)).submit_once(decision, build_legs(decision, "DAY"), 100.0)
+        OrderDesk(sessions, PaperBroker(sessions, 1e5)).submit_once(decision, build_legs(decision, "DAY"), 100.0,
+                                                                    placed_at=placed_at)
     wednesday = pd.DatetimeIndex([pd.Timestamp("2026-09-02T13:30:00Z")], name="time")
     bars = {"AAPL": pd.DataFrame({"open": [103.0], "high": [104.0], "low": [101.0], "close": [102.0]}, index=wednesday),
             "SPY": pd.DataFrame({"open": [99.0], "high": [101.0], "low": [98.5], "close": [100.5]}, index=wednesday)}
