@@ -255,7 +255,12 @@ class OrderDesk:
 
     def _convert_into_exit(self, decision: TradeDecision, row: OrderRow, held_quantity: int) -> OrderRecord:
         coid = row.client_order_id
-        remaining = int(row.quantity - (row.filled_quantity or 0))
+        # What the order filled by now, as the broker says: the books lag (no sync since an election,
+        # or a crash after an earlier conversion), and a total sized on them leaves shares unclosed
+        # once the order completes and its sibling is cancelled: a position without protection.
+        current = self._broker.find_order(coid)
+        filled = current.filled_quantity if current is not None else (row.filled_quantity or 0)
+        remaining = int(row.quantity - filled)
         quantity = min(remaining, held_quantity)  # never more than is held: no flip into the other side
         with self._sessions() as session:  # the intent first: a crash after the modify is resumed, not redone
             stored = session.get(OrderRow, coid)
@@ -266,7 +271,7 @@ class OrderDesk:
             session.commit()
         try:
             # The order's total size at the broker: what it already filled plus what is left to exit.
-            total = int(quantity + (row.filled_quantity or 0))
+            total = int(quantity + filled)
             answer = self._broker.modify(coid, order_type=EXIT_ORDER_TYPE, price=None,
                                          quantity=total if quantity != remaining else None)
         except OrderRejectedError as refusal:

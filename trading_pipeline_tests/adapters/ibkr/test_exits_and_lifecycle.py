@@ -33,6 +33,7 @@ from trading_pipeline_tests.adapters.ibkr.conftest import FAST
 AS_OF = datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
 ORDERS_POST = "/iserver/account/*/orders"
 MODIFY_POST = "/iserver/account/*/order/*"
+RACE_WINDOW = 2.0  # seconds the concurrent runs wait for each other between reading the account and placing
 WITHOUT_MARKET_ORDERS = "o10331,o10152,o403,p12"  # the default allow-list minus o10151
 # Pacing is not under test here (test_session/test_market_data are): the client sends 10 requests
 # per 0.25 s (the emulator allows 50/s) and spaces the 1-per-5-s endpoints (live orders, trades)
@@ -248,7 +249,8 @@ def test_after_a_partial_take_profit_the_exit_closes_exactly_what_is_left(world)
     w.emulator.fill_partially(take_profit_id, 20, price=120.0)  # IBKR reduces the stop by as much (OCA)
     assert w.held("AAPL") == 30 and w.order(stop_id).quantity == 30
 
-    result = w.exit(exit_decision("ptp-exit", 30))
+    # Decided on the 50 held before the take-profit's partial fill: the exit is min(stop's remaining, held).
+    result = w.exit(exit_decision("ptp-exit", 50))
     assert result.status == "submitted", result.reason
     stop = w.order(stop_id)
     assert (stop.order_type, stop.quantity, stop.filled, stop.status) == ("MKT", 30, 30, "Filled")
@@ -274,6 +276,25 @@ def test_an_exit_never_sells_more_than_is_held_even_when_the_stop_is_larger(worl
     assert (stop.order_type, stop.quantity, stop.filled) == ("MKT", 30, 30)  # resized in the same modification
     assert w.position_path("AAPL") == [50, 30, 0]
     assert w.requests_sent()[1:] == (1, 0)
+
+
+def test_an_exit_after_the_stop_partly_filled_closes_the_rest_by_the_brokers_fills(world):
+    """The stop was elected and filled 10 of 50 before the exit (the books were not synced since):
+    the exit must close the 40 held, counting what IBKR says the stop filled, or 10 shares would be
+    left once the stop completes and its take-profit is cancelled: a position without protection."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("pstop"))
+    w.emulator.fill_partially(stop_id, 10, price=85.0)
+    assert w.held("AAPL") == 40 and w.row("tp-pstop-sl").filled_quantity == 0
+
+    result = w.exit(exit_decision("pstop-exit", 50))
+    assert result.status == "submitted", result.reason
+    stop = w.order(stop_id)
+    assert (stop.order_type, stop.quantity, stop.filled, stop.status) == ("MKT", 50, 50, "Filled")
+    assert w.order(take_profit_id).status == "Cancelled"
+    assert w.position_path("AAPL") == [50, 40, 0]
+    assert "AAPL" not in w.broker.account({}).positions
 
 
 # ---------------------------------------------------------------------------------------------- 5
@@ -369,7 +390,10 @@ def test_an_exit_whose_process_died_after_the_modification_is_resumed_without_a_
 # ---------------------------------------------------------------------------------------------- 8
 def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_factory, client_factory, tmp_path):
     """Five runs decide at once on the same empty account; the account lock (a file lock beside the
-    SQLite trading DB, across threads and processes) makes 'read the account, check, place' atomic."""
+    SQLite trading DB, across threads and processes) makes 'read the account, check, place' atomic.
+    To make the race certain rather than likely, each run, having read the account, waits (up to
+    RACE_WINDOW seconds) until every run has read it: without the lock all five read an empty account
+    and all five place; with it the first waits alone, and each later run reads what the earlier placed."""
     emulator = emulator_factory(market_hours="open", positions=0, **QUICK)
     symbols = ("AAA", "BBB", "CCC", "DDD", "EEE")
     for symbol in symbols:
@@ -377,7 +401,7 @@ def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_fac
     url = f"sqlite:///{tmp_path / 'trading.db'}"
     session_factory(url)  # the schema, once, before the runs race
     limits = RiskSettings(max_open_positions=3, max_gross_exposure=1.0, max_position_share=0.10)
-    start = threading.Barrier(len(symbols))
+    start, all_have_read = threading.Barrier(len(symbols)), threading.Barrier(len(symbols))
 
     def decide_and_send(index_and_symbol):
         index, symbol = index_and_symbol
@@ -391,6 +415,10 @@ def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_fac
 
         def limits_now():
             account = dataclasses.replace(broker.account({}), working_entries=working_entries(sessions, broker))
+            try:
+                all_have_read.wait(timeout=RACE_WINDOW)
+            except threading.BrokenBarrierError:  # the others wait for the lock: this run is alone
+                pass
             return entry_limits(symbol, entry, entry - 4, account, limits, own_order=client_order_id(decision))
 
         start.wait(timeout=30)
