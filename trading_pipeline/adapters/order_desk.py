@@ -163,7 +163,10 @@ class OrderDesk:
                 (OrderRow.decision_id == decision.decision_id) | (OrderRow.exit_decision_id == decision.decision_id))
                 .order_by(OrderRow.created_at)).all()
         first = next((r for r in rows if r.role in ("entry", "exit") and r.decision_id == decision.decision_id), None)
-        first = first or next((r for r in rows if r.exit_decision_id == decision.decision_id), None)
+        # A stop counts as this decision's exit once its conversion is recorded: the intent alone (a
+        # crash before or after the modify) is not "sent", or the orders step would never resume it.
+        first = first or next((r for r in rows if r.exit_decision_id == decision.decision_id
+                               and r.order_type == EXIT_ORDER_TYPE), None)
         if first is None or first.status == "submitting":
             return None
         legs = [self._as_leg(first)] + [self._as_leg(r) for r in rows if r is not first

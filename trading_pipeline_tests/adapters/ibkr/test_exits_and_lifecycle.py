@@ -375,11 +375,14 @@ def test_an_exit_whose_process_died_after_the_modification_is_resumed_without_a_
         OrderDesk(w.sessions, CrashAfterModify(w.broker.client, order_cache_seconds=0,
                                                id_map_path=w.broker.id_map_path)).exit_once(decision)
     assert w.row("tp-crash-sl").exit_decision_id == "crash-exit"  # the intent was written before the change
+    later = w.restart()
+    # Not reported as done (the books still say STP): the orders step, which shows a recorded result
+    # instead of sending, must resume this exit rather than show it as sent for ever.
+    assert later.desk.recorded(decision) is None
 
-    resumed = w.restart().exit(decision)
-    assert resumed.status in ("submitted", "already_sent") and resumed.client_order_id == "tp-crash-sl"
-    placements, modifications, cancels = w.requests_sent()
-    assert (placements, cancels) == (1, 0) and modifications <= 2  # at most the same change asserted again
+    resumed = later.exit(decision)
+    assert resumed.status == "submitted" and resumed.client_order_id == "tp-crash-sl", resumed.reason
+    assert w.requests_sent() == (1, 2, 0)  # the same change asserted again (idempotent); no order, no cancel
     stop = w.order(stop_id)
     assert (stop.order_type, stop.quantity, w.order(take_profit_id).status) == ("MKT", 50, "Submitted")
     assert w.row("tp-crash-sl").order_type == "MKT"
