@@ -163,7 +163,10 @@ class OrderDesk:
                 (OrderRow.decision_id == decision.decision_id) | (OrderRow.exit_decision_id == decision.decision_id))
                 .order_by(OrderRow.created_at)).all()
         first = next((r for r in rows if r.role in ("entry", "exit") and r.decision_id == decision.decision_id), None)
-        first = first or next((r for r in rows if r.exit_decision_id == decision.decision_id), None)
+        # A stop counts as this decision's exit once its conversion is recorded: the intent alone (a
+        # crash before or after the modify) is not "sent", or the orders step would never resume it.
+        first = first or next((r for r in rows if r.exit_decision_id == decision.decision_id
+                               and r.order_type == EXIT_ORDER_TYPE), None)
         if first is None or first.status == "submitting":
             return None
         legs = [self._as_leg(first)] + [self._as_leg(r) for r in rows if r is not first
@@ -255,7 +258,12 @@ class OrderDesk:
 
     def _convert_into_exit(self, decision: TradeDecision, row: OrderRow, held_quantity: int) -> OrderRecord:
         coid = row.client_order_id
-        remaining = int(row.quantity - (row.filled_quantity or 0))
+        # What the order filled by now, as the broker says: the books lag (no sync since an election,
+        # or a crash after an earlier conversion), and a total sized on them leaves shares unclosed
+        # once the order completes and its sibling is cancelled: a position without protection.
+        current = self._broker.find_order(coid)
+        filled = current.filled_quantity if current is not None else (row.filled_quantity or 0)
+        remaining = int(row.quantity - filled)
         quantity = min(remaining, held_quantity)  # never more than is held: no flip into the other side
         with self._sessions() as session:  # the intent first: a crash after the modify is resumed, not redone
             stored = session.get(OrderRow, coid)
@@ -266,7 +274,7 @@ class OrderDesk:
             session.commit()
         try:
             # The order's total size at the broker: what it already filled plus what is left to exit.
-            total = int(quantity + (row.filled_quantity or 0))
+            total = int(quantity + filled)
             answer = self._broker.modify(coid, order_type=EXIT_ORDER_TYPE, price=None,
                                          quantity=total if quantity != remaining else None)
         except OrderRejectedError as refusal:

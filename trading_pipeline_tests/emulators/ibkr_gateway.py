@@ -9,7 +9,8 @@ Quirks reproduced: the auth states (401 logged out, 400 'no bridge' without a br
 ssodh/init opening it, competing sessions, 403 for an IP outside the allow list); the
 /iserver/accounts pre-flight; the empty first snapshot and live-orders answers; 1000 points per
 history answer, period/bar checked against IBKR's table, US volumes in lots of 100; questions on
-order placement (a reply must come straight away: any other request voids it); `{"error": ...}`
+order placement and modification (o10331 for stops, o10151 for market orders, o163 for a limit >3% from
+the market; a reply must come straight away: any other request voids it); `{"error": ...}`
 bodies with status 200; 429 above 10 requests/s, above 5 history requests in flight and on the
 1-per-5-s endpoints (optionally a penalty box); duplicate cOID rejection; order state progression
 (Submitted -> Filled at the emulated market price, market orders while the market is open or at
@@ -203,10 +204,18 @@ class IBKREmulator(GatewayEndpoints):
             self.state.fill(order, round(price if price is not None else self.state.price(order.conid), 2),
                             time.time(), quantity)
 
-    def add_question(self, message_id: str, text: str, count: int = 1) -> None:
-        """The next `count` placements also ask question `message_id` with `text`."""
+    def add_question(self, message_id: str, text: str, count: int = 1, on: str = "place") -> None:
+        """The next `count` placements (on="place") or modifications (on="modify") also ask question
+        `message_id` with `text`, after the questions the emulator asks by itself."""
+        if on not in ("place", "modify"):
+            raise ValueError("on must be place or modify")
         with self.state.lock:
-            self.state.faults.append(Fault("QUESTION", message_id, 200, text, count))
+            self.state.faults.append(Fault(f"QUESTION:{on}", message_id, 200, text, count))
+
+    def answers(self) -> list[tuple[str, str, bool]]:
+        """The questions replied to so far: (place|modify, question id, confirmed)."""
+        with self.state.lock:
+            return list(self.state.answers)
 
     def count(self, method: str, pattern: str) -> int:
         with self.state.lock:

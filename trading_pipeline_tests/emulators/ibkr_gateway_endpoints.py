@@ -14,6 +14,7 @@ import pandas as pd
 
 from trading_pipeline.adapters.ibkr import history as hist
 from trading_pipeline_tests.emulators.ibkr_gateway_state import (
+    MARKET_WARNING,
     PREFLIGHT_NEEDED,
     PRICE_WARNING,
     STOP_WARNING,
@@ -373,6 +374,8 @@ class GatewayEndpoints:
         questions = []
         if any(o["orderType"] == "STP" for o in orders):
             questions.append(("o10331", STOP_WARNING))
+        if any(o["orderType"] == "MKT" for o in orders):
+            questions.append(("o10151", MARKET_WARNING))
         for order in orders:
             if "parentId" not in order and order["orderType"] == "LMT":
                 market = s.price(order["conid"])
@@ -380,15 +383,22 @@ class GatewayEndpoints:
                     questions.append(("o163", PRICE_WARNING.format(side=order["side"], qty=order["quantity"],
                                                                    sym=s.symbol_of(order["conid"]),
                                                                    price=order["price"])))
-        for fault_question in [f for f in s.faults if f.method == "QUESTION" and f.count > 0]:
-            fault_question.count -= 1
-            questions.append((fault_question.path, str(fault_question.body)))
+        questions.extend(self._added_questions("place"))
         return self._ask_or_accept({"kind": "place", "orders": orders, "questions": questions})
+
+    def _added_questions(self, kind: str) -> list[tuple[str, str]]:
+        """Questions a test added with `add_question(..., on=kind)`, asked after the built-in ones."""
+        added = []
+        for fault_question in [f for f in self.state.faults if f.method == f"QUESTION:{kind}" and f.count > 0]:
+            fault_question.count -= 1
+            added.append((fault_question.path, str(fault_question.body)))
+        return added
 
     def _ask_or_accept(self, pending: dict):
         s = self.state
         if pending["questions"]:
             message_id, text = pending["questions"].pop(0)
+            pending["asking"] = message_id
             reply_id = str(uuid.uuid4())
             s.pending[reply_id] = pending
             return _json([{"id": reply_id, "message": [text], "isSuppressed": False, "messageIds": [message_id]}])
@@ -424,6 +434,7 @@ class GatewayEndpoints:
             if reply in s.voided:
                 return _error("reply id not found (the question was voided by another request)", 503)
             return _error("reply id not found", 400)
+        s.answers.append((pending["kind"], pending["asking"], bool((body or {}).get("confirmed"))))
         if not (body or {}).get("confirmed"):
             return _json([{"message": "Order not confirmed; it was discarded"}])
         return self._ask_or_accept(pending)
@@ -521,6 +532,9 @@ class GatewayEndpoints:
             if abs(body["price"] - market) / market > 0.03:
                 questions.append(("o163", PRICE_WARNING.format(side=found.side, qty=found.quantity,
                                                                sym=found.symbol, price=body["price"])))
+        if body["orderType"] == "MKT":  # a stop made a market order is a market order: IBKR asks as on placing
+            questions.append(("o10151", MARKET_WARNING))
+        questions.extend(self._added_questions("modify"))
         return self._ask_or_accept({"kind": "modify", "order": found, "fields": body, "questions": questions})
 
     def cancel(self, acct, order, **_):

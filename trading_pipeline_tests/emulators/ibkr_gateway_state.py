@@ -27,6 +27,10 @@ STOP_WARNING = ("You are about to submit a stop order. Please be aware of the va
                 "and the risks associated with each one.\nAre you sure you want to submit this order?")
 PRICE_WARNING = ("The following order \"{side} {qty} {sym} @ {price:.2f}\" price exceeds \nthe Percentage constraint "
                  "of 3%.\nAre you sure you want to submit this order?")
+# o10151's wording is not in our reference (only its id, "market order"): the emulator's own phrasing.
+MARKET_WARNING = ("You are about to submit a market order. A market order executes at the best price available "
+                  "when it reaches the market, which may differ from the last price.\nAre you sure you want to "
+                  "submit this order?")
 AUTH_STATES = ("authenticated", "connected", "expired", "logged_out", "competing")
 
 
@@ -206,6 +210,7 @@ class GatewayState:
         self.live_orders_epoch = -1
         self.snapshot_warm: set[int] = set()
         self.pending: dict[str, dict] = {}  # reply id -> pending placement
+        self.answers: list[tuple[str, str, bool]] = []  # (place|modify, question id, confirmed), as replied
         self.voided: set[str] = set()
         self.orders: dict[int, EmuOrder] = {}
         self.next_order_id = 1_210_386_700

@@ -1,0 +1,441 @@
+"""The order lifecycle of issue 12 against the IBKR emulator (real HTTP on 127.0.0.1), through the
+order desk as the `orders` step drives it: an exit after a gap, a declined question, IBKR's
+market-order question, a partial take-profit, BRK.B, a rollover after a fired stop, exactly once
+for exits across a restart, and concurrent entries against one account's limits.
+
+An exit turns the bracket's working stop into a market order in place (the modify endpoint): it
+stays one-cancels-other with the take-profit, so the position is protected until it is flat and
+the two can never both fill. Each test checks what the emulator saw (requests, questions and
+answers, executions), not only what the desk says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+
+from trading_pipeline.adapters.ibkr.broker import IBKRBroker
+from trading_pipeline.adapters.order_desk import OrderDesk
+from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
+from trading_pipeline.adapters.records import record_decision
+from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
+from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
+from trading_pipeline.core.orders import build_legs, client_order_id
+from trading_pipeline.core.risk import MarketContext, Proposal, entry_limits, evaluate
+from trading_pipeline.core.strategies import RiskSettings
+from trading_pipeline_tests.adapters.ibkr.conftest import FAST
+
+AS_OF = datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
+ORDERS_POST = "/iserver/account/*/orders"
+MODIFY_POST = "/iserver/account/*/order/*"
+RACE_WINDOW = 2.0  # seconds the concurrent runs wait for each other between reading the account and placing
+WITHOUT_MARKET_ORDERS = "o10331,o10152,o403,p12"  # the default allow-list minus o10151
+# Pacing is not under test here (test_session/test_market_data are): the client sends 10 requests
+# per 0.25 s (the emulator allows 50/s) and spaces the 1-per-5-s endpoints (live orders, trades)
+# 0.05 s, so the many order lookups of a lifecycle stay quick. Same structure, shorter waits.
+QUICK = {"slow_interval": 0.05, "tickle_interval": 0.05, "requests_per_second": 50}
+QUICK_PACING = dataclasses.replace(FAST, slow_endpoint_interval=0.05, tickle_interval=0.05, window_seconds=0.25)
+
+
+def entry_decision(decision_id: str, symbol: str = "AAPL", entry: float = 100.0, stop: float = 85.0,
+                   target: float = 120.0, quantity: int = 50) -> TradeDecision:
+    return TradeDecision(decision_id=decision_id, strategy="s", symbol=symbol, as_of=AS_OF, data_through=AS_OF,
+                         proposed_action=Action.BUY, action=Action.BUY, entry=entry, stop=stop, targets=[target],
+                         r_multiple=round((target - entry) / (entry - stop), 3),
+                         profit_margin=round((target - entry) / entry, 4), confidence=0.7, quantity=quantity,
+                         rationale="test entry", account_equity=100_000.0)
+
+
+def exit_decision(decision_id: str, quantity: int, symbol: str = "AAPL", reference: float = 100.0) -> TradeDecision:
+    """What the risk engine makes of a SELL against a long: closes_position, sized by the position."""
+    return TradeDecision(decision_id=decision_id, strategy="s", symbol=symbol, as_of=AS_OF, data_through=AS_OF,
+                         proposed_action=Action.SELL, action=Action.SELL, entry=reference, quantity=quantity,
+                         confidence=0.7, closes_position=True, rationale="the strategy exits")
+
+
+@dataclasses.dataclass
+class World:
+    """One IBKR account at the emulator, the trading database and the order desk of one process."""
+
+    emulator: object
+    sessions: object
+    broker: IBKRBroker
+    desk: OrderDesk
+    restart: object  # () -> World: a new process (new client and broker, nothing cached) on the same files
+
+    def open_position(self, decision: TradeDecision) -> tuple[int, int]:
+        """Send the decision's bracket (its entry fills at once) -> the IBKR ids of its stop and take-profit."""
+        record_decision(self.sessions, decision)
+        sent = self.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry)
+        assert sent.status == "filled", sent.reason
+        coid = client_order_id(decision)
+        return int(self.broker.order_id_for(f"{coid}-sl")), int(self.broker.order_id_for(f"{coid}-tp"))
+
+    def exit(self, decision: TradeDecision):
+        record_decision(self.sessions, decision)
+        return self.desk.exit_once(decision)
+
+    def order(self, order_id: int):
+        """The emulator's own copy of an order (what IBKR has, not what the client was told)."""
+        with self.emulator.state.lock:
+            return dataclasses.replace(self.emulator.state.orders[order_id])
+
+    def held(self, symbol: str) -> float:
+        position = self.broker.account({}).positions.get(symbol)
+        return position.quantity if position else 0.0
+
+    def position_path(self, ibkr_symbol: str) -> list[float]:
+        """The position after each execution at the emulator, in order: [50, 0] = one buy, one exit."""
+        with self.emulator.state.lock:
+            executions = list(self.emulator.state.executions)
+        path, held = [], 0.0
+        for execution in executions:
+            if execution["symbol"] == ibkr_symbol:
+                held += execution["size"] if execution["side"] == "B" else -execution["size"]
+                path.append(held)
+        return path
+
+    def requests_sent(self) -> tuple[int, int, int]:
+        """(placements, modifications, cancels) the emulator received."""
+        return (self.emulator.count("POST", ORDERS_POST), self.emulator.count("POST", MODIFY_POST),
+                self.emulator.count("DELETE", MODIFY_POST))
+
+    def row(self, coid: str) -> OrderRow:
+        with self.sessions() as session:
+            return session.get(OrderRow, coid)
+
+    def last_event(self, coid: str) -> str:
+        with self.sessions() as session:
+            return session.scalars(select(OrderEventRow.detail).where(OrderEventRow.client_order_id == coid)
+                                   .order_by(OrderEventRow.id.desc())).first()
+
+
+@pytest.fixture
+def world(emulator_factory, client_factory, tmp_path):
+    """make(market_hours=..., symbols=...) -> World. No synthetic positions: the account holds only
+    what the test trades, so the sync's drift check and the limits see exactly that."""
+
+    def make(market_hours: str = "open", symbols: tuple[str, ...] = ("AAPL",)) -> World:
+        emulator = emulator_factory(market_hours=market_hours, positions=0, **QUICK)
+        sessions = session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
+        ids = tmp_path / "ibkr-order-ids.json"  # the broker's saved cOID -> IBKR order id map
+
+        def process() -> World:
+            broker = IBKRBroker(client_factory(emulator, pacing=QUICK_PACING), order_cache_seconds=0,
+                                id_map_path=ids, symbols=symbols)
+            return World(emulator, sessions, broker, OrderDesk(sessions, broker), process)
+
+        return process()
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------- 1
+def test_an_exit_after_a_gap_is_the_stop_made_a_market_order_filled_at_the_next_open(world):
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("gap"))  # 50 @ 100, stop 85, target 120
+    w.emulator.set_market_open(False)  # the session closed at 100; tonight the strategy decides to exit
+
+    result = w.exit(exit_decision("gap-exit", 50))
+    assert result.status == "submitted" and result.client_order_id == "tp-gap-sl", result.reason
+    stop = w.order(stop_id)  # the same IBKR order, changed in place: no cancel, no new order
+    assert (stop.order_type, stop.quantity, stop.status, stop.filled) == ("MKT", 50, "Submitted", 0)
+    assert w.requests_sent() == (1, 1, 0)
+    assert w.emulator.answers()[-1] == ("modify", "o10151", True)  # IBKR's market-order question, confirmed
+    assert w.order(take_profit_id).status == "Submitted"  # the take-profit keeps working until the exit fills
+    row = w.row("tp-gap-sl")
+    assert (row.role, row.order_type, row.price, row.exit_decision_id) == ("stop_loss", "MKT", None, "gap-exit")
+
+    w.emulator.set_price("AAPL", 90.0)  # the next session opens 10% lower: above the old stop, below the close
+    assert w.held("AAPL") == 50  # a market order waits for the open
+    w.emulator.set_market_open(True)
+    filled = w.broker.find_order("tp-gap-sl")
+    assert (filled.status, filled.filled_quantity, filled.average_fill_price) == ("Filled", 50, 90.0)
+    assert w.broker.find_order("tp-gap-tp").status == "Cancelled"  # one-cancels-other
+    assert "AAPL" not in w.broker.account({}).positions
+
+    w.emulator.set_price("AAPL", 125.0)  # through the old target: the take-profit is gone, nothing sells again
+    assert w.position_path("AAPL") == [50, 0]  # one exit execution, never short
+    assert [(e.side, e.quantity, e.price) for e in w.broker.executions("tp-gap-sl")] == [("SELL", 50, 90.0)]
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert report.drift == [] and report.account.positions == {}
+    assert (w.row("tp-gap-sl").status, w.row("tp-gap-tp").status) == ("Filled", "Cancelled")
+
+
+# ---------------------------------------------------------------------------------------------- 2
+def test_a_declined_question_leaves_the_stop_working_as_it_was(world):
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("ask"))
+    w.emulator.add_question("o163", 'The following order "SELL 50 AAPL MKT" price exceeds \nthe Percentage '
+                                    "constraint of 3%.\nAre you sure you want to submit this order?", on="modify")
+
+    result = w.exit(exit_decision("ask-exit", 50))
+    assert result.status == "rejected"
+    assert "keeps protecting the position unchanged" in result.reason and "o163" in result.reason
+    assert w.emulator.answers() == [("place", "o10331", True), ("modify", "o10151", True), ("modify", "o163", False)]
+    stop = w.order(stop_id)
+    assert (stop.order_type, stop.price, stop.quantity, stop.status) == ("STP", 85.0, 50, "Submitted")
+    assert w.order(take_profit_id).status == "Submitted"
+    assert w.requests_sent() == (1, 1, 0)  # the one declined modification; nothing else was sent
+    assert w.held("AAPL") == 50
+    row = w.row("tp-ask-sl")
+    assert (row.order_type, row.price, row.exit_decision_id) == ("STP", 85.0, None)
+    assert "exit refused by the broker, the stop_loss keeps working as it was" in w.last_event("tp-ask-sl")
+
+    w.emulator.set_price("AAPL", 84.0)  # and it still protects the position: the market falls through it
+    assert w.broker.find_order("tp-ask-sl").status == "Filled"
+    assert w.position_path("AAPL") == [50, 0]
+
+
+# ---------------------------------------------------------------------------------------------- 3
+@pytest.mark.parametrize("auto_confirm", [None, WITHOUT_MARKET_ORDERS], ids=["default", "without-o10151"])
+def test_ibkrs_market_order_question_decides_whether_the_stop_becomes_the_exit(world, monkeypatch, auto_confirm):
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, _ = w.open_position(entry_decision("mq"))
+    if auto_confirm is not None:  # the deployment's list, read when the exit is sent (not when the client was made)
+        monkeypatch.setenv("IBKR_AUTO_CONFIRM", auto_confirm)
+
+    result = w.exit(exit_decision("mq-exit", 50))
+    stop = w.order(stop_id)
+    if auto_confirm is None:
+        assert w.emulator.answers()[-1] == ("modify", "o10151", True)
+        assert result.status == "submitted" and (stop.order_type, stop.status) == ("MKT", "Filled")
+        assert w.position_path("AAPL") == [50, 0]
+    else:
+        assert w.emulator.answers()[-1] == ("modify", "o10151", False)
+        assert result.status == "rejected" and "o10151" in result.reason and "IBKR_AUTO_CONFIRM" in result.reason
+        assert (stop.order_type, stop.price, stop.quantity, stop.status) == ("STP", 85.0, 50, "Submitted")
+        assert w.held("AAPL") == 50 and w.position_path("AAPL") == [50]
+    assert w.requests_sent() == (1, 1, 0)
+
+
+@pytest.mark.parametrize("auto_confirm", [None, WITHOUT_MARKET_ORDERS], ids=["default", "without-o10151"])
+def test_a_standalone_market_exit_is_asked_the_market_order_question(world, monkeypatch, auto_confirm):
+    """A position the pipeline did not open has no stop to convert: one MKT order of the held size."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    by_hand = OrderLeg(client_order_id="by-hand", role="entry", side="BUY", order_type="LMT", quantity=30,
+                       price=100.0, tif="DAY")
+    assert w.broker.place("AAPL", [by_hand], 100.0)[0].status == "Filled"
+    if auto_confirm is not None:
+        monkeypatch.setenv("IBKR_AUTO_CONFIRM", auto_confirm)
+
+    result = w.exit(exit_decision("hand-exit", 30))
+    assert w.emulator.answers()[-1] == ("place", "o10151", auto_confirm is None)
+    placed = w.emulator.orders_with_coid("tp-hand-exit")
+    if auto_confirm is None:
+        assert result.status == "filled" and [(o.order_type, o.quantity, o.side) for o in placed] == [
+            ("MKT", 30, "SELL")]
+        assert w.position_path("AAPL") == [30, 0]
+    else:
+        assert result.status == "rejected" and "o10151" in result.reason and placed == []
+        assert w.held("AAPL") == 30 and w.row("tp-hand-exit").status == "Rejected"
+    assert w.requests_sent()[1:] == (0, 0)
+
+
+# ---------------------------------------------------------------------------------------------- 4
+def test_after_a_partial_take_profit_the_exit_closes_exactly_what_is_left(world):
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("ptp"))
+    w.emulator.fill_partially(take_profit_id, 20, price=120.0)  # IBKR reduces the stop by as much (OCA)
+    assert w.held("AAPL") == 30 and w.order(stop_id).quantity == 30
+
+    # Decided on the 50 held before the take-profit's partial fill: the exit is min(stop's remaining, held).
+    result = w.exit(exit_decision("ptp-exit", 50))
+    assert result.status == "submitted", result.reason
+    stop = w.order(stop_id)
+    assert (stop.order_type, stop.quantity, stop.filled, stop.status) == ("MKT", 30, 30, "Filled")
+    assert w.order(take_profit_id).status == "Cancelled"
+    assert w.position_path("AAPL") == [50, 30, 0]  # exactly flat, never short
+    assert "AAPL" not in w.broker.account({}).positions
+
+
+def test_an_exit_never_sells_more_than_is_held_even_when_the_stop_is_larger(world):
+    """Part of the position was sold by hand: the stop (a separate order) still covers 50 while 30 are
+    held, and the decision was sized before the sale. The exit is min(stop, held) = 30."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, _ = w.open_position(entry_decision("sold"))
+    sale = OrderLeg(client_order_id="sold-by-hand", role="entry", side="SELL", order_type="LMT", quantity=20,
+                    price=100.0, tif="DAY")
+    assert w.broker.place("AAPL", [sale], 100.0)[0].status == "Filled"
+    assert w.held("AAPL") == 30 and w.order(stop_id).quantity == 50
+
+    result = w.exit(exit_decision("sold-exit", 50))
+    assert result.status == "submitted" and "the position is 30" not in result.reason
+    stop = w.order(stop_id)
+    assert (stop.order_type, stop.quantity, stop.filled) == ("MKT", 30, 30)  # resized in the same modification
+    assert w.position_path("AAPL") == [50, 30, 0]
+    assert w.requests_sent()[1:] == (1, 0)
+
+
+def test_an_exit_after_the_stop_partly_filled_closes_the_rest_by_the_brokers_fills(world):
+    """The stop was elected and filled 10 of 50 before the exit (the books were not synced since):
+    the exit must close the 40 held, counting what IBKR says the stop filled, or 10 shares would be
+    left once the stop completes and its take-profit is cancelled: a position without protection."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("pstop"))
+    w.emulator.fill_partially(stop_id, 10, price=85.0)
+    assert w.held("AAPL") == 40 and w.row("tp-pstop-sl").filled_quantity == 0
+
+    result = w.exit(exit_decision("pstop-exit", 50))
+    assert result.status == "submitted", result.reason
+    stop = w.order(stop_id)
+    assert (stop.order_type, stop.quantity, stop.filled, stop.status) == ("MKT", 50, 50, "Filled")
+    assert w.order(take_profit_id).status == "Cancelled"
+    assert w.position_path("AAPL") == [50, 40, 0]
+    assert "AAPL" not in w.broker.account({}).positions
+
+
+# ---------------------------------------------------------------------------------------------- 5
+def test_brk_b_is_held_under_the_strategys_symbol_blocks_a_second_buy_and_exits_flat(world):
+    w = world(symbols=("BRK.B",))
+    w.emulator.set_price("BRK B", 400.0)
+    w.open_position(entry_decision("brk", symbol="BRK.B", entry=400.0, stop=380.0, target=440.0, quantity=5))
+    state = w.broker.account({})
+    assert set(state.positions) == {"BRK.B"} and state.positions["BRK.B"].quantity == 5
+
+    account = dataclasses.replace(state, working_entries=working_entries(w.sessions, w.broker))
+    market = MarketContext(last_close=400.0, atr=6.0, recent_high=410.0, recent_low=390.0, market_open=True,
+                           next_open="now")
+    again = evaluate(Proposal(Action.BUY, 401.0, 385.0, [440.0], 0.8), "BRK.B", market, account, RiskSettings())
+    assert not again.accepted and [c.rule for c in again.checks if not c.passed] == ["no_pyramiding"]
+    close = evaluate(Proposal(Action.SELL, None, None, [], 0.8), "BRK.B", market, account, RiskSettings())
+    assert close.accepted and close.closes_position and close.quantity == 5  # a SELL closes, it opens no short
+
+    result = w.exit(exit_decision("brk-exit", close.quantity, symbol="BRK.B", reference=400.0))
+    assert result.status == "submitted", result.reason
+    assert w.broker.account({}).positions == {}  # neither BRK.B nor IBKR's 'BRK B'
+    assert w.position_path("BRK B") == [5, 0]
+
+
+# ---------------------------------------------------------------------------------------------- 6
+def test_after_a_rollover_with_a_fired_stop_the_exit_sends_nothing_and_the_fill_is_found(world):
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    w.open_position(entry_decision("roll"))
+    w.emulator.set_price("AAPL", 84.0)  # the stop fires; the take-profit is cancelled
+    w.emulator.new_day()  # IBKR no longer lists either child, and they carry no cOID
+
+    later = w.restart()  # the next day's run: a new process, the saved order ids
+    result = later.exit(exit_decision("roll-exit", 50))
+    assert result.status == "not_sent" and "nothing to close" in result.reason
+    assert later.requests_sent() == (1, 0, 0)
+    stop = later.broker.find_order("tp-roll-sl")
+    assert (stop.status, stop.filled_quantity, stop.average_fill_price) == ("Filled", 50, 84.0)
+    assert [(e.side, e.quantity, e.price) for e in later.broker.executions("tp-roll-sl")] == [("SELL", 50, 84.0)]
+    report = sync_portfolio(later.sessions, later.broker, {})
+    assert (later.row("tp-roll-sl").status, later.row("tp-roll-tp").status) == ("Filled", "Cancelled")
+    assert report.drift == []
+
+
+# ---------------------------------------------------------------------------------------------- 7
+def test_an_exit_is_sent_once_across_a_restart(world):
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, _ = w.open_position(entry_decision("once"))
+    w.emulator.set_market_open(False)  # the converted stop waits for the open between the two runs
+    decision = exit_decision("once-exit", 50)
+    assert w.exit(decision).status == "submitted"
+
+    again = w.restart().exit(decision)  # a retried step in a fresh process: new client, nothing cached
+    assert again.status == "already_sent" and "tp-once-sl" in again.reason
+    assert w.requests_sent() == (1, 1, 0)  # one modification only
+    w.emulator.set_market_open(True)
+    assert (w.order(stop_id).status, w.order(stop_id).filled) == ("Filled", 50)
+    assert w.position_path("AAPL") == [50, 0]
+
+
+class CrashAfterModify(IBKRBroker):
+    """IBKR accepts the modification, then the process dies before the desk records it."""
+
+    def modify(self, client_order_id, **changes):
+        super().modify(client_order_id, **changes)
+        raise ConnectionError("process died after IBKR accepted the modification")
+
+
+def test_an_exit_whose_process_died_after_the_modification_is_resumed_without_a_second_order(world):
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("crash"))
+    w.emulator.set_market_open(False)
+    decision = exit_decision("crash-exit", 50)
+    record_decision(w.sessions, decision)
+    with pytest.raises(ConnectionError):
+        OrderDesk(w.sessions, CrashAfterModify(w.broker.client, order_cache_seconds=0,
+                                               id_map_path=w.broker.id_map_path)).exit_once(decision)
+    assert w.row("tp-crash-sl").exit_decision_id == "crash-exit"  # the intent was written before the change
+    later = w.restart()
+    # Not reported as done (the books still say STP): the orders step, which shows a recorded result
+    # instead of sending, must resume this exit rather than show it as sent for ever.
+    assert later.desk.recorded(decision) is None
+
+    resumed = later.exit(decision)
+    assert resumed.status == "submitted" and resumed.client_order_id == "tp-crash-sl", resumed.reason
+    assert w.requests_sent() == (1, 2, 0)  # the same change asserted again (idempotent); no order, no cancel
+    stop = w.order(stop_id)
+    assert (stop.order_type, stop.quantity, w.order(take_profit_id).status) == ("MKT", 50, "Submitted")
+    assert w.row("tp-crash-sl").order_type == "MKT"
+    w.emulator.set_market_open(True)
+    assert w.position_path("AAPL") == [50, 0]
+
+
+# ---------------------------------------------------------------------------------------------- 8
+def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_factory, client_factory, tmp_path):
+    """Five runs decide at once on the same empty account; the account lock (a file lock beside the
+    SQLite trading DB, across threads and processes) makes 'read the account, check, place' atomic.
+    To make the race certain rather than likely, each run, having read the account, waits (up to
+    RACE_WINDOW seconds) until every run has read it: without the lock all five read an empty account
+    and all five place; with it the first waits alone, and each later run reads what the earlier placed."""
+    emulator = emulator_factory(market_hours="open", positions=0, **QUICK)
+    symbols = ("AAA", "BBB", "CCC", "DDD", "EEE")
+    for symbol in symbols:
+        emulator.set_price(symbol, 100.0)
+    url = f"sqlite:///{tmp_path / 'trading.db'}"
+    session_factory(url)  # the schema, once, before the runs race
+    limits = RiskSettings(max_open_positions=3, max_gross_exposure=1.0, max_position_share=0.10)
+    start, all_have_read = threading.Barrier(len(symbols)), threading.Barrier(len(symbols))
+
+    def decide_and_send(index_and_symbol):
+        index, symbol = index_and_symbol
+        sessions = session_factory(url)
+        broker = IBKRBroker(client_factory(emulator, pacing=QUICK_PACING), symbols=symbols, id_map_path=tmp_path / "ids.json")
+        # Some entries fill at once (limit at the market), others keep working below it: both count.
+        entry = 100.0 if index % 2 == 0 else 99.0
+        decision = entry_decision(f"conc-{symbol}", symbol=symbol, entry=entry, stop=entry - 4, target=entry + 6,
+                                  quantity=100)
+        record_decision(sessions, decision)
+
+        def limits_now():
+            account = dataclasses.replace(broker.account({}), working_entries=working_entries(sessions, broker))
+            try:
+                all_have_read.wait(timeout=RACE_WINDOW)
+            except threading.BrokenBarrierError:  # the others wait for the lock: this run is alone
+                pass
+            return entry_limits(symbol, entry, entry - 4, account, limits, own_order=client_order_id(decision))
+
+        start.wait(timeout=30)
+        return OrderDesk(sessions, broker).submit_once(decision, build_legs(decision, "DAY"), entry,
+                                                       limits=limits_now)
+
+    with ThreadPoolExecutor(len(symbols)) as pool:
+        results = list(pool.map(decide_and_send, enumerate(symbols)))
+    sent = [r for r in results if r.status in ("filled", "submitted")]
+    refused = [r for r in results if r.status == "not_sent"]
+    assert len(sent) == 3 and len(refused) == 2, [(r.symbol, r.status, r.reason) for r in results]
+    assert all("max_open_positions" in r.reason for r in refused)
+    with emulator.state.lock:
+        entries = [o for o in emulator.state.orders.values() if o.coid and o.coid.startswith("tp-conc-")]
+        brackets = [o for o in emulator.state.orders.values() if o.parent_id in {e.order_id for e in entries}]
+    assert len(entries) == 3 and len(brackets) == 6
+    assert sorted(e.symbol for e in entries) == sorted(r.symbol for r in sent)
