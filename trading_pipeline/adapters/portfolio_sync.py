@@ -271,6 +271,9 @@ def _resize(session: Session, broker: Broker, row: OrderRow, held: float, why: s
     symbol = row.symbol
     cannot = (f"{symbol}: the position is {held:g} shares but the {row.role.replace('_', '-')} "
               f"{row.client_order_id} is for {remaining:g}")
+    # What this session wrote so far is committed first: a broker keeping its state in the same
+    # database (the paper broker, on SQLite) could not write while this session holds the lock.
+    session.commit()
     try:
         answer = broker.modify(row.client_order_id, quantity=new_quantity)
     except OrderRejectedError as refusal:

@@ -50,9 +50,9 @@ def test_submit_records_then_rerun_sends_nothing_and_later_bars_fill(database_ur
     decision = buy_decision()
     record_decision(sessions, decision)
     legs = build_legs(decision, "DAY")
-    first = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0)
+    first = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0, placed_at=decision.as_of)
     assert first.status == "submitted" and first.filled_quantity == 0 and len(first.broker_order_ids) == 3
-    again = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0)
+    again = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0, placed_at=decision.as_of)
     assert again.status == "already_sent"
     assert broker_orders(sessions, "tp-d1") == 1
     with sessions() as session:

@@ -14,7 +14,7 @@ from trading_pipeline.adapters.broker import PaperBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
 from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
 from trading_pipeline.adapters.records import record_decision
-from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
+from trading_pipeline.adapters.trading_db import PaperOrderRow, OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
 from trading_pipeline.core.fills import DailyBar, Leg, expiry_of, first_live_session, leg_fill
@@ -45,8 +45,9 @@ def daily_bars(rows: dict[str, tuple[float, float, float, float]]) -> dict[str, 
 
 def submit(sessions, the_decision, tif="DAY"):
     record_decision(sessions, the_decision)
+    # Placed at the decision's time: these tests replay a paper deployment whose clock was then.
     return OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(
-        the_decision, build_legs(the_decision, tif), reference_price=the_decision.entry)
+        the_decision, build_legs(the_decision, tif), reference_price=the_decision.entry, placed_at=the_decision.as_of)
 
 
 def statuses(broker: PaperBroker, decision_id: str) -> dict[str, str]:
@@ -271,8 +272,9 @@ def test_bracket_stop_first_on_an_ambiguous_bar_and_realized_r(database_url):
     assert broker.find_order("tp-bracket-tp").detail == "one-cancels-other: tp-bracket-sl filled"
     report = sync_portfolio(sessions, broker, {"AAPL": Mark(101.0)})
     (trade,) = report.trades
+    # Realized P&L and R are net of the commissions (2.15 in all, below): -202.15 and -1.01 R.
     assert (trade["entry"], trade["exit"], trade["status"], trade["realized_pnl"], trade["r_multiple"]) == (
-        100.0, 96.0, "closed", -200.0, -1.0)
+        100.0, 96.0, "closed", -202.15, -1.01)
     # commissions: the buy $1.00 (minimum); the sale $1.00 + SEC fee $0.14 + FINRA TAF $0.01
     assert [e.commission for e in broker.executions("tp-bracket") + broker.executions("tp-bracket-sl")] == [1.0, 1.15]
     assert report.account.cash == pytest.approx(100_000 - 200 - 2.15)
@@ -359,51 +361,6 @@ def open_long(sessions, decision_id="long"):
     return broker
 
 
-def closing(decision_id="close", price=98.0):
-    the_decision = decision(decision_id, THURSDAY_AFTER_CLOSE, action=Action.SELL, entry=price, stop=101.0,
-                            target=95.0).model_copy(update={"closes_position": True})
-    return the_decision, build_legs(the_decision, "DAY", closes_position=True)
-
-
-def test_closing_a_position_cancels_its_exits_first_so_nothing_trades_twice(database_url):
-    sessions = session_factory(database_url)
-    broker = open_long(sessions)
-    assert statuses(broker, "long") == {"tp-long": "Filled", "tp-long-sl": "Submitted", "tp-long-tp": "Submitted"}
-    the_decision, legs = closing()
-    record_decision(sessions, the_decision)
-    result = OrderDesk(sessions, broker).close_once(the_decision, legs, 98.0)
-    assert result.status == "submitted" and [leg.role for leg in result.legs] == ["entry"]
-    assert statuses(broker, "long") == {"tp-long": "Filled", "tp-long-sl": "Cancelled", "tp-long-tp": "Cancelled"}
-    assert broker.find_order("tp-long-sl").detail == "cancelled on request"
-    with sessions() as session:
-        assert session.get(OrderRow, "tp-long-sl").status == "Cancelled"
-        assert session.scalars(select(OrderEventRow.detail).where(OrderEventRow.client_order_id == "tp-long-sl")
-                               .order_by(OrderEventRow.id.desc())).first() == \
-            "cancelled: decision close closes the AAPL position"
-    # Friday falls through the old stop (96) and fills the close at 98: one sale, the position is flat.
-    broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5), "2026-09-03": (98.0, 98.6, 97.5, 98.2),
-                                      "2026-09-04": (98.5, 99.0, 94.0, 95.0)}))
-    assert broker.executions("tp-long-sl") == [] and len(broker.executions("tp-close")) == 1
-    assert broker.account({"AAPL": Mark(95.0)}).positions == {}
-    again = OrderDesk(sessions, broker).close_once(the_decision, legs, 98.0)
-    assert again.status == "already_sent"  # exactly once, like any order
-
-
-def test_a_position_an_exit_already_closed_is_not_closed_again(database_url):
-    sessions = session_factory(database_url)
-    broker = open_long(sessions, "stopped")
-    broker.simulate_fills(daily_bars({"2026-09-02": (97.0, 99.0, 96.5, 98.5),
-                                      "2026-09-03": (97.0, 97.5, 95.0, 95.5)}))  # the stop fills; not synced
-    the_decision, legs = closing("late-close", price=95.5)
-    record_decision(sessions, the_decision)
-    result = OrderDesk(sessions, broker).close_once(the_decision, legs, 95.5)
-    assert result.status == "not_sent" and "position is 0 now, not the 50 this decision closes" in result.reason
-    assert broker.find_order("tp-late-close") is None  # no sale that would have opened a short
-    with sessions() as session:
-        assert session.get(OrderRow, "tp-stopped-sl").status == "Filled"
-        assert session.get(OrderRow, "tp-stopped-tp").status == "Cancelled"
-
-
 def sell_by_hand(broker, coid, quantity, day):
     """A sale placed at the broker by hand (not by the pipeline), filled on `day`'s bar."""
     broker.place("AAPL", [OrderLeg(client_order_id=coid, role="entry", side="SELL", order_type="LMT",
@@ -413,16 +370,20 @@ def sell_by_hand(broker, coid, quantity, day):
     broker.simulate_fills(daily_bars({d: bars[d] for d in bars if d <= day}))
 
 
-def test_a_stop_larger_than_the_position_is_flagged_as_drift(database_url):
+def test_a_stop_larger_than_the_position_is_resized_by_the_sync(database_url):
     sessions = session_factory(database_url)
     broker = open_long(sessions, "covered")
     assert sync_portfolio(sessions, broker, {"AAPL": Mark(98.5)}).drift == []  # 50 held, stop for 50
     sell_by_hand(broker, "manual-1", 20, "2026-09-03")
     assert broker.account({}).positions["AAPL"].quantity == 30
-    drift = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)}).drift
-    assert "AAPL: the position is 30 shares but working stop-loss orders cover 50: adjust the stop's quantity " \
-           "at the broker (or close the position)" in drift
-    assert "AAPL: broker holds 30, the pipeline's executions imply 50" in drift
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)})
+    # The stop would sell 50 of the 30 held (a short of 20): the sync resizes it, and says so.
+    assert any(line.startswith("tp-covered-sl: resized from 50 to 30 shares") for line in report.status_changes)
+    assert broker.find_order("tp-covered-sl") is not None
+    with sessions() as session:
+        stop = session.scalar(select(PaperOrderRow).where(PaperOrderRow.client_order_id == "tp-covered-sl"))
+        assert stop.quantity == 30
+    assert "AAPL: broker holds 30, the pipeline's executions imply 50" in report.drift  # the sale by hand
 
 
 def test_a_stop_with_no_position_left_is_flagged_as_drift(database_url):

@@ -29,7 +29,9 @@ def test_whole_graph_against_the_emulator(emulator_factory, tmp_path, monkeypatc
     environment = {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_MARKET_DATA": "ibkr",
                    "TRADING_BROKER": "ibkr", "TRADING_ORDERS_ENABLED": "yes", "IBKR_GATEWAY_URL": emulator.url,
                    "IBKR_STATE_DIR": str(emulator.pacing_dir)}
-    monkeypatch.setenv("TRADING_DATA_DIR", environment["TRADING_DATA_DIR"])
+    for name, value in environment.items():  # the deployment's environment: switches are read from it when sending
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TRADING_AS_OF", raising=False)
     defs = build_definitions(STRATEGIES, resources_from_env(environment))
     as_of = datetime.now(UTC).replace(microsecond=0).isoformat()
     outcomes, conids = {}, {}
