@@ -6,8 +6,15 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from trading_pipeline.graph.assets import run_as_of
-from trading_pipeline.graph.resources import BrokerResource, MarketDataResource, TradingDatabaseResource
+from trading_pipeline.graph.resources import (
+    BrokerResource,
+    ChartRendererResource,
+    ChartStoreResource,
+    MarketDataResource,
+    TradingDatabaseResource,
+)
 
+DECISION_CHART_PERIOD = "2y"  # enough daily bars for SMA 200 on a decision chart drawn again with its fills
 MARK_HISTORY = "3m"  # daily bars for the marks; more when a paper order has been working longer
 MAX_HISTORY_DAYS = 1000  # IBKR's limit for a period in days
 SYNC_JOB = "sync_portfolio"
@@ -86,6 +93,37 @@ def order_observation(outcome: dict) -> dg.AssetObservation:
     })
 
 
+def decision_chart_with_fills(outcome: dict, sessions, source, renderer, store, log) -> dg.AssetObservation | None:
+    """The decision chart drawn again with the order's fills, observed on `trade_decisions` (the
+    same link: the chart in the store now shows the fills)."""
+    from sqlalchemy import select
+
+    from trading_pipeline.adapters.records import sent_decision
+    from trading_pipeline.adapters.trading_db import ExecutionRow
+    from trading_pipeline.core.chart_figure import ChartFill
+    from trading_pipeline.core.indicators import compute_indicators
+    from trading_pipeline.core.strategies import TimeframeSettings
+    from trading_pipeline.errors import UserError
+    from trading_pipeline.graph.assets.decision_chart import render_decision_chart
+
+    decision = sent_decision(sessions, outcome["decision_id"])
+    if decision is None:
+        return None
+    roles = {leg["client_order_id"]: leg["role"].replace("_", " ") for leg in outcome["legs"]}
+    with sessions() as session:
+        fills = [ChartFill(e.executed_at, e.price, e.side, e.quantity, roles.get(e.client_order_id, ""))
+                 for e in session.scalars(select(ExecutionRow).where(ExecutionRow.client_order_id.in_(list(roles))))]
+    try:  # the daily chart as the decision saw it; the fills after it get their own slots
+        frame = compute_indicators(source.fetch(decision.symbol, "1d", TimeframeSettings(period=DECISION_CHART_PERIOD),
+                                                 decision.as_of))
+    except UserError as error:
+        log.warning(f"{decision.symbol}: decision chart not redrawn with its fills: {error.problem}")
+        return None
+    metadata = render_decision_chart(decision, frame, renderer, store, fills=fills, log=log)
+    return dg.AssetObservation(asset_key="trade_decisions", partition=decision.symbol, metadata={
+        **metadata, "decision_id": decision.decision_id, "fills_drawn": len(fills)})
+
+
 @dg.multi_asset(
     outs={
         "positions": dg.AssetOut(description="Open positions at the broker with unrealized P&L and their stop.",
@@ -103,7 +141,8 @@ def order_observation(outcome: dict) -> dg.AssetObservation:
                                                "recorded, and every pipeline position has a working stop-loss.")],
 )
 def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, market_data: MarketDataResource,
-                   trading_db: TradingDatabaseResource):
+                   trading_db: TradingDatabaseResource, chart_renderer: ChartRendererResource,
+                   chart_store: ChartStoreResource):
     from trading_pipeline.adapters.market_data import marks_from_daily_bars
     from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_symbols
     from trading_pipeline.core.strategies import TimeframeSettings
@@ -136,6 +175,10 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
             context.log.warning(f"drift: {problem}")
     for outcome in report.orders:
         context.log_event(order_observation(outcome))
+        if any(leg["filled_quantity"] for leg in outcome["legs"]):
+            observed = decision_chart_with_fills(outcome, sessions, source, chart_renderer, chart_store, context.log)
+            if observed is not None:
+                context.log_event(observed)
     account = report.account
     yield dg.Output(report.positions, output_name="positions", metadata={
         "positions": _table(report.positions, POSITION_COLUMNS),

@@ -165,6 +165,16 @@ def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp
         account = result.output_for_node("portfolio_sync", "account_summary")
         check = [e for e in result.get_asset_check_evaluations() if e.check_name == "no_drift"][0]
         assert check.passed
+        # The decision's chart is drawn again with the fills the sync saw, at the same link.
+        redrawn = [e.event_specific_data.asset_observation for e in result.all_events
+                   if e.event_type_value == "ASSET_OBSERVATION"
+                   and e.event_specific_data.asset_observation.asset_key == dg.AssetKey("trade_decisions")]
+        (observation,) = redrawn
+        assert observation.partition == "SPY" and observation.metadata["fills_drawn"].value >= 1
+        link = observation.metadata["decision_chart"].value
+        assert link.startswith("http://127.0.0.1:") and decision.decision_id in link
+        key = link.split(":3001/", 1)[1]
+        assert (tmp_path / "data" / key).stat().st_size > 10_000  # the PNG behind the link, redrawn
 
     bars = SimulatedMarketData().fetch("SPY", "1d", TimeframeSettings(period="1y"),
                                        datetime.fromisoformat(later))
