@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from trading_pipeline.adapters import portfolio_sync as sync_module
 from trading_pipeline.adapters.broker import BrokerOrder, PaperBroker
 from trading_pipeline.adapters.market_data import marks_from_daily_bars
 from trading_pipeline.adapters.order_desk import OrderDesk
@@ -478,19 +477,6 @@ def test_the_account_is_asked_with_the_marks_and_the_point_in_time(memory_sessio
     assert (position["market_price"], position["unrealized_pnl"], position["stop"]) == (95.0, -250.0, 96.0)
     assert report.account.equity == 100_000.0 - 250.0
 
-
-def test_a_broker_still_reading_plain_prices_gets_the_marks_prices(memory_sessions):
-    """The transition: this branch's paper broker values positions at floats."""
-    broker = PaperBroker(memory_sessions, 100_000.0)
-    send(memory_sessions, broker, decision("plain"))
-    broker.simulate_fills(daily_bars({"2026-09-02": (99.0, 101.0, 98.5, 100.5)}))
-    report = sync_portfolio(memory_sessions, broker, {"AAPL": Mark(95.0, 99.0)})
-    assert report.account.positions["AAPL"].market_price == 95.0
-    account = sync_module._account(broker, {"AAPL": Mark(95.0)}, None)
-    assert account.equity == pytest.approx(account.cash + 50 * 95.0)
-
-
-# --- 6. positions keyed by the strategy's symbol ---------------------------------------------------------
 
 def test_positions_stay_keyed_by_the_strategy_symbol(memory_sessions):
     """The broker keys positions by the strategy's symbol (IBKR maps BRK B's conid back to BRK.B):

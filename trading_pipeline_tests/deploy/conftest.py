@@ -232,6 +232,8 @@ def _start(tmp: Path, processes: ProcessSet, admin, admin_url, dagster_db: str, 
                 "TRADING_DATA_DIR": str(tmp / "data"),
                 "TRADING_STRATEGIES_FILE": str(REPO / "trading_pipeline/data/strategies.yaml"),
                 "TRADING_ORDERS_ENABLED": "yes",
+                # A paper deployment replaying AS_OF: its clock is that point, so the decision is current when sent.
+                "TRADING_AS_OF": AS_OF,
                 # Smaller charts render faster; the size is not what this test is about.
                 "TRADING_CHART_WIDTH": "960", "TRADING_CHART_HEIGHT": "540"}
 

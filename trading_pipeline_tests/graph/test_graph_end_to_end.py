@@ -223,11 +223,11 @@ def test_order_step_failing_after_send_then_rerun_sends_once(environment, tmp_pa
             return answer
 
     class FlakyBrokerResource(BrokerResource):
-        def broker(self):
+        def broker(self, symbols=()):
             return FlakyPaperBroker(self.database.sessions(), self.paper_equity)
 
     resources = resources_from_env(environment)
-    resources["broker"] = FlakyBrokerResource(orders_enabled=True, database=resources["trading_db"],
+    resources["broker"] = FlakyBrokerResource(database=resources["trading_db"],
                                               ibkr=resources["ibkr"])
     defs = build_definitions(STRATEGIES, resources)
     sessions = session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")

@@ -149,7 +149,7 @@ def decision_metadata(decision: TradeDecision, unchanged: bool, strategy: Strate
         "risk_gates": dg.MetadataValue.md("| gate | passed | numbers |\n|---|---|---|\n" + gates) if decision.checks
         else dg.MetadataValue.text("no gates run: nothing to trade"),
         "strategy_limits": dg.MetadataValue.md(limits),
-        "charts": dg.MetadataValue.md("\n".join(f"- {tf}: {c.uri}" for tf, c in decision.charts.items()) or "none"),
+        "charts": dg.MetadataValue.json({tf: c.uri for tf, c in decision.charts.items()}),  # the analyses' charts
         "data_through": decision.data_through.isoformat(),
         "decided_at": decision.as_of.isoformat(),  # the run's point in time: when the order goes out
     }
