@@ -48,10 +48,9 @@ def executor_from_env(environ: dict[str, str] | None = None):
     from dagster_celery import celery_executor
 
     # By name, not value: a broker URL may carry a password, and executor config shows in the UI.
-    return celery_executor.configured({
-        "broker": {"env": "TRADING_CELERY_BROKER"},
-        "backend": {"env": "TRADING_CELERY_BACKEND" if environ.get("TRADING_CELERY_BACKEND") else "TRADING_CELERY_BROKER"},
-    }, name="celery_executor")
+    # Step results go back through the same server (as deploy/celery.yaml tells the workers).
+    return celery_executor.configured({"broker": {"env": "TRADING_CELERY_BROKER"},
+                                       "backend": {"env": "TRADING_CELERY_BROKER"}}, name="celery_executor")
 
 
 def build_definitions(strategies_file: StrategiesFile | None = None, resources: dict | None = None,

@@ -1,6 +1,8 @@
 """Chart images: a multi-panel PNG per symbol × timeframe, stored in the chart store. A batched
 run renders all its charts as one batch through one Chromium."""
 
+import os
+
 import dagster as dg
 
 from trading_pipeline.core.frames import MarketFrame
@@ -15,9 +17,14 @@ from trading_pipeline.graph.resources import ChartRendererResource, ChartStoreRe
 
 
 def build_chart_assets(symbol_timeframe) -> list:
+    # On Celery (TRADING_EXECUTOR=celery), charts can go to the workers that have Chromium: those
+    # started with `-q <TRADING_CELERY_CHART_QUEUE>` (default: the queue every step goes to).
+    chart_queue = os.environ.get("TRADING_CELERY_CHART_QUEUE", "").strip()
+
     @dg.asset(
         partitions_def=symbol_timeframe,
         group_name="trading",
+        op_tags={"dagster-celery/queue": chart_queue} if chart_queue else None,
         retry_policy=dg.RetryPolicy(max_retries=1, delay=2),
         backfill_policy=BATCH_POLICY,
         description="A multi-panel chart PNG in the chart store; thumbnail and location in the metadata.",
