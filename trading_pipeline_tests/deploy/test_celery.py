@@ -83,7 +83,7 @@ def test_a_batch_runs_across_two_celery_workers(tmp_path, dagster_postgres_url, 
     strategies = tmp_path / "strategies.yaml"
     strategies.write_text("strategies:\n  - name: celery_test\n    symbols: [" + ", ".join(SYMBOLS) + "]\n"
                           "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n")
-    broker = f"redis://{REDIS[0]}:{REDIS[1]}/{random.randint(1, 15)}"  # noqa: S311 - a db apart from other tests
+    broker = f"redis://{REDIS[0]}:{REDIS[1]}/{random.randint(1, 15)}"  # a db apart from other tests
     env = {**base_environment(), "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO),
            "TRADING_EXECUTOR": "celery", "TRADING_CELERY_BROKER": broker,
            "TRADING_STRATEGIES_FILE": str(strategies), "TRADING_DATA_DIR": str(tmp_path / "data"),
