@@ -250,7 +250,7 @@ def test_steps_that_call_a_limited_service_sit_in_its_pool(defs, instance):
         ("analyze_timeframe", ("market_bars", "indicator_frames", "ai_analyses")),
         ("decide_and_order", ("trade_decisions", "orders"))) for key in keys}
     assert pools == {"market_bars": "market_data", "indicator_frames": None, "ai_analyses": "llm",
-                     "trade_decisions": "llm", "orders": "broker_orders"}
+                     "trade_decisions": "decisions", "orders": "broker_orders"}
     assert POOL_LIMITS["broker_orders"] == 1  # one order placement at a time, across runs
 
 

@@ -153,3 +153,39 @@ def test_batched_run_with_values_in_s3(tmp_path, s3_endpoint, monkeypatch, alert
         assert analyze_batch(defs, instance, "1w").success
     keys = {item["Key"] for item in client.list_objects_v2(Bucket="batch-io-test")["Contents"]}
     assert {f"dagster/{asset}/{symbol}/1w" for asset in ("market_bars", "ai_analyses") for symbol in SYMBOLS} <= keys
+
+
+def test_one_decision_run_at_the_open_orders_in_symbol_order_and_fails_closed(tmp_path, alerts):
+    from sqlalchemy import func, select
+
+    from trading_pipeline.adapters.trading_db import PaperOrderRow, session_factory
+
+    defs = definitions(tmp_path)
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        for timeframe in ("1d", "1w"):
+            assert analyze_batch(defs, instance, timeframe).success
+        tags = {**range_tags(SYMBOLS[0], SYMBOLS[-1]), AS_OF_TAG: AS_OF}
+        result = defs.resolve_job_def("decide_and_order").execute_in_process(instance=instance, tags=tags)
+        assert result.success
+        decisions, orders = result.output_for_node("trade_decisions"), result.output_for_node("orders")
+        assert decisions["SPY"].action == Action.BUY and orders["SPY"].status == "submitted"
+        assert orders["AAPL"].status == "not_sent"
+        for symbol in ("NOBARS", "STALE"):  # their analyses were unusable: NO_TRADE saying why, nothing sent
+            assert decisions[symbol].action == Action.NO_TRADE and orders[symbol].status == "not_sent"
+        assert "no bars for NOBARS" in decisions["NOBARS"].rationale
+        metadata = latest(instance, "orders", "SPY").metadata
+        assert metadata["status"].value == "submitted" and metadata["decision_id"].value == decisions["SPY"].decision_id
+        checks = check_results(instance, result.run_id)
+        assert {checks[("trade_decisions", "risk_limits", s)] for s in SYMBOLS} == {True}
+
+        # Orders go out in symbol order, whatever the order of the strategies file.
+        order_log = [r.user_message.split(":")[0] for r in instance.all_logs(result.run_id)
+                     if r.step_key == "orders" and r.user_message.split(":")[0] in SYMBOLS]
+        assert order_log == sorted(SYMBOLS) != SYMBOLS
+
+        # Re-running the batch (what a retry does) sends nothing again.
+        again = defs.resolve_job_def("decide_and_order").execute_in_process(instance=instance, tags=tags)
+        assert again.output_for_node("orders")["SPY"].status == "already_sent"
+    sessions = session_factory(f"sqlite:///{tmp_path / 'data' / 'trading.db'}")
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(PaperOrderRow)) == 3  # SPY's one bracket

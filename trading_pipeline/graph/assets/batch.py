@@ -92,9 +92,12 @@ def materialize_partitions(
     step: Callable[[str, Any], PartitionOutcome],
     upstream: Any = None,
     on_upstream_failure: Callable[[str, PartitionFailure], PartitionOutcome] | None = None,
+    in_key_order: bool = False,
 ) -> Iterator:
     """Yield what materializes the run's partitions of the asset; `step(key, upstream value)` makes
-    one partition (`upstream` is the asset's one input: the value, or a dict for several keys)."""
+    one partition (`upstream` is the asset's one input: the value, or a dict for several keys).
+    `in_key_order`: make the partitions in sorted key order (orders: a deterministic sending order)
+    rather than the partitions definition's order."""
     keys = partition_keys(context)
     if len(keys) == 1:
         value = upstream[keys[0]] if isinstance(upstream, dict) and keys[0] in upstream else upstream
@@ -109,7 +112,8 @@ def materialize_partitions(
         yield dg.MaterializeResult(value=outcome.value, metadata=outcome.metadata,
                                    check_results=list(outcome.check_results))
         return
-    yield from _materialize_batch(context, keys, step, upstream or {}, on_upstream_failure)
+    yield from _materialize_batch(context, sorted(keys) if in_key_order else keys, step, upstream or {},
+                                  on_upstream_failure)
 
 
 def _materialize_batch(context, keys, step, upstream: dict, on_upstream_failure) -> Iterator:
