@@ -154,6 +154,8 @@ def _materialize_batch(context, keys, step, upstream: dict, on_upstream_failure)
         evaluations.extend(_evaluation(context, result, key) for result in outcome.check_results)
     if unexpected and len(unexpected) == len(keys):
         raise unexpected[0]  # nothing worked: likely the source, not the data; the retry policy applies
+    context.log.info(f"{asset}: {len(keys) - len(failed)} of {len(keys)} partitions made"
+                     + (f"; failed: {', '.join(f.partition for f in failed)}" if failed else ""))
     if failed:
         _alert(context, asset, len(keys), failed)
     yield dg.Output(values)

@@ -10,6 +10,7 @@ from trading_pipeline.graph.assets.batch import (
     PartitionOutcome,
     materialize_partitions,
     partition_dimensions,
+    partition_keys,
     partitioned_checks,
 )
 from trading_pipeline.graph.assets.common import READ_RETRY, run_as_of
@@ -30,6 +31,7 @@ def build_market_assets(strategies_file: StrategiesFile, symbol_timeframe) -> li
                     trading_db: TradingDatabaseResource):
         as_of = run_as_of(context)
         source = market_data.source()
+        batched = len(partition_keys(context)) > 1
 
         def fetch(key: str, _) -> PartitionOutcome:
             dims = partition_dimensions(context, key)
@@ -37,7 +39,8 @@ def build_market_assets(strategies_file: StrategiesFile, symbol_timeframe) -> li
             strategy = strategies_file.strategy_for(symbol)
             frame = source.fetch(symbol, timeframe, strategy.timeframes[timeframe], as_of)
             bars = MarketFrame(symbol, timeframe, as_of, source.name, frame)
-            context.log.info(f"{symbol} {timeframe}: {len(frame)} bars from {source.name} up to {as_of.isoformat()}")
+            if not batched:  # a batch logs one line for all (each log line is an event-log write)
+                context.log.info(f"{symbol} {timeframe}: {len(frame)} bars from {source.name} up to {as_of.isoformat()}")
             contract_metadata = {}
             if hasattr(source, "contract"):  # IBKR: keep the conid the bars (and orders) refer to
                 from trading_pipeline.adapters.records import record_contract
