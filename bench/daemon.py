@@ -305,6 +305,7 @@ def main() -> None:
         postgres_db = f"bench_daemon_{os.getpid()}"
         postgres("CREATE", postgres_db)
     instance = Instance(tmp, symbols, args.instance_config, postgres_db)
+    load_before = os.getloadavg()[1]
     try:
         startup = instance.start()
         repeats = [daemon_repeat(instance, symbols, week) for week in range(args.repeats)]
@@ -336,6 +337,8 @@ def main() -> None:
     print(f"ratio daemon / one process  refresh {best / min(local_refresh):.2f}×, "
           f"decide {min(decide) / min(local_decide):.2f}×")
     print(f"ratio daemon / unavoidable  refresh {best / min(floor_work):.2f}×")
+    print(f"machine load (5 min avg)    {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end, "
+          f"{os.cpu_count()} cores: above the core count, every figure above is inflated by other work")
 
 
 if __name__ == "__main__":
