@@ -45,6 +45,14 @@ class NoBarsForOneSymbol(MarketDataResource):
         return Source()
 
 
+@pytest.fixture(autouse=True)
+def paper_deployment_at_as_of(monkeypatch):
+    """The deployment's switches and clock (read from the environment when an order is sent): orders
+    on, and 'now' is AS_OF, so the decisions are current when their orders go out."""
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "yes")
+    monkeypatch.setenv("TRADING_AS_OF", AS_OF)
+
+
 def definitions(tmp_path, **environment):
     resources = resources_from_env({"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_ORDERS_ENABLED": "yes",
                                     **environment})

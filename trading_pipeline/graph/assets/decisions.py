@@ -77,8 +77,7 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
 
         def decide_symbol(symbol: str, inputs: dict) -> PartitionOutcome:
             strategy = strategies_file.strategy_for(symbol)
-            failed = [v for v in (*inputs["analysis"].values(), *inputs["frames"].values())
-                      if isinstance(v, PartitionFailure)]
+            failed = [v for v in inputs["analysis"].values() if isinstance(v, PartitionFailure)]
             if failed:
                 raise UserError(f"no analysis to decide {symbol} on: {failed[0].describe()}", failed[0].fix)
             daily, weekly = inputs["analysis"]["1d"], inputs["analysis"]["1w"]
@@ -100,11 +99,12 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
                 decision = already
             else:
                 record_decision(sessions, decision)
-            daily_frame = inputs["frames"]["1d"].frame
+            daily_frames = inputs["frames"]["1d"]  # bars that failed in a batch: an unusable analysis, no chart
+            chart = ({} if isinstance(daily_frames, PartitionFailure) else
+                     render_decision_chart(decision, daily_frames.frame, chart_renderer, chart_store, log=context.log))
             return PartitionOutcome(
                 value=decision,
-                metadata={**decision_metadata(decision, already is not None, strategy),
-                          **render_decision_chart(decision, daily_frame, chart_renderer, chart_store, log=context.log),
+                metadata={**decision_metadata(decision, already is not None, strategy), **chart,
                           **model_call_metadata(context, analyst, sessions, symbol, None, "consolidation")},
                 check_results=checks.decision_checks(decision, strategy),
             )
