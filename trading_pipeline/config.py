@@ -19,6 +19,7 @@ MODES: dict[str, tuple[str, ...]] = {
     "TRADING_BROKER": ("paper", "ibkr"),
     "TRADING_CHART_STORE": ("local", "s3"),
     "TRADING_IO_MANAGER": ("fs", "s3"),
+    "TRADING_EXECUTOR": ("in_process", "celery"),
 }
 YES_VALUES = ("yes", "true", "1", "on")
 NO_VALUES = ("no", "false", "0", "off")

@@ -418,6 +418,33 @@ class ChartRenderer:
             _check_png(data, w, h, i)
         return results
 
+    def render_each(self, figs: Iterable[Any], width: int | None = None,
+                    height: int | None = None) -> list[bytes | ChartRenderError]:
+        """Like `render_many` (one batch, one browser), but one bad figure fails only itself: each
+        result is the PNG or that figure's ChartRenderError. After a failed batch the figures are
+        rendered one by one; after two failures in a row the browser itself is the problem, and the
+        rest get the same error instead of waiting for their own timeouts."""
+        figs = list(figs)
+        try:
+            return list(self.render_many(figs, width=width, height=height))
+        except ChartRenderError as error:
+            if len(figs) == 1:
+                return [error]
+            _log.warning("chart renderer: a batch of %d failed (%s); rendering them one by one", len(figs), error)
+        results: list[bytes | ChartRenderError] = []
+        failures_in_a_row = 0
+        for fig in figs:
+            if failures_in_a_row >= 2:
+                results.append(results[-1])
+                continue
+            try:
+                results.append(self.render_png(fig, width, height))
+                failures_in_a_row = 0
+            except ChartRenderError as error:
+                results.append(error)
+                failures_in_a_row += 1
+        return results
+
     def _render_batch(self, specs: Sequence[tuple[dict[str, Any], int, int]]) -> list[bytes]:
         k, loop = self._kaleido, self._loop
         assert k is not None and loop is not None

@@ -1,7 +1,9 @@
 """Concurrency pools (Dagster op-level limits shared by all runs of the instance).
 
     market_data  4  history requests (IBKR allows 5 in flight; ibind uses 4)
-    llm          4  model calls
+    llm          4  model calls of the analyses
+    decisions    2  the decisions' consolidation calls: a pool of their own, so decisions at the
+                    open never wait for a slot held by analysis steps
     broker_orders 1 order placement: one at a time, never two decisions racing at the broker
 
 Run `python -m trading_pipeline.graph.pools` (the Makefile's demo and dev targets do) to set
@@ -10,7 +12,7 @@ them on the instance in DAGSTER_HOME; change them later in the UI (Deployment â†
 
 from __future__ import annotations
 
-POOL_LIMITS = {"market_data": 4, "llm": 4, "broker_orders": 1}
+POOL_LIMITS = {"market_data": 4, "llm": 4, "decisions": 2, "broker_orders": 1}
 
 
 def configure_pools(instance) -> dict[str, int]:

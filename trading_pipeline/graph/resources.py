@@ -6,7 +6,9 @@ Dagster launchpad, except the safety switches, which only the deployment sets (B
 
 
 import functools
+import logging
 import os
+import threading
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +17,7 @@ from pydantic import Field
 from trading_pipeline import config
 from trading_pipeline.errors import ConfigError
 from trading_pipeline.graph.ibkr import IBKRResource
+from trading_pipeline.graph.io_managers import BatchFilesystemIOManager, batch_s3_pickle_io_manager
 
 
 class TradingDatabaseResource(dg.ConfigurableResource):
@@ -100,14 +103,29 @@ class ChartStoreResource(dg.ConfigurableResource):
 
 class ChartRendererResource(dg.ConfigurableResource):
     """Renders chart figures to PNG through one persistent Chromium, shared by every run in the
-    process (the demo, tests and benchmarks run many in one process; it is closed at exit)."""
+    process (the demo, tests, benchmarks and Celery workers run many in one process; it is closed
+    at exit). A run that renders charts starts the browser when the run starts, in the background,
+    so its start-up overlaps the market data and indicator steps."""
 
     width: int = 1920
     height: int = 1080
     timeout_seconds: float = 60.0
 
+    def setup_for_execution(self, context) -> None:
+        threading.Thread(target=self._warm_up, name="chart-renderer-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            self.renderer()
+        except Exception as error:  # noqa: BLE001 - the render itself reports it, with the fix
+            logging.getLogger(__name__).debug(f"chart renderer warm-up failed: {error}")
+
     def renderer(self):
-        return _shared_renderer(self.timeout_seconds)
+        with _RENDERER_LOCK:  # the warm-up thread and a render never start two browsers
+            return _shared_renderer(self.timeout_seconds)
+
+
+_RENDERER_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=2)
@@ -227,13 +245,17 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
             database=database,
             ibkr=ibkr),
     }
+    # One value per asset partition, also for a batched run covering many partitions
+    # (graph/io_managers.py); the layout is that of Dagster's own pickle IO managers.
     if config.env_mode("TRADING_IO_MANAGER", environ) == "s3":
         # Asset values in the bucket instead of DAGSTER_HOME/storage: what runs on several
-        # machines (Docker or Kubernetes run launchers) need to read each other's outputs.
-        from dagster_aws.s3 import S3PickleIOManager, S3Resource
+        # machines (Docker or Kubernetes run launchers, Celery workers) need to read each other's outputs.
+        from dagster_aws.s3 import S3Resource
 
-        resources["io_manager"] = S3PickleIOManager(
+        resources["io_manager"] = batch_s3_pickle_io_manager(
             s3_resource=S3Resource(endpoint_url=environ.get("AWS_ENDPOINT_URL") or None),
             s3_bucket=environ.get("TRADING_S3_BUCKET", "trading-charts"),
             s3_prefix=environ.get("TRADING_IO_PREFIX", "dagster"))
+    else:
+        resources["io_manager"] = BatchFilesystemIOManager()
     return resources

@@ -26,10 +26,9 @@ def test_compose_instance_is_postgres_with_queue_limits_and_run_retries(deployme
         coordinator = instance.run_coordinator
         assert isinstance(coordinator, QueuedRunCoordinator)
         queue = instance.get_concurrency_config().run_queue_config  # what the daemon's queue applies
-        assert queue.max_concurrent_runs == 4
-        assert {limit["key"]: limit["limit"] for limit in queue.tag_concurrency_limits} == {"dagster/backfill": 2}
+        assert_decisions_keep_a_run_slot(queue)
         assert queue.max_user_code_failure_retries == 3 and queue.user_code_failure_retry_delay == 30
-        assert coordinator.dequeue_interval_seconds == 5
+        assert coordinator.dequeue_interval_seconds == 1
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
         assert instance.run_retries_retry_on_asset_or_op_failure is False
         assert instance.run_monitoring_enabled
@@ -53,7 +52,14 @@ def test_laptop_instance_loads_without_postgres(tmp_path):
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         assert isinstance(instance.run_storage, SqliteRunStorage)
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
-        configured = settings["concurrency"]["runs"]["max_concurrent_runs"]
-        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == configured
+        assert_decisions_keep_a_run_slot(instance.get_concurrency_config().run_queue_config)
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
         assert instance.get_runs_count() == 0  # storage works
     assert (tmp_path / "history").is_dir()
+
+
+def assert_decisions_keep_a_run_slot(queue) -> None:
+    """Runs other than decide-and-order (analysis runs, backfills) can never take every run slot."""
+    limits = {(limit["key"], limit.get("value")): limit["limit"] for limit in queue.tag_concurrency_limits}
+    others = limits[("trading/phase", "analyze")] + limits[("dagster/backfill", None)]
+    assert others < queue.max_concurrent_runs

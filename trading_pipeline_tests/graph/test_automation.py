@@ -46,7 +46,14 @@ def evaluate_schedule(defs, name, when):
         context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
                                             repository_def=defs.get_repository_def())
         result = defs.get_schedule_def(name).evaluate_tick(context)
-        return result.skip_message, [(r.run_key, str(r.partition_key), dict(r.tags)) for r in result.run_requests or []]
+        return result.skip_message, [(r.run_key, r.partition_key, dict(r.tags)) for r in result.run_requests or []]
+
+
+def covered_partitions(defs, tags, asset="market_bars"):
+    """The partitions a run with these range tags materializes (what the daemon's run would see)."""
+    partitions_def = defs.resolve_assets_def(asset).partitions_def
+    return {str(k) for k in partitions_def.get_partition_keys_in_range(
+        dg.PartitionKeyRange(tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]))}
 
 
 @pytest.mark.parametrize("when, fires", [
@@ -62,9 +69,10 @@ def test_daily_close_schedule(defs, when, fires):
         assert not requests and "not a trading day" in skip
         return
     day = when[:10]
-    assert sorted(key for key, _, _ in requests) == [f"1d:{day}:AAPL", f"1d:{day}:MSFT", f"1d:{day}:SPY"]
-    assert {partition for _, partition, _ in requests} == {"AAPL|1d", "MSFT|1d", "SPY|1d"}
-    assert all(tags["trading/as_of"].startswith(day) for _, _, tags in requests)
+    (run_key, partition, tags), = requests  # one run for every symbol, not one per partition
+    assert run_key == f"1d:{day}" and partition is None
+    assert covered_partitions(defs, tags) == {"AAPL|1d", "MSFT|1d", "SPY|1d"}
+    assert tags["trading/as_of"].startswith(day)
 
 
 @pytest.mark.parametrize("when, fires", [
@@ -77,8 +85,9 @@ def test_weekly_close_schedule(defs, when, fires):
     skip, requests = evaluate_schedule(defs, "weekly_close_schedule", utc(when))
     assert bool(requests) == fires
     if fires:
-        assert {partition for _, partition, _ in requests} == {"AAPL|1w", "MSFT|1w", "SPY|1w"}
-        assert all(key.startswith(f"1w:{when[:10]}:") for key, _, _ in requests)
+        (run_key, _, tags), = requests
+        assert covered_partitions(defs, tags) == {"AAPL|1w", "MSFT|1w", "SPY|1w"}
+        assert run_key == f"1w:{when[:10]}"
     else:
         assert "not the last session of its week" in skip
 
@@ -94,14 +103,17 @@ def test_market_open_sensor_once_per_session(defs, monkeypatch, instance):
     before_open_est = tick("2024-03-08T14:25:00", None)  # 09:25 EST
     assert not before_open_est.run_requests and "market closed" in before_open_est.skip_message
     after_dst = tick("2024-03-11T13:35:00", None)  # 09:35 EDT, the first Monday after the DST change
-    assert sorted(r.run_key for r in after_dst.run_requests) == ["open:2024-03-11:AAPL", "open:2024-03-11:SPY"]
+    (request,) = after_dst.run_requests  # one run for the strategies that trade at the open
+    assert request.run_key == "open:2024-03-11:SPY..AAPL"
+    assert covered_partitions(defs, request.tags, "trade_decisions") == {"SPY", "AAPL"}
+    assert request.tags["dagster/asset_partition_range_start"] == "SPY"
     assert after_dst.cursor == "2024-03-11"  # MSFT's strategy does not trade at the open
     again = tick("2024-03-11T15:00:00", after_dst.cursor)
     assert not again.run_requests and "already fired" in again.skip_message
     holiday = tick("2024-07-04T14:00:00", after_dst.cursor)
     assert not holiday.run_requests
     early_close_open = tick("2024-11-29T17:30:00", "2024-11-27")  # 12:30 EST, before the 13:00 close
-    assert len(early_close_open.run_requests) == 2
+    assert len(early_close_open.run_requests) == 1
     early_close_after = tick("2024-11-29T18:05:00", "2024-11-27")
     assert not early_close_after.run_requests
 
@@ -238,5 +250,34 @@ def test_steps_that_call_a_limited_service_sit_in_its_pool(defs, instance):
         ("analyze_timeframe", ("market_bars", "indicator_frames", "ai_analyses")),
         ("decide_and_order", ("trade_decisions", "orders"))) for key in keys}
     assert pools == {"market_bars": "market_data", "indicator_frames": None, "ai_analyses": "llm",
-                     "trade_decisions": "llm", "orders": "broker_orders"}
+                     "trade_decisions": "decisions", "orders": "broker_orders"}
     assert POOL_LIMITS["broker_orders"] == 1  # one order placement at a time, across runs
+
+
+def test_open_sensor_covers_symbols_apart_in_the_file_with_one_run_per_stretch(tmp_path, monkeypatch, instance):
+    text = STRATEGIES_TEXT + """\
+  - name: late_opener
+    symbols: [NVDA, TSLA]
+    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}
+"""
+    defs = build_definitions(parse_strategies(text), resources_from_env({"TRADING_DATA_DIR": str(tmp_path)}))
+    monkeypatch.setattr(automation, "_now", lambda: utc("2024-03-11T13:35:00"))
+    result = defs.get_sensor_def("market_open_sensor").evaluate_tick(
+        dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def()))
+    covered = [covered_partitions(defs, r.tags, "trade_decisions") for r in result.run_requests]
+    assert covered == [{"SPY", "AAPL"}, {"NVDA", "TSLA"}]  # MSFT (not at the open) sits between them
+
+
+def test_decisions_jump_the_run_queue_and_runs_say_their_phase(defs, instance):
+    decide = defs.resolve_job_def("decide_and_order").tags
+    analyze = defs.resolve_job_def("analyze_timeframe").tags
+    assert int(decide["dagster/priority"]) > int(analyze.get("dagster/priority", 0))
+    assert decide["trading/phase"] == "decide" and analyze["trading/phase"] == "analyze"
+
+
+def test_contiguous_ranges():
+    from trading_pipeline.graph.assets.batch import contiguous_ranges
+
+    assert contiguous_ranges(["A", "B", "C", "D", "E"], ["A", "B", "D"]) == [("A", "B"), ("D", "D")]
+    assert contiguous_ranges(["A", "B"], []) == []
+    assert contiguous_ranges(["A", "B", "C"], ["C", "A", "B"]) == [("A", "C")]

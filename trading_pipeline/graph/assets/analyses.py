@@ -1,4 +1,7 @@
-"""AI analyses: the configured analyst reads one symbol × timeframe; an unusable answer is NO_TRADE."""
+"""AI analyses: the configured analyst reads each symbol × timeframe of the run; an unusable answer, or a
+partition whose bars or chart failed in a batched run, is NO_TRADE with the reason."""
+
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -6,7 +9,16 @@ from trading_pipeline.core.analysis import TimeframeAnalysis
 from trading_pipeline.core.frames import MarketFrame
 from trading_pipeline.errors import UserError
 from trading_pipeline.graph import checks
-from trading_pipeline.graph.assets.common import READ_RETRY, ChartImageRef, fail, nan_if_none
+from trading_pipeline.graph.assets.batch import (
+    BATCH_POLICY,
+    PartitionFailure,
+    PartitionOutcome,
+    materialize_partitions,
+    partition_dimensions,
+    partition_keys,
+    partitioned_checks,
+)
+from trading_pipeline.graph.assets.common import READ_RETRY, ChartImageRef, fail, nan_if_none, run_as_of
 from trading_pipeline.graph.resources import AnalystResource, ChartStoreResource, TradingDatabaseResource
 
 
@@ -14,54 +26,80 @@ def build_analysis_assets(symbol_timeframe) -> list:
     @dg.asset(
         partitions_def=symbol_timeframe,
         group_name="trading",
-        check_specs=checks.analysis_check_specs("ai_analyses"),
+        check_specs=partitioned_checks(checks.analysis_check_specs("ai_analyses"), symbol_timeframe),
         retry_policy=READ_RETRY,
         pool="llm",
+        backfill_policy=BATCH_POLICY,
         description="Per-timeframe analysis (validated model) by the configured analyst; invalid = NO_TRADE.",
     )
     def ai_analyses(
         context: dg.AssetExecutionContext,
-        indicator_frames: MarketFrame,
-        chart_images: ChartImageRef,
+        indicator_frames,
+        chart_images,
         analyst: AnalystResource,
         chart_store: ChartStoreResource,
         trading_db: TradingDatabaseResource,
     ):
+        keys = partition_keys(context)
+        if len(keys) == 1:
+            indicator_frames, chart_images = {keys[0]: indicator_frames}, {keys[0]: chart_images}
+        # A partition whose bars, indicators or chart failed is analysed as unusable (NO_TRADE, with why).
+        inputs = {key: next((v for v in (indicator_frames[key], chart_images[key]) if isinstance(v, PartitionFailure)),
+                            (indicator_frames[key], chart_images[key])) for key in keys}
         sessions = trading_db.sessions()
         reader = analyst_for_run(context, analyst, sessions)
-        try:
+        store = chart_store.store() if analyst.mode == "openai" else None
+
+        def analyze(_key: str, frames_and_chart: tuple[MarketFrame, ChartImageRef]) -> PartitionOutcome:
+            frames, chart = frames_and_chart
             # Only a model looks at the picture; the rules analyst reads the numbers.
-            png = chart_store.store().get_png(chart_images.key) if analyst.mode == "openai" else None
-            analysis: TimeframeAnalysis = reader.analyze(indicator_frames, chart_images.source(), png)
+            png = store.get_png(chart.key) if store is not None else None
+            analysis: TimeframeAnalysis = reader.analyze(frames, chart.source(), png)
+            return analysis_outcome(context, analyst, sessions, analysis, chart.uri)
+
+        def unusable(key: str, failure: PartitionFailure) -> PartitionOutcome:
+            dims = partition_dimensions(context, key)
+            analysis = TimeframeAnalysis.invalid(
+                reason=failure.describe(), symbol=dims["symbol"], timeframe=dims["timeframe"],
+                as_of=run_as_of(context), data_through=NO_DATA, analyst=f"none ({failure.asset} failed)",
+                last_close=float("nan"), atr=0.0, recent_high=float("nan"), recent_low=float("nan"))
+            return analysis_outcome(context, analyst, sessions, analysis, "none")
+
+        try:
+            yield from materialize_partitions(context, analyze, inputs, on_upstream_failure=unusable)
         finally:
             reader.close()
-        metadata = {
-            "analyst": analysis.analyst,
-            "valid": analysis.valid,
-            "invalid_reason": analysis.invalid_reason or "",
-            "prompt_version": analysis.prompt_version or "none (rules)",
-            "signal": analysis.signal.value,
-            "trend": analysis.trend.value,
-            "confidence": analysis.confidence,
-            "entry": nan_if_none(analysis.entry),
-            "stop": nan_if_none(analysis.stop),
-            "targets": dg.MetadataValue.json(analysis.targets),
-            "rationale": dg.MetadataValue.md(analysis.rationale),
-            "chart": dg.MetadataValue.text(chart_images.uri),
-            "data_through": analysis.data_through.isoformat(),
-        }
-        metadata.update(model_call_metadata(context, analyst, sessions, indicator_frames.symbol,
-                                            indicator_frames.timeframe, "timeframe_analysis"))
-        if not analysis.valid:
-            context.log.warning(f"{indicator_frames.symbol} {indicator_frames.timeframe}: analysis unusable, "
-                                f"NO_TRADE: {analysis.invalid_reason}")
-        return dg.MaterializeResult(
-            value=analysis,
-            metadata=metadata,
-            check_results=checks.analysis_checks(analysis),
-        )
 
     return [ai_analyses]
+
+
+# The data_through of an analysis made from no bars at all: older than any bar, so never "fresh".
+NO_DATA = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def analysis_outcome(context, analyst: AnalystResource, sessions, analysis: TimeframeAnalysis,
+                     chart_uri: str) -> PartitionOutcome:
+    metadata = {
+        "analyst": analysis.analyst,
+        "valid": analysis.valid,
+        "invalid_reason": analysis.invalid_reason or "",
+        "prompt_version": analysis.prompt_version or "none (rules)",
+        "signal": analysis.signal.value,
+        "trend": analysis.trend.value,
+        "confidence": analysis.confidence,
+        "entry": nan_if_none(analysis.entry),
+        "stop": nan_if_none(analysis.stop),
+        "targets": dg.MetadataValue.json(analysis.targets),
+        "rationale": dg.MetadataValue.md(analysis.rationale),
+        "chart": dg.MetadataValue.text(chart_uri),
+        "data_through": analysis.data_through.isoformat(),
+    }
+    metadata.update(model_call_metadata(context, analyst, sessions, analysis.symbol, analysis.timeframe,
+                                        "timeframe_analysis"))
+    if not analysis.valid:
+        context.log.warning(f"{analysis.symbol} {analysis.timeframe}: analysis unusable, "
+                            f"NO_TRADE: {analysis.invalid_reason}")
+    return PartitionOutcome(value=analysis, metadata=metadata, check_results=checks.analysis_checks(analysis))
 
 
 def analyst_for_run(context, analyst: AnalystResource, sessions):

@@ -1,4 +1,5 @@
-"""Trade decisions: the daily analysis leads, the weekly confirms, the risk gates decide (per symbol)."""
+"""Trade decisions: the daily analysis leads, the weekly confirms, the risk gates decide (per symbol;
+a batched run decides every symbol of the run, in symbol order)."""
 
 import dataclasses
 
@@ -10,6 +11,13 @@ from trading_pipeline.core.strategies import StrategiesFile, Strategy
 from trading_pipeline.errors import UserError
 from trading_pipeline.graph import checks
 from trading_pipeline.graph.assets.analyses import analyst_for_run, model_call_metadata
+from trading_pipeline.graph.assets.batch import (
+    BATCH_POLICY,
+    PartitionFailure,
+    PartitionOutcome,
+    materialize_partitions,
+    partitioned_checks,
+)
 from trading_pipeline.graph.assets.common import fail, nan_if_none, run_as_of
 from trading_pipeline.graph.assets.decision_chart import render_decision_chart
 from trading_pipeline.graph.resources import (
@@ -31,14 +39,17 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
         ins={"ai_analyses": dg.AssetIn(partition_mapping=from_both_timeframes),
              "indicator_frames": dg.AssetIn(partition_mapping=from_both_timeframes)},
         deps=["strategies"],  # the strategy and limits it applied (lineage: strategies → trade_decisions)
-        check_specs=checks.decision_check_specs("trade_decisions"),
+        check_specs=partitioned_checks(checks.decision_check_specs("trade_decisions"), symbols),
         retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
-        pool="llm",  # the OpenAI analyst's consolidation call
+        # The OpenAI analyst's consolidation call; a pool of its own, so that decisions at the open
+        # never wait for a slot held by analysis steps.
+        pool="decisions",
+        backfill_policy=BATCH_POLICY,
         description="Daily analysis leads, weekly confirms; deterministic risk gates decide BUY/SELL/HOLD/NO_TRADE.",
     )
     def trade_decisions(
         context: dg.AssetExecutionContext,
-        ai_analyses: dict,
+        ai_analyses: dict,  # {"SPY|1d": ..., "SPY|1w": ...}, all symbols of a batched run
         indicator_frames: dict,
         analyst: AnalystResource,
         broker: BrokerResource,
@@ -51,21 +62,28 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
         from trading_pipeline.core import market_calendar
         from trading_pipeline.core.decisions import decide
 
-        symbol = context.partition_key
-        strategy = strategies_file.strategy_for(symbol)
-        by_timeframe = {analysis.timeframe: analysis for analysis in ai_analyses.values()}
-        daily, weekly = by_timeframe["1d"], by_timeframe["1w"]
+        by_symbol: dict[str, dict] = {}
+        for inputs, name in ((ai_analyses, "analysis"), (indicator_frames, "frames")):
+            for key, value in inputs.items():
+                symbol, timeframe = key.split("|")  # symbol × timeframe keys: dimensions in name order
+                by_symbol.setdefault(symbol, {}).setdefault(name, {})[timeframe] = value
         sessions = trading_db.sessions()
-        record_strategy(sessions, strategy)
         decided_at = run_as_of(context)  # this run's point in time, not the analyses' (may be older)
         try:  # the broker's answers (a wrong account, a missing P&L) are the user's to fix: never retried
             the_broker = broker.broker(symbols=tuple(strategies_file.symbols()))
-            account, tick = account_for_decision(the_broker, market_data, sessions, symbol, decided_at, context.log)
         except UserError as error:
             raise fail(error) from None
-        kill = config.KillSwitch.read()
         reader = analyst_for_run(context, analyst, sessions)
-        try:
+
+        def decide_symbol(symbol: str, inputs: dict) -> PartitionOutcome:
+            strategy = strategies_file.strategy_for(symbol)
+            failed = [v for v in inputs["analysis"].values() if isinstance(v, PartitionFailure)]
+            if failed:
+                raise UserError(f"no analysis to decide {symbol} on: {failed[0].describe()}", failed[0].fix)
+            daily, weekly = inputs["analysis"]["1d"], inputs["analysis"]["1w"]
+            record_strategy(sessions, strategy)
+            account, tick = account_for_decision(the_broker, market_data, sessions, symbol, decided_at, context.log)
+            kill = config.KillSwitch.read()
             decision = decide(
                 strategy, symbol, daily, weekly, account,
                 market_open=market_calendar.is_open(decided_at),
@@ -75,22 +93,26 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
                 decided_at=decided_at,
                 tick=tick,
             )
+            already = sent_decision(sessions, decision.decision_id)
+            if already is not None:
+                context.log.info(f"decision {decision.decision_id} already has orders; keeping it as it was")
+                decision = already
+            else:
+                record_decision(sessions, decision)
+            daily_frames = inputs["frames"]["1d"]  # bars that failed in a batch: an unusable analysis, no chart
+            chart = ({} if isinstance(daily_frames, PartitionFailure) else
+                     render_decision_chart(decision, daily_frames.frame, chart_renderer, chart_store, log=context.log))
+            return PartitionOutcome(
+                value=decision,
+                metadata={**decision_metadata(decision, already is not None, strategy), **chart,
+                          **model_call_metadata(context, analyst, sessions, symbol, None, "consolidation")},
+                check_results=checks.decision_checks(decision, strategy),
+            )
+
+        try:
+            yield from materialize_partitions(context, decide_symbol, by_symbol, in_key_order=True)
         finally:
             reader.close()
-        already = sent_decision(sessions, decision.decision_id)
-        if already is not None:
-            context.log.info(f"decision {decision.decision_id} already has orders; keeping it as it was")
-            decision = already
-        else:
-            record_decision(sessions, decision)
-        daily_frame = next(f for f in indicator_frames.values() if f.timeframe == "1d").frame
-        return dg.MaterializeResult(
-            value=decision,
-            metadata={**decision_metadata(decision, already is not None, strategy),
-                      **render_decision_chart(decision, daily_frame, chart_renderer, chart_store, log=context.log),
-                      **model_call_metadata(context, analyst, sessions, symbol, None, "consolidation")},
-            check_results=checks.decision_checks(decision, strategy),
-        )
 
     return [trade_decisions]
 

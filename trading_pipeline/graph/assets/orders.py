@@ -3,6 +3,8 @@
 The switches are the deployment's (config.SafetySwitches, read now, never from run config); the
 decision must still be current at send time; entries re-check the account's limits under the
 account lock; exits turn the position's stop into a market order (adapters/order_desk.py).
+A batched run sends its symbols' orders one after the other in symbol order (a deterministic
+order under the account's limits); one symbol's failure does not stop the others.
 """
 
 import dataclasses
@@ -13,6 +15,7 @@ from trading_pipeline import config
 from trading_pipeline.core.analysis import OrderRecord, TradeDecision
 from trading_pipeline.core.strategies import StrategiesFile, Strategy
 from trading_pipeline.errors import UserError
+from trading_pipeline.graph.assets.batch import BATCH_POLICY, PartitionOutcome, materialize_partitions
 from trading_pipeline.graph.assets.common import fail
 from trading_pipeline.graph.resources import BrokerResource, MarketDataResource, TradingDatabaseResource
 
@@ -22,28 +25,32 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
         partitions_def=symbols,
         group_name="trading",
         pool="broker_orders",  # no retry policy: an order step is never retried automatically
+        backfill_policy=BATCH_POLICY,
         description="What was sent to the broker for the decision (exactly once), or why nothing was.",
     )
     def orders(
         context: dg.AssetExecutionContext,
-        trade_decisions: TradeDecision,
+        trade_decisions,  # a TradeDecision, or {symbol: TradeDecision} in a batched run
         broker: BrokerResource,
         market_data: MarketDataResource,
         trading_db: TradingDatabaseResource,
     ):
         from trading_pipeline.adapters.order_desk import OrderDesk
 
-        decision = trade_decisions
-        strategy = strategies_file.strategy_for(decision.symbol)
         sessions = trading_db.sessions()
         try:
             the_broker = broker.broker(symbols=tuple(strategies_file.symbols()))
-            desk = OrderDesk(sessions, the_broker)
+        except UserError as error:  # bad gateway answer, wrong account
+            raise fail(error) from None
+        desk = OrderDesk(sessions, the_broker)
+
+        def send(_symbol: str, decision: TradeDecision) -> PartitionOutcome:
+            strategy = strategies_file.strategy_for(decision.symbol)
             # What an earlier run did for this decision is what the asset shows, whatever the switches say now.
             record = desk.recorded(decision)
             if record is None:
                 now = config.trading_now()
-                reason = why_not_sent(decision, strategy, broker, now)
+                reason = why_not_sent(decision, strategy, broker, now)  # read before each order of a batch
                 if reason is not None:
                     record = OrderRecord(decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
                                          reason=reason, broker=the_broker.name)
@@ -51,10 +58,11 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
                     record = desk.exit_once(decision, placed_at=now)
                 else:
                     record = _send_entry(desk, decision, strategy, the_broker, market_data, sessions, now, context)
-        except UserError as error:  # bad gateway answer, wrong account, an exit whose state is unknown
-            raise fail(error) from None
-        context.log.info(f"{decision.symbol}: {record.status}: {record.reason}")
-        return dg.MaterializeResult(value=record, metadata=order_metadata(record))
+            context.log.info(f"{decision.symbol}: {record.status}: {record.reason}")
+            return PartitionOutcome(value=record, metadata=order_metadata(record))
+
+        # A user error (an exit whose state is unknown) fails that symbol's order; a run of one symbol fails.
+        yield from materialize_partitions(context, send, trade_decisions, in_key_order=True)
 
     return [orders]
 

@@ -1,0 +1,345 @@
+"""The production path, measured: the Dagster daemon and webserver, the schedules and the open.
+
+Starts `dagster-webserver` and `dagster-daemon` (127.0.0.1 only) on a fresh DAGSTER_HOME holding
+the repository's dagster.yaml, with a temporary strategies file of N symbols on the simulated
+market and paper orders on. Then, per repeat (each a later week):
+
+- refresh: evaluates the daily and the weekly close schedules over GraphQL (`scheduleDryRun`, what
+  the UI's "Test schedule" and the daemon's tick evaluate) and launches their run requests
+  (`launchRun`, into the run queue), then waits for every run;
+- open: evaluates the market-open sensor at the next session's open (in this process, at that
+  time) and launches its run requests the same way; timed from the sensor's tick.
+
+Then the same work in one process (`execute_in_process`, same run tags) and the unavoidable work
+(bars, indicators, figure and a warm batched render per chart, no Dagster), and prints wall times,
+runs, time per symbol × timeframe and the ratios. With --repeats, min and median of each.
+
+Run: `.venv/bin/python bench/daemon.py [--symbols 20] [--repeats 1]` (PYTHONPATH=<checkout> to
+measure a worktree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+
+warnings.filterwarnings("ignore")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout this file is in, also for trading_pipeline_tests
+
+from trading_pipeline_tests.deploy.processes import ProcessSet, free_port
+
+BIN = Path(sys.executable).parent
+NEW_YORK = ZoneInfo("America/New_York")
+FIRST_FRIDAY = datetime(2026, 9, 4, tzinfo=NEW_YORK)
+ISOLATED_PREFIXES = ("TRADING_", "DAGSTER_", "AWS_", "OPENAI_", "IBKR_")
+LOCATION = {"repositoryLocationName": "trading_pipeline", "repositoryName": "__repository__"}
+
+DRY_RUN = """
+mutation DryRun($selector: ScheduleSelector!, $timestamp: Float) {
+  scheduleDryRun(selectorData: $selector, timestamp: $timestamp) {
+    __typename
+    ... on DryRunInstigationTick { evaluationResult { runRequests { runKey jobName tags { key value } }
+                                                      skipReason error { message } } }
+    ... on PythonError { message }
+  }
+}"""
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+RUN = """
+query Run($runId: ID!) {
+  runOrError(runId: $runId) { ... on Run { status creationTime startTime endTime } }
+}"""
+LOCATIONS = """
+query { workspaceOrError { ... on Workspace { locationEntries { name loadStatus
+  locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+
+class Instance:
+    """The webserver and daemon on a fresh DAGSTER_HOME; `close()` kills them and all they started."""
+
+    def __init__(self, tmp: Path, symbols: list[str], instance_config: Path, postgres_db: str | None):
+        self.tmp = tmp
+        home = tmp / "home"
+        home.mkdir()
+        shutil.copy(instance_config, home / "dagster.yaml")
+        strategies = tmp / "strategies.yaml"
+        strategies.write_text("strategies:\n  - name: bench\n    symbols: [" + ", ".join(symbols) + "]\n"
+                              "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n    orders: {enabled: true}\n")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(ISOLATED_PREFIXES)}
+        self.env.update({"DAGSTER_HOME": str(home), "TRADING_STRATEGIES_FILE": str(strategies),
+                         "TRADING_DATA_DIR": str(tmp / "data"), "TRADING_ORDERS_ENABLED": "yes",
+                         "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"})
+        if postgres_db:  # deploy/dagster.yaml reads its PostgreSQL from these (docker compose sets them)
+            self.env.update({"DAGSTER_POSTGRES_HOST": "127.0.0.1", "DAGSTER_POSTGRES_PORT": "5432",
+                             "DAGSTER_POSTGRES_USER": "postgres", "DAGSTER_POSTGRES_PASSWORD": "",
+                             "DAGSTER_POSTGRES_DB": postgres_db})
+        self.processes = ProcessSet(tmp / "logs")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "trading_pipeline.graph.pools"], env=self.env, cwd=self.tmp,
+                       check=True, capture_output=True)
+        target = ["-w", str(REPO / "workspace.yaml")]
+        self.processes.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port),
+                                           *target], self.env, cwd=self.tmp)
+        self.processes.start("daemon", [str(BIN / "dagster-daemon"), "run", *target], self.env, cwd=self.tmp)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            for name in ("webserver", "daemon"):
+                self.processes.assert_running(name)
+            try:
+                entries = self.graphql(LOCATIONS)["workspaceOrError"]["locationEntries"]
+                if any(e["loadStatus"] == "LOADED" and e["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+                       for e in entries):
+                    return time.perf_counter() - started
+            except (httpx.HTTPError, KeyError, TypeError):
+                pass
+            time.sleep(0.5)
+        raise SystemExit("the webserver did not load the code location in 180 s:\n"
+                         + self.processes.log_tail("webserver"))
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        response = httpx.post(f"{self.url}/graphql", json={"query": query, "variables": variables or {}}, timeout=120)
+        if response.status_code != 200:
+            raise RuntimeError(f"GraphQL answered {response.status_code}: {response.text[:2000]}")
+        body = response.json()
+        if body.get("errors"):
+            raise RuntimeError(body["errors"])
+        return body["data"]
+
+    def schedule_requests(self, name: str, tick: datetime) -> list[dict]:
+        result = self.graphql(DRY_RUN, {"selector": {**LOCATION, "scheduleName": name},
+                                        "timestamp": tick.timestamp() - 1})["scheduleDryRun"]
+        evaluation = result.get("evaluationResult") or {}
+        if evaluation.get("error") or result["__typename"] != "DryRunInstigationTick":
+            raise RuntimeError(f"{name}: {evaluation.get('error') or result}")
+        return [{"job": r["jobName"] or "analyze_timeframe", "tags": {t["key"]: t["value"] for t in r["tags"]}}
+                for r in evaluation["runRequests"] or []]
+
+    def launch(self, job: str, tags: dict[str, str]) -> str:
+        params = {"selector": {**LOCATION, "jobName": job}, "runConfigData": {},
+                  "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}
+        result = self.graphql(LAUNCH, {"params": params})["launchRun"]
+        if result["__typename"] != "LaunchRunSuccess":
+            raise RuntimeError(f"launch of {job} failed: {result}")
+        return result["run"]["runId"]
+
+    def wait(self, run_ids: list[str], timeout: float = 1200) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = [self.graphql(RUN, {"runId": run_id})["runOrError"] for run_id in run_ids]
+            if all(run["status"] in ("SUCCESS", "FAILURE", "CANCELED") for run in runs):
+                failed = [run_id for run_id, run in zip(run_ids, runs, strict=True) if run["status"] != "SUCCESS"]
+                if failed:
+                    raise SystemExit(f"runs {failed} did not succeed; see the UI at {self.url} "
+                                     f"(DAGSTER_HOME {self.env['DAGSTER_HOME']})")
+                return runs
+            for name in ("webserver", "daemon"):
+                self.processes.assert_running(name)
+            time.sleep(0.2)
+        raise SystemExit(f"runs not finished after {timeout:.0f} s")
+
+    def close(self) -> None:
+        self.processes.kill_all()
+
+
+def at(day: datetime, hour: int, minute: int) -> datetime:
+    return day.replace(hour=hour, minute=minute, second=0, microsecond=0)
+
+
+def open_requests(symbols: list[str], env: dict, when: datetime) -> list[dict]:
+    """The market-open sensor's run requests at `when` (evaluated here, at that time)."""
+    import dagster as dg
+
+    from trading_pipeline.core.strategies import load_strategies
+    from trading_pipeline.definitions import build_definitions
+    from trading_pipeline.graph import automation
+    from trading_pipeline.graph.resources import resources_from_env
+
+    defs = build_definitions(load_strategies(env["TRADING_STRATEGIES_FILE"]), resources_from_env(env))
+    real_now = automation._now
+    automation._now = lambda: when
+    try:
+        with dg.instance_for_test() as instance:
+            result = defs.get_sensor_def("market_open_sensor").evaluate_tick(
+                dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def()))
+    finally:
+        automation._now = real_now
+    if not result.run_requests:
+        raise RuntimeError(f"the open sensor requested nothing at {when}: {result.skip_message}")
+    return [{"job": "decide_and_order", "tags": dict(r.tags)} for r in result.run_requests]
+
+
+def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
+    friday = FIRST_FRIDAY + timedelta(weeks=week)
+    from trading_pipeline.core import market_calendar
+
+    started = time.perf_counter()
+    requests = (instance.schedule_requests("daily_close_schedule", at(friday, 16, 15))
+                + instance.schedule_requests("weekly_close_schedule", at(friday, 16, 30)))
+    run_ids = [instance.launch(r["job"], r["tags"]) for r in requests]
+    runs = instance.wait(run_ids)
+    refresh = time.perf_counter() - started
+    opening = market_calendar.next_open(at(friday, 17, 0)).to_pydatetime().astimezone(UTC) + timedelta(minutes=5)
+    started = time.perf_counter()
+    requests = open_requests(symbols, instance.env, opening)
+    decide_ids = [instance.launch(r["job"], r["tags"]) for r in requests]
+    decide_runs = instance.wait(decide_ids)
+    decide = time.perf_counter() - started
+    return {"refresh": refresh, "refresh_runs": len(run_ids), "decide": decide, "decide_runs": len(decide_ids),
+            "queued": max(r["startTime"] - r["creationTime"] for r in runs + decide_runs),
+            "open": opening}
+
+
+def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: datetime) -> tuple[float, float]:
+    """The same three runs (1d, 1w, decide; same tags) with execute_in_process, after a warm-up."""
+    import dagster as dg
+
+    from trading_pipeline.core.strategies import load_strategies
+    from trading_pipeline.definitions import build_definitions
+    from trading_pipeline.graph.assets import AS_OF_TAG
+    from trading_pipeline.graph.assets.batch import range_tags
+    from trading_pipeline.graph.resources import resources_from_env
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = {**env, "TRADING_DATA_DIR": str(Path(tmp) / "data")}
+        defs = build_definitions(load_strategies(env["TRADING_STRATEGIES_FILE"]), resources_from_env(local))
+        quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+        with dg.instance_for_test(temp_dir=tmp) as instance:
+            analyze, decide = defs.resolve_job_def("analyze_timeframe"), defs.resolve_job_def("decide_and_order")
+            warm_as_of = (friday - timedelta(weeks=1)).astimezone(UTC)
+            analyze.execute_in_process(instance=instance, run_config=quiet, tags={
+                **range_tags(f"{symbols[0]}|1d", f"{symbols[0]}|1d"), AS_OF_TAG: warm_as_of.isoformat()})
+            started = time.perf_counter()
+            for timeframe, minute in (("1d", 15), ("1w", 30)):
+                as_of = at(friday, 16, minute).astimezone(UTC).isoformat()
+                assert analyze.execute_in_process(instance=instance, run_config=quiet, tags={
+                    **range_tags(f"{symbols[0]}|{timeframe}", f"{symbols[-1]}|{timeframe}"), AS_OF_TAG: as_of}).success
+            refresh = time.perf_counter() - started
+            started = time.perf_counter()
+            assert decide.execute_in_process(instance=instance, run_config=quiet, tags={
+                **range_tags(symbols[0], symbols[-1]), AS_OF_TAG: opening.isoformat()}).success
+            return refresh, time.perf_counter() - started
+
+
+def unavoidable(symbols: list[str], friday: datetime) -> tuple[float, float]:
+    """Bars + indicators + figure + render (warm Chromium, batches as the chart step renders) per
+    chart, for every symbol × timeframe; and the one-time browser start."""
+    from trading_pipeline.adapters.chart_render import ChartRenderer
+    from trading_pipeline.adapters.market_data import SimulatedMarketData
+    from trading_pipeline.core.chart_figure import build_chart_figure
+    from trading_pipeline.core.indicators import compute_indicators
+    from trading_pipeline.core.strategies import TimeframeSettings
+
+    source = SimulatedMarketData()
+    periods = {"1d": TimeframeSettings(period="2y"), "1w": TimeframeSettings(period="6y")}
+    started = time.perf_counter()
+    with ChartRenderer() as renderer:
+        startup = time.perf_counter() - started
+        compute_indicators(source.fetch(symbols[0], "1d", periods["1d"], friday))  # numba JIT, calendar
+        renderer.render_png(build_chart_figure(
+            compute_indicators(source.fetch(symbols[0], "1d", periods["1d"], friday)), symbols[0], "1d", friday,
+            width=1920, height=1080), 1920, 1080)
+        started = time.perf_counter()
+        for timeframe, minute in (("1d", 15), ("1w", 30)):
+            as_of = at(friday, 16, minute)
+            figures = []
+            for symbol in symbols:
+                frame = compute_indicators(source.fetch(symbol, timeframe, periods[timeframe], as_of))
+                figures.append(build_chart_figure(frame, symbol, timeframe, as_of, width=1920, height=1080))
+            renderer.render_many(figures, 1920, 1080)
+        return time.perf_counter() - started, startup
+
+
+def postgres(verb: str, name: str) -> None:
+    """CREATE or DROP a database on the local PostgreSQL (127.0.0.1:5432, user postgres)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"' if verb == "CREATE"
+                                   else f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f} s"
+    return f"min {min(values):.1f} s, median {statistics.median(values):.1f} s ({len(values)} runs)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--symbols", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1, help="measure each phase this many times (later weeks)")
+    parser.add_argument("--instance-config", type=Path, default=REPO / "deploy/local/dagster.yaml",
+                        help="the dagster.yaml to measure (deploy/dagster.yaml: docker compose's, on PostgreSQL)")
+    args = parser.parse_args()
+    symbols = [f"B{i:03d}" for i in range(args.symbols)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
+    postgres_db = None
+    if "postgres" in args.instance_config.read_text():
+        postgres_db = f"bench_daemon_{os.getpid()}"
+        postgres("CREATE", postgres_db)
+    instance = Instance(tmp, symbols, args.instance_config, postgres_db)
+    load_before = os.getloadavg()[1]
+    try:
+        startup = instance.start()
+        repeats = [daemon_repeat(instance, symbols, week) for week in range(args.repeats)]
+    finally:
+        instance.close()
+        if postgres_db:
+            postgres("DROP", postgres_db)
+    friday, opening = FIRST_FRIDAY, repeats[0]["open"]
+    os.environ.update({k: v for k, v in instance.env.items() if k.startswith("TRADING_")})
+    local = [in_one_process(symbols, instance.env, friday, opening) for _ in range(args.repeats)]
+    floor = [unavoidable(symbols, friday) for _ in range(args.repeats)]
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    partitions = len(symbols) * 2
+    refresh = [r["refresh"] for r in repeats]
+    decide = [r["decide"] for r in repeats]
+    local_refresh, local_decide = [r for r, _ in local], [d for _, d in local]
+    floor_work = [f for f, _ in floor]
+    best = min(refresh)
+    print(f"symbols × timeframes        {len(symbols)} × 2 = {partitions} partitions; instance {args.instance_config}")
+    print(f"webserver + daemon ready    {startup:.1f} s (not counted below)")
+    print(f"daemon: refresh 1d + 1w     {spread(refresh)}; {repeats[0]['refresh_runs']} runs; "
+          f"{best / partitions * 1000:.0f} ms per symbol × timeframe")
+    print(f"daemon: decide and order    {spread(decide)} from the open sensor's tick; {repeats[0]['decide_runs']} run(s)")
+    print(f"longest wait in the queue   {max(r['queued'] for r in repeats):.1f} s")
+    print(f"one process: refresh        {spread(local_refresh)}; decide and order {spread(local_decide)}")
+    print(f"unavoidable work            {spread(floor_work)} ({min(floor_work) / partitions * 1000:.0f} ms per chart: "
+          f"bars, indicators, figure, warm render; browser start {min(s for _, s in floor):.1f} s once)")
+    print(f"ratio daemon / one process  refresh {best / min(local_refresh):.2f}×, "
+          f"decide {min(decide) / min(local_decide):.2f}×")
+    print(f"ratio daemon / unavoidable  refresh {best / min(floor_work):.2f}×")
+    print(f"machine load (5 min avg)    {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end, "
+          f"{os.cpu_count()} cores: above the core count, every figure above is inflated by other work")
+
+
+if __name__ == "__main__":
+    main()
