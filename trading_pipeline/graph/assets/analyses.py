@@ -47,7 +47,7 @@ def build_analysis_assets(symbol_timeframe) -> list:
             "stop": nan_if_none(analysis.stop),
             "targets": dg.MetadataValue.json(analysis.targets),
             "rationale": dg.MetadataValue.md(analysis.rationale),
-            "chart": dg.MetadataValue.text(chart_images.uri),
+            "chart": dg.MetadataValue.url(chart_store.store().public_url(chart_images.key)),
             "data_through": analysis.data_through.isoformat(),
         }
         metadata.update(model_call_metadata(context, analyst, sessions, indicator_frames.symbol,
