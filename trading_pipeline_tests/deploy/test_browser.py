@@ -2,60 +2,35 @@
 Playwright; no browser download) opens the webserver's asset graph and a chart materialization.
 The screenshots are kept; their pages are checked to show the asset names and the thumbnail.
 
-The page may only talk to 127.0.0.1: every other request is aborted (and counted).
+The page may only talk to 127.0.0.1: every other request is aborted (and counted; demo_ui.chromium).
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import os
-import shutil
 from pathlib import Path
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 import pytest
 from PIL import Image
-from playwright.sync_api import sync_playwright
 
 from trading_pipeline_tests.deploy.conftest import SYMBOL
+from trading_pipeline_tests.deploy.demo_ui import chromium, loopback_page
 from trading_pipeline_tests.deploy.test_stack import CHAIN, latest
 
-CHROMIUM = os.environ.get("TEST_CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1600, "height": 1000}
-LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set TEST_CHROMIUM)")
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, viewport=VIEWPORT,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        try:
-            yield context
-        finally:
-            context.close()
+    with chromium(tmp_path_factory.mktemp("chromium-profile"), VIEWPORT) as context:
+        yield context
 
 
 @pytest.fixture
 def page(browser):
-    blocked: list[str] = []
-
-    def only_loopback(route):
-        url = urlparse(route.request.url)
-        if url.scheme in ("http", "https", "ws", "wss") and url.hostname not in LOCAL_HOSTS:
-            blocked.append(route.request.url)
-            return route.abort()
-        return route.continue_()
-
-    page = browser.new_page()
-    page.route("**/*", only_loopback)
-    page.blocked = blocked
+    page = loopback_page(browser)
     yield page
     page.close()
 

@@ -119,16 +119,20 @@ def test_lineage_from_the_order_back_to_the_chart_in_s3(deployment, materialized
     for partition in partitions:
         timeframe = partition.split("|")[1]
         chart = by_asset["chart_images"][partition]["metadata"]
-        uri = chart["chart"]
-        assert uri.startswith(f"s3://{BUCKET}/charts/{SYMBOL}/{timeframe}/"), uri
-        png = s3.get_object(Bucket=BUCKET, Key=uri.removeprefix(f"s3://{BUCKET}/"))["Body"].read()
+        # The link a browser opens: the bucket's URL (TRADING_CHART_BASE_URL), as compose sets it.
+        link = chart["chart"]
+        bucket_url = f"{deployment.s3_endpoint}/{BUCKET}/"
+        assert link.startswith(f"{bucket_url}charts/{SYMBOL}/{timeframe}/"), link
+        key = link.removeprefix(bucket_url)
+        uri = f"s3://{BUCKET}/{key}"
+        png = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
         assert hashlib.sha256(png).hexdigest() == chart["sha256"] and len(png) == chart["size_bytes"]
         thumbnail = chart["thumbnail"]
         assert thumbnail.startswith("![chart](data:image/png;base64,")
         assert base64.b64decode(thumbnail.split(",", 1)[1].rstrip(")")).startswith(b"\x89PNG")
         # The analysis names the chart it read; the bars are those at the run's as_of.
-        assert by_asset["ai_analyses"][partition]["metadata"]["chart"] == uri
+        assert by_asset["ai_analyses"][partition]["metadata"]["chart"] == link
         assert by_asset["market_bars"][partition]["metadata"]["as_of"] == AS_OF
         assert by_asset["market_bars"][partition]["metadata"]["last_bar"] < AS_OF
         chart_uris[timeframe] = uri

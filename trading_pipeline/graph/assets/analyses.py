@@ -48,14 +48,15 @@ def build_analysis_assets(symbol_timeframe) -> list:
                             (indicator_frames[key], chart_images[key])) for key in keys}
         sessions = trading_db.sessions()
         reader = analyst_for_run(context, analyst, sessions)
-        store = chart_store.store() if analyst.mode == "openai" else None
+        links = chart_store.store()  # the charts' http(s) links for the metadata
+        store = links if analyst.mode == "openai" else None
 
         def analyze(_key: str, frames_and_chart: tuple[MarketFrame, ChartImageRef]) -> PartitionOutcome:
             frames, chart = frames_and_chart
             # Only a model looks at the picture; the rules analyst reads the numbers.
             png = store.get_png(chart.key) if store is not None else None
             analysis: TimeframeAnalysis = reader.analyze(frames, chart.source(), png)
-            return analysis_outcome(context, analyst, sessions, analysis, chart.uri)
+            return analysis_outcome(context, analyst, sessions, analysis, links.public_url(chart.key))
 
         def unusable(key: str, failure: PartitionFailure) -> PartitionOutcome:
             dims = partition_dimensions(context, key)
@@ -91,7 +92,7 @@ def analysis_outcome(context, analyst: AnalystResource, sessions, analysis: Time
         "stop": nan_if_none(analysis.stop),
         "targets": dg.MetadataValue.json(analysis.targets),
         "rationale": dg.MetadataValue.md(analysis.rationale),
-        "chart": dg.MetadataValue.text(chart_uri),
+        "chart": dg.MetadataValue.url(chart_uri) if chart_uri.startswith("http") else dg.MetadataValue.text(chart_uri),
         "data_through": analysis.data_through.isoformat(),
     }
     metadata.update(model_call_metadata(context, analyst, sessions, analysis.symbol, analysis.timeframe,

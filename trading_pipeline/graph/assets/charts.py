@@ -54,13 +54,12 @@ def build_chart_assets(symbol_timeframe) -> list:
                                 stored.sha256, stored.size_bytes, chart_renderer.width, chart_renderer.height)
             record_chart(sessions, key=ref.key, symbol=ref.symbol, timeframe=ref.timeframe, as_of=ref.as_of,
                          uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size_bytes, width=ref.width, height=ref.height)
-            link = (dg.MetadataValue.url(stored.uri) if stored.uri.startswith(("http", "file"))
-                    else dg.MetadataValue.text(stored.uri))
             return PartitionOutcome(
                 value=ref,
                 metadata={
                     "thumbnail": dg.MetadataValue.md(thumbnail_markdown(png)),
-                    "chart": link,
+                    # an http(s) link a browser opens (it refuses file:// from a web page)
+                    "chart": dg.MetadataValue.url(store.public_url(stored.key)),
                     "sha256": stored.sha256,
                     "size_bytes": stored.size_bytes,
                     "pixels": f"{chart_renderer.width}x{chart_renderer.height}",
