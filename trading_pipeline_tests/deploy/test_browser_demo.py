@@ -94,7 +94,10 @@ def test_trade_decisions_shows_the_decision_chart_and_the_strategy(ui, page):
     assert decision["strategy"] == "demo_trend"
     assert "| risk per trade |" in decision["strategy_limits"], decision["strategy_limits"]
 
-    page.goto(f"{ui.webserver_url}/assets/trade_decisions?view=events&partition=SPY", wait_until="domcontentloaded")
+    # The partition's page shows its latest materialization (the events list starts with the sync's
+    # observation, which redraws the chart with the fills).
+    page.goto(f"{ui.webserver_url}/assets/trade_decisions?view=partitions&partition=SPY",
+              wait_until="domcontentloaded")
     try:
         page.locator(f'a[href="{link}"]').first.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
     except Exception as error:  # noqa: BLE001 - say what the page showed instead
