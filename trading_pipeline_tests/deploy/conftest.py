@@ -30,7 +30,7 @@ import sqlalchemy as sa
 import yaml
 
 from trading_pipeline_tests.conftest import POSTGRES_ADMIN_URL
-from trading_pipeline_tests.deploy.processes import ProcessSet, free_port
+from trading_pipeline_tests.deploy.processes import ProcessSet, free_port, graphql
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -98,12 +98,7 @@ class Deployment:
         return f"http://127.0.0.1:{self.web_port}"
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
-        response = httpx.post(f"{self.webserver_url}/graphql", json={"query": query, "variables": variables or {}},
-                              timeout=60)
-        response.raise_for_status()
-        body = response.json()
-        assert "errors" not in body, body["errors"]
-        return body["data"]
+        return graphql(self.webserver_url, query, variables)
 
     def s3_client(self):
         import boto3

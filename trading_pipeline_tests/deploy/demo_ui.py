@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import httpx
 
 from trading_pipeline_tests.deploy.conftest import BIN, REPO, _location_loaded, _port_open, _wait, base_environment
-from trading_pipeline_tests.deploy.processes import ProcessSet, free_port
+from trading_pipeline_tests.deploy.processes import METADATA_ENTRY_FRAGMENT, ProcessSet, free_port, graphql
 
 CHROMIUM = os.environ.get("TEST_CHROMIUM", "/usr/bin/chromium")
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
@@ -36,30 +36,18 @@ query Latest($key: AssetKeyInput!, $partitions: [String!]) {
       latestMaterializationByPartition(partitions: $partitions) {
         partition
         metadataEntries {
-          label
-          ... on TextMetadataEntry { text }
-          ... on MarkdownMetadataEntry { mdStr }
-          ... on JsonMetadataEntry { jsonString }
-          ... on IntMetadataEntry { intValue }
-          ... on FloatMetadataEntry { floatValue }
-          ... on UrlMetadataEntry { url }
+          ...Entry
         }
       }
       assetMaterializations(limit: 1) {
         metadataEntries {
-          label
-          ... on TextMetadataEntry { text }
-          ... on MarkdownMetadataEntry { mdStr }
-          ... on JsonMetadataEntry { jsonString }
-          ... on IntMetadataEntry { intValue }
-          ... on FloatMetadataEntry { floatValue }
-          ... on UrlMetadataEntry { url }
+          ...Entry
         }
       }
     }
   }
 }
-"""
+""" + METADATA_ENTRY_FRAGMENT
 
 
 def _values(entries: list[dict]) -> dict:
@@ -84,12 +72,7 @@ class DemoUI:
         return f"http://127.0.0.1:{self.chart_port}"
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
-        response = httpx.post(f"{self.webserver_url}/graphql", json={"query": query, "variables": variables or {}},
-                              timeout=60)
-        response.raise_for_status()
-        body = response.json()
-        assert "errors" not in body, body["errors"]
-        return body["data"]
+        return graphql(self.webserver_url, query, variables)
 
     def metadata(self, asset: str, partition: str | None = None) -> dict:
         """The latest materialization's metadata of `asset` (of `partition` if partitioned)."""

@@ -93,3 +93,28 @@ class ProcessSet:
 
     def survivors(self) -> list[int]:
         return _pids_with_marker(self.marker)
+
+
+# The metadata entry kinds the pipeline writes, as a GraphQL fragment (use `...Entry` inside metadataEntries).
+METADATA_ENTRY_FRAGMENT = """
+fragment Entry on MetadataEntry {
+  label
+  ... on TextMetadataEntry { text }
+  ... on MarkdownMetadataEntry { mdStr }
+  ... on JsonMetadataEntry { jsonString }
+  ... on IntMetadataEntry { intValue }
+  ... on FloatMetadataEntry { floatValue }
+  ... on UrlMetadataEntry { url }
+}
+"""
+
+
+def graphql(base_url: str, query: str, variables: dict | None = None) -> dict:
+    """Ask a Dagster webserver's GraphQL API; an error answer fails the test with its text."""
+    import httpx
+
+    response = httpx.post(f"{base_url}/graphql", json={"query": query, "variables": variables or {}}, timeout=60)
+    response.raise_for_status()
+    body = response.json()
+    assert "errors" not in body, body["errors"]
+    return body["data"]

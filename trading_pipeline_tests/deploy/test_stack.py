@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from trading_pipeline.graph.pools import POOL_LIMITS
 from trading_pipeline_tests.deploy.conftest import AS_OF, BUCKET, SYMBOL, compose_file, healthcheck_argv, instance_from
-from trading_pipeline_tests.deploy.processes import free_port
+from trading_pipeline_tests.deploy.processes import METADATA_ENTRY_FRAGMENT, free_port
 
 CHAIN = ["market_bars", "indicator_frames", "chart_images", "ai_analyses", "trade_decisions", "orders"]
 TIMEFRAME_ASSETS = CHAIN[:4]
@@ -42,19 +42,13 @@ query Latest($key: AssetKeyInput!, $partitions: [String!]) {
         partition
         tags { key value }
         metadataEntries {
-          label
-          ... on TextMetadataEntry { text }
-          ... on MarkdownMetadataEntry { mdStr }
-          ... on JsonMetadataEntry { jsonString }
-          ... on IntMetadataEntry { intValue }
-          ... on FloatMetadataEntry { floatValue }
-          ... on UrlMetadataEntry { url }
+          ...Entry
         }
       }
     }
   }
 }
-"""
+""" + METADATA_ENTRY_FRAGMENT
 
 
 def latest(deployment, asset: str, partitions: list[str]) -> dict[str, dict]:

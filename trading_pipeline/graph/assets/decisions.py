@@ -104,7 +104,7 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
                      render_decision_chart(decision, daily_frames.frame, chart_renderer, chart_store, log=context.log))
             return PartitionOutcome(
                 value=decision,
-                metadata={**decision_metadata(decision, already is not None, strategy), **chart,
+                metadata={**decision_metadata(decision, already is not None, strategy, chart_store.store()), **chart,
                           **model_call_metadata(context, analyst, sessions, symbol, None, "consolidation")},
                 check_results=checks.decision_checks(decision, strategy),
             )
@@ -135,7 +135,7 @@ def _number(value, pattern="{:,.2f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def decision_metadata(decision: TradeDecision, unchanged: bool, strategy: Strategy) -> dict:
+def decision_metadata(decision: TradeDecision, unchanged: bool, strategy: Strategy, store) -> dict:
     gates = "\n".join(f"| {c.rule} | {'yes' if c.passed else '**no**'} | {c.detail.replace('|', '¦')} |"
                        for c in decision.checks)
     risk, orders = strategy.risk, strategy.orders
@@ -172,6 +172,10 @@ def decision_metadata(decision: TradeDecision, unchanged: bool, strategy: Strate
         else dg.MetadataValue.text("no gates run: nothing to trade"),
         "strategy_limits": dg.MetadataValue.md(limits),
         "charts": dg.MetadataValue.json({tf: c.uri for tf, c in decision.charts.items()}),  # the analyses' charts
+        # the same charts as links a browser opens (object keys start at charts/ in every store)
+        "chart_links": dg.MetadataValue.md("\n".join(
+            f"- [{tf} chart]({store.public_url(c.uri[c.uri.index('charts/'):])})"
+            for tf, c in decision.charts.items() if "charts/" in c.uri) or "none"),
         "data_through": decision.data_through.isoformat(),
         "decided_at": decision.as_of.isoformat(),  # the run's point in time: when the order goes out
     }
