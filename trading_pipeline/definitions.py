@@ -16,8 +16,14 @@ workers with `dagster-celery worker start -A dagster_celery.app -y deploy/celery
 from __future__ import annotations
 
 import os
+import warnings
 
 import dagster as dg
+
+# Beta and preview APIs used on purpose (the symbol-from-symbol×timeframe partition mapping, single-run
+# backfill policies, pools): their notices at every load are noise in `make dev`, not news.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 from trading_pipeline.core.strategies import StrategiesFile
 from trading_pipeline.graph.assets import build_assets
