@@ -265,7 +265,7 @@ class OrderDesk:
         filled = current.filled_quantity if current is not None else (row.filled_quantity or 0)
         remaining = int(row.quantity - filled)
         quantity = min(remaining, held_quantity)  # never more than is held: no flip into the other side
-        with self._sessions() as session:  # the intent first: a crash after the modify is resumed, not redone
+        with self._sessions() as session:  # the intent first: a re-run finds it, repeats the modify
             stored = session.get(OrderRow, coid)
             stored.exit_decision_id = decision.decision_id
             session.add(OrderEventRow(client_order_id=coid, status=stored.status,

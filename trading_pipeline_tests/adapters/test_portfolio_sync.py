@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from trading_pipeline.adapters.broker import BrokerOrder, PaperBroker
+from trading_pipeline.adapters.broker import BrokerExecution, BrokerOrder, PaperBroker
 from trading_pipeline.adapters.market_data import marks_from_daily_bars
 from trading_pipeline.adapters.order_desk import OrderDesk
 from trading_pipeline.adapters.portfolio_sync import (
@@ -85,18 +85,6 @@ def events(sessions, coid) -> list[str]:
 
 # --- a broker with modify, commissions and partial fills, in memory -----------------------------------
 
-@dataclass(frozen=True)
-class Execution:  # BrokerExecution with the commission issue 12 adds
-    execution_id: str
-    client_order_id: str
-    symbol: str
-    side: str
-    quantity: float
-    price: float
-    executed_at: datetime
-    commission: float = 0.0
-
-
 @dataclass
 class HeldOrder:
     symbol: str
@@ -118,7 +106,7 @@ class BookBroker:
     def __init__(self, starting_cash: float = 100_000.0):
         self.cash = starting_cash
         self.orders: dict[str, HeldOrder] = {}
-        self.fills: list[Execution] = []
+        self.fills: list[BrokerExecution] = []
         self.forgotten: set[str] = set()  # orders the broker no longer lists (an IBKR day rollover)
         self.refuse_modify: str | None = None
         self.modified: list[tuple[str, dict]] = []
@@ -176,7 +164,7 @@ class BookBroker:
 
     def fill(self, client_order_id, quantity, price, at, commission=0.0):
         order = self.orders[client_order_id]
-        self.fills.append(Execution(f"x{len(self.fills) + 1}", client_order_id, order.symbol, order.leg.side,
+        self.fills.append(BrokerExecution(f"x{len(self.fills) + 1}", client_order_id, order.symbol, order.leg.side,
                                     quantity, price, at, commission))
         order.average = ((order.average or 0.0) * order.filled + price * quantity) / (order.filled + quantity)
         order.filled += quantity
