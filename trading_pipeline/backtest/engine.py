@@ -69,6 +69,12 @@ class PreparedSeries:
         """How many bars had closed by `moment_ns` (the analysis reads bars [0, that))."""
         return int(np.searchsorted(self.closes_ns, moment_ns, side="right"))
 
+    def in_window(self, first: date, last: date) -> list[datetime]:
+        """Starts of the bars whose New York date is in [first, last]."""
+        days = self.frame.index.tz_convert(_NEW_YORK).tz_localize(None).normalize()
+        inside = (days >= pd.Timestamp(first)) & (days <= pd.Timestamp(last))
+        return [self.starts[i] for i in np.flatnonzero(inside)]
+
 
 def prepare(symbol: str, timeframe: str, bars: pd.DataFrame, params: IndicatorParams | None = None) -> PreparedSeries:
     frame = compute_indicators(bars, params)
@@ -338,8 +344,10 @@ class Backtest:
         daily = {s: prepare(s, "1d", self.bars[s]["1d"], self.params) for s in self.symbols}
         weekly = {s: prepare(s, "1w", self.bars[s]["1w"], self.params) for s in self.symbols}
         # The window's sessions (bars before it are the warm-up; bars after it are never read).
-        session_starts = sorted({t for s in self.symbols for t in daily[s].starts
-                                 if settings.start <= _new_york_date(t) <= settings.end})
+        session_starts = sorted({t for s in self.symbols for t in daily[s].in_window(settings.start, settings.end)})
+        # The weekly bars closed by each daily bar's close: the weekly analysis a decision reads.
+        weeks_closed = {s: np.searchsorted(weekly[s].closes_ns, daily[s].closes_ns, side="right").tolist()
+                        for s in self.symbols}
         positions = {s: {t: i for i, t in enumerate(daily[s].starts)} for s in self.symbols}
         arrays = {s: {c: daily[s].columns[c] for c in ("open", "high", "low", "close")} for s in self.symbols}
 
@@ -360,6 +368,7 @@ class Backtest:
 
         for n, start in enumerate(session_starts):
             decided_at = None
+            session_day = _new_york_date(start)
             # 1. The session's bar advances the working orders.
             for symbol in list(working):
                 i = positions[symbol].get(start)
@@ -411,17 +420,17 @@ class Backtest:
 
             # 3. Decisions at the close, in the strategy's symbol order.
             if decided_at is not None:
-                decided_ns = pd.Timestamp(decided_at).as_unit("ns").value
                 market_open = market_calendar.is_open(decided_at)
                 next_open = market_calendar.describe_next_open(decided_at)
                 account_positions = ledger.positions(marks)
                 working_entries = self._working_entries(working, marks)
+                account = None
                 for symbol in self.symbols:
                     i = positions[symbol].get(start)
                     if i is None:
                         continue
                     day_analysis = self.analyst.analyze(daily[symbol], i + 1, decided_at)
-                    week_end = weekly[symbol].closed_by(decided_ns)
+                    week_end = weeks_closed[symbol][i]
                     week_analysis = weekly_cache.get((symbol, week_end))
                     if week_analysis is None:
                         week_analysis = self.analyst.analyze(weekly[symbol], week_end,
@@ -429,14 +438,15 @@ class Backtest:
                         weekly_cache[(symbol, week_end)] = week_analysis
                         analyses += 1
                     analyses += 1
-                    account = AccountState(equity=round(equity, 2), cash=round(ledger.cash, 2),
-                                           positions=account_positions,
-                                           daily_pnl=round(equity - previous_equity, 2),
-                                           working_entries=dict(working_entries))
+                    if account is None:  # what a live run reads now: the same until an order is placed
+                        account = AccountState(equity=round(equity, 2), cash=round(ledger.cash, 2),
+                                               positions=account_positions,
+                                               daily_pnl=round(equity - previous_equity, 2),
+                                               working_entries=dict(working_entries))
                     decision = decide(strategy, symbol, day_analysis, week_analysis, account,
                                       market_open=market_open, next_open=next_open,
                                       consolidator=self.analyst.consolidate, decided_at=decided_at)
-                    decisions.append(DecisionRecord.of(decision, _new_york_date(start),
+                    decisions.append(DecisionRecord.of(decision, session_day,
                                                        not (day_analysis.valid and week_analysis.valid)))
                     if self.on_decision is not None:
                         self.on_decision(decision)
@@ -445,8 +455,9 @@ class Backtest:
                                             ledger.quantities.get(symbol, 0.0))
                         if entry is not None:
                             working_entries[symbol] = entry
+                            account = None
 
-            dates.append(_new_york_date(start))
+            dates.append(session_day)
             equity_points.append(equity)
             cash_points.append(ledger.cash)
             exposure_points.append(ledger.gross_exposure(marks))

@@ -6,6 +6,7 @@ nothing downstream depends on which one ran.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
@@ -25,10 +26,13 @@ class Trend(str, Enum):
     SIDEWAYS = "sideways"
 
 
-class IndicatorVote(BaseModel):
+# IndicatorVote and RuleCheck are plain frozen dataclasses, not models: every decision makes a dozen
+# (a backtest, millions). Pydantic still validates them field by field when an analysis or a
+# decision is read back from JSON, and passes our own instances through when one is built.
+@dataclass(frozen=True, slots=True)
+class IndicatorVote:
     """One input of the 3-of-4 rule, with the numbers it was read from."""
 
-    model_config = ConfigDict(frozen=True)
     name: str
     bullish: bool
     detail: str
@@ -88,10 +92,10 @@ class TimeframeAnalysis(BaseModel):
         )
 
 
-class RuleCheck(BaseModel):
+@dataclass(frozen=True, slots=True)
+class RuleCheck:
     """One deterministic gate and its numbers."""
 
-    model_config = ConfigDict(frozen=True)
     rule: str
     passed: bool
     detail: str

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from trading_pipeline.core.analysis import Action, TimeframeAnalysis, TradeDecision
+from trading_pipeline.core.market_calendar import bar_close_time, periods_closed_between
 from trading_pipeline.core.risk import TICK, AccountState, MarketContext, Proposal, evaluate
 from trading_pipeline.core.strategies import Strategy
 
@@ -63,15 +64,11 @@ def analyses_out_of_date(daily: TimeframeAnalysis, weekly: TimeframeAnalysis, de
     was materialized now and the decision replays an earlier point in time). Staleness: newer
     bars had closed by `decided_at` than the analysis saw (its schedule is off, or a run failed).
     """
-    import pandas as pd
-
-    from trading_pipeline.core.market_calendar import bar_close_time, periods_closed_between
-
     problems = []
     for analysis in (daily, weekly):
         tf, symbol = analysis.timeframe, analysis.symbol
         closed_at = bar_close_time(analysis.data_through, tf)
-        if closed_at is not None and closed_at > pd.Timestamp(decided_at):
+        if closed_at is not None and closed_at > decided_at:
             problems.append(
                 f"the {tf} analysis saw the bar of {analysis.data_through:%Y-%m-%d}, which closed at "
                 f"{closed_at:%Y-%m-%d %H:%M} UTC, after this decision's point in time {decided_at:%Y-%m-%d %H:%M} UTC "
@@ -156,8 +153,6 @@ def decision_not_current(decision: TradeDecision, now: datetime, max_age_minutes
     """Why a decision can no longer be sent at `now`, or None. A decision is current from its point
     in time until the next session closes (its prices are then history), and no longer than
     `max_age_minutes` when the strategy says so. A replay of the past is the backtest's job."""
-    from trading_pipeline.core.market_calendar import periods_closed_between
-
     made = decision.as_of
     if made > now:
         return (f"the decision is for {made:%Y-%m-%d %H:%M} UTC, after the send time {now:%Y-%m-%d %H:%M} UTC "

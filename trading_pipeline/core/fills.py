@@ -44,10 +44,7 @@ AT_OPEN, INSIDE_BAR, AT_CLOSE = 0, 1, 2  # when in the bar a fill happened, for 
 def first_live_session(placed_at: datetime) -> pd.Timestamp:
     """The XNYS session an order placed at `placed_at` first works in: the session in progress,
     else the next one (placed after Friday's close: Monday's, or the session after a holiday)."""
-    in_progress = market_calendar.opened_session(placed_at)
-    if in_progress is not None:
-        return in_progress
-    return market_calendar.session_on(market_calendar.next_open(placed_at))
+    return market_calendar.first_live_session(placed_at)[0]
 
 
 def expiry_of(tif: str, placed_at: datetime) -> pd.Timestamp | None:
@@ -56,7 +53,7 @@ def expiry_of(tif: str, placed_at: datetime) -> pd.Timestamp | None:
     if tif == "GTC":
         return None
     if tif == "DAY":
-        return market_calendar.calendar().session_close(first_live_session(placed_at))
+        return market_calendar.first_live_session(placed_at)[1]
     raise ValueError(f"the paper broker knows the time in force {TIME_IN_FORCE}, not {tif!r}")
 
 

@@ -23,16 +23,46 @@ def _minute(ts: datetime) -> pd.Timestamp:
     return pd.Timestamp(ts).tz_convert("UTC").floor("min")
 
 
+# is_open, next_open and the session lookups below are binary searches in the schedule's arrays
+# (the decision step asks them per decision, the backtest per session: exchange_calendars' own
+# methods cost 20-40 µs a call). Outside the schedule's range they defer to the calendar, which
+# answers or raises as it always did; a test compares both over random and edge minutes.
+
+def _in_schedule(moment_ns: int) -> bool:
+    opens, closes, _, _ = _schedule_ns()
+    return int(opens[0]) <= moment_ns < int(closes[-1])
+
+
+def _last_open_at(moment_ns: int) -> int:
+    """Index of the last session that opened at or before `moment_ns` (-1: none)."""
+    return int(_schedule_ns()[0].searchsorted(moment_ns, side="right")) - 1
+
+
 def is_open(ts: datetime) -> bool:
-    return bool(calendar().is_open_on_minute(_minute(ts)))
+    minute = _ns(ts) // _NS_PER_MINUTE * _NS_PER_MINUTE
+    if not _in_schedule(minute):
+        return bool(calendar().is_open_on_minute(_minute(ts)))
+    position = _last_open_at(minute)
+    return position >= 0 and minute < int(_schedule_ns()[1][position])
 
 
 def next_open(ts: datetime) -> pd.Timestamp:
-    return calendar().next_open(_minute(ts))
+    """The first session open after `ts`'s minute (the next session's when it is a trading minute)."""
+    minute = _ns(ts) // _NS_PER_MINUTE * _NS_PER_MINUTE
+    opens = _schedule_ns()[0]
+    position = _last_open_at(minute) + 1
+    if not _in_schedule(minute) or position >= len(opens):
+        return calendar().next_open(_minute(ts))
+    return pd.Timestamp(int(opens[position]), tz="UTC")
 
 
 def describe_next_open(ts: datetime) -> str:
-    return next_open(ts).tz_convert("America/New_York").strftime("%a %Y-%m-%d %H:%M %Z")
+    return _describe_open(next_open(ts))
+
+
+@functools.lru_cache(maxsize=256)
+def _describe_open(moment: pd.Timestamp) -> str:
+    return moment.tz_convert("America/New_York").strftime("%a %Y-%m-%d %H:%M %Z")
 
 
 def bar_close_times(index: pd.DatetimeIndex, timeframe: str) -> pd.Series:
@@ -50,6 +80,7 @@ def bar_close_times(index: pd.DatetimeIndex, timeframe: str) -> pd.Series:
     return pd.Series(pd.DatetimeIndex(values.view("M8[ns]"), tz="UTC"), index=index)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; a backtest asks for the same bars once per symbol
 def bar_close_time(start: datetime, timeframe: str) -> datetime | None:
     """`bar_close_times` of one bar start, without building pandas objects (the decision step
     asks this twice per decision; a backtest makes tens of thousands): None where that gives NaT."""
@@ -69,12 +100,15 @@ def bar_close_time(start: datetime, timeframe: str) -> datetime | None:
 
 def _ns(moment: datetime) -> int:
     if isinstance(moment, pd.Timestamp):
-        return moment.tz_convert("UTC").as_unit("ns").value
+        if moment.tzinfo is None:
+            raise TypeError(f"a point in time needs a timezone: {moment}")
+        return moment.value  # nanoseconds since the epoch (UTC), whatever the unit and zone
     return (moment - _EPOCH) // _MICROSECOND * 1000
 
 
 _NAT = np.iinfo(np.int64).min
 _NS_PER_DAY = 86_400 * 10**9
+_NS_PER_MINUTE = 60 * 10**9
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -152,6 +186,7 @@ def session_start_index(index: pd.DatetimeIndex, timeframe: str) -> pd.DatetimeI
     return pd.DatetimeIndex([first_open.get(p, pd.NaT) for p in periods], tz="UTC")
 
 
+@functools.lru_cache(maxsize=4096)  # pure; a backtest asks for the same window once per symbol
 def periods_closed_between(after: datetime, until: datetime, timeframe: str) -> int:
     """How many sessions (1d) or trading weeks (1w, at their last session's close) closed in
     the window (after, until]."""
@@ -187,12 +222,31 @@ def is_last_session_of_week(session: pd.Timestamp) -> bool:
 
 def opened_session(ts: datetime) -> pd.Timestamp | None:
     """The session that is open at `ts`, or None when the market is closed."""
-    session = session_on(ts)
-    if session is None:
-        return None
-    cal = calendar()
-    moment = pd.Timestamp(ts)
-    return session if cal.session_open(session) <= moment < cal.session_close(session) else None
+    moment = _ns(ts)
+    if not _in_schedule(moment):
+        session = session_on(ts)
+        cal = calendar()
+        return session if session is not None and \
+            cal.session_open(session) <= pd.Timestamp(ts) < cal.session_close(session) else None
+    position = _last_open_at(moment)
+    return _session_label(position) if position >= 0 and moment < int(_schedule_ns()[1][position]) else None
+
+
+def first_live_session(ts: datetime) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The session in progress at `ts`, else the next one (an order placed after Friday's close
+    first works on Monday, or in the session after a holiday): its label and its close (UTC)."""
+    moment = _ns(ts)
+    if not _in_schedule(moment):
+        session = opened_session(ts) or session_on(next_open(ts))
+        return session, calendar().session_close(session)
+    position = _last_open_at(moment)
+    if position < 0 or moment >= int(_schedule_ns()[1][position]):
+        position += 1
+    return _session_label(position), pd.Timestamp(int(_schedule_ns()[1][position]), tz="UTC")
+
+
+def _session_label(position: int) -> pd.Timestamp:
+    return calendar().schedule.index[position]
 
 
 GAP_TIMEFRAMES = ("1d", "1w")

@@ -6,6 +6,7 @@ recomputed here from the proposal's prices and the real bars; nothing is taken a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -128,8 +129,12 @@ def _fmt(x: float | None) -> str:
 
 def to_tick(price: float, tick: float) -> float:
     """`price` rounded to the nearest multiple of `tick`, without binary noise (99.996 -> 100.0 at 0.01)."""
-    decimals = max(0, -Decimal(str(tick)).normalize().as_tuple().exponent)
-    return round(round(price / tick) * tick, decimals)
+    return round(round(price / tick) * tick, _tick_decimals(tick))
+
+
+@functools.lru_cache(maxsize=64)
+def _tick_decimals(tick: float) -> int:
+    return max(0, -Decimal(str(tick)).normalize().as_tuple().exponent)
 
 
 def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, limits: RiskSettings,
@@ -145,7 +150,8 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
         checks.append(RuleCheck(rule=rule, passed=bool(passed), detail=detail))
         return passed
 
-    working = {s: w for s, w in account.working_entries.items() if w.client_order_id != own_order}
+    working = account.working_entries if own_order is None else \
+        {s: w for s, w in account.working_entries.items() if w.client_order_id != own_order}
     held = account.positions.get(symbol)
     held_qty = held.quantity if held else 0
     check("daily_loss", account.daily_pnl > -limits.daily_loss_limit * account.equity,
@@ -160,7 +166,7 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
     if held_qty != 0:
         check("no_pyramiding", False, f"already holding {held_qty:g} {symbol}; no second entry")
         return 0, checks
-    others = replace(account, working_entries=working)
+    others = account if working is account.working_entries else replace(account, working_entries=working)
     check("max_open_positions", others.committed_positions < limits.max_open_positions,
           f"{others.open_positions} open positions + {len(working)} working entries "
           f"vs maximum {limits.max_open_positions}")

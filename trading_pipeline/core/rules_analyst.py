@@ -31,20 +31,46 @@ REQUIRED_COLUMNS = ("close", "high", "low", "sma_20", "sma_50", "sma_200", "rsi_
 class Columns:
     """A frame's numeric columns as float arrays. The rule reads the bar at `end - 1` and the bars
     before it through this, without pandas: the live graph reads one frame once, the backtest one
-    long series at every session (the same function on the same numbers, ~50x faster than pandas)."""
+    long series at every session (the same function on the same numbers, ~50x faster than pandas).
+    Window extremes and the rule's row of inputs are computed for all bars on first use: each bar's
+    values depend only on it and the bars before it, so reading them at `end - 1` sees no later bar."""
 
-    __slots__ = ("arrays", "index")
+    __slots__ = ("arrays", "index", "_extremes", "_inputs")
 
     def __init__(self, frame: pd.DataFrame):
         self.index = frame.index
         self.arrays = {column: frame[column].to_numpy(dtype=np.float64) for column in frame.columns
                        if pd.api.types.is_numeric_dtype(frame[column])}
+        self._extremes: dict[tuple[str, int], np.ndarray] = {}
+        self._inputs: tuple[list[str], np.ndarray] | None = None
 
     def __contains__(self, column: str) -> bool:
         return column in self.arrays
 
     def __getitem__(self, column: str) -> np.ndarray:
         return self.arrays[column]
+
+    def window_extreme(self, column: str, lookback: int, end: int) -> float:
+        """The highest "high" (or lowest "low") of bars [max(0, end - lookback), end): numpy's max
+        or min of that slice, NaN included, read from one array computed for every `end`."""
+        key = (column, lookback)
+        if key not in self._extremes:
+            reducer = np.maximum if column == "high" else np.minimum
+            values = self.arrays[column]
+            extremes = reducer.accumulate(values[:lookback])  # the first bars' windows are shorter
+            if len(values) > lookback:
+                windows = np.lib.stride_tricks.sliding_window_view(values, lookback)
+                extremes = np.concatenate([extremes, reducer.reduce(windows[1:], axis=1)])
+            self._extremes[key] = extremes
+        return float(self._extremes[key][end - 1])
+
+    def rule_inputs(self, end: int) -> dict[str, float]:
+        """The rule's columns (those the frame has) at bar `end - 1`."""
+        if self._inputs is None:
+            names = [column for column in REQUIRED_COLUMNS if column in self.arrays]
+            self._inputs = names, np.column_stack([self.arrays[c] for c in names])
+        names, matrix = self._inputs
+        return dict(zip(names, matrix[end - 1].tolist()))
 
 
 def numeric_context(frame: pd.DataFrame) -> dict[str, float]:
@@ -54,18 +80,17 @@ def numeric_context(frame: pd.DataFrame) -> dict[str, float]:
 
 def numeric_context_at(columns: Columns, end: int) -> dict[str, float]:
     """`numeric_context` of the first `end` bars."""
-    recent = slice(max(0, end - LEVEL_LOOKBACKS[-1]), end)
     return {
         "last_close": float(columns["close"][end - 1]),
         "atr": float(columns["atr_14"][end - 1]),
-        "recent_high": float(columns["high"][recent].max()),
-        "recent_low": float(columns["low"][recent].min()),
+        "recent_high": columns.window_extreme("high", LEVEL_LOOKBACKS[-1], end),
+        "recent_low": columns.window_extreme("low", LEVEL_LOOKBACKS[-1], end),
     }
 
 
 def _levels(columns: Columns, end: int) -> tuple[list[float], list[float]]:
-    lows = sorted({round(float(columns["low"][max(0, end - n):end].min()), 2) for n in LEVEL_LOOKBACKS})
-    highs = sorted({round(float(columns["high"][max(0, end - n):end].max()), 2) for n in LEVEL_LOOKBACKS})
+    lows = sorted({round(columns.window_extreme("low", n, end), 2) for n in LEVEL_LOOKBACKS})
+    highs = sorted({round(columns.window_extreme("high", n, end), 2) for n in LEVEL_LOOKBACKS})
     return lows, highs
 
 
@@ -87,9 +112,10 @@ def analyze_at(columns: Columns, end: int, *, symbol: str, timeframe: str, as_of
         "analyst": ANALYST_NAME,
         "chart": chart,
     }
-    arrays = columns.arrays
-    last = {column: float(arrays[column][end - 1]) for column in REQUIRED_COLUMNS if column in arrays}
-    missing = [c for c in REQUIRED_COLUMNS if c not in last or math.isnan(last[c])]
+    last = columns.rule_inputs(end)
+    # A NaN anywhere makes the sum NaN: the per-column search runs only when something is missing.
+    complete = len(last) == len(REQUIRED_COLUMNS) and not math.isnan(sum(last.values()))
+    missing = [] if complete else [c for c in REQUIRED_COLUMNS if c not in last or math.isnan(last[c])]
     if missing:
         return TimeframeAnalysis.invalid(
             reason=f"no value on the last bar for {', '.join(missing)} (too little history?)",
