@@ -70,20 +70,22 @@ class AccountState:
     # today's P&L leave out their moves.
     unmarked: tuple[str, ...] = ()
 
-    @property
+    # The aggregates are computed once per state (a state is frozen; a backtest asks each of them
+    # for every symbol of a session).
+    @functools.cached_property
     def gross_exposure(self) -> float:
         return sum(abs(p.market_value) for p in self.positions.values())
 
-    @property
+    @functools.cached_property
     def open_positions(self) -> int:
         return sum(1 for p in self.positions.values() if p.quantity != 0)
 
-    @property
+    @functools.cached_property
     def committed_exposure(self) -> float:
         """Gross exposure if every working entry filled at its limit."""
         return self.gross_exposure + sum(abs(w.quantity * w.price) for w in self.working_entries.values())
 
-    @property
+    @functools.cached_property
     def committed_positions(self) -> int:
         """Open positions plus symbols with a working entry and no position yet."""
         held = {s for s, p in self.positions.items() if p.quantity != 0}
