@@ -80,7 +80,7 @@ def prepare(symbol: str, timeframe: str, bars: pd.DataFrame, params: IndicatorPa
     frame = compute_indicators(bars, params)
     closes = market_calendar.bar_close_times(frame.index, timeframe)
     return PreparedSeries(symbol, timeframe, frame, rules_analyst.Columns(frame),
-                          [t.to_pydatetime() for t in frame.index], [t.to_pydatetime() for t in closes],
+                          list(frame.index.to_pydatetime()), list(pd.DatetimeIndex(closes).to_pydatetime()),
                           closes.dt.as_unit("ns").astype("int64").to_numpy())
 
 

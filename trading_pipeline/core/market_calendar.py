@@ -57,12 +57,8 @@ def next_open(ts: datetime) -> pd.Timestamp:
 
 
 def describe_next_open(ts: datetime) -> str:
-    return _describe_open(next_open(ts))
-
-
-@functools.lru_cache(maxsize=256)
-def _describe_open(moment: pd.Timestamp) -> str:
-    return moment.tz_convert("America/New_York").strftime("%a %Y-%m-%d %H:%M %Z")
+    moment = next_open(ts).to_pydatetime().astimezone(_NEW_YORK)  # zoneinfo: EDT/EST as pandas says
+    return moment.strftime("%a %Y-%m-%d %H:%M %Z")
 
 
 def bar_close_times(index: pd.DatetimeIndex, timeframe: str) -> pd.Series:
@@ -246,7 +242,12 @@ def first_live_session(ts: datetime) -> tuple[pd.Timestamp, pd.Timestamp]:
 
 
 def _session_label(position: int) -> pd.Timestamp:
-    return calendar().schedule.index[position]
+    return _session_labels()[position]
+
+
+@functools.lru_cache(maxsize=1)
+def _session_labels() -> list[pd.Timestamp]:
+    return list(calendar().schedule.index)
 
 
 GAP_TIMEFRAMES = ("1d", "1w")
