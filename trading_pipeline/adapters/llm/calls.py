@@ -1,7 +1,7 @@
 """One model call, fail-closed and accounted: response cache, budget, HTTP attempts, `llm_calls`.
 
-A call first looks in the response cache (same model, prompt, image, numbers and schema: same
-answer). Otherwise each attempt reserves its estimate against the token/cost budgets, is sent,
+A call first looks in the response cache (same model, prompt, chart, numbers and schema: same
+answer; the chart as what it shows, core/chart_spec.py, so a backtest finds the answer too). Otherwise each attempt reserves its estimate against the token/cost budgets, is sent,
 and is written to `llm_calls` (adapters/model_calls.py); a 400 naming a feature the server lacks
 adapts the request (not counted as a failure), rate limits, 5xx, timeouts and unreachable servers
 are retried with backoff up to TRADING_LLM_MAX_ATTEMPTS. A server's `usage` is used only when it is
@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -87,15 +88,23 @@ class ModelCaller:
         self.transport.close()
 
     def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt: Prompt, user_text: str,
-                 png: bytes | None, context: dict[str, Any], answer_model: type[BaseModel]) -> Answer:
+                 png: bytes | Callable[[], bytes] | None, context: dict[str, Any], answer_model: type[BaseModel],
+                 chart_sha256: str | None = None) -> Answer:
         """The schema-valid answer (from the cache or the model), to be judged and then `settle`d;
-        Unusable (with its call_id) when there is none."""
+        Unusable (with its call_id) when there is none.
+
+        `png` is the chart image, or how to render it (called only when a request is sent);
+        `chart_sha256` (core/chart_spec.py) names what that chart shows and keys the answer, so a
+        backtest finds it without rendering; the call log keeps the sha256 of the PNG sent."""
         s = self.settings
         schema, schema_sha = schema_for(answer_model)
         want_image = png is not None and s.vision != "no"
-        image_sha = hashlib.sha256(png).hexdigest() if want_image else None
+        if want_image and chart_sha256 is None:
+            raise ValueError("a call with a chart image needs its chart_sha256 (core/chart_spec.py)")
+        image_sha = hashlib.sha256(png).hexdigest() if want_image and isinstance(png, bytes) else None
         key, context_sha = model_calls.cache_key(kind=kind, model=s.model, prompt_version=prompt.version,
-                                                  image_sha256=image_sha, context=context, schema_sha256=schema_sha)
+                                                  chart_sha256=chart_sha256 if want_image else None, context=context,
+                                                  schema_sha256=schema_sha)
         common = {"run_id": self.run_id, "kind": kind, "symbol": symbol, "timeframe": timeframe,
                   "endpoint": self.transport.endpoint, "model": s.model, "prompt_version": prompt.version,
                   "image_sha256": image_sha, "cache_key": key}
@@ -110,6 +119,13 @@ class ModelCaller:
         while True:
             features = self.features.snapshot()
             send_image = want_image and not (s.vision == "auto" and features.vision_ok is False)
+            if send_image and not isinstance(png, bytes):
+                try:
+                    png = png()
+                except Exception as error:  # noqa: BLE001 - no picture, no call: fail closed, say why
+                    raise self.unusable(None, f"the chart image could not be rendered: {type(error).__name__}: "
+                                              f"{error}") from None
+                image_sha = common["image_sha256"] = hashlib.sha256(png).hexdigest()
             body, record = build_request(s, f"{self.transport.endpoint}/chat/completions", prompt, user_text,
                                          png if send_image else None, image_sha, schema, features, answer_model)
             estimate = estimate_tokens(prompt, user_text, send_image, s.max_output_tokens)

@@ -2,7 +2,10 @@
 
 Per symbol × timeframe the chart PNG goes as an `image_url` data URL with a compact numeric context
 (the last close, ATR, recent range, latest indicators and the bounds the answer must respect); the
-consolidation gets both analyses' summaries and the daily numbers. The answer is requested with
+consolidation gets both analyses' summaries and the daily numbers. With OPENAI_ANONYMIZE_CHARTS the
+context is in the anonymized chart's units (core/chart_spec.py: rebased prices, no symbol, no date).
+The context is read from a series' arrays at a position, the same way live and in a backtest. The
+answer is requested with
 `response_format={"type": "json_schema", ..., "strict": true}`, or, on a server without it, with the
 schema in the prompt. The request as recorded in `llm_calls` carries the image's sha256, not its base64.
 """
@@ -11,18 +14,18 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+from datetime import datetime
 from typing import Any
 
-import pandas as pd
 from pydantic import BaseModel
 
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.adapters.llm.transport import Features
-from trading_pipeline.core import rules_analyst
+from trading_pipeline.core import chart_spec, rules_analyst
 from trading_pipeline.core.analysis import TimeframeAnalysis
 from trading_pipeline.core.analysis_validation import NumericContext
-from trading_pipeline.core.chart_figure import DEFAULT_BARS_SHOWN, FALLBACK_BARS_SHOWN
-from trading_pipeline.core.frames import MarketFrame
+from trading_pipeline.core.chart_spec import IDENTITY, Rebase
 from trading_pipeline.core.risk import RANGE_TOLERANCE_ATR
 from trading_pipeline.prompts import Prompt
 
@@ -37,7 +40,20 @@ CHART_STATUS = "{chart_status}"  # filled in per attempt: the image may be dropp
 
 
 def _round(x: float) -> float:
-    return float(f"{x:.6g}")
+    """6 significant digits, read off the value snapped to a binary grid of 2^-20 of its size first.
+
+    An indicator's last digits depend on how much history came before it (the live graph reads two
+    years, a backtest its whole window: ~1e-10 apart), and an average of cent prices often lies
+    exactly on a decimal rounding boundary (519.8245): rounded directly, such a value prints as
+    519.824 in one run and 519.825 in the other, and the response cache key differs. Decimal values
+    lie anywhere on the binary grid, rarely within 1e-10 of its boundaries: both runs print the same."""
+    if not math.isfinite(x) or x == 0:
+        return x
+    mantissa, exponent = math.frexp(x)
+    return float(f"{math.ldexp(round(mantissa * _GRID) / _GRID, exponent):.6g}")
+
+
+_GRID = float(2 ** 20)
 
 
 def _constraints(numbers: NumericContext) -> dict[str, Any]:
@@ -52,51 +68,77 @@ def _constraints(numbers: NumericContext) -> dict[str, Any]:
     }
 
 
-def timeframe_context(indicators: MarketFrame) -> tuple[NumericContext, dict[str, Any]]:
-    """The numbers a timeframe answer is checked against, and the context JSON the model is sent."""
-    frame = indicators.frame
-    base = rules_analyst.numeric_context(frame)
-    shown = frame.tail(DEFAULT_BARS_SHOWN.get(indicators.timeframe, FALLBACK_BARS_SHOWN))
+def timeframe_context(columns: rules_analyst.Columns, end: int, *, symbol: str, timeframe: str,
+                      last_bar_start: datetime, rebase: Rebase = IDENTITY) -> tuple[NumericContext, dict[str, Any]]:
+    """The numbers a timeframe answer is checked against (real prices), and the context JSON the
+    model is sent (in the chart's units: rebased, with no symbol or date, when `rebase` anonymizes),
+    for bars [0, end) of `columns`; the live analyst passes a whole frame, the backtest a position."""
+    arrays = columns.arrays
+    base = rules_analyst.numeric_context_at(columns, end)
+    start = chart_spec.shown_start(timeframe, end)
     numbers = NumericContext(base["last_close"], base["atr"], base["recent_high"], base["recent_low"],
-                             float(shown["high"].max()), float(shown["low"].min()))
-    last = frame.iloc[-1]
-    latest = {c: _round(float(last[c])) for c in INDICATOR_COLUMNS if c in frame.columns and pd.notna(last[c])}
+                             float(arrays["high"][start:end].max()), float(arrays["low"][start:end].min()))
+    shown = numbers if not rebase.anonymized else NumericContext(
+        *(rebase.shown(x) for x in (numbers.last_close, numbers.atr, numbers.recent_high, numbers.recent_low,
+                                    numbers.chart_high, numbers.chart_low)))
+    latest = {}
+    for name in INDICATOR_COLUMNS:
+        if name in arrays:
+            value = float(arrays[name][end - 1])
+            if not math.isnan(value):
+                latest[name] = _round(rebase.value(name, value))
     context = {
-        "symbol": indicators.symbol,
-        "timeframe": indicators.timeframe,
-        "last_bar_start": indicators.last_bar_start.isoformat(),
-        "bars_in_chart": len(shown),
-        "last_close": _round(numbers.last_close),
-        "recent_closes": [_round(float(x)) for x in frame["close"].tail(RECENT_CLOSES)],
-        "atr_14": _round(numbers.atr),
+        "symbol": chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else symbol,
+        "timeframe": timeframe,
+        "last_bar_start": (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(),
+        "bars_in_chart": end - start,
+        "last_close": _round(shown.last_close),
+        "recent_closes": [_round(rebase.shown(float(x))) for x in arrays["close"][max(0, end - RECENT_CLOSES):end]],
+        "atr_14": _round(shown.atr),
         "recent_bars": rules_analyst.LEVEL_LOOKBACKS[-1],
-        "recent_high": _round(numbers.recent_high),
-        "recent_low": _round(numbers.recent_low),
-        "chart_high": _round(numbers.chart_high),
-        "chart_low": _round(numbers.chart_low),
+        "recent_high": _round(shown.recent_high),
+        "recent_low": _round(shown.recent_low),
+        "chart_high": _round(shown.chart_high),
+        "chart_low": _round(shown.chart_low),
         "indicators": latest,
-        "constraints": _constraints(numbers),
+        "constraints": _constraints(shown),
     }
     return numbers, context
 
 
-def _summary(a: TimeframeAnalysis) -> dict[str, Any]:
-    return {"timeframe": a.timeframe, "signal": a.signal.value, "trend": a.trend.value, "confidence": a.confidence,
-            "entry": a.entry, "stop": a.stop, "targets": a.targets, "support": a.support, "resistance": a.resistance,
-            "indicators": [{"name": v.name, "bullish": v.bullish, "reading": v.detail} for v in a.votes],
-            "last_close": a.last_close, "atr_14": a.atr, "rationale": a.rationale, "data_through": a.data_through.isoformat()}
+def _summary(a: TimeframeAnalysis, rebase: Rebase) -> dict[str, Any]:
+    def shown(x: float | None) -> float | None:
+        return None if x is None else _round(rebase.shown(x)) if rebase.anonymized else x
+
+    summary = {"timeframe": a.timeframe, "signal": a.signal.value, "trend": a.trend.value, "confidence": a.confidence,
+               "entry": shown(a.entry), "stop": shown(a.stop), "targets": [shown(t) for t in a.targets],
+               "support": [shown(x) for x in a.support], "resistance": [shown(x) for x in a.resistance],
+               "indicators": [{"name": v.name, "bullish": v.bullish, "reading": v.detail} for v in a.votes],
+               # ATR rounded like every indicator value: its 10th digit depends on the history read before it.
+               "last_close": shown(a.last_close), "atr_14": _round(rebase.shown(a.atr)), "rationale": a.rationale}
+    if not rebase.anonymized:
+        summary["data_through"] = a.data_through.isoformat()
+    return summary
 
 
-def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis) -> tuple[NumericContext, dict[str, Any]]:
-    """The daily numbers the proposal is checked against, and the context JSON the model is sent."""
+def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis,
+                          rebase: Rebase = IDENTITY) -> tuple[NumericContext, dict[str, Any]]:
+    """The daily numbers the proposal is checked against (real prices), and the context JSON the
+    model is sent (rebased, with no symbol or date, when `rebase` anonymizes)."""
     numbers = NumericContext(daily.last_close, daily.atr, daily.recent_high, daily.recent_low)
+    shown = numbers if not rebase.anonymized else NumericContext(
+        *(rebase.shown(x) for x in (numbers.last_close, numbers.atr, numbers.recent_high, numbers.recent_low)))
+
+    def value(x: float) -> float:
+        return _round(x) if rebase.anonymized else x
+
     context = {
-        "symbol": daily.symbol,
-        "daily": _summary(daily),
-        "weekly": _summary(weekly),
-        "daily_numbers": {"last_close": daily.last_close, "atr_14": daily.atr, "recent_high": daily.recent_high,
-                          "recent_low": daily.recent_low},
-        "constraints": _constraints(numbers),
+        "symbol": chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else daily.symbol,
+        "daily": _summary(daily, rebase),
+        "weekly": _summary(weekly, rebase),
+        "daily_numbers": {"last_close": value(shown.last_close), "atr_14": _round(shown.atr),
+                          "recent_high": value(shown.recent_high), "recent_low": value(shown.recent_low)},
+        "constraints": _constraints(shown),
     }
     return numbers, context
 
