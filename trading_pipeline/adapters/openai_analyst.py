@@ -41,7 +41,6 @@ from trading_pipeline.adapters.llm.answers import ConsolidationAnswer, Timeframe
 from trading_pipeline.adapters.llm.calls import Answer, ModelCaller
 from trading_pipeline.adapters.llm.request import CHART_STATUS, consolidation_context, timeframe_context
 from trading_pipeline.adapters.llm.settings import OpenAISettings
-from trading_pipeline.adapters.model_calls import canonical_json
 from trading_pipeline.core import chart_spec
 from trading_pipeline.core.analysis import NO_DATA, Action, ChartSource, IndicatorVote, TimeframeAnalysis, Trend
 from trading_pipeline.core.analysis_validation import (
@@ -147,9 +146,10 @@ class OpenAIAnalyst:
         try:
             result = self.caller.complete(
                 kind=TIMEFRAME_ANALYSIS, symbol=symbol, timeframe=timeframe, prompt=prompt,
-                user_text=prompt.user(symbol=context["symbol"], timeframe_name=TIMEFRAME_NAMES.get(timeframe, timeframe),
-                                      chart_status=CHART_STATUS, context_json=canonical_json(context)),
-                png=image, chart_sha256=chart_sha, context=context, answer_model=TimeframeAnswer)
+                user_text=lambda: prompt.user(symbol=context.fields[0],
+                                              timeframe_name=TIMEFRAME_NAMES.get(timeframe, timeframe),
+                                              chart_status=CHART_STATUS, context_json=context.as_json()),
+                context_sha256=context.sha256(), png=image, chart_sha256=chart_sha, answer_model=TimeframeAnswer)
             call_id = result.call_id
             analysis = self._timeframe_analysis(result, numbers, base, rebase)
         except Unusable as error:
@@ -245,11 +245,12 @@ class OpenAIAnalyst:
         # Anonymized: the model reads both analyses rebased so the daily last close is 100, no symbol or date.
         rebase = chart_spec.price_rebase(daily.last_close) if self.settings.anonymize else IDENTITY
         numbers, context = consolidation_context(daily, weekly, rebase)
-        user_text = prompt.user(symbol=context["symbol"], daily_signal=daily.signal.value,
-                                weekly_signal=weekly.signal.value, context_json=canonical_json(context))
         try:
             result = self.caller.complete(kind=CONSOLIDATION, symbol=daily.symbol, timeframe=None, prompt=prompt,
-                                          user_text=user_text, png=None, context=context,
+                                          user_text=lambda: prompt.user(
+                                              symbol=context.fields[0], daily_signal=daily.signal.value,
+                                              weekly_signal=weekly.signal.value, context_json=context.as_json()),
+                                          context_sha256=context.sha256(), png=None,
                                           answer_model=ConsolidationAnswer)
         except Unusable as error:
             reason = f"the consolidation call gave nothing usable: {error}"

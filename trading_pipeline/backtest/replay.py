@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,12 +39,16 @@ class CacheOnlyCaller:
         self.hits = 0
         self.misses = 0
 
-    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt, user_text: str,
-                 png, context: dict[str, Any], answer_model, chart_sha256: str | None = None) -> Answer:
-        _, schema_sha = schema_for(answer_model)
-        # Keyed as a live run that sent the chart keys it (ModelCaller.complete).
-        key, _ = model_calls.cache_key(kind=kind, model=self.model, prompt_version=prompt.version,
-                                       chart_sha256=chart_sha256, context=context, schema_sha256=schema_sha)
+    def key(self, *, kind: str, prompt, context_sha256: str, answer_model, chart_sha256: str | None) -> str:
+        """The answer's cache key, as a live run that sent the chart keys it (ModelCaller.complete)."""
+        return model_calls.cache_key(kind=kind, model=self.model, prompt_version=prompt.version,
+                                     chart_sha256=chart_sha256, context_sha256=context_sha256,
+                                     schema_sha256=schema_for(answer_model)[1])
+
+    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt, user_text, context_sha256: str,
+                 png, answer_model, chart_sha256: str | None = None) -> Answer:
+        key = self.key(kind=kind, prompt=prompt, context_sha256=context_sha256, answer_model=answer_model,
+                       chart_sha256=chart_sha256)
         cached = self.answers.get(key)
         if cached is None:
             self.misses += 1

@@ -87,24 +87,26 @@ class ModelCaller:
     def close(self) -> None:
         self.transport.close()
 
-    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt: Prompt, user_text: str,
-                 png: bytes | Callable[[], bytes] | None, context: dict[str, Any], answer_model: type[BaseModel],
-                 chart_sha256: str | None = None) -> Answer:
+    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt: Prompt,
+                 user_text: Callable[[], str], context_sha256: str, png: bytes | Callable[[], bytes] | None,
+                 answer_model: type[BaseModel], chart_sha256: str | None = None) -> Answer:
         """The schema-valid answer (from the cache or the model), to be judged and then `settle`d;
         Unusable (with its call_id) when there is none.
 
-        `png` is the chart image, or how to render it (called only when a request is sent);
-        `chart_sha256` (core/chart_spec.py) names what that chart shows and keys the answer, so a
-        backtest finds it without rendering; the call log keeps the sha256 of the PNG sent."""
+        The request's text and chart image are made only when a request is sent: `user_text` writes
+        the text (with the numeric context whose contents `context_sha256` names), `png` is the
+        chart image or how to render it. `chart_sha256` (core/chart_spec.py) names what that chart
+        shows and keys the answer, so a backtest finds it without rendering; the call log keeps the
+        sha256 of the PNG sent."""
         s = self.settings
         schema, schema_sha = schema_for(answer_model)
         want_image = png is not None and s.vision != "no"
         if want_image and chart_sha256 is None:
             raise ValueError("a call with a chart image needs its chart_sha256 (core/chart_spec.py)")
         image_sha = hashlib.sha256(png).hexdigest() if want_image and isinstance(png, bytes) else None
-        key, context_sha = model_calls.cache_key(kind=kind, model=s.model, prompt_version=prompt.version,
-                                                  chart_sha256=chart_sha256 if want_image else None, context=context,
-                                                  schema_sha256=schema_sha)
+        key = model_calls.cache_key(kind=kind, model=s.model, prompt_version=prompt.version,
+                                    chart_sha256=chart_sha256 if want_image else None, context_sha256=context_sha256,
+                                    schema_sha256=schema_sha)
         common = {"run_id": self.run_id, "kind": kind, "symbol": symbol, "timeframe": timeframe,
                   "endpoint": self.transport.endpoint, "model": s.model, "prompt_version": prompt.version,
                   "image_sha256": image_sha, "cache_key": key}
@@ -113,6 +115,7 @@ class ModelCaller:
             return cached
 
         self.transport.client()  # built (and `openai` imported) before any latency is measured
+        text = user_text()
         call_id = uuid.uuid4().hex
         attempt = fallbacks = 0
         failures: list[str] = []
@@ -126,9 +129,9 @@ class ModelCaller:
                     raise self.unusable(None, f"the chart image could not be rendered: {type(error).__name__}: "
                                               f"{error}") from None
                 image_sha = common["image_sha256"] = hashlib.sha256(png).hexdigest()
-            body, record = build_request(s, f"{self.transport.endpoint}/chat/completions", prompt, user_text,
+            body, record = build_request(s, f"{self.transport.endpoint}/chat/completions", prompt, text,
                                          png if send_image else None, image_sha, schema, features, answer_model)
-            estimate = estimate_tokens(prompt, user_text, send_image, s.max_output_tokens)
+            estimate = estimate_tokens(prompt, text, send_image, s.max_output_tokens)
             row = {"call_id": call_id, "vision": send_image, "response_format": features.response_format,
                    "request": record, **common}
             try:
@@ -142,7 +145,7 @@ class ModelCaller:
                 sent = self.transport.send(body)
                 latency_ms = (time.perf_counter() - started) * 1000
                 if sent.status == "ok":
-                    result = self._accept(sent, row, attempt, latency_ms, estimate, answer_model, key, context_sha)
+                    result = self._accept(sent, row, attempt, latency_ms, estimate, answer_model, key, context_sha256)
                     result.reservation, reservation = reservation, None  # released by settle
                     return result
                 self.calls.record(attempt=attempt, status=sent.status, http_status=sent.http_status,

@@ -13,15 +13,22 @@ schema in the prompt. The request as recorded in `llm_calls` carries the image's
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.adapters.llm.transport import Features
+from trading_pipeline.adapters.model_calls import canonical_json
 from trading_pipeline.core import chart_spec, rules_analyst
 from trading_pipeline.core.analysis import TimeframeAnalysis
 from trading_pipeline.core.analysis_validation import NumericContext
@@ -39,40 +46,77 @@ INDICATOR_COLUMNS = ("sma_20", "sma_50", "sma_200", "rsi_14", "macd", "macd_sign
 CHART_STATUS = "{chart_status}"  # filled in per attempt: the image may be dropped for a server without vision
 
 
-def _round(x: float) -> float:
-    """6 significant digits, read off the value snapped to a binary grid of 2^-20 of its size first.
+def snapped(values: Sequence[float]) -> np.ndarray:
+    """Each value snapped to a binary grid of 2^-20 of its size.
 
     An indicator's last digits depend on how much history came before it (the live graph reads two
     years, a backtest its whole window: ~1e-10 apart), and an average of cent prices often lies
-    exactly on a decimal rounding boundary (519.8245): rounded directly, such a value prints as
-    519.824 in one run and 519.825 in the other, and the response cache key differs. Decimal values
-    lie anywhere on the binary grid, rarely within 1e-10 of its boundaries: both runs print the same."""
-    if not math.isfinite(x) or x == 0:
-        return x
-    mantissa, exponent = math.frexp(x)
-    return float(f"{math.ldexp(round(mantissa * _GRID) / _GRID, exponent):.6g}")
+    exactly on a decimal rounding boundary (519.8245): written to 6 digits directly, such a value
+    reads 519.824 in one run and 519.825 in the other. Decimal values lie anywhere on the binary
+    grid, rarely within 1e-10 of its boundaries: both runs snap to the same value and write the same."""
+    mantissas, exponents = np.frexp(np.asarray(values, dtype=np.float64))
+    return np.ldexp(np.round(mantissas * _GRID) / _GRID, exponents)
 
 
 _GRID = float(2 ** 20)
 
 
-def _constraints(numbers: NumericContext) -> dict[str, Any]:
-    """The bounds the answer's prices must respect (the same ones the validation applies)."""
+def written(numbers: np.ndarray) -> list[float]:
+    """Snapped numbers as the context writes them: 6 significant digits."""
+    return [float(f"{x:.6g}") for x in numbers.tolist()]
+
+
+@functools.cache
+def context_code_version() -> str:
+    """This module's version: a context is keyed by its contents, not by its text (below), so a
+    change in how the text is written must change the key."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """The numeric context of one request, keyed without writing it.
+
+    `fields` is everything in it but the numbers (hashable, with a stable repr), `numbers` the
+    numbers, snapped; `write` makes the context (a JSON object) from them. The response cache key
+    hashes fields and numbers (`sha256`): a backtest asks tens of thousands of times and never
+    sends a request, so the text is written only when a request is sent (`as_json`)."""
+
+    fields: tuple[Any, ...]
+    numbers: np.ndarray
+    write: Callable[[tuple[Any, ...], list[float]], dict[str, Any]]
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256(f"{context_code_version()}|{self.fields!r}|".encode())
+        digest.update(self.numbers.tobytes())
+        return digest.hexdigest()
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.write(self.fields, written(self.numbers))
+
+    def as_json(self) -> str:
+        return canonical_json(self.as_dict())
+
+
+def _bounds(numbers: NumericContext) -> list[float]:
+    """The bounds the answer's prices must respect (the same ones the validation applies):
+    entry tolerance, entry range, stop and target range."""
     tolerance = numbers.entry_tolerance()
-    low, high = numbers.price_bounds()
-    return {
-        "entry_tolerance": _round(tolerance),
-        "entry_range": [_round(numbers.last_close - tolerance), _round(numbers.last_close + tolerance)],
-        "range_tolerance_atr": RANGE_TOLERANCE_ATR,
-        "stop_and_target_range": [_round(low), _round(high)],
-    }
+    return [tolerance, numbers.last_close - tolerance, numbers.last_close + tolerance, *numbers.price_bounds()]
+
+
+def _constraints(bounds: list[float]) -> dict[str, Any]:
+    """The context's `constraints`, from the numbers of `_bounds`."""
+    return {"entry_tolerance": bounds[0], "entry_range": bounds[1:3], "range_tolerance_atr": RANGE_TOLERANCE_ATR,
+            "stop_and_target_range": bounds[3:5]}
 
 
 def timeframe_context(columns: rules_analyst.Columns, end: int, *, symbol: str, timeframe: str,
-                      last_bar_start: datetime, rebase: Rebase = IDENTITY) -> tuple[NumericContext, dict[str, Any]]:
-    """The numbers a timeframe answer is checked against (real prices), and the context JSON the
-    model is sent (in the chart's units: rebased, with no symbol or date, when `rebase` anonymizes),
-    for bars [0, end) of `columns`; the live analyst passes a whole frame, the backtest a position."""
+                      last_bar_start: datetime, rebase: Rebase = IDENTITY) -> tuple[NumericContext, RequestContext]:
+    """The numbers a timeframe answer is checked against (real prices), and the context the model
+    is sent (in the chart's units: rebased, with no symbol or date, when `rebase` anonymizes), for
+    bars [0, end) of `columns`: the live analyst passes a whole frame, the backtest a position in a
+    long series."""
     arrays = columns.arrays
     base = rules_analyst.numeric_context_at(columns, end)
     start = chart_spec.shown_start(timeframe, end)
@@ -81,66 +125,87 @@ def timeframe_context(columns: rules_analyst.Columns, end: int, *, symbol: str, 
     shown = numbers if not rebase.anonymized else NumericContext(
         *(rebase.shown(x) for x in (numbers.last_close, numbers.atr, numbers.recent_high, numbers.recent_low,
                                     numbers.chart_high, numbers.chart_low)))
-    latest = {}
-    for name in INDICATOR_COLUMNS:
-        if name in arrays:
-            value = float(arrays[name][end - 1])
-            if not math.isnan(value):
-                latest[name] = _round(rebase.value(name, value))
-    context = {
-        "symbol": chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else symbol,
+    names = tuple(name for name in INDICATOR_COLUMNS if name in arrays and not math.isnan(arrays[name][end - 1]))
+    closes = arrays["close"][max(0, end - RECENT_CLOSES):end]
+    values = [shown.last_close, shown.atr, shown.recent_high, shown.recent_low, shown.chart_high, shown.chart_low,
+              *_bounds(shown), *(rebase.value(name, float(arrays[name][end - 1])) for name in names),
+              *(closes * rebase.price if rebase.anonymized else closes)]
+    fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else symbol, timeframe,
+              (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(), end - start, names)
+    return numbers, RequestContext(fields, snapped(values), _write_timeframe_context)
+
+
+def _write_timeframe_context(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
+    symbol, timeframe, last_bar_start, bars_in_chart, names = fields
+    return {
+        "symbol": symbol,
         "timeframe": timeframe,
-        "last_bar_start": (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(),
-        "bars_in_chart": end - start,
-        "last_close": _round(shown.last_close),
-        "recent_closes": [_round(rebase.shown(float(x))) for x in arrays["close"][max(0, end - RECENT_CLOSES):end]],
-        "atr_14": _round(shown.atr),
+        "last_bar_start": last_bar_start,
+        "bars_in_chart": bars_in_chart,
+        "last_close": n[0],
+        "recent_closes": n[11 + len(names):],
+        "atr_14": n[1],
         "recent_bars": rules_analyst.LEVEL_LOOKBACKS[-1],
-        "recent_high": _round(shown.recent_high),
-        "recent_low": _round(shown.recent_low),
-        "chart_high": _round(shown.chart_high),
-        "chart_low": _round(shown.chart_low),
-        "indicators": latest,
-        "constraints": _constraints(shown),
+        "recent_high": n[2],
+        "recent_low": n[3],
+        "chart_high": n[4],
+        "chart_low": n[5],
+        "indicators": dict(zip(names, n[11:11 + len(names)], strict=True)),
+        "constraints": _constraints(n[6:11]),
     }
-    return numbers, context
 
 
-def _summary(a: TimeframeAnalysis, rebase: Rebase) -> dict[str, Any]:
-    def shown(x: float | None) -> float | None:
-        return None if x is None else _round(rebase.shown(x)) if rebase.anonymized else x
+def _summary(a: TimeframeAnalysis, rebase: Rebase) -> tuple[tuple[Any, ...], list[float]]:
+    """(fields, numbers) of an analysis as the consolidation reads it (`_write_summary`)."""
+    prices = [a.last_close, *([] if a.entry is None else [a.entry]), *([] if a.stop is None else [a.stop]),
+              *a.targets, *a.support, *a.resistance]
+    fields = (a.timeframe, a.signal.value, a.trend.value, a.entry is not None, a.stop is not None, len(a.targets),
+              len(a.support), len(a.resistance), tuple((v.name, v.bullish, v.detail) for v in a.votes), a.rationale,
+              None if rebase.anonymized else a.data_through.isoformat())
+    return fields, [a.confidence, rebase.shown(a.atr), *(rebase.shown(x) for x in prices)]
 
-    summary = {"timeframe": a.timeframe, "signal": a.signal.value, "trend": a.trend.value, "confidence": a.confidence,
-               "entry": shown(a.entry), "stop": shown(a.stop), "targets": [shown(t) for t in a.targets],
-               "support": [shown(x) for x in a.support], "resistance": [shown(x) for x in a.resistance],
-               "indicators": [{"name": v.name, "bullish": v.bullish, "reading": v.detail} for v in a.votes],
-               # ATR rounded like every indicator value: its 10th digit depends on the history read before it.
-               "last_close": shown(a.last_close), "atr_14": _round(rebase.shown(a.atr)), "rationale": a.rationale}
-    if not rebase.anonymized:
-        summary["data_through"] = a.data_through.isoformat()
+
+def _write_summary(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
+    timeframe, signal, trend, has_entry, has_stop, targets, support, resistance, votes, rationale, data_through = fields
+    prices = iter(n[2:])
+    last_close = next(prices)
+    entry = next(prices) if has_entry else None
+    stop = next(prices) if has_stop else None
+    summary = {"timeframe": timeframe, "signal": signal, "trend": trend, "confidence": n[0],
+               "entry": entry, "stop": stop, "targets": [next(prices) for _ in range(targets)],
+               "support": [next(prices) for _ in range(support)],
+               "resistance": [next(prices) for _ in range(resistance)],
+               "indicators": [{"name": name, "bullish": bullish, "reading": reading} for name, bullish, reading in votes],
+               "last_close": last_close, "atr_14": n[1], "rationale": rationale}
+    if data_through is not None:
+        summary["data_through"] = data_through
     return summary
 
 
 def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis,
-                          rebase: Rebase = IDENTITY) -> tuple[NumericContext, dict[str, Any]]:
-    """The daily numbers the proposal is checked against (real prices), and the context JSON the
-    model is sent (rebased, with no symbol or date, when `rebase` anonymizes)."""
+                          rebase: Rebase = IDENTITY) -> tuple[NumericContext, RequestContext]:
+    """The daily numbers the proposal is checked against (real prices), and the context the model
+    is sent (rebased, with no symbol or date, when `rebase` anonymizes)."""
     numbers = NumericContext(daily.last_close, daily.atr, daily.recent_high, daily.recent_low)
     shown = numbers if not rebase.anonymized else NumericContext(
         *(rebase.shown(x) for x in (numbers.last_close, numbers.atr, numbers.recent_high, numbers.recent_low)))
+    (daily_fields, daily_numbers), (weekly_fields, weekly_numbers) = _summary(daily, rebase), _summary(weekly, rebase)
+    fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else daily.symbol, daily_fields, len(daily_numbers),
+              weekly_fields)
+    values = [shown.last_close, shown.atr, shown.recent_high, shown.recent_low, *_bounds(shown), *daily_numbers,
+              *weekly_numbers]
+    return numbers, RequestContext(fields, snapped(values), _write_consolidation_context)
 
-    def value(x: float) -> float:
-        return _round(x) if rebase.anonymized else x
 
-    context = {
-        "symbol": chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else daily.symbol,
-        "daily": _summary(daily, rebase),
-        "weekly": _summary(weekly, rebase),
-        "daily_numbers": {"last_close": value(shown.last_close), "atr_14": _round(shown.atr),
-                          "recent_high": value(shown.recent_high), "recent_low": value(shown.recent_low)},
-        "constraints": _constraints(shown),
+def _write_consolidation_context(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
+    symbol, daily_fields, daily_count, weekly_fields = fields
+    return {
+        "symbol": symbol,
+        "daily": _write_summary(daily_fields, n[9:9 + daily_count]),
+        "weekly": _write_summary(weekly_fields, n[9 + daily_count:]),
+        "daily_numbers": {"last_close": n[0], "atr_14": n[1], "recent_high": n[2], "recent_low": n[3]},
+        "constraints": _constraints(n[4:9]),
     }
-    return numbers, context
 
 
 def estimate_tokens(prompt: Prompt, user_text: str, send_image: bool, max_output_tokens: int) -> int:
