@@ -39,10 +39,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.llm.answers import ConsolidationAnswer, TimeframeAnswer, Unusable
 from trading_pipeline.adapters.llm.calls import Answer, ModelCaller
-from trading_pipeline.adapters.llm.request import CHART_STATUS, consolidation_context, timeframe_context
+from trading_pipeline.adapters.llm.request import (
+    CHART_STATUS,
+    Summary,
+    consolidation_context,
+    summary,
+    timeframe_context,
+)
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.core import chart_spec
-from trading_pipeline.core.analysis import NO_DATA, Action, ChartSource, IndicatorVote, TimeframeAnalysis, Trend
+from trading_pipeline.core.analysis import NO_DATA, Action, ChartSource, TimeframeAnalysis, Trend
 from trading_pipeline.core.analysis_validation import (
     NumericContext,
     consolidation_problems,
@@ -51,7 +57,7 @@ from trading_pipeline.core.analysis_validation import (
     reward_risk,
 )
 from trading_pipeline.core.chart_figure import TIMEFRAME_NAMES
-from trading_pipeline.core.chart_spec import IDENTITY, Rebase
+from trading_pipeline.core.chart_spec import IDENTITY, Rebase, SeriesArrays
 from trading_pipeline.core.decisions import CONFIRM, LEAD, Consolidated
 from trading_pipeline.core.decisions import consolidate as consolidate_by_rules
 from trading_pipeline.core.frames import MarketFrame
@@ -87,6 +93,7 @@ class OpenAIAnalyst:
         # Renders the anonymized chart (a plotly figure to PNG bytes); default: a renderer of its own.
         self.render_png = render_png
         self._own_renderer: Any = None
+        self._summaries: dict[int, tuple[TimeframeAnalysis, Rebase, Summary]] = {}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None, sessions: sessionmaker[Session], *,
@@ -107,26 +114,26 @@ class OpenAIAnalyst:
         if indicators.frame.empty:
             return self._invalid(indicators.symbol, indicators.timeframe, indicators.as_of, None, 0, chart,
                                  "the bars give no numeric context: there are no bars")
-        return self.analyze_at(Columns(indicators.frame), len(indicators.frame), symbol=indicators.symbol,
+        return self.analyze_at(SeriesArrays(Columns(indicators.frame)), len(indicators.frame), symbol=indicators.symbol,
                                timeframe=indicators.timeframe, as_of=indicators.as_of,
                                data_through=indicators.last_bar_start.to_pydatetime(), chart=chart, png=png)
 
-    def analyze_at(self, columns: Columns, end: int, *, symbol: str, timeframe: str, as_of: datetime,
+    def analyze_at(self, series: SeriesArrays, end: int, *, symbol: str, timeframe: str, as_of: datetime,
                    data_through: datetime, chart: ChartSource | None = None,
                    png: bytes | None = None) -> TimeframeAnalysis:
-        """`analyze` of bars [0, end) of `columns` (bar `end - 1` is the last one seen): the live graph
+        """`analyze` of bars [0, end) of `series` (bar `end - 1` is the last one seen): the live graph
         passes a whole frame, the backtest one long series at each session (no pandas per call)."""
         prompt = load_prompt(TIMEFRAME_ANALYSIS)
         anonymize = self.settings.anonymize
         try:
-            rebase = chart_spec.anonymizing(columns, end, timeframe) if anonymize else IDENTITY
-            numbers, context = timeframe_context(columns, end, symbol=symbol, timeframe=timeframe,
+            rebase = chart_spec.anonymizing(series.columns, end, timeframe) if anonymize else IDENTITY
+            numbers, context = timeframe_context(series, end, symbol=symbol, timeframe=timeframe,
                                                  last_bar_start=data_through, rebase=rebase)
-            chart_sha = chart_spec.chart_spec_sha256(columns, end, symbol=symbol, timeframe=timeframe,
+            chart_sha = chart_spec.chart_spec_sha256(series, end, symbol=symbol, timeframe=timeframe,
                                                      anonymize=anonymize)
         except Exception as error:  # noqa: BLE001 - fail closed on anything
-            return self._invalid(symbol, timeframe, as_of, columns, end, chart, f"the bars give no numeric context: {error}",
-                                 data_through)
+            return self._invalid(symbol, timeframe, as_of, series.columns, end, chart,
+                                 f"the bars give no numeric context: {error}", data_through)
         base = {"symbol": symbol, "timeframe": timeframe, "as_of": as_of, "data_through": data_through, "chart": chart,
                 "prompt_version": prompt.version, "last_close": numbers.last_close,
                 "atr": numbers.atr if math.isfinite(numbers.atr) else 0.0,
@@ -140,7 +147,7 @@ class OpenAIAnalyst:
                 analyst=self.name, **base)
         image: bytes | Callable[[], bytes] | None = png
         if anonymize and png is not None:  # the model sees the anonymized chart, drawn only if a request is sent
-            image = functools.partial(self._render_anonymized, columns, end, timeframe, png)
+            image = functools.partial(self._render_anonymized, series.columns, end, timeframe, png)
         result: Answer | None = None
         call_id = None
         try:
@@ -165,6 +172,15 @@ class OpenAIAnalyst:
             if problem:
                 analysis = TimeframeAnalysis.invalid(reason=problem, analyst=self.name, **base)
         return analysis
+
+    def _weekly_summary(self, analysis: TimeframeAnalysis, rebase: Rebase) -> Summary:
+        """`summary` of a weekly analysis, kept: it serves a week of daily decisions."""
+        kept = self._summaries.get(id(analysis))
+        if kept is None or kept[0] is not analysis or kept[1] != rebase:
+            if len(self._summaries) >= 1024:  # two weeks of 500 symbols
+                self._summaries.clear()
+            kept = self._summaries[id(analysis)] = (analysis, rebase, summary(analysis, rebase))
+        return kept[2]
 
     def _render_anonymized(self, columns: Columns, end: int, timeframe: str, png: bytes) -> bytes:
         """The anonymized chart of bars [0, end), drawn at the size of the real chart `png`."""
@@ -207,7 +223,7 @@ class OpenAIAnalyst:
         return TimeframeAnalysis(
             signal=signal, trend=Trend(answer.trend), confidence=answer.confidence,
             entry=entry, stop=stop, targets=targets, support=sorted(support), resistance=sorted(resistance),
-            votes=[IndicatorVote(name=i.name, bullish=i.bullish, detail=i.reading) for i in answer.indicators],
+            votes=[{"name": i.name, "bullish": i.bullish, "detail": i.reading} for i in answer.indicators],
             rationale=rationale, analyst=analyst, **extra, **base)
 
     def _invalid(self, symbol: str, timeframe: str, as_of: datetime, columns: Columns | None, end: int,
@@ -244,7 +260,7 @@ class OpenAIAnalyst:
         prompt = load_prompt(CONSOLIDATION)
         # Anonymized: the model reads both analyses rebased so the daily last close is 100, no symbol or date.
         rebase = chart_spec.price_rebase(daily.last_close) if self.settings.anonymize else IDENTITY
-        numbers, context = consolidation_context(daily, weekly, rebase)
+        numbers, context = consolidation_context(daily, weekly, rebase, self._weekly_summary(weekly, rebase))
         try:
             result = self.caller.complete(kind=CONSOLIDATION, symbol=daily.symbol, timeframe=None, prompt=prompt,
                                           user_text=lambda: prompt.user(

@@ -20,12 +20,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters import model_calls, openai_analyst
-from trading_pipeline.adapters.llm.answers import Unusable, parse_answer, schema_for
+from trading_pipeline.adapters.llm.answers import Unusable, parse_cached, schema_for
 from trading_pipeline.adapters.llm.calls import Answer
 from trading_pipeline.adapters.llm.settings import DEFAULT_MODEL, OpenAISettings
 from trading_pipeline.backtest.engine import PreparedSeries
 from trading_pipeline.backtest.settings import BacktestSettings
 from trading_pipeline.core.analysis import TimeframeAnalysis
+from trading_pipeline.core.chart_spec import SeriesArrays
 
 
 class CacheOnlyCaller:
@@ -54,7 +55,7 @@ class CacheOnlyCaller:
             self.misses += 1
             raise Unusable(f"llm_replay: no cached {kind} answer of {self.model} for {symbol} {timeframe or ''} "
                            f"(key {key[:12]}): NO_TRADE")
-        answer, notes = parse_answer(cached.content, answer_model)
+        answer, notes = parse_cached(cached.content, answer_model)
         self.hits += 1
         return Answer(answer, cached.vision, cached.response_format, f"replay-{key[:12]}", cached=True, notes=notes)
 
@@ -79,9 +80,13 @@ class ReplayAnalyst:
         self.model = model
         self.anonymize = anonymize
         self.name = self.live.name + " (replay)"
+        self.arrays: dict[int, tuple[PreparedSeries, SeriesArrays]] = {}
 
     def analyze(self, series: PreparedSeries, end: int, as_of: datetime) -> TimeframeAnalysis:
-        return self.live.analyze_at(series.columns, end, symbol=series.symbol, timeframe=series.timeframe,
+        arrays = self.arrays.get(id(series))
+        if arrays is None or arrays[0] is not series:  # made once per series: the run reads it at every session
+            arrays = self.arrays[id(series)] = (series, SeriesArrays(series.columns))
+        return self.live.analyze_at(arrays[1], end, symbol=series.symbol, timeframe=series.timeframe,
                                     as_of=as_of, data_through=series.starts[end - 1])
 
     def consolidate(self, daily: TimeframeAnalysis, weekly: TimeframeAnalysis):

@@ -85,13 +85,10 @@ class Rebase:
             return np.round(values * self.volume)
         return values
 
-    def value(self, name: str, real: float) -> float:
-        """One value of column `name` as the chart shows it (unrounded)."""
-        if not self.anonymized:
-            return real
-        if name in PRICE_COLUMNS:
-            return real * self.price
-        return real * self.volume if name == VOLUME_COLUMN else real
+    def factors(self, names: tuple[str, ...]) -> np.ndarray:
+        """What each of these columns' values is multiplied by on the chart (unrounded)."""
+        return np.array([self.price if name in PRICE_COLUMNS else self.volume if name == VOLUME_COLUMN else 1.0
+                         for name in names])
 
 
 IDENTITY = Rebase()
@@ -123,9 +120,32 @@ def anonymous_index(timeframe: str, n: int) -> pd.DatetimeIndex:
                          name="time").as_unit("ns")
 
 
-def _index_ns(columns: Columns, start: int, end: int) -> np.ndarray:
-    index = columns.index
-    return (index if getattr(index, "unit", "ns") == "ns" else index.as_unit("ns")).asi8[start:end]
+class SeriesArrays:
+    """A series' arrays as charts and model contexts read them at any position `end`: its Columns
+    and, made once, the bar times in ns and the OHLCV rows contiguous (hashed per chart), and groups
+    of columns stacked into one matrix (one row read per position). The live analyst makes one of
+    a whole frame, the backtest one per series for its whole run."""
+
+    def __init__(self, columns: Columns):
+        self.columns = columns
+        self.names = tuple(columns.arrays)
+        index = columns.index
+        self.times_ns = np.ascontiguousarray((index if getattr(index, "unit", "ns") == "ns"
+                                              else index.as_unit("ns")).asi8)
+        self.ohlcv_names = tuple(name for name in OHLCV_COLUMNS if name in columns)
+        self.ohlcv = np.ascontiguousarray(np.column_stack([columns[name] for name in self.ohlcv_names]),
+                                          dtype=np.float64)
+        self._stacks: dict[tuple[str, ...], tuple[tuple[str, ...], np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.times_ns)
+
+    def stacked(self, wanted: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+        """(the `wanted` columns the series has, those columns as one n × k matrix), made once."""
+        if wanted not in self._stacks:
+            names = tuple(name for name in wanted if name in self.columns)
+            self._stacks[wanted] = names, np.column_stack([self.columns[name] for name in names])
+        return self._stacks[wanted]
 
 
 @functools.cache
@@ -139,7 +159,7 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def chart_spec_sha256(columns: Columns, end: int, *, symbol: str, timeframe: str, anonymize: bool = False) -> str:
+def chart_spec_sha256(series: SeriesArrays, end: int, *, symbol: str, timeframe: str, anonymize: bool = False) -> str:
     """sha256 of what the chart of bars [0, end) shows: symbol, timeframe, the columns drawn, the
     shown bars' times and OHLCV (anonymized: ANONYMOUS_SYMBOL, the anonymous times, rebased values)
     and the code that draws them and computes their indicators.
@@ -149,15 +169,16 @@ def chart_spec_sha256(columns: Columns, end: int, *, symbol: str, timeframe: str
     backtest its whole window), invisible on a chart but enough to make every key differ. Their
     latest values are in the numeric context, which is part of the response cache key too."""
     start = shown_start(timeframe, end)
-    rebase = anonymizing(columns, end, timeframe) if anonymize else IDENTITY
-    names = list(columns.arrays)
     digest = hashlib.sha256(repr((CHART_SPEC_VERSION, code_version(), ANONYMOUS_SYMBOL if anonymize else symbol,
-                                  timeframe, names)).encode())
-    digest.update(anonymous_index(timeframe, end - start).asi8.tobytes() if anonymize
-                  else np.ascontiguousarray(_index_ns(columns, start, end)).tobytes())
-    for name in OHLCV_COLUMNS:
-        if name in columns:
-            digest.update(np.ascontiguousarray(rebase.column(name, columns[name][start:end])).tobytes())
+                                  timeframe, series.names)).encode())
+    if anonymize:
+        rebase = anonymizing(series.columns, end, timeframe)
+        digest.update(anonymous_index(timeframe, end - start).asi8.tobytes())
+        digest.update(np.column_stack([rebase.column(name, series.ohlcv[start:end, i])
+                                       for i, name in enumerate(series.ohlcv_names)]).tobytes())
+    else:
+        digest.update(series.times_ns[start:end].tobytes())
+        digest.update(series.ohlcv[start:end].tobytes())
     return digest.hexdigest()
 
 

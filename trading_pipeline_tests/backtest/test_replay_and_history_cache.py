@@ -11,10 +11,12 @@ from datetime import date
 
 import pytest
 
-from trading_pipeline.adapters.model_calls import ModelResponseCacheRow
+from trading_pipeline.adapters.llm.answers import Unusable
+from trading_pipeline.adapters.model_calls import ModelResponseCacheRow, Redactor
 from trading_pipeline.adapters.trading_db import session_factory
 from trading_pipeline.backtest import replay, runner
 from trading_pipeline.backtest.data import HistoryCache, SimulatedMarketData
+from trading_pipeline.backtest.engine import prepare
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.frames import MarketFrame
 from trading_pipeline.core.indicators import compute_indicators
@@ -80,6 +82,42 @@ def test_llm_replay_uses_the_cached_answers(tmp_path, no_network):
     assert again.analyst_counters == {"cache_hits": again.analyses, "cache_misses": 0}
     assert {d.action for d in again.decisions} == {"HOLD"}
     assert not any(d.invalid_analysis for d in again.decisions)
+
+
+class RecordingCaller:
+    """A model caller that records what each call is keyed on and would send, and answers nothing."""
+
+    redactor = Redactor([])
+
+    def __init__(self):
+        self.calls = []
+
+    def complete(self, *, kind, symbol, timeframe, prompt, user_text, context_sha256, png, answer_model,
+                 chart_sha256=None):
+        self.calls.append((kind, symbol, timeframe, chart_sha256, context_sha256, user_text()))
+        raise Unusable("recorded")
+
+    def settle(self, result, call_id, outcome):
+        return None
+
+
+@pytest.mark.parametrize("anonymize", [False, True], ids=["chart", "anonymized chart"])
+def test_the_backtests_array_path_asks_what_the_live_frame_path_asks(simulated, anonymize):
+    """The backtest reads a long series at each position, the live graph a frame cut there: the
+    same numbers, context text, chart and cache keys."""
+    _, (_, bars, _), _ = simulated
+    analyst = replay.ReplayAnalyst(MODEL, {}, anonymize=anonymize)
+    frame_path, array_path = RecordingCaller(), RecordingCaller()
+    for timeframe in ("1d", "1w"):
+        series = prepare("AAPL", timeframe, bars["AAPL"][timeframe])
+        for end in (len(series.frame) // 2, len(series.frame) - 3, len(series.frame)):
+            as_of = series.closes[end - 1]
+            analyst.live.caller = frame_path
+            live = analyst.live.analyze(MarketFrame("AAPL", timeframe, as_of, "simulated", series.frame.iloc[:end]))
+            analyst.live.caller = array_path
+            assert analyst.analyze(series, end, as_of) == live
+    assert len(array_path.calls) == 6 and array_path.calls == frame_path.calls
+    assert len({call[4] for call in array_path.calls}) == 6
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ def spy_daily() -> pd.DataFrame:
 
 
 def key(frame: pd.DataFrame, symbol: str = "SPY", end: int | None = None, **kwargs) -> str:
-    columns = Columns(frame)
-    return chart_spec.chart_spec_sha256(columns, len(frame) if end is None else end, symbol=symbol, timeframe="1d",
+    series = chart_spec.SeriesArrays(Columns(frame))
+    return chart_spec.chart_spec_sha256(series, len(frame) if end is None else end, symbol=symbol, timeframe="1d",
                                         **kwargs)
 
 

@@ -25,7 +25,14 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters import model_calls
-from trading_pipeline.adapters.llm.answers import Unusable, completion_content, parse_answer, reported_usage, schema_for
+from trading_pipeline.adapters.llm.answers import (
+    Unusable,
+    completion_content,
+    parse_answer,
+    parse_cached,
+    reported_usage,
+    schema_for,
+)
 from trading_pipeline.adapters.llm.request import build_request, estimate_tokens
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.adapters.llm.transport import (
@@ -178,7 +185,7 @@ class ModelCaller:
         if cached is None:
             return None
         try:
-            answer, notes = parse_answer(cached.content, answer_model)
+            answer, notes = parse_cached(cached.content, answer_model)
         except Unusable as error:  # a cache row that no longer validates is a miss, not an answer
             log.warning("cached answer %s no longer validates (%s); calling the model", key,
                         self.redactor.text(str(error)))

@@ -16,7 +16,6 @@ import base64
 import functools
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +31,7 @@ from trading_pipeline.adapters.model_calls import canonical_json
 from trading_pipeline.core import chart_spec, rules_analyst
 from trading_pipeline.core.analysis import TimeframeAnalysis
 from trading_pipeline.core.analysis_validation import NumericContext
-from trading_pipeline.core.chart_spec import IDENTITY, Rebase
+from trading_pipeline.core.chart_spec import IDENTITY, Rebase, SeriesArrays
 from trading_pipeline.core.risk import RANGE_TOLERANCE_ATR
 from trading_pipeline.prompts import Prompt
 
@@ -111,25 +110,30 @@ def _constraints(bounds: list[float]) -> dict[str, Any]:
             "stop_and_target_range": bounds[3:5]}
 
 
-def timeframe_context(columns: rules_analyst.Columns, end: int, *, symbol: str, timeframe: str,
-                      last_bar_start: datetime, rebase: Rebase = IDENTITY) -> tuple[NumericContext, RequestContext]:
+def timeframe_context(series: SeriesArrays, end: int, *, symbol: str, timeframe: str, last_bar_start: datetime,
+                      rebase: Rebase = IDENTITY) -> tuple[NumericContext, RequestContext]:
     """The numbers a timeframe answer is checked against (real prices), and the context the model
     is sent (in the chart's units: rebased, with no symbol or date, when `rebase` anonymizes), for
-    bars [0, end) of `columns`: the live analyst passes a whole frame, the backtest a position in a
+    bars [0, end) of `series`: the live analyst passes a whole frame, the backtest a position in a
     long series."""
-    arrays = columns.arrays
+    columns = series.columns
     base = rules_analyst.numeric_context_at(columns, end)
     start = chart_spec.shown_start(timeframe, end)
     numbers = NumericContext(base["last_close"], base["atr"], base["recent_high"], base["recent_low"],
-                             float(arrays["high"][start:end].max()), float(arrays["low"][start:end].min()))
+                             float(columns["high"][start:end].max()), float(columns["low"][start:end].min()))
     shown = numbers if not rebase.anonymized else NumericContext(
         *(rebase.shown(x) for x in (numbers.last_close, numbers.atr, numbers.recent_high, numbers.recent_low,
                                     numbers.chart_high, numbers.chart_low)))
-    names = tuple(name for name in INDICATOR_COLUMNS if name in arrays and not math.isnan(arrays[name][end - 1]))
-    closes = arrays["close"][max(0, end - RECENT_CLOSES):end]
-    values = [shown.last_close, shown.atr, shown.recent_high, shown.recent_low, shown.chart_high, shown.chart_low,
-              *_bounds(shown), *(rebase.value(name, float(arrays[name][end - 1])) for name in names),
-              *(closes * rebase.price if rebase.anonymized else closes)]
+    names, matrix = series.stacked(INDICATOR_COLUMNS)
+    latest = matrix[end - 1]
+    present = ~np.isnan(latest)
+    if not present.all():  # warm-up: an indicator without a value is left out
+        names, latest = tuple(n for n, p in zip(names, present, strict=True) if p), latest[present]
+    closes = columns["close"][max(0, end - RECENT_CLOSES):end]
+    if rebase.anonymized:
+        latest, closes = latest * rebase.factors(names), closes * rebase.price
+    values = np.concatenate(([shown.last_close, shown.atr, shown.recent_high, shown.recent_low, shown.chart_high,
+                              shown.chart_low, *_bounds(shown)], latest, closes))
     fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else symbol, timeframe,
               (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(), end - start, names)
     return numbers, RequestContext(fields, snapped(values), _write_timeframe_context)
@@ -155,14 +159,24 @@ def _write_timeframe_context(fields: tuple[Any, ...], n: list[float]) -> dict[st
     }
 
 
-def _summary(a: TimeframeAnalysis, rebase: Rebase) -> tuple[tuple[Any, ...], list[float]]:
-    """(fields, numbers) of an analysis as the consolidation reads it (`_write_summary`)."""
+@dataclass(frozen=True)
+class Summary:
+    """An analysis as the consolidation reads it: `fields` (all but the numbers, as `_write_summary`
+    reads them), `numbers` (in the chart's units) and the sha256 of the fields."""
+
+    fields: tuple[Any, ...]
+    numbers: list[float]
+    sha256: str
+
+
+def summary(a: TimeframeAnalysis, rebase: Rebase) -> Summary:
     prices = [a.last_close, *([] if a.entry is None else [a.entry]), *([] if a.stop is None else [a.stop]),
               *a.targets, *a.support, *a.resistance]
     fields = (a.timeframe, a.signal.value, a.trend.value, a.entry is not None, a.stop is not None, len(a.targets),
               len(a.support), len(a.resistance), tuple((v.name, v.bullish, v.detail) for v in a.votes), a.rationale,
               None if rebase.anonymized else a.data_through.isoformat())
-    return fields, [a.confidence, rebase.shown(a.atr), *(rebase.shown(x) for x in prices)]
+    return Summary(fields, [a.confidence, rebase.shown(a.atr), *(rebase.shown(x) for x in prices)],
+                   hashlib.sha256(repr(fields).encode()).hexdigest())
 
 
 def _write_summary(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
@@ -171,34 +185,37 @@ def _write_summary(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
     last_close = next(prices)
     entry = next(prices) if has_entry else None
     stop = next(prices) if has_stop else None
-    summary = {"timeframe": timeframe, "signal": signal, "trend": trend, "confidence": n[0],
-               "entry": entry, "stop": stop, "targets": [next(prices) for _ in range(targets)],
-               "support": [next(prices) for _ in range(support)],
-               "resistance": [next(prices) for _ in range(resistance)],
-               "indicators": [{"name": name, "bullish": bullish, "reading": reading} for name, bullish, reading in votes],
-               "last_close": last_close, "atr_14": n[1], "rationale": rationale}
+    written_summary = {
+        "timeframe": timeframe, "signal": signal, "trend": trend, "confidence": n[0], "entry": entry, "stop": stop,
+        "targets": [next(prices) for _ in range(targets)], "support": [next(prices) for _ in range(support)],
+        "resistance": [next(prices) for _ in range(resistance)],
+        "indicators": [{"name": name, "bullish": bullish, "reading": reading} for name, bullish, reading in votes],
+        "last_close": last_close, "atr_14": n[1], "rationale": rationale}
     if data_through is not None:
-        summary["data_through"] = data_through
-    return summary
+        written_summary["data_through"] = data_through
+    return written_summary
 
 
-def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis,
-                          rebase: Rebase = IDENTITY) -> tuple[NumericContext, RequestContext]:
+def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis, rebase: Rebase = IDENTITY,
+                          weekly_summary: Summary | None = None) -> tuple[NumericContext, RequestContext]:
     """The daily numbers the proposal is checked against (real prices), and the context the model
-    is sent (rebased, with no symbol or date, when `rebase` anonymizes)."""
+    is sent (rebased, with no symbol or date, when `rebase` anonymizes). `weekly_summary` is
+    `summary(weekly, rebase)` when the caller kept it (a weekly analysis serves a week of decisions)."""
     numbers = NumericContext(daily.last_close, daily.atr, daily.recent_high, daily.recent_low)
     shown = numbers if not rebase.anonymized else NumericContext(
         *(rebase.shown(x) for x in (numbers.last_close, numbers.atr, numbers.recent_high, numbers.recent_low)))
-    (daily_fields, daily_numbers), (weekly_fields, weekly_numbers) = _summary(daily, rebase), _summary(weekly, rebase)
-    fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else daily.symbol, daily_fields, len(daily_numbers),
-              weekly_fields)
-    values = [shown.last_close, shown.atr, shown.recent_high, shown.recent_low, *_bounds(shown), *daily_numbers,
-              *weekly_numbers]
-    return numbers, RequestContext(fields, snapped(values), _write_consolidation_context)
+    daily_summary, weekly_summary = summary(daily, rebase), weekly_summary or summary(weekly, rebase)
+    fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else daily.symbol, daily_summary.sha256,
+              len(daily_summary.numbers), weekly_summary.sha256)
+    values = [shown.last_close, shown.atr, shown.recent_high, shown.recent_low, *_bounds(shown),
+              *daily_summary.numbers, *weekly_summary.numbers]
+    return numbers, RequestContext(fields, snapped(values), functools.partial(
+        _write_consolidation_context, daily_summary.fields, weekly_summary.fields))
 
 
-def _write_consolidation_context(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
-    symbol, daily_fields, daily_count, weekly_fields = fields
+def _write_consolidation_context(daily_fields: tuple[Any, ...], weekly_fields: tuple[Any, ...],
+                                 fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
+    symbol, _, daily_count, _ = fields
     return {
         "symbol": symbol,
         "daily": _write_summary(daily_fields, n[9:9 + daily_count]),
