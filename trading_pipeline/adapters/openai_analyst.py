@@ -201,11 +201,9 @@ class OpenAIAnalyst:
         signal = Action(answer.signal)
         trade = signal in (Action.BUY, Action.SELL)
         # The model answered in the chart's units: its prices, in real ones, are what is checked and used.
-        real = rebase.real
-        entry, stop, targets = (real(answer.entry) if answer.entry is not None else None,
-                                real(answer.stop) if answer.stop is not None else None,
-                                [real(t) for t in answer.targets]) if trade else (None, None, [])
-        support, resistance = [real(x) for x in answer.support], [real(x) for x in answer.resistance]
+        entry, stop, targets = (rebase.real(answer.entry), rebase.real(answer.stop), rebase.reals(answer.targets)) \
+            if trade else (None, None, [])
+        support, resistance = rebase.reals(answer.support), rebase.reals(answer.resistance)
         analyst = self.name if result.vision else f"{self.name} (no vision)"
         problems = plausibility_problems(signal, entry, stop, targets, numbers, support=support, resistance=resistance)
         if problems:
@@ -219,12 +217,11 @@ class OpenAIAnalyst:
             notes.append("numeric context only: the model did not see the chart")
         notes.extend(result.how_obtained())
         rationale = f"{answer.setup}: {answer.rationale}" + "".join(f" [{n}]" for n in notes)
-        extra = {"vision": result.vision} if "vision" in TimeframeAnalysis.model_fields else {}
         return TimeframeAnalysis(
             signal=signal, trend=Trend(answer.trend), confidence=answer.confidence,
             entry=entry, stop=stop, targets=targets, support=sorted(support), resistance=sorted(resistance),
             votes=[{"name": i.name, "bullish": i.bullish, "detail": i.reading} for i in answer.indicators],
-            rationale=rationale, analyst=analyst, **extra, **base)
+            rationale=rationale, analyst=analyst, vision=result.vision, **base)
 
     def _invalid(self, symbol: str, timeframe: str, as_of: datetime, columns: Columns | None, end: int,
                  chart: ChartSource | None, reason: str, data_through: datetime | None = None) -> TimeframeAnalysis:
@@ -275,10 +272,8 @@ class OpenAIAnalyst:
         answer: ConsolidationAnswer = result.answer  # type: ignore[assignment]
         action = Action(answer.action)
         trade = action in (Action.BUY, Action.SELL)
-        real = rebase.real
-        entry, stop, targets = (real(answer.entry) if answer.entry is not None else None,
-                                real(answer.stop) if answer.stop is not None else None,
-                                [real(t) for t in answer.targets]) if trade else (None, None, [])
+        entry, stop, targets = (rebase.real(answer.entry), rebase.real(answer.stop), rebase.reals(answer.targets)) \
+            if trade else (None, None, [])
         problems = consolidation_problems(action, daily.signal, weekly.signal) + \
             plausibility_problems(action, entry, stop, targets, numbers)
         who = f"{self.name}, prompt {prompt.version}"

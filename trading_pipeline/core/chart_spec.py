@@ -22,10 +22,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
     from trading_pipeline.core.rules_analyst import Columns
 
+T = TypeVar("T")
 CHART_SPEC_VERSION = 2
 ANONYMOUS_SYMBOL = "ASSET"
 ANONYMOUS_LAST_CLOSE = 100.0
@@ -71,9 +73,12 @@ class Rebase:
     def shown(self, real: float) -> float:
         return real * self.price if self.anonymized else real
 
-    def real(self, shown: float) -> float:
-        """A price the model gave, in real units."""
-        return round(shown / self.price, REAL_PRICE_DECIMALS) if self.anonymized else shown
+    def real(self, shown: float | None) -> float | None:
+        """A price the model gave (None: none given), in real units."""
+        return round(shown / self.price, REAL_PRICE_DECIMALS) if self.anonymized and shown is not None else shown
+
+    def reals(self, shown: Sequence[float]) -> list[float]:
+        return [round(x / self.price, REAL_PRICE_DECIMALS) for x in shown] if self.anonymized else list(shown)
 
     def column(self, name: str, values: np.ndarray) -> np.ndarray:
         """A column's values as the chart shows them."""
@@ -135,17 +140,26 @@ class SeriesArrays:
         self.ohlcv_names = tuple(name for name in OHLCV_COLUMNS if name in columns)
         self.ohlcv = np.ascontiguousarray(np.column_stack([columns[name] for name in self.ohlcv_names]),
                                           dtype=np.float64)
-        self._stacks: dict[tuple[str, ...], tuple[tuple[str, ...], np.ndarray]] = {}
+        self._derived: dict[Hashable, Any] = {}
 
     def __len__(self) -> int:
         return len(self.times_ns)
 
-    def stacked(self, wanted: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
-        """(the `wanted` columns the series has, those columns as one n × k matrix), made once."""
-        if wanted not in self._stacks:
-            names = tuple(name for name in wanted if name in self.columns)
-            self._stacks[wanted] = names, np.column_stack([self.columns[name] for name in names])
-        return self._stacks[wanted]
+    def derived(self, key: Hashable, make: Callable[[SeriesArrays], T]) -> T:
+        """`make(self)`, made once per key: what a reader of every position computes for all of them."""
+        if key not in self._derived:
+            self._derived[key] = make(self)
+        return self._derived[key]
+
+
+def rolling(values: np.ndarray, window: int, reduce: np.ufunc) -> np.ndarray:
+    """At each position i, `reduce` (np.maximum, np.minimum) of values[max(0, i - window + 1):i + 1],
+    as `values[start:end].max()` reads it (NaN in the window gives NaN)."""
+    out = reduce.accumulate(values[:window - 1]) if window > 1 else values[:0]
+    if len(values) >= window:
+        windows = np.lib.stride_tricks.sliding_window_view(values, window)
+        out = np.concatenate((out, windows.max(axis=1) if reduce is np.maximum else windows.min(axis=1)))
+    return out
 
 
 @functools.cache

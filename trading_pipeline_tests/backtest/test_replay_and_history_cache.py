@@ -17,7 +17,7 @@ from trading_pipeline.adapters.trading_db import session_factory
 from trading_pipeline.backtest import replay, runner
 from trading_pipeline.backtest.data import HistoryCache, SimulatedMarketData
 from trading_pipeline.backtest.engine import prepare
-from trading_pipeline.core import market_calendar
+from trading_pipeline.core import market_calendar, rules_analyst
 from trading_pipeline.core.frames import MarketFrame
 from trading_pipeline.core.indicators import compute_indicators
 from trading_pipeline_tests.backtest.conftest import STRATEGIES, run, settings
@@ -116,6 +116,9 @@ def test_the_backtests_array_path_asks_what_the_live_frame_path_asks(simulated, 
             live = analyst.live.analyze(MarketFrame("AAPL", timeframe, as_of, "simulated", series.frame.iloc[:end]))
             analyst.live.caller = array_path
             assert analyst.analyze(series, end, as_of) == live
+            read = rules_analyst.numeric_context_at(series.columns, end)  # what the rules analyst reads
+            assert (live.last_close, live.atr, live.recent_high, live.recent_low) == (
+                read["last_close"], read["atr"], read["recent_high"], read["recent_low"])
     assert len(array_path.calls) == 6 and array_path.calls == frame_path.calls
     assert len({call[4] for call in array_path.calls}) == 6
 

@@ -70,6 +70,14 @@ def test_the_anonymized_frame_has_no_real_price_volume_or_date(timeframe):
     assert not set(shown.index.date) & set(frame.index.date)
 
 
+def test_rolling_reads_what_a_slice_reads():
+    values = np.array([3.0, 1.0, 4.0, 1.0, 5.0, np.nan, 2.0, 6.0, 5.0, 3.0, 5.0])
+    for window in (1, 3, 4, 20):
+        for reduce, read in ((np.maximum, np.max), (np.minimum, np.min)):
+            expected = [read(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+            np.testing.assert_array_equal(chart_spec.rolling(values, window, reduce), expected)
+
+
 def test_a_rebase_maps_prices_both_ways():
     rebase = chart_spec.price_rebase(250.0)
     assert rebase.shown(250.0) == 100.0 and rebase.real(102.0) == 255.0

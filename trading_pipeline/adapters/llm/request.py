@@ -116,27 +116,37 @@ def timeframe_context(series: SeriesArrays, end: int, *, symbol: str, timeframe:
     is sent (in the chart's units: rebased, with no symbol or date, when `rebase` anonymizes), for
     bars [0, end) of `series`: the live analyst passes a whole frame, the backtest a position in a
     long series."""
-    columns = series.columns
-    base = rules_analyst.numeric_context_at(columns, end)
-    start = chart_spec.shown_start(timeframe, end)
-    numbers = NumericContext(base["last_close"], base["atr"], base["recent_high"], base["recent_low"],
-                             float(columns["high"][start:end].max()), float(columns["low"][start:end].min()))
-    shown = numbers if not rebase.anonymized else NumericContext(
-        *(rebase.shown(x) for x in (numbers.last_close, numbers.atr, numbers.recent_high, numbers.recent_low,
-                                    numbers.chart_high, numbers.chart_low)))
-    names, matrix = series.stacked(INDICATOR_COLUMNS)
-    latest = matrix[end - 1]
+    names, rows = series.derived(("context rows", timeframe), functools.partial(context_rows, timeframe=timeframe))
+    row = rows[end - 1]
+    numbers = NumericContext(*row[:6].tolist())
+    shown = numbers if not rebase.anonymized else NumericContext(*(row[:6] * rebase.price).tolist())
+    latest = row[6:]
     present = ~np.isnan(latest)
     if not present.all():  # warm-up: an indicator without a value is left out
         names, latest = tuple(n for n, p in zip(names, present, strict=True) if p), latest[present]
-    closes = columns["close"][max(0, end - RECENT_CLOSES):end]
+    closes = series.columns["close"][max(0, end - RECENT_CLOSES):end]
     if rebase.anonymized:
         latest, closes = latest * rebase.factors(names), closes * rebase.price
     values = np.concatenate(([shown.last_close, shown.atr, shown.recent_high, shown.recent_low, shown.chart_high,
                               shown.chart_low, *_bounds(shown)], latest, closes))
     fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else symbol, timeframe,
-              (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(), end - start, names)
+              (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(),
+              end - chart_spec.shown_start(timeframe, end), names)
     return numbers, RequestContext(fields, snapped(values), _write_timeframe_context)
+
+
+def context_rows(series: SeriesArrays, timeframe: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """A timeframe context's numbers at every position, made once per series: per bar, the last
+    close, ATR, recent high and low (as `rules_analyst.numeric_context_at` reads them), the high and
+    low of the bars the chart shows, then the latest value of each of `names` (INDICATOR_COLUMNS
+    the series has)."""
+    columns, recent, shown = series.columns, rules_analyst.LEVEL_LOOKBACKS[-1], chart_spec.bars_shown(timeframe)
+    names = tuple(name for name in INDICATOR_COLUMNS if name in columns)
+    return names, np.column_stack([
+        columns["close"], columns["atr_14"],
+        chart_spec.rolling(columns["high"], recent, np.maximum), chart_spec.rolling(columns["low"], recent, np.minimum),
+        chart_spec.rolling(columns["high"], shown, np.maximum), chart_spec.rolling(columns["low"], shown, np.minimum),
+        *(columns[name] for name in names)])
 
 
 def _write_timeframe_context(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
@@ -175,8 +185,10 @@ def summary(a: TimeframeAnalysis, rebase: Rebase) -> Summary:
     fields = (a.timeframe, a.signal.value, a.trend.value, a.entry is not None, a.stop is not None, len(a.targets),
               len(a.support), len(a.resistance), tuple((v.name, v.bullish, v.detail) for v in a.votes), a.rationale,
               None if rebase.anonymized else a.data_through.isoformat())
-    return Summary(fields, [a.confidence, rebase.shown(a.atr), *(rebase.shown(x) for x in prices)],
-                   hashlib.sha256(repr(fields).encode()).hexdigest())
+    numbers = [a.confidence, a.atr, *prices]
+    if rebase.anonymized:
+        numbers[1:] = [x * rebase.price for x in numbers[1:]]
+    return Summary(fields, numbers, hashlib.sha256(repr(fields).encode()).hexdigest())
 
 
 def _write_summary(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
