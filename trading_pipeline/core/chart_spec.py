@@ -183,8 +183,9 @@ def chart_spec_sha256(series: SeriesArrays, end: int, *, symbol: str, timeframe:
     backtest its whole window), invisible on a chart but enough to make every key differ. Their
     latest values are in the numeric context, which is part of the response cache key too."""
     start = shown_start(timeframe, end)
-    digest = hashlib.sha256(repr((CHART_SPEC_VERSION, code_version(), ANONYMOUS_SYMBOL if anonymize else symbol,
-                                  timeframe, series.names)).encode())
+    digest = series.derived(("chart spec", symbol, timeframe, anonymize), lambda _: hashlib.sha256(repr((
+        CHART_SPEC_VERSION, code_version(), ANONYMOUS_SYMBOL if anonymize else symbol, timeframe,
+        series.names)).encode())).copy()
     if anonymize:
         rebase = anonymizing(series.columns, end, timeframe)
         digest.update(anonymous_index(timeframe, end - start).asi8.tobytes())

@@ -16,6 +16,7 @@ import base64
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,19 +46,30 @@ INDICATOR_COLUMNS = ("sma_20", "sma_50", "sma_200", "rsi_14", "macd", "macd_sign
 CHART_STATUS = "{chart_status}"  # filled in per attempt: the image may be dropped for a server without vision
 
 
-def snapped(values: Sequence[float]) -> np.ndarray:
-    """Each value snapped to a binary grid of 2^-20 of its size.
+def snapped(values: Sequence[float] | np.ndarray, price: float, is_price: np.ndarray) -> np.ndarray:
+    """The values on a binary grid: those in price units (`is_price`: prices, ATR, MACD, ...) on a
+    grid of 2^-20 of `price` (the last close), the others on a grid of 2^-20 of their own size.
 
     An indicator's last digits depend on how much history came before it (the live graph reads two
-    years, a backtest its whole window: ~1e-10 apart), and an average of cent prices often lies
-    exactly on a decimal rounding boundary (519.8245): written to 6 digits directly, such a value
-    reads 519.824 in one run and 519.825 in the other. Decimal values lie anywhere on the binary
-    grid, rarely within 1e-10 of its boundaries: both runs snap to the same value and write the same."""
-    mantissas, exponents = np.frexp(np.asarray(values, dtype=np.float64))
-    return np.ldexp(np.round(mantissas * _GRID) / _GRID, exponents)
+    years, a backtest its whole window: ~1e-10 of the price apart), and an average of cent prices
+    often lies exactly on a decimal rounding boundary (519.8245): written to 6 digits directly, such
+    a value reads 519.824 in one run and 519.825 in the other. Decimal values lie anywhere on a
+    binary grid, rarely within 1e-10 of its boundaries, so both runs snap to the same value and
+    write the same. A price-unit value near zero (MACD) is snapped on the price's grid: on its own,
+    its noise would be as large as the grid."""
+    values = np.asarray(values, dtype=np.float64)
+    # Relative grid: the mantissa rounded to 20 bits, half up on the bit pattern (a carry out of the
+    # mantissa moves the exponent, as it should).
+    relative = ((values.view(np.uint64) + _HALF_DROPPED) & _KEPT).view(np.float64)
+    if not (math.isfinite(price) and price > 0):
+        return relative
+    step = math.ldexp(1.0, math.frexp(price)[1] - 21)  # a power of two: the scaling is exact
+    return np.where(is_price, np.round(values / step) * step, relative)
 
 
-_GRID = float(2 ** 20)
+_DROPPED_BITS = 52 - 20
+_HALF_DROPPED = np.uint64(1 << (_DROPPED_BITS - 1))
+_KEPT = np.uint64(~((1 << _DROPPED_BITS) - 1) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 def written(numbers: np.ndarray) -> list[float]:
@@ -116,37 +128,47 @@ def timeframe_context(series: SeriesArrays, end: int, *, symbol: str, timeframe:
     is sent (in the chart's units: rebased, with no symbol or date, when `rebase` anonymizes), for
     bars [0, end) of `series`: the live analyst passes a whole frame, the backtest a position in a
     long series."""
-    names, rows = series.derived(("context rows", timeframe), functools.partial(context_rows, timeframe=timeframe))
+    names, rows, complete = series.derived(("context rows", timeframe),
+                                           functools.partial(context_rows, timeframe=timeframe))
     row = rows[end - 1]
     numbers = NumericContext(*row[:6].tolist())
     shown = numbers if not rebase.anonymized else NumericContext(*(row[:6] * rebase.price).tolist())
     latest = row[6:]
-    present = ~np.isnan(latest)
-    if not present.all():  # warm-up: an indicator without a value is left out
+    if not complete[end - 1]:  # warm-up: an indicator without a value is left out
+        present = ~np.isnan(latest)
         names, latest = tuple(n for n, p in zip(names, present, strict=True) if p), latest[present]
     closes = series.columns["close"][max(0, end - RECENT_CLOSES):end]
     if rebase.anonymized:
         latest, closes = latest * rebase.factors(names), closes * rebase.price
     values = np.concatenate(([shown.last_close, shown.atr, shown.recent_high, shown.recent_low, shown.chart_high,
                               shown.chart_low, *_bounds(shown)], latest, closes))
+    is_price = _timeframe_prices(names, len(closes))
     fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else symbol, timeframe,
               (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(),
               end - chart_spec.shown_start(timeframe, end), names)
-    return numbers, RequestContext(fields, snapped(values), _write_timeframe_context)
+    return numbers, RequestContext(fields, snapped(values, shown.last_close, is_price), _write_timeframe_context)
 
 
-def context_rows(series: SeriesArrays, timeframe: str) -> tuple[tuple[str, ...], np.ndarray]:
+@functools.lru_cache(maxsize=64)
+def _timeframe_prices(names: tuple[str, ...], closes: int) -> np.ndarray:
+    """Which numbers of a timeframe context are in price units: the 11 first, the indicators that
+    are, the closes."""
+    return np.array([True] * 11 + [name in chart_spec.PRICE_COLUMNS for name in names] + [True] * closes)
+
+
+def context_rows(series: SeriesArrays, timeframe: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
     """A timeframe context's numbers at every position, made once per series: per bar, the last
     close, ATR, recent high and low (as `rules_analyst.numeric_context_at` reads them), the high and
     low of the bars the chart shows, then the latest value of each of `names` (INDICATOR_COLUMNS
-    the series has)."""
+    the series has); and whether each bar has a value for all of `names`."""
     columns, recent, shown = series.columns, rules_analyst.LEVEL_LOOKBACKS[-1], chart_spec.bars_shown(timeframe)
     names = tuple(name for name in INDICATOR_COLUMNS if name in columns)
-    return names, np.column_stack([
+    rows = np.column_stack([
         columns["close"], columns["atr_14"],
         chart_spec.rolling(columns["high"], recent, np.maximum), chart_spec.rolling(columns["low"], recent, np.minimum),
         chart_spec.rolling(columns["high"], shown, np.maximum), chart_spec.rolling(columns["low"], shown, np.minimum),
         *(columns[name] for name in names)])
+    return names, rows, ~np.isnan(rows[:, 6:]).any(axis=1)
 
 
 def _write_timeframe_context(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
@@ -221,7 +243,9 @@ def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis, r
               len(daily_summary.numbers), weekly_summary.sha256)
     values = [shown.last_close, shown.atr, shown.recent_high, shown.recent_low, *_bounds(shown),
               *daily_summary.numbers, *weekly_summary.numbers]
-    return numbers, RequestContext(fields, snapped(values), functools.partial(
+    is_price = np.ones(len(values), dtype=bool)
+    is_price[[9, 9 + len(daily_summary.numbers)]] = False  # the confidences
+    return numbers, RequestContext(fields, snapped(values, shown.last_close, is_price), functools.partial(
         _write_consolidation_context, daily_summary.fields, weekly_summary.fields))
 
 
