@@ -243,10 +243,17 @@ def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis, r
               len(daily_summary.numbers), weekly_summary.sha256)
     values = [shown.last_close, shown.atr, shown.recent_high, shown.recent_low, *_bounds(shown),
               *daily_summary.numbers, *weekly_summary.numbers]
-    is_price = np.ones(len(values), dtype=bool)
-    is_price[[9, 9 + len(daily_summary.numbers)]] = False  # the confidences
+    is_price = _consolidation_prices(len(daily_summary.numbers), len(weekly_summary.numbers))
     return numbers, RequestContext(fields, snapped(values, shown.last_close, is_price), functools.partial(
         _write_consolidation_context, daily_summary.fields, weekly_summary.fields))
+
+
+@functools.lru_cache(maxsize=64)
+def _consolidation_prices(daily: int, weekly: int) -> np.ndarray:
+    """Which numbers of a consolidation context are in price units: all but the two confidences."""
+    is_price = np.ones(9 + daily + weekly, dtype=bool)
+    is_price[[9, 9 + daily]] = False
+    return is_price
 
 
 def _write_consolidation_context(daily_fields: tuple[Any, ...], weekly_fields: tuple[Any, ...],
