@@ -70,12 +70,17 @@ def main() -> None:
     print(f"closed trades {summary['trades']['trades']:,}; result digest {summary['result_digest'][:16]}")
 
     if args.analyst == "llm_replay":
-        replay_seconds, replay_cpu, replay_decisions = llm_replay_seconds(settings, loaded)
+        replayed = llm_replay_run(settings, loaded)
+        replay_seconds, replay_cpu = replayed.core_loop_seconds, replayed.core_loop_cpu_seconds
+        replay_decisions = len(replayed.decisions)
         rules_rate, replay_rate = decisions / cpu, replay_decisions / replay_cpu
+        same = sum((a.action, a.quantity) == (b.action, b.quantity)
+                   for a, b in zip(result.decisions, replayed.decisions, strict=True))
         print(f"llm_replay, every call a cache hit: {replay_decisions:,} decisions in {replay_seconds:.2f} s "
               f"(CPU {replay_cpu:.2f} s) = {replay_rate:,.0f} decisions/s on a core of its own vs rules "
               f"{rules_rate:,.0f}/s: llm_replay at {replay_rate / rules_rate:.0%} of the rules analyst's speed "
-              f"(wall: {replay_decisions / replay_seconds:,.0f}/s vs {decisions / core:,.0f}/s)")
+              f"(wall: {replay_decisions / replay_seconds:,.0f}/s vs {decisions / core:,.0f}/s); {same:,} of "
+              f"{decisions:,} decisions the same as the rules run's")
 
     if args.live_samples:
         per_decision = live_graph_seconds(args.live_samples)
@@ -87,9 +92,9 @@ def main() -> None:
               f"{per_decision * symbol_year / backtest_symbol_year:,.0f}x")
 
 
-def llm_replay_seconds(settings, loaded) -> tuple[float, float, int]:
-    """(core loop seconds, its CPU seconds, decisions) of `llm_replay` on `loaded` with every answer
-    cached: a first replay stores a canned answer for each call, the timed one reads them back."""
+def llm_replay_run(settings, loaded):
+    """The result of `llm_replay` on `loaded` with every answer cached: a first replay stores a
+    canned answer for each call, the timed one reads them back."""
     from trading_pipeline.adapters.model_calls import ModelResponseCacheRow
     from trading_pipeline.adapters.trading_db import session_factory
     from trading_pipeline.backtest import replay, runner
@@ -99,6 +104,13 @@ def llm_replay_seconds(settings, loaded) -> tuple[float, float, int]:
         sessions = session_factory(f"sqlite:///{folder}/trading.db")
         filling = replay.ReplayAnalyst(replay_settings.model, {})
         filling.live.caller = canned = CannedCaller(filling.caller)
+        analyze = filling.analyze
+
+        def analyze_noting_the_bars(series, end, as_of):
+            canned.bars = (series, end, as_of)
+            return analyze(series, end, as_of)
+
+        filling.analyze = analyze_noting_the_bars
         runner.run_backtest(replay_settings, loaded=loaded, analyst=filling)
         with sessions.begin() as session:
             session.add_all(ModelResponseCacheRow(
@@ -109,17 +121,21 @@ def llm_replay_seconds(settings, loaded) -> tuple[float, float, int]:
         result = runner.run_backtest(replay_settings, loaded=loaded, analyst=analyst)
     counters = result.analyst_counters
     assert counters["cache_misses"] == 0 and counters["cache_hits"] == len(canned.stored), counters
-    return result.core_loop_seconds, result.core_loop_cpu_seconds, len(result.decisions)
+    return result
 
 
 class CannedCaller:
-    """A replay's model caller that answers every call it is asked with a canned, valid answer
-    computed from the context the model would read (not a model), and keeps it by cache key."""
+    """A replay's model caller that answers every call with a canned, valid answer and keeps it by
+    cache key: not a model, but one that answers as the rules analyst does, so the replay makes the
+    rules run's decisions and the two loops do the same work but for the analyst. A chart analysis
+    is the rules analyst's analysis of the same bars (`bars`: what is being analyzed), a
+    consolidation the rules' consolidation of the two analyses the context holds."""
 
     def __init__(self, cache_only):
         self.cache_only = cache_only
         self.redactor = cache_only.redactor
         self.stored: dict[str, tuple[str, str, str]] = {}
+        self.bars = None  # (series, end, as_of) of the chart analysis being made
 
     def complete(self, *, kind, symbol, timeframe, prompt, user_text, context_sha256, png, answer_model,
                  chart_sha256=None):
@@ -131,44 +147,40 @@ class CannedCaller:
                                   chart_sha256=chart_sha256)
         text = user_text()
         context = json.loads(text[text.index("\n{") + 1:])  # the context JSON ends the user message
-        content = json.dumps(canned_consolidation(context) if "daily" in context else canned_analysis(context))
+        content = json.dumps(canned_consolidation(context) if "daily" in context else canned_analysis(*self.bars))
         self.stored[key] = (kind, prompt.version, content)
         self.cache_only.answers[key] = CachedResponse(content, True, "json_schema", "bench")
         return self.cache_only.complete(kind=kind, symbol=symbol, timeframe=timeframe, prompt=prompt,
                                         user_text=user_text, context_sha256=context_sha256, png=png,
-                                        answer_model=answer_model,
-                                        chart_sha256=chart_sha256)
+                                        answer_model=answer_model, chart_sha256=chart_sha256)
 
     def settle(self, result, call_id, outcome):
         return None
 
 
-def canned_analysis(context: dict) -> dict:
-    """The 3-of-4 rule on the context's numbers; BUY/SELL with entry at the close, stop 2 ATR away,
-    targets 3 and 5 ATR away."""
-    numbers = context["indicators"]
-    close, atr = context["last_close"], context["atr_14"]
-    votes = {"supertrend": numbers.get("supertrend_direction", 0) > 0,
-             "close_vs_sma20": close > numbers.get("sma_20", close),
-             "macd_vs_signal": numbers.get("macd", 0) > numbers.get("macd_signal", 0),
-             "rsi_vs_50": numbers.get("rsi_14", 50) > 50}
-    bullish = sum(votes.values())
-    signal, direction = ("BUY", 1) if bullish >= 3 else ("SELL", -1) if bullish <= 1 else ("HOLD", 0)
-    plan = {"entry": None, "stop": None, "targets": []} if not direction else {
-        "entry": round(close, 2), "stop": round(close - direction * 2 * atr, 2),
-        "targets": [round(close + direction * 3 * atr, 2), round(close + direction * 5 * atr, 2)]}
-    return {"trend": "up" if bullish >= 3 else "down" if bullish <= 1 else "sideways",
-            "support": [context["recent_low"]], "resistance": [context["recent_high"]],
-            "indicators": [{"name": name, "reading": f"{name} {'bullish' if up else 'bearish'}", "bullish": up}
-                           for name, up in votes.items()],
-            "setup": "3-of-4 rule", "signal": signal, **plan, "confidence": 0.6,
-            "rationale": f"{bullish} of 4 indicators bullish."}
+def canned_analysis(series, end: int, as_of) -> dict:
+    """The rules analyst's analysis of bars [0, end), as a model's answer."""
+    from trading_pipeline.core import rules_analyst
+
+    a = rules_analyst.analyze_at(series.columns, end, symbol=series.symbol, timeframe=series.timeframe,
+                                 as_of=as_of, data_through=series.starts[end - 1])
+    signal = a.signal.value if a.signal.value in ("BUY", "SELL", "HOLD") else "HOLD"
+    return {"trend": a.trend.value, "support": a.support[:4], "resistance": a.resistance[:4],
+            "indicators": [{"name": v.name, "reading": v.detail, "bullish": v.bullish} for v in a.votes] or
+            [{"name": "atr", "reading": "no value yet", "bullish": False}],
+            "setup": "3-of-4 rule", "signal": signal, "entry": a.entry, "stop": a.stop, "targets": a.targets,
+            "confidence": a.confidence, "rationale": a.rationale[:2000]}
 
 
 def canned_consolidation(context: dict) -> dict:
-    daily = context["daily"]
-    return {"action": daily["signal"], "entry": daily["entry"], "stop": daily["stop"],
-            "targets": daily["targets"][:1], "confidence": 0.6, "rationale": "The weekly does not oppose the daily."}
+    """The rules' consolidation (core/decisions.py `consolidate`) of the two analyses in the context."""
+    daily, weekly = context["daily"], context["weekly"]
+    if weekly["signal"] == daily["signal"]:
+        confidence = min(1.0, (daily["confidence"] + weekly["confidence"]) / 2 + 0.1)
+    else:
+        confidence = max(0.0, daily["confidence"] - 0.1)
+    return {"action": daily["signal"], "entry": daily["entry"], "stop": daily["stop"], "targets": daily["targets"],
+            "confidence": round(confidence, 2), "rationale": "The weekly does not oppose the daily."}
 
 
 def live_graph_seconds(samples: int) -> float:
