@@ -7,14 +7,15 @@ answer a live run got without rendering anything.
 
 Anonymized (OPENAI_ANONYMIZE_CHARTS; the backtest's `anonymized_charts`), because a model may know
 the history it is shown: no symbol (ANONYMOUS_SYMBOL), no dates (the bars are placed on a fixed
-run of periods ending ANONYMOUS_AS_OF), no absolute prices or volumes (price-valued columns rebased
+run of periods ending ANONYMOUS_LAST_START), no absolute prices or volumes (price-valued columns rebased
 so the last close is 100, volume so its mean over the chart is VOLUME_MEAN). `Rebase` maps prices
 both ways: the model reads and answers in rebased units, and its prices are mapped back to real
 ones before anything checks or uses them.
 
-Everything reads a series' float arrays (`rules_analyst.Columns`) at a position `end` (bars
-[0, end) are seen): the live analyst calls it on a whole frame (end = its length), the backtest on
-one long series at every session, so both compute the same key the same way, with no pandas per call.
+Everything reads a series' arrays (`SeriesArrays`: `rules_analyst.Columns` and what is made once
+from them) at a position `end` (bars [0, end) are seen): the live analyst calls it on a whole frame
+(end = its length), the backtest on one long series at every session, so both compute the same key
+the same way, with no pandas per call.
 """
 
 from __future__ import annotations
