@@ -439,14 +439,12 @@ def sha256_hex(data: str | bytes) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def cache_key(*, kind: str, model: str, prompt_version: str, image_sha256: str | None,
-              context: Mapping[str, Any], schema_sha256: str) -> tuple[str, str]:
-    """(cache key, context sha256): same model, prompt, image, numbers and schema ⇒ same key."""
-    context_sha = sha256_hex(canonical_json(context))
-    key = sha256_hex(canonical_json({"kind": kind, "model": model, "prompt_version": prompt_version,
-                                     "image_sha256": image_sha256, "context_sha256": context_sha,
-                                     "schema_sha256": schema_sha256}))
-    return key, context_sha
+def cache_key(*, kind: str, model: str, prompt_version: str, chart_sha256: str | None, context_sha256: str,
+              schema_sha256: str) -> str:
+    """Same model, prompt, chart, numeric context and schema ⇒ same key. `chart_sha256` is what the
+    chart shows (core/chart_spec.py), None when no chart is sent; `context_sha256` the context's
+    contents (llm/request.py `RequestContext.sha256`)."""
+    return sha256_hex(repr((kind, model, prompt_version, chart_sha256, context_sha256, schema_sha256)))
 
 
 @dataclass(frozen=True)

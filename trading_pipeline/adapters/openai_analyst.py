@@ -7,6 +7,10 @@ LM Studio) through Chat Completions:
 - per symbol, a consolidation call (daily leads, weekly confirms) returns the decision proposal
   just as strictly; when the rules already fix the outcome, no call is made.
 
+With OPENAI_ANONYMIZE_CHARTS=yes the model sees the chart and numbers with no symbol, no dates and
+no absolute prices (core/chart_spec.py: last close = 100); its prices are mapped back to real ones
+before they are checked, so everything downstream is in real prices.
+
 Servers differ, so the calls adapt (llm/transport.py) and record what they did (in `llm_calls` and
 in the analysis's rationale): `json_object` or the schema in the prompt for a server without
 `json_schema`, the numeric context only for a server without vision (`vision: false`).
@@ -22,20 +26,29 @@ module stays light. The settings are `OpenAISettings` (llm/settings.py), importa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.llm.answers import ConsolidationAnswer, TimeframeAnswer, Unusable
 from trading_pipeline.adapters.llm.calls import Answer, ModelCaller
-from trading_pipeline.adapters.llm.request import CHART_STATUS, consolidation_context, timeframe_context
+from trading_pipeline.adapters.llm.request import (
+    CHART_STATUS,
+    Summary,
+    consolidation_context,
+    summary,
+    timeframe_context,
+)
 from trading_pipeline.adapters.llm.settings import OpenAISettings
-from trading_pipeline.adapters.model_calls import canonical_json
-from trading_pipeline.core.analysis import Action, ChartSource, IndicatorVote, TimeframeAnalysis, Trend
+from trading_pipeline.core import chart_spec
+from trading_pipeline.core.analysis import NO_DATA, Action, ChartSource, TimeframeAnalysis, Trend
 from trading_pipeline.core.analysis_validation import (
     NumericContext,
     consolidation_problems,
@@ -44,11 +57,13 @@ from trading_pipeline.core.analysis_validation import (
     reward_risk,
 )
 from trading_pipeline.core.chart_figure import TIMEFRAME_NAMES
+from trading_pipeline.core.chart_spec import IDENTITY, Rebase, SeriesArrays
 from trading_pipeline.core.decisions import CONFIRM, LEAD, Consolidated
 from trading_pipeline.core.decisions import consolidate as consolidate_by_rules
 from trading_pipeline.core.frames import MarketFrame
 from trading_pipeline.core.risk import Proposal
-from trading_pipeline.prompts import CONSOLIDATION, TIMEFRAME_ANALYSIS, Prompt, load_prompt
+from trading_pipeline.core.rules_analyst import Columns
+from trading_pipeline.prompts import CONSOLIDATION, TIMEFRAME_ANALYSIS, load_prompt
 
 __all__ = ["ANALYST_PREFIX", "Analyst", "OpenAIAnalyst", "OpenAISettings"]
 
@@ -69,33 +84,57 @@ class OpenAIAnalyst:
     """Chart analysis and consolidation by an OpenAI-compatible model, fail-closed and accounted."""
 
     def __init__(self, settings: OpenAISettings, sessions: sessionmaker[Session], *, run_id: str | None = None,
-                 client: Any = None):
+                 client: Any = None, render_png: Callable[[Any], bytes] | None = None):
         self.settings = settings
         self.name = f"{ANALYST_PREFIX}:{settings.model}"
         self.run_id = run_id
         self.caller = ModelCaller(settings, sessions, run_id=run_id, client=client)
         self.redactor = self.caller.redactor
+        # Renders the anonymized chart (a plotly figure to PNG bytes); default: a renderer of its own.
+        self.render_png = render_png
+        self._own_renderer: Any = None
+        self._summaries: dict[int, tuple[TimeframeAnalysis, Rebase, Summary]] = {}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None, sessions: sessionmaker[Session], *,
-                 run_id: str | None = None, run_tags: Mapping[str, str] | None = None) -> OpenAIAnalyst:
+                 run_id: str | None = None, run_tags: Mapping[str, str] | None = None,
+                 render_png: Callable[[Any], bytes] | None = None) -> OpenAIAnalyst:
         return cls(OpenAISettings.from_env(os.environ if environ is None else environ, run_tags), sessions,
-                   run_id=run_id)
+                   run_id=run_id, render_png=render_png)
 
     def close(self) -> None:
         self.caller.close()
+        if self._own_renderer is not None:
+            self._own_renderer.close()
 
     # -- timeframe analysis --
 
     def analyze(self, indicators: MarketFrame, chart: ChartSource | None = None, png: bytes | None = None) -> TimeframeAnalysis:
         """One timeframe's analysis; an unusable answer is an invalid (NO_TRADE) analysis saying why."""
+        if indicators.frame.empty:
+            return self._invalid(indicators.symbol, indicators.timeframe, indicators.as_of, None, 0, chart,
+                                 "the bars give no numeric context: there are no bars")
+        return self.analyze_at(SeriesArrays(Columns(indicators.frame)), len(indicators.frame), symbol=indicators.symbol,
+                               timeframe=indicators.timeframe, as_of=indicators.as_of,
+                               data_through=indicators.last_bar_start.to_pydatetime(), chart=chart, png=png)
+
+    def analyze_at(self, series: SeriesArrays, end: int, *, symbol: str, timeframe: str, as_of: datetime,
+                   data_through: datetime, chart: ChartSource | None = None,
+                   png: bytes | None = None) -> TimeframeAnalysis:
+        """`analyze` of bars [0, end) of `series` (bar `end - 1` is the last one seen): the live graph
+        passes a whole frame, the backtest one long series at each session (no pandas per call)."""
         prompt = load_prompt(TIMEFRAME_ANALYSIS)
+        anonymize = self.settings.anonymize
         try:
-            numbers, context = timeframe_context(indicators)
+            rebase = chart_spec.anonymizing(series.columns, end, timeframe) if anonymize else IDENTITY
+            numbers, context = timeframe_context(series, end, symbol=symbol, timeframe=timeframe,
+                                                 last_bar_start=data_through, rebase=rebase)
+            chart_sha = chart_spec.chart_spec_sha256(series, end, symbol=symbol, timeframe=timeframe,
+                                                     anonymize=anonymize)
         except Exception as error:  # noqa: BLE001 - fail closed on anything
-            return self._invalid(indicators, chart, prompt, f"the bars give no numeric context: {error}")
-        base = {"symbol": indicators.symbol, "timeframe": indicators.timeframe, "as_of": indicators.as_of,
-                "data_through": indicators.last_bar_start.to_pydatetime(), "chart": chart,
+            return self._invalid(symbol, timeframe, as_of, series.columns, end, chart,
+                                 f"the bars give no numeric context: {error}", data_through)
+        base = {"symbol": symbol, "timeframe": timeframe, "as_of": as_of, "data_through": data_through, "chart": chart,
                 "prompt_version": prompt.version, "last_close": numbers.last_close,
                 "atr": numbers.atr if math.isfinite(numbers.atr) else 0.0,
                 "recent_high": numbers.recent_high, "recent_low": numbers.recent_low}
@@ -106,17 +145,20 @@ class OpenAIAnalyst:
             return TimeframeAnalysis.invalid(
                 reason=f"the chart PNG given does not match the chart reference {chart.uri} (sha256 differs)",
                 analyst=self.name, **base)
+        image: bytes | Callable[[], bytes] | None = png
+        if anonymize and png is not None:  # the model sees the anonymized chart, drawn only if a request is sent
+            image = functools.partial(self._render_anonymized, series.columns, end, timeframe, png)
         result: Answer | None = None
         call_id = None
         try:
             result = self.caller.complete(
-                kind=TIMEFRAME_ANALYSIS, symbol=indicators.symbol, timeframe=indicators.timeframe, prompt=prompt,
-                user_text=prompt.user(symbol=indicators.symbol,
-                                      timeframe_name=TIMEFRAME_NAMES.get(indicators.timeframe, indicators.timeframe),
-                                      chart_status=CHART_STATUS, context_json=canonical_json(context)),
-                png=png, context=context, answer_model=TimeframeAnswer)
+                kind=TIMEFRAME_ANALYSIS, symbol=symbol, timeframe=timeframe, prompt=prompt,
+                user_text=lambda: prompt.user(symbol=context.fields[0],
+                                              timeframe_name=TIMEFRAME_NAMES.get(timeframe, timeframe),
+                                              chart_status=CHART_STATUS, context_json=context.as_json()),
+                context_sha256=context.sha256(), png=image, chart_sha256=chart_sha, answer_model=TimeframeAnswer)
             call_id = result.call_id
-            analysis = self._timeframe_analysis(result, numbers, base)
+            analysis = self._timeframe_analysis(result, numbers, base, rebase)
         except Unusable as error:
             call_id = call_id or error.call_id
             analysis = TimeframeAnalysis.invalid(reason=str(error), analyst=self.name, **base)
@@ -131,41 +173,66 @@ class OpenAIAnalyst:
                 analysis = TimeframeAnalysis.invalid(reason=problem, analyst=self.name, **base)
         return analysis
 
-    def _timeframe_analysis(self, result: Answer, numbers: NumericContext, base: dict[str, Any]) -> TimeframeAnalysis:
+    def _weekly_summary(self, analysis: TimeframeAnalysis, rebase: Rebase) -> Summary:
+        """`summary` of a weekly analysis, kept: it serves a week of daily decisions."""
+        kept = self._summaries.get(id(analysis))
+        if kept is None or kept[0] is not analysis or kept[1] != rebase:
+            if len(self._summaries) >= 1024:  # two weeks of 500 symbols
+                self._summaries.clear()
+            kept = self._summaries[id(analysis)] = (analysis, rebase, summary(analysis, rebase))
+        return kept[2]
+
+    def _render_anonymized(self, columns: Columns, end: int, timeframe: str, png: bytes) -> bytes:
+        """The anonymized chart of bars [0, end), drawn at the size of the real chart `png`."""
+        from trading_pipeline.adapters.chart_render import ChartRenderer, png_size
+        from trading_pipeline.core.chart_figure import build_chart_figure
+
+        width, height = png_size(png)
+        figure = build_chart_figure(chart_spec.anonymized_frame(columns, end, timeframe), chart_spec.ANONYMOUS_SYMBOL,
+                                    timeframe, chart_spec.ANONYMOUS_AS_OF, width=width, height=height)
+        if self.render_png is None:
+            self._own_renderer = self._own_renderer or ChartRenderer().start()
+            self.render_png = self._own_renderer.render_png
+        return self.render_png(figure)
+
+    def _timeframe_analysis(self, result: Answer, numbers: NumericContext, base: dict[str, Any],
+                            rebase: Rebase) -> TimeframeAnalysis:
         answer: TimeframeAnswer = result.answer  # type: ignore[assignment]
         signal = Action(answer.signal)
         trade = signal in (Action.BUY, Action.SELL)
-        entry, stop, targets = (answer.entry, answer.stop, list(answer.targets)) if trade else (None, None, [])
+        # The model answered in the chart's units: its prices, in real ones, are what is checked and used.
+        entry, stop, targets = (rebase.real(answer.entry), rebase.real(answer.stop), rebase.reals(answer.targets)) \
+            if trade else (None, None, [])
+        support, resistance = rebase.reals(answer.support), rebase.reals(answer.resistance)
         analyst = self.name if result.vision else f"{self.name} (no vision)"
-        problems = plausibility_problems(signal, entry, stop, targets, numbers,
-                                         support=answer.support, resistance=answer.resistance)
+        problems = plausibility_problems(signal, entry, stop, targets, numbers, support=support, resistance=resistance)
         if problems:
             raise Unusable(f"implausible numbers from the model ({signal.value}): " + "; ".join(problems))
         notes = []
         if trade:
-            r = reward_risk(entry, stop, targets[0])
-            notes.append(f"R recomputed from the prices: |{targets[0]:.2f} − {entry:.2f}| / |{entry:.2f} − {stop:.2f}| = {r:.2f}")
+            notes.append(_r_note(entry, stop, targets[0], rebase))
+        if rebase.anonymized:
+            notes.append(ANONYMIZED_NOTE)
         if not result.vision:
             notes.append("numeric context only: the model did not see the chart")
         notes.extend(result.how_obtained())
         rationale = f"{answer.setup}: {answer.rationale}" + "".join(f" [{n}]" for n in notes)
-        extra = {"vision": result.vision} if "vision" in TimeframeAnalysis.model_fields else {}
         return TimeframeAnalysis(
             signal=signal, trend=Trend(answer.trend), confidence=answer.confidence,
-            entry=entry, stop=stop, targets=targets,
-            support=sorted(answer.support), resistance=sorted(answer.resistance),
-            votes=[IndicatorVote(name=i.name, bullish=i.bullish, detail=i.reading) for i in answer.indicators],
-            rationale=rationale, analyst=analyst, **extra, **base)
+            entry=entry, stop=stop, targets=targets, support=sorted(support), resistance=sorted(resistance),
+            votes=[{"name": i.name, "bullish": i.bullish, "detail": i.reading} for i in answer.indicators],
+            rationale=rationale, analyst=analyst, vision=result.vision, **base)
 
-    def _invalid(self, indicators: MarketFrame, chart: ChartSource | None, prompt: Prompt, reason: str) -> TimeframeAnalysis:
-        frame = indicators.frame
+    def _invalid(self, symbol: str, timeframe: str, as_of: datetime, columns: Columns | None, end: int,
+                 chart: ChartSource | None, reason: str, data_through: datetime | None = None) -> TimeframeAnalysis:
+        def read(name: str, how: Callable[[Any], Any]) -> float:
+            return float(how(columns[name][:end])) if columns is not None and end and name in columns else 0.0
+
         return TimeframeAnalysis.invalid(
-            reason=reason, analyst=self.name, symbol=indicators.symbol, timeframe=indicators.timeframe,
-            as_of=indicators.as_of, data_through=indicators.last_bar_start.to_pydatetime(), chart=chart,
-            prompt_version=prompt.version,
-            last_close=float(frame["close"].iloc[-1]) if len(frame) else 0.0, atr=0.0,
-            recent_high=float(frame["high"].max()) if len(frame) else 0.0,
-            recent_low=float(frame["low"].min()) if len(frame) else 0.0)
+            reason=reason, analyst=self.name, symbol=symbol, timeframe=timeframe, as_of=as_of,
+            data_through=data_through or NO_DATA, chart=chart, prompt_version=load_prompt(TIMEFRAME_ANALYSIS).version,
+            last_close=read("close", lambda a: a[-1]), atr=0.0, recent_high=read("high", np.nanmax),
+            recent_low=read("low", np.nanmin))
 
     # -- consolidation --
 
@@ -188,12 +255,15 @@ class OpenAIAnalyst:
             return Consolidated(by_rules.proposal, by_rules.confirmation,
                                 by_rules.rationale + " [no consolidation call: the outcome does not depend on it]")
         prompt = load_prompt(CONSOLIDATION)
-        numbers, context = consolidation_context(daily, weekly)
-        user_text = prompt.user(symbol=daily.symbol, daily_signal=daily.signal.value, weekly_signal=weekly.signal.value,
-                                context_json=canonical_json(context))
+        # Anonymized: the model reads both analyses rebased so the daily last close is 100, no symbol or date.
+        rebase = chart_spec.price_rebase(daily.last_close) if self.settings.anonymize else IDENTITY
+        numbers, context = consolidation_context(daily, weekly, rebase, self._weekly_summary(weekly, rebase))
         try:
             result = self.caller.complete(kind=CONSOLIDATION, symbol=daily.symbol, timeframe=None, prompt=prompt,
-                                          user_text=user_text, png=None, context=context,
+                                          user_text=lambda: prompt.user(
+                                              symbol=context.fields[0], daily_signal=daily.signal.value,
+                                              weekly_signal=weekly.signal.value, context_json=context.as_json()),
+                                          context_sha256=context.sha256(), png=None,
                                           answer_model=ConsolidationAnswer)
         except Unusable as error:
             reason = f"the consolidation call gave nothing usable: {error}"
@@ -202,7 +272,8 @@ class OpenAIAnalyst:
         answer: ConsolidationAnswer = result.answer  # type: ignore[assignment]
         action = Action(answer.action)
         trade = action in (Action.BUY, Action.SELL)
-        entry, stop, targets = (answer.entry, answer.stop, list(answer.targets)) if trade else (None, None, [])
+        entry, stop, targets = (rebase.real(answer.entry), rebase.real(answer.stop), rebase.reals(answer.targets)) \
+            if trade else (None, None, [])
         problems = consolidation_problems(action, daily.signal, weekly.signal) + \
             plausibility_problems(action, entry, stop, targets, numbers)
         who = f"{self.name}, prompt {prompt.version}"
@@ -221,11 +292,23 @@ class OpenAIAnalyst:
                 f"(daily: {daily.rationale} | weekly: {weekly.rationale})")
         confirmation = "confirmed (strong)" if weekly.signal == lead else "partially confirmed (weekly neutral)"
         r = reward_risk(entry, stop, targets[0])
+        anonymized = f" [{ANONYMIZED_NOTE}]" if rebase.anonymized else ""
         return Consolidated(
             Proposal(action, entry, stop, targets, answer.confidence), confirmation,
             f"{action.value} led by the daily analysis, {confirmation} by the weekly; consolidation ({who}): "
-            f"{answer.rationale} [R recomputed from the prices: {r:.2f}]{notes} "
+            f"{answer.rationale} [R recomputed from the prices: {r:.2f}]{anonymized}{notes} "
             f"(daily: {daily.rationale} | weekly: {weekly.rationale})")
+
+
+ANONYMIZED_NOTE = ("anonymized: the model saw no symbol, dates or absolute prices (last close = 100); its prices "
+                   "were mapped back")
+
+
+def _r_note(entry: float, stop: float, target: float, rebase: Rebase) -> str:
+    r = reward_risk(entry, stop, target)
+    if rebase.anonymized:  # the rationale is shown to the consolidation call: no real prices in it
+        return f"R recomputed from the prices: {r:.2f}"
+    return f"R recomputed from the prices: |{target:.2f} − {entry:.2f}| / |{entry:.2f} − {stop:.2f}| = {r:.2f}"
 
 
 def _no_trade(reason: str) -> Consolidated:

@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--grid-metric", choices=("sharpe", "total_return", "expectancy_r", "calmar"), default="sharpe")
     parser.add_argument("--model", help="llm_replay: the model whose cached answers are replayed")
     parser.add_argument("--model-cutoff", type=date.fromisoformat, help="llm_replay: the model's knowledge cutoff")
-    parser.add_argument("--anonymized-charts", action="store_true", help="llm_replay: answers on anonymized charts")
+    parser.add_argument("--anonymized-charts", action="store_true", help="llm_replay: the answers given with OPENAI_ANONYMIZE_CHARTS=yes")
     parser.add_argument("--no-save", action="store_true", help="do not store the run in the trading database")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

@@ -1,80 +1,32 @@
 """`llm_replay`: the OpenAI analyst's answers replayed from the response cache, never the network.
 
 The replay analyst *is* the live `OpenAIAnalyst` (same numeric context, prompts, validation,
-plausibility checks and consolidation) with only its model caller replaced: `CacheOnlyCaller`
-looks the answer up in the response cache (loaded once) and a miss is an unusable answer, so
-NO_TRADE, counted. No client is ever built and nothing is written to the call log.
+plausibility checks, anonymization and consolidation) with only its model caller replaced:
+`CacheOnlyCaller` looks the answer up in the response cache (loaded once) and a miss is an unusable
+answer, so NO_TRADE, counted. No client is ever built and nothing is written to the call log.
 
-The cache key of a chart analysis uses `chart_spec_sha256` (the chart's data and figure spec)
-where the live analyst used the PNG's sha256, so replay never renders a chart. For live answers
-to be found here, the live analyst must key its timeframe analyses the same way (one line in
-`ModelCaller.complete`: `image_sha256` from `chart_spec_sha256(indicators)` rather than the PNG).
+A chart analysis is keyed on what the chart shows (`core/chart_spec.chart_spec_sha256`), live and
+here alike, so replay never renders a chart and finds the answers live runs got (those that sent
+the chart: with OPENAI_VISION=no a live run keys its answers without one). The analyst reads the
+prepared series' arrays at each session (`OpenAIAnalyst.analyze_at`), as the rules analyst does.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from datetime import datetime
-from typing import Any
 
-import numpy as np
-import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters import model_calls, openai_analyst
-from trading_pipeline.adapters.llm.answers import Unusable, parse_answer, schema_for
+from trading_pipeline.adapters.llm.answers import Unusable, parse_cached, schema_for
 from trading_pipeline.adapters.llm.calls import Answer
 from trading_pipeline.adapters.llm.settings import DEFAULT_MODEL, OpenAISettings
 from trading_pipeline.backtest.engine import PreparedSeries
 from trading_pipeline.backtest.settings import BacktestSettings
-from trading_pipeline.core import chart_figure
 from trading_pipeline.core.analysis import TimeframeAnalysis
-from trading_pipeline.core.frames import MarketFrame
-from trading_pipeline.prompts import TIMEFRAME_ANALYSIS
-
-ANONYMOUS_SYMBOL = "ASSET"
-# A fixed run of business days the anonymized chart's bars are placed on: the dates say nothing.
-_ANONYMOUS_END = pd.Timestamp("2001-01-01 14:30", tz="UTC")
-CHART_SPEC_VERSION = 1
-
-
-def anonymized(frame: pd.DataFrame) -> pd.DataFrame:
-    """The chart's frame with no absolute prices or dates: prices (and price-valued indicators)
-    rebased so the last close is 100, bars placed on a fixed run of business days."""
-    last_close = float(frame["close"].iloc[-1])
-    price_like = [c for c in frame.columns if c in ("open", "high", "low", "close", "bb_upper", "bb_middle",
-                                                     "bb_lower", "supertrend", "atr_14", "macd", "macd_signal",
-                                                     "macd_hist") or c.startswith("sma_")]
-    rebased = frame.copy()
-    # Rounded: a chart shows no more, and the same shape at another price level keys the same.
-    rebased[price_like] = (frame[price_like] * (100.0 / last_close)).round(6)
-    rebased.index = pd.bdate_range(end=_ANONYMOUS_END, periods=len(frame), freq="B", tz="UTC", name="time")
-    return rebased
-
-
-def chart_spec_sha256(indicators: MarketFrame, *, anonymize: bool = False, width: int = 1920,
-                      height: int = 1080) -> str:
-    """sha256 of what the chart shows (the bars and indicators drawn, symbol, timeframe, size and
-    the figure code's version): equal specs render equal charts, so an answer given on one chart
-    is found again without rendering it."""
-    shown = indicators.frame.tail(chart_figure.DEFAULT_BARS_SHOWN.get(indicators.timeframe,
-                                                                      chart_figure.FALLBACK_BARS_SHOWN))
-    if anonymize:
-        shown = anonymized(shown)
-    digest = hashlib.sha256()
-    digest.update(repr((CHART_SPEC_VERSION, _figure_code_version(), ANONYMOUS_SYMBOL if anonymize
-                        else indicators.symbol, indicators.timeframe, width, height, list(shown.columns))).encode())
-    digest.update(np.ascontiguousarray(shown.index.as_unit("ns").asi8).tobytes())
-    digest.update(np.ascontiguousarray(shown.to_numpy(np.float64)).tobytes())
-    return digest.hexdigest()
-
-
-def _figure_code_version() -> str:
-    from pathlib import Path
-
-    return hashlib.sha256(Path(chart_figure.__file__).read_bytes()).hexdigest()[:16]
+from trading_pipeline.core.chart_spec import SeriesArrays
 
 
 class CacheOnlyCaller:
@@ -85,22 +37,25 @@ class CacheOnlyCaller:
         self.model = model
         self.answers = answers
         self.redactor = model_calls.Redactor([])
-        self.chart_sha: str | None = None  # the chart being analyzed, set by ReplayAnalyst
         self.hits = 0
         self.misses = 0
 
-    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt, user_text: str,
-                 png: bytes | None, context: dict[str, Any], answer_model) -> Answer:
-        _, schema_sha = schema_for(answer_model)
-        key, _ = model_calls.cache_key(kind=kind, model=self.model, prompt_version=prompt.version,
-                                       image_sha256=self.chart_sha if kind == TIMEFRAME_ANALYSIS else None,
-                                       context=context, schema_sha256=schema_sha)
+    def key(self, *, kind: str, prompt, context_sha256: str, answer_model, chart_sha256: str | None) -> str:
+        """The answer's cache key, as a live run that sent the chart keys it (ModelCaller.complete)."""
+        return model_calls.cache_key(kind=kind, model=self.model, prompt_version=prompt.version,
+                                     chart_sha256=chart_sha256, context_sha256=context_sha256,
+                                     schema_sha256=schema_for(answer_model)[1])
+
+    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt, user_text, context_sha256: str,
+                 png, answer_model, chart_sha256: str | None = None) -> Answer:
+        key = self.key(kind=kind, prompt=prompt, context_sha256=context_sha256, answer_model=answer_model,
+                       chart_sha256=chart_sha256)
         cached = self.answers.get(key)
         if cached is None:
             self.misses += 1
             raise Unusable(f"llm_replay: no cached {kind} answer of {self.model} for {symbol} {timeframe or ''} "
                            f"(key {key[:12]}): NO_TRADE")
-        answer, notes = parse_answer(cached.content, answer_model)
+        answer, notes = parse_cached(cached.content, answer_model)
         self.hits += 1
         return Answer(answer, cached.vision, cached.response_format, f"replay-{key[:12]}", cached=True, notes=notes)
 
@@ -118,18 +73,21 @@ class ReplayAnalyst:
         settings = OpenAISettings(
             api_key="", base_url="http://127.0.0.1:9/v1", model=model, vision="auto", timeout_s=1.0,
             max_output_tokens=1500, temperature=0.0, max_attempts=1, backoff_s=0.0, backoff_max_s=0.0,
-            concurrency=1, price=None, limits=model_calls.BudgetLimits(), cache=True)
+            concurrency=1, price=None, limits=model_calls.BudgetLimits(), cache=True, anonymize=anonymize)
         self.live = openai_analyst.OpenAIAnalyst(settings, sessionmaker())
         self.caller = CacheOnlyCaller(model, answers)
         self.live.caller, self.live.redactor = self.caller, self.caller.redactor  # no client, no call log
         self.model = model
         self.anonymize = anonymize
         self.name = self.live.name + " (replay)"
+        self.arrays: dict[int, tuple[PreparedSeries, SeriesArrays]] = {}
 
     def analyze(self, series: PreparedSeries, end: int, as_of: datetime) -> TimeframeAnalysis:
-        frame = MarketFrame(series.symbol, series.timeframe, as_of, "backtest", series.frame.iloc[:end])
-        self.caller.chart_sha = chart_spec_sha256(frame, anonymize=self.anonymize)
-        return self.live.analyze(frame)
+        arrays = self.arrays.get(id(series))
+        if arrays is None or arrays[0] is not series:  # made once per series: the run reads it at every session
+            arrays = self.arrays[id(series)] = (series, SeriesArrays(series.columns))
+        return self.live.analyze_at(arrays[1], end, symbol=series.symbol, timeframe=series.timeframe,
+                                    as_of=as_of, data_through=series.starts[end - 1])
 
     def consolidate(self, daily: TimeframeAnalysis, weekly: TimeframeAnalysis):
         return self.live.consolidate(daily, weekly)

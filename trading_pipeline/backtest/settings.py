@@ -47,8 +47,9 @@ class BacktestSettings(BaseModel):
                                                 "(default OPENAI_MODEL or the analyst's default).")
     model_cutoff: date | None = Field(None, description="The model's knowledge cutoff (a warning when the "
                                                         "window starts before it).")
-    anonymized_charts: bool = Field(False, description="llm_replay: the answers were given on anonymized "
-                                                       "charts (no symbol, dates or absolute prices).")
+    anonymized_charts: bool = Field(False, description="llm_replay: replay the answers given on anonymized charts "
+                                                       "(OPENAI_ANONYMIZE_CHARTS=yes; no symbol, dates or "
+                                                       "absolute prices), anonymized by the same code.")
 
     @field_validator("grid")
     @classmethod

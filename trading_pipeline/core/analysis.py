@@ -7,10 +7,13 @@ nothing downstream depends on which one ran.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# The data_through of an analysis made from no bars at all: older than any bar, so never "fresh".
+NO_DATA = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Action(str, Enum):

@@ -74,7 +74,9 @@ class AnalystResource(dg.ConfigurableResource):
         if self.mode == "openai":
             from trading_pipeline.adapters.openai_analyst import OpenAIAnalyst
 
-            return OpenAIAnalyst.from_env(os.environ, sessions, run_id=run_id, run_tags=run_tags)
+            # With OPENAI_ANONYMIZE_CHARTS the analyst draws the model's chart itself, in the process's one Chromium.
+            return OpenAIAnalyst.from_env(os.environ, sessions, run_id=run_id, run_tags=run_tags,
+                                          render_png=lambda figure: ChartRendererResource().renderer().render_png(figure))
         raise ConfigError(f"analyst mode {self.mode!r} is unknown", "use TRADING_ANALYST=rules or openai")
 
 

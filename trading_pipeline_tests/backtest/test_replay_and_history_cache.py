@@ -1,18 +1,25 @@
 """llm_replay answers from the response cache only (a miss is NO_TRADE and counted, no network
-call is possible); IBKR-style history is fetched once and read from the local cache after."""
+call is possible) and finds the answers live runs got; IBKR-style history is fetched once and read
+from the local cache after."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from datetime import date
 
 import pytest
 
-from trading_pipeline.adapters.model_calls import ModelResponseCacheRow
+from trading_pipeline.adapters.llm.answers import Unusable
+from trading_pipeline.adapters.model_calls import ModelResponseCacheRow, Redactor
 from trading_pipeline.adapters.trading_db import session_factory
 from trading_pipeline.backtest import replay, runner
 from trading_pipeline.backtest.data import HistoryCache, SimulatedMarketData
+from trading_pipeline.backtest.engine import prepare
+from trading_pipeline.core import market_calendar, rules_analyst
+from trading_pipeline.core.frames import MarketFrame
+from trading_pipeline.core.indicators import compute_indicators
 from trading_pipeline_tests.backtest.conftest import STRATEGIES, run, settings
 
 MODEL = "gpt-4.1-mini"
@@ -21,8 +28,7 @@ HOLD = json.dumps({"trend": "sideways", "support": [], "resistance": [], "setup"
                    "entry": None, "stop": None, "targets": [], "confidence": 0.5, "rationale": "no setup"})
 
 
-@pytest.fixture
-def no_network(monkeypatch):
+def block_the_network(monkeypatch) -> None:
     import openai
 
     def refuse(*args, **kwargs):
@@ -33,9 +39,14 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def replay_settings():
-    return settings(analyst="llm_replay", model=MODEL, start=date(2024, 5, 1), end=date(2024, 6, 28),
-                    symbols=("SPY",))
+@pytest.fixture
+def no_network(monkeypatch):
+    block_the_network(monkeypatch)
+
+
+def replay_settings(**changes):
+    return settings(**{"analyst": "llm_replay", "model": MODEL, "start": date(2024, 5, 1), "end": date(2024, 6, 28),
+                       "symbols": ("SPY",), **changes})
 
 
 class RecordingAnswers(dict):
@@ -73,25 +84,107 @@ def test_llm_replay_uses_the_cached_answers(tmp_path, no_network):
     assert not any(d.invalid_analysis for d in again.decisions)
 
 
-def test_the_chart_spec_key_changes_with_the_data_and_hides_symbol_dates_and_prices(simulated):
-    from trading_pipeline.core.frames import MarketFrame
-    from trading_pipeline.core.indicators import compute_indicators
+class RecordingCaller:
+    """A model caller that records what each call is keyed on and would send, and answers nothing."""
 
+    redactor = Redactor([])
+
+    def __init__(self):
+        self.calls = []
+
+    def complete(self, *, kind, symbol, timeframe, prompt, user_text, context_sha256, png, answer_model,
+                 chart_sha256=None):
+        self.calls.append((kind, symbol, timeframe, chart_sha256, context_sha256, user_text()))
+        raise Unusable("recorded")
+
+    def settle(self, result, call_id, outcome):
+        return None
+
+
+@pytest.mark.parametrize("anonymize", [False, True], ids=["chart", "anonymized chart"])
+def test_the_backtests_array_path_asks_what_the_live_frame_path_asks(simulated, anonymize):
+    """The backtest reads a long series at each position, the live graph a frame cut there: the
+    same numbers, context text, chart and cache keys."""
     _, (_, bars, _), _ = simulated
-    frame = compute_indicators(bars["SPY"]["1d"])
-    as_of = frame.index[-1].to_pydatetime()
-    spy = MarketFrame("SPY", "1d", as_of, "s", frame)
-    assert replay.chart_spec_sha256(spy) != replay.chart_spec_sha256(spy.with_frame(frame.iloc[:-1]))
-    assert replay.chart_spec_sha256(spy) != replay.chart_spec_sha256(MarketFrame("QQQ", "1d", as_of, "s", frame))
-    # Anonymized: the same shape at another price level, symbol and date is the same chart.
-    scaled = frame.copy()
-    price_like = [c for c in frame.columns if c not in ("volume", "rsi_14", "supertrend_direction")]
-    scaled[price_like] = frame[price_like] * 3
-    scaled.index = scaled.index + (scaled.index[-1] - scaled.index[0])
-    other = MarketFrame("QQQ", "1d", as_of, "s", scaled)
-    assert replay.chart_spec_sha256(spy, anonymize=True) == replay.chart_spec_sha256(other, anonymize=True)
-    shown = replay.anonymized(frame.tail(150))
-    assert shown["close"].iloc[-1] == pytest.approx(100.0)
+    analyst = replay.ReplayAnalyst(MODEL, {}, anonymize=anonymize)
+    frame_path, array_path = RecordingCaller(), RecordingCaller()
+    for timeframe in ("1d", "1w"):
+        series = prepare("AAPL", timeframe, bars["AAPL"][timeframe])
+        for end in (len(series.frame) // 2, len(series.frame) - 3, len(series.frame)):
+            as_of = series.closes[end - 1]
+            analyst.live.caller = frame_path
+            live = analyst.live.analyze(MarketFrame("AAPL", timeframe, as_of, "simulated", series.frame.iloc[:end]))
+            analyst.live.caller = array_path
+            assert analyst.analyze(series, end, as_of) == live
+            read = rules_analyst.numeric_context_at(series.columns, end)  # what the rules analyst reads
+            assert (live.last_close, live.atr, live.recent_high, live.recent_low) == (
+                read["last_close"], read["atr"], read["recent_high"], read["recent_low"])
+    assert len(array_path.calls) == 6 and array_path.calls == frame_path.calls
+    assert len({call[4] for call in array_path.calls}) == 6
+
+
+@pytest.fixture(scope="module")
+def openai_server():
+    from trading_pipeline_tests.adapters.openai.local_server import LocalOpenAIServer
+
+    server = LocalOpenAIServer().start()
+    yield server
+    server.stop()
+
+
+def blank_png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (255, 255, 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def live_frames(session: date) -> dict[str, MarketFrame]:
+    """What the live graph reads at `session`'s close: each timeframe's period of bars up to then
+    (not the backtest's history: its indicators differ in the 10th digit), indicators on them."""
+    as_of = market_calendar.calendar().session_close(session).to_pydatetime()
+    periods = STRATEGIES.strategies[0].timeframes
+    return {timeframe: MarketFrame("SPY", timeframe, as_of, "simulated", compute_indicators(
+        SimulatedMarketData().fetch("SPY", timeframe, periods[timeframe], as_of))) for timeframe in ("1d", "1w")}
+
+
+@pytest.mark.parametrize("anonymize", [False, True], ids=["chart", "anonymized chart"])
+def test_llm_replay_finds_the_answers_a_live_run_got_on_the_same_date(tmp_path, openai_server, monkeypatch,
+                                                                      anonymize):
+    from trading_pipeline.adapters.openai_analyst import OpenAIAnalyst
+    from trading_pipeline_tests.adapters.openai.conftest import API_KEY, chart_for
+    from trading_pipeline_tests.adapters.openai.local_server import good
+
+    session = date(2024, 6, 4)
+    png = blank_png(1920, 1080)  # what is drawn does not matter: the key is what the chart shows
+    sessions = session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
+    openai_server.reset(default=good())
+    live = OpenAIAnalyst.from_env({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": openai_server.base_url,
+                                   "OPENAI_MODEL": MODEL, "OPENAI_ANONYMIZE_CHARTS": "yes" if anonymize else "no"},
+                                  sessions, run_id="live", render_png=lambda figure: png)
+    analyses = {timeframe: live.analyze(frame, chart_for(png), png) for timeframe, frame in live_frames(session).items()}
+    consolidated = live.consolidate(analyses["1d"], analyses["1w"])
+    live.close()
+    assert all(a.valid and a.signal.value == "BUY" for a in analyses.values())
+    assert consolidated.proposal.action.value == "BUY" and len(openai_server.requests) == 3
+
+    block_the_network(monkeypatch)
+    settings_ = replay_settings(start=session, end=session, anonymized_charts=anonymize)
+    analyst = replay.analyst_for(settings_, sessions)
+    replayed, analyze = [], analyst.analyze
+    analyst.analyze = lambda series, end, as_of: replayed.append(analyze(series, end, as_of)) or replayed[-1]
+    decisions = []
+    result = run(settings_, analyst=analyst, on_decision=decisions.append)
+    assert result.analyst_counters == {"cache_hits": 3, "cache_misses": 0}
+    for replay_analysis in replayed:
+        live_analysis = analyses[replay_analysis.timeframe]
+        # The backtest read its own history: the ATR differs in the 10th digit, the answer not at all.
+        assert replay_analysis.atr == pytest.approx(live_analysis.atr, rel=1e-8)
+        ignored = {"as_of", "chart", "atr"}
+        assert replay_analysis.model_dump(exclude=ignored) == live_analysis.model_dump(exclude=ignored)
+    [decision] = decisions
+    assert decision.proposed_action == consolidated.proposal.action
 
 
 class CountingSource:

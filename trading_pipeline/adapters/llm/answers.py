@@ -125,6 +125,17 @@ def parse_answer(content: str, model: type[BaseModel]) -> tuple[BaseModel, tuple
                        f"{details})", "schema_violation") from None
 
 
+def parse_cached(content: str, model: type[BaseModel]) -> tuple[BaseModel, tuple[str, ...]]:
+    """`parse_answer` of a response cache entry. An entry holds text that passed `parse_answer` when
+    it was stored; plain JSON such text is read as such, in one step (a backtest reads tens of
+    thousands): what passed the strict reader once has no duplicate keys or NaN. Anything else
+    (a fenced answer, prose around it) goes through `parse_answer` again, and its notes with it."""
+    try:
+        return model.model_validate_json(content, strict=True), ()
+    except ValidationError:
+        return parse_answer(content, model)
+
+
 def completion_content(body: Any, text: str | None, headers: Mapping[str, str] | None, http_status: int | None,
                        endpoint: str) -> str:
     """The answer text of a chat completion (`body`, or None when `text` is not JSON); Unusable (with a

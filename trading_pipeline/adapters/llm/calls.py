@@ -1,7 +1,7 @@
 """One model call, fail-closed and accounted: response cache, budget, HTTP attempts, `llm_calls`.
 
-A call first looks in the response cache (same model, prompt, image, numbers and schema: same
-answer). Otherwise each attempt reserves its estimate against the token/cost budgets, is sent,
+A call first looks in the response cache (same model, prompt, chart, numbers and schema: same
+answer; the chart as what it shows, core/chart_spec.py, so a backtest finds the answer too). Otherwise each attempt reserves its estimate against the token/cost budgets, is sent,
 and is written to `llm_calls` (adapters/model_calls.py); a 400 naming a feature the server lacks
 adapts the request (not counted as a failure), rate limits, 5xx, timeouts and unreachable servers
 are retried with backoff up to TRADING_LLM_MAX_ATTEMPTS. A server's `usage` is used only when it is
@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +25,14 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters import model_calls
-from trading_pipeline.adapters.llm.answers import Unusable, completion_content, parse_answer, reported_usage, schema_for
+from trading_pipeline.adapters.llm.answers import (
+    Unusable,
+    completion_content,
+    parse_answer,
+    parse_cached,
+    reported_usage,
+    schema_for,
+)
 from trading_pipeline.adapters.llm.request import build_request, estimate_tokens
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.adapters.llm.transport import (
@@ -86,16 +94,26 @@ class ModelCaller:
     def close(self) -> None:
         self.transport.close()
 
-    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt: Prompt, user_text: str,
-                 png: bytes | None, context: dict[str, Any], answer_model: type[BaseModel]) -> Answer:
+    def complete(self, *, kind: str, symbol: str, timeframe: str | None, prompt: Prompt,
+                 user_text: Callable[[], str], context_sha256: str, png: bytes | Callable[[], bytes] | None,
+                 answer_model: type[BaseModel], chart_sha256: str | None = None) -> Answer:
         """The schema-valid answer (from the cache or the model), to be judged and then `settle`d;
-        Unusable (with its call_id) when there is none."""
+        Unusable (with its call_id) when there is none.
+
+        The request's text and chart image are made only when a request is sent: `user_text` writes
+        the text (with the numeric context whose contents `context_sha256` names), `png` is the
+        chart image or how to render it. `chart_sha256` (core/chart_spec.py) names what that chart
+        shows and keys the answer, so a backtest finds it without rendering; the call log keeps the
+        sha256 of the PNG sent."""
         s = self.settings
         schema, schema_sha = schema_for(answer_model)
         want_image = png is not None and s.vision != "no"
-        image_sha = hashlib.sha256(png).hexdigest() if want_image else None
-        key, context_sha = model_calls.cache_key(kind=kind, model=s.model, prompt_version=prompt.version,
-                                                  image_sha256=image_sha, context=context, schema_sha256=schema_sha)
+        if want_image and chart_sha256 is None:
+            raise ValueError("a call with a chart image needs its chart_sha256 (core/chart_spec.py)")
+        image_sha = hashlib.sha256(png).hexdigest() if want_image and isinstance(png, bytes) else None
+        key = model_calls.cache_key(kind=kind, model=s.model, prompt_version=prompt.version,
+                                    chart_sha256=chart_sha256 if want_image else None, context_sha256=context_sha256,
+                                    schema_sha256=schema_sha)
         common = {"run_id": self.run_id, "kind": kind, "symbol": symbol, "timeframe": timeframe,
                   "endpoint": self.transport.endpoint, "model": s.model, "prompt_version": prompt.version,
                   "image_sha256": image_sha, "cache_key": key}
@@ -104,15 +122,23 @@ class ModelCaller:
             return cached
 
         self.transport.client()  # built (and `openai` imported) before any latency is measured
+        text = user_text()
         call_id = uuid.uuid4().hex
         attempt = fallbacks = 0
         failures: list[str] = []
         while True:
             features = self.features.snapshot()
             send_image = want_image and not (s.vision == "auto" and features.vision_ok is False)
-            body, record = build_request(s, f"{self.transport.endpoint}/chat/completions", prompt, user_text,
+            if send_image and not isinstance(png, bytes):
+                try:
+                    png = png()
+                except Exception as error:  # noqa: BLE001 - no picture, no call: fail closed, say why
+                    raise self.unusable(None, f"the chart image could not be rendered: {type(error).__name__}: "
+                                              f"{error}") from None
+                image_sha = common["image_sha256"] = hashlib.sha256(png).hexdigest()
+            body, record = build_request(s, f"{self.transport.endpoint}/chat/completions", prompt, text,
                                          png if send_image else None, image_sha, schema, features, answer_model)
-            estimate = estimate_tokens(prompt, user_text, send_image, s.max_output_tokens)
+            estimate = estimate_tokens(prompt, text, send_image, s.max_output_tokens)
             row = {"call_id": call_id, "vision": send_image, "response_format": features.response_format,
                    "request": record, **common}
             try:
@@ -126,7 +152,7 @@ class ModelCaller:
                 sent = self.transport.send(body)
                 latency_ms = (time.perf_counter() - started) * 1000
                 if sent.status == "ok":
-                    result = self._accept(sent, row, attempt, latency_ms, estimate, answer_model, key, context_sha)
+                    result = self._accept(sent, row, attempt, latency_ms, estimate, answer_model, key, context_sha256)
                     result.reservation, reservation = reservation, None  # released by settle
                     return result
                 self.calls.record(attempt=attempt, status=sent.status, http_status=sent.http_status,
@@ -159,7 +185,7 @@ class ModelCaller:
         if cached is None:
             return None
         try:
-            answer, notes = parse_answer(cached.content, answer_model)
+            answer, notes = parse_cached(cached.content, answer_model)
         except Unusable as error:  # a cache row that no longer validates is a miss, not an answer
             log.warning("cached answer %s no longer validates (%s); calling the model", key,
                         self.redactor.text(str(error)))

@@ -2,7 +2,10 @@
 
 Per symbol × timeframe the chart PNG goes as an `image_url` data URL with a compact numeric context
 (the last close, ATR, recent range, latest indicators and the bounds the answer must respect); the
-consolidation gets both analyses' summaries and the daily numbers. The answer is requested with
+consolidation gets both analyses' summaries and the daily numbers. With OPENAI_ANONYMIZE_CHARTS the
+context is in the anonymized chart's units (core/chart_spec.py: rebased prices, no symbol, no date).
+The context is read from a series' arrays at a position, the same way live and in a backtest. The
+answer is requested with
 `response_format={"type": "json_schema", ..., "strict": true}`, or, on a server without it, with the
 schema in the prompt. The request as recorded in `llm_calls` carries the image's sha256, not its base64.
 """
@@ -10,19 +13,26 @@ schema in the prompt. The request as recorded in `llm_calls` carries the image's
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import numpy as np
 from pydantic import BaseModel
 
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.adapters.llm.transport import Features
-from trading_pipeline.core import rules_analyst
+from trading_pipeline.adapters.model_calls import canonical_json
+from trading_pipeline.core import chart_spec, rules_analyst
 from trading_pipeline.core.analysis import TimeframeAnalysis
 from trading_pipeline.core.analysis_validation import NumericContext
-from trading_pipeline.core.chart_figure import DEFAULT_BARS_SHOWN, FALLBACK_BARS_SHOWN
-from trading_pipeline.core.frames import MarketFrame
+from trading_pipeline.core.chart_spec import IDENTITY, Rebase, SeriesArrays
 from trading_pipeline.core.risk import RANGE_TOLERANCE_ATR
 from trading_pipeline.prompts import Prompt
 
@@ -36,69 +46,226 @@ INDICATOR_COLUMNS = ("sma_20", "sma_50", "sma_200", "rsi_14", "macd", "macd_sign
 CHART_STATUS = "{chart_status}"  # filled in per attempt: the image may be dropped for a server without vision
 
 
-def _round(x: float) -> float:
-    return float(f"{x:.6g}")
+def snapped(values: Sequence[float] | np.ndarray, price: float, is_price: np.ndarray) -> np.ndarray:
+    """The values on a binary grid: those in price units (`is_price`: prices, ATR, MACD, ...) on a
+    grid of 2^-20 of `price` (the last close), the others on a grid of 2^-20 of their own size.
+
+    An indicator's last digits depend on how much history came before it (the live graph reads two
+    years, a backtest its whole window: ~1e-10 of the price apart), and an average of cent prices
+    often lies exactly on a decimal rounding boundary (519.8245): written to 6 digits directly, such
+    a value reads 519.824 in one run and 519.825 in the other. Decimal values lie anywhere on a
+    binary grid, rarely within 1e-10 of its boundaries, so both runs snap to the same value and
+    write the same. A price-unit value near zero (MACD) is snapped on the price's grid: on its own,
+    its noise would be as large as the grid."""
+    values = np.asarray(values, dtype=np.float64)
+    # Relative grid: the mantissa rounded to 20 bits, half up on the bit pattern (a carry out of the
+    # mantissa moves the exponent, as it should).
+    relative = ((values.view(np.uint64) + _HALF_DROPPED) & _KEPT).view(np.float64)
+    if not (math.isfinite(price) and price > 0):
+        return relative
+    step = math.ldexp(1.0, math.frexp(price)[1] - 21)  # a power of two: the scaling is exact
+    return np.where(is_price, np.round(values / step) * step, relative)
 
 
-def _constraints(numbers: NumericContext) -> dict[str, Any]:
-    """The bounds the answer's prices must respect (the same ones the validation applies)."""
+_DROPPED_BITS = 52 - 20
+_HALF_DROPPED = np.uint64(1 << (_DROPPED_BITS - 1))
+_KEPT = np.uint64(~((1 << _DROPPED_BITS) - 1) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def written(numbers: np.ndarray) -> list[float]:
+    """Snapped numbers as the context writes them: 6 significant digits."""
+    return [float(f"{x:.6g}") for x in numbers.tolist()]
+
+
+@functools.cache
+def context_code_version() -> str:
+    """This module's version: a context is keyed by its contents, not by its text (below), so a
+    change in how the text is written must change the key."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """The numeric context of one request, keyed without writing it.
+
+    `fields` is everything in it but the numbers (hashable, with a stable repr), `numbers` the
+    numbers, snapped; `write` makes the context (a JSON object) from them. The response cache key
+    hashes fields and numbers (`sha256`): a backtest asks tens of thousands of times and never
+    sends a request, so the text is written only when a request is sent (`as_json`)."""
+
+    fields: tuple[Any, ...]
+    numbers: np.ndarray
+    write: Callable[[tuple[Any, ...], list[float]], dict[str, Any]]
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256(f"{context_code_version()}|{self.fields!r}|".encode())
+        digest.update(self.numbers.tobytes())
+        return digest.hexdigest()
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.write(self.fields, written(self.numbers))
+
+    def as_json(self) -> str:
+        return canonical_json(self.as_dict())
+
+
+def _bounds(numbers: NumericContext) -> list[float]:
+    """The bounds the answer's prices must respect (the same ones the validation applies):
+    entry tolerance, entry range, stop and target range."""
     tolerance = numbers.entry_tolerance()
-    low, high = numbers.price_bounds()
+    return [tolerance, numbers.last_close - tolerance, numbers.last_close + tolerance, *numbers.price_bounds()]
+
+
+def _constraints(bounds: list[float]) -> dict[str, Any]:
+    """The context's `constraints`, from the numbers of `_bounds`."""
+    return {"entry_tolerance": bounds[0], "entry_range": bounds[1:3], "range_tolerance_atr": RANGE_TOLERANCE_ATR,
+            "stop_and_target_range": bounds[3:5]}
+
+
+def timeframe_context(series: SeriesArrays, end: int, *, symbol: str, timeframe: str, last_bar_start: datetime,
+                      rebase: Rebase = IDENTITY) -> tuple[NumericContext, RequestContext]:
+    """The numbers a timeframe answer is checked against (real prices), and the context the model
+    is sent (in the chart's units: rebased, with no symbol or date, when `rebase` anonymizes), for
+    bars [0, end) of `series`: the live analyst passes a whole frame, the backtest a position in a
+    long series."""
+    names, rows, complete = series.derived(("context rows", timeframe),
+                                           functools.partial(context_rows, timeframe=timeframe))
+    row = rows[end - 1]
+    numbers = NumericContext(*row[:6].tolist())
+    shown = numbers if not rebase.anonymized else NumericContext(*(row[:6] * rebase.price).tolist())
+    latest = row[6:]
+    if not complete[end - 1]:  # warm-up: an indicator without a value is left out
+        present = ~np.isnan(latest)
+        names, latest = tuple(n for n, p in zip(names, present, strict=True) if p), latest[present]
+    closes = series.columns["close"][max(0, end - RECENT_CLOSES):end]
+    if rebase.anonymized:
+        latest, closes = latest * rebase.factors(names), closes * rebase.price
+    values = np.concatenate(([shown.last_close, shown.atr, shown.recent_high, shown.recent_low, shown.chart_high,
+                              shown.chart_low, *_bounds(shown)], latest, closes))
+    is_price = _timeframe_prices(names, len(closes))
+    fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else symbol, timeframe,
+              (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(),
+              end - chart_spec.shown_start(timeframe, end), names)
+    return numbers, RequestContext(fields, snapped(values, shown.last_close, is_price), _write_timeframe_context)
+
+
+@functools.lru_cache(maxsize=64)
+def _timeframe_prices(names: tuple[str, ...], closes: int) -> np.ndarray:
+    """Which numbers of a timeframe context are in price units: the 11 first, the indicators that
+    are, the closes."""
+    return np.array([True] * 11 + [name in chart_spec.PRICE_COLUMNS for name in names] + [True] * closes)
+
+
+def context_rows(series: SeriesArrays, timeframe: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """A timeframe context's numbers at every position, made once per series: per bar, the last
+    close, ATR, recent high and low (as `rules_analyst.numeric_context_at` reads them), the high and
+    low of the bars the chart shows, then the latest value of each of `names` (INDICATOR_COLUMNS
+    the series has); and whether each bar has a value for all of `names`."""
+    columns, recent, shown = series.columns, rules_analyst.LEVEL_LOOKBACKS[-1], chart_spec.bars_shown(timeframe)
+    names = tuple(name for name in INDICATOR_COLUMNS if name in columns)
+    rows = np.column_stack([
+        columns["close"], columns["atr_14"],
+        chart_spec.rolling(columns["high"], recent, np.maximum), chart_spec.rolling(columns["low"], recent, np.minimum),
+        chart_spec.rolling(columns["high"], shown, np.maximum), chart_spec.rolling(columns["low"], shown, np.minimum),
+        *(columns[name] for name in names)])
+    return names, rows, ~np.isnan(rows[:, 6:]).any(axis=1)
+
+
+def _write_timeframe_context(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
+    symbol, timeframe, last_bar_start, bars_in_chart, names = fields
     return {
-        "entry_tolerance": _round(tolerance),
-        "entry_range": [_round(numbers.last_close - tolerance), _round(numbers.last_close + tolerance)],
-        "range_tolerance_atr": RANGE_TOLERANCE_ATR,
-        "stop_and_target_range": [_round(low), _round(high)],
-    }
-
-
-def timeframe_context(indicators: MarketFrame) -> tuple[NumericContext, dict[str, Any]]:
-    """The numbers a timeframe answer is checked against, and the context JSON the model is sent."""
-    frame = indicators.frame
-    base = rules_analyst.numeric_context(frame)
-    shown = frame.tail(DEFAULT_BARS_SHOWN.get(indicators.timeframe, FALLBACK_BARS_SHOWN))
-    numbers = NumericContext(base["last_close"], base["atr"], base["recent_high"], base["recent_low"],
-                             float(shown["high"].max()), float(shown["low"].min()))
-    last = frame.iloc[-1]
-    latest = {c: _round(float(last[c])) for c in INDICATOR_COLUMNS if c in frame.columns and pd.notna(last[c])}
-    context = {
-        "symbol": indicators.symbol,
-        "timeframe": indicators.timeframe,
-        "last_bar_start": indicators.last_bar_start.isoformat(),
-        "bars_in_chart": len(shown),
-        "last_close": _round(numbers.last_close),
-        "recent_closes": [_round(float(x)) for x in frame["close"].tail(RECENT_CLOSES)],
-        "atr_14": _round(numbers.atr),
+        "symbol": symbol,
+        "timeframe": timeframe,
+        "last_bar_start": last_bar_start,
+        "bars_in_chart": bars_in_chart,
+        "last_close": n[0],
+        "recent_closes": n[11 + len(names):],
+        "atr_14": n[1],
         "recent_bars": rules_analyst.LEVEL_LOOKBACKS[-1],
-        "recent_high": _round(numbers.recent_high),
-        "recent_low": _round(numbers.recent_low),
-        "chart_high": _round(numbers.chart_high),
-        "chart_low": _round(numbers.chart_low),
-        "indicators": latest,
-        "constraints": _constraints(numbers),
+        "recent_high": n[2],
+        "recent_low": n[3],
+        "chart_high": n[4],
+        "chart_low": n[5],
+        "indicators": dict(zip(names, n[11:11 + len(names)], strict=True)),
+        "constraints": _constraints(n[6:11]),
     }
-    return numbers, context
 
 
-def _summary(a: TimeframeAnalysis) -> dict[str, Any]:
-    return {"timeframe": a.timeframe, "signal": a.signal.value, "trend": a.trend.value, "confidence": a.confidence,
-            "entry": a.entry, "stop": a.stop, "targets": a.targets, "support": a.support, "resistance": a.resistance,
-            "indicators": [{"name": v.name, "bullish": v.bullish, "reading": v.detail} for v in a.votes],
-            "last_close": a.last_close, "atr_14": a.atr, "rationale": a.rationale, "data_through": a.data_through.isoformat()}
+@dataclass(frozen=True)
+class Summary:
+    """An analysis as the consolidation reads it: `fields` (all but the numbers, as `_write_summary`
+    reads them), `numbers` (in the chart's units) and the sha256 of the fields."""
+
+    fields: tuple[Any, ...]
+    numbers: list[float]
+    sha256: str
 
 
-def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis) -> tuple[NumericContext, dict[str, Any]]:
-    """The daily numbers the proposal is checked against, and the context JSON the model is sent."""
+def summary(a: TimeframeAnalysis, rebase: Rebase) -> Summary:
+    prices = [a.last_close, *([] if a.entry is None else [a.entry]), *([] if a.stop is None else [a.stop]),
+              *a.targets, *a.support, *a.resistance]
+    fields = (a.timeframe, a.signal.value, a.trend.value, a.entry is not None, a.stop is not None, len(a.targets),
+              len(a.support), len(a.resistance), tuple((v.name, v.bullish, v.detail) for v in a.votes), a.rationale,
+              None if rebase.anonymized else a.data_through.isoformat())
+    numbers = [a.confidence, a.atr, *prices]
+    if rebase.anonymized:
+        numbers[1:] = [x * rebase.price for x in numbers[1:]]
+    return Summary(fields, numbers, hashlib.sha256(repr(fields).encode()).hexdigest())
+
+
+def _write_summary(fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
+    timeframe, signal, trend, has_entry, has_stop, targets, support, resistance, votes, rationale, data_through = fields
+    prices = iter(n[2:])
+    last_close = next(prices)
+    entry = next(prices) if has_entry else None
+    stop = next(prices) if has_stop else None
+    written_summary = {
+        "timeframe": timeframe, "signal": signal, "trend": trend, "confidence": n[0], "entry": entry, "stop": stop,
+        "targets": [next(prices) for _ in range(targets)], "support": [next(prices) for _ in range(support)],
+        "resistance": [next(prices) for _ in range(resistance)],
+        "indicators": [{"name": name, "bullish": bullish, "reading": reading} for name, bullish, reading in votes],
+        "last_close": last_close, "atr_14": n[1], "rationale": rationale}
+    if data_through is not None:
+        written_summary["data_through"] = data_through
+    return written_summary
+
+
+def consolidation_context(daily: TimeframeAnalysis, weekly: TimeframeAnalysis, rebase: Rebase = IDENTITY,
+                          weekly_summary: Summary | None = None) -> tuple[NumericContext, RequestContext]:
+    """The daily numbers the proposal is checked against (real prices), and the context the model
+    is sent (rebased, with no symbol or date, when `rebase` anonymizes). `weekly_summary` is
+    `summary(weekly, rebase)` when the caller kept it (a weekly analysis serves a week of decisions)."""
     numbers = NumericContext(daily.last_close, daily.atr, daily.recent_high, daily.recent_low)
-    context = {
-        "symbol": daily.symbol,
-        "daily": _summary(daily),
-        "weekly": _summary(weekly),
-        "daily_numbers": {"last_close": daily.last_close, "atr_14": daily.atr, "recent_high": daily.recent_high,
-                          "recent_low": daily.recent_low},
-        "constraints": _constraints(numbers),
+    shown = numbers if not rebase.anonymized else NumericContext(
+        *(rebase.shown(x) for x in (numbers.last_close, numbers.atr, numbers.recent_high, numbers.recent_low)))
+    daily_summary, weekly_summary = summary(daily, rebase), weekly_summary or summary(weekly, rebase)
+    fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else daily.symbol, daily_summary.sha256,
+              len(daily_summary.numbers), weekly_summary.sha256)
+    values = [shown.last_close, shown.atr, shown.recent_high, shown.recent_low, *_bounds(shown),
+              *daily_summary.numbers, *weekly_summary.numbers]
+    is_price = _consolidation_prices(len(daily_summary.numbers), len(weekly_summary.numbers))
+    return numbers, RequestContext(fields, snapped(values, shown.last_close, is_price), functools.partial(
+        _write_consolidation_context, daily_summary.fields, weekly_summary.fields))
+
+
+@functools.lru_cache(maxsize=64)
+def _consolidation_prices(daily: int, weekly: int) -> np.ndarray:
+    """Which numbers of a consolidation context are in price units: all but the two confidences."""
+    is_price = np.ones(9 + daily + weekly, dtype=bool)
+    is_price[[9, 9 + daily]] = False
+    return is_price
+
+
+def _write_consolidation_context(daily_fields: tuple[Any, ...], weekly_fields: tuple[Any, ...],
+                                 fields: tuple[Any, ...], n: list[float]) -> dict[str, Any]:
+    symbol, _, daily_count, _ = fields
+    return {
+        "symbol": symbol,
+        "daily": _write_summary(daily_fields, n[9:9 + daily_count]),
+        "weekly": _write_summary(weekly_fields, n[9 + daily_count:]),
+        "daily_numbers": {"last_close": n[0], "atr_14": n[1], "recent_high": n[2], "recent_low": n[3]},
+        "constraints": _constraints(n[4:9]),
     }
-    return numbers, context
 
 
 def estimate_tokens(prompt: Prompt, user_text: str, send_image: bool, max_output_tokens: int) -> int:

@@ -22,9 +22,11 @@ DEFAULTS = {
     "TRADING_LLM_BACKOFF_SECONDS": 1.0,
     "TRADING_LLM_BACKOFF_MAX_SECONDS": 30.0,
     "TRADING_LLM_CONCURRENCY": 4,
+    "OPENAI_ANONYMIZE_CHARTS": "no",
 }
 VISION_MODES = ("auto", "yes", "no")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+YES, NO = ("yes", "on", "true", "1"), ("no", "off", "false", "0")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class OpenAISettings:
     price: ModelPrice | None
     limits: BudgetLimits
     cache: bool
+    # The model sees the chart and numbers with no symbol, dates or absolute prices (core/chart_spec.py).
+    anonymize: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], run_tags: Mapping[str, str] | None = None) -> OpenAISettings:
@@ -70,6 +74,11 @@ class OpenAISettings:
             raise ConfigError(f"OPENAI_VISION={environ.get('OPENAI_VISION')!r} is not auto, yes or no",
                               "set OPENAI_VISION=auto (send the chart, fall back to numbers if the server "
                               "rejects images), yes (always send it) or no (numbers only)")
+        raw_anonymize = (environ.get("OPENAI_ANONYMIZE_CHARTS") or DEFAULTS["OPENAI_ANONYMIZE_CHARTS"]).strip().lower()
+        if raw_anonymize not in YES + NO:
+            raise ConfigError(f"OPENAI_ANONYMIZE_CHARTS={environ.get('OPENAI_ANONYMIZE_CHARTS')!r} is not yes or no",
+                              "set OPENAI_ANONYMIZE_CHARTS=yes (the model sees no symbol, dates or absolute prices) "
+                              "or no (default)")
         raw_temperature = (environ.get("OPENAI_TEMPERATURE") or DEFAULTS["OPENAI_TEMPERATURE"]).strip().lower()
         if raw_temperature in ("none", "omit", "unset"):
             temperature = None
@@ -92,6 +101,7 @@ class OpenAISettings:
             price=model_calls.price_for(model, environ),
             limits=_limits(environ, model),
             cache=model_calls.cache_enabled(environ, run_tags),
+            anonymize=raw_anonymize in YES,
         )
 
 

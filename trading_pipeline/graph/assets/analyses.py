@@ -1,11 +1,9 @@
 """AI analyses: the configured analyst reads each symbol × timeframe of the run; an unusable answer, or a
 partition whose bars or chart failed in a batched run, is NO_TRADE with the reason."""
 
-from datetime import UTC, datetime
-
 import dagster as dg
 
-from trading_pipeline.core.analysis import TimeframeAnalysis
+from trading_pipeline.core.analysis import NO_DATA, TimeframeAnalysis
 from trading_pipeline.core.frames import MarketFrame
 from trading_pipeline.errors import UserError
 from trading_pipeline.graph import checks
@@ -72,10 +70,6 @@ def build_analysis_assets(symbol_timeframe) -> list:
             reader.close()
 
     return [ai_analyses]
-
-
-# The data_through of an analysis made from no bars at all: older than any bar, so never "fresh".
-NO_DATA = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def analysis_outcome(context, analyst: AnalystResource, sessions, analysis: TimeframeAnalysis,

@@ -313,12 +313,20 @@ def test_cache_hit_makes_no_http_request_and_returns_the_same_analysis(make_anal
     assert summary["cost_usd"] == 0.0 and summary["outcomes"] == ["valid"]
 
 
-def test_changed_bars_or_image_miss_the_cache(make_analyst, openai_server, daily, weekly, png):
+def test_changed_bars_miss_the_cache_and_another_png_of_the_same_chart_hits_it(make_analyst, openai_server, daily,
+                                                                                  weekly, png, sessions):
     openai_server.reset(default=good())
     analyst = make_analyst()
-    analyst.analyze(daily, chart_for(png), png)
+    first = analyst.analyze(daily, chart_for(png), png)
+    # The key is what the chart shows (core/chart_spec.py), not the PNG's bytes: a re-render of the
+    # same bars is the same chart; the call log still names the PNG each call had.
     other_png = png + b"\0"
-    analyst.analyze(daily, ChartSource(uri="file:///x.png", sha256=hashlib.sha256(other_png).hexdigest()), other_png)
+    again = analyst.analyze(daily, ChartSource(uri="file:///x.png", sha256=hashlib.sha256(other_png).hexdigest()),
+                            other_png)
+    assert len(openai_server.requests) == 1 and again.signal == first.signal and again.entry == first.entry
+    assert [(r.cache_hit, r.image_sha256) for r in rows(sessions)] == [
+        (False, hashlib.sha256(png).hexdigest()), (True, hashlib.sha256(other_png).hexdigest())]
+    analyst.analyze(daily.with_frame(daily.frame.iloc[:-1]), None, png)
     analyst.analyze(weekly, None, png)
     assert len(openai_server.requests) == 3
 

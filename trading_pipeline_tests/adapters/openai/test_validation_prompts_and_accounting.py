@@ -158,14 +158,14 @@ def test_cache_switches():
         cache_enabled({}, {"trading/llm_cache": "nope"})
 
 
-def test_cache_key_depends_on_model_prompt_image_context_and_schema():
-    base = {"kind": "k", "model": "m", "prompt_version": "p@1", "image_sha256": "i", "context": {"close": 1.0},
+def test_cache_key_depends_on_model_prompt_chart_context_and_schema():
+    base = {"kind": "k", "model": "m", "prompt_version": "p@1", "chart_sha256": "c", "context_sha256": "x",
             "schema_sha256": "s"}
-    key, _ = cache_key(**base)
-    assert cache_key(**base)[0] == key
-    for change in ({"model": "m2"}, {"prompt_version": "p@2"}, {"image_sha256": None}, {"context": {"close": 1.01}},
+    key = cache_key(**base)
+    assert cache_key(**base) == key
+    for change in ({"model": "m2"}, {"prompt_version": "p@2"}, {"chart_sha256": None}, {"context_sha256": "y"},
                    {"schema_sha256": "t"}):
-        assert cache_key(**{**base, **change})[0] != key
+        assert cache_key(**{**base, **change}) != key
 
 
 def test_redactor_removes_the_key_and_anything_shaped_like_one():
