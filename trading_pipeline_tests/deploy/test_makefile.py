@@ -29,8 +29,11 @@ TEST_TOOLS = ("pytest", "pytest-xdist", "moto", "playwright", "ruff", "check-jso
 
 def _dry_run(target: str, venv: Path) -> str:
     """The commands `make <target>` would run for a fresh checkout (nothing installed yet)."""
+    # Under `make test PYTEST_WORKERS=0 PYTEST_ARGS=...` its variables reach this make through the environment.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTEST_WORKERS", "PYTEST_ARGS")}
     result = subprocess.run(["make", "-n", "-C", str(REPO), target, f"VENV={venv}"],
-                            capture_output=True, text=True, check=True, timeout=60)
+                            capture_output=True, text=True, check=True, timeout=60, env=env)
     return result.stdout
 
 
