@@ -49,8 +49,12 @@ dev: chromium $(DAGSTER_HOME)/dagster.yaml
 	  trap 'kill $$charts 2>/dev/null' EXIT; trap 'exit 0' INT TERM; \
 	  $(VENV)/bin/dg dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
 
+# The suite on PYTEST_WORKERS pytest-xdist processes (0: in this one), a test file's tests on one
+# worker (the deploy tests all on one: trading_pipeline_tests/conftest.py).
+PYTEST_WORKERS ?= 2
+
 test: install-test chromium
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: chromium
 	$(PY) bench/pipeline.py

@@ -13,6 +13,28 @@ import sqlalchemy as sa
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
+# The deploy package runs on one worker: its package-scoped deployment (deploy/conftest.py) is started
+# once, and its tests, each starting servers and browsers, don't compete with each other for the cores.
+ONE_WORKER_PACKAGES = ("trading_pipeline_tests/deploy/",)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run without it doesn't load
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs the suite on pytest-xdist workers with `--dist loadfile`: a module's tests stay
+    on one worker, so its module-scoped set-ups (a demo UI, a browser, an emulator) are made once.
+    Here that also keeps each package of ONE_WORKER_PACKAGES on one worker. (pytest-xdist's own
+    `xdist_group` marks can't do it: pytest 9.2 ignores the node id they rewrite.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class PackageAwareFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return next((p for p in ONE_WORKER_PACKAGES if nodeid.startswith(p)), super()._split_scope(nodeid))
+
+    return PackageAwareFileScheduling(config, log)
+
+
 @pytest.fixture
 def postgres_url():
     """A fresh database on the real PostgreSQL server, dropped afterwards."""

@@ -26,8 +26,21 @@ def upgrade(url: str, connection=None) -> None:
 
     config = alembic_config(url)
     if connection is not None:
+        if is_current(config, connection):
+            return
         config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+def is_current(config, connection) -> bool:
+    """Is the database at the head revision already? Asked without Alembic's env.py, whose imports
+    (every model module, the backtest's with pandas and numba) cost a fresh process 1-2 s: every run
+    process opens the database, and nearly always finds it current."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory.from_config(config).get_heads())
+    return set(MigrationContext.configure(connection).get_current_heads()) == heads
 
 
 def main(argv: list[str]) -> int:

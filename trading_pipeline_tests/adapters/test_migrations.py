@@ -1,5 +1,5 @@
-"""The Alembic revisions build exactly the schema the models describe, on SQLite and PostgreSQL,
-and running them again (every process start does) changes nothing."""
+"""The Alembic revisions build exactly the schema the models describe, on SQLite and PostgreSQL;
+a start on a current database changes nothing, one on an older database upgrades it."""
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -22,3 +22,23 @@ def test_migrations_match_models_and_are_idempotent(database_url):
     assert {"strategies", "symbols", "decisions", "orders", "order_events", "executions", "charts",
             "position_snapshots", "account_snapshots", "paper_orders", "paper_fills", "llm_calls",
             "llm_response_cache", "alembic_version"} <= tables
+
+
+def test_a_database_behind_the_head_is_upgraded_at_the_next_start(database_url):
+    """A start skips Alembic's env.py only when the database is at the head already (migrations.is_current)."""
+    from alembic import command
+
+    from trading_pipeline import migrations
+
+    engine = trading_db.get_engine(database_url)
+    config = migrations.alembic_config(database_url)
+    with engine.begin() as connection:
+        head = MigrationContext.configure(connection).get_current_revision()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "-1")  # as a database left by the previous release
+        assert not migrations.is_current(config, connection)
+    trading_db.upgrade_schema(engine)
+    with engine.connect() as connection:
+        assert MigrationContext.configure(connection).get_current_revision() == head
+        assert migrations.is_current(config, connection)
+        assert "backtest_trades" in sa.inspect(connection).get_table_names()

@@ -24,13 +24,16 @@ from trading_pipeline_tests.deploy.processes import ProcessSet, free_port
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PNG = b"\x89PNG\r\n\x1a\n" + b"chart" * 50
-TEST_TOOLS = ("pytest", "moto", "playwright", "ruff", "check-jsonschema")
+TEST_TOOLS = ("pytest", "pytest-xdist", "moto", "playwright", "ruff", "check-jsonschema")
 
 
 def _dry_run(target: str, venv: Path) -> str:
     """The commands `make <target>` would run for a fresh checkout (nothing installed yet)."""
+    # Under `make test PYTEST_WORKERS=0 PYTEST_ARGS=...` its variables reach this make through the environment.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTEST_WORKERS", "PYTEST_ARGS")}
     result = subprocess.run(["make", "-n", "-C", str(REPO), target, f"VENV={venv}"],
-                            capture_output=True, text=True, check=True, timeout=60)
+                            capture_output=True, text=True, check=True, timeout=60, env=env)
     return result.stdout
 
 
@@ -42,7 +45,7 @@ def test_demo_installs_the_package_without_test_tools(tmp_path):
     dev = _dry_run("dev", tmp_path / "venv")
     assert "[test]" not in dev and "pip install -q -e ." in dev
     test = _dry_run("test", tmp_path / "venv")
-    assert "pip install -q -e '.[test]'" in test and "-m pytest" in test
+    assert "pip install -q -e '.[test]'" in test and "-m pytest -q -n 2 --dist loadfile" in test  # on 2 workers
 
 
 def test_test_tools_are_an_extra_not_dependencies():

@@ -4,6 +4,7 @@ Waits are scaled down on both sides (the emulator's 1-per-5-s endpoints answer 4
 the client spaces them by 0.3 s); `test_default_limits_*` runs the documented defaults.
 """
 
+import dataclasses
 import socket
 
 import pytest
@@ -89,6 +90,20 @@ def client_factory():
 @pytest.fixture
 def client(emulator, client_factory) -> IBKRClient:
     return client_factory(emulator)
+
+
+@pytest.fixture
+def fast_graph_pacing(monkeypatch):
+    """The graph's IBKR clients (IBKRResource builds them with `Pacing(history_concurrency=...)`)
+    pace like the emulator's scaled-down limits too, as FAST does for the clients made here: at
+    IBKR's 1 per 5 s, a run's account reads (P&L, portfolio accounts) waited out most of a whole-graph test."""
+    from trading_pipeline.adapters.ibkr import pacing
+    from trading_pipeline.graph import ibkr
+
+    monkeypatch.setattr(pacing, "Pacing", lambda **limits: dataclasses.replace(FAST, **limits))
+    ibkr._shared_client.cache_clear()
+    yield
+    ibkr._shared_client.cache_clear()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from trading_pipeline.core.strategies import parse_strategies
 from trading_pipeline.definitions import build_definitions
 from trading_pipeline.graph.assets import AS_OF_TAG
 from trading_pipeline.graph.resources import resources_from_env
+from trading_pipeline_tests.adapters.ibkr.conftest import FAST
 
 SYMBOLS = ["AAPL", "MSFT", "NVDA", "AMZN"]
 STRATEGIES = parse_strategies(f"""\
@@ -24,7 +25,7 @@ strategies:
 """)
 
 
-def test_whole_graph_against_the_emulator(emulator_factory, tmp_path, monkeypatch):
+def test_whole_graph_against_the_emulator(emulator_factory, fast_graph_pacing, tmp_path, monkeypatch):
     emulator = emulator_factory()
     environment = {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_MARKET_DATA": "ibkr",
                    "TRADING_BROKER": "ibkr", "TRADING_ORDERS_ENABLED": "yes", "IBKR_GATEWAY_URL": emulator.url,
@@ -32,7 +33,9 @@ def test_whole_graph_against_the_emulator(emulator_factory, tmp_path, monkeypatc
     for name, value in environment.items():  # the deployment's environment: switches are read from it when sending
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("TRADING_AS_OF", raising=False)
-    defs = build_definitions(STRATEGIES, resources_from_env(environment))
+    resources = resources_from_env(environment)
+    assert resources["ibkr"].client().pacing == FAST  # the runs' client paces as the emulator limits
+    defs = build_definitions(STRATEGIES, resources)
     as_of = datetime.now(UTC).replace(microsecond=0).isoformat()
     outcomes, conids = {}, {}
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
