@@ -44,7 +44,7 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
             raise fail(error) from None
         desk = OrderDesk(sessions, the_broker)
         batched = len(partition_keys(context)) > 1
-        statuses: dict[str, list[str]] = {}
+        handled: list[str] = []  # "SYMBOL status", in the order the batch handled them
 
         def send(_symbol: str, decision: TradeDecision) -> PartitionOutcome:
             strategy = strategies_file.strategy_for(decision.symbol)
@@ -61,19 +61,20 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
                 else:
                     record = _send_entry(desk, decision, strategy, the_broker, market_data, sessions, now, context)
             if batched:  # one line for the batch below (each log line is an event-log write)
-                statuses.setdefault(record.status, []).append(decision.symbol)
+                handled.append(f"{decision.symbol} {record.status}")
             else:
                 context.log.info(f"{decision.symbol}: {record.status}: {record.reason}")
             return PartitionOutcome(value=record, metadata=order_metadata(record))
 
         # A user error (an exit whose state is unknown) fails that symbol's order; a run of one symbol fails.
         yield from materialize_partitions(context, send, trade_decisions, in_key_order=True)
-        if statuses:
-            context.log.info("orders: " + "; ".join(f"{status}: {', '.join(symbols)}"
-                                                    for status, symbols in sorted(statuses.items()))
-                             + " (each partition's metadata says why)")
+        if handled:
+            context.log.info(f"{ORDER_SEQUENCE_LOG}{', '.join(handled)} (each partition's metadata says why)")
 
     return [orders]
+
+
+ORDER_SEQUENCE_LOG = "orders, in the order handled: "
 
 
 def why_not_sent(decision: TradeDecision, strategy: Strategy, broker: BrokerResource, now) -> str | None:
