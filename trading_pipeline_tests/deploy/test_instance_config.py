@@ -29,7 +29,7 @@ def test_compose_instance_is_postgres_with_queue_limits_and_run_retries(deployme
         queue = instance.get_concurrency_config().run_queue_config  # what the daemon's queue applies
         assert_decisions_keep_a_run_slot(queue)
         assert queue.max_user_code_failure_retries == 3 and queue.user_code_failure_retry_delay == 30
-        assert coordinator.dequeue_interval_seconds == 1
+        assert coordinator.dequeue_interval_seconds == 1 and coordinator.dequeue_use_threads
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
         assert instance.run_retries_retry_on_asset_or_op_failure is False
         assert instance.run_monitoring_enabled
@@ -56,7 +56,7 @@ def test_laptop_instance_loads_without_postgres(tmp_path, monkeypatch):
         assert isinstance(instance.event_log_storage, QuickSqliteEventLogStorage)
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
         assert_decisions_keep_a_run_slot(instance.get_concurrency_config().run_queue_config)
-        assert instance.run_coordinator.dequeue_interval_seconds == 1
+        assert instance.run_coordinator.dequeue_interval_seconds == 1 and instance.run_coordinator.dequeue_use_threads
         assert instance.get_runs_count() == 0  # storage works
     assert (tmp_path / "history" / "runs" / "index.db").is_file()  # Dagster's own layout under DAGSTER_HOME
 
