@@ -13,6 +13,7 @@ Here:
 - index.db keeps one open connection: nothing watches that file, so it need not be checkpointed per write;
 - a run's own file still gets a new connection per write, closed after it: the webserver shows a
   running run's events when that file changes (Dagster watches it), which the checkpoint on close does;
+- whether index.db has a table or a finished data migration is asked once, not per event;
 - `synchronous=NORMAL` (SQLite's recommendation with WAL): a commit no longer waits for the disk;
   an application crash loses nothing, a power cut may lose the last events, never the database
   (orders are exactly-once through the trading database, not this log);
@@ -53,6 +54,7 @@ class QuickSqliteEventLogStorage(SqliteEventLogStorage):
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None):
         self._engines: OrderedDict[str, sa.Engine] = OrderedDict()
+        self._present: set[tuple[str, str]] = set()  # tables and finished data migrations seen in index.db
         super().__init__(base_dir, inst_data)
 
     @classmethod
@@ -84,6 +86,18 @@ class QuickSqliteEventLogStorage(SqliteEventLogStorage):
                 self._initialized_dbs.add(shard)
             with engine.connect() as conn, conn.begin():
                 yield conn
+
+    # Dagster asks these for every asset event and check evaluation (a new engine and a query each
+    # time); a table or a finished migration never goes away, so a yes is remembered.
+    def has_table(self, table_name: str) -> bool:
+        if ("table", table_name) not in self._present and super().has_table(table_name):
+            self._present.add(("table", table_name))
+        return ("table", table_name) in self._present
+
+    def has_secondary_index(self, name: str) -> bool:
+        if ("index", name) not in self._present and super().has_secondary_index(name):
+            self._present.add(("index", name))
+        return ("index", name) in self._present
 
     def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
         """The batch in one transaction on the run's file and one on index.db (Dagster's SQLite
