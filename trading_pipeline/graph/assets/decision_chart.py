@@ -3,6 +3,7 @@ stored and linked like the other charts. Used by trade_decisions (a batched run 
 decisions' charts as one batch) and, with fills, by the sync."""
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -37,32 +38,40 @@ def render_decision_chart(decision: TradeDecision, daily_frame, renderer: ChartR
 
 def render_decision_charts(charts: Sequence[DecisionChart], renderer: ChartRendererResource,
                            store: ChartStoreResource, log=None) -> list[dict]:
-    """`render_decision_chart` for many decisions, rendered as one batch through one browser. Any
-    error (also an unexpected one) leaves that chart undrawn, never the decision undecided."""
+    """`render_decision_chart` for many decisions, through one browser: each figure is built while
+    the ones before it render, and stored while later ones render. Any error (also an unexpected
+    one) leaves that chart undrawn, never the decision undecided."""
     from trading_pipeline.core.chart_figure import build_decision_figure
 
-    results: list = [None] * len(charts)
-    figures = {}
-    for i, chart in enumerate(charts):
-        decision = chart.decision
-        try:
-            figures[i] = build_decision_figure(
-                chart.daily_frame, decision.symbol, decision.as_of, action=decision.action, entry=decision.entry,
-                stop=decision.stop, targets=decision.targets, r_multiple=decision.r_multiple, fills=chart.fills,
-                width=renderer.width, height=renderer.height)
-        except Exception as error:  # noqa: BLE001 - that chart's failure, reported in its metadata
-            results[i] = error
-    if figures:
-        try:
-            rendered = renderer.renderer().render_each(list(figures.values()), renderer.width, renderer.height)
-        except Exception as error:  # noqa: BLE001 - the browser itself: no chart drawn, decisions go on
-            rendered = [error] * len(figures)
-        for i, png in zip(figures, rendered, strict=True):
-            results[i] = png
-    chart_store = store.store() if figures else None
+    results: list = [None] * len(charts)  # a PNG Future, or the error that left a chart undrawn
+    drawn: list[int] = []
+
+    def figures():
+        for i, chart in enumerate(charts):
+            decision = chart.decision
+            try:
+                figure = build_decision_figure(
+                    chart.daily_frame, decision.symbol, decision.as_of, action=decision.action, entry=decision.entry,
+                    stop=decision.stop, targets=decision.targets, r_multiple=decision.r_multiple, fills=chart.fills,
+                    width=renderer.width, height=renderer.height)
+            except Exception as error:  # noqa: BLE001 - that chart's failure, reported in its metadata
+                results[i] = error
+                continue
+            drawn.append(i)
+            yield figure
+
+    try:  # each figure built while the ones before it render; stored below while later ones render
+        futures = renderer.renderer().render_each_pipelined(figures(), renderer.width, renderer.height)
+        for i, future in zip(drawn, futures, strict=True):
+            results[i] = future
+    except Exception as error:  # noqa: BLE001 - the browser itself: no chart drawn, decisions go on
+        results = [result if isinstance(result, Exception) else error for result in results]
+        drawn = []
+    chart_store = store.store() if drawn else None
     metadata = []
-    for chart, png in zip(charts, results, strict=True):
+    for chart, result in zip(charts, results, strict=True):
         try:
+            png = result.result() if isinstance(result, Future) else result
             if isinstance(png, Exception):
                 raise png
             stored = chart_store.put_png(decision_chart_key(chart.decision), png)
