@@ -2,13 +2,16 @@
 
 Starts `dagster-webserver` and `dagster-daemon` (127.0.0.1 only) on a fresh DAGSTER_HOME holding
 the repository's dagster.yaml, with a temporary strategies file of N symbols on the simulated
-market and paper orders on. Then, per repeat (each a later week):
+market, paper orders on, and the paper deployment's simulated clock (TRADING_AS_OF) at the
+measured open, so the decisions' orders are sent as at that open. Then, per repeat (each a later
+week, on a fresh instance with its own clock):
 
 - refresh: evaluates the daily and the weekly close schedules over GraphQL (`scheduleDryRun`, what
   the UI's "Test schedule" and the daemon's tick evaluate) and launches their run requests
   (`launchRun`, into the run queue), then waits for every run;
 - open: evaluates the market-open sensor at the next session's open (in this process, at that
-  time) and launches its run requests the same way; timed from the sensor's tick.
+  time) and launches its run requests the same way; timed from the sensor's tick; counts the
+  orders sent.
 
 Then the same work in one process (`execute_in_process`, same run tags) and the unavoidable work
 (bars, indicators, figure and a warm batched render per chart, no Dagster), and prints wall times,
@@ -34,6 +37,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
+import yaml
 
 warnings.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +82,8 @@ query { workspaceOrError { ... on Workspace { locationEntries { name loadStatus
 class Instance:
     """The webserver and daemon on a fresh DAGSTER_HOME; `close()` kills them and all they started."""
 
-    def __init__(self, tmp: Path, symbols: list[str], instance_config: Path, postgres_db: str | None):
+    def __init__(self, tmp: Path, symbols: list[str], instance_config: Path, postgres_db: str | None,
+                 clock: datetime):
         self.tmp = tmp
         home = tmp / "home"
         home.mkdir()
@@ -89,11 +94,16 @@ class Instance:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(ISOLATED_PREFIXES)}
         self.env.update({"DAGSTER_HOME": str(home), "TRADING_STRATEGIES_FILE": str(strategies),
                          "TRADING_DATA_DIR": str(tmp / "data"), "TRADING_ORDERS_ENABLED": "yes",
+                         # The paper deployment's simulated clock: orders go out as at the measured open
+                         # (docs/modes-and-variables.md); each run's own time is its trading/as_of tag.
+                         "TRADING_AS_OF": clock.astimezone(UTC).isoformat(),
                          "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"})
         if postgres_db:  # deploy/dagster.yaml reads its PostgreSQL from these (docker compose sets them)
+            compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
             self.env.update({"DAGSTER_POSTGRES_HOST": "127.0.0.1", "DAGSTER_POSTGRES_PORT": "5432",
                              "DAGSTER_POSTGRES_USER": "postgres", "DAGSTER_POSTGRES_PASSWORD": "",
-                             "DAGSTER_POSTGRES_DB": postgres_db})
+                             "DAGSTER_POSTGRES_DB": postgres_db,
+                             "DAGSTER_EVENT_BATCH_SIZE": compose["x-dagster-env"]["DAGSTER_EVENT_BATCH_SIZE"]})
         self.processes = ProcessSet(tmp / "logs")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -170,48 +180,82 @@ def at(day: datetime, hour: int, minute: int) -> datetime:
     return day.replace(hour=hour, minute=minute, second=0, microsecond=0)
 
 
-def open_requests(symbols: list[str], env: dict, when: datetime) -> list[dict]:
-    """The market-open sensor's run requests at `when` (evaluated here, at that time)."""
-    import dagster as dg
+class OpenSensor:
+    """The market-open sensor of the bench's strategies, evaluated here at a chosen time (what the
+    daemon's tick does at the open); definitions and a scratch instance are made beforehand."""
 
-    from trading_pipeline.core.strategies import load_strategies
-    from trading_pipeline.definitions import build_definitions
-    from trading_pipeline.graph import automation
-    from trading_pipeline.graph.resources import resources_from_env
+    def __init__(self, env: dict):
+        import dagster as dg
 
-    defs = build_definitions(load_strategies(env["TRADING_STRATEGIES_FILE"]), resources_from_env(env))
-    real_now = automation._now
-    automation._now = lambda: when
-    try:
-        with dg.instance_for_test() as instance:
-            result = defs.get_sensor_def("market_open_sensor").evaluate_tick(
-                dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def()))
-    finally:
-        automation._now = real_now
-    if not result.run_requests:
-        raise RuntimeError(f"the open sensor requested nothing at {when}: {result.skip_message}")
-    return [{"job": "decide_and_order", "tags": dict(r.tags)} for r in result.run_requests]
+        from trading_pipeline.core.strategies import load_strategies
+        from trading_pipeline.definitions import build_definitions
+        from trading_pipeline.graph.resources import resources_from_env
+
+        self.defs = build_definitions(load_strategies(env["TRADING_STRATEGIES_FILE"]), resources_from_env(env))
+        self._instance_context = dg.instance_for_test()
+        self.instance = self._instance_context.__enter__()
+
+    def requests(self, when: datetime) -> list[dict]:
+        import dagster as dg
+
+        from trading_pipeline.graph import automation
+
+        real_now = automation._now
+        automation._now = lambda: when
+        try:
+            result = self.defs.get_sensor_def("market_open_sensor").evaluate_tick(
+                dg.build_sensor_context(instance=self.instance, repository_def=self.defs.get_repository_def()))
+        finally:
+            automation._now = real_now
+        if not result.run_requests:
+            raise RuntimeError(f"the open sensor requested nothing at {when}: {result.skip_message}")
+        return [{"job": "decide_and_order", "tags": dict(r.tags)} for r in result.run_requests]
+
+    def close(self) -> None:
+        self._instance_context.__exit__(None, None, None)
+
+
+def orders_sent(env: dict) -> tuple[int, int]:
+    """(decisions whose entry or exit order was sent, BUY/SELL decisions) in the trading database."""
+    from sqlalchemy import func, select
+
+    from trading_pipeline import config
+    from trading_pipeline.adapters.trading_db import DecisionRow, OrderRow, session_factory
+
+    with session_factory(config.database_url(env))() as session:
+        sent = session.scalar(select(func.count(func.distinct(OrderRow.decision_id))))
+        actionable = session.scalar(select(func.count()).select_from(DecisionRow)
+                                    .where(DecisionRow.action.in_(["BUY", "SELL"])))
+    return sent or 0, actionable or 0
+
+
+def opening_after(friday: datetime) -> datetime:
+    """Five minutes into the first session after `friday`'s close: when the open sensor fires."""
+    from trading_pipeline.core import market_calendar
+
+    return market_calendar.next_open(at(friday, 17, 0)).to_pydatetime().astimezone(UTC) + timedelta(minutes=5)
 
 
 def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     friday = FIRST_FRIDAY + timedelta(weeks=week)
-    from trading_pipeline.core import market_calendar
-
+    opening = opening_after(friday)
+    sensor = OpenSensor(instance.env)
     started = time.perf_counter()
     requests = (instance.schedule_requests("daily_close_schedule", at(friday, 16, 15))
                 + instance.schedule_requests("weekly_close_schedule", at(friday, 16, 30)))
     run_ids = [instance.launch(r["job"], r["tags"]) for r in requests]
     runs = instance.wait(run_ids)
     refresh = time.perf_counter() - started
-    opening = market_calendar.next_open(at(friday, 17, 0)).to_pydatetime().astimezone(UTC) + timedelta(minutes=5)
     started = time.perf_counter()
-    requests = open_requests(symbols, instance.env, opening)
+    requests = sensor.requests(opening)
     decide_ids = [instance.launch(r["job"], r["tags"]) for r in requests]
     decide_runs = instance.wait(decide_ids)
     decide = time.perf_counter() - started
+    sensor.close()
+    sent, actionable = orders_sent(instance.env)
     return {"refresh": refresh, "refresh_runs": len(run_ids), "decide": decide, "decide_runs": len(decide_ids),
             "queued": max(r["startTime"] - r["creationTime"] for r in runs + decide_runs),
-            "open": opening}
+            "open": opening, "sent": sent, "actionable": actionable}
 
 
 def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: datetime) -> tuple[float, float]:
@@ -225,7 +269,8 @@ def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: dat
     from trading_pipeline.graph.resources import resources_from_env
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = {**env, "TRADING_DATA_DIR": str(Path(tmp) / "data")}
+        local = {**env, "TRADING_DATA_DIR": str(Path(tmp) / "data"), "TRADING_AS_OF": opening.isoformat()}
+        os.environ["TRADING_AS_OF"] = local["TRADING_AS_OF"]  # the send-time clock is read from the process
         defs = build_definitions(load_strategies(env["TRADING_STRATEGIES_FILE"]), resources_from_env(local))
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
         with dg.instance_for_test(temp_dir=tmp) as instance:
@@ -299,25 +344,31 @@ def main() -> None:
                         help="the dagster.yaml to measure (deploy/dagster.yaml: docker compose's, on PostgreSQL)")
     args = parser.parse_args()
     symbols = [f"B{i:03d}" for i in range(args.symbols)]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
-    postgres_db = None
-    if "postgres" in args.instance_config.read_text():
-        postgres_db = f"bench_daemon_{os.getpid()}"
-        postgres("CREATE", postgres_db)
-    instance = Instance(tmp, symbols, args.instance_config, postgres_db)
     load_before = os.getloadavg()[1]
-    try:
-        startup = instance.start()
-        repeats = [daemon_repeat(instance, symbols, week) for week in range(args.repeats)]
-    finally:
-        instance.close()
-        if postgres_db:
-            postgres("DROP", postgres_db)
+    repeats, startups, envs, tmps = [], [], [], []
+    for week in range(args.repeats):  # each on a fresh instance whose simulated clock is that week's open
+        tmp = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
+        tmps.append(tmp)
+        postgres_db = None
+        if "postgres" in args.instance_config.read_text():
+            postgres_db = f"bench_daemon_{os.getpid()}_{week}"
+            postgres("CREATE", postgres_db)
+        instance = Instance(tmp, symbols, args.instance_config, postgres_db,
+                            clock=opening_after(FIRST_FRIDAY + timedelta(weeks=week)))
+        try:
+            startups.append(instance.start())
+            repeats.append(daemon_repeat(instance, symbols, week))
+        finally:
+            instance.close()
+            if postgres_db:
+                postgres("DROP", postgres_db)
+        envs.append(instance.env)
     friday, opening = FIRST_FRIDAY, repeats[0]["open"]
-    os.environ.update({k: v for k, v in instance.env.items() if k.startswith("TRADING_")})
-    local = [in_one_process(symbols, instance.env, friday, opening) for _ in range(args.repeats)]
+    os.environ.update({k: v for k, v in envs[0].items() if k.startswith("TRADING_")})
+    local = [in_one_process(symbols, envs[0], friday, opening) for _ in range(args.repeats)]
     floor = [unavoidable(symbols, friday) for _ in range(args.repeats)]
-    shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in tmps:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     partitions = len(symbols) * 2
     refresh = [r["refresh"] for r in repeats]
@@ -326,10 +377,12 @@ def main() -> None:
     floor_work = [f for f, _ in floor]
     best = min(refresh)
     print(f"symbols × timeframes        {len(symbols)} × 2 = {partitions} partitions; instance {args.instance_config}")
-    print(f"webserver + daemon ready    {startup:.1f} s (not counted below)")
+    print(f"webserver + daemon ready    {min(startups):.1f} s (not counted below)")
     print(f"daemon: refresh 1d + 1w     {spread(refresh)}; {repeats[0]['refresh_runs']} runs; "
           f"{best / partitions * 1000:.0f} ms per symbol × timeframe")
-    print(f"daemon: decide and order    {spread(decide)} from the open sensor's tick; {repeats[0]['decide_runs']} run(s)")
+    print(f"daemon: decide and order    {spread(decide)} from the open sensor's tick; {repeats[0]['decide_runs']} run(s); "
+          f"orders sent for {repeats[0]['sent']} of {repeats[0]['actionable']} BUY/SELL decisions "
+          f"(clock TRADING_AS_OF {repeats[0]['open']:%Y-%m-%d %H:%M} UTC)")
     print(f"longest wait in the queue   {max(r['queued'] for r in repeats):.1f} s")
     print(f"one process: refresh        {spread(local_refresh)}; decide and order {spread(local_decide)}")
     print(f"unavoidable work            {spread(floor_work)} ({min(floor_work) / partitions * 1000:.0f} ms per chart: "

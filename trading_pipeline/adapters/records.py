@@ -38,7 +38,10 @@ def record_strategy(sessions: sessionmaker[Session], strategy: Strategy) -> None
 def record_contract(sessions: sessionmaker[Session], strategy: Strategy, symbol: str, conid: int,
                     exchange: str | None) -> None:
     """The IBKR contract a symbol resolved to (conid, listing exchange), kept with the symbol."""
-    record_strategy(sessions, strategy)
+    with sessions() as session:
+        row = session.get(SymbolRow, symbol)
+    if row is None or row.strategy != strategy.name:  # once, not per symbol: it writes all the strategy's symbols
+        record_strategy(sessions, strategy)
     with sessions() as session:
         row = session.get(SymbolRow, symbol)
         row.conid, row.exchange = int(conid), exchange

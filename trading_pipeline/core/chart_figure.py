@@ -106,6 +106,7 @@ def build_chart_figure(
     the number of empty bar slots after the last candle (default ~3 % of the window, at least 2).
     """
     import plotly.graph_objects as go
+    import plotly.io as pio
 
     _check_frame(frame, symbol, timeframe)
     if bars_shown is None:
@@ -224,7 +225,7 @@ def build_chart_figure(
             "type": "category", "categoryorder": "array", "categoryarray": x,
             "range": x_range, "rangeslider": {"visible": False},
             "domain": [0.0, 1.0], "anchor": _axis_key("y", row),
-            "matches": None if row == 1 else "x",
+            **({} if row == 1 else {"matches": "x"}),
             "tickmode": "array", "tickvals": tickvals, "ticktext": ticktext, "tickangle": 0,
             "showticklabels": bottom, "tickfont": {"size": BASE_FONT},
             "showgrid": True, "gridcolor": GRID, "showline": True, "linecolor": AXIS_LINE,
@@ -317,7 +318,7 @@ def build_chart_figure(
     layout.update(
         width=width,
         height=height,
-        template="plotly_white",
+        template=pio.templates["plotly_white"],  # the object: unvalidated, a name would reach plotly.js as is
         paper_bgcolor="#ffffff",
         plot_bgcolor="#ffffff",
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": BASE_FONT, "color": TEXT},
@@ -348,7 +349,10 @@ def build_chart_figure(
         shapes=shapes,
         annotations=annotations,
     )
-    return go.Figure(data=traces, layout=layout)
+    # Not validated property by property: plotly's checks cost 30-50 ms of CPU a chart (most of
+    # building it) and find nothing in a figure this module always builds the same way. The
+    # tests rebuild every figure with validation and compare (test_chart_figure.py).
+    return go.Figure(data=traces, layout=layout, _validate=False)
 
 
 # ---- decision chart --------------------------------------------------------------------
@@ -608,8 +612,7 @@ def _ticks(index: pd.DatetimeIndex, timeframe: str) -> tuple[list[str], list[str
     """Tick positions at calendar boundaries: the finest step giving <= MAX_TICKS ticks."""
     labels = _x_labels(index, timeframe)
     dates = _session_dates(index, timeframe)
-    if dates is not None:
-        index = dates
+    stamps = list(dates if dates is not None else index)  # Timestamps once: indexing pandas per bar is slow
     # (key function for the period a bar belongs to, label format)
     steps: list[tuple[Any, str]] = [
         (lambda t: (t.isocalendar()[0], t.isocalendar()[1]), "%b %d"),
@@ -623,20 +626,21 @@ def _ticks(index: pd.DatetimeIndex, timeframe: str) -> tuple[list[str], list[str
     chosen: list[int] = []
     fmt = "%Y"
     for key, fmt in steps:
-        starts = [i for i in range(1, len(index)) if key(index[i]) != key(index[i - 1])]
+        keys = [key(t) for t in stamps]
+        starts = [i for i in range(1, len(stamps)) if keys[i] != keys[i - 1]]
         if len(starts) <= MAX_TICKS:
             chosen = starts
             break
     if not chosen:  # very long history: thin the yearly ticks evenly
-        starts = [i for i in range(1, len(index)) if index[i].year != index[i - 1].year]
+        starts = [i for i in range(1, len(stamps)) if stamps[i].year != stamps[i - 1].year]
         stride = max(1, math.ceil(len(starts) / MAX_TICKS))
         chosen, fmt = starts[::stride], "%Y"
     texts = []
     for k, i in enumerate(chosen):
-        text = index[i].strftime(fmt)
+        text = stamps[i].strftime(fmt)
         # sub-year labels carry the year on the first tick and wherever the year changes
-        if "%Y" not in fmt and (k == 0 or index[i].year != index[chosen[k - 1]].year):
-            text += f"<br>{index[i].year}"
+        if "%Y" not in fmt and (k == 0 or stamps[i].year != stamps[chosen[k - 1]].year):
+            text += f"<br>{stamps[i].year}"
         texts.append(text)
     return [labels[i] for i in chosen], texts
 

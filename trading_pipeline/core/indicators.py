@@ -7,6 +7,7 @@ input fails with a `BarDataError` naming the rows instead of deep inside TA-Lib.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,18 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from trading_pipeline.core.bars import validate_bars
 
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - numba is a speed-up, the kernel is plain Python without it
-
-    def njit(*args, **kwargs):
-        if len(args) == 1 and callable(args[0]) and not kwargs:
-            return args[0]
-        return lambda function: function
-
-
+# From this many bars on, SuperTrend runs compiled by numba (imported only then). Below it the plain
+# kernel takes under ~0.1 s (3 ms on 500 bars), less than importing numba and loading the compiled
+# kernel from its cache, 0.5-1 s in every new process (each Dagster run is one).
+_SUPERTREND_COMPILED_MIN_BARS = 20_000
 # From this many bars on, SuperTrend runs on a second thread alongside TA-Lib: below it the kernel
-# takes under half a millisecond, not worth starting a thread for (a year of daily bars is ~250).
+# takes under a few milliseconds, not worth starting a thread for (a year of daily bars is ~250).
 _SUPERTREND_THREAD_MIN_BARS = 100_000
 
 
@@ -180,7 +175,9 @@ def supertrend(
     # The outputs are allocated here by numpy, not inside the kernel: numpy asks Linux for
     # transparent huge pages on large arrays and numba's allocator does not, so a million-bar
     # output allocated in the kernel costs several milliseconds more in page faults.
-    return _supertrend_kernel(
+    kernel = (_compiled_supertrend_kernel() if close.shape[0] >= _SUPERTREND_COMPILED_MIN_BARS else None
+              ) or _supertrend_kernel
+    return kernel(
         np.ascontiguousarray(high, dtype=np.float64),
         np.ascontiguousarray(low, dtype=np.float64),
         close,
@@ -191,8 +188,17 @@ def supertrend(
     )
 
 
-@njit(cache=True, nogil=True)
-def _supertrend_kernel(high, low, close, period, multiplier, line=None, direction=None):  # pragma: no cover
+@functools.lru_cache(maxsize=1)
+def _compiled_supertrend_kernel():
+    """`_supertrend_kernel` compiled by numba (imported only now: it is slow to import), or None without numba."""
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - without numba every frame takes the plain kernel
+        return None
+    return njit(cache=True, nogil=True)(_supertrend_kernel)
+
+
+def _supertrend_kernel(high, low, close, period, multiplier, line=None, direction=None):
     """Bar-by-bar transcription of TradingView's reference Pine script for ta.supertrend:
 
         src = hl2, atr = ta.atr(period) = ta.rma(ta.tr(true), period)

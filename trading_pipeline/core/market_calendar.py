@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -10,13 +11,19 @@ import numpy as np
 import pandas as pd
 
 EXCHANGE = "XNYS"
+# Through the simulated market's last session (market_sim.LAST_SESSION), which uses this same
+# calendar: one build per process (0.2-0.9 s each here), not two.
+CALENDAR_END = "2040-12-31"
 
 
 @functools.lru_cache(maxsize=1)
 def calendar():
     import exchange_calendars  # slow import: only when first needed
 
-    return exchange_calendars.get_calendar(EXCHANGE, start="2000-01-01")
+    with warnings.catch_warnings():
+        # exchange_calendars' own use of a pandas API deprecated in pandas 3.1; not actionable here.
+        warnings.filterwarnings("ignore", message="Series.values returning an ndarray")
+        return exchange_calendars.get_calendar(EXCHANGE, start="2000-01-01", end=CALENDAR_END)
 
 
 def _minute(ts: datetime) -> pd.Timestamp:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +18,8 @@ import pandas as pd
 from trading_pipeline.core.frames import OHLCV_COLUMNS, TIMEFRAMES
 from trading_pipeline.errors import BarDataError
 
-CALENDAR_NAME = "XNYS"
 FIRST_SESSION = pd.Timestamp("2000-01-03")
-LAST_SESSION = pd.Timestamp("2040-12-31")
+LAST_SESSION = pd.Timestamp("2040-12-31")  # the exchange calendar (market_calendar.CALENDAR_END) ends here too
 # No later session can close before this, so any as_of before it sees every bar it should.
 _END_OF_SIMULATION = pd.Timestamp("2041-01-01", tz="UTC")
 
@@ -194,13 +192,9 @@ def _rng(symbol: str, seed: int) -> np.random.Generator:
 @functools.lru_cache(maxsize=1)
 def _schedule() -> pd.DataFrame:
     """XNYS sessions (index: session date) with UTC open and close times, early closes included."""
-    import exchange_calendars  # slow to import; only needed the first time bars are simulated
+    from trading_pipeline.core import market_calendar  # exchange_calendars: slow to import, only needed now
 
-    with warnings.catch_warnings():
-        # exchange_calendars' own use of a pandas API deprecated in pandas 3.1; not actionable here.
-        warnings.filterwarnings("ignore", message="Series.values returning an ndarray")
-        calendar = exchange_calendars.get_calendar(CALENDAR_NAME, start=FIRST_SESSION, end=LAST_SESSION)
-    return calendar.schedule[["open", "close"]]
+    return market_calendar.calendar().schedule.loc[FIRST_SESSION:LAST_SESSION, ["open", "close"]]
 
 
 def _as_utc(timestamp: pd.Timestamp, name: str) -> pd.Timestamp:

@@ -4,7 +4,8 @@ A batched run (one run per phase over every symbol, see graph/automation.py) han
 one output covering many partitions: a dict {partition key: value}. Dagster's own pickle IO
 managers refuse such an output; these store each value where a single-partition run would have
 put it (`<base>/<asset>/<symbol>/<timeframe>`), so single and batched runs read each other's
-values, and loading several partitions gives a dict {partition key: value} as usual.
+values, and loading several partitions gives a dict {partition key: value} as usual (logged in one
+line, not one per partition: each log line is an event-log write).
 
 - `BatchFilesystemIOManager`: the default, under DAGSTER_HOME/storage (like Dagster's fs one).
 - `batch_s3_pickle_io_manager(...)`: in a bucket (TRADING_IO_MANAGER=s3), for runs on several machines.
@@ -39,10 +40,25 @@ def _store_partitions(manager: UPathIOManager, context: dg.OutputContext, obj: A
     return True
 
 
+def _load_partitions(manager: UPathIOManager, context: dg.InputContext) -> Any:
+    """The input's partitions as {partition key: value} (the value itself for one partition), with
+    one log line for all: Dagster's logs a line per partition, each an event-log write."""
+    keys = context.asset_partition_keys
+    if len(keys) == 1:
+        return UPathIOManager.load_partitions(manager, context)
+    paths = manager._get_paths_for_partitions(context)
+    context.log.debug(f"Loading {len(keys)} partitions of {context.asset_key.to_user_string()} "
+                      f"from {manager._get_path_without_extension(context)}")
+    return {key: manager.load_from_path(context=context, path=paths[key]) for key in keys}
+
+
 class _PerPartitionFilesystem(PickledObjectFilesystemIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Any):
         if not _store_partitions(self, context, obj):
             super().handle_output(context, obj)
+
+    def load_partitions(self, context: dg.InputContext) -> Any:
+        return _load_partitions(self, context)
 
 
 class BatchFilesystemIOManager(dg.FilesystemIOManager):
@@ -63,6 +79,9 @@ def _batch_s3_class() -> type:
         def handle_output(self, context: dg.OutputContext, obj: Any):
             if not _store_partitions(self, context, obj):
                 super().handle_output(context, obj)
+
+        def load_partitions(self, context: dg.InputContext) -> Any:
+            return _load_partitions(self, context)
 
     class BatchS3PickleIOManager(S3PickleIOManager):
         """Pickles in an S3/MinIO bucket at <prefix>/<asset>/<symbol>/<timeframe>; one object per

@@ -184,6 +184,35 @@ def test_render_many_keeps_order(renderer, figures):
 
 
 @needs_chromium
+def test_pipelined_renders_give_each_figure_its_png_in_order_while_the_next_are_built(figures):
+    daily, weekly, small = figures
+    bad = {"data": "not a list", "layout": {"width": 300, "height": 200}}  # plotly.js refuses it
+    wanted = [small, daily, bad, weekly, small, small, daily]
+    first_batch_rendering = threading.Event()
+    with ChartRenderer(tabs=2, timeout_s=60) as r:
+        render_each = r.render_each
+
+        def recording_render_each(batch, **kwargs):
+            first_batch_rendering.set()
+            return render_each(batch, **kwargs)
+
+        r.render_each = recording_render_each
+
+        def built_one_by_one():
+            for i, fig in enumerate(wanted):
+                if i == 4:  # the first batch (two figures per tab) renders while the rest are built
+                    assert first_batch_rendering.wait(30)
+                yield fig
+
+        results = [f.result(timeout=120) for f in r.render_each_pipelined(built_one_by_one())]
+        assert isinstance(results[2], ChartRenderError)  # one bad figure fails only itself
+        pngs = [p for i, p in enumerate(results) if i != 2]
+        assert [png_size(p) for p in pngs] == [(800, 600), (1920, 1080), (1920, 1080), (800, 600), (800, 600),
+                                               (1920, 1080)]
+        assert pngs == render_each([small, daily, weekly, small, small, daily])  # the same bytes as one batch
+
+
+@needs_chromium
 def test_invalid_figure_is_a_type_error(renderer):
     with pytest.raises(TypeError):
         renderer.render_png(["not a figure"])

@@ -485,3 +485,28 @@ def test_decision_chart_of_an_empty_frame_is_a_bar_data_error(daily):
     with pytest.raises(BarDataError) as info:
         build_decision_figure(daily.iloc[:0], "AAPL", AS_OF, action="BUY", entry=1.0, stop=0.9, targets=[1.2])
     assert "no bars" in str(info.value) and info.value.fix
+
+
+@pytest.mark.parametrize("kind", ["1d", "1w", "BUY", "SELL", "HOLD"])
+def test_figures_built_without_validation_equal_their_validated_rebuild(daily, weekly, kind):
+    """The builders skip plotly's property checks (for speed): plotly must accept every figure
+    as built and change nothing in it, so plotly.js draws exactly what a validated figure gives."""
+    import json
+
+    import plotly.graph_objects as go
+
+    if kind in ("1d", "1w"):
+        fig = build_chart_figure(daily if kind == "1d" else weekly, "AAPL", kind, AS_OF)
+    else:
+        last = float(daily["close"].iloc[-1])
+        sign = -1 if kind == "SELL" else 1
+        fig = build_decision_figure(daily, "AAPL", AS_OF, action=kind, entry=last, stop=last * (1 - sign * 0.05),
+                                    targets=[last * (1 + sign * 0.1)], r_multiple=2.0,
+                                    fills=[ChartFill(AS_OF, last, "BUY", 10, "entry"),
+                                           ChartFill(datetime(2025, 6, 10, 15, tzinfo=UTC), last * 0.95, "SELL", 10)])
+
+    def as_json(figure):
+        return json.dumps(figure.to_dict(), sort_keys=True, default=str)
+
+    assert as_json(fig) == as_json(go.Figure(fig.to_dict()))  # validating: raises on any invalid property
+    assert isinstance(fig.to_dict()["layout"]["template"], dict)  # the theme itself, not its name

@@ -20,7 +20,13 @@ import talib
 from trading_pipeline.core import bars as bars_module
 from trading_pipeline.core import indicators as indicators_module
 from trading_pipeline.core.bars import validate_bars
-from trading_pipeline.core.indicators import IndicatorParams, _supertrend_kernel, compute_indicators, supertrend
+from trading_pipeline.core.indicators import (
+    IndicatorParams,
+    _compiled_supertrend_kernel,
+    _supertrend_kernel,
+    compute_indicators,
+    supertrend,
+)
 from trading_pipeline.errors import BarDataError
 from trading_pipeline_tests.core.test_indicators import BAD_INPUTS, _bad, random_bars
 
@@ -195,9 +201,8 @@ def test_the_kernel_fills_given_arrays_and_agrees_with_its_own_allocation():
     returned = _supertrend_kernel(high, low, close, 10, 3.0, line, direction)
     assert returned[0] is line and returned[1] is direction
     allocated = _supertrend_kernel(high, low, close, 10, 3.0)
-    python_function = getattr(_supertrend_kernel, "py_func", _supertrend_kernel)
-    interpreted = python_function(high, low, close, 10, 3.0, np.empty(2_000), np.empty(2_000))
-    for result in (allocated, interpreted):
+    compiled = _compiled_supertrend_kernel()(high, low, close, 10, 3.0, np.empty(2_000), np.empty(2_000))
+    for result in (allocated, compiled):
         np.testing.assert_array_equal(result[0], line)
         np.testing.assert_array_equal(result[1], direction)
     assert np.isnan(line[:9]).all() and np.isfinite(line[9:]).all()

@@ -14,7 +14,7 @@ from talib import abstract
 from trading_pipeline.core.bars import validate_bars
 from trading_pipeline.core.indicators import (
     IndicatorParams,
-    _supertrend_kernel,
+    _compiled_supertrend_kernel,
     compute_indicators,
     supertrend,
 )
@@ -441,12 +441,11 @@ def test_supertrend_line_is_below_close_in_uptrends_and_above_in_downtrends():
 
 
 def test_pure_python_fallback_kernel_agrees_with_the_compiled_one():
-    """The kernel also runs without numba (njit becomes a no-op); both paths must agree."""
+    """Short frames take the plain kernel, long ones the compiled one (and all do without numba): both agree."""
     bars = random_bars(500, seed=21)
     arrays = [bars[c].to_numpy() for c in ("high", "low", "close")]
-    compiled = supertrend(*arrays, 10, 3.0)
-    python_function = getattr(_supertrend_kernel, "py_func", _supertrend_kernel)
-    interpreted = python_function(*arrays, 10, 3.0)
+    compiled = _compiled_supertrend_kernel()(*arrays, 10, 3.0)
+    interpreted = supertrend(*arrays, 10, 3.0)
     np.testing.assert_array_equal(compiled[0], interpreted[0])
     np.testing.assert_array_equal(compiled[1], interpreted[1])
 

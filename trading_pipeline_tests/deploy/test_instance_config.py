@@ -12,6 +12,7 @@ from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._core.storage.runs import SqliteRunStorage
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
+from trading_pipeline.graph.instance_storage import QuickSqliteEventLogStorage
 from trading_pipeline_tests.deploy.conftest import REPO, instance_from
 
 
@@ -28,7 +29,7 @@ def test_compose_instance_is_postgres_with_queue_limits_and_run_retries(deployme
         queue = instance.get_concurrency_config().run_queue_config  # what the daemon's queue applies
         assert_decisions_keep_a_run_slot(queue)
         assert queue.max_user_code_failure_retries == 3 and queue.user_code_failure_retry_delay == 30
-        assert coordinator.dequeue_interval_seconds == 1
+        assert coordinator.dequeue_interval_seconds == 1 and coordinator.dequeue_use_threads
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
         assert instance.run_retries_retry_on_asset_or_op_failure is False
         assert instance.run_monitoring_enabled
@@ -40,10 +41,11 @@ def test_compose_instance_is_postgres_with_queue_limits_and_run_retries(deployme
         assert run_ids <= {record.dagster_run.run_id for record in instance.get_run_records()}
 
 
-def test_laptop_instance_loads_without_postgres(tmp_path):
+def test_laptop_instance_loads_without_postgres(tmp_path, monkeypatch):
     """`make demo` and `make dev` copy deploy/local/dagster.yaml into DAGSTER_HOME: it must never
     need PostgreSQL. It is not at the repository root, where Dagster would read it when run without
     DAGSTER_HOME and warn about it when run with one (dagster-notes.md, section 3)."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # where its SQLite files go (as the Makefile sets it)
     assert not (REPO / "dagster.yaml").exists()
     text = (REPO / "deploy/local/dagster.yaml").read_text()
     settings = yaml.safe_load(text)
@@ -51,11 +53,12 @@ def test_laptop_instance_loads_without_postgres(tmp_path):
     shutil.copy(REPO / "deploy/local/dagster.yaml", tmp_path / "dagster.yaml")
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         assert isinstance(instance.run_storage, SqliteRunStorage)
+        assert isinstance(instance.event_log_storage, QuickSqliteEventLogStorage)
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
         assert_decisions_keep_a_run_slot(instance.get_concurrency_config().run_queue_config)
-        assert instance.run_coordinator.dequeue_interval_seconds == 1
+        assert instance.run_coordinator.dequeue_interval_seconds == 1 and instance.run_coordinator.dequeue_use_threads
         assert instance.get_runs_count() == 0  # storage works
-    assert (tmp_path / "history").is_dir()
+    assert (tmp_path / "history" / "runs" / "index.db").is_file()  # Dagster's own layout under DAGSTER_HOME
 
 
 def assert_decisions_keep_a_run_slot(queue) -> None:

@@ -13,6 +13,7 @@ from trading_pipeline.definitions import build_definitions
 from trading_pipeline.errors import BarDataError
 from trading_pipeline.graph.assets import AS_OF_TAG
 from trading_pipeline.graph.assets.batch import PartitionFailure, range_tags
+from trading_pipeline.graph.assets.orders import ORDER_SEQUENCE_LOG
 from trading_pipeline.graph.resources import MarketDataResource, resources_from_env
 
 AS_OF = "2026-09-01T21:30:00+00:00"  # the simulated market (seed 0) gives SPY an accepted BUY here
@@ -187,9 +188,10 @@ def test_one_decision_run_at_the_open_orders_in_symbol_order_and_fails_closed(tm
         assert {checks[("trade_decisions", "risk_limits", s)] for s in SYMBOLS} == {True}
 
         # Orders go out in symbol order, whatever the order of the strategies file.
-        order_log = [r.user_message.split(":")[0] for r in instance.all_logs(result.run_id)
-                     if r.step_key == "orders" and r.user_message.split(":")[0] in SYMBOLS]
-        assert order_log == sorted(SYMBOLS) != SYMBOLS
+        [order_log] = [r.user_message.removeprefix(ORDER_SEQUENCE_LOG) for r in instance.all_logs(result.run_id)
+                       if r.step_key == "orders" and r.user_message.startswith(ORDER_SEQUENCE_LOG)]
+        assert [entry.split()[0] for entry in order_log.split(", ")] == sorted(SYMBOLS) != SYMBOLS
+        assert "SPY submitted" in order_log
 
         # Re-running the batch (what a retry does) sends nothing again.
         again = defs.resolve_job_def("decide_and_order").execute_in_process(instance=instance, tags=tags)

@@ -150,7 +150,7 @@ def _materialize_batch(context, keys, step, upstream: dict, on_upstream_failure)
                 outcome.metadata = {**outcome.metadata, "status": "BLOCKED", "problem": problem}
                 outcome.value = failure
         values[key] = outcome.value
-        context.add_asset_metadata(outcome.metadata, partition_key=key)
+        _add_partition_metadata(context, key, outcome.metadata)
         evaluations.extend(_evaluation(context, result, key) for result in outcome.check_results)
     if unexpected and len(unexpected) == len(keys):
         raise unexpected[0]  # nothing worked: likely the source, not the data; the retry policy applies
@@ -163,6 +163,20 @@ def _materialize_batch(context, keys, step, upstream: dict, on_upstream_failure)
     layer = context.job_def.asset_layer
     for check_key in selected_checks:
         yield dg.Output(None, output_name=layer.get_op_output_name(check_key))
+
+
+def _add_partition_metadata(context, key: str, metadata: dict) -> None:
+    """`context.add_asset_metadata(metadata, partition_key=key)` for a key of this run. Dagster checks
+    the key against a fresh list of the run's partitions on every call: quadratic in a batch (9 ms a
+    call at 200 symbols here, 7 s per analysis run). The keys here come from the run itself, so the
+    metadata goes straight where that call puts it, when that internal is there."""
+    step = context.get_step_execution_context()
+    accumulator = getattr(step, "_metadata_accumulator", None)
+    if accumulator is None or not hasattr(accumulator, "with_additional_asset_metadata"):
+        context.add_asset_metadata(metadata, partition_key=key)
+        return
+    step._metadata_accumulator = accumulator.with_additional_asset_metadata(
+        asset_key=context.asset_key, partition_key=key, metadata=metadata)
 
 
 def _is_blocking(result: dg.AssetCheckResult, context, blocking: set) -> bool:

@@ -1,7 +1,8 @@
 """Chart images: a multi-panel PNG per symbol × timeframe, stored in the chart store. A batched
-run renders all its charts as one batch through one Chromium."""
+run renders all its charts through one Chromium, building and storing some while others render."""
 
 import os
+from concurrent.futures import Future
 
 import dagster as dg
 
@@ -46,7 +47,7 @@ def build_chart_assets(symbol_timeframe) -> list:
         store, sessions = chart_store.store(), trading_db.sessions()
 
         def store_chart(key: str, frames: MarketFrame) -> PartitionOutcome:
-            png = pngs[key]
+            png = pngs[key].result()  # the later charts still render meanwhile
             if isinstance(png, Exception):
                 raise png
             stored = store.put_png(chart_key(frames.symbol, frames.timeframe, frames.as_of), png)
@@ -71,20 +72,26 @@ def build_chart_assets(symbol_timeframe) -> list:
     return [chart_images]
 
 
-def render_all(chart_renderer: ChartRendererResource, frames_by_key: dict[str, MarketFrame]) -> dict:
-    """{key: PNG bytes or the error of that chart}: every figure built, then rendered as one batch."""
+def render_all(chart_renderer: ChartRendererResource, frames_by_key: dict[str, MarketFrame]) -> dict[str, Future]:
+    """{key: Future of that chart's PNG, or of its error}: each figure is built while the ones before
+    it render, through one browser (`ChartRenderer.render_each_pipelined`)."""
     from trading_pipeline.core.chart_figure import build_chart_figure
 
-    figures, results = {}, {}
-    for key, frames in frames_by_key.items():
-        try:
-            figures[key] = build_chart_figure(frames.frame, frames.symbol, frames.timeframe, frames.as_of,
-                                              width=chart_renderer.width, height=chart_renderer.height)
-        except Exception as error:  # noqa: BLE001 - that chart's failure, reported for its partition
-            results[key] = error
-    if figures:
-        rendered = chart_renderer.renderer().render_each(list(figures.values()), chart_renderer.width,
-                                                         chart_renderer.height)
-        results.update(zip(figures, rendered, strict=True))
-    return results
+    results: dict[str, Future] = {}
+    rendered_keys = []
 
+    def figures():
+        for key, frames in frames_by_key.items():
+            try:
+                figure = build_chart_figure(frames.frame, frames.symbol, frames.timeframe, frames.as_of,
+                                            width=chart_renderer.width, height=chart_renderer.height)
+            except Exception as error:  # noqa: BLE001 - that chart's failure, reported for its partition
+                results[key] = Future()
+                results[key].set_result(error)
+                continue
+            rendered_keys.append(key)
+            yield figure
+
+    futures = chart_renderer.renderer().render_each_pipelined(figures(), chart_renderer.width, chart_renderer.height)
+    results.update(zip(rendered_keys, futures, strict=True))
+    return results

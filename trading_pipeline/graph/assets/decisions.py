@@ -19,7 +19,7 @@ from trading_pipeline.graph.assets.batch import (
     partitioned_checks,
 )
 from trading_pipeline.graph.assets.common import fail, nan_if_none, run_as_of
-from trading_pipeline.graph.assets.decision_chart import render_decision_chart
+from trading_pipeline.graph.assets.decision_chart import DecisionChart, render_decision_charts
 from trading_pipeline.graph.resources import (
     AnalystResource,
     BrokerResource,
@@ -71,64 +71,89 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
         decided_at = run_as_of(context)  # this run's point in time, not the analyses' (may be older)
         try:  # the broker's answers (a wrong account, a missing P&L) are the user's to fix: never retried
             the_broker = broker.broker(symbols=tuple(strategies_file.symbols()))
+            # Read once for the run: deciding sends nothing, so the account is the same for every symbol.
+            account = account_for_decisions(the_broker, market_data, sessions, decided_at)
         except UserError as error:
             raise fail(error) from None
         reader = analyst_for_run(context, analyst, sessions)
+        market_open = market_calendar.is_open(decided_at)
+        next_open = market_calendar.describe_next_open(decided_at)
+        for strategy in {strategies_file.strategy_for(symbol).name: strategies_file.strategy_for(symbol)
+                         for symbol in by_symbol}.values():
+            record_strategy(sessions, strategy)  # the strategy and limits the decisions applied
 
-        def decide_symbol(symbol: str, inputs: dict) -> PartitionOutcome:
+        def decide_symbol(symbol: str, inputs: dict) -> tuple[TradeDecision, bool]:
+            """The symbol's decision (recorded), and whether orders were already sent for it."""
             strategy = strategies_file.strategy_for(symbol)
             failed = [v for v in inputs["analysis"].values() if isinstance(v, PartitionFailure)]
             if failed:
                 raise UserError(f"no analysis to decide {symbol} on: {failed[0].describe()}", failed[0].fix)
             daily, weekly = inputs["analysis"]["1d"], inputs["analysis"]["1w"]
-            record_strategy(sessions, strategy)
-            account, tick = account_for_decision(the_broker, market_data, sessions, symbol, decided_at, context.log)
             kill = config.KillSwitch.read()
             decision = decide(
                 strategy, symbol, daily, weekly, account,
-                market_open=market_calendar.is_open(decided_at),
-                next_open=market_calendar.describe_next_open(decided_at),
+                market_open=market_open,
+                next_open=next_open,
                 kill_switch=(kill.engaged, kill.reason),
                 consolidator=reader.consolidate,
                 decided_at=decided_at,
-                tick=tick,
+                tick=the_broker.min_tick(symbol),
             )
             already = sent_decision(sessions, decision.decision_id)
             if already is not None:
                 context.log.info(f"decision {decision.decision_id} already has orders; keeping it as it was")
-                decision = already
-            else:
-                record_decision(sessions, decision)
-            daily_frames = inputs["frames"]["1d"]  # bars that failed in a batch: an unusable analysis, no chart
-            chart = ({} if isinstance(daily_frames, PartitionFailure) else
-                     render_decision_chart(decision, daily_frames.frame, chart_renderer, chart_store, log=context.log))
+                return already, True
+            record_decision(sessions, decision)
+            return decision, False
+
+        # Every symbol decided first (in symbol order), then all decision charts drawn as one batch;
+        # a symbol's error is kept and raised for its partition below.
+        decided: dict[str, tuple[TradeDecision, bool] | Exception] = {}
+        try:
+            for symbol in sorted(by_symbol):
+                try:
+                    decided[symbol] = decide_symbol(symbol, by_symbol[symbol])
+                except Exception as error:  # noqa: BLE001 - raised again for that symbol's partition
+                    decided[symbol] = error
+        finally:
+            reader.close()
+        # Bars that failed in a batch: an unusable analysis, no chart.
+        drawable = [symbol for symbol, result in decided.items() if not isinstance(result, Exception)
+                    and not isinstance(by_symbol[symbol]["frames"]["1d"], PartitionFailure)]
+        charts = dict(zip(drawable, render_decision_charts(
+            [DecisionChart(decided[symbol][0], by_symbol[symbol]["frames"]["1d"].frame) for symbol in drawable],
+            chart_renderer, chart_store, log=context.log), strict=True))
+        store = chart_store.store()
+
+        def decision_outcome(symbol: str, _inputs: dict) -> PartitionOutcome:
+            result = decided[symbol]
+            if isinstance(result, Exception):
+                raise result
+            decision, unchanged = result
+            strategy = strategies_file.strategy_for(symbol)
             return PartitionOutcome(
                 value=decision,
-                metadata={**decision_metadata(decision, already is not None, strategy, chart_store.store()), **chart,
+                metadata={**decision_metadata(decision, unchanged, strategy, store), **charts.get(symbol, {}),
                           **model_call_metadata(context, analyst, sessions, symbol, None, "consolidation")},
                 check_results=checks.decision_checks(decision, strategy),
             )
 
-        try:
-            yield from materialize_partitions(context, decide_symbol, by_symbol, in_key_order=True)
-        finally:
-            reader.close()
+        yield from materialize_partitions(context, decision_outcome, by_symbol, in_key_order=True)
 
     return [trade_decisions]
 
 
-def account_for_decision(the_broker, market_data: MarketDataResource, sessions, symbol: str, decided_at, log):
-    """The account as the risk gates see it at the decision's point in time: every position marked
-    to its latest closed price (unrealized losses count for equity, size and the loss breaker),
-    the orders that may still fill, and the contract's minimum tick."""
+def account_for_decisions(the_broker, market_data: MarketDataResource, sessions, decided_at):
+    """The account as the risk gates see it at the decisions' point in time: every position marked
+    to its latest closed price (unrealized losses count for equity, size and the loss breaker) and
+    the orders that may still fill."""
     from trading_pipeline.adapters.market_data import marks_for
     from trading_pipeline.adapters.portfolio_sync import working_entries
 
     held = the_broker.account({}, as_of=decided_at).positions
-    marks = marks_for(market_data.source(), {*held, symbol}, decided_at)
-    account = dataclasses.replace(the_broker.account(marks, as_of=decided_at),
-                                  working_entries=working_entries(sessions, the_broker))
-    return account, the_broker.min_tick(symbol)
+    marks = marks_for(market_data.source(), held, decided_at)
+    return dataclasses.replace(the_broker.account(marks, as_of=decided_at),
+                               working_entries=working_entries(sessions, the_broker))
 
 
 def _number(value, pattern="{:,.2f}") -> str:

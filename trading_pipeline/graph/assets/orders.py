@@ -15,7 +15,7 @@ from trading_pipeline import config
 from trading_pipeline.core.analysis import OrderRecord, TradeDecision
 from trading_pipeline.core.strategies import StrategiesFile, Strategy
 from trading_pipeline.errors import UserError
-from trading_pipeline.graph.assets.batch import BATCH_POLICY, PartitionOutcome, materialize_partitions
+from trading_pipeline.graph.assets.batch import BATCH_POLICY, PartitionOutcome, materialize_partitions, partition_keys
 from trading_pipeline.graph.assets.common import fail
 from trading_pipeline.graph.resources import BrokerResource, MarketDataResource, TradingDatabaseResource
 
@@ -43,6 +43,8 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
         except UserError as error:  # bad gateway answer, wrong account
             raise fail(error) from None
         desk = OrderDesk(sessions, the_broker)
+        batched = len(partition_keys(context)) > 1
+        handled: list[str] = []  # "SYMBOL status", in the order the batch handled them
 
         def send(_symbol: str, decision: TradeDecision) -> PartitionOutcome:
             strategy = strategies_file.strategy_for(decision.symbol)
@@ -58,13 +60,21 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
                     record = desk.exit_once(decision, placed_at=now)
                 else:
                     record = _send_entry(desk, decision, strategy, the_broker, market_data, sessions, now, context)
-            context.log.info(f"{decision.symbol}: {record.status}: {record.reason}")
+            if batched:  # one line for the batch below (each log line is an event-log write)
+                handled.append(f"{decision.symbol} {record.status}")
+            else:
+                context.log.info(f"{decision.symbol}: {record.status}: {record.reason}")
             return PartitionOutcome(value=record, metadata=order_metadata(record))
 
         # A user error (an exit whose state is unknown) fails that symbol's order; a run of one symbol fails.
         yield from materialize_partitions(context, send, trade_decisions, in_key_order=True)
+        if handled:
+            context.log.info(f"{ORDER_SEQUENCE_LOG}{', '.join(handled)} (each partition's metadata says why)")
 
     return [orders]
+
+
+ORDER_SEQUENCE_LOG = "orders, in the order handled: "
 
 
 def why_not_sent(decision: TradeDecision, strategy: Strategy, broker: BrokerResource, now) -> str | None:
