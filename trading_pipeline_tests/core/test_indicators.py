@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pydantic
@@ -455,17 +453,30 @@ def test_supertrend_with_fewer_bars_than_the_period_is_all_nan():
     assert np.isnan(line).all() and np.isnan(direction).all()
 
 
-def test_supertrend_is_fast_on_a_million_bars():
+def test_supertrend_runs_compiled_on_long_series_and_plain_on_short_ones(monkeypatch):
+    """Which kernel runs, not how long it takes (its speed is measured by bench/indicators.py): a
+    million bars go to the numba kernel, a year of bars to the plain one (no numba import)."""
+    from trading_pipeline.core import indicators
+
+    compiled_kernel = indicators._compiled_supertrend_kernel()
+    assert compiled_kernel is not None
+    calls = []
+
+    def counting(*args):
+        calls.append(len(args[0]))
+        return compiled_kernel(*args)
+
+    monkeypatch.setattr(indicators, "_compiled_supertrend_kernel", lambda: counting)
     rng = np.random.default_rng(0)
     n = 1_000_000
     close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
     high, low = close * 1.01, close * 0.99
-    supertrend(high[:100], low[:100], close[:100])  # JIT compile / cache load outside the timing
-    started = time.perf_counter()
     line, _ = supertrend(high, low, close)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 0.5, f"SuperTrend on 1M bars took {elapsed:.3f}s"
+    supertrend(high[:250], low[:250], close[:250])
+    assert calls == [n]
     assert np.isfinite(line[9:]).all()
+    plain_line, _ = indicators._supertrend_kernel(high[:30_000], low[:30_000], close[:30_000], 10, 3.0)
+    np.testing.assert_array_equal(line[:30_000], plain_line)
 
 
 # --------------------------------------------------------------------------- bad input
