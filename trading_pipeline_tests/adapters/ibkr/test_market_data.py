@@ -3,7 +3,6 @@ pacing under concurrency, and the snapshot pre-flight, against the emulator over
 
 import itertools
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
@@ -179,24 +178,29 @@ def test_error_bodies_with_status_200(emulator, client):
 
 # ------------------------------------------------------------------------------------------ pacing
 
-def test_429_backs_off_holds_every_thread_and_gives_up(emulator, client):
+def test_429_backs_off_holds_every_thread_and_gives_up(emulator, client, monkeypatch):
     conid = client.resolve("AAPL").conid
     client.accounts()
     emulator.reset_stats()
     emulator.inject(HISTORY, status=429, count=1)
     other: list[float] = []
+    # The other thread asks once the client has taken the 429 (the emulator recording the request is
+    # too early: on a busy machine the other request could go out before the 429 was read).
+    held = threading.Event()
+    hold = client._pacer.hold
+    monkeypatch.setattr(client._pacer, "hold", lambda seconds: (hold(seconds), held.set()))
 
     def other_thread():
-        while not emulator.requests("GET", HISTORY):
-            time.sleep(0.005)
-        client.trades(days=1)
-        other.append(emulator.requests("GET", "/iserver/account/trades")[-1][0])
+        if held.wait(30):
+            client.trades(days=1)
+            other.append(emulator.requests("GET", "/iserver/account/trades")[-1][0])
 
     helper = threading.Thread(target=other_thread)
     helper.start()
     client.history(conid, "1y", "1d")
     helper.join()
     first_429 = emulator.requests("GET", HISTORY)[0]
+    assert other, "the client did not hold after the 429"
     assert first_429[3] == 429 and other[0] - first_429[0] >= 0.15  # the other thread waited out the hold
 
     emulator.reset_stats()
