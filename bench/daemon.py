@@ -13,9 +13,12 @@ week, on a fresh instance with its own clock):
   time) and launches its run requests the same way; timed from the sensor's tick; counts the
   orders sent.
 
-Then the same work in one process (`execute_in_process`, same run tags) and the unavoidable work
-(bars, indicators, figure and a warm batched render per chart, no Dagster), and prints wall times,
-runs, time per symbol × timeframe and the ratios. With --repeats, min and median of each.
+Then the same work in one process (`execute_in_process`, same run tags, an instance from the same
+dagster.yaml), and prints wall times,
+runs, time per symbol × timeframe and the ratios to it and to the unavoidable work (bars,
+indicators, figure and a warm batched render per chart, no Dagster), measured before the daemon
+starts and again at the end (the smaller one counts: other work on the machine only inflates it).
+With --repeats, min and median of each.
 
 Run: `.venv/bin/python bench/daemon.py [--symbols 20] [--repeats 1]` (PYTHONPATH=<checkout> to
 measure a worktree).
@@ -243,23 +246,30 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     started = time.perf_counter()
     requests = (instance.schedule_requests("daily_close_schedule", at(friday, 16, 15))
                 + instance.schedule_requests("weekly_close_schedule", at(friday, 16, 30)))
+    evaluated = time.perf_counter()
     run_ids = [instance.launch(r["job"], r["tags"]) for r in requests]
+    launched = time.perf_counter()
     runs = instance.wait(run_ids)
     refresh = time.perf_counter() - started
+    steps = {"schedules": evaluated - started, "refresh launch": launched - evaluated}
     started = time.perf_counter()
     requests = sensor.requests(opening)
+    evaluated = time.perf_counter()
     decide_ids = [instance.launch(r["job"], r["tags"]) for r in requests]
+    steps.update({"sensor": evaluated - started, "decide launch": time.perf_counter() - evaluated})
     decide_runs = instance.wait(decide_ids)
     decide = time.perf_counter() - started
     sensor.close()
     sent, actionable = orders_sent(instance.env)
     return {"refresh": refresh, "refresh_runs": len(run_ids), "decide": decide, "decide_runs": len(decide_ids),
             "queued": max(r["startTime"] - r["creationTime"] for r in runs + decide_runs),
-            "open": opening, "sent": sent, "actionable": actionable}
+            "open": opening, "sent": sent, "actionable": actionable, "steps": steps}
 
 
-def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: datetime) -> tuple[float, float]:
-    """The same three runs (1d, 1w, decide; same tags) with execute_in_process, after a warm-up."""
+def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: datetime,
+                   instance_config: Path) -> tuple[float, float]:
+    """The same three runs (1d, 1w, decide; same tags) with execute_in_process, after a warm-up, on
+    a fresh instance made from the same dagster.yaml as the daemon's (and its environment)."""
     import dagster as dg
 
     from trading_pipeline.core.strategies import load_strategies
@@ -273,7 +283,12 @@ def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: dat
         os.environ["TRADING_AS_OF"] = local["TRADING_AS_OF"]  # the send-time clock is read from the process
         defs = build_definitions(load_strategies(env["TRADING_STRATEGIES_FILE"]), resources_from_env(local))
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-        with dg.instance_for_test(temp_dir=tmp) as instance:
+        home = Path(tmp) / "home"
+        home.mkdir()
+        shutil.copy(instance_config, home / "dagster.yaml")
+        dagster_env = {k: v for k, v in env.items() if k.startswith("DAGSTER_")}
+        os.environ.update({**dagster_env, "DAGSTER_HOME": str(home)})  # the instance file reads them
+        with dg.DagsterInstance.from_config(str(home)) as instance:
             analyze, decide = defs.resolve_job_def("analyze_timeframe"), defs.resolve_job_def("decide_and_order")
             warm_as_of = (friday - timedelta(weeks=1)).astimezone(UTC)
             analyze.execute_in_process(instance=instance, run_config=quiet, tags={
@@ -344,7 +359,10 @@ def main() -> None:
                         help="the dagster.yaml to measure (deploy/dagster.yaml: docker compose's, on PostgreSQL)")
     args = parser.parse_args()
     symbols = [f"B{i:03d}" for i in range(args.symbols)]
-    load_before = os.getloadavg()[1]
+    loads = {"start": os.getloadavg()[0]}
+    # Before the daemon and again at the end: other work on the machine only ever inflates it, so
+    # the smaller one is the fairer yardstick for the daemon's ratio.
+    floor = [unavoidable(symbols, FIRST_FRIDAY)]
     repeats, startups, envs, tmps = [], [], [], []
     for week in range(args.repeats):  # each on a fresh instance whose simulated clock is that week's open
         tmp = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
@@ -363,10 +381,23 @@ def main() -> None:
             if postgres_db:
                 postgres("DROP", postgres_db)
         envs.append(instance.env)
+    loads["daemon done"] = os.getloadavg()[0]
     friday, opening = FIRST_FRIDAY, repeats[0]["open"]
     os.environ.update({k: v for k, v in envs[0].items() if k.startswith("TRADING_")})
-    local = [in_one_process(symbols, envs[0], friday, opening) for _ in range(args.repeats)]
-    floor = [unavoidable(symbols, friday) for _ in range(args.repeats)]
+    local = []
+    for week in range(args.repeats):
+        postgres_db = None
+        if "postgres" in args.instance_config.read_text():
+            postgres_db = f"bench_daemon_{os.getpid()}_local_{week}"
+            postgres("CREATE", postgres_db)
+        try:
+            env = {**envs[0], **({"DAGSTER_POSTGRES_DB": postgres_db} if postgres_db else {})}
+            local.append(in_one_process(symbols, env, friday, opening, args.instance_config))
+        finally:
+            if postgres_db:
+                postgres("DROP", postgres_db)
+    floor.append(unavoidable(symbols, friday))
+    loads["end"] = os.getloadavg()[0]
     for tmp in tmps:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -383,15 +414,18 @@ def main() -> None:
     print(f"daemon: decide and order    {spread(decide)} from the open sensor's tick; {repeats[0]['decide_runs']} run(s); "
           f"orders sent for {repeats[0]['sent']} of {repeats[0]['actionable']} BUY/SELL decisions "
           f"(clock TRADING_AS_OF {repeats[0]['open']:%Y-%m-%d %H:%M} UTC)")
-    print(f"longest wait in the queue   {max(r['queued'] for r in repeats):.1f} s")
+    print(f"longest wait in the queue   {max(r['queued'] for r in repeats):.1f} s (run created → its process running)")
+    print("evaluation and launch       " + ", ".join(f"{name} {value:.1f} s" for name, value in repeats[0]["steps"].items())
+          + " (GraphQL from here; included above)")
     print(f"one process: refresh        {spread(local_refresh)}; decide and order {spread(local_decide)}")
-    print(f"unavoidable work            {spread(floor_work)} ({min(floor_work) / partitions * 1000:.0f} ms per chart: "
-          f"bars, indicators, figure, warm render; browser start {min(s for _, s in floor):.1f} s once)")
+    print(f"unavoidable work            {' and '.join(f'{f:.1f} s' for f in floor_work)} (before and after; "
+          f"{min(floor_work) / partitions * 1000:.0f} ms per chart: bars, indicators, figure, warm render; "
+          f"browser start {min(s for _, s in floor):.1f} s once)")
     print(f"ratio daemon / one process  refresh {best / min(local_refresh):.2f}×, "
           f"decide {min(decide) / min(local_decide):.2f}×")
     print(f"ratio daemon / unavoidable  refresh {best / min(floor_work):.2f}×")
-    print(f"machine load (5 min avg)    {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end, "
-          f"{os.cpu_count()} cores: above the core count, every figure above is inflated by other work")
+    print("machine load (1 min avg)    " + ", ".join(f"{value:.1f} at {name}" for name, value in loads.items())
+          + f"; {os.cpu_count()} cores: above the core count, every figure above is inflated by other work")
 
 
 if __name__ == "__main__":
