@@ -40,7 +40,6 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
-import yaml
 
 warnings.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]
@@ -102,11 +101,9 @@ class Instance:
                          "TRADING_AS_OF": clock.astimezone(UTC).isoformat(),
                          "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"})
         if postgres_db:  # deploy/dagster.yaml reads its PostgreSQL from these (docker compose sets them)
-            compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
             self.env.update({"DAGSTER_POSTGRES_HOST": "127.0.0.1", "DAGSTER_POSTGRES_PORT": "5432",
                              "DAGSTER_POSTGRES_USER": "postgres", "DAGSTER_POSTGRES_PASSWORD": "",
-                             "DAGSTER_POSTGRES_DB": postgres_db,
-                             "DAGSTER_EVENT_BATCH_SIZE": compose["x-dagster-env"]["DAGSTER_EVENT_BATCH_SIZE"]})
+                             "DAGSTER_POSTGRES_DB": postgres_db})
         self.processes = ProcessSet(tmp / "logs")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

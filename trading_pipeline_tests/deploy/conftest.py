@@ -219,9 +219,7 @@ def _start(tmp: Path, processes: ProcessSet, admin, admin_url, dagster_db: str, 
                    "DAGSTER_POSTGRES_HOST": pg_host, "DAGSTER_POSTGRES_PORT": pg_port,
                    "DAGSTER_POSTGRES_USER": pg_user, "DAGSTER_POSTGRES_PASSWORD": pg_password,
                    "DAGSTER_POSTGRES_DB": dagster_db,
-                   "DAGSTER_GRPC_HOST": "127.0.0.1", "DAGSTER_GRPC_PORT": str(grpc_port),
-                   # as compose sets it for every Dagster process: batched event writes
-                   "DAGSTER_EVENT_BATCH_SIZE": compose["x-dagster-env"]["DAGSTER_EVENT_BATCH_SIZE"]}
+                   "DAGSTER_GRPC_HOST": "127.0.0.1", "DAGSTER_GRPC_PORT": str(grpc_port)}
     trading_db_url = admin_url.set(database=trading_db).render_as_string(hide_password=False)
     code_env = {**dagster_env, **s3_env,
                 "TRADING_DATABASE_URL": trading_db_url,

@@ -11,6 +11,7 @@ from dagster import DagsterInstance
 from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._core.storage.runs import SqliteRunStorage
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+from sqlalchemy.pool import NullPool
 
 from trading_pipeline.graph.instance_storage import QuickSqliteEventLogStorage
 from trading_pipeline_tests.deploy.conftest import REPO, instance_from
@@ -21,6 +22,8 @@ def test_compose_instance_is_postgres_with_queue_limits_and_run_retries(deployme
         assert isinstance(instance.run_storage, PostgresRunStorage)
         assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+        # Every process keeps its event-log connection (Dagster's default opens one per event).
+        assert not isinstance(instance.event_log_storage._engine.pool, NullPool)
         # The very database the test created (not a default one).
         assert instance.run_storage.postgres_url.endswith(f"/{deployment.dagster_db}")
         assert instance.run_storage.postgres_url.startswith("postgresql+psycopg2://")
