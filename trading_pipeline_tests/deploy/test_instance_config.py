@@ -14,6 +14,7 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, Postgr
 from sqlalchemy.pool import NullPool
 
 from trading_pipeline.graph.instance_storage import QuickSqliteEventLogStorage
+from trading_pipeline.graph.run_launcher import WarmingQueuedRunCoordinator, WarmRunLauncher
 from trading_pipeline_tests.deploy.conftest import REPO, instance_from
 
 
@@ -60,6 +61,10 @@ def test_laptop_instance_loads_without_postgres(tmp_path, monkeypatch):
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
         assert_decisions_keep_a_run_slot(instance.get_concurrency_config().run_queue_config)
         assert instance.run_coordinator.dequeue_interval_seconds == 1 and instance.run_coordinator.dequeue_use_threads
+        # Runs forked from a warm worker (warmed when the daemon starts); a dead run process is failed.
+        assert isinstance(instance.run_coordinator, WarmingQueuedRunCoordinator)
+        assert isinstance(instance.run_launcher, WarmRunLauncher)
+        assert instance.run_monitoring_enabled and instance.run_monitoring_start_timeout_seconds == 180
         assert instance.get_runs_count() == 0  # storage works
     assert (tmp_path / "history" / "runs" / "index.db").is_file()  # Dagster's own layout under DAGSTER_HOME
 
