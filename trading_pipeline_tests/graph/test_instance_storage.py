@@ -60,19 +60,44 @@ def test_records_equal_dagsters_own_sqlite_storage(tmp_path, monkeypatch, batch_
     assert ("ASSET_MATERIALIZATION_PLANNED", "B") in ours["events"]  # the UI's in-progress partitions
 
 
-def test_a_run_file_is_written_by_a_connection_closed_after_each_write(tmp_path):
-    """The webserver shows a running run's events when its file changes (Dagster's watch): every
-    write must reach <run_id>.db itself, not only the write-ahead log."""
-    storage = QuickSqliteStorage.from_local(str(tmp_path))
-    events = storage.event_log_storage
-    assert isinstance(events, QuickSqliteEventLogStorage)
+def test_a_watcher_in_another_process_sees_every_event_of_a_running_run_and_the_wal_is_folded_in_at_close(tmp_path):
+    """The webserver shows a running run's events when Dagster's watch sees the run's file change.
+    The run's process keeps its connection (no checkpoint per write): each write must still wake the
+    watcher of another storage on the same files, and every event must be readable there at once."""
+    import threading
+    import time
+
+    writer = QuickSqliteStorage.from_local(str(tmp_path)).event_log_storage  # the run's process
+    watcher = QuickSqliteStorage.from_local(str(tmp_path)).event_log_storage  # the webserver's
+    entry = dg.EventLogEntry(error_info=None, level=20, user_message="first", run_id="some-run", timestamp=1.0)
+    writer.store_event(entry)
+    seen, woken = [], threading.Event()
+
+    def on_event(event, _cursor):
+        seen.append(event.user_message)
+        woken.set()
+
+    watcher.watch("some-run", None, on_event)
+    try:
+        time.sleep(0.5)  # the observer thread starts watching
+        for i in range(5):
+            woken.clear()
+            writer.store_event(entry._replace(user_message=f"event {i}", timestamp=2.0 + i))
+            assert woken.wait(10), f"the watcher was not woken by write {i}; it saw {seen}"
+        writer.store_event_batch([entry._replace(user_message=f"batched {i}", timestamp=9.0 + i) for i in range(3)])
+        deadline = time.monotonic() + 10
+        while "batched 2" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [m for m in seen if m != "first"] == [*(f"event {i}" for i in range(5)),
+                                                   *(f"batched {i}" for i in range(3))]
+    finally:
+        watcher.end_watch("some-run", on_event)
+        watcher.dispose()
     run_file = tmp_path / "history" / "runs" / "some-run.db"
-    entry = dg.EventLogEntry(error_info=None, level=20, user_message="hello", run_id="some-run", timestamp=1.0)
-    events.store_event(entry)
-    size = run_file.stat().st_size
-    for i in range(50):
-        events.store_event(entry._replace(user_message=f"hello {i}" * 50, timestamp=2.0 + i))
-    assert run_file.stat().st_size > size
-    wal = tmp_path / "history" / "runs" / "some-run.db-wal"
+    wal = run_file.with_name("some-run.db-wal")
+    assert wal.exists() and wal.stat().st_size > 0  # the writer's events sit in the WAL while it runs
+    writer.dispose()  # a run's process closes its storage at its end: the WAL is folded into the file
     assert not wal.exists() or wal.stat().st_size == 0
-    storage.dispose()
+    reader = QuickSqliteStorage.from_local(str(tmp_path)).event_log_storage
+    assert len(reader.get_logs_for_run("some-run")) == 9
+    reader.dispose()
