@@ -9,6 +9,8 @@ from typing import Any
 from trading_pipeline.errors import ChartRenderError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A PNG ends with its empty IEND chunk (length 0, type, CRC): a cut-off PNG does not.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 DEFAULT_WIDTH = 1920
 DEFAULT_HEIGHT = 1080
 
@@ -54,4 +56,9 @@ def check_png(data: Any, width: int, height: int, index: int) -> None:
         raise ChartRenderError(
             f"Chart {index}: PNG is {size[0]}x{size[1]} px, expected {width}x{height}.",
             "Render with scale=1 and the figure's width/height; check kaleido is 1.x.",
+        )
+    if bytes(data[-len(PNG_END):]) != PNG_END:
+        raise ChartRenderError(
+            f"Chart {index}: the PNG ({len(data)} bytes) is cut off: it does not end with an IEND chunk.",
+            "Render it again; if it keeps happening, check kaleido/Chromium (or the render service's log).",
         )
