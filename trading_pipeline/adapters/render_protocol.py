@@ -12,7 +12,8 @@ Client -> service, the first message on a connection:
           n b"F" messages, each one figure as plotly JSON (UTF-8), as `ChartRenderer` takes it.
 
 Service -> client:
-    to a ping:    b"P" with JSON {"protocol": 1, "pid": int, "tabs": int, "browser_running": bool, "starts": int}.
+    to a ping:    b"P" with JSON {"protocol": 1, "pid": int, "tabs": int, "browser_running": bool,
+                  "browser_pid": int | null, "starts": int, "browser_error": str | null}.
     to a render:  any number of b"W" (empty: still working; sent every HEARTBEAT_S while the batch
                   waits for or occupies the browser), then n answers in the figures' order, each
                   b"K" with the PNG bytes, or

@@ -116,7 +116,7 @@ class _RenderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def __init__(self, socket_path: str, renderer: Any) -> None:
         self.renderer = renderer
-        self.browser_error: str | None = None  # why the first browser start failed, if it did
+        self.browser_error: str | None = None  # why the warm-up's browser start failed, if it did
         super().__init__(socket_path, _Handler, bind_and_activate=False)
 
     def server_bind(self) -> None:
@@ -131,7 +131,8 @@ class _RenderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def info(self) -> dict[str, Any]:
         r = self.renderer
         return {"protocol": wire.PROTOCOL_VERSION, "pid": os.getpid(), "tabs": r.tabs,
-                "browser_running": r.is_running, "starts": r.starts, "browser_error": self.browser_error}
+                "browser_running": r.is_running, "browser_pid": r.browser_pid, "starts": r.starts,
+                "browser_error": self.browser_error}
 
 
 def check_socket_path(socket_path: Path) -> None:
@@ -323,12 +324,12 @@ def start_render_service(directory: Path, env: dict[str, str] | None = None, *, 
         except (OSError, wire.ConnectionBroken, wire.ProtocolError) as error:
             last_error = error
         else:
+            if service.info.get("starts") or not wait_for_browser:
+                return service
             if service.info.get("browser_error"):
                 service.close()
                 raise ChartRenderError(f"The render service's browser did not start: {service.info['browser_error']}",
                                        f"See {log_path}.")
-            if service.info.get("browser_running") or not wait_for_browser:
-                return service
             last_error = RuntimeError("its browser is still starting")
         time.sleep(0.05)
     service.close()
