@@ -216,14 +216,16 @@ def test_resource_renders_locally_without_the_variable(monkeypatch):
 
 def test_service_exits_and_removes_its_socket_when_its_parent_dies(tmp_path):
     directory = _private_dir(tmp_path / "rs")
+    parent_code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from trading_pipeline.adapters.render_service import start_render_service\n"
+        f"service = start_render_service(Path({str(directory)!r}), wait_for_browser=False, timeout_s={WAIT_S})\n"
+        "print(service.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
     parent = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\n"
-         "from pathlib import Path\n"
-         "from trading_pipeline.adapters.render_service import start_render_service\n"
-         f"service = start_render_service(Path({str(directory)!r}), wait_for_browser=False, timeout_s={WAIT_S})\n"
-         "print(service.pid, flush=True)\n"
-         "time.sleep(600)\n"],
+        [sys.executable, "-c", parent_code],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "BROWSER_PATH": "/bin/false"})  # no browser needed
     try:
         service_pid = int(parent.stdout.readline())
@@ -280,7 +282,8 @@ def test_service_refuses_a_directory_others_can_read(tmp_path):
     open_dir.mkdir(mode=0o755)
     open_dir.chmod(0o755)
     done = subprocess.run([sys.executable, "-m", "trading_pipeline.adapters.render_service",
-                           "--socket", str(open_dir / "render.sock")], capture_output=True, text=True, timeout=WAIT_S)
+                           "--socket", str(open_dir / "render.sock")], capture_output=True, text=True, timeout=WAIT_S,
+                          check=False)
     assert done.returncode == 2 and "not private" in done.stderr
     assert not (open_dir / "render.sock").exists()
 
