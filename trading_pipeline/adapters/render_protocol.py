@@ -13,7 +13,7 @@ Client -> service, the first message on a connection:
 
 Service -> client:
     to a ping:    b"P" with JSON {"protocol": 1, "pid": int, "tabs": int, "browser_running": bool,
-                  "browser_pid": int | null, "starts": int, "browser_error": str | null}.
+                  "browser_pid": int | null, "starts": int, "figures": int, "browser_error": str | null}.
     to a render:  any number of b"W" (empty: still working; sent every HEARTBEAT_S while the batch
                   waits for or occupies the browser), then n answers in the figures' order, each
                   b"K" with the PNG bytes, or

@@ -86,6 +86,8 @@ class _Handler(socketserver.BaseRequestHandler):
             if kind != wire.FIGURE:
                 raise wire.ProtocolError(f"figure {i} came as a {kind!r} message")
             figures.append(wire.decode_json(figure, f"figure {i}"))
+        with self.server.count_lock:
+            self.server.figures += count
         outcome: list[Any] = []
         done = threading.Event()
 
@@ -117,6 +119,8 @@ class _RenderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, socket_path: str, renderer: Any) -> None:
         self.renderer = renderer
         self.browser_error: str | None = None  # why the warm-up's browser start failed, if it did
+        self.figures = 0  # figures asked for (monitoring; the tests check runs really use the service)
+        self.count_lock = threading.Lock()
         super().__init__(socket_path, _Handler, bind_and_activate=False)
 
     def server_bind(self) -> None:
@@ -132,6 +136,7 @@ class _RenderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         r = self.renderer
         return {"protocol": wire.PROTOCOL_VERSION, "pid": os.getpid(), "tabs": r.tabs,
                 "browser_running": r.is_running, "browser_pid": r.browser_pid, "starts": r.starts,
+                "figures": self.figures,
                 "browser_error": self.browser_error}
 
 

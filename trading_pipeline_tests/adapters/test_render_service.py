@@ -198,7 +198,9 @@ def test_resource_renders_through_the_service_when_the_variable_is_set(service, 
         renderer = resources.ChartRendererResource().renderer()
         assert isinstance(renderer, RenderServiceClient) and renderer.using_service
         assert renderer is resources.ChartRendererResource().renderer()  # one client per process
+        before = wire.ping(str(service.socket_path))["figures"]
         assert renderer.render_png(figures[0][0]) == expected[0][0]
+        assert wire.ping(str(service.socket_path))["figures"] == before + 1  # rendered by the service
     finally:
         resources._service_client.cache_clear()
 
