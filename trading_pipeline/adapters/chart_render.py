@@ -12,7 +12,7 @@ or a crash the browser is killed (whole process group); the next call starts a n
 
 Speed (see bench/charts.py). Stock kaleido reloads a tab's page (re-parsing the 4.6 MB
 plotly.js) after every figure, which costs more than rendering the figure itself, and it
-loads its tabs one after the other at start. `_warm_kaleido_class` keeps the pages loaded:
+loads its tabs one after the other at start. `warm_kaleido_class` keeps the pages loaded:
 a tab is reloaded only after `TAB_RECYCLE_AFTER` figures or after a figure failed (a failed
 render may leave the page dirty), and all tabs load in parallel. plotly.js removes the
 graph it renders from the page, so a page's DOM and JS heap stay flat across renders. Chromium
@@ -22,19 +22,15 @@ Both rely on kaleido/choreographer internals; where those are missing (another k
 version) the renderer falls back to stock behaviour (slower, still correct) and logs it:
 `fast_path` says which is in use.
 
-Chromium:
-- found via BROWSER_PATH, else kaleido/choreographer's own search (its downloaded Chrome,
-  then chrome/chromium/edge/... on PATH and in the usual install paths), else
-  /usr/bin/chromium, chromium, chromium-browser, google-chrome on PATH;
-- started by choreographer as
-  `python _unix_pipe_chromium_wrapper.py <chromium> --headless --no-sandbox --disable-gpu
-  --disable-dev-shm-usage --remote-debugging-pipe --user-data-dir=<tmp> ... EXTRA_ARGS` in
-  its own process group. Choreographer passes `--no-sandbox` unless `enable_sandbox=True`;
-  Chromium refuses to start as root without it, so the sandbox stays off (always off as root);
-- offline: MathJax is disabled (kaleido would load it from a CDN), plotly.js is the copy
-  shipped inside the plotly package, background networking is off, and with `offline=True`
-  (default) all HTTP(S) goes to a dead loopback proxy, so the renderer never reaches the
-  network.
+Where things are: browser discovery, Chromium's extra arguments and process-group kills in
+`chart_browser`; the warm kaleido subclass in `warm_kaleido`; PNG checks in `chart_png`; the
+batch pipeline shared with the render service's client in `chart_batches`. The names are
+re-exported here. `render_service` serves one `ChartRenderer` to many run processes over a Unix
+socket (`render_client` is its client).
+
+Offline: MathJax is disabled (kaleido would load it from a CDN), plotly.js is the copy shipped
+inside the plotly package, background networking is off, and with `offline=True` (default) all
+HTTP(S) goes to a dead loopback proxy, so the renderer never reaches the network.
 
 kaleido, plotly and choreographer are imported lazily (inside methods): importing this
 module is cheap.
@@ -45,19 +41,36 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import functools
 import logging
 import math
 import os
-import shutil
-import signal
-import struct
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
+from trading_pipeline.adapters.chart_batches import render_each_pipelined
+from trading_pipeline.adapters.chart_browser import (  # noqa: F401 - re-exported
+    EXTRA_ARGS,
+    FALLBACK_BROWSERS,
+    INSTALL_FIX,
+    OFFLINE_PROXY,
+    add_chromium_args,
+    find_chromium,
+    hard_kill,
+    is_executable_file,
+)
+from trading_pipeline.adapters.chart_png import (  # noqa: F401 - re-exported
+    DEFAULT_HEIGHT,
+    DEFAULT_WIDTH,
+    PNG_SIGNATURE,
+    check_png,
+    figure_dict,
+    figure_size,
+    png_size,
+)
+from trading_pipeline.adapters.warm_kaleido import TAB_RECYCLE_AFTER, warm_kaleido_class
 from trading_pipeline.errors import ChartRenderError
 
 if TYPE_CHECKING:
@@ -65,182 +78,14 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_STARTUP_TIMEOUT_S = 30.0
-DEFAULT_WIDTH = 1920
-DEFAULT_HEIGHT = 1080
-FALLBACK_BROWSERS: tuple[str, ...] = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
-# Nothing listens on the discard port on loopback: any http(s) request fails immediately.
-OFFLINE_PROXY = "http://127.0.0.1:9"
 _CLOSE_GRACE_S = 5.0
 _POLL_S = 0.25
-# A tab's page is reloaded after this many figures (kaleido: after every one); see module doc.
-TAB_RECYCLE_AFTER = 200
-# Appended to choreographer's Chromium command line. The positional about:blank replaces the
-# first window's New Tab Page; the features are the omnibox popup WebUIs Chromium preloads for
-# every window (both are renderer processes loading a WebUI app). Unknown features are
-# ignored by Chromium, so older/newer versions start fine with these.
-EXTRA_ARGS: tuple[str, ...] = (
-    "--disable-background-networking",
-    "--disable-features=PreloadTopChromeWebUI,WebUIOmniboxPopup,WebUIOmniboxAimPopup",
-    "about:blank",
-)
-# kaleido internals the warm subclass overrides or calls (kaleido 1.x).
-_KALEIDO_HOOKS: tuple[str, ...] = (
-    "_get_kaleido_tab", "_return_kaleido_tab", "populate_targets", "_conform_tabs", "_create_kaleido_tab",
-)  # fmt: skip
 
 
 class _BrowserDied(Exception):
     """Internal: the browser process exited while a render was waiting."""
-
-
-INSTALL_FIX = (
-    "Install Chromium: `apt-get install chromium` on Debian/Ubuntu (any Chrome/Chromium works), "
-    "or let kaleido download one: run `plotly_get_chrome` (or `kaleido_get_chrome`) in a shell, "
-    "or call `kaleido.get_chrome_sync()` in Python; or set BROWSER_PATH to the full path of a "
-    "Chrome/Chromium executable."
-)
-
-
-def _is_executable_file(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def find_chromium() -> str:
-    """Path of the Chrome/Chromium to use, or ChartRenderError saying what to install.
-
-    Order: BROWSER_PATH (if set it must be valid: no silent fallback), then what
-    kaleido/choreographer finds, then FALLBACK_BROWSERS.
-    """
-    env = os.environ.get("BROWSER_PATH", "").strip()
-    if env:
-        if _is_executable_file(env):
-            return env
-        raise ChartRenderError(
-            f"BROWSER_PATH={env!r} is not an executable Chrome/Chromium "
-            f"({'not executable' if os.path.exists(env) else 'no such file'}).",
-            "Point BROWSER_PATH at a Chrome/Chromium executable (e.g. /usr/bin/chromium), or "
-            "unset it to let the renderer search. " + INSTALL_FIX,
-        )
-    try:
-        from choreographer.browsers.chromium import Chromium
-
-        found = Chromium.find_browser(skip_local=False)
-    except Exception as exc:  # noqa: BLE001 - best effort
-        _log.debug("choreographer browser search failed: %s", exc)
-        found = None
-    if found and _is_executable_file(found):
-        return found
-    for name in FALLBACK_BROWSERS:
-        path = name if os.path.isabs(name) else shutil.which(name)
-        if path and _is_executable_file(path):
-            return path
-    raise ChartRenderError(
-        "No Chrome/Chromium browser found to render charts (searched BROWSER_PATH, kaleido's "
-        f"downloaded Chrome, PATH and {', '.join(FALLBACK_BROWSERS)}).",
-        INSTALL_FIX,
-    )
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk; ValueError if `data` is not a PNG."""
-    if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        raise ValueError("not a PNG (bad signature or no IHDR chunk)")
-    width, height = struct.unpack(">II", data[16:24])
-    return width, height
-
-
-def _figure_dict(fig: Any) -> dict[str, Any]:
-    if hasattr(fig, "to_dict"):
-        return fig.to_dict()
-    if isinstance(fig, dict) and "data" in fig:
-        return fig
-    raise TypeError(f"expected a plotly Figure or figure dict, got {type(fig).__name__}")
-
-
-def _figure_size(fig: dict[str, Any], width: int | None, height: int | None) -> tuple[int, int]:
-    layout = fig.get("layout") or {}
-    w = width or layout.get("width") or DEFAULT_WIDTH
-    h = height or layout.get("height") or DEFAULT_HEIGHT
-    return int(w), int(h)
-
-
-@functools.cache
-def _warm_kaleido_class() -> type:
-    """kaleido.Kaleido, subclassed to keep tab pages loaded and load them in parallel.
-
-    Returns stock kaleido.Kaleido (and logs why) if this kaleido lacks the internals used.
-    """
-    import kaleido
-
-    base = kaleido.Kaleido
-    missing = [name for name in _KALEIDO_HOOKS if not callable(getattr(base, name, None))]
-    if missing:
-        _log.warning(
-            "chart renderer: kaleido %s has no %s; using its stock tab handling (a page reload "
-            "per figure: slower, still correct)",
-            getattr(kaleido, "__version__", "?"), ", ".join(missing),
-        )  # fmt: skip
-        return base
-
-    class WarmKaleido(base):  # type: ignore[misc, valid-type]
-        """Reloads a tab's page only after `recycle_after` figures or after a failed render."""
-
-        recycle_after = TAB_RECYCLE_AFTER
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.tab_reloads = 0  # page reloads done (kaleido would do one per figure)
-            self._renders_since_load: dict[int, int] = {}  # id(tab) -> figures since its page loaded
-            self._stale: set[int] = set()  # tabs to reload before their next figure
-
-        async def populate_targets(self) -> None:
-            # kaleido's version loads the first tab's page, and only then creates and loads the
-            # others: do it all at once (each tab is its own renderer process).
-            await super(base, self).populate_targets()  # choreographer: adopt existing tabs
-            existing = list(self.tabs.values())
-            jobs = [self._create_kaleido_tab() for _ in range(max(0, self._n - len(existing)))]
-            if existing:
-                jobs.append(self._conform_tabs(existing))
-            await asyncio.gather(*jobs)
-
-        async def _get_kaleido_tab(self) -> Any:
-            tab = await super()._get_kaleido_tab()
-            key = id(tab)
-            if key in self._stale or self._renders_since_load.get(key, 0) >= self.recycle_after:
-                try:
-                    await tab.reload()
-                except BaseException:
-                    self._stale.add(key)
-                    self.tabs_ready.put_nowait(tab)  # keep it in the pool; retried next time
-                    raise
-                self.tab_reloads += 1
-                self._stale.discard(key)
-                self._renders_since_load[key] = 0
-            self._renders_since_load[key] = self._renders_since_load.get(key, 0) + 1
-            return tab
-
-        async def _return_kaleido_tab(self, tab: Any) -> None:
-            await self.tabs_ready.put(tab)  # no reload: the page stays warm
-
-        def reload_before_next_use(self) -> None:
-            """After a failed render: every tab that rendered gets a fresh page first."""
-            self._stale.update(self._renders_since_load)
-
-    return WarmKaleido
-
-
-def _add_chromium_args(k: Any, args: Sequence[str]) -> bool:
-    """Append `args` to the command line choreographer starts Chromium with (before open())."""
-    impl = getattr(k, "_browser_impl", None)
-    get_cli = getattr(impl, "get_cli", None)
-    if not callable(get_cli):
-        _log.warning("chart renderer: cannot add Chromium arguments (choreographer internals changed)")
-        return False
-    impl.get_cli = lambda: [*get_cli(), *args]
-    return True
 
 
 class ChartRenderer:
@@ -315,7 +160,7 @@ class ChartRenderer:
             if self._kaleido is not None:
                 return self
             path = self._explicit_browser_path or find_chromium()
-            if self._explicit_browser_path and not _is_executable_file(path):
+            if self._explicit_browser_path and not is_executable_file(path):
                 raise ChartRenderError(
                     f"Chromium path {path!r} given to ChartRenderer is not an executable file.",
                     INSTALL_FIX,
@@ -342,14 +187,14 @@ class ChartRenderer:
             }
             if self.offline:
                 kwargs["proxy_server"] = OFFLINE_PROXY
-            kaleido_class = _warm_kaleido_class()
+            kaleido_class = warm_kaleido_class()
 
             async def open_browser() -> Any:
                 k = kaleido_class(**kwargs)
                 k.recycle_after = self.tab_recycle_after
-                args_added = _add_chromium_args(k, EXTRA_ARGS)
+                args_added = add_chromium_args(k, EXTRA_ARGS)
                 self.fast_path = args_added and kaleido_class is not kaleido.Kaleido
-                self._kaleido = k  # visible to _hard_kill even if open() hangs
+                self._kaleido = k  # visible to hard_kill even if open() hangs
                 try:
                     await k.open()
                 except Exception:
@@ -403,8 +248,8 @@ class ChartRenderer:
         """PNG bytes for each figure, in order, rendered concurrently in one browser."""
         specs = []
         for fig in figs:
-            d = _figure_dict(fig)
-            w, h = _figure_size(d, width, height)
+            d = figure_dict(fig)
+            w, h = figure_size(d, width, height)
             specs.append((d, w, h))
         if not specs:
             return []
@@ -415,7 +260,7 @@ class ChartRenderer:
             self.start()
             results = self._render_batch(specs)
         for i, (data, (_, w, h)) in enumerate(zip(results, specs, strict=True)):
-            _check_png(data, w, h, i)
+            check_png(data, w, h, i)
         return results
 
     def render_each(self, figs: Iterable[Any], width: int | None = None,
@@ -447,57 +292,9 @@ class ChartRenderer:
 
     def render_each_pipelined(self, figs: Iterable[Any], width: int | None = None,
                               height: int | None = None) -> list[concurrent.futures.Future]:
-        """`render_each` for figures the caller builds while the ones before them render.
-
-        Figures are taken from `figs` (a generator that builds them, typically) and rendered in
-        batches of two per tab on a background thread as soon as a batch is complete; returns,
-        once `figs` is exhausted, one Future per figure, in order, giving its PNG or its
-        ChartRenderError. So building the figures, rendering them and whatever the caller does
-        with the first PNGs (thumbnails, storing) overlap instead of following one another.
-        After two batches in a row fail entirely, the browser itself is the problem: the rest get
-        the same error instead of waiting for their own timeouts."""
-        batch_size = 2 * self.tabs
-        failed_batches: list[ChartRenderError] = []  # consecutive batches where every figure failed
-
-        def render(batch: list[Any]) -> list[bytes | ChartRenderError]:
-            if len(failed_batches) >= 2:
-                return [failed_batches[-1]] * len(batch)
-            results = self.render_each(batch, width=width, height=height)
-            if all(isinstance(result, ChartRenderError) for result in results):
-                failed_batches.append(results[-1])
-            else:
-                failed_batches.clear()
-            return results
-
-        futures: list[concurrent.futures.Future] = []
-        batches = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chart-render-batches")
-
-        def submit(batch: list[Any], batch_futures: list[concurrent.futures.Future]) -> None:
-            def settle(done: concurrent.futures.Future) -> None:
-                error = done.exception()
-                for i, future in enumerate(batch_futures):
-                    if error is not None:
-                        future.set_exception(error)
-                    else:
-                        future.set_result(done.result()[i])
-
-            batches.submit(render, batch).add_done_callback(settle)
-
-        try:
-            batch, batch_futures = [], []
-            for fig in figs:
-                batch.append(fig)
-                batch_futures.append(concurrent.futures.Future())
-                if len(batch) == batch_size:
-                    submit(batch, batch_futures)
-                    futures.extend(batch_futures)
-                    batch, batch_futures = [], []
-            if batch:
-                submit(batch, batch_futures)
-                futures.extend(batch_futures)
-        finally:
-            batches.shutdown(wait=False)  # the thread renders what was submitted, then ends
-        return futures
+        """`render_each` for figures the caller builds while the ones before them render: one Future
+        per figure, in order, with its PNG or its ChartRenderError (see `chart_batches`)."""
+        return render_each_pipelined(self.render_each, 2 * self.tabs, figs, width, height)
 
     def _render_batch(self, specs: Sequence[tuple[dict[str, Any], int, int]]) -> list[bytes]:
         k, loop = self._kaleido, self._loop
@@ -579,7 +376,7 @@ class ChartRenderer:
             return
         if k is not None:
             if not graceful:
-                _hard_kill(k)
+                hard_kill(k)
             fut = None
             try:
                 fut = asyncio.run_coroutine_threadsafe(k.close(), loop)
@@ -590,12 +387,12 @@ class ChartRenderer:
                     fut.result(timeout=_CLOSE_GRACE_S)
                 except Exception as exc:  # noqa: BLE001 - best effort
                     _log.debug("chart renderer: browser close failed: %r", exc)
-                    _hard_kill(k)  # unblocks the close (its pipe threads) so the loop can stop
+                    hard_kill(k)  # unblocks the close (its pipe threads) so the loop can stop
                     try:
                         fut.result(timeout=_CLOSE_GRACE_S)
                     except Exception:  # noqa: BLE001 - best effort
                         fut.cancel()
-            _hard_kill(k)  # no-op if it closed cleanly
+            hard_kill(k)  # no-op if it closed cleanly
         try:
             loop.call_soon_threadsafe(loop.stop)
         except RuntimeError:
@@ -618,42 +415,6 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     finally:
         loop.close()
 
-
-def _hard_kill(k: Any) -> None:
-    """Kill the browser and close kaleido's devtools pipe.
-
-    The pipe must be closed by us: choreographer keeps both ends of both pipes open in this
-    process, so after Chromium dies its reader/writer threads would block until then (and
-    kaleido's close() waits for those threads).
-    """
-    _kill(getattr(k, "subprocess", None))
-    channel = getattr(k, "_channel", None)
-    if channel is not None:
-        try:
-            channel.close()
-        except Exception as exc:  # noqa: BLE001 - best effort
-            _log.debug("chart renderer: closing the devtools pipe failed: %r", exc)
-
-
-def _kill(proc: subprocess.Popen[Any] | None) -> None:
-    """SIGKILL the browser's whole process group (wrapper, chromium, its helpers).
-
-    Only while the wrapper is unreaped: then its pid is certainly still our process group
-    (choreographer starts it with start_new_session=True), never a recycled pid.
-    """
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:  # pragma: no cover - Windows
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except Exception as exc:  # noqa: BLE001 - best effort
-        _log.debug("chart renderer: browser did not exit after SIGKILL: %r", exc)
 
 
 def _abandoned() -> bool:
@@ -686,23 +447,3 @@ def _is_browser_failure(exc: BaseException) -> bool:
         ),
     )
 
-
-def _check_png(data: Any, width: int, height: int, index: int) -> None:
-    if not isinstance(data, bytes | bytearray):
-        raise ChartRenderError(
-            f"Chart {index}: the renderer returned {type(data).__name__}, not PNG bytes.",
-            "Check that kaleido 1.x is installed (`pip install 'kaleido>=1,<2'`).",
-        )
-    try:
-        size = png_size(bytes(data))
-    except ValueError:
-        raise ChartRenderError(
-            f"Chart {index}: the renderer returned {len(data)} bytes that are not a PNG "
-            f"(starts with {bytes(data[:8])!r}).",
-            "Check that kaleido 1.x and plotly match (`pip install -U kaleido plotly`).",
-        ) from None
-    if size != (width, height):
-        raise ChartRenderError(
-            f"Chart {index}: PNG is {size[0]}x{size[1]} px, expected {width}x{height}.",
-            "Render with scale=1 and the figure's width/height; check kaleido is 1.x.",
-        )

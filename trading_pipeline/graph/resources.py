@@ -107,7 +107,11 @@ class ChartRendererResource(dg.ConfigurableResource):
     """Renders chart figures to PNG through one persistent Chromium, shared by every run in the
     process (the demo, tests, benchmarks and Celery workers run many in one process; it is closed
     at exit). A run that renders charts starts the browser when the run starts, in the background,
-    so its start-up overlaps the market data and indicator steps."""
+    so its start-up overlaps the market data and indicator steps.
+
+    With TRADING_RENDER_SOCKET set (the run launcher sets it), the process renders through that
+    render service's warm browser instead (adapters/render_service.py), and falls back to its own
+    Chromium, with one warning, if the service does not answer or goes away."""
 
     width: int = 1920
     height: int = 1080
@@ -123,11 +127,17 @@ class ChartRendererResource(dg.ConfigurableResource):
             logging.getLogger(__name__).debug(f"chart renderer warm-up failed: {error}")
 
     def renderer(self):
+        """The process's ChartRenderer, or a RenderServiceClient (same rendering methods)."""
+        from trading_pipeline.adapters.render_service import RENDER_SOCKET_ENV
+
         with _RENDERER_LOCK:  # the warm-up thread and a render never start two browsers
+            socket_path = os.environ.get(RENDER_SOCKET_ENV, "").strip()
+            if socket_path:
+                return _service_client(socket_path, self.timeout_seconds)
             return _shared_renderer(self.timeout_seconds)
 
 
-_RENDERER_LOCK = threading.Lock()
+_RENDERER_LOCK = threading.RLock()  # re-entered by a client that falls back while it is created
 
 
 @functools.lru_cache(maxsize=2)
@@ -135,6 +145,17 @@ def _shared_renderer(timeout_seconds: float):
     from trading_pipeline.adapters.chart_render import ChartRenderer
 
     return ChartRenderer(timeout_s=timeout_seconds).start()
+
+
+@functools.lru_cache(maxsize=2)
+def _service_client(socket_path: str, timeout_seconds: float):
+    from trading_pipeline.adapters.render_client import RenderServiceClient
+
+    def local_renderer():
+        with _RENDERER_LOCK:
+            return _shared_renderer(timeout_seconds)
+
+    return RenderServiceClient(socket_path, fallback=local_renderer)
 
 
 class BrokerResource(dg.ConfigurableResource):

@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import pytest
 
-from trading_pipeline.adapters import chart_render
+from trading_pipeline.adapters import chart_browser, chart_render, warm_kaleido
 from trading_pipeline.adapters.chart_render import ChartRenderer, find_chromium, png_size
 from trading_pipeline.core.chart_figure import ChartFill, build_chart_figure, build_decision_figure
 from trading_pipeline.errors import ChartRenderError
@@ -101,7 +101,7 @@ def test_no_browser_anywhere_names_what_to_install(monkeypatch, tmp_path):
     monkeypatch.delenv("BROWSER_PATH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # empty dir: nothing on PATH
     monkeypatch.setattr(Chromium, "find_browser", classmethod(lambda cls, **kw: None))
-    monkeypatch.setattr(chart_render, "FALLBACK_BROWSERS", (str(tmp_path / "chromium"), "chromium"))
+    monkeypatch.setattr(chart_browser, "FALLBACK_BROWSERS", (str(tmp_path / "chromium"), "chromium"))
     with pytest.raises(ChartRenderError) as info:
         find_chromium()
     assert "No Chrome/Chromium browser found" in info.value.problem
@@ -294,7 +294,7 @@ def test_add_chromium_args_without_choreographer_internals_is_a_no_op():
     class Bare:
         pass
 
-    assert chart_render._add_chromium_args(Bare(), ["--x"]) is False
+    assert chart_browser.add_chromium_args(Bare(), ["--x"]) is False
 
 
 def test_tab_recycle_after_must_be_positive():
@@ -386,14 +386,14 @@ def test_without_kaleido_internals_falls_back_to_stock_kaleido(monkeypatch, figu
         _return_kaleido_tab = None  # as if this kaleido version had no such hook
 
     monkeypatch.setattr(kaleido, "Kaleido", OldKaleido)
-    chart_render._warm_kaleido_class.cache_clear()
+    warm_kaleido.warm_kaleido_class.cache_clear()
     try:
-        assert chart_render._warm_kaleido_class() is OldKaleido
+        assert warm_kaleido.warm_kaleido_class() is OldKaleido
     finally:
         monkeypatch.undo()
-        chart_render._warm_kaleido_class.cache_clear()
+        warm_kaleido.warm_kaleido_class.cache_clear()
     # the real fallback path: stock kaleido (a reload per figure) still renders correctly
-    monkeypatch.setattr(chart_render, "_warm_kaleido_class", lambda: kaleido.Kaleido)
+    monkeypatch.setattr(chart_render, "warm_kaleido_class", lambda: kaleido.Kaleido)
     with ChartRenderer(tabs=1) as r:
         assert png_size(r.render_png(figures[2])) == (800, 600)
         assert not r.fast_path and r.tab_reloads == 0
