@@ -23,12 +23,15 @@ import json
 import logging
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from dagster._core.launcher import DefaultRunLauncher, LaunchRunContext
@@ -59,12 +62,16 @@ def process_start_ticks(pid: int) -> str | None:
 
 
 class WarmWorker:
-    """The `run_worker` process and its line protocol; one request at a time."""
+    """The `run_worker` process and its line protocol (one request at a time), and the render
+    service its runs draw their charts with (one warm Chromium for all runs, instead of one
+    started per run: TRADING_RENDER_SOCKET in the worker's environment, inherited by each run)."""
 
     def __init__(self, start_timeout_s: float):
         self.start_timeout_s = start_timeout_s
         self.fingerprint: str | None = None
         self.process: subprocess.Popen[str] | None = None
+        self.render_service = None  # adapters.render_service.RenderServiceProcess once started
+        self._render_directory: Path | None = None
         self._lock = threading.Lock()
 
     def _read_line(self, timeout_s: float) -> dict:
@@ -78,16 +85,42 @@ class WarmWorker:
         return json.loads(line)
 
     def _start(self) -> None:
+        from trading_pipeline.adapters.render_service import RENDER_SOCKET_ENV, SOCKET_NAME
+
+        # The worker and the render service warm up side by side; the socket's path is known before.
+        self._render_directory = Path(tempfile.mkdtemp(prefix="trading-render-"))  # mode 0700
+        environment = {**os.environ, RENDER_SOCKET_ENV: str(self._render_directory / SOCKET_NAME)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trading_pipeline.graph.run_worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, bufsize=1, cwd=os.getcwd())
+            stdout=subprocess.PIPE, text=True, bufsize=1, cwd=os.getcwd(), env=environment)
+        self._start_render_service()
         hello = self._read_line(self.start_timeout_s)
         if "ready" not in hello:
             raise RuntimeError(f"the warm run worker refused to serve: {hello.get('error', hello)}")
         self.fingerprint = hello["ready"]
 
+    def _start_render_service(self) -> None:
+        """Start (or restart) the render service; if it cannot start, each run renders with its own
+        Chromium and says so in its log (the client falls back), so this is a warning, not a stop."""
+        from trading_pipeline.adapters.render_service import start_render_service
+        from trading_pipeline.errors import ChartRenderError
+
+        if self.render_service is not None:
+            self.render_service.close()
+        try:
+            self.render_service = start_render_service(self._render_directory, timeout_s=self.start_timeout_s)
+        except ChartRenderError as error:
+            self.render_service = None
+            log.warning(f"the render service did not start; runs start their own Chromium: {error}")
+
     def close(self) -> None:
         process, self.process, self.fingerprint = self.process, None, None
+        service, self.render_service = self.render_service, None
+        if service is not None:
+            service.close()
+        if self._render_directory is not None:
+            shutil.rmtree(self._render_directory, ignore_errors=True)
+            self._render_directory = None
         if process is None:
             return
         try:
@@ -131,6 +164,9 @@ class WarmWorker:
                     raise
                 if self.fingerprint != current:  # changed while it warmed up: not this run
                     raise RuntimeError("the pipeline's source files changed while the warm run worker started")
+            elif self.render_service is not None and not self.render_service.is_alive():
+                restarted = "the render service had exited; it was restarted"
+                self._start_render_service()
             try:
                 assert self.process and self.process.stdin
                 self.process.stdin.write(json.dumps({"input_json": input_json}) + "\n")

@@ -9,7 +9,9 @@ Dagster's Docker and Kubernetes launchers run in their containers, here without 
 
 What is never done before the fork, so no child shares it: load the code location
 (`trading_pipeline.definitions` reads the strategies file and the environment: each run loads it
-itself, as with a new interpreter), open a database, a socket or a browser, or start a thread.
+itself, as with a new interpreter), open a database, a socket or a browser (a run draws its
+charts through the launcher's render service, TRADING_RENDER_SOCKET, or starts its own
+Chromium), or start a thread.
 
 Protocol (one JSON object per line): request {"input_json": <ExecuteRunArgs serialized>}; answer
 {"pid": <child pid>} or {"error": <text>}. The first line written is {"ready": <source

@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from trading_pipeline.adapters.render_protocol import ping
 from trading_pipeline.graph.assets import AS_OF_TAG
 from trading_pipeline.graph.assets.batch import range_tags
 from trading_pipeline.graph.run_launcher import WORKER_PID_TAG
@@ -126,3 +127,9 @@ def test_batched_runs_start_forked_from_the_warm_worker_and_materialize_every_pa
     with open(f"/proc/{worker}/stat") as stat:
         parent = int(stat.read().rsplit(")", 1)[1].split()[1])
     assert parent == processes.procs["daemon"].pid
+    # Every chart (4 partitions' charts, 2 decision charts at most) was drawn by the one render
+    # service the launcher started, not by a Chromium per run.
+    with open(f"/proc/{worker}/environ", "rb") as environ:
+        variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+    service = ping(variables[b"TRADING_RENDER_SOCKET"].decode())
+    assert service["starts"] == 1 and service["figures"] >= 4

@@ -73,6 +73,23 @@ def test_a_worker_that_would_fork_a_thread_or_a_loaded_code_location_refuses_to_
     assert "not safe to fork" in answer["error"] and refusal in answer["error"]
 
 
+def test_runs_get_the_render_service_in_their_environment_and_a_dead_service_is_restarted(worker):
+    from trading_pipeline.adapters.render_protocol import ping
+
+    with open(f"/proc/{worker.process.pid}/environ", "rb") as environ:
+        variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+    socket_path = variables[b"TRADING_RENDER_SOCKET"].decode()
+    assert socket_path == str(worker.render_service.socket_path)
+    assert os.stat(os.path.dirname(socket_path)).st_mode & 0o077 == 0  # only this user can reach it
+    assert ping(socket_path)["starts"] >= 1  # its Chromium is up before the first run
+    first = worker.render_service.pid
+    worker.render_service.process.kill()
+    worker.render_service.process.wait()
+    pid, restarted = worker.fork_run("{}")
+    assert "render service had exited" in restarted and wait_until_gone(pid)
+    assert worker.render_service.pid != first and ping(socket_path)["starts"] >= 1
+
+
 def test_a_run_request_forks_a_child_that_is_reaped_and_a_bad_one_fails_its_run_not_the_worker(worker):
     # Not a serialized ExecuteRunArgs: the child fails at once (the traceback goes to stderr).
     pid, restarted = worker.fork_run("not json at all")
