@@ -74,7 +74,7 @@ mutation Launch($params: ExecutionParams!) {
 }"""
 RUN = """
 query Run($runId: ID!) {
-  runOrError(runId: $runId) { ... on Run { status creationTime startTime endTime } }
+  runOrError(runId: $runId) { ... on Run { status creationTime startTime endTime tags { key value } } }
 }"""
 LOCATIONS = """
 query { workspaceOrError { ... on Workspace { locationEntries { name loadStatus
@@ -258,7 +258,10 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     decide = time.perf_counter() - started
     sensor.close()
     sent, actionable = orders_sent(instance.env)
+    # The warm run launcher tags each run it forked (docs/production.md, Warm run workers).
+    warm = sum(any(tag["key"] == "trading/run_worker_pid" for tag in run["tags"]) for run in runs + decide_runs)
     return {"refresh": refresh, "refresh_runs": len(run_ids), "decide": decide, "decide_runs": len(decide_ids),
+            "warm": warm,
             "queued": max(r["startTime"] - r["creationTime"] for r in runs + decide_runs),
             "open": opening, "sent": sent, "actionable": actionable, "steps": steps}
 
@@ -412,6 +415,9 @@ def main() -> None:
           f"orders sent for {repeats[0]['sent']} of {repeats[0]['actionable']} BUY/SELL decisions "
           f"(clock TRADING_AS_OF {repeats[0]['open']:%Y-%m-%d %H:%M} UTC)")
     print(f"longest wait in the queue   {max(r['queued'] for r in repeats):.1f} s (run created → its process running)")
+    print(f"run processes               {sum(r['warm'] for r in repeats)} of "
+          f"{sum(r['refresh_runs'] + r['decide_runs'] for r in repeats)} forked from the warm run worker "
+          "(the others: a new interpreter each)")
     print("evaluation and launch       " + ", ".join(f"{name} {value:.1f} s" for name, value in repeats[0]["steps"].items())
           + " (GraphQL from here; included above)")
     print(f"one process: refresh        {spread(local_refresh)}; decide and order {spread(local_decide)}")

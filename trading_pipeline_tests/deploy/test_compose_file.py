@@ -32,6 +32,7 @@ NOT_PASSED_TO_USER_CODE = {
     "BROWSER_PATH": "the image sets it (Debian's chromium)",
     "TRADING_POSTGRES_DB": "compose only: names the trading database inside TRADING_DATABASE_URL",
     "TRADING_CHART_SERVER_PORT": "the loopback chart server is for a laptop (make dev); compose links to MinIO",
+    "TRADING_RENDER_SOCKET": "set per run by the laptop's warm run launcher; compose's runs start their own Chromium",
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY", re.IGNORECASE)
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?P<op>:?[-?+])?(?P<arg>[^}]*)\}")
