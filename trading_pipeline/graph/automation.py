@@ -16,6 +16,7 @@ materialization, metadata and checks (graph/assets/batch.py).
 """
 
 import os
+import threading
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -43,7 +44,17 @@ def _timeframe_request(strategies_file: StrategiesFile, timeframe: str, session,
               "trading/trigger": f"{timeframe}_close_schedule"})
 
 
+def _warm_calendar() -> None:
+    from trading_pipeline.core import market_calendar
+
+    market_calendar.is_open(datetime.now(UTC))
+
+
 def build_automation(strategies_file: StrategiesFile) -> tuple[list, list]:
+    # Every tick reads the exchange calendar, whose first use costs ~0.6 s (exchange_calendars and
+    # the schedule to 2040): built in the background when the code location loads, the first
+    # schedule or sensor tick after a (re)start does not wait for it. Once per process.
+    threading.Thread(target=_warm_calendar, name="exchange-calendar-warm-up", daemon=True).start()
     @dg.schedule(job_name="analyze_timeframe", cron_schedule="15 16 * * 1-5", execution_timezone=NEW_YORK,
                  default_status=dg.DefaultScheduleStatus.STOPPED,
                  description="16:15 New York on weekdays: if the session has closed, analyze every symbol's 1d bars "
