@@ -39,13 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.llm.answers import ConsolidationAnswer, TimeframeAnswer, Unusable
 from trading_pipeline.adapters.llm.calls import Answer, ModelCaller
-from trading_pipeline.adapters.llm.request import (
-    CHART_STATUS,
-    Summary,
-    consolidation_context,
-    summary,
-    timeframe_context,
-)
+from trading_pipeline.adapters.llm.request import CHART_STATUS, Summary, consolidation_context, summary
+from trading_pipeline.adapters.llm.series_context import timeframe_context
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.core import chart_spec
 from trading_pipeline.core.analysis import NO_DATA, Action, ChartSource, TimeframeAnalysis, Trend
