@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from trading_pipeline.core.analysis import Action, TimeframeAnalysis, TradeDecision
-from trading_pipeline.core.market_calendar import bar_close_time, periods_closed_between
+from trading_pipeline.core.market_calendar import bar_close_time, isoformat, periods_closed_between
 from trading_pipeline.core.risk import TICK, AccountState, MarketContext, Proposal, evaluate
 from trading_pipeline.core.strategies import Strategy
 
@@ -90,7 +90,7 @@ def decision_id(strategy: str, symbol: str, data_through: datetime, action: Acti
     Prices are left out on purpose: a re-materialized partition whose analyst answers with
     slightly different numbers is still the same decision and must not send a second order.
     """
-    key = f"{strategy}|{symbol}|{data_through.isoformat()}|{action.value}"
+    key = f"{strategy}|{symbol}|{isoformat(data_through)}|{action.value}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 

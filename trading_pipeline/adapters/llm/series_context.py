@@ -22,6 +22,7 @@ from trading_pipeline.adapters.llm import request
 from trading_pipeline.core import chart_spec
 from trading_pipeline.core.analysis_validation import NumericContext
 from trading_pipeline.core.chart_spec import IDENTITY, Rebase, SeriesArrays
+from trading_pipeline.core.market_calendar import isoformat
 from trading_pipeline.core.risk import ENTRY_TOLERANCE_ATR, ENTRY_TOLERANCE_SHARE, RANGE_TOLERANCE_ATR
 
 
@@ -35,7 +36,7 @@ def timeframe_context(series: SeriesArrays, end: int, *, symbol: str, timeframe:
         if made[end - 1]:
             names, rows, _ = series.derived(("context rows", timeframe),
                                             functools.partial(request.context_rows, timeframe=timeframe))
-            fields = (symbol, timeframe, last_bar_start.isoformat(), end - chart_spec.shown_start(timeframe, end),
+            fields = (symbol, timeframe, isoformat(last_bar_start), end - chart_spec.shown_start(timeframe, end),
                       names)
             return (NumericContext(*rows[end - 1, :6].tolist()),
                     request.RequestContext(fields, values[end - 1], request._write_timeframe_context))
