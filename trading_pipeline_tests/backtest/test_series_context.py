@@ -15,7 +15,7 @@ def test_every_position_reads_the_context_assembled_there(simulated):
     for timeframe in ("1d", "1w"):
         series = prepare("AAPL", timeframe, bars["AAPL"][timeframe])
         arrays = SeriesArrays(series.columns)
-        _, made = series_context.context_values(arrays, timeframe)
+        *_, made = series_context.context_values(arrays, timeframe)
         assert made.any() and not made.all()  # the warm-up rows are assembled per call
         for end in range(1, len(arrays) + 1):
             fields = dict(symbol="AAPL", timeframe=timeframe, last_bar_start=series.starts[end - 1])

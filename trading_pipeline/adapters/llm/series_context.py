@@ -31,11 +31,8 @@ def timeframe_context(series: SeriesArrays, end: int, *, symbol: str, timeframe:
     """`request.timeframe_context`, reading the numbers made once per series when the position has
     them (not anonymized, every indicator has a value, RECENT_CLOSES closes); else assembled there."""
     if not rebase.anonymized:
-        values, made = series.derived(("context values", timeframe),
-                                      functools.partial(context_values, timeframe=timeframe))
+        names, rows, values, made = series.derived(("context values", timeframe), _maker(timeframe))
         if made[end - 1]:
-            names, rows, _ = series.derived(("context rows", timeframe),
-                                            functools.partial(request.context_rows, timeframe=timeframe))
             fields = (symbol, timeframe, isoformat(last_bar_start), end - chart_spec.shown_start(timeframe, end),
                       names)
             return (NumericContext(*rows[end - 1, :6].tolist()),
@@ -44,11 +41,12 @@ def timeframe_context(series: SeriesArrays, end: int, *, symbol: str, timeframe:
                                      rebase=rebase)
 
 
-def context_values(series: SeriesArrays, timeframe: str) -> tuple[np.ndarray, np.ndarray]:
+def context_values(series: SeriesArrays, timeframe: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
     """The snapped numbers `request.timeframe_context` sends (not anonymized) for every position,
     row `end - 1` for bars [0, end), in its order: the 6 numbers, the 5 bounds, the indicators, the
     RECENT_CLOSES last closes; and which rows are made (`made`: a value for every indicator,
-    RECENT_CLOSES closes, a finite close and ATR). Each row reads only its bar and the bars before it."""
+    RECENT_CLOSES closes, a finite close and ATR). Each row reads only its bar and the bars before it.
+    Returned with the indicators' names and `request.context_rows`' rows: (names, rows, values, made)."""
     names, rows, complete = series.derived(("context rows", timeframe),
                                            functools.partial(request.context_rows, timeframe=timeframe))
     recent = request.RECENT_CLOSES
@@ -61,7 +59,12 @@ def context_values(series: SeriesArrays, timeframe: str) -> tuple[np.ndarray, np
         values[recent - 1:, 11 + len(names):] = np.lib.stride_tricks.sliding_window_view(series.columns["close"],
                                                                                          recent)
     made = complete & np.isfinite(values[:, 0]) & np.isfinite(values[:, 1])  # rows before `recent`: NaN
-    return snapped_rows(values, values[:, 0], request._timeframe_prices(names, recent)), made
+    return names, rows, snapped_rows(values, values[:, 0], request._timeframe_prices(names, recent)), made
+
+
+@functools.cache
+def _maker(timeframe: str) -> functools.partial:
+    return functools.partial(context_values, timeframe=timeframe)
 
 
 def bounds_rows(rows: np.ndarray) -> np.ndarray:
