@@ -96,6 +96,9 @@ class TimeframeAnalysis(BaseModel):
         )
 
 
+_new_object = object.__new__
+
+
 # `RuleCheck.explained` makes a check whose detail is written on first read, by a function (the
 # gate's f-string): a decision runs a dozen gates and a backtest reads the text of none that pass,
 # while the decision shown, stored and serialized carries every text. Read, compared, hashed,
@@ -113,8 +116,11 @@ class RuleCheck:
     def explained(cls, rule: str, passed: bool, explain: Callable[[], str]) -> RuleCheck:
         """The check whose `detail` is `explain()`, called on first read (it must read only values
         that no longer change: the gate's numbers)."""
-        check = object.__new__(cls)
-        object.__setattr__(check, "__dict__", {"rule": rule, "passed": passed, "_explain": explain})
+        check = _new_object(cls)
+        fields = check.__dict__  # filled in place: the frozen __setattr__ is for after construction
+        fields["rule"] = rule
+        fields["passed"] = passed
+        fields["_explain"] = explain
         return check
 
     def __getattr__(self, name: str) -> str:  # only called for what is not set: an unwritten detail

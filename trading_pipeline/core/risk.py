@@ -21,6 +21,7 @@ ENTRY_TOLERANCE_ATR = 1.0
 ENTRY_TOLERANCE_SHARE = 0.02
 RANGE_TOLERANCE_ATR = 6.0
 TICK = 0.01  # the minimum increment of US stocks above $1, when the broker does not say
+_explained = RuleCheck.explained  # bound once: a decision makes a dozen checks
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
 
     def check(rule: str, passed: bool, detail: str | Callable[[], str]) -> bool:
         checks.append(RuleCheck(rule, bool(passed), detail) if isinstance(detail, str)
-                      else RuleCheck.explained(rule, bool(passed), detail))
+                      else _explained(rule, bool(passed), detail))
         return passed
 
     working = account.working_entries if own_order is None else \
@@ -250,7 +251,7 @@ def _evaluate_entry(proposal: Proposal, symbol: str, market: MarketContext, acco
 
     def check(rule: str, passed: bool, detail: str | Callable[[], str]) -> bool:
         checks.append(RuleCheck(rule, bool(passed), detail) if isinstance(detail, str)
-                      else RuleCheck.explained(rule, bool(passed), detail))
+                      else _explained(rule, bool(passed), detail))
         return passed
 
     def verdict(accepted: bool, quantity: int = 0, **kw) -> RiskVerdict:
