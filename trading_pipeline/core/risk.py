@@ -172,8 +172,11 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
         check("no_pyramiding", False, f"already holding {held_qty:g} {symbol}; no second entry")
         return 0, checks
     others = account if working is account.working_entries else replace(account, working_entries=working)
+    # Counted now: the text, written later, must say what the gate saw even if a dict of the
+    # account changes after (the other numbers the texts read are immutable).
+    open_positions, working_count = others.open_positions, len(working)
     check("max_open_positions", others.committed_positions < limits.max_open_positions,
-          lambda: f"{others.open_positions} open positions + {len(working)} working entries "
+          lambda: f"{open_positions} open positions + {working_count} working entries "
           f"vs maximum {limits.max_open_positions}")
     risk = abs(entry - stop)
     by_risk = math.floor(account.equity * limits.risk_per_trade / risk)
