@@ -136,7 +136,7 @@ def decide(
                      + "; ".join(f"{c.rule}: {c.detail}" for c in verdict.checks if not c.passed)
                      + f". Proposal: {rationale}")
     charts = {a.timeframe: a.chart for a in (daily, weekly) if a.chart is not None}
-    return TradeDecision(
+    return TradeDecision.model_validate(dict(  # one dict: the constructor's validation, no keyword repacking
         decision_id=decision_id(strategy.name, symbol, daily.data_through, proposal.action),
         strategy=strategy.name, symbol=symbol, as_of=decided_at, data_through=daily.data_through,
         proposed_action=proposal.action, action=action,
@@ -146,7 +146,7 @@ def decide(
         closes_position=verdict.closes_position, account_equity=account.equity,
         confirmation=consolidated.confirmation, rationale=rationale, checks=verdict.checks,
         charts=charts, analysts={a.timeframe: a.analyst for a in (daily, weekly)},
-    )
+    ))
 
 
 def decision_not_current(decision: TradeDecision, now: datetime, max_age_minutes: int | None = None) -> str | None:

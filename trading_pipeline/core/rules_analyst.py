@@ -96,9 +96,12 @@ def _numeric_context(last: dict[str, float], extremes: list[float]) -> dict[str,
 
 
 def _levels(extremes: list[float]) -> tuple[list[float], list[float]]:
-    """(support, resistance): the lowest lows and highest highs of the lookbacks, to the cent."""
+    """(support, resistance): the lowest lows and highest highs of the lookbacks, to the cent, each once."""
     highs, lows = extremes[:len(LEVEL_LOOKBACKS)], extremes[len(LEVEL_LOOKBACKS):]
-    return sorted({round(x, 2) for x in lows}), sorted({round(x, 2) for x in highs})
+    return sorted(set(map(round, lows, _CENTS))), sorted(set(map(round, highs, _CENTS)))
+
+
+_CENTS = (2,) * len(LEVEL_LOOKBACKS)  # round(x, 2) for each lookback's extreme
 
 
 def analyze(indicators: MarketFrame, chart: ChartSource | None = None) -> TimeframeAnalysis:
@@ -186,11 +189,13 @@ def analyze_at(columns: Columns, end: int, *, symbol: str, timeframe: str, as_of
            if entry is not None else "; no setup")
         + ("; " + "; ".join(notes) if notes else "")
     )
-    return TimeframeAnalysis(
+    # model_validate of one dict: the same validation as the constructor's, without repacking
+    # two dozen keyword arguments (a backtest makes one analysis per symbol and session).
+    return TimeframeAnalysis.model_validate(dict(
         signal=signal, trend=trend, confidence=round(min(confidence, 0.9), 2),
         entry=entry, stop=stop, targets=targets, support=support, resistance=resistance,
         votes=votes, rationale=rationale, **numbers, **context,
-    )
+    ))
 
 
 class RulesAnalyst:
