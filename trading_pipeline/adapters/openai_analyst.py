@@ -39,16 +39,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.llm.answers import ConsolidationAnswer, TimeframeAnswer, Unusable
 from trading_pipeline.adapters.llm.calls import Answer, ModelCaller
-from trading_pipeline.adapters.llm.request import (
-    CHART_STATUS,
-    Summary,
-    consolidation_context,
-    summary,
-    timeframe_context,
-)
+from trading_pipeline.adapters.llm.request import CHART_STATUS, Summary, consolidation_context, summary
+from trading_pipeline.adapters.llm.series_context import timeframe_context
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.core import chart_spec
-from trading_pipeline.core.analysis import NO_DATA, Action, ChartSource, TimeframeAnalysis, Trend
+from trading_pipeline.core.analysis import NO_DATA, Action, ChartSource, IndicatorVote, TimeframeAnalysis, Trend
 from trading_pipeline.core.analysis_validation import (
     NumericContext,
     consolidation_problems,
@@ -220,7 +215,8 @@ class OpenAIAnalyst:
         return TimeframeAnalysis(
             signal=signal, trend=Trend(answer.trend), confidence=answer.confidence,
             entry=entry, stop=stop, targets=targets, support=sorted(support), resistance=sorted(resistance),
-            votes=[{"name": i.name, "bullish": i.bullish, "detail": i.reading} for i in answer.indicators],
+            # The readings passed the answer's strict schema (str, bool, str): built as votes directly.
+            votes=[IndicatorVote(i.name, i.bullish, i.reading) for i in answer.indicators],
             rationale=rationale, analyst=analyst, vision=result.vision, **base)
 
     def _invalid(self, symbol: str, timeframe: str, as_of: datetime, columns: Columns | None, end: int,

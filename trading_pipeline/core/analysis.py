@@ -6,6 +6,7 @@ nothing downstream depends on which one ran.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -30,7 +31,7 @@ class Trend(str, Enum):
 
 
 # IndicatorVote and RuleCheck are plain frozen dataclasses, not models: every decision makes a dozen
-# (a backtest, millions). Pydantic still validates them field by field when an analysis or a
+# (a backtest, millions; RuleCheck keeps a __dict__ so that its text can be written when read). Pydantic still validates them field by field when an analysis or a
 # decision is read back from JSON, and passes our own instances through when one is built.
 @dataclass(frozen=True, slots=True)
 class IndicatorVote:
@@ -95,13 +96,49 @@ class TimeframeAnalysis(BaseModel):
         )
 
 
-@dataclass(frozen=True, slots=True)
+_new_object = object.__new__
+
+
+# `RuleCheck.explained` makes a check whose detail is written on first read, by a function (the
+# gate's f-string): a decision runs a dozen gates and a backtest reads the text of none that pass,
+# while the decision shown, stored and serialized carries every text. Read, compared, hashed,
+# copied, pickled or serialized, such a check is the one made with the text. (The docstring is the
+# JSON schema's description: unchanged.)
+@dataclass(frozen=True)
 class RuleCheck:
     """One deterministic gate and its numbers."""
 
     rule: str
     passed: bool
     detail: str
+
+    @classmethod
+    def explained(cls, rule: str, passed: bool, explain: Callable[[], str]) -> RuleCheck:
+        """The check whose `detail` is `explain()`, called on first read (it must read only values
+        that no longer change: the gate's numbers)."""
+        check = _new_object(cls)
+        fields = check.__dict__  # filled in place: the frozen __setattr__ is for after construction
+        fields["rule"] = rule
+        fields["passed"] = passed
+        fields["_explain"] = explain
+        return check
+
+    def __getattr__(self, name: str) -> str:  # only called for what is not set: an unwritten detail
+        explain = self.__dict__.get("_explain") if name == "detail" else None
+        if explain is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        detail = self.__dict__["detail"] = explain()
+        self.__dict__.pop("_explain", None)
+        return detail
+
+    def __reduce__(self):  # pickled with its text, never with the function writing it
+        return type(self), (self.rule, self.passed, self.detail)
+
+    def __setstate__(self, state) -> None:
+        # A pickle of the former slots dataclass: [rule, passed, detail].
+        fields = dict(zip(("rule", "passed", "detail"), state, strict=True)) if isinstance(state, (list, tuple)) \
+            else state
+        object.__setattr__(self, "__dict__", dict(fields))
 
 
 class TradeDecision(BaseModel):

@@ -49,6 +49,10 @@ class NumericContext:
         return (low - RANGE_TOLERANCE_ATR * self.atr, high + RANGE_TOLERANCE_ATR * self.atr)
 
 
+def _action(x: Action | str) -> Action:
+    return x if isinstance(x, Action) else Action(x)  # an Action already: no Enum lookup (a backtest asks often)
+
+
 def _finite(x: float | None) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -94,7 +98,7 @@ def plausibility_problems(
     targets lie within the recent range ± RANGE_TOLERANCE_ATR × ATR. For any signal, key levels lie
     within the charted range ± RANGE_TOLERANCE_ATR × ATR. HOLD carries no plan to check.
     """
-    action = Action(signal)
+    action = _action(signal)
     problems = context_problems(context)
     if problems:
         return problems
@@ -154,7 +158,7 @@ def plausibility_problems(
 def consolidation_problems(action: Action | str, daily_signal: Action | str, weekly_signal: Action | str) -> list[str]:
     """The daily analysis leads and the weekly confirms: a consolidated BUY/SELL must be the daily
     signal, and must not be opposed by the weekly one. HOLD is always allowed (it sends nothing)."""
-    action, daily, weekly = Action(action), Action(daily_signal), Action(weekly_signal)
+    action, daily, weekly = _action(action), _action(daily_signal), _action(weekly_signal)
     if action == Action.HOLD:
         return []
     if action not in (Action.BUY, Action.SELL):

@@ -193,8 +193,8 @@ def chart_spec_sha256(series: SeriesArrays, end: int, *, symbol: str, timeframe:
         digest.update(np.column_stack([rebase.column(name, series.ohlcv[start:end, i])
                                        for i, name in enumerate(series.ohlcv_names)]).tobytes())
     else:
-        digest.update(series.times_ns[start:end].tobytes())
-        digest.update(series.ohlcv[start:end].tobytes())
+        digest.update(series.times_ns[start:end])  # contiguous rows: hashed in place, the same bytes
+        digest.update(series.ohlcv[start:end])
     return digest.hexdigest()
 
 

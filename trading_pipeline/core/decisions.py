@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from trading_pipeline.core.analysis import Action, TimeframeAnalysis, TradeDecision
-from trading_pipeline.core.market_calendar import bar_close_time, periods_closed_between
+from trading_pipeline.core.market_calendar import bar_close_time, isoformat, periods_closed_between
 from trading_pipeline.core.risk import TICK, AccountState, MarketContext, Proposal, evaluate
 from trading_pipeline.core.strategies import Strategy
 
@@ -90,7 +90,7 @@ def decision_id(strategy: str, symbol: str, data_through: datetime, action: Acti
     Prices are left out on purpose: a re-materialized partition whose analyst answers with
     slightly different numbers is still the same decision and must not send a second order.
     """
-    key = f"{strategy}|{symbol}|{data_through.isoformat()}|{action.value}"
+    key = f"{strategy}|{symbol}|{isoformat(data_through)}|{action.value}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -136,7 +136,7 @@ def decide(
                      + "; ".join(f"{c.rule}: {c.detail}" for c in verdict.checks if not c.passed)
                      + f". Proposal: {rationale}")
     charts = {a.timeframe: a.chart for a in (daily, weekly) if a.chart is not None}
-    return TradeDecision(
+    return TradeDecision.model_validate(dict(  # one dict: the constructor's validation, no keyword repacking
         decision_id=decision_id(strategy.name, symbol, daily.data_through, proposal.action),
         strategy=strategy.name, symbol=symbol, as_of=decided_at, data_through=daily.data_through,
         proposed_action=proposal.action, action=action,
@@ -146,7 +146,7 @@ def decide(
         closes_position=verdict.closes_position, account_equity=account.equity,
         confirmation=consolidated.confirmation, rationale=rationale, checks=verdict.checks,
         charts=charts, analysts={a.timeframe: a.analyst for a in (daily, weekly)},
-    )
+    ))
 
 
 def decision_not_current(decision: TradeDecision, now: datetime, max_age_minutes: int | None = None) -> str | None:

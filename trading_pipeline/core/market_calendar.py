@@ -101,6 +101,18 @@ def bar_close_time(start: datetime, timeframe: str) -> datetime | None:
     return None if value == _NAT else _EPOCH + timedelta(microseconds=value // 1000)
 
 
+def isoformat(moment: datetime) -> str:
+    """`moment.isoformat()`, remembered: a zoneinfo time writes its offset slowly (~2-4 µs) and a
+    backtest writes each session's time for every symbol. Keyed by the time, its type, tzinfo and
+    fold, so that equal instants written differently (another zone, a Timestamp) never share a text."""
+    return _isoformat(moment, type(moment), moment.tzinfo, moment.fold)
+
+
+@functools.lru_cache(maxsize=8192)
+def _isoformat(moment: datetime, kind: type, tzinfo, fold: int) -> str:
+    return moment.isoformat()
+
+
 def _ns(moment: datetime) -> int:
     if isinstance(moment, pd.Timestamp):
         if moment.tzinfo is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
@@ -20,6 +21,7 @@ ENTRY_TOLERANCE_ATR = 1.0
 ENTRY_TOLERANCE_SHARE = 0.02
 RANGE_TOLERANCE_ATR = 6.0
 TICK = 0.01  # the minimum increment of US stocks above $1, when the broker does not say
+_explained = RuleCheck.explained  # bound once: a decision makes a dozen checks
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,9 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
     the room since). `own_order` is this decision's cOID (a reconciliation may find it working)."""
     checks: list[RuleCheck] = []
 
-    def check(rule: str, passed: bool, detail: str) -> bool:
-        checks.append(RuleCheck(rule=rule, passed=bool(passed), detail=detail))
+    def check(rule: str, passed: bool, detail: str | Callable[[], str]) -> bool:
+        checks.append(RuleCheck(rule, bool(passed), detail) if isinstance(detail, str)
+                      else _explained(rule, bool(passed), detail))
         return passed
 
     working = account.working_entries if own_order is None else \
@@ -157,7 +160,7 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
     held = account.positions.get(symbol)
     held_qty = held.quantity if held else 0
     check("daily_loss", account.daily_pnl > -limits.daily_loss_limit * account.equity,
-          f"today's P&L {account.daily_pnl:.2f} vs limit −{limits.daily_loss_limit:.0%} of equity "
+          lambda: f"today's P&L {account.daily_pnl:.2f} vs limit −{limits.daily_loss_limit:.0%} of equity "
           f"{account.equity:.2f} = {-limits.daily_loss_limit * account.equity:.2f}")
     if symbol in working:  # a second order would double what the first does
         check("order_working", False,
@@ -169,8 +172,11 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
         check("no_pyramiding", False, f"already holding {held_qty:g} {symbol}; no second entry")
         return 0, checks
     others = account if working is account.working_entries else replace(account, working_entries=working)
+    # Counted now: the text, written later, must say what the gate saw even if a dict of the
+    # account changes after (the other numbers the texts read are immutable).
+    open_positions, working_count = others.open_positions, len(working)
     check("max_open_positions", others.committed_positions < limits.max_open_positions,
-          f"{others.open_positions} open positions + {len(working)} working entries "
+          lambda: f"{open_positions} open positions + {working_count} working entries "
           f"vs maximum {limits.max_open_positions}")
     risk = abs(entry - stop)
     by_risk = math.floor(account.equity * limits.risk_per_trade / risk)
@@ -179,7 +185,7 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
     by_exposure = max(0, math.floor(room / entry))
     quantity = max(0, min(by_risk, by_share, by_exposure))
     check("position_size", quantity >= 1,
-          f"size = min(floor({account.equity:.2f} × {limits.risk_per_trade:.2%} / {risk:.2f}) = {by_risk}, "
+          lambda: f"size = min(floor({account.equity:.2f} × {limits.risk_per_trade:.2%} / {risk:.2f}) = {by_risk}, "
           f"cap {limits.max_position_share:.0%} of equity / {entry:.2f} = {by_share}, "
           f"gross-exposure room (positions and working entries) {room:.2f} / {entry:.2f} = {by_exposure}) "
           f"= {quantity}")
@@ -246,8 +252,9 @@ def _evaluate_entry(proposal: Proposal, symbol: str, market: MarketContext, acco
     checks: list[RuleCheck] = []
     tick = market.tick
 
-    def check(rule: str, passed: bool, detail: str) -> bool:
-        checks.append(RuleCheck(rule=rule, passed=bool(passed), detail=detail))
+    def check(rule: str, passed: bool, detail: str | Callable[[], str]) -> bool:
+        checks.append(RuleCheck(rule, bool(passed), detail) if isinstance(detail, str)
+                      else _explained(rule, bool(passed), detail))
         return passed
 
     def verdict(accepted: bool, quantity: int = 0, **kw) -> RiskVerdict:
@@ -260,10 +267,11 @@ def _evaluate_entry(proposal: Proposal, symbol: str, market: MarketContext, acco
     engaged, why = kill_switch
     check("kill_switch", not engaged, why or "kill switch off")
     check("confidence", proposal.confidence >= limits.min_confidence,
-          f"confidence {proposal.confidence:.2f} vs minimum {limits.min_confidence:.2f}")
+          lambda: f"confidence {proposal.confidence:.2f} vs minimum {limits.min_confidence:.2f}")
 
     atr, close = market.atr, market.last_close
-    if not check("atr_available", atr > 0 and math.isfinite(atr), f"ATR {atr:.4f}" if math.isfinite(atr) else "ATR none"):
+    if not check("atr_available", atr > 0 and math.isfinite(atr),
+                 lambda: f"ATR {atr:.4f}" if math.isfinite(atr) else "ATR none"):
         return verdict(False)
     if proposal.entry is not None and not math.isfinite(proposal.entry):
         check("entry_plausible", False, f"entry {proposal.entry} is not a number")
@@ -277,33 +285,33 @@ def _evaluate_entry(proposal: Proposal, symbol: str, market: MarketContext, acco
     targets = [to_tick(t, tick) for t in proposal.targets]
     entry_tolerance = max(ENTRY_TOLERANCE_ATR * atr, ENTRY_TOLERANCE_SHARE * close)
     if not check("entry_plausible", entry is not None and abs(entry - close) <= entry_tolerance,
-                 f"entry {_fmt(entry)} vs last close {close:.2f} (tolerance ±{entry_tolerance:.2f})"):
+                 lambda: f"entry {_fmt(entry)} vs last close {close:.2f} (tolerance ±{entry_tolerance:.2f})"):
         return verdict(False)
 
     if proposal.stop is None:
         stop = to_tick(entry - direction * DEFAULT_STOP_ATR * atr, tick)
-        check("stop_default", True, f"no stop proposed: using entry ∓ 2×ATR = {stop:.2f}")
+        check("stop_default", True, lambda: f"no stop proposed: using entry ∓ 2×ATR = {stop:.2f}")
     else:
         stop = to_tick(proposal.stop, tick)
-    rounded = dict(entry=entry, stop=stop, targets=targets)
+    rounded = dict(entry=entry, stop=stop, targets=list(targets))  # `targets` stays as the texts read it
     if not check("stop_side", direction * (entry - stop) > 0,
-                 f"{proposal.action.value} needs stop {'below' if direction > 0 else 'above'} "
+                 lambda: f"{proposal.action.value} needs stop {'below' if direction > 0 else 'above'} "
                  f"entry {entry:.2f}; got {stop:.2f} (rounded to the {tick:g} tick)"):
         return verdict(False, **rounded)
     min_distance = max(tick, limits.min_stop_atr * atr)
     if not check("stop_distance", abs(entry - stop) >= min_distance - tick / 2,
-                 f"stop distance {abs(entry - stop):.2f} vs minimum max(1 tick {tick:g}, "
+                 lambda: f"stop distance {abs(entry - stop):.2f} vs minimum max(1 tick {tick:g}, "
                  f"{limits.min_stop_atr:g} × ATR {atr:.2f}) = {min_distance:.2f}"):
         return verdict(False, **rounded)
 
     low_bound = market.recent_low - RANGE_TOLERANCE_ATR * atr
     high_bound = market.recent_high + RANGE_TOLERANCE_ATR * atr
     check("prices_plausible", all(low_bound <= p <= high_bound for p in [stop, *targets]),
-          f"stop {stop:.2f} and targets {targets} within recent range "
+          lambda: f"stop {stop:.2f} and targets {targets} within recent range "
           f"{market.recent_low:.2f} to {market.recent_high:.2f} ± {RANGE_TOLERANCE_ATR:g}×ATR "
           f"({low_bound:.2f} to {high_bound:.2f})")
     if not check("target_present", bool(targets) and direction * (targets[0] - entry) > 0,
-                 f"first target {_fmt(targets[0] if targets else None)} must be "
+                 lambda: f"first target {_fmt(targets[0] if targets else None)} must be "
                  f"{'above' if direction > 0 else 'below'} entry {entry:.2f}"):
         return verdict(False, **rounded)
     target = targets[0]
@@ -311,23 +319,23 @@ def _evaluate_entry(proposal: Proposal, symbol: str, market: MarketContext, acco
     r_multiple = round(abs(target - entry) / risk, 3)
     margin = round(abs(target - entry) / entry, 4)
     check("min_r", r_multiple >= limits.min_r,
-          f"R = reward {abs(target - entry):.2f} (target {target:.2f}, entry {entry:.2f}) ÷ risk {risk:.2f} "
+          lambda: f"R = reward {abs(target - entry):.2f} (target {target:.2f}, entry {entry:.2f}) ÷ risk {risk:.2f} "
           f"(stop {stop:.2f}) = {r_multiple:.2f} vs minimum {limits.min_r:.2f}")
     check("min_profit_margin", margin >= limits.min_profit_margin,
-          f"margin = reward {abs(target - entry):.2f} ÷ entry {entry:.2f} = {margin:.2%} "
+          lambda: f"margin = reward {abs(target - entry):.2f} ÷ entry {entry:.2f} = {margin:.2%} "
           f"vs minimum {limits.min_profit_margin:.2%}")
     numbers = dict(r_multiple=r_multiple, profit_margin=margin, **rounded)
 
     if market.market_open:
         check("market_hours", True, "market open")
     elif when_market_closed == "next_open":
-        check("market_hours", True, f"market closed: the {tif} order is for the next open ({market.next_open})")
+        check("market_hours", True, lambda: f"market closed: the {tif} order is for the next open ({market.next_open})")
     else:
         check("market_hours", False, f"market closed (next open {market.next_open}); the strategy sends orders "
                                      "only while it is open (orders.when_market_closed: no_trade)")
     if direction < 0:
         check("no_short_sale", limits.allow_short,
-              f"SELL with no {symbol} position would open a short; the strategy does not allow short sales "
+              lambda: f"SELL with no {symbol} position would open a short; the strategy does not allow short sales "
               "(risk.allow_short: false)")
     quantity, account_checks = entry_limits(symbol, entry, stop, account, limits)
     checks.extend(account_checks)

@@ -26,14 +26,18 @@ LEVEL_LOOKBACKS = (20, 50)
 BREAKOUT_ATR = 0.5
 REQUIRED_COLUMNS = ("close", "high", "low", "sma_20", "sma_50", "sma_200", "rsi_14", "macd",
                     "macd_signal", "atr_14", "supertrend_direction")
+# The window extremes the rule reads, in `Columns.rule_row`'s order: the levels of both lookbacks;
+# the longest one's are also the recent range.
+EXTREMES = tuple((column, n) for column in ("high", "low") for n in LEVEL_LOOKBACKS)
 
 
 class Columns:
     """A frame's numeric columns as float arrays. The rule reads the bar at `end - 1` and the bars
     before it through this, without pandas: the live graph reads one frame once, the backtest one
     long series at every session (the same function on the same numbers, ~50x faster than pandas).
-    Window extremes and the rule's row of inputs are computed for all bars on first use: each bar's
-    values depend only on it and the bars before it, so reading them at `end - 1` sees no later bar."""
+    Window extremes and the rule's row of inputs (with the extremes) are computed for all bars on
+    first use: each bar's values depend only on it and the bars before it, so reading them at
+    `end - 1` sees no later bar."""
 
     __slots__ = ("arrays", "index", "_extremes", "_inputs")
 
@@ -50,9 +54,9 @@ class Columns:
     def __getitem__(self, column: str) -> np.ndarray:
         return self.arrays[column]
 
-    def window_extreme(self, column: str, lookback: int, end: int) -> float:
-        """The highest "high" (or lowest "low") of bars [max(0, end - lookback), end): numpy's max
-        or min of that slice, NaN included, read from one array computed for every `end`."""
+    def window_extremes(self, column: str, lookback: int) -> np.ndarray:
+        """At each position i, the highest "high" (or lowest "low") of bars [max(0, i + 1 - lookback),
+        i + 1]: numpy's max or min of that slice, NaN included, computed for every position at once."""
         key = (column, lookback)
         if key not in self._extremes:
             reducer = np.maximum if column == "high" else np.minimum
@@ -62,15 +66,18 @@ class Columns:
                 windows = np.lib.stride_tricks.sliding_window_view(values, lookback)
                 extremes = np.concatenate([extremes, reducer.reduce(windows[1:], axis=1)])
             self._extremes[key] = extremes
-        return float(self._extremes[key][end - 1])
+        return self._extremes[key]
 
-    def rule_inputs(self, end: int) -> dict[str, float]:
-        """The rule's columns (those the frame has) at bar `end - 1`."""
+    def rule_row(self, end: int) -> tuple[dict[str, float], list[float]]:
+        """The rule's columns (those the frame has) at bar `end - 1`, and the EXTREMES there (of
+        the bars up to it): one row of one matrix made on first use."""
         if self._inputs is None:
             names = [column for column in REQUIRED_COLUMNS if column in self.arrays]
-            self._inputs = names, np.column_stack([self.arrays[c] for c in names])
+            self._inputs = names, np.column_stack([self.arrays[c] for c in names]
+                                                  + [self.window_extremes(c, n) for c, n in EXTREMES])
         names, matrix = self._inputs
-        return dict(zip(names, matrix[end - 1].tolist()))
+        row = matrix[end - 1].tolist()
+        return dict(zip(names, row)), row[len(names):]
 
 
 def numeric_context(frame: pd.DataFrame) -> dict[str, float]:
@@ -80,18 +87,21 @@ def numeric_context(frame: pd.DataFrame) -> dict[str, float]:
 
 def numeric_context_at(columns: Columns, end: int) -> dict[str, float]:
     """`numeric_context` of the first `end` bars."""
-    return {
-        "last_close": float(columns["close"][end - 1]),
-        "atr": float(columns["atr_14"][end - 1]),
-        "recent_high": columns.window_extreme("high", LEVEL_LOOKBACKS[-1], end),
-        "recent_low": columns.window_extreme("low", LEVEL_LOOKBACKS[-1], end),
-    }
+    return _numeric_context(*columns.rule_row(end))
 
 
-def _levels(columns: Columns, end: int) -> tuple[list[float], list[float]]:
-    lows = sorted({round(columns.window_extreme("low", n, end), 2) for n in LEVEL_LOOKBACKS})
-    highs = sorted({round(columns.window_extreme("high", n, end), 2) for n in LEVEL_LOOKBACKS})
-    return lows, highs
+def _numeric_context(last: dict[str, float], extremes: list[float]) -> dict[str, float]:
+    highs, lows = extremes[:len(LEVEL_LOOKBACKS)], extremes[len(LEVEL_LOOKBACKS):]
+    return {"last_close": last["close"], "atr": last["atr_14"], "recent_high": highs[-1], "recent_low": lows[-1]}
+
+
+def _levels(extremes: list[float]) -> tuple[list[float], list[float]]:
+    """(support, resistance): the lowest lows and highest highs of the lookbacks, to the cent, each once."""
+    highs, lows = extremes[:len(LEVEL_LOOKBACKS)], extremes[len(LEVEL_LOOKBACKS):]
+    return sorted(set(map(round, lows, _CENTS))), sorted(set(map(round, highs, _CENTS)))
+
+
+_CENTS = (2,) * len(LEVEL_LOOKBACKS)  # round(x, 2) for each lookback's extreme
 
 
 def analyze(indicators: MarketFrame, chart: ChartSource | None = None) -> TimeframeAnalysis:
@@ -112,7 +122,7 @@ def analyze_at(columns: Columns, end: int, *, symbol: str, timeframe: str, as_of
         "analyst": ANALYST_NAME,
         "chart": chart,
     }
-    last = columns.rule_inputs(end)
+    last, extremes = columns.rule_row(end)
     # A NaN anywhere makes the sum NaN: the per-column search runs only when something is missing.
     complete = len(last) == len(REQUIRED_COLUMNS) and not math.isnan(sum(last.values()))
     missing = [] if complete else [c for c in REQUIRED_COLUMNS if c not in last or math.isnan(last[c])]
@@ -123,7 +133,7 @@ def analyze_at(columns: Columns, end: int, *, symbol: str, timeframe: str, as_of
             recent_high=float(columns["high"][:end].max()), recent_low=float(columns["low"][:end].min()),
             **context,
         )
-    numbers = numeric_context_at(columns, end)
+    numbers = _numeric_context(last, extremes)
     close, atr = numbers["last_close"], numbers["atr"]
     votes = [
         IndicatorVote(name="supertrend", bullish=last["supertrend_direction"] > 0,
@@ -142,7 +152,7 @@ def analyze_at(columns: Columns, end: int, *, symbol: str, timeframe: str, as_of
         trend = Trend.DOWN
     else:
         trend = Trend.SIDEWAYS
-    support, resistance = _levels(columns, end)
+    support, resistance = _levels(extremes)
 
     if bullish >= 3:
         signal, direction = Action.BUY, 1
@@ -179,11 +189,13 @@ def analyze_at(columns: Columns, end: int, *, symbol: str, timeframe: str, as_of
            if entry is not None else "; no setup")
         + ("; " + "; ".join(notes) if notes else "")
     )
-    return TimeframeAnalysis(
+    # model_validate of one dict: the same validation as the constructor's, without repacking
+    # two dozen keyword arguments (a backtest makes one analysis per symbol and session).
+    return TimeframeAnalysis.model_validate(dict(
         signal=signal, trend=trend, confidence=round(min(confidence, 0.9), 2),
         entry=entry, stop=stop, targets=targets, support=support, resistance=resistance,
         votes=votes, rationale=rationale, **numbers, **context,
-    )
+    ))
 
 
 class RulesAnalyst:

@@ -198,3 +198,19 @@ def test_prices_are_rounded_to_the_contracts_tick():
     assert verdict.accepted
     assert (verdict.entry, verdict.stop, verdict.targets) == (100.0, 96.25, [106.5])
     assert verdict.r_multiple == round(6.5 / 3.75, 3)
+
+
+def test_gate_texts_written_later_say_what_the_gates_saw():
+    """The texts are written on first read (RuleCheck.explained): the same texts as when written
+    at once, also when the account's dicts change in between."""
+    held = {f"S{i}": Position(10, 100.0, 100.0) for i in range(3)}
+    working = {"S9": WorkingEntry("tp-9", "BUY", 10, 100.0, "Submitted")}
+    account = AccountState(100_000.0, 90_000.0, held, working_entries=working)
+    proposal = Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.7)
+    untouched = [(c.rule, c.passed, c.detail) for c in evaluate(proposal, "X", MARKET, account, LIMITS).checks]
+    verdict = evaluate(proposal, "X", MARKET, account, LIMITS)
+    held.clear()
+    working.clear()
+    assert [(c.rule, c.passed, c.detail) for c in verdict.checks] == untouched
+    assert "3 open positions + 1 working entries vs maximum 10" in dict((r, d) for r, _, d in untouched)[
+        "max_open_positions"]
