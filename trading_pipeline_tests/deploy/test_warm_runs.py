@@ -19,24 +19,13 @@ from trading_pipeline.adapters.render_protocol import ping
 from trading_pipeline.graph.assets import AS_OF_TAG
 from trading_pipeline.graph.assets.batch import range_tags
 from trading_pipeline.graph.run_launcher import WORKER_PID_TAG
+from trading_pipeline_tests.deploy.conftest import LAUNCH_MUTATION, LOCATION_QUERY, REPO, RUN_QUERY
 from trading_pipeline_tests.deploy.processes import ProcessSet, free_port, graphql
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 LOCATION = {"repositoryLocationName": "trading_pipeline", "repositoryName": "__repository__"}
 SYMBOLS = ["SPY", "AAPL"]
 AS_OF = "2026-09-01T21:30:00+00:00"  # a Tuesday's close on the simulated market
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-  }
-}"""
-RUN = "query Run($runId: ID!) { runOrError(runId: $runId) { ... on Run { status } } }"
-LOCATIONS = """query { workspaceOrError { ... on Workspace { locationEntries { loadStatus
-  locationOrLoadError { __typename } } } } }"""
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +53,7 @@ def laptop_daemon(tmp_path_factory):
             for name in ("webserver", "daemon"):
                 processes.assert_running(name)
             try:
-                entries = graphql(url, LOCATIONS)["workspaceOrError"]["locationEntries"]
+                entries = graphql(url, LOCATION_QUERY)["workspaceOrError"]["locationEntries"]
             except Exception:  # noqa: BLE001 - not up yet
                 entries = []
             if any(e["locationOrLoadError"]["__typename"] == "RepositoryLocation" for e in entries):
@@ -79,11 +68,11 @@ def laptop_daemon(tmp_path_factory):
 def launch_and_wait(url: str, processes: ProcessSet, job: str, tags: dict[str, str]) -> str:
     params = {"selector": {**LOCATION, "jobName": job}, "runConfigData": {},
               "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}
-    result = graphql(url, LAUNCH, {"params": params})["launchRun"]
+    result = graphql(url, LAUNCH_MUTATION, {"params": params})["launchRun"]
     assert result["__typename"] == "LaunchRunSuccess", result
     run_id = result["run"]["runId"]
     deadline = time.monotonic() + 300
-    while (status := graphql(url, RUN, {"runId": run_id})["runOrError"]["status"]) not in ("SUCCESS", "FAILURE",
+    while (status := graphql(url, RUN_QUERY, {"runId": run_id})["runOrError"]["status"]) not in ("SUCCESS", "FAILURE",
                                                                                            "CANCELED"):
         processes.assert_running("daemon")
         assert time.monotonic() < deadline, f"run {run_id} still {status}:\n{processes.log_tail('daemon')}"
