@@ -15,6 +15,7 @@ materialization, metadata and checks (graph/assets/batch.py).
   location down, and says when a reload would change the partitions.
 """
 
+import functools
 import os
 import threading
 from datetime import UTC, datetime
@@ -44,17 +45,21 @@ def _timeframe_request(strategies_file: StrategiesFile, timeframe: str, session,
               "trading/trigger": f"{timeframe}_close_schedule"})
 
 
-def _warm_calendar() -> None:
-    from trading_pipeline.core import market_calendar
+@functools.cache  # one warm-up thread per process, however often the definitions are built
+def _warm_calendar_in_background() -> None:
+    def warm() -> None:
+        from trading_pipeline.core import market_calendar
 
-    market_calendar.is_open(datetime.now(UTC))
+        market_calendar.is_open(datetime.now(UTC))
+
+    threading.Thread(target=warm, name="exchange-calendar-warm-up", daemon=True).start()
 
 
 def build_automation(strategies_file: StrategiesFile) -> tuple[list, list]:
     # Every tick reads the exchange calendar, whose first use costs ~0.6 s (exchange_calendars and
     # the schedule to 2040): built in the background when the code location loads, the first
-    # schedule or sensor tick after a (re)start does not wait for it. Once per process.
-    threading.Thread(target=_warm_calendar, name="exchange-calendar-warm-up", daemon=True).start()
+    # schedule or sensor tick after a (re)start does not wait for it.
+    _warm_calendar_in_background()
     @dg.schedule(job_name="analyze_timeframe", cron_schedule="15 16 * * 1-5", execution_timezone=NEW_YORK,
                  default_status=dg.DefaultScheduleStatus.STOPPED,
                  description="16:15 New York on weekdays: if the session has closed, analyze every symbol's 1d bars "
