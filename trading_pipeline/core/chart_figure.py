@@ -370,6 +370,13 @@ LEVEL_LABEL_GAP_PX = 26
 NO_LEVEL_ACTIONS = frozenset({"HOLD", "NO_TRADE"})
 
 
+def decision_has_levels(action: Any, entry: float | None, stop: float | None) -> bool:
+    """Whether a decision chart draws levels (zones, entry, stop, targets): a BUY or SELL with a
+    finite entry and stop apart. Without them, and without fills, it is the daily chart alone."""
+    return (str(getattr(action, "value", action)).upper() not in NO_LEVEL_ACTIONS and _finite(entry)
+            and _finite(stop) and entry != stop)
+
+
 @dataclass(frozen=True)
 class ChartFill:
     """One execution to mark on a decision chart: when, at what price, which side, how many."""
@@ -412,7 +419,7 @@ def build_decision_figure(
     labels = _x_labels(window.index, timeframe)
     fill_slots, extra_slots = _fill_slots(fills, labels, timeframe)
     n = len(labels)
-    has_levels = action_name not in NO_LEVEL_ACTIONS and _finite(entry) and _finite(stop) and entry != stop
+    has_levels = decision_has_levels(action_name, entry, stop)
     room = _right_room(n) + len(extra_slots)
     if has_levels:  # the zones and their labels need room
         room = max(DECISION_ROOM_MIN_BARS, math.ceil(n * DECISION_ROOM_SHARE), len(extra_slots) + 4)
