@@ -18,7 +18,10 @@ dagster.yaml), and prints wall times,
 runs, time per symbol × timeframe and the ratios to it and to the unavoidable work (bars,
 indicators, figure and a warm batched render per chart, no Dagster), measured before the daemon
 starts and again at the end (the smaller one counts: other work on the machine only inflates it).
-With --repeats, min and median of each.
+With --repeats, min and median of each. Also the CPU seconds each role used (Chromium, run
+processes, webserver, daemon, other work on the machine) during the unavoidable work and the
+first repeat's refresh and decide: on 2 cores they share, so the roles' sum, not one process, sets
+the wall time (`CpuByRole`).
 
 Run: `.venv/bin/python bench/daemon.py [--symbols 20] [--repeats 1]` (PYTHONPATH=<checkout> to
 measure a worktree).
@@ -185,6 +188,55 @@ class Instance:
         self.processes.kill_all()
 
 
+class CpuByRole:
+    """CPU seconds every process on the machine used between `start()` and `stop()`, by role.
+
+    Two snapshots of /proc, nothing in between (sampling would itself take CPU from the runs): a
+    process alive at both counts its difference, one born in between all of its time; a process
+    born and gone in between (a forked run, a Chromium helper) counts in its parent's time for
+    reaped children. On 2 cores a phase of T seconds has 2T CPU seconds: what the roles add up to
+    shows what shares them, and "other" is work not ours that inflates every figure."""
+
+    ROLES = (("chromium", ("chrom", "kaleido")), ("render service", ("render_service",)),
+             ("run processes", ("run_worker", "execute_run", "api execute_run")),
+             ("daemon", ("dagster-daemon",)), ("webserver", ("dagster-webserver",)),
+             ("code server", ("grpc", "code-server", "code_server")))
+
+    def __init__(self):
+        self.before: dict[tuple[str, int], float] = {}
+        self.seconds: dict[str, float] = {}
+
+    @staticmethod
+    def snapshot() -> dict[tuple[str, int], tuple[float, str]]:
+        ticks, found = os.sysconf("SC_CLK_TCK"), {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                fields = stat[stat.rfind(")") + 2:].split()
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            cpu = sum(int(f) for f in fields[11:15]) / ticks  # utime, stime, and reaped children's
+            found[(pid, int(fields[19]))] = (cpu, command or stat[stat.find("(") + 1:stat.rfind(")")])
+        return found
+
+    def start(self) -> None:
+        self.before = {key: cpu for key, (cpu, _) in self.snapshot().items()}
+
+    def stop(self) -> dict[str, float]:
+        me = os.getpid()
+        self.seconds = {}
+        for key, (cpu, command) in self.snapshot().items():
+            role = next((name for name, marks in self.ROLES if any(m in command for m in marks)),
+                        "bench" if int(key[0]) == me else "other")
+            self.seconds[role] = self.seconds.get(role, 0.0) + cpu - self.before.get(key, 0.0)
+        return self.seconds
+
+    def describe(self) -> str:
+        shown = sorted(((v, k) for k, v in self.seconds.items() if v >= 0.05), reverse=True)
+        return ", ".join(f"{name} {value:.1f}" for value, name in shown) + f" (total {sum(self.seconds.values()):.1f})"
+
+
 def at(day: datetime, hour: int, minute: int) -> datetime:
     return day.replace(hour=hour, minute=minute, second=0, microsecond=0)
 
@@ -249,6 +301,8 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     friday = FIRST_FRIDAY + timedelta(weeks=week)
     opening = opening_after(friday)
     sensor = OpenSensor(instance.env)
+    refresh_cpu, decide_cpu = CpuByRole(), CpuByRole()
+    refresh_cpu.start()
     started = time.perf_counter()
     requests = (instance.schedule_requests("daily_close_schedule", at(friday, 16, 15))
                 + instance.schedule_requests("weekly_close_schedule", at(friday, 16, 30)))
@@ -257,6 +311,8 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     launched = time.perf_counter()
     runs = instance.wait(run_ids)
     refresh = time.perf_counter() - started
+    refresh_cpu.stop()
+    decide_cpu.start()
     steps = {"schedules": evaluated - started, "refresh launch": launched - evaluated}
     started = time.perf_counter()
     requests = sensor.requests(opening)
@@ -265,6 +321,7 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     steps.update({"sensor": evaluated - started, "decide launch": time.perf_counter() - evaluated})
     decide_runs = instance.wait(decide_ids)
     decide = time.perf_counter() - started
+    decide_cpu.stop()
     sensor.close()
     sent, actionable = orders_sent(instance.env)
     # The warm run launcher tags each run it forked (docs/production.md, Warm run workers).
@@ -272,7 +329,8 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     return {"refresh": refresh, "refresh_runs": len(run_ids), "decide": decide, "decide_runs": len(decide_ids),
             "warm": warm,
             "queued": max(r["startTime"] - r["creationTime"] for r in runs + decide_runs),
-            "open": opening, "sent": sent, "actionable": actionable, "steps": steps}
+            "open": opening, "sent": sent, "actionable": actionable, "steps": steps,
+            "cpu": {"refresh": refresh_cpu, "decide": decide_cpu}}
 
 
 def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: datetime,
@@ -314,9 +372,9 @@ def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: dat
             return refresh, time.perf_counter() - started
 
 
-def unavoidable(symbols: list[str], friday: datetime) -> tuple[float, float]:
+def unavoidable(symbols: list[str], friday: datetime) -> tuple[float, float, CpuByRole]:
     """Bars + indicators + figure + render (warm Chromium, batches as the chart step renders) per
-    chart, for every symbol × timeframe; and the one-time browser start."""
+    chart, for every symbol × timeframe; the one-time browser start; the CPU the first used."""
     from trading_pipeline.adapters.chart_render import ChartRenderer
     from trading_pipeline.adapters.market_data import SimulatedMarketData
     from trading_pipeline.core.chart_figure import build_chart_figure
@@ -332,6 +390,8 @@ def unavoidable(symbols: list[str], friday: datetime) -> tuple[float, float]:
         renderer.render_png(build_chart_figure(
             compute_indicators(source.fetch(symbols[0], "1d", periods["1d"], friday)), symbols[0], "1d", friday,
             width=1920, height=1080), 1920, 1080)
+        cpu = CpuByRole()
+        cpu.start()
         started = time.perf_counter()
         for timeframe, minute in (("1d", 15), ("1w", 30)):
             as_of = at(friday, 16, minute)
@@ -340,7 +400,9 @@ def unavoidable(symbols: list[str], friday: datetime) -> tuple[float, float]:
                 frame = compute_indicators(source.fetch(symbol, timeframe, periods[timeframe], as_of))
                 figures.append(build_chart_figure(frame, symbol, timeframe, as_of, width=1920, height=1080))
             renderer.render_many(figures, 1920, 1080)
-        return time.perf_counter() - started, startup
+        seconds = time.perf_counter() - started
+        cpu.stop()
+        return seconds, startup, cpu
 
 
 def postgres(verb: str, name: str) -> None:
@@ -414,7 +476,7 @@ def main() -> None:
     refresh = [r["refresh"] for r in repeats]
     decide = [r["decide"] for r in repeats]
     local_refresh, local_decide = [r for r, _ in local], [d for _, d in local]
-    floor_work = [f for f, _ in floor]
+    floor_work = [f for f, _, _ in floor]
     best = min(refresh)
     print(f"symbols × timeframes        {len(symbols)} × 2 = {partitions} partitions; instance {args.instance_config}")
     print(f"webserver + daemon ready    {min(startups):.1f} s (not counted below)")
@@ -432,10 +494,13 @@ def main() -> None:
     print(f"one process: refresh        {spread(local_refresh)}; decide and order {spread(local_decide)}")
     print(f"unavoidable work            {' and '.join(f'{f:.1f} s' for f in floor_work)} (before and after; "
           f"{min(floor_work) / partitions * 1000:.0f} ms per chart: bars, indicators, figure, warm render; "
-          f"browser start {min(s for _, s in floor):.1f} s once)")
+          f"browser start {min(s for _, s, _ in floor):.1f} s once)")
     print(f"ratio daemon / one process  refresh {best / min(local_refresh):.2f}×, "
           f"decide {min(decide) / min(local_decide):.2f}×")
     print(f"ratio daemon / unavoidable  refresh {best / min(floor_work):.2f}×")
+    print(f"CPU seconds, unavoidable    {min(floor, key=lambda f: f[0])[2].describe()}")
+    print(f"CPU seconds, daemon refresh {repeats[0]['cpu']['refresh'].describe()}")
+    print(f"CPU seconds, daemon decide  {repeats[0]['cpu']['decide'].describe()}")
     print("machine load (1 min avg)    " + ", ".join(f"{value:.1f} at {name}" for name, value in loads.items())
           + f"; {os.cpu_count()} cores: above the core count, every figure above is inflated by other work")
 
