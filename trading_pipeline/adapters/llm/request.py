@@ -8,6 +8,9 @@ The context is read from a series' arrays at a position, the same way live and i
 answer is requested with
 `response_format={"type": "json_schema", ..., "strict": true}`, or, on a server without it, with the
 schema in the prompt. The request as recorded in `llm_calls` carries the image's sha256, not its base64.
+
+A response cache key hashes a context's contents and CONTEXT_FORMAT_VERSION, not its text: a change
+in how a context is written needs a new CONTEXT_FORMAT_VERSION (a test pins the text to it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,11 +79,12 @@ def written(numbers: np.ndarray) -> list[float]:
     return [float(f"{x:.6g}") for x in numbers.tolist()]
 
 
-@functools.cache
-def context_code_version() -> str:
-    """This module's version: a context is keyed by its contents, not by its text (below), so a
-    change in how the text is written must change the key."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+# How the contexts are written. A context is keyed by its contents, not by its text (RequestContext),
+# so a change in how the text is written must change this, and with it every response cache key
+# (trading_pipeline_tests/adapters/openai/test_context_format.py pins the text to it and fails,
+# saying so, when the text changes alone). Its value is what this module's text hashed to when the
+# key hashed the text, so the keys made before stayed the same.
+CONTEXT_FORMAT_VERSION = "a082384b1c35f604"
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class RequestContext:
     write: Callable[[tuple[Any, ...], list[float]], dict[str, Any]]
 
     def sha256(self) -> str:
-        digest = hashlib.sha256(f"{context_code_version()}|{self.fields!r}|".encode())
+        digest = hashlib.sha256(f"{CONTEXT_FORMAT_VERSION}|{self.fields!r}|".encode())
         digest.update(self.numbers.tobytes())
         return digest.hexdigest()
 
