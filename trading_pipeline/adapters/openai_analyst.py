@@ -212,12 +212,13 @@ class OpenAIAnalyst:
             notes.append("numeric context only: the model did not see the chart")
         notes.extend(result.how_obtained())
         rationale = f"{answer.setup}: {answer.rationale}" + "".join(f" [{n}]" for n in notes)
-        return TimeframeAnalysis(
+        # model_validate of one dict: the constructor's validation without repacking its keyword arguments.
+        return TimeframeAnalysis.model_validate(dict(
             signal=signal, trend=Trend(answer.trend), confidence=answer.confidence,
             entry=entry, stop=stop, targets=targets, support=sorted(support), resistance=sorted(resistance),
             # The readings passed the answer's strict schema (str, bool, str): built as votes directly.
             votes=[IndicatorVote(i.name, i.bullish, i.reading) for i in answer.indicators],
-            rationale=rationale, analyst=analyst, vision=result.vision, **base)
+            rationale=rationale, analyst=analyst, vision=result.vision, **base))
 
     def _invalid(self, symbol: str, timeframe: str, as_of: datetime, columns: Columns | None, end: int,
                  chart: ChartSource | None, reason: str, data_through: datetime | None = None) -> TimeframeAnalysis:

@@ -54,7 +54,7 @@ def _action(x: Action | str) -> Action:
 
 
 def _finite(x: float | None) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and math.isfinite(x)  # None is neither
 
 
 def _p(x: float) -> str:
@@ -150,7 +150,7 @@ def plausibility_problems(
         problems.append(f"prices {[_p(p) for p in outside]} are outside the recent range "
                         f"{_p(context.recent_low)}-{_p(context.recent_high)} ± {RANGE_TOLERANCE_ATR:g}×ATR "
                         f"({_p(low)}-{_p(high)})")
-    if any(p <= 0 for p in (stop, *targets)):
+    if min(stop, *targets) <= 0:  # all finite by now: the smallest says whether any is not positive
         problems.append("stop and targets must be positive prices")
     return problems
 

@@ -8,6 +8,9 @@ The context is read from a series' arrays at a position, the same way live and i
 answer is requested with
 `response_format={"type": "json_schema", ..., "strict": true}`, or, on a server without it, with the
 schema in the prompt. The request as recorded in `llm_calls` carries the image's sha256, not its base64.
+
+A response cache key hashes a context's contents and CONTEXT_FORMAT_VERSION, not its text: a change
+in how a context is written needs a new CONTEXT_FORMAT_VERSION (a test pins the text to it).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import functools
 import hashlib
 import json
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,7 @@ from trading_pipeline.core import chart_spec, rules_analyst
 from trading_pipeline.core.analysis import TimeframeAnalysis
 from trading_pipeline.core.analysis_validation import NumericContext
 from trading_pipeline.core.chart_spec import IDENTITY, Rebase, SeriesArrays
+from trading_pipeline.core.market_calendar import isoformat
 from trading_pipeline.core.risk import RANGE_TOLERANCE_ATR
 from trading_pipeline.prompts import Prompt
 
@@ -64,7 +68,7 @@ def snapped(values: Sequence[float] | np.ndarray, price: float, is_price: np.nda
     if not (math.isfinite(price) and price > 0):
         return relative
     step = math.ldexp(1.0, math.frexp(price)[1] - 21)  # a power of two: the scaling is exact
-    return np.where(is_price, np.round(values / step) * step, relative)
+    return np.where(is_price, np.rint(values / step) * step, relative)  # rint: np.round's own, without its wrapper
 
 
 _DROPPED_BITS = 52 - 20
@@ -77,11 +81,12 @@ def written(numbers: np.ndarray) -> list[float]:
     return [float(f"{x:.6g}") for x in numbers.tolist()]
 
 
-@functools.cache
-def context_code_version() -> str:
-    """This module's version: a context is keyed by its contents, not by its text (below), so a
-    change in how the text is written must change the key."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+# How the contexts are written. A context is keyed by its contents, not by its text (RequestContext),
+# so a change in how the text is written must change this, and with it every response cache key
+# (trading_pipeline_tests/adapters/openai/test_context_format.py pins the text to it and fails,
+# saying so, when the text changes alone). Its value is what this module's text hashed to when the
+# key hashed the text, so the keys made before stayed the same.
+CONTEXT_FORMAT_VERSION = "a082384b1c35f604"
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,8 @@ class RequestContext:
     write: Callable[[tuple[Any, ...], list[float]], dict[str, Any]]
 
     def sha256(self) -> str:
-        digest = hashlib.sha256(f"{context_code_version()}|{self.fields!r}|".encode())
-        digest.update(self.numbers.tobytes())
+        digest = hashlib.sha256(f"{CONTEXT_FORMAT_VERSION}|{self.fields!r}|".encode())
+        digest.update(self.numbers)  # contiguous (a row of a C-ordered matrix, or its own array): its bytes, uncopied
         return digest.hexdigest()
 
     def as_dict(self) -> dict[str, Any]:
@@ -144,7 +149,7 @@ def timeframe_context(series: SeriesArrays, end: int, *, symbol: str, timeframe:
                               shown.chart_low, *_bounds(shown)], latest, closes))
     is_price = _timeframe_prices(names, len(closes))
     fields = (chart_spec.ANONYMOUS_SYMBOL if rebase.anonymized else symbol, timeframe,
-              (chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start).isoformat(),
+              isoformat(chart_spec.ANONYMOUS_LAST_START if rebase.anonymized else last_bar_start),
               end - chart_spec.shown_start(timeframe, end), names)
     return numbers, RequestContext(fields, snapped(values, shown.last_close, is_price), _write_timeframe_context)
 
@@ -201,12 +206,15 @@ class Summary:
     sha256: str
 
 
+_vote_fields = operator.attrgetter("name", "bullish", "detail")
+
+
 def summary(a: TimeframeAnalysis, rebase: Rebase) -> Summary:
     prices = [a.last_close, *([] if a.entry is None else [a.entry]), *([] if a.stop is None else [a.stop]),
               *a.targets, *a.support, *a.resistance]
     fields = (a.timeframe, a.signal.value, a.trend.value, a.entry is not None, a.stop is not None, len(a.targets),
-              len(a.support), len(a.resistance), tuple((v.name, v.bullish, v.detail) for v in a.votes), a.rationale,
-              None if rebase.anonymized else a.data_through.isoformat())
+              len(a.support), len(a.resistance), tuple(map(_vote_fields, a.votes)), a.rationale,
+              None if rebase.anonymized else isoformat(a.data_through))
     numbers = [a.confidence, a.atr, *prices]
     if rebase.anonymized:
         numbers[1:] = [x * rebase.price for x in numbers[1:]]

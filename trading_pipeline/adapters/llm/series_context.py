@@ -6,9 +6,9 @@ every position at once (`context_values`: the same float operations, element by 
 same bits; a test holds every position equal to `request.timeframe_context`) and a call reads one
 row. The live analyst and the backtest both call `timeframe_context` here, so they key alike.
 
-This lives outside request.py on purpose: the response cache key hashes the context's numbers by
-value and request.py's text (`request.context_code_version`: how the text is written), so moving
-how the numbers are computed must not, and does not, change any key.
+The response cache key hashes the context's fields and numbers by value, with
+`request.CONTEXT_FORMAT_VERSION` (how the text is written): how the numbers are computed is not in
+the key, so making them here changes no key as long as they are the same numbers.
 """
 
 from __future__ import annotations
