@@ -289,7 +289,34 @@ def _in_daemon_process() -> bool:
 class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
     """Dagster's queued run coordinator that, in the daemon, warms the run launcher's worker when the
     daemon starts (the coordinator is made then; the launcher only at the first launch). Without
-    it, the first run after each daemon start would wait for the worker's imports."""
+    it, the first run after each daemon start would wait for the worker's imports.
+
+    `dequeue_interval_seconds` may be a fraction here (Dagster's takes whole seconds, at least 1):
+    a queued run waits for the next check, and at the open that wait is most of what separates
+    the sensor's tick from the first order. The daemon's loop sleeps in steps of 0.5 s, so checks
+    come at most every ~0.5 s whatever smaller value is set."""
+
+    def __init__(self, *args: Any, dequeue_interval_seconds: float | None = None, **kwargs: Any):
+        if dequeue_interval_seconds is not None and not dequeue_interval_seconds > 0:
+            raise ValueError(f"dequeue_interval_seconds must be above 0 seconds, not {dequeue_interval_seconds}")
+        whole = None if dequeue_interval_seconds is None else max(1, round(dequeue_interval_seconds))
+        super().__init__(*args, dequeue_interval_seconds=whole, **kwargs)
+        self._dequeue_interval = (float(dequeue_interval_seconds) if dequeue_interval_seconds is not None
+                                  else float(self._dequeue_interval_seconds))
+
+    @property
+    def dequeue_interval_seconds(self) -> float:  # read by the daemon's run queue loop
+        return self._dequeue_interval
+
+    @classmethod
+    def config_type(cls):
+        from dagster import Field, Float
+
+        schema = dict(super().config_type())
+        schema["dequeue_interval_seconds"] = Field(
+            Float, is_required=False,
+            description="How often, in seconds, the daemon checks the run queue (fractions allowed; ~0.5 s at least).")
+        return schema
 
     def register_instance(self, instance) -> None:
         super().register_instance(instance)

@@ -49,7 +49,9 @@ def warm_up() -> None:
 
     import dagster._cli.api
     import dagster._core.storage.runs.sqlite  # noqa: F401
+    import PIL.PngImagePlugin  # noqa: F401 - the thumbnails
     import sqlalchemy  # noqa: F401
+    from upath import UPath  # noqa: F401 - the IO manager's paths and fsspec, imported at a run's first output
 
     import trading_pipeline.adapters.chart_render
     import trading_pipeline.adapters.chart_store
@@ -58,6 +60,7 @@ def warm_up() -> None:
     import trading_pipeline.graph.assets
     import trading_pipeline.graph.automation
     import trading_pipeline.graph.instance_storage
+    import trading_pipeline.graph.io_managers
     import trading_pipeline.graph.portfolio
     import trading_pipeline.graph.resources
     import trading_pipeline.graph.strategies_asset

@@ -60,7 +60,7 @@ def test_laptop_instance_loads_without_postgres(tmp_path, monkeypatch):
         assert isinstance(instance.event_log_storage, QuickSqliteEventLogStorage)
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
         assert_decisions_keep_a_run_slot(instance.get_concurrency_config().run_queue_config)
-        assert instance.run_coordinator.dequeue_interval_seconds == 1 and instance.run_coordinator.dequeue_use_threads
+        assert instance.run_coordinator.dequeue_interval_seconds == 0.5 and instance.run_coordinator.dequeue_use_threads
         # Runs forked from a warm worker (warmed when the daemon starts); a dead run process is failed.
         assert isinstance(instance.run_coordinator, WarmingQueuedRunCoordinator)
         assert isinstance(instance.run_launcher, WarmRunLauncher)

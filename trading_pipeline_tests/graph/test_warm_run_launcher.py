@@ -243,3 +243,23 @@ def test_worker_protocol_first_line_is_ready_with_the_fingerprint():
     finally:
         process.stdin.close()  # end of input: the worker exits
         assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("configured, checked_every", [("0.5", 0.5), ("2", 2.0), (None, 5.0)])
+def test_the_queue_can_be_checked_every_half_second(tmp_path, configured, checked_every):
+    """A fraction of a second is accepted (Dagster's own coordinator takes whole seconds only) and is
+    what the daemon's run queue loop waits between checks; whole seconds and the default still work."""
+    from dagster._daemon.controller import create_daemon_of_type
+
+    config = "" if configured is None else f"\n  config:\n    dequeue_interval_seconds: {configured}"
+    (tmp_path / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: trading_pipeline.graph.run_launcher\n  class: WarmingQueuedRunCoordinator"
+        + config + "\n")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.run_coordinator.dequeue_interval_seconds == checked_every
+        assert create_daemon_of_type("QUEUED_RUN_COORDINATOR", instance).interval_seconds == checked_every
+
+
+def test_a_queue_check_interval_of_zero_is_refused():
+    with pytest.raises(ValueError, match="dequeue_interval_seconds must be above 0"):
+        run_launcher.WarmingQueuedRunCoordinator(dequeue_interval_seconds=0)
