@@ -18,7 +18,6 @@ from trading_pipeline.errors import UserError
 from trading_pipeline.graph.assets.common import thumbnail_markdown
 from trading_pipeline.graph.resources import ChartRendererResource, ChartStoreResource
 
-
 NOTHING_TO_DRAW = object()  # a decision chart skipped: no levels and no fills (see the module doc)
 
 
