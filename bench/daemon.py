@@ -18,7 +18,7 @@ dagster.yaml), and prints wall times,
 runs, time per symbol × timeframe and the ratios to it and to the unavoidable work (bars,
 indicators, figure and a warm batched render per chart, no Dagster), measured before the daemon
 starts and again at the end (the smaller one counts: other work on the machine only inflates it).
-With --repeats, min and median of each. Also the CPU seconds each role used (Chromium, run
+With --repeats, min and median of each. Also each run's timeline (creation, start, steps, end) and the CPU seconds each role used (Chromium, run
 processes, webserver, daemon, other work on the machine) during the unavoidable work and the
 first repeat's refresh and decide: on 2 cores they share, so the roles' sum, not one process, sets
 the wall time (`CpuByRole`).
@@ -76,6 +76,8 @@ mutation Launch($params: ExecutionParams!) {
     ... on RunConfigValidationInvalid { errors { message } }
   }
 }"""
+STEPS = """
+query Steps($runId: ID!) { runOrError(runId: $runId) { ... on Run { stepStats { stepKey startTime endTime } } } }"""
 LOCATIONS = """
 query { workspaceOrError { ... on Workspace { locationEntries { name loadStatus
   locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
@@ -189,6 +191,18 @@ class Instance:
                 self.processes.assert_running(name)
             time.sleep(0.2)
         raise SystemExit(f"runs not finished after {timeout:.0f} s")
+
+    def timeline(self, runs: list[dict], since: float) -> str:
+        """Each run's creation, start, steps and end, in seconds from `since` (the phase's start)."""
+        lines = []
+        for run in runs:
+            steps = self.graphql(STEPS, {"runId": run["runId"]})["runOrError"]["stepStats"]
+            lines.append(f"  {run['runId'][:8]}: created {run['creationTime'] - since:.1f}, running "
+                         f"{run['startTime'] - since:.1f}, " + ", ".join(
+                             f"{step['stepKey']} {step['startTime'] - since:.1f}-{step['endTime'] - since:.1f}"
+                             for step in steps if step["startTime"] and step["endTime"])
+                         + f", ended {run['endTime'] - since:.1f}")
+        return "\n".join(lines)
 
     def storage(self):
         """The instance (from its dagster.yaml and the variables it reads), opened in this process."""
@@ -347,7 +361,7 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     sensor = OpenSensor(instance.env)
     refresh_cpu, decide_cpu = CpuByRole(), CpuByRole()
     refresh_cpu.start()
-    started = time.perf_counter()
+    started, refresh_start = time.perf_counter(), time.time()
     requests = (instance.schedule_requests("daily_close_schedule", at(friday, 16, 15))
                 + instance.schedule_requests("weekly_close_schedule", at(friday, 16, 30)))
     evaluated = time.perf_counter()
@@ -358,7 +372,7 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
     refresh_cpu.stop()
     decide_cpu.start()
     steps = {"schedules": evaluated - started, "refresh launch": launched - evaluated}
-    started = time.perf_counter()
+    started, decide_start = time.perf_counter(), time.time()
     requests = sensor.requests(opening)
     evaluated = time.perf_counter()
     decide_ids = [instance.launch(r["job"], r["tags"]) for r in requests]
@@ -374,7 +388,9 @@ def daemon_repeat(instance: Instance, symbols: list[str], week: int) -> dict:
             "warm": warm,
             "queued": max(r["startTime"] - r["creationTime"] for r in runs + decide_runs),
             "open": opening, "sent": sent, "actionable": actionable, "steps": steps,
-            "cpu": {"refresh": refresh_cpu, "decide": decide_cpu}}
+            "cpu": {"refresh": refresh_cpu, "decide": decide_cpu},
+            "timeline": {"refresh": instance.timeline(runs, refresh_start),
+                         "decide": instance.timeline(decide_runs, decide_start)}}
 
 
 def in_one_process(symbols: list[str], env: dict, friday: datetime, opening: datetime,
@@ -545,6 +561,8 @@ def main() -> None:
     print(f"CPU seconds, unavoidable    {min(floor, key=lambda f: f[0])[2].describe()}")
     print(f"CPU seconds, daemon refresh {repeats[0]['cpu']['refresh'].describe()}")
     print(f"CPU seconds, daemon decide  {repeats[0]['cpu']['decide'].describe()}")
+    print("timeline of the first refresh (s from the schedules' tick):\n" + repeats[0]["timeline"]["refresh"])
+    print("timeline of the first decide (s from the sensor's tick):\n" + repeats[0]["timeline"]["decide"])
     print("machine load (1 min avg)    " + ", ".join(f"{value:.1f} at {name}" for name, value in loads.items())
           + f"; {os.cpu_count()} cores: above the core count, every figure above is inflated by other work")
 
