@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     print(f"Loading bars for {settings.strategy} ({settings.data}) ...", file=sys.stderr)
     loaded = runner.load(settings, strategies_file=strategies_file, source=source)
-    analyst_factory = (lambda: replay.analyst_for(settings, sessions or _sessions())) \
+    analyst_factory = replay.analyst_factory(settings, sessions or _sessions()) \
         if settings.analyst == "llm_replay" else None
     bar = None if args.quiet else tqdm(total=1, unit="session", file=sys.stderr, leave=False)
 

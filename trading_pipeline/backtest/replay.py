@@ -14,6 +14,7 @@ prepared series' arrays at each session (`OpenAIAnalyst.analyze_at`), as the rul
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import select
@@ -109,6 +110,14 @@ def model_for(settings: BacktestSettings) -> str:
     return settings.model or (os.environ.get("OPENAI_MODEL") or DEFAULT_MODEL).strip()
 
 
-def analyst_for(settings: BacktestSettings, sessions: sessionmaker[Session]) -> ReplayAnalyst:
+def analyst_factory(settings: BacktestSettings, sessions: sessionmaker[Session]) -> Callable[[], ReplayAnalyst]:
+    """Makes a fresh ReplayAnalyst per backtest run (its own hit and miss counts), all reading one
+    load of the cached answers: a walk-forward makes a run per grid point and fold, and the cache
+    may hold tens of thousands of answers."""
     model = model_for(settings)
-    return ReplayAnalyst(model, load_answers(sessions, model), anonymize=settings.anonymized_charts)
+    answers = load_answers(sessions, model)
+    return lambda: ReplayAnalyst(model, answers, anonymize=settings.anonymized_charts)
+
+
+def analyst_for(settings: BacktestSettings, sessions: sessionmaker[Session]) -> ReplayAnalyst:
+    return analyst_factory(settings, sessions)()

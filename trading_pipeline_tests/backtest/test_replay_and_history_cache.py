@@ -211,3 +211,30 @@ def test_a_second_backtest_sends_no_history_request(tmp_path):
         for timeframe in ("1d", "1w"):
             assert second[1][symbol][timeframe].equals(first[1][symbol][timeframe])
     assert run(base, second).result_digest() == run(base, first).result_digest()
+
+
+def test_a_walk_forward_replay_reads_the_cache_once_and_counts_each_run_apart(tmp_path, no_network, monkeypatch):
+    """Every run of a walk-forward (grid points × folds, then out of sample) gets a fresh analyst
+    with its own hit and miss counts, all reading the one load of the cached answers."""
+    from trading_pipeline.backtest.walk_forward import walk_forward
+
+    sessions = session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
+    loads = []
+    real_load = replay.load_answers
+    monkeypatch.setattr(replay, "load_answers", lambda *a: loads.append(a) or real_load(*a))
+    walking = replay_settings(start=date(2024, 3, 1), end=date(2024, 6, 28), folds=2, grid={"min_r": (1.0, 1.5)})
+    loaded = runner.load(walking, strategies_file=STRATEGIES)
+    made = []
+    factory = replay.analyst_factory(walking, sessions)
+
+    def counted():
+        made.append(factory())
+        return made[-1]
+
+    walk = walk_forward(walking, loaded, analyst_factory=counted)
+    assert len(loads) == 1
+    assert len(made) == 2 * (2 + 1) and len({id(a) for a in made}) == len(made)
+    assert len({id(a.caller.answers) for a in made}) == 1
+    for fold in walk.folds:  # nothing cached: each run's analyses are its own misses
+        for result in (fold.in_sample_result, fold.out_of_sample_result):
+            assert result.analyst_counters == {"cache_hits": 0, "cache_misses": result.analyses}

@@ -84,8 +84,7 @@ def build_backtest_assets(strategies_file: StrategiesFile) -> list:
         source = market_data.source()
         if market_data.mode == "ibkr":
             source = HistoryCache(source, runner.history_cache_folder())
-        analyst_factory = (lambda: replay.analyst_for(settings, sessions)) if settings.analyst == "llm_replay" \
-            else None
+        analyst_factory = replay.analyst_factory(settings, sessions) if settings.analyst == "llm_replay" else None
         try:
             loaded = runner.load(settings, strategies_file=strategies_file, source=source)
         except UserError as error:
