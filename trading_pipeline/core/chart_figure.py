@@ -421,8 +421,12 @@ def build_decision_figure(
     n = len(labels)
     has_levels = decision_has_levels(action_name, entry, stop)
     room = _right_room(n) + len(extra_slots)
+    dp = _price_decimals(entry if _finite(entry) else window["close"].iloc[-1])
     if has_levels:  # the zones and their labels need room
         room = max(DECISION_ROOM_MIN_BARS, math.ceil(n * DECISION_ROOM_SHARE), len(extra_slots) + 4)
+        if extra_slots:  # the level labels (right-aligned at the end) start after the fills' slots
+            share = min(0.5, _level_label_px(_fmt_price(float(entry), dp)) / (width - MARGIN["l"] - MARGIN["r"]))
+            room = max(room, math.ceil((len(extra_slots) + 1 + share * n) / (1 - share)))
     fig = build_chart_figure(frame, symbol, timeframe, as_of, bars_shown=len(window),
                              width=width, height=height, right_room=room)
     if extra_slots:  # sessions after the last bar that hold fills
@@ -431,7 +435,6 @@ def build_decision_figure(
             fig.layout[axis].categoryarray = categories
 
     x_end = n - 0.5 + room
-    dp = _price_decimals(entry if _finite(entry) else window["close"].iloc[-1])
     levels: list[tuple[float, str, str]] = []
     if has_levels:
         entry, stop = float(entry), float(stop)
@@ -479,7 +482,7 @@ def build_decision_figure(
             "x": [slot for slot, _ in marks], "y": [float(f.price) for _, f in marks],
             "text": [f"{(f.label + ' ').lstrip()}{side} {f.quantity:g} @ {_fmt_price(f.price, dp)}"
                      f" ({_as_utc(f.time).astimezone(_exchange_zone()):%b %d})" for _, f in marks],
-            "textposition": "bottom center" if side == "BUY" else "top center",
+            "textposition": [_fill_text_position(f, fills, slot in extra_slots) for slot, f in marks],
             "textfont": {"size": LABEL_FONT, "color": color},
             "marker": {"symbol": symbol_name, "size": 16, "color": color, "line": {"color": "#ffffff", "width": 1}},
             "xaxis": "x", "yaxis": "y",
@@ -497,6 +500,25 @@ def build_decision_figure(
                     f"no levels  ·  as of {as_of_text}")
     fig.layout.title.text = headline
     return fig
+
+
+def _level_label_px(price_text: str) -> float:
+    """About how wide a level label is (the longest: "stop <price>  ·  −1R (<risk>)" or a
+    target's), in pixels at LABEL_FONT, with its padding and shift."""
+    return (20 + 2 * len(price_text)) * 0.6 * LABEL_FONT + 14
+
+
+def _fill_text_position(fill: ChartFill, fills: Sequence[ChartFill], after_last_bar: bool) -> str:
+    """Where a fill's text goes: away from the nearest other fill by price (an entry and its stop
+    are often close), else below a buy and above a sell; left of a marker after the last bar, so
+    it runs over the last candles rather than under the level labels at the right."""
+    others = [float(o.price) for o in fills if o is not fill and _finite(o.price)]
+    if others:
+        nearest = min(others, key=lambda price: abs(price - float(fill.price)))
+        vertical = "top" if nearest <= float(fill.price) else "bottom"
+    else:
+        vertical = "bottom" if fill.side.upper() == "BUY" else "top"
+    return f"{vertical} {'left' if after_last_bar else 'center'}"
 
 
 def _exchange_zone():

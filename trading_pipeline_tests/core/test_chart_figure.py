@@ -481,6 +481,31 @@ def test_fills_are_marked_at_their_session_and_price():
     assert lo < 101.25 and hi > 120.5
 
 
+def test_fills_after_the_last_bar_stay_clear_of_the_level_labels_and_of_each_other():
+    """An entry filled the next session and its stop hit days later: both slots come after the
+    last bar, left of the level labels (which are right-aligned at the end of the room), and each
+    fill's text sits on the side away from the other fill."""
+    frame = _at_session_open(make_indicator_frame(300, "1d"))
+    last_date, last = frame.index[-1], float(frame["close"].iloc[-1])
+    entry_day, stop_day = last_date + pd.Timedelta(days=1, hours=2), last_date + pd.Timedelta(days=6, hours=2)
+    fills = [ChartFill(entry_day.to_pydatetime(), last, "BUY", 100, "entry"),
+             ChartFill(stop_day.to_pydatetime(), last * 0.96, "SELL", 100, "stop")]
+    width = 1600
+    fig = build_decision_figure(frame, "AAPL", AS_OF, action="BUY", entry=last, stop=last * 0.96,
+                                targets=[last * 1.08], r_multiple=2.0, fills=fills, width=width, height=900)
+    buys, sells = _trace(fig, "buy fill"), _trace(fig, "sell fill")
+    assert list(buys.textposition) == ["top left"] and list(sells.textposition) == ["bottom left"]
+    categories = list(fig.layout.xaxis.categoryarray)
+    last_fill_slot = categories.index(stop_day.strftime("%Y-%m-%d"))
+    labels = [a for a in fig.layout.annotations if a.xref == "x" and a.xanchor == "right"]
+    assert len(labels) == 3  # entry, stop, target
+    x_end = labels[0].x
+    x_lo, x_hi = fig.layout.xaxis.range
+    slot_px = (width - 90 - 175) / (x_hi - x_lo)
+    widest_px = max(len(a.text) for a in labels) * 0.6 * 14 + 14
+    assert x_end - widest_px / slot_px > last_fill_slot + 0.5
+
+
 def test_decision_chart_of_an_empty_frame_is_a_bar_data_error(daily):
     with pytest.raises(BarDataError) as info:
         build_decision_figure(daily.iloc[:0], "AAPL", AS_OF, action="BUY", entry=1.0, stop=0.9, targets=[1.2])
