@@ -18,10 +18,10 @@ dagster.yaml), and prints wall times,
 runs, time per symbol × timeframe and the ratios to it and to the unavoidable work (bars,
 indicators, figure and a warm batched render per chart, no Dagster), measured before the daemon
 starts and again at the end (the smaller one counts: other work on the machine only inflates it).
-With --repeats, min and median of each. Also each run's timeline (creation, start, steps, end) and the CPU seconds each role used (Chromium, run
-processes, webserver, daemon, other work on the machine) during the unavoidable work and the
-first repeat's refresh and decide: on 2 cores they share, so the roles' sum, not one process, sets
-the wall time (`CpuByRole`).
+With --repeats, min and median of each. Also, for the first repeat, each run's timeline
+(creation, start, steps, end), and the CPU seconds each role used (Chromium, run processes,
+webserver, daemon, other work on the machine) during the unavoidable work, the refresh and the
+decide: on 2 cores they share, so the roles' sum, not one process, sets the wall time (`CpuByRole`).
 
 Run: `.venv/bin/python bench/daemon.py [--symbols 20] [--repeats 1]` (PYTHONPATH=<checkout> to
 measure a worktree).
@@ -112,7 +112,7 @@ class Instance:
         # One connection for all queries: a new client per query (TLS context, connection) cost this
         # process about 3 s of CPU in a 15 s refresh, taken from the two cores the runs use.
         self.client = httpx.Client(base_url=self.url, timeout=120)
-        self._storage = None
+        self._instance = None
 
     def start(self) -> float:
         from trading_pipeline import config
@@ -176,7 +176,7 @@ class Instance:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            records = {r.dagster_run.run_id: r for r in self.storage().get_run_records(RunsFilter(run_ids=run_ids))}
+            records = {r.dagster_run.run_id: r for r in self.dagster_instance().get_run_records(RunsFilter(run_ids=run_ids))}
             if len(records) == len(run_ids) and all(r.dagster_run.is_finished for r in records.values()):
                 failed = [run_id for run_id in run_ids if records[run_id].dagster_run.status.value != "SUCCESS"]
                 if failed:
@@ -204,23 +204,23 @@ class Instance:
                          + f", ended {run['endTime'] - since:.1f}")
         return "\n".join(lines)
 
-    def storage(self):
+    def dagster_instance(self):
         """The instance (from its dagster.yaml and the variables it reads), opened in this process."""
-        if self._storage is None:
+        if self._instance is None:
             import dagster as dg
 
             saved = dict(os.environ)
             os.environ.update({k: v for k, v in self.env.items() if k.startswith("DAGSTER_")})
             try:
-                self._storage = dg.DagsterInstance.from_config(self.env["DAGSTER_HOME"])
+                self._instance = dg.DagsterInstance.from_config(self.env["DAGSTER_HOME"])
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
-        return self._storage
+        return self._instance
 
     def close(self) -> None:
-        if self._storage is not None:
-            self._storage.dispose()
+        if self._instance is not None:
+            self._instance.dispose()
         self.client.close()
         self.processes.kill_all()
 

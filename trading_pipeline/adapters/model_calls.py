@@ -444,8 +444,7 @@ def cache_key(*, kind: str, model: str, prompt_version: str, chart_sha256: str |
     """Same model, prompt, chart, numeric context and schema ⇒ same key. `chart_sha256` is what the
     chart shows (core/chart_spec.py), None when no chart is sent; `context_sha256` the context's
     contents (llm/request.py `RequestContext.sha256`)."""
-    return hashlib.sha256(repr((kind, model, prompt_version, chart_sha256, context_sha256,
-                                schema_sha256)).encode()).hexdigest()
+    return sha256_hex(repr((kind, model, prompt_version, chart_sha256, context_sha256, schema_sha256)))
 
 
 @dataclass(frozen=True)
