@@ -73,15 +73,24 @@ class WarmWorker:
         self.render_service = None  # adapters.render_service.RenderServiceProcess once started
         self._render_directory: Path | None = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()  # shutdown() was called: start nothing more
+        self._prestarting: threading.Thread | None = None
 
     def _read_line(self, timeout_s: float) -> dict:
-        assert self.process and self.process.stdout
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
-        if not ready:
-            raise TimeoutError(f"the warm run worker did not answer in {timeout_s:.0f} s")
-        line = self.process.stdout.readline()
+        process = self.process
+        assert process and process.stdout
+        deadline = time.monotonic() + timeout_s
+        while True:  # in slices, so that a shutdown does not wait for a worker still warming up
+            ready, _, _ = select.select([process.stdout], [], [], min(0.5, max(0.0, deadline - time.monotonic())))
+            if ready:
+                break
+            if self._stopping.is_set():
+                raise RuntimeError("the daemon is stopping")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the warm run worker did not answer in {timeout_s:.0f} s")
+        line = process.stdout.readline()
         if not line:
-            raise ConnectionError(f"the warm run worker exited (exit code {self.process.poll()})")
+            raise ConnectionError(f"the warm run worker exited (exit code {process.poll()})")
         return json.loads(line)
 
     def _start(self) -> None:
@@ -94,6 +103,8 @@ class WarmWorker:
             [sys.executable, "-m", "trading_pipeline.graph.run_worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, bufsize=1, cwd=os.getcwd(), env=environment)
         self._start_render_service()
+        if self._stopping.is_set():  # a shutdown came while the render service started
+            raise RuntimeError("the daemon is stopping")
         hello = self._read_line(self.start_timeout_s)
         if "ready" not in hello:
             raise RuntimeError(f"the warm run worker refused to serve: {hello.get('error', hello)}")
@@ -131,23 +142,36 @@ class WarmWorker:
             process.kill()
             process.wait()
 
+    def shutdown(self, wait_s: float = 30.0) -> None:
+        """Stop for good (the daemon is stopping): a start in progress gives up and stops what it
+        had started, then the worker and the render service are closed. Without waiting for it, a
+        Ctrl-C during the start left the processes it was starting running after the daemon."""
+        self._stopping.set()
+        if self._prestarting is not None:
+            self._prestarting.join(wait_s)  # it stops at its next step, or its read sees the shutdown
+        self.close()
+
     def prestart(self) -> None:
         """Start and warm the worker now, so the first run does not wait for it (in the background)."""
         def start() -> None:
             with self._lock:
-                if self.process is None:
+                if self.process is None and not self._stopping.is_set():
                     try:
                         self._start()
                     except Exception as error:  # noqa: BLE001 - the first launch retries and reports it
-                        log.warning(f"the warm run worker did not start: {error}")
+                        if not self._stopping.is_set():
+                            log.warning(f"the warm run worker did not start: {error}")
                         self.close()
 
-        threading.Thread(target=start, name="warm-run-worker-start", daemon=True).start()
+        self._prestarting = threading.Thread(target=start, name="warm-run-worker-start", daemon=True)
+        self._prestarting.start()
 
     def fork_run(self, input_json: str) -> tuple[int, str | None]:
         """(pid of the run's process, why the warm worker was restarted or None). Raises when the
         worker cannot start the run: the caller then launches it the default way."""
         with self._lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the daemon is stopping")
             restarted = None
             current = source_fingerprint()
             if self.process is not None and self.process.poll() is not None:
@@ -275,7 +299,7 @@ class WarmRunLauncher(DefaultRunLauncher):
         return CheckRunHealthResult(WorkerStatus.RUNNING)
 
     def dispose(self) -> None:
-        self._worker.close()
+        self._worker.shutdown()
         super().dispose()
 
 

@@ -263,3 +263,44 @@ def test_the_queue_can_be_checked_every_half_second(tmp_path, configured, checke
 def test_a_queue_check_interval_of_zero_is_refused():
     with pytest.raises(ValueError, match="dequeue_interval_seconds must be above 0"):
         run_launcher.WarmingQueuedRunCoordinator(dequeue_interval_seconds=0)
+
+
+def _children(marks: tuple[str, ...]) -> list[int]:
+    """This process's live children whose command line holds one of `marks`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] not in ("Z", "X") and any(m in command for m in marks):
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("after_s", [0.0, 1.0, 4.0])
+def test_a_shutdown_during_the_start_leaves_no_worker_or_render_service_behind(after_s):
+    """Ctrl-C on the daemon while its worker and render service are still starting (the daemon
+    starts them when it starts): the start gives up and nothing it started outlives the shutdown."""
+    marks = ("trading_pipeline.graph.run_worker", "trading_pipeline.adapters.render_service")
+    before = set(_children(marks))  # the module's own warm worker, if it runs
+
+    def started_here() -> set[int]:
+        return set(_children(marks)) - before
+
+    worker = WarmWorker(start_timeout_s=120)
+    worker.prestart()
+    time.sleep(after_s)
+    started = time.monotonic()
+    worker.shutdown()
+    assert time.monotonic() - started < 30
+    deadline = time.monotonic() + 10
+    while started_here() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started_here() == set()
+    assert worker.process is None and worker.render_service is None
+    with pytest.raises(RuntimeError, match="stopping"):
+        worker.fork_run("{}")
