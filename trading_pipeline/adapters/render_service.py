@@ -303,13 +303,14 @@ class RenderServiceProcess:
 
 
 def start_render_service(directory: Path, env: dict[str, str] | None = None, *, timeout_s: float = 30.0,
-                         chart_timeout_s: float = 60.0, wait_for_browser: bool = True) -> RenderServiceProcess:
+                         chart_timeout_s: float = 60.0, wait_for_browser: bool = True,
+                         stop: threading.Event | None = None) -> RenderServiceProcess:
     """Start a render service with its socket at `directory`/render.sock (the directory is created
     with mode 0700 if missing) and its log at `directory`/render_service.log; returns once it
     answers a ping and (`wait_for_browser`) its Chromium has started, so the first run's chart is
     warm. ChartRenderError (with the log's tail) if it exits, its browser cannot start, or it is
-    not ready within `timeout_s`. `env`: the service's environment (default: this process's).
-    It exits by itself when this process dies."""
+    not ready within `timeout_s`, or if `stop` is set meanwhile (then it is stopped too). `env`:
+    the service's environment (default: this process's). It exits by itself when this process dies."""
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     socket_path, log_path = directory / SOCKET_NAME, directory / LOG_NAME
@@ -321,6 +322,9 @@ def start_render_service(directory: Path, env: dict[str, str] | None = None, *, 
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            service.close()
+            raise ChartRenderError("The render service's start was stopped.", "Nothing to do: its owner is stopping.")
         if process.poll() is not None:
             raise ChartRenderError(f"The render service exited at start (code {process.returncode}): "
                                    f"{_tail(log_path)}", f"See {log_path}.")

@@ -74,7 +74,6 @@ class WarmWorker:
         self._render_directory: Path | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()  # shutdown() was called: start nothing more
-        self._prestarting: threading.Thread | None = None
 
     def _read_line(self, timeout_s: float) -> dict:
         process = self.process
@@ -102,6 +101,8 @@ class WarmWorker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trading_pipeline.graph.run_worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, bufsize=1, cwd=os.getcwd(), env=environment)
+        if self._stopping.is_set():  # a shutdown came while the worker started
+            raise RuntimeError("the daemon is stopping")
         self._start_render_service()
         if self._stopping.is_set():  # a shutdown came while the render service started
             raise RuntimeError("the daemon is stopping")
@@ -119,12 +120,15 @@ class WarmWorker:
         if self.render_service is not None:
             self.render_service.close()
         try:
-            self.render_service = start_render_service(self._render_directory, timeout_s=self.start_timeout_s)
+            self.render_service = start_render_service(self._render_directory, timeout_s=self.start_timeout_s,
+                                                       stop=self._stopping)
         except ChartRenderError as error:
             self.render_service = None
-            log.warning(f"the render service did not start; runs start their own Chromium: {error}")
+            if not self._stopping.is_set():
+                log.warning(f"the render service did not start; runs start their own Chromium: {error}")
 
     def close(self) -> None:
+        ready = self.fingerprint is not None
         process, self.process, self.fingerprint = self.process, None, None
         service, self.render_service = self.render_service, None
         if service is not None:
@@ -135,6 +139,8 @@ class WarmWorker:
         if process is None:
             return
         try:
+            if not ready:  # still warming up: no runs of its own, and it reads its input only once warm
+                process.kill()
             if process.stdin:
                 process.stdin.close()  # it exits at end of input; its runs go on
             process.wait(timeout=5)
@@ -142,13 +148,13 @@ class WarmWorker:
             process.kill()
             process.wait()
 
-    def shutdown(self, wait_s: float = 30.0) -> None:
-        """Stop for good (the daemon is stopping): a start in progress gives up and stops what it
-        had started, then the worker and the render service are closed. Without waiting for it, a
-        Ctrl-C during the start left the processes it was starting running after the daemon."""
+    def shutdown(self) -> None:
+        """Stop for good (the daemon is stopping), at once: a daemon slow to exit has Dagster restart
+        its code server, which then outlives it. A worker still warming up has nothing to finish and
+        is killed; a start in progress gives up at its next step and closes what it started (if
+        this process is gone first, the render service follows its parent and the worker ends at
+        the end of its input)."""
         self._stopping.set()
-        if self._prestarting is not None:
-            self._prestarting.join(wait_s)  # it stops at its next step, or its read sees the shutdown
         self.close()
 
     def prestart(self) -> None:
@@ -163,8 +169,7 @@ class WarmWorker:
                             log.warning(f"the warm run worker did not start: {error}")
                         self.close()
 
-        self._prestarting = threading.Thread(target=start, name="warm-run-worker-start", daemon=True)
-        self._prestarting.start()
+        threading.Thread(target=start, name="warm-run-worker-start", daemon=True).start()
 
     def fork_run(self, input_json: str) -> tuple[int, str | None]:
         """(pid of the run's process, why the warm worker was restarted or None). Raises when the

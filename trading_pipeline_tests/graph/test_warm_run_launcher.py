@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -296,11 +297,14 @@ def test_a_shutdown_during_the_start_leaves_no_worker_or_render_service_behind(a
     time.sleep(after_s)
     started = time.monotonic()
     worker.shutdown()
-    assert time.monotonic() - started < 30
-    deadline = time.monotonic() + 10
+    assert time.monotonic() - started < 2  # the daemon exits at once (Dagster restarts a slow one's code server)
+    deadline = time.monotonic() + 20
     while started_here() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert started_here() == set()
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in started_here()}
+    assert left == {}
+    while (worker.process or worker.render_service) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the start in progress, if any, closed what it had started
     assert worker.process is None and worker.render_service is None
     with pytest.raises(RuntimeError, match="stopping"):
         worker.fork_run("{}")
