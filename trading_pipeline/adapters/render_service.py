@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from trading_pipeline.adapters import render_protocol as wire
+from trading_pipeline.adapters.chart_png import DEFAULT_HEIGHT, DEFAULT_WIDTH
 from trading_pipeline.errors import ChartRenderError
 
 _log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ class _RenderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, socket_path: str, renderer: Any) -> None:
         self.renderer = renderer
         self.browser_error: str | None = None  # why the warm-up's browser start failed, if it did
+        self.warm = False  # the warm-up is over (done, or failed and logged)
+        self.warm_up_charts = 0  # charts the warm-up rendered (not counted in `figures`)
         self.figures = 0  # figures asked for (monitoring; the tests check runs really use the service)
         self.count_lock = threading.Lock()
         super().__init__(socket_path, _Handler, bind_and_activate=False)
@@ -136,7 +139,8 @@ class _RenderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         r = self.renderer
         return {"protocol": wire.PROTOCOL_VERSION, "pid": os.getpid(), "tabs": r.tabs,
                 "browser_running": r.is_running, "browser_pid": r.browser_pid, "starts": r.starts,
-                "figures": self.figures,
+                "figures": self.figures, "warm": self.warm,
+                "warm_up_charts": self.warm_up_charts,
                 "browser_error": self.browser_error}
 
 
@@ -209,11 +213,47 @@ def serve(socket_path: Path, parent_pid: int, renderer: Any) -> None:
 
 
 def _warm_up(server: _RenderServer) -> None:
+    """Start the browser, then render a few charts through every tab: the first charts a tab draws
+    cost it about a third more (V8 compiles plotly.js as it first runs it), and without this the
+    first refresh after the daemon starts would pay that."""
     try:
-        server.renderer.start()
-    except ChartRenderError as error:
-        server.browser_error = str(error)
-        _log.error("render service: the browser did not start (each render will say so): %s", error)
+        try:
+            server.renderer.start()
+        except ChartRenderError as error:
+            server.browser_error = str(error)
+            _log.error("render service: the browser did not start (each render will say so): %s", error)
+            return
+        try:
+            results = server.renderer.render_each(warm_up_figures(2 * server.renderer.tabs))
+        except Exception as error:  # noqa: BLE001 - a cold first chart is slower, not wrong
+            results = [error]
+        failed = [result for result in results if isinstance(result, Exception)]
+        server.warm_up_charts = len(results) - len(failed)
+        if failed:
+            _log.warning("render service: the warm-up render failed (the first charts will be slower): %s", failed[0])
+    finally:
+        server.warm = True
+
+
+def warm_up_figures(count: int, width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT) -> list[Any]:
+    """`count` charts as the chart step builds them (simulated daily and weekly bars, indicators),
+    for warming up a browser or an interpreter."""
+    from datetime import UTC, datetime
+
+    from trading_pipeline.adapters.market_data import SimulatedMarketData
+    from trading_pipeline.core.chart_figure import build_chart_figure
+    from trading_pipeline.core.indicators import compute_indicators
+    from trading_pipeline.core.strategies import TimeframeSettings
+
+    as_of = datetime(2026, 1, 9, 21, 30, tzinfo=UTC)
+    figures = []
+    for i in range(count):
+        timeframe, period = (("1d", "1y"), ("1w", "2y"))[i % 2]
+        symbol = f"WARM{i}"
+        frame = compute_indicators(SimulatedMarketData().fetch(symbol, timeframe, TimeframeSettings(period=period),
+                                                               as_of))
+        figures.append(build_chart_figure(frame, symbol, timeframe, as_of, width=width, height=height))
+    return figures
 
 
 def _parent_watch(parent_pid: int):
@@ -307,10 +347,11 @@ def start_render_service(directory: Path, env: dict[str, str] | None = None, *, 
                          stop: threading.Event | None = None) -> RenderServiceProcess:
     """Start a render service with its socket at `directory`/render.sock (the directory is created
     with mode 0700 if missing) and its log at `directory`/render_service.log; returns once it
-    answers a ping and (`wait_for_browser`) its Chromium has started, so the first run's chart is
-    warm. ChartRenderError (with the log's tail) if it exits, its browser cannot start, or it is
-    not ready within `timeout_s`, or if `stop` is set meanwhile (then it is stopped too). `env`:
-    the service's environment (default: this process's). It exits by itself when this process dies."""
+    answers a ping and (`wait_for_browser`) its Chromium has started and rendered its warm-up charts,
+    so the first run's charts are warm. ChartRenderError (with the log's tail) if it exits, its browser
+    cannot start, or it is not ready within `timeout_s`, or if `stop` is set meanwhile (then it is
+    stopped too). `env`: the service's environment (default: this process's). It exits by itself when
+    this process dies."""
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     socket_path, log_path = directory / SOCKET_NAME, directory / LOG_NAME
@@ -333,13 +374,15 @@ def start_render_service(directory: Path, env: dict[str, str] | None = None, *, 
         except (OSError, wire.ConnectionBroken, wire.ProtocolError) as error:
             last_error = error
         else:
-            if service.info.get("starts") or not wait_for_browser:
+            if not wait_for_browser:
                 return service
             if service.info.get("browser_error"):
                 service.close()
                 raise ChartRenderError(f"The render service's browser did not start: {service.info['browser_error']}",
                                        f"See {log_path}.")
-            last_error = RuntimeError("its browser is still starting")
+            if service.info.get("warm"):
+                return service
+            last_error = RuntimeError("its browser is still starting or warming up")
         time.sleep(0.05)
     service.close()
     raise ChartRenderError(f"The render service at {socket_path} did not answer a ping within {timeout_s:g} s "

@@ -65,19 +65,12 @@ def warm_up() -> None:
     import trading_pipeline.graph.resources
     import trading_pipeline.graph.strategies_asset
     import trading_pipeline.migrations  # noqa: F401
-    from trading_pipeline.adapters.market_data import SimulatedMarketData
+    from trading_pipeline.adapters.render_service import warm_up_figures
     from trading_pipeline.core import market_calendar
-    from trading_pipeline.core.chart_figure import build_chart_figure
-    from trading_pipeline.core.indicators import compute_indicators
-    from trading_pipeline.core.strategies import TimeframeSettings
 
     # First use: the calendar's schedule, TA-Lib, pandas' indexing, plotly's figure classes.
-    as_of = datetime(2026, 1, 9, 21, 30, tzinfo=UTC)
-    market_calendar.is_open(as_of)
-    for timeframe, period in (("1d", "1y"), ("1w", "2y")):
-        frame = compute_indicators(SimulatedMarketData().fetch("WARM", timeframe, TimeframeSettings(period=period),
-                                                               as_of))
-        build_chart_figure(frame, "WARM", timeframe, as_of, width=800, height=600)
+    market_calendar.is_open(datetime(2026, 1, 9, 21, 30, tzinfo=UTC))
+    warm_up_figures(2, width=800, height=600)
 
 
 def _answer(out, message: dict) -> None:

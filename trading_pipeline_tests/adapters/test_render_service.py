@@ -98,6 +98,8 @@ def test_socket_is_private_and_the_service_keeps_one_browser(service):
     assert stat.S_IMODE(service.socket_path.parent.stat().st_mode) == 0o700
     info = wire.ping(str(service.socket_path))
     assert info["pid"] == service.pid and info["browser_running"] and info["starts"] == 1
+    # it was ready only once every tab had drawn warm-up charts (a tab's first charts cost more)
+    assert service.info["warm"] and service.info["warm_up_charts"] == 2 * info["tabs"]
     assert service.env() == {RENDER_SOCKET_ENV: str(service.socket_path)}
 
 
