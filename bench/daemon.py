@@ -437,6 +437,7 @@ def unavoidable(symbols: list[str], friday: datetime) -> tuple[float, float, Cpu
     chart, for every symbol × timeframe; the one-time browser start; the CPU the first used."""
     from trading_pipeline.adapters.chart_render import ChartRenderer
     from trading_pipeline.adapters.market_data import SimulatedMarketData
+    from trading_pipeline.adapters.render_service import warm_up_figures
     from trading_pipeline.core.chart_figure import build_chart_figure
     from trading_pipeline.core.indicators import compute_indicators
     from trading_pipeline.core.strategies import TimeframeSettings
@@ -447,9 +448,8 @@ def unavoidable(symbols: list[str], friday: datetime) -> tuple[float, float, Cpu
     with ChartRenderer() as renderer:
         startup = time.perf_counter() - started
         compute_indicators(source.fetch(symbols[0], "1d", periods["1d"], friday))  # numba JIT, calendar
-        renderer.render_png(build_chart_figure(
-            compute_indicators(source.fetch(symbols[0], "1d", periods["1d"], friday)), symbols[0], "1d", friday,
-            width=1920, height=1080), 1920, 1080)
+        # As warm as the daemon's render service when it reports ready: the same warm-up charts.
+        renderer.render_many(warm_up_figures(2 * renderer.tabs), 1920, 1080)
         cpu = CpuByRole()
         cpu.start()
         started = time.perf_counter()
