@@ -7,6 +7,7 @@ open/high/low/close/volume (shares), sorted, unique, only bars that had closed b
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -22,9 +23,35 @@ logger = logging.getLogger(__name__)
 
 
 class MarketDataSource(Protocol):
+    """`fetch` must be safe to call from several threads when the source's `fetch_concurrency`
+    (read with `fetch_concurrency(source)`; 1 when absent) is above 1. A source may also have
+    `prefetch_contracts(symbols)`: one batched lookup before many fetches."""
+
     name: str
 
     def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame: ...
+
+
+def fetch_concurrency(source: MarketDataSource) -> int:
+    """How many fetches the source serves at once: 1 (one after the other) unless it says more."""
+    return max(1, int(getattr(source, "fetch_concurrency", 1)))
+
+
+def fetch_many(source: MarketDataSource, jobs: dict[str, tuple[str, str, TimeframeSettings]], as_of: datetime,
+               pool: ThreadPoolExecutor) -> dict[str, Future]:
+    """Start fetching every job {key: (symbol, timeframe, history)} on `pool` (sized by
+    `fetch_concurrency`), after one batched contract lookup when the source has one; {key: Future}
+    in `jobs` order, each giving that job's frame or raising its error. A failed batched lookup is
+    only logged: each fetch then looks its contract up itself and fails, or not, on its own."""
+    prefetch = getattr(source, "prefetch_contracts", None)
+    if prefetch is not None:
+        try:
+            prefetch(sorted({symbol for symbol, _, _ in jobs.values()}))
+        except Exception as error:  # noqa: BLE001 - each fetch reports its own contract's problem
+            logger.warning("%s: the batched contract lookup failed (%s); each symbol is looked up on its own",
+                           source.name, error)
+    return {key: pool.submit(source.fetch, symbol, timeframe, history, as_of)
+            for key, (symbol, timeframe, history) in jobs.items()}
 
 
 def history_start(history: TimeframeSettings, as_of: datetime) -> pd.Timestamp:

@@ -57,6 +57,12 @@ class IBKRMarketData:
         self.client = client
         self.volume_multiplier = volume_multiplier
 
+    @property
+    def fetch_concurrency(self) -> int:
+        """Fetches a batched run makes at once: the client's history requests in flight (the
+        client's slots, shared by processes with IBKR_STATE_DIR, keep IBKR's limit either way)."""
+        return self.client.pacing.history_concurrency
+
     def multiplier_for(self, contract: Contract) -> float:
         if self.volume_multiplier is not None:
             return float(self.volume_multiplier)

@@ -1,5 +1,7 @@
 """Bars and indicators per symbol × timeframe partition; a batched run makes many partitions."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import dagster as dg
 
 from trading_pipeline.core.frames import MarketFrame
@@ -29,15 +31,26 @@ def build_market_assets(strategies_file: StrategiesFile, symbol_timeframe) -> li
     )
     def market_bars(context: dg.AssetExecutionContext, market_data: MarketDataResource,
                     trading_db: TradingDatabaseResource):
+        from trading_pipeline.adapters.market_data import fetch_concurrency, fetch_many
+
         as_of = run_as_of(context)
         source = market_data.source()
-        batched = len(partition_keys(context)) > 1
+        keys = partition_keys(context)
+        batched = len(keys) > 1
+        # A batch fetches as many series at once as the source serves (IBKR: its history requests
+        # in flight), the frames then made in partition order; a source that serves one at a time
+        # (simulated, csv) fetches inside each partition's step, as a single run does.
+        fetched: dict = {}
 
-        def fetch(key: str, _) -> PartitionOutcome:
+        def wanted(key: str):
             dims = partition_dimensions(context, key)
             symbol, timeframe = dims["symbol"], dims["timeframe"]
-            strategy = strategies_file.strategy_for(symbol)
-            frame = source.fetch(symbol, timeframe, strategy.timeframes[timeframe], as_of)
+            return symbol, timeframe, strategies_file.strategy_for(symbol)
+
+        def fetch(key: str, _) -> PartitionOutcome:
+            symbol, timeframe, strategy = wanted(key)
+            frame = (fetched[key].result() if key in fetched
+                     else source.fetch(symbol, timeframe, strategy.timeframes[timeframe], as_of))
             bars = MarketFrame(symbol, timeframe, as_of, source.name, frame)
             if not batched:  # a batch logs one line for all (each log line is an event-log write)
                 context.log.info(f"{symbol} {timeframe}: {len(frame)} bars from {source.name} up to {as_of.isoformat()}")
@@ -63,7 +76,26 @@ def build_market_assets(strategies_file: StrategiesFile, symbol_timeframe) -> li
                 check_results=checks.bar_checks(bars, strategy.timeframes[timeframe].period),
             )
 
-        yield from materialize_partitions(context, fetch)
+        workers = fetch_concurrency(source) if batched else 1
+        if workers == 1:
+            yield from materialize_partitions(context, fetch)
+            return
+
+        def job(key: str):
+            try:
+                symbol, timeframe, strategy = wanted(key)
+                return symbol, timeframe, strategy.timeframes[timeframe]
+            except Exception:  # noqa: BLE001 - that partition's own step raises it again, for it alone
+                return None
+
+        jobs = {key: request for key in keys if (request := job(key)) is not None}
+        context.log.info(f"fetching {len(jobs)} bar series from {source.name}, {workers} at a time")
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="market-bars")
+        try:
+            fetched.update(fetch_many(source, jobs, as_of, pool))
+            yield from materialize_partitions(context, fetch)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a stopped step sends no more requests
 
     @dg.asset(
         partitions_def=symbol_timeframe,

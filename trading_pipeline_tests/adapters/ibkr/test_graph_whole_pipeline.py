@@ -76,3 +76,43 @@ def test_whole_graph_against_the_emulator(emulator_factory, fast_graph_pacing, t
             shown = again.output_for_node("orders")  # what the order is now: sent earlier, maybe filled since
             assert shown.status in ("already_sent", "filled") and "sent earlier for this decision" in shown.reason
             assert len(emulator.orders_with_coid(order.client_order_id)) == 1
+
+
+BATCH_SYMBOLS = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "TSLA", "SPY"]
+
+
+def test_a_batched_bars_run_fetches_concurrently_within_the_gateways_limits(emulator_factory, fast_graph_pacing,
+                                                                            tmp_path, monkeypatch):
+    """One run for every symbol of a timeframe (what the daily schedule launches) asks the gateway for
+    its histories 4 at a time after one batched contract lookup, never more in flight than IBKR
+    allows and with no 429, and each partition keeps the conid its bars came from."""
+    from trading_pipeline.graph.assets.batch import range_tags
+
+    emulator = emulator_factory(latency_ms=150)
+    environment = {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_MARKET_DATA": "ibkr",
+                   "IBKR_GATEWAY_URL": emulator.url, "IBKR_STATE_DIR": str(emulator.pacing_dir)}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    strategies = parse_strategies(f"strategies:\n  - name: batch\n    symbols: [{', '.join(BATCH_SYMBOLS)}]\n"
+                                  "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n")
+    defs = build_definitions(strategies, resources_from_env(environment))
+    as_of = datetime.now(UTC).replace(microsecond=0).isoformat()
+    tags = {**range_tags(f"{BATCH_SYMBOLS[0]}|1d", f"{BATCH_SYMBOLS[-1]}|1d"), AS_OF_TAG: as_of}
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        emulator.reset_stats()
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance, tags=tags, asset_selection=[dg.AssetKey("market_bars")])
+        assert result.success
+        values = result.output_for_node("market_bars")
+        assert list(values) == [f"{s}|1d" for s in BATCH_SYMBOLS]
+        assert all(v.source == "ibkr" and len(v.frame) >= 200 for v in values.values())
+        conids = {record.event_log_entry.asset_materialization.partition:
+                  record.event_log_entry.asset_materialization.metadata["conid"].value
+                  for record in instance.fetch_materializations(dg.AssetKey("market_bars"), limit=100).records}
+    assert sorted(conids) == sorted(values) and len(set(conids.values())) == len(BATCH_SYMBOLS)
+    stats = emulator.stats()
+    assert stats["peak_history_in_flight"] == 4  # the client's slots, all used: fetched 4 at a time
+    assert stats["rate_limited"] == 0
+    assert stats["counts"].get("GET /iserver/marketdata/history") == len(BATCH_SYMBOLS)
+    lookups = sum(n for request, n in stats["counts"].items() if "secdef" in request or "trsrv" in request)
+    assert lookups < len(BATCH_SYMBOLS)  # batched, not one search per symbol
