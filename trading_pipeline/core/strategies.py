@@ -165,6 +165,32 @@ def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
     return lines
 
 
+def _duplicate_key(node: yaml.Node, seen: set[int] | None = None) -> tuple[str, int, int] | None:
+    """The first mapping key written twice in one mapping: (key, first line, second line), or None.
+    YAML loaders keep the last value silently, which would drop a strategy or a risk limit unseen."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.MappingNode):
+        first_lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                if key_node.value in first_lines:
+                    return key_node.value, first_lines[key_node.value], line
+                first_lines[key_node.value] = line
+            children.append(value_node)
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    for child in children:
+        found = _duplicate_key(child, seen)
+        if found:
+            return found
+    return None
+
+
 def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
     # pydantic's loc can end with validator names; use the longest prefix the YAML knows.
     for end in range(len(loc), -1, -1):
@@ -193,6 +219,13 @@ def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
         raise StrategiesFileError(
             f"{source}:1: the file must be a mapping with a top-level 'strategies:' list", FIX_HINT
         )
+    duplicate = _duplicate_key(root)
+    if duplicate:
+        key, first, second = duplicate
+        raise StrategiesFileError(
+            f"{source}:{second}: {key!r} is written twice in the same block (first at line {first}); "
+            "YAML would silently keep only the last one",
+            "keep one of the two and merge what the other said into it")
     lines = _line_index(root)
     try:
         parsed = StrategiesFile.model_validate(data)

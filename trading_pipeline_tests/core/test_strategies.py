@@ -78,3 +78,23 @@ def test_missing_file_says_how_to_fix(tmp_path):
 def test_unknown_symbol_lookup_is_a_clear_error():
     with pytest.raises(StrategiesFileError, match="not in any strategy"):
         parse_strategies(VALID).strategy_for("TSLA")
+
+
+@pytest.mark.parametrize(
+    "text, line, key",
+    [
+        # A second `risk:` would silently replace the first (here: 1% -> 5% risk per trade).
+        (VALID + "    risk: {risk_per_trade: 0.01}\n    risk: {risk_per_trade: 0.05}\n", 8, "risk"),
+        (VALID + "    risk: {min_r: 2, min_r: 0.1}\n", 7, "min_r"),
+        # A second top-level `strategies:` would silently drop every strategy above it.
+        (VALID + "strategies:\n  - name: s2\n    symbols: [MSFT]\n"
+                 "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n", 7, "strategies"),
+    ],
+)
+def test_a_key_written_twice_is_rejected_not_silently_overridden(text, line, key):
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(text, source="my.yaml")
+    message = str(info.value)
+    assert f"my.yaml:{line}:" in message
+    assert f"{key!r} is written twice" in message
+    assert "Fix:" in message
