@@ -101,7 +101,7 @@ class Strategy(_Strict):
     @classmethod
     def _valid_symbols(cls, symbols: list[str]) -> list[str]:
         for symbol in symbols:
-            if not isinstance(symbol, str) or not SYMBOL_PATTERN.match(symbol):
+            if not isinstance(symbol, str) or not SYMBOL_PATTERN.fullmatch(symbol):
                 raise ValueError(
                     f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B'"
                 )

@@ -98,3 +98,12 @@ def test_a_key_written_twice_is_rejected_not_silently_overridden(text, line, key
     assert f"my.yaml:{line}:" in message
     assert f"{key!r} is written twice" in message
     assert "Fix:" in message
+
+
+def test_a_symbol_with_a_trailing_newline_is_not_a_ticker():
+    # "AAPL\n" passed the ticker pattern ($ matches before a final newline) and then stopped the
+    # code location with Dagster's "invalid substrings in a partition key" traceback.
+    text = VALID.replace("[AAPL, BRK.B]", '["AAPL\\n", BRK.B]')
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(text, source="my.yaml")
+    assert "my.yaml:3:" in str(info.value) and "upper-case ticker" in str(info.value)
