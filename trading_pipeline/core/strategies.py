@@ -151,17 +151,26 @@ class StrategiesFile(_Strict):
         )
 
 
-def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
-    """Map each key path (as pydantic reports it) to its 1-based line in the file."""
+class _SelfReference(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+def _line_index(node: yaml.Node, path: tuple = (), ancestors: frozenset[int] = frozenset()) -> dict[tuple, int]:
+    """Map each key path (as pydantic reports it) to its 1-based line in the file. An anchor whose
+    alias sits inside it (`strategies: &a [*a]`) raises _SelfReference with the anchor's line."""
+    if id(node) in ancestors:
+        raise _SelfReference(node.start_mark.line + 1)
+    ancestors = ancestors | {id(node)}
     lines = {path: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
-            lines.update(_line_index(value_node, path + (key,)))
+            lines.update(_line_index(value_node, path + (key,), ancestors))
             lines[path + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            lines.update(_line_index(item, path + (i,)))
+            lines.update(_line_index(item, path + (i,), ancestors))
     return lines
 
 
@@ -226,7 +235,12 @@ def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
             f"{source}:{second}: {key!r} is written twice in the same block (first at line {first}); "
             "YAML would silently keep only the last one",
             "keep one of the two and merge what the other said into it")
-    lines = _line_index(root)
+    try:
+        lines = _line_index(root)
+    except _SelfReference as loop:
+        raise StrategiesFileError(
+            f"{source}:{loop.line}: the anchor (&) defined here contains itself through an alias (*)",
+            "replace the alias with the values it should repeat, or point it at an anchor outside it") from None
     try:
         parsed = StrategiesFile.model_validate(data)
     except ValidationError as exc:

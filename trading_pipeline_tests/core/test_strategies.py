@@ -107,3 +107,9 @@ def test_a_symbol_with_a_trailing_newline_is_not_a_ticker():
     with pytest.raises(StrategiesFileError) as info:
         parse_strategies(text, source="my.yaml")
     assert "my.yaml:3:" in str(info.value) and "upper-case ticker" in str(info.value)
+
+
+def test_an_anchor_that_contains_itself_is_refused_not_a_recursion_error():
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies("strategies: &loop\n  - *loop\n", source="my.yaml")
+    assert "my.yaml:1:" in str(info.value) and "contains itself" in str(info.value)
