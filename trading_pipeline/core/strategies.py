@@ -27,7 +27,8 @@ SYMBOL_PATTERN = re.compile(r"^[A-Z][A-Z0-9.]{0,11}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf or .nan: a risk limit of infinity is a typo, not a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TimeframeSettings(_Strict):

@@ -38,6 +38,8 @@ def test_valid_file_and_defaults():
         (VALID.replace("period: 2y", "period: 16y"), 5, "1-15y"),
         (VALID + "    risk: {min_r: 0}\n", 7, "greater than 0"),
         (VALID + "    risk: {min_rr: 2}\n", 7, "Extra inputs"),
+        # .inf passed gt=0: a strategy that can never trade, with no word about why.
+        (VALID + "    risk: {min_r: .inf}\n", 7, "finite number"),
         (VALID.replace("      1w: {period: 6y}\n", ""), 4, "exactly 1d, 1w"),
         (VALID.replace("AAPL", "ON"), 3, "quote it"),
         (VALID.replace("period: 6y", "period: 2y"), 4, "1w period 2y gives about 104 bars; SMA 200 needs 200"),
