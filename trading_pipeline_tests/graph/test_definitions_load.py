@@ -50,6 +50,19 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     ("TRADING_ORDERS_ENABLED", "yess", "neither yes nor no"),
     ("IBKR_VERIFY_SSL", "maybe", "neither yes nor no"),
     ("TRADING_PAPER_EQUITY", "lots", "not a number"),
+    # Loaded before; nan and inf crashed every decision step (ValueError, no variable named), and a
+    # negative or zero equity made every decision a NO_TRADE whose reason was a negative size.
+    ("TRADING_PAPER_EQUITY", "nan", "not a number from 1 to"),
+    ("TRADING_PAPER_EQUITY", "inf", "not a number from 1 to"),
+    ("TRADING_PAPER_EQUITY", "-100000", "not a number from 1 to"),
+    ("TRADING_PAPER_EQUITY", "0", "not a number from 1 to"),
+    # nan stopped the load with "cannot convert float NaN to integer"; -5 failed every chart with a
+    # fix about kaleido.
+    ("TRADING_CHART_WIDTH", "nan", "not a whole number from 100 to 10000"),
+    ("TRADING_CHART_WIDTH", "-5", "not a whole number from 100 to 10000"),
+    ("TRADING_CHART_HEIGHT", "0", "not a whole number from 100 to 10000"),
+    ("TRADING_SIM_SEED", "nan", "not a whole number"),
+    ("TRADING_SIM_SEED", "1.5", "not a whole number"),
     ("TRADING_AS_OF", "yesterday", "not an ISO-8601 time"),
     ("TRADING_DATABASE_URL", "mysql://trader:hunter2@db/trading", "SQLite or PostgreSQL"),
 ])
