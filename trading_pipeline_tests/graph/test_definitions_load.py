@@ -63,6 +63,13 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     ("TRADING_CHART_HEIGHT", "0", "not a whole number from 100 to 10000"),
     ("TRADING_SIM_SEED", "nan", "not a whole number"),
     ("TRADING_SIM_SEED", "1.5", "not a whole number"),
+    # nan and inf timeouts loaded (nan <= 0 is false); a nan concurrency or a word for the volume
+    # multiplier stopped the load with a bare ValueError.
+    ("IBKR_CONNECT_TIMEOUT", "nan", "not a number"),
+    ("IBKR_READ_TIMEOUT", "inf", "not a number"),
+    ("IBKR_HISTORY_CONCURRENCY", "nan", "not a number"),
+    ("IBKR_HISTORY_VOLUME_MULTIPLIER", "abc", "not a number"),
+    ("IBKR_HISTORY_VOLUME_MULTIPLIER", "-100", "must be positive"),
     ("TRADING_AS_OF", "yesterday", "not an ISO-8601 time"),
     ("TRADING_DATABASE_URL", "mysql://trader:hunter2@db/trading", "SQLite or PostgreSQL"),
 ])

@@ -3,6 +3,7 @@ validates these variables when it loads, without importing the client (httpx, pa
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -46,6 +47,22 @@ def read_switches(environ: dict[str, str] | None = None) -> IBKRSwitches:
                         auto_confirm=tuple(dict.fromkeys(i.strip() for i in ids if i.strip())))
 
 
+def positive_number(env, name: str, default: float | None, example: str) -> float | None:
+    """A positive, finite number variable, or `default` when unset; nan and inf are not numbers."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise IBKRConfigError(f"{name}={raw!r} is not a number", f"set {name} to {example}")
+    if value <= 0:
+        raise IBKRConfigError(f"{name}={raw!r} must be positive", f"set {name} to {example}")
+    return value
+
+
 def settings_from_env(environ: dict[str, str] | None = None) -> dict:
     """Client keyword arguments from the environment (see IBKRClient.from_env). The safety switches
     (TRADING_ALLOW_LIVE, IBKR_AUTO_CONFIRM) are not among them: `read_switches` reads them at send
@@ -53,17 +70,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
     env = os.environ if environ is None else environ
 
     def number(name: str, default: float) -> float:
-        raw = (env.get(name) or "").strip()
-        if not raw:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise IBKRConfigError(f"{name}={raw!r} is not a number", f"set {name} to seconds, e.g. {default:g}") \
-                from None
-        if value <= 0:
-            raise IBKRConfigError(f"{name}={raw!r} must be positive", f"set {name} to e.g. {default:g}")
-        return value
+        return positive_number(env, name, default, f"seconds, e.g. {default:g}")
 
     read_switches(env)  # a typo in TRADING_ALLOW_LIVE fails now, not at the first order
     exchanges = [e for e in (env.get("IBKR_EXCHANGES") or "").split(",") if e.strip()]
