@@ -70,6 +70,9 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     ("IBKR_HISTORY_CONCURRENCY", "nan", "not a number"),
     ("IBKR_HISTORY_VOLUME_MULTIPLIER", "abc", "not a number"),
     ("IBKR_HISTORY_VOLUME_MULTIPLIER", "-100", "must be positive"),
+    # Loaded before; every IBKR step and the session sensor then failed on it, run after run.
+    ("IBKR_GATEWAY_URL", "localhost:5000/v1/api", "not an http(s) URL"),
+    ("IBKR_GATEWAY_URL", "https://localhost:5000", "does not end with /v1/api"),
     ("TRADING_AS_OF", "yesterday", "not an ISO-8601 time"),
     ("TRADING_DATABASE_URL", "mysql://trader:hunter2@db/trading", "SQLite or PostgreSQL"),
 ])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from trading_pipeline.adapters.ibkr.errors import IBKRConfigError
 from trading_pipeline.adapters.ibkr.pacing import Pacing
@@ -47,6 +48,22 @@ def read_switches(environ: dict[str, str] | None = None) -> IBKRSwitches:
                         auto_confirm=tuple(dict.fromkeys(i.strip() for i in ids if i.strip())))
 
 
+def check_gateway_url(url: str) -> str:
+    """IBKR_GATEWAY_URL, checked when the code location loads (and again by the client)."""
+    url = (url or DEFAULT_GATEWAY_URL).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise IBKRConfigError(f"IBKR_GATEWAY_URL={url!r} is not an http(s) URL",
+                              f"set it like {DEFAULT_GATEWAY_URL} (the gateway's address plus /v1/api)")
+    if parts.username or parts.password:
+        raise IBKRConfigError("IBKR_GATEWAY_URL contains a user name or password",
+                              "remove them: the gateway keeps the login, the URL must not carry credentials")
+    if not parts.path.endswith("/v1/api"):
+        raise IBKRConfigError(f"IBKR_GATEWAY_URL={url!r} does not end with /v1/api",
+                              f"append /v1/api, e.g. {parts.scheme}://{parts.netloc}/v1/api")
+    return url
+
+
 def positive_number(env, name: str, default: float | None, example: str) -> float | None:
     """A positive, finite number variable, or `default` when unset; nan and inf are not numbers."""
     raw = (env.get(name) or "").strip()
@@ -85,7 +102,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
         overrides[symbol.strip().upper()] = int(conid)
     concurrency = int(number("IBKR_HISTORY_CONCURRENCY", 4))
     return {
-        "gateway_url": env.get("IBKR_GATEWAY_URL") or DEFAULT_GATEWAY_URL,
+        "gateway_url": check_gateway_url(env.get("IBKR_GATEWAY_URL") or DEFAULT_GATEWAY_URL),
         "account_id": env.get("IBKR_ACCOUNT_ID") or None,
         "verify_ssl": env_flag("IBKR_VERIFY_SSL", env),
         "connect_timeout": number("IBKR_CONNECT_TIMEOUT", 5.0),
