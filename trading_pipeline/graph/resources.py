@@ -244,6 +244,7 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         config.parse_as_of(environ["TRADING_AS_OF"], "TRADING_AS_OF")  # a bad time stops the load, not every run
     config.check_real_prices_for_a_trading_broker(environ)  # simulated prices or a replay never reach IBKR
     config.SafetySwitches.read(environ)  # a typo in a switch stops the load (read again when sending)
+    config.env_flag("TRADING_KILL_SWITCH", environ)  # so does one in the kill switch (read at each decision)
     config.paper_costs(environ)  # so does an unknown commission model or a bad slippage
     # A PostgreSQL URL carries a password: hand Dagster the variable's name, not its value, so
     # the UI and the event log never show it.

@@ -49,6 +49,8 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     ("TRADING_ANALYST", "openai", "needs OPENAI_API_KEY"),
     ("TRADING_ORDERS_ENABLED", "yess", "neither yes nor no"),
     ("IBKR_VERIFY_SSL", "maybe", "neither yes nor no"),
+    # Loaded before; then every decision step failed on it (exits included) until it was fixed.
+    ("TRADING_KILL_SWITCH", "y", "neither yes nor no"),
     ("TRADING_PAPER_EQUITY", "lots", "not a number"),
     # Loaded before; nan and inf crashed every decision step (ValueError, no variable named), and a
     # negative or zero equity made every decision a NO_TRADE whose reason was a negative size.
