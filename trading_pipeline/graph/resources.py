@@ -16,6 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from trading_pipeline import config
+from trading_pipeline.adapters import alerts
 from trading_pipeline.errors import ConfigError
 from trading_pipeline.graph.ibkr import IBKRResource
 from trading_pipeline.graph.io_managers import BatchFilesystemIOManager, batch_s3_pickle_io_manager
@@ -245,6 +246,7 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
     config.check_real_prices_for_a_trading_broker(environ)  # simulated prices or a replay never reach IBKR
     config.SafetySwitches.read(environ)  # a typo in a switch stops the load (read again when sending)
     config.env_flag("TRADING_KILL_SWITCH", environ)  # so does one in the kill switch (read at each decision)
+    alerts.check_webhook_url(environ)  # a typo in the alert webhook shows now, not when the first alert is lost
     config.paper_costs(environ)  # so does an unknown commission model or a bad slippage
     # A PostgreSQL URL carries a password: hand Dagster the variable's name, not its value, so
     # the UI and the event log never show it.

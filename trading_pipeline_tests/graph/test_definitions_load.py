@@ -115,3 +115,14 @@ def test_a_trading_broker_never_gets_simulated_prices_or_a_replay(environment, v
     with pytest.raises(ConfigError) as info:
         resources_from_env(environment)
     assert variable in str(info.value) and "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["hooks.slack.com/services/T0/B0/s3cr3tT0ken", "htps://hooks.example/s3cr3tT0ken",
+                                   "https:///s3cr3tT0ken"])
+def test_an_alert_webhook_that_is_not_a_url_stops_the_load_without_echoing_it(value):
+    # It loaded before, and the first alert (a failed run) went nowhere: "alert webhook at  failed".
+    with pytest.raises(ConfigError) as info:
+        resources_from_env({"TRADING_ALERT_WEBHOOK_URL": value})
+    message = str(info.value)
+    assert "TRADING_ALERT_WEBHOOK_URL" in message and "http(s) URL" in message and "Fix:" in message
+    assert "s3cr3tT0ken" not in message  # a webhook URL carries its token
