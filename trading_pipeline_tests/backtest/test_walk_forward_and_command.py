@@ -3,6 +3,7 @@ prints the report (with a walk-forward section) and stores the run."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from trading_pipeline.adapters.trading_db import session_factory
@@ -55,3 +56,16 @@ strategies:
     assert "strategy 'nope' is not in the strategies file" in capsys.readouterr().err
     assert main(["--start", "2024-05-01", "--end", "2024-01-01", "--quiet", "--no-save"]) == 2
     assert "is before start" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    # Both were tracebacks (an argparse.ArgumentTypeError raised outside argparse; a bare ValueError).
+    (["--folds", "2", "--grid", "min_r"], "write NAME=V1,V2"),
+    (["--folds", "2", "--grid", "min_r=1,a"], "'a' is not a number"),
+])
+def test_a_bad_option_is_refused_with_the_fix_and_no_traceback(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    assert main([*argv, "--start", "2024-01-01", "--end", "2024-03-01", "--quiet", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Fix:" in err
+    assert "Loading bars" not in err  # refused before any work
