@@ -6,10 +6,11 @@ these settings with the code version and the data (engine.run_key).
 
 from __future__ import annotations
 
+import math
 from datetime import date
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trading_pipeline.core.strategies import MIN_HISTORY_BARS, RiskSettings
 
@@ -59,6 +60,16 @@ class BacktestSettings(BaseModel):
             raise ValueError(f"grid keys {unknown} are not settings; use some of {', '.join(GRID_KEYS)}")
         if any(not values for values in grid.values()):
             raise ValueError("every grid key needs at least one value")
+        for key, values in grid.items():
+            for value in values:  # each value as the strategies file (or the indicators) would take it
+                if key in INDICATOR_GRID_KEYS:
+                    if not (math.isfinite(value) and value > 0):
+                        raise ValueError(f"grid {key}={value:g}: must be a number > 0")
+                    continue
+                try:
+                    RiskSettings.model_validate({key: value})
+                except ValidationError as error:
+                    raise ValueError(f"grid {key}={value:g}: {error.errors()[0]['msg']}") from None
         points = 1
         for values in grid.values():
             points *= len(values)

@@ -62,6 +62,11 @@ strategies:
     # Both were tracebacks (an argparse.ArgumentTypeError raised outside argparse; a bare ValueError).
     (["--folds", "2", "--grid", "min_r"], "write NAME=V1,V2"),
     (["--folds", "2", "--grid", "min_r=1,a"], "'a' is not a number"),
+    # Values the strategies file would refuse: a pydantic traceback after the bars had loaded.
+    (["--folds", "2", "--grid", "risk_per_trade=0.01,0.5"], "grid risk_per_trade=0.5: Input should be less than"),
+    (["--folds", "2", "--grid", "max_open_positions=1.5"], "grid max_open_positions=1.5:"),
+    (["--folds", "2", "--grid", "min_r=nan"], "grid min_r=nan:"),
+    (["--folds", "2", "--grid", "supertrend_multiplier=-1"], "grid supertrend_multiplier=-1: must be a number > 0"),
 ])
 def test_a_bad_option_is_refused_with_the_fix_and_no_traceback(argv, words, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
