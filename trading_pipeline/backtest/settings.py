@@ -30,7 +30,7 @@ class BacktestSettings(BaseModel):
     analyst: Literal["rules", "llm_replay"] = "rules"
     commission: Literal["ibkr_fixed", "ibkr_tiered", "none"] = "ibkr_fixed"
     slippage_bps: float = Field(5.0, ge=0, le=500, description="Paid on stop and market fills.")
-    initial_cash: float = Field(100_000.0, gt=0)
+    initial_cash: float = Field(100_000.0, gt=0, allow_inf_nan=False)
     benchmark: str = Field("equal_weight", description="equal_weight (buy-and-hold of the strategy's "
                                                        "symbols) or a symbol such as SPY.")
     data: Literal["simulated", "csv", "ibkr"] = "simulated"

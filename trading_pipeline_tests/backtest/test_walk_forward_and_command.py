@@ -67,6 +67,8 @@ strategies:
     (["--folds", "2", "--grid", "max_open_positions=1.5"], "grid max_open_positions=1.5:"),
     (["--folds", "2", "--grid", "min_r=nan"], "grid min_r=nan:"),
     (["--folds", "2", "--grid", "supertrend_multiplier=-1"], "grid supertrend_multiplier=-1: must be a number > 0"),
+    # inf passed gt=0 and died in position sizing: "OverflowError: cannot convert float infinity to integer".
+    (["--initial-cash", "inf"], "initial_cash: Input should be a finite number"),
 ])
 def test_a_bad_option_is_refused_with_the_fix_and_no_traceback(argv, words, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
