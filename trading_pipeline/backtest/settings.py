@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trading_pipeline.core.strategies import MIN_HISTORY_BARS, RiskSettings
+from trading_pipeline.core.strategies import MIN_HISTORY_BARS, SYMBOL_PATTERN, RiskSettings
 
 # Grid keys: the strategy's risk settings, plus the SuperTrend multiplier of the indicators.
 INDICATOR_GRID_KEYS = ("supertrend_multiplier",)
@@ -77,6 +77,22 @@ class BacktestSettings(BaseModel):
             raise ValueError(f"the grid has {points} points; keep it to {MAX_GRID_POINTS} (walk-forward runs "
                              "each of them on every fold's in-sample part)")
         return grid
+
+    @field_validator("symbols")
+    @classmethod
+    def _tickers(cls, symbols: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for symbol in symbols or ():
+            if not SYMBOL_PATTERN.fullmatch(symbol):
+                raise ValueError(f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B' (as in the "
+                                 "strategies file)")
+        return symbols
+
+    @field_validator("benchmark")
+    @classmethod
+    def _benchmark(cls, benchmark: str) -> str:
+        if benchmark != "equal_weight" and not SYMBOL_PATTERN.fullmatch(benchmark):
+            raise ValueError(f"benchmark {benchmark!r} is neither equal_weight nor an upper-case ticker like 'SPY'")
+        return benchmark
 
     @model_validator(mode="after")
     def _window(self) -> BacktestSettings:

@@ -69,6 +69,11 @@ strategies:
     (["--folds", "2", "--grid", "supertrend_multiplier=-1"], "grid supertrend_multiplier=-1: must be a number > 0"),
     # inf passed gt=0 and died in position sizing: "OverflowError: cannot convert float infinity to integer".
     (["--initial-cash", "inf"], "initial_cash: Input should be a finite number"),
+    # Ran on a different simulated series than AAPL's (and read <csv-dir>/../x_1d.csv with --data csv);
+    # an empty symbol died in the market simulator with a ValueError.
+    (["--symbols", "aapl,../x"], "symbol 'aapl' is not an upper-case ticker"),
+    (["--symbols", ","], "symbol '' is not an upper-case ticker"),
+    (["--benchmark", "spy"], "benchmark 'spy' is neither equal_weight nor an upper-case ticker"),
 ])
 def test_a_bad_option_is_refused_with_the_fix_and_no_traceback(argv, words, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
