@@ -81,3 +81,14 @@ def test_a_bad_option_is_refused_with_the_fix_and_no_traceback(argv, words, tmp_
     err = capsys.readouterr().err
     assert words in err and "Fix:" in err
     assert "Loading bars" not in err  # refused before any work
+
+
+@pytest.mark.parametrize("start, end", [("1990-01-01", "1990-06-01"), ("2040-06-01", "2040-12-31"),
+                                        ("2026-01-01", "2099-12-31")])
+def test_a_window_outside_the_exchange_calendar_is_refused_with_its_range(start, end, tmp_path, monkeypatch, capsys):
+    # Each was an exchange_calendars DateOutOfBounds / MinuteOutOfBounds traceback.
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    assert main(["--start", start, "--end", end, "--quiet", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert "outside the exchange calendar" in err and "Fix:" in err
+    assert "Traceback" not in err
