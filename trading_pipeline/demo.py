@@ -284,8 +284,19 @@ def _failure_text(result) -> str:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             if not evaluation.passed and evaluation.blocking:
-                return f"blocking check {evaluation.check_name} failed: {dict(evaluation.metadata)}"
+                return f"blocking check {evaluation.check_name} failed: {_check_text(evaluation.metadata)}"
     return "the run failed; see the Dagster UI for its logs"
+
+
+def _check_text(metadata) -> str:
+    """A check's metadata as words: its problem, then "Fix: ..." (the values, not their reprs)."""
+    values = {key: getattr(value, "value", value) for key, value in metadata.items()}
+    problem, fix = values.pop("problem", None), values.pop("fix", None)
+    lines = [str(problem)] if problem is not None else []
+    lines += [f"{key}: {value}" for key, value in values.items()]
+    if fix is not None:
+        lines.append(f"Fix: {fix}")
+    return "\n".join(lines)
 
 
 def _error_chain(error) -> str:

@@ -12,6 +12,27 @@ import os
 _log = logging.getLogger(__name__)
 
 
+def check_webhook_url(environ: dict[str, str] | None = None) -> None:
+    """TRADING_ALERT_WEBHOOK_URL, checked when the code location loads: a typo would otherwise show
+    only when the first alert goes nowhere. The URL is never echoed (it carries a token)."""
+    from urllib.parse import urlsplit
+
+    from trading_pipeline.errors import ConfigError
+
+    url = (os.environ if environ is None else environ).get("TRADING_ALERT_WEBHOOK_URL", "").strip()
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError("TRADING_ALERT_WEBHOOK_URL is not an http(s) URL (its value is not shown: it may hold a token)",
+                          "set it to the full webhook URL, e.g. https://hooks.slack.com/services/…, or unset it "
+                          "to log alerts only")
+
+
 def send_alert(text: str, logger: logging.Logger | None = None, environ: dict[str, str] | None = None) -> bool:
     """Log `text` as a warning and post it to the webhook if one is configured. True if posted."""
     logger = logger or _log

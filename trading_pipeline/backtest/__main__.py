@@ -21,8 +21,15 @@ def _grid(text: list[str]) -> dict[str, tuple[float, ...]]:
     for item in text:
         name, _, values = item.partition("=")
         if not values:
-            raise argparse.ArgumentTypeError(f"--grid {item!r}: write NAME=V1,V2 (e.g. min_r=1,1.5)")
-        grid[name.strip()] = tuple(float(v) for v in values.split(","))
+            raise UserError(f"--grid {item!r} has no values", "write NAME=V1,V2 (e.g. --grid min_r=1,1.5)")
+        numbers = []
+        for value in values.split(","):
+            try:
+                numbers.append(float(value))
+            except ValueError:
+                raise UserError(f"--grid {item!r}: {value.strip()!r} is not a number",
+                                "write NAME=V1,V2 with numbers (e.g. --grid min_r=1,1.5)") from None
+        grid[name.strip()] = tuple(numbers)
     return grid
 
 

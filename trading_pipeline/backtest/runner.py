@@ -13,8 +13,9 @@ from trading_pipeline.backtest import data
 from trading_pipeline.backtest.engine import Backtest, BacktestAnalyst, BacktestResult, code_version
 from trading_pipeline.backtest.settings import INDICATOR_GRID_KEYS, BacktestSettings
 from trading_pipeline.core.indicators import IndicatorParams
+from trading_pipeline.core.market_calendar import CALENDAR_END, CALENDAR_START
 from trading_pipeline.core.strategies import StrategiesFile, Strategy, load_strategies
-from trading_pipeline.errors import ConfigError
+from trading_pipeline.errors import ConfigError, UserError
 
 MIN_TRADES = 30
 
@@ -66,6 +67,12 @@ def knowledge_cutoff_warning(settings: BacktestSettings, model: str | None) -> s
 def load(settings: BacktestSettings, *, strategies_file: StrategiesFile | None = None,
          source: MarketDataSource | None = None) -> tuple[Strategy, dict[str, dict[str, pd.DataFrame]], dict[str, pd.Series]]:
     """The strategy, its bars for the window plus warm-up, and the extra benchmark closes."""
+    first, last = date.fromisoformat(CALENDAR_START), date.fromisoformat(CALENDAR_END)
+    if settings.start < first or settings.end >= last:  # the last session's close is past the calendar's end
+        raise UserError(f"the window {settings.start}..{settings.end} is outside the exchange calendar, which runs "
+                        f"from {first} to {last}",
+                        f"choose a start on or after {first} (later still for the indicators' warm-up) and an end "
+                        f"before {last}")
     strategies_file = strategies_file or load_strategies()
     strategy = strategy_named(strategies_file, settings.strategy)
     symbols = list(settings.symbols or strategy.symbols)

@@ -6,12 +6,13 @@ these settings with the code version and the data (engine.run_key).
 
 from __future__ import annotations
 
+import math
 from datetime import date
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trading_pipeline.core.strategies import MIN_HISTORY_BARS, RiskSettings
+from trading_pipeline.core.strategies import MIN_HISTORY_BARS, SYMBOL_PATTERN, RiskSettings
 
 # Grid keys: the strategy's risk settings, plus the SuperTrend multiplier of the indicators.
 INDICATOR_GRID_KEYS = ("supertrend_multiplier",)
@@ -29,7 +30,7 @@ class BacktestSettings(BaseModel):
     analyst: Literal["rules", "llm_replay"] = "rules"
     commission: Literal["ibkr_fixed", "ibkr_tiered", "none"] = "ibkr_fixed"
     slippage_bps: float = Field(5.0, ge=0, le=500, description="Paid on stop and market fills.")
-    initial_cash: float = Field(100_000.0, gt=0)
+    initial_cash: float = Field(100_000.0, gt=0, allow_inf_nan=False)
     benchmark: str = Field("equal_weight", description="equal_weight (buy-and-hold of the strategy's "
                                                        "symbols) or a symbol such as SPY.")
     data: Literal["simulated", "csv", "ibkr"] = "simulated"
@@ -59,6 +60,16 @@ class BacktestSettings(BaseModel):
             raise ValueError(f"grid keys {unknown} are not settings; use some of {', '.join(GRID_KEYS)}")
         if any(not values for values in grid.values()):
             raise ValueError("every grid key needs at least one value")
+        for key, values in grid.items():
+            for value in values:  # each value as the strategies file (or the indicators) would take it
+                if key in INDICATOR_GRID_KEYS:
+                    if not (math.isfinite(value) and value > 0):
+                        raise ValueError(f"grid {key}={value:g}: must be a number > 0")
+                    continue
+                try:
+                    RiskSettings.model_validate({key: value})
+                except ValidationError as error:
+                    raise ValueError(f"grid {key}={value:g}: {error.errors()[0]['msg']}") from None
         points = 1
         for values in grid.values():
             points *= len(values)
@@ -66,6 +77,22 @@ class BacktestSettings(BaseModel):
             raise ValueError(f"the grid has {points} points; keep it to {MAX_GRID_POINTS} (walk-forward runs "
                              "each of them on every fold's in-sample part)")
         return grid
+
+    @field_validator("symbols")
+    @classmethod
+    def _tickers(cls, symbols: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for symbol in symbols or ():
+            if not SYMBOL_PATTERN.fullmatch(symbol):
+                raise ValueError(f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B' (as in the "
+                                 "strategies file)")
+        return symbols
+
+    @field_validator("benchmark")
+    @classmethod
+    def _benchmark(cls, benchmark: str) -> str:
+        if benchmark != "equal_weight" and not SYMBOL_PATTERN.fullmatch(benchmark):
+            raise ValueError(f"benchmark {benchmark!r} is neither equal_weight nor an upper-case ticker like 'SPY'")
+        return benchmark
 
     @model_validator(mode="after")
     def _window(self) -> BacktestSettings:

@@ -13,7 +13,7 @@ import pandas as pd
 EXCHANGE = "XNYS"
 # Through the simulated market's last session (market_sim.LAST_SESSION), which uses this same
 # calendar: one build per process (0.2-0.9 s each here), not two.
-CALENDAR_END = "2040-12-31"
+CALENDAR_START, CALENDAR_END = "2000-01-01", "2040-12-31"
 
 
 @functools.lru_cache(maxsize=1)
@@ -23,7 +23,7 @@ def calendar():
     with warnings.catch_warnings():
         # exchange_calendars' own use of a pandas API deprecated in pandas 3.1; not actionable here.
         warnings.filterwarnings("ignore", message="Series.values returning an ndarray")
-        return exchange_calendars.get_calendar(EXCHANGE, start="2000-01-01", end=CALENDAR_END)
+        return exchange_calendars.get_calendar(EXCHANGE, start=CALENDAR_START, end=CALENDAR_END)
 
 
 def _minute(ts: datetime) -> pd.Timestamp:

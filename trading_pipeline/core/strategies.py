@@ -27,7 +27,8 @@ SYMBOL_PATTERN = re.compile(r"^[A-Z][A-Z0-9.]{0,11}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf or .nan: a risk limit of infinity is a typo, not a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TimeframeSettings(_Strict):
@@ -101,7 +102,7 @@ class Strategy(_Strict):
     @classmethod
     def _valid_symbols(cls, symbols: list[str]) -> list[str]:
         for symbol in symbols:
-            if not isinstance(symbol, str) or not SYMBOL_PATTERN.match(symbol):
+            if not isinstance(symbol, str) or not SYMBOL_PATTERN.fullmatch(symbol):
                 raise ValueError(
                     f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B'"
                 )
@@ -151,18 +152,53 @@ class StrategiesFile(_Strict):
         )
 
 
-def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
-    """Map each key path (as pydantic reports it) to its 1-based line in the file."""
+class _SelfReference(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+def _line_index(node: yaml.Node, path: tuple = (), ancestors: frozenset[int] = frozenset()) -> dict[tuple, int]:
+    """Map each key path (as pydantic reports it) to its 1-based line in the file. An anchor whose
+    alias sits inside it (`strategies: &a [*a]`) raises _SelfReference with the anchor's line."""
+    if id(node) in ancestors:
+        raise _SelfReference(node.start_mark.line + 1)
+    ancestors = ancestors | {id(node)}
     lines = {path: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
-            lines.update(_line_index(value_node, path + (key,)))
+            lines.update(_line_index(value_node, path + (key,), ancestors))
             lines[path + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            lines.update(_line_index(item, path + (i,)))
+            lines.update(_line_index(item, path + (i,), ancestors))
     return lines
+
+
+def _duplicate_key(node: yaml.Node, seen: set[int] | None = None) -> tuple[str, int, int] | None:
+    """The first mapping key written twice in one mapping: (key, first line, second line), or None.
+    YAML loaders keep the last value silently, which would drop a strategy or a risk limit unseen."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.MappingNode):
+        first_lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                if key_node.value in first_lines:
+                    return key_node.value, first_lines[key_node.value], line
+                first_lines[key_node.value] = line
+            children.append(value_node)
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    for child in children:
+        found = _duplicate_key(child, seen)
+        if found:
+            return found
+    return None
 
 
 def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
@@ -193,7 +229,19 @@ def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
         raise StrategiesFileError(
             f"{source}:1: the file must be a mapping with a top-level 'strategies:' list", FIX_HINT
         )
-    lines = _line_index(root)
+    duplicate = _duplicate_key(root)
+    if duplicate:
+        key, first, second = duplicate
+        raise StrategiesFileError(
+            f"{source}:{second}: {key!r} is written twice in the same block (first at line {first}); "
+            "YAML would silently keep only the last one",
+            "keep one of the two and merge what the other said into it")
+    try:
+        lines = _line_index(root)
+    except _SelfReference as loop:
+        raise StrategiesFileError(
+            f"{source}:{loop.line}: the anchor (&) defined here contains itself through an alias (*)",
+            "replace the alias with the values it should repeat, or point it at an anchor outside it") from None
     try:
         parsed = StrategiesFile.model_validate(data)
     except ValidationError as exc:

@@ -103,18 +103,19 @@ class IBKRResource(dg.ConfigurableResource):
     def from_env(cls, environ: dict[str, str] | None = None) -> IBKRResource:
         """Built from the same variables as IBKRClient.from_env (errors name the variable)."""
         from trading_pipeline import config
-        from trading_pipeline.adapters.ibkr.settings import settings_from_env
+        from trading_pipeline.adapters.ibkr.settings import positive_number, settings_from_env
 
         environ = dict(os.environ if environ is None else environ)
         settings = settings_from_env(environ)
-        multiplier = (environ.get("IBKR_HISTORY_VOLUME_MULTIPLIER") or "").strip()
+        multiplier = positive_number(environ, "IBKR_HISTORY_VOLUME_MULTIPLIER", None,
+                                     "the factor IBKR's history volumes are multiplied by, e.g. 100, or unset it")
         return cls(
             gateway_url=settings["gateway_url"], account_id=settings["account_id"],
             verify_ssl=settings["verify_ssl"], connect_timeout_seconds=settings["connect_timeout"],
             read_timeout_seconds=settings["read_timeout"], exchanges=list(settings["exchanges"] or []),
             conids=settings["conid_overrides"], take_over_session=settings["take_over_competing_session"],
             history_concurrency=settings["pacing"].history_concurrency,
-            volume_multiplier=float(multiplier) if multiplier else None,
+            volume_multiplier=multiplier,
             status_file=environ.get("IBKR_SESSION_STATUS_FILE") or None,
             state_dir=settings["shared_pacing_dir"],
             in_use="ibkr" in (config.env_mode("TRADING_MARKET_DATA", environ), config.env_mode("TRADING_BROKER", environ)))

@@ -7,6 +7,7 @@ Dagster launchpad, except the safety switches, which only the deployment sets (B
 
 import functools
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from trading_pipeline import config
+from trading_pipeline.adapters import alerts
 from trading_pipeline.errors import ConfigError
 from trading_pipeline.graph.ibkr import IBKRResource
 from trading_pipeline.graph.io_managers import BatchFilesystemIOManager, batch_s3_pickle_io_manager
@@ -208,14 +210,22 @@ def refuse_run_set_switches(resource: dg.ConfigurableResource, switches: dict[st
                               "in the deployment's environment")
 
 
-def _float_env(name: str, default: float, environ) -> float:
-    raw = environ.get(name)
+def _float_env(name: str, default: float, environ, low: float = -math.inf, high: float = math.inf,
+               whole: bool = False) -> float:
+    """A number variable within [low, high] (a whole number if `whole`); nan and inf are refused."""
+    raw = (environ.get(name) or "").strip()
     if not raw:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number", f"set {name} to a number like {default:g}") from None
+        value = math.nan
+    if math.isfinite(value) and low <= value <= high and (not whole or value.is_integer()):
+        return value
+    kind = "a whole number" if whole else "a number"
+    bounds = f" from {low:g} to {high:g}" if math.isfinite(low) and math.isfinite(high) else ""
+    raise ConfigError(f"{name}={environ.get(name)!r} is not {kind}{bounds}",
+                      f"set {name} to {kind}{bounds} like {default:g}, or unset it for {default:g}")
 
 
 def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
@@ -235,6 +245,8 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         config.parse_as_of(environ["TRADING_AS_OF"], "TRADING_AS_OF")  # a bad time stops the load, not every run
     config.check_real_prices_for_a_trading_broker(environ)  # simulated prices or a replay never reach IBKR
     config.SafetySwitches.read(environ)  # a typo in a switch stops the load (read again when sending)
+    config.env_flag("TRADING_KILL_SWITCH", environ)  # so does one in the kill switch (read at each decision)
+    alerts.check_webhook_url(environ)  # a typo in the alert webhook shows now, not when the first alert is lost
     config.paper_costs(environ)  # so does an unknown commission model or a bad slippage
     # A PostgreSQL URL carries a password: hand Dagster the variable's name, not its value, so
     # the UI and the event log never show it.
@@ -248,7 +260,7 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         "ibkr": ibkr,
         "market_data": MarketDataResource(
             mode=config.env_mode("TRADING_MARKET_DATA", environ),
-            seed=int(_float_env("TRADING_SIM_SEED", 0, environ)),
+            seed=int(_float_env("TRADING_SIM_SEED", 0, environ, whole=True)),
             csv_dir=environ.get("TRADING_CSV_DIR") or None,
             ibkr=ibkr),
         "analyst": AnalystResource(mode=config.env_mode("TRADING_ANALYST", environ)),
@@ -260,11 +272,11 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
             s3_prefix=environ.get("TRADING_S3_PREFIX", ""),
             s3_endpoint_url=environ.get("AWS_ENDPOINT_URL") or None),
         "chart_renderer": ChartRendererResource(
-            width=int(_float_env("TRADING_CHART_WIDTH", 1920, environ)),
-            height=int(_float_env("TRADING_CHART_HEIGHT", 1080, environ))),
+            width=int(_float_env("TRADING_CHART_WIDTH", 1920, environ, 100, 10_000, whole=True)),
+            height=int(_float_env("TRADING_CHART_HEIGHT", 1080, environ, 100, 10_000, whole=True))),
         "broker": BrokerResource(
             mode=config.env_mode("TRADING_BROKER", environ),
-            paper_equity=_float_env("TRADING_PAPER_EQUITY", 100_000.0, environ),
+            paper_equity=_float_env("TRADING_PAPER_EQUITY", 100_000.0, environ, 1, 1e12),
             database=database,
             ibkr=ibkr),
     }

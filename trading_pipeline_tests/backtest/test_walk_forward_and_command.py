@@ -3,6 +3,7 @@ prints the report (with a walk-forward section) and stores the run."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from trading_pipeline.adapters.trading_db import session_factory
@@ -55,3 +56,39 @@ strategies:
     assert "strategy 'nope' is not in the strategies file" in capsys.readouterr().err
     assert main(["--start", "2024-05-01", "--end", "2024-01-01", "--quiet", "--no-save"]) == 2
     assert "is before start" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    # Both were tracebacks (an argparse.ArgumentTypeError raised outside argparse; a bare ValueError).
+    (["--folds", "2", "--grid", "min_r"], "write NAME=V1,V2"),
+    (["--folds", "2", "--grid", "min_r=1,a"], "'a' is not a number"),
+    # Values the strategies file would refuse: a pydantic traceback after the bars had loaded.
+    (["--folds", "2", "--grid", "risk_per_trade=0.01,0.5"], "grid risk_per_trade=0.5: Input should be less than"),
+    (["--folds", "2", "--grid", "max_open_positions=1.5"], "grid max_open_positions=1.5:"),
+    (["--folds", "2", "--grid", "min_r=nan"], "grid min_r=nan:"),
+    (["--folds", "2", "--grid", "supertrend_multiplier=-1"], "grid supertrend_multiplier=-1: must be a number > 0"),
+    # inf passed gt=0 and died in position sizing: "OverflowError: cannot convert float infinity to integer".
+    (["--initial-cash", "inf"], "initial_cash: Input should be a finite number"),
+    # Ran on a different simulated series than AAPL's (and read <csv-dir>/../x_1d.csv with --data csv);
+    # an empty symbol died in the market simulator with a ValueError.
+    (["--symbols", "aapl,../x"], "symbol 'aapl' is not an upper-case ticker"),
+    (["--symbols", ","], "symbol '' is not an upper-case ticker"),
+    (["--benchmark", "spy"], "benchmark 'spy' is neither equal_weight nor an upper-case ticker"),
+])
+def test_a_bad_option_is_refused_with_the_fix_and_no_traceback(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    assert main([*argv, "--start", "2024-01-01", "--end", "2024-03-01", "--quiet", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Fix:" in err
+    assert "Loading bars" not in err  # refused before any work
+
+
+@pytest.mark.parametrize("start, end", [("1990-01-01", "1990-06-01"), ("2040-06-01", "2040-12-31"),
+                                        ("2026-01-01", "2099-12-31")])
+def test_a_window_outside_the_exchange_calendar_is_refused_with_its_range(start, end, tmp_path, monkeypatch, capsys):
+    # Each was an exchange_calendars DateOutOfBounds / MinuteOutOfBounds traceback.
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    assert main(["--start", start, "--end", end, "--quiet", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert "outside the exchange calendar" in err and "Fix:" in err
+    assert "Traceback" not in err

@@ -38,6 +38,8 @@ def test_valid_file_and_defaults():
         (VALID.replace("period: 2y", "period: 16y"), 5, "1-15y"),
         (VALID + "    risk: {min_r: 0}\n", 7, "greater than 0"),
         (VALID + "    risk: {min_rr: 2}\n", 7, "Extra inputs"),
+        # .inf passed gt=0: a strategy that can never trade, with no word about why.
+        (VALID + "    risk: {min_r: .inf}\n", 7, "finite number"),
         (VALID.replace("      1w: {period: 6y}\n", ""), 4, "exactly 1d, 1w"),
         (VALID.replace("AAPL", "ON"), 3, "quote it"),
         (VALID.replace("period: 6y", "period: 2y"), 4, "1w period 2y gives about 104 bars; SMA 200 needs 200"),
@@ -78,3 +80,38 @@ def test_missing_file_says_how_to_fix(tmp_path):
 def test_unknown_symbol_lookup_is_a_clear_error():
     with pytest.raises(StrategiesFileError, match="not in any strategy"):
         parse_strategies(VALID).strategy_for("TSLA")
+
+
+@pytest.mark.parametrize(
+    "text, line, key",
+    [
+        # A second `risk:` would silently replace the first (here: 1% -> 5% risk per trade).
+        (VALID + "    risk: {risk_per_trade: 0.01}\n    risk: {risk_per_trade: 0.05}\n", 8, "risk"),
+        (VALID + "    risk: {min_r: 2, min_r: 0.1}\n", 7, "min_r"),
+        # A second top-level `strategies:` would silently drop every strategy above it.
+        (VALID + "strategies:\n  - name: s2\n    symbols: [MSFT]\n"
+                 "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n", 7, "strategies"),
+    ],
+)
+def test_a_key_written_twice_is_rejected_not_silently_overridden(text, line, key):
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(text, source="my.yaml")
+    message = str(info.value)
+    assert f"my.yaml:{line}:" in message
+    assert f"{key!r} is written twice" in message
+    assert "Fix:" in message
+
+
+def test_a_symbol_with_a_trailing_newline_is_not_a_ticker():
+    # "AAPL\n" passed the ticker pattern ($ matches before a final newline) and then stopped the
+    # code location with Dagster's "invalid substrings in a partition key" traceback.
+    text = VALID.replace("[AAPL, BRK.B]", '["AAPL\\n", BRK.B]')
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(text, source="my.yaml")
+    assert "my.yaml:3:" in str(info.value) and "upper-case ticker" in str(info.value)
+
+
+def test_an_anchor_that_contains_itself_is_refused_not_a_recursion_error():
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies("strategies: &loop\n  - *loop\n", source="my.yaml")
+    assert "my.yaml:1:" in str(info.value) and "contains itself" in str(info.value)

@@ -49,7 +49,32 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     ("TRADING_ANALYST", "openai", "needs OPENAI_API_KEY"),
     ("TRADING_ORDERS_ENABLED", "yess", "neither yes nor no"),
     ("IBKR_VERIFY_SSL", "maybe", "neither yes nor no"),
+    # Loaded before; then every decision step failed on it (exits included) until it was fixed.
+    ("TRADING_KILL_SWITCH", "y", "neither yes nor no"),
     ("TRADING_PAPER_EQUITY", "lots", "not a number"),
+    # Loaded before; nan and inf crashed every decision step (ValueError, no variable named), and a
+    # negative or zero equity made every decision a NO_TRADE whose reason was a negative size.
+    ("TRADING_PAPER_EQUITY", "nan", "not a number from 1 to"),
+    ("TRADING_PAPER_EQUITY", "inf", "not a number from 1 to"),
+    ("TRADING_PAPER_EQUITY", "-100000", "not a number from 1 to"),
+    ("TRADING_PAPER_EQUITY", "0", "not a number from 1 to"),
+    # nan stopped the load with "cannot convert float NaN to integer"; -5 failed every chart with a
+    # fix about kaleido.
+    ("TRADING_CHART_WIDTH", "nan", "not a whole number from 100 to 10000"),
+    ("TRADING_CHART_WIDTH", "-5", "not a whole number from 100 to 10000"),
+    ("TRADING_CHART_HEIGHT", "0", "not a whole number from 100 to 10000"),
+    ("TRADING_SIM_SEED", "nan", "not a whole number"),
+    ("TRADING_SIM_SEED", "1.5", "not a whole number"),
+    # nan and inf timeouts loaded (nan <= 0 is false); a nan concurrency or a word for the volume
+    # multiplier stopped the load with a bare ValueError.
+    ("IBKR_CONNECT_TIMEOUT", "nan", "not a number"),
+    ("IBKR_READ_TIMEOUT", "inf", "not a number"),
+    ("IBKR_HISTORY_CONCURRENCY", "nan", "not a number"),
+    ("IBKR_HISTORY_VOLUME_MULTIPLIER", "abc", "not a number"),
+    ("IBKR_HISTORY_VOLUME_MULTIPLIER", "-100", "must be positive"),
+    # Loaded before; every IBKR step and the session sensor then failed on it, run after run.
+    ("IBKR_GATEWAY_URL", "localhost:5000/v1/api", "not an http(s) URL"),
+    ("IBKR_GATEWAY_URL", "https://localhost:5000", "does not end with /v1/api"),
     ("TRADING_AS_OF", "yesterday", "not an ISO-8601 time"),
     ("TRADING_DATABASE_URL", "mysql://trader:hunter2@db/trading", "SQLite or PostgreSQL"),
 ])
@@ -90,3 +115,14 @@ def test_a_trading_broker_never_gets_simulated_prices_or_a_replay(environment, v
     with pytest.raises(ConfigError) as info:
         resources_from_env(environment)
     assert variable in str(info.value) and "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["hooks.slack.com/services/T0/B0/s3cr3tT0ken", "htps://hooks.example/s3cr3tT0ken",
+                                   "https:///s3cr3tT0ken"])
+def test_an_alert_webhook_that_is_not_a_url_stops_the_load_without_echoing_it(value):
+    # It loaded before, and the first alert (a failed run) went nowhere: "alert webhook at  failed".
+    with pytest.raises(ConfigError) as info:
+        resources_from_env({"TRADING_ALERT_WEBHOOK_URL": value})
+    message = str(info.value)
+    assert "TRADING_ALERT_WEBHOOK_URL" in message and "http(s) URL" in message and "Fix:" in message
+    assert "s3cr3tT0ken" not in message  # a webhook URL carries its token

@@ -318,6 +318,17 @@ def test_demo_says_why_an_accepted_decision_was_not_sent(demo_environment, capsy
     assert "SPY: orders are off: the deployment sets TRADING_ORDERS_ENABLED=yes" in out
 
 
+def test_demo_prints_a_failed_blocking_check_as_its_problem_and_fix(demo_environment, capsys):
+    from trading_pipeline import demo
+
+    demo.main(["--as-of", "1990-01-02T21:30:00Z", "--symbols", "SPY"])  # before the simulated market's first bar
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "blocking check bars_valid failed: The bar frame is empty" in out
+    assert "\nFix: Check the symbol, timeframe and date range" in out
+    assert "MetadataValue" not in out  # was: {'problem': TextMetadataValue(text='...'), 'fix': ...}
+
+
 def test_demo_before_the_first_session_closed_says_how_to_see_the_fills(demo_environment, capsys, monkeypatch):
     from trading_pipeline import demo
 

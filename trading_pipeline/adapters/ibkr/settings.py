@@ -3,8 +3,10 @@ validates these variables when it loads, without importing the client (httpx, pa
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from trading_pipeline.adapters.ibkr.errors import IBKRConfigError
 from trading_pipeline.adapters.ibkr.pacing import Pacing
@@ -46,6 +48,38 @@ def read_switches(environ: dict[str, str] | None = None) -> IBKRSwitches:
                         auto_confirm=tuple(dict.fromkeys(i.strip() for i in ids if i.strip())))
 
 
+def check_gateway_url(url: str) -> str:
+    """IBKR_GATEWAY_URL, checked when the code location loads (and again by the client)."""
+    url = (url or DEFAULT_GATEWAY_URL).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise IBKRConfigError(f"IBKR_GATEWAY_URL={url!r} is not an http(s) URL",
+                              f"set it like {DEFAULT_GATEWAY_URL} (the gateway's address plus /v1/api)")
+    if parts.username or parts.password:
+        raise IBKRConfigError("IBKR_GATEWAY_URL contains a user name or password",
+                              "remove them: the gateway keeps the login, the URL must not carry credentials")
+    if not parts.path.endswith("/v1/api"):
+        raise IBKRConfigError(f"IBKR_GATEWAY_URL={url!r} does not end with /v1/api",
+                              f"append /v1/api, e.g. {parts.scheme}://{parts.netloc}/v1/api")
+    return url
+
+
+def positive_number(env, name: str, default: float | None, example: str) -> float | None:
+    """A positive, finite number variable, or `default` when unset; nan and inf are not numbers."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise IBKRConfigError(f"{name}={raw!r} is not a number", f"set {name} to {example}")
+    if value <= 0:
+        raise IBKRConfigError(f"{name}={raw!r} must be positive", f"set {name} to {example}")
+    return value
+
+
 def settings_from_env(environ: dict[str, str] | None = None) -> dict:
     """Client keyword arguments from the environment (see IBKRClient.from_env). The safety switches
     (TRADING_ALLOW_LIVE, IBKR_AUTO_CONFIRM) are not among them: `read_switches` reads them at send
@@ -53,17 +87,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
     env = os.environ if environ is None else environ
 
     def number(name: str, default: float) -> float:
-        raw = (env.get(name) or "").strip()
-        if not raw:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise IBKRConfigError(f"{name}={raw!r} is not a number", f"set {name} to seconds, e.g. {default:g}") \
-                from None
-        if value <= 0:
-            raise IBKRConfigError(f"{name}={raw!r} must be positive", f"set {name} to e.g. {default:g}")
-        return value
+        return positive_number(env, name, default, f"seconds, e.g. {default:g}")
 
     read_switches(env)  # a typo in TRADING_ALLOW_LIVE fails now, not at the first order
     exchanges = [e for e in (env.get("IBKR_EXCHANGES") or "").split(",") if e.strip()]
@@ -78,7 +102,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
         overrides[symbol.strip().upper()] = int(conid)
     concurrency = int(number("IBKR_HISTORY_CONCURRENCY", 4))
     return {
-        "gateway_url": env.get("IBKR_GATEWAY_URL") or DEFAULT_GATEWAY_URL,
+        "gateway_url": check_gateway_url(env.get("IBKR_GATEWAY_URL") or DEFAULT_GATEWAY_URL),
         "account_id": env.get("IBKR_ACCOUNT_ID") or None,
         "verify_ssl": env_flag("IBKR_VERIFY_SSL", env),
         "connect_timeout": number("IBKR_CONNECT_TIMEOUT", 5.0),

@@ -31,7 +31,7 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRTLSError,
 )
 from trading_pipeline.adapters.ibkr.parsing import _SHAPES, NotJSON, describe_body
-from trading_pipeline.adapters.ibkr.settings import DEFAULT_GATEWAY_URL
+from trading_pipeline.adapters.ibkr.settings import check_gateway_url
 
 log = logging.getLogger("trading_pipeline.adapters.ibkr.client")
 
@@ -47,18 +47,7 @@ class GatewayTransport:
 
     @staticmethod
     def _check_url(url: str) -> str:
-        url = (url or DEFAULT_GATEWAY_URL).strip().rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise IBKRConfigError(f"IBKR_GATEWAY_URL={url!r} is not an http(s) URL",
-                                  f"set it like {DEFAULT_GATEWAY_URL} (the gateway's address plus /v1/api)")
-        if parts.username or parts.password:
-            raise IBKRConfigError("IBKR_GATEWAY_URL contains a user name or password",
-                                  "remove them: the gateway keeps the login, the URL must not carry credentials")
-        if not parts.path.endswith("/v1/api"):
-            raise IBKRConfigError(f"IBKR_GATEWAY_URL={url!r} does not end with /v1/api",
-                                  f"append /v1/api, e.g. {parts.scheme}://{parts.netloc}/v1/api")
-        return url
+        return check_gateway_url(url)
 
     @property
     def login_url(self) -> str:
