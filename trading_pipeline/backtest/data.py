@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -18,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trading_pipeline.adapters.market_data import CsvMarketData, MarketDataSource, SimulatedMarketData
+from trading_pipeline.adapters.market_data import (
+    CsvMarketData,
+    MarketDataSource,
+    SimulatedMarketData,
+    fetch_concurrency,
+    fetch_many,
+)
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.frames import OHLCV_COLUMNS, TIMEFRAMES
 from trading_pipeline.core.strategies import TimeframeSettings
@@ -69,21 +77,37 @@ def load_bars(source: MarketDataSource, symbols: list[str], start: date, window:
               warmup_bars: int) -> dict[str, dict[str, pd.DataFrame]]:
     """By symbol and timeframe: `warmup_bars` bars before the window's first session, then every
     bar closed by the window's last close. Raises BarDataError when the warm-up is not there."""
-    bars: dict[str, dict[str, pd.DataFrame]] = {}
-    for symbol in symbols:
-        bars[symbol] = {}
-        for timeframe in TIMEFRAMES:
-            history = history_settings(window, start, timeframe, warmup_bars)
-            frame = source.fetch(symbol, timeframe, history, window.as_of.to_pydatetime())
-            before = int((frame.index < window.first_open).sum())
-            if before < warmup_bars:
-                first = frame.index[0].date() if len(frame) else "none"
-                raise BarDataError(
-                    f"{symbol} {timeframe}: only {before} bars before {window.first_session.date()} from "
-                    f"{source.name} (first bar {first}); the warm-up needs {warmup_bars}",
-                    "start the backtest later, or lower warmup_bars (at least 210: SMA 200 needs 200 bars)")
-            bars[symbol][timeframe] = frame.iloc[before - warmup_bars:]
-    return bars
+    as_of = window.as_of.to_pydatetime()
+    jobs = {f"{symbol}|{timeframe}": (symbol, timeframe, history_settings(window, start, timeframe, warmup_bars))
+            for symbol in symbols for timeframe in TIMEFRAMES}
+    workers = fetch_concurrency(source)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backtest-bars") if workers > 1 else None
+    try:
+        # IBKR: its history requests in flight at once (a first backtest of 20 symbols over 10 years
+        # asks ~100 pages); the local sources one after the other.
+        fetched = fetch_many(source, jobs, as_of, pool) if pool is not None else {}
+        bars: dict[str, dict[str, pd.DataFrame]] = {}
+        for key, (symbol, timeframe, history) in jobs.items():
+            frame = fetched[key].result() if key in fetched else source.fetch(symbol, timeframe, history, as_of)
+            bars.setdefault(symbol, {})[timeframe] = _with_warmup(frame, symbol, timeframe, source.name, window,
+                                                                  warmup_bars)
+        return bars
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _with_warmup(frame: pd.DataFrame, symbol: str, timeframe: str, source_name: str, window: Window,
+                 warmup_bars: int) -> pd.DataFrame:
+    """`frame` from `warmup_bars` bars before the window's first session on; BarDataError if it has fewer."""
+    before = int((frame.index < window.first_open).sum())
+    if before < warmup_bars:
+        first = frame.index[0].date() if len(frame) else "none"
+        raise BarDataError(
+            f"{symbol} {timeframe}: only {before} bars before {window.first_session.date()} from "
+            f"{source_name} (first bar {first}); the warm-up needs {warmup_bars}",
+            "start the backtest later, or lower warmup_bars (at least 210: SMA 200 needs 200 bars)")
+    return frame.iloc[before - warmup_bars:]
 
 
 def data_digest(bars: dict[str, dict[str, pd.DataFrame]]) -> str:
@@ -108,8 +132,10 @@ class HistoryCache:
         self.source = source
         self.folder = Path(folder)
         self.name = source.name
+        self.fetch_concurrency = fetch_concurrency(source)  # reading a kept answer is as safe in threads
         self.hits = 0
         self.misses = 0
+        self._count = threading.Lock()
 
     def path_for(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> Path:
         stamp = pd.Timestamp(as_of).tz_convert("UTC").strftime("%Y%m%dT%H%M%SZ")
@@ -119,12 +145,14 @@ class HistoryCache:
     def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
         path = self.path_for(symbol, timeframe, history, as_of)
         if path.exists():
-            self.hits += 1
+            with self._count:
+                self.hits += 1
             frame = pd.read_csv(path, index_col="time")
             frame.index = pd.DatetimeIndex(pd.to_datetime(frame.index, utc=True, format="ISO8601"), name="time")
             frame.index = frame.index.as_unit("ns")
             return frame[list(OHLCV_COLUMNS)].astype("float64")
-        self.misses += 1
+        with self._count:
+            self.misses += 1
         frame = self.source.fetch(symbol, timeframe, history, as_of)
         frame.index = frame.index.as_unit("ns")  # as a cached answer reads back
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -33,3 +33,29 @@ def test_a_second_backtest_on_ibkr_history_sends_no_history_request(emulator, cl
     assert emulator.count("GET", HISTORY) == sent and again.misses == 0
     result = run(ibkr, second)
     assert result.decisions and result.result_digest() == run(ibkr, first).result_digest()
+
+
+def test_a_first_backtest_fetches_its_histories_several_at_a_time(emulator_factory, client_factory,  # noqa: F811
+                                                                   tmp_path):
+    """IBKR's history requests in flight at once (the client's 4), within the gateway's limits; the
+    bars are the same as fetched one at a time."""
+    gateway = emulator_factory(latency_ms=100)
+    gateway_client = client_factory(gateway)
+    ibkr = settings(data="ibkr", symbols=("SPY", "AAPL", "MSFT"), start=date(2024, 1, 2), end=date(2024, 4, 30))
+    gateway.reset_stats()
+    cache = HistoryCache(IBKRMarketData(gateway_client), tmp_path / "together")
+    assert cache.fetch_concurrency == 4
+    together = runner.load(ibkr, strategies_file=STRATEGIES, source=cache)
+    stats = gateway.stats()
+    assert stats["peak_history_in_flight"] == 4 and stats["rate_limited"] == 0
+    assert cache.misses == 6 and cache.hits == 0
+
+    class OneAtATime:  # the same source without its concurrency
+        name = "ibkr"
+        fetch = IBKRMarketData(gateway_client).fetch
+
+    alone = runner.load(ibkr, strategies_file=STRATEGIES, source=HistoryCache(OneAtATime(), tmp_path / "alone"))
+    assert list(together[1]) == list(alone[1]) == ["SPY", "AAPL", "MSFT"]
+    for symbol in ("SPY", "AAPL", "MSFT"):
+        for timeframe in ("1d", "1w"):
+            assert together[1][symbol][timeframe].equals(alone[1][symbol][timeframe])
