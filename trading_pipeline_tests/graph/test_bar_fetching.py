@@ -27,7 +27,7 @@ strategies:
     symbols: [{", ".join(SYMBOLS)}]
     timeframes: {{1d: {{period: 2y}}, 1w: {{period: 6y}}}}
 """)
-FETCH_S = 0.2  # each fetch waits this long, as a request to a remote source would
+FETCH_S = 0.2  # each fetch waits this long, as a request to a remote source would (so fetches overlap)
 
 
 class SlowSource:
@@ -35,7 +35,6 @@ class SlowSource:
     records how many fetches were in flight at once and its batched contract lookups."""
 
     name = "slow"
-    sources: list = []
 
     def __init__(self, concurrency: int | None, lookup_fails: bool = False):
         if concurrency is not None:
@@ -79,20 +78,18 @@ def run_market_bars(tmp_path, source):
     tags = {**range_tags(f"{SYMBOLS[0]}|1d", f"{SYMBOLS[-1]}|1d"), AS_OF_TAG: AS_OF}
     (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
-        started = time.perf_counter()
         result = job.execute_in_process(instance=instance, tags=tags, asset_selection=[dg.AssetKey("market_bars")])
-        seconds = time.perf_counter() - started
         counts = {key: instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("market_bars"), asset_partitions=[key]), limit=1)
             .records[0].event_log_entry.asset_materialization.metadata["bars"].value
             for key in (f"{s}|1d" for s in SYMBOLS if s != "NOBARS")}
-    return result, seconds, counts
+    return result, counts
 
 
 @pytest.mark.parametrize("concurrency", [3, 4])
 def test_a_batch_fetches_as_many_at_a_time_as_the_source_serves_and_keeps_each_partition_its_own(tmp_path, concurrency):
     source = SlowSource(concurrency)
-    result, seconds, counts = run_market_bars(tmp_path, source)
+    result, counts = run_market_bars(tmp_path, source)
     assert result.success
     assert source.peak == concurrency  # never more in flight than the source serves, and that many used
     assert source.lookups == [sorted(SYMBOLS)]  # one batched contract lookup for the whole batch
@@ -106,14 +103,12 @@ def test_a_batch_fetches_as_many_at_a_time_as_the_source_serves_and_keeps_each_p
         expected = SimulatedMarketData().fetch(symbol, "1d", TimeframeSettings(period="2y"), as_of)
         assert values[f"{symbol}|1d"].frame.equals(expected)
         assert counts[f"{symbol}|1d"] == len(expected)
-    # 7 fetches of FETCH_S, `concurrency` at a time (one after the other would take 7 × FETCH_S)
-    assert seconds < 7 * FETCH_S
 
 
 def test_a_source_that_serves_one_at_a_time_is_asked_one_at_a_time(tmp_path):
     source = SlowSource(None)
     assert fetch_concurrency(source) == 1
-    result, _, counts = run_market_bars(tmp_path, source)
+    result, counts = run_market_bars(tmp_path, source)
     assert result.success and source.peak == 1
     assert source.lookups == []  # fetched inside each partition's step, as a single run does
     assert isinstance(result.output_for_node("market_bars")["NOBARS|1d"], PartitionFailure)
