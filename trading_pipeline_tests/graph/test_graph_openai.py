@@ -79,3 +79,41 @@ def test_malformed_model_answer_is_no_trade_and_no_order(server, openai_env, tmp
     assert not analyses["1d"].valid and analyses["1d"].signal == Action.NO_TRADE
     assert decision.action == Action.NO_TRADE and decision.quantity == 0
     assert order.status == "not_sent"
+
+
+BATCH = ["SPY", "AAPL", "MSFT", "NVDA", "AMZN", "QQQ"]
+
+
+def test_a_batched_analysis_run_asks_the_model_several_at_a_time_and_keeps_each_answer_its_own(
+        server, openai_env, tmp_path, monkeypatch):
+    """One run for every symbol of a timeframe (the daily schedule's) asks the model
+    TRADING_LLM_CONCURRENCY at a time (never more), each partition gets the analysis of its own
+    chart, in partition order, and one bad answer stays its symbol's NO_TRADE."""
+    from trading_pipeline.graph.assets.batch import range_tags
+    from trading_pipeline_tests.adapters.openai.local_server import context_of
+
+    monkeypatch.setenv("TRADING_LLM_CONCURRENCY", "3")
+    environment = {**openai_env, "TRADING_LLM_CONCURRENCY": "3"}
+    answer = good(delay=0.3)
+
+    def reply(body):  # MSFT's answer is not JSON; the others are good
+        return Reply(200, completion("no json here")) if context_of(body)["symbol"] == "MSFT" else answer(body)
+
+    server.reset(default=reply)
+    strategies = parse_strategies(f"strategies:\n  - name: llm_batch\n    symbols: [{', '.join(BATCH)}]\n"
+                                  "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n")
+    defs = build_definitions(strategies, resources_from_env(environment))
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = defs.resolve_job_def("analyze_timeframe").execute_in_process(
+            instance=instance, tags={**range_tags(f"{BATCH[0]}|1d", f"{BATCH[-1]}|1d"), AS_OF_TAG: AS_OF})
+    assert result.success
+    assert server.max_in_flight == 3  # the analyst's bound, reached: the answers were awaited together
+    analyses = result.output_for_node("ai_analyses")
+    assert list(analyses) == [f"{s}|1d" for s in BATCH]
+    asked = [context_of(b)["symbol"] for b in server.bodies() if image_parts(b)]
+    assert sorted(asked) == sorted(BATCH)  # one request per chart
+    for symbol in BATCH:
+        analysis = analyses[f"{symbol}|1d"]
+        assert analysis.symbol == symbol and analysis.timeframe == "1d"
+        assert analysis.valid is (symbol != "MSFT")
+    assert analyses["MSFT|1d"].signal == Action.NO_TRADE

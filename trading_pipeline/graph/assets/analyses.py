@@ -15,6 +15,7 @@ from trading_pipeline.graph.assets.batch import (
     partition_dimensions,
     partition_keys,
     partitioned_checks,
+    worker_pool,
 )
 from trading_pipeline.graph.assets.common import READ_RETRY, ChartImageRef, fail, nan_if_none, run_as_of
 from trading_pipeline.graph.resources import AnalystResource, ChartStoreResource, TradingDatabaseResource
@@ -49,12 +50,17 @@ def build_analysis_assets(symbol_timeframe) -> list:
         links = chart_store.store()  # the charts' http(s) links for the metadata
         store = links if analyst.mode == "openai" else None
 
-        def analyze(_key: str, frames_and_chart: tuple[MarketFrame, ChartImageRef]) -> PartitionOutcome:
+        def analysis_of(frames_and_chart: tuple[MarketFrame, ChartImageRef]) -> TimeframeAnalysis:
             frames, chart = frames_and_chart
             # Only a model looks at the picture; the rules analyst reads the numbers.
             png = store.get_png(chart.key) if store is not None else None
-            analysis: TimeframeAnalysis = reader.analyze(frames, chart.source(), png)
-            return analysis_outcome(context, analyst, sessions, analysis, links.public_url(chart.key))
+            return reader.analyze(frames, chart.source(), png)
+
+        started: dict = {}
+
+        def analyze(key: str, frames_and_chart: tuple[MarketFrame, ChartImageRef]) -> PartitionOutcome:
+            analysis = started[key].result() if key in started else analysis_of(frames_and_chart)
+            return analysis_outcome(context, analyst, sessions, analysis, links.public_url(frames_and_chart[1].key))
 
         def unusable(key: str, failure: PartitionFailure) -> PartitionOutcome:
             dims = partition_dimensions(context, key)
@@ -64,8 +70,16 @@ def build_analysis_assets(symbol_timeframe) -> list:
                 last_close=float("nan"), atr=0.0, recent_high=float("nan"), recent_low=float("nan"))
             return analysis_outcome(context, analyst, sessions, analysis, "none")
 
+        # A model answers in seconds: a batch asks it TRADING_LLM_CONCURRENCY at a time (the analyst
+        # bounds its requests in flight and its budget across threads); the rules analyst, CPU-bound,
+        # one at a time. The partitions are made in order either way.
+        workers = getattr(getattr(reader, "settings", None), "concurrency", 1) if len(keys) > 1 else 1
         try:
-            yield from materialize_partitions(context, analyze, inputs, on_upstream_failure=unusable)
+            with worker_pool(workers, "analyses") as pool:
+                if pool is not None:
+                    started.update({key: pool.submit(analysis_of, value) for key, value in inputs.items()
+                                    if not isinstance(value, PartitionFailure)})
+                yield from materialize_partitions(context, analyze, inputs, on_upstream_failure=unusable)
         finally:
             reader.close()
 

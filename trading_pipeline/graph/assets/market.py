@@ -1,7 +1,5 @@
 """Bars and indicators per symbol × timeframe partition; a batched run makes many partitions."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import dagster as dg
 
 from trading_pipeline.core.frames import MarketFrame
@@ -14,6 +12,7 @@ from trading_pipeline.graph.assets.batch import (
     partition_dimensions,
     partition_keys,
     partitioned_checks,
+    worker_pool,
 )
 from trading_pipeline.graph.assets.common import READ_RETRY, run_as_of
 from trading_pipeline.graph.resources import MarketDataResource, TradingDatabaseResource
@@ -90,12 +89,9 @@ def build_market_assets(strategies_file: StrategiesFile, symbol_timeframe) -> li
 
         jobs = {key: request for key in keys if (request := job(key)) is not None}
         context.log.info(f"fetching {len(jobs)} bar series from {source.name}, {workers} at a time")
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="market-bars")
-        try:
+        with worker_pool(workers, "market-bars") as pool:
             fetched.update(fetch_many(source, jobs, as_of, pool))
             yield from materialize_partitions(context, fetch)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # a stopped step sends no more requests
 
     @dg.asset(
         partitions_def=symbol_timeframe,
