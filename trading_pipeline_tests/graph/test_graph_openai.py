@@ -117,3 +117,35 @@ def test_a_batched_analysis_run_asks_the_model_several_at_a_time_and_keeps_each_
         assert analysis.symbol == symbol and analysis.timeframe == "1d"
         assert analysis.valid is (symbol != "MSFT")
     assert analyses["MSFT|1d"].signal == Action.NO_TRADE
+
+
+def test_a_batched_decision_run_asks_for_its_consolidations_several_at_a_time(server, openai_env, tmp_path,
+                                                                              monkeypatch):
+    """The open's one decision run: the consolidation calls (one per symbol whose analyses propose a
+    trade) go out TRADING_LLM_CONCURRENCY at a time; each decision is its own symbol's, and every
+    decision is recorded once, in symbol order in the run's output."""
+    from trading_pipeline.graph.assets.batch import range_tags
+    from trading_pipeline_tests.adapters.openai.local_server import context_of
+
+    monkeypatch.setenv("TRADING_LLM_CONCURRENCY", "3")
+    environment = {**openai_env, "TRADING_LLM_CONCURRENCY": "3"}
+    server.reset(default=good(delay=0.3))
+    strategies = parse_strategies(f"strategies:\n  - name: llm_batch\n    symbols: [{', '.join(BATCH)}]\n"
+                                  "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n"
+                                  "    risk: {allow_short: true}\n")
+    defs = build_definitions(strategies, resources_from_env(environment))
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        for timeframe in ("1d", "1w"):
+            assert defs.resolve_job_def("analyze_timeframe").execute_in_process(
+                instance=instance,
+                tags={**range_tags(f"{BATCH[0]}|{timeframe}", f"{BATCH[-1]}|{timeframe}"), AS_OF_TAG: AS_OF}).success
+        server.reset(default=good(delay=0.3))
+        result = defs.resolve_job_def("decide_and_order").execute_in_process(
+            instance=instance, tags={**range_tags(BATCH[0], BATCH[-1]), AS_OF_TAG: AS_OF})
+    assert result.success
+    consolidations = [context_of(b)["symbol"] for b in server.bodies() if "daily" in context_of(b)]
+    assert len(consolidations) >= 3 and len(set(consolidations)) == len(consolidations)  # one call per symbol
+    assert server.max_in_flight == 3  # asked together, never more than the bound
+    decisions = result.output_for_node("trade_decisions")
+    assert list(decisions) == sorted(BATCH)
+    assert all(decisions[symbol].symbol == symbol for symbol in BATCH)

@@ -17,6 +17,7 @@ from trading_pipeline.graph.assets.batch import (
     PartitionOutcome,
     materialize_partitions,
     partitioned_checks,
+    worker_pool,
 )
 from trading_pipeline.graph.assets.common import fail, nan_if_none, run_as_of
 from trading_pipeline.graph.assets.decision_chart import DecisionChart, render_decision_charts
@@ -101,22 +102,34 @@ def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:
             )
             already = sent_decision(sessions, decision.decision_id)
             if already is not None:
-                context.log.info(f"decision {decision.decision_id} already has orders; keeping it as it was")
                 return already, True
             record_decision(sessions, decision)
             return decision, False
 
-        # Every symbol decided first (in symbol order), then all decision charts drawn as one batch;
-        # a symbol's error is kept and raised for its partition below.
-        decided: dict[str, tuple[TradeDecision, bool] | Exception] = {}
+        def attempt(symbol: str) -> tuple[TradeDecision, bool] | Exception:
+            try:
+                return decide_symbol(symbol, by_symbol[symbol])
+            except Exception as error:  # noqa: BLE001 - raised again for that symbol's partition
+                return error
+
+        # Every symbol decided first, then all decision charts drawn as one batch; a symbol's error is
+        # kept and raised for its partition below. Each decision reads the one account snapshot, so
+        # they do not depend on each other: with the openai analyst, whose consolidation call takes
+        # seconds, a batch asks TRADING_LLM_CONCURRENCY at a time (the rules analyst, CPU-bound, one at
+        # a time); the results are kept in symbol order either way.
+        workers = getattr(getattr(reader, "settings", None), "concurrency", 1) if len(by_symbol) > 1 else 1
         try:
-            for symbol in sorted(by_symbol):
-                try:
-                    decided[symbol] = decide_symbol(symbol, by_symbol[symbol])
-                except Exception as error:  # noqa: BLE001 - raised again for that symbol's partition
-                    decided[symbol] = error
+            with worker_pool(workers, "decisions") as pool:
+                if pool is None:
+                    decided = {symbol: attempt(symbol) for symbol in sorted(by_symbol)}
+                else:
+                    futures = {symbol: pool.submit(attempt, symbol) for symbol in sorted(by_symbol)}
+                    decided = {symbol: future.result() for symbol, future in futures.items()}
         finally:
             reader.close()
+        for result in decided.values():  # logged here: the event log is written from this thread only
+            if not isinstance(result, Exception) and result[1]:
+                context.log.info(f"decision {result[0].decision_id} already has orders; keeping it as it was")
         # Bars that failed in a batch: an unusable analysis, no chart.
         drawable = [symbol for symbol, result in decided.items() if not isinstance(result, Exception)
                     and not isinstance(by_symbol[symbol]["frames"]["1d"], PartitionFailure)]
