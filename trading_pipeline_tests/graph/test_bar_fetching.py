@@ -74,11 +74,10 @@ def run_market_bars(tmp_path, source):
     resources = resources_from_env({"TRADING_DATA_DIR": str(tmp_path / "data")})
     resources["market_data"] = Resource(ibkr=resources["ibkr"])
     defs = build_definitions(STRATEGIES, resources)
-    job = defs.resolve_implicit_global_asset_job_def()
     tags = {**range_tags(f"{SYMBOLS[0]}|1d", f"{SYMBOLS[-1]}|1d"), AS_OF_TAG: AS_OF}
     (tmp_path / "dagster").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
-        result = job.execute_in_process(instance=instance, tags=tags, asset_selection=[dg.AssetKey("market_bars")])
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:  # the job resolved with it current
+        result = defs.resolve_job_def("analyze_timeframe").execute_in_process(instance=instance, tags=tags, asset_selection=[dg.AssetKey("market_bars")])
         counts = {key: instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("market_bars"), asset_partitions=[key]), limit=1)
             .records[0].event_log_entry.asset_materialization.metadata["bars"].value

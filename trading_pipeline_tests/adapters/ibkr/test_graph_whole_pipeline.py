@@ -100,7 +100,7 @@ def test_a_batched_bars_run_fetches_concurrently_within_the_gateways_limits(emul
     tags = {**range_tags(f"{BATCH_SYMBOLS[0]}|1d", f"{BATCH_SYMBOLS[-1]}|1d"), AS_OF_TAG: as_of}
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         emulator.reset_stats()
-        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        result = defs.resolve_job_def("analyze_timeframe").execute_in_process(
             instance=instance, tags=tags, asset_selection=[dg.AssetKey("market_bars")])
         assert result.success
         values = result.output_for_node("market_bars")
