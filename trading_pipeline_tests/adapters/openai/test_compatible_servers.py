@@ -515,3 +515,44 @@ def test_an_answer_broken_by_redacting_the_key_says_so(make_analyst, openai_serv
     assert_no_trade(analysis, "violates the response schema")
     assert "text matching OPENAI_API_KEY was redacted from the answer before it was read" in analysis.invalid_reason
     assert "rational" not in rows(sessions)[0].response
+
+
+# --- 7. text the model should not have given -------------------------------------------------------
+
+
+def reading(**fields):
+    return [{"name": "supertrend", "reading": "SuperTrend up", "bullish": True, **fields}]
+
+
+@pytest.mark.parametrize("case, overrides, reason", [
+    # NUL cannot be stored in PostgreSQL text (the decision row carries the rationale): fail here, saying so.
+    ("NUL in the rationale", {"rationale": "Buy.\u0000"}, "rationale: Value error, holds the control character U+0000"),
+    ("a terminal escape in the setup", {"setup": "\u001b[2J\u001b[31mBUY NOW"},
+     "setup: Value error, holds the control character U+001B"),
+    ("a control character in a reading", {"indicators": reading(reading="up\u0007")},
+     "indicators.0.reading: Value error, holds the control character U+0007"),
+])
+def test_unprintable_text_is_no_trade(make_analyst, openai_server, daily, png, sessions, case, overrides,
+                                                   reason):
+    openai_server.reset(scripted(lambda body: answer_json(body, **overrides)))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, reason)
+    [row] = rows(sessions)
+    assert row.status == "schema_violation" and cached_entries(sessions) == 0
+
+
+def test_tabs_and_line_breaks_in_the_text_are_kept(make_analyst, openai_server, daily, png):
+    openai_server.reset(scripted(lambda body: answer_json(body, rationale="Trend up.\n\tRSI 58.\r\nBuy.",
+                                                          indicators=reading(reading="ST up\n(green)"))))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert analysis.valid and "Trend up.\n\tRSI 58.\r\nBuy." in analysis.rationale
+
+
+def test_a_nul_in_the_consolidation_rationale_is_no_trade(make_analyst, openai_server, daily, weekly, png):
+    openai_server.reset(default=good())
+    analyst = make_analyst()
+    d, w = analyst.analyze(daily, chart_for(png), png), analyst.analyze(weekly, None, png)
+    openai_server.reset(good(rationale="Weekly agrees.\u0000"))
+    consolidated = analyst.consolidate(d, w)
+    assert consolidated.proposal.action == Action.NO_TRADE
+    assert "rationale: Value error, holds the control character U+0000" in consolidated.rationale
