@@ -60,8 +60,9 @@ Rationale = Annotated[Text, Field(min_length=1, max_length=2000)]
 
 
 class IndicatorReading(_Strict):
-    name: Text = Field(description="supertrend, close_vs_sma20, macd_vs_signal, rsi_vs_50, bollinger, volume or atr")
-    reading: Text = Field(description="What the indicator shows, with the numbers read.")
+    name: Text = Field(max_length=64,
+                       description="supertrend, close_vs_sma20, macd_vs_signal, rsi_vs_50, bollinger, volume or atr")
+    reading: Text = Field(max_length=500, description="What the indicator shows, with the numbers read.")
     bullish: bool = Field(description="True when this reading argues for a long position.")
 
 

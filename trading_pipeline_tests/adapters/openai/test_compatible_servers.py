@@ -531,9 +531,13 @@ def reading(**fields):
      "setup: Value error, holds the control character U+001B"),
     ("a control character in a reading", {"indicators": reading(reading="up\u0007")},
      "indicators.0.reading: Value error, holds the control character U+0007"),
+    ("an indicator reading of 150,000 characters", {"indicators": reading(reading="y" * 150_000)},
+     "indicators.0.reading: String should have at most"),
+    ("an indicator name of 20,000 characters", {"indicators": reading(name="x" * 20_000)},
+     "indicators.0.name: String should have at most"),
 ])
-def test_unprintable_text_is_no_trade(make_analyst, openai_server, daily, png, sessions, case, overrides,
-                                                   reason):
+def test_unprintable_or_unbounded_text_is_no_trade(make_analyst, openai_server, daily, png, sessions, case,
+                                                   overrides, reason):
     openai_server.reset(scripted(lambda body: answer_json(body, **overrides)))
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert_no_trade(analysis, reason)
