@@ -207,7 +207,8 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
 
 def reported_usage(body: Mapping[str, Any]) -> tuple[int, int] | None:
     """(prompt, completion) tokens as the server reports them, or None when missing or not believable
-    (nulls, text, booleans, negative or absurd counts): the call is then budgeted by estimate."""
+    (nulls, text, booleans, negative or absurd counts, or a zero: every request has a prompt, and a
+    server that does not count reports zeros): the call is then budgeted by estimate."""
     usage = body.get("usage")
     if not isinstance(usage, Mapping):
         return None
@@ -220,6 +221,6 @@ def reported_usage(body: Mapping[str, Any]) -> tuple[int, int] | None:
         return value
 
     prompt, completion = count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
-    if prompt is None or completion is None:
+    if not prompt or not completion:  # None, or a zero
         return None
     return prompt, completion

@@ -183,6 +183,10 @@ def content_parts(body):
     ("absurd usage", with_usage({"prompt_tokens": 10**15, "completion_tokens": 300}), True),
     ("usage as booleans", with_usage({"prompt_tokens": True, "completion_tokens": True}), True),
     ("usage as a list", with_usage([1200, 300]), True),
+    # A proxy that does not count reports zeros: taken as counts, the calls would escape every token budget.
+    ("zero usage", with_usage({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}), True),
+    ("no completion tokens for an answer", with_usage({"prompt_tokens": 1200, "completion_tokens": 0}), True),
+    ("no prompt tokens for a prompt", with_usage({"prompt_tokens": 0, "completion_tokens": 300}), True),
     ("content as parts", content_parts, False),
 ])
 def test_odd_but_usable_completions_are_read_and_accounted(make_analyst, openai_server, daily, png, sessions,
