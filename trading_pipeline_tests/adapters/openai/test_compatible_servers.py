@@ -6,6 +6,7 @@ the problem (and, for configuration problems, the variable to fix); never in a c
 BUY or SELL from numbers that were not checked, and always with the call in `llm_calls`.
 """
 
+import asyncio
 import json
 import logging
 import socket
@@ -335,6 +336,47 @@ def test_html_page_with_200_names_openai_base_url(make_analyst, openai_server, d
     assert "Fix: set OPENAI_BASE_URL to the API root of an OpenAI-compatible server" in analysis.invalid_reason
     [row] = rows(sessions)
     assert row.status == "malformed_response" and row.response == page and row.usage_estimated
+
+
+async def drip(seconds: float, every: float = 0.1):
+    """A body that never ends in time: one byte every `every` s (each read arrives well within the
+    timeout), for `seconds` at most (so a failing test ends)."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        yield b" "
+        await asyncio.sleep(every)
+
+
+async def flood(megabytes: int):
+    for _ in range(megabytes):
+        yield b" " * 1_000_000
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_a_server_dripping_its_response_is_cut_off_at_the_timeout(make_analyst, openai_server, daily, png, sessions,
+                                                                  status):
+    # OPENAI_TIMEOUT_SECONDS bounds the whole response, not each read: a server that keeps sending a
+    # byte at a time would otherwise hold the call (and a slot of TRADING_LLM_CONCURRENCY) forever.
+    openai_server.reset(default=lambda body: Reply(status, drip(seconds=20)))
+    started = time.perf_counter()
+    analysis = make_analyst(OPENAI_TIMEOUT_SECONDS="1", TRADING_LLM_MAX_ATTEMPTS="2").analyze(daily, chart_for(png), png)
+    elapsed = time.perf_counter() - started
+    assert_no_trade(analysis, "failed after 2 attempt(s) (attempt 1: timeout; attempt 2: timeout)")
+    assert "Fix: raise OPENAI_TIMEOUT_SECONDS (now 1)" in analysis.invalid_reason
+    assert elapsed < 2 * (1 + 1) + 1  # each attempt cut off within its timeout and one more read
+    assert [r.status for r in rows(sessions)] == ["timeout", "timeout"]
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_an_endless_response_is_cut_off_unread_and_not_stored(make_analyst, openai_server, daily, png, sessions,
+                                                              status):
+    openai_server.reset(default=lambda body: Reply(status, flood(megabytes=64)))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, f"answered HTTP {status} with a response larger than 8 MB")
+    assert "Fix: check that OPENAI_BASE_URL" in analysis.invalid_reason
+    [row] = rows(sessions)  # not retried: the server answered
+    assert row.status == "response_too_large" and row.http_status == status and row.response is None
+    assert len(openai_server.requests) == 1
 
 
 def test_plain_text_with_200_is_no_trade(make_analyst, openai_server, daily, png):
