@@ -55,6 +55,11 @@ def mentions(text: str, *words: str) -> bool:
     return any(word in text for word in words)
 
 
+# A 400 saying the request does not fit the model (its context, or its output limit): not a missing feature.
+_TOO_LONG = ("context length", "context_length", "context window", "maximum context", "too large", "too long",
+             "too many tokens", "reduce the length", "supports at most")
+
+
 @dataclass(frozen=True)
 class Features:
     """What a request may use (a snapshot of ServerFeatures)."""
@@ -93,7 +98,8 @@ class ServerFeatures:
                 fallback = "json_object" if tried.response_format == "json_schema" else "none"
                 self._known = replace(self._known, response_format=fallback)
                 return f"the server rejects response_format {tried.response_format}: using {fallback}"
-            if tried.max_tokens_param == "max_completion_tokens" and mentions(error_text, "max_completion_tokens"):
+            if tried.max_tokens_param == "max_completion_tokens" and mentions(error_text, "max_completion_tokens") \
+                    and not mentions(error_text, *_TOO_LONG):
                 self._known = replace(self._known, max_tokens_param="max_tokens")
                 return "the server rejects max_completion_tokens: using max_tokens"
             if tried.send_temperature and s.temperature is not None and mentions(error_text, "temperature"):
@@ -222,6 +228,11 @@ class Transport:
         if http_status in (401, 403) or (http_status == 400 and mentions(lowered, *key_words)):
             return (f"the server at {self.endpoint} refused the API key ({http_status}): {short}. "
                     "Fix: set OPENAI_API_KEY to a valid key for OPENAI_BASE_URL")
+        if http_status in (400, 413, 422) and mentions(lowered, *_TOO_LONG):
+            return (f"the server at {self.endpoint} answered {http_status}: the request is too long for the model's "
+                    f"context or output limit: {short}. Fix: lower OPENAI_MAX_OUTPUT_TOKENS (now "
+                    f"{s.max_output_tokens}), or serve the model with a larger context (Ollama: num_ctx or "
+                    "OLLAMA_CONTEXT_LENGTH; vLLM: --max-model-len; llama.cpp: --ctx-size)")
         unknown_model = http_status in (400, 422) and "model" in lowered and mentions(lowered, *model_words)
         if http_status == 404 or unknown_model:
             return (f"the server at {self.endpoint} answered {http_status} for model {s.model!r}: {short}. "

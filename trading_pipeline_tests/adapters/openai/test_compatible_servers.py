@@ -413,6 +413,27 @@ def test_unknown_model_names_openai_model_and_is_not_retried(make_analyst, opena
     assert len(openai_server.requests) == 1
 
 
+@pytest.mark.parametrize("message", [
+    # vLLM
+    ("'max_tokens' or 'max_completion_tokens' is too large: 1500. This model's maximum context length is 4096 "
+     "tokens and your request has 3000 input tokens (1500 > 4096 - 3000)."),
+    # OpenAI
+    ("max_completion_tokens is too large: 50000. This model supports at most 32768 completion tokens, whereas you "
+     "provided 50000."),
+    # llama.cpp / LM Studio-like
+    ("This model's maximum context length is 4096 tokens. However, your messages resulted in 5200 tokens. "
+     "Please reduce the length of the messages."),
+])
+def test_a_request_too_long_for_the_model_names_openai_max_output_tokens(make_analyst, openai_server, daily, png,
+                                                                         sessions, message):
+    openai_server.reset(default=error(400, message))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "is too long for the model's context or output limit")
+    assert "Fix: lower OPENAI_MAX_OUTPUT_TOKENS (now 1500)" in analysis.invalid_reason
+    # Not mistaken for a server without max_completion_tokens: one request, the parameter kept.
+    assert len(openai_server.requests) == 1 and "max_completion_tokens" in openai_server.bodies()[0]
+
+
 @pytest.mark.parametrize("retry_after", ["3600", "retry-after-date"])
 def test_retry_after_is_honoured_but_bounded(make_analyst, openai_server, daily, png, sessions, retry_after):
     if retry_after == "retry-after-date":
