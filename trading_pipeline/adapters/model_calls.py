@@ -161,9 +161,13 @@ class Redactor:
 
     def text(self, value: str | None) -> str | None:
         """The text with every secret run and key-shaped token replaced by [REDACTED]; the one way
-        text from a model server is cleaned before it is stored, logged or raised."""
+        text from a model server is cleaned before it is stored, logged or raised. A NUL character
+        becomes the JSON escape `\\u0000`: PostgreSQL text cannot hold NUL, and a server sending one
+        must still leave its attempt in the call log (inside a JSON string the escape stands for the
+        same character)."""
         if value is None:
             return None
+        value = value.replace("\x00", "\\u0000")
         kept, position = [], 0
         for start, end in self._secret_spans(value):
             kept.append(value[position:start] + "[REDACTED]")

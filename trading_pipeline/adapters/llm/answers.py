@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from trading_pipeline.adapters.llm.json_text import UnreadableJSON, read_json
 from trading_pipeline.adapters.model_calls import canonical_json, sha256_hex
@@ -36,16 +37,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
+# Control characters but tab and line breaks: NUL cannot be stored in PostgreSQL text (the decision row
+# carries the rationale), ESC sequences drive the terminal a log is read in. Model text has no use for them.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    bad = _CONTROL.search(text)
+    if bad:
+        raise ValueError(f"holds the control character U+{ord(bad.group()):04X} at position {bad.start()}")
+    return text
+
+
+# Free text of an answer; its bounds are enforced here (the schema sent leaves maxLength out).
+Text = Annotated[str, AfterValidator(_printable)]
+
 # The trade plan's fields both answers share (declared in each, in the order the model writes them).
 Stop = Annotated[float | None, Field(description="Stop: below the entry for BUY, above for SELL; null for HOLD.")]
 Targets = Annotated[list[float], Field(max_length=3, description="1-2 targets beyond the entry; [] for HOLD.")]
 Confidence = Annotated[float, Field(ge=0, le=1, description="0 to 1.")]
-Rationale = Annotated[str, Field(min_length=1, max_length=2000)]
+Rationale = Annotated[Text, Field(min_length=1, max_length=2000)]
 
 
 class IndicatorReading(_Strict):
-    name: str = Field(description="supertrend, close_vs_sma20, macd_vs_signal, rsi_vs_50, bollinger, volume or atr")
-    reading: str = Field(description="What the indicator shows, with the numbers read.")
+    name: Text = Field(max_length=64,
+                       description="supertrend, close_vs_sma20, macd_vs_signal, rsi_vs_50, bollinger, volume or atr")
+    reading: Text = Field(max_length=500, description="What the indicator shows, with the numbers read.")
     bullish: bool = Field(description="True when this reading argues for a long position.")
 
 
@@ -54,7 +71,7 @@ class TimeframeAnswer(_Strict):
     support: list[float] = Field(max_length=4, description="Up to 4 support prices.")
     resistance: list[float] = Field(max_length=4, description="Up to 4 resistance prices.")
     indicators: list[IndicatorReading] = Field(min_length=1, max_length=8)
-    setup: str = Field(min_length=1, max_length=200, description="The setup in a few words.")
+    setup: Text = Field(min_length=1, max_length=200, description="The setup in a few words.")
     signal: Literal["BUY", "SELL", "HOLD"]
     entry: float | None = Field(description="Limit entry near the last close; null for HOLD.")
     stop: Stop
@@ -190,7 +207,8 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
 
 def reported_usage(body: Mapping[str, Any]) -> tuple[int, int] | None:
     """(prompt, completion) tokens as the server reports them, or None when missing or not believable
-    (nulls, text, booleans, negative or absurd counts): the call is then budgeted by estimate."""
+    (nulls, text, booleans, negative or absurd counts, or a zero: every request has a prompt, and a
+    server that does not count reports zeros): the call is then budgeted by estimate."""
     usage = body.get("usage")
     if not isinstance(usage, Mapping):
         return None
@@ -203,6 +221,6 @@ def reported_usage(body: Mapping[str, Any]) -> tuple[int, int] | None:
         return value
 
     prompt, completion = count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
-    if prompt is None or completion is None:
+    if not prompt or not completion:  # None, or a zero
         return None
     return prompt, completion

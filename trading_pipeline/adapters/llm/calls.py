@@ -37,6 +37,7 @@ from trading_pipeline.adapters.llm.request import build_request, estimate_tokens
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.adapters.llm.transport import (
     IMAGE_REJECTED_WITH_VISION_YES,
+    RESPONSE_TOO_LARGE,
     RETRYABLE,
     Sent,
     ServerFeatures,
@@ -178,6 +179,8 @@ class ModelCaller:
                 raise self.unusable(call_id, f"the model call failed after {len(failures)} attempt(s) "
                                     f"({'; '.join(failures)}): {self.transport.short(sent.error_text)}. "
                                     f"Fix: {self.transport.retry_fix(sent.status)}")
+            if sent.status == RESPONSE_TOO_LARGE:
+                raise self.unusable(call_id, sent.error_text)
             raise self.unusable(call_id, self.transport.explain(sent.http_status, sent.error_text, sent.text))
 
     def _cached(self, key: str, answer_model: type[BaseModel], common: dict[str, Any]) -> Answer | None:

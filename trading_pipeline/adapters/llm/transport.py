@@ -37,11 +37,12 @@ _VERBATIM_LOGGERS = {"httpx2": logging.WARNING, "httpcore2": logging.INFO, "open
 # What `ServerFeatures.learn` returns when the image was rejected but OPENAI_VISION=yes forbids dropping it.
 IMAGE_REJECTED_WITH_VISION_YES = "image_rejected_yes"
 RETRYABLE = ("rate_limited", "server_error", "timeout", "connection_error")
+RESPONSE_TOO_LARGE = "response_too_large"  # bounded_http.MAX_RESPONSE_BYTES: not retried, the server answered
 
 
 class Sent(NamedTuple):
     """What one request came to: status ok | rate_limited | server_error | http_error | timeout |
-    connection_error, and whatever the server answered."""
+    connection_error | response_too_large, and whatever the server answered."""
 
     status: str
     http_status: int | None
@@ -52,6 +53,11 @@ class Sent(NamedTuple):
 
 def mentions(text: str, *words: str) -> bool:
     return any(word in text for word in words)
+
+
+# A 400 saying the request does not fit the model (its context, or its output limit): not a missing feature.
+_TOO_LONG = ("context length", "context_length", "context window", "maximum context", "too large", "too long",
+             "too many tokens", "reduce the length", "supports at most")
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ class ServerFeatures:
                 fallback = "json_object" if tried.response_format == "json_schema" else "none"
                 self._known = replace(self._known, response_format=fallback)
                 return f"the server rejects response_format {tried.response_format}: using {fallback}"
-            if tried.max_tokens_param == "max_completion_tokens" and mentions(error_text, "max_completion_tokens"):
+            if tried.max_tokens_param == "max_completion_tokens" and mentions(error_text, "max_completion_tokens") \
+                    and not mentions(error_text, *_TOO_LONG):
                 self._known = replace(self._known, max_tokens_param="max_tokens")
                 return "the server rejects max_completion_tokens: using max_tokens"
             if tried.send_temperature and s.temperature is not None and mentions(error_text, "temperature"):
@@ -148,12 +155,14 @@ class Transport:
                 import httpx2
                 import openai
 
+                from trading_pipeline.adapters.llm.bounded_http import bounded_hooks
+
                 _quiet_http_loggers()
                 s = self.settings
                 self._client = openai.OpenAI(
                     api_key=s.api_key, base_url=s.base_url, timeout=s.timeout_s, max_retries=0,
                     http_client=httpx2.Client(
-                        timeout=s.timeout_s,
+                        timeout=s.timeout_s, event_hooks=bounded_hooks(s.timeout_s),
                         limits=httpx2.Limits(max_connections=max(16, 2 * s.concurrency),
                                              max_keepalive_connections=max(8, s.concurrency))))
                 _ = self._client.chat.completions.with_raw_response  # import the SDK's lazy parts now
@@ -176,8 +185,17 @@ class Transport:
                 raw = client.chat.completions.with_raw_response.create(**request, extra_body=extra or None)
                 return Sent("ok", raw.status_code, raw.http_response.text, raw.headers, None)
             except openai.APITimeoutError as error:
-                return Sent("timeout", None, None, None, f"timed out after {self.settings.timeout_s:g} s: {error}")
+                return Sent("timeout", None, None, None, f"timed out after {self.settings.timeout_s:g} s: "
+                            f"{error} {error.__cause__ or ''}".strip())
             except openai.APIConnectionError as error:
+                from trading_pipeline.adapters.llm.bounded_http import ResponseTooLarge
+
+                if isinstance(error.__cause__, ResponseTooLarge):
+                    code = error.__cause__.status_code
+                    return Sent(RESPONSE_TOO_LARGE, code, None, None, (
+                        f"the server at {self.endpoint} answered HTTP {code} with a response larger than "
+                        f"{error.__cause__} (an answer is a few KB); it was cut off unread. Fix: check that "
+                        "OPENAI_BASE_URL is the API root of an OpenAI-compatible Chat Completions server"))
                 return Sent("connection_error", None, None, None,
                             f"cannot reach {self.endpoint}: {error} {error.__cause__ or ''}".strip())
             except openai.APIStatusError as error:
@@ -210,6 +228,11 @@ class Transport:
         if http_status in (401, 403) or (http_status == 400 and mentions(lowered, *key_words)):
             return (f"the server at {self.endpoint} refused the API key ({http_status}): {short}. "
                     "Fix: set OPENAI_API_KEY to a valid key for OPENAI_BASE_URL")
+        if http_status in (400, 413, 422) and mentions(lowered, *_TOO_LONG):
+            return (f"the server at {self.endpoint} answered {http_status}: the request is too long for the model's "
+                    f"context or output limit: {short}. Fix: lower OPENAI_MAX_OUTPUT_TOKENS (now "
+                    f"{s.max_output_tokens}), or serve the model with a larger context (Ollama: num_ctx or "
+                    "OLLAMA_CONTEXT_LENGTH; vLLM: --max-model-len; llama.cpp: --ctx-size)")
         unknown_model = http_status in (400, 422) and "model" in lowered and mentions(lowered, *model_words)
         if http_status == 404 or unknown_model:
             return (f"the server at {self.endpoint} answered {http_status} for model {s.model!r}: {short}. "

@@ -21,14 +21,14 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 
 @dataclass
 class Reply:
     status: int = 200
-    body: Any = None  # dict → JSON; str → sent as is
+    body: Any = None  # dict → JSON; str → sent as is; an async iterator of bytes → streamed as it yields
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -81,6 +81,9 @@ class LocalOpenAIServer:
             reply = step(body) if callable(step) else step
             if reply.delay:
                 await asyncio.sleep(reply.delay)
+            if hasattr(reply.body, "__aiter__"):  # a slow or endless body
+                return StreamingResponse(reply.body, reply.status, headers=reply.headers,
+                                         media_type="application/json")
             content = reply.body if isinstance(reply.body, str) else json.dumps(reply.body)
             return Response(content, reply.status, headers=reply.headers, media_type="application/json")
         finally:

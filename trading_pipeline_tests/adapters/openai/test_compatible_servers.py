@@ -6,6 +6,7 @@ the problem (and, for configuration problems, the variable to fix); never in a c
 BUY or SELL from numbers that were not checked, and always with the call in `llm_calls`.
 """
 
+import asyncio
 import json
 import logging
 import socket
@@ -183,6 +184,10 @@ def content_parts(body):
     ("absurd usage", with_usage({"prompt_tokens": 10**15, "completion_tokens": 300}), True),
     ("usage as booleans", with_usage({"prompt_tokens": True, "completion_tokens": True}), True),
     ("usage as a list", with_usage([1200, 300]), True),
+    # A proxy that does not count reports zeros: taken as counts, the calls would escape every token budget.
+    ("zero usage", with_usage({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}), True),
+    ("no completion tokens for an answer", with_usage({"prompt_tokens": 1200, "completion_tokens": 0}), True),
+    ("no prompt tokens for a prompt", with_usage({"prompt_tokens": 0, "completion_tokens": 300}), True),
     ("content as parts", content_parts, False),
 ])
 def test_odd_but_usable_completions_are_read_and_accounted(make_analyst, openai_server, daily, png, sessions,
@@ -333,6 +338,47 @@ def test_html_page_with_200_names_openai_base_url(make_analyst, openai_server, d
     assert row.status == "malformed_response" and row.response == page and row.usage_estimated
 
 
+async def drip(seconds: float, every: float = 0.1):
+    """A body that never ends in time: one byte every `every` s (each read arrives well within the
+    timeout), for `seconds` at most (so a failing test ends)."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        yield b" "
+        await asyncio.sleep(every)
+
+
+async def flood(megabytes: int):
+    for _ in range(megabytes):
+        yield b" " * 1_000_000
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_a_server_dripping_its_response_is_cut_off_at_the_timeout(make_analyst, openai_server, daily, png, sessions,
+                                                                  status):
+    # OPENAI_TIMEOUT_SECONDS bounds the whole response, not each read: a server that keeps sending a
+    # byte at a time would otherwise hold the call (and a slot of TRADING_LLM_CONCURRENCY) forever.
+    openai_server.reset(default=lambda body: Reply(status, drip(seconds=20)))
+    started = time.perf_counter()
+    analysis = make_analyst(OPENAI_TIMEOUT_SECONDS="1", TRADING_LLM_MAX_ATTEMPTS="2").analyze(daily, chart_for(png), png)
+    elapsed = time.perf_counter() - started
+    assert_no_trade(analysis, "failed after 2 attempt(s) (attempt 1: timeout; attempt 2: timeout)")
+    assert "Fix: raise OPENAI_TIMEOUT_SECONDS (now 1)" in analysis.invalid_reason
+    assert elapsed < 2 * (1 + 1) + 1  # each attempt cut off within its timeout and one more read
+    assert [r.status for r in rows(sessions)] == ["timeout", "timeout"]
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_an_endless_response_is_cut_off_unread_and_not_stored(make_analyst, openai_server, daily, png, sessions,
+                                                              status):
+    openai_server.reset(default=lambda body: Reply(status, flood(megabytes=64)))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, f"answered HTTP {status} with a response larger than 8 MB")
+    assert "Fix: check that OPENAI_BASE_URL" in analysis.invalid_reason
+    [row] = rows(sessions)  # not retried: the server answered
+    assert row.status == "response_too_large" and row.http_status == status and row.response is None
+    assert len(openai_server.requests) == 1
+
+
 def test_plain_text_with_200_is_no_trade(make_analyst, openai_server, daily, png):
     openai_server.reset(raw(lambda b: "OK", **{"content-type": "text/plain"}))
     analysis = make_analyst().analyze(daily, chart_for(png), png)
@@ -365,6 +411,27 @@ def test_unknown_model_names_openai_model_and_is_not_retried(make_analyst, opena
     assert_no_trade(analysis, f"answered {status} for model 'llava:13b'")
     assert "Fix: check OPENAI_MODEL" in analysis.invalid_reason
     assert len(openai_server.requests) == 1
+
+
+@pytest.mark.parametrize("message", [
+    # vLLM
+    ("'max_tokens' or 'max_completion_tokens' is too large: 1500. This model's maximum context length is 4096 "
+     "tokens and your request has 3000 input tokens (1500 > 4096 - 3000)."),
+    # OpenAI
+    ("max_completion_tokens is too large: 50000. This model supports at most 32768 completion tokens, whereas you "
+     "provided 50000."),
+    # llama.cpp / LM Studio-like
+    ("This model's maximum context length is 4096 tokens. However, your messages resulted in 5200 tokens. "
+     "Please reduce the length of the messages."),
+])
+def test_a_request_too_long_for_the_model_names_openai_max_output_tokens(make_analyst, openai_server, daily, png,
+                                                                         sessions, message):
+    openai_server.reset(default=error(400, message))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "is too long for the model's context or output limit")
+    assert "Fix: lower OPENAI_MAX_OUTPUT_TOKENS (now 1500)" in analysis.invalid_reason
+    # Not mistaken for a server without max_completion_tokens: one request, the parameter kept.
+    assert len(openai_server.requests) == 1 and "max_completion_tokens" in openai_server.bodies()[0]
 
 
 @pytest.mark.parametrize("retry_after", ["3600", "retry-after-date"])
@@ -515,3 +582,48 @@ def test_an_answer_broken_by_redacting_the_key_says_so(make_analyst, openai_serv
     assert_no_trade(analysis, "violates the response schema")
     assert "text matching OPENAI_API_KEY was redacted from the answer before it was read" in analysis.invalid_reason
     assert "rational" not in rows(sessions)[0].response
+
+
+# --- 7. text the model should not have given -------------------------------------------------------
+
+
+def reading(**fields):
+    return [{"name": "supertrend", "reading": "SuperTrend up", "bullish": True, **fields}]
+
+
+@pytest.mark.parametrize("case, overrides, reason", [
+    # NUL cannot be stored in PostgreSQL text (the decision row carries the rationale): fail here, saying so.
+    ("NUL in the rationale", {"rationale": "Buy.\u0000"}, "rationale: Value error, holds the control character U+0000"),
+    ("a terminal escape in the setup", {"setup": "\u001b[2J\u001b[31mBUY NOW"},
+     "setup: Value error, holds the control character U+001B"),
+    ("a control character in a reading", {"indicators": reading(reading="up\u0007")},
+     "indicators.0.reading: Value error, holds the control character U+0007"),
+    ("an indicator reading of 150,000 characters", {"indicators": reading(reading="y" * 150_000)},
+     "indicators.0.reading: String should have at most"),
+    ("an indicator name of 20,000 characters", {"indicators": reading(name="x" * 20_000)},
+     "indicators.0.name: String should have at most"),
+])
+def test_unprintable_or_unbounded_text_is_no_trade(make_analyst, openai_server, daily, png, sessions, case,
+                                                   overrides, reason):
+    openai_server.reset(scripted(lambda body: answer_json(body, **overrides)))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, reason)
+    [row] = rows(sessions)
+    assert row.status == "schema_violation" and cached_entries(sessions) == 0
+
+
+def test_tabs_and_line_breaks_in_the_text_are_kept(make_analyst, openai_server, daily, png):
+    openai_server.reset(scripted(lambda body: answer_json(body, rationale="Trend up.\n\tRSI 58.\r\nBuy.",
+                                                          indicators=reading(reading="ST up\n(green)"))))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert analysis.valid and "Trend up.\n\tRSI 58.\r\nBuy." in analysis.rationale
+
+
+def test_a_nul_in_the_consolidation_rationale_is_no_trade(make_analyst, openai_server, daily, weekly, png):
+    openai_server.reset(default=good())
+    analyst = make_analyst()
+    d, w = analyst.analyze(daily, chart_for(png), png), analyst.analyze(weekly, None, png)
+    openai_server.reset(good(rationale="Weekly agrees.\u0000"))
+    consolidated = analyst.consolidate(d, w)
+    assert consolidated.proposal.action == Action.NO_TRADE
+    assert "rationale: Value error, holds the control character U+0000" in consolidated.rationale

@@ -587,3 +587,29 @@ def test_call_log_cache_and_budget_on_sqlite_and_postgresql(database_url, openai
     assert summary["cache_hits"] == 1 and summary["budget_refusals"] == 1 and summary["total_tokens"] == 0
     first.close()
     again.close()
+
+
+def test_nul_characters_from_the_server_are_recorded_on_sqlite_and_postgresql(database_url, openai_server, daily,
+                                                                               weekly, png):
+    # PostgreSQL text cannot hold NUL: a server sending one (in an error, in a body that is not JSON)
+    # must still give a recorded attempt and a NO_TRADE or retry that says what happened, not an
+    # "unexpected error" with the attempt missing from the call log (and so from the budgets).
+    from trading_pipeline.adapters.trading_db import session_factory
+
+    sessions = session_factory(database_url)
+    openai_server.reset(error(500, "upstream\x00crashed"), good(),
+                        Reply(200, "oops\x00", headers={"content-type": "text/plain"}))
+    analyst = OpenAIAnalyst.from_env({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": openai_server.base_url,
+                                      "TRADING_LLM_BACKOFF_SECONDS": "0.01"}, sessions, run_id="nul-1")
+    try:
+        retried = analyst.analyze(daily, chart_for(png), png)
+        broken = analyst.analyze(weekly, None, png)
+    finally:
+        analyst.close()
+    assert retried.valid and retried.signal == Action.BUY
+    assert not broken.valid and "answered HTTP 200 with a body that is not JSON" in broken.invalid_reason
+    assert "unexpected error" not in broken.invalid_reason and "\x00" not in broken.invalid_reason
+    assert [(r.status, r.http_status) for r in rows(sessions)] == [
+        ("server_error", 500), ("ok", 200), ("malformed_response", 200)]
+    assert "upstream\\u0000crashed" in rows(sessions)[0].error
+    assert rows(sessions)[2].outcome == f"invalid: {broken.invalid_reason}"
