@@ -149,3 +149,20 @@ def test_a_batched_decision_run_asks_for_its_consolidations_several_at_a_time(se
     decisions = result.output_for_node("trade_decisions")
     assert list(decisions) == sorted(BATCH)
     assert all(decisions[symbol].symbol == symbol for symbol in BATCH)
+
+
+def test_the_models_words_reach_the_ui_as_plain_text_never_as_markdown(server, openai_env, tmp_path):
+    """A hostile server's rationale with an image beacon and a link: shown as text in the analysis,
+    the decision and the order metadata (markdown would load the image in the viewer's browser)."""
+    hostile = "Strong trend. ![](http://attacker.invalid/beacon.png) [Approve the trade](http://attacker.invalid/x)"
+    server.reset(default=good(rationale=hostile))
+    analyses, decision, order, metadata = run_spy(openai_env, tmp_path)
+    assert analyses["1d"].valid and hostile in analyses["1d"].rationale  # valid text: kept, as words
+    assert isinstance(metadata["rationale"], dg.TextMetadataValue) and hostile in metadata["rationale"].value
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        for asset in ("trade_decisions", "orders"):
+            shown = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+            markdown = [name for name, value in shown.items() if isinstance(value, dg.MarkdownMetadataValue)
+                        and "attacker.invalid" in value.value]
+            assert markdown == [], f"{asset}: the model's words rendered as markdown in {markdown}"
+    assert hostile in decision.rationale

@@ -99,7 +99,9 @@ def analysis_outcome(context, analyst: AnalystResource, sessions, analysis: Time
         "entry": nan_if_none(analysis.entry),
         "stop": nan_if_none(analysis.stop),
         "targets": dg.MetadataValue.json(analysis.targets),
-        "rationale": dg.MetadataValue.md(analysis.rationale),
+        # Plain text, never markdown: a model writes it, and markdown would let it show links or load
+        # images from anywhere in the browser of whoever opens the asset.
+        "rationale": dg.MetadataValue.text(analysis.rationale),
         "chart": dg.MetadataValue.url(chart_uri) if chart_uri.startswith("http") else dg.MetadataValue.text(chart_uri),
         "data_through": analysis.data_through.isoformat(),
     }

@@ -205,7 +205,7 @@ def decision_metadata(decision: TradeDecision, unchanged: bool, strategy: Strate
         "r_multiple": nan_if_none(decision.r_multiple),
         "confidence": round(decision.confidence, 2),
         "quantity": decision.quantity,
-        "rationale": dg.MetadataValue.md(decision.rationale),
+        "rationale": dg.MetadataValue.text(decision.rationale),  # holds the model's words: never markdown
         "risk_gates": dg.MetadataValue.md("| gate | passed | numbers |\n|---|---|---|\n" + gates) if decision.checks
         else dg.MetadataValue.text("no gates run: nothing to trade"),
         "strategy_limits": dg.MetadataValue.md(limits),

@@ -125,7 +125,7 @@ def order_metadata(record: OrderRecord) -> dict:
                       for leg in record.legs)
     return {
         "status": record.status,
-        "reason": dg.MetadataValue.md(record.reason),
+        "reason": dg.MetadataValue.text(record.reason),  # may quote the model's words: never markdown
         "broker": record.broker,
         "client_order_id": record.client_order_id or "none",
         "broker_order_ids": dg.MetadataValue.json(record.broker_order_ids),
