@@ -34,10 +34,18 @@ class _Strict(BaseModel):
 class TimeframeSettings(_Strict):
     period: str = Field(description="History to load, in IBKR's period units: e.g. 2y, 260w, 500d.")
 
+    @field_validator("period", mode="before")
+    @classmethod
+    def _period_with_its_unit(cls, value: object) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f"period {value!r} is a number without its unit: write it like '{value:g}y' (years), "
+                             f"'{value:g}w', '{value:g}m' or '{value:g}d'")
+        return value
+
     @field_validator("period")
     @classmethod
     def _valid_period(cls, value: str) -> str:
-        match = PERIOD_PATTERN.match(value)
+        match = PERIOD_PATTERN.fullmatch(value)  # fullmatch: "2y\n" is not a period
         if not match:
             raise ValueError(f"period {value!r} is not like '2y', '260w', '18m' or '500d'")
         count, unit = int(match.group(1)), match.group(2)
@@ -46,7 +54,7 @@ class TimeframeSettings(_Strict):
         return value
 
     def calendar_days(self) -> int:
-        count, unit = PERIOD_PATTERN.match(self.period).groups()  # type: ignore[union-attr]
+        count, unit = PERIOD_PATTERN.fullmatch(self.period).groups()  # type: ignore[union-attr]
         return int(count) * {"d": 1, "w": 7, "m": 31, "y": 366}[unit]
 
     def expected_bars(self, timeframe: str) -> int:

@@ -43,6 +43,9 @@ def test_valid_file_and_defaults():
         (VALID.replace("      1w: {period: 6y}\n", ""), 4, "exactly 1d, 1w"),
         (VALID.replace("AAPL", "ON"), 3, "quote it"),
         (VALID.replace("period: 6y", "period: 2y"), 4, "1w period 2y gives about 104 bars; SMA 200 needs 200"),
+        # A number alone said only "Input should be a valid string".
+        (VALID.replace("period: 6y", "period: 6"), 6, "period 6 is a number without its unit: write it like '6y'"),
+        (VALID.replace("period: 6y", 'period: "6y\\n"'), 6, "is not like '2y'"),
     ],
 )
 def test_bad_file_names_line_and_fix(text, line, words):
