@@ -38,8 +38,9 @@ class TimeframeSettings(_Strict):
     @classmethod
     def _period_with_its_unit(cls, value: object) -> object:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            raise ValueError(f"period {value!r} is a number without its unit: write it like '{value:g}y' (years), "
-                             f"'{value:g}w', '{value:g}m' or '{value:g}d'")
+            raise ValueError(  # noqa: TRY004 - pydantic reports a ValueError (not a TypeError) with the line
+                f"period {value!r} is a number without its unit: write it like '{value:g}y' (years), "
+                f"'{value:g}w', '{value:g}m' or '{value:g}d'")
         return value
 
     @field_validator("period")
