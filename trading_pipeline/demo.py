@@ -102,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     symbols = strategies_file.symbols()
-    if args.symbols:
+    if args.symbols is not None:
         wanted = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
+        if not wanted:
+            print(f"error: --symbols {args.symbols!r} names no symbol; give some of {', '.join(symbols)} "
+                  "(comma-separated), or leave --symbols out for all", file=sys.stderr)
+            return 2
         unknown = sorted(set(wanted) - set(symbols))
         if unknown:
             print(f"error: {', '.join(unknown)} not in the strategies file (it has {', '.join(symbols)})",

@@ -329,6 +329,14 @@ def test_demo_prints_a_failed_blocking_check_as_its_problem_and_fix(demo_environ
     assert "MetadataValue" not in out  # was: {'problem': TextMetadataValue(text='...'), 'fix': ...}
 
 
+@pytest.mark.parametrize("symbols", [",", " , ", ""])
+def test_demo_with_symbols_naming_none_says_so(demo_environment, capsys, symbols):
+    from trading_pipeline import demo
+
+    assert demo.main(["--symbols", symbols]) == 2  # it printed "0 of 0 symbols done"
+    assert "names no symbol; give some of" in capsys.readouterr().err
+
+
 def test_demo_before_the_first_session_closed_says_how_to_see_the_fills(demo_environment, capsys, monkeypatch):
     from trading_pipeline import demo
 
