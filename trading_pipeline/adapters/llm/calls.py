@@ -181,7 +181,8 @@ class ModelCaller:
                                     f"Fix: {self.transport.retry_fix(sent.status)}")
             if sent.status == RESPONSE_TOO_LARGE:
                 raise self.unusable(call_id, sent.error_text)
-            raise self.unusable(call_id, self.transport.explain(sent.http_status, sent.error_text, sent.text))
+            raise self.unusable(call_id, self.transport.explain(sent.http_status, sent.error_text, sent.text,
+                                                                sent.headers))
 
     def _cached(self, key: str, answer_model: type[BaseModel], common: dict[str, Any]) -> Answer | None:
         cached = self.cache.get(key)

@@ -218,9 +218,15 @@ class Transport:
         """Server text fit for a reason: redacted, at most 300 characters."""
         return (self.redactor.text(text or "") or "")[:300]
 
-    def explain(self, http_status: int | None, error_text: str | None, response_text: str | None = None) -> str:
+    def explain(self, http_status: int | None, error_text: str | None, response_text: str | None = None,
+                headers: Mapping[str, str] | None = None) -> str:
         """Why a request the server answered (not retryable) gave nothing, and what to fix."""
         s, short = self.settings, self.short(error_text)
+        if http_status is not None and 300 <= http_status < 400:  # never followed: it could lead off the machine
+            location = self.short((headers or {}).get("location")) or "no Location given"
+            return (f"the server at {self.endpoint} redirects ({http_status}) to {location}; redirects are not "
+                    "followed. Fix: set OPENAI_BASE_URL to the address the API really answers at (the API root, "
+                    "usually ending in /v1)")
         lowered = f"{error_text or ''} {response_text or ''}".lower()
         key_words = ("api key", "api_key", "apikey", "unauthorized", "unauthenticated", "authentication")
         model_words = ("not found", "does not exist", "not exist", "invalid model", "unknown model", "no such model",

@@ -434,6 +434,16 @@ def test_a_request_too_long_for_the_model_names_openai_max_output_tokens(make_an
     assert len(openai_server.requests) == 1 and "max_completion_tokens" in openai_server.bodies()[0]
 
 
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_a_redirect_is_not_followed_and_says_where_it_led(make_analyst, openai_server, daily, png, status):
+    elsewhere = "http://127.0.0.1:9/elsewhere/v1/chat/completions"  # a dead loopback port: never reached anyway
+    openai_server.reset(default=error(status, "moved", location=elsewhere))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, f"redirects ({status}) to {elsewhere}; redirects are not followed")
+    assert "Fix: set OPENAI_BASE_URL to the address the API really answers at" in analysis.invalid_reason
+    assert len(openai_server.requests) == 1  # not followed, not retried
+
+
 @pytest.mark.parametrize("retry_after", ["3600", "retry-after-date"])
 def test_retry_after_is_honoured_but_bounded(make_analyst, openai_server, daily, png, sessions, retry_after):
     if retry_after == "retry-after-date":
