@@ -12,7 +12,6 @@ import hashlib
 import math
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from trading_pipeline.core import market_calendar
 from trading_pipeline.core.frames import OHLCV_COLUMNS, TIMEFRAMES
 from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
+from trading_pipeline.workers import worker_pool
 
 # Calendar days per bar, generously: 252 sessions in 365 days, and holidays.
 _DAYS_PER_BAR = {"1d": 1.6, "1w": 7.3}
@@ -80,11 +80,9 @@ def load_bars(source: MarketDataSource, symbols: list[str], start: date, window:
     as_of = window.as_of.to_pydatetime()
     jobs = {f"{symbol}|{timeframe}": (symbol, timeframe, history_settings(window, start, timeframe, warmup_bars))
             for symbol in symbols for timeframe in TIMEFRAMES}
-    workers = fetch_concurrency(source)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backtest-bars") if workers > 1 else None
-    try:
-        # IBKR: its history requests in flight at once (a first backtest of 20 symbols over 10 years
-        # asks ~100 pages); the local sources one after the other.
+    # IBKR: its history requests in flight at once (a first backtest of 20 symbols over 10 years asks
+    # ~100 pages); the local sources one after the other.
+    with worker_pool(fetch_concurrency(source), "backtest-bars") as pool:
         fetched = fetch_many(source, jobs, as_of, pool) if pool is not None else {}
         bars: dict[str, dict[str, pd.DataFrame]] = {}
         for key, (symbol, timeframe, history) in jobs.items():
@@ -92,9 +90,6 @@ def load_bars(source: MarketDataSource, symbols: list[str], start: date, window:
             bars.setdefault(symbol, {})[timeframe] = _with_warmup(frame, symbol, timeframe, source.name, window,
                                                                   warmup_bars)
         return bars
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _with_warmup(frame: pd.DataFrame, symbol: str, timeframe: str, source_name: str, window: Window,

@@ -125,3 +125,37 @@ def test_a_failed_batched_lookup_is_logged_and_each_fetch_goes_on(caplog):
             futures["NOBARS|1w"].result()
     assert "batched contract lookup failed (the contract search answered 503)" in caplog.text
     assert source.peak == 2
+
+
+def test_a_stopped_step_starts_no_more_calls_and_does_not_wait_for_those_in_flight():
+    """A Dagster termination (or any error) closes the step: the pool returns at once, the calls not
+    yet started never start, and the two in flight end on their own."""
+    from trading_pipeline.workers import worker_pool
+
+    release, running = threading.Event(), threading.Semaphore(0)
+
+    def slow(i):
+        running.release()
+        release.wait(30)
+        return i
+
+    try:
+        with pytest.raises(KeyboardInterrupt), worker_pool(2, "test") as pool:
+            futures = [pool.submit(slow, i) for i in range(6)]
+            assert running.acquire(timeout=30) and running.acquire(timeout=30)  # two calls in flight
+            raise KeyboardInterrupt  # what Dagster's termination raises in a run
+        assert not futures[0].done() and not futures[1].done()  # returned without waiting for them
+        assert all(future.cancelled() for future in futures[2:])  # the rest never started
+    finally:
+        release.set()
+    assert futures[0].result(timeout=30) == 0 and futures[1].result(timeout=30) == 1
+
+
+def test_a_finished_pool_has_waited_for_every_call():
+    from trading_pipeline.workers import worker_pool
+
+    with worker_pool(3, "test") as pool:
+        futures = [pool.submit(time.sleep, 0.05) for _ in range(6)]
+    assert all(future.done() and not future.cancelled() for future in futures)
+    with worker_pool(1, "test") as pool:
+        assert pool is None  # one at a time: the caller makes each call itself

@@ -15,10 +15,10 @@ from trading_pipeline.graph.assets.batch import (
     partition_dimensions,
     partition_keys,
     partitioned_checks,
-    worker_pool,
 )
 from trading_pipeline.graph.assets.common import READ_RETRY, ChartImageRef, fail, nan_if_none, run_as_of
 from trading_pipeline.graph.resources import AnalystResource, ChartStoreResource, TradingDatabaseResource
+from trading_pipeline.workers import worker_pool
 
 
 def build_analysis_assets(symbol_timeframe) -> list:

@@ -19,9 +19,7 @@ a user error fails the step (never retried) and a failed blocking check stops th
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,22 +85,6 @@ def contiguous_ranges(ordered: Sequence[str], wanted: Sequence[str]) -> list[tup
     if start is not None:
         ranges.append((start, previous))
     return ranges
-
-
-@contextlib.contextmanager
-def worker_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor | None]:
-    """Threads for a batch's slow calls (a source's requests, a model's answers) made `workers` at
-    a time while the partitions are made in order; None when `workers` is 1 (the step calls each
-    itself). On exit, calls not yet started are cancelled (a stopped step sends no more requests)
-    and those running are waited for."""
-    if workers <= 1:
-        yield None
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def materialize_partitions(

@@ -17,7 +17,6 @@ from trading_pipeline.graph.assets.batch import (
     PartitionOutcome,
     materialize_partitions,
     partitioned_checks,
-    worker_pool,
 )
 from trading_pipeline.graph.assets.common import fail, nan_if_none, run_as_of
 from trading_pipeline.graph.assets.decision_chart import DecisionChart, render_decision_charts
@@ -29,6 +28,7 @@ from trading_pipeline.graph.resources import (
     MarketDataResource,
     TradingDatabaseResource,
 )
+from trading_pipeline.workers import worker_pool
 
 
 def build_decision_assets(strategies_file: StrategiesFile, symbols) -> list:

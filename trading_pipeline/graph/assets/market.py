@@ -12,10 +12,10 @@ from trading_pipeline.graph.assets.batch import (
     partition_dimensions,
     partition_keys,
     partitioned_checks,
-    worker_pool,
 )
 from trading_pipeline.graph.assets.common import READ_RETRY, run_as_of
 from trading_pipeline.graph.resources import MarketDataResource, TradingDatabaseResource
+from trading_pipeline.workers import worker_pool
 
 
 def build_market_assets(strategies_file: StrategiesFile, symbol_timeframe) -> list:
