@@ -156,7 +156,7 @@ def test_the_models_words_reach_the_ui_as_plain_text_never_as_markdown(server, o
     the decision and the order metadata (markdown would load the image in the viewer's browser)."""
     hostile = "Strong trend. ![](http://attacker.invalid/beacon.png) [Approve the trade](http://attacker.invalid/x)"
     server.reset(default=good(rationale=hostile))
-    analyses, decision, order, metadata = run_spy(openai_env, tmp_path)
+    analyses, decision, _order, metadata = run_spy(openai_env, tmp_path)
     assert analyses["1d"].valid and hostile in analyses["1d"].rationale  # valid text: kept, as words
     assert isinstance(metadata["rationale"], dg.TextMetadataValue) and hostile in metadata["rationale"].value
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
