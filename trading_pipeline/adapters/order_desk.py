@@ -305,10 +305,51 @@ class OrderDesk:
             leg = self._as_leg(stored)
         self._record_executions(decision.symbol, [coid])
         note = "" if quantity == held_quantity else f" (the position is {held_quantity}; the rest is not the pipeline's)"
+        if quantity != remaining:
+            note += self._resize_siblings(row, quantity)
         return self._result(decision, [leg], "submitted",
                             f"turned {coid} ({row.role}) into a {EXIT_ORDER_TYPE} exit: {row.side} {quantity} "
                             f"{decision.symbol}{note}; it stays one-cancels-other with its sibling; broker status "
                             f"{answer.status}")
+
+    def _resize_siblings(self, row: OrderRow, quantity: int) -> str:
+        """The exit was made smaller than its bracket: its one-cancels-other siblings are cut to the
+        same size, or what is left of them once the exit fills works on with no position behind it
+        (a take-profit that later sells short). Returns a note for the reason text."""
+        if row.parent_client_order_id is None:
+            return ""
+        with self._sessions() as session:
+            siblings = session.scalars(select(OrderRow).where(
+                OrderRow.parent_client_order_id == row.parent_client_order_id,
+                OrderRow.client_order_id != row.client_order_id,
+                OrderRow.status.not_in(FINAL_STATUSES))).all()
+        notes = []
+        for sibling in siblings:
+            if sibling.quantity - (sibling.filled_quantity or 0) <= quantity:
+                continue
+            total = int((sibling.filled_quantity or 0) + quantity)
+            try:
+                answer = self._broker.modify(sibling.client_order_id, quantity=total)
+            except OrderRejectedError as refusal:
+                answer, problem = None, refusal.problem
+            else:
+                problem = "the broker does not know it"
+            with self._sessions() as session:
+                stored = session.get(OrderRow, sibling.client_order_id)
+                if answer is not None and answer.status in FINAL_STATUSES:  # done meanwhile: left as it is
+                    stored.status = answer.status
+                    detail = f"{answer.status} before it could be resized with its sibling {row.client_order_id}"
+                elif answer is not None:
+                    stored.quantity, stored.status = total, answer.status
+                    detail = f"resized to {quantity} with its sibling {row.client_order_id}, made an exit of {quantity}"
+                else:
+                    detail = (f"NOT resized to {quantity} with its sibling {row.client_order_id} ({problem}): "
+                              f"resize or cancel it at the broker before the exit fills")
+                    notes.append(f"; {sibling.client_order_id} {detail}")
+                session.add(OrderEventRow(client_order_id=sibling.client_order_id, status=stored.status,
+                                          detail=detail))
+                session.commit()
+        return "".join(notes)
 
     @staticmethod
     def _as_leg(row: OrderRow) -> OrderLeg:
