@@ -195,6 +195,10 @@ class OrderDesk:
         if (known := self._known(decision, legs)) is not None:
             return known
         with account_lock(self._sessions):
+            # Again under the lock: a run of the same decision may have sent it while this one waited,
+            # and the broker's lookups may answer from a list read before that (IBKR's, cached 5 s).
+            if (known := self._known(decision, legs)) is not None:
+                return known
             if (reconciled := self._reconciled(decision, legs)) is not None:
                 return reconciled
             if limits is not None:
