@@ -228,6 +228,23 @@ class OrderDesk:
                     return row
         return None
 
+    def _other_working_order(self, decision: TradeDecision) -> str | None:
+        """Another decision's order that opens or closes the symbol's position (an entry, or a
+        standalone exit) and may still fill, as the broker says; one the broker does not list
+        while the pipeline wrote it without the broker's word may be in flight, and counts too."""
+        with self._sessions() as session:
+            rows = session.scalars(select(OrderRow).where(
+                OrderRow.symbol == decision.symbol, OrderRow.role.in_(("entry", "exit")),
+                OrderRow.decision_id != decision.decision_id, OrderRow.status.not_in(FINAL_STATUSES))).all()
+        for row in rows:
+            current = self._broker.find_order(row.client_order_id)
+            if current is not None and current.status not in FINAL_STATUSES:
+                return f"{row.client_order_id} ({row.role} {row.side} {row.quantity}, {current.status})"
+            if current is None and row.status in ("submitting", "unknown"):
+                return (f"{row.client_order_id} ({row.role} {row.side} {row.quantity}, {row.status}: not confirmed "
+                        "by the broker yet; run sync_portfolio)")
+        return None
+
     def _exit_in_progress(self, decision: TradeDecision) -> OrderRow | None:
         with self._sessions() as session:
             return session.scalars(select(OrderRow).where(
@@ -254,6 +271,10 @@ class OrderDesk:
                 return self._not_sent(decision, f"the {decision.symbol} position is "
                                                 f"{held.quantity if held else 0:g} now: nothing to close in this "
                                                 "direction (an exit or stop filled meanwhile?); nothing sent")
+            if (working := self._other_working_order(decision)) is not None:
+                return self._not_sent(decision, f"order {working} for {decision.symbol} may still fill; the exit waits "
+                                                "until it fills, expires or is cancelled (a second order could "
+                                                "close the position twice and open the other side); nothing sent")
             protective = converted or self._protective_order(decision.symbol)
             if protective is None:
                 legs = [exit_leg(decision, held_quantity)]
