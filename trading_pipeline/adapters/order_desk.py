@@ -195,6 +195,10 @@ class OrderDesk:
         if (known := self._known(decision, legs)) is not None:
             return known
         with account_lock(self._sessions):
+            # Again under the lock: a run of the same decision may have sent it while this one waited,
+            # and the broker's lookups may answer from a list read before that (IBKR's, cached 5 s).
+            if (known := self._known(decision, legs)) is not None:
+                return known
             if (reconciled := self._reconciled(decision, legs)) is not None:
                 return reconciled
             if limits is not None:
@@ -224,6 +228,23 @@ class OrderDesk:
                     return row
         return None
 
+    def _other_working_order(self, decision: TradeDecision) -> str | None:
+        """Another decision's order that opens or closes the symbol's position (an entry, or a
+        standalone exit) and may still fill, as the broker says; one the broker does not list
+        while the pipeline wrote it without the broker's word may be in flight, and counts too."""
+        with self._sessions() as session:
+            rows = session.scalars(select(OrderRow).where(
+                OrderRow.symbol == decision.symbol, OrderRow.role.in_(("entry", "exit")),
+                OrderRow.decision_id != decision.decision_id, OrderRow.status.not_in(FINAL_STATUSES))).all()
+        for row in rows:
+            current = self._broker.find_order(row.client_order_id)
+            if current is not None and current.status not in FINAL_STATUSES:
+                return f"{row.client_order_id} ({row.role} {row.side} {row.quantity}, {current.status})"
+            if current is None and row.status in ("submitting", "unknown"):
+                return (f"{row.client_order_id} ({row.role} {row.side} {row.quantity}, {row.status}: not confirmed "
+                        "by the broker yet; run sync_portfolio)")
+        return None
+
     def _exit_in_progress(self, decision: TradeDecision) -> OrderRow | None:
         with self._sessions() as session:
             return session.scalars(select(OrderRow).where(
@@ -250,6 +271,10 @@ class OrderDesk:
                 return self._not_sent(decision, f"the {decision.symbol} position is "
                                                 f"{held.quantity if held else 0:g} now: nothing to close in this "
                                                 "direction (an exit or stop filled meanwhile?); nothing sent")
+            if (working := self._other_working_order(decision)) is not None:
+                return self._not_sent(decision, f"order {working} for {decision.symbol} may still fill; the exit waits "
+                                                "until it fills, expires or is cancelled (a second order could "
+                                                "close the position twice and open the other side); nothing sent")
             protective = converted or self._protective_order(decision.symbol)
             if protective is None:
                 legs = [exit_leg(decision, held_quantity)]
@@ -305,10 +330,51 @@ class OrderDesk:
             leg = self._as_leg(stored)
         self._record_executions(decision.symbol, [coid])
         note = "" if quantity == held_quantity else f" (the position is {held_quantity}; the rest is not the pipeline's)"
+        if quantity != remaining:
+            note += self._resize_siblings(row, quantity)
         return self._result(decision, [leg], "submitted",
                             f"turned {coid} ({row.role}) into a {EXIT_ORDER_TYPE} exit: {row.side} {quantity} "
                             f"{decision.symbol}{note}; it stays one-cancels-other with its sibling; broker status "
                             f"{answer.status}")
+
+    def _resize_siblings(self, row: OrderRow, quantity: int) -> str:
+        """The exit was made smaller than its bracket: its one-cancels-other siblings are cut to the
+        same size, or what is left of them once the exit fills works on with no position behind it
+        (a take-profit that later sells short). Returns a note for the reason text."""
+        if row.parent_client_order_id is None:
+            return ""
+        with self._sessions() as session:
+            siblings = session.scalars(select(OrderRow).where(
+                OrderRow.parent_client_order_id == row.parent_client_order_id,
+                OrderRow.client_order_id != row.client_order_id,
+                OrderRow.status.not_in(FINAL_STATUSES))).all()
+        notes = []
+        for sibling in siblings:
+            if sibling.quantity - (sibling.filled_quantity or 0) <= quantity:
+                continue
+            total = int((sibling.filled_quantity or 0) + quantity)
+            try:
+                answer = self._broker.modify(sibling.client_order_id, quantity=total)
+            except OrderRejectedError as refusal:
+                answer, problem = None, refusal.problem
+            else:
+                problem = "the broker does not know it"
+            with self._sessions() as session:
+                stored = session.get(OrderRow, sibling.client_order_id)
+                if answer is not None and answer.status in FINAL_STATUSES:  # done meanwhile: left as it is
+                    stored.status = answer.status
+                    detail = f"{answer.status} before it could be resized with its sibling {row.client_order_id}"
+                elif answer is not None:
+                    stored.quantity, stored.status = total, answer.status
+                    detail = f"resized to {quantity} with its sibling {row.client_order_id}, made an exit of {quantity}"
+                else:
+                    detail = (f"NOT resized to {quantity} with its sibling {row.client_order_id} ({problem}): "
+                              f"resize or cancel it at the broker before the exit fills")
+                    notes.append(f"; {sibling.client_order_id} {detail}")
+                session.add(OrderEventRow(client_order_id=sibling.client_order_id, status=stored.status,
+                                          detail=detail))
+                session.commit()
+        return "".join(notes)
 
     @staticmethod
     def _as_leg(row: OrderRow) -> OrderLeg:

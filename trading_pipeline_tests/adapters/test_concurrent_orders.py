@@ -4,6 +4,8 @@ they never exceed max_open_positions or the gross-exposure cap, on SQLite and on
 
 import dataclasses
 import multiprocessing
+import threading
+import time
 from datetime import datetime, timezone
 
 from sqlalchemy import select
@@ -86,3 +88,62 @@ def test_the_recheck_shrinks_an_order_to_the_room_left(database_url):
     with sessions() as session:
         assert {row.quantity for row in session.scalars(select(PaperOrderRow).where(
             PaperOrderRow.client_order_id.like("tp-conc-BBB%")))} == {200}
+
+
+class CachedLookups(PaperBroker):
+    """A broker whose lookups answer from a list read a few seconds ago, as IBKR's (one live-orders
+    answer per 5 s serves a process's lookups). `placing`/`go` hold the first placement open."""
+
+    def __init__(self, sessions, placed: list, placing=None, go=None):
+        super().__init__(sessions, 100_000.0)
+        self._listed = None
+        self._placed, self._placing, self._go = placed, placing, go
+
+    def find_order(self, client_order_id):
+        if self._listed is None:
+            self._listed = {order.client_order_id: order for order in self.open_orders()}
+        return self._listed.get(client_order_id)
+
+    def place(self, symbol, legs, reference_price, placed_at=None):
+        self._placed.append(legs[0].client_order_id)
+        if self._placing is not None:
+            self._placing.set()
+            assert self._go.wait(10)
+        return super().place(symbol, legs, reference_price, placed_at=placed_at)
+
+
+def test_a_second_run_of_the_same_decision_waiting_on_the_lock_sends_nothing(tmp_path):
+    """Two runs of one decision at once: the second finds the first's row 'submitting' and waits for
+    the account lock. Once it has it, the database says the order was sent; its broker lookups may
+    still answer from a list read before the first run placed (IBKR's cached live orders). It must
+    send nothing: before, it wrote the rows back to 'submitting', placed the order a second time
+    (saved only by the broker refusing the duplicate cOID) and left them 'unknown'."""
+    url = f"sqlite:///{tmp_path / 'trading.db'}"
+    sessions = session_factory(url)
+    the_decision = decision("AAA")
+    record_decision(sessions, the_decision)
+    placed: list[str] = []
+    placing, go = threading.Event(), threading.Event()
+    first = CachedLookups(sessions, placed, placing, go)
+    second = CachedLookups(session_factory(url), placed)
+    assert second.find_order(client_order_id(the_decision)) is None  # its list is read before the first places
+    results = {}
+
+    def run(name, broker):
+        results[name] = OrderDesk(broker._sessions, broker).submit_once(
+            the_decision, build_legs(the_decision, "DAY"), 100.0, placed_at=AS_OF)
+
+    one = threading.Thread(target=run, args=("first", first))
+    one.start()
+    assert placing.wait(10)  # the first run is sending, its rows 'submitting', the lock held
+    two = threading.Thread(target=run, args=("second", second))
+    two.start()
+    time.sleep(0.5)  # the second run has read the 'submitting' row and waits for the lock
+    go.set()
+    one.join(10)
+    two.join(10)
+    assert results["first"].status == "submitted"
+    assert results["second"].status == "already_sent", results["second"].reason
+    assert placed == [client_order_id(the_decision)]  # sent once, never offered to the broker again
+    with sessions() as session:
+        assert session.get(OrderRow, client_order_id(the_decision)).status == "Submitted"

@@ -123,6 +123,27 @@ def test_an_exit_never_sells_more_than_is_held(world):
     assert broker.account({}, as_of=LATER).positions == {}  # flat: not short 20
 
 
+def test_an_exit_smaller_than_the_bracket_resizes_the_take_profit_too(world):
+    """20 of the 50 were sold by hand: the exit turns the stop into a market order for the 30 held.
+    The take-profit still said 50: once the exit filled, 20 of it kept working with no position, and
+    a later rise to the target sold them short. Its sibling is resized with the stop."""
+    sessions, broker = world
+    broker.place("AAPL", [OrderLeg(client_order_id="by-hand", role="entry", side="SELL", order_type="MKT",
+                                   quantity=20, price=None, tif="DAY")], 98.0,
+                 placed_at=THURSDAY_EVENING.replace(hour=12, minute=0))
+    broker.simulate_fills(bars(ENTRY_DAYS))
+    result = OrderDesk(sessions, broker).exit_once(exit_decision(sessions), placed_at=THURSDAY_EVENING)
+    assert result.status == "submitted"
+    assert paper_order(sessions, "tp-long-tp").quantity == 30  # never more than the position
+    with sessions() as session:
+        assert session.get(OrderRow, "tp-long-tp").quantity == 30
+    exit_day = {**ENTRY_DAYS, "2026-09-04": (99.0, 99.5, 98.0, 98.8)}
+    broker.simulate_fills(bars(exit_day))
+    assert paper_order(sessions, "tp-long-tp").status == "Cancelled"
+    broker.simulate_fills(bars({**exit_day, "2026-09-08": (105.0, 107.0, 104.0, 106.5)}))  # through the target
+    assert broker.account({}, as_of=LATER).positions == {}  # flat, not short 20
+
+
 def test_a_position_with_no_pipeline_stop_is_closed_by_one_market_order(tmp_path, monkeypatch):
     monkeypatch.setattr(broker_module, "_utcnow", lambda: THURSDAY_EVENING)
     sessions = session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
@@ -136,6 +157,27 @@ def test_a_position_with_no_pipeline_stop_is_closed_by_one_market_order(tmp_path
     broker.simulate_fills(bars({**ENTRY_DAYS, "2026-09-04": (99.0, 99.5, 98.0, 98.8)}))
     assert broker.account({}, as_of=LATER).positions == {}
     assert [f.price for f in broker.executions("tp-close")] == [99.0]
+
+
+def test_a_second_exit_while_the_first_market_exit_works_sends_nothing(tmp_path, monkeypatch):
+    """A position with no pipeline stop is closed by a standalone market order, which works until
+    the next open. Another exit decision for the symbol before it fills sent a second market order
+    of the held size: both filled, and the long of 40 became a short of 40."""
+    monkeypatch.setattr(broker_module, "_utcnow", lambda: THURSDAY_EVENING)
+    sessions = session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
+    broker = PaperBroker(sessions, 100_000.0)
+    broker.place("AAPL", [OrderLeg(client_order_id="bought-by-hand", role="entry", side="BUY", order_type="LMT",
+                                   quantity=40, price=100.0, tif="DAY")], 100.0, placed_at=TUESDAY_EVENING)
+    broker.simulate_fills(bars(ENTRY_DAYS))
+    first = OrderDesk(sessions, broker).exit_once(exit_decision(sessions, "close-a", quantity=40),
+                                                  placed_at=THURSDAY_EVENING)
+    assert first.status == "submitted"
+    second = OrderDesk(sessions, broker).exit_once(exit_decision(sessions, "close-b", quantity=40),
+                                                   placed_at=THURSDAY_EVENING)
+    assert second.status == "not_sent" and "tp-close-a" in second.reason and "may still fill" in second.reason
+    assert paper_order(sessions, "tp-close-b") is None
+    broker.simulate_fills(bars({**ENTRY_DAYS, "2026-09-04": (99.0, 99.5, 98.0, 98.8)}))
+    assert broker.account({}, as_of=LATER).positions == {}  # flat, not short 40
 
 
 def test_an_exit_for_a_position_already_flat_sends_nothing(world, monkeypatch):

@@ -57,6 +57,13 @@ _CHILD_KIND = {"-sl": ("STP", "STOP", "MKT", "MARKET"), "-tp": ("LMT", "LIMIT")}
 _SIBLING = {"-sl": "-tp", "-tp": "-sl"}
 
 
+def _price(price: float) -> float:
+    """A price as sent: already on the contract's tick (the risk engine rounded it to IBKR's
+    increment, 0.0001 under $1), so only binary noise is taken off. Rounding to cents here would
+    move a sub-cent stop onto its entry, past the gates that checked their distance."""
+    return round(float(price), 8)
+
+
 def _status_text(order: dict) -> str:
     return str(order.get("status") or order.get("order_status") or "")
 
@@ -140,7 +147,7 @@ class IBKRBroker:
             order = {"acctId": account_id, "conid": int(conid), "orderType": leg.order_type,
                      "side": leg.side, "quantity": int(leg.quantity), "tif": leg.tif}
             if leg.order_type != "MKT" and leg.price is not None:  # a market order carries no price
-                order["price"] = round(float(leg.price), 2)
+                order["price"] = _price(leg.price)
             if leg.role in ("entry", "exit"):
                 order["cOID"] = parent
             else:
@@ -272,7 +279,7 @@ class IBKRBroker:
         if order_type is not None:
             changes["orderType"] = order_type.upper()
         if price is not None:
-            changes["price"] = round(float(price), 2)
+            changes["price"] = _price(price)
         if quantity is not None:
             if int(quantity) <= 0:
                 raise ValueError(f"a modified quantity must be positive, not {quantity!r}")

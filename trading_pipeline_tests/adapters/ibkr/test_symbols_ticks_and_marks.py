@@ -55,6 +55,20 @@ def test_a_price_off_the_contracts_tick_is_rejected_by_ibkr(emulator, client):
     assert len(broker.place("TICK05", bracket(coid="tk-2", entry=99.0, stop=95.05, target=105.0), 99.0)) == 3
 
 
+def test_prices_on_a_sub_cent_tick_reach_ibkr_as_the_risk_gates_rounded_them(emulator_factory, client_factory):
+    """A stock under $1 trades in 0.0001: the gates round entry 0.8546 and stop 0.8471 to that tick
+    and find them 0.0075 apart. Rounded again to cents in the request, both became 0.85: a stop at
+    the entry, which fires on the first tick down after the fill."""
+    emulator = emulator_factory(tick_sizes={"PENNY": 0.0001})
+    broker = IBKRBroker(client_factory(emulator))
+    emulator.set_price("PENNY", 0.85)
+    assert broker.min_tick("PENNY") == 0.0001
+    broker.place("PENNY", bracket(coid="pn-1", entry=0.8546, stop=0.8471, target=0.8790), 0.85)
+    (entry,) = emulator.orders_with_coid("pn-1")
+    (stop,) = [o for o in emulator.children_of(entry.order_id) if o.order_type == "STP"]
+    assert (entry.price, stop.price) == (0.8546, 0.8471)
+
+
 def test_positions_are_valued_at_ibkrs_price_and_marks_only_fill_gaps(emulator_factory, client_factory):
     emulator = emulator_factory(positions=2)
     broker = IBKRBroker(client_factory(emulator))
