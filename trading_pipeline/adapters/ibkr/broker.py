@@ -343,11 +343,18 @@ class IBKRBroker:
 
     def _own_trades(self, client_order_id: str) -> list[dict]:
         """This order's executions of the last 7 days: by `order_ref` (the cOID; entries only) or by
-        the IBKR order id saved for the cOID (bracket children carry no order_ref)."""
+        the IBKR order id saved for the cOID (bracket children carry no order_ref); an execution id
+        listed twice counts once."""
         order_id = self.order_id_for(client_order_id)
-        return [t for t in self.client.trades(days=7, max_age=self.order_cache_seconds)
-                if t.get("order_ref") == client_order_id
-                or (order_id is not None and _execution_order_id(t) == order_id)]
+        own, seen = [], set()
+        for t in self.client.trades(days=7, max_age=self.order_cache_seconds):
+            if t.get("order_ref") == client_order_id or (order_id is not None and _execution_order_id(t) == order_id):
+                execution_id = str(t.get("execution_id") or "").strip()
+                if execution_id and execution_id in seen:  # listed twice: one fill, counted once
+                    continue
+                seen.add(execution_id)
+                own.append(t)
+        return own
 
     def _from_executions(self, client_order_id: str) -> BrokerOrder | None:
         """An order IBKR no longer lists (it lists the current day only): filled if it has

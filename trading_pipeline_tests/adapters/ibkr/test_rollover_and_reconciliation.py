@@ -51,3 +51,19 @@ def test_children_whose_parent_id_is_the_parents_coid_are_matched(emulator_facto
     assert reconciled.find_order("pc-1-tp").broker_order_id == children["LMT"]
     working = {(o.client_order_id, o.broker_order_id) for o in reconciled.open_orders()}
     assert working == {("pc-1", str(parent.order_id)), ("pc-1-sl", children["STP"]), ("pc-1-tp", children["LMT"])}
+
+
+def test_an_execution_listed_twice_counts_once(emulator, client, tmp_path):
+    """A gateway that lists one execution twice (the same execution_id) must not double the fill of
+    an order IBKR no longer lists: its filled quantity sizes what the sync does with the position."""
+    broker = IBKRBroker(client, id_map_path=tmp_path / "order-ids.json", order_cache_seconds=0)
+    emulator.set_price("MSFT", 100.0)
+    broker.place("MSFT", bracket(coid="ro-3", entry=100.5), 100.5)
+    emulator.set_price("MSFT", 95.0)  # the stop fires
+    emulator.new_day()
+    with emulator.state.lock:
+        emulator.state.executions.extend(dict(e) for e in list(emulator.state.executions))  # every one twice
+    stop = broker.find_order("ro-3-sl")
+    assert (stop.status, stop.filled_quantity, stop.average_fill_price) == ("Filled", 10, 95.0)
+    assert [(e.side, e.quantity) for e in broker.executions("ro-3-sl")] == [("SELL", 10)]
+    assert broker.find_order("ro-3").filled_quantity == 10
