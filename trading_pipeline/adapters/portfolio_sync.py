@@ -302,7 +302,7 @@ def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
     position the pipeline opened with no working stop-loss is reported as unprotected."""
     result = _Protection()
     symbols = {row.symbol for row in session.scalars(select(OrderRow).where(
-        OrderRow.role == "stop_loss", OrderRow.status.not_in(FINAL_STATUSES)))}
+        OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.status.not_in(FINAL_STATUSES)))}
     for symbol in sorted(symbols | set(implied)):
         stops = _working_exits(session, symbol, "stop_loss")
         position = abs(held.get(symbol, 0.0))
@@ -318,6 +318,12 @@ def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
             if stops:
                 result.drift.append(f"{symbol}: working stop-loss orders for {covered:g} shares but no position: "
                                     "cancel them before they trigger")
+            targets = _working_exits(session, symbol, "take_profit")
+            if targets:  # e.g. the position closed by hand: a take-profit left working would open one
+                result.drift.append(f"{symbol}: working take-profit orders for "
+                                    f"{sum(row.quantity - row.filled_quantity for row in targets):g} shares but no "
+                                    "position: cancel them before they fill (each would open a position on the "
+                                    "other side)")
             continue
         if not stops:
             if implied.get(symbol):

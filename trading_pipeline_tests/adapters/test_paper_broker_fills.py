@@ -392,6 +392,9 @@ def test_a_stop_with_no_position_left_is_flagged_as_drift(database_url):
     sell_by_hand(broker, "manual-2", 50, "2026-09-03")
     drift = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)}).drift
     assert "AAPL: working stop-loss orders for 50 shares but no position: cancel them before they trigger" in drift
+    # and its take-profit, which would sell short once the price reaches it
+    assert any(line.startswith("AAPL: working take-profit orders for 50 shares but no position: cancel them")
+               for line in drift)
 
 
 def test_the_paper_account_at_a_point_in_time_leaves_out_later_fills(database_url):
