@@ -93,3 +93,53 @@ def test_a_two_week_old_decision_is_not_sent(deployment, monkeypatch):
         assert order.status == "not_sent" and "decision not current" in order.reason
         assert "session(s) closed since" in order.reason
     assert paper_orders(sessions) == 0
+
+
+@pytest.mark.parametrize("switch, value, words", [
+    ("TRADING_ORDERS_ENABLED", "no", "TRADING_ORDERS_ENABLED was turned off before the entry was sent"),
+    ("TRADING_KILL_SWITCH", "yes", "kill switch engaged before the entry was sent"),
+])
+def test_a_switch_turned_off_while_the_order_waits_for_the_account_lock_stops_it(deployment, monkeypatch, switch,
+                                                                                  value, words):
+    """The switches are read when the order step starts and again under the account lock, right
+    before sending: an operator who turns orders off (or the kill switch on) while another run holds
+    the lock stops this entry too."""
+    import contextlib
+    import threading
+
+    from trading_pipeline.adapters import order_desk
+    from trading_pipeline.adapters.trading_db import account_lock
+
+    defs, instance, sessions = deployment
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "yes")
+    held, release, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    @contextlib.contextmanager
+    def lock_noting_the_wait(*args, **kwargs):
+        waiting.set()  # the order step has read the switches and now waits for the lock
+        with account_lock(*args, **kwargs):
+            yield
+
+    monkeypatch.setattr(order_desk, "account_lock", lock_noting_the_wait)
+
+    def another_run_holding_the_lock():
+        with account_lock(sessions):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=another_run_holding_the_lock)
+    holder.start()
+    assert held.wait(30)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=defs.resolve_job_def("decide_and_order")
+                                                            .execute_in_process(partition_key="SPY", instance=instance,
+                                                                                tags={AS_OF_TAG: AS_OF})))
+    runner.start()
+    assert waiting.wait(120)  # the run read the switches (on), decided, and waits for the lock
+    monkeypatch.setenv(switch, value)
+    release.set()
+    holder.join(30)
+    runner.join(120)
+    order = outcome["result"].output_for_node("orders")
+    assert order.status == "not_sent" and words in order.reason
+    assert paper_orders(sessions) == 0

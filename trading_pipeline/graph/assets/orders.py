@@ -107,7 +107,16 @@ def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, m
     from trading_pipeline.core.risk import entry_limits
 
     def limits_now():
-        """The account as it is now (other runs may have placed since the decision), marked to market."""
+        """The account as it is now (other runs may have placed since the decision), marked to market;
+        and the switches read again: under the account lock, right before sending, a switch turned
+        off while this run waited (the lock, the broker's answers) stops the entry."""
+        from trading_pipeline.core.analysis import RuleCheck
+
+        if not config.SafetySwitches.read().orders_enabled:
+            return 0, [RuleCheck("orders_enabled", False, "TRADING_ORDERS_ENABLED was turned off before the entry "
+                                                          "was sent")]
+        if (kill := config.KillSwitch.read()).engaged:
+            return 0, [RuleCheck("kill_switch", False, f"kill switch engaged before the entry was sent: {kill.reason}")]
         held = the_broker.account({}, as_of=now).positions
         marks = marks_for(market_data.source(), {*held, decision.symbol}, now)
         account = dataclasses.replace(the_broker.account(marks, as_of=now),
