@@ -250,9 +250,11 @@ class OrderDesk:
             return session.scalars(select(OrderRow).where(
                 OrderRow.exit_decision_id == decision.decision_id)).first()
 
-    def exit_once(self, decision: TradeDecision, *, placed_at: datetime | None = None) -> OrderRecord:
+    def exit_once(self, decision: TradeDecision, *, placed_at: datetime | None = None,
+                  stopped: Callable[[], str | None] | None = None) -> OrderRecord:
         """Close (or reduce) the decision's position exactly once, never leaving it unprotected and
-        never trading more than is held."""
+        never trading more than is held. `stopped` says, under the account lock right before
+        anything is sent, why nothing may be sent now (a switch turned off meanwhile), or None."""
         standalone = [exit_leg(decision, decision.quantity)]
         if (known := self._known(decision, standalone)) is not None:
             return known
@@ -264,6 +266,8 @@ class OrderDesk:
         with account_lock(self._sessions):
             if (reconciled := self._reconciled(decision, standalone)) is not None:
                 return reconciled
+            if stopped is not None and (why := stopped()) is not None:
+                return self._not_sent(decision, why)
             held = self._broker.account({}).positions.get(decision.symbol)
             direction = 1 if decision.action == Action.SELL else -1  # SELL closes a long, BUY covers a short
             held_quantity = int(direction * held.quantity) if held else 0

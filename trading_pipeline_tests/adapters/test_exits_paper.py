@@ -188,3 +188,18 @@ def test_an_exit_for_a_position_already_flat_sends_nothing(world, monkeypatch):
     result = OrderDesk(sessions, broker).exit_once(exit_decision(sessions), placed_at=friday_evening)
     assert result.status == "not_sent" and "nothing to close" in result.reason
     assert paper_order(sessions, "tp-close") is None and paper_order(sessions, "tp-long-sl").status == "Filled"
+
+
+def test_an_exit_stopped_under_the_account_lock_sends_nothing_and_keeps_the_stop(world):
+    """The orders switch turned off while the exit waited for the account lock: nothing is sent, the
+    stop keeps working as it was, and the reason says why."""
+    sessions, broker = world
+    result = OrderDesk(sessions, broker).exit_once(
+        exit_decision(sessions), placed_at=THURSDAY_EVENING,
+        stopped=lambda: "TRADING_ORDERS_ENABLED was turned off before the exit was sent; nothing sent")
+    assert result.status == "not_sent" and "TRADING_ORDERS_ENABLED was turned off" in result.reason
+    stop = paper_order(sessions, "tp-long-sl")
+    assert (stop.order_type, stop.price, stop.status) == ("STP", 96.0, "Submitted")  # untouched
+    assert paper_order(sessions, "tp-close") is None
+    later = OrderDesk(sessions, broker).exit_once(exit_decision(sessions), placed_at=THURSDAY_EVENING)
+    assert later.status == "submitted"  # turned on again, the same decision's exit goes out

@@ -57,7 +57,7 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
                     record = OrderRecord(decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
                                          reason=reason, broker=the_broker.name)
                 elif decision.closes_position:
-                    record = desk.exit_once(decision, placed_at=now)
+                    record = desk.exit_once(decision, placed_at=now, stopped=orders_turned_off)
                 else:
                     record = _send_entry(desk, decision, strategy, the_broker, market_data, sessions, now, context)
             if batched:  # one line for the batch below (each log line is an event-log write)
@@ -99,6 +99,14 @@ def why_not_sent(decision: TradeDecision, strategy: Strategy, broker: BrokerReso
     return None
 
 
+def orders_turned_off() -> str | None:
+    """Read again under the account lock, right before an exit is sent (the kill switch lets exits
+    through; the orders switch does not)."""
+    if not config.SafetySwitches.read().orders_enabled:
+        return "TRADING_ORDERS_ENABLED was turned off before the exit was sent; nothing sent"
+    return None
+
+
 def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, market_data: MarketDataResource,
                 sessions, now, context) -> OrderRecord:
     from trading_pipeline.adapters.market_data import marks_for
@@ -112,7 +120,7 @@ def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, m
         off while this run waited (the lock, the broker's answers) stops the entry."""
         from trading_pipeline.core.analysis import RuleCheck
 
-        if not config.SafetySwitches.read().orders_enabled:
+        if orders_turned_off():
             return 0, [RuleCheck("orders_enabled", False, "TRADING_ORDERS_ENABLED was turned off before the entry "
                                                           "was sent")]
         if (kill := config.KillSwitch.read()).engaged:
