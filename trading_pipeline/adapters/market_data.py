@@ -93,11 +93,17 @@ class CsvMarketData:
                 f"add {path.name} to {self.folder} (columns time,open,high,low,close,volume), "
                 "or remove the symbol from the strategies file",
             )
+        if not path.is_file():
+            raise BarDataError(f"{path} is not a file (a directory or a special file)",
+                               f"replace {path.name} with the CSV file itself")
         try:
             raw = pd.read_csv(path)
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise BarDataError(f"{path} is not a readable CSV ({exc})",
                                "export it again as comma-separated text with a header row") from None
+        except OSError as exc:  # e.g. no permission to read it
+            raise BarDataError(f"{path} cannot be read ({exc})",
+                               f"make {path.name} readable by the user the pipeline runs as") from None
         missing = [c for c in ("time", *OHLCV_COLUMNS) if c not in raw.columns]
         if missing:
             raise BarDataError(f"{path} lacks the column(s) {', '.join(missing)}",

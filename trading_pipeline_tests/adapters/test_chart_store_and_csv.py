@@ -107,3 +107,10 @@ def test_csv_rows_on_days_without_a_session_are_named(tmp_path):
     with pytest.raises(BarDataError, match=r"1 row\(s\) fall on no NYSE session \(2026-11-26\)") as info:
         CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF.replace(day=28))
     assert "holidays" in info.value.fix
+
+
+def test_csv_path_that_is_a_directory_is_named_not_a_crash(tmp_path):
+    (tmp_path / "AAPL_1d.csv").mkdir()
+    with pytest.raises(BarDataError, match=r"AAPL_1d.csv is not a file") as info:
+        CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert "AAPL_1d.csv" in info.value.fix
