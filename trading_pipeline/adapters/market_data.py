@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pandas as pd
 
 from trading_pipeline.core.frames import OHLCV_COLUMNS
@@ -113,6 +114,11 @@ class CsvMarketData:
         except (ValueError, TypeError) as exc:
             raise BarDataError(f"{path}: the time column has a value that is not an ISO time ({exc})",
                                "write times like 2026-11-20T14:30:00Z") from None
+        no_time = np.flatnonzero(times.isna().to_numpy())
+        if len(no_time):  # an empty cell: the row's bar cannot be placed, and must not vanish
+            raise BarDataError(f"{path}: {len(no_time)} row(s) have no time: {_rows(no_time)}",
+                               "fill in the time of those rows (counted from the first row after the header), "
+                               "or remove them")
         frame = raw[list(OHLCV_COLUMNS)].apply(pd.to_numeric, errors="coerce").astype("float64")
         frame.index = pd.DatetimeIndex(times, name="time")
         frame = frame.loc[frame.index >= history_start(history, as_of)]
@@ -130,6 +136,15 @@ class CsvMarketData:
         closed = bar_close_times(frame.index, timeframe)
         as_of_ts = pd.Timestamp(as_of).tz_convert("UTC")
         return frame.loc[(closed <= as_of_ts).to_numpy()]
+
+
+def _rows(positions, labels=None, shown: int = 5) -> str:
+    """Data rows by their 1-based number after the header (blank lines not counted), each with
+    its label (e.g. its time as written) when given: "row 2 (2026-11-19), row 5 and 3 more"."""
+    parts = [f"row {position + 1}" + (f" ({labels[position]})" if labels is not None else "")
+             for position in positions[:shown]]
+    more = len(positions) - len(parts)
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
 MARK_HISTORY = TimeframeSettings(period="1m")  # two closed sessions, even after a long holiday

@@ -114,3 +114,14 @@ def test_csv_path_that_is_a_directory_is_named_not_a_crash(tmp_path):
     with pytest.raises(BarDataError, match=r"AAPL_1d.csv is not a file") as info:
         CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
     assert "AAPL_1d.csv" in info.value.fix
+
+
+def test_csv_row_without_a_time_is_named_not_dropped(tmp_path):
+    # An empty time cell became NaT, which the history filter dropped without a word: the
+    # session's bar was silently missing (the gap check tolerates a few).
+    write_csv(tmp_path, "AAPL", "1d", [("2026-11-18", 10, 11, 9, 10.5, 1000),
+                                        (None, 10.5, 12, 10, 11.5, 1200),
+                                        ("2026-11-20", 11.5, 12, 11, 11.8, 900)])
+    with pytest.raises(BarDataError, match=r"AAPL_1d.csv: 1 row\(s\) have no time: row 2\nFix") as info:
+        CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert "time" in info.value.fix
