@@ -119,9 +119,19 @@ class CsvMarketData:
             raise BarDataError(f"{path}: {len(no_time)} row(s) have no time: {_rows(no_time)}",
                                "fill in the time of those rows (counted from the first row after the header), "
                                "or remove them")
+        labels = raw["time"].astype(str).to_numpy()
+        stamps = pd.DatetimeIndex(times).asi8
+        back = np.flatnonzero(stamps[1:] <= stamps[:-1]) + 1
+        if len(back):  # sorting silently would hide a mistyped date; the history filter would drop it
+            raise BarDataError(
+                f"{path}: {len(back)} row(s) are not in time order (at or before the row above them): "
+                f"{_rows(back, labels)}",
+                "sort the rows by time, oldest first (some exports write newest first), with one row per bar, "
+                "and check those rows for a mistyped date")
         frame = raw[list(OHLCV_COLUMNS)].apply(pd.to_numeric, errors="coerce").astype("float64")
         frame.index = pd.DatetimeIndex(times, name="time")
-        frame = frame.loc[frame.index >= history_start(history, as_of)]
+        kept = np.flatnonzero(frame.index >= history_start(history, as_of))
+        frame = frame.iloc[kept]
         # One anchoring for every source: a date-only daily row (00:00 UTC) is that date's
         # session, not the previous one, so it is not used before its session has closed.
         starts = session_start_index(frame.index, timeframe)
@@ -132,6 +142,14 @@ class CsvMarketData:
                 f"{path}: {len(unmatched)} row(s) fall on no NYSE session ({shown})",
                 "remove rows for weekends and exchange holidays, or check the time column "
                 "(a daily row's UTC date must be its session date)")
+        same_bar = np.flatnonzero(starts.duplicated())  # rows are in order: the twin is the row above
+        if len(same_bar):
+            period = "session" if timeframe == "1d" else "week"
+            raise BarDataError(
+                f"{path}: {len(same_bar)} row(s) fall in the {period} of the row above them: "
+                f"{_rows(kept[same_bar], labels)}",
+                f"keep one row per {period} in a _{timeframe} file (is it a file of another timeframe, "
+                "e.g. daily or intraday rows?)")
         frame.index = pd.DatetimeIndex(starts, name="time")
         closed = bar_close_times(frame.index, timeframe)
         as_of_ts = pd.Timestamp(as_of).tz_convert("UTC")

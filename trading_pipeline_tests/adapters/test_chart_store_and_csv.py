@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from trading_pipeline.adapters.chart_store import LocalChartStore, chart_key
-from trading_pipeline.adapters.market_data import CsvMarketData
+from trading_pipeline.adapters.market_data import CsvMarketData, marks_for
 from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
 
@@ -125,3 +125,37 @@ def test_csv_row_without_a_time_is_named_not_dropped(tmp_path):
     with pytest.raises(BarDataError, match=r"AAPL_1d.csv: 1 row\(s\) have no time: row 2\nFix") as info:
         CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
     assert "time" in info.value.fix
+
+
+def test_csv_rows_out_of_time_order_are_named_not_dropped_or_reordered(tmp_path):
+    # A mistyped year: the 2027 row was dropped as "not closed yet" and the 11-19 bar silently missing.
+    write_csv(tmp_path, "AAPL", "1d", [("2026-11-18", 10, 11, 9, 10.5, 1000),
+                                        ("2027-11-19", 10.5, 12, 10, 11.5, 1200),
+                                        ("2026-11-20", 11.5, 12, 11, 11.8, 900)])
+    source = CsvMarketData(tmp_path)
+    with pytest.raises(BarDataError, match=r"AAPL_1d.csv: 1 row\(s\) are not in time order.*row 3 \(2026-11-20\)") \
+            as info:
+        source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert "oldest first" in info.value.fix
+    # Newest first: the mark (the account's valuation) was the oldest row's close.
+    write_csv(tmp_path, "MSFT", "1d", [("2026-11-20", 11.5, 12, 11, 11.8, 900),
+                                        ("2026-11-19", 10.5, 12, 10, 11.5, 1200)])
+    with pytest.raises(BarDataError, match=r"MSFT_1d.csv: 1 row\(s\) are not in time order"):
+        source.fetch("MSFT", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert marks_for(source, ["MSFT"], AS_OF) == {}
+
+
+def test_csv_two_rows_for_one_bar_are_named(tmp_path):
+    # Daily rows in a weekly file: both became the week's bar (same start).
+    write_csv(tmp_path, "AAPL", "1w", [("2026-11-09", 10, 11, 9, 10.5, 5000),
+                                        ("2026-11-16", 10, 11, 9, 10.5, 1000),
+                                        ("2026-11-17", 10.5, 12, 10, 11.5, 1200)])
+    with pytest.raises(BarDataError, match=r"AAPL_1w.csv: 1 row\(s\) fall in the week of the row above them: "
+                                           r"row 3 \(2026-11-17\)") as info:
+        CsvMarketData(tmp_path).fetch("AAPL", "1w", TimeframeSettings(period="2y"), AS_OF)
+    assert "another timeframe" in info.value.fix
+    # A date-only row and a timed row of the same session.
+    write_csv(tmp_path, "AAPL", "1d", [("2026-11-18", 10, 11, 9, 10.5, 1000),
+                                        ("2026-11-18T14:30:00Z", 10.5, 12, 10, 11.5, 1200)])
+    with pytest.raises(BarDataError, match=r"fall in the session of the row above them: row 2"):
+        CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
