@@ -153,7 +153,29 @@ class CsvMarketData:
         frame.index = pd.DatetimeIndex(starts, name="time")
         closed = bar_close_times(frame.index, timeframe)
         as_of_ts = pd.Timestamp(as_of).tz_convert("UTC")
-        return frame.loc[(closed <= as_of_ts).to_numpy()]
+        is_closed = (closed <= as_of_ts).to_numpy()
+        frame, rows = frame.loc[is_closed], kept[is_closed]
+        # The bars are checked here too, not only by the graph's and the backtest's bar checks: the
+        # account's marks and the paper broker's fills read this source directly.
+        written = raw[list(OHLCV_COLUMNS)].iloc[rows]
+        row_at, column_at = np.nonzero(frame.isna().to_numpy() & written.notna().to_numpy())
+        if len(row_at):
+            shown = ", ".join(f"row {rows[r] + 1} {OHLCV_COLUMNS[c]} {str(written.iat[r, c])!r}"
+                              for r, c in zip(row_at[:5], column_at[:5], strict=True))
+            raise BarDataError(
+                f"{path}: {len(row_at)} cell(s) are not numbers: {shown}" + (" …" if len(row_at) > 5 else ""),
+                "write plain numbers: a dot for decimals, no thousands separators or currency signs "
+                "(e.g. 1010.5), in a comma-separated file")
+        if len(frame):
+            from trading_pipeline.core.bars import validate_bars
+
+            try:
+                validate_bars(frame)
+            except BarDataError as error:
+                raise BarDataError(f"{path}: {error.problem}",
+                                   f"correct or remove those rows in {path.name} (times are bar starts in UTC): "
+                                   f"{error.fix}") from None
+        return frame
 
 
 def _rows(positions, labels=None, shown: int = 5) -> str:

@@ -159,3 +159,25 @@ def test_csv_two_rows_for_one_bar_are_named(tmp_path):
                                         ("2026-11-18T14:30:00Z", 10.5, 12, 10, 11.5, 1200)])
     with pytest.raises(BarDataError, match=r"fall in the session of the row above them: row 2"):
         CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+
+
+def test_csv_bad_values_stop_the_source_itself_naming_the_file(tmp_path):
+    # The bar checks run in the graph's market_bars and the backtest, but the account's marks and
+    # the paper broker's fills read the source directly: a negative close became the mark.
+    write_csv(tmp_path, "AAPL", "1d", [("2026-11-19", 10.5, 12, 10, 11.5, 1200),
+                                        ("2026-11-20", 11.5, 12, 11, -11.8, 900)])
+    source = CsvMarketData(tmp_path)
+    with pytest.raises(BarDataError, match=r"AAPL_1d.csv: Price column 'close' is zero or negative") as info:
+        source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert "AAPL_1d.csv" in info.value.fix
+    assert marks_for(source, ["AAPL"], AS_OF) == {}
+    # A thousands separator is text, not a missing value: name the cell as written.
+    (tmp_path / "MSFT_1d.csv").write_text('time,open,high,low,close,volume\n2026-11-19,10,11,9,10.5,100\n'
+                                          '2026-11-20,1000,"1,010.5",990,1000,100\n')
+    with pytest.raises(BarDataError, match=r"MSFT_1d.csv: 1 cell\(s\) are not numbers: row 2 high '1,010.5'") \
+            as info:
+        source.fetch("MSFT", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert "thousands" in info.value.fix
+    # Rows not closed by as_of are still dropped before the checks (an export of a session in progress).
+    write_csv(tmp_path, "SPY", "1d", [("2026-11-19", 10.5, 12, 10, 11.5, 1200), ("2026-11-20", 11.5, 12, 11, None, 0)])
+    assert len(source.fetch("SPY", "1d", TimeframeSettings(period="1y"), AS_OF.replace(hour=15))) == 1
