@@ -85,7 +85,12 @@ class CsvMarketData:
         self.folder = Path(folder)
 
     def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
-        from trading_pipeline.core.market_calendar import bar_close_times, session_start_index
+        from trading_pipeline.core.market_calendar import (
+            CALENDAR_END,
+            CALENDAR_START,
+            bar_close_times,
+            session_start_index,
+        )
 
         path = self.folder / f"{symbol}_{timeframe}.csv"
         if not path.exists():
@@ -135,6 +140,14 @@ class CsvMarketData:
         # One anchoring for every source: a date-only daily row (00:00 UTC) is that date's
         # session, not the previous one, so it is not used before its session has closed.
         starts = session_start_index(frame.index, timeframe)
+        outside = np.flatnonzero((frame.index < pd.Timestamp(CALENDAR_START, tz="UTC"))
+                                 | (frame.index >= pd.Timestamp(CALENDAR_END, tz="UTC") + timedelta(days=1)))
+        if len(outside):
+            raise BarDataError(
+                f"{path}: {len(outside)} row(s) fall outside the exchange calendar ({CALENDAR_START} to "
+                f"{CALENDAR_END}): {_rows(kept[outside], labels)}",
+                f"remove those rows, or start the backtest later (its warm-up reaches that far back), or "
+                f"shorten the strategy's {timeframe} period")
         unmatched = frame.index[starts.isna()]
         if len(unmatched):
             shown = ", ".join(str(t.date()) for t in unmatched[:5]) + (" …" if len(unmatched) > 5 else "")

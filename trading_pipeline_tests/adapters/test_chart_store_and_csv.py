@@ -181,3 +181,16 @@ def test_csv_bad_values_stop_the_source_itself_naming_the_file(tmp_path):
     # Rows not closed by as_of are still dropped before the checks (an export of a session in progress).
     write_csv(tmp_path, "SPY", "1d", [("2026-11-19", 10.5, 12, 10, 11.5, 1200), ("2026-11-20", 11.5, 12, 11, None, 0)])
     assert len(source.fetch("SPY", "1d", TimeframeSettings(period="1y"), AS_OF.replace(hour=15))) == 1
+
+
+def test_csv_rows_outside_the_exchange_calendar_say_so(tmp_path):
+    # A backtest starting in 2001 reaches back into 1999 for its warm-up: those rows are not
+    # weekends or holidays, as the message said, but before the calendar's first session.
+    write_csv(tmp_path, "AAPL", "1d", [("1999-12-30", 10, 11, 9, 10.5, 1000),
+                                        ("1999-12-31", 10, 11, 9, 10.5, 1000),
+                                        ("2000-01-03", 10.5, 12, 10, 11.5, 1200)])
+    with pytest.raises(BarDataError, match=r"2 row\(s\) fall outside the exchange calendar \(2000-01-01 to "
+                                           r"2040-12-31\): row 1 \(1999-12-30\), row 2 \(1999-12-31\)") as info:
+        CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="2y"),
+                                      datetime(2000, 6, 1, tzinfo=timezone.utc))
+    assert "start the backtest later" in info.value.fix
