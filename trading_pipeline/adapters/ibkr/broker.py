@@ -454,8 +454,9 @@ class IBKRBroker:
             base = base if isinstance(base, dict) else {}
             daily_pnl = parse_number(base.get("realizedpnl")) or 0.0
         else:
+            missing = "has no row" if daily is None else f"gives dpl={daily.get('dpl')!r}, not a number"
             raise IBKRRequestError(
-                "IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned has no row) while "
+                f"IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned {missing}) while "
                 "positions are open, so the daily-loss limit cannot be checked",
                 "run again in a few seconds (the P&L feed starts on first use); if it persists, check the account "
                 "in Client Portal")
@@ -467,7 +468,8 @@ class IBKRBroker:
         equity = amount("netliquidation")
         cash = amount("totalcashvalue")
         if equity is None or cash is None:
-            raise IBKRRequestError("IBKR's account summary lacks netliquidation or totalcashvalue",
+            raise IBKRRequestError("IBKR's account summary lacks a usable netliquidation or totalcashvalue "
+                                   f"({summary.get('netliquidation')!r}, {summary.get('totalcashvalue')!r})",
                                    "run again; if it persists, check the account summary in Client Portal")
         return AccountState(equity=round(equity, 2), cash=round(cash, 2), positions=positions,
                             daily_pnl=round(daily_pnl, 2))

@@ -219,6 +219,27 @@ def test_positions_with_string_numbers_and_a_row_without_a_position(emulator_fac
     assert "POS000 has no usable position" in raised.value.problem
 
 
+@pytest.mark.parametrize(("path", "transform", "error", "words"), [
+    ("/portfolio/*/positions/0", lambda rows: [{**r, "position": "NaN"} for r in rows], IBKRMalformedAnswer,
+     "POS000 has no usable position ('NaN')"),
+    ("/portfolio/*/positions/0", lambda rows: [{**r, "position": "1e999"} for r in rows], IBKRMalformedAnswer,
+     "POS000 has no usable position ('1e999')"),
+    ("/portfolio/*/summary", lambda body: {**body, "netliquidation": {**body["netliquidation"], "amount": "Infinity"}},
+     IBKRRequestError, "lacks a usable netliquidation"),
+    ("/iserver/account/pnl/partitioned",
+     lambda body: {"upnl": {key: {**row, "dpl": "NaN"} for key, row in body["upnl"].items()}},
+     IBKRRequestError, "gives dpl='NaN', not a number"),
+], ids=["position-nan", "position-overflow", "equity-infinity", "daily-pnl-nan"])
+def test_account_numbers_that_are_not_finite_are_refused(emulator_factory, client_factory, path, transform, error,
+                                                         words):
+    emulator = emulator_factory(positions=2)
+    broker = IBKRBroker(client_factory(emulator))
+    emulator.inject(path, method="GET", transform=transform)
+    with pytest.raises(error) as raised:  # never a NaN position or P&L that every risk comparison lets through
+        broker.account({})
+    assert words in raised.value.problem and raised.value.fix
+
+
 def test_live_orders_as_a_bare_list_with_string_ids(emulator, client, client_factory):
     emulator.set_price("MSFT", 100.0)
     IBKRBroker(client).place("MSFT", bracket(coid="hg-live", entry=98.0), 98.0)
