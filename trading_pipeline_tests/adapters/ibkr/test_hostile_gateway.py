@@ -273,6 +273,24 @@ def test_order_answers_as_one_object_with_string_ids(emulator, broker):
     assert len(placed) == 3 and emulator.count("POST", "/iserver/reply/*") == 1  # o10331 auto-confirmed
 
 
+@pytest.mark.parametrize(("field", "value"), [("price", None), ("price", ""), ("price", "NaN"), ("price", "0"),
+                                            ("size", None), ("size", "abc"), ("size", -10)])
+def test_an_execution_without_a_usable_size_or_price_is_not_recorded_as_zero(emulator, client, client_factory,
+                                                                             tmp_path, field, value):
+    ids = tmp_path / "order-ids.json"
+    emulator.set_price("MSFT", 100.0)
+    IBKRBroker(client, id_map_path=ids).place("MSFT", bracket(coid="hg-fill", entry=100.5), 100.5)
+    emulator.new_day()  # the filled entry leaves the live list: it is found by its executions
+    emulator.inject("/iserver/account/trades", method="GET", count=10,
+                    transform=lambda rows: [{**r, field: value} if r.get("order_ref") == "hg-fill" else r
+                                            for r in rows])
+    later = IBKRBroker(client_factory(emulator), id_map_path=ids)
+    for read in (later.executions, later.find_order):  # a fill at price 0 or of 0 shares would be booked
+        with pytest.raises(IBKRMalformedAnswer) as raised:
+            read("hg-fill")
+        assert f"no usable {field} ({value!r})" in raised.value.problem and "Client Portal" in raised.value.fix
+
+
 @pytest.fixture
 def broker(client) -> IBKRBroker:
     return IBKRBroker(client)
