@@ -383,6 +383,29 @@ def test_history_out_of_order_duplicated_stringly_and_past_the_request(emulator,
     assert hostile_frame.index[-1] == pd.Timestamp("2024-03-04 14:30", tz="UTC")
 
 
+def _hourly(body):  # what a gateway that ignores bar=1d sends: each session's bars by the hour
+    hours = [{**b, "t": b["t"] + h * 3_600_000, "o": b["o"] + h, "h": b["h"] + h, "l": b["l"] + h, "c": b["c"] + h}
+             for b in body["data"] for h in range(7)]
+    return {**body, "data": hours, "barLength": 3600}
+
+
+def _same_time_other_prices(body):
+    data = body["data"]
+    return {**body, "data": [*data[:-3], {**data[-3], "c": data[-3]["c"] + 5, "h": data[-3]["h"] + 5}, *data[-3:]]}
+
+
+@pytest.mark.parametrize(("transform", "words"), [
+    (_hourly, "IBKR's history holds 7 different 1d bars for the bar starting 2023-03-0"),
+    (_same_time_other_prices, "IBKR's history holds 2 different 1d bars for the bar starting 2024-03-01T14:30:00"),
+], ids=["hourly-bars-for-1d", "one-time-two-prices"])
+def test_history_with_several_bars_for_one_session_is_refused(emulator, client, transform, words):
+    emulator.inject(HISTORY, method="GET", transform=transform)
+    with pytest.raises(BarDataError) as raised:  # keeping one of them (the last hour) made a wrong daily bar
+        IBKRMarketData(client).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert words in raised.value.problem and "not one bar per session" in raised.value.problem
+    assert "IBKR_GATEWAY_URL" in raised.value.fix
+
+
 @pytest.mark.parametrize(("transform", "words"), [
     (lambda body: {k: v for k, v in body.items() if k != "data"}, "returned no 1d bars for AAPL"),
     (lambda body: {**body, "data": {"0": body["data"][0]}}, "its 'data'"),
