@@ -83,6 +83,22 @@ def _execution_order_id(trade: dict) -> str:
     return "" if value in (None, "") else str(value)
 
 
+def _fill(trade: dict, client_order_id: str) -> tuple[float, float]:
+    """(size, price) of an IBKR execution, both positive numbers: a missing, unparseable, zero or
+    negative one must not be booked as a fill of 0 shares or at price 0."""
+    values = []
+    for field in ("size", "price"):
+        number = parse_number(trade.get(field))
+        if number is None or number <= 0:
+            raise IBKRMalformedAnswer(
+                f"IBKR execution {trade.get('execution_id')!r} of {client_order_id} has no usable {field} "
+                f"({trade.get(field)!r}), so the fill cannot be recorded",
+                "check the execution in Client Portal (Trades); the gateway's trades answer lacks IBKR's documented "
+                "positive size and price. Nothing was recorded from it; run again once the gateway answers properly")
+        values.append(number)
+    return values[0], values[1]
+
+
 class IBKRBroker:
     name = "ibkr"
 
@@ -363,9 +379,9 @@ class IBKRBroker:
         order_id = self.order_id_for(client_order_id) or ""
         fills = self._own_trades(client_order_id)
         if fills:
-            quantity = sum(parse_number(t.get("size")) or 0.0 for t in fills)
-            notional = sum((parse_number(t.get("size")) or 0.0) * (parse_number(t.get("price")) or 0.0)
-                           for t in fills)
+            sizes_prices = [_fill(t, client_order_id) for t in fills]
+            quantity = sum(size for size, _ in sizes_prices)
+            notional = sum(size * price for size, price in sizes_prices)
             return BrokerOrder(client_order_id, order_id or _execution_order_id(fills[0]), "Filled", quantity,
                                notional / quantity if quantity else None,
                                "IBKR no longer lists the order (an earlier day); found by its executions")
@@ -391,9 +407,9 @@ class IBKRBroker:
                     "check the executions in Client Portal; the gateway's trades answer lacks IBKR's documented "
                     "execution_id")
             symbol = by_conid.get(parse_conid(trade.get("conid")), str(trade.get("symbol")))
-            result.append(BrokerExecution(execution_id, client_order_id, symbol,
-                                          side, parse_number(trade.get("size")) or 0.0,
-                                          parse_number(trade.get("price")) or 0.0, self._executed_at(trade)))
+            size, price = _fill(trade, client_order_id)
+            result.append(BrokerExecution(execution_id, client_order_id, symbol, side, size, price,
+                                          self._executed_at(trade)))
         return result
 
     @staticmethod
@@ -454,8 +470,9 @@ class IBKRBroker:
             base = base if isinstance(base, dict) else {}
             daily_pnl = parse_number(base.get("realizedpnl")) or 0.0
         else:
+            missing = "has no row" if daily is None else f"gives dpl={daily.get('dpl')!r}, not a number"
             raise IBKRRequestError(
-                "IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned has no row) while "
+                f"IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned {missing}) while "
                 "positions are open, so the daily-loss limit cannot be checked",
                 "run again in a few seconds (the P&L feed starts on first use); if it persists, check the account "
                 "in Client Portal")
@@ -467,7 +484,8 @@ class IBKRBroker:
         equity = amount("netliquidation")
         cash = amount("totalcashvalue")
         if equity is None or cash is None:
-            raise IBKRRequestError("IBKR's account summary lacks netliquidation or totalcashvalue",
+            raise IBKRRequestError("IBKR's account summary lacks a usable netliquidation or totalcashvalue "
+                                   f"({summary.get('netliquidation')!r}, {summary.get('totalcashvalue')!r})",
                                    "run again; if it persists, check the account summary in Client Portal")
         return AccountState(equity=round(equity, 2), cash=round(cash, 2), positions=positions,
                             daily_pnl=round(daily_pnl, 2))

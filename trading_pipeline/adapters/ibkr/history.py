@@ -208,15 +208,35 @@ def raw_bars_frame(data: list[dict]) -> pd.DataFrame:
     return frame.astype("float64")
 
 
-def normalize_bars(raw: pd.DataFrame, timeframe: str, volume_multiplier: float) -> tuple[pd.DataFrame, int]:
+def normalize_bars(raw: pd.DataFrame, timeframe: str,
+                   volume_multiplier: float) -> tuple[pd.DataFrame, int, pd.DatetimeIndex]:
     """Raw IBKR bars -> our frame: index = session-open bar starts (UTC, named "time"), float64
     open/high/low/close/volume with volume in shares. Returns (frame, number of bars dropped
-    because no XNYS session matches their date)."""
+    because no XNYS session matches their date, the bar starts for which IBKR sent several
+    different bars). The same bar sent twice is one bar; of different bars for one start (bars
+    shorter than asked for, a time sent twice with other prices) the frame keeps the last, and the
+    caller refuses the answer if such a start is one it uses (`conflicting_bars_error`)."""
     starts = session_start_index(raw.index, timeframe)
     frame = raw.copy()
     frame.index = pd.DatetimeIndex(starts, name="time")
     frame["volume"] = frame["volume"] * float(volume_multiplier)
     unmatched = int(frame.index.isna().sum())
     frame = frame.loc[~frame.index.isna()]
+    same = pd.DataFrame(frame.to_numpy(), index=frame.index).reset_index().duplicated(keep="last").to_numpy()
+    frame = frame.loc[~same]
+    conflicts = pd.DatetimeIndex(frame.index[frame.index.duplicated()].unique(), name="time")
     frame = frame[~frame.index.duplicated(keep="last")].sort_index()
-    return frame.astype("float64"), unmatched
+    return frame.astype("float64"), unmatched, conflicts
+
+
+def conflicting_bars_error(raw: pd.DataFrame, timeframe: str, conflicts: pd.DatetimeIndex) -> IBKRMalformedAnswer:
+    """The error for several different IBKR bars on the bar starts `conflicts` (in use)."""
+    first = conflicts.min()
+    starts = pd.DatetimeIndex(session_start_index(raw.index, timeframe))
+    times = raw.index[starts == first]
+    distinct = len(raw.loc[starts == first].drop_duplicates())
+    return IBKRMalformedAnswer(
+        f"IBKR's history holds {distinct} different {timeframe} bars for the bar starting {first.isoformat()} "
+        f"(IBKR times {', '.join(t.isoformat() for t in times[:4])}; {len(conflicts)} bar(s) affected): not one "
+        f"bar per {'session' if timeframe == '1d' else 'week'}, so none of them can be taken as that bar",
+        _BAD_DATA_FIX)

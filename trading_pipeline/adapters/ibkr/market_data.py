@@ -106,7 +106,7 @@ class IBKRMarketData:
         if not frames:
             return hist.raw_bars_frame([])
         combined = pd.concat(frames[::-1])
-        return combined[~combined.index.duplicated(keep="last")].sort_index()
+        return combined.sort_index(kind="stable")  # duplicates are judged by normalize_bars
 
     def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
         from trading_pipeline.adapters.market_data import history_start
@@ -119,13 +119,17 @@ class IBKRMarketData:
             raw = self.raw_history(contract, timeframe, history.period, as_of_ts.to_pydatetime(), start)
         except IBKRError as error:
             raise BarDataError(f"IBKR history for {symbol} {timeframe}: {error.problem}", error.fix) from None
-        frame, unmatched = hist.normalize_bars(raw, timeframe, self.multiplier_for(contract))
+        frame, unmatched, conflicts = hist.normalize_bars(raw, timeframe, self.multiplier_for(contract))
         if unmatched:
             log.warning("%s %s: dropped %d IBKR bar(s) on dates without an XNYS session", symbol, timeframe,
                         unmatched)
         frame = frame.loc[frame.index >= start]
         closes = bar_close_times(frame.index, timeframe)
         frame = frame.loc[(closes.notna() & (closes <= as_of_ts)).to_numpy()]
+        used = conflicts[conflicts.isin(frame.index)]
+        if len(used):  # several different bars for a bar we keep: whichever we took would be wrong
+            error = hist.conflicting_bars_error(raw, timeframe, used)
+            raise BarDataError(f"IBKR history for {symbol} {timeframe}: {error.problem}", error.fix)
         if frame.empty:
             raise BarDataError(
                 f"IBKR returned no {timeframe} bars for {symbol} (conid {contract.conid}) closed by "

@@ -5,6 +5,7 @@ Pure functions, no I/O."""
 from __future__ import annotations
 
 import json as jsonlib
+import math
 import re
 from typing import Any
 
@@ -73,11 +74,13 @@ def parse_conid(value: Any) -> int | None:
 
 def parse_number(value: Any) -> float | None:
     """IBKR's string numbers: '1,300', '168.42', 'C168.42' (prior close), 'H...' (halted),
-    '1.2M' / '35.5K' (formatted volume). None for missing or unparseable values."""
+    '1.2M' / '35.5K' (formatted volume). None for missing or unparseable values, and for NaN and
+    infinities (JSON NaN/Infinity, "nan", "inf", "1e999"): no IBKR quantity, price or amount is
+    one, and a NaN position or P&L would pass every risk comparison as if it were a number."""
     if value is None:
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        return float(value) if math.isfinite(value) else None
     text = str(value).strip().replace(",", "")
     if not text:
         return None
@@ -89,9 +92,10 @@ def parse_number(value: Any) -> float | None:
         scale = {"K": 1e3, "M": 1e6, "B": 1e9}[text[-1]]
         text = text[:-1]
     try:
-        return float(text) * scale
+        number = float(text) * scale
     except ValueError:
         return None
+    return number if math.isfinite(number) else None
 
 
 

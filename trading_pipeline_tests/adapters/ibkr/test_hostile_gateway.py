@@ -219,6 +219,27 @@ def test_positions_with_string_numbers_and_a_row_without_a_position(emulator_fac
     assert "POS000 has no usable position" in raised.value.problem
 
 
+@pytest.mark.parametrize(("path", "transform", "error", "words"), [
+    ("/portfolio/*/positions/0", lambda rows: [{**r, "position": "NaN"} for r in rows], IBKRMalformedAnswer,
+     "POS000 has no usable position ('NaN')"),
+    ("/portfolio/*/positions/0", lambda rows: [{**r, "position": "1e999"} for r in rows], IBKRMalformedAnswer,
+     "POS000 has no usable position ('1e999')"),
+    ("/portfolio/*/summary", lambda body: {**body, "netliquidation": {**body["netliquidation"], "amount": "Infinity"}},
+     IBKRRequestError, "lacks a usable netliquidation"),
+    ("/iserver/account/pnl/partitioned",
+     lambda body: {"upnl": {key: {**row, "dpl": "NaN"} for key, row in body["upnl"].items()}},
+     IBKRRequestError, "gives dpl='NaN', not a number"),
+], ids=["position-nan", "position-overflow", "equity-infinity", "daily-pnl-nan"])
+def test_account_numbers_that_are_not_finite_are_refused(emulator_factory, client_factory, path, transform, error,
+                                                         words):
+    emulator = emulator_factory(positions=2)
+    broker = IBKRBroker(client_factory(emulator))
+    emulator.inject(path, method="GET", transform=transform)
+    with pytest.raises(error) as raised:  # never a NaN position or P&L that every risk comparison lets through
+        broker.account({})
+    assert words in raised.value.problem and raised.value.fix
+
+
 def test_live_orders_as_a_bare_list_with_string_ids(emulator, client, client_factory):
     emulator.set_price("MSFT", 100.0)
     IBKRBroker(client).place("MSFT", bracket(coid="hg-live", entry=98.0), 98.0)
@@ -250,6 +271,24 @@ def test_order_answers_as_one_object_with_string_ids(emulator, broker):
     emulator.inject(ORDERS_POST, method="POST", transform=question_as_object)
     placed = broker.place("MSFT", bracket(coid="hg-question", entry=99.5), 99.5)
     assert len(placed) == 3 and emulator.count("POST", "/iserver/reply/*") == 1  # o10331 auto-confirmed
+
+
+@pytest.mark.parametrize(("field", "value"), [("price", None), ("price", ""), ("price", "NaN"), ("price", "0"),
+                                            ("size", None), ("size", "abc"), ("size", -10)])
+def test_an_execution_without_a_usable_size_or_price_is_not_recorded_as_zero(emulator, client, client_factory,
+                                                                             tmp_path, field, value):
+    ids = tmp_path / "order-ids.json"
+    emulator.set_price("MSFT", 100.0)
+    IBKRBroker(client, id_map_path=ids).place("MSFT", bracket(coid="hg-fill", entry=100.5), 100.5)
+    emulator.new_day()  # the filled entry leaves the live list: it is found by its executions
+    emulator.inject("/iserver/account/trades", method="GET", count=10,
+                    transform=lambda rows: [{**r, field: value} if r.get("order_ref") == "hg-fill" else r
+                                            for r in rows])
+    later = IBKRBroker(client_factory(emulator), id_map_path=ids)
+    for read in (later.executions, later.find_order):  # a fill at price 0 or of 0 shares would be booked
+        with pytest.raises(IBKRMalformedAnswer) as raised:
+            read("hg-fill")
+        assert f"no usable {field} ({value!r})" in raised.value.problem and "Client Portal" in raised.value.fix
 
 
 @pytest.fixture
@@ -342,6 +381,29 @@ def test_history_out_of_order_duplicated_stringly_and_past_the_request(emulator,
     hostile_frame = IBKRMarketData(client_factory(emulator)).fetch("AAPL", "1d", settings, AS_OF)
     pd.testing.assert_frame_equal(hostile_frame, clean)
     assert hostile_frame.index[-1] == pd.Timestamp("2024-03-04 14:30", tz="UTC")
+
+
+def _hourly(body):  # what a gateway that ignores bar=1d sends: each session's bars by the hour
+    hours = [{**b, "t": b["t"] + h * 3_600_000, "o": b["o"] + h, "h": b["h"] + h, "l": b["l"] + h, "c": b["c"] + h}
+             for b in body["data"] for h in range(7)]
+    return {**body, "data": hours, "barLength": 3600}
+
+
+def _same_time_other_prices(body):
+    data = body["data"]
+    return {**body, "data": [*data[:-3], {**data[-3], "c": data[-3]["c"] + 5, "h": data[-3]["h"] + 5}, *data[-3:]]}
+
+
+@pytest.mark.parametrize(("transform", "words"), [
+    (_hourly, "IBKR's history holds 7 different 1d bars for the bar starting 2023-03-0"),
+    (_same_time_other_prices, "IBKR's history holds 2 different 1d bars for the bar starting 2024-03-01T14:30:00"),
+], ids=["hourly-bars-for-1d", "one-time-two-prices"])
+def test_history_with_several_bars_for_one_session_is_refused(emulator, client, transform, words):
+    emulator.inject(HISTORY, method="GET", transform=transform)
+    with pytest.raises(BarDataError) as raised:  # keeping one of them (the last hour) made a wrong daily bar
+        IBKRMarketData(client).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert words in raised.value.problem and "not one bar per session" in raised.value.problem
+    assert "IBKR_GATEWAY_URL" in raised.value.fix
 
 
 @pytest.mark.parametrize(("transform", "words"), [
