@@ -148,11 +148,16 @@ class OrderDesk:
                                 f"the broker answered that {coid} exists; reconciled, sent nothing again")
         self._record(decision, legs, {a.client_order_id: a for a in answers}, "unknown", "broker accepted")
         first = legs[0]
-        status = "filled" if answers and answers[0].status == "Filled" else "submitted"
+        broker_status = answers[0].status if answers else "unknown"
         price = "MKT" if first.price is None else f"@ {first.price:.2f} {first.order_type}"
-        return self._result(decision, legs, status,
-                            f"sent {first.side} {first.quantity} {decision.symbol} {price} as {coid}; broker status "
-                            f"{answers[0].status if answers else 'unknown'}")
+        sent = f"sent {first.side} {first.quantity} {decision.symbol} {price} as {coid}"
+        if broker_status in FINAL_STATUSES and broker_status != "Filled":  # accepted, then refused at once
+            return self._result(decision, legs, "rejected",
+                                f"{sent}; the broker answered {broker_status} at once: it is not working (IBKR: "
+                                "a venue or account rejection; its reason is on the order in Client Portal); "
+                                "nothing more is sent for this decision")
+        status = "filled" if broker_status == "Filled" else "submitted"
+        return self._result(decision, legs, status, f"{sent}; broker status {broker_status}")
 
     def recorded(self, decision: TradeDecision) -> OrderRecord | None:
         """What the orders of this decision are now, as the trading database knows them (the sync

@@ -1,6 +1,7 @@
 """Exactly once with the paper broker: re-runs, a crash between send and record, duplicate cOIDs.
 The paper broker fills nothing at placement: an order is working until later bars fill it."""
 
+import dataclasses
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -137,6 +138,7 @@ def test_limit_entry_stays_working_whatever_the_last_price(database_url, referen
 
 CRASHING_PROCESS = """
 import os, sys
+import dataclasses
 from datetime import datetime, timezone
 from trading_pipeline.adapters.broker import PaperBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
@@ -198,3 +200,25 @@ def test_rejected_order_is_recorded_and_not_resent(database_url):
     assert broker_orders(sessions, "tp-d5") == 0
     with sessions() as session:
         assert session.get(OrderRow, "tp-d5").status == "Rejected"
+
+
+@pytest.mark.parametrize("answered", ["Inactive", "Cancelled", "Rejected"])
+def test_an_order_the_broker_refuses_at_once_is_shown_as_rejected_not_submitted(database_url, answered):
+    """IBKR may accept a placement and answer at once that the order is not working (a venue or
+    account rejection): the orders asset must not show it as submitted, and nothing is sent again."""
+    sessions = session_factory(database_url)
+
+    class RefusingAtOnce(PaperBroker):
+        def place(self, symbol, legs, reference_price, placed_at=None):
+            answers = super().place(symbol, legs, reference_price, placed_at=placed_at)
+            return [dataclasses.replace(answers[0], status=answered), *answers[1:]]
+
+    broker = RefusingAtOnce(sessions, 100_000.0)
+    decision = buy_decision()
+    record_decision(sessions, decision)
+    legs = build_legs(decision, "DAY")
+    record = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0, placed_at=decision.as_of)
+    assert record.status == "rejected"
+    assert f"the broker answered {answered} at once: it is not working" in record.reason
+    again = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0, placed_at=decision.as_of)
+    assert again.status != "submitted" and broker_orders(sessions, "tp-d1") == 1  # never sent twice
