@@ -6,6 +6,7 @@ location from loading with a message that names the variable and the accepted va
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -166,6 +167,34 @@ def check_real_prices_for_a_trading_broker(environ: dict[str, str]) -> None:
             "unset TRADING_AS_OF (a leftover in .env?); replay the past with the backtest or TRADING_BROKER=paper")
 
 
+def env_number(environ, name: str, default: float | None, *, low: float = -math.inf, high: float = math.inf,
+               above: float | None = None, whole: bool = False, example: str | None = None,
+               error: type[ConfigError] = ConfigError) -> float | None:
+    """The number variable `name`, or `default` when it is unset or empty. A word, nan or inf, a
+    value outside [low, high] (or not above `above`), or a fraction when `whole`, raises `error`
+    naming the variable, what it must be and the fix."""
+    raw = (environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if (math.isfinite(value) and low <= value <= high and (above is None or value > above)
+            and (not whole or value.is_integer())):
+        return value
+    kind = "a whole number" if whole else "a number"
+    if above is not None:
+        bounds = f" above {above:g}"
+    elif math.isfinite(low) and math.isfinite(high):
+        bounds = f" from {low:g} to {high:g}"
+    else:
+        bounds = f" ≥ {low:g}" if math.isfinite(low) else ""
+    unset = "unset it" if default is None else f"unset it for {default:g}"
+    raise error(f"{name}={raw!r} is not {kind}{bounds}",
+                f"set {name} to {kind}{bounds}" + (f", e.g. {example}" if example else "") + f", or {unset}")
+
+
 def paper_costs(environ: dict[str, str] | None = None) -> tuple[str, float]:
     """The paper broker's commission model and slippage: TRADING_PAPER_COMMISSION (ibkr_fixed,
     the default | ibkr_tiered | none) and TRADING_PAPER_SLIPPAGE_BPS (basis points on stop and
@@ -179,13 +208,5 @@ def paper_costs(environ: dict[str, str] | None = None) -> tuple[str, float]:
                           "commission model",
                           f"set TRADING_PAPER_COMMISSION to one of: {', '.join(COMMISSION_MODELS)} "
                           f"(default {COMMISSION_MODELS[0]}), or unset it")
-    text = environ.get("TRADING_PAPER_SLIPPAGE_BPS", "").strip()
-    try:
-        slippage = float(text) if text else 0.0
-    except ValueError:
-        slippage = float("nan")
-    if not (slippage >= 0 and slippage != float("inf")):
-        raise ConfigError(f"TRADING_PAPER_SLIPPAGE_BPS={environ.get('TRADING_PAPER_SLIPPAGE_BPS')!r} is not a "
-                          "slippage in basis points",
-                          "set TRADING_PAPER_SLIPPAGE_BPS to a number >= 0 (e.g. 5 for 0.05%), or unset it for 0")
+    slippage = env_number(environ, "TRADING_PAPER_SLIPPAGE_BPS", 0.0, low=0, example="5 basis points for 0.05%")
     return model, slippage

@@ -25,7 +25,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -39,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from trading_pipeline.adapters.trading_db import Base, utcnow
+from trading_pipeline.config import env_number
 from trading_pipeline.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -229,20 +229,6 @@ class ModelPrice:
         return round((prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6, 8)
 
 
-def _float_env(environ: Mapping[str, str], name: str, *, minimum: float = 0.0) -> float | None:
-    raw = (environ.get(name) or "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value < minimum:
-        raise ConfigError(f"{name}={raw!r} is not a number ≥ {minimum:g}",
-                          f"set {name} to a number such as 2.5, or unset it")
-    return value
-
-
 def _int_env(environ: Mapping[str, str], name: str, *, minimum: int = 1) -> int | None:
     raw = (environ.get(name) or "").strip().replace("_", "")
     if not raw:
@@ -255,8 +241,8 @@ def _int_env(environ: Mapping[str, str], name: str, *, minimum: int = 1) -> int 
 
 def price_for(model: str, environ: Mapping[str, str]) -> ModelPrice | None:
     """The model's price: the environment's override, else the built-in table, else None (unknown)."""
-    price_in = _float_env(environ, PRICE_INPUT_ENV)
-    price_out = _float_env(environ, PRICE_OUTPUT_ENV)
+    price_in = env_number(environ, PRICE_INPUT_ENV, None, low=0, example="2.5")
+    price_out = env_number(environ, PRICE_OUTPUT_ENV, None, low=0, example="2.5")
     if (price_in is None) != (price_out is None):
         missing = PRICE_OUTPUT_ENV if price_out is None else PRICE_INPUT_ENV
         raise ConfigError(f"only one of {PRICE_INPUT_ENV} and {PRICE_OUTPUT_ENV} is set",
@@ -282,7 +268,7 @@ class BudgetLimits:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BudgetLimits:
         return cls(_int_env(environ, MAX_TOKENS_PER_RUN_ENV), _int_env(environ, MAX_TOKENS_PER_DAY_ENV),
-                   _float_env(environ, MAX_COST_PER_DAY_ENV))
+                   env_number(environ, MAX_COST_PER_DAY_ENV, None, low=0, example="2.5"))
 
     def describe(self) -> dict[str, Any]:
         return {MAX_TOKENS_PER_RUN_ENV: self.max_tokens_per_run, MAX_TOKENS_PER_DAY_ENV: self.max_tokens_per_day,

@@ -210,24 +210,6 @@ def refuse_run_set_switches(resource: dg.ConfigurableResource, switches: dict[st
                               "in the deployment's environment")
 
 
-def _float_env(name: str, default: float, environ, low: float = -math.inf, high: float = math.inf,
-               whole: bool = False) -> float:
-    """A number variable within [low, high] (a whole number if `whole`); nan and inf are refused."""
-    raw = (environ.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if math.isfinite(value) and low <= value <= high and (not whole or value.is_integer()):
-        return value
-    kind = "a whole number" if whole else "a number"
-    bounds = f" from {low:g} to {high:g}" if math.isfinite(low) and math.isfinite(high) else ""
-    raise ConfigError(f"{name}={environ.get(name)!r} is not {kind}{bounds}",
-                      f"set {name} to {kind}{bounds} like {default:g}, or unset it for {default:g}")
-
-
 def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
     from_process = environ is None
     environ = dict(os.environ if environ is None else environ)
@@ -260,7 +242,7 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
         "ibkr": ibkr,
         "market_data": MarketDataResource(
             mode=config.env_mode("TRADING_MARKET_DATA", environ),
-            seed=int(_float_env("TRADING_SIM_SEED", 0, environ, whole=True)),
+            seed=int(config.env_number(environ, "TRADING_SIM_SEED", 0, whole=True)),
             csv_dir=environ.get("TRADING_CSV_DIR") or None,
             ibkr=ibkr),
         "analyst": AnalystResource(mode=config.env_mode("TRADING_ANALYST", environ)),
@@ -272,11 +254,11 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
             s3_prefix=environ.get("TRADING_S3_PREFIX", ""),
             s3_endpoint_url=environ.get("AWS_ENDPOINT_URL") or None),
         "chart_renderer": ChartRendererResource(
-            width=int(_float_env("TRADING_CHART_WIDTH", 1920, environ, 100, 10_000, whole=True)),
-            height=int(_float_env("TRADING_CHART_HEIGHT", 1080, environ, 100, 10_000, whole=True))),
+            width=int(config.env_number(environ, "TRADING_CHART_WIDTH", 1920, low=100, high=10_000, whole=True)),
+            height=int(config.env_number(environ, "TRADING_CHART_HEIGHT", 1080, low=100, high=10_000, whole=True))),
         "broker": BrokerResource(
             mode=config.env_mode("TRADING_BROKER", environ),
-            paper_equity=_float_env("TRADING_PAPER_EQUITY", 100_000.0, environ, 1, 1e12),
+            paper_equity=config.env_number(environ, "TRADING_PAPER_EQUITY", 100_000.0, low=1, high=1e12),
             database=database,
             ibkr=ibkr),
     }

@@ -71,7 +71,7 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     ("IBKR_READ_TIMEOUT", "inf", "not a number"),
     ("IBKR_HISTORY_CONCURRENCY", "nan", "not a number"),
     ("IBKR_HISTORY_VOLUME_MULTIPLIER", "abc", "not a number"),
-    ("IBKR_HISTORY_VOLUME_MULTIPLIER", "-100", "must be positive"),
+    ("IBKR_HISTORY_VOLUME_MULTIPLIER", "-100", "is not a number above 0"),
     # Loaded before; every IBKR step and the session sensor then failed on it, run after run.
     ("IBKR_GATEWAY_URL", "localhost:5000/v1/api", "not an http(s) URL"),
     ("IBKR_GATEWAY_URL", "https://localhost:5000", "does not end with /v1/api"),
@@ -126,3 +126,23 @@ def test_an_alert_webhook_that_is_not_a_url_stops_the_load_without_echoing_it(va
     message = str(info.value)
     assert "TRADING_ALERT_WEBHOOK_URL" in message and "http(s) URL" in message and "Fix:" in message
     assert "s3cr3tT0ken" not in message  # a webhook URL carries its token
+
+
+@pytest.mark.parametrize("value, bounds, problem", [
+    ("nan", {}, "X='nan' is not a number"),
+    ("1e999", {}, "X='1e999' is not a number"),
+    ("-1", {"low": 0}, "X='-1' is not a number ≥ 0"),
+    ("0", {"above": 0}, "X='0' is not a number above 0"),
+    ("11", {"low": 1, "high": 10}, "X='11' is not a number from 1 to 10"),
+    ("2.5", {"whole": True}, "X='2.5' is not a whole number"),
+])
+def test_one_reader_for_every_number_variable(value, bounds, problem):
+    """config.env_number: the load's, IBKR's and the model price's number variables all read so."""
+    from trading_pipeline.config import env_number
+
+    assert env_number({}, "X", 7.0, **bounds) == 7.0 and env_number({"X": " "}, "X", None, **bounds) is None
+    with pytest.raises(ConfigError) as info:
+        env_number({"X": value}, "X", 7.0, **bounds)
+    assert info.value.problem == problem and info.value.fix.startswith("set X to ")
+    assert info.value.fix.endswith("or unset it for 7")
+    assert env_number({"X": "3"}, "X", None, low=1, high=10, whole=True) == 3.0

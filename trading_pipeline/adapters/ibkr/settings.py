@@ -3,14 +3,13 @@ validates these variables when it loads, without importing the client (httpx, pa
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from trading_pipeline.adapters.ibkr.errors import IBKRConfigError
 from trading_pipeline.adapters.ibkr.pacing import Pacing
-from trading_pipeline.config import env_flag
+from trading_pipeline.config import env_flag, env_number
 
 DEFAULT_GATEWAY_URL = "https://localhost:5000/v1/api"
 # Question ids confirmed without a human: warnings that are inherent to the pipeline's own orders.
@@ -65,19 +64,8 @@ def check_gateway_url(url: str) -> str:
 
 
 def positive_number(env, name: str, default: float | None, example: str) -> float | None:
-    """A positive, finite number variable, or `default` when unset; nan and inf are not numbers."""
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise IBKRConfigError(f"{name}={raw!r} is not a number", f"set {name} to {example}")
-    if value <= 0:
-        raise IBKRConfigError(f"{name}={raw!r} must be positive", f"set {name} to {example}")
-    return value
+    """A number variable above 0, or `default` when unset (config.env_number, raising IBKRConfigError)."""
+    return env_number(env, name, default, above=0, example=example, error=IBKRConfigError)
 
 
 def settings_from_env(environ: dict[str, str] | None = None) -> dict:

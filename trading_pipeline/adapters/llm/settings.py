@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from trading_pipeline.adapters import model_calls
 from trading_pipeline.adapters.model_calls import BudgetLimits, ModelPrice
+from trading_pipeline.config import env_number
 from trading_pipeline.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -83,11 +83,11 @@ class OpenAISettings:
         if raw_temperature in ("none", "omit", "unset"):
             temperature = None
         else:
-            temperature = _number(environ, "OPENAI_TEMPERATURE", raw_temperature, 0.0, 2.0)
+            temperature = env_number({"OPENAI_TEMPERATURE": raw_temperature}, "OPENAI_TEMPERATURE", None,
+                                     low=0.0, high=2.0, example="0 (or none to leave it out)")
 
         def number(name: str, low: float, high: float) -> float:
-            raw = (environ.get(name) or "").strip()
-            return float(DEFAULTS[name]) if not raw else _number(environ, name, raw, low, high)
+            return env_number(environ, name, float(DEFAULTS[name]), low=low, high=high)
 
         return cls(
             api_key=api_key, base_url=base_url, model=model, vision=vision,
@@ -103,17 +103,6 @@ class OpenAISettings:
             cache=model_calls.cache_enabled(environ, run_tags),
             anonymize=raw_anonymize in YES,
         )
-
-
-def _number(environ: Mapping[str, str], name: str, raw: str, low: float, high: float) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ConfigError(f"{name}={environ.get(name)!r} is not a number from {low:g} to {high:g}",
-                          f"set {name} to a number in that range, or unset it for the default")
-    return value
 
 
 def _limits(environ: Mapping[str, str], model: str) -> BudgetLimits:
