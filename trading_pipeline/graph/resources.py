@@ -7,7 +7,6 @@ Dagster launchpad, except the safety switches, which only the deployment sets (B
 
 import functools
 import logging
-import math
 import os
 import threading
 from pathlib import Path
