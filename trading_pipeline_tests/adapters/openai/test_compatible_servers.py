@@ -219,6 +219,19 @@ def choice(**fields):
      "empty"),
     ("content null with a refusal", choice(message={"role": "assistant", "content": None, "refusal": "I can't."}),
      "the model refused: I can't.", "refusal"),
+    # OpenAI's refusal content part is {"type": "refusal", "refusal": ...}; some servers put the text in "text".
+    ("a refusal as a content part", choice(finish_reason="stop", message={
+        "role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with trading."}]}),
+     "the model refused: I can't help with trading.", "refusal"),
+    ("a refusal part with its text in text", choice(finish_reason="stop", message={
+        "role": "assistant", "content": [{"type": "refusal", "text": "No."}]}), "the model refused: No.", "refusal"),
+    ("a refusal part after text parts", choice(finish_reason="stop", message={
+        "role": "assistant", "content": [{"type": "text", "text": '{"signal": '},
+                                         {"type": "refusal", "refusal": "I stopped: not financial advice."}]}),
+     "the model refused: I stopped: not financial advice.", "refusal"),
+    ("a refusal field and the same refusal as a part", choice(finish_reason="stop", message={
+        "role": "assistant", "refusal": "I can't help.", "content": [{"type": "refusal", "refusal": "I can't help."}]}),
+     "the model refused: I can't help.", "refusal"),
     ("truncated JSON", scripted(lambda b: answer_json(b)[:80], finish_reason="length"),
      "cut off at the output token limit (finish_reason=length); raise OPENAI_MAX_OUTPUT_TOKENS", "truncated"),
     ("all tokens spent on reasoning", choice(finish_reason="length", message={
@@ -241,6 +254,7 @@ def test_incomplete_completions_are_no_trade_and_recorded(make_analyst, openai_s
     assert "unexpected error" not in analysis.invalid_reason, case
     [row] = rows(sessions)  # the call is in the log (and so counts against the budgets)
     assert row.status == status and row.outcome == f"invalid: {analysis.invalid_reason}"
+    assert analysis.invalid_reason.count("the model refused") <= 1
     assert row.total_tokens > 0
     assert len(openai_server.requests) == 1  # not retried: the server answered
 
