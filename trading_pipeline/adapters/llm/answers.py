@@ -229,6 +229,19 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
     return content
 
 
+# Control characters, line breaks included: a model name is one line of plain text.
+_ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def answered_model(body: Any) -> str | None:
+    """The model the server says answered (the completion's `model`), control characters replaced by
+    '?'; None when it names none. Redacted and cut to the column's length by the caller."""
+    name = body.get("model") if isinstance(body, Mapping) else None
+    if not isinstance(name, str):
+        return None
+    return _ANY_CONTROL.sub("?", name).strip() or None
+
+
 def reported_usage(body: Mapping[str, Any]) -> tuple[int, int] | None:
     """(prompt, completion) tokens as the server reports them, or None when missing or not believable
     (nulls, text, booleans, negative or absurd counts, or a zero: every request has a prompt, and a
