@@ -1,7 +1,8 @@
 """Model calls in the trading database: the call log, token/cost budgets, the response cache, prices.
 
 Tables (on the trading database's `Base`, created on first use):
-- `llm_calls`: one row per HTTP attempt and per cache hit or budget refusal: model, prompt version,
+- `llm_calls`: one row per HTTP attempt and per cache hit or budget refusal: model (asked for, and
+  the one the server says answered), prompt version,
   image sha256, vision, response format, the request (Authorization redacted, the base64 image
   replaced by its sha256), the raw response, tokens, latency, estimated cost, status and outcome.
   Attempts of one logical call share a `call_id`.
@@ -70,7 +71,9 @@ class ModelCallRow(Base):
     symbol: Mapped[str] = mapped_column(String(16), index=True)
     timeframe: Mapped[str | None] = mapped_column(String(8))
     endpoint: Mapped[str] = mapped_column(String(255))  # base URL without credentials
-    model: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128))  # the model asked for (OPENAI_MODEL)
+    # The model the server says answered (its `model`), cleaned; a cache hit carries the cached answer's.
+    answered_model: Mapped[str | None] = mapped_column(String(128))
     prompt_version: Mapped[str] = mapped_column(String(64))
     image_sha256: Mapped[str | None] = mapped_column(String(64))
     vision: Mapped[bool] = mapped_column(Boolean)
@@ -96,7 +99,8 @@ class ModelResponseCacheRow(Base):
     __tablename__ = "llm_response_cache"
     cache_key: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
-    model: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128))  # asked for; part of the key
+    answered_model: Mapped[str | None] = mapped_column(String(128))  # not part of the key
     prompt_version: Mapped[str] = mapped_column(String(64))
     image_sha256: Mapped[str | None] = mapped_column(String(64))
     context_sha256: Mapped[str] = mapped_column(String(64))
@@ -217,6 +221,28 @@ PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
     "gpt-5-nano": (0.05, 0.40),
 }
 _SNAPSHOT = re.compile(r"^(?:openai/)?(?P<base>.+?)(?:-\d{4}-\d{2}-\d{2})?$")
+
+
+# What follows the asked name in a dated snapshot of it: gpt-4o-2024-08-06, gpt-4-0613.
+_SNAPSHOT_SUFFIX = re.compile(r"-\d[\d-]*")
+
+
+def same_model(asked: str, answered: str) -> bool:
+    """Is the model a server says answered the model asked for? The same name (any case), a dated
+    snapshot of it (`gpt-4o` answered as `gpt-4o-2024-08-06`), or Ollama's default tag (`:latest`).
+    Not any name starting with the asked one: `gpt-4o-mini` is another, cheaper model than `gpt-4o`."""
+    asked, answered = asked.strip().lower(), answered.strip().lower()
+    if answered in (asked, f"{asked}:latest"):
+        return True
+    return answered.startswith(f"{asked}-") and bool(_SNAPSHOT_SUFFIX.fullmatch(answered[len(asked):]))
+
+
+def answered_model_note(asked: str, answered: str | None) -> str | None:
+    """The how-obtained note of an answer another model gave, or None (no name given, or the same model).
+    The call is still priced (and budgeted) at the asked model's price: the only one configured."""
+    if not answered or same_model(asked, answered):
+        return None
+    return f"answered by {answered}, asked for {asked}; cost estimates use {asked}'s price"
 
 
 @dataclass(frozen=True)
@@ -443,6 +469,7 @@ class CachedResponse:
     vision: bool
     response_format: str
     call_id: str
+    answered_model: str | None = None
 
 
 class ResponseCache:
@@ -455,7 +482,7 @@ class ResponseCache:
             row = session.get(ModelResponseCacheRow, key)
             if row is None:
                 return None
-            return CachedResponse(row.content, row.vision, row.response_format, row.call_id)
+            return CachedResponse(row.content, row.vision, row.response_format, row.call_id, row.answered_model)
 
 
 def cache_enabled(environ: Mapping[str, str], run_tags: Mapping[str, str] | None = None) -> bool:
@@ -503,6 +530,7 @@ def summarize_calls(sessions: sessionmaker[Session], *, run_id: str | None, symb
         "latency_ms_total": round(sum(r.latency_ms for r in http), 1),
         "latency_ms_max": round(max((r.latency_ms for r in http), default=0.0), 1),
         "models": sorted({r.model for r in rows}),
+        "answered_models": sorted({r.answered_model for r in rows if r.answered_model}),
         "prompt_versions": sorted({r.prompt_version for r in rows}),
         "image_sha256": sorted({r.image_sha256 for r in rows if r.image_sha256}),
         "vision": sorted({r.vision for r in rows if r.status in (OK, CACHE_HIT)}),

@@ -93,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
         raise UserError(f"the backtest settings are invalid: {problems}", "correct the option(s) named") from None
+    runner.check_window(settings)  # before connecting to anything or loading bars
     sessions = None if args.no_save else _sessions()
     source = _ibkr_source() if settings.data == "ibkr" else None
     started = time.perf_counter()

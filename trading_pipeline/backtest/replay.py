@@ -58,7 +58,8 @@ class CacheOnlyCaller:
                            f"(key {key[:12]}): NO_TRADE")
         answer, notes = parse_cached(cached.content, answer_model)
         self.hits += 1
-        return Answer(answer, cached.vision, cached.response_format, f"replay-{key[:12]}", cached=True, notes=notes)
+        return Answer(answer, cached.vision, cached.response_format, f"replay-{key[:12]}", cached=True, notes=notes,
+                      model_note=model_calls.answered_model_note(self.model, cached.answered_model))
 
     def settle(self, result, call_id: str, outcome: str) -> str | None:
         return None  # a replay writes nothing to the call log
@@ -102,7 +103,8 @@ def load_answers(sessions: sessionmaker[Session], model: str) -> dict[str, model
     with sessions() as session:
         rows = session.execute(select(model_calls.ModelResponseCacheRow).where(
             model_calls.ModelResponseCacheRow.model == model)).scalars()
-        return {row.cache_key: model_calls.CachedResponse(row.content, row.vision, row.response_format, row.call_id)
+        return {row.cache_key: model_calls.CachedResponse(row.content, row.vision, row.response_format, row.call_id,
+                                                          row.answered_model)
                 for row in rows}
 
 

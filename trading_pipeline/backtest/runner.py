@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 import pandas as pd
 
+from trading_pipeline import config
 from trading_pipeline.adapters.market_data import MarketDataSource
 from trading_pipeline.backtest import data
 from trading_pipeline.backtest.engine import Backtest, BacktestAnalyst, BacktestResult, code_version
 from trading_pipeline.backtest.settings import INDICATOR_GRID_KEYS, BacktestSettings
+from trading_pipeline.core import market_calendar
 from trading_pipeline.core.indicators import IndicatorParams
 from trading_pipeline.core.market_calendar import CALENDAR_END, CALENDAR_START
 from trading_pipeline.core.strategies import StrategiesFile, Strategy, load_strategies
@@ -64,15 +66,42 @@ def knowledge_cutoff_warning(settings: BacktestSettings, model: str | None) -> s
     return None
 
 
-def load(settings: BacktestSettings, *, strategies_file: StrategiesFile | None = None,
-         source: MarketDataSource | None = None) -> tuple[Strategy, dict[str, dict[str, pd.DataFrame]], dict[str, pd.Series]]:
-    """The strategy, its bars for the window plus warm-up, and the extra benchmark closes."""
+def check_window(settings: BacktestSettings, now: datetime | None = None) -> None:
+    """Refuse (UserError) a window outside the exchange calendar, or one holding a session that has
+    not closed by `now` (default: the deployment's now, config.trading_now): the simulated market
+    would invent its bars, IBKR and CSV files have none, and a backtest replays the past only."""
     first, last = date.fromisoformat(CALENDAR_START), date.fromisoformat(CALENDAR_END)
     if settings.start < first or settings.end >= last:  # the last session's close is past the calendar's end
         raise UserError(f"the window {settings.start}..{settings.end} is outside the exchange calendar, which runs "
                         f"from {first} to {last}",
                         f"choose a start on or after {first} (later still for the indicators' warm-up) and an end "
                         f"before {last}")
+    now = now or config.trading_now()
+    calendar = market_calendar.calendar()
+    closed = market_calendar.last_closed_session(now)
+    if closed is not None and closed >= calendar.last_session:
+        return  # every session of the calendar has closed
+    unclosed = calendar.next_session(closed) if closed is not None else calendar.first_session
+    if unclosed.date() <= settings.end:
+        when = f"{pd.Timestamp(now).tz_convert('UTC'):%Y-%m-%d %H:%M} UTC"
+        missing = "the simulated market would invent them" if settings.data == "simulated" else \
+            f"the {settings.data} data cannot have them"
+        if closed is None:
+            raise UserError(f"no session of the exchange calendar has closed as of {when}: a backtest needs "
+                            "completed sessions", "check TRADING_AS_OF (or the run's trading/as_of tag)")
+        raise UserError(
+            f"the window ends {settings.end}, after the last completed session {closed.date()} (as of {when}): "
+            f"the session of {unclosed.date()} has not closed, so its bars do not exist yet ({missing})",
+            f"set end to {closed.date()} or earlier (--end, or the backtest config's end); a backtest replays "
+            "completed sessions only")
+
+
+def load(settings: BacktestSettings, *, strategies_file: StrategiesFile | None = None,
+         source: MarketDataSource | None = None,
+         now: datetime | None = None) -> tuple[Strategy, dict[str, dict[str, pd.DataFrame]], dict[str, pd.Series]]:
+    """The strategy, its bars for the window plus warm-up, and the extra benchmark closes. The window
+    is checked first (`check_window`, against `now`)."""
+    check_window(settings, now)
     strategies_file = strategies_file or load_strategies()
     strategy = strategy_named(strategies_file, settings.strategy)
     symbols = list(settings.symbols or strategy.symbols)
@@ -116,6 +145,4 @@ def run_backtest(settings: BacktestSettings, *, strategies_file: StrategiesFile 
 
 
 def history_cache_folder() -> Path:
-    from trading_pipeline import config
-
     return config.data_dir() / "backtest_history"

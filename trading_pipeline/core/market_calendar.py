@@ -230,6 +230,13 @@ def closed_session(ts: datetime) -> pd.Timestamp | None:
     return session
 
 
+def last_closed_session(ts: datetime) -> pd.Timestamp | None:
+    """The last session whose close is at or before `ts` (early closes included), or None before
+    the calendar's first close."""
+    position = int(_schedule_ns()[1].searchsorted(_ns(ts), side="right")) - 1
+    return _session_label(position) if position >= 0 else None
+
+
 def is_last_session_of_week(session: pd.Timestamp) -> bool:
     following = calendar().next_session(session)
     return following.isocalendar()[:2] != session.isocalendar()[:2]

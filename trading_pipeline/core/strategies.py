@@ -161,26 +161,91 @@ class StrategiesFile(_Strict):
         )
 
 
+# Aliases share a block (one risk: for several strategies); past this many repeated values they are
+# a nested-alias bomb ("billion laughs"): a few lines that expand to billions of values.
+MAX_ALIAS_REPEATED_VALUES = 10_000
+
+
 class _SelfReference(Exception):
     def __init__(self, line: int):
         self.line = line
 
 
-def _line_index(node: yaml.Node, path: tuple = (), ancestors: frozenset[int] = frozenset()) -> dict[tuple, int]:
-    """Map each key path (as pydantic reports it) to its 1-based line in the file. An anchor whose
-    alias sits inside it (`strategies: &a [*a]`) raises _SelfReference with the anchor's line."""
-    if id(node) in ancestors:
-        raise _SelfReference(node.start_mark.line + 1)
-    ancestors = ancestors | {id(node)}
+class _TooManyRepeats(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+class _AliasLinesLoader(yaml.SafeLoader):
+    """Composes like SafeLoader and records the 1-based line of each alias (*name), in file order;
+    the node graph keeps only the anchored node an alias points at, not where the alias was."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.alias_lines: list[int] = []
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.alias_lines.append(self.peek_event().start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def _compose(text: str) -> tuple[yaml.Node | None, list[int]]:
+    loader = _AliasLinesLoader(text)
+    try:
+        return loader.get_single_node(), loader.alias_lines
+    finally:
+        loader.dispose()
+
+
+def _check_aliases(root: yaml.Node, alias_lines: list[int]) -> None:
+    """Walk the node graph once, in file order, counting the values each alias repeats. Raises
+    _SelfReference (with the anchor's line) for an anchor that contains itself through an alias, and
+    _TooManyRepeats (with the alias's line) once aliases repeat more than MAX_ALIAS_REPEATED_VALUES
+    values. Linear in the written file: a node reached a second time is an alias, not walked again."""
+    sizes: dict[int, int] = {}  # id(node) -> values it stands for once expanded
+    open_nodes: set[int] = set()
+    aliases = iter(alias_lines)
+    repeated = 0
+
+    def size(node: yaml.Node) -> int:
+        nonlocal repeated
+        if id(node) in open_nodes:
+            raise _SelfReference(node.start_mark.line + 1)
+        if id(node) in sizes:
+            # In file order the k-th node met again is the k-th alias the composer saw.
+            line = next(aliases, node.start_mark.line + 1)
+            repeated += sizes[id(node)]
+            if repeated > MAX_ALIAS_REPEATED_VALUES:
+                raise _TooManyRepeats(line)
+            return sizes[id(node)]
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1 + sum(size(child) for child in children)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Map each key path (as pydantic reports it) to its 1-based line in the file. Run after
+    _check_aliases: the graph has no loop and expands to a bounded number of values."""
     lines = {path: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
-            lines.update(_line_index(value_node, path + (key,), ancestors))
+            lines.update(_line_index(value_node, path + (key,)))
             lines[path + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            lines.update(_line_index(item, path + (i,), ancestors))
+            lines.update(_line_index(item, path + (i,)))
     return lines
 
 
@@ -225,15 +290,40 @@ FIX_HINT = (
 )
 
 
+def _not_valid_yaml(exc: yaml.YAMLError, source: str) -> StrategiesFileError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    problem = getattr(exc, "problem", None) or str(exc)
+    return StrategiesFileError(f"{where}: not valid YAML ({problem})", FIX_HINT)
+
+
 def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data: Any = yaml.safe_load(text)
+        root, alias_lines = _compose(text)
+        if root is not None:
+            _check_aliases(root, alias_lines)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise StrategiesFileError(f"{where}: not valid YAML ({problem})", FIX_HINT) from None
+        raise _not_valid_yaml(exc, source) from None
+    except RecursionError:
+        raise StrategiesFileError(
+            f"{source}: lists or blocks are nested too deeply to read (hundreds of levels)",
+            "a strategies file nests a few levels (strategies, a strategy, its risk:); "
+            "see trading_pipeline/data/strategies.yaml") from None
+    except _SelfReference as loop:
+        raise StrategiesFileError(
+            f"{source}:{loop.line}: the anchor (&) defined here contains itself through an alias (*)",
+            "replace the alias with the values it should repeat, or point it at an anchor outside it") from None
+    except _TooManyRepeats as bomb:
+        raise StrategiesFileError(
+            f"{source}:{bomb.line}: aliases (*) repeat more than {MAX_ALIAS_REPEATED_VALUES:,} values by this "
+            "line (aliases of aliases multiply: a few lines can stand for billions of values)",
+            "write the values out, or use an alias only to share a block such as one risk: for several "
+            "strategies") from None
+    try:
+        # Built only now that the aliases are known to expand to a bounded number of values.
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # e.g. a tag SafeLoader does not build (!!python/object)
+        raise _not_valid_yaml(exc, source) from None
     if root is None or not isinstance(data, dict):
         raise StrategiesFileError(
             f"{source}:1: the file must be a mapping with a top-level 'strategies:' list", FIX_HINT
@@ -245,12 +335,7 @@ def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
             f"{source}:{second}: {key!r} is written twice in the same block (first at line {first}); "
             "YAML would silently keep only the last one",
             "keep one of the two and merge what the other said into it")
-    try:
-        lines = _line_index(root)
-    except _SelfReference as loop:
-        raise StrategiesFileError(
-            f"{source}:{loop.line}: the anchor (&) defined here contains itself through an alias (*)",
-            "replace the alias with the values it should repeat, or point it at an anchor outside it") from None
+    lines = _line_index(root)
     try:
         parsed = StrategiesFile.model_validate(data)
     except ValidationError as exc:

@@ -100,3 +100,18 @@ def test_backtest_asset_shows_statistics_and_chart_and_stores_the_run(tmp_path):
                                              .where(table.run_key == run_key))
         assert count(BacktestEquityRow) == count(BacktestDecisionRow) == 124
 
+
+
+def test_the_backtest_asset_refuses_an_end_after_the_runs_point_in_time(tmp_path):
+    environment = {"TRADING_DATA_DIR": str(tmp_path / "data")}
+    defs = build_definitions(STRATEGIES, resources_from_env(environment))
+    config = {"ops": {"backtest": {"config": {"start": "2024-01-01", "end": "2024-12-31"}}}}
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = defs.resolve_job_def("run_backtest").execute_in_process(
+            partition_key="parity", instance=instance, run_config=config, raise_on_error=False,
+            tags={AS_OF_TAG: "2024-06-05T15:00:00+00:00"})
+        assert not result.success
+        [failure] = [e for e in result.all_node_events if e.is_failure]
+        message = failure.step_failure_data.user_failure_data.description
+        assert "after the last completed session 2024-06-04" in message and "set end to 2024-06-04" in message
+        assert instance.get_latest_materialization_event(dg.AssetKey("backtest")) is None

@@ -149,9 +149,10 @@ def live_frames(session: date) -> dict[str, MarketFrame]:
         SimulatedMarketData().fetch("SPY", timeframe, periods[timeframe], as_of))) for timeframe in ("1d", "1w")}
 
 
-@pytest.mark.parametrize("anonymize", [False, True], ids=["chart", "anonymized chart"])
+@pytest.mark.parametrize("anonymize, answered_by", [(False, None), (True, None), (False, "other-model")],
+                         ids=["chart", "anonymized chart", "answered by another model"])
 def test_llm_replay_finds_the_answers_a_live_run_got_on_the_same_date(tmp_path, openai_server, monkeypatch,
-                                                                      anonymize):
+                                                                      anonymize, answered_by):
     from trading_pipeline.adapters.openai_analyst import OpenAIAnalyst
     from trading_pipeline_tests.adapters.openai.conftest import API_KEY, chart_for
     from trading_pipeline_tests.adapters.openai.local_server import good
@@ -159,7 +160,15 @@ def test_llm_replay_finds_the_answers_a_live_run_got_on_the_same_date(tmp_path, 
     session = date(2024, 6, 4)
     png = blank_png(1920, 1080)  # what is drawn does not matter: the key is what the chart shows
     sessions = session_factory(f"sqlite:///{tmp_path / 'trading.db'}")
-    openai_server.reset(default=good())
+    good_answer = good()
+
+    def answer(body):
+        reply = good_answer(body)
+        if answered_by:  # the live analyses say who answered; the replayed ones must say it too
+            reply.body["model"] = answered_by
+        return reply
+
+    openai_server.reset(default=answer)
     live = OpenAIAnalyst.from_env({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": openai_server.base_url,
                                    "OPENAI_MODEL": MODEL, "OPENAI_ANONYMIZE_CHARTS": "yes" if anonymize else "no"},
                                   sessions, run_id="live", render_png=lambda figure: png)
@@ -167,6 +176,8 @@ def test_llm_replay_finds_the_answers_a_live_run_got_on_the_same_date(tmp_path, 
     consolidated = live.consolidate(analyses["1d"], analyses["1w"])
     live.close()
     assert all(a.valid and a.signal.value == "BUY" for a in analyses.values())
+    assert all((f"answered by {answered_by}, asked for {MODEL}" in a.rationale) is bool(answered_by)
+               for a in analyses.values())
     assert consolidated.proposal.action.value == "BUY" and len(openai_server.requests) == 3
 
     block_the_network(monkeypatch)

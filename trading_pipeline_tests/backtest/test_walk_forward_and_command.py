@@ -3,6 +3,8 @@ prints the report (with a walk-forward section) and stores the run."""
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime
+
 import pytest
 from sqlalchemy import select
 
@@ -11,6 +13,7 @@ from trading_pipeline.backtest import runner
 from trading_pipeline.backtest.__main__ import main
 from trading_pipeline.backtest.store import BacktestRunRow
 from trading_pipeline.backtest.walk_forward import score, split, walk_forward
+from trading_pipeline.errors import UserError
 from trading_pipeline_tests.backtest.conftest import STRATEGIES, settings
 
 
@@ -92,3 +95,44 @@ def test_a_window_outside_the_exchange_calendar_is_refused_with_its_range(start,
     err = capsys.readouterr().err
     assert "outside the exchange calendar" in err and "Fix:" in err
     assert "Traceback" not in err
+
+
+# A Wednesday, 11:00 in New York: the session of 2024-06-05 is in progress, 2024-06-04 is the last completed one.
+DURING_A_SESSION = datetime(2024, 6, 5, 15, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("data", ["simulated", "csv", "ibkr"])
+def test_a_window_ending_after_the_last_completed_session_is_refused_for_every_source(data, tmp_path):
+    ended = settings(data=data, csv_dir=str(tmp_path) if data == "csv" else None,
+                     start=date(2024, 1, 2), end=date(2024, 6, 5))
+    with pytest.raises(UserError) as info:
+        runner.load(ended, strategies_file=STRATEGIES, source=NoBars(), now=DURING_A_SESSION)
+    assert "ends 2024-06-05, after the last completed session 2024-06-04" in info.value.problem
+    assert "2024-06-05 has not closed" in info.value.problem
+    assert info.value.fix.startswith("set end to 2024-06-04 or earlier")
+
+
+@pytest.mark.parametrize("end, now", [
+    (date(2024, 6, 5), datetime(2024, 6, 5, 20, 0, tzinfo=UTC)),  # at the session's close (16:00 in New York)
+    (date(2024, 6, 9), datetime(2024, 6, 8, 12, 0, tzinfo=UTC)),  # a Sunday end on Saturday: Friday has closed
+    (date(2024, 7, 3), datetime(2024, 7, 3, 17, 0, tzinfo=UTC)),  # an early close (13:00 in New York)
+])
+def test_a_window_whose_sessions_have_all_closed_is_accepted(end, now):
+    runner.check_window(settings(start=date(2024, 1, 2), end=end), now)
+
+
+def test_the_command_refuses_an_end_in_the_future_before_loading_anything(tmp_path, monkeypatch, capsys):
+    # It ran: the simulated market invented bars for sessions that had not happened, and the report showed them.
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TRADING_AS_OF", DURING_A_SESSION.isoformat())  # the deployment's now
+    assert main(["--start", "2024-03-01", "--end", "2024-12-31", "--quiet", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert "after the last completed session 2024-06-04" in err and "Fix: set end to 2024-06-04" in err
+    assert "Loading bars" not in err and "Traceback" not in err
+
+
+class NoBars:
+    name = "no bars"
+
+    def fetch(self, *args):
+        raise AssertionError("the window is refused before any bar is asked for")

@@ -78,3 +78,15 @@ def test_a_time_without_a_zone_is_refused():
 
 def test_the_describe_text_of_the_next_open():
     assert market_calendar.describe_next_open(datetime(2024, 7, 3, 17, 30, tzinfo=UTC)) == "Fri 2024-07-05 09:30 EDT"
+
+
+@pytest.mark.parametrize("moment, session", [
+    (datetime(2024, 6, 5, 15, 0, tzinfo=UTC), "2024-06-04"),  # during a session: the one before
+    (datetime(2024, 6, 5, 20, 0, tzinfo=UTC), "2024-06-05"),  # at its close
+    (datetime(2024, 6, 9, 12, 0, tzinfo=UTC), "2024-06-07"),  # a Sunday: Friday
+    (datetime(2024, 7, 3, 17, 0, tzinfo=UTC), "2024-07-03"),  # after an early close (13:00 in New York)
+    (datetime(1999, 6, 1, tzinfo=UTC), None),  # before the calendar
+])
+def test_the_last_closed_session(moment, session):
+    found = market_calendar.last_closed_session(moment)
+    assert (found.date().isoformat() if found is not None else None) == session

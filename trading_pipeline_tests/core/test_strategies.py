@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from trading_pipeline.core.strategies import DEFAULT_STRATEGIES_FILE, load_strategies, parse_strategies
@@ -118,3 +120,57 @@ def test_an_anchor_that_contains_itself_is_refused_not_a_recursion_error():
     with pytest.raises(StrategiesFileError) as info:
         parse_strategies("strategies: &loop\n  - *loop\n", source="my.yaml")
     assert "my.yaml:1:" in str(info.value) and "contains itself" in str(info.value)
+
+
+def billion_laughs(levels: int = 9, width: int = 10) -> str:
+    """The classic nested-alias bomb: 9 lines, each repeating the previous one 10 times (10**9 values)."""
+    lines = ['lol0: &lol0 "lol"']
+    for level in range(1, levels):
+        lines.append(f"lol{level}: &lol{level} [" + ", ".join([f"*lol{level - 1}"] * width) + "]")
+    lines.append(f"strategies: *lol{levels - 1}")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_nested_alias_bomb_is_refused_fast_with_the_line_of_the_alias():
+    started = time.perf_counter()
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(billion_laughs(), source="bomb.yaml")
+    assert time.perf_counter() - started < 1.0
+    message = str(info.value)
+    # lol1-lol3 repeat 1,230 values; lol4 (line 5) repeats lol3's 1,111 ten times and crosses 10,000.
+    assert "bomb.yaml:5:" in message and "aliases (*) repeat more than 10,000 values" in message
+    assert "Fix:" in message and "write the values out" in message
+
+
+def test_the_alias_that_crosses_the_bound_is_named_in_a_block_list():
+    big = "big: &big [" + ", ".join(["AAPL"] * 2_000) + "]\n"
+    text = big + "strategies:\n" + "".join(["  - *big\n"] * 4) + "  - *big\n  - *big\n"
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(text, source="my.yaml")
+    # Each *big repeats 2,001 values: the sixth, on line 7, makes 12,006.
+    assert "my.yaml:7:" in str(info.value)
+
+
+def test_an_anchor_shared_by_strategies_and_a_merge_key_still_load():
+    text = """\
+strategies:
+  - name: s1
+    symbols: [AAPL]
+    timeframes: &frames
+      1d: {period: 2y}
+      1w: {period: 6y}
+    risk: &careful {min_r: 2.0, risk_per_trade: 0.005}
+  - name: s2
+    symbols: [MSFT]
+    timeframes: *frames
+    risk: {<<: *careful, min_r: 3.0}
+"""
+    parsed = parse_strategies(text)
+    assert [s.risk.min_r for s in parsed.strategies] == [2.0, 3.0]
+    assert parsed.strategies[1].risk.risk_per_trade == 0.005
+
+
+def test_lists_nested_thousands_deep_are_refused_not_a_recursion_error():
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies("strategies: " + "[" * 5_000 + "]" * 5_000, source="deep.yaml")
+    assert "deep.yaml: lists or blocks are nested too deeply" in str(info.value)

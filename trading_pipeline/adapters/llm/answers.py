@@ -153,6 +153,33 @@ def parse_cached(content: str, model: type[BaseModel]) -> tuple[BaseModel, tuple
         return parse_answer(content, model)
 
 
+def _content_and_refusals(message: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """The message's content (content parts' text joined) and its refusal texts, each once. The
+    API's message has `content` and `refusal` (text or null); servers also give content as parts,
+    `{"type": "text", "text": ...}` and a refusal as `{"type": "refusal", "refusal": ...}` (some
+    with its text in `text`). A refusal anywhere is the answer: the model refused."""
+    refusals: list[str] = []
+
+    def refused(text: Any) -> None:
+        text = str(text).strip() if text is not None else ""
+        if text and text not in refusals:
+            refusals.append(text)
+
+    refused(message.get("refusal") or None)
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, Mapping):
+                continue
+            if part.get("type") == "refusal":
+                refused(part.get("refusal") or part.get("text") or "(no reason given)")
+            elif isinstance(part.get("text"), str):
+                texts.append(part["text"])
+        content = "".join(texts)
+    return content, refusals
+
+
 def completion_content(body: Any, text: str | None, headers: Mapping[str, str] | None, http_status: int | None,
                        endpoint: str) -> str:
     """The answer text of a chat completion (`body`, or None when `text` is not JSON); Unusable (with a
@@ -177,15 +204,12 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
     choice = choices[0] if isinstance(choices[0], Mapping) else {}
     message = choice.get("message") if isinstance(choice.get("message"), Mapping) else {}
     finish = choice.get("finish_reason")
-    refusal = message.get("refusal")
-    if refusal:
-        raise Unusable(f"the model refused: {str(refusal)[:300]}", "refusal")
+    content, refusals = _content_and_refusals(message)
+    if refusals:
+        raise Unusable(f"the model refused: {' '.join(refusals)[:300]}", "refusal")
     if finish == "content_filter":
         raise Unusable("the server's content filter stopped the answer (finish_reason=content_filter)",
                        "content_filter")
-    content = message.get("content")
-    if isinstance(content, list):  # some servers return content parts
-        content = "".join(p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
     if content is not None and not isinstance(content, str):
         raise Unusable(f"the model's content is not text (got {type(content).__name__})", "empty")
     if not content or not content.strip():
@@ -203,6 +227,19 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
         raise Unusable("the answer was cut off at the output token limit (finish_reason=length); "
                        "raise OPENAI_MAX_OUTPUT_TOKENS", "truncated")
     return content
+
+
+# Control characters, line breaks included: a model name is one line of plain text.
+_ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def answered_model(body: Any) -> str | None:
+    """The model the server says answered (the completion's `model`), control characters replaced by
+    '?'; None when it names none. Redacted and cut to the column's length by the caller."""
+    name = body.get("model") if isinstance(body, Mapping) else None
+    if not isinstance(name, str):
+        return None
+    return _ANY_CONTROL.sub("?", name).strip() or None
 
 
 def reported_usage(body: Mapping[str, Any]) -> tuple[int, int] | None:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from trading_pipeline.adapters import model_calls
 from trading_pipeline.adapters.llm.answers import (
     Unusable,
+    answered_model,
     completion_content,
     parse_answer,
     parse_cached,
@@ -49,6 +50,7 @@ from trading_pipeline.prompts import Prompt
 log = logging.getLogger(__name__)
 
 MAX_FALLBACKS = 4  # adaptations to a server's 400s within one call
+MAX_MODEL_NAME = 128  # llm_calls.answered_model's length
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Answer:
     call_id: str
     cached: bool
     notes: tuple[str, ...] = ()  # what was removed around the JSON (reasoning, prose)
+    model_note: str | None = None  # another model than the one asked for answered (model_calls.answered_model_note)
     # Written together with the outcome, in one transaction, once the answer has been judged:
     row: dict[str, Any] | None = None  # the successful attempt (or the cache hit)
     cache_put: tuple[str, dict[str, Any]] | None = None  # (key, fields) of a fresh schema-valid answer
@@ -73,6 +76,8 @@ class Answer:
         elif self.response_format != "json_schema":
             notes.append("server without json_schema or json_object: answered in plain-prompt mode "
                          "(no response_format, schema in the prompt)")
+        if self.model_note:
+            notes.append(self.model_note)
         notes.extend(self.notes)
         return notes
 
@@ -197,8 +202,9 @@ class ModelCaller:
         call_id = uuid.uuid4().hex
         row = {"call_id": call_id, "attempt": 0, "vision": cached.vision, "response_format": cached.response_format,
                "cache_hit": True, "status": model_calls.CACHE_HIT, "response": cached.content,
-               "request": {"cache_of_call": cached.call_id}, **common}
+               "request": {"cache_of_call": cached.call_id}, "answered_model": cached.answered_model, **common}
         return Answer(answer, cached.vision, cached.response_format, call_id, cached=True, notes=notes,
+                      model_note=model_calls.answered_model_note(self.settings.model, cached.answered_model),
                       row=row, cache_hit_key=key)
 
     def _accept(self, sent: Sent, row: dict, attempt: int, latency_ms: float, estimate: int,
@@ -211,10 +217,15 @@ class ModelCaller:
         except (ValueError, RecursionError):
             body = None
         usage = reported_usage(body) if isinstance(body, dict) else None
+        # Who answered, as the server says: recorded, and noted when it is not the model asked for. The
+        # cost stays at the asked model's price (the only one configured) and the cache key stays the asked
+        # model's: answers cached before are still found.
+        answered = self.redactor.text(answered_model(body))
+        answered = answered[:MAX_MODEL_NAME] if answered else None
         prompt_tokens, completion_tokens = usage if usage else (estimate - s.max_output_tokens, s.max_output_tokens)
         accounted = {"attempt": attempt, "http_status": sent.http_status, "response": sent.text,
                      "latency_ms": latency_ms, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "usage_estimated": usage is None,
+                     "usage_estimated": usage is None, "answered_model": answered,
                      "cost_usd": s.price.cost(prompt_tokens, completion_tokens) if s.price else None, **row}
         content = redacted = None
         try:
@@ -234,9 +245,10 @@ class ModelCaller:
         # The cache entry is stored even when the cache is bypassed: the fresh answer serves the next run.
         cache_fields = {"kind": row["kind"], "model": s.model, "prompt_version": row["prompt_version"],
                         "image_sha256": row["image_sha256"], "context_sha256": context_sha, "content": redacted,
-                        "vision": row["vision"], "response_format": row["response_format"], "call_id": call_id}
+                        "vision": row["vision"], "response_format": row["response_format"], "call_id": call_id,
+                        "answered_model": answered}
         return Answer(answer, row["vision"], row["response_format"], call_id, cached=False, notes=notes,
-                      row={"status": model_calls.OK, **accounted}, cache_put=(key, cache_fields))
+                      model_note=model_calls.answered_model_note(s.model, answered), row={"status": model_calls.OK, **accounted}, cache_put=(key, cache_fields))
 
     def unusable(self, call_id: str | None, reason: str) -> Unusable:
         """The error ending a call: its reason redacted (it becomes the NO_TRADE reason, shown and stored)."""

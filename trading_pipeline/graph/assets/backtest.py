@@ -13,7 +13,7 @@ from pydantic import Field
 
 from trading_pipeline.core.strategies import StrategiesFile
 from trading_pipeline.errors import UserError
-from trading_pipeline.graph.assets.common import fail, thumbnail_markdown
+from trading_pipeline.graph.assets.common import fail, run_as_of, thumbnail_markdown
 from trading_pipeline.graph.resources import (
     ChartRendererResource,
     ChartStoreResource,
@@ -86,7 +86,8 @@ def build_backtest_assets(strategies_file: StrategiesFile) -> list:
             source = HistoryCache(source, runner.history_cache_folder())
         analyst_factory = replay.analyst_factory(settings, sessions) if settings.analyst == "llm_replay" else None
         try:
-            loaded = runner.load(settings, strategies_file=strategies_file, source=source)
+            # The run's point in time bounds the window: no session that has not closed by then.
+            loaded = runner.load(settings, strategies_file=strategies_file, source=source, now=run_as_of(context))
         except UserError as error:
             raise fail(error) from None
 

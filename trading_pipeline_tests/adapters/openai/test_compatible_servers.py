@@ -219,6 +219,19 @@ def choice(**fields):
      "empty"),
     ("content null with a refusal", choice(message={"role": "assistant", "content": None, "refusal": "I can't."}),
      "the model refused: I can't.", "refusal"),
+    # OpenAI's refusal content part is {"type": "refusal", "refusal": ...}; some servers put the text in "text".
+    ("a refusal as a content part", choice(finish_reason="stop", message={
+        "role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with trading."}]}),
+     "the model refused: I can't help with trading.", "refusal"),
+    ("a refusal part with its text in text", choice(finish_reason="stop", message={
+        "role": "assistant", "content": [{"type": "refusal", "text": "No."}]}), "the model refused: No.", "refusal"),
+    ("a refusal part after text parts", choice(finish_reason="stop", message={
+        "role": "assistant", "content": [{"type": "text", "text": '{"signal": '},
+                                         {"type": "refusal", "refusal": "I stopped: not financial advice."}]}),
+     "the model refused: I stopped: not financial advice.", "refusal"),
+    ("a refusal field and the same refusal as a part", choice(finish_reason="stop", message={
+        "role": "assistant", "refusal": "I can't help.", "content": [{"type": "refusal", "refusal": "I can't help."}]}),
+     "the model refused: I can't help.", "refusal"),
     ("truncated JSON", scripted(lambda b: answer_json(b)[:80], finish_reason="length"),
      "cut off at the output token limit (finish_reason=length); raise OPENAI_MAX_OUTPUT_TOKENS", "truncated"),
     ("all tokens spent on reasoning", choice(finish_reason="length", message={
@@ -241,6 +254,7 @@ def test_incomplete_completions_are_no_trade_and_recorded(make_analyst, openai_s
     assert "unexpected error" not in analysis.invalid_reason, case
     [row] = rows(sessions)  # the call is in the log (and so counts against the budgets)
     assert row.status == status and row.outcome == f"invalid: {analysis.invalid_reason}"
+    assert analysis.invalid_reason.count("the model refused") <= 1
     assert row.total_tokens > 0
     assert len(openai_server.requests) == 1  # not retried: the server answered
 
@@ -637,3 +651,61 @@ def test_a_nul_in_the_consolidation_rationale_is_no_trade(make_analyst, openai_s
     consolidated = analyst.consolidate(d, w)
     assert consolidated.proposal.action == Action.NO_TRADE
     assert "rationale: Value error, holds the control character U+0000" in consolidated.rationale
+
+
+# --- 8. a server answering with another model's name ----------------------------------------------
+
+
+def answered_by(model):
+    """A sound answer, sent under the model name `model` (whatever was asked for)."""
+    return lambda body: Reply(200, completion(answer_json(body), model=model))
+
+
+def test_an_answer_by_another_model_is_used_recorded_and_noted_and_the_cache_keeps_the_note(
+        make_analyst, openai_server, daily, png, sessions):
+    openai_server.reset(answered_by("gpt-4o-mini"))
+    first = make_analyst(run_id="run-1").analyze(daily, chart_for(png), png)
+    note = "[answered by gpt-4o-mini, asked for gpt-4.1-mini; cost estimates use gpt-4.1-mini's price]"
+    assert first.valid and first.signal == Action.BUY and note in first.rationale
+    [row] = rows(sessions)
+    assert (row.model, row.answered_model) == ("gpt-4.1-mini", "gpt-4o-mini")
+    assert row.cost_usd == pytest.approx((1200 * 0.40 + 300 * 1.60) / 1e6)  # the configured model's price
+
+    # The cache key is the asked model's, as before: the next run finds the answer, and says who gave it.
+    openai_server.reset(default=error(500, "the cache should have answered"))
+    second = make_analyst(run_id="run-2").analyze(daily, chart_for(png), png)
+    assert openai_server.requests == [] and second == first
+    fresh, hit = rows(sessions)
+    assert hit.cache_hit and hit.cache_key == fresh.cache_key and hit.answered_model == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize("asked, answered", [
+    ("gpt-4o", "gpt-4o-2024-08-06"),  # a dated snapshot of the asked model is the asked model
+    ("gpt-4.1-mini", "gpt-4.1-mini"),
+])
+def test_the_asked_model_or_its_snapshot_gets_no_note(make_analyst, openai_server, daily, png, sessions,
+                                                      asked, answered):
+    openai_server.reset(answered_by(answered))
+    analysis = make_analyst(OPENAI_MODEL=asked).analyze(daily, chart_for(png), png)
+    assert analysis.valid and "answered by" not in analysis.rationale
+    [row] = rows(sessions)
+    assert (row.model, row.answered_model) == (asked, answered)
+
+
+@pytest.mark.parametrize("case, model, recorded", [
+    ("not text", {"name": "gpt-4o"}, None),
+    ("empty", "", None),
+    ("the API key", API_KEY, "[REDACTED]"),
+    ("control characters", "evil\u0000\u001b[2Jmodel", "evil??[2Jmodel"),
+    ("10,000 characters", "m" * 10_000, "m" * 128),
+])
+def test_a_hostile_model_name_is_cleaned_before_it_is_recorded_or_shown(make_analyst, openai_server, daily, png,
+                                                                        sessions, case, model, recorded):
+    openai_server.reset(answered_by(model))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert analysis.valid, (case, analysis.invalid_reason)
+    [row] = rows(sessions)
+    assert row.answered_model == recorded
+    assert API_KEY not in analysis.rationale and "\u0000" not in analysis.rationale
+    assert "\u001b" not in analysis.rationale and "m" * 129 not in analysis.rationale
+    assert (f"answered by {recorded}," in analysis.rationale) is (recorded is not None)

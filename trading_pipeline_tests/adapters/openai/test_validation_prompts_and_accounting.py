@@ -188,3 +188,20 @@ def test_redactor_removes_every_run_of_8_characters_of_a_secret_and_keeps_shorte
     assert redactor.text(text) == (
         "a [REDACTED] b [REDACTED] c [REDACTED] d [REDACTED] e [REDACTED] f support Q7vXm2L [REDACTED]")
     assert redactor.json({"error": {"message": f"key ending {key[-9:]}"}}) == {"error": {"message": "key ending [REDACTED]"}}
+
+
+@pytest.mark.parametrize("asked, answered, same", [
+    ("gpt-4o", "gpt-4o", True),
+    ("gpt-4o", "gpt-4o-2024-08-06", True),  # OpenAI's dated snapshot
+    ("gpt-4", "gpt-4-0613", True),
+    ("openai/gpt-4o-mini", "openai/gpt-4o-mini-2024-07-18", True),
+    ("GPT-4o", "gpt-4o", True),
+    ("llama3.2-vision", "llama3.2-vision:latest", True),  # Ollama's default tag
+    ("gpt-4o", "gpt-4o-mini", False),  # starts with the asked name and a '-', but another (cheaper) model
+    ("gpt-4o", "gpt-4o-mini-2024-07-18", False),
+    ("gpt-4", "gpt-4-1106-preview", False),
+    ("my-azure-deployment", "gpt-4o-2024-08-06", False),
+    ("gpt-4.1-mini", "gpt-4.1", False),
+])
+def test_which_answered_model_names_are_the_asked_model(asked, answered, same):
+    assert model_calls.same_model(asked, answered) is same
