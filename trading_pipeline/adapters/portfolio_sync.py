@@ -6,7 +6,8 @@ executions (partial fills and commissions included), keeps each position's prote
 sized to it, snapshots positions and the account (valued at the marks), keeps the books by
 position (core/books.py: FIFO trades with net P&L and realized R), and flags drift: orders or
 positions at the broker that the pipeline does not know about or that disagree with what its
-executions imply, and a pipeline position without a working stop-loss.
+executions imply, and a pipeline position without a working stop-loss. A stop-loss or take-profit
+still working once its position is gone (ORPHAN_GRACE) is cancelled.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from trading_pipeline.adapters.trading_db import (
 )
 from trading_pipeline.core.books import Fill, describe_duration, match_trades
 from trading_pipeline.core.risk import AccountState, Mark, WorkingEntry
-from trading_pipeline.errors import OrderRejectedError
+from trading_pipeline.errors import OrderRejectedError, UserError
 
 # An orders step writes 'submitting' and sends within seconds (its HTTP calls time out well before
 # this). A row still unknown to the broker after two minutes never reached it (the process died
@@ -37,6 +38,12 @@ from trading_pipeline.errors import OrderRejectedError
 SUBMITTING_GRACE = timedelta(minutes=2)
 UNCONFIRMED = ("submitting", "unknown")  # states the pipeline wrote without the broker's word
 NEVER_REACHED = "never reached the broker (sync)"
+# A stop-loss or take-profit left working with no position (closed by hand, say) opens one on the
+# other side when it fills, so the sync cancels it, but only once the position is really gone: a
+# position just opened can be missing from the broker's list for a while (IBKR's positions lag its
+# fills). So the broker must have reported no position in every sync since one made after the
+# order's entry last changed (its fills) and after the position was last seen, at least this long ago.
+ORPHAN_GRACE = timedelta(minutes=2)
 
 
 @dataclass
@@ -167,6 +174,15 @@ def working_symbols(sessions: sessionmaker[Session]) -> set[str]:
         return set(session.scalars(select(OrderRow.symbol).where(OrderRow.status.not_in(FINAL_STATUSES))))
 
 
+def symbols_in_play(sessions: sessionmaker[Session]) -> set[str]:
+    """The pipeline's symbols with an order that may still work or a position its executions imply:
+    the broker must report positions under these names (IBKR matches them by conid: BRK.B is 'BRK B'
+    there), or the sync would find such a position gone and cancel its stop as orphaned."""
+    with sessions() as session:
+        implied = set(_implied_positions(session))
+    return working_symbols(sessions) | implied
+
+
 # --- executions, marks, account -------------------------------------------------------------------
 
 def _record_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
@@ -293,13 +309,66 @@ def _resize(session: Session, broker: Broker, row: OrderRow, held: float, why: s
     return True
 
 
+def _no_position_since(session: Session, broker_name: str, row: OrderRow) -> datetime | None:
+    """When the syncs began to find no position for the protective order `row`: the first sync
+    after its entry last changed and after the symbol's position was last seen (each sync since
+    found none too), or None when no such sync was made yet. This sync is not counted: its
+    snapshot is written after the check."""
+    entry = row.parent_client_order_id or row.client_order_id
+    changed = session.scalar(select(func.max(OrderEventRow.at)).where(OrderEventRow.client_order_id == entry))
+    seen = session.scalar(select(func.max(PositionSnapshotRow.taken_at)).where(
+        PositionSnapshotRow.broker == broker_name, PositionSnapshotRow.symbol == row.symbol))
+    after = max(as_utc(t) for t in (row.created_at, changed, seen) if t is not None)
+    first = session.scalar(select(func.min(AccountSnapshotRow.taken_at)).where(
+        AccountSnapshotRow.broker == broker_name, AccountSnapshotRow.taken_at > after))
+    return as_utc(first) if first is not None else None
+
+
+def _cancel_orphans(session: Session, broker: Broker, symbol: str, rows: list[OrderRow],
+                    result: _Protection) -> None:
+    """Working stop-loss and take-profit orders of a symbol the broker reports no position for:
+    each is cancelled once the position is really gone (ORPHAN_GRACE), else reported as drift."""
+    grace = f"{ORPHAN_GRACE.total_seconds() / 60:g} minutes"
+    for row in rows:
+        kind = row.role.replace("_", "-")
+        what = f"{symbol}: the working {kind} {row.client_order_id} ({row.side} {row.quantity - row.filled_quantity:g})"
+        since = _no_position_since(session, broker.name, row)
+        if since is None or datetime.now(UTC) - since < ORPHAN_GRACE:
+            result.drift.append(f"{what} has no position at the broker: a sync {grace} or more after the first one "
+                                "finding none cancels it if it finds none either (a position just opened may not be "
+                                "listed yet); cancel it at the broker now if the position was closed by hand")
+            continue
+        why = (f"no {symbol} position at the broker in the syncs since {since:%Y-%m-%d %H:%M} UTC; filled, this "
+               f"{kind} would have opened a position on the other side")
+        session.commit()  # a broker keeping its state in this database (paper, SQLite) must be able to write
+        try:
+            answer = broker.cancel(row.client_order_id)
+        except UserError as error:
+            result.drift.append(f"{what} has had no position since {since:%Y-%m-%d %H:%M} UTC, and cancelling it "
+                                f"failed ({error.problem}): cancel it at the broker now; {error.fix}")
+            continue
+        if answer is None:
+            result.drift.append(f"{what} has had no position since {since:%Y-%m-%d %H:%M} UTC, and the broker does "
+                                "not know that order: check the symbol's orders at the broker and cancel it there")
+            continue
+        detail = (f"cancelled by the sync: {why}" if answer.status == "Cancelled"
+                  else f"{answer.status} when the sync cancelled it: {why}")
+        change = f"{row.client_order_id}: {row.status} → {answer.status} ({detail})"
+        row.filled_quantity = answer.filled_quantity
+        row.average_fill_price = answer.average_fill_price or row.average_fill_price
+        _record_change(session, row, answer.status, f"sync: {detail}")
+        result.changes.append(change)
+        result.changed.add(row.client_order_id)
+
+
 def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
                        implied: dict[str, float]) -> _Protection:
     """Compare each position with the stop-loss orders protecting it and fix what can be fixed:
     a stop (and take-profit) larger than the position, once its entry is done (a partial
     take-profit, or a partial entry whose remainder expired or was cancelled), is resized to the
-    position, so that it can never trade more than is held. What cannot be fixed is drift; a
-    position the pipeline opened with no working stop-loss is reported as unprotected."""
+    position, so that it can never trade more than is held; one whose position is gone is
+    cancelled. What cannot be fixed is drift; a position the pipeline opened with no working
+    stop-loss is reported as unprotected."""
     result = _Protection()
     symbols = {row.symbol for row in session.scalars(select(OrderRow).where(
         OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.status.not_in(FINAL_STATUSES)))}
@@ -314,16 +383,8 @@ def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
                                 "the broker and protect the position with a stop on the other side")
             continue
         covered = sum(row.quantity - row.filled_quantity for row in stops)
-        if position == 0:
-            if stops:
-                result.drift.append(f"{symbol}: working stop-loss orders for {covered:g} shares but no position: "
-                                    "cancel them before they trigger")
-            targets = _working_exits(session, symbol, "take_profit")
-            if targets:  # e.g. the position closed by hand: a take-profit left working would open one
-                result.drift.append(f"{symbol}: working take-profit orders for "
-                                    f"{sum(row.quantity - row.filled_quantity for row in targets):g} shares but no "
-                                    "position: cancel them before they fill (each would open a position on the "
-                                    "other side)")
+        if position == 0:  # e.g. the position closed by hand: what is left working would open one
+            _cancel_orphans(session, broker, symbol, stops + _working_exits(session, symbol, "take_profit"), result)
             continue
         if not stops:
             if implied.get(symbol):

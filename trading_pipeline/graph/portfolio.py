@@ -144,12 +144,14 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
                    trading_db: TradingDatabaseResource, chart_renderer: ChartRendererResource,
                    chart_store: ChartStoreResource):
     from trading_pipeline.adapters.market_data import marks_from_daily_bars
-    from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_symbols
+    from trading_pipeline.adapters.portfolio_sync import symbols_in_play, sync_portfolio, working_symbols
     from trading_pipeline.core.strategies import TimeframeSettings
 
     as_of = run_as_of(context)
-    the_broker = broker.broker()
     sessions = trading_db.sessions()
+    # Positions under the pipeline's own symbols (IBKR's BRK B is the strategy's BRK.B): under another
+    # name a position would look gone, and the sync cancel its stop as orphaned.
+    the_broker = broker.broker(symbols=tuple(sorted(symbols_in_play(sessions))))
     symbols = set(the_broker.account({}, as_of).positions) | working_symbols(sessions)
     if hasattr(the_broker, "working_symbols"):
         symbols |= set(the_broker.working_symbols())
@@ -201,7 +203,8 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
 sync_portfolio_job = dg.define_asset_job(
     SYNC_JOB, selection=dg.AssetSelection.assets("positions", "executions", "account_summary"),
     description="Advance order states (reconcile crash leftovers), record executions, resize stops to their "
-                "positions, refresh positions and the account at the marks, keep the books, flag drift.")
+                "positions, cancel those whose position is gone, refresh positions and the account at the "
+                "marks, keep the books, flag drift.")
 
 
 def market_session_active(now: datetime) -> bool:
@@ -215,7 +218,7 @@ def market_session_active(now: datetime) -> bool:
            default_status=dg.DefaultSensorStatus.STOPPED,
            description="During market hours, syncs orders, executions and positions with the broker every 5 minutes. "
                        "Sends no new order; it resizes a protective stop (and take-profit) that is larger than "
-                       "its position. Off until you turn it on.")
+                       "its position, and cancels one whose position is gone. Off until you turn it on.")
 def order_status_sensor(context: dg.SensorEvaluationContext):
     now = datetime.now(UTC)
     if not market_session_active(now):

@@ -10,11 +10,18 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from trading_pipeline.adapters.broker import PaperBroker
+from trading_pipeline.adapters.broker import PaperBroker, as_utc
 from trading_pipeline.adapters.order_desk import OrderDesk
-from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
+from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, working_entries
 from trading_pipeline.adapters.records import record_decision
-from trading_pipeline.adapters.trading_db import PaperOrderRow, OrderEventRow, OrderRow, session_factory
+from trading_pipeline.adapters.trading_db import (
+    AccountSnapshotRow,
+    OrderEventRow,
+    OrderRow,
+    PaperOrderRow,
+    PositionSnapshotRow,
+    session_factory,
+)
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
 from trading_pipeline.core.fills import DailyBar, Leg, expiry_of, first_live_session, leg_fill
@@ -386,15 +393,30 @@ def test_a_stop_larger_than_the_position_is_resized_by_the_sync(database_url):
     assert "AAPL: broker holds 30, the pipeline's executions imply 50" in report.drift  # the sale by hand
 
 
-def test_a_stop_with_no_position_left_is_flagged_as_drift(database_url):
+def test_a_stop_with_no_position_left_is_flagged_then_cancelled(database_url):
     sessions = session_factory(database_url)
     broker = open_long(sessions, "flat")
     sell_by_hand(broker, "manual-2", 50, "2026-09-03")
     drift = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)}).drift
-    assert "AAPL: working stop-loss orders for 50 shares but no position: cancel them before they trigger" in drift
-    # and its take-profit, which would sell short once the price reaches it
-    assert any(line.startswith("AAPL: working take-profit orders for 50 shares but no position: cancel them")
-               for line in drift)
+    # the stop, and its take-profit, which would sell short once the price reaches it
+    for leg in ("tp-flat-sl", "tp-flat-tp"):
+        assert any(line.startswith(f"AAPL: the working {'stop-loss' if leg.endswith('sl') else 'take-profit'} "
+                                   f"{leg} (SELL 50) has no position at the broker: a sync 2 minutes or more after")
+                   for line in drift)
+    with sessions() as session:  # the syncs so far were ORPHAN_GRACE ago (so was the bracket, and its fill)
+        for row in [*session.scalars(select(AccountSnapshotRow)), *session.scalars(select(PositionSnapshotRow))]:
+            row.taken_at = as_utc(row.taken_at) - ORPHAN_GRACE
+        for event in session.scalars(select(OrderEventRow)):
+            event.at = as_utc(event.at) - ORPHAN_GRACE
+        for order in session.scalars(select(OrderRow)):
+            order.created_at = as_utc(order.created_at) - ORPHAN_GRACE
+        session.commit()
+    # a later sync finds no position either: the position is really gone
+    report = sync_portfolio(sessions, broker, {"AAPL": Mark(99.0)})
+    assert {broker.find_order(leg).status for leg in ("tp-flat-sl", "tp-flat-tp")} == {"Cancelled"}
+    assert sum(line.startswith(("tp-flat-sl: Submitted → Cancelled", "tp-flat-tp: Submitted → Cancelled"))
+               for line in report.status_changes) == 2
+    assert report.drift == ["AAPL: broker holds 0, the pipeline's executions imply 50"]  # the sale by hand
 
 
 def test_the_paper_account_at_a_point_in_time_leaves_out_later_fills(database_url):

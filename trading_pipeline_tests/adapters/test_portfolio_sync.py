@@ -13,17 +13,19 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from trading_pipeline.adapters.broker import BrokerExecution, BrokerOrder, PaperBroker
+from trading_pipeline.adapters.broker import BrokerExecution, BrokerOrder, PaperBroker, as_utc
 from trading_pipeline.adapters.market_data import marks_from_daily_bars
 from trading_pipeline.adapters.order_desk import OrderDesk
 from trading_pipeline.adapters.portfolio_sync import (
     NEVER_REACHED,
+    ORPHAN_GRACE,
     SUBMITTING_GRACE,
     sync_portfolio,
     working_entries,
 )
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import (
+    AccountSnapshotRow,
     ExecutionRow,
     OrderEventRow,
     OrderRow,
@@ -99,7 +101,8 @@ class HeldOrder:
 class BookBroker:
     """Orders and fills in memory. Children work once their parent has a fill (IBKR sizes them to the
     parent); a child filled completely cancels its siblings (one-cancels-other). `fill` is what the
-    market does; `refuse_modify` makes the next modify fail as a broker refusal does."""
+    market does; `refuse_modify` makes the next modify fail as a broker refusal does; positions of
+    `unlisted` symbols are left out of the account, as IBKR's positions lag its fills."""
 
     name = "book"
 
@@ -111,6 +114,8 @@ class BookBroker:
         self.refuse_modify: str | None = None
         self.modified: list[tuple[str, dict]] = []
         self.account_calls: list[tuple[dict, datetime | None]] = []
+        self.unlisted: set[str] = set()
+        self.cancelled: list[str] = []  # cancel requests, in order
 
     def _answer(self, coid: str) -> BrokerOrder:
         order = self.orders[coid]
@@ -143,6 +148,7 @@ class BookBroker:
     def cancel(self, client_order_id):
         if client_order_id not in self.orders:
             return None
+        self.cancelled.append(client_order_id)
         if self.orders[client_order_id].status not in ("Filled", "Cancelled"):
             self.orders[client_order_id].status = "Cancelled"
         return self._answer(client_order_id)
@@ -187,7 +193,7 @@ class BookBroker:
             held[f.symbol] = [quantity + signed, cost + signed * f.price]
         positions = {}
         for symbol, (quantity, cost) in held.items():
-            if quantity:
+            if quantity and symbol not in self.unlisted:
                 price = marks[symbol].price if symbol in marks else cost / quantity
                 positions[symbol] = Position(quantity, round(cost / quantity, 4), price)
         equity = self.cash + sum(p.market_value for p in positions.values())
@@ -439,6 +445,99 @@ def test_a_pipeline_position_without_a_working_stop_is_flagged_loudly(memory_ses
                "the broker now (or close the position); the pipeline keeps a stop on every position it opened "
                "until it is flat")
     assert report.unprotected == [problem] and problem in report.drift
+
+
+# --- 4b. protective orders whose position is gone ---------------------------------------------------
+
+def earlier(sessions, by: timedelta):
+    """Everything recorded so far (orders, their events, the syncs' snapshots) happened `by` earlier."""
+    with sessions() as session:
+        for row in session.scalars(select(OrderRow)):
+            row.created_at = as_utc(row.created_at) - by
+        for event in session.scalars(select(OrderEventRow)):
+            event.at = as_utc(event.at) - by
+        for snapshot in [*session.scalars(select(AccountSnapshotRow)), *session.scalars(select(PositionSnapshotRow))]:
+            snapshot.taken_at = as_utc(snapshot.taken_at) - by
+        session.commit()
+
+
+def sell_by_hand(broker: BookBroker, quantity: int, symbol: str = "AAPL"):
+    """A sale in TWS: an order the pipeline never sent, filled at once."""
+    leg = OrderLeg(client_order_id=f"by-hand-{len(broker.orders)}", role="entry", side="SELL", order_type="MKT",
+                   quantity=quantity, price=None, tif="DAY")
+    broker.place(symbol, [leg], 100.0)
+    broker.fill(leg.client_order_id, quantity, 101.0, WEDNESDAY_OPEN + timedelta(days=1))
+
+
+def test_a_stop_and_target_whose_position_was_closed_by_hand_are_cancelled(memory_sessions):
+    """Filled, either would open a position on the other side. One sync finding no position is not
+    enough (the broker's list may lag); an earlier one, at least ORPHAN_GRACE before, must have too."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("orphan"))
+    broker.fill("tp-orphan", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []  # held and protected
+    sell_by_hand(broker, 50)
+
+    first = sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == []
+    assert ("AAPL: the working stop-loss tp-orphan-sl (SELL 50) has no position at the broker: a sync 2 minutes "
+            "or more after the first one finding none cancels it if it finds none either (a position just opened "
+            "may not be listed yet); cancel it at the broker now if the position was closed by hand") in first.drift
+    assert any(line.startswith("AAPL: the working take-profit tp-orphan-tp (SELL 50) has no position")
+               for line in first.drift)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == first.drift  # seconds later: still only reported
+
+    earlier(memory_sessions, ORPHAN_GRACE)
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == ["tp-orphan-sl", "tp-orphan-tp"]
+    assert {c: o.status for c, o in broker.orders.items() if c.startswith("tp-orphan-")} == {
+        "tp-orphan-sl": "Cancelled", "tp-orphan-tp": "Cancelled"}
+    assert {row.status for row in rows(memory_sessions, "tp-orphan-sl", "tp-orphan-tp").values()} == {"Cancelled"}
+    change = next(line for line in report.status_changes if line.startswith("tp-orphan-sl:"))
+    assert change.startswith("tp-orphan-sl: Submitted → Cancelled (cancelled by the sync: no AAPL position at "
+                             "the broker in the syncs since ")
+    assert change.endswith("filled, this stop-loss would have opened a position on the other side)")
+    assert events(memory_sessions, "tp-orphan-sl")[-1].startswith("sync: cancelled by the sync: no AAPL position")
+    assert report.drift == ["AAPL: broker holds 0, the pipeline's executions imply 50"]  # the sale by hand
+    (outcome,) = report.orders  # shown on the `orders` asset
+    assert {leg["role"]: leg["status"] for leg in outcome["legs"]} == {
+        "entry": "Filled", "stop_loss": "Cancelled", "take_profit": "Cancelled"}
+    assert sync_portfolio(memory_sessions, broker, {}).status_changes == []  # done once
+
+
+def test_a_stop_whose_position_is_held_is_kept(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("kept"))
+    broker.fill("tp-kept", 50, 100.0, WEDNESDAY_OPEN)
+    for _ in range(2):
+        report = sync_portfolio(memory_sessions, broker, {})
+        earlier(memory_sessions, ORPHAN_GRACE * 2)
+    assert broker.cancelled == [] and report.drift == []
+    assert broker.orders["tp-kept-sl"].status == "Submitted"
+
+
+def test_a_stop_whose_entry_just_filled_is_kept_while_the_position_is_not_listed_yet(memory_sessions):
+    """The entry fills; the broker's positions do not show it yet. Earlier syncs found no position
+    too, but before the fill: they say nothing about this position."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("lag"))
+    sync_portfolio(memory_sessions, broker, {})  # the entry works, nothing held
+    earlier(memory_sessions, ORPHAN_GRACE * 5)
+    broker.unlisted.add("AAPL")
+    broker.fill("tp-lag", 50, 100.0, WEDNESDAY_OPEN)
+
+    for _ in range(2):  # the fill is learnt by the first; a second sync moments later
+        report = sync_portfolio(memory_sessions, broker, {})
+        assert broker.cancelled == [] and broker.orders["tp-lag-sl"].status == "Submitted"
+    assert any(line.startswith("AAPL: the working stop-loss tp-lag-sl (SELL 50) has no position at the broker")
+               for line in report.drift)
+
+    broker.unlisted.clear()  # listed at last: the syncs that missed it say nothing any more
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    earlier(memory_sessions, ORPHAN_GRACE * 5)
+    broker.unlisted.add("AAPL")  # missing from one answer again
+    sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == []
 
 
 # --- 5. marks -------------------------------------------------------------------------------------------

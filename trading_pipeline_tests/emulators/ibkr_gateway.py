@@ -24,7 +24,8 @@ Only this module imports starlette/uvicorn; the client never imports it. It serv
 default. Test hooks: the `IBKREmulator` object (set_auth_state, set_price, inject, stats, ...)
 and, for a running CLI instance, GET /__emulator__/stats and POST /__emulator__/state. `inject`
 plays a hostile gateway for the next N matching requests: any status and JSON body, raw bytes
-(HTML pages, empty or truncated bodies) with headers (a redirect's Location), the normal answer
+(HTML pages, empty or truncated bodies) with headers (a redirect's Location), a body streamed a
+byte at a time or without end (ibkr_gateway_state's `trickle`, `flood`), the normal answer
 delayed or replaced after the request took effect, or the normal answer reshaped by a function.
 Without injected faults it behaves as documented.
 """
@@ -173,7 +174,7 @@ class IBKREmulator(GatewayEndpoints):
             self.state.advance()
 
     def inject(self, path: str, method: str | None = None, status: int = 200, body=None, count: int = 1,
-               delay: float = 0.0, process: bool = False, raw: str | bytes | None = None,
+               delay: float = 0.0, process: bool = False, raw=None,
                content_type: str = "text/html; charset=utf-8", transform=None,
                headers: dict[str, str] | None = None) -> None:
         """The next `count` requests matching (method, path pattern) get the fault (see Fault)."""

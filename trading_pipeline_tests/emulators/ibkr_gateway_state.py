@@ -3,13 +3,14 @@ data on the XNYS calendar, and the order engine (fills, brackets, OCA, positions
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -88,7 +89,9 @@ class Fault:
     JSON, ...) with `content_type`. `process` handles the request normally first (the gateway's
     state changes, e.g. an order is placed) and then answers with the fault; `transform` also
     handles it normally and answers with transform(the gateway's JSON answer), same status
-    (a differently shaped but equivalent answer: a dict instead of a list, strings for numbers)."""
+    (a differently shaped but equivalent answer: a dict instead of a list, strings for numbers).
+    `raw` may also be a function returning an async iterator of bytes (called for each answer): the
+    body is then streamed as it yields, e.g. `trickle` or `flood` below."""
 
     method: str | None
     path: str  # fnmatch pattern on the path after /v1/api
@@ -97,19 +100,40 @@ class Fault:
     count: int = 1
     delay: float = 0.0  # seconds before answering
     process: bool = False  # handle the request normally, then delay and answer (e.g. an answer lost in transit)
-    raw: str | bytes | None = None
+    raw: str | bytes | Callable[[], AsyncIterator[bytes]] | None = None
     content_type: str = "text/html; charset=utf-8"
     transform: Callable[[object], object] | None = None
     headers: dict[str, str] | None = None  # e.g. a Location for a redirect
 
     def response(self):
         response = _json(self.body, self.status)
-        if self.raw is not None:
+        if callable(self.raw):
+            from starlette.responses import StreamingResponse
+
+            response = StreamingResponse(self.raw(), status_code=self.status, media_type=self.content_type)
+        elif self.raw is not None:
             from starlette.responses import Response
 
             response = Response(self.raw, status_code=self.status, media_type=self.content_type)
         response.headers.update(self.headers or {})
         return response
+
+
+async def trickle(body: bytes = b"[]", every: float = 0.1, seconds: float = 10.0) -> AsyncIterator[bytes]:
+    """An answer sent a byte at a time: `every` s between bytes, each arriving well within any read
+    timeout, so it lasts `seconds` (whitespace, then `body`, which a patient client reads whole).
+    Bounded, so a client that never gives up still gets an answer and a failing test ends."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        yield b" "
+        await asyncio.sleep(every)
+    yield body
+
+
+async def flood(megabytes: int = 64) -> AsyncIterator[bytes]:
+    """An answer far larger than any of the gateway's (a few KB): `megabytes` of spaces."""
+    for _ in range(megabytes):
+        yield b" " * 1_000_000
 
 
 @dataclass

@@ -13,6 +13,9 @@ Errors    gateway not running, not logged in (401 / 'no session' / a redirect to
 Shapes    read as documented and as hostile gateways vary them: conids and numbers as strings,
           flags as "true"/"false" (a doubtful isPaper is live, a doubtful authenticated is not),
           a dict where a list is documented (order answers, one account), `error: null` next to data.
+Bounds    every answer whole within IBKR_READ_TIMEOUT of its request and at most 8 MB
+          (adapters/bounded_http.py), not only each read: a read past either fails naming the
+          endpoint; an order request past either is IBKROrderStateUnknown.
 Pacing    <= 10 requests/s overall, <= 4 (max 5) history requests in flight, 1 per 5 s on the
           slow endpoints, 1/s tickle; a 429 holds every thread and backs off; reads and transport
           errors are retried with backoff; an order request is never retried.
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import httpx
 
+from trading_pipeline.adapters.bounded_http import bounded_hooks
 from trading_pipeline.adapters.ibkr.contracts import ContractRequests, _contract_cache, _tick_cache
 from trading_pipeline.adapters.ibkr.data import SNAPSHOT_FIELDS, MarketDataRequests
 from trading_pipeline.adapters.ibkr.execution import FINAL_ORDER_STATES, OrderRequests
@@ -86,9 +90,13 @@ class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketData
         self.pacing = pacing or Pacing()
         self.verify_ssl = verify_ssl
         self._probe_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._http = httpx.Client(
             base_url=self.gateway_url, verify=verify_ssl, transport=transport,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            # IBKR_READ_TIMEOUT bounds each read and also the whole answer: a gateway trickling its
+            # answer, or sending one without end, cannot hold a request (and the order gate) for ever.
+            event_hooks=bounded_hooks(httpx, read_timeout),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             headers={"User-Agent": "trading_pipeline-ibkr/1", "Accept": "application/json"},
         )

@@ -1,7 +1,7 @@
 """The gateway transport: one request under every pacing rule, with IBKR's failure modes
-(unreachable, TLS, 401/redirect to a login page, 403, 'no bridge', 429, 5xx, malformed answers)
-turned into `IBKRError`s that name the problem and the fix. Reads are retried; an order request
-is sent exactly once."""
+(unreachable, TLS, 401/redirect to a login page, 403, 'no bridge', 429, 5xx, malformed answers,
+answers that never end) turned into `IBKRError`s that name the problem and the fix. Reads are
+retried; an order request is sent exactly once."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from trading_pipeline.adapters.bounded_http import deadline_exceeded, response_too_large
 from trading_pipeline.adapters.ibkr import parsing
 from trading_pipeline.adapters.ibkr.errors import (
     LOGIN_FIX,
     IBKRAccessDenied,
     IBKRConfigError,
+    IBKRError,
     IBKRGatewayUnreachable,
     IBKRMalformedAnswer,
     IBKRNotLoggedIn,
@@ -37,6 +39,11 @@ log = logging.getLogger("trading_pipeline.adapters.ibkr.client")
 
 HISTORY_PATH = "/iserver/marketdata/history"
 _TRANSIENT_HISTORY = ("chart data is not available", "too many history charts requests")
+# The client's bounds on an answer (client.py sets them up): past IBKR_READ_TIMEOUT, or 8 MB.
+ANSWER_TOO_LATE = deadline_exceeded(httpx)
+ANSWER_TOO_LARGE = response_too_large(httpx)
+ORDER_UNKNOWN_FIX = ("do not re-send by hand: the next run looks the order up by its cOID at IBKR before sending "
+                     "anything (or check the gateway's order list)")
 
 
 class GatewayTransport:
@@ -77,15 +84,18 @@ class GatewayTransport:
                 attempts_transport += 1
                 time.sleep(self._backoff(self.pacing.read_backoff, attempts_transport))
                 continue
+            except ANSWER_TOO_LARGE as exc:  # the gateway answered: asking again gets the same
+                raise self._too_large(method, path, exc, order) from None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 if self._plain_http_to_tls():
                     raise self._scheme_error(order) from None
-                if order:
+                if isinstance(exc, ANSWER_TOO_LATE):
+                    if order or attempts_transport >= self.pacing.read_retries:
+                        raise self._too_late(method, path, exc, order, attempts_transport + 1) from None
+                elif order:
                     raise IBKROrderStateUnknown(
                         f"{method} {path} failed in transit ({type(exc).__name__}): the order may or may not "
-                        "have reached IBKR; it was not sent again",
-                        "do not re-send by hand: the next run looks the order up by its cOID at IBKR before "
-                        "sending anything (or check the gateway's order list)") from None
+                        "have reached IBKR; it was not sent again", ORDER_UNKNOWN_FIX) from None
                 if isinstance(exc, httpx.ConnectTimeout) and attempts_transport >= self.pacing.read_retries:
                     raise self._unreachable(exc, order) from None
                 if attempts_transport >= self.pacing.read_retries:
@@ -186,7 +196,31 @@ class GatewayTransport:
         log.debug("IBKR %s %s -> %s", method, path, response.status_code)
         return response.status_code, body, response.headers.get("location", "")
 
-    @staticmethod
+    def _too_late(self, method: str, path: str, exc: Exception, order: bool, tries: int) -> IBKRError:
+        """An answer still arriving IBKR_READ_TIMEOUT after its request (a byte now and then): cut off."""
+        late = (f"{method} {path}: the gateway's answer was still arriving {exc.timeout_s:g} s after the request "
+                f"({exc.received:,} bytes received; IBKR_READ_TIMEOUT bounds the whole answer, not only each read)")
+        slow = f"raise IBKR_READ_TIMEOUT (now {exc.timeout_s:g} s) if the gateway is slow rather than stuck"
+        if order:
+            return IBKROrderStateUnknown(f"{late}, so it was cut off: the order may or may not have reached IBKR; "
+                                         "it was not sent again", f"{ORDER_UNKNOWN_FIX}; {slow}")
+        return IBKRRequestError(
+            late + (f"; cut off {tries} times" if tries > 1 else "; cut off"),
+            "check that the gateway (or a proxy in front of it) is responsive: restart it if it keeps answering "
+            f"this slowly; {slow}, e.g. for long history requests")
+
+    def _too_large(self, method: str, path: str, exc: Exception, order: bool) -> IBKRError:
+        """An answer larger than MAX_RESPONSE_BYTES: the gateway's are a few KB; cut off unread."""
+        large = (f"{method} {path}: the gateway answered HTTP {exc.status_code} with a body larger than {exc} "
+                 "(IBKR's answers are a few KB); it was cut off unread")
+        not_api = ("check that IBKR_GATEWAY_URL points at the gateway itself plus /v1/api (not a proxy, a load "
+                   "balancer or a web page) and that the gateway is up to date")
+        if order:
+            return IBKROrderStateUnknown(f"{large}: the order may or may not have reached IBKR; it was not sent again",
+                                         f"{ORDER_UNKNOWN_FIX}; {not_api}")
+        return IBKRMalformedAnswer(large, f"this is not an answer of the Client Portal gateway's API: {not_api}",
+                                   status=exc.status_code)
+
     @staticmethod
     def _backoff(base: float, attempt: int, factor: float = 2.0) -> float:
         return base * factor ** (attempt - 1)

@@ -37,7 +37,7 @@ _VERBATIM_LOGGERS = {"httpx2": logging.WARNING, "httpcore2": logging.INFO, "open
 # What `ServerFeatures.learn` returns when the image was rejected but OPENAI_VISION=yes forbids dropping it.
 IMAGE_REJECTED_WITH_VISION_YES = "image_rejected_yes"
 RETRYABLE = ("rate_limited", "server_error", "timeout", "connection_error")
-RESPONSE_TOO_LARGE = "response_too_large"  # bounded_http.MAX_RESPONSE_BYTES: not retried, the server answered
+RESPONSE_TOO_LARGE = "response_too_large"  # adapters/bounded_http.MAX_RESPONSE_BYTES: not retried, the server answered
 
 
 class Sent(NamedTuple):
@@ -155,14 +155,14 @@ class Transport:
                 import httpx2
                 import openai
 
-                from trading_pipeline.adapters.llm.bounded_http import bounded_hooks
+                from trading_pipeline.adapters.bounded_http import bounded_hooks
 
                 _quiet_http_loggers()
                 s = self.settings
                 self._client = openai.OpenAI(
                     api_key=s.api_key, base_url=s.base_url, timeout=s.timeout_s, max_retries=0,
                     http_client=httpx2.Client(
-                        timeout=s.timeout_s, event_hooks=bounded_hooks(s.timeout_s),
+                        timeout=s.timeout_s, event_hooks=bounded_hooks(httpx2, s.timeout_s),
                         limits=httpx2.Limits(max_connections=max(16, 2 * s.concurrency),
                                              max_keepalive_connections=max(8, s.concurrency))))
                 _ = self._client.chat.completions.with_raw_response  # import the SDK's lazy parts now
@@ -188,9 +188,11 @@ class Transport:
                 return Sent("timeout", None, None, None, f"timed out after {self.settings.timeout_s:g} s: "
                             f"{error} {error.__cause__ or ''}".strip())
             except openai.APIConnectionError as error:
-                from trading_pipeline.adapters.llm.bounded_http import ResponseTooLarge
+                import httpx2
 
-                if isinstance(error.__cause__, ResponseTooLarge):
+                from trading_pipeline.adapters.bounded_http import response_too_large
+
+                if isinstance(error.__cause__, response_too_large(httpx2)):
                     code = error.__cause__.status_code
                     return Sent(RESPONSE_TOO_LARGE, code, None, None, (
                         f"the server at {self.endpoint} answered HTTP {code} with a response larger than "

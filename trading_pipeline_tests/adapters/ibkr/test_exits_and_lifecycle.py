@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
-from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
+from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, working_entries
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
@@ -29,6 +29,7 @@ from trading_pipeline.core.orders import build_legs, client_order_id
 from trading_pipeline.core.risk import MarketContext, Proposal, entry_limits, evaluate
 from trading_pipeline.core.strategies import RiskSettings
 from trading_pipeline_tests.adapters.ibkr.conftest import FAST
+from trading_pipeline_tests.adapters.test_portfolio_sync import earlier
 
 AS_OF = datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
 ORDERS_POST = "/iserver/account/*/orders"
@@ -391,6 +392,50 @@ def test_an_exit_whose_process_died_after_the_modification_is_resumed_without_a_
 
 
 # ---------------------------------------------------------------------------------------------- 8
+# ---------------------------------------------------------------------------------------------- 9
+def test_a_bracket_left_working_after_the_position_was_closed_by_hand_is_cancelled_by_the_sync(world):
+    """Closed in TWS: the stop (a separate order) still works and, elected, would sell 50 short. The
+    sync cancels it and the take-profit once a later sync, ORPHAN_GRACE on, finds no position either."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("by-hand"))
+    assert sync_portfolio(w.sessions, w.broker, {}).drift == []
+    sale = OrderLeg(client_order_id="closed-by-hand", role="entry", side="SELL", order_type="LMT", quantity=50,
+                    price=100.0, tif="DAY")
+    assert w.broker.place("AAPL", [sale], 100.0)[0].status == "Filled"
+
+    first = sync_portfolio(w.sessions, w.broker, {})  # one answer without the position: maybe IBKR's lag
+    assert (w.order(stop_id).status, w.order(take_profit_id).status) == ("Submitted", "Submitted")
+    assert any(line.startswith("AAPL: the working stop-loss tp-by-hand-sl (SELL 50) has no position at the broker")
+               for line in first.drift)
+    earlier(w.sessions, ORPHAN_GRACE)
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert (w.order(stop_id).status, w.order(take_profit_id).status) == ("Cancelled", "Cancelled")
+    assert w.requests_sent() == (2, 0, 2)  # the bracket and the sale by hand; two cancels
+    assert (w.row("tp-by-hand-sl").status, w.row("tp-by-hand-tp").status) == ("Cancelled", "Cancelled")
+    assert "cancelled by the sync: no AAPL position at the broker" in w.last_event("tp-by-hand-sl")
+    assert report.drift == ["AAPL: broker holds 0, the pipeline's executions imply 50"]  # the sale by hand
+    w.emulator.set_price("AAPL", 80.0)  # through the old stop: nothing is sold
+    assert w.position_path("AAPL") == [50, 0]
+
+
+def test_a_stop_is_kept_while_ibkrs_positions_do_not_list_a_position_just_opened(world):
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    sync_portfolio(w.sessions, w.broker, {})  # a sync before the entry: no position then
+    earlier(w.sessions, ORPHAN_GRACE * 5)
+    conid = w.broker.client.resolve("AAPL").conid
+    w.emulator.inject("/portfolio/*/positions/0", method="GET", count=100,  # the fill is not in the positions yet
+                      transform=lambda rows: [row for row in rows if row["conid"] != conid])
+    stop_id, take_profit_id = w.open_position(entry_decision("lagging"))
+    for _ in range(2):
+        report = sync_portfolio(w.sessions, w.broker, {})
+        assert (w.order(stop_id).status, w.order(take_profit_id).status) == ("Submitted", "Submitted")
+    assert any(line.startswith("AAPL: the working stop-loss tp-lagging-sl (SELL 50) has no position at the broker")
+               for line in report.drift)
+    assert w.requests_sent() == (1, 0, 0)
+
+
 def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_factory, client_factory, tmp_path):
     """Five runs decide at once on the same empty account; the account lock (a file lock beside the
     SQLite trading DB, across threads and processes) makes 'read the account, check, place' atomic.

@@ -83,3 +83,49 @@ def test_session_sensor_idles_when_no_mode_uses_ibkr(closed_port, tmp_path, monk
     assert "IBKR not in use" in result.skip_message and not (tmp_path / "ibkr_session.json").exists()
     broker_only = IBKRResource.from_env({"IBKR_GATEWAY_URL": url, "TRADING_BROKER": "ibkr"})
     assert broker_only.in_use is True and "nothing answers" in tick(broker_only).skip_message
+
+
+def test_the_sync_reads_ibkr_positions_under_the_pipelines_symbols(emulator_factory, fast_graph_pacing, tmp_path,
+                                                                   monkeypatch):
+    """BRK.B is 'BRK B' at IBKR. Keyed by IBKR's ticker, the sync saw a BRK.B stop-loss without a
+    BRK.B position (one it cancels once that looks lasting) and a 'BRK B' position the pipeline never
+    opened."""
+    from trading_pipeline.adapters.order_desk import OrderDesk
+    from trading_pipeline.adapters.records import record_decision
+    from trading_pipeline.core.analysis import Action, TradeDecision
+    from trading_pipeline.core.orders import build_legs
+    from trading_pipeline.core.strategies import parse_strategies
+    from trading_pipeline.definitions import build_definitions
+    from trading_pipeline.graph import portfolio
+    from trading_pipeline.graph.assets import AS_OF_TAG
+    from trading_pipeline.graph.resources import resources_from_env
+
+    emulator = emulator_factory(market_hours="open", positions=0)
+    environment = {"TRADING_DATA_DIR": str(tmp_path / "data"), "TRADING_MARKET_DATA": "ibkr", "TRADING_BROKER": "ibkr",
+                   "IBKR_GATEWAY_URL": emulator.url, "IBKR_STATE_DIR": str(emulator.pacing_dir)}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TRADING_AS_OF", raising=False)
+    monkeypatch.setattr(portfolio, "decision_chart_with_fills", lambda *args: None)  # charts are not under test
+    resources = resources_from_env(environment)
+    emulator.set_price("BRK B", 400.0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    decision = TradeDecision(decision_id="brk", strategy="s", symbol="BRK.B", as_of=now, data_through=now,
+                             proposed_action=Action.BUY, action=Action.BUY, entry=400.0, stop=380.0, targets=[440.0],
+                             r_multiple=2.0, profit_margin=0.1, confidence=0.7, quantity=5, rationale="test",
+                             account_equity=100_000.0)
+    sessions = resources["trading_db"].sessions()
+    record_decision(sessions, decision)
+    sent = OrderDesk(sessions, resources["ibkr"].broker(symbols=("BRK.B",))).submit_once(
+        decision, build_legs(decision, "DAY"), 400.0)
+    assert sent.status == "filled", sent.reason
+    strategies = parse_strategies("strategies:\n  - name: s\n    symbols: [BRK.B]\n"
+                                  "    timeframes: {1d: {period: 2y}, 1w: {period: 6y}}\n")
+    defs = build_definitions(strategies, resources)
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = defs.resolve_job_def("sync_portfolio").execute_in_process(
+            instance=instance, tags={AS_OF_TAG: now.isoformat()})
+    assert result.success
+    assert [p["symbol"] for p in result.output_for_node("portfolio_sync", "positions")] == ["BRK.B"]
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata["drift"].value
