@@ -46,6 +46,21 @@ NEVER_REACHED = "never reached the broker (sync)"
 ORPHAN_GRACE = timedelta(minutes=2)
 
 
+def positions_contradicted(account: AccountState) -> str | None:
+    """Why the broker's positions answer cannot be believed to say a position is gone, or None.
+    An answer listing no position at all while the account's equity and cash differ (the summary,
+    another source at IBKR, still values positions) is such a case: a gateway whose positions are
+    empty for a while (a session just re-authenticated, a cache not yet filled) must not get every
+    protective stop cancelled. Accrued interest and the like stay under the tolerance."""
+    if account.positions:
+        return None
+    gap = account.equity - account.cash
+    if abs(gap) <= max(1.0, 0.001 * abs(account.equity)):
+        return None
+    return (f"the broker lists no position at all, yet its equity {account.equity:,.2f} and cash "
+            f"{account.cash:,.2f} differ by {gap:,.2f}: its summary still values positions")
+
+
 @dataclass
 class SyncReport:
     account: AccountState
@@ -325,13 +340,19 @@ def _no_position_since(session: Session, broker_name: str, row: OrderRow) -> dat
 
 
 def _cancel_orphans(session: Session, broker: Broker, symbol: str, rows: list[OrderRow],
-                    result: _Protection) -> None:
+                    result: _Protection, contradicted: str | None) -> None:
     """Working stop-loss and take-profit orders of a symbol the broker reports no position for:
-    each is cancelled once the position is really gone (ORPHAN_GRACE), else reported as drift."""
+    each is cancelled once the position is really gone (ORPHAN_GRACE) and the account does not
+    contradict that (`positions_contradicted`), else reported as drift."""
     grace = f"{ORPHAN_GRACE.total_seconds() / 60:g} minutes"
     for row in rows:
         kind = row.role.replace("_", "-")
         what = f"{symbol}: the working {kind} {row.client_order_id} ({row.side} {row.quantity - row.filled_quantity:g})"
+        if contradicted:
+            result.drift.append(f"{what} has no position in the broker's answer, but {contradicted}: it is kept "
+                                "(cancelling the stop of a position still held would leave it unprotected); check "
+                                "the positions at the broker, and cancel it there if the position was closed by hand")
+            continue
         since = _no_position_since(session, broker.name, row)
         if since is None or datetime.now(UTC) - since < ORPHAN_GRACE:
             result.drift.append(f"{what} has no position at the broker: a sync {grace} or more after the first one "
@@ -362,7 +383,7 @@ def _cancel_orphans(session: Session, broker: Broker, symbol: str, rows: list[Or
 
 
 def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
-                       implied: dict[str, float]) -> _Protection:
+                       implied: dict[str, float], contradicted: str | None = None) -> _Protection:
     """Compare each position with the stop-loss orders protecting it and fix what can be fixed:
     a stop (and take-profit) larger than the position, once its entry is done (a partial
     take-profit, or a partial entry whose remainder expired or was cancelled), is resized to the
@@ -384,7 +405,8 @@ def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
             continue
         covered = sum(row.quantity - row.filled_quantity for row in stops)
         if position == 0:  # e.g. the position closed by hand: what is left working would open one
-            _cancel_orphans(session, broker, symbol, stops + _working_exits(session, symbol, "take_profit"), result)
+            _cancel_orphans(session, broker, symbol, stops + _working_exits(session, symbol, "take_profit"), result,
+                            contradicted)
             continue
         if not stops:
             if implied.get(symbol):
@@ -495,7 +517,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
             if abs(implied.get(symbol, 0.0) - held.get(symbol, 0.0)) > 1e-9:
                 drift.append(f"{symbol}: broker holds {held.get(symbol, 0.0):g}, the pipeline's executions "
                              f"imply {implied.get(symbol, 0.0):g}")
-        protection = _protect_positions(session, broker, held, implied)
+        protection = _protect_positions(session, broker, held, implied, positions_contradicted(account))
         session.commit()
         changes.extend(protection.changes)
         changed |= protection.changed

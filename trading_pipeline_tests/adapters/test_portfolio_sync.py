@@ -20,6 +20,7 @@ from trading_pipeline.adapters.portfolio_sync import (
     NEVER_REACHED,
     ORPHAN_GRACE,
     SUBMITTING_GRACE,
+    positions_contradicted,
     sync_portfolio,
     working_entries,
 )
@@ -115,6 +116,7 @@ class BookBroker:
         self.modified: list[tuple[str, dict]] = []
         self.account_calls: list[tuple[dict, datetime | None]] = []
         self.unlisted: set[str] = set()
+        self.positions_answer_empty = False  # the positions list empty, the summary still valuing them
         self.cancelled: list[str] = []  # cancel requests, in order
 
     def _answer(self, coid: str) -> BrokerOrder:
@@ -197,6 +199,8 @@ class BookBroker:
                 price = marks[symbol].price if symbol in marks else cost / quantity
                 positions[symbol] = Position(quantity, round(cost / quantity, 4), price)
         equity = self.cash + sum(p.market_value for p in positions.values())
+        if self.positions_answer_empty:
+            positions = {}
         return AccountState(equity=round(equity, 2), cash=round(self.cash, 2), positions=positions)
 
 
@@ -503,6 +507,41 @@ def test_a_stop_and_target_whose_position_was_closed_by_hand_are_cancelled(memor
     assert {leg["role"]: leg["status"] for leg in outcome["legs"]} == {
         "entry": "Filled", "stop_loss": "Cancelled", "take_profit": "Cancelled"}
     assert sync_portfolio(memory_sessions, broker, {}).status_changes == []  # done once
+
+
+def test_stops_are_kept_when_the_positions_answer_is_empty_but_the_account_values_positions(memory_sessions):
+    """A gateway answering no positions at all for longer than the grace (a session just logged in
+    again, say), while its summary still values them: cancelling would leave held positions with no stop."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("blank"))
+    broker.fill("tp-blank", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    broker.positions_answer_empty = True
+    for _ in range(3):
+        report = sync_portfolio(memory_sessions, broker, {})
+        earlier(memory_sessions, ORPHAN_GRACE * 2)
+    assert broker.cancelled == []
+    assert {broker.orders[c].status for c in ("tp-blank-sl", "tp-blank-tp")} == {"Submitted"}
+    kept = next(line for line in report.drift if line.startswith("AAPL: the working stop-loss tp-blank-sl"))
+    assert ("has no position in the broker's answer, but the broker lists no position at all, yet its equity "
+            "100,000.00 and cash 95,000.00 differ by 5,000.00: its summary still values positions: it is kept") in kept
+
+    broker.positions_answer_empty = False  # the answer is back: nothing to report, nothing was touched
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+
+
+@pytest.mark.parametrize(("equity", "cash", "listed", "contradicted"), [
+    (100_000.0, 100_000.0, False, False),  # flat: equity is the cash
+    (100_000.0, 99_950.0, False, False),  # accrued interest or dividends: under 0.1 %
+    (100_000.0, 95_000.0, False, True),  # the summary values 5,000 of positions the list lacks
+    (100_000.0, 104_000.0, False, True),  # a short's proceeds in cash: the gap is negative
+    (100_000.0, 95_000.0, True, False),  # a list with positions in it is an answer
+    (0.5, 0.0, False, False),  # cents: the dollar floor
+])
+def test_positions_contradicted_by_the_account(equity, cash, listed, contradicted):
+    positions = {"MSFT": Position(10, 400.0, 500.0)} if listed else {}
+    account = AccountState(equity=equity, cash=cash, positions=positions)
+    assert (positions_contradicted(account) is not None) is contradicted
 
 
 def test_a_stop_whose_position_is_held_is_kept(memory_sessions):
