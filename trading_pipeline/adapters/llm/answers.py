@@ -161,7 +161,8 @@ def _content_and_refusals(message: Mapping[str, Any]) -> tuple[Any, list[str]]:
     refusals: list[str] = []
 
     def refused(text: Any) -> None:
-        text = str(text).strip() if text is not None else ""
+        # The reason is shown in the UI, stored and logged: control characters (ESC, NUL) become '?'.
+        text = _CONTROL.sub("?", str(text)).strip() if text is not None else ""
         if text and text not in refusals:
             refusals.append(text)
 

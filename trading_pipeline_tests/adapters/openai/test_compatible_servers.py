@@ -232,6 +232,9 @@ def choice(**fields):
     ("a refusal field and the same refusal as a part", choice(finish_reason="stop", message={
         "role": "assistant", "refusal": "I can't help.", "content": [{"type": "refusal", "refusal": "I can't help."}]}),
      "the model refused: I can't help.", "refusal"),
+    ("a refusal with control characters", choice(message={
+        "role": "assistant", "content": None, "refusal": "No\x1b[2J\x00 way\x07."}),
+     "the model refused: No?[2J? way?.", "refusal"),
     ("truncated JSON", scripted(lambda b: answer_json(b)[:80], finish_reason="length"),
      "cut off at the output token limit (finish_reason=length); raise OPENAI_MAX_OUTPUT_TOKENS", "truncated"),
     ("all tokens spent on reasoning", choice(finish_reason="length", message={
