@@ -47,7 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--slippage-bps", type=float, default=5.0,
                         help="basis points stop and market fills lose (default %(default)g)")
     parser.add_argument("--initial-cash", type=float, default=100_000.0, help="default %(default).0f")
-    parser.add_argument("--benchmark", default="equal_weight", help="equal_weight or a symbol such as SPY (default %(default)s)")
+    parser.add_argument("--benchmark", default="equal_weight",
+                        help="equal_weight or a symbol such as SPY (default %(default)s)")
     parser.add_argument("--data", choices=("simulated", "csv", "ibkr"), default="simulated", help="default %(default)s")
     parser.add_argument("--csv-dir", help="folder of <SYMBOL>_<timeframe>.csv files (--data csv)")
     parser.add_argument("--seed", type=int, default=0, help="simulated market seed (default %(default)s)")
