@@ -224,6 +224,13 @@ def test_every_job_schedule_sensor_check_and_pool_is_documented(tmp_path, monkey
              + [key.name for key in repository.asset_graph.asset_check_keys] + list(POOL_LIMITS)
              + [key.to_user_string() for key in repository.asset_graph.get_all_asset_keys()])
     assert [name for name in names if f"`{name}`" not in docs] == []
+    # The checks' table: every check, on its asset, blocking as the code says.
+    checks = (REPO / "docs" / "how-it-works.md").read_text().split("### Asset checks", 1)[1].split("\n#", 1)[0]
+    documented_checks = {(row[0].strip("`"), row[1].strip("`"), row[2]) for row in table_rows(checks)[1:]}
+    graph = repository.asset_graph
+    assert documented_checks == {(key.name, key.asset_key.to_user_string(),
+                                  "yes" if graph.get_check_spec(key).blocking else "no")
+                                 for key in graph.asset_check_keys}
     # Every pool's limit is stated ("`llm` 4"), and every limit stated is the one graph/pools.py sets.
     stated = re.findall(rf"`({'|'.join(POOL_LIMITS)})` (\d+)", docs)
     assert {pool for pool, _ in stated} == set(POOL_LIMITS)
