@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from trading_pipeline import config
     from trading_pipeline.adapters.chart_store import chart_server_port
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the whole first paragraph
     parser.add_argument("--port", type=int, help="default TRADING_CHART_SERVER_PORT, else 3001")
     args = parser.parse_args(argv)
     try:  # the .env that `dg dev` and the demo read (dagster ships python-dotenv); the shell's values win

@@ -46,7 +46,7 @@ def _fmt(value, pattern="{:.2f}") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the whole first paragraph
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--as-of", help="point in time of the run (ISO 8601; default TRADING_AS_OF, else the story's "
                                       f"{STORY_AS_OF} on the simulated market, else now)")

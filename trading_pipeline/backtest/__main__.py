@@ -37,22 +37,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trading_pipeline.backtest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", help="strategy name (default: the first in the strategies file)")
-    parser.add_argument("--start", type=date.fromisoformat, default=DEFAULT_START)
-    parser.add_argument("--end", type=date.fromisoformat, default=DEFAULT_END)
-    parser.add_argument("--analyst", choices=("rules", "llm_replay"), default="rules")
-    parser.add_argument("--commission", choices=("ibkr_fixed", "ibkr_tiered", "none"), default="ibkr_fixed")
-    parser.add_argument("--slippage-bps", type=float, default=5.0)
-    parser.add_argument("--initial-cash", type=float, default=100_000.0)
-    parser.add_argument("--benchmark", default="equal_weight", help="equal_weight or a symbol such as SPY")
-    parser.add_argument("--data", choices=("simulated", "csv", "ibkr"), default="simulated")
+    parser.add_argument("--start", type=date.fromisoformat, default=DEFAULT_START,
+                        help="first session, YYYY-MM-DD (default %(default)s)")
+    parser.add_argument("--end", type=date.fromisoformat, default=DEFAULT_END,
+                        help="last session, YYYY-MM-DD; a closed one (default %(default)s)")
+    parser.add_argument("--analyst", choices=("rules", "llm_replay"), default="rules", help="default %(default)s")
+    parser.add_argument("--commission", choices=("ibkr_fixed", "ibkr_tiered", "none"), default="ibkr_fixed",
+                        help="default %(default)s")
+    parser.add_argument("--slippage-bps", type=float, default=5.0,
+                        help="basis points stop and market fills lose (default %(default)g)")
+    parser.add_argument("--initial-cash", type=float, default=100_000.0, help="default %(default).0f")
+    parser.add_argument("--benchmark", default="equal_weight",
+                        help="equal_weight or a symbol such as SPY (default %(default)s)")
+    parser.add_argument("--data", choices=("simulated", "csv", "ibkr"), default="simulated", help="default %(default)s")
     parser.add_argument("--csv-dir", help="folder of <SYMBOL>_<timeframe>.csv files (--data csv)")
-    parser.add_argument("--seed", type=int, default=0, help="simulated market seed")
+    parser.add_argument("--seed", type=int, default=0, help="simulated market seed (default %(default)s)")
     parser.add_argument("--symbols", help="comma-separated symbols instead of the strategy's")
-    parser.add_argument("--warmup-bars", type=int, default=300)
+    parser.add_argument("--warmup-bars", type=int, default=300,
+                        help="bars of each timeframe before --start, for the indicators (default %(default)s)")
     parser.add_argument("--folds", type=int, default=0, help="walk-forward folds (0: one plain run)")
     parser.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
                         help="walk-forward grid, repeatable, e.g. --grid min_r=1,1.5 --grid supertrend_multiplier=2,3")
-    parser.add_argument("--grid-metric", choices=("sharpe", "total_return", "expectancy_r", "calmar"), default="sharpe")
+    parser.add_argument("--grid-metric", choices=("sharpe", "total_return", "expectancy_r", "calmar"), default="sharpe",
+                        help="default %(default)s")
     parser.add_argument("--model", help="llm_replay: the model whose cached answers are replayed")
     parser.add_argument("--model-cutoff", type=date.fromisoformat, help="llm_replay: the model's knowledge cutoff")
     parser.add_argument("--anonymized-charts", action="store_true", help="llm_replay: the answers given with OPENAI_ANONYMIZE_CHARTS=yes")

@@ -108,7 +108,7 @@ class IBKRResource(dg.ConfigurableResource):
         environ = dict(os.environ if environ is None else environ)
         settings = settings_from_env(environ)
         multiplier = positive_number(environ, "IBKR_HISTORY_VOLUME_MULTIPLIER", None,
-                                     "the factor IBKR's history volumes are multiplied by, e.g. 100, or unset it")
+                                     "100 (IBKR's history volumes of US stocks are in lots of 100)")
         return cls(
             gateway_url=settings["gateway_url"], account_id=settings["account_id"],
             verify_ssl=settings["verify_ssl"], connect_timeout_seconds=settings["connect_timeout"],

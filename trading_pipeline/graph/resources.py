@@ -37,6 +37,11 @@ class TradingDatabaseResource(dg.ConfigurableResource):
         return make_url(self.url).render_as_string(hide_password=True)
 
 
+def csv_dir_missing() -> ConfigError:
+    return ConfigError("TRADING_MARKET_DATA=csv needs a folder of CSV files, and TRADING_CSV_DIR is not set",
+                       "set TRADING_CSV_DIR to the folder holding <SYMBOL>_<timeframe>.csv files")
+
+
 class MarketDataResource(dg.ConfigurableResource):
     """Where bars come from: simulated (default), csv, ibkr."""
 
@@ -52,8 +57,7 @@ class MarketDataResource(dg.ConfigurableResource):
             return market_data.SimulatedMarketData(seed=self.seed)
         if self.mode == "csv":
             if not self.csv_dir:
-                raise ConfigError("TRADING_MARKET_DATA=csv needs a folder of CSV files",
-                                  "set TRADING_CSV_DIR to the folder holding <SYMBOL>_<timeframe>.csv files")
+                raise csv_dir_missing()
             return market_data.CsvMarketData(Path(self.csv_dir))
         if self.mode == "ibkr":
             return self.ibkr.market_data()
@@ -214,6 +218,8 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
     environ = dict(os.environ if environ is None else environ)
     for variable in config.MODES:
         config.env_mode(variable, environ)  # an unknown mode stops the load, naming the accepted ones
+    if config.env_mode("TRADING_MARKET_DATA", environ) == "csv" and not environ.get("TRADING_CSV_DIR", "").strip():
+        raise csv_dir_missing()  # at load, not in every run's market_bars step
     if config.env_mode("TRADING_ANALYST", environ) == "openai":
         from trading_pipeline.adapters.openai_analyst import OpenAISettings
 

@@ -28,7 +28,7 @@ NO_HEALTHCHECK = {"create-bucket": "a one-shot job: dependants wait for service_
                   "configure-pools": "a one-shot job: dependants wait for service_completed_successfully"}
 # Variables of .env.example that user_code does not take from .env, and why.
 NOT_PASSED_TO_USER_CODE = {
-    "TRADING_CSV_DIR": "a host folder: mount it with an override file (README: Production with docker compose)",
+    "TRADING_CSV_DIR": "a host folder: mount it with an override file (docs/production.md, Operating it)",
     "BROWSER_PATH": "the image sets it (Debian's chromium)",
     "TRADING_POSTGRES_DB": "compose only: names the trading database inside TRADING_DATABASE_URL",
     "TRADING_CHART_SERVER_PORT": "the loopback chart server is for a laptop (make dev); compose links to MinIO",

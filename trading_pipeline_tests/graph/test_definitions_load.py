@@ -69,9 +69,15 @@ def test_bad_strategies_file_stops_the_load_with_line_and_fix(tmp_path):
     # multiplier stopped the load with a bare ValueError.
     ("IBKR_CONNECT_TIMEOUT", "nan", "not a number"),
     ("IBKR_READ_TIMEOUT", "inf", "not a number"),
-    ("IBKR_HISTORY_CONCURRENCY", "nan", "not a number"),
+    ("IBKR_HISTORY_CONCURRENCY", "nan", "not a whole number from 1 to 5"),
     ("IBKR_HISTORY_VOLUME_MULTIPLIER", "abc", "not a number"),
     ("IBKR_HISTORY_VOLUME_MULTIPLIER", "-100", "is not a number above 0"),
+    # 2.5 loaded as 2 (cut silently), and 6 stopped the load without naming the variable; the fix
+    # read "e.g. seconds" for a count.
+    ("IBKR_HISTORY_CONCURRENCY", "2.5", "is not a whole number from 1 to 5"),
+    ("IBKR_HISTORY_CONCURRENCY", "6", "is not a whole number from 1 to 5"),
+    # Loaded before; every market_bars step then failed on it.
+    ("TRADING_MARKET_DATA", "csv", "TRADING_CSV_DIR is not set"),
     # Loaded before; every IBKR step and the session sensor then failed on it, run after run.
     ("IBKR_GATEWAY_URL", "localhost:5000/v1/api", "not an http(s) URL"),
     ("IBKR_GATEWAY_URL", "https://localhost:5000", "does not end with /v1/api"),
@@ -83,6 +89,7 @@ def test_bad_mode_is_refused_with_fix(variable, value, words):
         resources_from_env({variable: value})
     assert words in str(info.value) and variable in str(info.value) and "Fix:" in str(info.value)
     assert "hunter2" not in str(info.value)
+    assert str(info.value).count("or unset it") <= 1  # the volume multiplier's fix said it twice
 
 
 def test_defaults_are_the_embedded_modes(tmp_path):

@@ -88,7 +88,9 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
             raise IBKRConfigError(f"IBKR_CONIDS entry {item.strip()!r} is not SYMBOL=conid",
                                   "write it like IBKR_CONIDS=AAPL=265598,BRK.B=72063691")
         overrides[symbol.strip().upper()] = int(conid)
-    concurrency = int(number("IBKR_HISTORY_CONCURRENCY", 4))
+    # A count, not seconds: a fraction would be cut silently, 6 refused without the variable's name.
+    concurrency = int(env_number(env, "IBKR_HISTORY_CONCURRENCY", 4, low=1, high=5, whole=True,
+                                 example="4 (IBKR allows 5 history requests in flight)", error=IBKRConfigError))
     return {
         "gateway_url": check_gateway_url(env.get("IBKR_GATEWAY_URL") or DEFAULT_GATEWAY_URL),
         "account_id": env.get("IBKR_ACCOUNT_ID") or None,

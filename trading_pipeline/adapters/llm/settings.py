@@ -86,18 +86,18 @@ class OpenAISettings:
             temperature = env_number({"OPENAI_TEMPERATURE": raw_temperature}, "OPENAI_TEMPERATURE", None,
                                      low=0.0, high=2.0, example="0 (or none to leave it out)")
 
-        def number(name: str, low: float, high: float) -> float:
-            return env_number(environ, name, float(DEFAULTS[name]), low=low, high=high)
+        def number(name: str, low: float, high: float, whole: bool = False) -> float:
+            return env_number(environ, name, float(DEFAULTS[name]), low=low, high=high, whole=whole)
 
         return cls(
             api_key=api_key, base_url=base_url, model=model, vision=vision,
             timeout_s=number("OPENAI_TIMEOUT_SECONDS", 0.05, 3600),
-            max_output_tokens=int(number("OPENAI_MAX_OUTPUT_TOKENS", 200, 100_000)),
+            max_output_tokens=int(number("OPENAI_MAX_OUTPUT_TOKENS", 200, 100_000, whole=True)),
             temperature=temperature,
-            max_attempts=int(number("TRADING_LLM_MAX_ATTEMPTS", 1, 10)),
+            max_attempts=int(number("TRADING_LLM_MAX_ATTEMPTS", 1, 10, whole=True)),
             backoff_s=number("TRADING_LLM_BACKOFF_SECONDS", 0, 60),
             backoff_max_s=number("TRADING_LLM_BACKOFF_MAX_SECONDS", 0, 600),
-            concurrency=int(number("TRADING_LLM_CONCURRENCY", 1, 256)),
+            concurrency=int(number("TRADING_LLM_CONCURRENCY", 1, 256, whole=True)),
             price=model_calls.price_for(model, environ),
             limits=_limits(environ, model),
             cache=model_calls.cache_enabled(environ, run_tags),

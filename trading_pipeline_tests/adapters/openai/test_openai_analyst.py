@@ -541,6 +541,10 @@ def test_missing_api_key_names_the_problem_and_the_fix(sessions):
     ({"OPENAI_BASE_URL": "api.openai.com"}, "is not an http(s) URL"),
     ({"OPENAI_BASE_URL": "http://10.1.2.3:11434/v1"}, "plain http to 10.1.2.3"),
     ({"TRADING_LLM_CONCURRENCY": "0"}, "TRADING_LLM_CONCURRENCY='0'"),
+    # Counts: a fraction was cut silently (2.5 requests in flight became 2).
+    ({"TRADING_LLM_CONCURRENCY": "2.5"}, "TRADING_LLM_CONCURRENCY='2.5' is not a whole number"),
+    ({"TRADING_LLM_MAX_ATTEMPTS": "1.5"}, "TRADING_LLM_MAX_ATTEMPTS='1.5' is not a whole number"),
+    ({"OPENAI_MAX_OUTPUT_TOKENS": "1500.5"}, "OPENAI_MAX_OUTPUT_TOKENS='1500.5' is not a whole number"),
     ({"TRADING_LLM_MAX_TOKENS_PER_DAY": "lots"}, "TRADING_LLM_MAX_TOKENS_PER_DAY='lots'"),
     ({"OPENAI_PRICE_INPUT_PER_MTOK": "1"}, "only one of OPENAI_PRICE_INPUT_PER_MTOK"),
 ])
