@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from trading_pipeline.core.frames import TIMEFRAMES
 from trading_pipeline.errors import UserError
@@ -37,7 +37,7 @@ def _load_dotenv() -> None:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                       (STORY_AS_OF, "STORY_AS_OF"))
             as_of = config.parse_as_of(*source)
         else:
-            as_of = datetime.now(timezone.utc).replace(microsecond=0)
+            as_of = datetime.now(UTC).replace(microsecond=0)
         if story:
             print(f"demo: replaying {as_of:%a %Y-%m-%d %H:%M} UTC, after that session's close, on the simulated "
                   "market: a point where a trade is decided, sent, then filled. `make demo DEMO_ARGS=--now` "
                   "runs at the current time.")
-        replay = broker_mode == "paper" and as_of < datetime.now(timezone.utc) - timedelta(minutes=5)
+        replay = broker_mode == "paper" and as_of < datetime.now(UTC) - timedelta(minutes=5)
         set_clock = replay and not os.environ.get("TRADING_AS_OF")
         if set_clock:
             # The paper deployment's clock is the replayed point while deciding and sending (a decision
@@ -199,7 +199,7 @@ def _run(defs, resources, instance, symbols: list[str], as_of: datetime, broker_
 
 
 def _now() -> datetime:  # one place to travel in time in tests
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def _what_became_of_the_orders(defs, resources, instance, broker_mode: str, as_of: datetime,
@@ -237,7 +237,7 @@ def _what_became_of_the_orders(defs, resources, instance, broker_mode: str, as_o
     table = _table([[symbol, *row] for symbol, row in zip(placed, rows)], ["symbol", "entry", "exit", "realized R", "P&L"])
     summary = (f"Paper account: equity {account['equity']:,.2f}, cash {account['cash']:,.2f}, "
                f"{account['open_positions']} open position(s).")
-    return "\n".join([heading, table, summary])
+    return f"{heading}\n{table}\n{summary}"
 
 
 def _order_story(sessions, decision_id: str, trade: dict | None, position: dict | None) -> list[str]:

@@ -142,7 +142,7 @@ class StrategiesFile(_Strict):
     strategies: list[Strategy] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique(self) -> "StrategiesFile":
+    def _unique(self) -> StrategiesFile:
         names = [s.name for s in self.strategies]
         if len(set(names)) != len(names):
             raise ValueError(f"strategy names must be unique: {names}")

@@ -4,7 +4,7 @@ counts on the entry's fill bar, DAY entries expire at the close of their first s
 children, GTC entries keep working, and the sync records what happened and why. The rules
 themselves are tested in core/test_fills.py; these test the broker around them."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -29,8 +29,8 @@ from trading_pipeline.core.orders import build_legs
 from trading_pipeline.core.risk import Mark, WorkingEntry
 
 # 2026-09-01 is a Tuesday; 21:30 UTC is 17:30 in New York, after the close.
-TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
-WEDNESDAY_MIDDAY = datetime(2026, 9, 2, 17, 0, tzinfo=timezone.utc)  # 13:00 New York, session in progress
+TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
+WEDNESDAY_MIDDAY = datetime(2026, 9, 2, 17, 0, tzinfo=UTC)  # 13:00 New York, session in progress
 
 
 def decision(decision_id: str, as_of: datetime, action=Action.BUY, entry=100.0, stop=96.0, target=106.0):
@@ -102,7 +102,7 @@ def test_an_entry_fills_by_when_the_bar_started():
     # a sell limit mirrors it: gap up through the limit fills at the open
     assert fill("SELL", 97.5, TUESDAY_AFTER_CLOSE) == (98.0, start)
     # over before the order existed
-    assert fill("BUY", 100.0, datetime(2026, 9, 2, 21, 0, tzinfo=timezone.utc)) is None
+    assert fill("BUY", 100.0, datetime(2026, 9, 2, 21, 0, tzinfo=UTC)) is None
 
 
 # --- the paper broker and the sync ---------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_gap_down_open_fills_a_buy_limit_at_the_open_and_charges_the_commission(
     assert happened == ["tp-gapdown BUY 50 AAPL filled at 97.00 on the bar of 2026-09-02"]
     (fill,) = broker.executions("tp-gapdown")
     assert (fill.price, fill.executed_at, fill.commission) == (
-        97.0, datetime(2026, 9, 2, 13, 30, tzinfo=timezone.utc), 1.00)  # 50 shares: IBKR's $1.00 minimum
+        97.0, datetime(2026, 9, 2, 13, 30, tzinfo=UTC), 1.00)  # 50 shares: IBKR's $1.00 minimum
     assert statuses(broker, "gapdown") == {"tp-gapdown": "Filled", "tp-gapdown-sl": "Submitted",
                                            "tp-gapdown-tp": "Submitted"}
     account = broker.account({"AAPL": Mark(99.0)})
@@ -240,7 +240,7 @@ def test_gtc_entry_keeps_working_across_sessions(database_url):
 
 def test_placed_after_friday_close_first_works_on_monday(database_url):
     sessions = session_factory(database_url)
-    friday_evening = datetime(2026, 9, 11, 20, 30, tzinfo=timezone.utc)  # 16:30 New York
+    friday_evening = datetime(2026, 9, 11, 20, 30, tzinfo=UTC)  # 16:30 New York
     submit(sessions, decision("weekend", friday_evening))
     submit(sessions, decision("weekendmiss", friday_evening, entry=95.0, stop=91.0, target=101.0))
     broker = PaperBroker(sessions, 100_000.0)
@@ -257,7 +257,7 @@ def test_placed_after_friday_close_first_works_on_monday(database_url):
 
 def test_placed_before_a_holiday_first_works_on_the_next_session(database_url):
     sessions = session_factory(database_url)
-    friday_before_labor_day = datetime(2026, 9, 4, 21, 0, tzinfo=timezone.utc)
+    friday_before_labor_day = datetime(2026, 9, 4, 21, 0, tzinfo=UTC)
     submit(sessions, decision("holiday", friday_before_labor_day))
     broker = PaperBroker(sessions, 100_000.0)
     bars = daily_bars({"2026-09-04": (100.0, 101.0, 99.0, 100.0), "2026-09-08": (100.4, 101.0, 99.7, 100.9)})
@@ -310,11 +310,11 @@ def test_a_time_in_force_the_paper_broker_cannot_simulate_is_rejected(database_u
 def test_sync_fetches_bars_back_to_the_oldest_working_order(database_url):
     from trading_pipeline.graph.portfolio import fill_history
 
-    as_of = datetime(2026, 11, 20, 22, 0, tzinfo=timezone.utc)
+    as_of = datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
     assert fill_history(as_of, None) == "3m"  # nothing working: the marks' history
     assert fill_history(as_of, TUESDAY_AFTER_CLOSE) == "3m"  # 80 days ago: within the marks' 3 months
-    assert fill_history(as_of, datetime(2026, 3, 2, 21, 0, tzinfo=timezone.utc)) == "270d"  # 263 days + a week
-    assert fill_history(as_of, datetime(2020, 1, 2, tzinfo=timezone.utc)) == "1000d"  # IBKR's most in days
+    assert fill_history(as_of, datetime(2026, 3, 2, 21, 0, tzinfo=UTC)) == "270d"  # 263 days + a week
+    assert fill_history(as_of, datetime(2020, 1, 2, tzinfo=UTC)) == "1000d"  # IBKR's most in days
 
     sessions = session_factory(database_url)
     broker = PaperBroker(sessions, 100_000.0)
@@ -356,7 +356,7 @@ def test_an_entry_in_unknown_state_counts_as_working(database_url):
 
 # --- closing a position: its exits go first -----------------------------------------------------
 
-THURSDAY_AFTER_CLOSE = datetime(2026, 9, 3, 21, 30, tzinfo=timezone.utc)
+THURSDAY_AFTER_CLOSE = datetime(2026, 9, 3, 21, 30, tzinfo=UTC)
 
 
 def open_long(sessions, decision_id="long"):
@@ -372,7 +372,7 @@ def sell_by_hand(broker, coid, quantity, day):
     """A sale placed at the broker by hand (not by the pipeline), filled on `day`'s bar."""
     broker.place("AAPL", [OrderLeg(client_order_id=coid, role="entry", side="SELL", order_type="LMT",
                                    quantity=quantity, price=98.0, tif="DAY")], 98.0,
-                 placed_at=datetime(2026, 9, 2, 21, 30, tzinfo=timezone.utc))
+                 placed_at=datetime(2026, 9, 2, 21, 30, tzinfo=UTC))
     bars = {"2026-09-02": (97.0, 99.0, 96.5, 98.5), "2026-09-03": (98.0, 99.5, 97.5, 99.0)}
     broker.simulate_fills(daily_bars({d: bars[d] for d in bars if d <= day}))
 
