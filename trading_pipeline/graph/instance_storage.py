@@ -40,6 +40,7 @@ import sqlalchemy as sa
 import yaml
 from dagster._core.events import ASSET_EVENTS
 from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME, SqliteEventLogStorage
 from dagster._core.storage.sqlalchemy_compat import db_result
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
@@ -118,18 +119,20 @@ class QuickSqliteEventLogStorage(SqliteEventLogStorage):
         if len({event.run_id for event in events}) != 1:
             super().store_event_batch(events)
             return
+        # Each event serialized once (its thumbnail and all), for both files; one executemany here.
+        rows = [self._event_to_row(event) for event in events]
         with self.run_connection(events[0].run_id) as conn:
-            for event in events:
-                conn.execute(self.prepare_insert_event(event))
+            conn.execute(SqlEventLogStorageTable.insert(), rows)
         self._signal_watchers(events[0].run_id)
-        asset_events = [event for event in events if event.is_dagster_event
-                        and event.dagster_event_type in ASSET_EVENTS and event.get_dagster_event().asset_key]
-        if not asset_events:
+        asset_rows = [(event, row) for event, row in zip(events, rows, strict=True) if event.is_dagster_event
+                      and event.dagster_event_type in ASSET_EVENTS and event.get_dagster_event().asset_key]
+        if not asset_rows:
             return
+        asset_events = [event for event, _ in asset_rows]
         with self.index_transaction() as conn:  # mirrored in index.db, as store_event does
             event_ids = []
-            for event in asset_events:
-                with db_result(conn, self.prepare_insert_event(event)) as result:
+            for _, row in asset_rows:
+                with db_result(conn, SqlEventLogStorageTable.insert().values(**row)) as result:
                     event_ids.append(result.inserted_primary_key[0])
             self._store_asset_event_tags(conn, asset_events, event_ids)
             for event, event_id in zip(asset_events, event_ids, strict=True):
