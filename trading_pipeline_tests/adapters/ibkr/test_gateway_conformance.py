@@ -4,6 +4,8 @@ placement acknowledgements, the order id -1, a session that ends and is opened a
 login, and the pre-flights that new session needs. Another implementation of the gateway must get
 the same safe outcome: no duplicate or unintended order, and an error naming what happened."""
 
+from datetime import UTC, datetime
+
 import pytest
 
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
@@ -13,9 +15,13 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRRequestError,
     IBKRSessionError,
 )
+from trading_pipeline.adapters.ibkr.market_data import IBKRMarketData
+from trading_pipeline.core.strategies import TimeframeSettings
+from trading_pipeline.errors import BarDataError
 from trading_pipeline_tests.adapters.ibkr.test_orders_and_portfolio import ORDERS_POST, bracket
 
 REPLY = "/iserver/reply/*"
+AS_OF = datetime(2024, 3, 5, 16, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -160,3 +166,36 @@ def test_logged_in_but_not_connected_says_ibkrs_servers_are_out_of_reach(emulato
     assert "cannot reach IBKR's servers" in raised.value.problem and "connected=false" in raised.value.problem
     assert "nightly" in raised.value.fix and "log in" not in raised.value.fix  # a new login does not help
     assert emulator.count("POST", "/iserver/auth/ssodh/init") == 0 and emulator.count("GET", "/iserver/accounts") == 0
+
+
+# -------------------------------------------------------------------- live orders, cancel, history
+
+def test_live_orders_marked_incomplete_are_asked_again_and_never_filtered_or_forced(emulator, client, broker):
+    emulator.set_price("MSFT", 100.0)
+    broker.place("MSFT", bracket(coid="cf-snap", entry=98.5, stop=95.0, target=105.0), 98.5)
+    client.live_orders()  # this session's pre-flight of the live orders is done
+    emulator.inject("/iserver/account/orders", method="GET", body={"orders": [], "snapshot": False})
+    listed = client.live_orders()  # the incomplete answer is not trusted
+    assert [o.get("order_ref") for o in listed if o.get("order_ref")] == ["cf-snap"]
+    calls = emulator.requests("GET", "/iserver/account/orders")
+    assert len(calls) == 4 and all(set(c[4]) == {"accountId"} for c in calls)  # no filters, no force
+
+
+@pytest.mark.parametrize("shape", [{"order_id": "{id}"}, {"order_id": "{id}", "msg": "Request was submitted"},
+                                   {"msg": "Request was submitted", "order_id": -1, "conid": -1}])
+def test_cancel_answers_in_any_documented_shape_are_confirmed_by_the_orders_status(emulator, client, broker, shape):
+    emulator.set_price("MSFT", 100.0)
+    placed = broker.place("MSFT", bracket(coid="cf-cxl", entry=98.5, stop=95.0, target=105.0), 98.5)
+    order_id = placed[0].broker_order_id
+    body = {k: (v.format(id=order_id) if isinstance(v, str) else v) for k, v in shape.items()}
+    emulator.inject("/iserver/account/*/order/*", method="DELETE", process=True, body=body)
+    assert client.cancel_order(order_id)["order_status"] == "Cancelled"  # the answer only says it arrived
+    assert emulator.count("DELETE", "/iserver/account/*/order/*") == 1
+
+
+def test_history_with_empty_data_is_no_bars_not_an_empty_success(emulator, client):
+    emulator.inject("/iserver/marketdata/history", method="GET",
+                    transform=lambda body: {**body, "data": [], "points": 0, "mdAvailability": "D"})
+    with pytest.raises(BarDataError) as raised:
+        IBKRMarketData(client).fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
+    assert "returned no 1d bars for AAPL" in raised.value.problem and raised.value.fix
