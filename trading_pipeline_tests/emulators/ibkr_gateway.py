@@ -7,7 +7,8 @@ the `ibkr` modes without an account:
 
 Quirks reproduced: the auth states (401 logged out, 400 'no bridge' without a brokerage session,
 ssodh/init opening it, competing sessions, 403 for an IP outside the allow list); the
-/iserver/accounts pre-flight; the empty first snapshot and live-orders answers; 1000 points per
+/iserver/accounts pre-flight of each session (before snapshots, live orders, order status, trades,
+placing, modifying and cancelling); the empty first snapshot and live-orders answers; 1000 points per
 history answer, period/bar checked against IBKR's table, US volumes in lots of 100; questions on
 order placement and modification (o10331 for stops, o10151 for market orders, o163 for a limit >3% from
 the market; a reply must come straight away: any other request voids it); `{"error": ...}`
@@ -15,7 +16,8 @@ bodies with status 200; 429 above 10 requests/s, above 5 history requests in fli
 1-per-5-s endpoints (optionally a penalty box); duplicate cOID rejection; order state progression
 (Submitted -> Filled at the emulated market price, market orders while the market is open or at
 the next open, bracket children activated, OCA with reduction on partial fills, modify with every
-field repeated (a stop made a market order), PendingCancel -> Cancelled) with executions and
+field repeated (a stop made a market order), PendingCancel -> Cancelled, order id -1 cancelling
+every open order) with executions and
 positions; the day rollover (`new_day`: finished orders leave the live list, executions stay 7
 days); share classes under IBKR's spaced ticker (BRK.B is 'BRK B'); contract rules
 (info-and-rules `increment`); cached positions until invalidated.

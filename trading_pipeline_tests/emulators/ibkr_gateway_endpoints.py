@@ -16,6 +16,7 @@ from trading_pipeline.adapters.ibkr import history as hist
 from trading_pipeline_tests.emulators.ibkr_gateway_state import (
     MARKET_WARNING,
     PREFLIGHT_NEEDED,
+    PREFLIGHT_NEEDED_ORDERS,
     PRICE_WARNING,
     STOP_WARNING,
     EmuOrder,
@@ -55,7 +56,8 @@ class GatewayEndpoints:
             return _json({"error": "Bad Request: no bridge", "statusCode": 400}, 400)
         if s.auth_state == "expired" and path.startswith(("/portfolio", "/trsrv")):
             return _json({"error": "not authenticated"}, 401)
-        if path.startswith(PREFLIGHT_NEEDED) and s.preflight_epoch != s.session_epoch:
+        order_path = any(method == m and re.fullmatch(p, path) for m, p in PREFLIGHT_NEEDED_ORDERS)
+        if (path.startswith(PREFLIGHT_NEEDED) or order_path) and s.preflight_epoch != s.session_epoch:
             return _error("Please query /accounts first", 400)
         routes = [
             ("POST", r"/iserver/auth/status", self.auth_status),
@@ -418,6 +420,7 @@ class GatewayEndpoints:
                              spec["orderType"], float(spec["quantity"]), float(spec.get("price", 0.0)), spec["tif"],
                              spec.get("cOID"), parent.order_id if parent else None,
                              "PreSubmitted" if parent else "Submitted", time.time())
+            order.account_sent = "acctId" in spec
             s.next_order_id += 1
             s.orders[order.order_id] = order
             if order.coid:
@@ -509,7 +512,7 @@ class GatewayEndpoints:
             return _error(f"OrderID {order} doesn't exist")
         if not isinstance(body, dict) or "orders" in body:
             return _error("a modification is one order object, not wrapped in orders", 500)
-        for key in ("conid", "orderType", "side", "quantity", "tif"):
+        for key in ("conid", "orderType", "side", "quantity", "tif") + (("acctId",) if found.account_sent else ()):
             if key not in body:
                 return _error(f"a modification must repeat every original field: {key} is missing", 500)
         if body["conid"] != found.conid or body["side"] != found.side:
@@ -539,6 +542,11 @@ class GatewayEndpoints:
 
     def cancel(self, acct, order, **_):
         s = self.state
+        if int(order) == -1 and acct in s.accounts:  # IBKR: orderId -1 cancels every open order
+            for working in s.orders.values():
+                if working.status not in ("Filled", "Cancelled"):
+                    working.status, working.cancel_reads = "PendingCancel", 0
+            return _json({"msg": "Request was submitted", "order_id": -1, "account": acct})
         found = s.orders.get(int(order))
         if found is None or acct not in s.accounts:
             return _error(f"OrderID {order} doesn't exist")

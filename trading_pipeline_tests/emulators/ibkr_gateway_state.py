@@ -24,6 +24,9 @@ SLOW = {("GET", "/iserver/account/orders"), ("GET", "/iserver/account/trades"),
         ("GET", "/portfolio/subaccounts")}
 PREFLIGHT_NEEDED = ("/iserver/marketdata/snapshot", "/iserver/account/orders", "/iserver/account/order/status",
                     "/iserver/account/trades")
+# IBKR's pre-flight list also names placing, modifying and cancelling: (method, path pattern).
+PREFLIGHT_NEEDED_ORDERS = (("POST", r"/iserver/account/[^/]+/orders"), ("POST", r"/iserver/account/[^/]+/order/-?\d+"),
+                           ("DELETE", r"/iserver/account/[^/]+/order/-?\d+"))
 STOP_WARNING = ("You are about to submit a stop order. Please be aware of the various stop order types available "
                 "and the risks associated with each one.\nAre you sure you want to submit this order?")
 PRICE_WARNING = ("The following order \"{side} {qty} {sym} @ {price:.2f}\" price exceeds \nthe Percentage constraint "
@@ -153,6 +156,7 @@ class EmuOrder:
     filled: float = 0.0
     avg_price: float | None = None
     cancel_reads: int = 0
+    account_sent: bool = False  # placed with acctId: a modification must repeat it (every original field)
     last_time: float = field(default_factory=time.time)
 
 

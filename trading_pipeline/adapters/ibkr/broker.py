@@ -184,13 +184,7 @@ class IBKRBroker:
             answers = self.client.place_orders(payload)
         except IBKRDuplicateOrder as duplicate:
             raise DuplicateOrderError(duplicate.client_order_id) from duplicate
-        by_coid: dict[str, dict] = {}
-        if len(answers) == len(legs):
-            by_coid = {leg.client_order_id: answer for leg, answer in zip(legs, answers)}
-        else:  # IBKR's bracket acknowledgement shape is unconfirmed: only the first is certain
-            log.warning("IBKR acknowledged %d order(s) for %d leg(s) of %s", len(answers), len(legs),
-                        legs[0].client_order_id)
-            by_coid = {legs[0].client_order_id: answers[0]}
+        by_coid = self._pair_answers(legs, answers)
         self._remember({coid: str(answer.get("order_id")) for coid, answer in by_coid.items()})
         result = []
         for leg in legs:
@@ -209,6 +203,26 @@ class IBKRBroker:
                 log.warning("status of new order %s unavailable: %s", order_id, error.problem)
             result.append(BrokerOrder(leg.client_order_id, order_id, status, filled, average))
         return result
+
+    @staticmethod
+    def _pair_answers(legs: list[OrderLeg], answers: list[dict]) -> dict[str, dict]:
+        """IBKR's acknowledgement -> the legs it answers. One answer per leg in the request's order
+        (IBKR's bracket acknowledgement shape is unconfirmed), and only the first is certain when the
+        count differs. An answer's `local_order_id` echoes the cOID (only the entry or exit has
+        one): when it names another position than the first, the order of the answers is not the
+        request's, so only the named leg is paired. The children are then learnt from the live
+        orders (by parentId), never guessed: a wrong id would later modify or cancel the wrong leg."""
+        parent = legs[0].client_order_id
+        if any(str(a.get("local_order_id") or "").strip() for a in answers):
+            named = next((a for a in answers if str(a.get("local_order_id") or "").strip() == parent), None)
+            if named is not answers[0]:
+                log.warning("IBKR acknowledged %s out of the request's order (local_order_id); only the order "
+                            "naming it is paired", parent)
+                return {parent: named} if named is not None else {}
+        if len(answers) == len(legs):
+            return {leg.client_order_id: answer for leg, answer in zip(legs, answers)}
+        log.warning("IBKR acknowledged %d order(s) for %d leg(s) of %s", len(answers), len(legs), parent)
+        return {parent: answers[0]}
 
     # ------------------------------------------------------------------ lookups
     @staticmethod

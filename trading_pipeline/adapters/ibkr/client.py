@@ -116,7 +116,7 @@ class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketData
         self._session_lock = threading.Lock()
         self._accounts_lock = threading.Lock()
         self._session_checked_at: float | None = None
-        self._session_epoch = 0  # bumped whenever a new brokerage session is (re)opened
+        self._session_epoch = 0  # bumped when a brokerage session is (re)opened or seen to end
         self._accounts: AccountsInfo | None = None
         self._accounts_epoch = -1
         self._portfolio_epoch = -1

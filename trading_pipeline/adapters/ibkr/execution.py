@@ -57,7 +57,8 @@ class OrderRequests:
         an unknown state is reconciled by cOID before anything is sent again."""
         unknown_fix = ("do not re-send by hand: the next run looks the order up by its cOID at IBKR before sending "
                        "anything (or check the order list in Client Portal)")
-        for _ in range(self.pacing.reply_rounds + 1):
+        confirmed = 0
+        while True:  # each answer is judged, the one after the last confirmation too
             for text in self._strings(body):  # ibind looks for this anywhere in the body; so do we
                 duplicate = _DUPLICATE_RE.search(text)
                 if duplicate:
@@ -107,17 +108,27 @@ class OrderRequests:
             reply_id = str(questions[0]["id"])
             allowed = self.switches().auto_confirm  # the deployment's list now, not when the client was made
             if ids and all(i in allowed for i in ids):
+                if confirmed >= self.pacing.reply_rounds:  # declined, not left open for another request to void
+                    self._decline(reply_id, ids)
+                    raise IBKROrderRejected(
+                        f"IBKR kept asking questions about {what} after {confirmed} confirmed replies (the next: "
+                        f"{', '.join(ids)}); it was declined, so nothing was "
+                        + ("changed" if modification else "placed"),
+                        "place the order by hand in Client Portal and review its warnings")
                 log.info("IBKR asked %s for %s; auto-confirmed (allow-list)", ",".join(ids), what)
+                confirmed += 1
                 status, body = self._request("POST", f"/iserver/reply/{reply_id}", json={"confirmed": True},
                                              order=True)
                 continue
-            try:  # decline straight away: the order is thrown away
-                self._request("POST", f"/iserver/reply/{reply_id}", json={"confirmed": False}, order=True)
-            except IBKRError as exc:
-                log.warning("declining IBKR question %s failed (%s); the order is void anyway", ids, exc.problem)
+            self._decline(reply_id, ids)
             raise self._declined(what, tuple(ids), message, allowed, modification)
-        raise IBKROrderRejected(f"IBKR kept asking questions about {what} after {self.pacing.reply_rounds} replies",
-                                "place the order by hand in Client Portal and review its warnings")
+
+    def _decline(self, reply_id: str, ids: list[str]) -> None:
+        """`POST /iserver/reply/{id}` with confirmed:false, straight away: IBKR throws the order away."""
+        try:
+            self._request("POST", f"/iserver/reply/{reply_id}", json={"confirmed": False}, order=True)
+        except IBKRError as exc:
+            log.warning("declining IBKR question %s failed (%s); the order is void anyway", ids, exc.problem)
 
     @staticmethod
     def _declined(what: str, ids: tuple[str, ...], message: str, allowed: tuple[str, ...],
@@ -228,9 +239,11 @@ class OrderRequests:
         price=None` turns a stop into a market order); the answer may ask questions (same policy as
         placing, with IBKR_AUTO_CONFIRM read now). A refusal raises IBKROrderRejected: the order
         stays as it was."""
+        order_id = self._one_order_id(order_id, "modify")
         info = self.check_may_trade()
         fields = dict(original) if original else self.order_fields_from_status(self.order_status(order_id))
         fields.pop("cOID", None)
+        fields["acctId"] = info.account_id  # every original field is repeated: placements name the account
         for key, value in changes.items():
             if value is None:
                 fields.pop(key, None)
@@ -247,9 +260,22 @@ class OrderRequests:
             finally:
                 self._invalidate_order_caches()
 
+    @staticmethod
+    def _one_order_id(order_id: int | str, action: str) -> int:
+        """The IBKR order id to put in a modify or cancel path: a positive whole number. IBKR reads
+        order id -1 in `DELETE .../order/-1` as every open order, stops included."""
+        number = parse_conid(order_id)
+        if number is None:
+            raise IBKRRequestError(
+                f"{action} of order {order_id!r}: that is not an IBKR order id (a positive whole number), so "
+                "nothing was sent (IBKR reads -1 as every open order)",
+                "find the order by its cOID (the live orders or Client Portal) and use the orderId IBKR lists")
+        return number
+
     def cancel_order(self, order_id: int | str, timeout: float | None = None) -> dict:
         """`DELETE /iserver/account/{acct}/order/{orderId}` (which only says 'Request was submitted'),
         then poll the order status until Cancelled (or another final state). Returns that status."""
+        order_id = self._one_order_id(order_id, "cancel")
         account = self.accounts().account_id
         status, body = self._request("DELETE", f"/iserver/account/{account}/order/{order_id}", order=True)
         self._invalidate_order_caches()

@@ -68,6 +68,15 @@ class SessionRequests:
             self._session_epoch += 1  # a new brokerage session: pre-flights are due again
         return state
 
+    def _session_ended(self) -> None:
+        """The brokerage session is gone (401, 'no session', a login redirect, 'no bridge', an auth
+        status that is not healthy). Whatever session answers next is a new one, opened by us or by
+        a new login, and IBKR wants its pre-flights again: /iserver/accounts before orders,
+        /portfolio/accounts before /portfolio/*, the live orders asked twice."""
+        with self._state:
+            self._session_checked_at = None
+            self._session_epoch += 1
+
     def ensure_session(self, force: bool = False) -> AuthStatus | None:
         """Make sure a healthy brokerage session exists; re-checked at most every
         `session_check_interval` seconds unless forced. Opens it with ssodh/init when the gateway is
@@ -78,6 +87,8 @@ class SessionRequests:
             if fresh and not force:
                 return None
             state = self.auth_status()
+            if not state.healthy:
+                self._session_ended()
             if state.competing:
                 if not self.take_over_competing_session:
                     raise IBKRCompetingSession(
@@ -93,6 +104,12 @@ class SessionRequests:
                                               "authenticated=false)")
                 log.info("IBKR: connected but not authenticated; opening the brokerage session (ssodh/init)")
                 state = self._open_brokerage_session()
+            if state.authenticated and not state.connected and not state.competing:
+                raise IBKRSessionError(
+                    f"the gateway at {self.login_url} is logged in but cannot reach IBKR's servers "
+                    "(/iserver/auth/status: authenticated=true, connected=false)",
+                    "IBKR restarts its servers nightly (about 00:00-01:00 local) and on Saturday evening: run again "
+                    "later. If it persists, check the network of the gateway's machine and the gateway's log")
             if not state.healthy:
                 raise IBKRSessionError(
                     "the IBKR brokerage session could not be opened (authenticated="

@@ -122,14 +122,12 @@ class GatewayTransport:
                 log.warning("IBKR 429 on %s %s; every request waits %.1f s", method, path, wait)
                 continue
             if status == 401:
-                with self._state:
-                    self._session_checked_at = None
+                self._session_ended()
                 raise self._not_logged_in("the gateway answered 401 (no authenticated session)")
             if 300 <= status < 400:  # the gateway answers; a redirect is its (or a proxy's) login page
                 target = urlsplit(location).path if location else "(no Location header)"
                 if any(word in target.lower() for word in ("login", "sso", "auth")):
-                    with self._state:
-                        self._session_checked_at = None
+                    self._session_ended()
                     raise self._not_logged_in(f"{method} {path} was redirected (HTTP {status}) to the login page "
                                               f"{target}" + (" (the order was not placed)" if order else ""))
                 raise IBKRRequestError(
@@ -144,10 +142,10 @@ class GatewayTransport:
                     "Docker's bridge network) and restart the gateway")
             text = self._error_text(body)
             if text.lower() == "no session":
+                self._session_ended()
                 raise self._not_logged_in("the gateway has no session ('no session')")
             if status == 400 and "no bridge" in text.lower():
-                with self._state:
-                    self._session_checked_at = None
+                self._session_ended()
                 if retry_no_bridge and not order:
                     self.ensure_session(force=True)
                     if path != "/iserver/accounts":
