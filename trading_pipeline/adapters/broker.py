@@ -15,7 +15,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 import pandas as pd
@@ -118,11 +118,11 @@ PAPER_MIN_TICK = 0.01
 
 
 def _utcnow() -> datetime:  # one place to travel in time in tests
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite drops the zone
 
 
 

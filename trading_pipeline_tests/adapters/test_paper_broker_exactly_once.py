@@ -2,7 +2,7 @@
 The paper broker fills nothing at placement: an order is working until later bars fill it."""
 
 import dataclasses
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -18,7 +18,7 @@ from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
 from trading_pipeline.core.risk import Mark
 
-AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)  # a Tuesday, after the close
+AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)  # a Tuesday, after the close
 # Wednesday's session, stamped with its open as every source stamps daily bars: trades through 100.
 WEDNESDAY = pd.DataFrame({"open": [100.5], "high": [101.0], "low": [99.0], "close": [100.8], "volume": [1e6]},
                          index=pd.DatetimeIndex([pd.Timestamp("2026-09-02T13:30:00Z")], name="time"))
@@ -70,7 +70,7 @@ def test_submit_records_then_rerun_sends_nothing_and_later_bars_fill(database_ur
         assert session.get(OrderRow, "tp-d1-sl").status == "Submitted"  # the stop is working
     assert OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0).status == "already_sent"
     assert broker_orders(sessions, "tp-d1") == 1
-    monkeypatch.setattr(broker_module, "_utcnow", lambda: datetime(2026, 9, 2, 21, 0, tzinfo=timezone.utc))
+    monkeypatch.setattr(broker_module, "_utcnow", lambda: datetime(2026, 9, 2, 21, 0, tzinfo=UTC))
     account = broker.account({"AAPL": Mark(103.0, 100.8)})  # on the evening of the fill: today's P&L
     assert account.positions["AAPL"].quantity == 50
     assert account.cash == pytest.approx(100_000 - 5_000 - 1.00)  # IBKR's $1.00 minimum commission
@@ -166,8 +166,8 @@ def test_process_killed_after_send_then_restarted_sends_once(database_url):
     import subprocess
     import sys
 
-    crashed = subprocess.run([sys.executable, "-c", CRASHING_PROCESS, database_url], capture_output=True, text=True,
-                             timeout=120)
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_PROCESS, database_url], check=False, capture_output=True,
+                             text=True, timeout=120)
     assert crashed.returncode == 17, crashed.stderr
     sessions = session_factory(database_url)
     decision = TradeDecision(decision_id="restart", strategy="s", symbol="AAPL", as_of=AS_OF, data_through=AS_OF,
@@ -208,10 +208,16 @@ def test_an_order_the_broker_refuses_at_once_is_shown_as_rejected_not_submitted(
     account rejection): the orders asset must not show it as submitted, and nothing is sent again."""
     sessions = session_factory(database_url)
 
+    cancelled: list[str] = []
+
     class RefusingAtOnce(PaperBroker):
         def place(self, symbol, legs, reference_price, placed_at=None):
             answers = super().place(symbol, legs, reference_price, placed_at=placed_at)
             return [dataclasses.replace(answers[0], status=answered), *answers[1:]]
+
+        def cancel(self, client_order_id):
+            cancelled.append(client_order_id)
+            return super().cancel(client_order_id)
 
     broker = RefusingAtOnce(sessions, 100_000.0)
     decision = buy_decision()
@@ -222,3 +228,7 @@ def test_an_order_the_broker_refuses_at_once_is_shown_as_rejected_not_submitted(
     assert f"the broker answered {answered} at once: it is not working" in record.reason
     again = OrderDesk(sessions, broker).submit_once(decision, legs, reference_price=100.0, placed_at=decision.as_of)
     assert again.status != "submitted" and broker_orders(sessions, "tp-d1") == 1  # never sent twice
+    # Inactive may be an order held, not refused: it is cancelled, so that it cannot become active again.
+    assert cancelled == (["tp-d1"] if answered == "Inactive" else [])
+    if answered == "Inactive":
+        assert record.reason.endswith("; cancelled in case it is held rather than rejected (now Cancelled)")

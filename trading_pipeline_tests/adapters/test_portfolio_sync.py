@@ -544,6 +544,38 @@ def test_positions_contradicted_by_the_account(equity, cash, listed, contradicte
     assert (positions_contradicted(account) is not None) is contradicted
 
 
+def test_an_order_the_broker_reports_inactive_is_cancelled_so_that_it_stays_done(memory_sessions):
+    """IBKR's Inactive is a rejection or an order held: the pipeline counts it as done, so the sync
+    cancels it, or a held entry that became active again would fill beside the next decision's."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("held"))
+    broker.orders["tp-held"].status = "Inactive"
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == ["tp-held"] and broker.orders["tp-held"].status == "Cancelled"
+    assert rows(memory_sessions, "tp-held")["tp-held"].status == "Cancelled"
+    change = next(line for line in report.status_changes if line.startswith("tp-held:"))
+    assert change == ("tp-held: Submitted → Cancelled (filled 0/50): Inactive at the broker (rejected or held); "
+                      "cancelled by the sync so that it cannot become active again")
+    assert sync_portfolio(memory_sessions, broker, {}).status_changes == []  # done: not asked again
+    assert broker.cancelled == ["tp-held"]
+
+
+def test_an_inactive_order_the_broker_will_not_cancel_is_final_and_says_so(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("refused"))
+    broker.orders["tp-refused"].status = "Inactive"
+
+    def refuse(client_order_id):
+        raise OrderRejectedError("the order cannot be cancelled", "check it in Client Portal")
+
+    broker.cancel = refuse
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert rows(memory_sessions, "tp-refused")["tp-refused"].status == "Inactive"
+    change = next(line for line in report.status_changes if line.startswith("tp-refused:"))
+    assert change.endswith("Inactive at the broker (rejected or held); cancelling it failed (the order cannot be "
+                           "cancelled): check the order at the broker and cancel it there if it is held")
+
+
 def test_a_stop_whose_position_is_held_is_kept(memory_sessions):
     broker = BookBroker()
     send(memory_sessions, broker, decision("kept"))

@@ -283,9 +283,11 @@ class IBKRBroker:
         return None
 
     def cancel(self, client_order_id: str) -> BrokerOrder | None:
-        """Cancel the working order with this cOID (polled until IBKR reports it final)."""
+        """Cancel the working order with this cOID (polled until IBKR reports it final). An Inactive
+        order is cancelled too: IBKR's Inactive is a rejection *or an order held*, which may become
+        active again, and the pipeline counts it as done."""
         found = self.find_order(client_order_id)
-        if found is None or found.status in FINAL_STATUSES:
+        if found is None or (found.status in FINAL_STATUSES and found.status != "Inactive"):
             return found
         final = self.client.cancel_order(found.broker_order_id)
         return BrokerOrder(client_order_id, found.broker_order_id,

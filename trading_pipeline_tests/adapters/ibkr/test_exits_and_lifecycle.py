@@ -419,6 +419,22 @@ def test_a_bracket_left_working_after_the_position_was_closed_by_hand_is_cancell
     assert w.position_path("AAPL") == [50, 0]
 
 
+def test_a_stop_ibkr_reports_inactive_is_cancelled_there_and_the_position_reported_unprotected(world):
+    """IBKR's Inactive is a rejection or an order held. Counted as done, a held stop that became
+    active again would sell beside the exit the pipeline sends for the unprotected position."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, _ = w.open_position(entry_decision("held"))
+    with w.emulator.state.lock:
+        w.emulator.state.orders[stop_id].status = "Inactive"
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert w.order(stop_id).status == "Cancelled" and w.requests_sent() == (1, 0, 1)
+    assert w.row("tp-held-sl").status == "Cancelled"
+    assert "cancelled by the sync so that it cannot become active again" in w.last_event("tp-held-sl")
+    assert any(line.startswith("AAPL: the pipeline's position of 50 shares has NO working stop-loss")
+               for line in report.unprotected)
+
+
 def test_a_stop_is_kept_while_ibkrs_positions_do_not_list_a_position_just_opened(world):
     w = world()
     w.emulator.set_price("AAPL", 100.0)
