@@ -216,7 +216,12 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
     if not content or not content.strip():
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         hint = ""
-        if reasoning and finish == "length":
+        if message.get("tool_calls") or message.get("function_call") or finish in ("tool_calls", "function_call"):
+            # None is offered; a proxy may turn response_format into a tool (LiteLLM for some providers).
+            hint = (f" (it answered with a tool call instead, finish_reason={finish}; no tools are offered and a tool "
+                    "call's arguments are not read as an answer: use a model or server that answers in the "
+                    "message content)")
+        elif reasoning and finish == "length":
             hint = (" (the model spent its output on reasoning and was cut off before answering, "
                     "finish_reason=length: raise OPENAI_MAX_OUTPUT_TOKENS)")
         elif finish == "length":

@@ -37,6 +37,7 @@ from trading_pipeline.adapters.llm.answers import (
 from trading_pipeline.adapters.llm.request import build_request, estimate_tokens
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.adapters.llm.transport import (
+    CONTENT_FILTER,
     IMAGE_REJECTED_WITH_VISION_YES,
     RESPONSE_TOO_LARGE,
     RETRYABLE,
@@ -165,7 +166,8 @@ class ModelCaller:
                                   error=sent.error_text, response=sent.text, latency_ms=latency_ms, **row)
             finally:
                 Budget.release(reservation)
-            if sent.http_status in (400, 415, 422) and fallbacks < MAX_FALLBACKS:
+            # A content filter's 400 is about the prompt, not a feature to drop (its body may name the image).
+            if sent.http_status in (400, 415, 422) and sent.status != CONTENT_FILTER and fallbacks < MAX_FALLBACKS:
                 lowered = (sent.error_text or "").lower() + " " + (sent.text or "").lower()
                 learned = self.features.learn(lowered, send_image, features)
                 if learned == IMAGE_REJECTED_WITH_VISION_YES:

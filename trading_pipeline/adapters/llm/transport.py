@@ -20,11 +20,13 @@ import functools
 import logging
 import math
 import random
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from trading_pipeline.adapters import model_calls
 from trading_pipeline.adapters.llm.settings import OpenAISettings
@@ -37,6 +39,8 @@ _VERBATIM_LOGGERS = {"httpx2": logging.WARNING, "httpcore2": logging.INFO, "open
 # What `ServerFeatures.learn` returns when the image was rejected but OPENAI_VISION=yes forbids dropping it.
 IMAGE_REJECTED_WITH_VISION_YES = "image_rejected_yes"
 RETRYABLE = ("rate_limited", "server_error", "timeout", "connection_error")
+QUOTA_EXCEEDED = "quota_exceeded"  # 402, or a 429 saying the quota or credit is used up: waiting does not end it
+CONTENT_FILTER = "content_filter"  # a 400 of the server's content filter (Azure: code content_filter): not a feature
 RESPONSE_TOO_LARGE = "response_too_large"  # adapters/bounded_http.MAX_RESPONSE_BYTES: not retried, the server answered
 
 
@@ -53,6 +57,32 @@ class Sent(NamedTuple):
 
 def mentions(text: str, *words: str) -> bool:
     return any(word in text for word in words)
+
+
+# A 429 that is not a rate limit (OpenAI: type/code insufficient_quota, and the *_spend_limit_exceeded,
+# credit_balance_exhausted codes): the account has nothing left to spend, so retrying cannot help.
+_QUOTA = ("insufficient_quota", "exceeded your current quota", "spend_limit", "credit_balance", "usage_limit_exceeded",
+          "insufficient credits", "insufficient balance", "billing")
+# A 400 of a content filter on the prompt (Azure: {"error": {"code": "content_filter", ...}}; OpenAI: invalid_prompt,
+# "flagged as potentially violating our usage policy").
+_FILTERED = ("content_filter", "content_policy_violation", "responsibleaipolicyviolation", "invalid_prompt",
+             "flagged as potentially violating")
+
+
+def classify(code: int, text: str) -> str:
+    """The status of an HTTP error `code` whose lowercased body (and message) is `text`. 408 and 409
+    are retried like 429 and 5xx, as the OpenAI API's documentation and SDKs do."""
+    if code == 402 or (code == 429 and mentions(text, *_QUOTA)):
+        return QUOTA_EXCEEDED
+    if code == 429:
+        return "rate_limited"
+    if code == 408:
+        return "timeout"
+    if code == 409 or code >= 500:
+        return "server_error"
+    if code == 400 and mentions(text, *_FILTERED):
+        return CONTENT_FILTER
+    return "http_error"
 
 
 # A 400 saying the request does not fit the model (its context, or its output limit): not a missing feature.
@@ -120,8 +150,40 @@ def _quiet_http_loggers() -> None:
         logger.setLevel(max(logger.level, level))
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _duration(raw: str) -> float | None:
+    """OpenAI's x-ratelimit-reset-* value ("20ms", "1s", "6m0s", "1h2m3.5s") or plain seconds, in seconds."""
+    raw = raw.strip().lower()
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(raw)
+    if not parts or "".join(n + u for n, u in parts) != raw:
+        return None
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def ratelimit_reset(headers: Mapping[str, str]) -> float | None:
+    """Seconds until the exhausted limit resets, from x-ratelimit-reset-requests/-tokens (OpenAI,
+    Azure, OpenRouter-style proxies): the limits whose x-ratelimit-remaining-* is 0, else the longest."""
+    resets = {kind: _duration(headers.get(f"x-ratelimit-reset-{kind}") or "") for kind in ("requests", "tokens")}
+    resets = {kind: value for kind, value in resets.items() if value is not None and math.isfinite(value)}
+    exhausted = [value for kind, value in resets.items()
+                 if (headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() == "0"]
+    chosen = exhausted or list(resets.values())
+    return max(chosen) if chosen else None
+
+
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds a server asks to wait: retry-after-ms, or retry-after as seconds or an HTTP date."""
+    """Seconds a server asks to wait: retry-after-ms, or retry-after as seconds or an HTTP date, or
+    else when its x-ratelimit-reset-* headers say the limit resets."""
+    if not headers.get("retry-after-ms") and not (headers.get("retry-after") or "").strip():
+        value = ratelimit_reset(headers)
+        return value if value is not None and value >= 0 else None
     try:
         milliseconds = headers.get("retry-after-ms")
         if milliseconds:
@@ -203,7 +265,7 @@ class Transport:
             except openai.APIStatusError as error:
                 response = error.response
                 code = response.status_code
-                status = "rate_limited" if code == 429 else "server_error" if code >= 500 else "http_error"
+                status = classify(code, f"{error.message} {response.text}".lower())
                 return Sent(status, code, response.text, response.headers, f"{code}: {error.message}")
 
     def backoff(self, attempt: int, headers: Mapping[str, str] | None) -> float:
@@ -233,6 +295,14 @@ class Transport:
         key_words = ("api key", "api_key", "apikey", "unauthorized", "unauthenticated", "authentication")
         model_words = ("not found", "does not exist", "not exist", "invalid model", "unknown model", "no such model",
                        "not a valid model", "model_not_found")
+        if http_status == 402 or (http_status == 429 and mentions(lowered, *_QUOTA)):
+            return (f"the server at {self.endpoint} says the account's quota or credit is used up ({http_status}): "
+                    f"{short}. Not retried: waiting does not end it. Fix: check the plan, billing and spend limits "
+                    "of the account (or project) that OPENAI_API_KEY belongs to, or use another key")
+        if http_status == 400 and mentions(lowered, *_FILTERED):
+            return (f"the server's content filter rejected the request ({http_status}): {short}. Not retried: the "
+                    "same request is filtered again. Fix: review the content filter configuration of the deployment "
+                    "(Azure: its content filter / Responsible AI policy) or use another model or server")
         if http_status in (401, 403) or (http_status == 400 and mentions(lowered, *key_words)):
             return (f"the server at {self.endpoint} refused the API key ({http_status}): {short}. "
                     "Fix: set OPENAI_API_KEY to a valid key for OPENAI_BASE_URL")
@@ -241,8 +311,15 @@ class Transport:
                     f"context or output limit: {short}. Fix: lower OPENAI_MAX_OUTPUT_TOKENS (now "
                     f"{s.max_output_tokens}), or serve the model with a larger context (Ollama: num_ctx or "
                     "OLLAMA_CONTEXT_LENGTH; vLLM: --max-model-len; llama.cpp: --ctx-size)")
-        unknown_model = http_status in (400, 422) and "model" in lowered and mentions(lowered, *model_words)
-        if http_status == 404 or unknown_model:
+        unknown_model = "model" in lowered and mentions(lowered, *model_words)
+        if http_status == 404 and not unknown_model:  # the path, not the model: no API at this URL
+            path = urlsplit(s.base_url).path.rstrip("/")
+            hint = "" if path.endswith("/v1") or "/openai/v1" in path else (
+                f"; it does not end in /v1: Ollama, vLLM, LM Studio and OpenAI answer at {self.endpoint}/v1")
+            return (f"the server at {self.endpoint} has no Chat Completions API at {self.endpoint}/chat/completions "
+                    f"(404): {short}. Fix: set OPENAI_BASE_URL to the API root{hint}; OPENAI_MODEL={s.model!r} "
+                    "must be a model that server serves")
+        if http_status == 404 or (http_status in (400, 422) and unknown_model):
             return (f"the server at {self.endpoint} answered {http_status} for model {s.model!r}: {short}. "
                     "Fix: check OPENAI_MODEL (the model's name as this server knows it, e.g. `ollama list`) and "
                     "OPENAI_BASE_URL (the API root, usually ending in /v1)")

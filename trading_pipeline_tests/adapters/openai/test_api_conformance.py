@@ -1,0 +1,187 @@
+"""The Chat Completions API as documented (OpenAI, Azure OpenAI, and the servers that copy it), not as
+the local test server happens to answer: error shapes and codes, rate-limit headers, base URLs.
+
+Every case ends in a valid analysis or in NO_TRADE whose reason names the problem and the fix, with
+a bounded number of requests.
+"""
+
+import time
+
+import pytest
+
+from trading_pipeline.adapters.llm.settings import OpenAISettings
+from trading_pipeline.adapters.llm.transport import retry_after
+from trading_pipeline.errors import ConfigError
+from trading_pipeline_tests.adapters.openai.conftest import API_KEY, chart_for, rows
+from trading_pipeline_tests.adapters.openai.local_server import Reply, completion, good
+from trading_pipeline_tests.adapters.openai.test_compatible_servers import assert_no_trade
+
+
+def api_error(status: int, message: str, type_: str | None, code: str | None, param: str | None = None,
+              **headers: str) -> Reply:
+    """An error as the API documents it: {"error": {"message", "type", "param", "code"}}."""
+    return Reply(status, {"error": {"message": message, "type": type_, "param": param, "code": code}},
+                 headers=dict(headers))
+
+
+# --- 429s that are not rate limits, and how long a rate limit lasts --------------------------------
+
+
+@pytest.mark.parametrize("status, body", [
+    (429, {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                     "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}),
+    (429, {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                     "type": "insufficient_quota", "param": None, "code": "project_spend_limit_exceeded"}}),
+    (402, {"error": {"message": "Insufficient credits. Add more using https://openrouter.ai/settings/credits",
+                     "code": 402}}),  # OpenRouter
+])
+def test_a_used_up_quota_is_not_retried_and_names_the_account(make_analyst, openai_server, daily, png, sessions,
+                                                                status, body):
+    openai_server.reset(default=Reply(status, body))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, f"quota or credit is used up ({status})")
+    assert "Fix: check the plan, billing and spend limits" in analysis.invalid_reason
+    assert "TRADING_LLM_CONCURRENCY" not in analysis.invalid_reason  # not a rate limit: pacing cannot help
+    assert len(openai_server.requests) == 1 and [r.status for r in rows(sessions)] == ["quota_exceeded"]
+
+
+def test_x_ratelimit_reset_of_the_exhausted_limit_is_honoured(make_analyst, openai_server, daily, png, sessions):
+    # OpenAI's 429 may carry no Retry-After; its x-ratelimit-* headers say which limit is used up and when it resets.
+    limited = api_error(429, "Rate limit reached for gpt-4.1-mini on tokens per min (TPM)", "tokens",
+                        "rate_limit_exceeded", **{"x-ratelimit-remaining-requests": "499",
+                                                  "x-ratelimit-reset-requests": "120ms",
+                                                  "x-ratelimit-remaining-tokens": "0",
+                                                  "x-ratelimit-reset-tokens": "0.6s"})
+    openai_server.reset(limited, good())
+    started = time.perf_counter()
+    analysis = make_analyst(TRADING_LLM_BACKOFF_MAX_SECONDS="5").analyze(daily, chart_for(png), png)
+    assert analysis.valid
+    assert time.perf_counter() - started >= 0.6
+    assert [r.status for r in rows(sessions)] == ["rate_limited", "ok"]
+
+
+def test_x_ratelimit_reset_is_bounded_by_the_backoff_cap(make_analyst, openai_server, daily, png):
+    limited = api_error(429, "Rate limit reached", "requests", "rate_limit_exceeded",
+                        **{"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"})
+    openai_server.reset(limited, good())
+    started = time.perf_counter()
+    assert make_analyst(TRADING_LLM_BACKOFF_MAX_SECONDS="0.3").analyze(daily, chart_for(png), png).valid
+    assert 0.3 <= time.perf_counter() - started < 3
+
+
+@pytest.mark.parametrize("headers, seconds", [
+    ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1m30.5s",
+      "x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "2s"}, 90.5),
+    ({"x-ratelimit-reset-tokens": "20ms", "x-ratelimit-reset-requests": "1h2m3s"}, 3723.0),  # none at 0: the longest
+    ({"x-ratelimit-reset-tokens": "7"}, 7.0),  # Azure: plain seconds
+    ({"x-ratelimit-reset-tokens": "soon"}, None),
+    ({"retry-after": "2", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "9s"}, 2.0),
+])
+def test_rate_limit_headers_read(headers, seconds):
+    assert retry_after(headers) == seconds
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_408_and_409_are_retried_as_the_api_documents(make_analyst, openai_server, daily, png, sessions, status):
+    openai_server.reset(api_error(status, "Request timed out" if status == 408 else "conflict", None, None), good())
+    assert make_analyst().analyze(daily, chart_for(png), png).valid
+    assert len(openai_server.requests) == 2
+
+
+# --- a content filter's 400 ------------------------------------------------------------------------
+
+AZURE_FILTERED = {"error": {
+    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+               "Please modify your prompt and retry.",
+    "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+    "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+        "hate": {"filtered": False, "severity": "safe"}, "jailbreak": {"filtered": True, "detected": True},
+        "self_harm": {"filtered": False, "severity": "safe"}, "sexual": {"filtered": False, "severity": "safe"},
+        "violence": {"filtered": False, "severity": "safe"}}}}}
+
+
+def test_azure_content_filter_400_is_no_trade_naming_the_filter_not_the_base_url(make_analyst, openai_server, daily,
+                                                                                  png, sessions):
+    openai_server.reset(default=Reply(400, AZURE_FILTERED))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "the server's content filter rejected the request (400)")
+    assert "Fix: review the content filter configuration" in analysis.invalid_reason
+    assert "OPENAI_BASE_URL" not in analysis.invalid_reason
+    assert len(openai_server.requests) == 1 and [r.status for r in rows(sessions)] == ["content_filter"]
+
+
+def test_a_filter_naming_the_image_does_not_turn_vision_off(make_analyst, openai_server, daily, png, sessions):
+    body = {"error": {"message": "The image was filtered by the content management policy.", "type": None,
+                      "param": "prompt", "code": "content_filter"}}
+    openai_server.reset(default=Reply(400, body))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "content filter rejected the request")
+    assert len(openai_server.requests) == 1 and [r.vision for r in rows(sessions)] == [True]
+
+
+# --- request parameters reasoning models reject (OpenAI's documented error bodies) -----------------
+
+
+def test_temperature_rejected_by_a_reasoning_model_is_dropped(make_analyst, openai_server, daily, png):
+    def step(body):
+        if "temperature" in body:
+            return api_error(400, "Unsupported value: 'temperature' does not support 0 with this model. Only the "
+                             "default (1) value is supported.", "invalid_request_error", "unsupported_value",
+                             "temperature")
+        return good()(body)
+
+    openai_server.reset(default=step)
+    assert make_analyst(OPENAI_MODEL="o4-mini").analyze(daily, chart_for(png), png).valid
+    first, second = openai_server.bodies()
+    assert first["temperature"] == 0 and "temperature" not in second
+    assert second["max_completion_tokens"] == 1500 and "max_tokens" not in second  # the one reasoning models take
+
+
+# --- what the completion holds ---------------------------------------------------------------------
+
+
+def test_a_tool_call_instead_of_content_is_no_trade_saying_so(make_analyst, openai_server, daily, png, sessions):
+    reply = completion(None, finish_reason="tool_calls")
+    reply["choices"][0]["message"]["tool_calls"] = [{"id": "call_1", "type": "function", "function": {
+        "name": "json_tool_call", "arguments": '{"signal": "BUY", "entry": 100}'}}]
+    openai_server.reset(Reply(200, reply))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "it answered with a tool call instead, finish_reason=tool_calls")
+    assert [r.status for r in rows(sessions)] == ["empty"] and len(openai_server.requests) == 1
+
+
+# --- base URLs ---------------------------------------------------------------------------------------
+
+
+def test_a_base_url_with_a_trailing_slash_works(make_analyst, openai_server, daily, png):
+    openai_server.reset(good())
+    assert make_analyst(OPENAI_BASE_URL=openai_server.base_url + "/").analyze(daily, chart_for(png), png).valid
+
+
+def test_a_base_url_without_v1_says_to_add_it(make_analyst, openai_server, daily, png, sessions):
+    root = openai_server.base_url.removesuffix("/v1")  # Ollama's http://host:11434 instead of .../v1: a 404
+    analysis = make_analyst(OPENAI_BASE_URL=root).analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, f"has no Chat Completions API at {root}/chat/completions (404)")
+    assert f"it does not end in /v1: Ollama, vLLM, LM Studio and OpenAI answer at {root}/v1" in analysis.invalid_reason
+    assert [r.status for r in rows(sessions)] == ["http_error"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("https://res.openai.azure.com/openai/deployments/gpt4o?api-version=2024-10-21",
+     "is an Azure OpenAI per-deployment URL"),
+    ("https://res.openai.azure.com/openai/deployments/gpt4o/", "is an Azure OpenAI per-deployment URL"),
+    ("https://proxy.example/v1?team=quant", "has a query string or fragment"),
+    ("https://api.openai.com/v1/chat/completions", "is an endpoint, not the API root"),
+])
+def test_base_urls_the_sdk_cannot_use_are_refused_at_configuration(url, message):
+    with pytest.raises(ConfigError) as raised:
+        OpenAISettings.from_env({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": url})
+    assert message in str(raised.value)
+    assert "team=quant" not in str(raised.value)  # a query may hold a secret: not repeated
+
+
+def test_azure_v1_api_root_is_accepted():
+    settings = OpenAISettings.from_env({"OPENAI_API_KEY": API_KEY,
+                                        "OPENAI_BASE_URL": "https://res.openai.azure.com/openai/v1/",
+                                        "OPENAI_MODEL": "my-gpt4o-deployment"})
+    assert settings.base_url == "https://res.openai.azure.com/openai/v1"
