@@ -185,3 +185,23 @@ def test_azure_v1_api_root_is_accepted():
                                         "OPENAI_BASE_URL": "https://res.openai.azure.com/openai/v1/",
                                         "OPENAI_MODEL": "my-gpt4o-deployment"})
     assert settings.base_url == "https://res.openai.azure.com/openai/v1"
+
+
+# --- message content: a string unless there is an image -------------------------------------------
+
+
+def string_content_only(body):
+    """A text-only server that takes `content` only as a string (the form every server accepts)."""
+    if any(not isinstance(m["content"], str) for m in body["messages"]):
+        return Reply(422, {"detail": [{"loc": ["body", "messages", 1, "content"], "type": "string_type",
+                                       "msg": "Input should be a valid string"}]})
+    return good()(body)
+
+
+def test_a_request_without_an_image_sends_its_text_as_a_string(make_analyst, openai_server, daily, weekly, png):
+    openai_server.reset(default=string_content_only)
+    analyst = make_analyst(OPENAI_VISION="no")
+    analysis = analyst.analyze(daily, chart_for(png), png)
+    assert analysis.valid, analysis.invalid_reason
+    assert len(openai_server.requests) == 1
+    assert "Chart image: not available" in openai_server.bodies()[0]["messages"][-1]["content"]
