@@ -214,7 +214,8 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
     if content is not None and not isinstance(content, str):
         raise Unusable(f"the model's content is not text (got {type(content).__name__})", "empty")
     if not content or not content.strip():
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        # The reasoning text (vLLM, Ollama, DeepSeek), or only its token count (OpenAI's reasoning models).
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or _reasoning_tokens(body)
         hint = ""
         if message.get("tool_calls") or message.get("function_call") or finish in ("tool_calls", "function_call"):
             # None is offered; a proxy may turn response_format into a tool (LiteLLM for some providers).
@@ -233,6 +234,14 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
         raise Unusable("the answer was cut off at the output token limit (finish_reason=length); "
                        "raise OPENAI_MAX_OUTPUT_TOKENS", "truncated")
     return content
+
+
+def _reasoning_tokens(body: Mapping[str, Any]) -> int:
+    """usage.completion_tokens_details.reasoning_tokens when the server reports it (part of completion_tokens)."""
+    usage = body.get("usage")
+    details = usage.get("completion_tokens_details") if isinstance(usage, Mapping) else None
+    tokens = details.get("reasoning_tokens") if isinstance(details, Mapping) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
 
 
 # Control characters, line breaks included: a model name is one line of plain text.

@@ -205,3 +205,61 @@ def test_a_request_without_an_image_sends_its_text_as_a_string(make_analyst, ope
     assert analysis.valid, analysis.invalid_reason
     assert len(openai_server.requests) == 1
     assert "Chart image: not available" in openai_server.bodies()[0]["messages"][-1]["content"]
+
+
+# --- a server lacking every optional feature -------------------------------------------------------
+
+
+def lacks_everything(body):
+    """No vision, no response_format of either kind, no max_completion_tokens, no temperature (an old
+    reasoning model behind a strict proxy): each is rejected with its own 400."""
+    if any(isinstance(m["content"], list) for m in body["messages"]):
+        return api_error(400, "Invalid content type. image_url is only supported by certain models.",
+                         "invalid_request_error", None, "messages")
+    if "response_format" in body:
+        return api_error(400, f"Invalid parameter: 'response_format' of type {body['response_format']['type']!r} "
+                         "is not supported with this model.", "invalid_request_error", None, "response_format")
+    if "max_completion_tokens" in body:
+        return api_error(400, "Unrecognized request argument supplied: max_completion_tokens",
+                         "invalid_request_error", None)
+    if "temperature" in body:
+        return api_error(400, "Unsupported parameter: 'temperature' is not supported with this model.",
+                         "invalid_request_error", "unsupported_parameter", "temperature")
+    return good()(body)
+
+
+def test_each_missing_feature_is_learned_once_and_the_call_still_answers(make_analyst, openai_server, daily, png,
+                                                                           sessions):
+    openai_server.reset(default=lacks_everything)
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert analysis.valid, analysis.invalid_reason
+    assert len(openai_server.requests) == 6  # five features dropped, one at a time, then the answer
+    last = openai_server.bodies()[-1]
+    assert last["max_tokens"] == 1500 and "temperature" not in last and "response_format" not in last
+
+
+# --- usage of reasoning models ---------------------------------------------------------------------
+
+
+def test_reasoning_tokens_are_counted_once_as_part_of_completion_tokens(make_analyst, openai_server, daily, png,
+                                                                          sessions):
+    def step(body):
+        reply = completion(good()(body).body["choices"][0]["message"]["content"], usage=(1200, 900))
+        reply["usage"]["completion_tokens_details"] = {"reasoning_tokens": 600, "accepted_prediction_tokens": 0}
+        reply["usage"]["prompt_tokens_details"] = {"cached_tokens": 1024}
+        return Reply(200, reply)
+
+    openai_server.reset(step)
+    assert make_analyst().analyze(daily, chart_for(png), png).valid
+    [row] = rows(sessions)
+    assert (row.prompt_tokens, row.completion_tokens, row.usage_estimated) == (1200, 900, False)
+
+
+def test_output_spent_on_hidden_reasoning_says_so(make_analyst, openai_server, daily, png, sessions):
+    # OpenAI's reasoning models return no reasoning text: only usage says where the output went.
+    reply = completion("", finish_reason="length", usage=(1200, 1500))
+    reply["usage"]["completion_tokens_details"] = {"reasoning_tokens": 1500}
+    openai_server.reset(Reply(200, reply))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "the model spent its output on reasoning and was cut off before answering")
+    assert "raise OPENAI_MAX_OUTPUT_TOKENS" in analysis.invalid_reason
