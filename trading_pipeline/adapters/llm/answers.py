@@ -211,6 +211,9 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
     if finish == "content_filter":
         raise Unusable("the server's content filter stopped the answer (finish_reason=content_filter)",
                        "content_filter")
+    if finish == "error":  # OpenRouter-style proxies: the upstream failed mid-answer; what came is not the answer
+        raise Unusable("the server reports that generation failed (finish_reason=error); the partial answer is not "
+                       "used", "error_in_body")
     if content is not None and not isinstance(content, str):
         raise Unusable(f"the model's content is not text (got {type(content).__name__})", "empty")
     if not content or not content.strip():

@@ -263,3 +263,44 @@ def test_output_spent_on_hidden_reasoning_says_so(make_analyst, openai_server, d
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert_no_trade(analysis, "the model spent its output on reasoning and was cut off before answering")
     assert "raise OPENAI_MAX_OUTPUT_TOKENS" in analysis.invalid_reason
+
+
+def test_a_generation_that_failed_is_not_used_even_when_its_text_validates(make_analyst, openai_server, daily, png,
+                                                                             sessions):
+    def step(body):  # a proxy whose upstream failed: finish_reason "error", with whatever text came before
+        reply = good()(body).body
+        reply["choices"][0]["finish_reason"] = "error"
+        return Reply(200, reply)
+
+    openai_server.reset(step)
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "generation failed (finish_reason=error)")
+    assert [r.status for r in rows(sessions)] == ["error_in_body"] and len(openai_server.requests) == 1
+
+
+def test_azure_filter_annotations_on_a_good_completion_are_read_as_a_completion(make_analyst, openai_server, daily,
+                                                                                  png):
+    safe = {"filtered": False, "severity": "safe"}
+    annotations = {kind: safe for kind in ("hate", "self_harm", "sexual", "violence")}
+
+    def step(body):
+        reply = good()(body).body
+        reply["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": annotations}]
+        reply["choices"][0]["content_filter_results"] = annotations
+        return Reply(200, reply)
+
+    openai_server.reset(step)
+    assert make_analyst().analyze(daily, chart_for(png), png).valid
+
+
+def test_an_azure_completion_stopped_by_its_filter_is_no_trade(make_analyst, openai_server, daily, png, sessions):
+    def step(body):  # "rarely a partial result" with finish_reason content_filter: never read
+        reply = good()(body).body
+        reply["choices"][0]["finish_reason"] = "content_filter"
+        reply["choices"][0]["content_filter_results"] = {"violence": {"filtered": True, "severity": "medium"}}
+        return Reply(200, reply)
+
+    openai_server.reset(step)
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "finish_reason=content_filter")
+    assert [r.status for r in rows(sessions)] == ["content_filter"]
