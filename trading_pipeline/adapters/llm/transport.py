@@ -7,8 +7,10 @@ and what its errors mean.
   `json_schema` gets `json_object` (then no `response_format` at all, "none"); with
   OPENAI_VISION=auto one rejecting image input gets the numeric context only; `max_completion_tokens`
   falls back to `max_tokens`; a rejected `temperature` is dropped.
-- `Transport.backoff`: exponential with jitter; a server's retry-after(-ms) is honoured up to
-  TRADING_LLM_BACKOFF_MAX_SECONDS.
+- `classify`: what an HTTP error status means: 429 rate limits, 408, 409 and 5xx are retried; a used-up
+  quota (402, a 429 saying so) and a content filter's 400 are not.
+- `Transport.backoff`: exponential with jitter; a server's retry-after(-ms), or else its
+  x-ratelimit-reset-*, is honoured up to TRADING_LLM_BACKOFF_MAX_SECONDS.
 - `Transport.explain` / `retry_fix`: a rejected key, an unknown model, an unreachable server each
   give a reason naming the variable to fix; server text in it is redacted.
 """
@@ -269,7 +271,7 @@ class Transport:
                 return Sent(status, code, response.text, response.headers, f"{code}: {error.message}")
 
     def backoff(self, attempt: int, headers: Mapping[str, str] | None) -> float:
-        """Exponential backoff with jitter; a server's retry-after(-ms) is honoured up to
+        """Exponential backoff with jitter; a server's wait (`retry_after`) is honoured up to
         TRADING_LLM_BACKOFF_MAX_SECONDS (a wait of an hour would stall the whole run)."""
         s = self.settings
         delay = min(s.backoff_max_s, s.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
