@@ -87,6 +87,9 @@ def classify(code: int, text: str) -> str:
     return "http_error"
 
 
+# A 403 about where the request comes from, not the key (OpenAI: unsupported_country_region_territory;
+# Azure: "Access denied due to Virtual Network/Firewall rules").
+_PLACE_WORDS = ("country", "region", "territory", "firewall", "virtual network", "ip address", "not allowed from")
 # A 400 saying the request does not fit the model (its context, or its output limit): not a missing feature.
 _TOO_LONG = ("context length", "context_length", "context window", "maximum context", "too large", "too long",
              "too many tokens", "reduce the length", "supports at most")
@@ -305,10 +308,19 @@ class Transport:
             return (f"the server's content filter rejected the request ({http_status}): {short}. Not retried: the "
                     "same request is filtered again. Fix: review the content filter configuration of the deployment "
                     "(Azure: its content filter / Responsible AI policy) or use another model or server")
+        if http_status == 403 and mentions(lowered, *_PLACE_WORDS):
+            return (f"the server at {self.endpoint} refused access from this machine (403): {short}. The key may be "
+                    "fine: the account's region or the resource's network rules exclude this machine. Fix: run from "
+                    "a supported region, or allow this machine's network (Azure: the resource's Networking/firewall "
+                    "settings)")
+        if http_status == 413:  # the body's size in bytes (the chart image), not its tokens
+            return (f"the server at {self.endpoint} answered 413: the request body is larger than it accepts "
+                    f"(or a proxy in front of it): {short}. Fix: raise that body size limit (nginx: "
+                    "client_max_body_size), or set OPENAI_VISION=no to send the numeric context without the chart")
         if http_status in (401, 403) or (http_status == 400 and mentions(lowered, *key_words)):
             return (f"the server at {self.endpoint} refused the API key ({http_status}): {short}. "
                     "Fix: set OPENAI_API_KEY to a valid key for OPENAI_BASE_URL")
-        if http_status in (400, 413, 422) and mentions(lowered, *_TOO_LONG):
+        if http_status in (400, 422) and mentions(lowered, *_TOO_LONG):
             return (f"the server at {self.endpoint} answered {http_status}: the request is too long for the model's "
                     f"context or output limit: {short}. Fix: lower OPENAI_MAX_OUTPUT_TOKENS (now "
                     f"{s.max_output_tokens}), or serve the model with a larger context (Ollama: num_ctx or "

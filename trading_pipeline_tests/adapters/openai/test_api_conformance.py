@@ -304,3 +304,29 @@ def test_an_azure_completion_stopped_by_its_filter_is_no_trade(make_analyst, ope
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert_no_trade(analysis, "finish_reason=content_filter")
     assert [r.status for r in rows(sessions)] == ["content_filter"]
+
+
+# --- 403s that are not about the key, and 413 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("body, named", [
+    ({"error": {"message": "Country, region, or territory not supported", "type": "request_forbidden",
+                "param": None, "code": "unsupported_country_region_territory"}}, "region"),
+    ({"error": {"code": "403", "message": "Access denied due to Virtual Network/Firewall rules."}}, "network"),
+])
+def test_a_403_about_region_or_network_does_not_blame_the_key(make_analyst, openai_server, daily, png, sessions,
+                                                                body, named):
+    openai_server.reset(default=Reply(403, body))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "refused access from this machine (403)")
+    assert named in analysis.invalid_reason and "set OPENAI_API_KEY to a valid key" not in analysis.invalid_reason
+    assert len(openai_server.requests) == 1
+
+
+def test_a_413_from_a_proxy_names_the_body_limit_not_the_output_tokens(make_analyst, openai_server, daily, png):
+    page = "<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"
+    openai_server.reset(default=Reply(413, page, headers={"content-type": "text/html"}))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert_no_trade(analysis, "answered 413: the request body is larger than it accepts")
+    assert "OPENAI_VISION=no" in analysis.invalid_reason and "OPENAI_MAX_OUTPUT_TOKENS" not in analysis.invalid_reason
+    assert len(openai_server.requests) == 1
