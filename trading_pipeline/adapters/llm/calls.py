@@ -183,7 +183,7 @@ class ModelCaller:
             if sent.status in RETRYABLE:
                 failures.append(f"attempt {attempt}: {sent.status}" + (f" ({sent.http_status})" if sent.http_status else ""))
                 if len(failures) < s.max_attempts:
-                    time.sleep(self.transport.backoff(len(failures), sent.headers))
+                    time.sleep(self.transport.backoff(len(failures), sent.headers, sent.status == "rate_limited"))
                     continue
                 raise self.unusable(call_id, f"the model call failed after {len(failures)} attempt(s) "
                                     f"({'; '.join(failures)}): {self.transport.short(sent.error_text)}. "

@@ -172,22 +172,25 @@ def _duration(raw: str) -> float | None:
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 
-def ratelimit_reset(headers: Mapping[str, str]) -> float | None:
+def ratelimit_reset(headers: Mapping[str, str], rate_limited: bool) -> float | None:
     """Seconds until the exhausted limit resets, from x-ratelimit-reset-requests/-tokens (OpenAI,
-    Azure, OpenRouter-style proxies): the limits whose x-ratelimit-remaining-* is 0, else the longest."""
+    Azure, OpenRouter-style proxies): of the limits whose x-ratelimit-remaining-* is 0; for a 429
+    (`rate_limited`) that gives no x-ratelimit-remaining-*, the longest. OpenAI sends these headers
+    on every response: a limit with some left says nothing about when to retry a 500."""
     resets = {kind: _duration(headers.get(f"x-ratelimit-reset-{kind}") or "") for kind in ("requests", "tokens")}
     resets = {kind: value for kind, value in resets.items() if value is not None and math.isfinite(value)}
-    exhausted = [value for kind, value in resets.items()
-                 if (headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() == "0"]
-    chosen = exhausted or list(resets.values())
+    remaining = {kind: (headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() for kind in resets}
+    chosen = [value for kind, value in resets.items() if remaining[kind] == "0"]
+    if not chosen and rate_limited and not any(remaining.values()):
+        chosen = list(resets.values())
     return max(chosen) if chosen else None
 
 
-def retry_after(headers: Mapping[str, str]) -> float | None:
+def retry_after(headers: Mapping[str, str], rate_limited: bool = False) -> float | None:
     """Seconds a server asks to wait: retry-after-ms, or retry-after as seconds or an HTTP date, or
-    else when its x-ratelimit-reset-* headers say the limit resets."""
+    else when its x-ratelimit-reset-* headers say the exhausted limit resets."""
     if not headers.get("retry-after-ms") and not (headers.get("retry-after") or "").strip():
-        value = ratelimit_reset(headers)
+        value = ratelimit_reset(headers, rate_limited)
         return value if value is not None and value >= 0 else None
     try:
         milliseconds = headers.get("retry-after-ms")
@@ -273,12 +276,12 @@ class Transport:
                 status = classify(code, f"{error.message} {response.text}".lower())
                 return Sent(status, code, response.text, response.headers, f"{code}: {error.message}")
 
-    def backoff(self, attempt: int, headers: Mapping[str, str] | None) -> float:
+    def backoff(self, attempt: int, headers: Mapping[str, str] | None, rate_limited: bool = False) -> float:
         """Exponential backoff with jitter; a server's wait (`retry_after`) is honoured up to
         TRADING_LLM_BACKOFF_MAX_SECONDS (a wait of an hour would stall the whole run)."""
         s = self.settings
         delay = min(s.backoff_max_s, s.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-        asked = retry_after(headers or {})
+        asked = retry_after(headers or {}, rate_limited)
         if asked is not None:
             delay = max(delay, min(asked, s.backoff_max_s))
         return delay

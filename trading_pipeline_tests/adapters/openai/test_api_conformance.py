@@ -69,16 +69,29 @@ def test_x_ratelimit_reset_is_bounded_by_the_backoff_cap(make_analyst, openai_se
     assert 0.3 <= time.perf_counter() - started < 3
 
 
-@pytest.mark.parametrize("headers, seconds", [
+@pytest.mark.parametrize("headers, rate_limited, seconds", [
     ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1m30.5s",
-      "x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "2s"}, 90.5),
-    ({"x-ratelimit-reset-tokens": "20ms", "x-ratelimit-reset-requests": "1h2m3s"}, 3723.0),  # none at 0: the longest
-    ({"x-ratelimit-reset-tokens": "7"}, 7.0),  # Azure: plain seconds
-    ({"x-ratelimit-reset-tokens": "soon"}, None),
-    ({"retry-after": "2", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "9s"}, 2.0),
+      "x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "2s"}, True, 90.5),
+    # A 429 that says no remaining: the longest reset.
+    ({"x-ratelimit-reset-tokens": "20ms", "x-ratelimit-reset-requests": "1h2m3s"}, True, 3723.0),
+    ({"x-ratelimit-reset-tokens": "7"}, True, 7.0),  # Azure: plain seconds
+    ({"x-ratelimit-reset-tokens": "7"}, False, None),  # a 500 with no limit used up: nothing to wait for
+    ({"x-ratelimit-remaining-tokens": "5000", "x-ratelimit-reset-tokens": "6m0s"}, True, None),
+    ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "soon"}, True, None),
+    ({"retry-after": "2", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "9s"}, True, 2.0),
 ])
-def test_rate_limit_headers_read(headers, seconds):
-    assert retry_after(headers) == seconds
+def test_rate_limit_headers_read(headers, rate_limited, seconds):
+    assert retry_after(headers, rate_limited) == seconds
+
+
+def test_rate_limit_headers_on_a_500_are_not_a_reason_to_wait(make_analyst, openai_server, daily, png):
+    # OpenAI sends x-ratelimit-* on every response; with tokens left, a reset in 6 minutes is no wait.
+    failed = api_error(500, "The server had an error while processing your request.", "server_error", None,
+                       **{"x-ratelimit-remaining-tokens": "149000", "x-ratelimit-reset-tokens": "6m0s"})
+    openai_server.reset(failed, good())
+    started = time.perf_counter()
+    assert make_analyst(TRADING_LLM_BACKOFF_MAX_SECONDS="5").analyze(daily, chart_for(png), png).valid
+    assert time.perf_counter() - started < 2
 
 
 @pytest.mark.parametrize("status", [408, 409])
