@@ -63,8 +63,9 @@ def mentions(text: str, *words: str) -> bool:
 
 # A 429 that is not a rate limit (OpenAI: type/code insufficient_quota, and the *_spend_limit_exceeded,
 # credit_balance_exhausted codes): the account has nothing left to spend, so retrying cannot help.
+# Not "billing": OpenAI's plain rate-limit message may end "Visit …/account/billing to add a payment method".
 _QUOTA = ("insufficient_quota", "exceeded your current quota", "spend_limit", "credit_balance", "usage_limit_exceeded",
-          "insufficient credits", "insufficient balance", "billing")
+          "insufficient credits", "insufficient balance")
 # A 400 of a content filter on the prompt (Azure: {"error": {"code": "content_filter", ...}}; OpenAI: invalid_prompt,
 # "flagged as potentially violating our usage policy").
 _FILTERED = ("content_filter", "content_policy_violation", "responsibleaipolicyviolation", "invalid_prompt",

@@ -5,6 +5,7 @@ Every case ends in a valid analysis or in NO_TRADE whose reason names the proble
 a bounded number of requests.
 """
 
+import json
 import time
 
 import pytest
@@ -43,6 +44,16 @@ def test_a_used_up_quota_is_not_retried_and_names_the_account(make_analyst, open
     assert "Fix: check the plan, billing and spend limits" in analysis.invalid_reason
     assert "TRADING_LLM_CONCURRENCY" not in analysis.invalid_reason  # not a rate limit: pacing cannot help
     assert len(openai_server.requests) == 1 and [r.status for r in rows(sessions)] == ["quota_exceeded"]
+
+
+def test_a_rate_limit_mentioning_billing_is_still_a_rate_limit(make_analyst, openai_server, daily, png, sessions):
+    limited = api_error(429, "Rate limit reached for gpt-4.1-mini in organization org-x on requests per min. Limit: 3 "
+                        "/ min. Please add a payment method to your account to increase your rate limit. Visit "
+                        "https://platform.openai.com/account/billing to add a payment method.", "requests",
+                        "rate_limit_exceeded")
+    openai_server.reset(limited, good())
+    assert make_analyst().analyze(daily, chart_for(png), png).valid
+    assert [r.status for r in rows(sessions)] == ["rate_limited", "ok"]
 
 
 def test_x_ratelimit_reset_of_the_exhausted_limit_is_honoured(make_analyst, openai_server, daily, png, sessions):
@@ -343,3 +354,33 @@ def test_a_413_from_a_proxy_names_the_body_limit_not_the_output_tokens(make_anal
     assert_no_trade(analysis, "answered 413: the request body is larger than it accepts")
     assert "OPENAI_VISION=no" in analysis.invalid_reason and "OPENAI_MAX_OUTPUT_TOKENS" not in analysis.invalid_reason
     assert len(openai_server.requests) == 1
+
+
+# --- json_schema rejected, in the words of each server ---------------------------------------------
+
+
+@pytest.mark.parametrize("status, body", [
+    (400, {"error": {"message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with "
+                                "this model.", "type": "invalid_request_error", "param": "response_format",
+                     "code": None}}),  # OpenAI, a model without Structured Outputs
+    (400, {"error": {"message": "response_format value as json_schema is enabled only for api versions "
+                                "2024-08-01-preview and later", "type": "invalid_request_error", "param": None,
+                     "code": "BadRequest"}}),  # Azure, an old api-version behind a proxy
+    (422, {"error": "Failed to deserialize the JSON body into the target type: response_format: unknown variant "
+                    "`json_schema`, expected `json` or `regex`", "error_type": "validation"}),  # TGI
+    (400, {"object": "error", "message": "json_schema response format is not supported by this model",
+           "type": "BadRequestError", "param": None, "code": 400}),  # vLLM's older top-level error
+])
+def test_json_schema_rejections_as_servers_word_them_fall_back_to_json_object(make_analyst, openai_server, daily,
+                                                                               png, sessions, status, body):
+    def step(request):
+        if request.get("response_format", {}).get("type") == "json_schema":
+            return Reply(status, body)
+        # OpenAI's documented rule for json_object: the word "json" must appear in the messages.
+        assert "json" in json.dumps(request["messages"]).lower()
+        return good()(request)
+
+    openai_server.reset(default=step)
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert analysis.valid and "answered in json_object mode" in analysis.rationale
+    assert [r.response_format for r in rows(sessions)] == ["json_schema", "json_object"]
