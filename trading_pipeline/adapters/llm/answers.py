@@ -211,12 +211,21 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
     if finish == "content_filter":
         raise Unusable("the server's content filter stopped the answer (finish_reason=content_filter)",
                        "content_filter")
+    if finish == "error":  # OpenRouter-style proxies: the upstream failed mid-answer; what came is not the answer
+        raise Unusable("the server reports that generation failed (finish_reason=error); the partial answer is not "
+                       "used", "error_in_body")
     if content is not None and not isinstance(content, str):
         raise Unusable(f"the model's content is not text (got {type(content).__name__})", "empty")
     if not content or not content.strip():
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        # The reasoning text (vLLM, Ollama, DeepSeek), or only its token count (OpenAI's reasoning models).
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or _reasoning_tokens(body)
         hint = ""
-        if reasoning and finish == "length":
+        if message.get("tool_calls") or message.get("function_call") or finish in ("tool_calls", "function_call"):
+            # None is offered; a proxy may turn response_format into a tool (LiteLLM for some providers).
+            hint = (f" (it answered with a tool call instead, finish_reason={finish}; no tools are offered and a tool "
+                    "call's arguments are not read as an answer: use a model or server that answers in the "
+                    "message content)")
+        elif reasoning and finish == "length":
             hint = (" (the model spent its output on reasoning and was cut off before answering, "
                     "finish_reason=length: raise OPENAI_MAX_OUTPUT_TOKENS)")
         elif finish == "length":
@@ -228,6 +237,14 @@ def completion_content(body: Any, text: str | None, headers: Mapping[str, str] |
         raise Unusable("the answer was cut off at the output token limit (finish_reason=length); "
                        "raise OPENAI_MAX_OUTPUT_TOKENS", "truncated")
     return content
+
+
+def _reasoning_tokens(body: Mapping[str, Any]) -> int:
+    """usage.completion_tokens_details.reasoning_tokens when the server reports it (part of completion_tokens)."""
+    usage = body.get("usage")
+    details = usage.get("completion_tokens_details") if isinstance(usage, Mapping) else None
+    tokens = details.get("reasoning_tokens") if isinstance(details, Mapping) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
 
 
 # Control characters, line breaks included: a model name is one line of plain text.

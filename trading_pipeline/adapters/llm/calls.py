@@ -37,6 +37,7 @@ from trading_pipeline.adapters.llm.answers import (
 from trading_pipeline.adapters.llm.request import build_request, estimate_tokens
 from trading_pipeline.adapters.llm.settings import OpenAISettings
 from trading_pipeline.adapters.llm.transport import (
+    CONTENT_FILTER,
     IMAGE_REJECTED_WITH_VISION_YES,
     RESPONSE_TOO_LARGE,
     RETRYABLE,
@@ -49,7 +50,9 @@ from trading_pipeline.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
-MAX_FALLBACKS = 4  # adaptations to a server's 400s within one call
+# Adaptations to a server's 400s within one call: each of the five things a server may lack (the image,
+# json_schema, json_object, max_completion_tokens, temperature) is dropped at most once.
+MAX_FALLBACKS = 5
 MAX_MODEL_NAME = 128  # llm_calls.answered_model's length
 
 
@@ -165,7 +168,8 @@ class ModelCaller:
                                   error=sent.error_text, response=sent.text, latency_ms=latency_ms, **row)
             finally:
                 Budget.release(reservation)
-            if sent.http_status in (400, 415, 422) and fallbacks < MAX_FALLBACKS:
+            # A content filter's 400 is about the prompt, not a feature to drop (its body may name the image).
+            if sent.http_status in (400, 415, 422) and sent.status != CONTENT_FILTER and fallbacks < MAX_FALLBACKS:
                 lowered = (sent.error_text or "").lower() + " " + (sent.text or "").lower()
                 learned = self.features.learn(lowered, send_image, features)
                 if learned == IMAGE_REJECTED_WITH_VISION_YES:
@@ -179,7 +183,7 @@ class ModelCaller:
             if sent.status in RETRYABLE:
                 failures.append(f"attempt {attempt}: {sent.status}" + (f" ({sent.http_status})" if sent.http_status else ""))
                 if len(failures) < s.max_attempts:
-                    time.sleep(self.transport.backoff(len(failures), sent.headers))
+                    time.sleep(self.transport.backoff(len(failures), sent.headers, sent.status == "rate_limited"))
                     continue
                 raise self.unusable(call_id, f"the model call failed after {len(failures)} attempt(s) "
                                     f"({'; '.join(failures)}): {self.transport.short(sent.error_text)}. "

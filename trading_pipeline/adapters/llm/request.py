@@ -294,9 +294,10 @@ def build_request(settings: OpenAISettings, url: str, prompt: Prompt, user_text:
                              "not available (use the numeric context only)")
 
     def messages(image_url: str | None) -> list[dict]:
-        content: list[dict] = [{"type": "text", "text": text}]
-        if image_url is not None:
-            content.append({"type": "image_url", "image_url": {"url": image_url}})
+        # Without an image the text goes as a plain string: content parts are optional in the API and
+        # some text-only servers take only a string.
+        content: str | list[dict] = text if image_url is None else [
+            {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image_url}}]
         return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
     body: dict[str, Any] = {"model": settings.model, features.max_tokens_param: settings.max_output_tokens}

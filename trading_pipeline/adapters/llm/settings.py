@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from trading_pipeline.adapters import model_calls
 from trading_pipeline.adapters.model_calls import BudgetLimits, ModelPrice
@@ -63,6 +63,7 @@ class OpenAISettings:
             raise ConfigError(f"OPENAI_BASE_URL={base_url!r} is not an http(s) URL",
                               "set OPENAI_BASE_URL to the API root, e.g. https://api.openai.com/v1 or "
                               "http://127.0.0.1:11434/v1 (Ollama), or unset it for OpenAI")
+        _check_api_root(base_url, parts)
         if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS and \
                 (environ.get("OPENAI_ALLOW_HTTP") or "").strip().lower() not in ("yes", "true", "1", "on"):
             raise ConfigError(
@@ -103,6 +104,29 @@ class OpenAISettings:
             cache=model_calls.cache_enabled(environ, run_tags),
             anonymize=raw_anonymize in YES,
         )
+
+
+def _check_api_root(base_url: str, parts: SplitResult) -> None:
+    """OPENAI_BASE_URL must be the API root the SDK appends /chat/completions to: a query string would
+    end up before that path (…?api-version=…chat/completions), and Azure's per-deployment URLs
+    (/openai/deployments/<name>, api-version, api-key header) are a different API, not supported."""
+    shown = model_calls.endpoint_for_record(base_url)
+    path = parts.path.rstrip("/").lower()
+    if "/openai/deployments" in path or "api-version" in parts.query.lower():
+        raise ConfigError(
+            f"OPENAI_BASE_URL={shown!r} is an Azure OpenAI per-deployment URL (/openai/deployments/…?api-version=…), "
+            "which this analyst does not support",
+            "use the resource's v1 API: OPENAI_BASE_URL=https://<resource>.openai.azure.com/openai/v1 and "
+            "OPENAI_MODEL=<your deployment name>")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"OPENAI_BASE_URL={shown!r} has a query string or fragment (?… or #…), which would be "
+                          "put before the /chat/completions path",
+                          "set OPENAI_BASE_URL to the API root alone, e.g. https://api.openai.com/v1")
+    if path.endswith(("/chat/completions", "/completions", "/responses")):
+        raise ConfigError(f"OPENAI_BASE_URL={shown!r} is an endpoint, not the API root: /chat/completions is "
+                          "added to it",
+                          "set OPENAI_BASE_URL to the API root, the URL without /chat/completions (e.g. "
+                          "https://api.openai.com/v1 or http://127.0.0.1:11434/v1)")
 
 
 def _limits(environ: Mapping[str, str], model: str) -> BudgetLimits:

@@ -7,8 +7,10 @@ and what its errors mean.
   `json_schema` gets `json_object` (then no `response_format` at all, "none"); with
   OPENAI_VISION=auto one rejecting image input gets the numeric context only; `max_completion_tokens`
   falls back to `max_tokens`; a rejected `temperature` is dropped.
-- `Transport.backoff`: exponential with jitter; a server's retry-after(-ms) is honoured up to
-  TRADING_LLM_BACKOFF_MAX_SECONDS.
+- `classify`: what an HTTP error status means: 429 rate limits, 408, 409 and 5xx are retried; a used-up
+  quota (402, a 429 saying so) and a content filter's 400 are not.
+- `Transport.backoff`: exponential with jitter; a server's retry-after(-ms), or else its
+  x-ratelimit-reset-*, is honoured up to TRADING_LLM_BACKOFF_MAX_SECONDS.
 - `Transport.explain` / `retry_fix`: a rejected key, an unknown model, an unreachable server each
   give a reason naming the variable to fix; server text in it is redacted.
 """
@@ -20,11 +22,13 @@ import functools
 import logging
 import math
 import random
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from trading_pipeline.adapters import model_calls
 from trading_pipeline.adapters.llm.settings import OpenAISettings
@@ -37,6 +41,8 @@ _VERBATIM_LOGGERS = {"httpx2": logging.WARNING, "httpcore2": logging.INFO, "open
 # What `ServerFeatures.learn` returns when the image was rejected but OPENAI_VISION=yes forbids dropping it.
 IMAGE_REJECTED_WITH_VISION_YES = "image_rejected_yes"
 RETRYABLE = ("rate_limited", "server_error", "timeout", "connection_error")
+QUOTA_EXCEEDED = "quota_exceeded"  # 402, or a 429 saying the quota or credit is used up: waiting does not end it
+CONTENT_FILTER = "content_filter"  # a 400 of the server's content filter (Azure: code content_filter): not a feature
 RESPONSE_TOO_LARGE = "response_too_large"  # adapters/bounded_http.MAX_RESPONSE_BYTES: not retried, the server answered
 
 
@@ -55,6 +61,36 @@ def mentions(text: str, *words: str) -> bool:
     return any(word in text for word in words)
 
 
+# A 429 that is not a rate limit (OpenAI: type/code insufficient_quota, and the *_spend_limit_exceeded,
+# credit_balance_exhausted codes): the account has nothing left to spend, so retrying cannot help.
+# Not "billing": OpenAI's plain rate-limit message may end "Visit …/account/billing to add a payment method".
+_QUOTA = ("insufficient_quota", "exceeded your current quota", "spend_limit", "credit_balance", "usage_limit_exceeded",
+          "insufficient credits", "insufficient balance")
+# A 400 of a content filter on the prompt (Azure: {"error": {"code": "content_filter", ...}}; OpenAI: invalid_prompt,
+# "flagged as potentially violating our usage policy").
+_FILTERED = ("content_filter", "content_policy_violation", "responsibleaipolicyviolation", "invalid_prompt",
+             "flagged as potentially violating")
+
+
+def classify(code: int, text: str) -> str:
+    """The status of an HTTP error `code` whose lowercased body (and message) is `text`. 408 and 409
+    are retried like 429 and 5xx, as the OpenAI API's documentation and SDKs do."""
+    if code == 402 or (code == 429 and mentions(text, *_QUOTA)):
+        return QUOTA_EXCEEDED
+    if code == 429:
+        return "rate_limited"
+    if code == 408:
+        return "timeout"
+    if code == 409 or code >= 500:
+        return "server_error"
+    if code == 400 and mentions(text, *_FILTERED):
+        return CONTENT_FILTER
+    return "http_error"
+
+
+# A 403 about where the request comes from, not the key (OpenAI: unsupported_country_region_territory;
+# Azure: "Access denied due to Virtual Network/Firewall rules").
+_PLACE_WORDS = ("country", "region", "territory", "firewall", "virtual network", "ip address", "not allowed from")
 # A 400 saying the request does not fit the model (its context, or its output limit): not a missing feature.
 _TOO_LONG = ("context length", "context_length", "context window", "maximum context", "too large", "too long",
              "too many tokens", "reduce the length", "supports at most")
@@ -120,8 +156,43 @@ def _quiet_http_loggers() -> None:
         logger.setLevel(max(logger.level, level))
 
 
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds a server asks to wait: retry-after-ms, or retry-after as seconds or an HTTP date."""
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _duration(raw: str) -> float | None:
+    """OpenAI's x-ratelimit-reset-* value ("20ms", "1s", "6m0s", "1h2m3.5s") or plain seconds, in seconds."""
+    raw = raw.strip().lower()
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(raw)
+    if not parts or "".join(n + u for n, u in parts) != raw:
+        return None
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def ratelimit_reset(headers: Mapping[str, str], rate_limited: bool) -> float | None:
+    """Seconds until the exhausted limit resets, from x-ratelimit-reset-requests/-tokens (OpenAI,
+    Azure, OpenRouter-style proxies): of the limits whose x-ratelimit-remaining-* is 0; for a 429
+    (`rate_limited`) that gives no x-ratelimit-remaining-*, the longest. OpenAI sends these headers
+    on every response: a limit with some left says nothing about when to retry a 500."""
+    resets = {kind: _duration(headers.get(f"x-ratelimit-reset-{kind}") or "") for kind in ("requests", "tokens")}
+    resets = {kind: value for kind, value in resets.items() if value is not None and math.isfinite(value)}
+    remaining = {kind: (headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() for kind in resets}
+    chosen = [value for kind, value in resets.items() if remaining[kind] == "0"]
+    if not chosen and rate_limited and not any(remaining.values()):
+        chosen = list(resets.values())
+    return max(chosen) if chosen else None
+
+
+def retry_after(headers: Mapping[str, str], rate_limited: bool = False) -> float | None:
+    """Seconds a server asks to wait: retry-after-ms, or retry-after as seconds or an HTTP date, or
+    else when its x-ratelimit-reset-* headers say the exhausted limit resets."""
+    if not headers.get("retry-after-ms") and not (headers.get("retry-after") or "").strip():
+        value = ratelimit_reset(headers, rate_limited)
+        return value if value is not None and value >= 0 else None
     try:
         milliseconds = headers.get("retry-after-ms")
         if milliseconds:
@@ -203,15 +274,15 @@ class Transport:
             except openai.APIStatusError as error:
                 response = error.response
                 code = response.status_code
-                status = "rate_limited" if code == 429 else "server_error" if code >= 500 else "http_error"
+                status = classify(code, f"{error.message} {response.text}".lower())
                 return Sent(status, code, response.text, response.headers, f"{code}: {error.message}")
 
-    def backoff(self, attempt: int, headers: Mapping[str, str] | None) -> float:
-        """Exponential backoff with jitter; a server's retry-after(-ms) is honoured up to
+    def backoff(self, attempt: int, headers: Mapping[str, str] | None, rate_limited: bool = False) -> float:
+        """Exponential backoff with jitter; a server's wait (`retry_after`) is honoured up to
         TRADING_LLM_BACKOFF_MAX_SECONDS (a wait of an hour would stall the whole run)."""
         s = self.settings
         delay = min(s.backoff_max_s, s.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-        asked = retry_after(headers or {})
+        asked = retry_after(headers or {}, rate_limited)
         if asked is not None:
             delay = max(delay, min(asked, s.backoff_max_s))
         return delay
@@ -233,16 +304,40 @@ class Transport:
         key_words = ("api key", "api_key", "apikey", "unauthorized", "unauthenticated", "authentication")
         model_words = ("not found", "does not exist", "not exist", "invalid model", "unknown model", "no such model",
                        "not a valid model", "model_not_found")
+        if http_status == 402 or (http_status == 429 and mentions(lowered, *_QUOTA)):
+            return (f"the server at {self.endpoint} says the account's quota or credit is used up ({http_status}): "
+                    f"{short}. Not retried: waiting does not end it. Fix: check the plan, billing and spend limits "
+                    "of the account (or project) that OPENAI_API_KEY belongs to, or use another key")
+        if http_status == 400 and mentions(lowered, *_FILTERED):
+            return (f"the server's content filter rejected the request ({http_status}): {short}. Not retried: the "
+                    "same request is filtered again. Fix: review the content filter configuration of the deployment "
+                    "(Azure: its content filter / Responsible AI policy) or use another model or server")
+        if http_status == 403 and mentions(lowered, *_PLACE_WORDS):
+            return (f"the server at {self.endpoint} refused access from this machine (403): {short}. The key may be "
+                    "fine: the account's region or the resource's network rules exclude this machine. Fix: run from "
+                    "a supported region, or allow this machine's network (Azure: the resource's Networking/firewall "
+                    "settings)")
+        if http_status == 413:  # the body's size in bytes (the chart image), not its tokens
+            return (f"the server at {self.endpoint} answered 413: the request body is larger than it accepts "
+                    f"(or a proxy in front of it): {short}. Fix: raise that body size limit (nginx: "
+                    "client_max_body_size), or set OPENAI_VISION=no to send the numeric context without the chart")
         if http_status in (401, 403) or (http_status == 400 and mentions(lowered, *key_words)):
             return (f"the server at {self.endpoint} refused the API key ({http_status}): {short}. "
                     "Fix: set OPENAI_API_KEY to a valid key for OPENAI_BASE_URL")
-        if http_status in (400, 413, 422) and mentions(lowered, *_TOO_LONG):
+        if http_status in (400, 422) and mentions(lowered, *_TOO_LONG):
             return (f"the server at {self.endpoint} answered {http_status}: the request is too long for the model's "
                     f"context or output limit: {short}. Fix: lower OPENAI_MAX_OUTPUT_TOKENS (now "
                     f"{s.max_output_tokens}), or serve the model with a larger context (Ollama: num_ctx or "
                     "OLLAMA_CONTEXT_LENGTH; vLLM: --max-model-len; llama.cpp: --ctx-size)")
-        unknown_model = http_status in (400, 422) and "model" in lowered and mentions(lowered, *model_words)
-        if http_status == 404 or unknown_model:
+        unknown_model = "model" in lowered and mentions(lowered, *model_words)
+        if http_status == 404 and not unknown_model:  # the path, not the model: no API at this URL
+            path = urlsplit(s.base_url).path.rstrip("/")
+            hint = "" if path.endswith("/v1") or "/openai/v1" in path else (
+                f"; it does not end in /v1: Ollama, vLLM, LM Studio and OpenAI answer at {self.endpoint}/v1")
+            return (f"the server at {self.endpoint} has no Chat Completions API at {self.endpoint}/chat/completions "
+                    f"(404): {short}. Fix: set OPENAI_BASE_URL to the API root{hint}; OPENAI_MODEL={s.model!r} "
+                    "must be a model that server serves")
+        if http_status == 404 or (http_status in (400, 422) and unknown_model):
             return (f"the server at {self.endpoint} answered {http_status} for model {s.model!r}: {short}. "
                     "Fix: check OPENAI_MODEL (the model's name as this server knows it, e.g. `ollama list`) and "
                     "OPENAI_BASE_URL (the API root, usually ending in /v1)")

@@ -238,7 +238,7 @@ def test_server_without_vision_gets_the_numbers_only_and_the_analysis_records_it
     assert "numeric context only: the model did not see the chart" in analysis.rationale
     first, second = openai_server.bodies()
     assert image_parts(first) and not image_parts(second)
-    assert "Chart image: not available" in second["messages"][-1]["content"][0]["text"]
+    assert "Chart image: not available" in second["messages"][-1]["content"]
     assert [(r.status, r.vision) for r in rows(sessions)] == [("http_error", True), ("ok", False)]
     assert summarize_calls(sessions, run_id="run-1", symbol="AAPL")["vision"] == [False]
 
