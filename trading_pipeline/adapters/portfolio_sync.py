@@ -367,15 +367,44 @@ def _no_position_since(session: Session, broker_name: str, row: OrderRow) -> dat
     return as_utc(first) if first is not None else None
 
 
+def _wrong_side_since(session: Session, broker_name: str, row: OrderRow) -> datetime | None:
+    """When the syncs began to find the symbol's position on the side the protective order `row`
+    would add to (a position flipped by hand): the first snapshot on that side after its entry
+    last changed and after the position was last seen on the side `row` closes, or None."""
+    entry = row.parent_client_order_id or row.client_order_id
+    changed = session.scalar(select(func.max(OrderEventRow.at)).where(OrderEventRow.client_order_id == entry))
+    adds_to = PositionSnapshotRow.quantity < 0 if row.side == "SELL" else PositionSnapshotRow.quantity > 0
+    closes = PositionSnapshotRow.quantity > 0 if row.side == "SELL" else PositionSnapshotRow.quantity < 0
+    of_symbol = (PositionSnapshotRow.broker == broker_name, PositionSnapshotRow.symbol == row.symbol)
+    closed_side_seen = session.scalar(select(func.max(PositionSnapshotRow.taken_at)).where(*of_symbol, closes))
+    after = max(as_utc(t) for t in (row.created_at, changed, closed_side_seen) if t is not None)
+    first = session.scalar(select(func.min(PositionSnapshotRow.taken_at)).where(
+        *of_symbol, adds_to, PositionSnapshotRow.taken_at > after))
+    return as_utc(first) if first is not None else None
+
+
 def _cancel_orphans(session: Session, broker: Broker, symbol: str, rows: list[OrderRow],
-                    result: _Protection, contradicted: str | None) -> None:
-    """Working stop-loss and take-profit orders of a symbol the broker reports no position for:
-    each is cancelled once the position is really gone (ORPHAN_GRACE) and the account does not
-    contradict that (`positions_contradicted`), else reported as drift."""
+                    result: _Protection, contradicted: str | None, flipped: float | None = None) -> None:
+    """Working stop-loss and take-profit orders of a symbol the broker reports no position for, or
+    (`flipped`: the position held) a position on the side they would add to: each is cancelled
+    once that has lasted (ORPHAN_GRACE) and the account does not contradict it
+    (`positions_contradicted`), else reported as drift."""
     grace = f"{ORPHAN_GRACE.total_seconds() / 60:g} minutes"
     for row in rows:
         kind = row.role.replace("_", "-")
         what = f"{symbol}: the working {kind} {row.client_order_id} ({row.side} {row.quantity - row.filled_quantity:g})"
+        if flipped is not None:
+            since = _wrong_side_since(session, broker.name, row)
+            if since is None or datetime.now(UTC) - since < ORPHAN_GRACE:
+                result.drift.append(f"{what} would add to the position of {flipped:g} shares instead of closing it "
+                                    f"(flipped by hand?): a sync {grace} or more after the first one finding it so "
+                                    "cancels it if the position is still on that side; cancel it at the broker now "
+                                    "and protect the position with a stop on the other side")
+                continue
+            _cancel_left_over(session, broker, row, what, since, result,
+                              f"the {symbol} position has been {flipped:g} shares in the syncs since "
+                              f"{since:%Y-%m-%d %H:%M} UTC; filled, this {kind} would have added to it")
+            continue
         if contradicted:
             result.drift.append(f"{what} has no position in the broker's answer, but {contradicted}: it is kept "
                                 "(cancelling the stop of a position still held would leave it unprotected); check "
@@ -387,27 +416,33 @@ def _cancel_orphans(session: Session, broker: Broker, symbol: str, rows: list[Or
                                 "finding none cancels it if it finds none either (a position just opened may not be "
                                 "listed yet); cancel it at the broker now if the position was closed by hand")
             continue
-        why = (f"no {symbol} position at the broker in the syncs since {since:%Y-%m-%d %H:%M} UTC; filled, this "
-               f"{kind} would have opened a position on the other side")
-        session.commit()  # a broker keeping its state in this database (paper, SQLite) must be able to write
-        try:
-            answer = broker.cancel(row.client_order_id)
-        except UserError as error:
-            result.drift.append(f"{what} has had no position since {since:%Y-%m-%d %H:%M} UTC, and cancelling it "
-                                f"failed ({error.problem}): cancel it at the broker now; {error.fix}")
-            continue
-        if answer is None:
-            result.drift.append(f"{what} has had no position since {since:%Y-%m-%d %H:%M} UTC, and the broker does "
-                                "not know that order: check the symbol's orders at the broker and cancel it there")
-            continue
-        detail = (f"cancelled by the sync: {why}" if answer.status == "Cancelled"
-                  else f"{answer.status} when the sync cancelled it: {why}")
-        change = f"{row.client_order_id}: {row.status} → {answer.status} ({detail})"
-        row.filled_quantity = answer.filled_quantity
-        row.average_fill_price = answer.average_fill_price or row.average_fill_price
-        _record_change(session, row, answer.status, f"sync: {detail}")
-        result.changes.append(change)
-        result.changed.add(row.client_order_id)
+        _cancel_left_over(session, broker, row, what, since, result,
+                          f"no {symbol} position at the broker in the syncs since {since:%Y-%m-%d %H:%M} UTC; "
+                          f"filled, this {kind} would have opened a position on the other side")
+
+
+def _cancel_left_over(session: Session, broker: Broker, row: OrderRow, what: str, since: datetime,
+                      result: _Protection, why: str) -> None:
+    """Cancel a protective order its position no longer needs (`why`), recording what the broker did."""
+    session.commit()  # a broker keeping its state in this database (paper, SQLite) must be able to write
+    try:
+        answer = broker.cancel(row.client_order_id)
+    except UserError as error:
+        result.drift.append(f"{what} is left over since {since:%Y-%m-%d %H:%M} UTC, and cancelling it failed "
+                            f"({error.problem}): cancel it at the broker now; {error.fix}")
+        return
+    if answer is None:
+        result.drift.append(f"{what} is left over since {since:%Y-%m-%d %H:%M} UTC, and the broker does not know "
+                            "that order: check the symbol's orders at the broker and cancel it there")
+        return
+    detail = (f"cancelled by the sync: {why}" if answer.status == "Cancelled"
+              else f"{answer.status} when the sync cancelled it: {why}")
+    change = f"{row.client_order_id}: {row.status} → {answer.status} ({detail})"
+    row.filled_quantity = answer.filled_quantity
+    row.average_fill_price = answer.average_fill_price or row.average_fill_price
+    _record_change(session, row, answer.status, f"sync: {detail}")
+    result.changes.append(change)
+    result.changed.add(row.client_order_id)
 
 
 def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
@@ -425,11 +460,9 @@ def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
         stops = _working_exits(session, symbol, "stop_loss")
         position = abs(held.get(symbol, 0.0))
         closing_side = "SELL" if held.get(symbol, 0.0) > 0 else "BUY"
-        wrong_side = [row.client_order_id for row in stops if row.side != closing_side]
-        if position and wrong_side:
-            result.drift.append(f"{symbol}: the position is {held[symbol]:g} shares but the working stop-loss "
-                                f"{', '.join(wrong_side)} would add to it instead of closing it: cancel it at "
-                                "the broker and protect the position with a stop on the other side")
+        wrong_side = [row for row in stops + _working_exits(session, symbol, "take_profit") if row.side != closing_side]
+        if position and wrong_side:  # e.g. flipped by hand: what is left working would add to it
+            _cancel_orphans(session, broker, symbol, wrong_side, result, None, flipped=held[symbol])
             continue
         covered = sum(row.quantity - row.filled_quantity for row in stops)
         if position == 0:  # e.g. the position closed by hand: what is left working would open one

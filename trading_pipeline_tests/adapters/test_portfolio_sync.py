@@ -576,6 +576,54 @@ def test_an_inactive_order_the_broker_will_not_cancel_is_final_and_says_so(memor
                            "cancelled): check the order at the broker and cancel it there if it is held")
 
 
+def test_a_stop_and_target_left_on_the_wrong_side_of_a_position_flipped_by_hand_are_cancelled(memory_sessions):
+    """Long 50, then 100 sold in TWS: short 50. The long's stop (a SELL stop) and take-profit (a SELL
+    limit) would now add to the short. Cancelled once a sync ORPHAN_GRACE later still finds it short."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("flip"))
+    broker.fill("tp-flip", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    sell_by_hand(broker, 100)
+
+    first = sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == []
+    assert ("AAPL: the working stop-loss tp-flip-sl (SELL 50) would add to the position of -50 shares instead of "
+            "closing it (flipped by hand?): a sync 2 minutes or more after the first one finding it so cancels it if "
+            "the position is still on that side; cancel it at the broker now and protect the position with a stop "
+            "on the other side") in first.drift
+    assert any(line.startswith("AAPL: the working take-profit tp-flip-tp (SELL 50) would add to the position")
+               for line in first.drift)
+
+    earlier(memory_sessions, ORPHAN_GRACE)
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == ["tp-flip-sl", "tp-flip-tp"]
+    assert {row.status for row in rows(memory_sessions, "tp-flip-sl", "tp-flip-tp").values()} == {"Cancelled"}
+    change = next(line for line in report.status_changes if line.startswith("tp-flip-sl:"))
+    assert change.startswith("tp-flip-sl: Submitted → Cancelled (cancelled by the sync: the AAPL position has been "
+                             "-50 shares in the syncs since ")
+    assert change.endswith("filled, this stop-loss would have added to it)")
+
+
+def test_a_stop_whose_position_flipped_back_before_the_grace_is_kept(memory_sessions):
+    """Short for one sync only (a wrong answer, or bought back at once): the stop protects the long again."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("back"))
+    broker.fill("tp-back", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    sell_by_hand(broker, 100)
+    sync_portfolio(memory_sessions, broker, {})
+    earlier(memory_sessions, ORPHAN_GRACE)
+    buy_back = OrderLeg(client_order_id="bought-back", role="entry", side="BUY", order_type="MKT", quantity=100,
+                        price=None, tif="DAY")
+    broker.place("AAPL", [buy_back], 100.0)
+    broker.fill("bought-back", 100, 100.0, WEDNESDAY_OPEN + timedelta(days=1))
+    report = sync_portfolio(memory_sessions, broker, {})
+    earlier(memory_sessions, ORPHAN_GRACE)
+    sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == [] and broker.orders["tp-back-sl"].status == "Submitted"
+    assert not any("would add to" in line for line in report.drift)
+
+
 def test_a_stop_whose_position_is_held_is_kept(memory_sessions):
     broker = BookBroker()
     send(memory_sessions, broker, decision("kept"))
