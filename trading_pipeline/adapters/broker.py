@@ -11,6 +11,7 @@ take-profit children go live with their parent's fill. Each fill is charged its 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from trading_pipeline.core.fills import (
     first_live_session,
 )
 from trading_pipeline.core.risk import AccountState, Mark, Position
-from trading_pipeline.errors import ConfigError, OrderRejectedError
+from trading_pipeline.errors import ConfigError, OrderRejectedError, UserError
 
 
 class DuplicateOrderError(Exception):
@@ -113,6 +114,23 @@ class Broker(Protocol):
 
 
 FINAL_STATUSES = ("Filled", "Cancelled", "Inactive", "Rejected")
+
+
+def cancel_inactive(broker: Broker, order: BrokerOrder) -> BrokerOrder:
+    """An order the broker reports Inactive, cancelled so that it is done: the pipeline counts
+    Inactive as final, but IBKR's Inactive is a rejection *or an order held*, and a held order that
+    became active again would trade beside what the pipeline does next (a second entry, a second
+    exit). What the cancel gave, or the Inactive order; `detail` says which."""
+    why = "Inactive at the broker (rejected or held)"
+    try:
+        answer = broker.cancel(order.client_order_id)
+    except UserError as error:
+        return dataclasses.replace(order, detail=f"{why}; cancelling it failed ({error.problem}): check the order "
+                                                 "at the broker and cancel it there if it is held")
+    if answer is not None and answer.status == "Cancelled":
+        return dataclasses.replace(answer, detail=f"{why}; cancelled so that it cannot become active again")
+    return dataclasses.replace(order, detail=f"{why}; the cancel sent left it "
+                                             f"{answer.status if answer else 'unknown to the broker'}")
 PAPER_TIME_IN_FORCE = TIME_IN_FORCE
 PAPER_MIN_TICK = 0.01
 

@@ -24,11 +24,11 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, BrokerOrder, DuplicateOrderError
+from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, BrokerOrder, DuplicateOrderError, cancel_inactive
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow, account_lock
 from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, RuleCheck, TradeDecision
 from trading_pipeline.core.orders import client_order_id, exit_leg, resize_legs
-from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError, UserError
+from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError
 
 # Limits re-checked right before sending: (quantity allowed now, the checks with their numbers).
 LimitCheck = Callable[[], tuple[int, list[RuleCheck]]]
@@ -152,23 +152,13 @@ class OrderDesk:
         price = "MKT" if first.price is None else f"@ {first.price:.2f} {first.order_type}"
         sent = f"sent {first.side} {first.quantity} {decision.symbol} {price} as {coid}"
         if broker_status in FINAL_STATUSES and broker_status != "Filled":  # accepted, then refused at once
-            held = self._cancel_held(coid) if broker_status == "Inactive" else ""
+            held = f" ({cancel_inactive(self._broker, answers[0]).detail})" if broker_status == "Inactive" else ""
             return self._result(decision, legs, "rejected",
                                 f"{sent}; the broker answered {broker_status} at once: it is not working (IBKR: "
                                 "a venue or account rejection; its reason is on the order in Client Portal); "
                                 f"nothing more is sent for this decision{held}")
         status = "filled" if broker_status == "Filled" else "submitted"
         return self._result(decision, legs, status, f"{sent}; broker status {broker_status}")
-
-    def _cancel_held(self, coid: str) -> str:
-        """IBKR's Inactive is a rejection or an order held, which may become active again: counted as
-        rejected here, it is cancelled so that it is (a bracket's children go with their parent)."""
-        try:
-            answer = self._broker.cancel(coid)
-        except UserError as error:
-            return (f"; cancelling it, in case it is held rather than rejected, failed ({error.problem}): check "
-                    "it in Client Portal")
-        return f"; cancelled in case it is held rather than rejected (now {answer.status if answer else 'unknown'})"
 
     def recorded(self, decision: TradeDecision) -> OrderRecord | None:
         """What the orders of this decision are now, as the trading database knows them (the sync

@@ -12,7 +12,6 @@ still working once its position is gone (ORPHAN_GRACE) is cancelled.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -23,8 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from trading_pipeline.adapters.broker import (
     FINAL_STATUSES,
     Broker,
-    BrokerOrder,
     as_utc,
+    cancel_inactive,
     describe_expiry,
     expiry_of,
 )
@@ -160,7 +159,7 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
                                    "check it at the broker")
             elif (order.status, order.filled_quantity) != before:
                 if order.status == "Inactive":
-                    order = _cancel_inactive(broker, order)
+                    order = cancel_inactive(broker, order)
                 reconciled = row.status in UNCONFIRMED
                 changes.append(f"{row.client_order_id}: {row.status} → {order.status} "
                                f"(filled {order.filled_quantity:g}/{row.quantity})"
@@ -177,24 +176,6 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
                 changed.add(row.client_order_id)
         session.commit()
     return changes, changed
-
-
-def _cancel_inactive(broker: Broker, order: BrokerOrder) -> BrokerOrder:
-    """An order the broker reports Inactive, cancelled so that it is done: the pipeline counts
-    Inactive as final, but IBKR's Inactive is a rejection *or an order held*, and a held order that
-    became active again would trade beside what the pipeline does next (a second entry, a second
-    exit). What the cancel gave, or the Inactive order saying that the cancel failed."""
-    why = "Inactive at the broker (rejected or held)"
-    try:
-        answer = broker.cancel(order.client_order_id)
-    except UserError as error:
-        return dataclasses.replace(order, detail=f"{why}; cancelling it failed ({error.problem}): check the order "
-                                                 f"at the broker and cancel it there if it is held")
-    if answer is not None and answer.status == "Cancelled":
-        return dataclasses.replace(answer, detail=f"{why}; cancelled by the sync so that it cannot become active "
-                                                  "again")
-    return dataclasses.replace(order, detail=f"{why}; the cancel sent by the sync left it "
-                                             f"{answer.status if answer else 'unknown to the broker'}")
 
 
 def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:

@@ -231,4 +231,5 @@ def test_an_order_the_broker_refuses_at_once_is_shown_as_rejected_not_submitted(
     # Inactive may be an order held, not refused: it is cancelled, so that it cannot become active again.
     assert cancelled == (["tp-d1"] if answered == "Inactive" else [])
     if answered == "Inactive":
-        assert record.reason.endswith("; cancelled in case it is held rather than rejected (now Cancelled)")
+        assert record.reason.endswith("nothing more is sent for this decision (Inactive at the broker (rejected or held); "
+                                      "cancelled so that it cannot become active again)")

@@ -555,7 +555,7 @@ def test_an_order_the_broker_reports_inactive_is_cancelled_so_that_it_stays_done
     assert rows(memory_sessions, "tp-held")["tp-held"].status == "Cancelled"
     change = next(line for line in report.status_changes if line.startswith("tp-held:"))
     assert change == ("tp-held: Submitted → Cancelled (filled 0/50): Inactive at the broker (rejected or held); "
-                      "cancelled by the sync so that it cannot become active again")
+                      "cancelled so that it cannot become active again")
     assert sync_portfolio(memory_sessions, broker, {}).status_changes == []  # done: not asked again
     assert broker.cancelled == ["tp-held"]
 

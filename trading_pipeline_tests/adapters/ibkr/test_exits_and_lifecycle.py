@@ -430,7 +430,7 @@ def test_a_stop_ibkr_reports_inactive_is_cancelled_there_and_the_position_report
     report = sync_portfolio(w.sessions, w.broker, {})
     assert w.order(stop_id).status == "Cancelled" and w.requests_sent() == (1, 0, 1)
     assert w.row("tp-held-sl").status == "Cancelled"
-    assert "cancelled by the sync so that it cannot become active again" in w.last_event("tp-held-sl")
+    assert "cancelled so that it cannot become active again" in w.last_event("tp-held-sl")
     assert any(line.startswith("AAPL: the pipeline's position of 50 shares has NO working stop-loss")
                for line in report.unprotected)
 
