@@ -2,7 +2,9 @@
 # opens the Dagster UI on its runs (and the chart server for the chart links). `make test` runs
 # the tests. Each sets up what it needs: .venv, packages, and a Chromium for kaleido; the demo
 # installs only the package, the tests add their tools (the [test] extra).
-PYTHON ?= python3
+# The interpreter .venv is built on: PYTHON if given, else the fastest Python 3.11+ on the PATH
+# (deploy/local/pick-python.sh says why and prints what it chose), asked once, when .venv is made.
+PYTHON ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
@@ -11,9 +13,10 @@ DAGSTER_PORT ?= 3000
 .PHONY: demo test dev install install-test chromium bench backtest clean
 
 $(VENV)/.created:
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
-	  { echo "Python 3.11 or newer is needed (found: $$($(PYTHON) --version)). Install it, or run make PYTHON=python3.12 ..."; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	@python="$(PYTHON)"; [ -n "$$python" ] || python=$$(sh deploy/local/pick-python.sh); \
+	  "$$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+	  { echo "Python 3.11 or newer is needed (found: $$("$$python" --version 2>&1 || echo "no $$python")). Install it, or run make PYTHON=python3.12 ..."; exit 1; }; \
+	  echo "$$python -m venv $(VENV)"; "$$python" -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	@touch $@
 
