@@ -137,3 +137,30 @@ def test_make_dev_serves_the_ui_and_the_charts_and_ctrl_c_stops_both(tmp_path):
         assert "Error 130" not in log and "***" not in log  # Ctrl-C is how it stops, not an error
     finally:
         procs.kill_all()
+
+
+def _fake_python(folder: Path, name: str, answer: str | None) -> None:
+    """An interpreter on the PATH answering pick-python.sh's probe with `answer` ("<µs> <path>"), or
+    failing it (too old, no venv) when None."""
+    script = folder / name
+    script.write_text("#!/bin/sh\ncat >/dev/null\n" + (f"echo '{answer}'\n" if answer else "exit 1\n"))
+    script.chmod(0o755)
+
+
+def test_the_venv_is_built_on_the_fastest_python_found(tmp_path):
+    """`make` without PYTHON builds .venv on the fastest Python 3.11+ that can make a venv: a pyenv
+    build without profile-guided optimization runs the pipeline's Python code 1.3-2x slower."""
+    _fake_python(tmp_path, "python3.13", None)  # fails the probe: skipped
+    _fake_python(tmp_path, "python3.12", f"2 {tmp_path}/python3.12")
+    _fake_python(tmp_path, "python3.11", f"1 {tmp_path}/python3.11")
+    _fake_python(tmp_path, "python3", f"1 {tmp_path}/python3.11")  # the same interpreter: counted once
+    env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    result = subprocess.run(["sh", str(REPO / "deploy/local/pick-python.sh")], capture_output=True, text=True,
+                            check=True, timeout=120, env=env)
+    assert result.stdout.strip() == f"{tmp_path}/python3.11"
+    assert f"{tmp_path}/python3.12 0 ms" in result.stderr and result.stderr.count(f"{tmp_path}/python3.11 0 ms") == 1
+    assert "PYTHON=... chooses another" in result.stderr
+    # PYTHON given: used as it is, nothing probed.
+    created = subprocess.run(["make", "-n", "-C", str(REPO), "PYTHON=python3.12", f"VENV={tmp_path}/venv",
+                              f"{tmp_path}/venv/.created"], capture_output=True, text=True, check=True, timeout=60)
+    assert 'python="python3.12"' in created.stdout
