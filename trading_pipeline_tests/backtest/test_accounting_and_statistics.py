@@ -107,3 +107,25 @@ def test_a_window_without_trades_reports_no_nan_and_explains_each_n_a(simulated)
     assert fmt(float("-inf"), "num") == fmt(float("inf"), "num") == fmt(float("nan"), "num") == "n/a"
     # a run where every figure is defined carries no such note
     assert "n/a:" not in text_report(result, summarize(result, result.extra_benchmarks))
+
+
+def test_a_benchmark_missing_the_first_session_starts_from_its_last_close_not_a_later_one(simulated):
+    """SPY (a strategy symbol and the SPY benchmark) has no bar on the window's first session (a
+    halt, a hole in the data): buy-and-hold is valued at its last close before it, as a position
+    would be marked, not at a later close taken from the future (which dropped the move between)."""
+    base_settings, (strategy, bars, extra), result = simulated
+    first = result.equity.index[0]
+    daily = bars["SPY"]["1d"]
+    days = daily.index.tz_convert(NEW_YORK).normalize().tz_localize(None)
+    before = float(daily["close"][days < first].iloc[-1])
+    holed = {**bars, "SPY": {**bars["SPY"], "1d": daily[days != first]}}
+    holed_extra = {**extra, "SPY": extra["SPY"].drop(first)}
+    result = run(base_settings, (strategy, holed, holed_extra))
+    summary = summarize(result, result.extra_benchmarks)
+    last = float(extra["SPY"].loc[result.equity.index[-1]])
+    assert summary["benchmarks"]["SPY"]["total_return"] == pytest.approx(last / before - 1, abs=1e-12)
+    spy_row = next(row for row in summary["symbols"] if row["symbol"] == "SPY")
+    assert spy_row["buy_and_hold"] == pytest.approx(last / before - 1, abs=1e-12)
+    closes = result.closes.iloc[-1] / result.closes.iloc[0]
+    assert closes["SPY"] == pytest.approx(last / before, abs=1e-12)
+    assert summary["benchmarks"]["equal_weight"]["total_return"] == pytest.approx(closes.mean() - 1, abs=1e-12)
