@@ -19,6 +19,7 @@ tests corrupt every later bar and compare).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections.abc import Callable
@@ -358,6 +359,11 @@ class Backtest:
         fills_made: list[Fill] = []
         decisions: list[DecisionRecord] = []
         marks: dict[str, float] = {}
+        if session_starts:  # a symbol without a bar on the first session is marked at its close before it
+            for s in self.symbols:
+                before = bisect.bisect_left(daily[s].starts, session_starts[0])
+                if before:
+                    marks[s] = float(arrays[s]["close"][before - 1])
         weekly_cache: dict[tuple[str, int], TimeframeAnalysis] = {}
         entries_expired = 0
         equity_points, cash_points, exposure_points, dates = [], [], [], []

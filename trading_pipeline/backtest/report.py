@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 
 import pandas as pd
 
@@ -29,8 +30,15 @@ TRADE_ROWS = (
 )
 
 
+NOT_AVAILABLE_NOTE = (
+    "n/a: the figure is not defined for this run: Sharpe and volatility need two or more daily returns "
+    "that vary, Sortino a losing day, Calmar a drawdown, alpha and beta a benchmark that moved; the trade "
+    "figures need closed trades (the average win a winner, the average loss a trade without a gain, "
+    "the profit factor a losing trade, SQN two trades whose R differ).")
+
+
 def fmt(value, kind: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if kind == "pct":
         return f"{value:.2%}"
@@ -98,6 +106,8 @@ def text_report(result: BacktestResult, summary: dict, walk=None) -> str:
                              for year, row in monthly.iterrows()])]
     if walk is not None:
         out += ["", *walk_forward_lines(walk)]
+    if any(" n/a" in line for line in out):
+        out += ["", *textwrap.wrap(NOT_AVAILABLE_NOTE, 100)]
     if summary["warnings"]:
         out += ["", "Warnings:", *[f"  - {w}" for w in summary["warnings"]]]
     return "\n".join(out)

@@ -161,7 +161,9 @@ def benchmarks(result: BacktestResult, extra: dict[str, pd.Series] | None = None
     when the data has it) scaled to the initial cash."""
     curves = {EQUAL_WEIGHT: buy_and_hold(result.closes, result.settings.initial_cash)}
     for name, closes in (extra or {}).items():
-        aligned = closes.reindex(result.equity.index).ffill().bfill()
+        # each session at the last close known by then (the series has the warm-up before the
+        # window): a session without a bar, the first one included, keeps the close before it
+        aligned = closes.reindex(closes.index.union(result.equity.index)).ffill().reindex(result.equity.index).bfill()
         curves[name] = aligned / aligned.iloc[0] * result.settings.initial_cash
     return curves
 

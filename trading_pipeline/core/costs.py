@@ -6,7 +6,7 @@ backtest. Pure: a fill's side, quantity and price in, dollars out.
   Exchange and clearing fees are included; on sales the regulatory fees are passed through.
 - `ibkr_tiered`: the first monthly-volume tier only (up to 300,000 shares a month): $0.0035 per
   share, at least $0.35 and at most 1% of the trade's value, plus IBKR's clearing fee ($0.0002 per
-  share) and the NYSE and FINRA pass-through fees (0.000175 and 0.00056 x the commission), plus the
+  share) and the NYSE and FINRA pass-through fees (0.000175 and 0.000563 x the commission), plus the
   same regulatory fees on sales. The cheaper tiers above 300,000 shares a month are not modelled
   (that needs the month's running volume), nor are exchange fees and rebates (they depend on the
   venue and on whether the order adds or removes liquidity): for an account trading under 300,000
@@ -28,7 +28,7 @@ FIXED_PER_SHARE, FIXED_MINIMUM = 0.005, 1.00
 TIERED_PER_SHARE, TIERED_MINIMUM = 0.0035, 0.35
 MAXIMUM_SHARE_OF_VALUE = 0.01
 TIERED_CLEARING_PER_SHARE = 0.0002
-TIERED_NYSE_PASS_THROUGH, TIERED_FINRA_PASS_THROUGH = 0.000175, 0.00056
+TIERED_NYSE_PASS_THROUGH, TIERED_FINRA_PASS_THROUGH = 0.000175, 0.000563
 SEC_FEE_RATE = 0.0000278
 FINRA_TAF_PER_SHARE, FINRA_TAF_MAXIMUM = 0.000166, 8.30
 

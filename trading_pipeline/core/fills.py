@@ -21,12 +21,13 @@ reading that does not flatter the strategy, and never a price seen before the or
   the stop. A fill of one reduces the others by its quantity; one left with nothing is cancelled.
 - A DAY order stops working at the close of its first live session (`expiry_of`); a parent that
   expires takes its waiting children with it.
-- Stop and market fills pay `slippage_bps` basis points (a buy higher, a sell lower); limits fill
-  at their price or better. Every fill carries its commission (core/costs.py).
+- Stop and market fills pay `slippage_bps` basis points (a buy higher, a sell lower), the slipped
+  price rounded to the cent against the order; limits fill at their price or better. Every fill carries its commission (core/costs.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -109,8 +110,12 @@ def fill_price(side: str, order_type: str, price: float, bar: DailyBar) -> float
 
 
 def slipped(side: str, price: float, slippage_bps: float) -> float:
-    """`price` moved against the order by `slippage_bps` basis points."""
-    return price * (1 + slippage_bps / 10_000) if side == "BUY" else price * (1 - slippage_bps / 10_000)
+    """`price` moved against the order by `slippage_bps` basis points, then to the cent against the
+    order too (a buy up, a sell down): rounded to the nearest cent, 5 bps of a price under $10 (less
+    than half a cent) vanished, and above that up to half a cent of the slippage went unpaid."""
+    if side == "BUY":
+        return math.ceil(round(price * (1 + slippage_bps / 10_000) * 100, 6)) / 100
+    return math.floor(round(price * (1 - slippage_bps / 10_000) * 100, 6)) / 100
 
 
 @dataclass(frozen=True)

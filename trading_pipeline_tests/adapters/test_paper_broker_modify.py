@@ -64,7 +64,8 @@ def test_a_stop_turned_into_a_market_order_after_the_close_fills_at_the_next_ope
     monkeypatch.setattr(broker_module, "_utcnow", lambda: THURSDAY_EVENING)
     broker.modify("e-sl", order_type="MKT")
     later = {**WEDNESDAY, "2026-09-03": (104.0, 106.0, 102.0, 103.0), "2026-09-04": (101.0, 102.0, 99.0, 99.5)}
-    assert broker.simulate_fills(bars(later))[0] == "e-sl SELL 50 AAPL filled at 100.90 on the bar of 2026-09-04"
+    # 101.00 less 10 bps is 100.899: to the cent against the sell, 100.89
+    assert broker.simulate_fills(bars(later))[0] == "e-sl SELL 50 AAPL filled at 100.89 on the bar of 2026-09-04"
 
 
 def test_a_resized_stop_fills_its_new_quantity(database_url, monkeypatch):

@@ -3,11 +3,13 @@ empyrical's own, and two runs of the same settings, code and data are the same r
 
 from __future__ import annotations
 
+import dataclasses
 from zoneinfo import ZoneInfo
 
 import empyrical
 import pytest
 
+from trading_pipeline.backtest.report import fmt, text_report
 from trading_pipeline.backtest.statistics import summarize
 from trading_pipeline.core import costs
 from trading_pipeline_tests.backtest.conftest import run
@@ -90,3 +92,40 @@ def test_two_runs_give_the_same_result_hash(simulated):
     assert second.result_digest() == first.result_digest()
     other = run(base_settings.model_copy(update={"slippage_bps": 20.0}), loaded)
     assert other.run_key != first.run_key and other.result_digest() != first.result_digest()
+
+
+def test_a_window_without_trades_reports_no_nan_and_explains_each_n_a(simulated):
+    """No trade in the window: flat equity, no trade figures. The report prints no nan or inf, and
+    says why a figure is n/a (the walk-forward's undefined scores, -inf, print n/a too)."""
+    _, _, result = simulated
+    flat = dataclasses.replace(result, trades=[], fills=[], equity=result.equity * 0 + result.settings.initial_cash,
+                               gross_exposure=result.gross_exposure * 0)
+    text = text_report(flat, summarize(flat, flat.extra_benchmarks))
+    assert " n/a" in text
+    assert not {"nan", "nan%", "$nan", "inf", "-inf", "inf%", "-inf%"} & set(text.lower().split())
+    assert "n/a: the figure is not defined for this run" in text
+    assert fmt(float("-inf"), "num") == fmt(float("inf"), "num") == fmt(float("nan"), "num") == "n/a"
+    # a run where every figure is defined carries no such note
+    assert "n/a:" not in text_report(result, summarize(result, result.extra_benchmarks))
+
+
+def test_a_benchmark_missing_the_first_session_starts_from_its_last_close_not_a_later_one(simulated):
+    """SPY (a strategy symbol and the SPY benchmark) has no bar on the window's first session (a
+    halt, a hole in the data): buy-and-hold is valued at its last close before it, as a position
+    would be marked, not at a later close taken from the future (which dropped the move between)."""
+    base_settings, (strategy, bars, extra), result = simulated
+    first = result.equity.index[0]
+    daily = bars["SPY"]["1d"]
+    days = daily.index.tz_convert(NEW_YORK).normalize().tz_localize(None)
+    before = float(daily["close"][days < first].iloc[-1])
+    holed = {**bars, "SPY": {**bars["SPY"], "1d": daily[days != first]}}
+    holed_extra = {**extra, "SPY": extra["SPY"].drop(first)}
+    result = run(base_settings, (strategy, holed, holed_extra))
+    summary = summarize(result, result.extra_benchmarks)
+    last = float(extra["SPY"].loc[result.equity.index[-1]])
+    assert summary["benchmarks"]["SPY"]["total_return"] == pytest.approx(last / before - 1, abs=1e-12)
+    spy_row = next(row for row in summary["symbols"] if row["symbol"] == "SPY")
+    assert spy_row["buy_and_hold"] == pytest.approx(last / before - 1, abs=1e-12)
+    closes = result.closes.iloc[-1] / result.closes.iloc[0]
+    assert closes["SPY"] == pytest.approx(last / before, abs=1e-12)
+    assert summary["benchmarks"]["equal_weight"]["total_return"] == pytest.approx(closes.mean() - 1, abs=1e-12)

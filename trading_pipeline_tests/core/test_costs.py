@@ -25,10 +25,17 @@ def test_sales_pay_the_sec_fee_and_finra_taf():
 
 
 def test_tiered_first_tier_with_clearing_and_pass_through():
-    # 1,000 @ 25: 3.50 + clearing 0.20 + pass-through 3.50 x 0.000735 = 0.0026 -> 3.70
+    # 1,000 @ 25: 3.50 + clearing 0.20 + pass-through 3.50 x 0.000738 = 0.0026 -> 3.70
     assert commission("ibkr_tiered", "BUY", 1_000, 25.0) == 3.70
     assert commission("ibkr_tiered", "BUY", 10, 25.0) == 0.35  # the $0.35 minimum (clearing 0.002)
     assert commission("ibkr_tiered", "SELL", 1_000, 25.0) == 3.70 + 0.70 + 0.17  # SEC 0.695 -> 0.70, TAF 0.166 -> 0.17
+
+
+def test_tiered_finra_pass_through_is_ibkrs_0_000563_of_the_commission():
+    # reference/backtesting.md (IBKR's tiered page): FINRA pass-through 0.000563 x the commission.
+    # 9,700 @ 50: 33.95 + clearing 1.94 + pass-through 33.95 x (0.000175 + 0.000563) = 0.02506 -> 1.97
+    # (with 0.00056 the pass-through was 0.02495 and the fees rounded to 1.96)
+    assert commission("ibkr_tiered", "BUY", 9_700, 50.0) == 35.92
 
 
 def test_none_is_free_and_an_unknown_model_is_refused():

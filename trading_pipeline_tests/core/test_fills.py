@@ -103,6 +103,22 @@ def test_slippage_applies_to_stop_and_market_fills_not_limits():
     assert fills == [("cover", 10, round(50.0 * 1.002, 2), WED_OPEN)]  # a buy pays more
 
 
+@pytest.mark.parametrize("side, stop, bar, expected", [
+    # 5 bps of $9.00 is 0.45 cent: rounded to the nearest cent it vanished, the fill was the stop itself
+    ("SELL", 9.00, wed(9.10, 9.20, 8.95, 9.05), 8.99),
+    ("BUY", 9.00, wed(8.90, 9.05, 8.85, 8.95), 9.01),
+    # 101.00 x 0.9995 = 100.9495: the nearest cent (100.95) paid 5 of the 5.05 cents
+    ("SELL", 101.0, wed(101.5, 102.0, 100.0, 100.5), 100.94),
+])
+def test_slippage_is_rounded_to_the_cent_against_the_order_never_away(side, stop, bar, expected):
+    """A slipped price is rounded to the cent in the adverse direction: at least `slippage_bps`
+    is paid (rounding to the nearest cent dropped it below $10 at 5 bps, and trimmed it above)."""
+    fill = leg_fill(Leg("sl", side, "STP", 100, stop, TUESDAY_EVENING), bar, slippage_bps=5, commission_model="none")
+    assert fill.price == pytest.approx(expected, abs=1e-9)
+    paid = (stop - fill.price) if side == "SELL" else (fill.price - stop)
+    assert paid >= stop * 5 / 10_000 - 1e-9
+
+
 def test_a_market_order_fills_at_the_first_price_after_it_went_live():
     before_the_open = Leg("x", "SELL", "MKT", 50, None, TUESDAY_EVENING)
     assert run(Bracket(before_the_open), wed(99.0, 100.0, 90.0, 91.0))[0] == [("x", 50, 99.0, WED_OPEN)]
