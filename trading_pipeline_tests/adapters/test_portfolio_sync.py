@@ -576,6 +576,26 @@ def test_an_inactive_order_the_broker_will_not_cancel_is_final_and_says_so(memor
                            "cancelled): check the order at the broker and cancel it there if it is held")
 
 
+def test_an_inactive_entry_that_filled_in_part_is_never_cancelled_with_its_stop(memory_sessions):
+    """Cancelling a bracket's entry cancels its children at IBKR, and those protect the part filled:
+    an Inactive entry with a fill is cut to that fill; when the broker refuses, it is left as it is
+    (never cancelled) and the line says what to do at the broker."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("held-part"))
+    broker.fill("tp-held-part", 20, 100.0, WEDNESDAY_OPEN)
+    broker.orders["tp-held-part"].status = "Inactive"
+    broker.refuse_modify = "the order cannot be modified"
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == [] and broker.orders["tp-held-part-sl"].status == "Submitted"
+    assert rows(memory_sessions, "tp-held-part")["tp-held-part"].status == "Inactive"
+    change = next(line for line in report.status_changes if line.startswith("tp-held-part:"))
+    assert change.endswith("Inactive at the broker (rejected or held) after filling 20; cutting it to what it filled "
+                           "failed (the order cannot be modified); NOT cancelled: that would cancel the stop-loss "
+                           "protecting the 20 filled (a bracket is cancelled with its entry); reduce its quantity "
+                           "to 20 at the broker so that its rest cannot become active again")
+    assert report.unprotected == []
+
+
 def test_a_stop_and_target_left_on_the_wrong_side_of_a_position_flipped_by_hand_are_cancelled(memory_sessions):
     """Long 50, then 100 sold in TWS: short 50. The long's stop (a SELL stop) and take-profit (a SELL
     limit) would now add to the short. Cancelled once a sync ORPHAN_GRACE later still finds it short."""

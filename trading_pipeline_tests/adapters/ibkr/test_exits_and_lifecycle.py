@@ -435,6 +435,34 @@ def test_a_stop_ibkr_reports_inactive_is_cancelled_there_and_the_position_report
                for line in report.unprotected)
 
 
+def test_an_entry_ibkr_reports_inactive_after_a_partial_fill_is_cut_to_its_fill_and_its_stop_kept(world):
+    """IBKR cancels a bracket with its entry: cancelling an Inactive entry that filled 20 of 50 would
+    take the stop-loss protecting those 20 with it. It is cut to the 20 filled instead (done, it
+    cannot become active again), its stop and take-profit are sized to the 20, and nothing is sent again."""
+    w = world()
+    w.emulator.set_price("AAPL", 101.0)  # above the BUY limit of 100: the entry works
+    decision = entry_decision("held-part")
+    record_decision(w.sessions, decision)
+    assert w.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry).status == "submitted"
+    (entry,) = w.emulator.orders_with_coid("tp-held-part")
+    w.emulator.fill_partially(entry.order_id, 20, price=100.0)
+    sync_portfolio(w.sessions, w.broker, {})
+    with w.emulator.state.lock:
+        w.emulator.state.orders[entry.order_id].status = "Inactive"
+
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert report.unprotected == [] and report.drift == [], report.drift
+    assert w.requests_sent() == (1, 3, 0)  # the entry cut to its fill, stop and target resized; no cancel
+    assert (w.order(entry.order_id).quantity, w.order(entry.order_id).status) == (20, "Filled")
+    stop_id, take_profit_id = (int(w.broker.order_id_for(f"tp-held-part{s}")) for s in ("-sl", "-tp"))
+    assert [(w.order(i).quantity, w.order(i).status) for i in (stop_id, take_profit_id)] == [(20, "Submitted")] * 2
+    assert "cut to the 20 filled so that its rest cannot become active again" in w.last_event("tp-held-part")
+    assert w.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry).status == "already_sent"
+    w.emulator.set_price("AAPL", 84.0)  # through the stop: exactly the 20 held are sold
+    assert w.position_path("AAPL") == [20, 0]
+    assert w.requests_sent()[0] == 1
+
+
 def test_a_stop_is_kept_while_ibkrs_positions_do_not_list_a_position_just_opened(world):
     w = world()
     w.emulator.set_price("AAPL", 100.0)
