@@ -425,6 +425,50 @@ def test_a_partial_entry_whose_rest_expired_resizes_stop_and_target(memory_sessi
     assert report.drift == []
 
 
+def test_a_resize_counts_what_the_stop_filled_during_the_sync(memory_sessions):
+    """A partial take-profit leaves 30 of 50 held; while the sync runs (after it read the order states),
+    the stop is elected and sells 10 more. Resized to the 20 held from the books' 0 filled, the stop
+    would keep 10 working: 10 shares unprotected once it completes. Its total is its fill (10, the
+    broker's word) plus what is held (20)."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("race"))
+    broker.fill("tp-race", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    broker.fill("tp-race-tp", 20, 106.0, WEDNESDAY_OPEN + timedelta(days=1))
+    account = broker.account
+
+    def stop_fills_meanwhile(marks, as_of=None):
+        if not broker.orders["tp-race-sl"].filled:
+            broker.fill("tp-race-sl", 10, 96.0, WEDNESDAY_OPEN + timedelta(days=2))
+        return account(marks, as_of)
+
+    broker.account = stop_fills_meanwhile
+    report = sync_portfolio(memory_sessions, broker, {})
+    stop = broker.orders["tp-race-sl"]
+    assert stop.leg.quantity - stop.filled == 20, broker.modified  # what is held: 50 - 20 - 10
+    assert report.drift == ["AAPL: broker holds 20, the pipeline's executions imply 30"]  # its fill, seen late
+    assert rows(memory_sessions, "tp-race-sl")["tp-race-sl"].quantity == 30
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+
+
+def test_a_stop_that_filled_the_difference_during_the_sync_is_not_modified(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("same"))
+    broker.fill("tp-same", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    account = broker.account
+
+    def stop_fills_meanwhile(marks, as_of=None):
+        if not broker.orders["tp-same-sl"].filled:
+            broker.fill("tp-same-sl", 10, 96.0, WEDNESDAY_OPEN + timedelta(days=1))
+        return account(marks, as_of)
+
+    broker.account = stop_fills_meanwhile
+    sync_portfolio(memory_sessions, broker, {})
+    # 40 held, 40 left of the stop: nothing to change (the take-profit is cut to the 40, as IBKR's OCA does)
+    assert broker.modified == [("tp-same-tp", {"quantity": 40})]
+
+
 def test_a_refused_resize_is_drift_that_says_what_to_do(memory_sessions):
     broker = BookBroker()
     send(memory_sessions, broker, decision("refused"))
