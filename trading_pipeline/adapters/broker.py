@@ -120,8 +120,14 @@ def cancel_inactive(broker: Broker, order: BrokerOrder) -> BrokerOrder:
     """An order the broker reports Inactive, cancelled so that it is done: the pipeline counts
     Inactive as final, but IBKR's Inactive is a rejection *or an order held*, and a held order that
     became active again would trade beside what the pipeline does next (a second entry, a second
-    exit). What the cancel gave, or the Inactive order; `detail` says which."""
+    exit). What the cancel gave, or the Inactive order; `detail` says which.
+
+    One that filled in part is cut to what it filled instead (a modification of its quantity),
+    never cancelled: cancelling a bracket's entry cancels its stop-loss and take-profit with it
+    (IBKR's rule), and those protect the part filled. If the broker will not cut it, it is left."""
     why = "Inactive at the broker (rejected or held)"
+    if order.filled_quantity > 0:
+        return _cut_to_filled(broker, order, why)
     try:
         answer = broker.cancel(order.client_order_id)
     except UserError as error:
@@ -131,6 +137,26 @@ def cancel_inactive(broker: Broker, order: BrokerOrder) -> BrokerOrder:
         return dataclasses.replace(answer, detail=f"{why}; cancelled so that it cannot become active again")
     return dataclasses.replace(order, detail=f"{why}; the cancel sent left it "
                                              f"{answer.status if answer else 'unknown to the broker'}")
+
+
+def _cut_to_filled(broker: Broker, order: BrokerOrder, why: str) -> BrokerOrder:
+    filled = int(order.filled_quantity)
+    why = f"{why} after filling {order.filled_quantity:g}"
+    kept = (f"NOT cancelled: that would cancel the stop-loss protecting the {order.filled_quantity:g} filled "
+            f"(a bracket is cancelled with its entry); reduce its quantity to {filled} at the broker so that "
+            "its rest cannot become active again")
+    try:
+        answer = broker.modify(order.client_order_id, quantity=filled)
+    except UserError as error:
+        return dataclasses.replace(order, detail=f"{why}; cutting it to what it filled failed ({error.problem}); "
+                                                 f"{kept}")
+    if answer is not None and answer.status == "Filled":
+        return dataclasses.replace(answer, detail=f"{why}; cut to the {filled} filled so that its rest cannot "
+                                                  "become active again (not cancelled: its stop-loss protects them)")
+    return dataclasses.replace(order, detail=f"{why}; cutting it to what it filled left it "
+                                             f"{answer.status if answer else 'unknown to the broker'}; {kept}")
+
+
 PAPER_TIME_IN_FORCE = TIME_IN_FORCE
 PAPER_MIN_TICK = 0.01
 

@@ -305,14 +305,22 @@ def _working_exits(session: Session, symbol: str, role: str) -> list[OrderRow]:
 def _resize(session: Session, broker: Broker, row: OrderRow, held: float, why: str, result: _Protection) -> bool:
     """Modify a working exit so that what is left of it equals the position. False when the broker
     refused or does not know the order (drift says so) or cannot modify orders (the caller reports
-    the mismatch)."""
+    the mismatch). The order's total is what it filled by now, as the broker says (the books lag:
+    a stop elected while the sync runs has sold some already), plus what is held."""
+    # What this session wrote so far is committed first: a broker keeping its state in the same
+    # database (the paper broker, on SQLite) could not write while this session holds the lock.
+    session.commit()
+    current = broker.find_order(row.client_order_id)
+    if current is not None and current.filled_quantity > row.filled_quantity:
+        row.filled_quantity = current.filled_quantity
+        row.average_fill_price = current.average_fill_price or row.average_fill_price
     new_quantity = round(row.filled_quantity + held)
+    if new_quantity == round(row.quantity):
+        return True  # what is left of it is the position already (it filled the difference meanwhile)
     remaining = row.quantity - row.filled_quantity
     symbol = row.symbol
     cannot = (f"{symbol}: the position is {held:g} shares but the {row.role.replace('_', '-')} "
               f"{row.client_order_id} is for {remaining:g}")
-    # What this session wrote so far is committed first: a broker keeping its state in the same
-    # database (the paper broker, on SQLite) could not write while this session holds the lock.
     session.commit()
     try:
         answer = broker.modify(row.client_order_id, quantity=new_quantity)

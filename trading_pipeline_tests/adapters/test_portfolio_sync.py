@@ -425,6 +425,50 @@ def test_a_partial_entry_whose_rest_expired_resizes_stop_and_target(memory_sessi
     assert report.drift == []
 
 
+def test_a_resize_counts_what_the_stop_filled_during_the_sync(memory_sessions):
+    """A partial take-profit leaves 30 of 50 held; while the sync runs (after it read the order states),
+    the stop is elected and sells 10 more. Resized to the 20 held from the books' 0 filled, the stop
+    would keep 10 working: 10 shares unprotected once it completes. Its total is its fill (10, the
+    broker's word) plus what is held (20)."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("race"))
+    broker.fill("tp-race", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    broker.fill("tp-race-tp", 20, 106.0, WEDNESDAY_OPEN + timedelta(days=1))
+    account = broker.account
+
+    def stop_fills_meanwhile(marks, as_of=None):
+        if not broker.orders["tp-race-sl"].filled:
+            broker.fill("tp-race-sl", 10, 96.0, WEDNESDAY_OPEN + timedelta(days=2))
+        return account(marks, as_of)
+
+    broker.account = stop_fills_meanwhile
+    report = sync_portfolio(memory_sessions, broker, {})
+    stop = broker.orders["tp-race-sl"]
+    assert stop.leg.quantity - stop.filled == 20, broker.modified  # what is held: 50 - 20 - 10
+    assert report.drift == ["AAPL: broker holds 20, the pipeline's executions imply 30"]  # its fill, seen late
+    assert rows(memory_sessions, "tp-race-sl")["tp-race-sl"].quantity == 30
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+
+
+def test_a_stop_that_filled_the_difference_during_the_sync_is_not_modified(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("same"))
+    broker.fill("tp-same", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    account = broker.account
+
+    def stop_fills_meanwhile(marks, as_of=None):
+        if not broker.orders["tp-same-sl"].filled:
+            broker.fill("tp-same-sl", 10, 96.0, WEDNESDAY_OPEN + timedelta(days=1))
+        return account(marks, as_of)
+
+    broker.account = stop_fills_meanwhile
+    sync_portfolio(memory_sessions, broker, {})
+    # 40 held, 40 left of the stop: nothing to change (the take-profit is cut to the 40, as IBKR's OCA does)
+    assert broker.modified == [("tp-same-tp", {"quantity": 40})]
+
+
 def test_a_refused_resize_is_drift_that_says_what_to_do(memory_sessions):
     broker = BookBroker()
     send(memory_sessions, broker, decision("refused"))
@@ -574,6 +618,26 @@ def test_an_inactive_order_the_broker_will_not_cancel_is_final_and_says_so(memor
     change = next(line for line in report.status_changes if line.startswith("tp-refused:"))
     assert change.endswith("Inactive at the broker (rejected or held); cancelling it failed (the order cannot be "
                            "cancelled): check the order at the broker and cancel it there if it is held")
+
+
+def test_an_inactive_entry_that_filled_in_part_is_never_cancelled_with_its_stop(memory_sessions):
+    """Cancelling a bracket's entry cancels its children at IBKR, and those protect the part filled:
+    an Inactive entry with a fill is cut to that fill; when the broker refuses, it is left as it is
+    (never cancelled) and the line says what to do at the broker."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("held-part"))
+    broker.fill("tp-held-part", 20, 100.0, WEDNESDAY_OPEN)
+    broker.orders["tp-held-part"].status = "Inactive"
+    broker.refuse_modify = "the order cannot be modified"
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert broker.cancelled == [] and broker.orders["tp-held-part-sl"].status == "Submitted"
+    assert rows(memory_sessions, "tp-held-part")["tp-held-part"].status == "Inactive"
+    change = next(line for line in report.status_changes if line.startswith("tp-held-part:"))
+    assert change.endswith("Inactive at the broker (rejected or held) after filling 20; cutting it to what it filled "
+                           "failed (the order cannot be modified); NOT cancelled: that would cancel the stop-loss "
+                           "protecting the 20 filled (a bracket is cancelled with its entry); reduce its quantity "
+                           "to 20 at the broker so that its rest cannot become active again")
+    assert report.unprotected == []
 
 
 def test_a_stop_and_target_left_on_the_wrong_side_of_a_position_flipped_by_hand_are_cancelled(memory_sessions):

@@ -411,6 +411,7 @@ class GatewayEndpoints:
             order.quantity = float(fields["quantity"])
             order.tif = fields["tif"]
             order.last_time = time.time()
+            s.cut_to_filled(order)  # a quantity cut to what it filled completes the order
             s.advance()
             return _json([{"order_id": str(order.order_id), "order_status": order.status, "encrypt_message": "1"}])
         created, by_coid = [], {}

@@ -415,6 +415,19 @@ class GatewayState:
                 else:  # a partial fill reduces the sibling by as much (OCA with reduction)
                     other.quantity = max(other.filled, other.quantity - quantity)
 
+    def cut_to_filled(self, order: EmuOrder) -> None:
+        """An order modified down to what it already filled is done: Filled, its bracket children
+        go live, a child's one-cancels-other sibling is cancelled (as on a complete fill)."""
+        if not order.filled or order.filled < order.quantity:
+            return
+        order.status = "Filled"
+        for other in self.orders.values():
+            if other.parent_id == order.order_id and other.status == "PreSubmitted":
+                other.status = "Submitted"
+            if (order.parent_id is not None and other.parent_id == order.parent_id and other is not order
+                    and other.status in ("Submitted", "PreSubmitted")):
+                other.status = "Cancelled"
+
     def fill_positions(self) -> dict[int, tuple[float, float]]:
         held: dict[int, tuple[float, float]] = {}
         for execution in self.executions:

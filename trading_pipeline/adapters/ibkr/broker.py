@@ -301,11 +301,12 @@ class IBKRBroker:
         """Change the working order with this cOID in place (`POST .../order/{orderId}`, every
         original field repeated). order_type "MKT" with no price makes a stop a market order; a
         bracket child keeps its one-cancels-other group. None when IBKR does not know the cOID; a
-        final order (filled, cancelled) is returned unchanged, without a request;
+        final order (filled, cancelled) is returned unchanged, without a request (an Inactive one,
+        held or rejected, is sent the change: cut to what it filled, it is done);
         IBKROrderRejected (an OrderRejectedError) when IBKR refuses or a question is declined: the
         order then stays as it was."""
         found = self.find_order(client_order_id)
-        if found is None or found.status in FINAL_STATUSES:
+        if found is None or (found.status in FINAL_STATUSES and found.status != "Inactive"):
             return found  # unknown, or already final (filled, cancelled): nothing to change
         changes: dict = {}
         if order_type is not None:

@@ -419,6 +419,50 @@ def test_a_bracket_left_working_after_the_position_was_closed_by_hand_is_cancell
     assert w.position_path("AAPL") == [50, 0]
 
 
+def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled(world):
+    """Two processes sync at once (the status sensor and a run by hand) and both find the stop and
+    take-profit of a position closed by hand orphaned: both cancel, neither fails nor reports a
+    failed cancel, and the orders end Cancelled at IBKR and in the books."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("race"))
+    sale = OrderLeg(client_order_id="race-by-hand", role="entry", side="SELL", order_type="LMT", quantity=50,
+                    price=100.0, tif="DAY")
+    assert w.broker.place("AAPL", [sale], 100.0)[0].status == "Filled"
+    sync_portfolio(w.sessions, w.broker, {})
+    earlier(w.sessions, ORPHAN_GRACE)
+
+    w.emulator.config.cancel_polls = 10  # PendingCancel for a while: the second sync finds the cancel under way
+    both, at_cancel = threading.Barrier(2), threading.Barrier(2)
+    processes = [w.restart(), w.restart()]
+
+    def meeting_before_the_stop(cancel):  # each process has found the stop orphaned before either cancels it
+        def cancel_when_both_are_there(coid: str):
+            if coid.endswith("-sl"):
+                at_cancel.wait(10)
+            return cancel(coid)
+        return cancel_when_both_are_there
+
+    for process in processes:
+        process.broker.cancel = meeting_before_the_stop(process.broker.cancel)
+
+    def sync(process: World):
+        both.wait()
+        return sync_portfolio(process.sessions, process.broker, {})
+
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(sync, processes))
+    assert (w.order(stop_id).status, w.order(take_profit_id).status) == ("Cancelled", "Cancelled")
+    assert (w.row("tp-race-sl").status, w.row("tp-race-tp").status) == ("Cancelled", "Cancelled")
+    for report in reports:
+        assert not [line for line in report.drift if "cancelling it failed" in line or "does not know" in line]
+    cancels = [path for _, _, path, _, _ in w.emulator.requests("DELETE")]
+    assert len(cancels) > len(set(cancels))  # the race happened: an order was cancelled by both syncs
+    assert w.requests_sent()[0] == 2  # the bracket and the sale by hand: nothing placed
+    w.emulator.set_price("AAPL", 80.0)  # through the old stop: nothing sells
+    assert w.position_path("AAPL") == [50, 0]
+
+
 def test_a_stop_ibkr_reports_inactive_is_cancelled_there_and_the_position_reported_unprotected(world):
     """IBKR's Inactive is a rejection or an order held. Counted as done, a held stop that became
     active again would sell beside the exit the pipeline sends for the unprotected position."""
@@ -433,6 +477,34 @@ def test_a_stop_ibkr_reports_inactive_is_cancelled_there_and_the_position_report
     assert "cancelled so that it cannot become active again" in w.last_event("tp-held-sl")
     assert any(line.startswith("AAPL: the pipeline's position of 50 shares has NO working stop-loss")
                for line in report.unprotected)
+
+
+def test_an_entry_ibkr_reports_inactive_after_a_partial_fill_is_cut_to_its_fill_and_its_stop_kept(world):
+    """IBKR cancels a bracket with its entry: cancelling an Inactive entry that filled 20 of 50 would
+    take the stop-loss protecting those 20 with it. It is cut to the 20 filled instead (done, it
+    cannot become active again), its stop and take-profit are sized to the 20, and nothing is sent again."""
+    w = world()
+    w.emulator.set_price("AAPL", 101.0)  # above the BUY limit of 100: the entry works
+    decision = entry_decision("held-part")
+    record_decision(w.sessions, decision)
+    assert w.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry).status == "submitted"
+    (entry,) = w.emulator.orders_with_coid("tp-held-part")
+    w.emulator.fill_partially(entry.order_id, 20, price=100.0)
+    sync_portfolio(w.sessions, w.broker, {})
+    with w.emulator.state.lock:
+        w.emulator.state.orders[entry.order_id].status = "Inactive"
+
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert report.unprotected == [] and report.drift == [], report.drift
+    assert w.requests_sent() == (1, 3, 0)  # the entry cut to its fill, stop and target resized; no cancel
+    assert (w.order(entry.order_id).quantity, w.order(entry.order_id).status) == (20, "Filled")
+    stop_id, take_profit_id = (int(w.broker.order_id_for(f"tp-held-part{s}")) for s in ("-sl", "-tp"))
+    assert [(w.order(i).quantity, w.order(i).status) for i in (stop_id, take_profit_id)] == [(20, "Submitted")] * 2
+    assert "cut to the 20 filled so that its rest cannot become active again" in w.last_event("tp-held-part")
+    assert w.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry).status == "already_sent"
+    w.emulator.set_price("AAPL", 84.0)  # through the stop: exactly the 20 held are sold
+    assert w.position_path("AAPL") == [20, 0]
+    assert w.requests_sent()[0] == 1
 
 
 def test_a_stop_is_kept_while_ibkrs_positions_do_not_list_a_position_just_opened(world):
