@@ -314,7 +314,9 @@ def _resize(session: Session, broker: Broker, row: OrderRow, held: float, why: s
     if current is not None and current.filled_quantity > row.filled_quantity:
         row.filled_quantity = current.filled_quantity
         row.average_fill_price = current.average_fill_price or row.average_fill_price
-    new_quantity = round(row.filled_quantity + held)
+    # Never more than it was: the position was read before the broker's fill count, so a fill in
+    # between counts twice here (once sold, once held); grown, the stop could sell what is not held.
+    new_quantity = min(round(row.filled_quantity + held), round(row.quantity))
     if new_quantity == round(row.quantity):
         return True  # what is left of it is the position already (it filled the difference meanwhile)
     remaining = row.quantity - row.filled_quantity

@@ -469,6 +469,32 @@ def test_a_stop_that_filled_the_difference_during_the_sync_is_not_modified(memor
     assert broker.modified == [("tp-same-tp", {"quantity": 40})]
 
 
+def test_a_resize_never_grows_the_stop_when_it_fills_after_the_positions_were_read(memory_sessions):
+    """A take-profit sold 10 of 50: the stop (50) is to be cut to the 40 held. Its fill count, asked
+    right before the cut, says it sold 15 since the positions were read: those 15 are also in the 40
+    read as held. 15 + 40 = 55 would grow the stop past what was ever held; it is not grown."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("late"))
+    broker.fill("tp-late", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    broker.fill("tp-late-tp", 10, 106.0, WEDNESDAY_OPEN + timedelta(days=1))
+    find_order, account, positions_read = broker.find_order, broker.account, []
+
+    def reading_positions(marks, as_of=None):
+        positions_read.append(True)
+        return account(marks, as_of)
+
+    def stop_fills_after_the_positions_were_read(client_order_id):
+        if client_order_id == "tp-late-sl" and positions_read and not broker.orders["tp-late-sl"].filled:
+            broker.fill("tp-late-sl", 15, 96.0, WEDNESDAY_OPEN + timedelta(days=2))
+        return find_order(client_order_id)
+
+    broker.account, broker.find_order = reading_positions, stop_fills_after_the_positions_were_read
+    sync_portfolio(memory_sessions, broker, {})
+    assert all(change.get("quantity", 0) <= 50 for key, change in broker.modified), broker.modified
+    assert [key for key, _ in broker.modified if key == "tp-late-sl"] == [], broker.modified  # left to the next sync
+
+
 def test_a_refused_resize_is_drift_that_says_what_to_do(memory_sessions):
     broker = BookBroker()
     send(memory_sessions, broker, decision("refused"))
