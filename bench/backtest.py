@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--analyst", choices=("rules", "llm_replay"), default="rules",
                         help="llm_replay: also time llm_replay with every call a cache hit, as a ratio to rules")
     args = parser.parse_args()
+    from machine import describe as describe_machine  # bench/machine.py, beside this file
+
+    print(describe_machine())
 
     from trading_pipeline.backtest import runner
     from trading_pipeline.backtest.report import text_report

@@ -49,6 +49,8 @@ warnings.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout this file is in, also for trading_pipeline_tests
 
+from machine import describe as describe_machine  # bench/machine.py, beside this file
+
 from trading_pipeline_tests.deploy.processes import ProcessSet, free_port
 
 BIN = Path(sys.executable).parent
@@ -491,6 +493,7 @@ def main() -> None:
     args = parser.parse_args()
     symbols = [f"B{i:03d}" for i in range(args.symbols)]
     loads = {"start": os.getloadavg()[0]}
+    machine_line = describe_machine()  # before anything starts: the load is the machine's own
     # Before the daemon and again at the end: other work on the machine only ever inflates it, so
     # the smaller one is the fairer yardstick for the daemon's ratio.
     floor = [unavoidable(symbols, FIRST_FRIDAY)]
@@ -538,6 +541,7 @@ def main() -> None:
     local_refresh, local_decide = [r for r, _ in local], [d for _, d in local]
     floor_work = [f for f, _, _ in floor]
     best = min(refresh)
+    print(machine_line)
     print(f"symbols × timeframes        {len(symbols)} × 2 = {partitions} partitions; instance {args.instance_config}")
     print(f"webserver + daemon ready    {min(startups):.1f} s (not counted below)")
     print(f"daemon: refresh 1d + 1w     {spread(refresh)}; {repeats[0]['refresh_runs']} runs; "
