@@ -71,7 +71,7 @@ strategies:
     (["--folds", "2", "--grid", "min_r=nan"], "grid min_r=nan:"),
     (["--folds", "2", "--grid", "supertrend_multiplier=-1"], "grid supertrend_multiplier=-1: must be a number > 0"),
     # inf passed gt=0 and died in position sizing: "OverflowError: cannot convert float infinity to integer".
-    (["--initial-cash", "inf"], "initial_cash: Input should be a finite number"),
+    (["--initial-cash", "inf"], "--initial-cash: Input should be a finite number"),
     # Ran on a different simulated series than AAPL's (and read <csv-dir>/../x_1d.csv with --data csv);
     # an empty symbol died in the market simulator with a ValueError.
     (["--symbols", "aapl,../x"], "symbol 'aapl' is not an upper-case ticker"),
@@ -84,6 +84,19 @@ def test_a_bad_option_is_refused_with_the_fix_and_no_traceback(argv, words, tmp_
     err = capsys.readouterr().err
     assert words in err and "Fix:" in err
     assert "Loading bars" not in err  # refused before any work
+
+
+@pytest.mark.parametrize("argv, option", [(["--slippage-bps", "-5"], "--slippage-bps"), (["--folds", "-1"], "--folds"),
+                                          (["--initial-cash", "-100"], "--initial-cash")])
+def test_an_option_out_of_range_is_named_as_the_option_in_the_problem_and_the_fix(argv, option, tmp_path, monkeypatch,
+                                                                                  capsys):
+    # The fix read "correct the option(s) named", naming nothing, after a problem naming the settings field
+    # (slippage_bps), not the option the user typed.
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    assert main([*argv, "--start", "2024-01-01", "--end", "2024-03-01", "--quiet", "--no-save"]) == 2
+    problem, fix = capsys.readouterr().err.strip().splitlines()
+    assert f"{option}: Input should be greater than" in problem
+    assert fix == f"Fix: correct {option} (python -m trading_pipeline.backtest --help lists every option and its default)"
 
 
 @pytest.mark.parametrize("start, end", [("1990-01-01", "1990-06-01"), ("2040-06-01", "2040-12-31"),
