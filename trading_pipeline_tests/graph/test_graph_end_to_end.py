@@ -306,6 +306,10 @@ def test_demo_replays_the_story_by_default_and_tells_what_became_of_the_order(de
     assert story.split() == ["SPY", "BUY", "12", "filled", "@", "825.71", "on", "2026-09-02", "target", "hit", "@",
                              "876.96", "on", "2026-10-26", f"{pnl / (12 * (825.71 - 791.54)):.2f}", f"+{pnl:,.2f}"]
     assert f"Paper account: equity {100_000 + pnl:,.2f}, cash {100_000 + pnl:,.2f}, 0 open position(s)." in out
+    # docs/getting-started.md shows this story as the demo prints it (it showed the P&L before commissions)
+    page = (Path(__file__).resolve().parents[2] / "docs" / "getting-started.md").read_text().splitlines()
+    assert next(line for line in page if line.startswith("SPY ") and "filled" in line).split() == story.split()
+    assert next(line for line in page if line.startswith("Paper account:")) in out
     assert "TRADING_AS_OF" not in os.environ  # the replay's clock is gone once the demo is done
 
 
