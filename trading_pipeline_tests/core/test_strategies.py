@@ -39,7 +39,12 @@ def test_valid_file_and_defaults():
         (VALID.replace("period: 6y", "period: 6q"), 6, "period '6q'"),
         (VALID.replace("period: 2y", "period: 16y"), 5, "1-15y"),
         (VALID + "    risk: {min_r: 0}\n", 7, "greater than 0"),
-        (VALID + "    risk: {min_rr: 2}\n", 7, "Extra inputs"),
+        # A misspelt key said only "Extra inputs are not permitted": now the key it resembles, and the block's keys.
+        (VALID + "    risk: {min_rr: 2}\n", 7,
+         "risk.min_rr: unknown key 'min_rr': did you mean 'min_r'? (this block's keys: min_r, min_profit_margin,"),
+        (VALID + "    orders: {enabeld: true}\n", 7, "unknown key 'enabeld': did you mean 'enabled'?"),
+        (VALID.replace("symbols:", "symbol:"), 3, "unknown key 'symbol': did you mean 'symbols'?"),
+        (VALID.replace("{period: 2y}", "{period: 2y, perod: 3}"), 5, "unknown key 'perod': did you mean 'period'?"),
         # .inf passed gt=0: a strategy that can never trade, with no word about why.
         (VALID + "    risk: {min_r: .inf}\n", 7, "finite number"),
         (VALID.replace("      1w: {period: 6y}\n", ""), 4, "exactly 1d, 1w"),
