@@ -112,11 +112,9 @@ class Strategy(_Strict):
     @field_validator("symbols")
     @classmethod
     def _valid_symbols(cls, symbols: list[str]) -> list[str]:
-        for symbol in symbols:
-            if not isinstance(symbol, str) or not SYMBOL_PATTERN.fullmatch(symbol):
-                raise ValueError(
-                    f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B'"
-                )
+        bad = [symbol for symbol in symbols if not isinstance(symbol, str) or not SYMBOL_PATTERN.fullmatch(symbol)]
+        if bad:  # every bad one at once, each with how to write it
+            raise ValueError("; ".join(_bad_symbol(symbol) for symbol in bad))
         duplicates = sorted({s for s in symbols if symbols.count(s) > 1})
         if duplicates:
             raise ValueError(f"symbols listed twice: {', '.join(duplicates)}")
@@ -138,6 +136,13 @@ class Strategy(_Strict):
                     f"{timeframe} period {settings.period} gives about {expected} bars; SMA 200 needs "
                     f"{MIN_HISTORY_BARS} — use at least {needed:g}y (e.g. {math.ceil(needed)}y)")
         return timeframes
+
+
+def _bad_symbol(symbol: object) -> str:
+    text = f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B'"
+    if isinstance(symbol, str) and SYMBOL_PATTERN.fullmatch(symbol.strip().upper()):
+        return f"{text}: write {symbol.strip().upper()!r}"
+    return f"{text} (a letter, then up to 11 letters, digits or dots; a share class as BRK.B, not BRK/B)"
 
 
 class StrategiesFile(_Strict):
@@ -345,7 +350,8 @@ def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
         for error in exc.errors():
             loc = tuple(error["loc"])
             field = ".".join(str(p) for p in loc) or "(file)"
-            message = _unknown_key(loc) if error["type"] == "extra_forbidden" else error["msg"]
+            message = (_unknown_key(loc) if error["type"] == "extra_forbidden"
+                       else error["msg"].removeprefix("Value error, "))  # pydantic's prefix says nothing
             messages.append(f"{source}:{_line_for(lines, loc)}: {field}: {message}")
         raise StrategiesFileError("invalid strategies file:\n  " + "\n  ".join(messages), FIX_HINT) from None
 
