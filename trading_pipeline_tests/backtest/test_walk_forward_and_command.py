@@ -3,7 +3,9 @@ prints the report (with a walk-forward section) and stores the run."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -149,3 +151,25 @@ class NoBars:
 
     def fetch(self, *args):
         raise AssertionError("the window is refused before any bar is asked for")
+
+
+def test_the_example_report_of_the_docs_and_the_readme_is_what_make_backtest_prints(tmp_path, monkeypatch, capsys):
+    """docs/backtesting.md says `make backtest` prints its example report (figures and result digest the
+    same, the run key changing with the code), and the README quotes an excerpt of it."""
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("TRADING_STRATEGIES_FILE", "TRADING_AS_OF", "TRADING_SIM_SEED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    assert main(["--quiet", "--no-save"]) == 0
+    printed = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    page = (repo / "docs" / "backtesting.md").read_text().split("## Example report", 1)[1].split("```")[1]
+    example = [line.rstrip() for line in page.strip("\n").splitlines()]
+    assert [line for line in example if not line.startswith("run key ")] == \
+           [line for line in printed[:len(example)] if not line.startswith("run key ")]
+    digest = next(line for line in printed if line.startswith("run key ")).rsplit("result digest ", 1)[1]
+    assert next(line for line in example if line.startswith("run key ")).endswith(f"result digest {digest}")
+    readme = (repo / "README.md").read_text().split("## Backtesting", 1)[1].split("```")[1]
+    # rows of three tables, aligned as one, and two figures explained in parentheses after their values
+    words = {" ".join(line.split()) for line in printed}
+    excerpt = [" ".join(re.sub(r"\s+\([^)]*\)$", "", line).split()) for line in readme.strip("\n").splitlines()]
+    assert [line for line in excerpt if line not in words] == []
