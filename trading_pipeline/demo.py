@@ -129,8 +129,9 @@ def _run(defs, resources, instance, symbols: list[str], as_of: datetime, broker_
     from trading_pipeline.graph.pools import configure_pools
 
     configure_pools(instance)
-    analyze = defs.resolve_job_def("analyze_timeframe")
-    decide = defs.resolve_job_def("decide_and_order")
+    # Failures the demo prints itself at the end, as problem and fix, without Dagster's stack traces.
+    analyze = defs.resolve_job_def("analyze_timeframe").with_logger_defs({"console": _console_logger()})
+    decide = defs.resolve_job_def("decide_and_order").with_logger_defs({"console": _console_logger()})
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the UI keeps the full logs
     tags = {AS_OF_TAG: as_of.isoformat(), "trading/launched_by": "demo"}
     print(f"demo: {len(symbols)} symbols × {len(TIMEFRAMES)} timeframes as of {as_of.isoformat()}; "
@@ -276,6 +277,32 @@ def _order_story(sessions, decision_id: str, trade: dict | None, position: dict 
         return [entry_text, exit_text, _fmt(trade["r_multiple"]), f"{trade['realized_pnl']:+,.2f}"]
     unrealized = f"{position['unrealized_pnl']:+,.2f} unrealized" if trade is not None and position else "-"
     return [entry_text, exit_text, "-", unrealized]
+
+
+def _console_logger():
+    """Dagster's console logger, less the failures of a user error (a `Failure` with its problem and
+    fix, such as no IBKR gateway answering): the demo prints those once, at the end, where they were
+    preceded by two stack traces through Dagster's internals. Any other error keeps its trace."""
+    import dagster as dg
+    from dagster._utils.log import create_console_logger
+
+    def told_at_the_end(record) -> bool:
+        event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
+        if event is None or not (event.is_step_failure or event.is_run_failure):
+            return True
+        data = event.event_specific_data
+        error = getattr(data, "error", None)
+        return not (getattr(data, "user_failure_data", None) is not None
+                    or (error is not None and error.cls_name == "Failure"))
+
+    @dg.logger({"log_level": dg.Field(str, is_required=False, default_value="INFO"),
+                "name": dg.Field(str, is_required=False, default_value="dagster")})
+    def console(init_context):
+        log = create_console_logger(init_context.logger_config["name"], init_context.logger_config["log_level"])
+        log.addFilter(told_at_the_end)
+        return log
+
+    return console
 
 
 def _failure_text(result) -> str:

@@ -98,8 +98,7 @@ def _run(args: argparse.Namespace) -> int:
             warmup_bars=args.warmup_bars, folds=args.folds, grid=_grid(args.grid), grid_metric=args.grid_metric,
             model=args.model, model_cutoff=args.model_cutoff, anonymized_charts=args.anonymized_charts)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
-        raise UserError(f"the backtest settings are invalid: {problems}", "correct the option(s) named") from None
+        raise _invalid_options(error) from None
     runner.check_window(settings)  # before connecting to anything or loading bars
     sessions = None if args.no_save else _sessions()
     source = _ibkr_source() if settings.data == "ibkr" else None
@@ -135,6 +134,23 @@ def _run(args: argparse.Namespace) -> int:
           f"{len(result.decisions) / max(result.core_loop_cpu_seconds, 1e-9):,.0f}/s of CPU time); "
           f"{time.perf_counter() - started:.1f} s in all.", file=sys.stderr)
     return 0
+
+
+def _invalid_options(error: ValidationError) -> UserError:
+    """The settings' validation errors in the command's words: each named by its option (--slippage-bps,
+    not slippage_bps), and a fix that names them (a check across options names them in its message)."""
+    options, problems = [], []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        option = f"--{field.replace('_', '-')}" if field else ""
+        if option and option not in options:
+            options.append(option)
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{option}: {message}" if option else message)
+    which = ", ".join(options) if options else "the options it names"
+    return UserError(f"the backtest options are invalid: {'; '.join(problems)}",
+                     f"correct {which} (python -m trading_pipeline.backtest --help lists every option and its "
+                     "default)")
 
 
 def _sessions():

@@ -133,6 +133,9 @@ def run_backtest(settings: BacktestSettings, *, strategies_file: StrategiesFile 
     warning = knowledge_cutoff_warning(settings, getattr(analyst, "model", None))
     if warning:
         result.warnings.append(warning)
+    warning = replay_missed_everything_warning(analyst, result.analyst_counters)
+    if warning:
+        result.warnings.append(warning)
     if strategy.orders.when_market_closed == "no_trade":
         result.warnings.append(
             f"strategy {strategy.name} has orders.when_market_closed: no_trade, and a backtest decides at each "
@@ -142,6 +145,21 @@ def run_backtest(settings: BacktestSettings, *, strategies_file: StrategiesFile 
         result.warnings.append(f"only {closed} closed trades (fewer than {MIN_TRADES}): the trade statistics say "
                                "little; lengthen the window or add symbols")
     return result
+
+
+def replay_missed_everything_warning(analyst, counters: dict[str, int]) -> str | None:
+    """llm_replay without a single cached answer: every decision is NO_TRADE, which says nothing about
+    the model; say why and what to check rather than leave a flat curve to be read as a result."""
+    if counters.get("cache_misses", 0) == 0 or counters.get("cache_hits", 0) > 0:
+        return None
+    model = getattr(analyst, "model", "the model")
+    held = len(getattr(getattr(analyst, "caller", None), "answers", ()) or ())
+    where = (f"the response cache holds no answer of {model}" if not held else
+             f"none of the {held:,} cached answers of {model} is for these charts and prompts")
+    return (f"llm_replay found no cached answer for any of its {counters['cache_misses']:,} calls ({where}): every "
+            "decision is NO_TRADE, so this run says nothing about the model. The cache (llm_response_cache in the "
+            "trading database, TRADING_DATABASE_URL) is filled by live runs of the openai analyst on the same bars; "
+            "check --model (the model those runs used), --anonymized-charts, and the trading database")
 
 
 def history_cache_folder() -> Path:

@@ -5,8 +5,10 @@ Pure: parses YAML and validates it with pydantic. Errors name the file, the line
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +112,9 @@ class Strategy(_Strict):
     @field_validator("symbols")
     @classmethod
     def _valid_symbols(cls, symbols: list[str]) -> list[str]:
-        for symbol in symbols:
-            if not isinstance(symbol, str) or not SYMBOL_PATTERN.fullmatch(symbol):
-                raise ValueError(
-                    f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B'"
-                )
+        bad = [symbol for symbol in symbols if not isinstance(symbol, str) or not SYMBOL_PATTERN.fullmatch(symbol)]
+        if bad:  # every bad one at once, each with how to write it
+            raise ValueError("; ".join(_bad_symbol(symbol) for symbol in bad))
         duplicates = sorted({s for s in symbols if symbols.count(s) > 1})
         if duplicates:
             raise ValueError(f"symbols listed twice: {', '.join(duplicates)}")
@@ -136,6 +136,13 @@ class Strategy(_Strict):
                     f"{timeframe} period {settings.period} gives about {expected} bars; SMA 200 needs "
                     f"{MIN_HISTORY_BARS} — use at least {needed:g}y (e.g. {math.ceil(needed)}y)")
         return timeframes
+
+
+def _bad_symbol(symbol: object) -> str:
+    text = f"symbol {symbol!r} is not an upper-case ticker like 'AAPL' or 'BRK.B'"
+    if isinstance(symbol, str) and SYMBOL_PATTERN.fullmatch(symbol.strip().upper()):
+        return f"{text}: write {symbol.strip().upper()!r}"
+    return f"{text} (a letter, then up to 11 letters, digits or dots; a share class as BRK.B, not BRK/B)"
 
 
 class StrategiesFile(_Strict):
@@ -343,7 +350,9 @@ def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
         for error in exc.errors():
             loc = tuple(error["loc"])
             field = ".".join(str(p) for p in loc) or "(file)"
-            messages.append(f"{source}:{_line_for(lines, loc)}: {field}: {error['msg']}")
+            message = (_unknown_key(loc) if error["type"] == "extra_forbidden"
+                       else error["msg"].removeprefix("Value error, "))  # pydantic's prefix says nothing
+            messages.append(f"{source}:{_line_for(lines, loc)}: {field}: {message}")
         raise StrategiesFileError("invalid strategies file:\n  " + "\n  ".join(messages), FIX_HINT) from None
 
     owner: dict[str, tuple[str, int]] = {}
@@ -359,6 +368,31 @@ def parse_strategies(text: str, source: str = "<strategies>") -> StrategiesFile:
                 )
             owner[symbol] = (strategy.name, line)
     return parsed
+
+
+def _unknown_key(loc: tuple) -> str:
+    """A key the block does not have (a misspelt `min_rr:`): the closest known key and all of them,
+    instead of pydantic's "Extra inputs are not permitted"."""
+    model: type[BaseModel] | None = StrategiesFile
+    for part in loc[:-1]:  # down the fields to the block the key is in (list indexes, timeframe names skipped)
+        if model is not None and isinstance(part, str) and part in model.model_fields:
+            model = _model_in(model.model_fields[part].annotation)
+    known = list(model.model_fields) if model is not None else []
+    key = str(loc[-1])
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    message = f"unknown key {key!r}" + (f": did you mean {close[0]!r}?" if close else "")
+    return message + (f" (this block's keys: {', '.join(known)})" if known else "")
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds: itself, or inside list[...], dict[str, ...] or ... | None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
 
 
 DEFAULT_STRATEGIES_FILE = Path(__file__).resolve().parent.parent / "data" / "strategies.yaml"

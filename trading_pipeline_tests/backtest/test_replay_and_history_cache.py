@@ -65,6 +65,10 @@ def test_llm_replay_makes_no_network_call_and_a_miss_is_a_counted_no_trade(tmp_p
     assert result.decisions and all(d.action == "NO_TRADE" and d.proposed == "NO_TRADE" for d in result.decisions)
     assert result.analyst_counters == {"cache_hits": 0, "cache_misses": result.analyses}
     assert any("knowledge cutoff" in w for w in result.warnings)  # 2024-05 is before gpt-4.1-mini's cutoff
+    # A flat run of NO_TRADE from an empty cache was reported like any other result; it now says why.
+    assert any(w.startswith(f"llm_replay found no cached answer for any of its {result.analyses:,} calls (the "
+                            f"response cache holds no answer of {MODEL}): every decision is NO_TRADE")
+               for w in result.warnings)
 
 
 def test_llm_replay_uses_the_cached_answers(tmp_path, no_network):

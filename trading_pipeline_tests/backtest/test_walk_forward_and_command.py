@@ -3,7 +3,9 @@ prints the report (with a walk-forward section) and stores the run."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -71,7 +73,7 @@ strategies:
     (["--folds", "2", "--grid", "min_r=nan"], "grid min_r=nan:"),
     (["--folds", "2", "--grid", "supertrend_multiplier=-1"], "grid supertrend_multiplier=-1: must be a number > 0"),
     # inf passed gt=0 and died in position sizing: "OverflowError: cannot convert float infinity to integer".
-    (["--initial-cash", "inf"], "initial_cash: Input should be a finite number"),
+    (["--initial-cash", "inf"], "--initial-cash: Input should be a finite number"),
     # Ran on a different simulated series than AAPL's (and read <csv-dir>/../x_1d.csv with --data csv);
     # an empty symbol died in the market simulator with a ValueError.
     (["--symbols", "aapl,../x"], "symbol 'aapl' is not an upper-case ticker"),
@@ -84,6 +86,19 @@ def test_a_bad_option_is_refused_with_the_fix_and_no_traceback(argv, words, tmp_
     err = capsys.readouterr().err
     assert words in err and "Fix:" in err
     assert "Loading bars" not in err  # refused before any work
+
+
+@pytest.mark.parametrize("argv, option", [(["--slippage-bps", "-5"], "--slippage-bps"), (["--folds", "-1"], "--folds"),
+                                          (["--initial-cash", "-100"], "--initial-cash")])
+def test_an_option_out_of_range_is_named_as_the_option_in_the_problem_and_the_fix(argv, option, tmp_path, monkeypatch,
+                                                                                  capsys):
+    # The fix read "correct the option(s) named", naming nothing, after a problem naming the settings field
+    # (slippage_bps), not the option the user typed.
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    assert main([*argv, "--start", "2024-01-01", "--end", "2024-03-01", "--quiet", "--no-save"]) == 2
+    problem, fix = capsys.readouterr().err.strip().splitlines()
+    assert f"{option}: Input should be greater than" in problem
+    assert fix == f"Fix: correct {option} (python -m trading_pipeline.backtest --help lists every option and its default)"
 
 
 @pytest.mark.parametrize("start, end", [("1990-01-01", "1990-06-01"), ("2040-06-01", "2040-12-31"),
@@ -136,3 +151,25 @@ class NoBars:
 
     def fetch(self, *args):
         raise AssertionError("the window is refused before any bar is asked for")
+
+
+def test_the_example_report_of_the_docs_and_the_readme_is_what_make_backtest_prints(tmp_path, monkeypatch, capsys):
+    """docs/backtesting.md says `make backtest` prints its example report (figures and result digest the
+    same, the run key changing with the code), and the README quotes an excerpt of it."""
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("TRADING_STRATEGIES_FILE", "TRADING_AS_OF", "TRADING_SIM_SEED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TRADING_DATA_DIR", str(tmp_path))
+    assert main(["--quiet", "--no-save"]) == 0
+    printed = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    page = (repo / "docs" / "backtesting.md").read_text().split("## Example report", 1)[1].split("```")[1]
+    example = [line.rstrip() for line in page.strip("\n").splitlines()]
+    assert [line for line in example if not line.startswith("run key ")] == \
+           [line for line in printed[:len(example)] if not line.startswith("run key ")]
+    digest = next(line for line in printed if line.startswith("run key ")).rsplit("result digest ", 1)[1]
+    assert next(line for line in example if line.startswith("run key ")).endswith(f"result digest {digest}")
+    readme = (repo / "README.md").read_text().split("## Backtesting", 1)[1].split("```")[1]
+    # rows of three tables, aligned as one, and two figures explained in parentheses after their values
+    words = {" ".join(line.split()) for line in printed}
+    excerpt = [" ".join(re.sub(r"\s+\([^)]*\)$", "", line).split()) for line in readme.strip("\n").splitlines()]
+    assert [line for line in excerpt if line not in words] == []

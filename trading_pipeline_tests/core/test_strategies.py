@@ -1,3 +1,4 @@
+import re
 import time
 
 import pytest
@@ -39,7 +40,12 @@ def test_valid_file_and_defaults():
         (VALID.replace("period: 6y", "period: 6q"), 6, "period '6q'"),
         (VALID.replace("period: 2y", "period: 16y"), 5, "1-15y"),
         (VALID + "    risk: {min_r: 0}\n", 7, "greater than 0"),
-        (VALID + "    risk: {min_rr: 2}\n", 7, "Extra inputs"),
+        # A misspelt key said only "Extra inputs are not permitted": now the key it resembles, and the block's keys.
+        (VALID + "    risk: {min_rr: 2}\n", 7,
+         "risk.min_rr: unknown key 'min_rr': did you mean 'min_r'? (this block's keys: min_r, min_profit_margin,"),
+        (VALID + "    orders: {enabeld: true}\n", 7, "unknown key 'enabeld': did you mean 'enabled'?"),
+        (VALID.replace("symbols:", "symbol:"), 3, "unknown key 'symbol': did you mean 'symbols'?"),
+        (VALID.replace("{period: 2y}", "{period: 2y, perod: 3}"), 5, "unknown key 'perod': did you mean 'period'?"),
         # .inf passed gt=0: a strategy that can never trade, with no word about why.
         (VALID + "    risk: {min_r: .inf}\n", 7, "finite number"),
         (VALID.replace("      1w: {period: 6y}\n", ""), 4, "exactly 1d, 1w"),
@@ -57,6 +63,28 @@ def test_bad_file_names_line_and_fix(text, line, words):
     assert f"my.yaml:{line}:" in message
     assert words in message
     assert "Fix:" in message
+
+
+def test_every_bad_symbol_is_named_with_how_to_write_it():
+    # Only the first was named ('spy'), and BRK/B, upper-case already, would have been told it was not.
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(VALID.replace("[AAPL, BRK.B]", "[AAPL, spy, BRK/B]"), source="my.yaml")
+    message = str(info.value)
+    assert "my.yaml:3: strategies.0.symbols: symbol 'spy' is not an upper-case ticker like 'AAPL' or 'BRK.B': write " \
+           "'SPY'; symbol 'BRK/B' is not an upper-case ticker like 'AAPL' or 'BRK.B' (a letter, then up to 11 " \
+           "letters, digits or dots; a share class as BRK.B, not BRK/B)" in message
+
+
+def test_the_error_the_strategies_page_shows_is_the_one_the_file_gets():
+    page = (DEFAULT_STRATEGIES_FILE.parents[2] / "docs" / "strategies.md").read_text()
+    shown = re.search(r"`(strategies\.yaml:3: strategies\.0\.symbols: [^`]+)`", page).group(1)
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(VALID.replace("AAPL", "aapl"), source="strategies.yaml")
+    assert info.value.problem.splitlines()[1].strip() == shown
+    typo = re.search(r"`(strategies\.0\.risk\.min_rr: [^`]+?) \(this block's keys: …\)`", page).group(1)
+    with pytest.raises(StrategiesFileError) as info:
+        parse_strategies(VALID + "    risk: {min_rr: 2}\n", source="strategies.yaml")
+    assert f"strategies.yaml:7: {typo} (this block's keys: min_r, " in info.value.problem
 
 
 def test_symbol_in_two_strategies_is_rejected_with_both_lines():

@@ -5,6 +5,7 @@ placed), none for the other; the portfolio sync then fills it from the later bar
 
 import hashlib
 import os
+import socket
 from datetime import datetime
 import math
 from pathlib import Path
@@ -306,6 +307,10 @@ def test_demo_replays_the_story_by_default_and_tells_what_became_of_the_order(de
     assert story.split() == ["SPY", "BUY", "12", "filled", "@", "825.71", "on", "2026-09-02", "target", "hit", "@",
                              "876.96", "on", "2026-10-26", f"{pnl / (12 * (825.71 - 791.54)):.2f}", f"+{pnl:,.2f}"]
     assert f"Paper account: equity {100_000 + pnl:,.2f}, cash {100_000 + pnl:,.2f}, 0 open position(s)." in out
+    # docs/getting-started.md shows this story as the demo prints it (it showed the P&L before commissions)
+    page = (Path(__file__).resolve().parents[2] / "docs" / "getting-started.md").read_text().splitlines()
+    assert next(line for line in page if line.startswith("SPY ") and "filled" in line).split() == story.split()
+    assert next(line for line in page if line.startswith("Paper account:")) in out
     assert "TRADING_AS_OF" not in os.environ  # the replay's clock is gone once the demo is done
 
 
@@ -346,6 +351,40 @@ def test_demo_before_the_first_session_closed_says_how_to_see_the_fills(demo_env
     assert ("Paper orders are working, not filled: they can fill from the session of 2026-09-02 on. After its "
             "close (Wed 2026-09-02 16:00 EDT), run the sync_portfolio job") in out
     assert "What became of" not in out
+
+
+def test_demo_prints_a_user_error_once_as_problem_and_fix_without_dagsters_stack_traces(demo_environment, capsys,
+                                                                                       monkeypatch):
+    # TRADING_MARKET_DATA=ibkr with no gateway: the problem and fix came after two stack traces through
+    # Dagster's internals (its STEP_FAILURE and RUN_FAILURE logs), ~60 lines.
+    from trading_pipeline import demo
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing answers there
+    monkeypatch.setenv("TRADING_MARKET_DATA", "ibkr")
+    monkeypatch.setenv("IBKR_GATEWAY_URL", f"https://127.0.0.1:{port}/v1/api")
+    assert demo.main(["--now", "--symbols", "SPY"]) == 1
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert f"SPY failed at 1d:\nIBKR history for SPY 1d: nothing answers at https://127.0.0.1:{port}/v1/api" in out
+    assert "\nFix: start the gateway" in out
+    assert "Stack Trace" not in out and "Traceback" not in out
+    assert out.count("nothing answers at") == 1
+
+
+def test_demo_keeps_the_stack_trace_of_an_unexpected_error(demo_environment, capsys, monkeypatch):
+    from trading_pipeline import demo
+    from trading_pipeline.graph.assets import market
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(market, "materialize_partitions", broken)
+    assert demo.main(["--now", "--symbols", "SPY"]) == 1
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "Stack Trace" in out and "a bug, not a user error" in out
 
 
 def test_demo_story_of_an_expired_and_of_an_open_order(tmp_path):
