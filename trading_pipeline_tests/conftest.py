@@ -81,3 +81,15 @@ def s3_endpoint():
     yield f"http://127.0.0.1:{port}"
     server.terminate()
     server.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def _no_defs_state_storage_left_behind():
+    """A Dagster instance puts its definitions-state storage in a context variable that outlives it
+    (Dagster does not always reset it); a later test building definitions outside any instance
+    then fails with "Attempted to resolve undefined DagsterInstance weakref", depending on which
+    tests a pytest worker ran before. Each test starts with none."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
+    yield
