@@ -47,6 +47,7 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRMalformedAnswer,
     IBKRRequestError,
 )
+from trading_pipeline.adapters.ibkr.parsing import order_state, parse_flag, parse_side
 from trading_pipeline.core.analysis import OrderLeg
 from trading_pipeline.core.risk import AccountState, Mark, Position
 
@@ -65,7 +66,23 @@ def _price(price: float) -> float:
 
 
 def _status_text(order: dict) -> str:
-    return str(order.get("status") or order.get("order_status") or "")
+    """The order's status in IBKR's spelling (`status` in live orders, `order_status` in order
+    status and placement answers), whatever the gateway's casing: 'filled' is Filled, final."""
+    return order_state(order.get("status") or order.get("order_status"))
+
+
+def _filled(order: dict, field: str, client_order_id: str) -> float:
+    """How much of an order IBKR says filled (`filledQuantity` in live orders, `cum_fill` in order
+    status), a number >= 0. Missing or unreadable raises IBKRMalformedAnswer: a fill count of 0
+    by default would take a filled order for a working one and size its stop and exit from it."""
+    number = parse_number(order.get(field))
+    if number is None or number < 0:
+        raise IBKRMalformedAnswer(
+            f"IBKR's answer for order {order.get('orderId', order.get('order_id'))!r} ({client_order_id}) has no "
+            f"usable {field} ({order.get(field)!r}), so what it filled is unknown",
+            "check the order in Client Portal; the gateway's answer lacks IBKR's documented fill count. Nothing "
+            "was recorded from it; run again once the gateway answers properly")
+    return number
 
 
 def _order_number(order: dict) -> int:
@@ -81,6 +98,21 @@ def _execution_order_id(trade: dict) -> str:
     """The IBKR order id an execution belongs to (`order_id`, or `orderId` on some gateways)."""
     value = trade.get("order_id", trade.get("orderId"))
     return "" if value in (None, "") else str(value)
+
+
+def _commission(trade: dict, client_order_id: str) -> float:
+    """What IBKR charged for an execution (`commission`, a string such as "1.01"); 0 while IBKR has
+    not reported it (absent or empty), never a guess from text that is not a number."""
+    value = trade.get("commission")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0.0
+    number = parse_number(value)
+    if number is None:
+        raise IBKRMalformedAnswer(
+            f"IBKR execution {trade.get('execution_id')!r} of {client_order_id} has no usable commission "
+            f"({value!r}), so the fill's cost cannot be recorded",
+            "check the execution in Client Portal (Trades); IBKR documents commission as a number")
+    return number
 
 
 def _fill(trade: dict, client_order_id: str) -> tuple[float, float]:
@@ -192,12 +224,12 @@ class IBKRBroker:
             if answer is None:
                 continue
             order_id = str(answer.get("order_id"))
-            status = str(answer.get("order_status") or "Submitted")
+            status = order_state(answer.get("order_status")) or "Submitted"
             filled, average = 0.0, None
             try:
                 current = self.client.order_status(order_id)
-                status = str(current.get("order_status") or status)
-                filled = parse_number(current.get("cum_fill")) or 0.0
+                filled = _filled(current, "cum_fill", leg.client_order_id)
+                status = order_state(current.get("order_status")) or status
                 average = parse_number(current.get("average_price"))
             except IBKRError as error:
                 log.warning("status of new order %s unavailable: %s", order_id, error.problem)
@@ -229,7 +261,7 @@ class IBKRBroker:
     def _as_broker_order(client_order_id: str, order: dict) -> BrokerOrder:
         average = parse_number(order.get("avgPrice"))
         return BrokerOrder(client_order_id, str(order.get("orderId")), _status_text(order),
-                           parse_number(order.get("filledQuantity")) or 0.0, average or None)
+                           _filled(order, "filledQuantity", client_order_id), average or None)
 
     def _split_child(self, client_order_id: str) -> tuple[str, str] | None:
         for suffix in _CHILD_KIND:
@@ -290,8 +322,7 @@ class IBKRBroker:
         if found is None or (found.status in FINAL_STATUSES and found.status != "Inactive"):
             return found
         final = self.client.cancel_order(found.broker_order_id)
-        return BrokerOrder(client_order_id, found.broker_order_id,
-                           str(final.get("order_status") or final.get("status") or "Cancelled"),
+        return BrokerOrder(client_order_id, found.broker_order_id, _status_text(final) or "Cancelled",
                            parse_number(final.get("cum_fill")) or found.filled_quantity,
                            parse_number(final.get("average_price")) or found.average_fill_price,
                            "cancelled on request")
@@ -320,12 +351,12 @@ class IBKRBroker:
         if not changes:
             return found
         answers = self.client.modify_order(found.broker_order_id, **changes)
-        status = str(answers[0].get("order_status") or found.status) if answers else found.status
+        status = (order_state(answers[0].get("order_status")) or found.status) if answers else found.status
         filled, average = found.filled_quantity, found.average_fill_price
-        try:
+        try:  # what it filled stays the live orders' count unless the status gives one
             current = self.client.order_status(found.broker_order_id)
-            status = str(current.get("order_status") or status)
-            filled = parse_number(current.get("cum_fill")) or 0.0
+            filled = _filled(current, "cum_fill", client_order_id)
+            status = order_state(current.get("order_status")) or status
             average = parse_number(current.get("average_price"))
         except IBKRError as error:
             log.warning("status of modified order %s unavailable: %s", found.broker_order_id, error.problem)
@@ -416,7 +447,12 @@ class IBKRBroker:
         by_conid = self.symbols_by_conid()
         result = []
         for trade in self._own_trades(client_order_id):
-            side = {"B": "BUY", "S": "SELL"}.get(str(trade.get("side")), str(trade.get("side")).upper())
+            side = parse_side(trade.get("side"))
+            if side is None:  # a side read wrongly books the fill the wrong way round
+                raise IBKRMalformedAnswer(
+                    f"IBKR execution {trade.get('execution_id')!r} of {client_order_id} has no usable side "
+                    f"({trade.get('side')!r}), so the fill cannot be recorded",
+                    "check the execution in Client Portal (Trades); IBKR documents side as B or S")
             execution_id = str(trade.get("execution_id") or "").strip()
             if not execution_id:
                 raise IBKRMalformedAnswer(
@@ -426,14 +462,14 @@ class IBKRBroker:
             symbol = by_conid.get(parse_conid(trade.get("conid")), str(trade.get("symbol")))
             size, price = _fill(trade, client_order_id)
             result.append(BrokerExecution(execution_id, client_order_id, symbol, side, size, price,
-                                          self._executed_at(trade)))
+                                          self._executed_at(trade), _commission(trade, client_order_id)))
         return result
 
     @staticmethod
     def _executed_at(trade: dict) -> datetime:
         """`trade_time_r` (epoch ms), else `trade_time` (UTC 'YYYYMMDD-HH:mm:ss')."""
         millis = parse_number(trade.get("trade_time_r"))
-        if millis is not None and millis > 1e11:
+        if millis is not None and 1e11 < millis < 1e14:  # epoch ms (1973-5138); else trade_time
             return datetime.fromtimestamp(millis / 1000, tz=UTC)
         try:
             return datetime.strptime(str(trade.get("trade_time")), "%Y%m%d-%H:%M:%S").replace(tzinfo=UTC)
@@ -464,14 +500,25 @@ class IBKRBroker:
                     "numeric position field")
             if quantity == 0:
                 continue
-            average = parse_number(row.get("avgPrice")) or parse_number(row.get("avgCost")) or 0.0
+            average = parse_number(row.get("avgPrice")) or parse_number(row.get("avgCost"))
+            if average is None or average <= 0:  # a cost of 0 would value the position (and its P&L) at 0
+                raise IBKRMalformedAnswer(
+                    f"IBKR's position row for {symbol} has no usable avgPrice or avgCost "
+                    f"({row.get('avgPrice')!r}, {row.get('avgCost')!r})",
+                    "check the position in Client Portal; the gateway's positions answer lacks IBKR's documented "
+                    "average cost")
             if str(row.get("assetClass") or "STK").upper() == "STK":
                 price = parse_number(row.get("mktPrice"))
                 if not price or price <= 0:  # IBKR has no price (no market data): the last close, else cost
                     mark = marks.get(symbol)
                     price = mark.price if mark is not None else average
             else:  # options/futures: value them as IBKR does (market value includes the multiplier)
-                price = (parse_number(row.get("mktValue")) or 0.0) / quantity
+                value = parse_number(row.get("mktValue"))
+                if value is None:
+                    raise IBKRMalformedAnswer(
+                        f"IBKR's position row for {symbol} has no usable mktValue ({row.get('mktValue')!r})",
+                        "check the position in Client Portal; a non-stock position is valued at IBKR's mktValue")
+                price = value / quantity
             if symbol in positions:  # the same symbol twice (e.g. two listings): merge
                 held = positions[symbol]
                 total = held.quantity + quantity
@@ -485,7 +532,14 @@ class IBKRBroker:
         elif not positions:
             base = self.client.ledger().get("BASE")
             base = base if isinstance(base, dict) else {}
-            daily_pnl = parse_number(base.get("realizedpnl")) or 0.0
+            daily_pnl = parse_number(base.get("realizedpnl"))
+            if daily_pnl is None:  # not "no loss today": the daily-loss limit would pass unchecked
+                raise IBKRRequestError(
+                    "IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned has no row, and "
+                    f"the ledger's BASE gives realizedpnl={base.get('realizedpnl')!r}), so the daily-loss limit "
+                    "cannot be checked",
+                    "run again in a few seconds (the P&L feed starts on first use); if it persists, check the "
+                    "account in Client Portal")
         else:
             missing = "has no row" if daily is None else f"gives dpl={daily.get('dpl')!r}, not a number"
             raise IBKRRequestError(
@@ -495,8 +549,15 @@ class IBKRBroker:
                 "in Client Portal")
 
         def amount(key: str) -> float | None:
+            """IBKR's {"amount", "value", "isNull", ...} (or a plain number): isNull means no amount
+            (its 0.0 is a placeholder); the amount, else the value when only that is filled."""
             value = summary.get(key)
-            return parse_number(value.get("amount")) if isinstance(value, dict) else parse_number(value)
+            if not isinstance(value, dict):
+                return parse_number(value)
+            if parse_flag(value.get("isNull")) is True:
+                return None
+            number = parse_number(value.get("amount"))
+            return number if number is not None else parse_number(value.get("value"))
 
         equity = amount("netliquidation")
         cash = amount("totalcashvalue")

@@ -19,7 +19,15 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRRequestError,
     IBKRTimeout,
 )
-from trading_pipeline.adapters.ibkr.parsing import NotJSON, describe_body, parse_conid, parse_flag, parse_number
+from trading_pipeline.adapters.ibkr.parsing import (
+    NotJSON,
+    describe_body,
+    order_state,
+    parse_conid,
+    parse_flag,
+    parse_number,
+    parse_side,
+)
 
 log = logging.getLogger("trading_pipeline.adapters.ibkr.client")
 
@@ -207,30 +215,50 @@ class OrderRequests:
 
     @staticmethod
     def order_fields_from_status(status: dict) -> dict:
-        """The original order's fields, rebuilt from `order/status` (a modify must repeat them all)."""
+        """The original order's fields, rebuilt from `order/status` (a modify must repeat them all).
+        A field the modification would have to guess (side, total size, time in force, the price of
+        a limit or stop) raises IBKRMalformedAnswer naming it: a GTC stop re-sent as DAY would lapse
+        at the close, and `size` is what is left to fill, not the order's size."""
         types = {"LIMIT": "LMT", "LMT": "LMT", "STOP": "STP", "STP": "STP", "MARKET": "MKT", "MKT": "MKT",
                  "STOP_LIMIT": "STOP_LIMIT", "STOP LIMIT": "STOP_LIMIT"}
         order_type = types.get(str(status.get("order_type") or status.get("orderType") or "").upper())
         if order_type is None:
             raise IBKRRequestError(f"cannot modify an order of type {status.get('order_type')!r}",
                                    "modify it in Client Portal")
-        side = {"B": "BUY", "S": "SELL"}.get(str(status.get("side")), str(status.get("side")))
+
+        def unusable(field: str) -> IBKRMalformedAnswer:
+            return IBKRMalformedAnswer(
+                f"IBKR's status of order {status.get('order_id')!r} has no usable {field} ({status.get(field)!r}), "
+                "which a modification must repeat; nothing was sent",
+                "modify the order in Client Portal; the gateway's order status lacks IBKR's documented fields")
+
+        side = parse_side(status.get("side"))
+        if side is None:
+            raise unusable("side")
         conid = parse_conid(status.get("conid"))
         if conid is None:
             raise IBKRMalformedAnswer(f"IBKR's status of the order has no usable conid ({status.get('conid')!r})",
                                       "modify the order in Client Portal, or pass its original fields")
+        quantity = parse_number(status.get("total_size"))
+        if quantity is None or quantity <= 0:
+            raise unusable("total_size")
+        tif = str(status.get("tif") or "").strip().upper()
+        if not tif:
+            raise unusable("tif")
         fields = {"conid": conid, "orderType": order_type, "side": side,
-                  "quantity": parse_number(status.get("total_size") or status.get("size")),
-                  "tif": str(status.get("tif") or "DAY")}
-        price = parse_number(status.get("limit_price")) if order_type in ("LMT", "STOP_LIMIT") else \
-            parse_number(status.get("stop_price") or status.get("limit_price"))
-        if price is not None:
+                  "quantity": int(quantity) if float(quantity).is_integer() else quantity, "tif": tif}
+        price_field = "limit_price" if order_type in ("LMT", "STOP_LIMIT") else \
+            "stop_price" if status.get("stop_price") not in (None, "") else "limit_price"
+        if order_type != "MKT":
+            price = parse_number(status.get(price_field))
+            if price is None or price <= 0:
+                raise unusable("stop_price" if order_type == "STP" and price_field == "limit_price" else price_field)
             fields["price"] = price
-        aux = parse_number(status.get("stop_price")) if order_type == "STOP_LIMIT" else None
-        if aux:
+        if order_type == "STOP_LIMIT":
+            aux = parse_number(status.get("stop_price"))
+            if aux is None or aux <= 0:
+                raise unusable("stop_price")
             fields["auxPrice"] = aux
-        if fields["quantity"] is not None and float(fields["quantity"]).is_integer():
-            fields["quantity"] = int(fields["quantity"])
         return fields
 
     def modify_order(self, order_id: int | str, original: dict | None = None, **changes) -> list[dict]:
@@ -290,7 +318,7 @@ class OrderRequests:
         last = ""
         while True:
             current = self.order_status(order_id)
-            last = str(current.get("order_status") or current.get("status") or "")
+            last = order_state(current.get("order_status") or current.get("status"))
             if last in FINAL_ORDER_STATES:
                 self._invalidate_order_caches()
                 return current

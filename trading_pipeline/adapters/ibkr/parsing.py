@@ -76,8 +76,9 @@ def parse_number(value: Any) -> float | None:
     """IBKR's string numbers: '1,300', '168.42', 'C168.42' (prior close), 'H...' (halted),
     '1.2M' / '35.5K' (formatted volume). None for missing or unparseable values, and for NaN and
     infinities (JSON NaN/Infinity, "nan", "inf", "1e999"): no IBKR quantity, price or amount is
-    one, and a NaN position or P&L would pass every risk comparison as if it were a number."""
-    if value is None:
+    one, and a NaN position or P&L would pass every risk comparison as if it were a number. A
+    boolean is not a number either (`"filledQuantity": true` is not 1 share)."""
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
         return float(value) if math.isfinite(value) else None
@@ -136,3 +137,31 @@ def strings(body: Any):
     elif isinstance(body, list):
         for value in body:
             yield from strings(value)
+
+
+# IBKR's order states (reference section 7), keyed by their letters in lower case: the states as
+# IBKR spells them, its filter spellings (pre_submitted), other casings ("filled"), "Canceled",
+# and TWS's ApiCancelled (cancelled before IBKR acknowledged the order: a cancellation too).
+_ORDER_STATES = {name.lower(): name for name in (
+    "Inactive", "PendingSubmit", "PreSubmitted", "Submitted", "Filled", "PendingCancel", "PreCancelled",
+    "Cancelled", "WarnState", "ApiPending", "Rejected")}
+_ORDER_STATES.update({"canceled": "Cancelled", "apicancelled": "Cancelled", "apicanceled": "Cancelled"})
+
+
+def order_state(value: Any) -> str:
+    """An order's status in IBKR's own spelling ('Filled', 'PreSubmitted', ...), whatever the
+    casing or separators a gateway uses; a state IBKR does not document is kept as sent (it is
+    then not final: the order counts as working and is reconciled again), "" when absent."""
+    if value is None or isinstance(value, bool):
+        return ""
+    text = str(value).strip()
+    return _ORDER_STATES.get(re.sub(r"[\s_-]", "", text).lower(), text)
+
+
+def parse_side(value: Any) -> str | None:
+    """BUY or SELL from IBKR's sides: "BUY"/"SELL" (orders), "B"/"S" (trades, order status), in
+    any casing, and TWS's "BOT"/"SLD". None for anything else (callers fail closed)."""
+    if not isinstance(value, str):
+        return None
+    return {"B": "BUY", "BUY": "BUY", "BOT": "BUY", "S": "SELL", "SELL": "SELL", "SLD": "SELL"}.get(
+        value.strip().upper())
