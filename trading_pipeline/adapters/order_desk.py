@@ -10,10 +10,11 @@ Entries (`submit_once`) survive a retried step, a re-materialized partition and 
 A "submitting" row left by a crash is reconciled with the broker (here, or by the portfolio sync).
 
 Exits (`exit_once`) never cancel protection first: the position's working stop-loss (else its
-take-profit) is modified into a market order for min(stop size, held size). It stays in its
-bracket's one-cancels-other group, so the sibling is cancelled when it fills and the two can never
-both fill; if the broker refuses the change, the stop keeps working as it was. Only a position with
-no working exit order of the pipeline is closed by a standalone market order of the held size.
+take-profit) on the exit's side is modified into a market order for min(stop size, held size). It
+stays in its bracket's one-cancels-other group, so the sibling is cancelled when it fills and the
+two can never both fill; if the broker refuses the change, the stop keeps working as it was. Only a
+position with no working exit order of the pipeline on that side is closed by a standalone market
+order of the held size.
 """
 
 from __future__ import annotations
@@ -218,12 +219,13 @@ class OrderDesk:
             return self._send(decision, legs, reference_price, placed_at)
 
     # ------------------------------------------------------------------ exits
-    def _protective_order(self, symbol: str) -> OrderRow | None:
-        """The pipeline's working exit child for `symbol` (stop-loss first, else take-profit), with
-        its state asked of the broker first."""
+    def _protective_order(self, symbol: str, side: str) -> OrderRow | None:
+        """The pipeline's working exit child for `symbol` on the exit's `side` (stop-loss first, else
+        take-profit), with its state asked of the broker first. One on the other side (the stop of a
+        long flipped by hand into a short, until the sync cancels it) would add to the position."""
         with self._sessions() as session:
             rows = session.scalars(select(OrderRow).where(
-                OrderRow.symbol == symbol, OrderRow.role.in_(("stop_loss", "take_profit")),
+                OrderRow.symbol == symbol, OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.side == side,
                 OrderRow.status.not_in(FINAL_STATUSES))).all()
         for role in ("stop_loss", "take_profit"):
             for row in rows:
@@ -285,7 +287,7 @@ class OrderDesk:
                 return self._not_sent(decision, f"order {working} for {decision.symbol} may still fill; the exit waits "
                                                 "until it fills, expires or is cancelled (a second order could "
                                                 "close the position twice and open the other side); nothing sent")
-            protective = converted or self._protective_order(decision.symbol)
+            protective = converted or self._protective_order(decision.symbol, standalone[0].side)
             if protective is None:
                 legs = [exit_leg(decision, held_quantity)]
                 return self._send(decision, legs, decision.entry or 0.0, placed_at)

@@ -12,6 +12,7 @@ still working once its position is gone (ORPHAN_GRACE) is cancelled.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +35,7 @@ from trading_pipeline.adapters.trading_db import (
     OrderEventRow,
     OrderRow,
     PositionSnapshotRow,
+    account_lock,
 )
 from trading_pipeline.core.books import Fill, describe_duration, match_trades
 from trading_pipeline.core.risk import AccountState, Mark, WorkingEntry
@@ -302,14 +304,52 @@ def _working_exits(session: Session, symbol: str, role: str) -> list[OrderRow]:
     return live
 
 
-def _resize(session: Session, broker: Broker, row: OrderRow, held: float, why: str, result: _Protection) -> bool:
-    """Modify a working exit so that what is left of it equals the position. False when the broker
-    refused or does not know the order (drift says so) or cannot modify orders (the caller reports
-    the mismatch). The order's total is what it filled by now, as the broker says (the books lag:
-    a stop elected while the sync runs has sold some already), plus what is held."""
-    # What this session wrote so far is committed first: a broker keeping its state in the same
-    # database (the paper broker, on SQLite) could not write while this session holds the lock.
+def _order_state(row: OrderRow) -> tuple:
+    return (row.status, row.quantity, row.filled_quantity, row.order_type, row.price, row.exit_decision_id)
+
+
+@contextmanager
+def _unchanged_under_the_account_lock(session: Session, row: OrderRow, result: _Protection):
+    """Hold the account lock the orders step holds while it places, converts a stop into an exit
+    or resizes its siblings, and yield whether `row` is still as this sync read it (the database
+    read again under the lock). A resize or cancel made outside it races the orders step: an IBKR
+    modify repeats every field as read just before, so a resize read before an exit's conversion
+    and sent after it turns the exit back into the stop. Changed meanwhile, the order is left to
+    the next sync, which reads it afresh. What this session wrote so far is committed first: a
+    broker keeping its state in the same database (the paper broker, on SQLite) could not write
+    while this session holds the database's lock."""
     session.commit()
+    with account_lock(sessionmaker(bind=session.get_bind())):
+        read = _order_state(row)
+        session.refresh(row)
+        unchanged = _order_state(row) == read
+        if not unchanged:
+            line = (f"{row.client_order_id}: changed while the sync looked at it (now {row.status} "
+                    f"{row.order_type} {row.quantity - row.filled_quantity:g}"
+                    + (f", the exit of decision {row.exit_decision_id}" if row.exit_decision_id else "")
+                    + "); left as it is, the next sync reads it again")
+            result.changes.append(line)
+        session.commit()
+        yield unchanged
+        session.commit()  # what the broker answered is recorded before another process may act on the order
+
+
+def _resize(session: Session, broker: Broker, row: OrderRow, held: float, why: str,
+            result: _Protection) -> bool | None:
+    """Modify a working exit so that what is left of it equals the position, under the account
+    lock. False when the broker refused or does not know the order (drift says so) or cannot
+    modify orders (the caller reports the mismatch); None when the order changed since the sync
+    read it (an orders step converted or resized it meanwhile): left to the next sync."""
+    with _unchanged_under_the_account_lock(session, row, result) as unchanged:
+        if not unchanged:
+            return None
+        return _resize_locked(session, broker, row, held, why, result)
+
+
+def _resize_locked(session: Session, broker: Broker, row: OrderRow, held: float, why: str,
+                   result: _Protection) -> bool:
+    """The resize, the account lock held. The order's total is what it filled by now, as the broker
+    says (the books lag: a stop elected while the sync runs has sold some already), plus what is held."""
     current = broker.find_order(row.client_order_id)
     if current is not None and current.filled_quantity > row.filled_quantity:
         row.filled_quantity = current.filled_quantity
@@ -414,8 +454,15 @@ def _cancel_orphans(session: Session, broker: Broker, symbol: str, rows: list[Or
 
 def _cancel_left_over(session: Session, broker: Broker, row: OrderRow, what: str, since: datetime,
                       result: _Protection, why: str) -> None:
-    """Cancel a protective order its position no longer needs (`why`), recording what the broker did."""
-    session.commit()  # a broker keeping its state in this database (paper, SQLite) must be able to write
+    """Cancel a protective order its position no longer needs (`why`), under the account lock and
+    only if the order is still as the sync read it, recording what the broker did."""
+    with _unchanged_under_the_account_lock(session, row, result) as unchanged:
+        if unchanged:
+            _cancel_left_over_locked(session, broker, row, what, since, result, why)
+
+
+def _cancel_left_over_locked(session: Session, broker: Broker, row: OrderRow, what: str, since: datetime,
+                             result: _Protection, why: str) -> None:
     try:
         answer = broker.cancel(row.client_order_id)
     except UserError as error:
@@ -478,7 +525,10 @@ def _protect_positions(session: Session, broker: Broker, held: dict[str, float],
             why = (f"entry {entry.client_order_id} {entry.status} with {entry.filled_quantity:g}/{entry.quantity} "
                    "filled" if entry is not None and entry.filled_quantity < entry.quantity
                    else "the position was reduced")
-            if _resize(session, broker, stop, position, why, result):
+            resized = _resize(session, broker, stop, position, why, result)
+            if resized is None:
+                continue  # an orders step changed it meanwhile: the next sync looks again
+            if resized:
                 for target in _working_exits(session, symbol, "take_profit"):
                     if (target.parent_client_order_id == stop.parent_client_order_id
                             and target.quantity - target.filled_quantity > position + 1e-9):

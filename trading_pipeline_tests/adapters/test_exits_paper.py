@@ -203,3 +203,25 @@ def test_an_exit_stopped_under_the_account_lock_sends_nothing_and_keeps_the_stop
     assert paper_order(sessions, "tp-close") is None
     later = OrderDesk(sessions, broker).exit_once(exit_decision(sessions), placed_at=THURSDAY_EVENING)
     assert later.status == "submitted"  # turned on again, the same decision's exit goes out
+
+
+def test_an_exit_of_a_position_flipped_by_hand_never_turns_the_old_sides_stop_into_it(world):
+    """The long of 50 was flipped by hand (100 sold): short 50, while the long's stop (a SELL) still
+    works until a sync cancels it (ORPHAN_GRACE). A BUY decision closes the short. Turned into the
+    exit, that SELL stop became a market SELL of 50: short 100. The exit closes with an order on its
+    own side only: here none is working, so one standalone market BUY of the 50 held."""
+    sessions, broker = world
+    broker.place("AAPL", [OrderLeg(client_order_id="flipped-by-hand", role="entry", side="SELL", order_type="MKT",
+                                   quantity=100, price=None, tif="DAY")], 98.0,
+                 placed_at=THURSDAY_EVENING.replace(hour=12, minute=0))
+    broker.simulate_fills(bars(ENTRY_DAYS))
+    assert broker.account({}).positions["AAPL"].quantity == -50
+    cover = decision("cover", THURSDAY_EVENING, action=Action.BUY, closes=True, quantity=50)
+    record_decision(sessions, cover)
+    result = OrderDesk(sessions, broker).exit_once(cover, placed_at=THURSDAY_EVENING)
+    assert result.status == "submitted", result.reason
+    assert [(leg.role, leg.side, leg.order_type, leg.quantity) for leg in result.legs] == [("exit", "BUY", "MKT", 50)]
+    stop = paper_order(sessions, "tp-long-sl")
+    assert (stop.order_type, stop.side, stop.quantity) == ("STP", "SELL", 50)  # not made into the exit
+    broker.simulate_fills(bars({**ENTRY_DAYS, "2026-09-04": (99.0, 99.5, 98.0, 98.8)}))
+    assert broker.account({}, as_of=LATER).positions == {}  # flat, not short 100

@@ -98,12 +98,15 @@ def test_a_two_week_old_decision_is_not_sent(deployment, monkeypatch):
 @pytest.mark.parametrize("switch, value, words", [
     ("TRADING_ORDERS_ENABLED", "no", "TRADING_ORDERS_ENABLED was turned off before the entry was sent"),
     ("TRADING_KILL_SWITCH", "yes", "kill switch engaged before the entry was sent"),
+    # The deployment's clock passes the next session's close while the run waits: the decision is history.
+    ("TRADING_AS_OF", "2026-09-02T20:30:00+00:00", "decision not current when it was about to be sent"),
 ])
 def test_a_switch_turned_off_while_the_order_waits_for_the_account_lock_stops_it(deployment, monkeypatch, switch,
                                                                                   value, words):
     """The switches are read when the order step starts and again under the account lock, right
     before sending: an operator who turns orders off (or the kill switch on) while another run holds
-    the lock stops this entry too."""
+    the lock stops this entry too; so does the next session's close (the decision is no longer
+    current at the time it would be sent)."""
     import contextlib
     import threading
 

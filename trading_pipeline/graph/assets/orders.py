@@ -57,7 +57,8 @@ def build_order_assets(strategies_file: StrategiesFile, symbols) -> list:
                     record = OrderRecord(decision_id=decision.decision_id, symbol=decision.symbol, status="not_sent",
                                          reason=reason, broker=the_broker.name)
                 elif decision.closes_position:
-                    record = desk.exit_once(decision, placed_at=now, stopped=orders_turned_off)
+                    record = desk.exit_once(decision, placed_at=now,
+                                            stopped=lambda: orders_turned_off() or no_longer_current(decision, strategy))
                 else:
                     record = _send_entry(desk, decision, strategy, the_broker, market_data, sessions, now, context)
             if batched:  # one line for the batch below (each log line is an event-log write)
@@ -107,6 +108,16 @@ def orders_turned_off() -> str | None:
     return None
 
 
+def no_longer_current(decision: TradeDecision, strategy: Strategy) -> str | None:
+    """Checked again under the account lock at the time the order would go out: a run that waited
+    for the lock (another run sending, a sync resizing) may reach it after the next session closed
+    or past orders.max_decision_age_minutes."""
+    from trading_pipeline.core.decisions import decision_not_current
+
+    stale = decision_not_current(decision, config.trading_now(), strategy.orders.max_decision_age_minutes)
+    return f"decision not current when it was about to be sent: {stale}; nothing sent" if stale else None
+
+
 def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, market_data: MarketDataResource,
                 sessions, now, context) -> OrderRecord:
     from trading_pipeline.adapters.market_data import marks_for
@@ -116,8 +127,9 @@ def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, m
 
     def limits_now():
         """The account as it is now (other runs may have placed since the decision), marked to market;
-        and the switches read again: under the account lock, right before sending, a switch turned
-        off while this run waited (the lock, the broker's answers) stops the entry."""
+        and the switches and the decision's currency read again: under the account lock, right
+        before sending, a switch turned off (or the next session's close) while this run waited (the
+        lock, the broker's answers) stops the entry."""
         from trading_pipeline.core.analysis import RuleCheck
 
         if orders_turned_off():
@@ -125,6 +137,8 @@ def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, m
                                                           "was sent")]
         if (kill := config.KillSwitch.read()).engaged:
             return 0, [RuleCheck("kill_switch", False, f"kill switch engaged before the entry was sent: {kill.reason}")]
+        if stale := no_longer_current(decision, strategy):
+            return 0, [RuleCheck("decision_current", False, stale)]
         held = the_broker.account({}, as_of=now).positions
         marks = marks_for(market_data.source(), {*held, decision.symbol}, now)
         account = dataclasses.replace(the_broker.account(marks, as_of=now),

@@ -419,10 +419,14 @@ def test_a_bracket_left_working_after_the_position_was_closed_by_hand_is_cancell
     assert w.position_path("AAPL") == [50, 0]
 
 
-def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled(world):
+def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled(world, monkeypatch):
     """Two processes sync at once (the status sensor and a run by hand) and both find the stop and
-    take-profit of a position closed by hand orphaned: both cancel, neither fails nor reports a
-    failed cancel, and the orders end Cancelled at IBKR and in the books."""
+    take-profit of a position closed by hand orphaned. The cancel is made under the account lock on
+    the order as read again there: the first sync cancels, the second finds it changed and leaves
+    it; neither fails nor reports a failed cancel, each order is cancelled once, and the orders end
+    Cancelled at IBKR and in the books."""
+    from trading_pipeline.adapters import portfolio_sync
+
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     stop_id, take_profit_id = w.open_position(entry_decision("race"))
@@ -432,19 +436,19 @@ def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled
     sync_portfolio(w.sessions, w.broker, {})
     earlier(w.sessions, ORPHAN_GRACE)
 
-    w.emulator.config.cancel_polls = 10  # PendingCancel for a while: the second sync finds the cancel under way
-    both, at_cancel = threading.Barrier(2), threading.Barrier(2)
+    w.emulator.config.cancel_polls = 10  # PendingCancel for a while
+    both, at_lock = threading.Barrier(2), threading.Barrier(2)
     processes = [w.restart(), w.restart()]
+    met = threading.local()
+    lock = portfolio_sync.account_lock
 
-    def meeting_before_the_stop(cancel):  # each process has found the stop orphaned before either cancels it
-        def cancel_when_both_are_there(coid: str):
-            if coid.endswith("-sl"):
-                at_cancel.wait(10)
-            return cancel(coid)
-        return cancel_when_both_are_there
+    def meeting_before_the_lock(*args, **kwargs):  # each sync has found the stop orphaned before either cancels
+        if not getattr(met, "done", False):
+            met.done = True
+            at_lock.wait(10)
+        return lock(*args, **kwargs)
 
-    for process in processes:
-        process.broker.cancel = meeting_before_the_stop(process.broker.cancel)
+    monkeypatch.setattr(portfolio_sync, "account_lock", meeting_before_the_lock)
 
     def sync(process: World):
         both.wait()
@@ -456,8 +460,10 @@ def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled
     assert (w.row("tp-race-sl").status, w.row("tp-race-tp").status) == ("Cancelled", "Cancelled")
     for report in reports:
         assert not [line for line in report.drift if "cancelling it failed" in line or "does not know" in line]
+    assert any("tp-race-sl: changed while the sync looked at it" in line
+               for report in reports for line in report.status_changes)  # the race happened; the second left it
     cancels = [path for _, _, path, _, _ in w.emulator.requests("DELETE")]
-    assert len(cancels) > len(set(cancels))  # the race happened: an order was cancelled by both syncs
+    assert len(cancels) == len(set(cancels)) == 2  # each order cancelled once
     assert w.requests_sent()[0] == 2  # the bracket and the sale by hand: nothing placed
     w.emulator.set_price("AAPL", 80.0)  # through the old stop: nothing sells
     assert w.position_path("AAPL") == [50, 0]
@@ -573,3 +579,45 @@ def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_fac
         brackets = [o for o in emulator.state.orders.values() if o.parent_id in {e.order_id for e in entries}]
     assert len(entries) == 3 and len(brackets) == 6
     assert sorted(e.symbol for e in entries) == sorted(r.symbol for r in sent)
+
+
+# ---------------------------------------------------------------------------------------------- 10
+def test_a_sync_resizing_the_stop_while_an_exit_converts_it_never_turns_the_exit_back_into_a_stop(world):
+    """The sync (its own process, no orders step's lock) resizes a stop to the position while an orders
+    step turns that stop into the market exit. An IBKR modify repeats every field of the order as read
+    just before: a sync that read the stop (STP 85) before the exit's change and sent its resize after
+    it put STP 85 back, and the exit, recorded as sent, never happened. The sync's resize takes the
+    account lock the desk's exit holds, so one of the two read-modify-writes runs after the other."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, _ = w.open_position(entry_decision("rmw"))
+    sale = OrderLeg(client_order_id="rmw-by-hand", role="entry", side="SELL", order_type="LMT", quantity=20,
+                    price=100.0, tif="DAY")
+    assert w.broker.place("AAPL", [sale], 100.0)[0].status == "Filled"
+    w.emulator.set_market_open(False)  # the exit waits for the open: what IBKR holds in between is checked
+    assert w.held("AAPL") == 30 and w.order(stop_id).quantity == 50
+
+    sync_process, orders_process = w.restart(), w.restart()
+    read_fields = sync_process.broker.client.order_fields_from_status
+    exits = {}
+
+    def exit_runs_between_the_syncs_read_and_its_resize(status):
+        fields = read_fields(status)  # the sync has read the stop's fields (STP 85, 50)
+        if not exits:
+            runner = threading.Thread(target=lambda: exits.update(result=orders_process.exit(
+                exit_decision("rmw-exit", 50))))
+            exits["thread"] = runner
+            runner.start()
+            runner.join(3.0)  # it finishes now unless something (the account lock) holds it back
+        return fields
+
+    sync_process.broker.client.order_fields_from_status = exit_runs_between_the_syncs_read_and_its_resize
+    sync_portfolio(sync_process.sessions, sync_process.broker, {})
+    exits["thread"].join(60)
+    assert exits["result"].status == "submitted", exits["result"].reason
+    stop = w.order(stop_id)
+    assert (stop.order_type, stop.quantity) == ("MKT", 30), stop  # the exit, of what is held
+    assert (w.row("tp-rmw-sl").order_type, w.row("tp-rmw-sl").quantity) == ("MKT", 30)
+    w.emulator.set_price("AAPL", 90.0)  # the next session opens above the old stop: the exit fills
+    w.emulator.set_market_open(True)
+    assert w.position_path("AAPL") == [50, 30, 0]  # flat, never short
