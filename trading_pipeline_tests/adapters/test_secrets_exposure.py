@@ -52,3 +52,38 @@ def test_other_httpx_requests_are_still_logged(webhook_url, caplog):
     other = webhook_url.replace(TOKEN, "other")
     httpx.post(other, json={})
     assert any(other in record.getMessage() for record in caplog.records if record.name == "httpx")
+
+
+def test_a_new_sqlite_trading_database_is_readable_by_its_user_only(tmp_path):
+    # It holds the account's orders, fills, positions and P&L and the model calls; with the usual
+    # umask 022 it was made 0644 in a 0755 folder, readable by every user of the machine.
+    import stat
+
+    import sqlalchemy as sa
+
+    from trading_pipeline.adapters.trading_db import get_engine, session_factory
+
+    database = tmp_path / "data" / "trading.db"
+    sessions = session_factory(f"sqlite:///{database}")
+    with sessions.begin() as session:  # a write: the -wal and -shm files exist
+        session.execute(sa.text("CREATE TABLE probe (x INTEGER)"))
+    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+    assert stat.S_IMODE(database.parent.stat().st_mode) == 0o700
+    for companion in ("trading.db-wal", "trading.db-shm"):
+        if (database.parent / companion).exists():
+            assert stat.S_IMODE((database.parent / companion).stat().st_mode) & 0o077 == 0, companion
+    get_engine(f"sqlite:///{database}").dispose()
+
+
+def test_an_existing_database_and_folder_keep_their_modes(tmp_path):
+    import os
+    import stat
+
+    from trading_pipeline.adapters.trading_db import get_engine
+
+    folder = tmp_path / "shared"
+    folder.mkdir(mode=0o750)
+    os.chmod(folder, 0o750)
+    get_engine(f"sqlite:///{folder / 'trading.db'}").dispose()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750  # the user's choice, not changed
+    assert stat.S_IMODE((folder / "trading.db").stat().st_mode) == 0o600
