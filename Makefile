@@ -38,7 +38,7 @@ chromium: install
 
 # The local Dagster home keeps the demo's runs so `make dev` shows them.
 $(DAGSTER_HOME)/dagster.yaml: deploy/local/dagster.yaml
-	@mkdir -p $(DAGSTER_HOME)
+	@mkdir -p -m 700 $(DAGSTER_HOME)  # runs, logs and asset values (orders, positions): this user only
 	cp deploy/local/dagster.yaml $@
 
 demo: chromium $(DAGSTER_HOME)/dagster.yaml

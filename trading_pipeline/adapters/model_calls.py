@@ -16,12 +16,13 @@ starts only while what was used (from `llm_calls`) plus what calls in flight in 
 reserved stays below every limit; otherwise `BudgetExceeded` says which limit and how to lift it.
 
 Secrets: every text written here goes through `Redactor`: the API key and any run of 8 or more of its
-consecutive characters (a server may echo part of it), a password in the base URL, `Bearer …` and
-`sk-…` tokens.
+consecutive characters (a server may echo part of it), a password in the base URL (also as the
+`Basic` credential the HTTP client makes of it), `Bearer …` and `sk-…` tokens.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sqlalchemy import JSON, Boolean, Float, Integer, String, Text, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -179,6 +180,23 @@ class Redactor:
         value = "".join(kept) + value[position:]
         value = _TOKEN_PATTERNS[0].sub(r"\1[REDACTED]", value)
         return _TOKEN_PATTERNS[1].sub("[REDACTED]", value)
+
+    @classmethod
+    def for_endpoint(cls, api_key: str | None, base_url: str | None) -> Redactor:
+        """The redactor of one endpoint's calls: the API key, and the user:password of the base URL
+        (https://user:password@proxy/v1) as written, decoded and as the HTTP client sends it: an
+        `Authorization: Basic base64(user:password)` header, which a server may echo back."""
+        secrets = [api_key or ""]
+        try:
+            parts = urlsplit(base_url or "")
+            user, password = parts.username, parts.password
+        except ValueError:
+            user = password = None
+        if password:
+            decoded_user, decoded = unquote(user or ""), unquote(password)
+            secrets += [password, decoded,
+                        base64.b64encode(f"{decoded_user}:{decoded}".encode()).decode()]
+        return cls(secrets)
 
     @staticmethod
     def _credential(value: Any) -> str:

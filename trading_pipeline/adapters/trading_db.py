@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -256,12 +257,23 @@ def upgrade_schema(engine: Engine) -> None:
         migrations.upgrade(engine.url.render_as_string(hide_password=False), connection=connection)
 
 
+def create_private_file(path: Path) -> None:
+    """Create the SQLite file for this user only (0600, its folder 0700 when made here): it holds the
+    account's orders, positions and P&L and the model calls. SQLite makes its -wal and -shm files with
+    the database file's mode. A file or folder that exists keeps its mode."""
+    if str(path) == ":memory:" or path.exists():
+        return
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # an empty file is an empty SQLite database
+
+
 @functools.lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     """One engine per URL per process, with the schema migrated on first use."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        create_private_file(Path(parsed.database))
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -164,3 +164,13 @@ def test_the_venv_is_built_on_the_fastest_python_found(tmp_path):
     created = subprocess.run(["make", "-n", "-C", str(REPO), "PYTHON=python3.12", f"VENV={tmp_path}/venv",
                               f"{tmp_path}/venv/.created"], capture_output=True, text=True, check=True, timeout=60)
     assert 'python="python3.12"' in created.stdout
+
+
+def test_the_dagster_home_make_creates_is_private(tmp_path):
+    # DAGSTER_HOME holds the runs' logs, the asset values (decisions, orders, positions) and, by
+    # default, the trading database: with `mkdir -p` and the usual umask it was 0755.
+    home = tmp_path / "home"
+    subprocess.run(["make", "-s", "-C", str(REPO), f"{home}/dagster.yaml", f"DAGSTER_HOME={home}"],
+                   check=True, capture_output=True, env={k: v for k, v in os.environ.items() if k != "MAKEFLAGS"})
+    assert (home / "dagster.yaml").read_text() == (REPO / "deploy/local/dagster.yaml").read_text()
+    assert home.stat().st_mode & 0o777 == 0o700

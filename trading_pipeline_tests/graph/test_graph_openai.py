@@ -166,3 +166,44 @@ def test_the_models_words_reach_the_ui_as_plain_text_never_as_markdown(server, o
                         and "attacker.invalid" in value.value]
             assert markdown == [], f"{asset}: the model's words rendered as markdown in {markdown}"
     assert hostile in decision.rationale
+
+
+@pytest.mark.parametrize("status", [401, 500])
+def test_a_server_echoing_the_credentials_leaves_them_in_no_persisted_file(server, openai_env, tmp_path, monkeypatch,
+                                                                          status):
+    # A proxy password in OPENAI_BASE_URL reached the NO_TRADE reason, the event log and llm_calls as
+    # the Basic credential the server echoed. Everything a user may share is searched: the Dagster instance (event log: metadata, check results,
+    # failures, log lines; compute logs; asset values) and the trading database (llm_calls rows).
+    import base64
+    import json as jsonlib
+
+    from trading_pipeline_tests.adapters.openai.local_server import Reply
+
+    password = "Pr0xyPassw0rd99"
+    basic = base64.b64encode(f"proxyuser:{password}".encode()).decode()
+    base_url = server.base_url.replace("http://", f"http://proxyuser:{password}@")
+    openai_env = {**openai_env, "OPENAI_BASE_URL": base_url}
+    monkeypatch.setenv("OPENAI_BASE_URL", base_url)
+
+    def echo(body):  # the headers the server received, repeated in its error
+        request = server.requests[-1]
+        return Reply(status, jsonlib.dumps({"error": {"message": f"bad request {request['headers']}",
+                                                      "type": "invalid_request_error"}}))
+
+    server.reset(default=echo)
+    (tmp_path / "dagster").mkdir()
+    defs = build_definitions(STRATEGIES, resources_from_env(openai_env))
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        for timeframe in ("1d", "1w"):
+            defs.resolve_job_def("analyze_timeframe").execute_in_process(
+                partition_key=dg.MultiPartitionKey({"symbol": "SPY", "timeframe": timeframe}),
+                instance=instance, tags={AS_OF_TAG: AS_OF}, raise_on_error=False)
+        defs.resolve_job_def("decide_and_order").execute_in_process(
+            partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF}, raise_on_error=False)
+    # The server got, and echoed, the credentials: httpx makes `Authorization: Basic base64(user:password)`
+    # of the URL's user:password (base64 of the password is not the password as written).
+    assert all("authorization" in r["headers"] for r in server.requests)
+    leaks = [path for path in tmp_path.rglob("*") if path.is_file()
+             and any(secret.encode() in path.read_bytes() for secret in ("sk-test-graph-SECRET", "graph-SECRET", password,
+                                                                         basic[:12], basic[-12:]))]
+    assert leaks == []

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
@@ -93,7 +92,7 @@ class ModelCaller:
         self.settings = settings
         self.run_id = run_id
         # The key, and a password in OPENAI_BASE_URL (https://user:password@proxy/v1), never leave.
-        self.redactor = Redactor([settings.api_key, urlsplit(settings.base_url or "").password or ""])
+        self.redactor = Redactor.for_endpoint(settings.api_key, settings.base_url)
         self.calls = ModelCallLog(sessions, self.redactor)
         self.cache = ResponseCache(sessions)
         self.budget = Budget(self.calls, settings.limits, run_id)

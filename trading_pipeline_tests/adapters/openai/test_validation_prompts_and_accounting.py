@@ -181,6 +181,18 @@ def test_recorded_endpoint_drops_credentials_in_the_url():
     assert model_calls.endpoint_for_record("https://user:pw@example.com:8443/v1?api-key=zz") == "https://example.com:8443/v1"
 
 
+def test_the_endpoints_redactor_removes_the_base_urls_password_as_written_decoded_and_as_basic_credentials():
+    import base64
+
+    redactor = Redactor.for_endpoint("sk-key-0123456789", "https://proxy%2Duser:pa%40ss-w0rd-99@proxy.example/v1")
+    basic = base64.b64encode(b"proxy-user:pa@ss-w0rd-99").decode()
+    text = f"echo: Authorization: Basic {basic} / pa%40ss-w0rd-99 / pa@ss-w0rd-99 / sk-key-0123456789"
+    cleaned = redactor.text(text)
+    assert "w0rd" not in cleaned and basic[:8] not in cleaned and "0123456789" not in cleaned
+    assert Redactor.for_endpoint("k" * 20, "https://proxy.example/v1").text("https://proxy.example/v1") == \
+        "https://proxy.example/v1"
+
+
 def test_redactor_removes_every_run_of_8_characters_of_a_secret_and_keeps_shorter_ones():
     key = "Q7vXm2LpR9tK4wZb-support-Hn3cYd8fJ6gTqW1e"
     redactor = Redactor([key, "pw42"])
