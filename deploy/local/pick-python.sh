@@ -11,13 +11,13 @@ best_us=""
 report=""
 for name in python3.13 python3.12 python3.11 python3 /usr/local/bin/python3 /usr/bin/python3; do
   command -v "$name" >/dev/null 2>&1 || continue
-  # prints "<best of 9 timings in microseconds> <sys.executable>", or fails (too old, no venv/pip)
+  # prints "<best of 25 timings in microseconds> <sys.executable>", or fails (too old, no venv/pip)
   line=$("$name" - 2>/dev/null <<'PY'
 import os, sys, time
 assert sys.version_info >= (3, 11)
 import ensurepip, venv  # noqa: F401  (Debian splits these into python3-venv)
 timings = []
-for _ in range(9):
+for _ in range(25):
     started = time.perf_counter()
     sum(range(1_000_000))
     timings.append(time.perf_counter() - started)
