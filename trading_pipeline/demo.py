@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print("DAGSTER_HOME is not set. Run `make demo`, or export DAGSTER_HOME=$PWD/.dagster_home first.",
               file=sys.stderr)
         return 2
-    os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
+    os.makedirs(os.environ["DAGSTER_HOME"], mode=0o700, exist_ok=True)  # runs, logs, asset values: this user only
     broker_mode = os.environ.get("TRADING_BROKER", "paper").strip().lower() or "paper"
     if broker_mode == "paper" and "TRADING_ORDERS_ENABLED" not in os.environ:
         # The paper broker only simulates fills in the local database: the demo turns orders on

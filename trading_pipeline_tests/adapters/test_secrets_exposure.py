@@ -87,3 +87,18 @@ def test_an_existing_database_and_folder_keep_their_modes(tmp_path):
     get_engine(f"sqlite:///{folder / 'trading.db'}").dispose()
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750  # the user's choice, not changed
     assert stat.S_IMODE((folder / "trading.db").stat().st_mode) == 0o600
+
+
+def test_the_dagster_home_the_demo_creates_is_private(tmp_path, monkeypatch, capsys):
+    """Run by hand (not through make), the demo creates DAGSTER_HOME for this user only: it holds
+    the runs, their logs and the asset values (orders, positions)."""
+    import stat
+
+    from trading_pipeline import demo
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("TRADING_MARKET_DATA", "bogus")  # stops right after the folder is made
+    assert demo.main([]) == 2
+    assert "TRADING_MARKET_DATA='bogus'" in capsys.readouterr().err
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
