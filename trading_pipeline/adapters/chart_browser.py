@@ -104,6 +104,23 @@ def add_chromium_args(k: Any, args: Sequence[str]) -> bool:
     return True
 
 
+def has_exited(proc: subprocess.Popen[Any]) -> bool:
+    """Whether the browser process has exited. `Popen.poll()` alone answers "running" while another
+    thread waits on the same process (choreographer does, when it closes a browser whose pipe
+    ended): Popen lets one thread at a time reap it. So a browser killed between two renders could
+    look alive, and the next batch was sent to it and failed instead of starting a new browser.
+    The kernel is asked too, without reaping the process (waitid with WNOWAIT, where Python has it)."""
+    if proc.poll() is not None:
+        return True
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:  # pragma: no cover - macOS before Python 3.13
+        return False
+    try:
+        return waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped meanwhile by the other thread
+        return True
+
+
 def hard_kill(k: Any) -> None:
     """Kill the browser and close kaleido's devtools pipe.
 

@@ -59,6 +59,7 @@ from trading_pipeline.adapters.chart_browser import (  # noqa: F401 - re-exporte
     add_chromium_args,
     find_chromium,
     hard_kill,
+    has_exited,
     is_executable_file,
 )
 from trading_pipeline.adapters.chart_png import (  # noqa: F401 - re-exported
@@ -141,7 +142,7 @@ class ChartRenderer:
     @property
     def is_running(self) -> bool:
         proc = self._process()
-        return self._kaleido is not None and proc is not None and proc.poll() is None
+        return self._kaleido is not None and proc is not None and not has_exited(proc)
 
     @property
     def tab_reloads(self) -> int:
@@ -152,7 +153,7 @@ class ChartRenderer:
     def browser_pid(self) -> int | None:
         """Pid of the browser's process-group leader (choreographer's wrapper), if running."""
         proc = self._process()
-        return proc.pid if proc is not None and proc.poll() is None else None
+        return proc.pid if proc is not None and not has_exited(proc) else None
 
     def start(self) -> ChartRenderer:
         """Start Chromium (once). Raises ChartRenderError if it cannot be found or started."""

@@ -76,6 +76,24 @@ def test_png_size_parses_ihdr():
         png_size(b"GIF89a" + b"\x00" * 30)
 
 
+@pytest.mark.skipif(not hasattr(os, "waitid"), reason="os.waitid (Linux; macOS from Python 3.13)")
+def test_a_killed_browser_is_seen_exited_while_another_thread_waits_on_it():
+    """Popen.poll() answers None ("running") while another thread holds the process's wait lock
+    (choreographer waits on a closing browser in a thread): the renderer then took a killed browser
+    for a live one and sent it the next batch, which failed, instead of starting a new browser."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        proc.kill()
+        assert _gone(proc.pid, 10)  # a zombie: exited, not reaped
+        with proc._waitpid_lock:  # another thread in proc.wait(), as choreographer's close is
+            assert proc.poll() is None  # what the renderer used to ask
+            assert chart_browser.has_exited(proc)
+        assert chart_browser.has_exited(proc) and proc.returncode == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_import_is_cheap():
     code = (
         "import sys, trading_pipeline.adapters.chart_render\n"
