@@ -2,7 +2,7 @@
 (never cancel-then-send), exits after a gap, is refused without losing the stop, never over-closes,
 and closes a position with no pipeline stop with one market order of the held size."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -17,9 +17,9 @@ from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
 from trading_pipeline.core.orders import build_legs
 
-TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
-THURSDAY_EVENING = datetime(2026, 9, 3, 21, 30, tzinfo=timezone.utc)
-LATER = datetime(2026, 9, 10, tzinfo=timezone.utc)
+TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
+THURSDAY_EVENING = datetime(2026, 9, 3, 21, 30, tzinfo=UTC)
+LATER = datetime(2026, 9, 10, tzinfo=UTC)
 
 
 def bars(rows: dict[str, tuple[float, float, float, float]]) -> dict[str, pd.DataFrame]:
@@ -114,7 +114,7 @@ def test_an_exit_never_sells_more_than_is_held(world):
     # 20 of the 50 were sold by hand on Thursday: the stop still says 50.
     broker.place("AAPL", [OrderLeg(client_order_id="by-hand", role="entry", side="SELL", order_type="MKT",
                                    quantity=20, price=None, tif="DAY")], 98.0,
-                 placed_at=datetime(2026, 9, 3, 12, 0, tzinfo=timezone.utc))
+                 placed_at=datetime(2026, 9, 3, 12, 0, tzinfo=UTC))
     broker.simulate_fills(bars(ENTRY_DAYS))
     assert broker.account({}).positions["AAPL"].quantity == 30
     result = OrderDesk(sessions, broker).exit_once(exit_decision(sessions), placed_at=THURSDAY_EVENING)
@@ -183,7 +183,7 @@ def test_a_second_exit_while_the_first_market_exit_works_sends_nothing(tmp_path,
 def test_an_exit_for_a_position_already_flat_sends_nothing(world, monkeypatch):
     sessions, broker = world
     broker.simulate_fills(bars({**ENTRY_DAYS, "2026-09-04": (97.0, 97.5, 95.0, 95.5)}))  # the stop fired
-    friday_evening = datetime(2026, 9, 4, 21, 30, tzinfo=timezone.utc)
+    friday_evening = datetime(2026, 9, 4, 21, 30, tzinfo=UTC)
     monkeypatch.setattr(broker_module, "_utcnow", lambda: friday_evening)
     result = OrderDesk(sessions, broker).exit_once(exit_decision(sessions), placed_at=friday_evening)
     assert result.status == "not_sent" and "nothing to close" in result.reason

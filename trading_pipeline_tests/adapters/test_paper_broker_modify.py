@@ -1,7 +1,7 @@
 """Modifying paper orders in place: a stop turned into a market exit, a resized stop, refusals;
 market orders; the paper broker's tick and cost settings."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -15,10 +15,10 @@ from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import OrderLeg
 from trading_pipeline.errors import ConfigError, OrderRejectedError
 
-TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
-THURSDAY_MIDDAY = datetime(2026, 9, 3, 17, 0, tzinfo=timezone.utc)
-THURSDAY_EVENING = datetime(2026, 9, 3, 21, 0, tzinfo=timezone.utc)
-NEXT_WEEK = datetime(2026, 9, 8, 21, 0, tzinfo=timezone.utc)
+TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
+THURSDAY_MIDDAY = datetime(2026, 9, 3, 17, 0, tzinfo=UTC)
+THURSDAY_EVENING = datetime(2026, 9, 3, 21, 0, tzinfo=UTC)
+NEXT_WEEK = datetime(2026, 9, 8, 21, 0, tzinfo=UTC)
 
 
 def bars(rows: dict[str, tuple[float, float, float, float]]) -> dict[str, pd.DataFrame]:
@@ -53,7 +53,7 @@ def test_a_stop_turned_into_a_market_order_during_the_session_fills_at_its_close
         "e-sl SELL 50 AAPL filled at 103.00 on the bar of 2026-09-03",
         "e-tp cancelled: one-cancels-other: e-sl filled"]
     (execution,) = broker.executions("e-sl")
-    assert execution.executed_at == datetime(2026, 9, 3, 20, 0, tzinfo=timezone.utc)
+    assert execution.executed_at == datetime(2026, 9, 3, 20, 0, tzinfo=UTC)
     assert "session's close" in broker.find_order("e-sl").detail
     assert broker.find_order("e-tp").status == "Cancelled"
     assert broker.account({}, as_of=NEXT_WEEK).positions == {}

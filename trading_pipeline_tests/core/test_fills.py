@@ -1,7 +1,7 @@
 """The paper fill rules (core/fills.py), the one implementation the paper broker and the backtest
 share: a bracket against one daily bar, plain values in and out."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -20,8 +20,8 @@ from trading_pipeline.core.fills import (
 # Wednesday 2026-09-02's session (13:30-20:00 UTC) and Thursday's.
 WED_OPEN, WED_CLOSE = pd.Timestamp("2026-09-02T13:30:00Z"), pd.Timestamp("2026-09-02T20:00:00Z")
 THU_OPEN, THU_CLOSE = pd.Timestamp("2026-09-03T13:30:00Z"), pd.Timestamp("2026-09-03T20:00:00Z")
-TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
-WEDNESDAY_MIDDAY = datetime(2026, 9, 2, 17, 0, tzinfo=timezone.utc)
+TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
+WEDNESDAY_MIDDAY = datetime(2026, 9, 2, 17, 0, tzinfo=UTC)
 
 
 def wed(o, h, low, c):
@@ -126,7 +126,7 @@ def test_a_market_order_fills_at_the_first_price_after_it_went_live():
     fill = leg_fill(during, wed(99.0, 100.0, 90.0, 91.0), slippage_bps=0, commission_model="none")
     assert (fill.price, fill.at, fill.when) == (91.0, WED_CLOSE, AT_CLOSE)  # never the open it did not see
     assert "session's close" in fill.detail
-    after_the_close = Leg("x", "SELL", "MKT", 50, None, datetime(2026, 9, 2, 20, 30, tzinfo=timezone.utc))
+    after_the_close = Leg("x", "SELL", "MKT", 50, None, datetime(2026, 9, 2, 20, 30, tzinfo=UTC))
     fills, _, _ = run(Bracket(after_the_close), wed(99.0, 100.0, 90.0, 91.0), thu(93.0, 94.0, 92.0, 93.5))
     assert fills == [("x", 50, 93.0, THU_OPEN)]
 
@@ -167,7 +167,7 @@ def test_a_day_entry_expires_with_its_children_a_gtc_one_keeps_working():
 
 
 def test_nothing_fills_from_a_bar_that_ended_before_the_order_existed():
-    placed = datetime(2026, 9, 2, 21, 0, tzinfo=timezone.utc)
+    placed = datetime(2026, 9, 2, 21, 0, tzinfo=UTC)
     fills, cancelled, left = run(long_bracket(placed=placed), wed(90.0, 110.0, 80.0, 95.0))
     assert fills == [] and cancelled == [] and left == long_bracket(placed=placed)
 

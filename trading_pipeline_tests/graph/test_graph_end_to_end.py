@@ -4,10 +4,10 @@ recomputed, exactly one paper order for the accepted decision (working, not fill
 placed), none for the other; the portfolio sync then fills it from the later bars."""
 
 import hashlib
+import math
 import os
 import socket
 from datetime import datetime
-import math
 from pathlib import Path
 from urllib.parse import urlparse
 
