@@ -425,6 +425,18 @@ def test_a_partial_entry_whose_rest_expired_resizes_stop_and_target(memory_sessi
     assert report.drift == []
 
 
+def _stop_fills_when_the_positions_are_read(broker, stop: str, quantity: int, at) -> None:
+    """The stop is elected while the sync runs: after it read the order states, as it reads the positions."""
+    account = broker.account
+
+    def stop_fills_meanwhile(marks, as_of=None):
+        if not broker.orders[stop].filled:
+            broker.fill(stop, quantity, 96.0, at)
+        return account(marks, as_of)
+
+    broker.account = stop_fills_meanwhile
+
+
 def test_a_resize_counts_what_the_stop_filled_during_the_sync(memory_sessions):
     """A partial take-profit leaves 30 of 50 held; while the sync runs (after it read the order states),
     the stop is elected and sells 10 more. Resized to the 20 held from the books' 0 filled, the stop
@@ -435,14 +447,7 @@ def test_a_resize_counts_what_the_stop_filled_during_the_sync(memory_sessions):
     broker.fill("tp-race", 50, 100.0, WEDNESDAY_OPEN)
     assert sync_portfolio(memory_sessions, broker, {}).drift == []
     broker.fill("tp-race-tp", 20, 106.0, WEDNESDAY_OPEN + timedelta(days=1))
-    account = broker.account
-
-    def stop_fills_meanwhile(marks, as_of=None):
-        if not broker.orders["tp-race-sl"].filled:
-            broker.fill("tp-race-sl", 10, 96.0, WEDNESDAY_OPEN + timedelta(days=2))
-        return account(marks, as_of)
-
-    broker.account = stop_fills_meanwhile
+    _stop_fills_when_the_positions_are_read(broker, "tp-race-sl", 10, WEDNESDAY_OPEN + timedelta(days=2))
     report = sync_portfolio(memory_sessions, broker, {})
     stop = broker.orders["tp-race-sl"]
     assert stop.leg.quantity - stop.filled == 20, broker.modified  # what is held: 50 - 20 - 10
@@ -456,14 +461,7 @@ def test_a_stop_that_filled_the_difference_during_the_sync_is_not_modified(memor
     send(memory_sessions, broker, decision("same"))
     broker.fill("tp-same", 50, 100.0, WEDNESDAY_OPEN)
     assert sync_portfolio(memory_sessions, broker, {}).drift == []
-    account = broker.account
-
-    def stop_fills_meanwhile(marks, as_of=None):
-        if not broker.orders["tp-same-sl"].filled:
-            broker.fill("tp-same-sl", 10, 96.0, WEDNESDAY_OPEN + timedelta(days=1))
-        return account(marks, as_of)
-
-    broker.account = stop_fills_meanwhile
+    _stop_fills_when_the_positions_are_read(broker, "tp-same-sl", 10, WEDNESDAY_OPEN + timedelta(days=1))
     sync_portfolio(memory_sessions, broker, {})
     # 40 held, 40 left of the stop: nothing to change (the take-profit is cut to the 40, as IBKR's OCA does)
     assert broker.modified == [("tp-same-tp", {"quantity": 40})]

@@ -81,6 +81,12 @@ class World:
         record_decision(self.sessions, decision)
         return self.desk.exit_once(decision)
 
+    def sell_by_hand(self, client_order_id: str, quantity: int, symbol: str = "AAPL", price: float = 100.0) -> None:
+        """A sale made outside the pipeline (in TWS, say), filled at once."""
+        sale = OrderLeg(client_order_id=client_order_id, role="entry", side="SELL", order_type="LMT",
+                        quantity=quantity, price=price, tif="DAY")
+        assert self.broker.place(symbol, [sale], price)[0].status == "Filled"
+
     def order(self, order_id: int):
         """The emulator's own copy of an order (what IBKR has, not what the client was told)."""
         with self.emulator.state.lock:
@@ -266,9 +272,7 @@ def test_an_exit_never_sells_more_than_is_held_even_when_the_stop_is_larger(worl
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     stop_id, _ = w.open_position(entry_decision("sold"))
-    sale = OrderLeg(client_order_id="sold-by-hand", role="entry", side="SELL", order_type="LMT", quantity=20,
-                    price=100.0, tif="DAY")
-    assert w.broker.place("AAPL", [sale], 100.0)[0].status == "Filled"
+    w.sell_by_hand("sold-by-hand", 20)
     assert w.held("AAPL") == 30 and w.order(stop_id).quantity == 50
 
     result = w.exit(exit_decision("sold-exit", 50))
@@ -400,9 +404,7 @@ def test_a_bracket_left_working_after_the_position_was_closed_by_hand_is_cancell
     w.emulator.set_price("AAPL", 100.0)
     stop_id, take_profit_id = w.open_position(entry_decision("by-hand"))
     assert sync_portfolio(w.sessions, w.broker, {}).drift == []
-    sale = OrderLeg(client_order_id="closed-by-hand", role="entry", side="SELL", order_type="LMT", quantity=50,
-                    price=100.0, tif="DAY")
-    assert w.broker.place("AAPL", [sale], 100.0)[0].status == "Filled"
+    w.sell_by_hand("closed-by-hand", 50)
 
     first = sync_portfolio(w.sessions, w.broker, {})  # one answer without the position: maybe IBKR's lag
     assert (w.order(stop_id).status, w.order(take_profit_id).status) == ("Submitted", "Submitted")
@@ -430,9 +432,7 @@ def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     stop_id, take_profit_id = w.open_position(entry_decision("race"))
-    sale = OrderLeg(client_order_id="race-by-hand", role="entry", side="SELL", order_type="LMT", quantity=50,
-                    price=100.0, tif="DAY")
-    assert w.broker.place("AAPL", [sale], 100.0)[0].status == "Filled"
+    w.sell_by_hand("race-by-hand", 50)
     sync_portfolio(w.sessions, w.broker, {})
     earlier(w.sessions, ORPHAN_GRACE)
 
@@ -591,9 +591,7 @@ def test_a_sync_resizing_the_stop_while_an_exit_converts_it_never_turns_the_exit
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     stop_id, _ = w.open_position(entry_decision("rmw"))
-    sale = OrderLeg(client_order_id="rmw-by-hand", role="entry", side="SELL", order_type="LMT", quantity=20,
-                    price=100.0, tif="DAY")
-    assert w.broker.place("AAPL", [sale], 100.0)[0].status == "Filled"
+    w.sell_by_hand("rmw-by-hand", 20)
     w.emulator.set_market_open(False)  # the exit waits for the open: what IBKR holds in between is checked
     assert w.held("AAPL") == 30 and w.order(stop_id).quantity == 50
 
