@@ -208,11 +208,20 @@ class Instance:
 
     def timeline(self, runs: list[dict], since: float) -> str:
         """Each run's creation, start, steps and end, in seconds from `since` (the phase's start)."""
+        from dagster import DagsterEventType
+
+        lifecycle = {DagsterEventType.RUN_ENQUEUED: "queued", DagsterEventType.RUN_DEQUEUED: "dequeued",
+                     DagsterEventType.RUN_STARTING: "launched", DagsterEventType.RUN_START: "running"}
         lines = []
         for run in runs:
             steps = self.graphql(STEPS, {"runId": run["runId"]})["runOrError"]["stepStats"]
-            lines.append(f"  {run['runId'][:8]}: created {run['creationTime'] - since:.1f}, running "
-                         f"{run['startTime'] - since:.1f}, " + ", ".join(
+            # Where a run's start goes: the queue (to the daemon's next check), the launch (the warm
+            # worker's fork), the run process's own start-up until RUN_START.
+            events = {lifecycle[entry.dagster_event_type]: entry.timestamp - since
+                      for entry in self.dagster_instance().all_logs(run["runId"], of_type=set(lifecycle))}
+            lines.append(f"  {run['runId'][:8]}: created {run['creationTime'] - since:.2f}, " + "".join(
+                f"{name} {events[name]:.2f}, " for name in ("queued", "dequeued", "launched") if name in events)
+                + f"running {run['startTime'] - since:.2f}, " + ", ".join(
                              f"{step['stepKey']} {step['startTime'] - since:.1f}-{step['endTime'] - since:.1f}"
                              for step in steps if step["startTime"] and step["endTime"])
                          + f", ended {run['endTime'] - since:.1f}")
