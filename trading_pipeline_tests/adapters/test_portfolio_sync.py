@@ -103,7 +103,8 @@ class BookBroker:
     """Orders and fills in memory. Children work once their parent has a fill (IBKR sizes them to the
     parent); a child filled completely cancels its siblings (one-cancels-other). `fill` is what the
     market does; `refuse_modify` makes the next modify fail as a broker refusal does; positions of
-    `unlisted` symbols are left out of the account, as IBKR's positions lag its fills."""
+    `unlisted` symbols are left out of the account, and after `lag_positions()` the positions stay
+    as they were then whatever fills come, as IBKR's positions lag its fills."""
 
     name = "book"
 
@@ -118,6 +119,11 @@ class BookBroker:
         self.unlisted: set[str] = set()
         self.positions_answer_empty = False  # the positions list empty, the summary still valuing them
         self.cancelled: list[str] = []  # cancel requests, in order
+        self.positions_through: int | None = None  # the positions answer shows the first n fills only
+
+    def lag_positions(self) -> None:
+        """From now on the positions answer stays as it is now, whatever fills come."""
+        self.positions_through = len(self.fills)
 
     def _answer(self, coid: str) -> BrokerOrder:
         order = self.orders[coid]
@@ -189,7 +195,7 @@ class BookBroker:
     def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
         self.account_calls.append((marks, as_of))
         held: dict[str, list[float]] = {}
-        for f in self.fills:
+        for f in self.fills[:self.positions_through]:
             quantity, cost = held.get(f.symbol, [0.0, 0.0])
             signed = f.quantity if f.side == "BUY" else -f.quantity
             held[f.symbol] = [quantity + signed, cost + signed * f.price]
