@@ -12,6 +12,7 @@ still working once its position is gone (ORPHAN_GRACE) is cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -131,13 +132,14 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
             f"absent after {SUBMITTING_GRACE.total_seconds() / 60:g} minutes")
 
 
-def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str | None = None) -> tuple[list[str], set[str]]:
-    """Bring the pipeline's open orders to the broker's state; returns the change lines and the
-    cOIDs whose state changed."""
+def _advance_orders(sessions: sessionmaker[Session], broker: Broker,
+                    roles: tuple[str, ...] | None = None) -> tuple[list[str], set[str]]:
+    """Bring the pipeline's open orders (of these roles: all by default) to the broker's state;
+    returns the change lines and the cOIDs whose state changed."""
     changes, changed = [], set()
     with sessions() as session:
         query = select(OrderRow).where(OrderRow.status.not_in(FINAL_STATUSES))
-        open_rows = session.scalars(query if role is None else query.where(OrderRow.role == role)).all()
+        open_rows = session.scalars(query if roles is None else query.where(OrderRow.role.in_(roles))).all()
         # Entries first: an unlisted child is judged by what became of its parent.
         for row in sorted(open_rows, key=lambda r: r.parent_client_order_id is not None):
             before = (row.status, row.filled_quantity)
@@ -180,18 +182,44 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
     return changes, changed
 
 
+PROTECTIVE_ROLES = ("stop_loss", "take_profit")
+
+
 def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:
     """The pipeline's orders that may still fill, by symbol, after asking the broker for their
     state: each decision's first leg (the bracket's entry, or the order closing a position). The
     risk gates send no second order for such a symbol and count opening ones as positions; one
     whose state is unknown ('submitting') counts too until the sync reconciles it."""
-    _advance_orders(sessions, broker, role="entry")
+    _advance_orders(sessions, broker, roles=("entry",))
     with sessions() as session:
-        rows = session.scalars(select(OrderRow).where(OrderRow.role == "entry",
-                                                      OrderRow.status.not_in(FINAL_STATUSES))).all()
-        return {row.symbol: WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
-                                         row.price, row.status)
-                for row in rows if row.quantity - row.filled_quantity > 0}
+        return _working_entries(session)
+
+
+def with_working_orders(account: AccountState, sessions: sessionmaker[Session], broker: Broker) -> AccountState:
+    """`account` as the entry gates read it: with the pipeline's orders that may still fill
+    (`working_entries`) and, by symbol, its stop-loss (else take-profit) still working
+    (`AccountState.working_protection`), both after asking the broker for their states. The broker's
+    positions can lag a fill by seconds: an entry that just filled is no longer working and its
+    position may not be listed yet, but its stop works, so the symbol still counts as held."""
+    _advance_orders(sessions, broker, roles=("entry", *PROTECTIVE_ROLES))
+    with sessions() as session:
+        protection = {}
+        for symbol in sorted(set(session.scalars(select(OrderRow.symbol).where(
+                OrderRow.role.in_(PROTECTIVE_ROLES), OrderRow.status.not_in(FINAL_STATUSES))))):
+            live = [*_working_exits(session, symbol, "stop_loss"), *_working_exits(session, symbol, "take_profit")]
+            if live:
+                row = live[0]
+                protection[symbol] = WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
+                                                  row.price, row.status, row.role)
+        return dataclasses.replace(account, working_entries=_working_entries(session), working_protection=protection)
+
+
+def _working_entries(session: Session) -> dict[str, WorkingEntry]:
+    rows = session.scalars(select(OrderRow).where(OrderRow.role == "entry",
+                                                  OrderRow.status.not_in(FINAL_STATUSES))).all()
+    return {row.symbol: WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
+                                     row.price, row.status)
+            for row in rows if row.quantity - row.filled_quantity > 0}
 
 
 def working_symbols(sessions: sessionmaker[Session]) -> set[str]:

@@ -22,6 +22,7 @@ from trading_pipeline.adapters.portfolio_sync import (
     SUBMITTING_GRACE,
     positions_contradicted,
     sync_portfolio,
+    with_working_orders,
     working_entries,
 )
 from trading_pipeline.adapters.records import record_decision
@@ -35,8 +36,9 @@ from trading_pipeline.adapters.trading_db import (
 )
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
-from trading_pipeline.core.orders import build_legs
-from trading_pipeline.core.risk import AccountState, Mark, Position
+from trading_pipeline.core.orders import build_legs, client_order_id
+from trading_pipeline.core.risk import AccountState, Mark, Position, entry_limits
+from trading_pipeline.core.strategies import RiskSettings
 from trading_pipeline.errors import OrderRejectedError
 
 TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
@@ -751,6 +753,76 @@ def test_a_stop_whose_entry_just_filled_is_kept_while_the_position_is_not_listed
     broker.unlisted.add("AAPL")  # missing from one answer again
     sync_portfolio(memory_sessions, broker, {})
     assert broker.cancelled == []
+
+
+# --- 4c. positions that lag fills: no second entry -------------------------------------------------
+
+def entry_through_the_gates(sessions, broker, the_decision):
+    """What the orders step does with an entry (graph/assets/orders.py `_send_entry`): the account's
+    limits checked again under the account lock, on the account as the gates read it, then sent once."""
+    record_decision(sessions, the_decision)
+
+    def limits():
+        account = with_working_orders(broker.account({}), sessions, broker)
+        return entry_limits(the_decision.symbol, the_decision.entry, the_decision.stop, account, RiskSettings(),
+                            own_order=client_order_id(the_decision))
+
+    return OrderDesk(sessions, broker).submit_once(the_decision, build_legs(the_decision, "DAY"), the_decision.entry,
+                                                   limits=limits)
+
+
+@pytest.mark.parametrize("crash", [None, "after_ack"], ids=["recorded", "crash-after-the-ack"])
+def test_an_entry_that_filled_before_the_positions_list_it_blocks_a_second_entry(memory_sessions, crash):
+    """A's entry fills; the broker's positions do not list it yet and no sync has run since (or the
+    process died once the broker had taken A: its legs are still 'submitting'). Another decision for
+    the symbol passed no_pyramiding (nothing listed) and order_working (A filled): a second entry,
+    twice the risk. A's stop-loss, working, counts as the position."""
+    broker = BookBroker()
+    broker.unlisted.add("AAPL")
+    send(memory_sessions, broker, decision("a"), crash=crash)
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+
+    second = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert second.status == "not_sent" and "no_pyramiding" in second.reason, second.reason
+    assert "stop-loss tp-a-sl (SELL 50 @ 96.00, Submitted) for AAPL is still working" in second.reason
+    assert "tp-b" not in broker.orders
+    assert rows(memory_sessions, "tp-a")["tp-a"].status == "Filled"  # learnt from the broker, not the books
+
+
+def test_a_partly_filled_entry_whose_rest_expired_blocks_a_second_entry_and_an_unfilled_one_does_not(
+        memory_sessions):
+    """20 of A's 50 filled and the rest expired: A is done, its stop protects the 20, which the
+    broker does not list yet. A bracket whose entry expired with no fill protects nothing: its
+    children (left for the sync to cancel) do not count as a position."""
+    broker = BookBroker()
+    broker.unlisted.update({"AAPL", "MSFT"})
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 20, 100.0, WEDNESDAY_OPEN)
+    broker.cancel("tp-a")  # the DAY remainder expired
+    send(memory_sessions, broker, decision("m", symbol="MSFT"))
+    broker.cancel("tp-m")
+
+    second = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert second.status == "not_sent" and "tp-a-sl" in second.reason and "tp-b" not in broker.orders
+    other = entry_through_the_gates(memory_sessions, broker, decision("n", symbol="MSFT"))
+    assert other.status == "submitted", other.reason
+
+
+def test_entries_resume_once_the_sync_cancels_the_stop_of_a_position_closed_by_hand(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    sell_by_hand(broker, 50)
+
+    refused = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert refused.status == "not_sent" and "tp-a-sl" in refused.reason and "tp-b" not in broker.orders
+    sync_portfolio(memory_sessions, broker, {})
+    earlier(memory_sessions, ORPHAN_GRACE)
+    sync_portfolio(memory_sessions, broker, {})
+    assert (broker.orders["tp-a-sl"].status, broker.orders["tp-a-tp"].status) == ("Cancelled", "Cancelled")
+    resumed = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert resumed.status == "submitted", resumed.reason
 
 
 # --- 5. marks -------------------------------------------------------------------------------------------
