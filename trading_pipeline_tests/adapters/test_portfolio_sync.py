@@ -755,7 +755,7 @@ def test_a_stop_whose_entry_just_filled_is_kept_while_the_position_is_not_listed
     assert broker.cancelled == []
 
 
-# --- 4c. positions that lag fills: no second entry -------------------------------------------------
+# --- 4c. positions that lag fills: no second entry, no exit into the other side -----------------------
 
 def entry_through_the_gates(sessions, broker, the_decision):
     """What the orders step does with an entry (graph/assets/orders.py `_send_entry`): the account's
@@ -769,6 +769,18 @@ def entry_through_the_gates(sessions, broker, the_decision):
 
     return OrderDesk(sessions, broker).submit_once(the_decision, build_legs(the_decision, "DAY"), the_decision.entry,
                                                    limits=limits)
+
+
+def closing(decision_id, quantity=50, symbol="AAPL"):
+    """What the risk engine makes of a SELL against a long: closes_position, sized by the position."""
+    return TradeDecision(decision_id=decision_id, strategy="s", symbol=symbol, as_of=THURSDAY_AFTER_CLOSE,
+                         data_through=THURSDAY_AFTER_CLOSE, proposed_action=Action.SELL, action=Action.SELL,
+                         entry=100.0, quantity=quantity, confidence=0.7, closes_position=True, rationale="test exit")
+
+
+def exit_now(sessions, broker, the_decision):
+    record_decision(sessions, the_decision)
+    return OrderDesk(sessions, broker).exit_once(the_decision)
 
 
 @pytest.mark.parametrize("crash", [None, "after_ack"], ids=["recorded", "crash-after-the-ack"])
@@ -823,6 +835,67 @@ def test_entries_resume_once_the_sync_cancels_the_stop_of_a_position_closed_by_h
     assert (broker.orders["tp-a-sl"].status, broker.orders["tp-a-tp"].status) == ("Cancelled", "Cancelled")
     resumed = entry_through_the_gates(memory_sessions, broker, decision("b"))
     assert resumed.status == "submitted", resumed.reason
+
+
+def test_an_exit_after_the_stop_filled_at_a_gap_never_sells_what_the_lagging_positions_still_list(memory_sessions):
+    """The stop filled at the open, through a gap: it no longer works, so there is nothing to turn into
+    the exit, and the broker's positions still list the 50 it sold. A market sale of the 50 listed
+    would open a short of 50."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    broker.lag_positions()
+    broker.fill("tp-a-sl", 50, 90.0, WEDNESDAY_OPEN + timedelta(days=1))  # its take-profit is cancelled with it
+    assert broker.account({}).positions["AAPL"].quantity == 50
+
+    result = exit_now(memory_sessions, broker, closing("a-exit"))
+    assert result.status == "not_sent", result.reason
+    assert ("the broker lists 50 AAPL to close, but the pipeline's own orders imply 0: tp-a-sl (stop-loss) SELL 50 "
+            "filled, which the broker's positions may not show yet") in result.reason
+    assert "a market SELL of 50 could then open a short position, so nothing was sent" in result.reason
+    assert "tp-a-exit" not in broker.orders
+    assert rows(memory_sessions, "tp-a-sl")["tp-a-sl"].status == "Filled"  # the books learnt the fill
+
+
+def test_an_exit_after_the_pipeline_closed_part_of_the_position_closes_only_what_both_agree_is_held(
+        memory_sessions):
+    """The stop sold 20 of the 50, then the rest of the bracket was cancelled at the broker: nothing
+    of the pipeline protects the 30 left, and the broker's positions still list 50. The exit sells
+    the 30 (what the pipeline's fills and the broker both say is held), not 50."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    broker.lag_positions()
+    broker.fill("tp-a-sl", 20, 95.0, WEDNESDAY_OPEN + timedelta(days=1))
+    broker.cancel("tp-a-sl")
+    broker.cancel("tp-a-tp")
+
+    result = exit_now(memory_sessions, broker, closing("a-exit"))
+    assert result.status == "submitted", result.reason
+    assert [(leg.role, leg.side, leg.quantity) for leg in result.legs] == [("exit", "SELL", 30)]
+    assert broker.orders["tp-a-exit"].leg.quantity == 30
+    assert "sized to the 30 both agree is held: the broker lists 50 AAPL to close" in result.reason
+
+
+def test_an_exit_still_closes_what_was_bought_by_hand_when_no_fill_of_the_pipeline_can_be_missing(
+        memory_sessions):
+    """Without a fill of its own closing orders, the pipeline has nothing the broker's list could lag
+    behind: a position larger than the pipeline's (30 bought by hand beside its 50, whose stop was
+    cancelled at the broker) is closed at the listed size, as before."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    by_hand = OrderLeg(client_order_id="bought-by-hand", role="entry", side="BUY", order_type="MKT", quantity=30,
+                       price=None, tif="DAY")
+    broker.place("AAPL", [by_hand], 100.0)
+    broker.fill("bought-by-hand", 30, 100.0, WEDNESDAY_OPEN)
+    broker.cancel("tp-a-sl")
+    broker.cancel("tp-a-tp")
+
+    result = exit_now(memory_sessions, broker, closing("a-exit", quantity=80))
+    assert result.status == "submitted" and broker.orders["tp-a-exit"].leg.quantity == 80, result.reason
 
 
 # --- 5. marks -------------------------------------------------------------------------------------------
