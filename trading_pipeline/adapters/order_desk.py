@@ -14,7 +14,9 @@ take-profit) on the exit's side is modified into a market order for min(stop siz
 stays in its bracket's one-cancels-other group, so the sibling is cancelled when it fills and the
 two can never both fill; if the broker refuses the change, the stop keeps working as it was. Only a
 position with no working exit order of the pipeline on that side is closed by a standalone market
-order of the held size.
+order of the held size, and never of more than the pipeline's own fills imply once its stop,
+take-profit or exit filled on that side: the broker's positions can lag that fill, and a market
+order of the old size would open the other side (`_standalone_exit_size`).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class OrderDesk:
                             f"the broker already had {coid}; recorded it and sent nothing again")
 
     def _send(self, decision: TradeDecision, legs: list[OrderLeg], reference_price: float,
-              placed_at: datetime | None) -> OrderRecord:
+              placed_at: datetime | None, note: str = "") -> OrderRecord:
         coid = legs[0].client_order_id
         self._record(decision, legs, {}, "submitting", "about to send")
         try:
@@ -151,7 +153,7 @@ class OrderDesk:
         first = legs[0]
         broker_status = answers[0].status if answers else "unknown"
         price = "MKT" if first.price is None else f"@ {first.price:.2f} {first.order_type}"
-        sent = f"sent {first.side} {first.quantity} {decision.symbol} {price} as {coid}"
+        sent = f"sent {first.side} {first.quantity} {decision.symbol} {price} as {coid}{note}"
         if broker_status in FINAL_STATUSES and broker_status != "Filled":  # accepted, then refused at once
             held = f" ({cancel_inactive(self._broker, answers[0]).detail})" if broker_status == "Inactive" else ""
             return self._result(decision, legs, "rejected",
@@ -289,9 +291,55 @@ class OrderDesk:
                                                 "close the position twice and open the other side); nothing sent")
             protective = converted or self._protective_order(decision.symbol, standalone[0].side)
             if protective is None:
-                legs = [exit_leg(decision, held_quantity)]
-                return self._send(decision, legs, decision.entry or 0.0, placed_at)
+                quantity, why = self._standalone_exit_size(decision, held_quantity)
+                if quantity < 1:
+                    return self._not_sent(decision, why)
+                legs = [exit_leg(decision, quantity)]
+                return self._send(decision, legs, decision.entry or 0.0, placed_at,
+                                  note=f" (sized to the {quantity} both agree is held: {why})" if why else "")
             return self._convert_into_exit(decision, protective, held_quantity)
+
+    def _standalone_exit_size(self, decision: TradeDecision, listed: int) -> tuple[int, str]:
+        """The size of a standalone market exit, and why it is not the `listed` held quantity ("" when
+        it is). The broker's positions can lag a fill by seconds: a stop that filled at a gap is no
+        longer working (so there is nothing to convert) while the positions may still list what it
+        sold, and a market order of that size would open the other side. So the pipeline's own
+        orders for the symbol are brought up to date with the broker first (states, fill counts,
+        executions); when its closing orders (stop-loss, take-profit, exit) filled on this exit's
+        side and the position its fills imply is smaller than the listed one, the two disagree, and
+        the exit is the smaller of them: what both agree is held. Nothing is sent when that is
+        nothing.
+
+        Why the smaller of the two, rather than refusing whenever they disagree: the part both agree
+        on is held under either reading (a list lagging the pipeline's fills, or shares bought
+        outside it), and it is the pipeline's own position, possibly without a stop now: leaving it
+        open is the greater risk. Only the disputed rest waits; sent, it could open the other side,
+        while waiting costs seconds (the list catches up and the next exit decision reads what is
+        held). Without a closing fill of the pipeline on this side no fill of its own can be missing
+        from the list: a position opened by hand is closed at the listed size, as before. The price
+        of the guard: shares bought by hand after the pipeline closed its own position in the symbol
+        look like a lagging list and are not exited; the reason says to close them at the broker."""
+        from trading_pipeline.adapters.portfolio_sync import own_fills
+
+        symbol, side = decision.symbol, "SELL" if decision.action == Action.SELL else "BUY"
+        direction = 1 if side == "SELL" else -1  # what this exit closes is positive
+        fills = own_fills(self._sessions, self._broker, symbol)
+        own = direction * sum(fill.signed for fill in fills)
+        closing = [fill for fill in fills if fill.role in ("stop_loss", "take_profit", "exit") and fill.side == side]
+        if not closing or own >= listed:
+            return listed, ""
+        quantity = max(0, min(listed, int(own)))
+        filled = ", ".join(f"{fill.client_order_id} ({fill.role.replace('_', '-')}) {fill.side} {fill.quantity:g}"
+                           for fill in closing[-3:])
+        why = (f"the broker lists {listed} {symbol} to close, but the pipeline's own orders imply {own:g}: "
+               f"{filled} filled, which the broker's positions may not show yet (they can lag a fill by seconds)")
+        if quantity >= 1:
+            return quantity, why
+        other = "short" if side == "SELL" else "long"
+        return 0, (f"{why}; a market {side} of {listed} could then open a {other} position, so nothing was sent. "
+                   "Once the broker's positions show the fill, the next exit decision reads what is held; if the "
+                   f"{listed} {symbol} were {'bought' if side == 'SELL' else 'sold short'} outside the pipeline, "
+                   "close them at the broker")
 
     def _convert_into_exit(self, decision: TradeDecision, row: OrderRow, held_quantity: int) -> OrderRecord:
         coid = row.client_order_id

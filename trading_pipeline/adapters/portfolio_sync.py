@@ -12,6 +12,7 @@ still working once its position is gone (ORPHAN_GRACE) is cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -131,13 +132,18 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
             f"absent after {SUBMITTING_GRACE.total_seconds() / 60:g} minutes")
 
 
-def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str | None = None) -> tuple[list[str], set[str]]:
-    """Bring the pipeline's open orders to the broker's state; returns the change lines and the
-    cOIDs whose state changed."""
+def _advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple[str, ...] | None = None,
+                    symbol: str | None = None) -> tuple[list[str], set[str]]:
+    """Bring the pipeline's open orders (of these roles, of this symbol: all by default) to the
+    broker's state; returns the change lines and the cOIDs whose state changed."""
     changes, changed = [], set()
     with sessions() as session:
         query = select(OrderRow).where(OrderRow.status.not_in(FINAL_STATUSES))
-        open_rows = session.scalars(query if role is None else query.where(OrderRow.role == role)).all()
+        if roles is not None:
+            query = query.where(OrderRow.role.in_(roles))
+        if symbol is not None:
+            query = query.where(OrderRow.symbol == symbol)
+        open_rows = session.scalars(query).all()
         # Entries first: an unlisted child is judged by what became of its parent.
         for row in sorted(open_rows, key=lambda r: r.parent_client_order_id is not None):
             before = (row.status, row.filled_quantity)
@@ -180,18 +186,44 @@ def _advance_orders(sessions: sessionmaker[Session], broker: Broker, role: str |
     return changes, changed
 
 
+PROTECTIVE_ROLES = ("stop_loss", "take_profit")
+
+
 def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:
     """The pipeline's orders that may still fill, by symbol, after asking the broker for their
     state: each decision's first leg (the bracket's entry, or the order closing a position). The
     risk gates send no second order for such a symbol and count opening ones as positions; one
     whose state is unknown ('submitting') counts too until the sync reconciles it."""
-    _advance_orders(sessions, broker, role="entry")
+    _advance_orders(sessions, broker, roles=("entry",))
     with sessions() as session:
-        rows = session.scalars(select(OrderRow).where(OrderRow.role == "entry",
-                                                      OrderRow.status.not_in(FINAL_STATUSES))).all()
-        return {row.symbol: WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
-                                         row.price, row.status)
-                for row in rows if row.quantity - row.filled_quantity > 0}
+        return _working_entries(session)
+
+
+def with_working_orders(account: AccountState, sessions: sessionmaker[Session], broker: Broker) -> AccountState:
+    """`account` as the entry gates read it: with the pipeline's orders that may still fill
+    (`working_entries`) and, by symbol, its stop-loss (else take-profit) still working
+    (`AccountState.working_protection`), both after asking the broker for their states. The broker's
+    positions can lag a fill by seconds: an entry that just filled is no longer working and its
+    position may not be listed yet, but its stop works, so the symbol still counts as held."""
+    _advance_orders(sessions, broker, roles=("entry", *PROTECTIVE_ROLES))
+    with sessions() as session:
+        protection = {}
+        for symbol in sorted(set(session.scalars(select(OrderRow.symbol).where(
+                OrderRow.role.in_(PROTECTIVE_ROLES), OrderRow.status.not_in(FINAL_STATUSES))))):
+            live = [*_working_exits(session, symbol, "stop_loss"), *_working_exits(session, symbol, "take_profit")]
+            if live:
+                row = live[0]
+                protection[symbol] = WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
+                                                  row.price, row.status, row.role)
+        return dataclasses.replace(account, working_entries=_working_entries(session), working_protection=protection)
+
+
+def _working_entries(session: Session) -> dict[str, WorkingEntry]:
+    rows = session.scalars(select(OrderRow).where(OrderRow.role == "entry",
+                                                  OrderRow.status.not_in(FINAL_STATUSES))).all()
+    return {row.symbol: WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
+                                     row.price, row.status)
+            for row in rows if row.quantity - row.filled_quantity > 0}
 
 
 def working_symbols(sessions: sessionmaker[Session]) -> set[str]:
@@ -211,10 +243,11 @@ def symbols_in_play(sessions: sessionmaker[Session]) -> set[str]:
 
 # --- executions, marks, account -------------------------------------------------------------------
 
-def _record_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
+def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: str | None = None) -> int:
     added = 0
     with sessions() as session:
-        rows = session.scalars(select(OrderRow).where(OrderRow.filled_quantity > 0)).all()
+        query = select(OrderRow).where(OrderRow.filled_quantity > 0)
+        rows = session.scalars(query if symbol is None else query.where(OrderRow.symbol == symbol)).all()
         for row in rows:
             for execution in broker.executions(row.client_order_id):
                 if session.get(ExecutionRow, execution.execution_id) is None:
@@ -227,6 +260,39 @@ def _record_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
                     added += 1
         session.commit()
     return added
+
+
+@dataclass(frozen=True)
+class OwnFill:
+    """What one of the pipeline's orders has filled, by the broker's word."""
+
+    client_order_id: str
+    role: str
+    side: str
+    quantity: float
+
+    @property
+    def signed(self) -> float:
+        return self.quantity if self.side == "BUY" else -self.quantity
+
+
+def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> list[OwnFill]:
+    """The pipeline's orders for `symbol` that filled, oldest first, after bringing them up to date
+    with the broker as the sync does (states, fill counts, executions). Their signed sum is the
+    position the pipeline's executions imply (`_implied_positions`); an order whose fill count at
+    the broker is ahead of the executions recorded for it counts by its fill count (IBKR's trades
+    list is read at most every 5 s, its order states more often)."""
+    _advance_orders(sessions, broker, symbol=symbol)
+    _record_executions(sessions, broker, symbol=symbol)
+    with sessions() as session:
+        executed: dict[str, float] = {}
+        for execution in session.scalars(select(ExecutionRow).where(ExecutionRow.symbol == symbol)):
+            executed[execution.client_order_id] = executed.get(execution.client_order_id, 0.0) + execution.quantity
+        rows = session.scalars(select(OrderRow).where(OrderRow.symbol == symbol)
+                               .order_by(OrderRow.created_at, OrderRow.client_order_id)).all()
+        fills = [OwnFill(row.client_order_id, row.role, row.side,
+                         max(row.filled_quantity or 0.0, executed.get(row.client_order_id, 0.0))) for row in rows]
+    return [fill for fill in fills if fill.quantity > 0]
 
 
 def _implied_positions(session: Session) -> dict[str, float]:

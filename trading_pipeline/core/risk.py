@@ -47,16 +47,19 @@ class Mark:
 
 @dataclass(frozen=True)
 class WorkingEntry:
-    """An entry order the pipeline sent that may still fill (its unfilled part)."""
+    """An order the pipeline sent that may still fill (its unfilled part): an entry, or (in
+    `AccountState.working_protection`) a stop-loss or take-profit; `price` is None for a market order."""
 
     client_order_id: str
     side: str
     quantity: float
-    price: float
+    price: float | None
     status: str
+    role: str = "entry"
 
     def describe(self) -> str:
-        return f"{self.client_order_id} ({self.side} {self.quantity:g} @ {self.price:.2f}, {self.status})"
+        price = "MKT" if self.price is None else f"@ {self.price:.2f}"
+        return f"{self.client_order_id} ({self.side} {self.quantity:g} {price}, {self.status})"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class AccountState:
     # By symbol: the pipeline's orders that open or close a position and may still fill. A symbol
     # with one gets no second order; opening ones count as positions for the limits.
     working_entries: dict[str, WorkingEntry] = field(default_factory=dict)
+    # By symbol: a protective order of the pipeline (stop-loss, else take-profit) still working, as
+    # the broker said. It protects a position the pipeline opened, which the broker's positions may
+    # not list yet (they can lag a fill by seconds): the entry gates count the symbol as held.
+    working_protection: dict[str, WorkingEntry] = field(default_factory=dict)
     # Held symbols the broker had no price for: valued at their average price, so equity and
     # today's P&L leave out their moves.
     unmarked: tuple[str, ...] = ()
@@ -144,10 +151,11 @@ def _tick_decimals(tick: float) -> int:
 def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, limits: RiskSettings,
                  own_order: str | None = None) -> tuple[int, list[RuleCheck]]:
     """The account-wide gates of an opening trade and its size: no order already working for the
-    symbol, no position in it, the daily-loss breaker, the open-positions cap, and the size from
-    risk per trade, the position cap and the gross-exposure room. Run when the decision is made
-    and again, under the account lock, right before the order is sent (other runs may have used
-    the room since). `own_order` is this decision's cOID (a reconciliation may find it working)."""
+    symbol, no position in it (one a working stop-loss or take-profit of the pipeline protects
+    counts, listed by the broker or not), the daily-loss breaker, the open-positions cap, and the
+    size from risk per trade, the position cap and the gross-exposure room. Run when the decision
+    is made and again, under the account lock, right before the order is sent (other runs may have
+    used the room since). `own_order` is this decision's cOID (a reconciliation may find it working)."""
     checks: list[RuleCheck] = []
 
     def check(rule: str, passed: bool, detail: str | Callable[[], str]) -> bool:
@@ -170,6 +178,15 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
         return 0, checks
     if held_qty != 0:
         check("no_pyramiding", False, f"already holding {held_qty:g} {symbol}; no second entry")
+        return 0, checks
+    if (protective := account.working_protection.get(symbol)) is not None:
+        # An entry that filled leaves order_working at once; the broker's positions may list the
+        # fill only seconds later. Its stop is the pipeline's own record that the position exists.
+        check("no_pyramiding", False,
+              f"the pipeline's {protective.role.replace('_', '-')} {protective.describe()} for {symbol} is still "
+              "working: the position it protects counts as held, though the broker's positions do not list it "
+              "(they can lag a fill by seconds); no second entry. If that position was closed by hand, the "
+              "sync cancels the orphaned order after its grace period and entries resume")
         return 0, checks
     others = account if working is account.working_entries else replace(account, working_entries=working)
     # Counted now: the text, written later, must say what the gate saw even if a dict of the
@@ -258,8 +275,8 @@ def _evaluate_entry(proposal: Proposal, symbol: str, market: MarketContext, acco
         return passed
 
     def verdict(accepted: bool, quantity: int = 0, **kw) -> RiskVerdict:
-        base = dict(entry=proposal.entry, stop=proposal.stop, targets=list(proposal.targets),
-                    r_multiple=None, profit_margin=None)
+        base = {"entry": proposal.entry, "stop": proposal.stop, "targets": list(proposal.targets),
+                "r_multiple": None, "profit_margin": None}
         base.update(kw)
         ok = accepted and all(c.passed for c in checks)
         return RiskVerdict(accepted=ok, quantity=quantity if ok else 0, checks=checks, **base)
@@ -293,7 +310,7 @@ def _evaluate_entry(proposal: Proposal, symbol: str, market: MarketContext, acco
         check("stop_default", True, lambda: f"no stop proposed: using entry ∓ 2×ATR = {stop:.2f}")
     else:
         stop = to_tick(proposal.stop, tick)
-    rounded = dict(entry=entry, stop=stop, targets=list(targets))  # `targets` stays as the texts read it
+    rounded = {"entry": entry, "stop": stop, "targets": list(targets)}  # `targets` stays as the texts read it
     if not check("stop_side", direction * (entry - stop) > 0,
                  lambda: f"{proposal.action.value} needs stop {'below' if direction > 0 else 'above'} "
                  f"entry {entry:.2f}; got {stop:.2f} (rounded to the {tick:g} tick)"):

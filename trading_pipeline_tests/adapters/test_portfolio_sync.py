@@ -22,6 +22,7 @@ from trading_pipeline.adapters.portfolio_sync import (
     SUBMITTING_GRACE,
     positions_contradicted,
     sync_portfolio,
+    with_working_orders,
     working_entries,
 )
 from trading_pipeline.adapters.records import record_decision
@@ -35,8 +36,9 @@ from trading_pipeline.adapters.trading_db import (
 )
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
-from trading_pipeline.core.orders import build_legs
-from trading_pipeline.core.risk import AccountState, Mark, Position
+from trading_pipeline.core.orders import build_legs, client_order_id
+from trading_pipeline.core.risk import AccountState, Mark, Position, entry_limits
+from trading_pipeline.core.strategies import RiskSettings
 from trading_pipeline.errors import OrderRejectedError
 
 TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
@@ -103,7 +105,8 @@ class BookBroker:
     """Orders and fills in memory. Children work once their parent has a fill (IBKR sizes them to the
     parent); a child filled completely cancels its siblings (one-cancels-other). `fill` is what the
     market does; `refuse_modify` makes the next modify fail as a broker refusal does; positions of
-    `unlisted` symbols are left out of the account, as IBKR's positions lag its fills."""
+    `unlisted` symbols are left out of the account, and after `lag_positions()` the positions stay
+    as they were then whatever fills come, as IBKR's positions lag its fills."""
 
     name = "book"
 
@@ -118,6 +121,11 @@ class BookBroker:
         self.unlisted: set[str] = set()
         self.positions_answer_empty = False  # the positions list empty, the summary still valuing them
         self.cancelled: list[str] = []  # cancel requests, in order
+        self.positions_through: int | None = None  # the positions answer shows the first n fills only
+
+    def lag_positions(self) -> None:
+        """From now on the positions answer stays as it is now, whatever fills come."""
+        self.positions_through = len(self.fills)
 
     def _answer(self, coid: str) -> BrokerOrder:
         order = self.orders[coid]
@@ -189,7 +197,7 @@ class BookBroker:
     def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
         self.account_calls.append((marks, as_of))
         held: dict[str, list[float]] = {}
-        for f in self.fills:
+        for f in self.fills[:self.positions_through]:
             quantity, cost = held.get(f.symbol, [0.0, 0.0])
             signed = f.quantity if f.side == "BUY" else -f.quantity
             held[f.symbol] = [quantity + signed, cost + signed * f.price]
@@ -745,6 +753,149 @@ def test_a_stop_whose_entry_just_filled_is_kept_while_the_position_is_not_listed
     broker.unlisted.add("AAPL")  # missing from one answer again
     sync_portfolio(memory_sessions, broker, {})
     assert broker.cancelled == []
+
+
+# --- 4c. positions that lag fills: no second entry, no exit into the other side -----------------------
+
+def entry_through_the_gates(sessions, broker, the_decision):
+    """What the orders step does with an entry (graph/assets/orders.py `_send_entry`): the account's
+    limits checked again under the account lock, on the account as the gates read it, then sent once."""
+    record_decision(sessions, the_decision)
+
+    def limits():
+        account = with_working_orders(broker.account({}), sessions, broker)
+        return entry_limits(the_decision.symbol, the_decision.entry, the_decision.stop, account, RiskSettings(),
+                            own_order=client_order_id(the_decision))
+
+    return OrderDesk(sessions, broker).submit_once(the_decision, build_legs(the_decision, "DAY"), the_decision.entry,
+                                                   limits=limits)
+
+
+def closing(decision_id, quantity=50, symbol="AAPL"):
+    """What the risk engine makes of a SELL against a long: closes_position, sized by the position."""
+    return TradeDecision(decision_id=decision_id, strategy="s", symbol=symbol, as_of=THURSDAY_AFTER_CLOSE,
+                         data_through=THURSDAY_AFTER_CLOSE, proposed_action=Action.SELL, action=Action.SELL,
+                         entry=100.0, quantity=quantity, confidence=0.7, closes_position=True, rationale="test exit")
+
+
+def exit_now(sessions, broker, the_decision):
+    record_decision(sessions, the_decision)
+    return OrderDesk(sessions, broker).exit_once(the_decision)
+
+
+@pytest.mark.parametrize("crash", [None, "after_ack"], ids=["recorded", "crash-after-the-ack"])
+def test_an_entry_that_filled_before_the_positions_list_it_blocks_a_second_entry(memory_sessions, crash):
+    """A's entry fills; the broker's positions do not list it yet and no sync has run since (or the
+    process died once the broker had taken A: its legs are still 'submitting'). Another decision for
+    the symbol passed no_pyramiding (nothing listed) and order_working (A filled): a second entry,
+    twice the risk. A's stop-loss, working, counts as the position."""
+    broker = BookBroker()
+    broker.unlisted.add("AAPL")
+    send(memory_sessions, broker, decision("a"), crash=crash)
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+
+    second = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert second.status == "not_sent" and "no_pyramiding" in second.reason, second.reason
+    assert "stop-loss tp-a-sl (SELL 50 @ 96.00, Submitted) for AAPL is still working" in second.reason
+    assert "tp-b" not in broker.orders
+    assert rows(memory_sessions, "tp-a")["tp-a"].status == "Filled"  # learnt from the broker, not the books
+
+
+def test_a_partly_filled_entry_whose_rest_expired_blocks_a_second_entry_and_an_unfilled_one_does_not(
+        memory_sessions):
+    """20 of A's 50 filled and the rest expired: A is done, its stop protects the 20, which the
+    broker does not list yet. A bracket whose entry expired with no fill protects nothing: its
+    children (left for the sync to cancel) do not count as a position."""
+    broker = BookBroker()
+    broker.unlisted.update({"AAPL", "MSFT"})
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 20, 100.0, WEDNESDAY_OPEN)
+    broker.cancel("tp-a")  # the DAY remainder expired
+    send(memory_sessions, broker, decision("m", symbol="MSFT"))
+    broker.cancel("tp-m")
+
+    second = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert second.status == "not_sent" and "tp-a-sl" in second.reason and "tp-b" not in broker.orders
+    other = entry_through_the_gates(memory_sessions, broker, decision("n", symbol="MSFT"))
+    assert other.status == "submitted", other.reason
+
+
+def test_entries_resume_once_the_sync_cancels_the_stop_of_a_position_closed_by_hand(memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    sell_by_hand(broker, 50)
+
+    refused = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert refused.status == "not_sent" and "tp-a-sl" in refused.reason and "tp-b" not in broker.orders
+    sync_portfolio(memory_sessions, broker, {})
+    earlier(memory_sessions, ORPHAN_GRACE)
+    sync_portfolio(memory_sessions, broker, {})
+    assert (broker.orders["tp-a-sl"].status, broker.orders["tp-a-tp"].status) == ("Cancelled", "Cancelled")
+    resumed = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert resumed.status == "submitted", resumed.reason
+
+
+def test_an_exit_after_the_stop_filled_at_a_gap_never_sells_what_the_lagging_positions_still_list(memory_sessions):
+    """The stop filled at the open, through a gap: it no longer works, so there is nothing to turn into
+    the exit, and the broker's positions still list the 50 it sold. A market sale of the 50 listed
+    would open a short of 50."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    broker.lag_positions()
+    broker.fill("tp-a-sl", 50, 90.0, WEDNESDAY_OPEN + timedelta(days=1))  # its take-profit is cancelled with it
+    assert broker.account({}).positions["AAPL"].quantity == 50
+
+    result = exit_now(memory_sessions, broker, closing("a-exit"))
+    assert result.status == "not_sent", result.reason
+    assert ("the broker lists 50 AAPL to close, but the pipeline's own orders imply 0: tp-a-sl (stop-loss) SELL 50 "
+            "filled, which the broker's positions may not show yet") in result.reason
+    assert "a market SELL of 50 could then open a short position, so nothing was sent" in result.reason
+    assert "tp-a-exit" not in broker.orders
+    assert rows(memory_sessions, "tp-a-sl")["tp-a-sl"].status == "Filled"  # the books learnt the fill
+
+
+def test_an_exit_after_the_pipeline_closed_part_of_the_position_closes_only_what_both_agree_is_held(
+        memory_sessions):
+    """The stop sold 20 of the 50, then the rest of the bracket was cancelled at the broker: nothing
+    of the pipeline protects the 30 left, and the broker's positions still list 50. The exit sells
+    the 30 (what the pipeline's fills and the broker both say is held), not 50."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    broker.lag_positions()
+    broker.fill("tp-a-sl", 20, 95.0, WEDNESDAY_OPEN + timedelta(days=1))
+    broker.cancel("tp-a-sl")
+    broker.cancel("tp-a-tp")
+
+    result = exit_now(memory_sessions, broker, closing("a-exit"))
+    assert result.status == "submitted", result.reason
+    assert [(leg.role, leg.side, leg.quantity) for leg in result.legs] == [("exit", "SELL", 30)]
+    assert broker.orders["tp-a-exit"].leg.quantity == 30
+    assert "sized to the 30 both agree is held: the broker lists 50 AAPL to close" in result.reason
+
+
+def test_an_exit_still_closes_what_was_bought_by_hand_when_no_fill_of_the_pipeline_can_be_missing(
+        memory_sessions):
+    """Without a fill of its own closing orders, the pipeline has nothing the broker's list could lag
+    behind: a position larger than the pipeline's (30 bought by hand beside its 50, whose stop was
+    cancelled at the broker) is closed at the listed size, as before."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    by_hand = OrderLeg(client_order_id="bought-by-hand", role="entry", side="BUY", order_type="MKT", quantity=30,
+                       price=None, tif="DAY")
+    broker.place("AAPL", [by_hand], 100.0)
+    broker.fill("bought-by-hand", 30, 100.0, WEDNESDAY_OPEN)
+    broker.cancel("tp-a-sl")
+    broker.cancel("tp-a-tp")
+
+    result = exit_now(memory_sessions, broker, closing("a-exit", quantity=80))
+    assert result.status == "submitted" and broker.orders["tp-a-exit"].leg.quantity == 80, result.reason
 
 
 # --- 5. marks -------------------------------------------------------------------------------------------

@@ -120,6 +120,26 @@ def test_a_working_closing_order_blocks_a_second_close():
     assert evaluate(sell, "X", MARKET, AccountState(100_000.0, 90_000.0, positions=long), LIMITS).closes_position
 
 
+def test_a_working_stop_of_the_pipeline_counts_as_a_position_the_broker_does_not_list_yet():
+    """The pipeline's entry filled (no longer working) and the broker's positions do not list it yet;
+    its stop-loss works: the symbol counts as held, whichever way the new entry goes."""
+    stop = WorkingEntry("tp-earlier-sl", "SELL", 50, 96.0, "Submitted", role="stop_loss")
+    account = AccountState(100_000.0, 100_000.0, working_protection={"X": stop})
+    verdict = evaluate(BUY, "X", MARKET, account, LIMITS)
+    assert not verdict.accepted and verdict.quantity == 0 and failed(verdict) == {"no_pyramiding"}
+    detail = next(c.detail for c in verdict.checks if c.rule == "no_pyramiding")
+    assert "stop-loss tp-earlier-sl (SELL 50 @ 96.00, Submitted) for X is still working" in detail
+    assert "do not list it" in detail and "closed by hand, the sync cancels the orphaned order" in detail
+    short = evaluate(Proposal(Action.SELL, 100.0, 104.0, [94.0], 0.7), "X", MARKET, account,
+                     LIMITS.model_copy(update={"allow_short": True}))
+    assert not short.closes_position and failed(short) == {"no_pyramiding"}
+    exiting = WorkingEntry("tp-earlier-sl", "SELL", 50, None, "Submitted", role="stop_loss")  # turned into an exit
+    assert "tp-earlier-sl (SELL 50 MKT, Submitted)" in next(c.detail for c in evaluate(
+        BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_protection={"X": exiting}), LIMITS).checks
+        if c.rule == "no_pyramiding")
+    assert evaluate(BUY, "Y", MARKET, account, LIMITS).accepted  # another symbol is not held
+
+
 def test_working_entries_elsewhere_count_as_positions_and_exposure():
     others = {f"S{i}": WorkingEntry(f"tp-{i}", "BUY", 10, 100.0, "Submitted") for i in range(10)}
     full = evaluate(BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_entries=others), LIMITS)
@@ -212,5 +232,5 @@ def test_gate_texts_written_later_say_what_the_gates_saw():
     held.clear()
     working.clear()
     assert [(c.rule, c.passed, c.detail) for c in verdict.checks] == untouched
-    assert "3 open positions + 1 working entries vs maximum 10" in dict((r, d) for r, _, d in untouched)[
+    assert "3 open positions + 1 working entries vs maximum 10" in {r: d for r, _, d in untouched}[
         "max_open_positions"]

@@ -20,7 +20,8 @@ field repeated (a stop made a market order), PendingCancel -> Cancelled, order i
 every open order) with executions and
 positions; the day rollover (`new_day`: finished orders leave the live list, executions stay 7
 days); share classes under IBKR's spaced ticker (BRK.B is 'BRK B'); contract rules
-(info-and-rules `increment`); cached positions until invalidated.
+(info-and-rules `increment`); cached positions until invalidated, and positions that lag the
+fills (`lag_positions`).
 
 Only this module imports starlette/uvicorn; the client never imports it. It serves 127.0.0.1 by
 default. Test hooks: the `IBKREmulator` object (set_auth_state, set_price, inject, stats, ...)
@@ -183,6 +184,17 @@ class IBKREmulator(GatewayEndpoints):
         with self.state.lock:
             self.state.faults.append(Fault(method, path, status, body, count, delay, process, raw, content_type,
                                            transform, headers))
+
+    def lag_positions(self) -> None:
+        """From now on the positions answer stays as it is now, invalidated or not, whatever fills
+        come (IBKR's positions can lag its fills for a few seconds; the account summary does not),
+        until `catch_up_positions`."""
+        with self.state.lock:
+            self.state.positions_lagging = self.state.build_positions()
+
+    def catch_up_positions(self) -> None:
+        with self.state.lock:
+            self.state.positions_lagging = None
 
     def new_day(self) -> None:
         """The day rolls over: finished orders leave the live-orders list (it covers the current

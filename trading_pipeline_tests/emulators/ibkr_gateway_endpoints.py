@@ -281,8 +281,9 @@ class GatewayEndpoints:
         s = self.state
         if s.positions_cache is None:  # the gateway serves a cached copy until invalidated
             s.positions_cache = s.build_positions()
+        rows = s.positions_cache if s.positions_lagging is None else s.positions_lagging
         page = int(page)
-        return _json(s.positions_cache[page * 100:(page + 1) * 100])
+        return _json(rows[page * 100:(page + 1) * 100])
 
     def summary(self, acct, **_):
         if (gate := self._portfolio_gate(acct)) is not None:

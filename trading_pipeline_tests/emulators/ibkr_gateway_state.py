@@ -247,6 +247,7 @@ class GatewayState:
         self.prices: dict[int, float] = {}
         self.contracts = _CONTRACTS  # conid -> (symbol, exchange, isUS, name); conids are deterministic
         self.positions_cache: list[dict] | None = None
+        self.positions_lagging: list[dict] | None = None  # the positions answer, frozen (IBKREmulator.lag_positions)
         self.synthetic_positions = self._synthetic_positions(config.positions)
         self.cash = config.cash
         self.realized_today = 0.0

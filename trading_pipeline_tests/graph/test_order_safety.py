@@ -75,6 +75,50 @@ def test_orders_follow_the_deployment_switch_read_when_sending(deployment, monke
     assert "sent earlier for this decision" in shown.reason and paper_orders(sessions) == 3
 
 
+def test_an_entry_that_filled_before_the_positions_list_it_keeps_a_second_decision_from_entering(deployment,
+                                                                                                  monkeypatch):
+    """Another decision's bracket for SPY (an earlier run's) filled; the paper broker's order states say
+    so, but its positions (made from its fills) do not list it yet, as IBKR's can lag a fill by
+    seconds. This run's decision was made before that (orders off then); its orders step re-checks
+    the limits under the account lock and finds SPY held by the earlier bracket's working stop-loss,
+    and so does the next decision step."""
+    from trading_pipeline.adapters.broker import PaperBroker
+    from trading_pipeline.adapters.order_desk import OrderDesk
+    from trading_pipeline.adapters.records import record_decision
+    from trading_pipeline.core.orders import build_legs
+
+    defs, instance, sessions = deployment
+    job = defs.resolve_job_def("decide_and_order")
+    decided = job.execute_in_process(partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF})
+    decision = decided.output_for_node("trade_decisions")
+    assert decision.action == Action.BUY and decided.output_for_node("orders").status == "not_sent"
+
+    other = decision.model_copy(update={"decision_id": "earlier"})
+    record_decision(sessions, other)
+    assert OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(
+        other, build_legs(other, "DAY"), other.entry, placed_at=datetime.fromisoformat(AS_OF)).status == "submitted"
+    with sessions() as session:  # filled at the broker, not yet in its positions
+        for row in session.scalars(select(PaperOrderRow)):
+            if row.client_order_id == "tp-earlier":
+                row.status, row.filled_quantity, row.average_fill_price = "Filled", row.quantity, row.price
+            else:
+                row.status = "Submitted"  # the stop-loss and take-profit work once their entry filled
+        session.commit()
+
+    monkeypatch.setenv("TRADING_ORDERS_ENABLED", "yes")
+    only_orders = dg.materialize([*defs.assets], selection=["orders"], partition_key="SPY", instance=instance,
+                                 resources=defs.resources, tags={AS_OF_TAG: AS_OF})
+    order = only_orders.output_for_node("orders")
+    assert order.status == "not_sent" and "no_pyramiding" in order.reason, order.reason
+    assert f"stop-loss tp-earlier-sl (SELL {other.quantity} @ {other.stop:.2f}, Submitted) for SPY" in order.reason
+    assert paper_orders(sessions) == 3  # the earlier bracket only
+
+    again = job.execute_in_process(partition_key="SPY", instance=instance, tags={AS_OF_TAG: AS_OF})
+    redecided = again.output_for_node("trade_decisions")
+    assert redecided.action == Action.NO_TRADE and "tp-earlier-sl" in redecided.rationale
+    assert again.output_for_node("orders").status == "not_sent" and paper_orders(sessions) == 3
+
+
 def test_a_two_week_old_decision_is_not_sent(deployment, monkeypatch):
     defs, instance, sessions = deployment
     decided = defs.resolve_job_def("decide_and_order").execute_in_process(

@@ -1,7 +1,6 @@
 """Trade decisions: the daily analysis leads, the weekly confirms, the risk gates decide (per symbol;
 a batched run decides every symbol of the run, in symbol order)."""
 
-import dataclasses
 
 import dagster as dg
 
@@ -161,12 +160,11 @@ def account_for_decisions(the_broker, market_data: MarketDataResource, sessions,
     to its latest closed price (unrealized losses count for equity, size and the loss breaker) and
     the orders that may still fill."""
     from trading_pipeline.adapters.market_data import marks_for
-    from trading_pipeline.adapters.portfolio_sync import working_entries
+    from trading_pipeline.adapters.portfolio_sync import with_working_orders
 
     held = the_broker.account({}, as_of=decided_at).positions
     marks = marks_for(market_data.source(), held, decided_at)
-    return dataclasses.replace(the_broker.account(marks, as_of=decided_at),
-                               working_entries=working_entries(sessions, the_broker))
+    return with_working_orders(the_broker.account(marks, as_of=decided_at), sessions, the_broker)
 
 
 def _number(value, pattern="{:,.2f}") -> str:

@@ -7,7 +7,6 @@ A batched run sends its symbols' orders one after the other in symbol order (a d
 order under the account's limits); one symbol's failure does not stop the others.
 """
 
-import dataclasses
 
 import dagster as dg
 
@@ -121,7 +120,7 @@ def no_longer_current(decision: TradeDecision, strategy: Strategy) -> str | None
 def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, market_data: MarketDataResource,
                 sessions, now, context) -> OrderRecord:
     from trading_pipeline.adapters.market_data import marks_for
-    from trading_pipeline.adapters.portfolio_sync import working_entries
+    from trading_pipeline.adapters.portfolio_sync import with_working_orders
     from trading_pipeline.core.orders import build_legs, client_order_id
     from trading_pipeline.core.risk import entry_limits
 
@@ -141,8 +140,7 @@ def _send_entry(desk, decision: TradeDecision, strategy: Strategy, the_broker, m
             return 0, [RuleCheck("decision_current", False, stale)]
         held = the_broker.account({}, as_of=now).positions
         marks = marks_for(market_data.source(), {*held, decision.symbol}, now)
-        account = dataclasses.replace(the_broker.account(marks, as_of=now),
-                                      working_entries=working_entries(sessions, the_broker))
+        account = with_working_orders(the_broker.account(marks, as_of=now), sessions, the_broker)
         return entry_limits(decision.symbol, decision.entry, decision.stop, account, strategy.risk,
                             own_order=client_order_id(decision))
 

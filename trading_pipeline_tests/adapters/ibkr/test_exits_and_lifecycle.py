@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
-from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, working_entries
+from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, with_working_orders, working_entries
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
@@ -529,6 +529,88 @@ def test_a_stop_is_kept_while_ibkrs_positions_do_not_list_a_position_just_opened
     assert any(line.startswith("AAPL: the working stop-loss tp-lagging-sl (SELL 50) has no position in the broker's "
                                "answer, but the broker lists no position at all") for line in report.drift)
     assert w.requests_sent() == (1, 0, 0)
+
+
+def test_an_exit_after_a_gap_through_the_stop_never_sells_what_ibkrs_lagging_positions_still_list(world):
+    """The stop filled at the open through a gap, and IBKR's positions still list the 50 it sold (for a
+    few seconds, invalidated or not). There is no working stop left to turn into the exit, and a
+    market sale of the 50 listed would have opened a short of 50."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("gapped"))
+    w.emulator.lag_positions()
+    w.emulator.set_price("AAPL", 80.0)  # through the stop at 85
+    assert (w.order(stop_id).status, w.order(take_profit_id).status) == ("Filled", "Cancelled")
+    assert w.held("AAPL") == 50
+
+    result = w.exit(exit_decision("gapped-exit", 50))
+    assert result.status == "not_sent", result.reason
+    assert "the pipeline's own orders imply 0: tp-gapped-sl (stop-loss) SELL 50 filled" in result.reason
+    assert "could then open a short position, so nothing was sent" in result.reason
+    assert w.requests_sent() == (1, 0, 0) and w.emulator.orders_with_coid("tp-gapped-exit") == []
+    assert w.row("tp-gapped-sl").status == "Filled"
+    w.emulator.catch_up_positions()  # seconds later: the same decision finds nothing to close
+    again = w.exit(exit_decision("gapped-exit", 50))
+    assert again.status == "not_sent" and "nothing to close" in again.reason
+    assert w.position_path("AAPL") == [50, 0]  # never short
+
+
+def test_two_exits_decided_at_once_close_the_position_once_while_ibkrs_positions_lag(world):
+    """Two runs decide at the same moment to exit AAPL (different decisions). The first turns the stop
+    into a market order, which fills at once; when the second gets the account lock, the stop is no
+    longer working and IBKR's positions still list the 50: its market sale of 50 would open a short."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    w.open_position(entry_decision("twice"))
+    w.emulator.lag_positions()
+    start = threading.Barrier(2)
+
+    def run(decision: TradeDecision):
+        process = w.restart()
+        record_decision(process.sessions, decision)
+        start.wait(30)
+        return process.desk.exit_once(decision)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, [exit_decision("twice-exit-a", 50), exit_decision("twice-exit-b", 50)]))
+    assert sorted(r.status for r in results) == ["not_sent", "submitted"], [(r.status, r.reason) for r in results]
+    refused = next(r for r in results if r.status == "not_sent")
+    assert "the pipeline's own orders imply 0: tp-twice-sl (stop-loss) SELL 50 filled" in refused.reason
+    assert w.requests_sent() == (1, 1, 0)  # the bracket and the stop's conversion: no second sale
+    assert w.position_path("AAPL") == [50, 0]
+
+
+def test_two_runs_deciding_for_a_symbol_at_once_send_one_entry_while_ibkrs_positions_lag(world):
+    """Two runs at the same moment with different decisions for AAPL (the daily run and one started
+    by hand, say). The account lock makes them take turns; the first entry fills at once, and IBKR's
+    positions do not list it yet when the second reads the account, nor is the filled entry working:
+    the first bracket's stop-loss, working, is what keeps the second bracket from doubling the risk."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    w.emulator.lag_positions()
+    start = threading.Barrier(2)
+
+    def run(decision: TradeDecision):
+        process = w.restart()  # its own client, broker and desk, on the same trading database
+        record_decision(process.sessions, decision)
+
+        def limits_now():  # as the orders step checks them under the account lock
+            account = with_working_orders(process.broker.account({}), process.sessions, process.broker)
+            return entry_limits("AAPL", decision.entry, decision.stop, account, RiskSettings(),
+                                own_order=client_order_id(decision))
+
+        start.wait(30)
+        return process.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry, limits=limits_now)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, [entry_decision("daily-run"), entry_decision("run-by-hand")]))
+    sent = [r for r in results if r.status == "filled"]
+    refused = [r for r in results if r.status == "not_sent"]
+    assert len(sent) == 1 and len(refused) == 1, [(r.decision_id, r.status, r.reason) for r in results]
+    assert "no_pyramiding" in refused[0].reason
+    assert f"stop-loss {sent[0].client_order_id}-sl (SELL 50 @ 85.00, Submitted)" in refused[0].reason
+    assert w.requests_sent()[0] == 1 and w.position_path("AAPL") == [50]
+    assert w.held("AAPL") == 0  # still not listed
 
 
 def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_factory, client_factory, tmp_path):
