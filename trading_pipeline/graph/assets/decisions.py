@@ -1,7 +1,6 @@
 """Trade decisions: the daily analysis leads, the weekly confirms, the risk gates decide (per symbol;
 a batched run decides every symbol of the run, in symbol order)."""
 
-
 import dagster as dg
 
 from trading_pipeline import config

@@ -7,7 +7,6 @@ A batched run sends its symbols' orders one after the other in symbol order (a d
 order under the account's limits); one symbol's failure does not stop the others.
 """
 
-
 import dagster as dg
 
 from trading_pipeline import config
