@@ -28,7 +28,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, BrokerOrder, DuplicateOrderError, cancel_inactive
-from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow, account_lock
+from trading_pipeline.adapters.portfolio_sync import own_fills, record_executions
+from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, account_lock
 from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, RuleCheck, TradeDecision
 from trading_pipeline.core.orders import client_order_id, exit_leg, resize_legs
 from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError
@@ -69,19 +70,7 @@ class OrderDesk:
                 session.add(OrderEventRow(client_order_id=leg.client_order_id, status=status, detail=detail))
             session.commit()
         if answers:
-            self._record_executions(decision.symbol, [leg.client_order_id for leg in legs])
-
-    def _record_executions(self, symbol: str, coids: list[str]) -> None:
-        with self._sessions() as session:
-            for coid in coids:
-                for execution in self._broker.executions(coid):
-                    if session.get(ExecutionRow, execution.execution_id) is None:
-                        session.add(ExecutionRow(
-                            execution_id=execution.execution_id, client_order_id=coid,
-                            symbol=symbol, side=execution.side, quantity=execution.quantity,
-                            price=execution.price, broker=self._broker.name,
-                            executed_at=execution.executed_at))
-            session.commit()
+            record_executions(self._sessions, self._broker, client_order_ids=[leg.client_order_id for leg in legs])
 
     def _result(self, decision: TradeDecision, legs: list[OrderLeg], status: str, reason: str) -> OrderRecord:
         with self._sessions() as session:
@@ -319,8 +308,6 @@ class OrderDesk:
         from the list: a position opened by hand is closed at the listed size, as before. The price
         of the guard: shares bought by hand after the pipeline closed its own position in the symbol
         look like a lagging list and are not exited; the reason says to close them at the broker."""
-        from trading_pipeline.adapters.portfolio_sync import own_fills
-
         symbol, side = decision.symbol, "SELL" if decision.action == Action.SELL else "BUY"
         direction = 1 if side == "SELL" else -1  # what this exit closes is positive
         fills = own_fills(self._sessions, self._broker, symbol)
@@ -388,7 +375,7 @@ class OrderDesk:
                                              f"{decision.decision_id}"))
             session.commit()
             leg = self._as_leg(stored)
-        self._record_executions(decision.symbol, [coid])
+        record_executions(self._sessions, self._broker, client_order_ids=[coid])
         note = "" if quantity == held_quantity else f" (the position is {held_quantity}; the rest is not the pipeline's)"
         if quantity != remaining:
             note += self._resize_siblings(row, quantity)

@@ -243,21 +243,30 @@ def symbols_in_play(sessions: sessionmaker[Session]) -> set[str]:
 
 # --- executions, marks, account -------------------------------------------------------------------
 
-def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: str | None = None) -> int:
+def record_executions(sessions: sessionmaker[Session], broker: Broker, *, symbol: str | None = None,
+                      client_order_ids: list[str] | None = None) -> int:
+    """Record the broker's executions of the pipeline's orders, each once, with what it charged:
+    of the orders that filled (of `symbol` only, when given), or of `client_order_ids` (orders just
+    placed or changed, whose fill counts may not be recorded yet). IBKR reports an execution before
+    it charges it (commission 0 until then): a recorded execution whose commission the broker now
+    gives takes it. Returns how many executions were added."""
     added = 0
     with sessions() as session:
-        query = select(OrderRow).where(OrderRow.filled_quantity > 0)
+        query = (select(OrderRow).where(OrderRow.filled_quantity > 0) if client_order_ids is None
+                 else select(OrderRow).where(OrderRow.client_order_id.in_(client_order_ids)))
         rows = session.scalars(query if symbol is None else query.where(OrderRow.symbol == symbol)).all()
         for row in rows:
             for execution in broker.executions(row.client_order_id):
-                if session.get(ExecutionRow, execution.execution_id) is None:
-                    recorded = ExecutionRow(
+                recorded = session.get(ExecutionRow, execution.execution_id)
+                if recorded is None:
+                    session.add(ExecutionRow(
                         execution_id=execution.execution_id, client_order_id=row.client_order_id,
                         symbol=row.symbol, side=execution.side, quantity=execution.quantity,
-                        price=execution.price, broker=broker.name, executed_at=execution.executed_at)
-                    recorded.commission = execution.commission
-                    session.add(recorded)
+                        price=execution.price, broker=broker.name, executed_at=execution.executed_at,
+                        commission=execution.commission))
                     added += 1
+                elif execution.commission and recorded.commission != execution.commission:
+                    recorded.commission = execution.commission
         session.commit()
     return added
 
@@ -283,7 +292,7 @@ def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> l
     the broker is ahead of the executions recorded for it counts by its fill count (IBKR's trades
     list is read at most every 5 s, its order states more often)."""
     _advance_orders(sessions, broker, symbol=symbol)
-    _record_executions(sessions, broker, symbol=symbol)
+    record_executions(sessions, broker, symbol=symbol)
     with sessions() as session:
         executed: dict[str, float] = {}
         for execution in session.scalars(select(ExecutionRow).where(ExecutionRow.symbol == symbol)):
@@ -667,7 +676,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
     Positions are keyed as the broker returns them: by the strategy's symbol (never re-keyed)."""
     started = datetime.now(UTC)
     changes, changed = _advance_orders(sessions, broker)
-    added = _record_executions(sessions, broker)
+    added = record_executions(sessions, broker)
     account = broker.account(marks, as_of)
     now = datetime.now(UTC)
     drift = []

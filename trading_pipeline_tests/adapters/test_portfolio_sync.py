@@ -6,6 +6,7 @@ keeps its orders and fills in memory and implements the Broker protocol of issue
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -938,3 +939,59 @@ def test_positions_stay_keyed_by_the_strategy_symbol(memory_sessions):
     with memory_sessions() as session:
         assert set(session.scalars(select(PositionSnapshotRow.symbol))) == {"BRK.B"}
         assert set(session.scalars(select(ExecutionRow.symbol))) == {"BRK.B"}
+
+
+# --- commissions of executions ------------------------------------------------------------------------
+
+class FillsAtOnceBroker(BookBroker):
+    """Fills a market exit as it is placed, charging `commission` (IBKR fills a market order at once)."""
+
+    commission = 1.25
+
+    def place(self, symbol, legs, reference_price, placed_at=None):
+        answers = super().place(symbol, legs, reference_price, placed_at)
+        if legs[0].order_type == "MKT":
+            self.fill(legs[0].client_order_id, legs[0].quantity, 99.0, THURSDAY_AFTER_CLOSE, self.commission)
+            return [self._answer(leg.client_order_id) for leg in legs]
+        return answers
+
+
+def executions_of(sessions, coid) -> list[ExecutionRow]:
+    with sessions() as session:
+        return session.scalars(select(ExecutionRow).where(ExecutionRow.client_order_id == coid)).all()
+
+
+def test_an_exit_filled_as_it_is_placed_is_booked_with_its_commission(memory_sessions):
+    """The desk records the executions of what filled at placement (a market exit, a marketable
+    entry); the sync, finding them recorded, never wrote their commission: the books showed the
+    trade without the $1.25 the broker charged."""
+    broker = FillsAtOnceBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN, commission=1.0)
+    broker.cancel("tp-a-sl")
+    broker.cancel("tp-a-tp")
+    sync_portfolio(memory_sessions, broker, {})
+
+    result = exit_now(memory_sessions, broker, closing("a-exit"))
+    assert result.status == "filled", result.reason
+    (execution,) = executions_of(memory_sessions, "tp-a-exit")
+    assert (execution.quantity, execution.price, execution.commission) == (50, 99.0, 1.25)
+    (trade,) = sync_portfolio(memory_sessions, broker, {}).trades
+    assert trade["commission"] == 2.25
+    assert trade["realized_pnl"] == round(50 * (99.0 - 100.0) - 2.25, 2)
+
+
+def test_a_commission_the_broker_charges_after_the_fill_reaches_the_books(memory_sessions):
+    """IBKR lists an execution before it charges it (commission 0 until then). The sync recorded
+    the execution at 0 and never read it again: every such fill was booked free."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN, commission=0.0)
+    sync_portfolio(memory_sessions, broker, {})
+    assert [e.commission for e in executions_of(memory_sessions, "tp-a")] == [0.0]
+
+    broker.fills[0] = dataclasses.replace(broker.fills[0], commission=1.02)  # IBKR has now charged it
+    report = sync_portfolio(memory_sessions, broker, {"AAPL": Mark(101.0)})
+    assert [e.commission for e in executions_of(memory_sessions, "tp-a")] == [1.02]
+    (trade,) = report.trades
+    assert trade["commission"] == 1.02
