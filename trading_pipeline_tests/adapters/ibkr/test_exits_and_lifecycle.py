@@ -427,7 +427,7 @@ def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled
     the order as read again there: the first sync cancels, the second finds it changed and leaves
     it; neither fails nor reports a failed cancel, each order is cancelled once, and the orders end
     Cancelled at IBKR and in the books."""
-    from trading_pipeline.adapters import portfolio_sync
+    from trading_pipeline.adapters.portfolio_sync import protection
 
     w = world()
     w.emulator.set_price("AAPL", 100.0)
@@ -440,7 +440,7 @@ def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled
     both, at_lock = threading.Barrier(2), threading.Barrier(2)
     processes = [w.restart(), w.restart()]
     met = threading.local()
-    lock = portfolio_sync.account_lock
+    lock = protection.account_lock
 
     def meeting_before_the_lock(*args, **kwargs):  # each sync has found the stop orphaned before either cancels
         if not getattr(met, "done", False):
@@ -448,7 +448,7 @@ def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled
             at_lock.wait(10)
         return lock(*args, **kwargs)
 
-    monkeypatch.setattr(portfolio_sync, "account_lock", meeting_before_the_lock)
+    monkeypatch.setattr(protection, "account_lock", meeting_before_the_lock)
 
     def sync(process: World):
         both.wait()

@@ -1,0 +1,54 @@
+"""The books by position: every recorded execution matched FIFO per symbol (core/books.py), with
+each trade's exit reason read from the role of the order that closed it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from trading_pipeline.adapters.broker import as_utc
+from trading_pipeline.adapters.trading_db import DecisionRow, ExecutionRow, OrderEventRow, OrderRow
+from trading_pipeline.core.books import Fill, describe_duration, match_trades
+
+
+def exit_reason(row: OrderRow | None, converted: set[str]) -> str:
+    """Why a fill that reduced a position happened, from the role of its order."""
+    if row is None:
+        return "manual"
+    if row.role == "stop_loss":  # a stop turned into a market exit by a decision keeps its role
+        turned = (row.client_order_id in converted or row.order_type == "MKT"
+                  or row.exit_decision_id)
+        return "exit" if turned else "stop_loss"
+    if row.role in ("take_profit", "exit"):
+        return row.role
+    if row.role == "entry":  # a later decision's order that closed the position
+        return "exit"
+    return "manual"
+
+
+def trades_by_position(session: Session, now: datetime) -> list[dict]:
+    """The books by position: every execution matched FIFO per symbol (core/books.py)."""
+    orders = {row.client_order_id: row for row in session.scalars(select(OrderRow))}
+    converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
+        OrderEventRow.detail.contains("converted"))))
+    stops = dict(session.execute(select(DecisionRow.decision_id, DecisionRow.stop)).all())
+    executions = session.scalars(select(ExecutionRow).order_by(ExecutionRow.executed_at)).all()
+    fills = [Fill(execution_id=e.execution_id, symbol=e.symbol, side=e.side, quantity=e.quantity, price=e.price,
+                  commission=e.commission, executed_at=as_utc(e.executed_at),
+                  decision_id=orders[e.client_order_id].decision_id if e.client_order_id in orders else "",
+                  reason=exit_reason(orders.get(e.client_order_id), converted))
+             for e in executions]
+    return [{
+        "decision_id": trade.decision_id, "symbol": trade.symbol, "side": trade.side,
+        "quantity": round(trade.quantity), "entry": round(trade.entry, 2),
+        "exit": round(trade.exit, 2) if trade.exit is not None else None,
+        "closed_quantity": round(trade.closed_quantity), "status": trade.status,
+        "realized_pnl": round(trade.realized_pnl, 2), "commission": round(trade.commission, 2),
+        "r_multiple": round(trade.r_multiple, 2) if trade.r_multiple is not None else None,
+        "exit_reason": ", ".join(trade.exit_reasons) or None,
+        "opened_at": trade.opened_at.isoformat(),
+        "closed_at": trade.closed_at.isoformat() if trade.status == "closed" else None,
+        "holding_time": describe_duration(trade.holding_time(now)),
+    } for trade in match_trades(fills, stops)]

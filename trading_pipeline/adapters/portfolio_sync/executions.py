@@ -1,0 +1,91 @@
+"""The broker's executions of the pipeline's orders, recorded once each with their commission,
+and the positions they imply (`implied_positions`, `own_fills`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from trading_pipeline.adapters.broker import Broker
+from trading_pipeline.adapters.portfolio_sync.order_states import advance_orders, working_symbols
+from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow
+
+
+def symbols_in_play(sessions: sessionmaker[Session]) -> set[str]:
+    """The pipeline's symbols with an order that may still work or a position its executions imply:
+    the broker must report positions under these names (IBKR matches them by conid: BRK.B is 'BRK B'
+    there), or the sync would find such a position gone and cancel its stop as orphaned."""
+    with sessions() as session:
+        implied = set(implied_positions(session))
+    return working_symbols(sessions) | implied
+
+
+def record_executions(sessions: sessionmaker[Session], broker: Broker, *, symbol: str | None = None,
+                      client_order_ids: list[str] | None = None) -> int:
+    """Record the broker's executions of the pipeline's orders, each once, with what it charged:
+    of the orders that filled (of `symbol` only, when given), or of `client_order_ids` (orders just
+    placed or changed, whose fill counts may not be recorded yet). IBKR reports an execution before
+    it charges it (commission 0 until then): a recorded execution whose commission the broker now
+    gives takes it. Returns how many executions were added."""
+    added = 0
+    with sessions() as session:
+        query = (select(OrderRow).where(OrderRow.filled_quantity > 0) if client_order_ids is None
+                 else select(OrderRow).where(OrderRow.client_order_id.in_(client_order_ids)))
+        rows = session.scalars(query if symbol is None else query.where(OrderRow.symbol == symbol)).all()
+        for row in rows:
+            for execution in broker.executions(row.client_order_id):
+                recorded = session.get(ExecutionRow, execution.execution_id)
+                if recorded is None:
+                    session.add(ExecutionRow(
+                        execution_id=execution.execution_id, client_order_id=row.client_order_id,
+                        symbol=row.symbol, side=execution.side, quantity=execution.quantity,
+                        price=execution.price, broker=broker.name, executed_at=execution.executed_at,
+                        commission=execution.commission))
+                    added += 1
+                elif execution.commission and recorded.commission != execution.commission:
+                    recorded.commission = execution.commission
+        session.commit()
+    return added
+
+
+@dataclass(frozen=True)
+class OwnFill:
+    """What one of the pipeline's orders has filled, by the broker's word."""
+
+    client_order_id: str
+    role: str
+    side: str
+    quantity: float
+
+    @property
+    def signed(self) -> float:
+        return self.quantity if self.side == "BUY" else -self.quantity
+
+
+def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> list[OwnFill]:
+    """The pipeline's orders for `symbol` that filled, oldest first, after bringing them up to date
+    with the broker as the sync does (states, fill counts, executions). Their signed sum is the
+    position the pipeline's executions imply (`implied_positions`); an order whose fill count at
+    the broker is ahead of the executions recorded for it counts by its fill count (IBKR's trades
+    list is read at most every 5 s, its order states more often)."""
+    advance_orders(sessions, broker, symbol=symbol)
+    record_executions(sessions, broker, symbol=symbol)
+    with sessions() as session:
+        executed: dict[str, float] = {}
+        for execution in session.scalars(select(ExecutionRow).where(ExecutionRow.symbol == symbol)):
+            executed[execution.client_order_id] = executed.get(execution.client_order_id, 0.0) + execution.quantity
+        rows = session.scalars(select(OrderRow).where(OrderRow.symbol == symbol)
+                               .order_by(OrderRow.created_at, OrderRow.client_order_id)).all()
+        fills = [OwnFill(row.client_order_id, row.role, row.side,
+                         max(row.filled_quantity or 0.0, executed.get(row.client_order_id, 0.0))) for row in rows]
+    return [fill for fill in fills if fill.quantity > 0]
+
+
+def implied_positions(session: Session) -> dict[str, float]:
+    quantities: dict[str, float] = {}
+    for execution in session.scalars(select(ExecutionRow)):
+        signed = execution.quantity if execution.side == "BUY" else -execution.quantity
+        quantities[execution.symbol] = quantities.get(execution.symbol, 0.0) + signed
+    return {symbol: quantity for symbol, quantity in quantities.items() if abs(quantity) > 1e-9}

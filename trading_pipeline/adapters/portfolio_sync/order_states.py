@@ -1,0 +1,190 @@
+"""The pipeline's orders brought to the broker's state, and what may still fill.
+
+`advance_orders` moves each open order row to what the broker says (a 'submitting' or 'unknown' row
+left by a crash included: found by its cOID, or closed once it clearly never reached the broker;
+a DAY order gone after its session expired; an `Inactive` one cancelled or cut to its fill).
+`working_entries` and `with_working_orders` give the risk gates the orders that may still fill
+and, by symbol, the protective orders still working (the position they protect counts as held).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, as_utc, cancel_inactive, describe_expiry, expiry_of
+from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow
+from trading_pipeline.core.risk import AccountState, WorkingEntry
+
+# An orders step writes 'submitting' and sends within seconds (its HTTP calls time out well before
+# this). A row still unknown to the broker after two minutes never reached it (the process died
+# before or while sending); a younger one may be in flight, so it is left for the next sync.
+SUBMITTING_GRACE = timedelta(minutes=2)
+UNCONFIRMED = ("submitting", "unknown")  # states the pipeline wrote without the broker's word
+NEVER_REACHED = "never reached the broker (sync)"
+
+
+# --- order states -------------------------------------------------------------------------------
+
+def record_change(session: Session, row: OrderRow, status: str, detail: str) -> None:
+    row.status = status
+    session.add(OrderEventRow(client_order_id=row.client_order_id, status=status, detail=detail))
+
+
+def _cancel_row(session: Session, row: OrderRow, detail: str) -> str:
+    """Record an order the broker no longer lists (or never had) as Cancelled; returns the change line."""
+    change = f"{row.client_order_id}: {row.status} → Cancelled ({detail})"
+    record_change(session, row, "Cancelled", detail)
+    return change
+
+
+def _day_order_gone(row: OrderRow) -> bool:
+    """An unfilled DAY entry (or closing order) whose session has closed."""
+    if row.role != "entry" or row.tif != "DAY" or row.filled_quantity:
+        return False
+    return pd.Timestamp(datetime.now(UTC)) > expiry_of("DAY", as_utc(row.created_at))
+
+
+def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> str:
+    """A row written without the broker's word that the broker does not list by its cOID. Its
+    executions prove it reached the broker (an order no longer listed after a rollover); with
+    none, it never did once the grace period is over; before that it may still be in flight."""
+    executions = broker.executions(row.client_order_id)
+    if executions:
+        filled = sum(e.quantity for e in executions)
+        status = "Filled" if filled >= row.quantity else row.status
+        change = (f"{row.client_order_id}: {row.status} → {status} (filled {filled:g}/{row.quantity}: "
+                  "found by its executions, no longer listed by the broker)")
+        row.filled_quantity = filled
+        row.average_fill_price = sum(e.quantity * e.price for e in executions) / filled
+        record_change(session, row, status, f"sync: found by its executions ({filled:g} filled)")
+        return change
+    # Timed from the last attempt (a re-run of the orders step writes 'about to send' again), not
+    # from the row's creation: an old row being sent again right now is in flight too.
+    last_attempt = session.scalar(select(func.max(OrderEventRow.at)).where(
+        OrderEventRow.client_order_id == row.client_order_id)) or row.created_at
+    age = datetime.now(UTC) - max(as_utc(last_attempt), as_utc(row.created_at))
+    if age >= SUBMITTING_GRACE:
+        return _cancel_row(session, row, NEVER_REACHED)
+    return (f"{row.client_order_id}: {row.status} for {age.total_seconds():.0f}s and not at the broker yet "
+            f"(it may be in flight); checked again by the next sync, and recorded as Cancelled if still "
+            f"absent after {SUBMITTING_GRACE.total_seconds() / 60:g} minutes")
+
+
+def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple[str, ...] | None = None,
+                    symbol: str | None = None) -> tuple[list[str], set[str]]:
+    """Bring the pipeline's open orders (of these roles, of this symbol: all by default) to the
+    broker's state; returns the change lines and the cOIDs whose state changed."""
+    changes, changed = [], set()
+    with sessions() as session:
+        query = select(OrderRow).where(OrderRow.status.not_in(FINAL_STATUSES))
+        if roles is not None:
+            query = query.where(OrderRow.role.in_(roles))
+        if symbol is not None:
+            query = query.where(OrderRow.symbol == symbol)
+        open_rows = session.scalars(query).all()
+        # Entries first: an unlisted child is judged by what became of its parent.
+        for row in sorted(open_rows, key=lambda r: r.parent_client_order_id is not None):
+            before = (row.status, row.filled_quantity)
+            order = broker.find_order(row.client_order_id)
+            parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
+            if order is None:
+                if row.status in UNCONFIRMED:
+                    changes.append(_unconfirmed_not_found(session, broker, row))
+                elif _day_order_gone(row):
+                    # IBKR lists only the current session's orders (and a week of executions): a DAY
+                    # order absent after its session closed, with no execution, expired unfilled.
+                    # Left open, it would block the symbol's next order (order_working) for ever.
+                    changes.append(_cancel_row(session, row, "sync: no longer listed by the broker and no execution "
+                                                             f"after its DAY session: "
+                                                             f"{describe_expiry(as_utc(row.created_at))}"))
+                elif parent is not None and parent.status == "Cancelled" and not parent.filled_quantity:
+                    changes.append(_cancel_row(session, row, f"sync: cancelled with its parent "
+                                                             f"{parent.client_order_id}, which never filled"))
+                else:
+                    changes.append(f"{row.client_order_id}: {row.status} here but unknown to the broker; "
+                                   "check it at the broker")
+            elif (order.status, order.filled_quantity) != before:
+                if order.status == "Inactive":
+                    order = cancel_inactive(broker, order)
+                reconciled = row.status in UNCONFIRMED
+                changes.append(f"{row.client_order_id}: {row.status} → {order.status} "
+                               f"(filled {order.filled_quantity:g}/{row.quantity})"
+                               + (f": {order.detail}" if order.detail else "")
+                               + (" (reconciled by cOID)" if reconciled else ""))
+                row.filled_quantity = order.filled_quantity
+                row.average_fill_price = order.average_fill_price
+                row.broker_order_id = row.broker_order_id or order.broker_order_id
+                detail = f"sync: {order.detail}" if order.detail else f"sync: filled {order.filled_quantity:g}"
+                record_change(session, row, order.status,
+                               f"sync: reconciled by cOID, the broker has it ({detail.removeprefix('sync: ')})"
+                               if reconciled else detail)
+            if (row.status, row.filled_quantity) != before:
+                changed.add(row.client_order_id)
+        session.commit()
+    return changes, changed
+
+
+PROTECTIVE_ROLES = ("stop_loss", "take_profit")
+
+
+def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:
+    """The pipeline's orders that may still fill, by symbol, after asking the broker for their
+    state: each decision's first leg (the bracket's entry, or the order closing a position). The
+    risk gates send no second order for such a symbol and count opening ones as positions; one
+    whose state is unknown ('submitting') counts too until the sync reconciles it."""
+    advance_orders(sessions, broker, roles=("entry",))
+    with sessions() as session:
+        return _working_entries(session)
+
+
+def with_working_orders(account: AccountState, sessions: sessionmaker[Session], broker: Broker) -> AccountState:
+    """`account` as the entry gates read it: with the pipeline's orders that may still fill
+    (`working_entries`) and, by symbol, its stop-loss (else take-profit) still working
+    (`AccountState.working_protection`), both after asking the broker for their states. The broker's
+    positions can lag a fill by seconds: an entry that just filled is no longer working and its
+    position may not be listed yet, but its stop works, so the symbol still counts as held."""
+    advance_orders(sessions, broker, roles=("entry", *PROTECTIVE_ROLES))
+    with sessions() as session:
+        protection = {}
+        for symbol in sorted(set(session.scalars(select(OrderRow.symbol).where(
+                OrderRow.role.in_(PROTECTIVE_ROLES), OrderRow.status.not_in(FINAL_STATUSES))))):
+            live = [*working_exits(session, symbol, "stop_loss"), *working_exits(session, symbol, "take_profit")]
+            if live:
+                row = live[0]
+                protection[symbol] = WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
+                                                  row.price, row.status, row.role)
+        return dataclasses.replace(account, working_entries=_working_entries(session), working_protection=protection)
+
+
+def _working_entries(session: Session) -> dict[str, WorkingEntry]:
+    rows = session.scalars(select(OrderRow).where(OrderRow.role == "entry",
+                                                  OrderRow.status.not_in(FINAL_STATUSES))).all()
+    return {row.symbol: WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
+                                     row.price, row.status)
+            for row in rows if row.quantity - row.filled_quantity > 0}
+
+
+
+def working_symbols(sessions: sessionmaker[Session]) -> set[str]:
+    """Symbols with a pipeline order that may still work (the sync marks them and walks their bars)."""
+    with sessions() as session:
+        return set(session.scalars(select(OrderRow.symbol).where(OrderRow.status.not_in(FINAL_STATUSES))))
+
+
+def working_exits(session: Session, symbol: str, role: str) -> list[OrderRow]:
+    """The symbol's working protective orders: confirmed by the broker, and live (a child whose
+    entry has not filled at all waits; one whose entry filled in part protects that part)."""
+    rows = session.scalars(select(OrderRow).where(
+        OrderRow.symbol == symbol, OrderRow.role == role,
+        OrderRow.status.not_in((*FINAL_STATUSES, *UNCONFIRMED)))).all()
+    live = []
+    for row in rows:
+        parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
+        if parent is None or parent.filled_quantity > 0:
+            live.append(row)
+    return live

@@ -1,0 +1,140 @@
+"""One sync pass (`sync_portfolio`): order states, executions, the account at the marks, protection,
+snapshots, the books, and what each decision's orders became."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from trading_pipeline.adapters.broker import Broker, as_utc
+from trading_pipeline.adapters.portfolio_sync.books import exit_reason, trades_by_position
+from trading_pipeline.adapters.portfolio_sync.executions import implied_positions, record_executions
+from trading_pipeline.adapters.portfolio_sync.order_states import advance_orders, working_exits
+from trading_pipeline.adapters.portfolio_sync.protection import positions_contradicted, protect_positions
+from trading_pipeline.adapters.trading_db import (
+    AccountSnapshotRow,
+    ExecutionRow,
+    OrderEventRow,
+    OrderRow,
+    PositionSnapshotRow,
+)
+from trading_pipeline.core.risk import AccountState, Mark
+
+
+@dataclass
+class SyncReport:
+    account: AccountState
+    status_changes: list[str] = field(default_factory=list)
+    new_executions: int = 0
+    drift: list[str] = field(default_factory=list)
+    positions: list[dict] = field(default_factory=list)
+    trades: list[dict] = field(default_factory=list)
+    # The drift that leaves a pipeline position without protection (also in `drift`): an error.
+    unprotected: list[str] = field(default_factory=list)
+    # What each decision's orders became, for the decisions whose orders changed in this sync.
+    orders: list[dict] = field(default_factory=list)
+
+
+# --- what each decision's orders became (observations on the `orders` asset) -----------------------
+
+def _changes_since_last_sync(session: Session, broker_name: str, started: datetime) -> list[tuple[str, str]]:
+    """Order events written since the previous sync by others than this sync (the orders step
+    placing or converting a stop into an exit, the risk gates reading an entry's state): what an
+    order became shows on the asset whoever saw it first. (cOID, line) pairs, oldest first."""
+    previous = session.scalar(select(func.max(AccountSnapshotRow.taken_at)).where(
+        AccountSnapshotRow.broker == broker_name))
+    query = select(OrderEventRow).where(OrderEventRow.at < started).order_by(OrderEventRow.id)
+    if previous is not None:
+        query = query.where(OrderEventRow.at > previous)
+    return [(event.client_order_id, f"{event.client_order_id}: {event.status} ({event.detail})")
+            for event in session.scalars(query)]
+
+
+def _order_outcomes(session: Session, changed: set[str], changes: list[str]) -> list[dict]:
+    """For each decision with a changed order: its legs' states, fills, average prices and
+    commissions, which child filled, and the change lines."""
+    if not changed:
+        return []
+    decision_ids = set(session.scalars(select(OrderRow.decision_id).where(OrderRow.client_order_id.in_(changed))))
+    commissions: dict[str, float] = {}
+    for execution in session.scalars(select(ExecutionRow)):
+        commissions[execution.client_order_id] = commissions.get(execution.client_order_id, 0.0) + execution.commission
+    converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
+        OrderEventRow.detail.contains("converted"))))
+    role_order = {"entry": 0, "exit": 0, "stop_loss": 1, "take_profit": 2}
+    outcomes = []
+    for decision_id in sorted(decision_ids):
+        legs = sorted(session.scalars(select(OrderRow).where(OrderRow.decision_id == decision_id)),
+                      key=lambda r: (role_order.get(r.role, 3), r.client_order_id))
+        first = legs[0]
+        children = [leg for leg in legs[1:] if leg.filled_quantity > 0]
+        filled_child = ", ".join(exit_reason(leg, converted) if leg.role == "stop_loss" else leg.role
+                                 for leg in children) or None
+        coids = {leg.client_order_id for leg in legs}
+        outcomes.append({
+            "symbol": first.symbol, "decision_id": decision_id, "client_order_id": first.client_order_id,
+            "status": first.status, "filled_quantity": first.filled_quantity, "quantity": first.quantity,
+            "average_fill_price": first.average_fill_price, "filled_child": filled_child,
+            "commission": round(sum(commissions.get(leg.client_order_id, 0.0) for leg in legs), 2),
+            "legs": [{"role": leg.role, "client_order_id": leg.client_order_id, "side": leg.side,
+                      "order_type": leg.order_type, "quantity": leg.quantity, "price": leg.price,
+                      "status": leg.status, "filled_quantity": leg.filled_quantity,
+                      "average_fill_price": leg.average_fill_price,
+                      "commission": round(commissions.get(leg.client_order_id, 0.0), 2)} for leg in legs],
+            "changes": [line for line in changes if line.split(":", 1)[0] in coids],
+        })
+    return outcomes
+
+
+# --- the sync ---------------------------------------------------------------------------------------
+
+def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[str, Mark],
+                   as_of: datetime | None = None) -> SyncReport:
+    """One pass: order states, executions, the account at the marks, protection, snapshots, books.
+    Positions are keyed as the broker returns them: by the strategy's symbol (never re-keyed)."""
+    started = datetime.now(UTC)
+    changes, changed = advance_orders(sessions, broker)
+    added = record_executions(sessions, broker)
+    account = broker.account(marks, as_of)
+    now = datetime.now(UTC)
+    drift = []
+    with sessions() as session:
+        changes_elsewhere = _changes_since_last_sync(session, broker.name, started)
+        changed |= {coid for coid, _ in changes_elsewhere}
+        known = {row.client_order_id for row in session.scalars(select(OrderRow))}
+        for order in broker.open_orders():
+            if order.client_order_id not in known:
+                drift.append(f"broker has open order {order.client_order_id or order.broker_order_id} "
+                             "that the pipeline did not send")
+        implied = implied_positions(session)
+        held = {symbol: p.quantity for symbol, p in account.positions.items() if p.quantity}
+        for symbol in sorted(set(implied) | set(held)):
+            if abs(implied.get(symbol, 0.0) - held.get(symbol, 0.0)) > 1e-9:
+                drift.append(f"{symbol}: broker holds {held.get(symbol, 0.0):g}, the pipeline's executions "
+                             f"imply {implied.get(symbol, 0.0):g}")
+        protection = protect_positions(session, broker, held, implied, positions_contradicted(account))
+        session.commit()
+        changes.extend(protection.changes)
+        changed |= protection.changed
+        drift.extend(protection.drift)
+        positions = []
+        for symbol, position in sorted(account.positions.items()):
+            unrealized = round(position.quantity * (position.market_price - position.average_price), 2)
+            stop = working_exits(session, symbol, "stop_loss")
+            positions.append({"symbol": symbol, "quantity": position.quantity,
+                              "average_price": position.average_price, "market_price": position.market_price,
+                              "market_value": round(position.market_value, 2), "unrealized_pnl": unrealized,
+                              "stop": stop[0].price if len(stop) == 1 else None})
+            session.add(PositionSnapshotRow(taken_at=now, broker=broker.name, symbol=symbol,
+                                            quantity=position.quantity, average_price=position.average_price,
+                                            market_price=position.market_price, unrealized_pnl=unrealized))
+        session.add(AccountSnapshotRow(taken_at=now, broker=broker.name, equity=account.equity, cash=account.cash,
+                                       gross_exposure=account.gross_exposure, daily_pnl=account.daily_pnl,
+                                       open_positions=account.open_positions))
+        trades = trades_by_position(session, as_utc(as_of) if as_of is not None else now)
+        outcomes = _order_outcomes(session, changed, [line for _, line in changes_elsewhere] + changes)
+        session.commit()
+    return SyncReport(account, changes, added, drift, positions, trades, protection.unprotected, outcomes)
