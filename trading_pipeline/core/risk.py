@@ -90,15 +90,25 @@ class AccountState:
         return sum(1 for p in self.positions.values() if p.quantity != 0)
 
     @functools.cached_property
+    def unlisted_protected(self) -> dict[str, WorkingEntry]:
+        """`working_protection` of the symbols the broker lists no position in (yet)."""
+        return {s: w for s, w in self.working_protection.items()
+                if s not in self.positions or self.positions[s].quantity == 0}
+
+    @functools.cached_property
     def committed_exposure(self) -> float:
-        """Gross exposure if every working entry filled at its limit."""
-        return self.gross_exposure + sum(abs(w.quantity * w.price) for w in self.working_entries.values())
+        """Gross exposure if every working entry filled at its limit, with the positions the broker
+        does not list yet valued at their protective order's price (their fill price is not at hand;
+        a stop is a few ATR from it)."""
+        unlisted = sum(abs(w.quantity * w.price) for w in self.unlisted_protected.values() if w.price is not None)
+        return self.gross_exposure + unlisted + sum(abs(w.quantity * w.price) for w in self.working_entries.values())
 
     @functools.cached_property
     def committed_positions(self) -> int:
-        """Open positions plus symbols with a working entry and no position yet."""
+        """Open positions plus symbols with a working entry, or a position the broker does not list
+        yet (`working_protection`), and no listed position."""
         held = {s for s, p in self.positions.items() if p.quantity != 0}
-        return len(held | set(self.working_entries))
+        return len(held | set(self.working_entries) | set(self.unlisted_protected))
 
 
 @dataclass(frozen=True)
@@ -192,9 +202,11 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
     # Counted now: the text, written later, must say what the gate saw even if a dict of the
     # account changes after (the other numbers the texts read are immutable).
     open_positions, working_count = others.open_positions, len(working)
+    unlisted = len(set(others.unlisted_protected) - set(working))
     check("max_open_positions", others.committed_positions < limits.max_open_positions,
           lambda: f"{open_positions} open positions + {working_count} working entries "
-          f"vs maximum {limits.max_open_positions}")
+          + (f"+ {unlisted} held under a working stop but not listed by the broker yet " if unlisted else "")
+          + f"vs maximum {limits.max_open_positions}")
     risk = abs(entry - stop)
     by_risk = math.floor(account.equity * limits.risk_per_trade / risk)
     by_share = math.floor(account.equity * limits.max_position_share / entry)

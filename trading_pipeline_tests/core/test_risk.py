@@ -152,6 +152,27 @@ def test_working_entries_elsewhere_count_as_positions_and_exposure():
     assert sized.accepted and sized.quantity == 50
 
 
+def test_positions_the_broker_does_not_list_yet_count_for_the_open_positions_and_exposure_limits():
+    """At the open a batched run's entries fill one after another, and the broker's positions can
+    lag those fills by seconds: each filled entry is no longer working and not listed yet, only its
+    working stop says it is held. Counted nowhere, the next symbols' entries went past the
+    open-positions cap and the gross-exposure room."""
+    stops = {f"S{i}": WorkingEntry(f"tp-{i}-sl", "SELL", 10, 96.0, "Submitted", role="stop_loss") for i in range(10)}
+    full = evaluate(BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_protection=stops), LIMITS)
+    assert failed(full) == {"max_open_positions"}
+    assert "0 open positions + 0 working entries + 10 held under a working stop but not listed by the broker yet " \
+           "vs maximum 10" in next(c.detail for c in full.checks if c.rule == "max_open_positions")
+    # 850 shares under a stop at 96: 81,600 committed, 90% × 100,000 − 81,600 = 8,400 of room: 84 shares
+    # (the risk per trade alone would allow 250)
+    one = {"S": WorkingEntry("tp-s-sl", "SELL", 850, 96.0, "Submitted", role="stop_loss")}
+    sized = evaluate(BUY, "X", MARKET, AccountState(100_000.0, 100_000.0, working_protection=one), LIMITS)
+    assert sized.accepted and sized.quantity == 84
+    # Once the broker lists the position, it counts as a position, once.
+    listed = {"S": Position(quantity=850, average_price=100.0, market_price=100.0)}
+    both = AccountState(100_000.0, 15_000.0, positions=listed, working_protection=one)
+    assert both.committed_positions == 1 and both.committed_exposure == 85_000.0
+
+
 def test_market_hours_gate_follows_the_strategy_when_the_market_is_closed():
     closed = MarketContext(100.0, 2.0, 110.0, 90.0, market_open=False, next_open="Mon 2026-11-23 09:30 EST")
     for_next_open = evaluate(BUY, "X", closed, ACCOUNT, LIMITS, tif="GTC")
