@@ -71,6 +71,11 @@ def test_readme_first_screen():
                       if "label:\"Catalog\"" in path.read_text(errors="replace"))
     for menu in menus:
         assert f'label:"{menu}",href:"/' in scripts, menu
+    # ... with the keyboard shortcuts the tour gives ("**Lineage** (⌥L)")
+    shortcuts = re.findall(r"\*\*(\w+)\*\* \((⌥\w)\)", tour)
+    assert len(shortcuts) >= len(menus) - 1
+    for menu, shortcut in shortcuts:
+        assert re.search(rf'label:"{menu}",shortcut:{{filter:[^}}]*?label:"{shortcut}"', scripts), (menu, shortcut)
 
 
 # --- the docs against the code ------------------------------------------------------------------------
