@@ -177,6 +177,14 @@ def test_the_strategies_page_shows_every_setting_with_its_default():
         assert re.search(rf"^\s+{name}:", example, re.MULTILINE), name
 
 
+def test_the_backtest_page_names_every_launchpad_setting():
+    from trading_pipeline.graph.assets.backtest import BacktestConfig
+
+    text = (REPO / "docs" / "backtesting.md").read_text()
+    launchpad = text.split("Its launchpad config takes", 1)[1].split("\n\n", 1)[0]
+    assert sorted(name for name in BacktestConfig.model_fields if f"`{name}`" not in launchpad) == []
+
+
 def gate_names_in_code() -> set[str]:
     """Every rule a decision or an order can name (the `risk_gates` table, rationales, reasons): the
     constant first argument (or `rule=`) of `check(...)` and `RuleCheck(...)` calls in the package."""
