@@ -121,7 +121,8 @@ def indicator_checks(frames: MarketFrame) -> list[dg.AssetCheckResult]:
 def analysis_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
     # Not blocking: an unusable analysis must still reach trade_decisions and become a NO_TRADE there.
     return [dg.AssetCheckSpec("analysis_usable", asset=asset, blocking=False,
-                              description="The analysis validated and its prices sit on the right side of the close.")]
+                              description="The analysis validated; a BUY or SELL has an entry, a stop and a target, "
+                                          "the stop and the first target on their sides of the entry.")]
 
 
 def analysis_checks(analysis: TimeframeAnalysis) -> list[dg.AssetCheckResult]:

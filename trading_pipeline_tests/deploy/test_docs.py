@@ -1,7 +1,8 @@
 """README.md and docs/: every link to another page (and to a heading in it) leads somewhere, and
 the README's first screen carries what a newcomer needs. Then the docs against the code: every
 environment variable the code reads is in a variable table and every one listed is read, with the
-defaults .env.example holds; the strategies example shows every setting's default; every command,
+defaults .env.example holds; the strategies example shows every setting's default; the order
+lifecycle's gates table names every gate a decision or an order can report; every command,
 make target and flag the docs give exists; every job, schedule, sensor, check, asset and pool is
 named, with the pools' limits and which schedules and sensors run from the start; --help is whole."""
 
@@ -70,6 +71,11 @@ def test_readme_first_screen():
                       if "label:\"Catalog\"" in path.read_text(errors="replace"))
     for menu in menus:
         assert f'label:"{menu}",href:"/' in scripts, menu
+    # ... with the keyboard shortcuts the tour gives ("**Lineage** (⌥L)")
+    shortcuts = re.findall(r"\*\*(\w+)\*\* \((⌥\w)\)", tour)
+    assert len(shortcuts) >= len(menus) - 1
+    for menu, shortcut in shortcuts:
+        assert re.search(rf'label:"{menu}",shortcut:{{filter:[^}}]*?label:"{shortcut}"', scripts), (menu, shortcut)
 
 
 # --- the docs against the code ------------------------------------------------------------------------
@@ -169,6 +175,44 @@ def test_the_strategies_page_shows_every_setting_with_its_default():
     assert strategy.risk == RiskSettings() and strategy.orders == OrderSettings()
     for name in [*RiskSettings.model_fields, *OrderSettings.model_fields]:
         assert re.search(rf"^\s+{name}:", example, re.MULTILINE), name
+
+
+def test_the_backtest_page_names_every_launchpad_setting():
+    from trading_pipeline.graph.assets.backtest import BacktestConfig
+
+    text = (REPO / "docs" / "backtesting.md").read_text()
+    launchpad = text.split("Its launchpad config takes", 1)[1].split("\n\n", 1)[0]
+    assert sorted(name for name in BacktestConfig.model_fields if f"`{name}`" not in launchpad) == []
+
+
+def gate_names_in_code() -> set[str]:
+    """Every rule a decision or an order can name (the `risk_gates` table, rationales, reasons): the
+    constant first argument (or `rule=`) of `check(...)` and `RuleCheck(...)` calls in the package."""
+    import ast
+
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                    in ("check", "RuleCheck")):
+                continue
+            rule = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "rule"), None)
+            if isinstance(rule, ast.Constant) and isinstance(rule.value, str):
+                names.add(rule.value)
+    return names
+
+
+def test_every_gate_is_in_the_order_lifecycle_gates_table():
+    """docs/order-lifecycle.md's "Which gates apply" names every gate as the UI shows it, and no
+    other: a gate renamed or added in the code must be renamed or added there."""
+    section = (REPO / "docs" / "order-lifecycle.md").read_text().split("## Which gates apply", 1)[1].split("\n## ", 1)[0]
+    rows = table_rows(section)[1:]
+    named = {name for row in rows for name in re.findall(r"`([a-z_]+)`", row[0])}  # `orders.enabled` is a setting
+    in_code = gate_names_in_code()
+    assert len(in_code) > 15  # the calls were found
+    assert sorted(in_code - named - {"actionable", "stop_default"}) == []  # those two are in the text below it
+    assert sorted(named - in_code) == []
+    assert {"actionable", "stop_default"} <= set(re.findall(r"`([a-z_]+)`", section))
 
 
 def code_in(page: Path) -> list[str]:
