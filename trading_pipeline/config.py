@@ -1,7 +1,7 @@
 """Settings from the environment: which implementation serves each concern, and where data lives.
 
-Every variable is documented in .env.example and the README. Unknown values stop the code
-location from loading with a message that names the variable and the accepted values.
+Every variable is documented in .env.example and docs/modes-and-variables.md. Unknown values stop
+the code location from loading with a message that names the variable and the accepted values.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from trading_pipeline.errors import ConfigError
@@ -92,32 +92,33 @@ def normalize_database_url(url: str) -> str:
 def parse_as_of(text: str, source: str = "as_of") -> datetime:
     """Parse an ISO-8601 time; naive times are taken as UTC. `source` names where it came from."""
     try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        value = datetime.fromisoformat(text.strip())  # "Z" too, since Python 3.11
     except ValueError:
         raise ConfigError(
             f"{source} {text!r} is not an ISO-8601 time",
             "use a time like 2026-11-20T21:30:00Z (UTC) or 2026-11-20T16:30:00-05:00",
         ) from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 @dataclass(frozen=True)
 class KillSwitch:
-    """Stops all new orders: TRADING_KILL_SWITCH=yes, or a file named KILL_SWITCH in the data dir."""
+    """Stops new entries (exits, which only reduce a position, still go out): TRADING_KILL_SWITCH=yes,
+    or a file named KILL_SWITCH in the data dir."""
 
     engaged: bool
     reason: str
 
     @classmethod
-    def read(cls, environ: dict[str, str] | None = None) -> "KillSwitch":
+    def read(cls, environ: dict[str, str] | None = None) -> KillSwitch:
         environ = os.environ if environ is None else environ
         if env_flag("TRADING_KILL_SWITCH", environ):
-            return cls(True, "TRADING_KILL_SWITCH is set; unset it to allow new orders")
+            return cls(True, "TRADING_KILL_SWITCH is set; unset it to allow new entries")
         file = data_dir(environ) / "KILL_SWITCH"
         if file.exists():
-            return cls(True, f"kill-switch file {file} exists; delete it to allow new orders")
+            return cls(True, f"kill-switch file {file} exists; delete it to allow new entries")
         return cls(False, "")
 
 
@@ -130,7 +131,7 @@ class SafetySwitches:
     allow_live: bool
 
     @classmethod
-    def read(cls, environ: dict[str, str] | None = None) -> "SafetySwitches":
+    def read(cls, environ: dict[str, str] | None = None) -> SafetySwitches:
         return cls(orders_enabled=env_flag("TRADING_ORDERS_ENABLED", environ),
                    allow_live=env_flag("TRADING_ALLOW_LIVE", environ))
 
@@ -148,7 +149,7 @@ def simulated_clock(environ: dict[str, str] | None = None) -> datetime | None:
 
 def trading_now(environ: dict[str, str] | None = None) -> datetime:
     """The time an order is sent: the real clock, or the simulated one a paper deployment sets."""
-    return simulated_clock(environ) or datetime.now(timezone.utc)
+    return simulated_clock(environ) or datetime.now(UTC)
 
 
 def check_real_prices_for_a_trading_broker(environ: dict[str, str]) -> None:
