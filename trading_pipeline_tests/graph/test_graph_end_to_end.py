@@ -381,6 +381,7 @@ def test_demo_keeps_the_stack_trace_of_an_unexpected_error(demo_environment, cap
         raise RuntimeError("a bug, not a user error")
 
     monkeypatch.setattr(market, "materialize_partitions", broken)
+    monkeypatch.setattr(market, "READ_RETRY", None)  # the bars' retries (5 + 10 + 20 s) would only repeat it
     assert demo.main(["--now", "--symbols", "SPY"]) == 1
     captured = capsys.readouterr()
     out = captured.out + captured.err
