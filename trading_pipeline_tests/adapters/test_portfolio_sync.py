@@ -899,6 +899,60 @@ def test_an_exit_still_closes_what_was_bought_by_hand_when_no_fill_of_the_pipeli
     assert result.status == "submitted" and broker.orders["tp-a-exit"].leg.quantity == 80, result.reason
 
 
+def test_an_exit_after_a_gap_stop_is_not_misled_by_an_earlier_trade_closed_by_hand(memory_sessions):
+    """An earlier AAPL trade of the pipeline was closed by hand in TWS (its bracket cancelled there):
+    its entry's +50 stays in the pipeline's fills for ever. The next trade's stop fills at a gap while
+    the broker's positions still list its 50. Summed over all history, the pipeline's own fills imply
+    50 (the old +50, this trade's +50 and -50), 'agreeing' with the stale list: a market sale of 50,
+    a short of 50. Only the fills since the entry of the position held now say what the pipeline holds."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("old"))
+    broker.fill("tp-old", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    sell_by_hand(broker, 50)
+    broker.cancel("tp-old-sl")
+    broker.cancel("tp-old-tp")
+    sync_portfolio(memory_sessions, broker, {})
+
+    send(memory_sessions, broker, decision("new"))
+    broker.fill("tp-new", 50, 100.0, WEDNESDAY_OPEN + timedelta(days=2))
+    assert sync_portfolio(memory_sessions, broker, {}).account.positions["AAPL"].quantity == 50
+    broker.lag_positions()
+    broker.fill("tp-new-sl", 50, 90.0, WEDNESDAY_OPEN + timedelta(days=3))
+
+    result = exit_now(memory_sessions, broker, closing("new-exit"))
+    assert result.status == "not_sent", result.reason
+    assert "the pipeline's own orders imply 0: tp-new-sl (stop-loss) SELL 50 filled" in result.reason
+    assert "tp-new-exit" not in broker.orders
+
+
+def test_an_exit_of_an_unprotected_position_is_not_refused_because_of_an_earlier_manual_position(memory_sessions):
+    """30 AAPL bought by hand were closed by a standalone exit of the pipeline (a sale of 30 in its
+    fills). Its next trade: 50 bought, the stop sold 20 and the rest of the bracket was cancelled at
+    the broker, leaving 30 held with no stop. Summed over all history its fills imply 0 (-30 +50
+    -20), so the exit decision sent nothing ('could open a short'): an unprotected position kept."""
+    broker = BookBroker()
+    by_hand = OrderLeg(client_order_id="bought-by-hand", role="entry", side="BUY", order_type="MKT", quantity=30,
+                       price=None, tif="DAY")
+    broker.place("AAPL", [by_hand], 100.0)
+    broker.fill("bought-by-hand", 30, 100.0, WEDNESDAY_OPEN)
+    first = exit_now(memory_sessions, broker, closing("manual-exit", quantity=30))
+    assert first.status == "submitted" and broker.orders["tp-manual-exit"].leg.quantity == 30, first.reason
+    broker.fill("tp-manual-exit", 30, 101.0, WEDNESDAY_OPEN + timedelta(hours=1))
+    sync_portfolio(memory_sessions, broker, {})
+
+    send(memory_sessions, broker, decision("new"))
+    broker.fill("tp-new", 50, 100.0, WEDNESDAY_OPEN + timedelta(days=1))
+    broker.fill("tp-new-sl", 20, 96.0, WEDNESDAY_OPEN + timedelta(days=2))
+    broker.cancel("tp-new-sl")
+    broker.cancel("tp-new-tp")
+    assert broker.account({}).positions["AAPL"].quantity == 30
+
+    result = exit_now(memory_sessions, broker, closing("new-exit", quantity=30))
+    assert result.status == "submitted", result.reason
+    assert broker.orders["tp-new-exit"].leg.quantity == 30
+
+
 # --- 5. marks -------------------------------------------------------------------------------------------
 
 def test_marks_are_the_latest_closed_close_and_the_close_before():
