@@ -758,15 +758,15 @@ def test_a_stop_whose_entry_just_filled_is_kept_while_the_position_is_not_listed
 
 # --- 4c. positions that lag fills: no second entry, no exit into the other side -----------------------
 
-def entry_through_the_gates(sessions, broker, the_decision):
+def entry_through_the_gates(sessions, broker, the_decision, risk: RiskSettings | None = None):
     """What the orders step does with an entry (graph/assets/orders.py `_send_entry`): the account's
     limits checked again under the account lock, on the account as the gates read it, then sent once."""
     record_decision(sessions, the_decision)
 
     def limits():
         account = with_working_orders(broker.account({}), sessions, broker)
-        return entry_limits(the_decision.symbol, the_decision.entry, the_decision.stop, account, RiskSettings(),
-                            own_order=client_order_id(the_decision))
+        return entry_limits(the_decision.symbol, the_decision.entry, the_decision.stop, account,
+                            risk or RiskSettings(), own_order=client_order_id(the_decision))
 
     return OrderDesk(sessions, broker).submit_once(the_decision, build_legs(the_decision, "DAY"), the_decision.entry,
                                                    limits=limits)
@@ -819,6 +819,35 @@ def test_a_partly_filled_entry_whose_rest_expired_blocks_a_second_entry_and_an_u
     assert second.status == "not_sent" and "tp-a-sl" in second.reason and "tp-b" not in broker.orders
     other = entry_through_the_gates(memory_sessions, broker, decision("n", symbol="MSFT"))
     assert other.status == "submitted", other.reason
+
+
+def test_an_entry_filled_at_once_whose_children_the_broker_has_not_confirmed_yet_counts_for_the_limits(
+        memory_sessions):
+    """A batched run at the open: A's entry fills as it is placed, and the broker's acknowledgement
+    names only the entry (IBKR's bracket answer shape is not documented: only the first answer is
+    paired), so A's stop-loss and take-profit are recorded 'unknown'; the broker's orders list does
+    not show them yet, nor its positions A's fill. A is done (not working), not listed, and its
+    unconfirmed stop was not counted: MSFT's entry went past max_open_positions (1). A stop whose
+    state is unknown may be working, as an entry whose state is unknown counts as working."""
+    broker = BookBroker()
+    broker.unlisted.add("AAPL")
+    the_decision = decision("a")
+    record_decision(memory_sessions, the_decision)
+    legs = build_legs(the_decision, "DAY")
+    desk = OrderDesk(memory_sessions, broker)
+    desk._record(the_decision, legs, {}, "submitting", "about to send")
+    answers = broker.place("AAPL", legs, 100.0)
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    desk._record(the_decision, legs, {"tp-a": broker.find_order("tp-a")}, "unknown", "broker accepted")
+    broker.forgotten.update({"tp-a-sl", "tp-a-tp"})  # not in the broker's orders list yet
+    assert len(answers) == 3 and rows(memory_sessions, "tp-a-sl")["tp-a-sl"].status == "unknown"
+
+    other = entry_through_the_gates(memory_sessions, broker, decision("m", symbol="MSFT"),
+                                    RiskSettings(max_open_positions=1))
+    assert other.status == "not_sent" and "max_open_positions" in other.reason, other.reason
+    assert "tp-m" not in broker.orders
+    same = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert same.status == "not_sent" and "tp-a-sl" in same.reason and "tp-b" not in broker.orders, same.reason
 
 
 def test_entries_resume_once_the_sync_cancels_the_stop_of_a_position_closed_by_hand(memory_sessions):

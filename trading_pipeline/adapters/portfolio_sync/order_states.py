@@ -147,15 +147,19 @@ def with_working_orders(account: AccountState, sessions: sessionmaker[Session], 
     (`working_entries`) and, by symbol, its stop-loss (else take-profit) still working
     (`AccountState.working_protection`), both after asking the broker for their states. The broker's
     positions can lag a fill by seconds: an entry that just filled is no longer working and its
-    position may not be listed yet, but its stop works, so the symbol still counts as held."""
+    position may not be listed yet, but its stop works, so the symbol still counts as held. A
+    stop whose state the broker has not confirmed yet (an acknowledgement that named only the
+    entry, a crash after it) counts too, as an entry whose state is unknown counts as working: it
+    may be working, and its entry filled; the sync confirms it or closes it as never placed."""
     advance_orders(sessions, broker, roles=("entry", *PROTECTIVE_ROLES))
     with sessions() as session:
         protection = {}
         for symbol in sorted(set(session.scalars(select(OrderRow.symbol).where(
                 OrderRow.role.in_(PROTECTIVE_ROLES), OrderRow.status.not_in(FINAL_STATUSES))))):
-            live = [*working_exits(session, symbol, "stop_loss"), *working_exits(session, symbol, "take_profit")]
+            live = [*working_exits(session, symbol, "stop_loss", unconfirmed=True),
+                    *working_exits(session, symbol, "take_profit", unconfirmed=True)]
             if live:
-                row = live[0]
+                row = min(live, key=lambda r: r.status in UNCONFIRMED)  # the broker's word first
                 protection[symbol] = WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
                                                   row.price, row.status, row.role)
         return dataclasses.replace(account, working_entries=_working_entries(session), working_protection=protection)
@@ -176,12 +180,13 @@ def working_symbols(sessions: sessionmaker[Session]) -> set[str]:
         return set(session.scalars(select(OrderRow.symbol).where(OrderRow.status.not_in(FINAL_STATUSES))))
 
 
-def working_exits(session: Session, symbol: str, role: str) -> list[OrderRow]:
-    """The symbol's working protective orders: confirmed by the broker, and live (a child whose
+def working_exits(session: Session, symbol: str, role: str, unconfirmed: bool = False) -> list[OrderRow]:
+    """The symbol's working protective orders: confirmed by the broker (or, with `unconfirmed`, also
+    written without its word: their state unknown, they may be working), and live (a child whose
     entry has not filled at all waits; one whose entry filled in part protects that part)."""
     rows = session.scalars(select(OrderRow).where(
         OrderRow.symbol == symbol, OrderRow.role == role,
-        OrderRow.status.not_in((*FINAL_STATUSES, *UNCONFIRMED)))).all()
+        OrderRow.status.not_in(FINAL_STATUSES if unconfirmed else (*FINAL_STATUSES, *UNCONFIRMED)))).all()
     live = []
     for row in rows:
         parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
