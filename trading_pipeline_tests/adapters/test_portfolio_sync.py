@@ -22,6 +22,7 @@ from trading_pipeline.adapters.portfolio_sync import (
     ORPHAN_GRACE,
     SUBMITTING_GRACE,
     positions_contradicted,
+    record_executions,
     sync_portfolio,
     with_working_orders,
     working_entries,
@@ -980,6 +981,37 @@ def test_an_exit_of_an_unprotected_position_is_not_refused_because_of_an_earlier
     result = exit_now(memory_sessions, broker, closing("new-exit", quantity=30))
     assert result.status == "submitted", result.reason
     assert broker.orders["tp-new-exit"].leg.quantity == 30
+
+
+def test_executions_the_sync_records_at_the_same_moment_do_not_stop_the_exit(memory_sessions):
+    """The stop filled at a gap and no sync has recorded the fills yet. The exit brings the symbol's
+    orders up to date with the broker (`own_fills`) while the sync, in its own process, records the
+    same executions: the exit's write of an execution the sync wrote first failed on the execution
+    id (IntegrityError), so the orders step failed for that symbol instead of saying why nothing is
+    sent (and the sync's own recording fails the same way when the orders step is first)."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN, commission=1.0)
+    broker.lag_positions()
+    broker.fill("tp-a-sl", 50, 90.0, WEDNESDAY_OPEN + timedelta(days=1), commission=1.0)
+    executions = broker.executions
+
+    def the_sync_records_them_meanwhile(coid):
+        found = executions(coid)
+        if coid == "tp-a-sl":
+            broker.executions = executions
+            try:
+                record_executions(memory_sessions, broker)  # the sync's pass, committed first
+            finally:
+                broker.executions = the_sync_records_them_meanwhile
+        return found
+
+    broker.executions = the_sync_records_them_meanwhile
+    result = exit_now(memory_sessions, broker, closing("a-exit"))
+    assert result.status == "not_sent", result.reason
+    assert "the pipeline's own orders imply 0: tp-a-sl (stop-loss) SELL 50 filled" in result.reason
+    with memory_sessions() as session:
+        assert sorted(e.execution_id for e in session.scalars(select(ExecutionRow))) == ["x1", "x2"]
 
 
 # --- 5. marks -------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import Broker
@@ -28,7 +29,20 @@ def record_executions(sessions: sessionmaker[Session], broker: Broker, *, symbol
     of the orders that filled (of `symbol` only, when given), or of `client_order_ids` (orders just
     placed or changed, whose fill counts may not be recorded yet). IBKR reports an execution before
     it charges it (commission 0 until then): a recorded execution whose commission the broker now
-    gives takes it. Returns how many executions were added."""
+    gives takes it. Returns how many executions were added.
+
+    Another process may record the same executions at the same moment (the sync beside an orders
+    step bringing a symbol up to date before an exit, or recording what filled at placement): the
+    write of one it recorded first fails on the execution id, and the pass is made once more,
+    reading what it recorded."""
+    try:
+        return _record_executions(sessions, broker, symbol, client_order_ids)
+    except IntegrityError:
+        return _record_executions(sessions, broker, symbol, client_order_ids)
+
+
+def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: str | None,
+                       client_order_ids: list[str] | None) -> int:
     added = 0
     with sessions() as session:
         query = (select(OrderRow).where(OrderRow.filled_quantity > 0) if client_order_ids is None
