@@ -295,7 +295,8 @@ class OrderDesk:
         sold, and a market order of that size would open the other side. So the pipeline's own
         orders for the symbol are brought up to date with the broker first (states, fill counts,
         executions); when its closing orders (stop-loss, take-profit, exit) filled on this exit's
-        side and the position its fills imply is smaller than the listed one, the two disagree, and
+        side and the position its fills imply (`own_fills`: since the entry that opened its latest
+        position in the symbol) is smaller than the listed one, the two disagree, and
         the exit is the smaller of them: what both agree is held. Nothing is sent when that is
         nothing.
 

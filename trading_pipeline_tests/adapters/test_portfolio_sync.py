@@ -22,6 +22,7 @@ from trading_pipeline.adapters.portfolio_sync import (
     ORPHAN_GRACE,
     SUBMITTING_GRACE,
     positions_contradicted,
+    record_executions,
     sync_portfolio,
     with_working_orders,
     working_entries,
@@ -758,15 +759,15 @@ def test_a_stop_whose_entry_just_filled_is_kept_while_the_position_is_not_listed
 
 # --- 4c. positions that lag fills: no second entry, no exit into the other side -----------------------
 
-def entry_through_the_gates(sessions, broker, the_decision):
+def entry_through_the_gates(sessions, broker, the_decision, risk: RiskSettings | None = None):
     """What the orders step does with an entry (graph/assets/orders.py `_send_entry`): the account's
     limits checked again under the account lock, on the account as the gates read it, then sent once."""
     record_decision(sessions, the_decision)
 
     def limits():
         account = with_working_orders(broker.account({}), sessions, broker)
-        return entry_limits(the_decision.symbol, the_decision.entry, the_decision.stop, account, RiskSettings(),
-                            own_order=client_order_id(the_decision))
+        return entry_limits(the_decision.symbol, the_decision.entry, the_decision.stop, account,
+                            risk or RiskSettings(), own_order=client_order_id(the_decision))
 
     return OrderDesk(sessions, broker).submit_once(the_decision, build_legs(the_decision, "DAY"), the_decision.entry,
                                                    limits=limits)
@@ -819,6 +820,35 @@ def test_a_partly_filled_entry_whose_rest_expired_blocks_a_second_entry_and_an_u
     assert second.status == "not_sent" and "tp-a-sl" in second.reason and "tp-b" not in broker.orders
     other = entry_through_the_gates(memory_sessions, broker, decision("n", symbol="MSFT"))
     assert other.status == "submitted", other.reason
+
+
+def test_an_entry_filled_at_once_whose_children_the_broker_has_not_confirmed_yet_counts_for_the_limits(
+        memory_sessions):
+    """A batched run at the open: A's entry fills as it is placed, and the broker's acknowledgement
+    names only the entry (IBKR's bracket answer shape is not documented: only the first answer is
+    paired), so A's stop-loss and take-profit are recorded 'unknown'; the broker's orders list does
+    not show them yet, nor its positions A's fill. A is done (not working), not listed, and its
+    unconfirmed stop was not counted: MSFT's entry went past max_open_positions (1). A stop whose
+    state is unknown may be working, as an entry whose state is unknown counts as working."""
+    broker = BookBroker()
+    broker.unlisted.add("AAPL")
+    the_decision = decision("a")
+    record_decision(memory_sessions, the_decision)
+    legs = build_legs(the_decision, "DAY")
+    desk = OrderDesk(memory_sessions, broker)
+    desk._record(the_decision, legs, {}, "submitting", "about to send")
+    answers = broker.place("AAPL", legs, 100.0)
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN)
+    desk._record(the_decision, legs, {"tp-a": broker.find_order("tp-a")}, "unknown", "broker accepted")
+    broker.forgotten.update({"tp-a-sl", "tp-a-tp"})  # not in the broker's orders list yet
+    assert len(answers) == 3 and rows(memory_sessions, "tp-a-sl")["tp-a-sl"].status == "unknown"
+
+    other = entry_through_the_gates(memory_sessions, broker, decision("m", symbol="MSFT"),
+                                    RiskSettings(max_open_positions=1))
+    assert other.status == "not_sent" and "max_open_positions" in other.reason, other.reason
+    assert "tp-m" not in broker.orders
+    same = entry_through_the_gates(memory_sessions, broker, decision("b"))
+    assert same.status == "not_sent" and "tp-a-sl" in same.reason and "tp-b" not in broker.orders, same.reason
 
 
 def test_entries_resume_once_the_sync_cancels_the_stop_of_a_position_closed_by_hand(memory_sessions):
@@ -897,6 +927,91 @@ def test_an_exit_still_closes_what_was_bought_by_hand_when_no_fill_of_the_pipeli
 
     result = exit_now(memory_sessions, broker, closing("a-exit", quantity=80))
     assert result.status == "submitted" and broker.orders["tp-a-exit"].leg.quantity == 80, result.reason
+
+
+def test_an_exit_after_a_gap_stop_is_not_misled_by_an_earlier_trade_closed_by_hand(memory_sessions):
+    """An earlier AAPL trade of the pipeline was closed by hand in TWS (its bracket cancelled there):
+    its entry's +50 stays in the pipeline's fills for ever. The next trade's stop fills at a gap while
+    the broker's positions still list its 50. Summed over all history, the pipeline's own fills imply
+    50 (the old +50, this trade's +50 and -50), 'agreeing' with the stale list: a market sale of 50,
+    a short of 50. Only the fills since the entry of the position held now say what the pipeline holds."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("old"))
+    broker.fill("tp-old", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    sell_by_hand(broker, 50)
+    broker.cancel("tp-old-sl")
+    broker.cancel("tp-old-tp")
+    sync_portfolio(memory_sessions, broker, {})
+
+    send(memory_sessions, broker, decision("new"))
+    broker.fill("tp-new", 50, 100.0, WEDNESDAY_OPEN + timedelta(days=2))
+    assert sync_portfolio(memory_sessions, broker, {}).account.positions["AAPL"].quantity == 50
+    broker.lag_positions()
+    broker.fill("tp-new-sl", 50, 90.0, WEDNESDAY_OPEN + timedelta(days=3))
+
+    result = exit_now(memory_sessions, broker, closing("new-exit"))
+    assert result.status == "not_sent", result.reason
+    assert "the pipeline's own orders imply 0: tp-new-sl (stop-loss) SELL 50 filled" in result.reason
+    assert "tp-new-exit" not in broker.orders
+
+
+def test_an_exit_of_an_unprotected_position_is_not_refused_because_of_an_earlier_manual_position(memory_sessions):
+    """30 AAPL bought by hand were closed by a standalone exit of the pipeline (a sale of 30 in its
+    fills). Its next trade: 50 bought, the stop sold 20 and the rest of the bracket was cancelled at
+    the broker, leaving 30 held with no stop. Summed over all history its fills imply 0 (-30 +50
+    -20), so the exit decision sent nothing ('could open a short'): an unprotected position kept."""
+    broker = BookBroker()
+    by_hand = OrderLeg(client_order_id="bought-by-hand", role="entry", side="BUY", order_type="MKT", quantity=30,
+                       price=None, tif="DAY")
+    broker.place("AAPL", [by_hand], 100.0)
+    broker.fill("bought-by-hand", 30, 100.0, WEDNESDAY_OPEN)
+    first = exit_now(memory_sessions, broker, closing("manual-exit", quantity=30))
+    assert first.status == "submitted" and broker.orders["tp-manual-exit"].leg.quantity == 30, first.reason
+    broker.fill("tp-manual-exit", 30, 101.0, WEDNESDAY_OPEN + timedelta(hours=1))
+    sync_portfolio(memory_sessions, broker, {})
+
+    send(memory_sessions, broker, decision("new"))
+    broker.fill("tp-new", 50, 100.0, WEDNESDAY_OPEN + timedelta(days=1))
+    broker.fill("tp-new-sl", 20, 96.0, WEDNESDAY_OPEN + timedelta(days=2))
+    broker.cancel("tp-new-sl")
+    broker.cancel("tp-new-tp")
+    assert broker.account({}).positions["AAPL"].quantity == 30
+
+    result = exit_now(memory_sessions, broker, closing("new-exit", quantity=30))
+    assert result.status == "submitted", result.reason
+    assert broker.orders["tp-new-exit"].leg.quantity == 30
+
+
+def test_executions_the_sync_records_at_the_same_moment_do_not_stop_the_exit(memory_sessions):
+    """The stop filled at a gap and no sync has recorded the fills yet. The exit brings the symbol's
+    orders up to date with the broker (`own_fills`) while the sync, in its own process, records the
+    same executions: the exit's write of an execution the sync wrote first failed on the execution
+    id (IntegrityError), so the orders step failed for that symbol instead of saying why nothing is
+    sent (and the sync's own recording fails the same way when the orders step is first)."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN, commission=1.0)
+    broker.lag_positions()
+    broker.fill("tp-a-sl", 50, 90.0, WEDNESDAY_OPEN + timedelta(days=1), commission=1.0)
+    executions = broker.executions
+
+    def the_sync_records_them_meanwhile(coid):
+        found = executions(coid)
+        if coid == "tp-a-sl":
+            broker.executions = executions
+            try:
+                record_executions(memory_sessions, broker)  # the sync's pass, committed first
+            finally:
+                broker.executions = the_sync_records_them_meanwhile
+        return found
+
+    broker.executions = the_sync_records_them_meanwhile
+    result = exit_now(memory_sessions, broker, closing("a-exit"))
+    assert result.status == "not_sent", result.reason
+    assert "the pipeline's own orders imply 0: tp-a-sl (stop-loss) SELL 50 filled" in result.reason
+    with memory_sessions() as session:
+        assert sorted(e.execution_id for e in session.scalars(select(ExecutionRow))) == ["x1", "x2"]
 
 
 # --- 5. marks -------------------------------------------------------------------------------------------

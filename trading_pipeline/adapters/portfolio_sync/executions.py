@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import Broker
@@ -28,7 +29,20 @@ def record_executions(sessions: sessionmaker[Session], broker: Broker, *, symbol
     of the orders that filled (of `symbol` only, when given), or of `client_order_ids` (orders just
     placed or changed, whose fill counts may not be recorded yet). IBKR reports an execution before
     it charges it (commission 0 until then): a recorded execution whose commission the broker now
-    gives takes it. Returns how many executions were added."""
+    gives takes it. Returns how many executions were added.
+
+    Another process may record the same executions at the same moment (the sync beside an orders
+    step bringing a symbol up to date before an exit, or recording what filled at placement): the
+    write of one it recorded first fails on the execution id, and the pass is made once more,
+    reading what it recorded."""
+    try:
+        return _record_executions(sessions, broker, symbol, client_order_ids)
+    except IntegrityError:
+        return _record_executions(sessions, broker, symbol, client_order_ids)
+
+
+def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: str | None,
+                       client_order_ids: list[str] | None) -> int:
     added = 0
     with sessions() as session:
         query = (select(OrderRow).where(OrderRow.filled_quantity > 0) if client_order_ids is None
@@ -65,11 +79,20 @@ class OwnFill:
 
 
 def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> list[OwnFill]:
-    """The pipeline's orders for `symbol` that filled, oldest first, after bringing them up to date
-    with the broker as the sync does (states, fill counts, executions). Their signed sum is the
-    position the pipeline's executions imply (`implied_positions`); an order whose fill count at
-    the broker is ahead of the executions recorded for it counts by its fill count (IBKR's trades
-    list is read at most every 5 s, its order states more often)."""
+    """The fills of the pipeline's orders for `symbol` since the entry that opened its latest
+    position there (all of them when no entry of the pipeline filled), oldest first, after bringing
+    the orders up to date with the broker as the sync does (states, fill counts, executions). Their
+    signed sum is the position the pipeline holds in the symbol by its own fills; an order whose
+    fill count at the broker is ahead of the executions recorded for it counts by its fill count
+    (IBKR's trades list is read at most every 5 s, its order states more often).
+
+    Why from the latest entry, not over all history (`implied_positions`): an earlier trade closed
+    outside the pipeline (sold by hand in TWS, flipped) leaves its entry in the fills for ever, and
+    a manual position closed by a pipeline exit leaves that sale. Summed, they make the pipeline
+    hold what it does not: a lagging positions list then 'agrees' with the sum and an exit sells
+    into the other side, or an exit of a position the pipeline does hold is refused. The entry gates
+    open one pipeline position per symbol at a time (none while one is held or protected), so the
+    latest filled entry starts the position held now."""
     advance_orders(sessions, broker, symbol=symbol)
     record_executions(sessions, broker, symbol=symbol)
     with sessions() as session:
@@ -80,7 +103,9 @@ def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> l
                                .order_by(OrderRow.created_at, OrderRow.client_order_id)).all()
         fills = [OwnFill(row.client_order_id, row.role, row.side,
                          max(row.filled_quantity or 0.0, executed.get(row.client_order_id, 0.0))) for row in rows]
-    return [fill for fill in fills if fill.quantity > 0]
+    fills = [fill for fill in fills if fill.quantity > 0]
+    entries = [index for index, fill in enumerate(fills) if fill.role == "entry"]
+    return fills[entries[-1]:] if entries else fills
 
 
 def implied_positions(session: Session) -> dict[str, float]:

@@ -76,10 +76,11 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
 
 
 def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple[str, ...] | None = None,
-                    symbol: str | None = None) -> tuple[list[str], set[str]]:
+                   symbol: str | None = None) -> tuple[list[str], set[str], set[str]]:
     """Bring the pipeline's open orders (of these roles, of this symbol: all by default) to the
-    broker's state; returns the change lines and the cOIDs whose state changed."""
-    changes, changed = [], set()
+    broker's state; returns the change lines, the cOIDs whose state changed, and the cOIDs of the
+    open orders the broker does not know (left as they were)."""
+    changes, changed, unknown = [], set(), set()
     with sessions() as session:
         query = select(OrderRow).where(OrderRow.status.not_in(FINAL_STATUSES))
         if roles is not None:
@@ -108,6 +109,8 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
                 else:
                     changes.append(f"{row.client_order_id}: {row.status} here but unknown to the broker; "
                                    "check it at the broker")
+                if row.status not in FINAL_STATUSES:
+                    unknown.add(row.client_order_id)
             elif (order.status, order.filled_quantity) != before:
                 if order.status == "Inactive":
                     order = cancel_inactive(broker, order)
@@ -126,7 +129,7 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
             if (row.status, row.filled_quantity) != before:
                 changed.add(row.client_order_id)
         session.commit()
-    return changes, changed
+    return changes, changed, unknown
 
 
 PROTECTIVE_ROLES = ("stop_loss", "take_profit")
@@ -147,15 +150,31 @@ def with_working_orders(account: AccountState, sessions: sessionmaker[Session], 
     (`working_entries`) and, by symbol, its stop-loss (else take-profit) still working
     (`AccountState.working_protection`), both after asking the broker for their states. The broker's
     positions can lag a fill by seconds: an entry that just filled is no longer working and its
-    position may not be listed yet, but its stop works, so the symbol still counts as held."""
-    advance_orders(sessions, broker, roles=("entry", *PROTECTIVE_ROLES))
+    position may not be listed yet, but its stop works, so the symbol still counts as held. A
+    stop whose state the broker has not confirmed yet (an acknowledgement that named only the
+    entry, a crash after it) counts too, as an entry whose state is unknown counts as working: it
+    may be working, and its entry filled; the sync confirms it or closes it as never placed.
+
+    One the broker does not list, placed longer ago than an order can be in flight
+    (SUBMITTING_GRACE), does not count: the broker lists every working order, so it works no more
+    (cancelled by hand, say, and no longer listed after a day rollover, with no execution to find it
+    by). The books keep it as it was (the sync says to check it at the broker) and the sync cannot
+    cancel what the broker does not know: counted, it would hold its symbol as a position for ever."""
+    _, _, unknown = advance_orders(sessions, broker, roles=("entry", *PROTECTIVE_ROLES))
+    now = datetime.now(UTC)
+
+    def listed_or_young(row: OrderRow) -> bool:
+        return row.client_order_id not in unknown or now - as_utc(row.created_at) < SUBMITTING_GRACE
+
     with sessions() as session:
         protection = {}
         for symbol in sorted(set(session.scalars(select(OrderRow.symbol).where(
                 OrderRow.role.in_(PROTECTIVE_ROLES), OrderRow.status.not_in(FINAL_STATUSES))))):
-            live = [*working_exits(session, symbol, "stop_loss"), *working_exits(session, symbol, "take_profit")]
+            live = [row for row in (*working_exits(session, symbol, "stop_loss", unconfirmed=True),
+                                    *working_exits(session, symbol, "take_profit", unconfirmed=True))
+                    if listed_or_young(row)]
             if live:
-                row = live[0]
+                row = min(live, key=lambda r: r.status in UNCONFIRMED)  # the broker's word first
                 protection[symbol] = WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
                                                   row.price, row.status, row.role)
         return dataclasses.replace(account, working_entries=_working_entries(session), working_protection=protection)
@@ -176,12 +195,13 @@ def working_symbols(sessions: sessionmaker[Session]) -> set[str]:
         return set(session.scalars(select(OrderRow.symbol).where(OrderRow.status.not_in(FINAL_STATUSES))))
 
 
-def working_exits(session: Session, symbol: str, role: str) -> list[OrderRow]:
-    """The symbol's working protective orders: confirmed by the broker, and live (a child whose
+def working_exits(session: Session, symbol: str, role: str, unconfirmed: bool = False) -> list[OrderRow]:
+    """The symbol's working protective orders: confirmed by the broker (or, with `unconfirmed`, also
+    written without its word: their state unknown, they may be working), and live (a child whose
     entry has not filled at all waits; one whose entry filled in part protects that part)."""
     rows = session.scalars(select(OrderRow).where(
         OrderRow.symbol == symbol, OrderRow.role == role,
-        OrderRow.status.not_in((*FINAL_STATUSES, *UNCONFIRMED)))).all()
+        OrderRow.status.not_in(FINAL_STATUSES if unconfirmed else (*FINAL_STATUSES, *UNCONFIRMED)))).all()
     live = []
     for row in rows:
         parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None

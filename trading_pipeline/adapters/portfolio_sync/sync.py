@@ -96,7 +96,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
     """One pass: order states, executions, the account at the marks, protection, snapshots, books.
     Positions are keyed as the broker returns them: by the strategy's symbol (never re-keyed)."""
     started = datetime.now(UTC)
-    changes, changed = advance_orders(sessions, broker)
+    changes, changed, _ = advance_orders(sessions, broker)
     added = record_executions(sessions, broker)
     account = broker.account(marks, as_of)
     now = datetime.now(UTC)

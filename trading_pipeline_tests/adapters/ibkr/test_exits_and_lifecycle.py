@@ -613,6 +613,41 @@ def test_two_runs_deciding_for_a_symbol_at_once_send_one_entry_while_ibkrs_posit
     assert w.held("AAPL") == 0  # still not listed
 
 
+def test_a_bracket_closed_by_hand_before_a_rollover_no_sync_saw_does_not_hold_the_limits_for_ever(world):
+    """After the last sync of the day the position is sold in TWS and its stop and take-profit are
+    cancelled there. The day rolls over: IBKR lists neither order any more, and with no execution
+    there is nothing to find them by, so the books keep them as they were (Submitted; the sync says
+    to check them at the broker, and cannot cancel what IBKR does not know). Counted as working
+    protection, that stop held AAPL as a position for ever: no AAPL entry again (the reason saying
+    the sync would cancel it and entries resume) and one open position of max_open_positions used
+    up for every other symbol. IBKR lists every working order: one it no longer lists, placed long
+    before, does not work."""
+    w = world(symbols=("AAPL", "MSFT"))
+    w.emulator.set_price("AAPL", 100.0)
+    w.emulator.set_price("MSFT", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("a"))
+    assert sync_portfolio(w.sessions, w.broker, {}).drift == []
+    w.sell_by_hand("a-by-hand", 50)
+    w.broker.client.cancel_order(stop_id)
+    w.broker.client.cancel_order(take_profit_id)
+    w.emulator.new_day()
+    for _ in range(2):
+        earlier(w.sessions, ORPHAN_GRACE * 2)
+        report = sync_portfolio(w.sessions, w.broker, {})
+    assert w.row("tp-a-sl").status == "Submitted"  # what IBKR does not list stays as it was
+    assert any(line.startswith("tp-a-sl: Submitted here but unknown to the broker") for line in report.status_changes)
+    one_position = RiskSettings(max_open_positions=1)
+
+    def gates(decision: TradeDecision, risk: RiskSettings):
+        account = with_working_orders(w.broker.account({}), w.sessions, w.broker)
+        return entry_limits(decision.symbol, decision.entry, decision.stop, account, risk)
+
+    quantity, checks = gates(entry_decision("m", symbol="MSFT"), one_position)
+    assert quantity > 0, [(c.rule, c.detail) for c in checks if not c.passed]
+    quantity, checks = gates(entry_decision("b"), RiskSettings())
+    assert quantity > 0, [(c.rule, c.detail) for c in checks if not c.passed]
+
+
 def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_factory, client_factory, tmp_path):
     """Five runs decide at once on the same empty account; the account lock (a file lock beside the
     SQLite trading DB, across threads and processes) makes 'read the account, check, place' atomic.
