@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -93,6 +93,14 @@ class Broker(Protocol):
 
     def executions(self, client_order_id: str) -> list[BrokerExecution]: ...
 
+    def outside_executions(self, symbols: Collection[str],
+                           own_client_order_ids: Collection[str]) -> list[BrokerExecution]:
+        """The executions at the broker in `symbols` that belong to none of the pipeline's orders
+        (`own_client_order_ids`): trades made by hand (in TWS) or by another program, reported with
+        client_order_id "" (OUTSIDE_ORDER). The portfolio sync books them, so that a position the
+        pipeline opened and the user closed by hand is closed in its books too."""
+        ...
+
     def open_orders(self) -> list[BrokerOrder]: ...
 
     def cancel(self, client_order_id: str) -> BrokerOrder | None:
@@ -114,6 +122,10 @@ class Broker(Protocol):
 
 
 FINAL_STATUSES = ("Filled", "Cancelled", "Inactive", "Rejected")
+
+# The client order id of an execution that is none of the pipeline's orders (a trade made by hand
+# in TWS): in `BrokerExecution` and in the `executions` table (no order row has it).
+OUTSIDE_ORDER = ""
 
 
 def cancel_inactive(broker: Broker, order: BrokerOrder) -> BrokerOrder:
@@ -328,6 +340,11 @@ class PaperBroker:
                 .where(PaperOrderRow.client_order_id == client_order_id)).all()
             return [BrokerExecution(f"paper-{fill.id}", coid, fill.symbol, fill.side, fill.quantity, fill.price,
                                     as_utc(fill.executed_at), fill.commission) for fill, coid in rows]
+
+    def outside_executions(self, symbols: Collection[str],
+                           own_client_order_ids: Collection[str]) -> list[BrokerExecution]:
+        """None: nothing trades at the paper broker but the pipeline's own orders."""
+        return []
 
     def open_orders(self) -> list[BrokerOrder]:
         with self._sessions() as session:

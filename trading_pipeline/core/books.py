@@ -3,8 +3,10 @@
 A trade is opened by an entry's fills and closed by whatever reduces the position afterwards,
 whichever decision or order that was: the bracket's stop-loss or take-profit, a stop converted
 into an exit, a standalone exit, a later decision's closing order. So a position opened and then
-closed is one closed trade with its realized P&L, never two open trades. Pure: plain values in,
-plain values out.
+closed is one closed trade with its realized P&L, never two open trades. A fill of no decision
+(decision_id "": a trade made by hand at the broker) closes like any other (reason 'manual'); one
+that opens or adds never joins a decision's trade: it is a trade of its own, opened by hand, and
+later sales close the oldest trade first. Pure: plain values in, plain values out.
 """
 
 from __future__ import annotations

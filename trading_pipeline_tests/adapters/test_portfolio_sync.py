@@ -153,6 +153,12 @@ class BookBroker:
     def executions(self, client_order_id):
         return [f for f in self.fills if f.client_order_id == client_order_id]
 
+    def outside_executions(self, symbols, own_client_order_ids):
+        """The fills of orders the pipeline did not send (`sell_by_hand`, 'bought-by-hand'), as a
+        broker reports them: with no client order id of the pipeline's."""
+        return [dataclasses.replace(f, client_order_id="") for f in self.fills
+                if f.symbol in symbols and f.client_order_id not in own_client_order_ids]
+
     def open_orders(self):
         return [self._answer(c) for c, o in self.orders.items()
                 if o.status not in ("Filled", "Cancelled") and c not in self.forgotten]
@@ -543,12 +549,13 @@ def earlier(sessions, by: timedelta):
         session.commit()
 
 
-def sell_by_hand(broker: BookBroker, quantity: int, symbol: str = "AAPL"):
-    """A sale in TWS: an order the pipeline never sent, filled at once."""
-    leg = OrderLeg(client_order_id=f"by-hand-{len(broker.orders)}", role="entry", side="SELL", order_type="MKT",
+def sell_by_hand(broker: BookBroker, quantity: int, symbol: str = "AAPL", price: float = 101.0,
+                 at: datetime = WEDNESDAY_OPEN + timedelta(days=1), commission: float = 0.0, side: str = "SELL"):
+    """A sale (or with side BUY, a purchase) in TWS: an order the pipeline never sent, filled at once."""
+    leg = OrderLeg(client_order_id=f"by-hand-{len(broker.orders)}", role="entry", side=side, order_type="MKT",
                    quantity=quantity, price=None, tif="DAY")
     broker.place(symbol, [leg], 100.0)
-    broker.fill(leg.client_order_id, quantity, 101.0, WEDNESDAY_OPEN + timedelta(days=1))
+    broker.fill(leg.client_order_id, quantity, price, at, commission)
 
 
 def test_a_stop_and_target_whose_position_was_closed_by_hand_are_cancelled(memory_sessions):
@@ -580,7 +587,9 @@ def test_a_stop_and_target_whose_position_was_closed_by_hand_are_cancelled(memor
                              "the broker in the syncs since ")
     assert change.endswith("filled, this stop-loss would have opened a position on the other side)")
     assert events(memory_sessions, "tp-orphan-sl")[-1].startswith("sync: cancelled by the sync: no AAPL position")
-    assert report.drift == ["AAPL: broker holds 0, the pipeline's executions imply 50"]  # the sale by hand
+    assert report.drift == []  # the sale by hand is in the books: they agree with the broker again
+    (trade,) = report.trades
+    assert (trade["status"], trade["exit"], trade["exit_reason"]) == ("closed", 101.0, "manual")
     (outcome,) = report.orders  # shown on the `orders` asset
     assert {leg["role"]: leg["status"] for leg in outcome["legs"]} == {
         "entry": "Filled", "stop_loss": "Cancelled", "take_profit": "Cancelled"}
@@ -757,7 +766,142 @@ def test_a_stop_whose_entry_just_filled_is_kept_while_the_position_is_not_listed
     assert broker.cancelled == []
 
 
-# --- 4c. positions that lag fills: no second entry, no exit into the other side -----------------------
+# --- 4c. trades made by hand in the symbols the pipeline trades: in its books, 'manual' ---------------
+
+def executions_recorded(sessions) -> list[tuple[str, str, str, float, float, float]]:
+    with sessions() as session:
+        return [(e.client_order_id, e.symbol, e.side, e.quantity, e.price, e.commission)
+                for e in session.scalars(select(ExecutionRow).order_by(ExecutionRow.executed_at))]
+
+
+def test_a_position_sold_by_hand_closes_its_trade_manual_and_the_next_trade_is_its_own(memory_sessions):
+    """Bought 50 by the pipeline, sold in TWS at 103 (commission 1.25) and its bracket cancelled there.
+    Before: only the pipeline's own executions were recorded, so the books kept the trade open and every
+    sync said 'broker holds 0, the pipeline's executions imply 50' for ever; the next trade was matched
+    against the phantom shares."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("a"))
+    broker.fill("tp-a", 50, 100.0, WEDNESDAY_OPEN, commission=1.0)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+    sell_by_hand(broker, 50, price=103.0, commission=1.25)
+    broker.cancel("tp-a-sl")  # the user cancels the bracket in TWS as well
+    broker.cancel("tp-a-tp")
+
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert report.drift == [] and report.new_executions == 1
+    (trade,) = report.trades
+    assert {k: trade[k] for k in ("decision_id", "status", "exit", "exit_reason", "commission", "realized_pnl")} == {
+        "decision_id": "a", "status": "closed", "exit": 103.0, "exit_reason": "manual", "commission": 2.25,
+        "realized_pnl": 147.75}
+    assert executions_recorded(memory_sessions)[-1] == ("", "AAPL", "SELL", 50.0, 103.0, 1.25)
+    assert sync_portfolio(memory_sessions, broker, {}).new_executions == 0  # each once
+
+    send(memory_sessions, broker, decision("b"))
+    broker.fill("tp-b", 50, 99.0, WEDNESDAY_OPEN + timedelta(days=2))
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert report.drift == [] and report.unprotected == []
+    assert [(t["decision_id"], t["status"], t["quantity"], t["entry"]) for t in report.trades] == [
+        ("a", "closed", 50, 100.0), ("b", "open", 50, 99.0)]
+
+
+def test_a_partial_sale_by_hand_resizes_the_stop_and_leaves_no_drift(memory_sessions):
+    """50 held, 20 sold in TWS: the stop and take-profit are resized to the 30 left (from the broker's
+    positions, as before), and now the books agree: the trade is partly closed 'manual' at the hand
+    price, and no 'the pipeline's executions imply 50' drift follows."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("p"))
+    broker.fill("tp-p", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    sell_by_hand(broker, 20, price=102.0, commission=1.0)
+
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert report.drift == [] and report.unprotected == []
+    assert ("tp-p-sl", {"quantity": 30}) in broker.modified and ("tp-p-tp", {"quantity": 30}) in broker.modified
+    (trade,) = report.trades
+    assert (trade["status"], trade["closed_quantity"], trade["exit"], trade["exit_reason"], trade["realized_pnl"]) == (
+        "partly closed", 20, 102.0, "manual", 39.0)
+    assert sync_portfolio(memory_sessions, broker, {}).drift == []
+
+
+def test_a_purchase_by_hand_beside_a_pipeline_position_is_a_manual_trade_of_its_own(memory_sessions):
+    """30 bought in TWS beside the pipeline's 50: recorded, so no 'broker holds 80' drift; the books
+    show it as a trade with no decision (opened by hand), not as more of the pipeline's trade. The
+    pipeline's stop (50) then closes its own trade first (FIFO); the 30 left are the user's: not the
+    pipeline's position, so no alarm that it has no stop."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("m"))
+    broker.fill("tp-m", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    sell_by_hand(broker, 30, price=102.0, side="BUY")
+
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert not any("broker holds" in line for line in report.drift), report.drift
+    assert [(t["decision_id"], t["side"], t["quantity"], t["entry"], t["status"]) for t in report.trades] == [
+        ("m", "BUY", 50, 100.0, "open"), ("", "BUY", 30, 102.0, "open")]
+
+    broker.fill("tp-m-sl", 50, 96.0, WEDNESDAY_OPEN + timedelta(days=2))
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert report.drift == [] and report.unprotected == []
+    assert [(t["decision_id"], t["status"], t["exit_reason"]) for t in report.trades] == [
+        ("m", "closed", "stop_loss"), ("", "open", None)]
+
+
+def test_trades_by_hand_outside_the_pipelines_business_are_not_recorded(memory_sessions):
+    """MSFT, which the pipeline never traded, and AAPL bought by hand before the pipeline's first order
+    there: neither enters its books (the drift still says the broker holds more than the pipeline's
+    executions imply). Only the AAPL sale by hand after the pipeline's entry is recorded."""
+    broker = BookBroker()
+    sell_by_hand(broker, 10, price=99.0, at=WEDNESDAY_OPEN - timedelta(days=1), side="BUY")  # before any order
+    sell_by_hand(broker, 10, symbol="MSFT", side="BUY")
+    send(memory_sessions, broker, decision("u"))
+    broker.fill("tp-u", 50, 100.0, WEDNESDAY_OPEN)
+    sell_by_hand(broker, 20, price=101.0)
+
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert executions_recorded(memory_sessions) == [("tp-u", "AAPL", "BUY", 50.0, 100.0, 0.0),
+                                                    ("", "AAPL", "SELL", 20.0, 101.0, 0.0)]
+    assert "AAPL: broker holds 40, the pipeline's executions imply 30" in report.drift
+    assert "MSFT: broker holds 10, the pipeline's executions imply 0" in report.drift
+
+
+def test_a_fill_of_the_pipeline_is_never_booked_outside_while_its_order_is_ahead_of_its_executions(
+        memory_sessions):
+    """The broker's order states say the stop filled before its executions are attributed to it (IBKR's
+    trades list is read at most every 5 s; a bracket child is known by an order id learnt later): the
+    symbol's outside executions wait for the next sync, and one booked outside before the broker tied
+    it to the pipeline's order is given to that order once it does."""
+
+    class UntiedStop(BookBroker):
+        tied = False
+
+        def executions(self, client_order_id):
+            return [] if client_order_id == "tp-t-sl" and not self.tied else super().executions(client_order_id)
+
+        def outside_executions(self, symbols, own_client_order_ids):
+            found = super().outside_executions(symbols, own_client_order_ids)
+            if not self.tied:
+                found += [dataclasses.replace(f, client_order_id="") for f in self.fills if f.client_order_id == "tp-t-sl"]
+            return found
+
+    broker = UntiedStop()
+    send(memory_sessions, broker, decision("t"))
+    broker.fill("tp-t", 50, 100.0, WEDNESDAY_OPEN)
+    sync_portfolio(memory_sessions, broker, {})
+    broker.fill("tp-t-sl", 50, 96.0, WEDNESDAY_OPEN + timedelta(days=1))
+    sync_portfolio(memory_sessions, broker, {})
+    assert [e[0] for e in executions_recorded(memory_sessions)] == ["tp-t"]  # the stop's 50 filled, none tied
+
+    with memory_sessions() as session:  # had it been booked outside all the same (an order id learnt late)
+        session.add(ExecutionRow(execution_id="x2", client_order_id="", symbol="AAPL", side="SELL", quantity=50,
+                                 price=96.0, broker="book", executed_at=WEDNESDAY_OPEN + timedelta(days=1)))
+        session.commit()
+    broker.tied = True
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert [e[0] for e in executions_recorded(memory_sessions)] == ["tp-t", "tp-t-sl"]
+    assert [(t["status"], t["exit_reason"]) for t in report.trades] == [("closed", "stop_loss")]
+
+
+# --- 4d. positions that lag fills: no second entry, no exit into the other side -----------------------
 
 def entry_through_the_gates(sessions, broker, the_decision, risk: RiskSettings | None = None):
     """What the orders step does with an entry (graph/assets/orders.py `_send_entry`): the account's

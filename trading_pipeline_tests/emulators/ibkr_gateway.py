@@ -219,6 +219,24 @@ class IBKREmulator(GatewayEndpoints):
             self.state.fill(order, round(price if price is not None else self.state.price(order.conid), 2),
                             time.time(), quantity)
 
+    def trade_by_hand(self, symbol: str, side: str, quantity: float, price: float | None = None,
+                      commission: str = "1.00") -> int:
+        """A trade made outside the API (in TWS, say), filled at once at `price` (default the market):
+        an order with no cOID, as IBKR lists one placed without: its execution in the trades list
+        has no `order_ref`, only its own IBKR `order_id`. Returns that order id."""
+        with self.state.lock:
+            s = self.state
+            s.instruments(symbol)
+            conid = s.conid_for(symbol)
+            now = time.time()
+            order = EmuOrder(s.next_order_id, conid, s.symbol_of(conid), side.upper(), "MKT", float(quantity), 0.0,
+                             "DAY", None, None, "Submitted", now)
+            s.next_order_id += 1
+            s.orders[order.order_id] = order
+            s.fill(order, round(price if price is not None else s.price(conid), 2), now)
+            s.executions[-1]["commission"] = commission
+            return order.order_id
+
     def add_question(self, message_id: str, text: str, count: int = 1, on: str = "place") -> None:
         """The next `count` placements (on="place") or modifications (on="modify") also ask question
         `message_id` with `text`, after the questions the emulator asks by itself."""

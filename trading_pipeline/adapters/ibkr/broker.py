@@ -20,6 +20,9 @@
   per its newer trades doc, `order_id`. Children are matched by their IBKR order id, which this
   broker learns when placing or looking them up and keeps in a small JSON map (`id_map_path`),
   so a restarted process still attributes a stop-loss fill to its leg.
+- `outside_executions(symbols, own cOIDs)`: the executions in the trades list of those symbols that
+  are none of the pipeline's orders (no order_ref of its, no IBKR order id saved for its cOIDs): a
+  trade made by hand in TWS, reported with cOID "" for the portfolio sync to book as 'manual'.
 - `open_orders()`: working orders at IBKR, with the pipeline's cOIDs where known ("" otherwise).
 - `account(marks)`: summary + every positions page (cache invalidated first) + IBKR's daily P&L,
   valued at IBKR's own prices (a mark only where IBKR has none). Positions are keyed by the
@@ -34,7 +37,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -445,25 +448,67 @@ class IBKRBroker:
 
     def executions(self, client_order_id: str) -> list[BrokerExecution]:
         by_conid = self.symbols_by_conid()
-        result = []
-        for trade in self._own_trades(client_order_id):
-            side = parse_side(trade.get("side"))
-            if side is None:  # a side read wrongly books the fill the wrong way round
-                raise IBKRMalformedAnswer(
-                    f"IBKR execution {trade.get('execution_id')!r} of {client_order_id} has no usable side "
-                    f"({trade.get('side')!r}), so the fill cannot be recorded",
-                    "check the execution in Client Portal (Trades); IBKR documents side as B or S")
-            execution_id = str(trade.get("execution_id") or "").strip()
-            if not execution_id:
-                raise IBKRMalformedAnswer(
-                    f"an IBKR execution of {client_order_id} has no execution_id, so it cannot be recorded once",
-                    "check the executions in Client Portal; the gateway's trades answer lacks IBKR's documented "
-                    "execution_id")
-            symbol = by_conid.get(parse_conid(trade.get("conid")), str(trade.get("symbol")))
-            size, price = _fill(trade, client_order_id)
-            result.append(BrokerExecution(execution_id, client_order_id, symbol, side, size, price,
-                                          self._executed_at(trade), _commission(trade, client_order_id)))
+        return [self._as_execution(trade, client_order_id,
+                                   by_conid.get(parse_conid(trade.get("conid")), str(trade.get("symbol"))))
+                for trade in self._own_trades(client_order_id)]
+
+    def outside_executions(self, symbols: Collection[str],
+                           own_client_order_ids: Collection[str]) -> list[BrokerExecution]:
+        """The executions of `symbols` in IBKR's trades list (the last 7 days) that belong to none of
+        the pipeline's orders (`own_client_order_ids`): trades made by hand in TWS or by another
+        program. An execution is the pipeline's when its `order_ref` is one of those cOIDs or its
+        IBKR order id is one this broker saved for one of them (bracket children carry no
+        order_ref). Reported with client_order_id "" (no order of the pipeline's). A trade belongs
+        to a strategy symbol by its conid (IBKR's ticker for BRK.B is 'BRK B'); a trade of another
+        contract under the same ticker (an option, another listing) is not the symbol's, and without
+        a resolved contract only a stock trade under the symbol's own ticker is."""
+        wanted = set(symbols)
+        own = set(own_client_order_ids)
+        if not wanted:
+            return []
+        with self._ids_lock:
+            own_order_ids = {order_id for coid, order_id in self._ids.items() if coid in own}
+        by_conid = self.symbols_by_conid()
+        resolved = set(by_conid.values())
+        result, seen = [], set()
+        for trade in self.client.trades(days=7, max_age=self.order_cache_seconds):
+            if str(trade.get("order_ref") or "").strip() in own or _execution_order_id(trade) in own_order_ids:
+                continue
+            conid = parse_conid(trade.get("conid"))
+            symbol = by_conid.get(conid)
+            if symbol is None:
+                ticker = str(trade.get("symbol") or "").strip()
+                stock = str(trade.get("sec_type") or "STK").upper() == "STK"
+                symbol = ticker if stock and ticker not in resolved else None
+            if symbol not in wanted:
+                continue
+            execution = self._as_execution(trade, "", symbol)
+            if execution.execution_id in seen:  # listed twice: one fill, counted once
+                continue
+            seen.add(execution.execution_id)
+            result.append(execution)
         return result
+
+    def _as_execution(self, trade: dict, client_order_id: str, symbol: str) -> BrokerExecution:
+        """One row of IBKR's trades list as an execution of `client_order_id` ("" for an order not
+        the pipeline's); a row without a usable side, id, size, price or time raises
+        IBKRMalformedAnswer (nothing is recorded from it)."""
+        of = client_order_id or f"a {symbol} order not the pipeline's"
+        side = parse_side(trade.get("side"))
+        if side is None:  # a side read wrongly books the fill the wrong way round
+            raise IBKRMalformedAnswer(
+                f"IBKR execution {trade.get('execution_id')!r} of {of} has no usable side "
+                f"({trade.get('side')!r}), so the fill cannot be recorded",
+                "check the execution in Client Portal (Trades); IBKR documents side as B or S")
+        execution_id = str(trade.get("execution_id") or "").strip()
+        if not execution_id:
+            raise IBKRMalformedAnswer(
+                f"an IBKR execution of {of} has no execution_id, so it cannot be recorded once",
+                "check the executions in Client Portal; the gateway's trades answer lacks IBKR's documented "
+                "execution_id")
+        size, price = _fill(trade, of)
+        return BrokerExecution(execution_id, client_order_id, symbol, side, size, price,
+                               self._executed_at(trade), _commission(trade, of))
 
     @staticmethod
     def _executed_at(trade: dict) -> datetime:

@@ -2,7 +2,8 @@
 
 Advances recorded orders to the broker's state (a 'submitting' or 'unknown' row left by a crash
 included: found by its cOID, or closed once it clearly never reached the broker), records
-executions (partial fills and commissions included), keeps each position's protective orders
+executions (partial fills and commissions included; in the symbols it trades, those of orders it
+did not send too, so that a position closed by hand in TWS is closed in its books, 'manual'), keeps each position's protective orders
 sized to it, snapshots positions and the account (valued at the marks), keeps the books by
 position (core/books.py: FIFO trades with net P&L and realized R), and flags drift: orders or
 positions at the broker that the pipeline does not know about or that disagree with what its
@@ -19,6 +20,7 @@ from trading_pipeline.adapters.portfolio_sync.executions import (
     implied_positions,
     own_fills,
     record_executions,
+    record_outside_executions,
     symbols_in_play,
 )
 from trading_pipeline.adapters.portfolio_sync.order_states import (
@@ -34,6 +36,7 @@ from trading_pipeline.adapters.portfolio_sync.sync import SyncReport, sync_portf
 
 __all__ = [
     "NEVER_REACHED", "ORPHAN_GRACE", "PROTECTIVE_ROLES", "SUBMITTING_GRACE", "OwnFill", "SyncReport",
-    "implied_positions", "own_fills", "positions_contradicted", "record_executions", "symbols_in_play",
+    "implied_positions", "own_fills", "positions_contradicted", "record_executions",
+    "record_outside_executions", "symbols_in_play",
     "sync_portfolio", "with_working_orders", "working_entries", "working_symbols",
 ]

@@ -1,5 +1,7 @@
 """The books by position: every recorded execution matched FIFO per symbol (core/books.py), with
-each trade's exit reason read from the role of the order that closed it."""
+each trade's exit reason read from the role of the order that closed it. An execution of no order
+of the pipeline's (OUTSIDE_ORDER: made by hand in TWS) closes with reason 'manual'; one that adds
+to a position, or opens one, is a trade of its own with no decision (decision_id ""): opened by hand."""
 
 from __future__ import annotations
 
@@ -28,8 +30,7 @@ def exit_reason(row: OrderRow | None, converted: set[str]) -> str:
     return "manual"
 
 
-def trades_by_position(session: Session, now: datetime) -> list[dict]:
-    """The books by position: every execution matched FIFO per symbol (core/books.py)."""
+def _matched(session: Session):
     orders = {row.client_order_id: row for row in session.scalars(select(OrderRow))}
     converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
         OrderEventRow.detail.contains("converted"))))
@@ -40,6 +41,22 @@ def trades_by_position(session: Session, now: datetime) -> list[dict]:
                   decision_id=orders[e.client_order_id].decision_id if e.client_order_id in orders else "",
                   reason=exit_reason(orders.get(e.client_order_id), converted))
              for e in executions]
+    return match_trades(fills, stops)
+
+
+def pipeline_positions(session: Session) -> dict[str, float]:
+    """What the pipeline holds by its books: the open part of the trades its entries opened,
+    signed, by symbol. Shares bought (or sold short) by hand beside it are not the pipeline's
+    position: they have no stop of its to keep."""
+    held: dict[str, float] = {}
+    for trade in _matched(session):
+        if trade.decision_id and trade.open_quantity > 1e-9:
+            held[trade.symbol] = held.get(trade.symbol, 0.0) + trade.direction * trade.open_quantity
+    return {symbol: quantity for symbol, quantity in held.items() if abs(quantity) > 1e-9}
+
+
+def trades_by_position(session: Session, now: datetime) -> list[dict]:
+    """The books by position: every execution matched FIFO per symbol (core/books.py)."""
     return [{
         "decision_id": trade.decision_id, "symbol": trade.symbol, "side": trade.side,
         "quantity": round(trade.quantity), "entry": round(trade.entry, 2),
@@ -51,4 +68,4 @@ def trades_by_position(session: Session, now: datetime) -> list[dict]:
         "opened_at": trade.opened_at.isoformat(),
         "closed_at": trade.closed_at.isoformat() if trade.status == "closed" else None,
         "holding_time": describe_duration(trade.holding_time(now)),
-    } for trade in match_trades(fills, stops)]
+    } for trade in _matched(session)]

@@ -1,16 +1,19 @@
-"""The broker's executions of the pipeline's orders, recorded once each with their commission,
-and the positions they imply (`implied_positions`, `own_fills`)."""
+"""The broker's executions, recorded once each with their commission: those of the pipeline's
+orders (`record_executions`) and, in the symbols it trades, those of orders it did not send
+(`record_outside_executions`: a position closed by hand in TWS); the positions they imply
+(`implied_positions`) and the fills of the pipeline's own orders (`own_fills`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from trading_pipeline.adapters.broker import Broker
-from trading_pipeline.adapters.portfolio_sync.order_states import advance_orders, working_symbols
+from trading_pipeline.adapters.broker import OUTSIDE_ORDER, Broker, as_utc
+from trading_pipeline.adapters.portfolio_sync.order_states import UNCONFIRMED, advance_orders, working_symbols
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow
 
 
@@ -58,8 +61,76 @@ def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: 
                         price=execution.price, broker=broker.name, executed_at=execution.executed_at,
                         commission=execution.commission))
                     added += 1
-                elif execution.commission and recorded.commission != execution.commission:
-                    recorded.commission = execution.commission
+                else:
+                    if recorded.client_order_id == OUTSIDE_ORDER:  # booked as outside before the broker
+                        recorded.client_order_id = row.client_order_id  # tied it to this order: it is ours
+                    if execution.commission and recorded.commission != execution.commission:
+                        recorded.commission = execution.commission
+        session.commit()
+    return added
+
+
+def record_outside_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
+    """Record the broker's executions that are none of the pipeline's orders (a sale or purchase
+    made by hand in TWS, another program's) in the symbols the pipeline trades, each once with
+    its commission (taken when the broker charges it later, as `record_executions` does), under
+    client_order_id OUTSIDE_ORDER (""). The books close a pipeline trade they reduce with exit
+    reason 'manual' at their real price, and the positions the executions imply agree with the
+    broker's again.
+
+    Only symbols the pipeline has orders in, and only executions from the start of its business
+    there (its first order, or its first execution when the broker's clock puts that earlier):
+    the entry gates place a first entry only while the account holds nothing in the symbol, so
+    what was traded before is not the pipeline's business, and a user's trading in other
+    symbols never enters its books. A symbol is left for a later pass while any of the
+    pipeline's orders there may have fills not attributed to it yet (state unknown or still
+    being sent, or a fill count ahead of its recorded executions): such a fill must not be
+    booked as outside. Should one still be (a bracket child whose broker id was learnt late),
+    `record_executions` gives it to its order once the broker does. Returns how many were added."""
+    try:
+        return _record_outside_executions(sessions, broker)
+    except IntegrityError:  # another process recorded the same ones first: once more, reading them
+        return _record_outside_executions(sessions, broker)
+
+
+def _record_outside_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
+    added = 0
+    with sessions() as session:
+        orders = session.scalars(select(OrderRow)).all()
+        if not orders:
+            return 0
+        executed: dict[str, float] = {}
+        for coid, quantity in session.execute(select(ExecutionRow.client_order_id, func.sum(ExecutionRow.quantity))
+                                              .group_by(ExecutionRow.client_order_id)):
+            executed[coid] = quantity or 0.0
+        start: dict[str, datetime] = {}
+        for row in orders:
+            created = as_utc(row.created_at)
+            start[row.symbol] = min(start.get(row.symbol, created), created)
+        for symbol, first in session.execute(
+                select(ExecutionRow.symbol, func.min(ExecutionRow.executed_at))
+                .where(ExecutionRow.client_order_id != OUTSIDE_ORDER).group_by(ExecutionRow.symbol)):
+            if symbol in start and first is not None:
+                start[symbol] = min(start[symbol], as_utc(first))
+        unsettled = {row.symbol for row in orders
+                     if row.status in UNCONFIRMED
+                     or (row.filled_quantity or 0.0) > executed.get(row.client_order_id, 0.0) + 1e-9}
+        symbols = sorted(set(start) - unsettled)
+        if not symbols:
+            return 0
+        for execution in broker.outside_executions(symbols, {row.client_order_id for row in orders}):
+            begins = start.get(execution.symbol)
+            if begins is None or execution.symbol in unsettled or as_utc(execution.executed_at) < begins:
+                continue
+            recorded = session.get(ExecutionRow, execution.execution_id)
+            if recorded is None:
+                session.add(ExecutionRow(
+                    execution_id=execution.execution_id, client_order_id=OUTSIDE_ORDER, symbol=execution.symbol,
+                    side=execution.side, quantity=execution.quantity, price=execution.price, broker=broker.name,
+                    executed_at=execution.executed_at, commission=execution.commission))
+                added += 1
+            elif execution.commission and recorded.commission != execution.commission:
+                recorded.commission = execution.commission
         session.commit()
     return added
 

@@ -242,7 +242,9 @@ def protect_positions(session: Session, broker: Broker, held: dict[str, float],
     take-profit, or a partial entry whose remainder expired or was cancelled), is resized to the
     position, so that it can never trade more than is held; one whose position is gone is
     cancelled. What cannot be fixed is drift; a position the pipeline opened with no working
-    stop-loss is reported as unprotected."""
+    stop-loss is reported as unprotected. `held`: the broker's positions; `implied`: the pipeline's
+    own, by its books (the open part of the trades its entries opened: shares bought by hand beside
+    it need no stop of the pipeline's, and a trade closed by hand is closed there too)."""
     result = Protection()
     symbols = {row.symbol for row in session.scalars(select(OrderRow).where(
         OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.status.not_in(FINAL_STATUSES)))}

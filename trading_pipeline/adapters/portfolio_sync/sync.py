@@ -10,8 +10,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import Broker, as_utc
-from trading_pipeline.adapters.portfolio_sync.books import exit_reason, trades_by_position
-from trading_pipeline.adapters.portfolio_sync.executions import implied_positions, record_executions
+from trading_pipeline.adapters.portfolio_sync.books import exit_reason, pipeline_positions, trades_by_position
+from trading_pipeline.adapters.portfolio_sync.executions import (
+    implied_positions,
+    record_executions,
+    record_outside_executions,
+)
 from trading_pipeline.adapters.portfolio_sync.order_states import advance_orders, working_exits
 from trading_pipeline.adapters.portfolio_sync.protection import positions_contradicted, protect_positions
 from trading_pipeline.adapters.trading_db import (
@@ -98,6 +102,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
     started = datetime.now(UTC)
     changes, changed, _ = advance_orders(sessions, broker)
     added = record_executions(sessions, broker)
+    added += record_outside_executions(sessions, broker)  # after its own: what is left is not the pipeline's
     account = broker.account(marks, as_of)
     now = datetime.now(UTC)
     drift = []
@@ -115,7 +120,8 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
             if abs(implied.get(symbol, 0.0) - held.get(symbol, 0.0)) > 1e-9:
                 drift.append(f"{symbol}: broker holds {held.get(symbol, 0.0):g}, the pipeline's executions "
                              f"imply {implied.get(symbol, 0.0):g}")
-        protection = protect_positions(session, broker, held, implied, positions_contradicted(account))
+        protection = protect_positions(session, broker, held, pipeline_positions(session),
+                                       positions_contradicted(account))
         session.commit()
         changes.extend(protection.changes)
         changed |= protection.changed

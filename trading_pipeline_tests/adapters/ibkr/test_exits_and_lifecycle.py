@@ -19,11 +19,12 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import select
 
+from trading_pipeline.adapters.broker import as_utc
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
 from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, with_working_orders, working_entries
 from trading_pipeline.adapters.records import record_decision
-from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
+from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
 from trading_pipeline.core.risk import MarketContext, Proposal, entry_limits, evaluate
@@ -81,11 +82,10 @@ class World:
         record_decision(self.sessions, decision)
         return self.desk.exit_once(decision)
 
-    def sell_by_hand(self, client_order_id: str, quantity: int, symbol: str = "AAPL", price: float = 100.0) -> None:
-        """A sale made outside the pipeline (in TWS, say), filled at once."""
-        sale = OrderLeg(client_order_id=client_order_id, role="entry", side="SELL", order_type="LMT",
-                        quantity=quantity, price=price, tif="DAY")
-        assert self.broker.place(symbol, [sale], price)[0].status == "Filled"
+    def sell_by_hand(self, quantity: int, symbol: str = "AAPL", price: float = 100.0, side: str = "SELL") -> int:
+        """A sale (or with side BUY, a purchase) made in TWS, filled at once: not through the pipeline's
+        broker, so it has no cOID and its execution no order_ref, as at IBKR. Its IBKR order id."""
+        return self.emulator.trade_by_hand(symbol, side, quantity, price)
 
     def order(self, order_id: int):
         """The emulator's own copy of an order (what IBKR has, not what the client was told)."""
@@ -272,7 +272,7 @@ def test_an_exit_never_sells_more_than_is_held_even_when_the_stop_is_larger(worl
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     stop_id, _ = w.open_position(entry_decision("sold"))
-    w.sell_by_hand("sold-by-hand", 20)
+    w.sell_by_hand(20)
     assert w.held("AAPL") == 30 and w.order(stop_id).quantity == 50
 
     result = w.exit(exit_decision("sold-exit", 50))
@@ -404,7 +404,7 @@ def test_a_bracket_left_working_after_the_position_was_closed_by_hand_is_cancell
     w.emulator.set_price("AAPL", 100.0)
     stop_id, take_profit_id = w.open_position(entry_decision("by-hand"))
     assert sync_portfolio(w.sessions, w.broker, {}).drift == []
-    w.sell_by_hand("closed-by-hand", 50)
+    w.sell_by_hand(50)
 
     first = sync_portfolio(w.sessions, w.broker, {})  # one answer without the position: maybe IBKR's lag
     assert (w.order(stop_id).status, w.order(take_profit_id).status) == ("Submitted", "Submitted")
@@ -413,12 +413,55 @@ def test_a_bracket_left_working_after_the_position_was_closed_by_hand_is_cancell
     earlier(w.sessions, ORPHAN_GRACE)
     report = sync_portfolio(w.sessions, w.broker, {})
     assert (w.order(stop_id).status, w.order(take_profit_id).status) == ("Cancelled", "Cancelled")
-    assert w.requests_sent() == (2, 0, 2)  # the bracket and the sale by hand; two cancels
+    assert w.requests_sent() == (1, 0, 2)  # the bracket (the sale was made in TWS); two cancels
     assert (w.row("tp-by-hand-sl").status, w.row("tp-by-hand-tp").status) == ("Cancelled", "Cancelled")
     assert "cancelled by the sync: no AAPL position at the broker" in w.last_event("tp-by-hand-sl")
-    assert report.drift == ["AAPL: broker holds 0, the pipeline's executions imply 50"]  # the sale by hand
+    assert report.drift == []  # the sale by hand is in the books
+    assert [(t["status"], t["exit_reason"]) for t in report.trades] == [("closed", "manual")]
     w.emulator.set_price("AAPL", 80.0)  # through the old stop: nothing is sold
     assert w.position_path("AAPL") == [50, 0]
+
+
+def test_a_sale_by_hand_at_ibkr_is_recorded_from_the_trades_list_and_closes_the_trade_manual(world):
+    """Part, then the rest, of the position sold in TWS: IBKR's trades list shows the executions with
+    no order_ref (no cOID) and an order id the pipeline never saved. The sync records them, with the
+    side, size, price, time and commission IBKR gives, under no order of the pipeline's: the stop is
+    resized to the 30 left, the trade closes 'manual', and no drift line says the pipeline's
+    executions imply 50 for ever. The take-profit's fill (no order_ref either: a bracket child) stays
+    the pipeline's, known by the IBKR order id saved for it. A purchase in MSFT, a symbol no order of
+    the pipeline's is in, is not recorded. Before: only the pipeline's own orders' executions were read."""
+    w = world(symbols=("AAPL", "MSFT"))
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("hand"))
+    assert sync_portfolio(w.sessions, w.broker, {}).drift == []
+    w.sell_by_hand(20, price=104.0)
+    w.sell_by_hand(10, symbol="MSFT", price=50.0, side="BUY")
+    w.emulator.fill_partially(take_profit_id, 5, price=120.0)
+    with w.emulator.state.lock:
+        sale = dict(w.emulator.state.executions[-3])
+    assert "order_ref" not in sale and sale["side"] == "S"
+    own = {"tp-hand", "tp-hand-sl", "tp-hand-tp"}
+    assert [e.execution_id for e in w.broker.outside_executions(["AAPL"], own)] == [sale["execution_id"]]
+
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert not any("broker holds" in line and line.startswith("AAPL") for line in report.drift), report.drift
+    assert w.order(stop_id).quantity == 25 and w.order(take_profit_id).quantity - 5 == 25
+    with w.sessions() as session:
+        recorded = {e.execution_id: e for e in session.scalars(select(ExecutionRow))}
+    outside = recorded[sale["execution_id"]]
+    assert (outside.client_order_id, outside.symbol, outside.side, outside.quantity, outside.price,
+            outside.commission) == ("", "AAPL", "SELL", 20.0, 104.0, 1.0)
+    assert as_utc(outside.executed_at) == datetime.fromtimestamp(sale["trade_time_r"] / 1000, UTC)
+    assert sorted(e.client_order_id for e in recorded.values()) == ["", "tp-hand", "tp-hand-tp"]
+    assert {e.symbol for e in recorded.values()} == {"AAPL"}  # MSFT: not the pipeline's business
+    assert "MSFT: broker holds 10, the pipeline's executions imply 0" in report.drift
+
+    w.sell_by_hand(25, price=98.0)
+    report = sync_portfolio(w.sessions, w.broker, {})
+    (trade,) = report.trades
+    assert (trade["status"], trade["exit"]) == ("closed", 102.6)
+    assert set(trade["exit_reason"].split(", ")) == {"manual", "take_profit"}  # same millisecond: either first
+    assert not any(line.startswith("AAPL: broker holds") for line in report.drift), report.drift
 
 
 def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled(world, monkeypatch):
@@ -432,7 +475,7 @@ def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     stop_id, take_profit_id = w.open_position(entry_decision("race"))
-    w.sell_by_hand("race-by-hand", 50)
+    w.sell_by_hand(50)
     sync_portfolio(w.sessions, w.broker, {})
     earlier(w.sessions, ORPHAN_GRACE)
 
@@ -464,7 +507,7 @@ def test_two_syncs_racing_to_cancel_the_same_orphaned_bracket_both_end_cancelled
                for report in reports for line in report.status_changes)  # the race happened; the second left it
     cancels = [path for _, _, path, _, _ in w.emulator.requests("DELETE")]
     assert len(cancels) == len(set(cancels)) == 2  # each order cancelled once
-    assert w.requests_sent()[0] == 2  # the bracket and the sale by hand: nothing placed
+    assert w.requests_sent()[0] == 1  # the bracket (the sale was made in TWS): nothing placed
     w.emulator.set_price("AAPL", 80.0)  # through the old stop: nothing sells
     assert w.position_path("AAPL") == [50, 0]
 
@@ -627,7 +670,7 @@ def test_a_bracket_closed_by_hand_before_a_rollover_no_sync_saw_does_not_hold_th
     w.emulator.set_price("MSFT", 100.0)
     stop_id, take_profit_id = w.open_position(entry_decision("a"))
     assert sync_portfolio(w.sessions, w.broker, {}).drift == []
-    w.sell_by_hand("a-by-hand", 50)
+    w.sell_by_hand(50)
     w.broker.client.cancel_order(stop_id)
     w.broker.client.cancel_order(take_profit_id)
     w.emulator.new_day()
@@ -708,7 +751,7 @@ def test_a_sync_resizing_the_stop_while_an_exit_converts_it_never_turns_the_exit
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     stop_id, _ = w.open_position(entry_decision("rmw"))
-    w.sell_by_hand("rmw-by-hand", 20)
+    w.sell_by_hand(20)
     w.emulator.set_market_open(False)  # the exit waits for the open: what IBKR holds in between is checked
     assert w.held("AAPL") == 30 and w.order(stop_id).quantity == 50
 
