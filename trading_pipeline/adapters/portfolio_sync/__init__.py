@@ -3,8 +3,8 @@
 Advances recorded orders to the broker's state (a 'submitting' or 'unknown' row left by a crash
 included: found by its cOID, or closed once it clearly never reached the broker), records
 executions (partial fills and commissions included; in the symbols it trades, those of orders it
-did not send too, so that a position closed by hand in TWS is closed in its books, 'manual'), keeps each position's protective orders
-sized to it, snapshots positions and the account (valued at the marks), keeps the books by
+did not send too, so that a position closed by hand in TWS is closed in its books, 'manual'),
+keeps each position's protective orders sized to it, snapshots positions and the account (valued at the marks), keeps the books by
 position (core/books.py: FIFO trades with net P&L and realized R), and flags drift: orders or
 positions at the broker that the pipeline does not know about or that disagree with what its
 executions imply, and a pipeline position without a working stop-loss. A stop-loss or take-profit
