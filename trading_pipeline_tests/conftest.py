@@ -93,3 +93,15 @@ def _no_defs_state_storage_left_behind():
 
     _current_storage.set(None)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """The code under test may set variables for the rest of its process, as a command may (the
+    demo turns paper orders on and sets TRADING_AS_OF): a test's variables must not reach the
+    tests a pytest worker runs after it (orders sent where a test expects them off, say)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
