@@ -56,8 +56,12 @@ def backtest_decision(session: date, bars=None):
     return decisions[0]
 
 
-def test_the_live_graphs_decision_equals_the_backtests(tmp_path):
-    environment = {"TRADING_DATA_DIR": str(tmp_path / "data")}  # orders off: nothing is sent
+def test_the_live_graphs_decision_equals_the_backtests(tmp_path, monkeypatch):
+    # Orders off, the real clock: nothing is sent (an order sent at the first session would hold
+    # the symbol at the second, which the backtest, deciding each session alone, does not see).
+    monkeypatch.delenv("TRADING_ORDERS_ENABLED", raising=False)
+    monkeypatch.delenv("TRADING_AS_OF", raising=False)
+    environment = {"TRADING_DATA_DIR": str(tmp_path / "data")}
     defs = build_definitions(STRATEGIES, resources_from_env(environment))
     compared = []
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
