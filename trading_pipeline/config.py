@@ -89,6 +89,19 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """Whether `host` (a URL's hostname) is this machine: localhost, 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    host = (host or "").strip().lower().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_as_of(text: str, source: str = "as_of") -> datetime:
     """Parse an ISO-8601 time; naive times are taken as UTC. `source` names where it came from."""
     try:

@@ -85,6 +85,7 @@ class IBKREmulator(GatewayEndpoints):
         ssl = {}
         if self.https:
             ssl = self._self_signed_cert()
+            self.certificate = ssl["ssl_certfile"]  # what a client verifying it trusts (IBKR_CA_FILE)
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
                                 lifespan="off", timeout_keep_alive=30, **ssl)
         self._server = uvicorn.Server(config)

@@ -36,10 +36,13 @@ token and `/iserver/accounts` sessionId are never kept or printed.
 
 from __future__ import annotations
 
+import logging
 import os
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -54,11 +57,14 @@ from trading_pipeline.adapters.ibkr.portfolio import PortfolioRequests
 from trading_pipeline.adapters.ibkr.session import SessionRequests
 from trading_pipeline.adapters.ibkr.settings import DEFAULT_GATEWAY_URL, IBKRSwitches, read_switches, settings_from_env
 from trading_pipeline.adapters.ibkr.transport import HISTORY_PATH, GatewayTransport
+from trading_pipeline.config import is_loopback_host
 
 __all__ = ["FINAL_ORDER_STATES", "HISTORY_PATH", "SNAPSHOT_FIELDS", "AccountsInfo", "AuthStatus", "Contract",
            "IBKRClient", "NotJSON", "SessionHealth", "Snapshot", "_contract_cache", "_tick_cache", "describe_body",
            "parse_conid", "parse_flag", "parse_number"]
 
+
+log = logging.getLogger("trading_pipeline.adapters.ibkr")
 
 class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketDataRequests, PortfolioRequests,
                  OrderRequests):
@@ -69,6 +75,7 @@ class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketData
         gateway_url: str = DEFAULT_GATEWAY_URL,
         account_id: str | None = None,
         verify_ssl: bool = False,
+        ca_file: str | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         exchanges: Iterable[str] | None = None,
@@ -88,11 +95,20 @@ class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketData
         self.take_over_competing_session = take_over_competing_session
         self.conid_overrides = {k.upper(): int(v) for k, v in (conid_overrides or {}).items()}
         self.pacing = pacing or Pacing()
-        self.verify_ssl = verify_ssl
+        # IBKR_CA_FILE: verify against the gateway's own certificate (its bundled one is self-signed).
+        self.verify_ssl = verify_ssl or ca_file is not None
+        verify: bool | ssl.SSLContext = ssl.create_default_context(cafile=ca_file) if ca_file else verify_ssl
+        host = urlsplit(self.gateway_url).hostname or ""
+        # A single-label name (docker compose's ibkr-gateway) is a container on this host's private
+        # network; a dotted name or an address other than loopback may be across a network.
+        if not self.verify_ssl and not is_loopback_host(host) and ("." in host or ":" in host):
+            log.warning("TLS verification of the gateway at %s is off (IBKR_VERIFY_SSL=no): anyone on the way "
+                        "could read and change its traffic, orders included. Fix: set IBKR_CA_FILE to the "
+                        "gateway's certificate (PEM), or run the gateway on this host", self.gateway_url)
         self._probe_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._http = httpx.Client(
-            base_url=self.gateway_url, verify=verify_ssl, transport=transport,
+            base_url=self.gateway_url, verify=verify, transport=transport,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             # IBKR_READ_TIMEOUT bounds each read and also the whole answer: a gateway trickling its
             # answer, or sending one without end, cannot hold a request (and the order gate) for ever.
@@ -127,7 +143,7 @@ class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketData
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> IBKRClient:
-        """IBKR_GATEWAY_URL, IBKR_ACCOUNT_ID, IBKR_VERIFY_SSL, IBKR_CONNECT_TIMEOUT,
+        """IBKR_GATEWAY_URL, IBKR_ACCOUNT_ID, IBKR_VERIFY_SSL, IBKR_CA_FILE, IBKR_CONNECT_TIMEOUT,
         IBKR_READ_TIMEOUT, IBKR_EXCHANGES, IBKR_CONIDS, IBKR_TAKE_OVER_SESSION,
         IBKR_HISTORY_CONCURRENCY and IBKR_STATE_DIR. The switches (TRADING_ALLOW_LIVE,
         IBKR_AUTO_CONFIRM) are read from `environ` (default: the process environment) at send time."""

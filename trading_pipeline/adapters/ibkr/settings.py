@@ -63,6 +63,26 @@ def check_gateway_url(url: str) -> str:
     return url
 
 
+def check_ca_file(path: str | None) -> str | None:
+    """IBKR_CA_FILE: a PEM file of the certificate (or its CA) the gateway's TLS must verify against;
+    with it, verification is on whatever IBKR_VERIFY_SSL says. None when unset."""
+    import ssl
+
+    path = (path or "").strip()
+    if not path:
+        return None
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise IBKRConfigError(f"IBKR_CA_FILE={path!r} does not exist",
+                              "give the path of the gateway's certificate (PEM), or unset IBKR_CA_FILE") from None
+    except (ssl.SSLError, OSError, ValueError) as error:
+        raise IBKRConfigError(f"IBKR_CA_FILE={path!r} is not a readable PEM certificate ({error})",
+                              "give the gateway's certificate in PEM form (-----BEGIN CERTIFICATE-----), "
+                              "e.g. exported with `openssl x509 -in cert.crt -out gateway.pem`") from None
+    return path
+
+
 def positive_number(env, name: str, default: float | None, example: str) -> float | None:
     """A number variable above 0, or `default` when unset (config.env_number, raising IBKRConfigError)."""
     return env_number(env, name, default, above=0, example=example, error=IBKRConfigError)
@@ -95,6 +115,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict:
         "gateway_url": check_gateway_url(env.get("IBKR_GATEWAY_URL") or DEFAULT_GATEWAY_URL),
         "account_id": env.get("IBKR_ACCOUNT_ID") or None,
         "verify_ssl": env_flag("IBKR_VERIFY_SSL", env),
+        "ca_file": check_ca_file(env.get("IBKR_CA_FILE")),
         "connect_timeout": number("IBKR_CONNECT_TIMEOUT", 5.0),
         "read_timeout": number("IBKR_READ_TIMEOUT", 30.0),
         "exchanges": exchanges or None,

@@ -247,8 +247,10 @@ class GatewayTransport:
         if "CERTIFICATE_VERIFY_FAILED" in text:
             return IBKRTLSError(
                 f"TLS verification of the gateway at {self.login_url} failed (certificate verify failed)",
-                "the gateway's bundled certificate is self-signed: set IBKR_VERIFY_SSL=no (the default), or "
-                "install your own certificate in the gateway (sslCert in root/conf.yaml)")
+                "the gateway's bundled certificate is self-signed: set IBKR_CA_FILE to the certificate the "
+                "gateway serves (PEM; it must name the gateway's host), or IBKR_VERIFY_SSL=no (the default, "
+                "for a gateway on this host), or install your own certificate in the gateway (sslCert in "
+                "root/conf.yaml)")
         return IBKRTLSError(
             f"the TLS handshake with {self.login_url} failed ({text[:120]})",
             "the gateway normally speaks https (listenSsl: true); if yours, or the emulator, runs without TLS, "

@@ -8,7 +8,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from trading_pipeline.adapters import model_calls
 from trading_pipeline.adapters.model_calls import BudgetLimits, ModelPrice
-from trading_pipeline.config import env_number
+from trading_pipeline.config import env_number, is_loopback_host
 from trading_pipeline.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -25,7 +25,6 @@ DEFAULTS = {
     "OPENAI_ANONYMIZE_CHARTS": "no",
 }
 VISION_MODES = ("auto", "yes", "no")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 YES, NO = ("yes", "on", "true", "1"), ("no", "off", "false", "0")
 
 
@@ -64,7 +63,7 @@ class OpenAISettings:
                               "set OPENAI_BASE_URL to the API root, e.g. https://api.openai.com/v1 or "
                               "http://127.0.0.1:11434/v1 (Ollama), or unset it for OpenAI")
         _check_api_root(base_url, parts)
-        if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS and \
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname) and \
                 (environ.get("OPENAI_ALLOW_HTTP") or "").strip().lower() not in ("yes", "true", "1", "on"):
             raise ConfigError(
                 f"OPENAI_BASE_URL uses plain http to {parts.hostname}: the API key would cross the network unencrypted",

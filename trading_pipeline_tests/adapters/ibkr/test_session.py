@@ -17,6 +17,7 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRSessionError,
     IBKRTLSError,
 )
+from trading_pipeline.adapters.ibkr.settings import settings_from_env
 from trading_pipeline.errors import UserError
 from trading_pipeline_tests.adapters.ibkr.conftest import FAST
 
@@ -121,6 +122,47 @@ def test_self_signed_tls(emulator_factory, client_factory):
         client_factory(emulator, verify_ssl=True).accounts()
     assert "IBKR_VERIFY_SSL=no" in raised.value.fix
     assert client_factory(emulator).accounts().is_paper  # verification off: the default
+
+
+def test_a_gateway_certificate_given_in_ibkr_ca_file_is_verified(emulator_factory, client_factory, tmp_path):
+    """The gateway's own certificate (IBKR_CA_FILE) lets a client verify TLS, whatever IBKR_VERIFY_SSL
+    says; another certificate fails the handshake, with the fix."""
+    emulator = emulator_factory(https=True)
+    ca_file = settings_from_env({"IBKR_CA_FILE": emulator.certificate})["ca_file"]
+    client = client_factory(emulator, ca_file=ca_file)
+    assert client.verify_ssl and client.accounts().is_paper
+    other = emulator_factory(https=True)  # another self-signed certificate for localhost
+    assert other.certificate != emulator.certificate
+    with pytest.raises(IBKRTLSError) as raised:
+        client_factory(other, ca_file=emulator.certificate).accounts()
+    assert "IBKR_CA_FILE" in raised.value.fix
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (None, "does not exist"),
+    ("not a certificate", "is not a readable PEM certificate"),
+])
+def test_an_unusable_ibkr_ca_file_stops_the_load_naming_it(tmp_path, content, problem):
+    path = tmp_path / "gateway.pem"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(IBKRConfigError) as raised:
+        settings_from_env({"IBKR_CA_FILE": str(path)})
+    assert f"IBKR_CA_FILE='{path}' {problem}" in raised.value.problem
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("https://gateway.example.com:5000/v1/api", True),
+    ("https://10.0.0.7:5000/v1/api", True),
+    ("https://localhost:5000/v1/api", False),
+    ("https://127.0.0.1:5000/v1/api", False),
+    ("https://ibkr-gateway:5000/v1/api", False),  # docker compose's container on this host
+])
+def test_a_gateway_across_a_network_without_tls_verification_is_warned_about(url, warned, caplog):
+    with caplog.at_level("WARNING", logger="trading_pipeline.adapters.ibkr"):
+        IBKRClient(url).close()
+    said = [r.getMessage() for r in caplog.records if "IBKR_CA_FILE" in r.getMessage()]
+    assert bool(said) is warned, said
 
 
 def test_several_accounts_need_an_account_id(emulator_factory, client_factory):
