@@ -100,7 +100,7 @@ def test_whole_graph_two_symbols(environment, tmp_path):
         with sessions() as session:
             assert session.get(StrategyRow, "graph_test").settings["risk"]["min_r"] == 1.0
 
-        spy_outputs, spy, spy_order = results["SPY"]
+        _, spy, spy_order = results["SPY"]
         assert spy.action == Action.BUY
         risk = spy.entry - spy.stop
         expected_quantity = min(math.floor(100_000 * 0.01 / risk), math.floor(100_000 * 0.10 / spy.entry))
@@ -164,7 +164,7 @@ def test_portfolio_sync_advances_the_bracket_through_later_bars(environment, tmp
         trades = result.output_for_node("portfolio_sync", "executions")
         positions = result.output_for_node("portfolio_sync", "positions")
         account = result.output_for_node("portfolio_sync", "account_summary")
-        check = [e for e in result.get_asset_check_evaluations() if e.check_name == "no_drift"][0]
+        check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "no_drift")
         assert check.passed
         # The decision's chart is drawn again with the fills the sync saw, at the same link.
         redrawn = [e.event_specific_data.asset_observation for e in result.all_events
