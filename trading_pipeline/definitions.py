@@ -30,9 +30,9 @@ from trading_pipeline.graph.assets import build_assets
 from trading_pipeline.graph.automation import build_automation
 from trading_pipeline.graph.ibkr import ibkr_session_sensor
 from trading_pipeline.graph.partitions import strategies, strategies_load_problem
-from trading_pipeline.graph.strategies_asset import strategies_spec
 from trading_pipeline.graph.portfolio import order_status_sensor, portfolio_sync, sync_portfolio_job
 from trading_pipeline.graph.resources import resources_from_env
+from trading_pipeline.graph.strategies_asset import strategies_spec
 
 TIMEFRAME_ASSETS = ["market_bars", "indicator_frames", "chart_images", "ai_analyses"]
 SYMBOL_ASSETS = ["trade_decisions", "orders"]

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -24,9 +24,9 @@ import pandas as pd
 POINTS = ("before the record", "after 'submitting'", "after the broker's ack", "after the fill")
 KILLED = 86  # the exit status of a killed attempt
 # 2026-09-01 is a Tuesday: decided after its close; the entry can fill on Wednesday's bar.
-TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
-THURSDAY_EVENING = datetime(2026, 9, 3, 21, 30, tzinfo=timezone.utc)
-FRIDAY_EVENING = datetime(2026, 9, 4, 21, 30, tzinfo=timezone.utc)  # after every bar below: the broker's state
+TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
+THURSDAY_EVENING = datetime(2026, 9, 3, 21, 30, tzinfo=UTC)
+FRIDAY_EVENING = datetime(2026, 9, 4, 21, 30, tzinfo=UTC)  # after every bar below: the broker's state
 BARS = {"2026-09-02": (97.0, 99.0, 96.5, 98.5),   # the entry (limit 100) fills at the open, 97
         "2026-09-03": (98.0, 99.0, 97.5, 98.2),   # the bracket keeps working
         "2026-09-04": (99.0, 99.5, 98.0, 98.8)}   # a market exit made on Thursday evening fills at this open
@@ -112,7 +112,7 @@ def _attempt_and_die(url: str, kind: str, point: str, now: str) -> None:
     from trading_pipeline.adapters.order_desk import OrderDesk
 
     moment = datetime.fromisoformat(now)
-    die = lambda *_, **__: os._exit(KILLED)  # noqa: E731 - no clean-up, no commit: a kill
+    die = lambda *_, **__: os._exit(KILLED)
     if point == POINTS[0]:
         OrderDesk._record = die if kind == "entry" else OrderDesk._record
         OrderDesk._convert_into_exit = die if kind == "exit" else OrderDesk._convert_into_exit
@@ -207,7 +207,7 @@ def format_matrix(cells: list[Cell]) -> str:
              "yes" if c.protected_after_kill else "NO", "yes" if c.protected_after_rerun else "NO",
              "YES" if c.sent_twice else "no", "ok" if c.ok else "FAIL"] for c in cells]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 

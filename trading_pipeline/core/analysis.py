@@ -83,7 +83,7 @@ class TimeframeAnalysis(BaseModel):
     recent_low: float
 
     @classmethod
-    def invalid(cls, *, reason: str, **context) -> "TimeframeAnalysis":
+    def invalid(cls, *, reason: str, **context) -> TimeframeAnalysis:
         """Fail closed: an unusable analysis is a NO_TRADE that says why."""
         return cls(
             valid=False,

@@ -35,5 +35,5 @@ class MarketFrame:
     def last_bar_start(self) -> pd.Timestamp:
         return self.frame.index[-1]
 
-    def with_frame(self, frame: pd.DataFrame) -> "MarketFrame":
+    def with_frame(self, frame: pd.DataFrame) -> MarketFrame:
         return MarketFrame(self.symbol, self.timeframe, self.as_of, self.source, frame)

@@ -39,7 +39,7 @@ class Columns:
     first use: each bar's values depend only on it and the bars before it, so reading them at
     `end - 1` sees no later bar."""
 
-    __slots__ = ("arrays", "index", "_extremes", "_inputs")
+    __slots__ = ("_extremes", "_inputs", "arrays", "index")
 
     def __init__(self, frame: pd.DataFrame):
         self.index = frame.index

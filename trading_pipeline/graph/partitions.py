@@ -17,7 +17,6 @@ import dagster as dg
 from trading_pipeline.core.frames import TIMEFRAMES
 from trading_pipeline.core.strategies import StrategiesFile, load_strategies
 
-
 # Why the last load fell back to the last good strategies file (shown on the `strategies` asset), or None.
 LOAD_PROBLEMS: dict[str | None, str] = {}
 

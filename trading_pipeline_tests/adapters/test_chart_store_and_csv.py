@@ -2,7 +2,7 @@
 loopback), and the CSV market data source."""
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import boto3
 import pandas as pd
@@ -14,7 +14,7 @@ from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"chart-bytes" * 100
-AS_OF = datetime(2026, 11, 20, 21, 30, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 11, 20, 21, 30, tzinfo=UTC)
 
 
 def test_chart_key_is_stable_and_readable():
@@ -58,7 +58,7 @@ def test_csv_source_drops_bars_not_closed_by_as_of(tmp_path):
         ("2026-11-23T14:30:00Z", 11.8, 12.5, 11.7, 12.2, 800),
     ])
     source = CsvMarketData(tmp_path)
-    mid_session = source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), datetime(2026, 11, 20, 18, 0, tzinfo=timezone.utc))
+    mid_session = source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), datetime(2026, 11, 20, 18, 0, tzinfo=UTC))
     assert list(mid_session.index.strftime("%m-%d")) == ["11-18", "11-19"]
     after_close = source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)
     assert list(after_close["close"]) == [10.5, 11.5, 11.8]
@@ -83,7 +83,7 @@ def test_csv_date_only_rows_are_their_own_session_no_look_ahead(tmp_path):
                                         ("2026-11-20", 11.5, 12, 11, 11.8, 900)])
     source = CsvMarketData(tmp_path)
     mid_session = source.fetch("AAPL", "1d", TimeframeSettings(period="1y"),
-                               datetime(2026, 11, 20, 15, 0, tzinfo=timezone.utc))
+                               datetime(2026, 11, 20, 15, 0, tzinfo=UTC))
     assert [str(t) for t in mid_session.index] == ["2026-11-18 14:30:00+00:00", "2026-11-19 14:30:00+00:00"]
     assert list(source.fetch("AAPL", "1d", TimeframeSettings(period="1y"), AS_OF)["close"]) == [10.5, 11.5, 11.8]
 
@@ -94,10 +94,10 @@ def test_csv_weekly_rows_anchor_at_the_weeks_first_session_and_wait_for_its_last
                                         ("2026-11-23", 10.5, 12, 10, 11.5, 4000)])
     source = CsvMarketData(tmp_path)
     during = source.fetch("AAPL", "1w", TimeframeSettings(period="2y"),
-                          datetime(2026, 11, 27, 17, 59, tzinfo=timezone.utc))
+                          datetime(2026, 11, 27, 17, 59, tzinfo=UTC))
     assert [str(t) for t in during.index] == ["2026-11-16 14:30:00+00:00"]
     after = source.fetch("AAPL", "1w", TimeframeSettings(period="2y"),
-                         datetime(2026, 11, 27, 18, 0, tzinfo=timezone.utc))
+                         datetime(2026, 11, 27, 18, 0, tzinfo=UTC))
     assert [str(t) for t in after.index] == ["2026-11-16 14:30:00+00:00", "2026-11-23 14:30:00+00:00"]
 
 
@@ -192,5 +192,5 @@ def test_csv_rows_outside_the_exchange_calendar_say_so(tmp_path):
     with pytest.raises(BarDataError, match=r"2 row\(s\) fall outside the exchange calendar \(2000-01-01 to "
                                            r"2040-12-31\): row 1 \(1999-12-30\), row 2 \(1999-12-31\)") as info:
         CsvMarketData(tmp_path).fetch("AAPL", "1d", TimeframeSettings(period="2y"),
-                                      datetime(2000, 6, 1, tzinfo=timezone.utc))
+                                      datetime(2000, 6, 1, tzinfo=UTC))
     assert "start the backtest later" in info.value.fix

@@ -6,7 +6,7 @@ import dataclasses
 import multiprocessing
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
@@ -22,7 +22,7 @@ from trading_pipeline.core.strategies import RiskSettings
 
 SYMBOLS = ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF"]
 LIMITS = RiskSettings(max_open_positions=3, max_gross_exposure=0.30, max_position_share=0.10)
-AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
 
 
 def decision(symbol: str) -> TradeDecision:

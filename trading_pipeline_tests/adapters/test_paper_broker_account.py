@@ -2,7 +2,7 @@
 daily-loss breaker see unrealized losses; commissions come out of cash; marks come from the
 market data."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -16,9 +16,9 @@ from trading_pipeline.core.risk import Mark
 from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
 
-MONDAY_EVENING = datetime(2026, 8, 31, 21, 30, tzinfo=timezone.utc)
-TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
-WEDNESDAY_EVENING = datetime(2026, 9, 2, 21, 30, tzinfo=timezone.utc)
+MONDAY_EVENING = datetime(2026, 8, 31, 21, 30, tzinfo=UTC)
+TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
+WEDNESDAY_EVENING = datetime(2026, 9, 2, 21, 30, tzinfo=UTC)
 
 
 def bars(rows: dict[str, tuple[float, float, float, float]]) -> dict[str, pd.DataFrame]:
@@ -75,9 +75,9 @@ def test_a_position_held_overnight_and_sold_today_counts_from_the_previous_close
 
 def test_the_days_pnl_is_measured_from_the_close_before_the_latest_closed_session():
     assert previous_close_time(WEDNESDAY_EVENING) == pd.Timestamp("2026-09-01T20:00:00Z")
-    assert previous_close_time(datetime(2026, 9, 2, 17, 0, tzinfo=timezone.utc)) == pd.Timestamp(
+    assert previous_close_time(datetime(2026, 9, 2, 17, 0, tzinfo=UTC)) == pd.Timestamp(
         "2026-08-31T20:00:00Z")  # mid-session: Tuesday is the latest closed session
-    assert previous_close_time(datetime(2026, 9, 5, 12, 0, tzinfo=timezone.utc)) == pd.Timestamp(
+    assert previous_close_time(datetime(2026, 9, 5, 12, 0, tzinfo=UTC)) == pd.Timestamp(
         "2026-09-03T20:00:00Z")  # Saturday: Friday's session, measured from Thursday's close
 
 

@@ -1,7 +1,7 @@
 """A trading database made before paper commissions upgrades in place: its orders keep working
 from when they did, its fills and executions cost nothing retroactively."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import sqlalchemy as sa
@@ -11,8 +11,8 @@ from trading_pipeline import migrations
 from trading_pipeline.adapters.broker import PaperBroker
 from trading_pipeline.adapters.trading_db import get_engine, session_factory
 
-PLACED = datetime(2026, 9, 1, 21, 30, tzinfo=timezone.utc)
-FILLED = datetime(2026, 9, 2, 13, 30, tzinfo=timezone.utc)
+PLACED = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
+FILLED = datetime(2026, 9, 2, 13, 30, tzinfo=UTC)
 
 
 def test_an_existing_database_upgrades_and_its_orders_keep_their_live_time(database_url):

@@ -1,4 +1,4 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -11,7 +11,7 @@ from trading_pipeline.core.frames import MarketFrame
 from trading_pipeline.core.risk import AccountState
 from trading_pipeline.core.strategies import parse_strategies
 
-AS_OF = datetime(2026, 11, 20, 22, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
 STRATEGY = parse_strategies("""\
 strategies:
   - name: t
@@ -109,7 +109,7 @@ def test_decision_records_gates_and_id_ignores_prices():
 
 
 # AS_OF is Friday 2026-11-20 after the close (21:00 UTC), the last session of its week.
-MONDAY_OPEN = datetime(2026, 11, 23, 14, 30, tzinfo=timezone.utc)
+MONDAY_OPEN = datetime(2026, 11, 23, 14, 30, tzinfo=UTC)
 
 
 def dated(signal, timeframe, as_of, data_through):
@@ -117,8 +117,8 @@ def dated(signal, timeframe, as_of, data_through):
 
 
 def test_analyses_from_the_last_close_back_a_decision_at_the_next_open():
-    daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=timezone.utc))
-    weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=timezone.utc))
+    daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=UTC))
+    weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=UTC))
     decision = decide(STRATEGY, "X", daily, weekly, AccountState(1e5, 1e5), market_open=True, next_open="",
                       decided_at=MONDAY_OPEN)
     assert decision.action == Action.BUY and decision.as_of == MONDAY_OPEN  # placed as of the decision's run
@@ -126,9 +126,9 @@ def test_analyses_from_the_last_close_back_a_decision_at_the_next_open():
 
 def test_a_weekly_analysis_that_saw_past_the_decision_is_look_ahead():
     # A replay as of Wednesday 2026-11-18, but the 1w partition was materialized after Friday's close.
-    wednesday = datetime(2026, 11, 18, 22, 0, tzinfo=timezone.utc)
-    daily = dated(Action.BUY, "1d", wednesday, datetime(2026, 11, 18, 14, 30, tzinfo=timezone.utc))
-    weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=timezone.utc))
+    wednesday = datetime(2026, 11, 18, 22, 0, tzinfo=UTC)
+    daily = dated(Action.BUY, "1d", wednesday, datetime(2026, 11, 18, 14, 30, tzinfo=UTC))
+    weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=UTC))
     decision = decide(STRATEGY, "X", daily, weekly, AccountState(1e5, 1e5), market_open=False, next_open="",
                       decided_at=wednesday)
     assert decision.action == Action.NO_TRADE and decision.quantity == 0
@@ -137,13 +137,13 @@ def test_a_weekly_analysis_that_saw_past_the_decision_is_look_ahead():
 
 
 @pytest.mark.parametrize("timeframe, analysed_at, decided_at, newer", [
-    ("1d", datetime(2026, 11, 19, 22, 0, tzinfo=timezone.utc), MONDAY_OPEN, 1),  # Friday's session closed since
-    ("1w", datetime(2026, 11, 6, 22, 0, tzinfo=timezone.utc), MONDAY_OPEN, 2),  # two weeks closed since
+    ("1d", datetime(2026, 11, 19, 22, 0, tzinfo=UTC), MONDAY_OPEN, 1),  # Friday's session closed since
+    ("1w", datetime(2026, 11, 6, 22, 0, tzinfo=UTC), MONDAY_OPEN, 2),  # two weeks closed since
 ])
 def test_analyses_overtaken_by_newer_closed_bars_are_no_trade(timeframe, analysed_at, decided_at, newer):
-    through = datetime(analysed_at.year, analysed_at.month, analysed_at.day, 14, 30, tzinfo=timezone.utc)
-    fresh_daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=timezone.utc))
-    fresh_weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=timezone.utc))
+    through = datetime(analysed_at.year, analysed_at.month, analysed_at.day, 14, 30, tzinfo=UTC)
+    fresh_daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=UTC))
+    fresh_weekly = dated(Action.BUY, "1w", AS_OF, datetime(2026, 11, 16, 14, 30, tzinfo=UTC))
     stale = dated(Action.BUY, timeframe, analysed_at, through)
     daily, weekly = (stale, fresh_weekly) if timeframe == "1d" else (fresh_daily, stale)
     decision = decide(STRATEGY, "X", daily, weekly, AccountState(1e5, 1e5), market_open=True, next_open="",
@@ -154,9 +154,9 @@ def test_analyses_overtaken_by_newer_closed_bars_are_no_trade(timeframe, analyse
 
 
 def test_a_weekly_one_week_old_still_confirms():
-    daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=timezone.utc))
-    last_week = dated(Action.BUY, "1w", datetime(2026, 11, 13, 22, 0, tzinfo=timezone.utc),
-                      datetime(2026, 11, 9, 14, 30, tzinfo=timezone.utc))
+    daily = dated(Action.BUY, "1d", AS_OF, datetime(2026, 11, 20, 14, 30, tzinfo=UTC))
+    last_week = dated(Action.BUY, "1w", datetime(2026, 11, 13, 22, 0, tzinfo=UTC),
+                      datetime(2026, 11, 9, 14, 30, tzinfo=UTC))
     decision = decide(STRATEGY, "X", daily, last_week, AccountState(1e5, 1e5), market_open=True, next_open="",
                       decided_at=MONDAY_OPEN)
     assert decision.action == Action.BUY

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from trading_pipeline.graph.assets.batch import PartitionOutcome, materialize_partitions, partitioned_checks, range_tags
-from trading_pipeline.graph.instance_storage import QuickSqliteEventLogStorage, QuickSqliteStorage
+from trading_pipeline.graph.instance_storage import QuickSqliteStorage
 from trading_pipeline.graph.io_managers import BatchFilesystemIOManager
 
 KEYS = ["A", "B", "C"]
