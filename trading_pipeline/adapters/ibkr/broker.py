@@ -473,14 +473,18 @@ class IBKRBroker:
             return []
         with self._ids_lock:
             own_order_ids = {order_id for coid, order_id in self._ids.items() if coid in own}
-        # The symbols asked about are resolved too: a symbol the pipeline once traded and holds nothing
-        # in now is not among this broker's (the sync makes it for the symbols in play).
-        by_conid = self.symbols_by_conid((*self.symbols, *sorted(wanted)))
+        trades = [trade for trade in self.client.trades(days=7, max_age=self.order_cache_seconds)
+                  if str(trade.get("order_ref") or "").strip() not in own
+                  and _execution_order_id(trade) not in own_order_ids]
+        # The symbols asked about whose tickers these trades name are resolved too (once per process):
+        # a symbol the pipeline once traded and holds nothing in now is not among this broker's (the
+        # sync makes it for the symbols in play), and its ticker alone does not tell an option from it.
+        tickers = {str(trade.get("symbol") or "").strip().upper() for trade in trades}
+        named = sorted(s for s in wanted if s.upper() in tickers or s.upper().replace(".", " ") in tickers)
+        by_conid = self.symbols_by_conid((*self.symbols, *named))
         resolved = set(by_conid.values())
         result, seen = [], set()
-        for trade in self.client.trades(days=7, max_age=self.order_cache_seconds):
-            if str(trade.get("order_ref") or "").strip() in own or _execution_order_id(trade) in own_order_ids:
-                continue
+        for trade in trades:
             conid = parse_conid(trade.get("conid"))
             symbol = by_conid.get(conid)
             ticker = str(trade.get("symbol") or "").strip()
