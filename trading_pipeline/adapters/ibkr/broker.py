@@ -283,17 +283,19 @@ class IBKRBroker:
     def min_tick(self, symbol: str) -> float:
         return self.client.min_tick(self.client.resolve(symbol).conid)
 
-    def symbols_by_conid(self) -> dict[int, str]:
-        """conid -> the strategy symbol whose contract it is (resolved once per process, cached by the
-        client). A symbol IBKR cannot resolve is left out (its orders fail where they are placed)."""
-        if not self.symbols:
+    def symbols_by_conid(self, symbols: Iterable[str] | None = None) -> dict[int, str]:
+        """conid -> the strategy symbol whose contract it is, of this broker's symbols (or of `symbols`),
+        resolved once per process, cached by the client. A symbol IBKR cannot resolve is left out
+        (its orders fail where they are placed)."""
+        symbols = self.symbols if symbols is None else tuple(dict.fromkeys(symbols))
+        if not symbols:
             return {}
         try:
-            contracts = self.client.resolve_many(self.symbols)
-            return {contracts[s.upper()].conid: s for s in self.symbols}
+            contracts = self.client.resolve_many(symbols)
+            return {contracts[s.upper()].conid: s for s in symbols}
         except IBKRContractError:
             mapping = {}
-            for symbol in self.symbols:
+            for symbol in symbols:
                 try:
                     mapping[self.client.resolve(symbol).conid] = symbol
                 except IBKRContractError as error:
@@ -461,23 +463,38 @@ class IBKRBroker:
         order_ref). Reported with client_order_id "" (no order of the pipeline's). A trade belongs
         to a strategy symbol by its conid (IBKR's ticker for BRK.B is 'BRK B'); a trade of another
         contract under the same ticker (an option, another listing) is not the symbol's, and without
-        a resolved contract only a stock trade under the symbol's own ticker is."""
+        a resolved contract only a stock trade under the symbol's own ticker is. The symbols are
+        resolved here (cached per process), not only this broker's own. A row under one of the
+        symbols' tickers with no usable conid raises IBKRMalformedAnswer: which contract it traded
+        is unknown, and it is neither guessed nor dropped without a word."""
         wanted = set(symbols)
         own = set(own_client_order_ids)
         if not wanted:
             return []
         with self._ids_lock:
             own_order_ids = {order_id for coid, order_id in self._ids.items() if coid in own}
-        by_conid = self.symbols_by_conid()
+        trades = [trade for trade in self.client.trades(days=7, max_age=self.order_cache_seconds)
+                  if str(trade.get("order_ref") or "").strip() not in own
+                  and _execution_order_id(trade) not in own_order_ids]
+        # The symbols asked about whose tickers these trades name are resolved too (once per process):
+        # a symbol the pipeline once traded and holds nothing in now is not among this broker's (the
+        # sync makes it for the symbols in play), and its ticker alone does not tell an option from it.
+        tickers = {str(trade.get("symbol") or "").strip().upper() for trade in trades}
+        named = sorted(s for s in wanted if s.upper() in tickers or s.upper().replace(".", " ") in tickers)
+        by_conid = self.symbols_by_conid((*self.symbols, *named))
         resolved = set(by_conid.values())
         result, seen = [], set()
-        for trade in self.client.trades(days=7, max_age=self.order_cache_seconds):
-            if str(trade.get("order_ref") or "").strip() in own or _execution_order_id(trade) in own_order_ids:
-                continue
+        for trade in trades:
             conid = parse_conid(trade.get("conid"))
             symbol = by_conid.get(conid)
+            ticker = str(trade.get("symbol") or "").strip()
+            if conid is None and ticker in wanted:  # the stock or an option on it: unknown, not guessed
+                raise IBKRMalformedAnswer(
+                    f"IBKR execution {trade.get('execution_id')!r} of a {ticker} order not the pipeline's has no "
+                    f"usable conid ({trade.get('conid')!r}), so which contract it traded is unknown",
+                    "check the execution in Client Portal (Trades); IBKR documents conid in the trades list. "
+                    "Nothing was recorded from it; run again once the gateway answers properly")
             if symbol is None:
-                ticker = str(trade.get("symbol") or "").strip()
                 stock = str(trade.get("sec_type") or "STK").upper() == "STK"
                 symbol = ticker if stock and ticker not in resolved else None
             if symbol not in wanted:

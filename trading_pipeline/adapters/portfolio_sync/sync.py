@@ -26,6 +26,7 @@ from trading_pipeline.adapters.trading_db import (
     PositionSnapshotRow,
 )
 from trading_pipeline.core.risk import AccountState, Mark
+from trading_pipeline.errors import UserError
 
 
 @dataclass
@@ -102,10 +103,15 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
     started = datetime.now(UTC)
     changes, changed, _ = advance_orders(sessions, broker)
     added = record_executions(sessions, broker)
-    added += record_outside_executions(sessions, broker)  # after its own: what is left is not the pipeline's
+    drift = []
+    try:  # after its own: what is left is not the pipeline's
+        added += record_outside_executions(sessions, broker)
+    except UserError as error:  # bookkeeping of trades the pipeline did not make: never in the way of
+        # protection (a stop resized to a position reduced by hand), so the pass goes on and says why
+        drift.append(f"the broker's trades not made by the pipeline (by hand in TWS) are not recorded in this "
+                     f"sync: {error.problem}. {error.fix}")
     account = broker.account(marks, as_of)
     now = datetime.now(UTC)
-    drift = []
     with sessions() as session:
         changes_elsewhere = _changes_since_last_sync(session, broker.name, started)
         changed |= {coid for coid, _ in changes_elsewhere}

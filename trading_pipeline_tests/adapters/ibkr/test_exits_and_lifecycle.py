@@ -779,3 +779,26 @@ def test_a_sync_resizing_the_stop_while_an_exit_converts_it_never_turns_the_exit
     w.emulator.set_price("AAPL", 90.0)  # the next session opens above the old stop: the exit fills
     w.emulator.set_market_open(True)
     assert w.position_path("AAPL") == [50, 30, 0]  # flat, never short
+
+
+def test_an_unreadable_row_of_a_trade_by_hand_never_keeps_the_stop_from_being_resized(world):
+    """20 of the 50 sold in TWS, and IBKR's trades list gives that sale a time in no documented format
+    (no trade_time_r, an ISO trade_time). It cannot be recorded (nothing is guessed), but it is not
+    the pipeline's order: the sync still resizes the stop to the 30 the broker holds, and says in
+    its drift why the trade by hand is not in the books. Before: the unreadable row of a trade the
+    pipeline did not make raised out of the whole sync, before protection, so the stop stayed at 50
+    and, elected, would have sold 20 shares short."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, _ = w.open_position(entry_decision("odd"))
+    assert sync_portfolio(w.sessions, w.broker, {}).drift == []
+    hand = w.sell_by_hand(20, price=104.0)
+    w.emulator.inject("/iserver/account/trades", method="GET", count=50, transform=lambda rows: [
+        {k: v for k, v in {**r, "trade_time": "2026-11-20T21:00:00Z"}.items() if k != "trade_time_r"}
+        if str(r.get("order_id")) == str(hand) else r for r in rows])
+
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert w.order(stop_id).quantity == 30
+    assert any("has no usable time" in line and "not recorded" in line for line in report.drift), report.drift
+    with w.sessions() as session:
+        assert "" not in {e.client_order_id for e in session.scalars(select(ExecutionRow))}

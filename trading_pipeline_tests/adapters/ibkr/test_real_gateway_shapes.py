@@ -214,3 +214,46 @@ def test_positions_with_float_strings_and_string_conids(emulator_factory, client
     state = IBKRBroker(client_factory(emulator)).account({"POS000": Mark(55.0)})
     assert state.positions["POS000"].quantity == 10 and state.positions["POS000"].market_price == 55.0
     assert state.positions["POS001"].market_price == 51.0  # no price at IBKR, no mark: its cost, never 0
+
+
+# ------------------------------------------------------------------- executions of trades by hand
+
+def _hand_sale_and_an_option_on_the_ticker(emulator, option_fields: dict) -> int:
+    """A sale of AAPL made in TWS, and in the trades list beside it an execution of another AAPL
+    contract (an option, another listing) under the same ticker. The stock sale's IBKR order id."""
+    emulator.set_price("AAPL", 100.0)
+    hand = emulator.trade_by_hand("AAPL", "SELL", 20, 104.0)
+
+    def with_option(rows):
+        sale = next(r for r in rows if str(r.get("order_id")) == str(hand))
+        option = {k: v for k, v in sale.items() if k != "sec_type"}
+        return [*rows, {**option, "execution_id": "0000e0d5.0pt10n00.01.01", "conid": 987654321, "size": 1.0,
+                        "price": "3.10", **option_fields}]
+    emulator.inject("/iserver/account/trades", method="GET", count=10, transform=with_option)
+    return hand
+
+
+@pytest.mark.parametrize("option_fields", [{}, {"sec_type": "STK", "listing_exchange": "IBIS"}])
+def test_a_trade_by_hand_in_another_contract_under_the_ticker_is_never_the_symbols(emulator, client, option_fields):
+    """The broker is made for the symbols in play (the sync's), so a symbol the pipeline once traded
+    but holds nothing in now is not among them: its contract is resolved for the trades by hand all
+    the same, and an execution of another conid under its ticker (an option whose row lacks sec_type,
+    a listing on another exchange) is not booked as shares of it. Before: without a resolved contract
+    any row under the ticker not marked otherwise than STK was: 1 share at 3.10 in the books."""
+    _hand_sale_and_an_option_on_the_ticker(emulator, option_fields)
+    outside = IBKRBroker(client, order_cache_seconds=0).outside_executions(["AAPL"], set())
+    assert [(e.symbol, e.side, e.quantity, e.price) for e in outside] == [("AAPL", "SELL", 20.0, 104.0)]
+
+
+@pytest.mark.parametrize("conid", [None, "", "n/a"])
+def test_a_trade_by_hand_with_no_usable_conid_is_not_silently_dropped(emulator, client, conid):
+    """A sale by hand in AAPL whose row has no usable conid: which contract it traded is unknown, so
+    nothing is recorded from it, and the reason is said (the sync reports it as drift). Before: it
+    was dropped without a word (AAPL resolved: a row under its ticker without its conid is another
+    contract), leaving only a drift line about the executions' position and no reason."""
+    hand = emulator.trade_by_hand("AAPL", "SELL", 20, 104.0)
+    emulator.inject("/iserver/account/trades", method="GET", count=10, transform=lambda rows: [
+        {**r, "conid": conid} if str(r.get("order_id")) == str(hand) else r for r in rows])
+    with pytest.raises(IBKRMalformedAnswer) as raised:
+        IBKRBroker(client, order_cache_seconds=0, symbols=("AAPL",)).outside_executions(["AAPL"], set())
+    assert f"no usable conid ({conid!r})" in raised.value.problem and raised.value.fix
