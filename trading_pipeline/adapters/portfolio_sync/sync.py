@@ -102,8 +102,12 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
     Positions are keyed as the broker returns them: by the strategy's symbol (never re-keyed)."""
     started = datetime.now(UTC)
     changes, changed, _ = advance_orders(sessions, broker)
-    added = record_executions(sessions, broker)
-    drift = []
+    drift, added = [], 0
+    try:
+        added = record_executions(sessions, broker)
+    except UserError as error:  # an unreadable answer (nothing is guessed): the books wait for the next
+        # sync, never the protection below, which reads the broker's positions (a stop resized to them)
+        drift.append(f"the pipeline's executions are not all recorded in this sync: {error.problem}. {error.fix}")
     try:  # after its own: what is left is not the pipeline's
         added += record_outside_executions(sessions, broker)
     except UserError as error:  # bookkeeping of trades the pipeline did not make: never in the way of

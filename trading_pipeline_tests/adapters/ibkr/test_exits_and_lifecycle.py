@@ -781,6 +781,29 @@ def test_a_sync_resizing_the_stop_while_an_exit_converts_it_never_turns_the_exit
     assert w.position_path("AAPL") == [50, 30, 0]  # flat, never short
 
 
+def test_an_unreadable_row_of_the_pipelines_own_execution_never_keeps_the_stop_from_being_resized(world):
+    """IBKR's trades list starts giving the entry's execution a time in no documented format, and 20
+    of the 50 are sold in TWS. The row cannot be read (nothing is guessed), so that execution is not
+    recorded again in this sync, but the sync still resizes the stop to the 30 the broker holds and
+    says why in its drift. Before: the unreadable row raised out of the whole sync before
+    protection, on every sync, so the stop stayed at 50 and, elected, would have sold 20 short."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    decision = entry_decision("own-odd")
+    stop_id, _ = w.open_position(decision)
+    assert sync_portfolio(w.sessions, w.broker, {}).drift == []
+    entry_id = int(w.broker.order_id_for(client_order_id(decision)))
+    w.emulator.inject("/iserver/account/trades", method="GET", count=50, transform=lambda rows: [
+        {k: v for k, v in {**r, "trade_time": "2026-11-20T21:00:00Z"}.items() if k != "trade_time_r"}
+        if str(r.get("order_id")) == str(entry_id) else r for r in rows])
+    w.sell_by_hand(20, price=104.0)
+
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert w.order(stop_id).quantity == 30
+    assert any("has no usable time" in line and "the pipeline's executions" in line for line in report.drift), \
+        report.drift
+
+
 def test_an_unreadable_row_of_a_trade_by_hand_never_keeps_the_stop_from_being_resized(world):
     """20 of the 50 sold in TWS, and IBKR's trades list gives that sale a time in no documented format
     (no trade_time_r, an ISO trade_time). It cannot be recorded (nothing is guessed), but it is not
