@@ -65,6 +65,7 @@ __all__ = ["FINAL_ORDER_STATES", "HISTORY_PATH", "SNAPSHOT_FIELDS", "AccountsInf
 
 
 log = logging.getLogger("trading_pipeline.adapters.ibkr")
+_WARNED_UNVERIFIED: set[str] = set()  # gateway URLs warned about (no TLS verification across a network)
 
 class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketDataRequests, PortfolioRequests,
                  OrderRequests):
@@ -101,7 +102,9 @@ class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketData
         host = urlsplit(self.gateway_url).hostname or ""
         # A single-label name (docker compose's ibkr-gateway) is a container on this host's private
         # network; a dotted name or an address other than loopback may be across a network.
-        if not self.verify_ssl and not is_loopback_host(host) and ("." in host or ":" in host):
+        if not self.verify_ssl and not is_loopback_host(host) and ("." in host or ":" in host) \
+                and self.gateway_url not in _WARNED_UNVERIFIED:  # once per process: sensors make a client a tick
+            _WARNED_UNVERIFIED.add(self.gateway_url)
             log.warning("TLS verification of the gateway at %s is off (IBKR_VERIFY_SSL=no): anyone on the way "
                         "could read and change its traffic, orders included. Fix: set IBKR_CA_FILE to the "
                         "gateway's certificate (PEM), or run the gateway on this host", self.gateway_url)
