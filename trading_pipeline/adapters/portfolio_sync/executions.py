@@ -32,16 +32,37 @@ def record_executions(sessions: sessionmaker[Session], broker: Broker, *, symbol
     of the orders that filled (of `symbol` only, when given), or of `client_order_ids` (orders just
     placed or changed, whose fill counts may not be recorded yet). IBKR reports an execution before
     it charges it (commission 0 until then): a recorded execution whose commission the broker now
-    gives takes it. Returns how many executions were added.
+    gives takes it. Returns how many executions were added. Another process may record the same
+    executions at the same moment (the sync beside an orders step recording what filled at
+    placement, or bringing a symbol up to date before an exit): `_once_more_on_conflict`."""
+    return _once_more_on_conflict(_record_executions, sessions, broker, symbol, client_order_ids)
 
-    Another process may record the same executions at the same moment (the sync beside an orders
-    step bringing a symbol up to date before an exit, or recording what filled at placement): the
-    write of one it recorded first fails on the execution id, and the pass is made once more,
-    reading what it recorded."""
+
+def _once_more_on_conflict(record, *args) -> int:
+    """`record(*args)`, made once more when another process wrote one of its executions first (the
+    write fails on the execution id; the second pass reads it)."""
     try:
-        return _record_executions(sessions, broker, symbol, client_order_ids)
+        return record(*args)
     except IntegrityError:
-        return _record_executions(sessions, broker, symbol, client_order_ids)
+        return record(*args)
+
+
+def _store(session: Session, execution, client_order_id: str, symbol: str, broker_name: str) -> bool:
+    """Record one execution once (True when added). One already recorded takes the commission the
+    broker gives now (IBKR charges after the fill), and, booked as outside while the broker had not
+    yet tied it to an order of the pipeline's, that order."""
+    recorded = session.get(ExecutionRow, execution.execution_id)
+    if recorded is None:
+        session.add(ExecutionRow(
+            execution_id=execution.execution_id, client_order_id=client_order_id, symbol=symbol,
+            side=execution.side, quantity=execution.quantity, price=execution.price, broker=broker_name,
+            executed_at=execution.executed_at, commission=execution.commission))
+        return True
+    if recorded.client_order_id == OUTSIDE_ORDER and client_order_id != OUTSIDE_ORDER:
+        recorded.client_order_id = client_order_id  # it is the pipeline's after all
+    if execution.commission and recorded.commission != execution.commission:
+        recorded.commission = execution.commission
+    return False
 
 
 def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: str | None,
@@ -53,19 +74,7 @@ def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: 
         rows = session.scalars(query if symbol is None else query.where(OrderRow.symbol == symbol)).all()
         for row in rows:
             for execution in broker.executions(row.client_order_id):
-                recorded = session.get(ExecutionRow, execution.execution_id)
-                if recorded is None:
-                    session.add(ExecutionRow(
-                        execution_id=execution.execution_id, client_order_id=row.client_order_id,
-                        symbol=row.symbol, side=execution.side, quantity=execution.quantity,
-                        price=execution.price, broker=broker.name, executed_at=execution.executed_at,
-                        commission=execution.commission))
-                    added += 1
-                else:
-                    if recorded.client_order_id == OUTSIDE_ORDER:  # booked as outside before the broker
-                        recorded.client_order_id = row.client_order_id  # tied it to this order: it is ours
-                    if execution.commission and recorded.commission != execution.commission:
-                        recorded.commission = execution.commission
+                added += _store(session, execution, row.client_order_id, row.symbol, broker.name)
         session.commit()
     return added
 
@@ -87,10 +96,7 @@ def record_outside_executions(sessions: sessionmaker[Session], broker: Broker) -
     being sent, or a fill count ahead of its recorded executions): such a fill must not be
     booked as outside. Should one still be (a bracket child whose broker id was learnt late),
     `record_executions` gives it to its order once the broker does. Returns how many were added."""
-    try:
-        return _record_outside_executions(sessions, broker)
-    except IntegrityError:  # another process recorded the same ones first: once more, reading them
-        return _record_outside_executions(sessions, broker)
+    return _once_more_on_conflict(_record_outside_executions, sessions, broker)
 
 
 def _record_outside_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
@@ -122,15 +128,7 @@ def _record_outside_executions(sessions: sessionmaker[Session], broker: Broker) 
             begins = start.get(execution.symbol)
             if begins is None or execution.symbol in unsettled or as_utc(execution.executed_at) < begins:
                 continue
-            recorded = session.get(ExecutionRow, execution.execution_id)
-            if recorded is None:
-                session.add(ExecutionRow(
-                    execution_id=execution.execution_id, client_order_id=OUTSIDE_ORDER, symbol=execution.symbol,
-                    side=execution.side, quantity=execution.quantity, price=execution.price, broker=broker.name,
-                    executed_at=execution.executed_at, commission=execution.commission))
-                added += 1
-            elif execution.commission and recorded.commission != execution.commission:
-                recorded.commission = execution.commission
+            added += _store(session, execution, OUTSIDE_ORDER, execution.symbol, broker.name)
         session.commit()
     return added
 
