@@ -2,7 +2,6 @@
 account, but the limit check and the placement are one atomic step across processes, so together
 they never exceed max_open_positions or the gross-exposure cap, on SQLite and on PostgreSQL."""
 
-import dataclasses
 import multiprocessing
 import threading
 import time
@@ -12,7 +11,7 @@ from sqlalchemy import select
 
 from trading_pipeline.adapters.broker import PaperBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
-from trading_pipeline.adapters.portfolio_sync import working_entries
+from trading_pipeline.adapters.portfolio_sync import with_working_orders
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import OrderRow, PaperOrderRow, session_factory
 from trading_pipeline.core.analysis import Action, TradeDecision
@@ -39,7 +38,7 @@ def decide_and_send(url: str, symbol: str, start) -> str:
     record_decision(sessions, the_decision)
 
     def limits_now():
-        account = dataclasses.replace(broker.account({}), working_entries=working_entries(sessions, broker))
+        account = with_working_orders(broker.account({}), sessions, broker)
         return entry_limits(symbol, 100.0, 96.0, account, LIMITS, own_order=client_order_id(the_decision))
 
     start.wait()  # every process sends at the same moment
@@ -72,7 +71,7 @@ def test_the_recheck_shrinks_an_order_to_the_room_left(database_url):
 
     def limits_for(the_decision):
         def limits_now():
-            account = dataclasses.replace(broker.account({}), working_entries=working_entries(sessions, broker))
+            account = with_working_orders(broker.account({}), sessions, broker)
             return entry_limits(the_decision.symbol, 100.0, 96.0, account,
                                 LIMITS.model_copy(update={"max_position_share": 0.25}),
                                 own_order=client_order_id(the_decision))

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from trading_pipeline.adapters.broker import PaperBroker, as_utc
 from trading_pipeline.adapters.order_desk import OrderDesk
-from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, working_entries
+from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, with_working_orders
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import (
     AccountSnapshotRow,
@@ -26,7 +26,7 @@ from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
 from trading_pipeline.core.fills import DailyBar, Leg, expiry_of, first_live_session, leg_fill
 from trading_pipeline.core.orders import build_legs
-from trading_pipeline.core.risk import Mark, WorkingEntry
+from trading_pipeline.core.risk import AccountState, Mark, WorkingEntry
 
 # 2026-09-01 is a Tuesday; 21:30 UTC is 17:30 in New York, after the close.
 TUESDAY_AFTER_CLOSE = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
@@ -330,10 +330,10 @@ def test_a_working_entry_counts_until_it_fills_or_expires(database_url):
     sessions = session_factory(database_url)
     submit(sessions, decision("working", TUESDAY_AFTER_CLOSE))
     broker = PaperBroker(sessions, 100_000.0)
-    assert working_entries(sessions, broker) == {
+    assert with_working_orders(AccountState(0.0, 0.0), sessions, broker).working_entries == {
         "AAPL": WorkingEntry("tp-working", "BUY", 50, 100.0, "Submitted")}
     broker.simulate_fills(daily_bars({"2026-09-02": (103.0, 105.0, 101.5, 104.0)}))  # expired unfilled
-    assert working_entries(sessions, broker) == {}  # the state is asked of the broker, not taken as recorded
+    assert with_working_orders(AccountState(0.0, 0.0), sessions, broker).working_entries == {}  # the state is asked of the broker, not taken as recorded
     with sessions() as session:
         assert session.get(OrderRow, "tp-working").status == "Cancelled"
 
@@ -350,7 +350,7 @@ def test_an_entry_in_unknown_state_counts_as_working(database_url):
 
     with pytest.raises(ConnectionError):
         OrderDesk(sessions, CrashingBroker(sessions, 100_000.0)).submit_once(the_decision, legs, 100.0)
-    working = working_entries(sessions, PaperBroker(sessions, 100_000.0))
+    working = with_working_orders(AccountState(0.0, 0.0), sessions, PaperBroker(sessions, 100_000.0)).working_entries
     assert working["AAPL"].status == "submitting"  # reconciled by re-running its orders step, not doubled
 
 

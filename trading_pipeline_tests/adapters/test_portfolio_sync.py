@@ -25,7 +25,6 @@ from trading_pipeline.adapters.portfolio_sync import (
     record_executions,
     sync_portfolio,
     with_working_orders,
-    working_entries,
 )
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import (
@@ -376,7 +375,7 @@ def test_a_crash_before_the_send_is_closed_after_the_grace_period(sessions):
     assert {row.status for row in rows(sessions, *coids).values()} == {"submitting"}  # may be in flight
     assert any(line.startswith("tp-lost: submitting for ") and "checked again by the next sync" in line
                for line in young.status_changes)
-    assert "AAPL" in working_entries(sessions, broker)  # still counts against a second order
+    assert "AAPL" in with_working_orders(AccountState(0.0, 0.0), sessions, broker).working_entries  # still counts against a second order
 
     age(sessions, "lost", SUBMITTING_GRACE + timedelta(seconds=1))
     with sessions() as session:  # an orders step re-running the old decision right now: in flight again
@@ -390,7 +389,7 @@ def test_a_crash_before_the_send_is_closed_after_the_grace_period(sessions):
     assert {row.status for row in rows(sessions, *coids).values()} == {"Cancelled"}
     assert events(sessions, "tp-lost")[-1] == NEVER_REACHED
     assert f"tp-lost: submitting → Cancelled ({NEVER_REACHED})" in report.status_changes
-    assert working_entries(sessions, broker) == {} and report.drift == []
+    assert with_working_orders(AccountState(0.0, 0.0), sessions, broker).working_entries == {} and report.drift == []
     assert broker.find_order("tp-lost") is None  # and nothing was sent by the sync
 
 

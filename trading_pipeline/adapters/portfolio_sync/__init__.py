@@ -28,7 +28,6 @@ from trading_pipeline.adapters.portfolio_sync.order_states import (
     PROTECTIVE_ROLES,
     SUBMITTING_GRACE,
     with_working_orders,
-    working_entries,
     working_symbols,
 )
 from trading_pipeline.adapters.portfolio_sync.protection import ORPHAN_GRACE, positions_contradicted
@@ -38,5 +37,5 @@ __all__ = [
     "NEVER_REACHED", "ORPHAN_GRACE", "PROTECTIVE_ROLES", "SUBMITTING_GRACE", "OwnFill", "SyncReport",
     "implied_positions", "own_fills", "positions_contradicted", "record_executions",
     "record_outside_executions", "symbols_in_play",
-    "sync_portfolio", "with_working_orders", "working_entries", "working_symbols",
+    "sync_portfolio", "with_working_orders", "working_symbols",
 ]

@@ -3,8 +3,8 @@
 `advance_orders` moves each open order row to what the broker says (a 'submitting' or 'unknown' row
 left by a crash included: found by its cOID, or closed once it clearly never reached the broker;
 a DAY order gone after its session expired; an `Inactive` one cancelled or cut to its fill).
-`working_entries` and `with_working_orders` give the risk gates the orders that may still fill
-and, by symbol, the protective orders still working (the position they protect counts as held).
+`with_working_orders` gives the risk gates the orders that may still fill and, by symbol, the
+protective orders still working (the position they protect counts as held).
 """
 
 from __future__ import annotations
@@ -135,19 +135,10 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
 PROTECTIVE_ROLES = ("stop_loss", "take_profit")
 
 
-def working_entries(sessions: sessionmaker[Session], broker: Broker) -> dict[str, WorkingEntry]:
-    """The pipeline's orders that may still fill, by symbol, after asking the broker for their
-    state: each decision's first leg (the bracket's entry, or the order closing a position). The
-    risk gates send no second order for such a symbol and count opening ones as positions; one
-    whose state is unknown ('submitting') counts too until the sync reconciles it."""
-    advance_orders(sessions, broker, roles=("entry",))
-    with sessions() as session:
-        return _working_entries(session)
-
-
 def with_working_orders(account: AccountState, sessions: sessionmaker[Session], broker: Broker) -> AccountState:
-    """`account` as the entry gates read it: with the pipeline's orders that may still fill
-    (`working_entries`) and, by symbol, its stop-loss (else take-profit) still working
+    """`account` as the entry gates read it: with the pipeline's orders that may still fill, by symbol
+    (each decision's first leg, the bracket's entry or the order closing a position; one whose state
+    is unknown, 'submitting', counts until the sync reconciles it) and, by symbol, its stop-loss (else take-profit) still working
     (`AccountState.working_protection`), both after asking the broker for their states. The broker's
     positions can lag a fill by seconds: an entry that just filled is no longer working and its
     position may not be listed yet, but its stop works, so the symbol still counts as held. A

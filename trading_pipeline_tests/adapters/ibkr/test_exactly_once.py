@@ -102,7 +102,8 @@ def test_a_day_entry_gone_from_the_broker_after_its_session_is_expired_not_worki
         emulator, client, tmp_path):
     """IBKR lists only the current day's orders: yesterday's unfilled DAY entry is simply absent.
     The sync must close it, or order_working would hold the symbol's next order for ever."""
-    from trading_pipeline.adapters.portfolio_sync import sync_portfolio, working_entries
+    from trading_pipeline.adapters.portfolio_sync import sync_portfolio, with_working_orders
+    from trading_pipeline.core.risk import AccountState
 
     sessions = session_factory(f"sqlite:///{tmp_path / 't.db'}")  # only this test's orders
     emulator.set_price("AAPL", 100.0)
@@ -111,7 +112,7 @@ def test_a_day_entry_gone_from_the_broker_after_its_session_is_expired_not_worki
     broker = IBKRBroker(client)
     sent = OrderDesk(sessions, broker).submit_once(decision, build_legs(decision, "DAY"), 98.5)
     assert sent.status == "submitted"  # 98.50 is below the market: working
-    assert "AAPL" in working_entries(sessions, broker)
+    assert "AAPL" in with_working_orders(AccountState(0.0, 0.0), sessions, broker).working_entries
     assert broker.cancel("tp-gone").status == "Cancelled"  # what the end of its session does at IBKR
     emulator.new_day()  # ... and the next day it is no longer listed
     with sessions() as session:  # it was placed on 2026-11-20, a session long closed
@@ -121,6 +122,6 @@ def test_a_day_entry_gone_from_the_broker_after_its_session_is_expired_not_worki
     report = sync_portfolio(sessions, broker, {})
     assert any(change.startswith("tp-gone: Submitted → Cancelled") and "DAY order expired unfilled at the "
                "close of 2026-11-20" in change for change in report.status_changes)
-    assert "AAPL" not in working_entries(sessions, broker)
+    assert "AAPL" not in with_working_orders(AccountState(0.0, 0.0), sessions, broker).working_entries
     with sessions() as session:  # its children went with it, not left "PreSubmitted" for ever
         assert {session.get(OrderRow, c).status for c in ("tp-gone-sl", "tp-gone-tp")} == {"Cancelled"}

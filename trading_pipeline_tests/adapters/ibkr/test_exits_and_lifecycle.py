@@ -22,7 +22,7 @@ from sqlalchemy import select
 from trading_pipeline.adapters.broker import as_utc
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
-from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, with_working_orders, working_entries
+from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, with_working_orders
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import ExecutionRow, OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core.analysis import Action, OrderLeg, TradeDecision
@@ -310,7 +310,7 @@ def test_brk_b_is_held_under_the_strategys_symbol_blocks_a_second_buy_and_exits_
     state = w.broker.account({})
     assert set(state.positions) == {"BRK.B"} and state.positions["BRK.B"].quantity == 5
 
-    account = dataclasses.replace(state, working_entries=working_entries(w.sessions, w.broker))
+    account = with_working_orders(state, w.sessions, w.broker)
     market = MarketContext(last_close=400.0, atr=6.0, recent_high=410.0, recent_low=390.0, market_open=True,
                            next_open="now")
     again = evaluate(Proposal(Action.BUY, 401.0, 385.0, [440.0], 0.8), "BRK.B", market, account, RiskSettings())
@@ -717,7 +717,7 @@ def test_concurrent_entries_never_exceed_max_open_positions_at_ibkr(emulator_fac
         record_decision(sessions, decision)
 
         def limits_now():
-            account = dataclasses.replace(broker.account({}), working_entries=working_entries(sessions, broker))
+            account = with_working_orders(broker.account({}), sessions, broker)
             try:
                 all_have_read.wait(timeout=RACE_WINDOW)
             except threading.BrokenBarrierError:  # the others wait for the lock: this run is alone
