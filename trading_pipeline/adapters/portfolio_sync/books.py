@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from trading_pipeline.adapters.broker import as_utc
 from trading_pipeline.adapters.trading_db import DecisionRow, ExecutionRow, OrderEventRow, OrderRow
-from trading_pipeline.core.books import Fill, describe_duration, match_trades
+from trading_pipeline.core.books import Fill, Trade, describe_duration, match_trades
 
 
 def exit_reason(row: OrderRow | None, converted: set[str]) -> str:
@@ -30,7 +30,8 @@ def exit_reason(row: OrderRow | None, converted: set[str]) -> str:
     return "manual"
 
 
-def _matched(session: Session):
+def matched_trades(session: Session) -> list[Trade]:
+    """Every recorded execution matched FIFO per symbol into trades (core/books.py)."""
     orders = {row.client_order_id: row for row in session.scalars(select(OrderRow))}
     converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
         OrderEventRow.detail.contains("converted"))))
@@ -44,19 +45,19 @@ def _matched(session: Session):
     return match_trades(fills, stops)
 
 
-def pipeline_positions(session: Session) -> dict[str, float]:
-    """What the pipeline holds by its books: the open part of the trades its entries opened,
-    signed, by symbol. Shares bought (or sold short) by hand beside it are not the pipeline's
-    position: they have no stop of its to keep."""
+def pipeline_positions(trades: list[Trade]) -> dict[str, float]:
+    """What the pipeline holds by its books (`matched_trades`): the open part of the trades its
+    entries opened, signed, by symbol. Shares bought (or sold short) by hand beside it are not the
+    pipeline's position: they have no stop of its to keep."""
     held: dict[str, float] = {}
-    for trade in _matched(session):
+    for trade in trades:
         if trade.decision_id and trade.open_quantity > 1e-9:
             held[trade.symbol] = held.get(trade.symbol, 0.0) + trade.direction * trade.open_quantity
     return {symbol: quantity for symbol, quantity in held.items() if abs(quantity) > 1e-9}
 
 
-def trades_by_position(session: Session, now: datetime) -> list[dict]:
-    """The books by position: every execution matched FIFO per symbol (core/books.py)."""
+def trades_by_position(trades: list[Trade], now: datetime) -> list[dict]:
+    """The books by position (`matched_trades`), as the executions asset shows them."""
     return [{
         "decision_id": trade.decision_id, "symbol": trade.symbol, "side": trade.side,
         "quantity": round(trade.quantity), "entry": round(trade.entry, 2),
@@ -68,4 +69,4 @@ def trades_by_position(session: Session, now: datetime) -> list[dict]:
         "opened_at": trade.opened_at.isoformat(),
         "closed_at": trade.closed_at.isoformat() if trade.status == "closed" else None,
         "holding_time": describe_duration(trade.holding_time(now)),
-    } for trade in _matched(session)]
+    } for trade in trades]

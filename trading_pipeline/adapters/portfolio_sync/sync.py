@@ -10,7 +10,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import Broker, as_utc
-from trading_pipeline.adapters.portfolio_sync.books import exit_reason, pipeline_positions, trades_by_position
+from trading_pipeline.adapters.portfolio_sync.books import (
+    exit_reason,
+    matched_trades,
+    pipeline_positions,
+    trades_by_position,
+)
 from trading_pipeline.adapters.portfolio_sync.executions import (
     implied_positions,
     record_executions,
@@ -130,7 +135,8 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
             if abs(implied.get(symbol, 0.0) - held.get(symbol, 0.0)) > 1e-9:
                 drift.append(f"{symbol}: broker holds {held.get(symbol, 0.0):g}, the pipeline's executions "
                              f"imply {implied.get(symbol, 0.0):g}")
-        protection = protect_positions(session, broker, held, pipeline_positions(session),
+        books = matched_trades(session)  # protection adds no execution: the books stay these
+        protection = protect_positions(session, broker, held, pipeline_positions(books),
                                        positions_contradicted(account))
         session.commit()
         changes.extend(protection.changes)
@@ -150,7 +156,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
         session.add(AccountSnapshotRow(taken_at=now, broker=broker.name, equity=account.equity, cash=account.cash,
                                        gross_exposure=account.gross_exposure, daily_pnl=account.daily_pnl,
                                        open_positions=account.open_positions))
-        trades = trades_by_position(session, as_utc(as_of) if as_of is not None else now)
+        trades = trades_by_position(books, as_utc(as_of) if as_of is not None else now)
         outcomes = _order_outcomes(session, changed, [line for _, line in changes_elsewhere] + changes)
         session.commit()
     return SyncReport(account, changes, added, drift, positions, trades, protection.unprotected, outcomes)
