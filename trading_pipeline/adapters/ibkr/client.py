@@ -102,10 +102,12 @@ class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketData
         host = urlsplit(self.gateway_url).hostname or ""
         # A single-label name (docker compose's ibkr-gateway) is a container on this host's private
         # network; a dotted name or an address other than loopback may be across a network.
-        if not self.verify_ssl and not is_loopback_host(host) and ("." in host or ":" in host) \
+        unverified = not self.verify_ssl or self.gateway_url.startswith("http://")
+        if unverified and not is_loopback_host(host) and ("." in host or ":" in host) \
                 and self.gateway_url not in _WARNED_UNVERIFIED:  # once per process: sensors make a client a tick
             _WARNED_UNVERIFIED.add(self.gateway_url)
-            log.warning("TLS verification of the gateway at %s is off (IBKR_VERIFY_SSL=no): anyone on the way "
+            log.warning("the gateway at %s is reached without a verified TLS connection (plain http, or "
+                        "IBKR_VERIFY_SSL=no): anyone on the way "
                         "could read and change its traffic, orders included. Fix: set IBKR_CA_FILE to the "
                         "gateway's certificate (PEM), or run the gateway on this host", self.gateway_url)
         self._probe_timeout = connect_timeout

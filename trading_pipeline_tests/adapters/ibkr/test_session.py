@@ -154,6 +154,7 @@ def test_an_unusable_ibkr_ca_file_stops_the_load_naming_it(tmp_path, content, pr
 @pytest.mark.parametrize(("url", "warned"), [
     ("https://gateway.example.com:5000/v1/api", True),
     ("https://10.0.0.7:5000/v1/api", True),
+    ("http://gateway.example.com:5000/v1/api", True),  # no TLS at all
     ("https://localhost:5000/v1/api", False),
     ("https://127.0.0.1:5000/v1/api", False),
     ("https://ibkr-gateway:5000/v1/api", False),  # docker compose's container on this host
