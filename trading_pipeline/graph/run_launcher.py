@@ -39,6 +39,7 @@ from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._serdes import ConfigurableClassData
 
+from trading_pipeline.graph import run_queue_bell
 from trading_pipeline.graph.run_worker import source_fingerprint
 
 WORKER_PID_TAG = "trading/run_worker_pid"
@@ -320,10 +321,10 @@ class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
     daemon starts (the coordinator is made then; the launcher only at the first launch). Without
     it, the first run after each daemon start would wait for the worker's imports.
 
-    `dequeue_interval_seconds` may be a fraction here (Dagster's takes whole seconds, at least 1):
-    a queued run waits for the next check, and at the open that wait is most of what separates
-    the sensor's tick from the first order. The daemon's loop sleeps in steps of 0.5 s, so checks
-    come at most every ~0.5 s whatever smaller value is set."""
+    `dequeue_interval_seconds` may be a fraction here (Dagster's takes whole seconds, at least 1).
+    Submitting a run rings the run queue bell, and in the daemon the queue loop waits for the bell
+    or the interval, whichever comes first, instead of sleeping (`run_queue_bell`): a run is
+    launched as soon as it is queued, and an idle queue is checked once per interval."""
 
     def __init__(self, *args: Any, dequeue_interval_seconds: float | None = None, **kwargs: Any):
         if dequeue_interval_seconds is not None and not dequeue_interval_seconds > 0:
@@ -332,10 +333,25 @@ class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
         super().__init__(*args, dequeue_interval_seconds=whole, **kwargs)
         self._dequeue_interval = (float(dequeue_interval_seconds) if dequeue_interval_seconds is not None
                                   else float(self._dequeue_interval_seconds))
+        self._bell_path: Path | None = None
+        self._bell: run_queue_bell.Bell | None = None  # in the daemon: what its queue loop waits for
 
     @property
-    def dequeue_interval_seconds(self) -> float:  # read by the daemon's run queue loop
-        return self._dequeue_interval
+    def dequeue_interval_seconds(self) -> float:  # read by the daemon when it makes its run queue loop
+        # With the bell, each check waits for it (at most the interval) and the loop need not sleep too.
+        return run_queue_bell.LOOP_INTERVAL_S if self._bell is not None else self._dequeue_interval
+
+    def get_run_queue_config(self):
+        config = super().get_run_queue_config()
+        if self._bell is not None and run_queue_bell.called_at_the_start_of_a_queue_check():
+            self._bell.wait(self._dequeue_interval)
+        return config
+
+    def submit_run(self, context):
+        run = super().submit_run(context)
+        if self._bell_path is not None:
+            run_queue_bell.ring(self._bell_path)
+        return run
 
     @classmethod
     def config_type(cls):
@@ -349,6 +365,9 @@ class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
 
     def register_instance(self, instance) -> None:
         super().register_instance(instance)
+        self._bell_path = run_queue_bell.bell_path(instance.root_directory)
+        if _in_daemon_process() and run_queue_bell.loop_can_wait_here():
+            self._bell = run_queue_bell.Bell(self._bell_path)
         launcher = instance.run_launcher
         if isinstance(launcher, WarmRunLauncher) and _in_daemon_process():
             launcher.prestart()

@@ -1,0 +1,99 @@
+"""A queued run is launched as soon as it is queued, not at the daemon's next check of the queue.
+
+Dagster's run queue daemon checks the queue, then sleeps in steps of 0.5 s: a run queued just
+after a check waits up to ~0.5 s, and the 1d and 1w refreshes, queued 0.2 s apart, often went
+one check apart (bench/daemon.py's timelines: the second run launched 0.6 s after it was queued).
+
+Here a process that queues a run (the daemon's schedules and sensors, the webserver's launches)
+rings a bell: it touches a file in DAGSTER_HOME. The daemon's queue loop waits for that bell
+instead of sleeping: each check of the queue begins by waiting until the bell rings or the
+check interval has passed, whichever comes first, and the loop itself no longer sleeps after a
+check that waited (`LOOP_INTERVAL_S`). A bell
+that cannot ring (a webserver in another container, without the daemon's DAGSTER_HOME) only
+leaves the interval, as before.
+
+The wait is placed where Dagster's loop asks the run coordinator for the queue's limits, once
+at the start of each check (`QueuedRunCoordinatorDaemon.run_iteration` ->
+`get_concurrency_config` -> `get_run_queue_config`). It is used only when that is how the
+installed Dagster's loop reads (`loop_can_wait_here`); otherwise the loop sleeps as Dagster's
+does. trading_pipeline_tests/graph/test_run_queue_bell.py runs the real loop to hold both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+BELL_FILE = ".run-queue-bell"
+POLL_S = 0.01  # a stat() per poll: ~0.1% of a core while the queue is idle
+# The loop's own interval with the bell: a check that waited for the bell lasts longer, so the loop
+# does not sleep after it. Should the wait ever not happen (another Dagster), checks are shorter
+# and the loop sleeps its 0.5 s steps as Dagster's does: never a busy loop.
+LOOP_INTERVAL_S = 0.05
+
+
+def bell_path(dagster_home: str | os.PathLike) -> Path:
+    return Path(dagster_home) / BELL_FILE
+
+
+def ring(path: Path) -> None:
+    """Tell the daemon's queue loop a run was queued. Never fails the caller: a bell that cannot
+    ring leaves the run to the next check of the queue."""
+    try:
+        path.touch()
+        os.utime(path)  # a fresh modification time even when touch() found the file
+    except OSError:
+        pass
+
+
+class Bell:
+    """The daemon's side: `wait(timeout_s)` returns when the bell rang since the last wait ended,
+    or after `timeout_s`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._heard = self._rung_at()
+
+    def _rung_at(self) -> int | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def wait(self, timeout_s: float) -> bool:
+        """True when the bell rang, False when the time ran out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rung = self._rung_at()
+            if rung != self._heard:
+                self._heard = rung
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(POLL_S, left))
+
+
+def loop_can_wait_here() -> bool:
+    """The installed Dagster's queue loop asks for the queue's limits at the start of each check."""
+    code = _run_iteration_code()
+    return code is not None and "get_concurrency_config" in code.co_names
+
+
+def called_at_the_start_of_a_queue_check() -> bool:
+    """The caller of the caller's caller is the queue loop's check: `get_run_queue_config` <-
+    `get_concurrency_config` <- `run_iteration`. Other reads of the limits during a check (pool
+    limits, per run) are not waited at."""
+    code = _run_iteration_code()
+    frame = sys._getframe(3)  # this function <- get_run_queue_config <- get_concurrency_config <- ?
+    return code is not None and frame is not None and frame.f_code is code
+
+
+def _run_iteration_code():
+    try:
+        from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
+    except ImportError:
+        return None
+    return getattr(QueuedRunCoordinatorDaemon.run_iteration, "__code__", None)

@@ -1,0 +1,152 @@
+"""The run queue bell (graph/run_queue_bell.py), through Dagster's real run queue loop: a queued run
+is launched when it is queued, not at the next check, and an idle queue is still checked only once
+per interval (no busy loop). The interval here is 5 s, so the launch's speed cannot come from a
+check that happened to fall right after the submission."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import dagster as dg
+import pytest
+from dagster._core.code_pointer import ModuleCodePointer
+from dagster._core.launcher import RunLauncher
+from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
+from dagster._core.remote_origin import GrpcServerCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from dagster._core.test_utils import create_run_for_test, create_test_daemon_workspace_context
+from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+from dagster._daemon.controller import create_daemon_of_type
+from dagster._daemon.daemon import SpanMarker
+from dagster._serdes import ConfigurableClass
+
+from trading_pipeline.graph import run_launcher, run_queue_bell
+
+INTERVAL_S = 5.0
+LAUNCHED: dict[str, float] = {}  # run id -> when the launcher was asked (the launcher is built from config)
+
+
+class RecordingLauncher(RunLauncher, ConfigurableClass):
+    """Records when each run is launched; starts nothing."""
+
+    def __init__(self, inst_data=None):
+        self._inst_data = inst_data
+
+    @property
+    def inst_data(self):
+        return self._inst_data
+
+    @classmethod
+    def config_type(cls):
+        return {}
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value):
+        return cls(inst_data)
+
+    def launch_run(self, context) -> None:
+        LAUNCHED[context.dagster_run.run_id] = time.monotonic()
+
+    def terminate(self, run_id: str) -> bool:
+        return False
+
+
+def queued_run(instance, workspace) -> dg.DagsterRun:
+    """A run submitted to the queue as a launch from the UI submits it (with the job's origin; the
+    recording launcher never reaches that code location)."""
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(
+        GrpcServerCodeLocationOrigin(host="127.0.0.1", port=9, location_name="trading_pipeline"), "__repository__"),
+        "analyze_timeframe")
+    code = JobPythonOrigin("analyze_timeframe", RepositoryPythonOrigin(
+        sys.executable, ModuleCodePointer("trading_pipeline.definitions", "defs", working_directory=None)))
+    run = create_run_for_test(instance, job_name="analyze_timeframe", status=dg.DagsterRunStatus.NOT_STARTED,
+                              remote_job_origin=origin, job_code_origin=code)
+    return instance.submit_run(run.run_id, workspace.create_request_context())
+
+
+def instance_yaml(tmp_path) -> None:
+    (tmp_path / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: trading_pipeline.graph.run_launcher\n  class: WarmingQueuedRunCoordinator\n"
+        f"  config:\n    dequeue_interval_seconds: {INTERVAL_S}\n"
+        f"run_launcher:\n  module: {__name__}\n  class: RecordingLauncher\n")
+
+
+@pytest.fixture
+def daemon_loop(tmp_path, monkeypatch):
+    """(instance, workspace context, checks): Dagster's run queue loop running in a thread, as in the
+    daemon's process; `checks` holds the time each check of the queue began."""
+    monkeypatch.setattr(run_launcher, "_in_daemon_process", lambda: True)
+    instance_yaml(tmp_path)
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance, \
+            create_test_daemon_workspace_context(EmptyWorkspaceTarget(), instance) as workspace:
+        queue = create_daemon_of_type("QUEUED_RUN_COORDINATOR", instance)
+        checks: list[float] = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            for marker in queue.core_loop(workspace, stop):
+                if marker is SpanMarker.START_SPAN:
+                    checks.append(time.monotonic())
+                if stop.is_set():
+                    return
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        try:
+            yield instance, workspace, checks
+        finally:
+            stop.set()
+            thread.join(timeout=INTERVAL_S + 5)
+
+
+def test_the_installed_dagster_reads_the_queue_limits_where_the_bell_waits():
+    assert run_queue_bell.loop_can_wait_here()
+
+
+def test_a_queued_run_is_launched_at_once_and_an_idle_queue_is_checked_once_per_interval(daemon_loop):
+    instance, workspace, checks = daemon_loop
+    # The bell paces the loop, not Dagster's sleep (which, should the wait not happen, checks every 0.5 s).
+    assert instance.run_coordinator.dequeue_interval_seconds == run_queue_bell.LOOP_INTERVAL_S
+    time.sleep(1.5)
+    idle_checks = len(checks)
+    assert 1 <= idle_checks <= 2, f"{idle_checks} checks of an idle queue in 1.5 s: the loop must wait between checks"
+
+    submitted = time.monotonic()
+    run = queued_run(instance, workspace)
+    deadline = submitted + INTERVAL_S / 2
+    while run.run_id not in LAUNCHED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.run_id in LAUNCHED, f"the run was not launched within {INTERVAL_S / 2} s of being queued"
+    assert LAUNCHED[run.run_id] - submitted < 1.0
+
+    time.sleep(1.0)  # the bell is heard once: the loop goes back to waiting
+    assert len(checks) <= idle_checks + 3
+
+
+def test_other_reads_of_the_queue_limits_never_wait(daemon_loop):
+    instance, _, _ = daemon_loop
+    started = time.monotonic()
+    for _ in range(3):
+        assert instance.get_concurrency_config().run_queue_config is not None
+    assert time.monotonic() - started < 1.0
+
+
+def test_outside_the_daemon_a_submission_rings_and_the_interval_is_the_configured_one(tmp_path):
+    instance_yaml(tmp_path)
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance, \
+            create_test_daemon_workspace_context(EmptyWorkspaceTarget(), instance) as workspace:
+        assert instance.run_coordinator.dequeue_interval_seconds == INTERVAL_S
+        bell = run_queue_bell.Bell(run_queue_bell.bell_path(tmp_path))
+        run = queued_run(instance, workspace)
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.QUEUED
+        assert bell.wait(0.0), "submitting a run did not ring the bell"
+        assert not bell.wait(0.05), "the bell is heard once per ring"
+
+
+def test_a_bell_that_cannot_ring_leaves_the_submission_alone(tmp_path):
+    run_queue_bell.ring(tmp_path / "missing" / run_queue_bell.BELL_FILE)  # no folder: nothing raised
+    bell = run_queue_bell.Bell(tmp_path / "missing" / run_queue_bell.BELL_FILE)
+    started = time.monotonic()
+    assert not bell.wait(0.1)
+    assert 0.1 <= time.monotonic() - started < 1.0
