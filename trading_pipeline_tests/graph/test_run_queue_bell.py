@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import dagster as dg
 import pytest
@@ -72,32 +73,65 @@ def instance_yaml(tmp_path) -> None:
         f"run_launcher:\n  module: {__name__}\n  class: RecordingLauncher\n")
 
 
-@pytest.fixture
-def daemon_loop(tmp_path, monkeypatch):
-    """(instance, workspace context, checks): Dagster's run queue loop running in a thread, as in the
-    daemon's process; `checks` holds the time each check of the queue began."""
+class QueueLoop:
+    """Dagster's run queue loop (`IntervalDaemon.core_loop`) running in a thread, as in the daemon's
+    process; `markers` holds each (time, marker) it yielded."""
+
+    def __init__(self, instance, workspace):
+        self.instance, self.workspace = instance, workspace
+        self.markers: list[tuple[float, object]] = []
+        self.stop = threading.Event()
+        queue = create_daemon_of_type("QUEUED_RUN_COORDINATOR", instance)
+
+        def loop() -> None:
+            for marker in queue.core_loop(workspace, self.stop):
+                self.markers.append((time.monotonic(), marker))
+                if self.stop.is_set():
+                    return
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+
+    def checks(self) -> list[float]:
+        """When each check of the queue began."""
+        return [at for at, marker in list(self.markers) if marker is SpanMarker.START_SPAN]
+
+    def sleeps_after_checks(self) -> list[int]:
+        """For each check followed by another, the 0.5 s steps the loop slept between them (after a
+        check the loop yields once per step slept, then once more)."""
+        sleeps, between = [], None
+        for _, marker in list(self.markers):
+            if marker is SpanMarker.END_SPAN:
+                between = 0
+            elif marker is SpanMarker.START_SPAN and between is not None:
+                sleeps.append(between - 1)
+                between = None
+            elif between is not None:
+                between += 1
+        return sleeps
+
+    def ring(self) -> None:
+        run_queue_bell.ring(run_queue_bell.bell_path(self.instance.root_directory))
+
+
+@contextmanager
+def queue_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(run_launcher, "_in_daemon_process", lambda: True)
     instance_yaml(tmp_path)
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance, \
             create_test_daemon_workspace_context(EmptyWorkspaceTarget(), instance) as workspace:
-        queue = create_daemon_of_type("QUEUED_RUN_COORDINATOR", instance)
-        checks: list[float] = []
-        stop = threading.Event()
-
-        def loop() -> None:
-            for marker in queue.core_loop(workspace, stop):
-                if marker is SpanMarker.START_SPAN:
-                    checks.append(time.monotonic())
-                if stop.is_set():
-                    return
-
-        thread = threading.Thread(target=loop, daemon=True)
-        thread.start()
+        loop = QueueLoop(instance, workspace)
         try:
-            yield instance, workspace, checks
+            yield loop
         finally:
-            stop.set()
-            thread.join(timeout=INTERVAL_S + 5)
+            loop.stop.set()
+            loop.thread.join(timeout=INTERVAL_S + 5)
+
+
+@pytest.fixture
+def daemon_loop(tmp_path, monkeypatch):
+    with queue_loop(tmp_path, monkeypatch) as loop:
+        yield loop
 
 
 def test_the_installed_dagster_reads_the_queue_limits_where_the_bell_waits():
@@ -105,11 +139,11 @@ def test_the_installed_dagster_reads_the_queue_limits_where_the_bell_waits():
 
 
 def test_a_queued_run_is_launched_at_once_and_an_idle_queue_is_checked_once_per_interval(daemon_loop):
-    instance, workspace, checks = daemon_loop
+    instance, workspace, checks = daemon_loop.instance, daemon_loop.workspace, daemon_loop.checks
     # The bell paces the loop, not Dagster's sleep (which, should the wait not happen, checks every 0.5 s).
     assert instance.run_coordinator.dequeue_interval_seconds == run_queue_bell.LOOP_INTERVAL_S
     time.sleep(1.5)
-    idle_checks = len(checks)
+    idle_checks = len(checks())
     assert 1 <= idle_checks <= 2, f"{idle_checks} checks of an idle queue in 1.5 s: the loop must wait between checks"
 
     submitted = time.monotonic()
@@ -121,11 +155,11 @@ def test_a_queued_run_is_launched_at_once_and_an_idle_queue_is_checked_once_per_
     assert LAUNCHED[run.run_id] - submitted < 1.0
 
     time.sleep(1.0)  # the bell is heard once: the loop goes back to waiting
-    assert len(checks) <= idle_checks + 3
+    assert len(checks()) <= idle_checks + 3
 
 
 def test_other_reads_of_the_queue_limits_never_wait(daemon_loop):
-    instance, _, _ = daemon_loop
+    instance = daemon_loop.instance
     started = time.monotonic()
     for _ in range(3):
         assert instance.get_concurrency_config().run_queue_config is not None
