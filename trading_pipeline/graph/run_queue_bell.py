@@ -7,9 +7,9 @@ one check apart (bench/daemon.py's timelines: the second run launched 0.6 s afte
 Here a process that queues a run (the daemon's schedules and sensors, the webserver's launches)
 rings a bell: it touches a file in DAGSTER_HOME. The daemon's queue loop waits for that bell
 instead of sleeping: each check of the queue begins by waiting until the bell rings or the
-check interval has passed, whichever comes first, and the loop itself no longer sleeps after a
-check that waited (`LOOP_INTERVAL_S`). A bell
-that cannot ring (a webserver in another container, without the daemon's DAGSTER_HOME) only
+check interval has passed, whichever comes first. The wait lasts at least `LOOP_INTERVAL_S`, the
+loop's own interval with the bell, so the loop never sleeps after a check (a quick one included),
+and checks come at most ~20 times a second however often the bell rings. A bell that cannot ring (a webserver in another container, without the daemon's DAGSTER_HOME) only
 leaves the interval, as before.
 
 The wait is placed where Dagster's loop asks the run coordinator for the queue's limits, once
@@ -28,9 +28,9 @@ from pathlib import Path
 
 BELL_FILE = ".run-queue-bell"
 POLL_S = 0.01  # a stat() per poll: ~0.1% of a core while the queue is idle
-# The loop's own interval with the bell: a check that waited for the bell lasts longer, so the loop
-# does not sleep after it. Should the wait ever not happen (another Dagster), checks are shorter
-# and the loop sleeps its 0.5 s steps as Dagster's does: never a busy loop.
+# The loop's own interval with the bell: each wait lasts at least this long, so a check that
+# waited is never shorter and Dagster's loop does not sleep after it (it sleeps 0.5 s steps after
+# a check shorter than its interval).
 LOOP_INTERVAL_S = 0.05
 
 
@@ -62,18 +62,19 @@ class Bell:
         except OSError:
             return None
 
-    def wait(self, timeout_s: float) -> bool:
-        """True when the bell rang, False when the time ran out."""
-        deadline = time.monotonic() + timeout_s
+    def wait(self, timeout_s: float, at_least_s: float = 0.0) -> bool:
+        """True when the bell rang, False when the time ran out. Returns no sooner than `at_least_s`."""
+        started = time.monotonic()
+        earliest, deadline = started + at_least_s, started + max(timeout_s, at_least_s)
+        rang = False
         while True:
             rung = self._rung_at()
             if rung != self._heard:
-                self._heard = rung
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(POLL_S, left))
+                self._heard, rang = rung, True
+            now = time.monotonic()
+            if (rang and now >= earliest) or now >= deadline:
+                return rang
+            time.sleep(min(POLL_S, (earliest if rang else deadline) - now))
 
 
 def loop_can_wait_here() -> bool:

@@ -158,6 +158,21 @@ def test_a_queued_run_is_launched_at_once_and_an_idle_queue_is_checked_once_per_
     assert len(checks()) <= idle_checks + 3
 
 
+def test_after_a_check_the_bell_woke_the_loop_does_not_sleep(daemon_loop):
+    """A check the bell woke can be quick (nothing left to launch: the run went in the check before;
+    a run blocked by a limit; a launch of a few ms). The loop must not then sleep its 0.5 s step deaf
+    to the bell: a run queued 0.15 s after two queued together waited ~0.35 s for that sleep."""
+    time.sleep(0.2)
+    for _ in range(5):  # two rings 20 ms apart (two runs queued together), with an empty queue: the
+        daemon_loop.ring()  # second check begins at once or nearly, and is as quick as a check can be
+        time.sleep(0.02)
+        daemon_loop.ring()
+        time.sleep(0.6)
+    assert len(daemon_loop.checks()) >= 6, "the rings did not wake the queue's checks"
+    assert daemon_loop.sleeps_after_checks() == [0] * len(daemon_loop.sleeps_after_checks()), (
+        f"the loop slept {daemon_loop.sleeps_after_checks()} 0.5 s steps after its checks")
+
+
 def test_other_reads_of_the_queue_limits_never_wait(daemon_loop):
     instance = daemon_loop.instance
     started = time.monotonic()
