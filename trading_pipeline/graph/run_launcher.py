@@ -343,8 +343,8 @@ class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
 
     def get_run_queue_config(self):
         config = super().get_run_queue_config()
-        if self._bell is not None and run_queue_bell.called_at_the_start_of_a_queue_check():
-            self._bell.wait(self._dequeue_interval, at_least_s=run_queue_bell.LOOP_INTERVAL_S)
+        if self._bell is not None:
+            run_queue_bell.wait_at_the_start_of_a_queue_check(self._bell, self._dequeue_interval)
         return config
 
     def submit_run(self, context):

@@ -6,11 +6,12 @@ one check apart (bench/daemon.py's timelines: the second run launched 0.6 s afte
 
 Here a process that queues a run (the daemon's schedules and sensors, the webserver's launches)
 rings a bell: it touches a file in DAGSTER_HOME. The daemon's queue loop waits for that bell
-instead of sleeping: each check of the queue begins by waiting until the bell rings or the
-check interval has passed, whichever comes first. The wait lasts at least `LOOP_INTERVAL_S`, the
-loop's own interval with the bell, so the loop never sleeps after a check (a quick one included),
-and checks come at most ~20 times a second however often the bell rings. A bell that cannot ring (a webserver in another container, without the daemon's DAGSTER_HOME) only
-leaves the interval, as before.
+instead of sleeping: each check of the queue begins by waiting until the bell rings or the check
+interval has passed, whichever comes first, and ends early when the daemon stops. The wait lasts
+at least `LOOP_INTERVAL_S`, the loop's own interval with the bell, so the loop never sleeps after
+a check (a quick one included), and checks come at most ~20 times a second however often the
+bell rings. A bell that cannot ring (a webserver in another container, without the daemon's
+DAGSTER_HOME) only leaves the interval, as before.
 
 The wait is placed where Dagster's loop asks the run coordinator for the queue's limits, once
 at the start of each check (`QueuedRunCoordinatorDaemon.run_iteration` ->
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,12 +64,13 @@ class Bell:
         except OSError:
             return None
 
-    def wait(self, timeout_s: float, at_least_s: float = 0.0) -> bool:
-        """True when the bell rang, False when the time ran out. Returns no sooner than `at_least_s`."""
+    def wait(self, timeout_s: float, at_least_s: float = 0.0, stop: threading.Event | None = None) -> bool:
+        """True when the bell rang, False when the time ran out or `stop` was set. Returns no sooner
+        than `at_least_s` unless stopped."""
         started = time.monotonic()
         earliest, deadline = started + at_least_s, started + max(timeout_s, at_least_s)
         rang = False
-        while True:
+        while stop is None or not stop.is_set():
             rung = self._rung_at()
             if rung != self._heard:
                 self._heard, rang = rung, True
@@ -75,6 +78,7 @@ class Bell:
             if (rang and now >= earliest) or now >= deadline:
                 return rang
             time.sleep(min(POLL_S, (earliest if rang else deadline) - now))
+        return rang
 
 
 def loop_can_wait_here() -> bool:
@@ -83,13 +87,32 @@ def loop_can_wait_here() -> bool:
     return code is not None and "get_concurrency_config" in code.co_names
 
 
-def called_at_the_start_of_a_queue_check() -> bool:
-    """The caller of the caller's caller is the queue loop's check: `get_run_queue_config` <-
-    `get_concurrency_config` <- `run_iteration`. Other reads of the limits during a check (pool
-    limits, per run) are not waited at."""
+def wait_at_the_start_of_a_queue_check(bell: Bell, interval_s: float) -> None:
+    """Wait for `bell` (at most `interval_s`, at least `LOOP_INTERVAL_S`, until the daemon stops) when
+    the caller of the caller's caller is the queue loop's check: `get_run_queue_config` <-
+    `get_concurrency_config` <- `run_iteration`. Other reads of the limits (pool limits during a
+    check, the other daemons, the UI) are not waited at."""
     code = _run_iteration_code()
-    frame = sys._getframe(3)  # this function <- get_run_queue_config <- get_concurrency_config <- ?
-    return code is not None and frame is not None and frame.f_code is code
+    check = _caller(sys._getframe(0), 3)  # this function <- get_run_queue_config <- get_concurrency_config <- ?
+    if code is None or check is None or check.f_code is not code:
+        return
+    bell.wait(interval_s, at_least_s=LOOP_INTERVAL_S, stop=_shutdown_event(check.f_back))
+
+
+def _caller(frame, levels: int):
+    for _ in range(levels):
+        frame = frame.f_back if frame is not None else None
+    return frame
+
+
+def _shutdown_event(loop) -> threading.Event | None:
+    """The daemon's shutdown event, from the loop (`IntervalDaemon.core_loop`) running the check."""
+    from dagster._daemon.daemon import IntervalDaemon
+
+    if loop is None or loop.f_code is not getattr(IntervalDaemon.core_loop, "__code__", None):
+        return None
+    event = loop.f_locals.get("shutdown_event")
+    return event if isinstance(event, threading.Event) else None
 
 
 def _run_iteration_code():

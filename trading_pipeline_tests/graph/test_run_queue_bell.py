@@ -173,6 +173,19 @@ def test_after_a_check_the_bell_woke_the_loop_does_not_sleep(daemon_loop):
         f"the loop slept {daemon_loop.sleeps_after_checks()} 0.5 s steps after its checks")
 
 
+def test_the_loop_ends_soon_after_the_daemon_stops(tmp_path, monkeypatch):
+    """Stopping the daemon (Ctrl-C, SIGTERM, `make dev` ending) ends the wait for the bell: Dagster's own
+    loop notices within its 0.5 s step, whatever the interval (the daemon joins each loop for 30 s,
+    then disposes the run launcher under a loop still running)."""
+    with queue_loop(tmp_path, monkeypatch) as loop:
+        time.sleep(0.3)  # the loop is waiting for the bell, up to INTERVAL_S
+        stopped = time.monotonic()
+        loop.stop.set()
+        loop.thread.join(timeout=INTERVAL_S + 5)
+        assert not loop.thread.is_alive() and time.monotonic() - stopped < 1.5, (
+            f"the loop ended {time.monotonic() - stopped:.1f} s after the daemon stopped")
+
+
 def test_other_reads_of_the_queue_limits_never_wait(daemon_loop):
     instance = daemon_loop.instance
     started = time.monotonic()
