@@ -366,7 +366,7 @@ class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
     def register_instance(self, instance) -> None:
         super().register_instance(instance)
         self._bell_path = run_queue_bell.bell_path(instance.root_directory)
-        if _in_daemon_process() and run_queue_bell.loop_can_wait_here():
+        if _in_daemon_process() and run_queue_bell.loop_can_wait_here(instance):
             self._bell = run_queue_bell.Bell(self._bell_path)
         launcher = instance.run_launcher
         if isinstance(launcher, WarmRunLauncher) and _in_daemon_process():

@@ -15,9 +15,10 @@ DAGSTER_HOME) only leaves the interval, as before.
 
 The wait is placed where Dagster's loop asks the run coordinator for the queue's limits, once
 at the start of each check (`QueuedRunCoordinatorDaemon.run_iteration` ->
-`get_concurrency_config` -> `get_run_queue_config`). It is used only when that is how the
-installed Dagster's loop reads (`loop_can_wait_here`); otherwise the loop sleeps as Dagster's
-does. trading_pipeline_tests/graph/test_run_queue_bell.py runs the real loop to hold both.
+`DagsterInstance.get_concurrency_config` -> `get_run_queue_config`). It is used only when each
+link of that chain is there in the installed Dagster (`loop_can_wait_here`); otherwise the
+coordinator reports the configured interval and the loop sleeps as Dagster's does.
+trading_pipeline_tests/graph/test_run_queue_bell.py runs the real loop to hold both.
 """
 
 from __future__ import annotations
@@ -81,10 +82,14 @@ class Bell:
         return rang
 
 
-def loop_can_wait_here() -> bool:
-    """The installed Dagster's queue loop asks for the queue's limits at the start of each check."""
+def loop_can_wait_here(instance) -> bool:
+    """The installed Dagster's queue loop asks for the queue's limits at the start of each check,
+    and `instance` asks its run coordinator for them directly: the call chain
+    `wait_at_the_start_of_a_queue_check` finds by its depth."""
     code = _run_iteration_code()
-    return code is not None and "get_concurrency_config" in code.co_names
+    reads_limits = getattr(type(instance).get_concurrency_config, "__code__", None)
+    return (code is not None and "get_concurrency_config" in code.co_names
+            and reads_limits is not None and "get_run_queue_config" in reads_limits.co_names)
 
 
 def wait_at_the_start_of_a_queue_check(bell: Bell, interval_s: float) -> None:

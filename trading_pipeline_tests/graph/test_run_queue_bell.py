@@ -5,6 +5,7 @@ check that happened to fall right after the submission."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -135,7 +136,8 @@ def daemon_loop(tmp_path, monkeypatch):
 
 
 def test_the_installed_dagster_reads_the_queue_limits_where_the_bell_waits():
-    assert run_queue_bell.loop_can_wait_here()
+    with dg.instance_for_test() as instance:
+        assert run_queue_bell.loop_can_wait_here(instance)
 
 
 def test_a_queued_run_is_launched_at_once_and_an_idle_queue_is_checked_once_per_interval(daemon_loop):
@@ -184,6 +186,25 @@ def test_the_loop_ends_soon_after_the_daemon_stops(tmp_path, monkeypatch):
         loop.thread.join(timeout=INTERVAL_S + 5)
         assert not loop.thread.is_alive() and time.monotonic() - stopped < 1.5, (
             f"the loop ended {time.monotonic() - stopped:.1f} s after the daemon stopped")
+
+
+def test_a_dagster_that_reads_the_limits_through_another_call_keeps_its_own_interval(tmp_path, monkeypatch):
+    """Should a Dagster release put a call between the queue's check and the coordinator (here a
+    decorator on the instance's `get_concurrency_config`, and a loaded machine's 60 ms read), the bell
+    cannot wait there: the coordinator then reports the configured interval, and the loop checks once
+    per interval as Dagster's does, not back to back with no sleep between checks."""
+    original = dg.DagsterInstance.get_concurrency_config
+
+    @functools.wraps(original)
+    def traced(self):
+        time.sleep(0.06)
+        return original(self)
+
+    monkeypatch.setattr(dg.DagsterInstance, "get_concurrency_config", traced)
+    with queue_loop(tmp_path, monkeypatch) as loop:
+        assert loop.instance.run_coordinator.dequeue_interval_seconds == INTERVAL_S
+        time.sleep(1.5)
+        assert len(loop.checks()) <= 2, f"{len(loop.checks())} checks of an idle queue in 1.5 s"
 
 
 def test_other_reads_of_the_queue_limits_never_wait(daemon_loop):
