@@ -6,6 +6,7 @@ check that happened to fall right after the submission."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import time
@@ -233,3 +234,23 @@ def test_a_bell_that_cannot_ring_leaves_the_submission_alone(tmp_path):
     started = time.monotonic()
     assert not bell.wait(0.1)
     assert 0.1 <= time.monotonic() - started < 1.0
+
+
+def test_a_ring_is_heard_where_modification_times_are_whole_seconds(tmp_path):
+    """On a filesystem keeping whole seconds (ext3, HFS+, FAT, some network mounts), or with the
+    kernel's coarse clock, two rings in one tick leave the same modification time: the second ring
+    (the weekly run, queued 0.2 s after the daily one) must still be heard."""
+    path = run_queue_bell.bell_path(tmp_path)
+    second = 1_700_000_000 * 10**9
+
+    def ring_on_a_whole_second_filesystem() -> None:
+        run_queue_bell.ring(path)
+        os.utime(path, ns=(second, second))
+
+    ring_on_a_whole_second_filesystem()
+    bell = run_queue_bell.Bell(path)  # the daemon starting in the same second as a ring
+    ring_on_a_whole_second_filesystem()
+    assert bell.wait(0.0), "a ring in the second the bell was made in was not heard"
+    ring_on_a_whole_second_filesystem()
+    assert bell.wait(0.0), "a second ring in the same second was not heard"
+    assert not bell.wait(0.0)
