@@ -310,10 +310,12 @@ class WarmRunLauncher(DefaultRunLauncher):
 
 
 def _in_daemon_process() -> bool:
-    """This process is `dagster-daemon run` (or `python -m dagster._daemon`, as `dagster dev` starts it)."""
+    """This process is `dagster-daemon run` (or `python -m dagster._daemon run`, as `dagster dev` starts
+    it); not the daemon's other commands (`liveness-check`, a health probe, reads the coordinator too)."""
     program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return os.path.basename(program) == "dagster-daemon" or program.endswith(os.path.join("dagster", "_daemon",
-                                                                                           "__main__.py"))
+    daemon = os.path.basename(program) == "dagster-daemon" or program.endswith(os.path.join("dagster", "_daemon",
+                                                                                             "__main__.py"))
+    return daemon and sys.argv[1:2] == ["run"]
 
 
 class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
