@@ -362,7 +362,8 @@ class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
         schema = dict(super().config_type())
         schema["dequeue_interval_seconds"] = Field(
             Float, is_required=False,
-            description="How often, in seconds, the daemon checks the run queue (fractions allowed; ~0.5 s at least).")
+            description="How often, in seconds, the daemon checks the run queue when no run is queued (fractions "
+                        "allowed): a queued run rings the run queue bell and is launched at once.")
         return schema
 
     def register_instance(self, instance) -> None:
