@@ -310,10 +310,12 @@ class WarmRunLauncher(DefaultRunLauncher):
 
 
 def _in_daemon_process() -> bool:
-    """This process is `dagster-daemon run` (or `python -m dagster._daemon`, as `dagster dev` starts it)."""
+    """This process is `dagster-daemon run` (or `python -m dagster._daemon run`, as `dagster dev` starts
+    it); not the daemon's other commands (`liveness-check`, a health probe, reads the coordinator too)."""
     program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return os.path.basename(program) == "dagster-daemon" or program.endswith(os.path.join("dagster", "_daemon",
-                                                                                           "__main__.py"))
+    daemon = os.path.basename(program) == "dagster-daemon" or program.endswith(os.path.join("dagster", "_daemon",
+                                                                                             "__main__.py"))
+    return daemon and sys.argv[1:2] == ["run"]
 
 
 class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
@@ -343,8 +345,8 @@ class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
 
     def get_run_queue_config(self):
         config = super().get_run_queue_config()
-        if self._bell is not None and run_queue_bell.called_at_the_start_of_a_queue_check():
-            self._bell.wait(self._dequeue_interval)
+        if self._bell is not None:
+            run_queue_bell.wait_at_the_start_of_a_queue_check(self._bell, self._dequeue_interval)
         return config
 
     def submit_run(self, context):
@@ -360,13 +362,14 @@ class WarmingQueuedRunCoordinator(QueuedRunCoordinator):
         schema = dict(super().config_type())
         schema["dequeue_interval_seconds"] = Field(
             Float, is_required=False,
-            description="How often, in seconds, the daemon checks the run queue (fractions allowed; ~0.5 s at least).")
+            description="How often, in seconds, the daemon checks the run queue when no run is queued (fractions "
+                        "allowed): a queued run rings the run queue bell and is launched at once.")
         return schema
 
     def register_instance(self, instance) -> None:
         super().register_instance(instance)
         self._bell_path = run_queue_bell.bell_path(instance.root_directory)
-        if _in_daemon_process() and run_queue_bell.loop_can_wait_here():
+        if _in_daemon_process() and run_queue_bell.loop_can_wait_here(instance):
             self._bell = run_queue_bell.Bell(self._bell_path)
         launcher = instance.run_launcher
         if isinstance(launcher, WarmRunLauncher) and _in_daemon_process():

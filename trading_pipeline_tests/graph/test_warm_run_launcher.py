@@ -177,6 +177,30 @@ def test_only_the_daemon_warms_the_worker_at_start(monkeypatch, argv0, daemon):
     assert run_launcher._in_daemon_process() is daemon
 
 
+@pytest.mark.parametrize("command", ["liveness-check", "wipe", "debug"])
+def test_the_daemons_other_commands_are_not_the_daemon(monkeypatch, command):
+    monkeypatch.setattr(run_launcher.sys, "argv", ["/app/.venv/bin/dagster-daemon", command])
+    assert run_launcher._in_daemon_process() is False
+
+
+def test_a_liveness_check_starts_no_worker(tmp_path, monkeypatch):
+    """`dagster-daemon liveness-check` (a container's health probe, every few seconds) reads the
+    instance's run coordinator too: it must not start a warm worker and a Chromium each time."""
+    from click.testing import CliRunner
+    from dagster._daemon.cli import liveness_check_command
+
+    (tmp_path / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: trading_pipeline.graph.run_launcher\n  class: WarmingQueuedRunCoordinator\n"
+        "run_launcher:\n  module: trading_pipeline.graph.run_launcher\n  class: WarmRunLauncher\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.setattr(run_launcher.sys, "argv", ["/app/.venv/bin/dagster-daemon", "liveness-check"])
+    prestarted = []
+    monkeypatch.setattr(WarmRunLauncher, "prestart", lambda self: prestarted.append(self))
+    result = CliRunner().invoke(liveness_check_command)
+    assert "Daemon(s) not running" in result.output  # it did read the instance (no daemon here)
+    assert prestarted == []
+
+
 @pytest.fixture
 def instance():
     with dg.instance_for_test(overrides={"run_launcher": {"module": "trading_pipeline.graph.run_launcher",
