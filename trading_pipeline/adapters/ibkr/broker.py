@@ -6,8 +6,9 @@
   price) with its cOID. Sent once, never retried; a duplicate cOID
   answer raises DuplicateOrderError; questions follow the client's allow-list policy.
 - `find_order(cOID)` reads the live orders (the empty first answer of a session is re-asked),
-  then the last 7 days of executions (an order that filled on an earlier day is no longer in the
-  live list). A child leg's cOID is `<entry cOID>-sl` / `<entry cOID>-tp` (core/orders.build_legs);
+  then, for an order whose IBKR order id it saved, that order's own status (after hours IBKR's
+  live list can miss working orders), then the last 7 days of executions (an order that filled on
+  an earlier day is no longer listed, and its status answers 503). A child leg's cOID is `<entry cOID>-sl` / `<entry cOID>-tp` (core/orders.build_legs);
   IBKR knows children only through their parent (`parentId`: the parent's order id, or on some
   gateways its cOID), so they are found via the parent order while listed, and after a day
   rollover (IBKR lists the current day only) by their saved IBKR order ids in the executions'
@@ -278,7 +279,27 @@ class IBKRBroker:
         if found is not None:
             self._remember({client_order_id: str(found.get("orderId"))})
             return self._as_broker_order(client_order_id, found)
-        return self._from_executions(client_order_id)
+        return self._from_status(client_order_id) or self._from_executions(client_order_id)
+
+    def _from_status(self, client_order_id: str) -> BrokerOrder | None:
+        """An order the live list does not show, by its own status (`order/status/{id}`), when its
+        IBKR order id is known; None when IBKR does not answer it (503: it ended before this
+        session). After hours IBKR's live orders can miss working orders (ibind #43): taken for
+        gone, a working stop would be passed over and an exit sent beside it, and the two would
+        close the position twice (a short) if both fill at the next open."""
+        order_id = self.order_id_for(client_order_id)
+        if order_id is None:
+            return None
+        try:
+            current = self.client.order_status(order_id)
+        except IBKRRequestError:  # 503 for an order that ended before this session: the executions tell
+            return None
+        status = _status_text(current)
+        if not status:
+            return None
+        return BrokerOrder(client_order_id, order_id, status, _filled(current, "cum_fill", client_order_id),
+                           parse_number(current.get("average_price")) or None,
+                           "not in IBKR's live orders; found by its order status")
 
     def min_tick(self, symbol: str) -> float:
         return self.client.min_tick(self.client.resolve(symbol).conid)

@@ -146,8 +146,8 @@ def with_working_orders(account: AccountState, sessions: sessionmaker[Session], 
     entry, a crash after it) counts too, as an entry whose state is unknown counts as working: it
     may be working, and its entry filled; the sync confirms it or closes it as never placed.
 
-    One the broker does not list, placed longer ago than an order can be in flight
-    (SUBMITTING_GRACE), does not count: the broker lists every working order, so it works no more
+    One the broker does not know, placed longer ago than an order can be in flight
+    (SUBMITTING_GRACE), does not count: the broker knows every working order, so it works no more
     (cancelled by hand, say, and no longer listed after a day rollover, with no execution to find it
     by). The books keep it as it was (the sync says to check it at the broker) and the sync cannot
     cancel what the broker does not know: counted, it would hold its symbol as a position for ever."""

@@ -825,3 +825,32 @@ def test_an_unreadable_row_of_a_trade_by_hand_never_keeps_the_stop_from_being_re
     assert any("has no usable time" in line and "not recorded" in line for line in report.drift), report.drift
     with w.sessions() as session:
         assert "" not in {e.client_order_id for e in session.scalars(select(ExecutionRow))}
+
+
+# ---------------------------------------------------------------------------------------------- 11
+# IBKR answers a real gateway gives by its documented behaviour (the reference) and the emulator does
+# not by itself: injected.
+LIVE_ORDERS = "/iserver/account/orders"
+NOTHING_LISTED = {"orders": [], "snapshot": True}
+
+
+def test_an_exit_after_hours_turns_the_working_stop_into_it_though_ibkrs_live_orders_miss_it(world):
+    """After hours IBKR's live orders can come back empty while orders work (ibind #43, in the
+    reference). The stop taken for gone, the exit was a standalone market sale beside it: at a
+    gap below the stop the next open filled both, selling the 50 held twice (short 50)."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("ah"))  # 50 @ 100, stop 85, target 120
+    w.emulator.set_market_open(False)
+    w.emulator.inject(LIVE_ORDERS, method="GET", body=NOTHING_LISTED, count=1000)
+
+    result = w.restart().exit(exit_decision("ah-exit", 50))  # tonight's run: a new process, the saved ids
+    assert result.status == "submitted" and result.client_order_id == "tp-ah-sl", result.reason
+    assert w.requests_sent() == (1, 1, 0)  # the stop changed in place; no second order
+    assert w.emulator.orders_with_coid("tp-ah-exit") == []
+    assert w.order(stop_id).order_type == "MKT"
+
+    w.emulator.set_price("AAPL", 80.0)  # the next session opens below the old stop
+    w.emulator.set_market_open(True)
+    assert w.position_path("AAPL") == [50, 0]  # sold once, never short
+    assert w.order(take_profit_id).status == "Cancelled"
