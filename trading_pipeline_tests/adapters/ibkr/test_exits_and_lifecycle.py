@@ -854,3 +854,29 @@ def test_an_exit_after_hours_turns_the_working_stop_into_it_though_ibkrs_live_or
     w.emulator.set_market_open(True)
     assert w.position_path("AAPL") == [50, 0]  # sold once, never short
     assert w.order(take_profit_id).status == "Cancelled"
+
+
+def test_a_stop_ibkr_no_longer_knows_never_passes_for_the_protection_of_a_later_position(world):
+    """A bracket cancelled by hand before a rollover no sync saw stays Submitted in the books (IBKR
+    lists it no more and it has no execution). The next position's own stop, cancelled in TWS, left
+    that position without any stop at IBKR, yet the sync counted the old stop as covering it: no
+    'NO working stop-loss' alarm for a position IBKR holds with nothing protecting it."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    old_stop, old_take_profit = w.open_position(entry_decision("old"))
+    w.sell_by_hand(50)
+    w.broker.client.cancel_order(old_stop)
+    w.broker.client.cancel_order(old_take_profit)
+    w.emulator.new_day()
+    earlier(w.sessions, ORPHAN_GRACE * 2)
+    sync_portfolio(w.sessions, w.broker, {})
+    assert w.row("tp-old-sl").status == "Submitted"  # what IBKR does not know stays as it was
+
+    stop_id, _ = w.open_position(entry_decision("new"))
+    assert sync_portfolio(w.sessions, w.broker, {}).unprotected == []
+    w.broker.client.cancel_order(stop_id)  # cancelled in TWS: the take-profit alone works on
+
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert w.row("tp-new-sl").status == "Cancelled"
+    assert [line.split(":")[0] for line in report.unprotected] == ["AAPL"], report.drift
+    assert not any("cover" in line for line in report.drift), report.drift
