@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, as_utc, cancel_inactive, describe_expiry, expiry_of
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow
+from trading_pipeline.core.market_calendar import periods_closed_between
 from trading_pipeline.core.risk import AccountState, WorkingEntry
 
 # An orders step writes 'submitting' and sends within seconds (its HTTP calls time out well before
@@ -26,6 +27,8 @@ from trading_pipeline.core.risk import AccountState, WorkingEntry
 SUBMITTING_GRACE = timedelta(minutes=2)
 UNCONFIRMED = ("submitting", "unknown")  # states the pipeline wrote without the broker's word
 NEVER_REACHED = "never reached the broker (sync)"
+# The event of an order the broker refused as a duplicate of its cOID: the broker has (or had) it.
+DUPLICATE_ANSWER = "broker answered duplicate cOID; reconciled"
 
 
 # --- order states -------------------------------------------------------------------------------
@@ -49,10 +52,30 @@ def _day_order_gone(row: OrderRow) -> bool:
     return pd.Timestamp(datetime.now(UTC)) > expiry_of("DAY", as_utc(row.created_at))
 
 
+def _acknowledged(session: Session, row: OrderRow) -> str | None:
+    """Why the broker is known to have received `row`, written without its word, or None: it (or
+    its bracket's entry) was answered as a duplicate cOID, or its entry, placed in the same request,
+    carries the broker's order id (an acknowledgement that named only the entry)."""
+    parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
+    coids = [row.client_order_id] + ([parent.client_order_id] if parent is not None else [])
+    if session.scalar(select(OrderEventRow.id).where(OrderEventRow.client_order_id.in_(coids),
+                                                     OrderEventRow.detail == DUPLICATE_ANSWER).limit(1)):
+        return f"the broker answered that it has {coids[-1]} (a duplicate cOID)"
+    if parent is not None and parent.broker_order_id:
+        return f"its entry {parent.client_order_id}, sent in the same request, is at the broker"
+    return None
+
+
 def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> str:
     """A row written without the broker's word that the broker does not list by its cOID. Its
     executions prove it reached the broker (an order no longer listed after a rollover); with
-    none, it never did once the grace period is over; before that it may still be in flight."""
+    none, it never did once the grace period is over; before that it may still be in flight.
+
+    One the broker acknowledged (`_acknowledged`) did reach it, and its absence from a list proves
+    nothing while IBKR's live orders can miss working orders (after hours): taken for never placed,
+    a working stop would be passed over and an exit sent beside it. It is recorded as Cancelled
+    only once a whole session has closed since, with no sign of it (that session's syncs read a
+    complete list)."""
     executions = broker.executions(row.client_order_id)
     if executions:
         filled = sum(e.quantity for e in executions)
@@ -67,7 +90,15 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
     # from the row's creation: an old row being sent again right now is in flight too.
     last_attempt = session.scalar(select(func.max(OrderEventRow.at)).where(
         OrderEventRow.client_order_id == row.client_order_id)) or row.created_at
-    age = datetime.now(UTC) - max(as_utc(last_attempt), as_utc(row.created_at))
+    since = max(as_utc(last_attempt), as_utc(row.created_at))
+    age = datetime.now(UTC) - since
+    if (acknowledged := _acknowledged(session, row)) is not None:
+        if periods_closed_between(since, datetime.now(UTC), "1d"):
+            return _cancel_row(session, row, f"sync: {acknowledged}, but it has not listed it through a whole "
+                                             "session since, and it has no execution")
+        return (f"{row.client_order_id}: {row.status}: {acknowledged}, but it does not list it (after hours IBKR's "
+                "live orders can miss working orders); kept as it is until the broker lists it, or recorded as "
+                "Cancelled if it is still absent after the next session's close")
     if age >= SUBMITTING_GRACE:
         return _cancel_row(session, row, NEVER_REACHED)
     return (f"{row.client_order_id}: {row.status} for {age.total_seconds():.0f}s and not at the broker yet "
