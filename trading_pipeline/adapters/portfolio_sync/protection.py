@@ -123,6 +123,10 @@ def _resize_locked(session: Session, broker: Broker, row: OrderRow, held: float,
         result.drift.append(f"{cannot}, and the broker refused to resize it to {held:g} ({refusal.problem}): "
                             f"adjust its quantity at the broker by hand (or close the position); {refusal.fix}")
         return False
+    except UserError as error:  # an unreadable answer, a gateway fault: said, and the other symbols go on
+        result.drift.append(f"{cannot}, and resizing it to {held:g} failed ({error.problem}): adjust its quantity "
+                            f"at the broker by hand (or close the position); {error.fix}")
+        return False
     if answer is None:
         result.drift.append(f"{cannot}, and the broker does not know that order: check the position's "
                             "protective orders at the broker")

@@ -977,3 +977,24 @@ def test_an_acknowledged_entry_absent_through_a_whole_session_is_closed_and_no_l
     sync_portfolio(w.sessions, w.restart().broker, {})
     assert [w.row(coid).status for coid in ("tp-gone", "tp-gone-sl", "tp-gone-tp")] == ["Cancelled"] * 3
     assert "not listed it through a whole session" in w.last_event("tp-gone")
+
+
+def test_a_stop_whose_resize_fails_at_ibkr_never_keeps_the_other_symbols_stops_from_being_resized(world):
+    """Both positions were reduced by hand; IBKR's status of AAPL's stop lacks a field a modification
+    must repeat (its time in force), so that resize cannot be sent. The error left the sync at AAPL,
+    every sync: MSFT's stop stayed at 50 over the 30 held (elected, it would sell 20 short)."""
+    w = world(symbols=("AAPL", "MSFT"))
+    for symbol in ("AAPL", "MSFT"):
+        w.emulator.set_price(symbol, 100.0)
+    aapl_stop, _ = w.open_position(entry_decision("a"))
+    msft_stop, _ = w.open_position(entry_decision("m", symbol="MSFT"))
+    w.sell_by_hand(20)
+    w.sell_by_hand(20, symbol="MSFT")
+    w.emulator.inject(f"/iserver/account/order/status/{aapl_stop}", method="GET",
+                      transform=lambda status: {k: v for k, v in status.items() if k != "tif"})
+
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert (w.order(aapl_stop).quantity, w.order(msft_stop).quantity) == (50, 30)
+    assert w.row("tp-m-sl").quantity == 30
+    (line,) = [line for line in report.drift if line.startswith("AAPL:")]
+    assert "tp-a-sl" in line and "tif" in line and "adjust its quantity at the broker" in line
