@@ -113,7 +113,13 @@ class OrderDesk:
         return None
 
     def _reconciled(self, decision: TradeDecision, legs: list[OrderLeg]) -> OrderRecord | None:
-        """Unknown to us, or a crash left it 'submitting': the broker is asked before anything is sent."""
+        """Unknown to us, or a crash left it 'submitting': the broker is asked before anything is sent.
+        Legs an earlier attempt wrote keep the size it sent (the limits may have cut it)."""
+        with self._sessions() as session:
+            sent = {leg.client_order_id: row.quantity for leg in legs
+                    if (row := session.get(OrderRow, leg.client_order_id)) is not None}
+        legs = [leg.model_copy(update={"quantity": sent[leg.client_order_id]}) if leg.client_order_id in sent else leg
+                for leg in legs]
         coid = legs[0].client_order_id
         existing = {leg.client_order_id: order for leg in legs
                     if (order := self._broker.find_order(leg.client_order_id)) is not None}
