@@ -125,7 +125,10 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
             order = broker.find_order(row.client_order_id)
             parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
             if order is None:
-                if row.status in UNCONFIRMED:
+                if parent is not None and parent.status == "Cancelled" and not parent.filled_quantity:
+                    changes.append(_cancel_row(session, row, f"sync: cancelled with its parent "
+                                                             f"{parent.client_order_id}, which never filled"))
+                elif row.status in UNCONFIRMED:
                     changes.append(_unconfirmed_not_found(session, broker, row))
                 elif _day_order_gone(row):
                     # IBKR lists only the current session's orders (and a week of executions): a DAY
@@ -134,9 +137,6 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
                     changes.append(_cancel_row(session, row, "sync: no longer listed by the broker and no execution "
                                                              f"after its DAY session: "
                                                              f"{describe_expiry(as_utc(row.created_at))}"))
-                elif parent is not None and parent.status == "Cancelled" and not parent.filled_quantity:
-                    changes.append(_cancel_row(session, row, f"sync: cancelled with its parent "
-                                                             f"{parent.client_order_id}, which never filled"))
                 else:
                     changes.append(f"{row.client_order_id}: {row.status} here but unknown to the broker; "
                                    "check it at the broker")

@@ -998,3 +998,21 @@ def test_a_stop_whose_resize_fails_at_ibkr_never_keeps_the_other_symbols_stops_f
     assert w.row("tp-m-sl").quantity == 30
     (line,) = [line for line in report.drift if line.startswith("AAPL:")]
     assert "tp-a-sl" in line and "tif" in line and "adjust its quantity at the broker" in line
+
+
+def test_unconfirmed_children_of_an_entry_cancelled_unfilled_are_cancelled_with_it(world):
+    """Children IBKR acknowledged only through their entry, unlisted after hours, wait to be found;
+    but once their entry is cancelled without a fill they can never work: they go with it at once."""
+    w = world()
+    w.emulator.set_price("AAPL", 101.0)  # above the BUY limit of 100: the entry works
+    decision = entry_decision("off")
+    record_decision(w.sessions, decision)
+    w.emulator.inject("/iserver/reply/*", method="POST", transform=lambda answer: answer[:1])
+    assert w.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry).status == "submitted"
+    w.emulator.set_market_open(False)
+    w.broker.client.cancel_order(w.emulator.orders_with_coid("tp-off")[0].order_id)  # cancelled in TWS
+    w.emulator.inject(LIVE_ORDERS, method="GET", body=NOTHING_LISTED, count=1000)
+    earlier(w.sessions, SUBMITTING_GRACE)
+    sync_portfolio(w.sessions, w.restart().broker, {})
+    assert [w.row(coid).status for coid in ("tp-off", "tp-off-sl", "tp-off-tp")] == ["Cancelled"] * 3
+    assert "cancelled with its parent tp-off" in w.last_event("tp-off-sl")
