@@ -335,9 +335,9 @@ class IBKRBroker:
         order_id = self.order_id_for(client_order_id)
         if order_id is None:
             return None
-        try:
-            current = self.client.order_status(order_id)
-        except IBKRRequestError:  # 503 for an order that ended before this session: the executions tell
+        try:  # 503 (once: IBKR's answer for an order that ended before this session): the executions tell
+            current = self.client.order_status(order_id, retry_5xx=False)
+        except IBKRRequestError:
             return None
         status = _status_text(current)
         if not status:

@@ -202,9 +202,12 @@ class OrderRequests:
             self._orders_cache = (time.monotonic(), orders)
         return orders
 
-    def order_status(self, order_id: int | str) -> dict:
+    def order_status(self, order_id: int | str, retry_5xx: bool = True) -> dict:
+        """`GET /iserver/account/order/status/{orderId}`. IBKR answers 503 for an order that ended
+        before this session: with `retry_5xx=False` that answer is not asked again."""
         self.accounts()  # pre-flight
-        status, body = self._request("GET", f"/iserver/account/order/status/{order_id}", expect=dict)
+        status, body = self._request("GET", f"/iserver/account/order/status/{order_id}", expect=dict,
+                                     retry_5xx=retry_5xx)
         return self._check_error_body(f"status of order {order_id}", status, body,
                                       fix="IBKR answers 503 for orders that ended before this session")
 

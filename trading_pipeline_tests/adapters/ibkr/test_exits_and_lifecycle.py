@@ -1016,3 +1016,20 @@ def test_unconfirmed_children_of_an_entry_cancelled_unfilled_are_cancelled_with_
     sync_portfolio(w.sessions, w.restart().broker, {})
     assert [w.row(coid).status for coid in ("tp-off", "tp-off-sl", "tp-off-tp")] == ["Cancelled"] * 3
     assert "cancelled with its parent tp-off" in w.last_event("tp-off-sl")
+
+
+def test_an_order_ibkr_no_longer_knows_is_asked_for_its_status_once_per_lookup(world):
+    """IBKR answers 503 to the status of an order that ended before this session; asked again with
+    backoff like a passing fault, each lookup of such an order (every sync, every entry's limits
+    under the account lock) waited out the retries: seconds per order kept in the books."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("ended"))
+    w.sell_by_hand(50)
+    w.broker.client.cancel_order(stop_id)
+    w.broker.client.cancel_order(take_profit_id)
+    w.emulator.new_day()
+    later = w.restart()
+    w.emulator.reset_stats()
+    assert later.broker.find_order("tp-ended-sl") is None
+    assert w.emulator.count("GET", f"/iserver/account/order/status/{stop_id}") == 1
