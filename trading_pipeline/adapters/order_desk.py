@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, BrokerOrder, DuplicateOrderError, cancel_inactive
-from trading_pipeline.adapters.portfolio_sync import own_fills, record_executions
+from trading_pipeline.adapters.portfolio_sync import DUPLICATE_ANSWER, UNCONFIRMED, own_fills, record_executions
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, account_lock
 from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, RuleCheck, TradeDecision
 from trading_pipeline.core.orders import client_order_id, exit_leg, resize_legs
@@ -113,7 +113,13 @@ class OrderDesk:
         return None
 
     def _reconciled(self, decision: TradeDecision, legs: list[OrderLeg]) -> OrderRecord | None:
-        """Unknown to us, or a crash left it 'submitting': the broker is asked before anything is sent."""
+        """Unknown to us, or a crash left it 'submitting': the broker is asked before anything is sent.
+        Legs an earlier attempt wrote keep the size it sent (the limits may have cut it)."""
+        with self._sessions() as session:
+            sent = {leg.client_order_id: row.quantity for leg in legs
+                    if (row := session.get(OrderRow, leg.client_order_id)) is not None}
+        legs = [leg.model_copy(update={"quantity": sent[leg.client_order_id]}) if leg.client_order_id in sent else leg
+                for leg in legs]
         coid = legs[0].client_order_id
         existing = {leg.client_order_id: order for leg in legs
                     if (order := self._broker.find_order(leg.client_order_id)) is not None}
@@ -135,7 +141,7 @@ class OrderDesk:
         except DuplicateOrderError:
             existing = {leg.client_order_id: order for leg in legs
                         if (order := self._broker.find_order(leg.client_order_id)) is not None}
-            self._record(decision, legs, existing, "unknown", "broker answered duplicate cOID; reconciled")
+            self._record(decision, legs, existing, "unknown", DUPLICATE_ANSWER)
             return self._result(decision, legs, "already_sent",
                                 f"the broker answered that {coid} exists; reconciled, sent nothing again")
         self._record(decision, legs, {a.client_order_id: a for a in answers}, "unknown", "broker accepted")
@@ -210,22 +216,33 @@ class OrderDesk:
             return self._send(decision, legs, reference_price, placed_at)
 
     # ------------------------------------------------------------------ exits
-    def _protective_order(self, symbol: str, side: str) -> OrderRow | None:
+    def _protective_order(self, symbol: str, side: str) -> tuple[OrderRow | None, str | None]:
         """The pipeline's working exit child for `symbol` on the exit's `side` (stop-loss first, else
         take-profit), with its state asked of the broker first. One on the other side (the stop of a
-        long flipped by hand into a short, until the sync cancels it) would add to the position."""
+        long flipped by hand into a short, until the sync cancels it) would add to the position.
+
+        Else, as the second value, one whose state is unknown (written without the broker's word,
+        its entry filled) and that the broker does not find: it may be working (IBKR's live orders
+        can miss working orders after hours), and a standalone exit beside it would close the
+        position twice if both fill. The sync confirms it or closes it."""
         with self._sessions() as session:
             rows = session.scalars(select(OrderRow).where(
                 OrderRow.symbol == symbol, OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.side == side,
                 OrderRow.status.not_in(FINAL_STATUSES))).all()
+            entries_filled = {row.client_order_id: bool(parent is None or parent.filled_quantity)
+                              for row in rows for parent in [session.get(OrderRow, row.parent_client_order_id)
+                                                             if row.parent_client_order_id else None]}
+        unconfirmed = None
         for role in ("stop_loss", "take_profit"):
             for row in rows:
                 if row.role != role:
                     continue
                 current = self._broker.find_order(row.client_order_id)
                 if current is not None and current.status not in FINAL_STATUSES:
-                    return row
-        return None
+                    return row, None
+                if current is None and row.status in UNCONFIRMED and entries_filled[row.client_order_id]:
+                    unconfirmed = unconfirmed or f"{row.client_order_id} ({row.role} {row.side} {row.quantity}, {row.status})"
+        return None, unconfirmed
 
     def _other_working_order(self, decision: TradeDecision) -> str | None:
         """Another decision's order that opens or closes the symbol's position (an entry, or a
@@ -278,7 +295,15 @@ class OrderDesk:
                 return self._not_sent(decision, f"order {working} for {decision.symbol} may still fill; the exit waits "
                                                 "until it fills, expires or is cancelled (a second order could "
                                                 "close the position twice and open the other side); nothing sent")
-            protective = converted or self._protective_order(decision.symbol, standalone[0].side)
+            protective, unconfirmed = (converted, None) if converted is not None else \
+                self._protective_order(decision.symbol, standalone[0].side)
+            if protective is None and unconfirmed is not None:
+                return self._not_sent(decision, f"the {decision.symbol} position's order {unconfirmed} is not "
+                                                "confirmed by the broker, which does not list it now (after hours "
+                                                "IBKR's live orders can miss working orders): a market exit beside it "
+                                                "could close the position twice and open the other side; nothing "
+                                                "sent. Run sync_portfolio (it confirms the order or closes it) and the "
+                                                "orders step again, or check the order in Client Portal")
             if protective is None:
                 quantity, why = self._standalone_exit_size(decision, held_quantity)
                 if quantity < 1:

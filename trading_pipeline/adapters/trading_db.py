@@ -20,6 +20,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from trading_pipeline.errors import UserError
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -200,6 +202,15 @@ ACCOUNT_LOCK_ID = 7_420_012  # PostgreSQL advisory lock: one order placement per
 ACCOUNT_LOCK_TIMEOUT_SECONDS = 120.0
 
 
+def _lock_not_free(lock: str, timeout: float) -> UserError:
+    return UserError(
+        f"{lock} was not free within {timeout:g} s: another run or the portfolio sync held it all that time "
+        "(it places, changes and cancels orders under it), so nothing was sent or changed under it here",
+        "run the step again once the other run has finished; if the lock stays taken, find the run that "
+        "holds it in the Dagster UI (a sync waiting on a cancel at the broker, a stuck orders step) and "
+        "terminate it: the lock is released when its process ends")
+
+
 @contextlib.contextmanager
 def account_lock(sessions: sessionmaker[Session], timeout: float = ACCOUNT_LOCK_TIMEOUT_SECONDS):
     """Hold the account's order lock: the limit check and the placement of one run happen while no
@@ -214,7 +225,7 @@ def account_lock(sessions: sessionmaker[Session], timeout: float = ACCOUNT_LOCK_
             try:
                 connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": ACCOUNT_LOCK_ID})
             except OperationalError:
-                raise TimeoutError(f"the account lock was not free within {timeout:.0f} s") from None
+                raise _lock_not_free("the account lock (a PostgreSQL advisory lock)", timeout) from None
             connection.commit()
             try:
                 yield
@@ -236,7 +247,7 @@ def account_lock(sessions: sessionmaker[Session], timeout: float = ACCOUNT_LOCK_
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"the account lock {lock_path} was not free within {timeout:.0f} s") from None
+                    raise _lock_not_free(f"the account lock {lock_path}", timeout) from None
                 time.sleep(0.02)
         try:
             yield

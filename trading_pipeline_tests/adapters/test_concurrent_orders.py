@@ -7,17 +7,19 @@ import threading
 import time
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import select
 
 from trading_pipeline.adapters.broker import PaperBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
 from trading_pipeline.adapters.portfolio_sync import with_working_orders
 from trading_pipeline.adapters.records import record_decision
-from trading_pipeline.adapters.trading_db import OrderRow, PaperOrderRow, session_factory
+from trading_pipeline.adapters.trading_db import OrderRow, PaperOrderRow, account_lock, session_factory
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
 from trading_pipeline.core.risk import entry_limits
 from trading_pipeline.core.strategies import RiskSettings
+from trading_pipeline.errors import UserError
 
 SYMBOLS = ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF"]
 LIMITS = RiskSettings(max_open_positions=3, max_gross_exposure=0.30, max_position_share=0.10)
@@ -146,3 +148,27 @@ def test_a_second_run_of_the_same_decision_waiting_on_the_lock_sends_nothing(tmp
     assert placed == [client_order_id(the_decision)]  # sent once, never offered to the broker again
     with sessions() as session:
         assert session.get(OrderRow, client_order_id(the_decision)).status == "Submitted"
+
+
+def test_an_account_lock_never_freed_is_an_error_naming_what_holds_it_and_what_to_do(database_url):
+    """The lock stays taken (a sync waiting on a cancel at the broker, a stuck run): the orders step
+    waiting for it failed with a bare TimeoutError, which said neither why nor what to do."""
+    sessions = session_factory(database_url)
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():
+        with account_lock(sessions):
+            taken.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(10)
+        with pytest.raises(UserError) as error, account_lock(sessions, timeout=0.3):
+            pass
+    finally:
+        release.set()
+        holder.join()
+    assert "nothing was sent or changed" in error.value.problem
+    assert "terminate" in error.value.fix and "run the step again" in error.value.fix

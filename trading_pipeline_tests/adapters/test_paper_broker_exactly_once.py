@@ -105,6 +105,26 @@ def test_crash_between_send_and_record_is_reconciled_not_resent(database_url):
         assert session.get(OrderRow, "tp-d2-tp").status == "PreSubmitted"
 
 
+
+def test_a_crash_after_sending_a_smaller_order_than_decided_is_recorded_at_the_size_sent(database_url):
+    """The account's limits, checked again before sending, cut the order from 50 to 30; the process
+    died after the broker accepted it. The re-run found it at the broker and recorded its legs at
+    the decision's 50: the books said 50 of an order of 30, and its stop covering 50."""
+    sessions = session_factory(database_url)
+    decision = buy_decision("d9")
+    record_decision(sessions, decision)
+    legs = build_legs(decision, "DAY")
+    room_for_30 = lambda: (30, [])  # the limits, checked again, leave room for 30
+    with pytest.raises(ConnectionError):
+        OrderDesk(sessions, CrashAfterSend(sessions, 100_000.0)).submit_once(decision, legs, 100.0,
+                                                                             limits=room_for_30)
+    retry = OrderDesk(sessions, PaperBroker(sessions, 100_000.0)).submit_once(decision, legs, 100.0,
+                                                                              limits=room_for_30)
+    assert retry.status == "already_sent" and [leg.quantity for leg in retry.legs] == [30, 30, 30]
+    with sessions() as session:
+        assert [session.get(OrderRow, f"tp-d9{s}").quantity for s in ("", "-sl", "-tp")] == [30, 30, 30]
+        assert session.scalar(select(PaperOrderRow.quantity).where(PaperOrderRow.client_order_id == "tp-d9")) == 30
+
 class ForgetfulLookup(PaperBroker):
     """A broker whose live-orders lookup misses the order (IBKR's empty first answer)."""
 

@@ -4,10 +4,13 @@
   stop-loss and take-profit children carrying `parentId` = the entry's cOID and, as IBKR's spec
   says for bracket children, no cOID of their own; or one standalone exit (a MKT order, no
   price) with its cOID. Sent once, never retried; a duplicate cOID
-  answer raises DuplicateOrderError; questions follow the client's allow-list policy.
+  answer raises DuplicateOrderError; questions follow the client's allow-list policy. The
+  acknowledgement's orders are paired with the legs by position, checked against each order's
+  status (side and type).
 - `find_order(cOID)` reads the live orders (the empty first answer of a session is re-asked),
-  then the last 7 days of executions (an order that filled on an earlier day is no longer in the
-  live list). A child leg's cOID is `<entry cOID>-sl` / `<entry cOID>-tp` (core/orders.build_legs);
+  then, for an order whose IBKR order id it saved, that order's own status (after hours IBKR's
+  live list can miss working orders), then the last 7 days of executions (an order that filled on
+  an earlier day is no longer listed, and its status answers 503). A child leg's cOID is `<entry cOID>-sl` / `<entry cOID>-tp` (core/orders.build_legs);
   IBKR knows children only through their parent (`parentId`: the parent's order id, or on some
   gateways its cOID), so they are found via the parent order while listed, and after a day
   rollover (IBKR lists the current day only) by their saved IBKR order ids in the executions'
@@ -50,6 +53,7 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRMalformedAnswer,
     IBKRRequestError,
 )
+from trading_pipeline.adapters.ibkr.execution import status_order_type
 from trading_pipeline.adapters.ibkr.parsing import order_state, parse_flag, parse_side
 from trading_pipeline.core.analysis import OrderLeg
 from trading_pipeline.core.risk import AccountState, Mark, Position
@@ -219,7 +223,8 @@ class IBKRBroker:
             answers = self.client.place_orders(payload)
         except IBKRDuplicateOrder as duplicate:
             raise DuplicateOrderError(duplicate.client_order_id) from duplicate
-        by_coid = self._pair_answers(legs, answers)
+        statuses = self._statuses(answers)
+        by_coid = self._checked_pairs(legs, self._pair_answers(legs, answers), answers, statuses)
         self._remember({coid: str(answer.get("order_id")) for coid, answer in by_coid.items()})
         result = []
         for leg in legs:
@@ -229,15 +234,56 @@ class IBKRBroker:
             order_id = str(answer.get("order_id"))
             status = order_state(answer.get("order_status")) or "Submitted"
             filled, average = 0.0, None
+            current = statuses.get(order_id)
             try:
-                current = self.client.order_status(order_id)
-                filled = _filled(current, "cum_fill", leg.client_order_id)
-                status = order_state(current.get("order_status")) or status
-                average = parse_number(current.get("average_price"))
+                if current is not None:
+                    filled = _filled(current, "cum_fill", leg.client_order_id)
+                    status = order_state(current.get("order_status")) or status
+                    average = parse_number(current.get("average_price"))
             except IBKRError as error:
-                log.warning("status of new order %s unavailable: %s", order_id, error.problem)
+                log.warning("status of new order %s unreadable: %s", order_id, error.problem)
             result.append(BrokerOrder(leg.client_order_id, order_id, status, filled, average))
         return result
+
+    def _statuses(self, answers: list[dict]) -> dict[str, dict]:
+        """IBKR order id -> its `order/status`, for each order of an acknowledgement (those whose
+        status cannot be read are left out)."""
+        statuses = {}
+        for answer in answers:
+            order_id = str(answer.get("order_id"))
+            try:
+                statuses[order_id] = self.client.order_status(order_id)
+            except IBKRError as error:
+                log.warning("status of new order %s unavailable: %s", order_id, error.problem)
+        return statuses
+
+    @staticmethod
+    def _checked_pairs(legs: list[OrderLeg], pairs: dict[str, dict], answers: list[dict],
+                       statuses: dict[str, dict]) -> dict[str, dict]:
+        """`pairs` (legs -> answers, by position) checked against what each answered order is, by its
+        status: its side and type. The legs of a bracket differ in one or the other (entry, stop,
+        take-profit), while the order of IBKR's answers is unconfirmed and, without local_order_id,
+        names no leg. When one pair does not fit, every leg takes the one answer that fits it; a leg
+        without one is left unpaired (a child is learnt from the live orders later, never guessed),
+        and without its entry no child is paired."""
+
+        def fits(leg: OrderLeg, answer: dict) -> bool | None:
+            status = statuses.get(str(answer.get("order_id"))) or {}
+            side, order_type = parse_side(status.get("side")), status_order_type(status)
+            if side is None or order_type is None:
+                return None  # no status, or one that does not say: a pair is not judged on it
+            return side == leg.side and order_type == leg.order_type
+
+        if all(fits(leg, pairs[leg.client_order_id]) is not False for leg in legs if leg.client_order_id in pairs):
+            return pairs
+        checked = {}
+        for leg in legs:
+            fitting = [answer for answer in answers if fits(leg, answer)]
+            if len(fitting) == 1:
+                checked[leg.client_order_id] = fitting[0]
+        log.warning("IBKR acknowledged %s's orders out of the request's order; paired by each order's side and "
+                    "type: %s", legs[0].client_order_id, ", ".join(sorted(checked)) or "none")
+        return checked if legs[0].client_order_id in checked else {}
 
     @staticmethod
     def _pair_answers(legs: list[OrderLeg], answers: list[dict]) -> dict[str, dict]:
@@ -278,7 +324,27 @@ class IBKRBroker:
         if found is not None:
             self._remember({client_order_id: str(found.get("orderId"))})
             return self._as_broker_order(client_order_id, found)
-        return self._from_executions(client_order_id)
+        return self._from_status(client_order_id) or self._from_executions(client_order_id)
+
+    def _from_status(self, client_order_id: str) -> BrokerOrder | None:
+        """An order the live list does not show, by its own status (`order/status/{id}`), when its
+        IBKR order id is known; None when IBKR does not answer it (503: it ended before this
+        session). After hours IBKR's live orders can miss working orders (ibind #43): taken for
+        gone, a working stop would be passed over and an exit sent beside it, and the two would
+        close the position twice (a short) if both fill at the next open."""
+        order_id = self.order_id_for(client_order_id)
+        if order_id is None:
+            return None
+        try:  # 503 (once: IBKR's answer for an order that ended before this session): the executions tell
+            current = self.client.order_status(order_id, retry_5xx=False)
+        except IBKRRequestError:
+            return None
+        status = _status_text(current)
+        if not status:
+            return None
+        return BrokerOrder(client_order_id, order_id, status, _filled(current, "cum_fill", client_order_id),
+                           parse_number(current.get("average_price")) or None,
+                           "not in IBKR's live orders; found by its order status")
 
     def min_tick(self, symbol: str) -> float:
         return self.client.min_tick(self.client.resolve(symbol).conid)

@@ -32,7 +32,16 @@ from trading_pipeline.adapters.ibkr.parsing import (
 log = logging.getLogger("trading_pipeline.adapters.ibkr.client")
 
 FINAL_ORDER_STATES = {"Filled", "Cancelled", "Inactive"}
+# An order's type as `order/status` spells it -> the code an order is placed with.
+_STATUS_ORDER_TYPES = {"LIMIT": "LMT", "LMT": "LMT", "STOP": "STP", "STP": "STP", "MARKET": "MKT", "MKT": "MKT",
+                       "STOP_LIMIT": "STOP_LIMIT", "STOP LIMIT": "STOP_LIMIT"}
 _DUPLICATE_RE = re.compile(r"Local order ID=(?P<coid>.+?) is already registered", re.IGNORECASE)
+
+
+def status_order_type(status: dict) -> str | None:
+    """The type of the order an `order/status` answer describes, as orders are placed (LMT, STP,
+    MKT, STOP_LIMIT); None when it is missing or not one of those."""
+    return _STATUS_ORDER_TYPES.get(str(status.get("order_type") or status.get("orderType") or "").upper())
 
 
 class OrderRequests:
@@ -193,9 +202,12 @@ class OrderRequests:
             self._orders_cache = (time.monotonic(), orders)
         return orders
 
-    def order_status(self, order_id: int | str) -> dict:
+    def order_status(self, order_id: int | str, retry_5xx: bool = True) -> dict:
+        """`GET /iserver/account/order/status/{orderId}`. IBKR answers 503 for an order that ended
+        before this session: with `retry_5xx=False` that answer is not asked again."""
         self.accounts()  # pre-flight
-        status, body = self._request("GET", f"/iserver/account/order/status/{order_id}", expect=dict)
+        status, body = self._request("GET", f"/iserver/account/order/status/{order_id}", expect=dict,
+                                     retry_5xx=retry_5xx)
         return self._check_error_body(f"status of order {order_id}", status, body,
                                       fix="IBKR answers 503 for orders that ended before this session")
 
@@ -219,9 +231,7 @@ class OrderRequests:
         A field the modification would have to guess (side, total size, time in force, the price of
         a limit or stop) raises IBKRMalformedAnswer naming it: a GTC stop re-sent as DAY would lapse
         at the close, and `size` is what is left to fill, not the order's size."""
-        types = {"LIMIT": "LMT", "LMT": "LMT", "STOP": "STP", "STP": "STP", "MARKET": "MKT", "MKT": "MKT",
-                 "STOP_LIMIT": "STOP_LIMIT", "STOP LIMIT": "STOP_LIMIT"}
-        order_type = types.get(str(status.get("order_type") or status.get("orderType") or "").upper())
+        order_type = status_order_type(status)
         if order_type is None:
             raise IBKRRequestError(f"cannot modify an order of type {status.get('order_type')!r}",
                                    "modify it in Client Portal")

@@ -64,12 +64,13 @@ class GatewayTransport:
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
                  order: bool = False, ensure: bool = True, retry_no_bridge: bool = True,
-                 expect: type | tuple[type, ...] | None = None) -> tuple[int, Any]:
+                 expect: type | tuple[type, ...] | None = None, retry_5xx: bool = True) -> tuple[int, Any]:
         """Send one request under every pacing rule. Reads are retried (transport errors, 5xx,
         429 with a long global hold, and, with `expect`, a 2xx answer that is not the documented
         JSON shape: an HTML page, an empty body, truncated JSON); an order request (`order=True`)
         is sent exactly once. A read whose answer stays malformed raises IBKRMalformedAnswer; an
-        `{"error": ...}` body is returned for the caller to judge."""
+        `{"error": ...}` body is returned for the caller to judge. `retry_5xx=False` returns a 5xx
+        answer at once (one IBKR gives by design, such as 503 for an order ended before this session)."""
         if ensure and not order and not self._gate.in_exclusive():
             self.ensure_session()
         attempts_5xx = attempts_429 = attempts_transport = attempts_malformed = 0
@@ -155,7 +156,7 @@ class GatewayTransport:
                 raise IBKRSessionError(
                     f"{method} {path}: the brokerage session is not open ('no bridge')",
                     f"the session is being reopened; run again. If it persists, log in again at {self.login_url}")
-            if status >= 500 and not order and status != 501:
+            if status >= 500 and not order and status != 501 and retry_5xx:
                 transient = (path != HISTORY_PATH or not text or isinstance(body, NotJSON)
                              or any(t in text.lower() for t in _TRANSIENT_HISTORY))
                 if transient and attempts_5xx < self.pacing.read_retries:

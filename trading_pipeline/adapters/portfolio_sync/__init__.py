@@ -24,9 +24,11 @@ from trading_pipeline.adapters.portfolio_sync.executions import (
     symbols_in_play,
 )
 from trading_pipeline.adapters.portfolio_sync.order_states import (
+    DUPLICATE_ANSWER,
     NEVER_REACHED,
     PROTECTIVE_ROLES,
     SUBMITTING_GRACE,
+    UNCONFIRMED,
     with_working_orders,
     working_symbols,
 )
@@ -34,7 +36,8 @@ from trading_pipeline.adapters.portfolio_sync.protection import ORPHAN_GRACE, po
 from trading_pipeline.adapters.portfolio_sync.sync import SyncReport, sync_portfolio
 
 __all__ = [
-    "NEVER_REACHED", "ORPHAN_GRACE", "PROTECTIVE_ROLES", "SUBMITTING_GRACE", "OwnFill", "SyncReport",
+    "DUPLICATE_ANSWER", "NEVER_REACHED", "ORPHAN_GRACE", "PROTECTIVE_ROLES", "SUBMITTING_GRACE", "UNCONFIRMED",
+    "OwnFill", "SyncReport",
     "implied_positions", "own_fills", "positions_contradicted", "record_executions",
     "record_outside_executions", "symbols_in_play",
     "sync_portfolio", "with_working_orders", "working_symbols",

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, as_utc, cancel_inactive, describe_expiry, expiry_of
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow
+from trading_pipeline.core.market_calendar import periods_closed_between
 from trading_pipeline.core.risk import AccountState, WorkingEntry
 
 # An orders step writes 'submitting' and sends within seconds (its HTTP calls time out well before
@@ -26,6 +27,8 @@ from trading_pipeline.core.risk import AccountState, WorkingEntry
 SUBMITTING_GRACE = timedelta(minutes=2)
 UNCONFIRMED = ("submitting", "unknown")  # states the pipeline wrote without the broker's word
 NEVER_REACHED = "never reached the broker (sync)"
+# The event of an order the broker refused as a duplicate of its cOID: the broker has (or had) it.
+DUPLICATE_ANSWER = "broker answered duplicate cOID; reconciled"
 
 
 # --- order states -------------------------------------------------------------------------------
@@ -49,10 +52,30 @@ def _day_order_gone(row: OrderRow) -> bool:
     return pd.Timestamp(datetime.now(UTC)) > expiry_of("DAY", as_utc(row.created_at))
 
 
+def _acknowledged(session: Session, row: OrderRow) -> str | None:
+    """Why the broker is known to have received `row`, written without its word, or None: it (or
+    its bracket's entry) was answered as a duplicate cOID, or its entry, placed in the same request,
+    carries the broker's order id (an acknowledgement that named only the entry)."""
+    parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
+    coids = [row.client_order_id] + ([parent.client_order_id] if parent is not None else [])
+    if session.scalar(select(OrderEventRow.id).where(OrderEventRow.client_order_id.in_(coids),
+                                                     OrderEventRow.detail == DUPLICATE_ANSWER).limit(1)):
+        return f"the broker answered that it has {coids[-1]} (a duplicate cOID)"
+    if parent is not None and parent.broker_order_id:
+        return f"its entry {parent.client_order_id}, sent in the same request, is at the broker"
+    return None
+
+
 def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> str:
     """A row written without the broker's word that the broker does not list by its cOID. Its
     executions prove it reached the broker (an order no longer listed after a rollover); with
-    none, it never did once the grace period is over; before that it may still be in flight."""
+    none, it never did once the grace period is over; before that it may still be in flight.
+
+    One the broker acknowledged (`_acknowledged`) did reach it, and its absence from a list proves
+    nothing while IBKR's live orders can miss working orders (after hours): taken for never placed,
+    a working stop would be passed over and an exit sent beside it. It is recorded as Cancelled
+    only once a whole session has closed since, with no sign of it (that session's syncs read a
+    complete list)."""
     executions = broker.executions(row.client_order_id)
     if executions:
         filled = sum(e.quantity for e in executions)
@@ -67,7 +90,15 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
     # from the row's creation: an old row being sent again right now is in flight too.
     last_attempt = session.scalar(select(func.max(OrderEventRow.at)).where(
         OrderEventRow.client_order_id == row.client_order_id)) or row.created_at
-    age = datetime.now(UTC) - max(as_utc(last_attempt), as_utc(row.created_at))
+    since = max(as_utc(last_attempt), as_utc(row.created_at))
+    age = datetime.now(UTC) - since
+    if (acknowledged := _acknowledged(session, row)) is not None:
+        if periods_closed_between(since, datetime.now(UTC), "1d"):
+            return _cancel_row(session, row, f"sync: {acknowledged}, but it has not listed it through a whole "
+                                             "session since, and it has no execution")
+        return (f"{row.client_order_id}: {row.status}: {acknowledged}, but it does not list it (after hours IBKR's "
+                "live orders can miss working orders); kept as it is until the broker lists it, or recorded as "
+                "Cancelled if it is still absent after the next session's close")
     if age >= SUBMITTING_GRACE:
         return _cancel_row(session, row, NEVER_REACHED)
     return (f"{row.client_order_id}: {row.status} for {age.total_seconds():.0f}s and not at the broker yet "
@@ -94,7 +125,10 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
             order = broker.find_order(row.client_order_id)
             parent = session.get(OrderRow, row.parent_client_order_id) if row.parent_client_order_id else None
             if order is None:
-                if row.status in UNCONFIRMED:
+                if parent is not None and parent.status == "Cancelled" and not parent.filled_quantity:
+                    changes.append(_cancel_row(session, row, f"sync: cancelled with its parent "
+                                                             f"{parent.client_order_id}, which never filled"))
+                elif row.status in UNCONFIRMED:
                     changes.append(_unconfirmed_not_found(session, broker, row))
                 elif _day_order_gone(row):
                     # IBKR lists only the current session's orders (and a week of executions): a DAY
@@ -103,9 +137,6 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
                     changes.append(_cancel_row(session, row, "sync: no longer listed by the broker and no execution "
                                                              f"after its DAY session: "
                                                              f"{describe_expiry(as_utc(row.created_at))}"))
-                elif parent is not None and parent.status == "Cancelled" and not parent.filled_quantity:
-                    changes.append(_cancel_row(session, row, f"sync: cancelled with its parent "
-                                                             f"{parent.client_order_id}, which never filled"))
                 else:
                     changes.append(f"{row.client_order_id}: {row.status} here but unknown to the broker; "
                                    "check it at the broker")
@@ -146,8 +177,8 @@ def with_working_orders(account: AccountState, sessions: sessionmaker[Session], 
     entry, a crash after it) counts too, as an entry whose state is unknown counts as working: it
     may be working, and its entry filled; the sync confirms it or closes it as never placed.
 
-    One the broker does not list, placed longer ago than an order can be in flight
-    (SUBMITTING_GRACE), does not count: the broker lists every working order, so it works no more
+    One the broker does not know, placed longer ago than an order can be in flight
+    (SUBMITTING_GRACE), does not count: the broker knows every working order, so it works no more
     (cancelled by hand, say, and no longer listed after a day rollover, with no execution to find it
     by). The books keep it as it was (the sync says to check it at the broker) and the sync cannot
     cancel what the broker does not know: counted, it would hold its symbol as a position for ever."""

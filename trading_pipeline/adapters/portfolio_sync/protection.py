@@ -4,6 +4,7 @@ and cancels run under the account lock, on the order as read again there."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -122,6 +123,10 @@ def _resize_locked(session: Session, broker: Broker, row: OrderRow, held: float,
         result.drift.append(f"{cannot}, and the broker refused to resize it to {held:g} ({refusal.problem}): "
                             f"adjust its quantity at the broker by hand (or close the position); {refusal.fix}")
         return False
+    except UserError as error:  # an unreadable answer, a gateway fault: said, and the other symbols go on
+        result.drift.append(f"{cannot}, and resizing it to {held:g} failed ({error.problem}): adjust its quantity "
+                            f"at the broker by hand (or close the position); {error.fix}")
+        return False
     if answer is None:
         result.drift.append(f"{cannot}, and the broker does not know that order: check the position's "
                             "protective orders at the broker")
@@ -236,7 +241,8 @@ def _cancel_left_over_locked(session: Session, broker: Broker, row: OrderRow, wh
 
 
 def protect_positions(session: Session, broker: Broker, held: dict[str, float],
-                       implied: dict[str, float], contradicted: str | None = None) -> Protection:
+                       implied: dict[str, float], contradicted: str | None = None,
+                       unknown: Collection[str] = ()) -> Protection:
     """Compare each position with the stop-loss orders protecting it and fix what can be fixed:
     a stop (and take-profit) larger than the position, once its entry is done (a partial
     take-profit, or a partial entry whose remainder expired or was cancelled), is resized to the
@@ -244,7 +250,10 @@ def protect_positions(session: Session, broker: Broker, held: dict[str, float],
     cancelled. What cannot be fixed is drift; a position the pipeline opened with no working
     stop-loss is reported as unprotected. `held`: the broker's positions; `implied`: the pipeline's
     own, by its books (the open part of the trades its entries opened: shares bought by hand beside
-    it need no stop of the pipeline's, and a trade closed by hand is closed there too)."""
+    it need no stop of the pipeline's, and a trade closed by hand is closed there too). `unknown`:
+    the orders the broker did not know in this sync (`advance_orders`): a stop the books keep as
+    working but the broker no longer knows (a bracket cancelled by hand before a rollover no sync
+    saw) protects nothing, and counted it would hide that a later position has no stop."""
     result = Protection()
     symbols = {row.symbol for row in session.scalars(select(OrderRow).where(
         OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.status.not_in(FINAL_STATUSES)))}
@@ -256,11 +265,12 @@ def protect_positions(session: Session, broker: Broker, held: dict[str, float],
         if position and wrong_side:  # e.g. flipped by hand: what is left working would add to it
             _cancel_orphans(session, broker, symbol, wrong_side, result, None, flipped=held[symbol])
             continue
-        covered = sum(row.quantity - row.filled_quantity for row in stops)
         if position == 0:  # e.g. the position closed by hand: what is left working would open one
             _cancel_orphans(session, broker, symbol, stops + working_exits(session, symbol, "take_profit"), result,
                             contradicted)
             continue
+        stops = [row for row in stops if row.client_order_id not in unknown]
+        covered = sum(row.quantity - row.filled_quantity for row in stops)
         if not stops:
             if implied.get(symbol):
                 result.unprotected.append(

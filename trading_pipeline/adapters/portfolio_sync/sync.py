@@ -106,7 +106,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
     """One pass: order states, executions, the account at the marks, protection, snapshots, books.
     Positions are keyed as the broker returns them: by the strategy's symbol (never re-keyed)."""
     started = datetime.now(UTC)
-    changes, changed, _ = advance_orders(sessions, broker)
+    changes, changed, unknown = advance_orders(sessions, broker)
     drift, added = [], 0
     try:
         added = record_executions(sessions, broker)
@@ -137,7 +137,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
                              f"imply {implied.get(symbol, 0.0):g}")
         books = matched_trades(session)  # protection adds no execution: the books stay these
         protection = protect_positions(session, broker, held, pipeline_positions(books),
-                                       positions_contradicted(account))
+                                       positions_contradicted(account), unknown)
         session.commit()
         changes.extend(protection.changes)
         changed |= protection.changed

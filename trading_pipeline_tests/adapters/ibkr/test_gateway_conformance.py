@@ -100,6 +100,26 @@ def test_a_bracket_acknowledged_out_of_order_pairs_only_the_leg_it_names(emulato
     assert broker.find_order("cf-rot-tp").broker_order_id == children["LMT"]
 
 
+
+@pytest.mark.parametrize("order", [(1, 2, 0), (2, 1, 0), (0, 2, 1)], ids=["stop-first", "target-first", "children-swapped"])
+def test_a_bracket_acknowledged_in_another_order_without_naming_a_leg_is_paired_by_what_each_order_is(
+        emulator, broker, order):
+    """IBKR's bracket acknowledgement is one answer per order, in an order the reference leaves
+    unconfirmed, and without local_order_id nothing in it names a leg. Paired by position, a stop's
+    IBKR id went to the entry or the take-profit: the stop's later fill was counted as the entry's,
+    and an exit or a resize changed the wrong order. Each answer's order status says its side and
+    type, which tell the three legs apart."""
+    emulator.set_price("MSFT", 100.0)
+    emulator.inject(REPLY, method="POST", transform=lambda answer: [answer[i] for i in order])
+    placed = broker.place("MSFT", bracket(coid="cf-any", entry=98.5, stop=95.0, target=105.0), 98.5)
+    parent = emulator.orders_with_coid("cf-any")[0]
+    children = {c.order_type: str(c.order_id) for c in emulator.children_of(parent.order_id)}
+    assert {o.client_order_id: o.broker_order_id for o in placed} == {
+        "cf-any": str(parent.order_id), "cf-any-sl": children["STP"], "cf-any-tp": children["LMT"]}
+    assert placed[0].client_order_id == "cf-any"  # the entry's answer first, as the order desk reads it
+    assert [broker.order_id_for(f"cf-any{s}") for s in ("", "-sl", "-tp")] == [
+        str(parent.order_id), children["STP"], children["LMT"]]
+
 def test_placement_answers_in_documented_shapes(emulator, broker):
     emulator.set_price("MSFT", 100.0)
     emulator.inject(ORDERS_POST, method="POST",  # local_order_id echoing the cOID, order_status PreSubmitted
