@@ -293,9 +293,6 @@ def test_daily_pnl_missing_is_unknown_with_open_positions(emulator_factory, clie
     assert account.daily_pnl is None and len(account.positions) == 2
     assert "pnl/partitioned has no row) while positions are open" in account.daily_pnl_unknown
     assert "run again in a few seconds" in account.daily_pnl_unknown
-    flat.inject("/portfolio/*/ledger", method="GET", transform=lambda body: {**body, "BASE": {}})
-    account = IBKRBroker(client_factory(flat)).account({})
-    assert account.daily_pnl is None and "realizedpnl=None" in account.daily_pnl_unknown
 
 
 def test_cancel_by_client_order_id_reaches_bracket_children(emulator, broker):
