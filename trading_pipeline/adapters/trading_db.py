@@ -158,7 +158,7 @@ class AccountSnapshotRow(Base):
     equity: Mapped[float] = mapped_column(Float)
     cash: Mapped[float] = mapped_column(Float)
     gross_exposure: Mapped[float] = mapped_column(Float)
-    daily_pnl: Mapped[float] = mapped_column(Float)
+    daily_pnl: Mapped[float | None] = mapped_column(Float)  # None: the broker could not say it
     open_positions: Mapped[int] = mapped_column(Integer)
 
 

@@ -67,7 +67,10 @@ class AccountState:
     equity: float
     cash: float
     positions: dict[str, Position] = field(default_factory=dict)
-    daily_pnl: float = 0.0
+    # None: the broker could not say today's P&L (`daily_pnl_unknown` says why and what to do).
+    # Only the daily-loss gate reads it, and refuses entries then; exits and protection never wait for it.
+    daily_pnl: float | None = 0.0
+    daily_pnl_unknown: str = ""
     # By symbol: the pipeline's orders that open or close a position and may still fill. A symbol
     # with one gets no second order; opening ones count as positions for the limits.
     working_entries: dict[str, WorkingEntry] = field(default_factory=dict)
@@ -177,9 +180,13 @@ def entry_limits(symbol: str, entry: float, stop: float, account: AccountState, 
         {s: w for s, w in account.working_entries.items() if w.client_order_id != own_order}
     held = account.positions.get(symbol)
     held_qty = held.quantity if held else 0
-    check("daily_loss", account.daily_pnl > -limits.daily_loss_limit * account.equity,
-          lambda: f"today's P&L {account.daily_pnl:.2f} vs limit −{limits.daily_loss_limit:.0%} of equity "
-          f"{account.equity:.2f} = {-limits.daily_loss_limit * account.equity:.2f}")
+    if account.daily_pnl is None:  # never taken for 0: a real loss today would let entries through
+        check("daily_loss", False, f"today's P&L is unknown, so the daily-loss limit cannot be checked and no "
+                                   f"new entry is sent (exits and stops are not held up): {account.daily_pnl_unknown}")
+    else:
+        check("daily_loss", account.daily_pnl > -limits.daily_loss_limit * account.equity,
+              lambda: f"today's P&L {account.daily_pnl:.2f} vs limit −{limits.daily_loss_limit:.0%} of equity "
+              f"{account.equity:.2f} = {-limits.daily_loss_limit * account.equity:.2f}")
     if symbol in working:  # a second order would double what the first does
         check("order_working", False,
               f"order {working[symbol].describe()} for {symbol} may still fill; no second order until it fills, "

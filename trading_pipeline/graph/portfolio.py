@@ -191,8 +191,13 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
         "new_executions": report.new_executions,
         "order_status_changes": _bullets(report.status_changes)})
     summary = {"equity": round(account.equity, 2), "cash": round(account.cash, 2),
-               "gross_exposure": round(account.gross_exposure, 2), "daily_pnl": round(account.daily_pnl, 2),
+               "gross_exposure": round(account.gross_exposure, 2),
+               "daily_pnl": None if account.daily_pnl is None else round(account.daily_pnl, 2),
                "open_positions": account.open_positions, "broker": the_broker.name}
+    if account.daily_pnl is None:  # entries are refused until it is known again: say why where it is shown
+        summary["daily_pnl_unknown"] = account.daily_pnl_unknown
+        context.log.warning(f"today's P&L is unknown, new entries are refused (exits and stops go on): "
+                            f"{account.daily_pnl_unknown}")
     yield dg.Output(summary, output_name="account_summary", metadata={**summary, "as_of": as_of.isoformat()})
     yield dg.AssetCheckResult(check_name="no_drift", asset_key="positions", passed=not report.drift,
                               severity=dg.AssetCheckSeverity.ERROR if report.unprotected

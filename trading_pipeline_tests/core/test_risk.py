@@ -92,6 +92,18 @@ def test_kill_switch_daily_loss_and_confidence():
     assert "confidence" in failed(evaluate(unsure, "X", MARKET, ACCOUNT, LIMITS))
 
 
+def test_an_unknown_daily_pnl_refuses_entries_and_never_an_exit():
+    """The broker could not say today's P&L: never taken for 0 (a real loss would let entries through)."""
+    why = "IBKR gave no daily P&L. Fix: run again in a few seconds"
+    unknown = AccountState(100_000.0, 90_000.0, positions=LONG, daily_pnl=None, daily_pnl_unknown=why)
+    entry = evaluate(Proposal(Action.BUY, 100.0, 96.0, [106.0], 0.7), "Y", MARKET, unknown, LIMITS)
+    gate = next(c for c in entry.checks if c.rule == "daily_loss")
+    assert not entry.accepted and entry.quantity == 0 and not gate.passed
+    assert gate.detail.startswith("today's P&L is unknown") and why in gate.detail
+    exit_ = evaluate(Proposal(Action.SELL, 100.0, None, [], 0.7), "X", MARKET, unknown, LIMITS)
+    assert exit_.accepted and exit_.closes_position and exit_.quantity == 100
+
+
 def test_hold_and_no_trade_send_nothing():
     for action in (Action.HOLD, Action.NO_TRADE):
         verdict = evaluate(Proposal(action, None, None, [], 0.5), "X", MARKET, ACCOUNT, LIMITS)

@@ -610,8 +610,8 @@ class IBKRBroker:
     # ------------------------------------------------------------------ account
     def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
         """Equity and cash from the summary, every position (fresh) at IBKR's market price (a mark
-        only where IBKR has none), daily P&L from IBKR's partitioned P&L; with no P&L row and no
-        positions, today's realized P&L from the ledger. Positions are keyed by the strategy's
+        only where IBKR has none), and today's P&L (`_daily_pnl`: unknown, not an error, when IBKR
+        cannot say it). Positions are keyed by the strategy's
         symbol (matched by conid), else IBKR's ticker. IBKR knows only the present: `as_of` is
         not used."""
         summary = self.client.summary()
@@ -654,27 +654,7 @@ class IBKRBroker:
                 quantity = total
                 conid = held.conid
             positions[symbol] = Position(quantity, round(average, 4), price, conid)
-        daily = self.client.pnl()
-        if daily is not None and parse_number(daily.get("dpl")) is not None:
-            daily_pnl = parse_number(daily.get("dpl")) or 0.0
-        elif not positions:
-            base = self.client.ledger().get("BASE")
-            base = base if isinstance(base, dict) else {}
-            daily_pnl = parse_number(base.get("realizedpnl"))
-            if daily_pnl is None:  # not "no loss today": the daily-loss limit would pass unchecked
-                raise IBKRRequestError(
-                    "IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned has no row, and "
-                    f"the ledger's BASE gives realizedpnl={base.get('realizedpnl')!r}), so the daily-loss limit "
-                    "cannot be checked",
-                    "run again in a few seconds (the P&L feed starts on first use); if it persists, check the "
-                    "account in Client Portal")
-        else:
-            missing = "has no row" if daily is None else f"gives dpl={daily.get('dpl')!r}, not a number"
-            raise IBKRRequestError(
-                f"IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned {missing}) while "
-                "positions are open, so the daily-loss limit cannot be checked",
-                "run again in a few seconds (the P&L feed starts on first use); if it persists, check the account "
-                "in Client Portal")
+        daily_pnl, daily_pnl_unknown = self._daily_pnl(bool(positions))
 
         def amount(key: str) -> float | None:
             """IBKR's {"amount", "value", "isNull", ...} (or a plain number): isNull means no amount
@@ -694,4 +674,33 @@ class IBKRBroker:
                                    f"({summary.get('netliquidation')!r}, {summary.get('totalcashvalue')!r})",
                                    "run again; if it persists, check the account summary in Client Portal")
         return AccountState(equity=round(equity, 2), cash=round(cash, 2), positions=positions,
-                            daily_pnl=round(daily_pnl, 2))
+                            daily_pnl=None if daily_pnl is None else round(daily_pnl, 2),
+                            daily_pnl_unknown=daily_pnl_unknown)
+
+    def _daily_pnl(self, holding: bool) -> tuple[float | None, str]:
+        """Today's P&L, from IBKR's partitioned P&L; with no P&L row and no position open, the
+        ledger's realized P&L. When IBKR gives neither: (None, the problem and its fix), never 0 and
+        never an error: only the daily-loss gate needs it (it then refuses entries), while exits and
+        the sync's protection read this same account."""
+        try:
+            daily = self.client.pnl()
+        except IBKRError as error:  # a 404 (a gateway without the endpoint), an error answer
+            return None, f"{error.problem}. Fix: {error.fix}"
+        if daily is not None and (dpl := parse_number(daily.get("dpl"))) is not None:
+            return dpl, ""
+        retry = ("Fix: run again in a few seconds (IBKR's P&L feed starts on first use); if it persists, check "
+                 "the account in Client Portal")
+        if holding:
+            missing = "has no row" if daily is None else f"gives dpl={daily.get('dpl')!r}, not a number"
+            return None, (f"IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned {missing}) "
+                          f"while positions are open. {retry}")
+        try:
+            base = self.client.ledger().get("BASE")
+        except IBKRError as error:
+            return None, (f"IBKR returned no daily P&L row (iserver/account/pnl/partitioned) and the ledger could "
+                          f"not be read: {error.problem}. Fix: {error.fix}")
+        base = base if isinstance(base, dict) else {}
+        if (realized := parse_number(base.get("realizedpnl"))) is None:
+            return None, ("IBKR returned no daily P&L for the account (iserver/account/pnl/partitioned has no row, "
+                          f"and the ledger's BASE gives realizedpnl={base.get('realizedpnl')!r}). {retry}")
+        return realized, ""

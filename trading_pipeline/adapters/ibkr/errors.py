@@ -79,7 +79,8 @@ class IBKRRequestError(IBKRError):
 
 class IBKRPnLUnavailable(IBKRError):
     """The gateway does not serve the partitioned P&L endpoint (404): the daily-loss limit has no
-    daily P&L to check. Not transient: asking again gets the same answer."""
+    daily P&L to check. Not transient: asking again gets the same answer. The account read takes it
+    as an unknown P&L (entries refused), never as a failure of the read."""
 
 
 class IBKRMalformedAnswer(IBKRRequestError):

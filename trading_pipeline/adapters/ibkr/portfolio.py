@@ -68,7 +68,8 @@ class PortfolioRequests:
         if status == 404:
             raise IBKRPnLUnavailable(
                 f"the gateway at {self.login_url} answered 404 to /iserver/account/pnl/partitioned: it does not "
-                "serve IBKR's daily P&L, so the daily-loss limit cannot be checked and nothing is sized or sent",
+                "serve IBKR's daily P&L, so the daily-loss limit cannot be checked and no new entry is sent "
+                "(exits and stops go on)",
                 "update the Client Portal gateway to IBKR's current build (clientportal.gw) or IBeam image and log "
                 "in again; check that IBKR_GATEWAY_URL is the gateway itself plus /v1/api, not a proxy that "
                 "forwards only some paths. Running again without that will fail the same way")

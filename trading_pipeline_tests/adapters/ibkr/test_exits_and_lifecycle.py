@@ -1033,3 +1033,60 @@ def test_an_order_ibkr_no_longer_knows_is_asked_for_its_status_once_per_lookup(w
     w.emulator.reset_stats()
     assert later.broker.find_order("tp-ended-sl") is None
     assert w.emulator.count("GET", f"/iserver/account/order/status/{stop_id}") == 1
+
+
+# A gateway whose partitioned P&L fails while a position is open: answered 404 (a gateway that does
+# not serve it), or an empty partition (IBKR has no row for the account). Only the entry gates need
+# today's P&L; the exit and the sync's protection must not wait for it (design safety rule 8).
+PNL_FAILURES = {
+    "404": lambda emulator: emulator.inject("/iserver/account/pnl/partitioned", method="GET", status=404, count=100,
+                                            raw="<html><head><title>Resource not found</title></head></html>"),
+    "empty-partition": lambda emulator: setattr(emulator.config, "pnl_available", False),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(PNL_FAILURES))
+def test_an_exit_is_sent_while_ibkrs_daily_pnl_is_unavailable(world, failure):
+    """Before: account() raised when the P&L failed, and the exit reads the account for the held
+    quantity, so the position could not be closed at all until IBKR's P&L came back."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, _ = w.open_position(entry_decision(f"pnl-{failure}"))
+    PNL_FAILURES[failure](w.emulator)
+
+    result = w.exit(exit_decision(f"pnl-{failure}-exit", 50))
+    assert result.status == "submitted", result.reason
+    assert w.position_path("AAPL") == [50, 0]
+    assert w.order(stop_id).status == "Filled"  # the stop made the market exit
+
+
+@pytest.mark.parametrize("failure", sorted(PNL_FAILURES))
+def test_the_sync_resizes_a_stop_too_large_while_ibkrs_daily_pnl_is_unavailable(world, failure):
+    """20 of 50 sold in TWS: the stop (50) must come down to the 30 held, or elected it would sell 20
+    short. Before: the sync's account read raised on the P&L, before protection, on every sync."""
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, _ = w.open_position(entry_decision(f"pnl-sync-{failure}"))
+    w.sell_by_hand(20)
+    PNL_FAILURES[failure](w.emulator)
+
+    report = sync_portfolio(w.sessions, w.broker, {})
+    assert w.order(stop_id).quantity == 30
+    assert report.account.daily_pnl is None and "pnl/partitioned" in report.account.daily_pnl_unknown
+
+
+@pytest.mark.parametrize("failure", sorted(PNL_FAILURES))
+def test_a_new_entry_is_refused_by_the_daily_loss_gate_while_ibkrs_daily_pnl_is_unavailable(world, failure):
+    """Fail closed for entries: an unknown P&L is never taken for 0 (no loss today)."""
+    w = world(symbols=("AAPL", "MSFT"))
+    w.emulator.set_price("AAPL", 100.0)
+    w.open_position(entry_decision(f"pnl-gate-{failure}"))
+    PNL_FAILURES[failure](w.emulator)
+
+    account = with_working_orders(w.broker.account({}), w.sessions, w.broker)
+    quantity, checks = entry_limits("MSFT", 100.0, 95.0, account, RiskSettings())
+    gate = next(c for c in checks if c.rule == "daily_loss")
+    assert quantity == 0 and not gate.passed
+    assert "today's P&L is unknown" in gate.detail and "pnl/partitioned" in gate.detail
+    fix = "update the Client Portal gateway" if failure == "404" else "run again in a few seconds"
+    assert fix in gate.detail

@@ -4,6 +4,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import pytest
 
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.ibkr.market_data import IBKRMarketData
@@ -85,11 +86,12 @@ def test_session_sensor_idles_when_no_mode_uses_ibkr(closed_port, tmp_path, monk
     assert broker_only.in_use is True and "nothing answers" in tick(broker_only).skip_message
 
 
+@pytest.mark.parametrize("pnl_available", [True, False], ids=["pnl", "no-pnl-row"])
 def test_the_sync_reads_ibkr_positions_under_the_pipelines_symbols(emulator_factory, fast_graph_pacing, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, pnl_available):
     """BRK.B is 'BRK B' at IBKR. Keyed by IBKR's ticker, the sync saw a BRK.B stop-loss without a
     BRK.B position (one it cancels once that looks lasting) and a 'BRK B' position the pipeline never
-    opened."""
+    opened. With no P&L row from IBKR the sync still runs: today's P&L is shown unknown, with why."""
     from trading_pipeline.adapters.order_desk import OrderDesk
     from trading_pipeline.adapters.records import record_decision
     from trading_pipeline.core.analysis import Action, TradeDecision
@@ -109,6 +111,7 @@ def test_the_sync_reads_ibkr_positions_under_the_pipelines_symbols(emulator_fact
     monkeypatch.setattr(portfolio, "decision_chart_with_fills", lambda *args: None)  # charts are not under test
     resources = resources_from_env(environment)
     emulator.set_price("BRK B", 400.0)
+    emulator.config.pnl_available = pnl_available
     now = datetime.now(UTC).replace(microsecond=0)
     decision = TradeDecision(decision_id="brk", strategy="s", symbol="BRK.B", as_of=now, data_through=now,
                              proposed_action=Action.BUY, action=Action.BUY, entry=400.0, stop=380.0, targets=[440.0],
@@ -129,3 +132,8 @@ def test_the_sync_reads_ibkr_positions_under_the_pipelines_symbols(emulator_fact
     assert [p["symbol"] for p in result.output_for_node("portfolio_sync", "positions")] == ["BRK.B"]
     (check,) = result.get_asset_check_evaluations()
     assert check.passed, check.metadata["drift"].value
+    summary = result.output_for_node("portfolio_sync", "account_summary")
+    if pnl_available:
+        assert isinstance(summary["daily_pnl"], float) and "daily_pnl_unknown" not in summary
+    else:
+        assert summary["daily_pnl"] is None and "pnl/partitioned has no row" in summary["daily_pnl_unknown"]

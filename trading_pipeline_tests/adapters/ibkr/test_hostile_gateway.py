@@ -226,10 +226,7 @@ def test_positions_with_string_numbers_and_a_row_without_a_position(emulator_fac
      "POS000 has no usable position ('1e999')"),
     ("/portfolio/*/summary", lambda body: {**body, "netliquidation": {**body["netliquidation"], "amount": "Infinity"}},
      IBKRRequestError, "lacks a usable netliquidation"),
-    ("/iserver/account/pnl/partitioned",
-     lambda body: {"upnl": {key: {**row, "dpl": "NaN"} for key, row in body["upnl"].items()}},
-     IBKRRequestError, "gives dpl='NaN', not a number"),
-], ids=["position-nan", "position-overflow", "equity-infinity", "daily-pnl-nan"])
+], ids=["position-nan", "position-overflow", "equity-infinity"])
 def test_account_numbers_that_are_not_finite_are_refused(emulator_factory, client_factory, path, transform, error,
                                                          words):
     emulator = emulator_factory(positions=2)
@@ -238,6 +235,16 @@ def test_account_numbers_that_are_not_finite_are_refused(emulator_factory, clien
     with pytest.raises(error) as raised:  # never a NaN position or P&L that every risk comparison lets through
         broker.account({})
     assert words in raised.value.problem and raised.value.fix
+
+
+def test_a_daily_pnl_that_is_not_finite_is_unknown_never_a_number(emulator_factory, client_factory):
+    """A NaN P&L passes every comparison of the daily-loss gate: it is unknown (entries refused), and
+    the account is still read for the exits and stops that need it."""
+    emulator = emulator_factory(positions=2)
+    emulator.inject("/iserver/account/pnl/partitioned", method="GET", transform=lambda body: {
+        "upnl": {key: {**row, "dpl": "NaN"} for key, row in body["upnl"].items()}})
+    account = IBKRBroker(client_factory(emulator)).account({})
+    assert account.daily_pnl is None and "gives dpl='NaN', not a number" in account.daily_pnl_unknown
 
 
 def test_live_orders_as_a_bare_list_with_string_ids(emulator, client, client_factory):

@@ -18,17 +18,23 @@ from trading_pipeline_tests.adapters.ibkr.test_orders_and_portfolio import ORDER
 
 
 def test_pnl_endpoint_404_says_so_and_what_to_do(emulator_factory, client_factory):
+    """The account is still read (exits and stops need it); its P&L is unknown, saying why and the fix."""
     emulator = emulator_factory(positions=2)
     emulator.inject("/iserver/account/pnl/partitioned", method="GET", status=404,
                     raw="<html><head><title>Resource not found</title></head></html>")
     with pytest.raises(IBKRPnLUnavailable) as raised:
-        IBKRBroker(client_factory(emulator)).account({})
+        IBKRBroker(client_factory(emulator)).client.pnl()
     error = raised.value
     assert isinstance(error, UserError) and not isinstance(error, IBKRRequestError)
     assert "404" in error.problem and "pnl/partitioned" in error.problem
-    assert "daily-loss limit cannot be checked" in error.problem
+    assert "daily-loss limit cannot be checked" in error.problem and "exits and stops go on" in error.problem
     assert "update the Client Portal gateway" in error.fix and "IBKR_READ_TIMEOUT" not in error.fix
     assert emulator.count("GET", "/iserver/account/pnl/partitioned") == 1  # not retried: it will not change
+    emulator.inject("/iserver/account/pnl/partitioned", method="GET", status=404, raw="<html></html>")
+    account = IBKRBroker(client_factory(emulator)).account({})
+    assert account.daily_pnl is None and len(account.positions) == 2
+    assert "answered 404" in account.daily_pnl_unknown and "update the Client Portal gateway" in account.daily_pnl_unknown
+    assert emulator.count("GET", "/iserver/account/pnl/partitioned") == 2
 
 
 def test_a_declined_question_says_the_decision_stays_rejected(emulator, broker):
