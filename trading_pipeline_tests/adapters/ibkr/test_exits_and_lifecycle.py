@@ -88,6 +88,14 @@ class World:
         broker, so it has no cOID and its execution no order_ref, as at IBKR. Its IBKR order id."""
         return self.emulator.trade_by_hand(symbol, side, quantity, price)
 
+    def close_by_hand_before_an_unseen_rollover(self, stop_id: int, take_profit_id: int) -> None:
+        """The 50 sold in TWS and the bracket's stop and take-profit cancelled there, then a day
+        rollover no sync saw: IBKR lists none of them any more and they have no execution."""
+        self.sell_by_hand(50)
+        self.broker.client.cancel_order(stop_id)
+        self.broker.client.cancel_order(take_profit_id)
+        self.emulator.new_day()
+
     def order(self, order_id: int):
         """The emulator's own copy of an order (what IBKR has, not what the client was told)."""
         with self.emulator.state.lock:
@@ -671,10 +679,7 @@ def test_a_bracket_closed_by_hand_before_a_rollover_no_sync_saw_does_not_hold_th
     w.emulator.set_price("MSFT", 100.0)
     stop_id, take_profit_id = w.open_position(entry_decision("a"))
     assert sync_portfolio(w.sessions, w.broker, {}).drift == []
-    w.sell_by_hand(50)
-    w.broker.client.cancel_order(stop_id)
-    w.broker.client.cancel_order(take_profit_id)
-    w.emulator.new_day()
+    w.close_by_hand_before_an_unseen_rollover(stop_id, take_profit_id)
     for _ in range(2):
         earlier(w.sessions, ORPHAN_GRACE * 2)
         report = sync_portfolio(w.sessions, w.broker, {})
@@ -865,10 +870,7 @@ def test_a_stop_ibkr_no_longer_knows_never_passes_for_the_protection_of_a_later_
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     old_stop, old_take_profit = w.open_position(entry_decision("old"))
-    w.sell_by_hand(50)
-    w.broker.client.cancel_order(old_stop)
-    w.broker.client.cancel_order(old_take_profit)
-    w.emulator.new_day()
+    w.close_by_hand_before_an_unseen_rollover(old_stop, old_take_profit)
     earlier(w.sessions, ORPHAN_GRACE * 2)
     sync_portfolio(w.sessions, w.broker, {})
     assert w.row("tp-old-sl").status == "Submitted"  # what IBKR does not know stays as it was
@@ -1025,10 +1027,7 @@ def test_an_order_ibkr_no_longer_knows_is_asked_for_its_status_once_per_lookup(w
     w = world()
     w.emulator.set_price("AAPL", 100.0)
     stop_id, take_profit_id = w.open_position(entry_decision("ended"))
-    w.sell_by_hand(50)
-    w.broker.client.cancel_order(stop_id)
-    w.broker.client.cancel_order(take_profit_id)
-    w.emulator.new_day()
+    w.close_by_hand_before_an_unseen_rollover(stop_id, take_profit_id)
     later = w.restart()
     w.emulator.reset_stats()
     assert later.broker.find_order("tp-ended-sl") is None
