@@ -322,6 +322,11 @@ def test_a_shutdown_during_the_start_leaves_no_worker_or_render_service_behind(a
     started = time.monotonic()
     worker.shutdown()
     assert time.monotonic() - started < 2  # the daemon exits at once (Dagster restarts a slow one's code server)
+    # The start runs in a thread holding the worker's lock from before its first process until it
+    # has closed what it started. Until it lets go, a process may be forked and not yet exec'd (its
+    # command line still pytest's): looking for children before then can miss one and find it later.
+    assert worker._lock.acquire(timeout=20), "the start in progress did not give up within 20 s"
+    worker._lock.release()
     deadline = time.monotonic() + 20
     while started_here() and time.monotonic() < deadline:
         time.sleep(0.1)
