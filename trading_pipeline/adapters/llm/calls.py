@@ -49,9 +49,9 @@ from trading_pipeline.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
-# Adaptations to a server's 400s within one call: each of the five things a server may lack (the image,
-# json_schema, json_object, max_completion_tokens, temperature) is dropped at most once.
-MAX_FALLBACKS = 5
+# Adaptations to a server's 400s within one call: each of the six things a server may lack (the image,
+# json_schema, json_object, max_completion_tokens, temperature, the system role) is dropped at most once.
+MAX_FALLBACKS = 6
 MAX_MODEL_NAME = 128  # llm_calls.answered_model's length
 
 

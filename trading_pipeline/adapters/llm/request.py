@@ -293,11 +293,17 @@ def build_request(settings: OpenAISettings, url: str, prompt: Prompt, user_text:
     text = user_text.replace(CHART_STATUS, "attached" if png is not None else
                              "not available (use the numeric context only)")
 
+    # A server with no system turn (see transport._NO_SYSTEM_ROLE) gets the instructions first in the
+    # one user message: the same words, in the order the model would have read them.
+    user = text if features.system_role else f"{system}\n\n{text}"
+
     def messages(image_url: str | None) -> list[dict]:
         # Without an image the text goes as a plain string: content parts are optional in the API and
         # some text-only servers take only a string.
-        content: str | list[dict] = text if image_url is None else [
-            {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image_url}}]
+        content: str | list[dict] = user if image_url is None else [
+            {"type": "text", "text": user}, {"type": "image_url", "image_url": {"url": image_url}}]
+        if not features.system_role:
+            return [{"role": "user", "content": content}]
         return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
     body: dict[str, Any] = {"model": settings.model, features.max_tokens_param: settings.max_output_tokens}

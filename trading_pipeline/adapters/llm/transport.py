@@ -57,6 +57,14 @@ class Sent(NamedTuple):
     error_text: str | None
 
 
+# How servers word a 400 for a `system` message: OpenAI's o1-mini/o1-preview ("'messages[0].role' does
+# not support 'system' with this model"), chat templates that have no system turn, as vLLM and TGI
+# relay them (Gemma: "System role not supported"; older Mistral: "Conversation roles must alternate
+# user/assistant/...").
+_NO_SYSTEM_ROLE = ("does not support 'system'", "system role not supported", "system role is not supported",
+                   "roles must alternate", "role 'system' is not supported", "unsupported role: system")
+
+
 def mentions(text: str, *words: str) -> bool:
     return any(word in text for word in words)
 
@@ -104,6 +112,7 @@ class Features:
     response_format: str = "json_schema"  # -> json_object -> none
     max_tokens_param: str = "max_completion_tokens"  # -> max_tokens
     send_temperature: bool = True
+    system_role: bool = True  # -> the instructions open the user message
 
 
 class ServerFeatures:
@@ -128,6 +137,9 @@ class ServerFeatures:
                     return IMAGE_REJECTED_WITH_VISION_YES
                 self._known = replace(self._known, vision_ok=False)
                 return "the server rejects image input: continuing with the numeric context only (vision: false)"
+            if tried.system_role and mentions(error_text, *_NO_SYSTEM_ROLE):
+                self._known = replace(self._known, system_role=False)
+                return "the server rejects the system role: sending the instructions at the start of the user message"
             if tried.response_format != "none" and mentions(error_text, "response_format", "json_schema",
                                                             "response format", "structured output", "json_object",
                                                             "schema"):

@@ -143,9 +143,15 @@ def user_text(body: dict) -> str:
 
 
 def context_of(body: dict) -> dict:
-    """The numeric context JSON the analyst put at the end of its user message."""
+    """The numeric context JSON the analyst put at the end of its user message (the instructions, with
+    a schema of their own, may come before it in the same message: a server without a system turn)."""
     text = user_text(body)
-    return json.loads(text[text.index("\n{") + 1:])
+    start = text.index("\n{")
+    while True:
+        try:
+            return json.loads(text[start + 1:])
+        except json.JSONDecodeError:
+            start = text.index("\n{", start + 1)  # ValueError when there is none: no context at all
 
 
 def image_parts(body: dict) -> list[dict]:

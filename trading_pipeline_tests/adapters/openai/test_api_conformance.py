@@ -249,6 +249,9 @@ def lacks_everything(body):
     if "temperature" in body:
         return api_error(400, "Unsupported parameter: 'temperature' is not supported with this model.",
                          "invalid_request_error", "unsupported_parameter", "temperature")
+    if body["messages"][0]["role"] == "system":
+        return api_error(400, "Unsupported value: 'messages[0].role' does not support 'system' with this model.",
+                         "invalid_request_error", "unsupported_value", "messages[0].role")
     return good()(body)
 
 
@@ -257,9 +260,54 @@ def test_each_missing_feature_is_learned_once_and_the_call_still_answers(make_an
     openai_server.reset(default=lacks_everything)
     analysis = make_analyst().analyze(daily, chart_for(png), png)
     assert analysis.valid, analysis.invalid_reason
-    assert len(openai_server.requests) == 6  # five features dropped, one at a time, then the answer
+    assert len(openai_server.requests) == 7  # six features dropped, one at a time, then the answer
     last = openai_server.bodies()[-1]
     assert last["max_tokens"] == 1500 and "temperature" not in last and "response_format" not in last
+    assert [m["role"] for m in last["messages"]] == ["user"]
+
+
+def without_a_system_turn(reply: Reply):
+    """A server whose chat template has no system turn: any `system` message gets `reply`."""
+    def step(body):
+        return reply if any(m["role"] == "system" for m in body["messages"]) else good()(body)
+    return step
+
+
+@pytest.mark.parametrize("reply", [
+    api_error(400, "Unsupported value: 'messages[0].role' does not support 'system' with this model.",
+              "invalid_request_error", "unsupported_value", "messages[0].role"),  # OpenAI o1-mini
+    Reply(400, {"object": "error", "message": "System role not supported", "type": "BadRequestError",
+                "param": None, "code": 400}),  # vLLM serving Gemma
+    Reply(422, {"error": "Template error: template not found: Conversation roles must alternate "
+                         "user/assistant/user/assistant/...", "error_type": "template_error"}),  # TGI, old Mistral
+], ids=["openai-o1", "vllm-gemma", "tgi-mistral"])
+def test_a_server_without_a_system_turn_gets_the_instructions_first_in_the_user_message(
+        make_analyst, openai_server, daily, weekly, png, reply):
+    openai_server.reset(default=without_a_system_turn(reply))
+    analyst = make_analyst()
+    assert analyst.analyze(daily, chart_for(png), png).valid
+    first, second = openai_server.bodies()
+    system = first["messages"][0]["content"]
+    assert first["messages"][0]["role"] == "system" and [m["role"] for m in second["messages"]] == ["user"]
+    text, image = second["messages"][0]["content"]  # the chart still goes with it
+    assert text["text"] == system + "\n\n" + first["messages"][1]["content"][0]["text"]
+    assert image == first["messages"][1]["content"][1]
+    # Learned once: the next call (a text-only one) is sent without a system turn from the start.
+    assert analyst.analyze(weekly, chart_for(png), png).valid
+    third = openai_server.bodies()[2]
+    assert [m["role"] for m in third["messages"]] == ["user"] and len(openai_server.requests) == 3
+
+
+def test_a_400_that_only_mentions_the_system_prompt_keeps_the_system_turn(make_analyst, openai_server, daily,
+                                                                         png, sessions):
+    """Not every 400 naming "system" is about the role: an over-long prompt is not fixed by moving it."""
+    openai_server.reset(default=Reply(400, {"error": {
+        "message": "This model's maximum context length is 8192 tokens. However, your system message and "
+                   "messages resulted in 9000 tokens.", "type": "invalid_request_error", "param": "messages",
+        "code": "context_length_exceeded"}}))
+    analysis = make_analyst().analyze(daily, chart_for(png), png)
+    assert not analysis.valid and len(openai_server.requests) == 1
+    assert openai_server.bodies()[0]["messages"][0]["role"] == "system"
 
 
 # --- usage of reasoning models ---------------------------------------------------------------------
