@@ -41,12 +41,16 @@ import pandas as pd
 from trading_pipeline.adapters.ibkr import history as hist
 from trading_pipeline.adapters.ibkr.client import Contract, IBKRClient
 from trading_pipeline.adapters.ibkr.errors import IBKRError, IBKRHistoryRequestError
+from trading_pipeline.core.bars import validate_bars
 from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
 
 log = logging.getLogger(__name__)
 
 US_VOLUME_LOT = 100.0
+BAD_BARS_FIX = ("these bars are as the gateway sent them and none of them is used: check that IBKR_GATEWAY_URL points "
+                "at IBKR's Client Portal gateway and ask again later (IBKR corrects bad prints), or read this symbol's "
+                "bars from another source (TRADING_MARKET_DATA=csv)")
 MAX_PAGES = 12
 
 
@@ -137,5 +141,12 @@ class IBKRMarketData:
                 "check the symbol and its market data subscription; for a run at an earlier point in time, "
                 "check that as_of lies within IBKR's history")
         frame.index.name = "time"
-        return frame[["open", "high", "low", "close", "volume"]].astype("float64")
+        frame = frame[["open", "high", "low", "close", "volume"]].astype("float64")
+        # Checked here, not only by the graph's bar checks: the account's marks, the paper broker's
+        # fills and the backtest read this source directly (a close of 0 would value a position at 0).
+        try:
+            validate_bars(frame)
+        except BarDataError as error:
+            raise BarDataError(f"IBKR history for {symbol} {timeframe}: {error.problem}", BAD_BARS_FIX) from None
+        return frame
 

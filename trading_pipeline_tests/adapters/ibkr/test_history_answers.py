@@ -1,0 +1,62 @@
+"""History answers a gateway may give that must never reach a decision, a mark or a paper fill as
+bars: prices no market can have, and delayed data (`mdAvailability` D) whose latest bar was not
+final yet when it was asked for. The `ibkr` source refuses them for that symbol alone, with the
+problem and the fix, like every other source (the CSV source checks its bars the same way)."""
+
+from datetime import UTC, datetime
+
+import pandas as pd
+import pytest
+
+from trading_pipeline.adapters.ibkr.market_data import IBKRMarketData
+from trading_pipeline.adapters.market_data import marks_for
+from trading_pipeline.core.strategies import TimeframeSettings
+from trading_pipeline.errors import BarDataError
+
+HISTORY = "/iserver/marketdata/history"
+AS_OF = datetime(2024, 3, 5, 16, 0, tzinfo=UTC)  # during the 2024-03-05 session
+YEAR = TimeframeSettings(period="1y")
+
+
+def _one_bar(change: dict, position: int = -2):
+    """The answer with one bar (by default the last closed at AS_OF: 2024-03-04) changed."""
+    def transform(body):
+        data = [dict(bar) for bar in body["data"]]
+        data[position].update(change)
+        return {**body, "data": data}
+    return transform
+
+
+# ------------------------------------------------------------------- bars no market can have
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"c": 0}, "Price column 'close' is zero or negative"),
+    ({"l": -1.5}, "Price column 'low' is zero or negative"),
+    ({"c": "NaN"}, "Column 'close' is missing (NaN)"),
+    ({"h": "Infinity"}, "Column 'high' is infinite"),
+    ({"v": -1}, "Volume is negative"),
+    ({"h": 1.0, "l": 2.0}, "inconsistent (need low <= open, close <= high)"),
+], ids=["zero-close", "negative-low", "nan-close", "infinite-high", "negative-volume", "high-below-low"])
+def test_bars_no_market_can_have_are_refused_naming_the_bar(emulator, client, change, words):
+    emulator.inject(HISTORY, method="GET", transform=_one_bar(change))
+    with pytest.raises(BarDataError) as raised:
+        IBKRMarketData(client).fetch("AAPL", "1d", YEAR, AS_OF)
+    problem = raised.value.problem
+    assert problem.startswith("IBKR history for AAPL 1d: ") and words in problem and "2024-03-04T14:30" in problem
+    assert "IBKR_GATEWAY_URL" in raised.value.fix and "TRADING_MARKET_DATA" in raised.value.fix
+
+
+def test_a_bad_bar_outside_the_window_used_is_not_a_reason_to_refuse(emulator, client):
+    """The session in progress at AS_OF (not closed: never used) may hold anything."""
+    clean = IBKRMarketData(client).fetch("AAPL", "1d", YEAR, AS_OF)
+    emulator.inject(HISTORY, method="GET", transform=_one_bar({"c": 0, "l": 0}, position=-1))
+    pd.testing.assert_frame_equal(IBKRMarketData(client).fetch("AAPL", "1d", YEAR, AS_OF), clean)
+
+
+def test_a_zero_close_never_becomes_a_mark(emulator, client):
+    """The account's marks read the source directly (no graph check in between): a position must
+    not be valued at 0 (equity, exposure and the loss breaker would follow it)."""
+    source = IBKRMarketData(client)
+    assert marks_for(source, ["AAPL"], AS_OF)["AAPL"].price > 0
+    emulator.inject(HISTORY, method="GET", transform=_one_bar({"c": 0, "l": 0}))
+    assert "AAPL" not in marks_for(source, ["AAPL"], AS_OF)  # left out and logged, as a symbol without data
