@@ -7,6 +7,8 @@
   the strategy's own period when IBKR's table allows the bar and it holds at most 1000 points,
   else pages of the longest allowed period, each anchored with `startTime`.
 - `normalize_bars(...)`: IBKR `data[]` -> our frame (UTC session-open index, float64, shares).
+- `data_delay(...)` / `unfinished_bars_error(...)`: delayed data (`mdAvailability` D or a
+  `mktDataDelay`): which bars of an answer cannot be final yet.
 """
 
 from __future__ import annotations
@@ -240,3 +242,64 @@ def conflicting_bars_error(raw: pd.DataFrame, timeframe: str, conflicts: pd.Date
         f"(IBKR times {', '.join(t.isoformat() for t in times[:4])}; {len(conflicts)} bar(s) affected): not one "
         f"bar per {'session' if timeframe == '1d' else 'week'}, so none of them can be taken as that bar",
         _BAD_DATA_FIX)
+
+
+# ---------------------------------------------------------------------------------------------
+# Delayed data
+# ---------------------------------------------------------------------------------------------
+
+# The unit of `mktDataDelay` is unconfirmed: IBKR's doc says ms, a recorded delayed answer (ibind's
+# fixture) has 900, i.e. IBKR's usual 15 minutes in seconds. The longer reading is taken as long as it
+# is at most MAX_DATA_DELAY (no exchange delays its data by hours); a delayed answer whose delay
+# cannot be read is taken as delayed by MAX_DATA_DELAY. Both err towards refusing a bar, never
+# towards taking an unfinished one.
+MAX_DATA_DELAY = timedelta(hours=1)
+
+
+def data_delay(answer: dict) -> tuple[timedelta | None, str]:
+    """How long after a bar's close IBKR's answer may still lack part of it: None for real-time data
+    (`mdAvailability` without D and no positive `mktDataDelay`), else (the delay taken, how it was read)."""
+    availability = answer.get("mdAvailability")
+    raw_delay = answer.get("mktDataDelay")
+    try:
+        value = None if isinstance(raw_delay, bool) or raw_delay is None else float(str(raw_delay).strip())
+    except ValueError:
+        value = None
+    if value is not None and not math.isfinite(value):
+        value = None
+    delayed = (isinstance(availability, str) and "D" in availability) or bool(value and value > 0)
+    if not delayed:
+        return None, ""
+    said = f"mdAvailability {availability!r}"
+    if value is None or value <= 0:
+        return MAX_DATA_DELAY, (f"{said} with no usable mktDataDelay ({raw_delay!r}): taken as the longest "
+                                f"delay accepted, {_minutes(MAX_DATA_DELAY)}")
+    readings = [r for r in (timedelta(seconds=value), timedelta(milliseconds=value)) if r <= MAX_DATA_DELAY]
+    if not readings:
+        return MAX_DATA_DELAY, (f"{said}, mktDataDelay {raw_delay!r} (over {_minutes(MAX_DATA_DELAY)} in seconds "
+                                f"and in milliseconds): taken as {_minutes(MAX_DATA_DELAY)}")
+    delay = max(readings)
+    return delay, (f"{said}, mktDataDelay {raw_delay!r}: taken as {_minutes(delay)} (its unit is unconfirmed; "
+                   f"the longer reading up to {_minutes(MAX_DATA_DELAY)})")
+
+
+def _minutes(delay: timedelta) -> str:
+    return f"{delay.total_seconds() / 60:g} min"
+
+
+def unfinished_bars_error(symbol: str, timeframe: str, closes: pd.Series, asked_at: datetime,
+                          delay: timedelta, how: str) -> IBKRHistoryRequestError | None:
+    """The error for the bars (`closes`: each used bar's close, by its start) that closed less than
+    `delay` before the answer was asked for (`asked_at`), or None when there is none: delayed data
+    holds such a bar as it was before its close, so its close, high, low and volume are not final."""
+    pending = closes[(closes + delay) > pd.Timestamp(asked_at)]
+    if pending.empty:
+        return None
+    final = (pending.max() + delay).isoformat()
+    return IBKRHistoryRequestError(
+        f"IBKR's {timeframe} history for {symbol} is delayed ({how}): the bar of {pending.idxmax().isoformat()} "
+        f"closed at {pending.max().isoformat()} is not final until {final} (asked at "
+        f"{pd.Timestamp(asked_at).isoformat()}); deciding on it would take a close the market never had",
+        f"run again after {final}, or give the account real-time market data for this listing "
+        "(Client Portal > Settings > Market Data Subscriptions; a paper account needs them shared from the "
+        "live one)")

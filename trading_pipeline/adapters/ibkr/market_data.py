@@ -34,7 +34,8 @@ of 3y (1d) or 15y (1w), each anchored with `startTime` at the earliest bar recei
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pandas as pd
 
@@ -57,9 +58,11 @@ MAX_PAGES = 12
 class IBKRMarketData:
     name = "ibkr"
 
-    def __init__(self, client: IBKRClient, volume_multiplier: float | None = None):
+    def __init__(self, client: IBKRClient, volume_multiplier: float | None = None,
+                 clock: Callable[[], datetime] | None = None):
         self.client = client
         self.volume_multiplier = volume_multiplier
+        self.clock = clock or (lambda: datetime.now(UTC))  # the real time: what delayed data lags behind
 
     @property
     def fetch_concurrency(self) -> int:
@@ -87,6 +90,7 @@ class IBKRMarketData:
         anchor = plan.anchor
         frames: list[pd.DataFrame] = []
         for page in range(MAX_PAGES if plan.paged else 1):
+            asked_at = self.clock()
             try:
                 answer = self.client.history(contract.conid, plan.period, plan.bar, start_time=anchor)
             except IBKRHistoryRequestError:
@@ -94,6 +98,7 @@ class IBKRMarketData:
                     break
                 raise
             raw = hist.raw_bars_frame(answer.get("data") or [])
+            self._refuse_unfinished(contract, timeframe, raw, answer, as_of, asked_at)
             if anchor is not None:
                 raw = raw.loc[raw.index < pd.Timestamp(anchor)]
             earliest = frames[-1].index.min() if frames else None
@@ -112,6 +117,22 @@ class IBKRMarketData:
         combined = pd.concat(frames[::-1])
         return combined.sort_index(kind="stable")  # duplicates are judged by normalize_bars
 
+    @staticmethod
+    def _refuse_unfinished(contract: Contract, timeframe: str, raw: pd.DataFrame, answer: dict, as_of: datetime,
+                           asked_at: datetime) -> None:
+        """Delayed data (hist.data_delay): raise if a bar closed by `as_of` closed within the delay
+        before the answer was asked for; it is not final, and a later answer would differ."""
+        delay, how = hist.data_delay(answer)
+        if delay is None or raw.empty:
+            return
+        from trading_pipeline.core.market_calendar import bar_close_times, session_start_index
+
+        closes = bar_close_times(pd.DatetimeIndex(session_start_index(raw.index, timeframe)), timeframe).dropna()
+        closes = closes[closes <= pd.Timestamp(as_of)]
+        error = hist.unfinished_bars_error(contract.symbol, timeframe, closes, asked_at, delay, how)
+        if error is not None:
+            raise error
+
     def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
         from trading_pipeline.adapters.market_data import history_start
         from trading_pipeline.core.market_calendar import bar_close_times
@@ -120,7 +141,8 @@ class IBKRMarketData:
         start = history_start(history, as_of)
         try:
             contract = self.client.resolve(symbol)
-            raw = self.raw_history(contract, timeframe, history.period, as_of_ts.to_pydatetime(), start)
+            raw = self.raw_history(contract, timeframe, history.period, as_of_ts.to_pydatetime(), start,
+                                   now=self.clock())
         except IBKRError as error:
             raise BarDataError(f"IBKR history for {symbol} {timeframe}: {error.problem}", error.fix) from None
         frame, unmatched, conflicts = hist.normalize_bars(raw, timeframe, self.multiplier_for(contract))
