@@ -163,9 +163,10 @@ def plan_pages(timeframe: str, strategy_period: str, as_of: datetime, now: datet
 # Normalization
 # ---------------------------------------------------------------------------------------------
 
-# `t` is epoch milliseconds: 1e11 ms is March 1973, 1e14 ms the year 5138. A value outside is in
-# another unit (seconds, microseconds) and would silently misdate every bar, so it is refused.
-_T_MS_RANGE = (1e11, 1e14)
+# `t` is epoch milliseconds: 1e11 ms is March 1973, 4102444800000 ms is 2100-01-01. A value outside is
+# in another unit (seconds, microseconds), which would silently misdate every bar, or no bar's time at
+# all (pandas' timestamps end in 2262: a later one crashed the run), so it is refused.
+_T_MS_RANGE = (1e11, 4_102_444_800_000)
 _BAD_DATA_FIX = ("this gateway's history answer does not follow IBKR's documented shape (data[] of "
                  "{t: epoch ms, o, h, l, c, v}); check that IBKR_GATEWAY_URL points at the Client Portal gateway, "
                  "or use another market data source (TRADING_MARKET_DATA) until it does")

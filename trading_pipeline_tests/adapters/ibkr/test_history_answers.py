@@ -119,3 +119,18 @@ def test_delayed_history_for_an_earlier_point_in_time_is_final(emulator, client)
     emulator.inject(HISTORY, method="GET", transform=_delayed(mdAvailability="D", mktDataDelay=900), count=10)
     frame = IBKRMarketData(client).fetch("AAPL", "1d", YEAR, AS_OF)
     assert frame.index[-1] == pd.Timestamp("2024-03-04 14:30", tz="UTC")
+
+
+# ------------------------------------------------------------------------- times past the calendar
+
+@pytest.mark.parametrize("timeframe", ["1d", "1w"])
+def test_a_bar_time_past_what_a_timestamp_holds_is_a_clear_error(emulator, client, timeframe):
+    """A `t` in the year 2286 passed the epoch-ms check and crashed the run for the current bars
+    (no startTime) with pandas' OutOfBoundsDatetime: an 'unexpected error' naming neither the
+    problem nor the fix."""
+    emulator.inject(HISTORY, method="GET", transform=lambda body: {
+        **body, "data": [*body["data"], {**body["data"][-1], "t": 10**13}]})
+    with pytest.raises(BarDataError) as raised:
+        IBKRMarketData(client).fetch("AAPL", timeframe, YEAR, datetime.now(UTC))
+    assert "t=10000000000000" in raised.value.problem and "not an epoch time in milliseconds" in raised.value.problem
+    assert "IBKR_GATEWAY_URL" in raised.value.fix
