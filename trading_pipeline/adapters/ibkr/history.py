@@ -7,8 +7,8 @@
   the strategy's own period when IBKR's table allows the bar and it holds at most 1000 points,
   else pages of the longest allowed period, each anchored with `startTime`.
 - `normalize_bars(...)`: IBKR `data[]` -> our frame (UTC session-open index, float64, shares).
-- `data_delay(...)` / `unfinished_bars_error(...)`: delayed data (`mdAvailability` D or a
-  `mktDataDelay`): which bars of an answer cannot be final yet.
+- `data_delay(...)` / `unfinished_bars_error(...)`: which bars of an answer cannot be final yet (not
+  closed when asked for; delayed data, `mdAvailability` D or a `mktDataDelay`, closed within the delay).
 """
 
 from __future__ import annotations
@@ -289,18 +289,29 @@ def _minutes(delay: timedelta) -> str:
 
 
 def unfinished_bars_error(symbol: str, timeframe: str, closes: pd.Series, asked_at: datetime,
-                          delay: timedelta, how: str) -> IBKRHistoryRequestError | None:
-    """The error for the bars (`closes`: each used bar's close, by its start) that closed less than
-    `delay` before the answer was asked for (`asked_at`), or None when there is none: delayed data
-    holds such a bar as it was before its close, so its close, high, low and volume are not final."""
-    pending = closes[(closes + delay) > pd.Timestamp(asked_at)]
+                          delay: timedelta | None, how: str) -> IBKRHistoryRequestError | None:
+    """The error for the bars (`closes`: each bar's close, by its start, of the bars closed by the
+    run's as_of) that had not closed when the answer was asked for (`asked_at`: an as_of later than
+    that time), or closed less than `delay` before it (delayed data holds such a bar as it was before
+    its close, so its close, high, low and volume are not final); None when there is none."""
+    asked = pd.Timestamp(asked_at)
+    open_ = closes[closes > asked]
+    if not open_.empty:
+        return IBKRHistoryRequestError(
+            f"the run's as_of is later than the time IBKR's {timeframe} history for {symbol} was asked for "
+            f"({asked.isoformat()}): the bar of {open_.idxmin().isoformat()} closes at {open_.min().isoformat()}, "
+            "so what IBKR sent for it is a bar in progress, not its close",
+            "use an as_of in the past (the run's trading/as_of tag or TRADING_AS_OF), and check this machine's clock")
+    if delay is None:
+        return None
+    pending = closes[(closes + delay) > asked]
     if pending.empty:
         return None
     final = (pending.max() + delay).isoformat()
     return IBKRHistoryRequestError(
         f"IBKR's {timeframe} history for {symbol} is delayed ({how}): the bar of {pending.idxmax().isoformat()} "
         f"closed at {pending.max().isoformat()} is not final until {final} (asked at "
-        f"{pd.Timestamp(asked_at).isoformat()}); deciding on it would take a close the market never had",
+        f"{asked.isoformat()}); deciding on it would take a close the market never had",
         f"run again after {final}, or give the account real-time market data for this listing "
         "(Client Portal > Settings > Market Data Subscriptions; a paper account needs them shared from the "
         "live one)")

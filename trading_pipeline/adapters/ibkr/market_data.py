@@ -120,11 +120,12 @@ class IBKRMarketData:
     @staticmethod
     def _refuse_unfinished(contract: Contract, timeframe: str, raw: pd.DataFrame, answer: dict, as_of: datetime,
                            asked_at: datetime) -> None:
-        """Delayed data (hist.data_delay): raise if a bar closed by `as_of` closed within the delay
-        before the answer was asked for; it is not final, and a later answer would differ."""
-        delay, how = hist.data_delay(answer)
-        if delay is None or raw.empty:
+        """Raise if a bar closed by `as_of` had not closed when the answer was asked for (an as_of
+        later than that), or, with delayed data (hist.data_delay), closed within the delay before it:
+        such a bar is not final, and a later answer would differ."""
+        if raw.empty:
             return
+        delay, how = hist.data_delay(answer)
         from trading_pipeline.core.market_calendar import bar_close_times, session_start_index
 
         closes = bar_close_times(pd.DatetimeIndex(session_start_index(raw.index, timeframe)), timeframe).dropna()

@@ -134,3 +134,16 @@ def test_a_bar_time_past_what_a_timestamp_holds_is_a_clear_error(emulator, clien
         IBKRMarketData(client).fetch("AAPL", timeframe, YEAR, datetime.now(UTC))
     assert "t=10000000000000" in raised.value.problem and "not an epoch time in milliseconds" in raised.value.problem
     assert "IBKR_GATEWAY_URL" in raised.value.fix
+
+
+def test_an_as_of_later_than_the_request_never_takes_a_bar_in_progress_for_closed(emulator, client):
+    """A run whose as_of lies after the time the bars are asked for (a trading/as_of tag in the
+    future, a clock set wrong) would count the session in progress as closed by as_of: IBKR sends that
+    session's bar so far, which is not its close."""
+    asked_at = _latest_close() - timedelta(hours=1)  # during the latest session: its bar is in progress
+    source = IBKRMarketData(client, clock=lambda: asked_at.to_pydatetime())
+    with pytest.raises(BarDataError) as raised:
+        source.fetch("AAPL", "1d", YEAR, (asked_at + timedelta(days=7)).to_pydatetime())
+    assert "as_of is later than the time" in raised.value.problem
+    assert f"closes at {_latest_close().isoformat()}" in raised.value.problem
+    assert "as_of in the past" in raised.value.fix
