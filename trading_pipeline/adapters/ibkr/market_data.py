@@ -75,6 +75,16 @@ class IBKRMarketData:
             return float(self.volume_multiplier)
         return US_VOLUME_LOT if contract.is_us else 1.0
 
+    def cache_key(self, symbol: str) -> str:
+        """What, besides symbol, timeframe, period and as_of, decides which bars `fetch` gives, read
+        from the settings alone (no request): the listing chosen (IBKR_EXCHANGES, IBKR_CONIDS) and the
+        volume factor (IBKR_HISTORY_VOLUME_MULTIPLIER). A kept answer is only read for the same key."""
+        symbol = symbol.strip().upper()
+        listing = (f"conid{self.client.conid_overrides[symbol]}" if symbol in self.client.conid_overrides
+                   else "-".join(self.client.exchanges) if self.client.exchanges else "US")
+        volume = "auto" if self.volume_multiplier is None else f"{float(self.volume_multiplier):g}"
+        return f"{listing}_v{volume}"
+
     def contract(self, symbol: str) -> Contract:
         """The IBKR contract the bars of `symbol` come from (resolved once, cached)."""
         return self.client.resolve(symbol)
