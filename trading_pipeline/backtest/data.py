@@ -133,9 +133,14 @@ class HistoryCache:
         self._count = threading.Lock()
 
     def path_for(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> Path:
+        """The file of one answer. A source whose bars depend on more than these (IBKR: the listing
+        and the volume factor its settings choose) says so with `cache_key(symbol)`, part of the name:
+        after a change there, the answer kept for the old setting is not read as the new one's."""
         stamp = pd.Timestamp(as_of).tz_convert("UTC").strftime("%Y%m%dT%H%M%SZ")
         safe_symbol = re.sub(r"[^A-Za-z0-9.]", "_", symbol)
-        return self.folder / f"{self.source.name}_{safe_symbol}_{timeframe}_{history.period}_{stamp}.csv"
+        key = getattr(self.source, "cache_key", None)
+        setting = "" if key is None else "_" + re.sub(r"[^A-Za-z0-9.-]", "_", key(symbol))
+        return self.folder / f"{self.source.name}_{safe_symbol}{setting}_{timeframe}_{history.period}_{stamp}.csv"
 
     def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
         path = self.path_for(symbol, timeframe, history, as_of)

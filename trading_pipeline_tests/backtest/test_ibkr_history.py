@@ -59,3 +59,26 @@ def test_a_first_backtest_fetches_its_histories_several_at_a_time(emulator_facto
     for symbol in ("SPY", "AAPL", "MSFT"):
         for timeframe in ("1d", "1w"):
             assert together[1][symbol][timeframe].equals(alone[1][symbol][timeframe])
+
+
+def test_kept_history_is_not_read_for_another_listing_or_volume_factor(emulator, client, client_factory,  # noqa: F811
+                                                                       tmp_path):
+    """The cache keeps IBKR's bars by symbol, timeframe, period and as_of: after IBKR_EXCHANGES,
+    IBKR_CONIDS or IBKR_HISTORY_VOLUME_MULTIPLIER changed, the bars kept for the old listing (another
+    contract's prices) or volume factor were read as the new one's, and the backtest decided on them."""
+    from datetime import UTC, datetime
+
+    from trading_pipeline.core.strategies import TimeframeSettings
+
+    as_of, year = datetime(2024, 3, 5, 21, 0, tzinfo=UTC), TimeframeSettings(period="1y")
+    us = HistoryCache(IBKRMarketData(client), tmp_path).fetch("AAPL", "1d", year, as_of)
+    mexi_client = client_factory(emulator, exchanges=["MEXI"])
+    mexi = HistoryCache(IBKRMarketData(mexi_client), tmp_path)
+    assert not mexi.fetch("AAPL", "1d", year, as_of).equals(us) and mexi.misses == 1
+    pinned = HistoryCache(IBKRMarketData(client_factory(emulator, conid_overrides={"AAPL": 1234})), tmp_path)
+    assert pinned.path_for("AAPL", "1d", year, as_of) != mexi.path_for("AAPL", "1d", year, as_of)
+    lots = HistoryCache(IBKRMarketData(client, volume_multiplier=1), tmp_path)
+    assert lots.fetch("AAPL", "1d", year, as_of)["volume"].iloc[-1] * 100 == us["volume"].iloc[-1]
+    assert lots.misses == 1
+    again = HistoryCache(IBKRMarketData(client_factory(emulator)), tmp_path)
+    assert again.fetch("AAPL", "1d", year, as_of).equals(us) and again.hits == 1

@@ -7,6 +7,8 @@
   the strategy's own period when IBKR's table allows the bar and it holds at most 1000 points,
   else pages of the longest allowed period, each anchored with `startTime`.
 - `normalize_bars(...)`: IBKR `data[]` -> our frame (UTC session-open index, float64, shares).
+- `data_delay(...)` / `unfinished_bars_error(...)`: which bars of an answer cannot be final yet (not
+  closed when asked for; delayed data, `mdAvailability` D or a `mktDataDelay`, closed within the delay).
 """
 
 from __future__ import annotations
@@ -161,9 +163,10 @@ def plan_pages(timeframe: str, strategy_period: str, as_of: datetime, now: datet
 # Normalization
 # ---------------------------------------------------------------------------------------------
 
-# `t` is epoch milliseconds: 1e11 ms is March 1973, 1e14 ms the year 5138. A value outside is in
-# another unit (seconds, microseconds) and would silently misdate every bar, so it is refused.
-_T_MS_RANGE = (1e11, 1e14)
+# `t` is epoch milliseconds: 1e11 ms is March 1973, 4102444800000 ms is 2100-01-01. A value outside is
+# in another unit (seconds, microseconds), which would silently misdate every bar, or no bar's time at
+# all (pandas' timestamps end in 2262: a later one crashed the run), so it is refused.
+_T_MS_RANGE = (1e11, 4_102_444_800_000)
 _BAD_DATA_FIX = ("this gateway's history answer does not follow IBKR's documented shape (data[] of "
                  "{t: epoch ms, o, h, l, c, v}); check that IBKR_GATEWAY_URL points at the Client Portal gateway, "
                  "or use another market data source (TRADING_MARKET_DATA) until it does")
@@ -240,3 +243,75 @@ def conflicting_bars_error(raw: pd.DataFrame, timeframe: str, conflicts: pd.Date
         f"(IBKR times {', '.join(t.isoformat() for t in times[:4])}; {len(conflicts)} bar(s) affected): not one "
         f"bar per {'session' if timeframe == '1d' else 'week'}, so none of them can be taken as that bar",
         _BAD_DATA_FIX)
+
+
+# ---------------------------------------------------------------------------------------------
+# Delayed data
+# ---------------------------------------------------------------------------------------------
+
+# The unit of `mktDataDelay` is unconfirmed: IBKR's doc says ms, a recorded delayed answer (ibind's
+# fixture) has 900, i.e. IBKR's usual 15 minutes in seconds. The longer reading is taken as long as it
+# is at most MAX_DATA_DELAY (no exchange delays its data by hours); a delayed answer whose delay
+# cannot be read is taken as delayed by MAX_DATA_DELAY. Both err towards refusing a bar, never
+# towards taking an unfinished one.
+MAX_DATA_DELAY = timedelta(hours=1)
+
+
+def data_delay(answer: dict) -> tuple[timedelta | None, str]:
+    """How long after a bar's close IBKR's answer may still lack part of it: None for real-time data
+    (`mdAvailability` without D and no positive `mktDataDelay`), else (the delay taken, how it was read)."""
+    availability = answer.get("mdAvailability")
+    raw_delay = answer.get("mktDataDelay")
+    try:
+        value = None if isinstance(raw_delay, bool) or raw_delay is None else float(str(raw_delay).strip())
+    except ValueError:
+        value = None
+    if value is not None and not math.isfinite(value):
+        value = None
+    delayed = (isinstance(availability, str) and "D" in availability) or bool(value and value > 0)
+    if not delayed:
+        return None, ""
+    said = f"mdAvailability {availability!r}"
+    if value is None or value <= 0:
+        return MAX_DATA_DELAY, (f"{said} with no usable mktDataDelay ({raw_delay!r}): taken as the longest "
+                                f"delay accepted, {_minutes(MAX_DATA_DELAY)}")
+    readings = [r for r in (timedelta(seconds=value), timedelta(milliseconds=value)) if r <= MAX_DATA_DELAY]
+    if not readings:
+        return MAX_DATA_DELAY, (f"{said}, mktDataDelay {raw_delay!r} (over {_minutes(MAX_DATA_DELAY)} in seconds "
+                                f"and in milliseconds): taken as {_minutes(MAX_DATA_DELAY)}")
+    delay = max(readings)
+    return delay, (f"{said}, mktDataDelay {raw_delay!r}: taken as {_minutes(delay)} (its unit is unconfirmed; "
+                   f"the longer reading up to {_minutes(MAX_DATA_DELAY)})")
+
+
+def _minutes(delay: timedelta) -> str:
+    return f"{delay.total_seconds() / 60:g} min"
+
+
+def unfinished_bars_error(symbol: str, timeframe: str, closes: pd.Series, asked_at: datetime,
+                          delay: timedelta | None, how: str) -> IBKRHistoryRequestError | None:
+    """The error for the bars (`closes`: each bar's close, by its start, of the bars closed by the
+    run's as_of) that had not closed when the answer was asked for (`asked_at`: an as_of later than
+    that time), or closed less than `delay` before it (delayed data holds such a bar as it was before
+    its close, so its close, high, low and volume are not final); None when there is none."""
+    asked = pd.Timestamp(asked_at)
+    open_ = closes[closes > asked]
+    if not open_.empty:
+        return IBKRHistoryRequestError(
+            f"the run's as_of is later than the time IBKR's {timeframe} history for {symbol} was asked for "
+            f"({asked.isoformat()}): the bar of {open_.idxmin().isoformat()} closes at {open_.min().isoformat()}, "
+            "so what IBKR sent for it is a bar in progress, not its close",
+            "use an as_of in the past (the run's trading/as_of tag or TRADING_AS_OF), and check this machine's clock")
+    if delay is None:
+        return None
+    pending = closes[(closes + delay) > asked]
+    if pending.empty:
+        return None
+    final = (pending.max() + delay).isoformat()
+    return IBKRHistoryRequestError(
+        f"IBKR's {timeframe} history for {symbol} is delayed ({how}): the bar of {pending.idxmax().isoformat()} "
+        f"closed at {pending.max().isoformat()} is not final until {final} (asked at "
+        f"{asked.isoformat()}); deciding on it would take a close the market never had",
+        f"run again after {final}, or give the account real-time market data for this listing "
+        "(Client Portal > Settings > Market Data Subscriptions; a paper account needs them shared from the "
+        "live one)")

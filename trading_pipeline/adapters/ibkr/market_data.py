@@ -34,28 +34,35 @@ of 3y (1d) or 15y (1w), each anchored with `startTime` at the earliest bar recei
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pandas as pd
 
 from trading_pipeline.adapters.ibkr import history as hist
 from trading_pipeline.adapters.ibkr.client import Contract, IBKRClient
 from trading_pipeline.adapters.ibkr.errors import IBKRError, IBKRHistoryRequestError
+from trading_pipeline.core.bars import validate_bars
 from trading_pipeline.core.strategies import TimeframeSettings
 from trading_pipeline.errors import BarDataError
 
 log = logging.getLogger(__name__)
 
 US_VOLUME_LOT = 100.0
+BAD_BARS_FIX = ("these bars are as the gateway sent them and none of them is used: check that IBKR_GATEWAY_URL points "
+                "at IBKR's Client Portal gateway and ask again later (IBKR corrects bad prints), or read this symbol's "
+                "bars from another source (TRADING_MARKET_DATA=csv)")
 MAX_PAGES = 12
 
 
 class IBKRMarketData:
     name = "ibkr"
 
-    def __init__(self, client: IBKRClient, volume_multiplier: float | None = None):
+    def __init__(self, client: IBKRClient, volume_multiplier: float | None = None,
+                 clock: Callable[[], datetime] | None = None):
         self.client = client
         self.volume_multiplier = volume_multiplier
+        self.clock = clock or (lambda: datetime.now(UTC))  # the real time: what delayed data lags behind
 
     @property
     def fetch_concurrency(self) -> int:
@@ -67,6 +74,16 @@ class IBKRMarketData:
         if self.volume_multiplier is not None:
             return float(self.volume_multiplier)
         return US_VOLUME_LOT if contract.is_us else 1.0
+
+    def cache_key(self, symbol: str) -> str:
+        """What, besides symbol, timeframe, period and as_of, decides which bars `fetch` gives, read
+        from the settings alone (no request): the listing chosen (IBKR_EXCHANGES, IBKR_CONIDS) and the
+        volume factor (IBKR_HISTORY_VOLUME_MULTIPLIER). A kept answer is only read for the same key."""
+        symbol = symbol.strip().upper()
+        listing = (f"conid{self.client.conid_overrides[symbol]}" if symbol in self.client.conid_overrides
+                   else "-".join(self.client.exchanges) if self.client.exchanges else "US")
+        volume = "auto" if self.volume_multiplier is None else f"{float(self.volume_multiplier):g}"
+        return f"{listing}_v{volume}"
 
     def contract(self, symbol: str) -> Contract:
         """The IBKR contract the bars of `symbol` come from (resolved once, cached)."""
@@ -83,6 +100,7 @@ class IBKRMarketData:
         anchor = plan.anchor
         frames: list[pd.DataFrame] = []
         for page in range(MAX_PAGES if plan.paged else 1):
+            asked_at = self.clock()
             try:
                 answer = self.client.history(contract.conid, plan.period, plan.bar, start_time=anchor)
             except IBKRHistoryRequestError:
@@ -90,6 +108,7 @@ class IBKRMarketData:
                     break
                 raise
             raw = hist.raw_bars_frame(answer.get("data") or [])
+            self._refuse_unfinished(contract, timeframe, raw, answer, as_of, asked_at)
             if anchor is not None:
                 raw = raw.loc[raw.index < pd.Timestamp(anchor)]
             earliest = frames[-1].index.min() if frames else None
@@ -108,6 +127,23 @@ class IBKRMarketData:
         combined = pd.concat(frames[::-1])
         return combined.sort_index(kind="stable")  # duplicates are judged by normalize_bars
 
+    @staticmethod
+    def _refuse_unfinished(contract: Contract, timeframe: str, raw: pd.DataFrame, answer: dict, as_of: datetime,
+                           asked_at: datetime) -> None:
+        """Raise if a bar closed by `as_of` had not closed when the answer was asked for (an as_of
+        later than that), or, with delayed data (hist.data_delay), closed within the delay before it:
+        such a bar is not final, and a later answer would differ."""
+        if raw.empty:
+            return
+        delay, how = hist.data_delay(answer)
+        from trading_pipeline.core.market_calendar import bar_close_times, session_start_index
+
+        closes = bar_close_times(pd.DatetimeIndex(session_start_index(raw.index, timeframe)), timeframe).dropna()
+        closes = closes[closes <= pd.Timestamp(as_of)]
+        error = hist.unfinished_bars_error(contract.symbol, timeframe, closes, asked_at, delay, how)
+        if error is not None:
+            raise error
+
     def fetch(self, symbol: str, timeframe: str, history: TimeframeSettings, as_of: datetime) -> pd.DataFrame:
         from trading_pipeline.adapters.market_data import history_start
         from trading_pipeline.core.market_calendar import bar_close_times
@@ -116,7 +152,8 @@ class IBKRMarketData:
         start = history_start(history, as_of)
         try:
             contract = self.client.resolve(symbol)
-            raw = self.raw_history(contract, timeframe, history.period, as_of_ts.to_pydatetime(), start)
+            raw = self.raw_history(contract, timeframe, history.period, as_of_ts.to_pydatetime(), start,
+                                   now=self.clock())
         except IBKRError as error:
             raise BarDataError(f"IBKR history for {symbol} {timeframe}: {error.problem}", error.fix) from None
         frame, unmatched, conflicts = hist.normalize_bars(raw, timeframe, self.multiplier_for(contract))
@@ -137,5 +174,12 @@ class IBKRMarketData:
                 "check the symbol and its market data subscription; for a run at an earlier point in time, "
                 "check that as_of lies within IBKR's history")
         frame.index.name = "time"
-        return frame[["open", "high", "low", "close", "volume"]].astype("float64")
+        frame = frame[["open", "high", "low", "close", "volume"]].astype("float64")
+        # Checked here, not only by the graph's bar checks: the account's marks, the paper broker's
+        # fills and the backtest read this source directly (a close of 0 would value a position at 0).
+        try:
+            validate_bars(frame)
+        except BarDataError as error:
+            raise BarDataError(f"IBKR history for {symbol} {timeframe}: {error.problem}", BAD_BARS_FIX) from None
+        return frame
 
