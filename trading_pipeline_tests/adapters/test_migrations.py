@@ -42,3 +42,25 @@ def test_a_database_behind_the_head_is_upgraded_at_the_next_start(database_url):
         assert MigrationContext.configure(connection).get_current_revision() == head
         assert migrations.is_current(config, connection)
         assert "backtest_trades" in sa.inspect(connection).get_table_names()
+
+
+def test_a_downgrade_that_cannot_hold_a_snapshot_stops_and_keeps_it(database_url):
+    """0007 made daily_pnl nullable (an unknown P&L); going back must not drop those snapshots quietly."""
+    import pytest
+    from alembic import command
+
+    from trading_pipeline import migrations
+
+    engine = trading_db.get_engine(database_url)
+    config = migrations.alembic_config(database_url)
+    with engine.begin() as connection:
+        head = MigrationContext.configure(connection).get_current_revision()
+        connection.execute(sa.insert(trading_db.AccountSnapshotRow).values(
+            broker="ibkr", equity=1000.0, cash=1000.0, gross_exposure=0.0, daily_pnl=None, open_positions=0))
+    with pytest.raises(RuntimeError, match=r"1 account snapshot\(s\) have an unknown daily P&L.*DELETE FROM"), \
+            engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0006_answered_model")
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(trading_db.AccountSnapshotRow)).scalar() == 1
+        assert MigrationContext.configure(connection).get_current_revision() == head  # nothing half done

@@ -19,7 +19,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # A snapshot taken while the P&L was unknown has no number to go back to: it is left out.
-    op.execute("DELETE FROM account_snapshots WHERE daily_pnl IS NULL")
+    # A snapshot taken while the P&L was unknown has no number the old schema could hold (0 would
+    # say "no loss today"): rather than drop the account's history quietly, the downgrade stops and
+    # says what to do with those rows.
+    unknown = op.get_bind().execute(sa.text("SELECT COUNT(*) FROM account_snapshots WHERE daily_pnl IS NULL")).scalar()
+    if unknown:
+        raise RuntimeError(
+            f"{unknown} account snapshot(s) have an unknown daily P&L (daily_pnl NULL), which the schema before "
+            f"{revision} cannot hold. Fix: keep them elsewhere if you need them (they hold equity, cash and "
+            "exposure), delete them with DELETE FROM account_snapshots WHERE daily_pnl IS NULL, then downgrade again")
     with op.batch_alter_table('account_snapshots', schema=None) as batch_op:
         batch_op.alter_column('daily_pnl', existing_type=sa.Float(), nullable=False)
