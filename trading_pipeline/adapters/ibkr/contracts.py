@@ -102,7 +102,7 @@ class ContractRequests:
                     break
             policy = f"exchanges {', '.join(self.exchanges)}"
         listing = "; ".join(f"{c.conid} {c.exchange} {c.name!r}" for c in candidates) or "none"
-        if len(matches) == 1:
+        if len({c.conid for c in matches}) == 1:  # one contract, listed once or more (a conid is a contract)
             return matches[0]
         if not matches:
             raise IBKRContractError(

@@ -148,6 +148,17 @@ def test_contract_lookup_with_string_conids_and_flags(emulator, client):
     assert (aapl.conid, aapl.exchange, aapl.is_us) == (emulator.state.conid_for("AAPL"), "NASDAQ", True)
 
 
+def test_a_contract_listed_twice_is_one_contract_not_an_ambiguity(emulator, client):
+    def twice(body):
+        body = copy.deepcopy(body)
+        for instruments in body.values():
+            instruments.append({**instruments[0], "name": instruments[0]["name"] + " (again)"})
+        return body
+
+    emulator.inject("/trsrv/stocks", method="GET", transform=twice)
+    assert client.resolve("AAPL").conid == emulator.state.conid_for("AAPL")
+
+
 @pytest.mark.parametrize(("is_paper", "may_trade"), [("true", True), ("false", False), ("maybe", False),
                                                      (None, True), (0, False)])
 def test_the_paper_flag_is_read_strictly(emulator, client, is_paper, may_trade):
