@@ -14,7 +14,13 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from trading_pipeline.adapters.broker import BrokerExecution, BrokerOrder, PaperBroker, as_utc
+from trading_pipeline.adapters.broker import (
+    BrokerExecution,
+    BrokerOrder,
+    OrderListCompleteness,
+    PaperBroker,
+    as_utc,
+)
 from trading_pipeline.adapters.market_data import marks_from_daily_bars
 from trading_pipeline.adapters.order_desk import OrderDesk
 from trading_pipeline.adapters.portfolio_sync import (
@@ -123,6 +129,7 @@ class BookBroker:
         self.positions_answer_empty = False  # the positions list empty, the summary still valuing them
         self.cancelled: list[str] = []  # cancel requests, in order
         self.positions_through: int | None = None  # the positions answer shows the first n fills only
+        self.list_incomplete = ""  # why its orders list may miss working orders now ("": it is complete)
 
     def lag_positions(self) -> None:
         """From now on the positions answer stays as it is now, whatever fills come."""
@@ -148,6 +155,9 @@ class BookBroker:
         if client_order_id not in self.orders or client_order_id in self.forgotten:
             return None
         return self._answer(client_order_id)
+
+    def order_list_completeness(self):
+        return OrderListCompleteness(not self.list_incomplete, self.list_incomplete)
 
     def executions(self, client_order_id):
         return [f for f in self.fills if f.client_order_id == client_order_id]
@@ -405,6 +415,98 @@ def test_an_unconfirmed_order_no_longer_listed_is_found_by_its_executions(memory
     assert (entry.status, entry.filled_quantity, entry.average_fill_price) == ("Filled", 50, 99.5)
     with memory_sessions() as session:
         assert [e.price for e in session.scalars(select(ExecutionRow))] == [99.5]
+
+
+AFTER_HOURS = "IBKR outside the regular session; decided by the first sync in the next regular session"
+
+
+def test_an_unconfirmed_entry_missing_from_an_incomplete_list_is_kept_and_holds_its_symbol(memory_sessions):
+    """An entry sent after hours whose answer was lost (no IBKR id, no acknowledgement); it works at
+    the broker, but the broker's list after hours misses it. Two minutes on, the sync closed it as
+    never reached: the symbol was free and the next decision sent a second entry beside it."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("night"), crash="after_ack")
+    coids = ("tp-night", "tp-night-sl", "tp-night-tp")
+    broker.forgotten.update(coids)  # working at the broker, missing from its after-hours list
+    broker.list_incomplete = AFTER_HOURS
+    age(memory_sessions, "night", SUBMITTING_GRACE + timedelta(minutes=1))
+    events_before = events(memory_sessions, "tp-night")
+
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert {row.status for row in rows(memory_sessions, *coids).values()} == {"submitting"}
+    (line,) = [line for line in report.status_changes if line.startswith("tp-night:")]
+    assert "not complete" in line and AFTER_HOURS in line and "holds AAPL" in line, line
+    assert events(memory_sessions, "tp-night") == events_before  # looking does not restart the grace
+    gated = with_working_orders(AccountState(0.0, 0.0), memory_sessions, broker)
+    assert gated.working_entries["AAPL"].client_order_id == "tp-night"  # order_working refuses a second entry
+
+    broker.list_incomplete = ""  # the session opens, hours after the grace: decided by the first sync
+    broker.forgotten.clear()
+    sync_portfolio(memory_sessions, broker, {})
+    assert rows(memory_sessions, "tp-night")["tp-night"].status == "Submitted"
+
+
+def test_an_unconfirmed_entry_absent_from_a_complete_list_is_closed_at_once_however_old(memory_sessions):
+    """What was kept through the night is decided by the first complete list, its grace long past."""
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("never"), crash="before_send")
+    broker.list_incomplete = AFTER_HOURS
+    age(memory_sessions, "never", timedelta(hours=15))
+    sync_portfolio(memory_sessions, broker, {})
+    assert rows(memory_sessions, "tp-never")["tp-never"].status == "submitting"
+    broker.list_incomplete = ""
+    sync_portfolio(memory_sessions, broker, {})
+    assert events(memory_sessions, "tp-never")[-1] == NEVER_REACHED
+    assert with_working_orders(AccountState(0.0, 0.0), memory_sessions, broker).working_entries == {}
+
+
+def cancelled_by_hand_before_an_unseen_rollover(broker: BookBroker, *coids: str) -> None:
+    """Cancelled in TWS, then a day rollover no sync saw: listed nowhere any more, no execution."""
+    for coid in coids:
+        if broker.orders[coid].status not in ("Filled", "Cancelled"):
+            broker.orders[coid].status = "Cancelled"
+    broker.forgotten.update(coids)
+
+
+def test_a_gtc_entry_cancelled_by_hand_and_no_longer_listed_is_recorded_cancelled(memory_sessions):
+    """A GTC entry (Submitted, with its broker id) cancelled by hand before a rollover no sync saw
+    stayed Submitted for ever: a working entry to `order_working`, so no entry in its symbol again."""
+    broker = BookBroker()
+    the_decision = decision("gtc")
+    send(memory_sessions, broker, the_decision, build_legs(the_decision, "GTC"))
+    assert rows(memory_sessions, "tp-gtc")["tp-gtc"].status == "Submitted"
+    cancelled_by_hand_before_an_unseen_rollover(broker, "tp-gtc", "tp-gtc-sl", "tp-gtc-tp")
+
+    young = sync_portfolio(memory_sessions, broker, {})  # placed a moment ago: may be in flight
+    assert rows(memory_sessions, "tp-gtc")["tp-gtc"].status == "Submitted", young.status_changes
+    age(memory_sessions, "gtc", SUBMITTING_GRACE + timedelta(minutes=1))
+    broker.list_incomplete = AFTER_HOURS  # a list that may miss working orders proves nothing
+    kept = sync_portfolio(memory_sessions, broker, {})
+    assert rows(memory_sessions, "tp-gtc")["tp-gtc"].status == "Submitted"
+    assert any(line.startswith("tp-gtc: Submitted") and AFTER_HOURS in line for line in kept.status_changes)
+
+    broker.list_incomplete = ""
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert {row.status for row in rows(memory_sessions, "tp-gtc", "tp-gtc-sl", "tp-gtc-tp").values()} == {"Cancelled"}
+    assert "ended outside the pipeline" in events(memory_sessions, "tp-gtc")[-1]
+    assert any(line.startswith("tp-gtc: Submitted → Cancelled") for line in report.status_changes)
+    assert with_working_orders(AccountState(0.0, 0.0), memory_sessions, broker).working_entries == {}
+
+
+def test_a_stop_cancelled_by_hand_and_no_longer_listed_is_closed_and_its_position_reported_unprotected(
+        memory_sessions):
+    broker = BookBroker()
+    send(memory_sessions, broker, decision("held"))
+    broker.fill("tp-held", 50, 100.0, WEDNESDAY_OPEN)
+    assert sync_portfolio(memory_sessions, broker, {}).unprotected == []
+    cancelled_by_hand_before_an_unseen_rollover(broker, "tp-held-sl", "tp-held-tp")  # the 50 are still held
+    age(memory_sessions, "held", SUBMITTING_GRACE + timedelta(minutes=1))
+
+    report = sync_portfolio(memory_sessions, broker, {})
+    assert {row.status for row in rows(memory_sessions, "tp-held-sl", "tp-held-tp").values()} == {"Cancelled"}
+    assert "no longer protects the AAPL position" in events(memory_sessions, "tp-held-sl")[-1]
+    assert [line.split(":")[0] for line in report.unprotected] == ["AAPL"], report.drift
+    assert "NO working stop-loss" in report.unprotected[0]
 
 
 # --- 4. stops resized after partial fills -------------------------------------------------------------

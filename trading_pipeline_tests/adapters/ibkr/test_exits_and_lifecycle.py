@@ -1,7 +1,8 @@
 """The order lifecycle of issue 12 against the IBKR emulator (real HTTP on 127.0.0.1), through the
 order desk as the `orders` step drives it: an exit after a gap, a declined question, IBKR's
 market-order question, a partial take-profit, BRK.B, a rollover after a fired stop, exactly once
-for exits across a restart, and concurrent entries against one account's limits.
+for exits across a restart. Lagging positions and races: test_lagging_positions_and_races.py;
+orders IBKR does not list: test_unlisted_orders.py; the World they share: lifecycle_world.py.
 
 An exit turns the bracket's working stop into a market order in place (the modify endpoint): it
 stays one-cancels-other with the take-profit, so the position is protected until it is flat and
