@@ -35,7 +35,7 @@ from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     entry_decision,
     exit_decision,
 )
-from trading_pipeline_tests.adapters.test_portfolio_sync import earlier
+from trading_pipeline_tests.adapters.sync_world import earlier
 
 
 # ---------------------------------------------------------------------------------------------- 1

@@ -24,7 +24,7 @@ from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     entry_decision,
     exit_decision,
 )
-from trading_pipeline_tests.adapters.test_portfolio_sync import earlier
+from trading_pipeline_tests.adapters.sync_world import earlier
 
 
 def test_a_stop_is_kept_while_ibkrs_positions_do_not_list_a_position_just_opened(world):

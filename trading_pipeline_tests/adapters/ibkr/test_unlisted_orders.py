@@ -31,7 +31,7 @@ from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     entry_decision,
     exit_decision,
 )
-from trading_pipeline_tests.adapters.test_portfolio_sync import earlier
+from trading_pipeline_tests.adapters.sync_world import earlier
 
 # ---------------------------------------------------------------------------------------------- 11
 # IBKR answers a real gateway gives by its documented behaviour (the reference) and the emulator does
