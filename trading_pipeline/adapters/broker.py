@@ -74,6 +74,20 @@ class BrokerExecution:
     commission: float = 0.0  # what the broker charged for it, fees included
 
 
+@dataclass(frozen=True)
+class OrderListCompleteness:
+    """Whether the broker's list of working orders (what `find_order` reads) is complete right now:
+    an order it does not find, with no execution, is then not working there. When it is not (IBKR
+    outside the regular session: its live orders can miss working orders), `why_not` says why and
+    when it will be complete again; the sync then takes an absence as proof of nothing."""
+
+    complete: bool
+    why_not: str = ""
+
+
+LIST_COMPLETE = OrderListCompleteness(True)
+
+
 class Broker(Protocol):
     name: str
 
@@ -84,6 +98,12 @@ class Broker(Protocol):
         ...
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None: ...
+
+    def order_list_completeness(self) -> OrderListCompleteness:
+        """Whether an order `find_order` just did not find is not working at the broker: the one
+        way the sync may learn that an order it has no word of (answer lost, cancelled by hand and
+        no longer listed) is gone, rather than hidden from an incomplete list."""
+        ...
 
     def place(self, symbol: str, legs: list[OrderLeg], reference_price: float,
               placed_at: datetime | None = None) -> list[BrokerOrder]:
@@ -241,6 +261,10 @@ class PaperBroker:
 
     def min_tick(self, symbol: str) -> float:
         return PAPER_MIN_TICK
+
+    def order_list_completeness(self) -> OrderListCompleteness:
+        """Always complete: the paper broker's orders are rows of the trading database."""
+        return LIST_COMPLETE
 
     def cancel(self, client_order_id: str) -> BrokerOrder | None:
         """Cancel a working order; an unfilled parent takes its waiting children with it (as at

@@ -18,8 +18,9 @@ bodies with status 200; 429 above 10 requests/s, above 5 history requests in fli
 the next open, bracket children activated, OCA with reduction on partial fills, modify with every
 field repeated (a stop made a market order), PendingCancel -> Cancelled, order id -1 cancelling
 every open order) with executions and
-positions; the day rollover (`new_day`: finished orders leave the live list, executions stay 7
-days); share classes under IBKR's spaced ticker (BRK.B is 'BRK B'); contract rules
+positions; the day rollover (`new_day`: finished orders leave the live list and their status answers
+503, executions stay 7 days); after hours, a live list that misses working orders (ibind #43,
+`after_hours_misses_working`); share classes under IBKR's spaced ticker (BRK.B is 'BRK B'); contract rules
 (info-and-rules `increment`); cached positions until invalidated, and positions that lag the
 fills (`lag_positions`).
 

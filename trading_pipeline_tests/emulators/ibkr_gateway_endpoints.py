@@ -475,7 +475,9 @@ class GatewayEndpoints:
             return _json({"orders": [], "snapshot": True})
         if query.get("accountId") not in s.accounts:  # no accountId: a false empty list
             return _json({"orders": [], "snapshot": True})
-        return _json({"orders": [self._live_row(o) for o in s.orders.values()], "snapshot": True})
+        missed = self.config.after_hours_misses_working and not s.market_is_open()
+        return _json({"orders": [self._live_row(o) for o in s.orders.values()
+                                 if not (missed and o.status in ("Submitted", "PreSubmitted"))], "snapshot": True})
 
     def order_status(self, order, **_):
         s = self.state

@@ -66,6 +66,9 @@ class EmulatorConfig:
     # When a MKT order executes: "calendar" = while an XNYS session is open (else at the next open),
     # "open" / "closed" = as if the market were open / closed now (set_market_open changes it).
     market_hours: str = "calendar"
+    # IBKR's live orders after hours "can miss working orders" (ibind #43): while the market is
+    # closed, working orders are left out of the live list (their own order/status still answers).
+    after_hours_misses_working: bool = False
     # Share classes IBKR writes with a space (its ticker) -> (listing exchange, name): BRK.B is 'BRK B'.
     class_shares: dict = field(default_factory=lambda: {"BRK B": ("NYSE", "BERKSHIRE HATHAWAY INC-CL B")})
     tick_sizes: dict = field(default_factory=lambda: {"TICK05": 0.05})  # symbol -> rules.increment (else 0.01)

@@ -15,7 +15,11 @@
   gateways its cOID), so they are found via the parent order while listed, and after a day
   rollover (IBKR lists the current day only) by their saved IBKR order ids in the executions'
   `order_id`/`orderId`. A child that IBKR no longer lists, has no execution, and whose sibling
-  filled was cancelled by the bracket's one-cancels-other group.
+  filled was cancelled by the bracket's one-cancels-other group. (The lookups are in
+  order_lookup.py.)
+- `order_list_completeness()`: whether an order `find_order` does not find is not working at IBKR:
+  only for live orders read during the exchange's regular session, past the brokerage session's
+  pre-flight (order_lookup.py).
 - `modify(cOID, order_type=, price=, quantity=)`: the order changed in place (the modify endpoint
   repeats every original field); a bracket child stays in its one-cancels-other group.
 - `min_tick(symbol)`: IBKR's `rules.increment` for the resolved contract (0.01 when unknown).
@@ -54,6 +58,7 @@ from trading_pipeline.adapters.ibkr.errors import (
     IBKRRequestError,
 )
 from trading_pipeline.adapters.ibkr.execution import status_order_type
+from trading_pipeline.adapters.ibkr.order_lookup import OrderLookups, _execution_order_id, _fill, _filled, _status_text
 from trading_pipeline.adapters.ibkr.parsing import order_state, parse_flag, parse_side
 from trading_pipeline.core.analysis import OrderLeg
 from trading_pipeline.core.risk import AccountState, Mark, Position
@@ -61,8 +66,6 @@ from trading_pipeline.core.risk import AccountState, Mark, Position
 log = logging.getLogger(__name__)
 
 CHILD_SUFFIX = {"stop_loss": "-sl", "take_profit": "-tp"}  # as core/orders.build_legs names them
-_CHILD_KIND = {"-sl": ("STP", "STOP", "MKT", "MARKET"), "-tp": ("LMT", "LIMIT")}  # a stop made an exit is MKT
-_SIBLING = {"-sl": "-tp", "-tp": "-sl"}
 
 
 def _price(price: float) -> float:
@@ -70,41 +73,6 @@ def _price(price: float) -> float:
     increment, 0.0001 under $1), so only binary noise is taken off. Rounding to cents here would
     move a sub-cent stop onto its entry, past the gates that checked their distance."""
     return round(float(price), 8)
-
-
-def _status_text(order: dict) -> str:
-    """The order's status in IBKR's spelling (`status` in live orders, `order_status` in order
-    status and placement answers), whatever the gateway's casing: 'filled' is Filled, final."""
-    return order_state(order.get("status") or order.get("order_status"))
-
-
-def _filled(order: dict, field: str, client_order_id: str) -> float:
-    """How much of an order IBKR says filled (`filledQuantity` in live orders, `cum_fill` in order
-    status), a number >= 0. Missing or unreadable raises IBKRMalformedAnswer: a fill count of 0
-    by default would take a filled order for a working one and size its stop and exit from it."""
-    number = parse_number(order.get(field))
-    if number is None or number < 0:
-        raise IBKRMalformedAnswer(
-            f"IBKR's answer for order {order.get('orderId', order.get('order_id'))!r} ({client_order_id}) has no "
-            f"usable {field} ({order.get(field)!r}), so what it filled is unknown",
-            "check the order in Client Portal; the gateway's answer lacks IBKR's documented fill count. Nothing "
-            "was recorded from it; run again once the gateway answers properly")
-    return number
-
-
-def _order_number(order: dict) -> int:
-    """IBKR's order id (an int in live orders, a string in placement answers); 0 if unusable."""
-    return parse_conid(order.get("orderId")) or 0
-
-
-def _order_type(order: dict) -> str:
-    return str(order.get("origOrderType") or order.get("orderType") or order.get("order_type") or "").upper()
-
-
-def _execution_order_id(trade: dict) -> str:
-    """The IBKR order id an execution belongs to (`order_id`, or `orderId` on some gateways)."""
-    value = trade.get("order_id", trade.get("orderId"))
-    return "" if value in (None, "") else str(value)
 
 
 def _commission(trade: dict, client_order_id: str) -> float:
@@ -122,23 +90,8 @@ def _commission(trade: dict, client_order_id: str) -> float:
     return number
 
 
-def _fill(trade: dict, client_order_id: str) -> tuple[float, float]:
-    """(size, price) of an IBKR execution, both positive numbers: a missing, unparseable, zero or
-    negative one must not be booked as a fill of 0 shares or at price 0."""
-    values = []
-    for field in ("size", "price"):
-        number = parse_number(trade.get(field))
-        if number is None or number <= 0:
-            raise IBKRMalformedAnswer(
-                f"IBKR execution {trade.get('execution_id')!r} of {client_order_id} has no usable {field} "
-                f"({trade.get(field)!r}), so the fill cannot be recorded",
-                "check the execution in Client Portal (Trades); the gateway's trades answer lacks IBKR's documented "
-                "positive size and price. Nothing was recorded from it; run again once the gateway answers properly")
-        values.append(number)
-    return values[0], values[1]
 
-
-class IBKRBroker:
+class IBKRBroker(OrderLookups):
     name = "ibkr"
 
     def __init__(self, client: IBKRClient, order_cache_seconds: float | None = None,
@@ -305,47 +258,6 @@ class IBKRBroker:
         log.warning("IBKR acknowledged %d order(s) for %d leg(s) of %s", len(answers), len(legs), parent)
         return {parent: answers[0]}
 
-    # ------------------------------------------------------------------ lookups
-    @staticmethod
-    def _as_broker_order(client_order_id: str, order: dict) -> BrokerOrder:
-        average = parse_number(order.get("avgPrice"))
-        return BrokerOrder(client_order_id, str(order.get("orderId")), _status_text(order),
-                           _filled(order, "filledQuantity", client_order_id), average or None)
-
-    def _split_child(self, client_order_id: str) -> tuple[str, str] | None:
-        for suffix in _CHILD_KIND:
-            if client_order_id.endswith(suffix) and len(client_order_id) > len(suffix):
-                return client_order_id[: -len(suffix)], suffix
-        return None
-
-    def find_order(self, client_order_id: str) -> BrokerOrder | None:
-        orders = self.client.live_orders(max_age=self.order_cache_seconds)
-        found = self._match_live(client_order_id, orders)
-        if found is not None:
-            self._remember({client_order_id: str(found.get("orderId"))})
-            return self._as_broker_order(client_order_id, found)
-        return self._from_status(client_order_id) or self._from_executions(client_order_id)
-
-    def _from_status(self, client_order_id: str) -> BrokerOrder | None:
-        """An order the live list does not show, by its own status (`order/status/{id}`), when its
-        IBKR order id is known; None when IBKR does not answer it (503: it ended before this
-        session). After hours IBKR's live orders can miss working orders (ibind #43): taken for
-        gone, a working stop would be passed over and an exit sent beside it, and the two would
-        close the position twice (a short) if both fill at the next open."""
-        order_id = self.order_id_for(client_order_id)
-        if order_id is None:
-            return None
-        try:  # 503 (once: IBKR's answer for an order that ended before this session): the executions tell
-            current = self.client.order_status(order_id, retry_5xx=False)
-        except IBKRRequestError:
-            return None
-        status = _status_text(current)
-        if not status:
-            return None
-        return BrokerOrder(client_order_id, order_id, status, _filled(current, "cum_fill", client_order_id),
-                           parse_number(current.get("average_price")) or None,
-                           "not in IBKR's live orders; found by its order status")
-
     def min_tick(self, symbol: str) -> float:
         return self.client.min_tick(self.client.resolve(symbol).conid)
 
@@ -367,23 +279,6 @@ class IBKRBroker:
                 except IBKRContractError as error:
                     log.warning("strategy symbol %s has no IBKR contract: %s", symbol, error.problem)
             return mapping
-
-    def _match_live(self, client_order_id: str, orders: list[dict]) -> dict | None:
-        for order in orders:
-            if order.get("order_ref") == client_order_id:
-                return order
-        known = self.order_id_for(client_order_id)
-        if known is not None:
-            for order in orders:
-                if str(order.get("orderId")) == known:
-                    return order
-        child = self._split_child(client_order_id)
-        if child is not None:
-            parent_ref, suffix = child
-            parent = next((o for o in orders if o.get("order_ref") == parent_ref), None)
-            if parent is not None:
-                return self._find_child(orders, parent, suffix)
-        return None
 
     def cancel(self, client_order_id: str) -> BrokerOrder | None:
         """Cancel the working order with this cOID (polled until IBKR reports it final). An Inactive
@@ -433,86 +328,6 @@ class IBKRBroker:
             log.warning("status of modified order %s unavailable: %s", found.broker_order_id, error.problem)
         return BrokerOrder(client_order_id, found.broker_order_id, status, filled, average,
                            "modified: " + ", ".join(f"{k} {v}" for k, v in changes.items()))
-
-    def open_orders(self) -> list[BrokerOrder]:
-        """Working orders at IBKR (not Filled/Cancelled/Inactive); cOID "" for orders the pipeline
-        did not send (e.g. placed by hand), so the portfolio sync can flag them as drift."""
-        orders = self.client.live_orders(max_age=self.order_cache_seconds)
-        with self._ids_lock:
-            by_id = {order_id: coid for coid, order_id in self._ids.items()}
-        result = []
-        for order in orders:
-            if _status_text(order) in FINAL_STATUSES:
-                continue
-            coid = order.get("order_ref") or by_id.get(str(order.get("orderId")), "")
-            if not coid:
-                for parent in orders:
-                    if parent.get("order_ref"):
-                        for suffix in _CHILD_KIND:
-                            if self._find_child(orders, parent, suffix) is order:
-                                coid = parent["order_ref"] + suffix
-                if coid:  # learnt while listed: found again by id after IBKR stops listing it
-                    self._remember({str(coid): str(order.get("orderId"))})
-            result.append(self._as_broker_order(str(coid), order))
-        return result
-
-    @staticmethod
-    def _find_child(orders: list[dict], parent: dict, suffix: str) -> dict | None:
-        wanted = _CHILD_KIND[suffix]
-        # parentId is the parent's IBKR order id; some gateways echo the cOID it was placed with
-        parent_keys = {str(v) for v in (parent.get("orderId"), parent.get("order_ref")) if v not in (None, "")}
-        typed = [o for o in orders if _order_type(o) in wanted and o is not parent]
-        linked = [o for o in typed if str(o.get("parentId") or "") in parent_keys]
-        if linked:
-            return linked[0]
-        if any("parentId" in o for o in orders):
-            return None
-        # Without a parentId field: the child is the same contract and size, opposite side,
-        # submitted after the parent (IBKR numbers a request's orders in sequence).
-        candidates = [o for o in typed
-                      if parse_conid(o.get("conid")) == parse_conid(parent.get("conid"))
-                      and o.get("side") != parent.get("side")
-                      and parse_number(o.get("totalSize")) == parse_number(parent.get("totalSize"))
-                      and _order_number(o) > _order_number(parent)]
-        return min(candidates, key=_order_number) if candidates else None
-
-    def _own_trades(self, client_order_id: str) -> list[dict]:
-        """This order's executions of the last 7 days: by `order_ref` (the cOID; entries only) or by
-        the IBKR order id saved for the cOID (bracket children carry no order_ref); an execution id
-        listed twice counts once."""
-        order_id = self.order_id_for(client_order_id)
-        own, seen = [], set()
-        for t in self.client.trades(days=7, max_age=self.order_cache_seconds):
-            if t.get("order_ref") == client_order_id or (order_id is not None and _execution_order_id(t) == order_id):
-                execution_id = str(t.get("execution_id") or "").strip()
-                if execution_id and execution_id in seen:  # listed twice: one fill, counted once
-                    continue
-                seen.add(execution_id)
-                own.append(t)
-        return own
-
-    def _from_executions(self, client_order_id: str) -> BrokerOrder | None:
-        """An order IBKR no longer lists (it lists the current day only): filled if it has
-        executions; a bracket child without any is cancelled when its sibling filled (one cancels
-        the other); else unknown (None)."""
-        order_id = self.order_id_for(client_order_id) or ""
-        fills = self._own_trades(client_order_id)
-        if fills:
-            sizes_prices = [_fill(t, client_order_id) for t in fills]
-            quantity = sum(size for size, _ in sizes_prices)
-            notional = sum(size * price for size, price in sizes_prices)
-            return BrokerOrder(client_order_id, order_id or _execution_order_id(fills[0]), "Filled", quantity,
-                               notional / quantity if quantity else None,
-                               "IBKR no longer lists the order (an earlier day); found by its executions")
-        child = self._split_child(client_order_id)
-        if child is None or not order_id:
-            return None
-        parent_ref, suffix = child
-        sibling = parent_ref + _SIBLING[suffix]
-        if self.order_id_for(sibling) and self._own_trades(sibling):
-            return BrokerOrder(client_order_id, order_id, "Cancelled", 0.0, None,
-                               f"one-cancels-other: {sibling} filled (IBKR no longer lists this order)")
-        return None
 
     def executions(self, client_order_id: str) -> list[BrokerExecution]:
         by_conid = self.symbols_by_conid()

@@ -202,6 +202,13 @@ class OrderRequests:
             self._orders_cache = (time.monotonic(), orders)
         return orders
 
+    def live_orders_preflight_done(self) -> bool:
+        """Whether the live orders were read in the brokerage session in use, past its pre-flight
+        (the session's first answer, which can be empty or incomplete, asked again): a session
+        re-opened since then wants it again."""
+        with self._state:
+            return self._live_orders_epoch == self._session_epoch
+
     def order_status(self, order_id: int | str, retry_5xx: bool = True) -> dict:
         """`GET /iserver/account/order/status/{orderId}`. IBKR answers 503 for an order that ended
         before this session: with `retry_5xx=False` that answer is not asked again."""

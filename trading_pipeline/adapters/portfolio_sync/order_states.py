@@ -2,7 +2,11 @@
 
 `advance_orders` moves each open order row to what the broker says (a 'submitting' or 'unknown' row
 left by a crash included: found by its cOID, or closed once it clearly never reached the broker;
-a DAY order gone after its session expired; an `Inactive` one cancelled or cut to its fill).
+a DAY order gone after its session expired; one that ended outside the pipeline and is no longer
+listed recorded as Cancelled; an `Inactive` one cancelled or cut to its fill). An order the broker
+does not find is taken for gone only when the broker says its list of working orders is complete
+now (`Broker.order_list_completeness`: IBKR's can miss working orders after hours); otherwise the
+row is kept as it is, and keeps holding its symbol.
 `with_working_orders` gives the risk gates the orders that may still fill and, by symbol, the
 protective orders still working (the position they protect counts as held).
 """
@@ -66,10 +70,29 @@ def _acknowledged(session: Session, row: OrderRow) -> str | None:
     return None
 
 
+def _last_change(session: Session, row: OrderRow) -> datetime:
+    """When the row last changed: its last event (a re-run of the orders step writes 'about to send'
+    again, a modification its own) or its creation, whichever is later. A sync that only looks at
+    it writes no event, so the grace is never restarted by looking."""
+    last_event = session.scalar(select(func.max(OrderEventRow.at)).where(
+        OrderEventRow.client_order_id == row.client_order_id)) or row.created_at
+    return max(as_utc(last_event), as_utc(row.created_at))
+
+
+def _kept_line(row: OrderRow, absent: str, why_not: str) -> str:
+    return (f"{row.client_order_id}: {row.status}: {absent}, but the broker's list of working orders is not complete "
+            f"now ({why_not}); kept as it is (it may be working there, so it still holds {row.symbol})")
+
+
 def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> str:
     """A row written without the broker's word that the broker does not list by its cOID. Its
     executions prove it reached the broker (an order no longer listed after a rollover); with
-    none, it never did once the grace period is over; before that it may still be in flight.
+    none, it never did once the grace period is over and the broker says its list is complete
+    (`order_list_completeness`); before that it may still be in flight, and while the list may
+    miss working orders (IBKR after hours) its absence proves nothing: taken for never placed, it
+    would free its symbol for a second entry beside it. It is then kept (holding its symbol) until
+    a sync that reads a complete list, which a row sent after hours meets at the next session's
+    open, long past its grace: it is then decided at once.
 
     One the broker acknowledged (`_acknowledged`) did reach it, and its absence from a list proves
     nothing while IBKR's live orders can miss working orders (after hours): taken for never placed,
@@ -88,9 +111,7 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
         return change
     # Timed from the last attempt (a re-run of the orders step writes 'about to send' again), not
     # from the row's creation: an old row being sent again right now is in flight too.
-    last_attempt = session.scalar(select(func.max(OrderEventRow.at)).where(
-        OrderEventRow.client_order_id == row.client_order_id)) or row.created_at
-    since = max(as_utc(last_attempt), as_utc(row.created_at))
+    since = _last_change(session, row)
     age = datetime.now(UTC) - since
     if (acknowledged := _acknowledged(session, row)) is not None:
         if periods_closed_between(since, datetime.now(UTC), "1d"):
@@ -100,10 +121,48 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
                 "live orders can miss working orders); kept as it is until the broker lists it, or recorded as "
                 "Cancelled if it is still absent after the next session's close")
     if age >= SUBMITTING_GRACE:
-        return _cancel_row(session, row, NEVER_REACHED)
+        completeness = broker.order_list_completeness()
+        if completeness.complete:
+            return _cancel_row(session, row, NEVER_REACHED)
+        return _kept_line(row, f"not found by the broker {age.total_seconds() / 60:.0f} minutes after it was sent, "
+                               "with no execution", completeness.why_not)
     return (f"{row.client_order_id}: {row.status} for {age.total_seconds():.0f}s and not at the broker yet "
             f"(it may be in flight); checked again by the next sync, and recorded as Cancelled if still "
             f"absent after {SUBMITTING_GRACE.total_seconds() / 60:g} minutes")
+
+
+ENDED_OUTSIDE = ("sync: ended outside the pipeline (cancelled by hand, say) and no longer listed by the broker, "
+                 "with no execution")
+
+
+def _confirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> str:
+    """A row the broker confirmed (it has its IBKR order id) that the broker no longer finds, not
+    by its list, nor its own status, nor an execution: it ended outside the pipeline (cancelled by
+    hand in TWS, say, and a day rollover no sync saw took it off IBKR's list, which covers the
+    current day only). Recorded as Cancelled once the broker says its list is complete now and the
+    row is older than an order can be in flight (SUBMITTING_GRACE); left open it would count as a
+    working entry (`order_working`) and block its symbol for ever. A protective order so closed no
+    longer counts as its position's stop: the sync reports that position unprotected while held.
+    Otherwise (an incomplete list, a young row, no order id, an execution the lookup missed) it is
+    kept as it is, with a line that says so."""
+    unknown = f"{row.client_order_id}: {row.status} here but unknown to the broker"
+    if not row.broker_order_id:
+        return f"{unknown}; check it at the broker"
+    age = datetime.now(UTC) - _last_change(session, row)
+    if age < SUBMITTING_GRACE:
+        return (f"{unknown} for {age.total_seconds():.0f}s; checked again by the next sync, and recorded as "
+                f"Cancelled if still absent after {SUBMITTING_GRACE.total_seconds() / 60:g} minutes")
+    completeness = broker.order_list_completeness()
+    if not completeness.complete:
+        return _kept_line(row, "the broker does not find it", completeness.why_not) + \
+            "; check it at the broker"
+    if broker.executions(row.client_order_id):  # it traded, and the lookup did not tie the fills to it
+        return f"{unknown}, though it has executions; check it at the broker"
+    detail = ENDED_OUTSIDE
+    if row.role in PROTECTIVE_ROLES:
+        detail += (f"; it no longer protects the {row.symbol} position (one still held is reported with no working "
+                   "stop-loss)")
+    return _cancel_row(session, row, detail)
 
 
 def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple[str, ...] | None = None,
@@ -138,8 +197,7 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
                                                              f"after its DAY session: "
                                                              f"{describe_expiry(as_utc(row.created_at))}"))
                 else:
-                    changes.append(f"{row.client_order_id}: {row.status} here but unknown to the broker; "
-                                   "check it at the broker")
+                    changes.append(_confirmed_not_found(session, broker, row))
                 if row.status not in FINAL_STATUSES:
                     unknown.add(row.client_order_id)
             elif (order.status, order.filled_quantity) != before:
@@ -178,10 +236,11 @@ def with_working_orders(account: AccountState, sessions: sessionmaker[Session], 
     may be working, and its entry filled; the sync confirms it or closes it as never placed.
 
     One the broker does not know, placed longer ago than an order can be in flight
-    (SUBMITTING_GRACE), does not count: the broker knows every working order, so it works no more
-    (cancelled by hand, say, and no longer listed after a day rollover, with no execution to find it
-    by). The books keep it as it was (the sync says to check it at the broker) and the sync cannot
-    cancel what the broker does not know: counted, it would hold its symbol as a position for ever."""
+    (SUBMITTING_GRACE), does not count: with a complete list `advance_orders` has just recorded it
+    as Cancelled (it ended outside the pipeline); with one that may miss working orders (IBKR after
+    hours) the books keep it as it was until a complete list decides, and IBKR's own status of the
+    order, asked by its id, answers for a working one (503 only for one that ended before this
+    session). Counted, it would hold its symbol as a position for ever."""
     _, _, unknown = advance_orders(sessions, broker, roles=("entry", *PROTECTIVE_ROLES))
     now = datetime.now(UTC)
 

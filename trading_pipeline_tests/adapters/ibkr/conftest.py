@@ -112,3 +112,12 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def world(emulator_factory, client_factory, tmp_path):
+    """make(market_hours=..., symbols=...) -> lifecycle_world.World: an account at the emulator, the
+    trading database and one process's order desk."""
+    from trading_pipeline_tests.adapters.ibkr.lifecycle_world import world_maker
+
+    return world_maker(emulator_factory, client_factory, tmp_path)
