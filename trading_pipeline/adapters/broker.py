@@ -99,10 +99,12 @@ class Broker(Protocol):
 
     def find_order(self, client_order_id: str) -> BrokerOrder | None: ...
 
-    def order_list_completeness(self) -> OrderListCompleteness:
+    def order_list_completeness(self, client_order_id: str | None = None) -> OrderListCompleteness:
         """Whether an order `find_order` just did not find is not working at the broker: the one
         way the sync may learn that an order it has no word of (answer lost, cancelled by hand and
-        no longer listed) is gone, rather than hidden from an incomplete list."""
+        no longer listed) is gone, rather than hidden from an incomplete list. With
+        `client_order_id`, also whether every lookup of that order `find_order` made answered
+        (one that failed proves nothing)."""
         ...
 
     def place(self, symbol: str, legs: list[OrderLeg], reference_price: float,
@@ -262,7 +264,7 @@ class PaperBroker:
     def min_tick(self, symbol: str) -> float:
         return PAPER_MIN_TICK
 
-    def order_list_completeness(self) -> OrderListCompleteness:
+    def order_list_completeness(self, client_order_id: str | None = None) -> OrderListCompleteness:
         """Always complete: the paper broker's orders are rows of the trading database."""
         return LIST_COMPLETE
 

@@ -141,7 +141,7 @@ class BookBroker:
             return None
         return self._answer(client_order_id)
 
-    def order_list_completeness(self):
+    def order_list_completeness(self, client_order_id=None):
         return OrderListCompleteness(not self.list_incomplete, self.list_incomplete)
 
     def executions(self, client_order_id):

@@ -105,6 +105,7 @@ class IBKRBroker(OrderLookups):
         self.id_map_path = Path(id_map_path) if id_map_path else None
         self._ids_lock = threading.Lock()
         self._ids: dict[str, str] = self._load_ids()
+        self._status_failures: dict[str, str] = {}
 
     # ------------------------------------------------------------------ cOID -> IBKR order id
     def _load_ids(self) -> dict[str, str]:

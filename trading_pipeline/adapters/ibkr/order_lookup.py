@@ -94,16 +94,26 @@ class OrderLookups:
     order_cache_seconds: float
     _ids: dict[str, str]
     _ids_lock: Lock
+    _status_failures: dict[str, str]  # cOID -> why its last order/status lookup failed (not IBKR's 503)
 
     def order_id_for(self, client_order_id: str) -> str | None: ...
 
     def _remember(self, pairs: dict[str, str]) -> None: ...
 
-    def order_list_completeness(self) -> OrderListCompleteness:
+    def order_list_completeness(self, client_order_id: str | None = None) -> OrderListCompleteness:
         """Complete when the live orders this broker reads (an answer up to `order_cache_seconds`
         old) were read during the exchange's regular session (core/market_calendar), now and at the
         oldest answer it may reuse, and in a brokerage session whose pre-flight of the live orders
-        the client has done (the first answer asked again). Else why not, and when it will be."""
+        the client has done (the first answer asked again); and, for `client_order_id`, when the
+        last look at that order's own status did not fail (IBKR's 503, "ended before this
+        session", is an answer; a 500, an error body, a malformed answer are not). Else why not,
+        and when it will be."""
+        if client_order_id is not None:
+            with self._ids_lock:
+                failed = self._status_failures.get(client_order_id)
+            if failed is not None:
+                return OrderListCompleteness(False, f"IBKR's status of this order could not be read ({failed}); "
+                                                    "decided by a sync that reads it")
         now = _utcnow()
         session = market_calendar.opened_session(now)
         oldest = now - timedelta(seconds=max(self.order_cache_seconds, 0.0))
@@ -151,8 +161,18 @@ class OrderLookups:
             return None
         try:  # 503 (once: IBKR's answer for an order that ended before this session): the executions tell
             current = self.client.order_status(order_id, retry_5xx=False)
-        except IBKRRequestError:
+        except IBKRRequestError as error:
+            # Only IBKR's 503 says the order ended; any other failure says nothing about it, and
+            # `order_list_completeness` keeps the sync from taking the order for gone.
+            with self._ids_lock:
+                if error.status == 503 and not isinstance(error, IBKRMalformedAnswer):
+                    self._status_failures.pop(client_order_id, None)
+                else:
+                    self._status_failures[client_order_id] = (
+                        f"HTTP {error.status}: {error.problem}" if error.status else error.problem)[:300]
             return None
+        with self._ids_lock:
+            self._status_failures.pop(client_order_id, None)
         status = _status_text(current)
         if not status:
             return None

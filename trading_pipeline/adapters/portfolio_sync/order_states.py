@@ -121,7 +121,7 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
                 "live orders can miss working orders); kept as it is until the broker lists it, or recorded as "
                 "Cancelled if it is still absent after the next session's close")
     if age >= SUBMITTING_GRACE:
-        completeness = broker.order_list_completeness()
+        completeness = broker.order_list_completeness(row.client_order_id)
         if completeness.complete:
             return _cancel_row(session, row, NEVER_REACHED)
         return _kept_line(row, f"not found by the broker {age.total_seconds() / 60:.0f} minutes after it was sent, "
@@ -152,7 +152,7 @@ def _confirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> str
     if age < SUBMITTING_GRACE:
         return (f"{unknown} for {age.total_seconds():.0f}s; checked again by the next sync, and recorded as "
                 f"Cancelled if still absent after {SUBMITTING_GRACE.total_seconds() / 60:g} minutes")
-    completeness = broker.order_list_completeness()
+    completeness = broker.order_list_completeness(row.client_order_id)
     if not completeness.complete:
         return _kept_line(row, "the broker does not find it", completeness.why_not) + \
             "; check it at the broker"

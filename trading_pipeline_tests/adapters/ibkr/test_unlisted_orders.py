@@ -361,6 +361,34 @@ def test_a_stop_cancelled_by_hand_before_an_unseen_rollover_is_closed_and_its_he
     assert [line.split(":")[0] for line in report.unprotected] == ["AAPL"], report.drift
 
 
+def test_a_stop_whose_own_status_cannot_be_read_is_never_taken_for_ended(world, monkeypatch):
+    """In session, a working stop missing from the live orders and whose status lookup fails (a 500,
+    not IBKR's 503 for an order that ended) may still be working: recorded as Cancelled, the
+    position would count as unprotected and an exit would sell beside it (a short if both fill). It
+    is kept until a sync reads its status; IBKR's 503 then closes it."""
+    ibkr_clock(monkeypatch, IN_SESSION)
+    w = world()
+    w.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = w.open_position(entry_decision("kept"))
+    w.broker.client.cancel_order(stop_id)
+    w.broker.client.cancel_order(take_profit_id)
+    w.emulator.new_day()
+    earlier(w.sessions, SUBMITTING_GRACE + timedelta(minutes=1))
+    for order_id in (stop_id, take_profit_id):
+        w.emulator.inject(f"/iserver/account/order/status/{order_id}", method="GET", status=500,
+                          body={"error": "Service Unavailable"}, count=1)
+
+    later = w.restart()
+    kept = sync_portfolio(w.sessions, later.broker, {})
+    assert (w.row("tp-kept-sl").status, w.row("tp-kept-tp").status) == ("Submitted", "Submitted")
+    assert any(line.startswith("tp-kept-sl: Submitted") and "status of this order could not be read" in line
+               for line in kept.status_changes), kept.status_changes
+
+    report = sync_portfolio(w.sessions, later.broker, {})  # the status answers again: 503, it ended
+    assert (w.row("tp-kept-sl").status, w.row("tp-kept-tp").status) == ("Cancelled", "Cancelled")
+    assert [line.split(":")[0] for line in report.unprotected] == ["AAPL"], report.drift
+
+
 def test_ibkrs_live_orders_are_complete_only_when_read_in_the_regular_session_past_their_preflight(
         emulator, client, monkeypatch):
     broker = IBKRBroker(client, order_cache_seconds=5)
