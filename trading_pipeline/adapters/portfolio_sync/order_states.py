@@ -115,6 +115,12 @@ def _unconfirmed_not_found(session: Session, broker: Broker, row: OrderRow) -> s
     age = datetime.now(UTC) - since
     if (acknowledged := _acknowledged(session, row)) is not None:
         if periods_closed_between(since, datetime.now(UTC), "1d"):
+            # A whole session has closed since, but if no sync read a list in it, this one may be
+            # the first, after hours: only a complete list says it is gone.
+            completeness = broker.order_list_completeness(row.client_order_id)
+            if not completeness.complete:
+                return _kept_line(row, f"{acknowledged}, but it has not listed it through a whole session since",
+                                  completeness.why_not)
             return _cancel_row(session, row, f"sync: {acknowledged}, but it has not listed it through a whole "
                                              "session since, and it has no execution")
         return (f"{row.client_order_id}: {row.status}: {acknowledged}, but it does not list it (after hours IBKR's "

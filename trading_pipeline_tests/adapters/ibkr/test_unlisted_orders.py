@@ -210,9 +210,12 @@ def test_an_exit_after_hours_waits_for_a_stop_ibkr_acknowledged_only_through_its
     assert w.position_path("AAPL") == [50, 0]
 
 
-def test_an_acknowledged_entry_absent_through_a_whole_session_is_closed_and_no_longer_holds_its_symbol(world):
+def test_an_acknowledged_entry_absent_through_a_whole_session_is_closed_and_no_longer_holds_its_symbol(
+        world, monkeypatch):
     """What IBKR acknowledged but never lists is kept only until a whole session has closed since
-    (that session's syncs read a complete list): then it is gone, and the symbol is free again."""
+    and a complete list (read in session) still lacks it: then it is gone, and the symbol is free
+    again. A first look after hours, with no sync during that session, proves nothing."""
+    ibkr_clock(monkeypatch, AFTER_HOURS)
     w = world(market_hours="closed")
     w.emulator.set_price("AAPL", 101.0)
     decision = entry_decision("gone")
@@ -228,7 +231,15 @@ def test_an_acknowledged_entry_absent_through_a_whole_session_is_closed_and_no_l
     _whole_lists_again(w)
 
     earlier(w.sessions, timedelta(days=7))
-    sync_portfolio(w.sessions, w.restart().broker, {})
+    later = w.restart()
+    kept = sync_portfolio(w.sessions, later.broker, {})  # after hours: the first look since
+    assert w.row("tp-gone").status != "Cancelled"
+    assert any(line.startswith("tp-gone:") and "not complete now" in line for line in kept.status_changes), \
+        kept.status_changes
+
+    ibkr_clock(monkeypatch, IN_SESSION)
+    w.emulator.set_market_open(True)
+    sync_portfolio(w.sessions, later.broker, {})
     assert [w.row(coid).status for coid in ("tp-gone", "tp-gone-sl", "tp-gone-tp")] == ["Cancelled"] * 3
     assert "not listed it through a whole session" in w.last_event("tp-gone")
 
