@@ -263,5 +263,10 @@ def test_a_decision_sent_to_the_paper_broker_is_not_sent_to_ibkr_as_well(world):
     assert set(rows_of(w, "paper")) == {"tp-sent-to-paper", "tp-sent-to-paper-sl", "tp-sent-to-paper-tp"}
     assert rows_of(w, "ibkr") == {}
 
+    with w.sessions() as session:  # the paper broker's sync has found it since: the orders asset names that broker
+        session.execute(update(OrderRow).where(OrderRow.decision_id == decision.decision_id).values(status="Submitted"))
+        session.commit()
+    shown = w.desk.recorded(decision)
+    assert shown.broker == "paper" and "at the paper broker, not this one, ibkr" in shown.reason, shown.reason
     exit_result = w.desk.exit_once(decision.model_copy(update={"action": Action.SELL, "closes_position": True}))
     assert exit_result.status == "already_sent" and w.requests_sent() == (0, 0, 0), exit_result.reason
