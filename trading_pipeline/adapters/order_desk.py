@@ -8,6 +8,9 @@ Entries (`submit_once`) survive a retried step, a re-materialized partition and 
    (other runs may have used the room since the decision), write the legs as "submitting", send
    once (never retried blindly), record the answer.
 A "submitting" row left by a crash is reconciled with the broker (here, or by the portfolio sync).
+A decision another broker was sent (its rows in the same trading database, say the paper broker's
+before TRADING_BROKER=ibkr) is `already_sent` there: never sent to this broker too (`_sent_elsewhere`).
+Every lookup of working orders reads this broker's rows only (`of_broker`).
 
 Exits (`exit_once`) never cancel protection first: the position's working stop-loss (else its
 take-profit) on the exit's side is modified into a market order for min(stop size, held size). It
@@ -29,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, BrokerOrder, DuplicateOrderError, cancel_inactive
 from trading_pipeline.adapters.portfolio_sync import DUPLICATE_ANSWER, UNCONFIRMED, own_fills, record_executions
-from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, account_lock
+from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, account_lock, of_broker
 from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, RuleCheck, TradeDecision
 from trading_pipeline.core.orders import client_order_id, exit_leg, resize_legs
 from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError
@@ -94,6 +97,30 @@ class OrderDesk:
         with self._sessions() as session:
             return session.scalars(select(OrderEventRow.detail).where(
                 OrderEventRow.client_order_id == coid).order_by(OrderEventRow.id.desc())).first() or ""
+
+    def _sent_elsewhere(self, decision: TradeDecision) -> OrderRecord | None:
+        """The decision's orders if another broker was sent them (the trading database is shared:
+        a user who ran on paper, then set TRADING_BROKER=ibkr): the decision was sent, once, there.
+        Sending it to this broker too would be a second order for one decision, so nothing is
+        sent and the record names the broker that has it (its rows are left as they are: that
+        broker's sync keeps them)."""
+        with self._sessions() as session:
+            rows = session.scalars(select(OrderRow).where(
+                (OrderRow.decision_id == decision.decision_id) | (OrderRow.exit_decision_id == decision.decision_id),
+                ~of_broker(OrderRow, self._broker.name)).order_by(OrderRow.created_at)).all()
+        if not rows:
+            return None
+        first = next((r for r in rows if r.role in ("entry", "exit")), rows[0])
+        states = ", ".join(f"{r.client_order_id} {r.status}" for r in rows)
+        return OrderRecord(
+            decision_id=decision.decision_id, symbol=decision.symbol, status="already_sent",
+            reason=(f"decision {decision.decision_id} was sent to the {first.broker} broker, not this one "
+                    f"({self._broker.name}): {states}; nothing sent to {self._broker.name} (one decision, one "
+                    f"order). Its orders are checked when TRADING_BROKER={first.broker} runs again; use a separate "
+                    "TRADING_DATABASE_URL per broker to keep them apart"),
+            broker=first.broker, client_order_id=first.client_order_id,
+            broker_order_ids=[r.broker_order_id or "" for r in rows], legs=[self._as_leg(r) for r in rows],
+            filled_quantity=int(first.filled_quantity or 0), average_fill_price=first.average_fill_price)
 
     def _known(self, decision: TradeDecision, legs: list[OrderLeg]) -> OrderRecord | None:
         """What an earlier attempt of this decision already did, or None (never sent, or 'submitting')."""
@@ -181,6 +208,9 @@ class OrderDesk:
                                               and r.parent_client_order_id == first.client_order_id]])
         status = {"Rejected": "rejected", "Filled": "filled"}.get(first.status, "already_sent")
         detail = f": {self._last_detail(first.client_order_id)}" if status == "rejected" else ""
+        if first.broker != self._broker.name:
+            detail += (f" (at the {first.broker} broker, not this one, {self._broker.name}: nothing is sent to "
+                       f"{self._broker.name} for this decision)")
         return OrderRecord(
             decision_id=decision.decision_id, symbol=decision.symbol, status=status,
             reason=f"sent earlier for this decision; now {states}{detail}", broker=first.broker,
@@ -196,12 +226,12 @@ class OrderDesk:
         send time (the broker's own clock when None)."""
         coid = client_order_id(decision)
         assert legs and legs[0].client_order_id == coid, "the first leg must carry the decision's cOID"
-        if (known := self._known(decision, legs)) is not None:
+        if (known := self._sent_elsewhere(decision) or self._known(decision, legs)) is not None:
             return known
         with account_lock(self._sessions):
             # Again under the lock: a run of the same decision may have sent it while this one waited,
             # and the broker's lookups may answer from a list read before that (IBKR's, cached 5 s).
-            if (known := self._known(decision, legs)) is not None:
+            if (known := self._sent_elsewhere(decision) or self._known(decision, legs)) is not None:
                 return known
             if (reconciled := self._reconciled(decision, legs)) is not None:
                 return reconciled
@@ -227,7 +257,8 @@ class OrderDesk:
         position twice if both fill. The sync confirms it or closes it."""
         with self._sessions() as session:
             rows = session.scalars(select(OrderRow).where(
-                OrderRow.symbol == symbol, OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.side == side,
+                of_broker(OrderRow, self._broker.name), OrderRow.symbol == symbol,
+                OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.side == side,
                 OrderRow.status.not_in(FINAL_STATUSES))).all()
             entries_filled = {row.client_order_id: bool(parent is None or parent.filled_quantity)
                               for row in rows for parent in [session.get(OrderRow, row.parent_client_order_id)
@@ -250,7 +281,8 @@ class OrderDesk:
         while the pipeline wrote it without the broker's word may be in flight, and counts too."""
         with self._sessions() as session:
             rows = session.scalars(select(OrderRow).where(
-                OrderRow.symbol == decision.symbol, OrderRow.role.in_(("entry", "exit")),
+                of_broker(OrderRow, self._broker.name), OrderRow.symbol == decision.symbol,
+                OrderRow.role.in_(("entry", "exit")),
                 OrderRow.decision_id != decision.decision_id, OrderRow.status.not_in(FINAL_STATUSES))).all()
         for row in rows:
             current = self._broker.find_order(row.client_order_id)
@@ -264,7 +296,7 @@ class OrderDesk:
     def _exit_in_progress(self, decision: TradeDecision) -> OrderRow | None:
         with self._sessions() as session:
             return session.scalars(select(OrderRow).where(
-                OrderRow.exit_decision_id == decision.decision_id)).first()
+                of_broker(OrderRow, self._broker.name), OrderRow.exit_decision_id == decision.decision_id)).first()
 
     def exit_once(self, decision: TradeDecision, *, placed_at: datetime | None = None,
                   stopped: Callable[[], str | None] | None = None) -> OrderRecord:
@@ -272,7 +304,7 @@ class OrderDesk:
         never trading more than is held. `stopped` says, under the account lock right before
         anything is sent, why nothing may be sent now (a switch turned off meanwhile), or None."""
         standalone = [exit_leg(decision, decision.quantity)]
-        if (known := self._known(decision, standalone)) is not None:
+        if (known := self._sent_elsewhere(decision) or self._known(decision, standalone)) is not None:
             return known
         converted = self._exit_in_progress(decision)
         if converted is not None and converted.order_type == EXIT_ORDER_TYPE:
@@ -280,6 +312,8 @@ class OrderDesk:
                                 f"decision {decision.decision_id} already turned {converted.client_order_id} into "
                                 f"its exit (status {converted.status}); nothing sent again")
         with account_lock(self._sessions):
+            if (elsewhere := self._sent_elsewhere(decision)) is not None:
+                return elsewhere
             if (reconciled := self._reconciled(decision, standalone)) is not None:
                 return reconciled
             if stopped is not None and (why := stopped()) is not None:
@@ -418,7 +452,7 @@ class OrderDesk:
             return ""
         with self._sessions() as session:
             siblings = session.scalars(select(OrderRow).where(
-                OrderRow.parent_client_order_id == row.parent_client_order_id,
+                of_broker(OrderRow, self._broker.name), OrderRow.parent_client_order_id == row.parent_client_order_id,
                 OrderRow.client_order_id != row.client_order_id,
                 OrderRow.status.not_in(FINAL_STATUSES))).all()
         notes = []

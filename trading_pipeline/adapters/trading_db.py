@@ -197,6 +197,15 @@ class PaperFillRow(Base):
     commission: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # fees included
 
 
+def of_broker(model: type[OrderRow | ExecutionRow], broker_name: str):
+    """The one predicate every query of the order lifecycle uses to read a broker's orders or
+    executions: the rows of `model` (OrderRow or ExecutionRow) written for the broker named
+    `broker_name` (`Broker.name`: "paper", "ibkr"). One trading database can hold both (a user who
+    ran on paper, then set TRADING_BROKER=ibkr): another broker's open orders are never sent to,
+    asked of, cancelled at or counted for this one, and its fills are not this account's."""
+    return model.broker == broker_name
+
+
 MIGRATION_LOCK_ID = 7_420_011  # PostgreSQL advisory lock: one process migrates at a time
 ACCOUNT_LOCK_ID = 7_420_012  # PostgreSQL advisory lock: one order placement per account at a time
 ACCOUNT_LOCK_TIMEOUT_SECONDS = 120.0

@@ -152,7 +152,7 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
     # Positions under the pipeline's own symbols (IBKR's BRK B is the strategy's BRK.B): under another
     # name a position would look gone, and the sync cancel its stop as orphaned.
     the_broker = broker.broker(symbols=tuple(sorted(symbols_in_play(sessions))))
-    symbols = set(the_broker.account({}, as_of).positions) | working_symbols(sessions)
+    symbols = set(the_broker.account({}, as_of).positions) | working_symbols(sessions, the_broker.name)
     if hasattr(the_broker, "working_symbols"):
         symbols |= set(the_broker.working_symbols())
     source = market_data.source()
@@ -170,6 +170,8 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
     report = sync_portfolio(sessions, the_broker, marks_from_daily_bars(bars, as_of), as_of)
     for change in report.status_changes:
         context.log.info(change)
+    for line in report.other_brokers:
+        context.log.warning(line)
     for problem in report.drift:
         if problem in report.unprotected:
             context.log.error(f"UNPROTECTED POSITION: {problem}")
@@ -189,7 +191,8 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
         "trades": _table(report.trades, TRADE_COLUMNS),
         "realized_pnl": dg.MetadataValue.float(float(round(sum(t["realized_pnl"] for t in report.trades), 2))),
         "new_executions": report.new_executions,
-        "order_status_changes": _bullets(report.status_changes)})
+        "order_status_changes": _bullets(report.status_changes),
+        "other_brokers_orders": _bullets(report.other_brokers)})
     summary = {"equity": round(account.equity, 2), "cash": round(account.cash, 2),
                "gross_exposure": round(account.gross_exposure, 2),
                "daily_pnl": None if account.daily_pnl is None else round(account.daily_pnl, 2),

@@ -14,15 +14,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import OUTSIDE_ORDER, Broker, as_utc
 from trading_pipeline.adapters.portfolio_sync.order_states import UNCONFIRMED, advance_orders, working_symbols
-from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow
+from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, of_broker
 
 
 def symbols_in_play(sessions: sessionmaker[Session]) -> set[str]:
     """The pipeline's symbols with an order that may still work or a position its executions imply:
     the broker must report positions under these names (IBKR matches them by conid: BRK.B is 'BRK B'
-    there), or the sync would find such a position gone and cancel its stop as orphaned."""
+    there), or the sync would find such a position gone and cancel its stop as orphaned. Those of
+    every broker in the database: they are read before the broker is made, and a name too many only
+    resolves one contract more."""
     with sessions() as session:
-        implied = set(implied_positions(session))
+        implied = {symbol for name in session.scalars(select(ExecutionRow.broker).distinct())
+                   for symbol in implied_positions(session, name)}
     return working_symbols(sessions) | implied
 
 
@@ -71,6 +74,7 @@ def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: 
     with sessions() as session:
         query = (select(OrderRow).where(OrderRow.filled_quantity > 0) if client_order_ids is None
                  else select(OrderRow).where(OrderRow.client_order_id.in_(client_order_ids)))
+        query = query.where(of_broker(OrderRow, broker.name))  # another broker's orders are not asked of this one
         rows = session.scalars(query if symbol is None else query.where(OrderRow.symbol == symbol)).all()
         for row in rows:
             for execution in broker.executions(row.client_order_id):
@@ -102,11 +106,12 @@ def record_outside_executions(sessions: sessionmaker[Session], broker: Broker) -
 def _record_outside_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
     added = 0
     with sessions() as session:
-        orders = session.scalars(select(OrderRow)).all()
+        orders = session.scalars(select(OrderRow).where(of_broker(OrderRow, broker.name))).all()
         if not orders:
             return 0
         executed: dict[str, float] = {}
         for coid, quantity in session.execute(select(ExecutionRow.client_order_id, func.sum(ExecutionRow.quantity))
+                                              .where(of_broker(ExecutionRow, broker.name))
                                               .group_by(ExecutionRow.client_order_id)):
             executed[coid] = quantity or 0.0
         start: dict[str, datetime] = {}
@@ -115,7 +120,8 @@ def _record_outside_executions(sessions: sessionmaker[Session], broker: Broker) 
             start[row.symbol] = min(start.get(row.symbol, created), created)
         for symbol, first in session.execute(
                 select(ExecutionRow.symbol, func.min(ExecutionRow.executed_at))
-                .where(ExecutionRow.client_order_id != OUTSIDE_ORDER).group_by(ExecutionRow.symbol)):
+                .where(of_broker(ExecutionRow, broker.name), ExecutionRow.client_order_id != OUTSIDE_ORDER)
+                .group_by(ExecutionRow.symbol)):
             if symbol in start and first is not None:
                 start[symbol] = min(start[symbol], as_utc(first))
         unsettled = {row.symbol for row in orders
@@ -148,7 +154,7 @@ class OwnFill:
 
 
 def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> list[OwnFill]:
-    """The fills of the pipeline's orders for `symbol` since the entry that opened its latest
+    """The fills of the pipeline's orders at this broker for `symbol` since the entry that opened its latest
     position there (all of them when no entry of the pipeline filled), oldest first, after bringing
     the orders up to date with the broker as the sync does (states, fill counts, executions). Their
     signed sum is the position the pipeline holds in the symbol by its own fills; an order whose
@@ -166,9 +172,10 @@ def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> l
     record_executions(sessions, broker, symbol=symbol)
     with sessions() as session:
         executed: dict[str, float] = {}
-        for execution in session.scalars(select(ExecutionRow).where(ExecutionRow.symbol == symbol)):
+        for execution in session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker.name),
+                                                                    ExecutionRow.symbol == symbol)):
             executed[execution.client_order_id] = executed.get(execution.client_order_id, 0.0) + execution.quantity
-        rows = session.scalars(select(OrderRow).where(OrderRow.symbol == symbol)
+        rows = session.scalars(select(OrderRow).where(of_broker(OrderRow, broker.name), OrderRow.symbol == symbol)
                                .order_by(OrderRow.created_at, OrderRow.client_order_id)).all()
         fills = [OwnFill(row.client_order_id, row.role, row.side,
                          max(row.filled_quantity or 0.0, executed.get(row.client_order_id, 0.0))) for row in rows]
@@ -177,9 +184,10 @@ def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> l
     return fills[entries[-1]:] if entries else fills
 
 
-def implied_positions(session: Session) -> dict[str, float]:
+def implied_positions(session: Session, broker_name: str) -> dict[str, float]:
+    """The positions the executions recorded at the broker named `broker_name` imply, by symbol."""
     quantities: dict[str, float] = {}
-    for execution in session.scalars(select(ExecutionRow)):
+    for execution in session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker_name))):
         signed = execution.quantity if execution.side == "BUY" else -execution.quantity
         quantities[execution.symbol] = quantities.get(execution.symbol, 0.0) + signed
     return {symbol: quantity for symbol, quantity in quantities.items() if abs(quantity) > 1e-9}

@@ -20,6 +20,7 @@ from trading_pipeline.adapters.trading_db import (
     OrderRow,
     PositionSnapshotRow,
     account_lock,
+    of_broker,
 )
 from trading_pipeline.core.risk import AccountState
 from trading_pipeline.errors import OrderRejectedError, UserError
@@ -256,17 +257,22 @@ def protect_positions(session: Session, broker: Broker, held: dict[str, float],
     saw) protects nothing, and counted it would hide that a later position has no stop."""
     result = Protection()
     symbols = {row.symbol for row in session.scalars(select(OrderRow).where(
-        OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.status.not_in(FINAL_STATUSES)))}
+        of_broker(OrderRow, broker.name), OrderRow.role.in_(("stop_loss", "take_profit")),
+        OrderRow.status.not_in(FINAL_STATUSES)))}
+
+    def working(symbol: str, role: str) -> list[OrderRow]:  # this broker's only: another's are not its protection
+        return working_exits(session, symbol, role, broker_name=broker.name)
+
     for symbol in sorted(symbols | set(implied)):
-        stops = working_exits(session, symbol, "stop_loss")
+        stops = working(symbol, "stop_loss")
         position = abs(held.get(symbol, 0.0))
         closing_side = "SELL" if held.get(symbol, 0.0) > 0 else "BUY"
-        wrong_side = [row for row in stops + working_exits(session, symbol, "take_profit") if row.side != closing_side]
+        wrong_side = [row for row in stops + working(symbol, "take_profit") if row.side != closing_side]
         if position and wrong_side:  # e.g. flipped by hand: what is left working would add to it
             _cancel_orphans(session, broker, symbol, wrong_side, result, None, flipped=held[symbol])
             continue
         if position == 0:  # e.g. the position closed by hand: what is left working would open one
-            _cancel_orphans(session, broker, symbol, stops + working_exits(session, symbol, "take_profit"), result,
+            _cancel_orphans(session, broker, symbol, stops + working(symbol, "take_profit"), result,
                             contradicted)
             continue
         stops = [row for row in stops if row.client_order_id not in unknown]
@@ -293,7 +299,7 @@ def protect_positions(session: Session, broker: Broker, held: dict[str, float],
             if resized is None:
                 continue  # an orders step changed it meanwhile: the next sync looks again
             if resized:
-                for target in working_exits(session, symbol, "take_profit"):
+                for target in working(symbol, "take_profit"):
                     if (target.parent_client_order_id == stop.parent_client_order_id
                             and target.quantity - target.filled_quantity > position + 1e-9):
                         _resize(session, broker, target, position, why, result)
