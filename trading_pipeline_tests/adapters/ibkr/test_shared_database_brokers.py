@@ -24,7 +24,7 @@ from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
 from trading_pipeline.core.risk import entry_limits
 from trading_pipeline.core.strategies import RiskSettings
-from trading_pipeline_tests.adapters.ibkr.test_exits_and_lifecycle import (
+from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     QUICK,
     QUICK_PACING,
     World,
