@@ -93,6 +93,41 @@ def find_chromium() -> str:
 
 
 
+class _WholeWrites:
+    """`os` for choreographer's pipe module, except that `write` writes all it is given.
+
+    Choreographer sends each DevTools message with one `os.write` and only logs a short write. A
+    write to a pipe can be short when a signal interrupts it once part is written (seen on loaded
+    machines and under ptrace): Chromium then reads a message cut at 64 KiB, answers "JSON: comma
+    or array end expected at position 65536", and that render fails as a crash."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    @staticmethod
+    def write(fd: int, data: bytes) -> int:
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+        return written
+
+
+def make_devtools_writes_whole() -> bool:
+    """Give choreographer's pipe module `_WholeWrites` (once per process; idempotent). False, with
+    a warning, where choreographer's internals are not the ones this knows."""
+    try:
+        from choreographer.channels import pipe
+    except ImportError:
+        pipe = None
+    current = getattr(pipe, "os", None)
+    if current is not os and not isinstance(current, _WholeWrites):
+        _log.warning("chart renderer: cannot make DevTools pipe writes whole (choreographer internals changed)")
+        return False
+    pipe.os = _WholeWrites()
+    return True
+
+
 def add_chromium_args(k: Any, args: Sequence[str]) -> bool:
     """Append `args` to the command line choreographer starts Chromium with (before open())."""
     impl = getattr(k, "_browser_impl", None)

@@ -61,6 +61,7 @@ from trading_pipeline.adapters.chart_browser import (  # noqa: F401 - re-exporte
     hard_kill,
     has_exited,
     is_executable_file,
+    make_devtools_writes_whole,
 )
 from trading_pipeline.adapters.chart_png import (  # noqa: F401 - re-exported
     DEFAULT_HEIGHT,
@@ -174,6 +175,7 @@ class ChartRenderer:
                     "Install it into the project environment: `pip install 'kaleido>=1,<2'`.",
                 ) from exc
 
+            make_devtools_writes_whole()
             loop = asyncio.new_event_loop()
             thread = threading.Thread(target=_run_loop, args=(loop,), name="chart-render-loop", daemon=True)
             thread.start()

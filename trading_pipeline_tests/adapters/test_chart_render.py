@@ -202,6 +202,28 @@ def test_render_many_keeps_order(renderer, figures):
 
 
 @needs_chromium
+def test_a_devtools_message_written_in_parts_still_reaches_chromium_whole(figures, monkeypatch):
+    """A pipe write interrupted by a signal returns short; choreographer wrote each DevTools message
+    once and Chromium got it cut at 64 KiB ("JSON: comma or array end expected at position
+    65536"): that render failed as a crash. Writes here return at most 64 KiB, as an interrupted
+    one does."""
+    daily, _, _ = figures
+    real_write, short_writes = os.write, []
+
+    def interrupted_write(fd, data):
+        if len(data) > 65536:
+            short_writes.append(len(data))
+            return real_write(fd, bytes(data[:65536]))
+        return real_write(fd, data)
+
+    with ChartRenderer(tabs=1, timeout_s=60) as r:
+        monkeypatch.setattr(os, "write", interrupted_write)
+        png = r.render_png(daily)
+    assert short_writes, "no DevTools message over 64 KiB was written: the test did not cut one"
+    assert png_size(png) == (1920, 1080)
+
+
+@needs_chromium
 def test_pipelined_renders_give_each_figure_its_png_in_order_while_the_next_are_built(figures):
     daily, weekly, small = figures
     bad = {"data": "not a list", "layout": {"width": 300, "height": 200}}  # plotly.js refuses it
