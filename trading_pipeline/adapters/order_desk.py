@@ -37,7 +37,7 @@ from trading_pipeline.adapters.portfolio_sync import DUPLICATE_ANSWER, UNCONFIRM
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, account_lock, describe_broker, of_broker
 from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, RuleCheck, TradeDecision
 from trading_pipeline.core.orders import client_order_id, exit_leg, resize_legs
-from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError
+from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError, UserError
 
 # Limits re-checked right before sending: (quantity allowed now, the checks with their numbers).
 LimitCheck = Callable[[], tuple[int, list[RuleCheck]]]
@@ -215,9 +215,12 @@ class OrderDesk:
         status = {"Rejected": "rejected", "Filled": "filled"}.get(first.status, "already_sent")
         detail = f": {self._last_detail(first.client_order_id)}" if status == "rejected" else ""
         if first.broker != self._broker.name or first.account is not None:
-            with self._sessions() as session:  # the account is asked only of a row that names one
-                mine = session.scalar(select(OrderRow.client_order_id).where(
-                    OrderRow.client_order_id == first.client_order_id, of_broker(OrderRow, self._broker)))
+            try:  # the account is asked only of a row that names one (IBKR: the cached pre-flight)
+                with self._sessions() as session:
+                    mine = session.scalar(select(OrderRow.client_order_id).where(
+                        OrderRow.client_order_id == first.client_order_id, of_broker(OrderRow, self._broker)))
+            except UserError:  # the gateway cannot say its account now: the record is shown without the note
+                mine = first.client_order_id
             if mine is None:
                 detail += (f" (at {describe_broker(first.broker, first.account)}, not this one, "
                            f"{describe_broker(self._broker.name, self._broker.account_id)}: nothing is sent here "

@@ -180,3 +180,21 @@ def test_rows_written_before_the_account_column_stay_with_the_ibkr_account_that_
     assert result.status == "submitted" and result.client_order_id == "tp-old-long-sl", result.reason
     assert paper.order(stop_id).order_type == "MKT"
     assert paper.position_path("AAPL") == [50, 0]
+
+
+def test_what_was_sent_shows_while_the_gateway_cannot_say_its_account(accounts, emulator_factory, client_factory,
+                                                                      tmp_path):
+    """The orders asset shows what an earlier run sent whatever the switches say, with the gateway
+    logged out too: the account (needed only for the 'not this one' note) is not a reason to fail."""
+    paper, _ = accounts()
+    paper.emulator.set_price("AAPL", 101.0)
+    decision = entry_decision("sent-earlier")
+    record_decision(paper.sessions, decision)
+    assert paper.desk.submit_once(decision, build_legs(decision, "DAY"), 100.0).status == "submitted"
+    logged_out = emulator_factory(market_hours="open", positions=0, auth_state="logged_out", **QUICK)
+    broker = IBKRBroker(client_factory(logged_out, pacing=QUICK_PACING), order_cache_seconds=0,
+                        id_map_path=tmp_path / "ibkr-order-ids.json", symbols=("AAPL",))
+
+    shown = OrderDesk(paper.sessions, broker).recorded(decision)
+    assert shown is not None and shown.status == "already_sent" and shown.client_order_id == "tp-sent-earlier"
+    assert "sent earlier for this decision; now tp-sent-earlier Submitted" in shown.reason, shown.reason
