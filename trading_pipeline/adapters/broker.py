@@ -91,6 +91,13 @@ LIST_COMPLETE = OrderListCompleteness(True)
 class Broker(Protocol):
     name: str
 
+    @property
+    def account_id(self) -> str | None:
+        """The account this broker trades, written on every order and execution it has
+        (`OrderRow.account`) and read by `trading_db.of_broker`: IBKR's account id (DU… paper, U…
+        live); None for the paper broker (one simulated account per trading database)."""
+        ...
+
     def account(self, marks: dict[str, Mark], as_of: datetime | None = None) -> AccountState:
         """Equity, cash, positions (valued at `marks`, the latest closed daily bars) and today's
         P&L. `as_of` is the decision's point in time: the paper broker leaves out later fills (a
@@ -226,6 +233,7 @@ def previous_close_time(as_of: datetime) -> pd.Timestamp:
 
 class PaperBroker:
     name = "paper"
+    account_id = None  # one simulated account per trading database: its rows' account is NULL
 
     def __init__(self, sessions: sessionmaker[Session], starting_equity: float,
                  commission_model: str = "ibkr_fixed", slippage_bps: float = 0.0,

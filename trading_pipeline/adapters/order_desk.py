@@ -8,9 +8,11 @@ Entries (`submit_once`) survive a retried step, a re-materialized partition and 
    (other runs may have used the room since the decision), write the legs as "submitting", send
    once (never retried blindly), record the answer.
 A "submitting" row left by a crash is reconciled with the broker (here, or by the portfolio sync).
-A decision another broker was sent (its rows in the same trading database, say the paper broker's
-before TRADING_BROKER=ibkr) is `already_sent` there: never sent to this broker too (`_sent_elsewhere`).
-Every lookup of working orders reads this broker's rows only (`of_broker`).
+A decision another broker or account was sent (its rows in the same trading database: the paper
+broker's before TRADING_BROKER=ibkr, the IBKR paper account's (DU…) before the gateway was logged in
+to the live one (U…)) is `already_sent` there: never sent to this broker too (`_sent_elsewhere`).
+Every lookup of working orders reads this broker's and account's rows only (`of_broker`); every row
+written names both (`OrderRow.broker`, `OrderRow.account`).
 
 Exits (`exit_once`) never cancel protection first: the position's working stop-loss (else its
 take-profit) on the exit's side is modified into a market order for min(stop size, held size). It
@@ -32,10 +34,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, BrokerOrder, DuplicateOrderError, cancel_inactive
 from trading_pipeline.adapters.portfolio_sync import DUPLICATE_ANSWER, UNCONFIRMED, own_fills, record_executions
-from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, account_lock, of_broker
+from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, account_lock, describe_broker, of_broker
 from trading_pipeline.core.analysis import Action, OrderLeg, OrderRecord, RuleCheck, TradeDecision
 from trading_pipeline.core.orders import client_order_id, exit_leg, resize_legs
-from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError
+from trading_pipeline.errors import ExitOrderStateError, OrderRejectedError, UserError
 
 # Limits re-checked right before sending: (quantity allowed now, the checks with their numbers).
 LimitCheck = Callable[[], tuple[int, list[RuleCheck]]]
@@ -61,7 +63,7 @@ class OrderDesk:
                         parent_client_order_id=None if leg.role in ("entry", "exit") else legs[0].client_order_id,
                         symbol=decision.symbol, role=leg.role, side=leg.side, order_type=leg.order_type,
                         quantity=leg.quantity, price=leg.price, tif=leg.tif, broker=self._broker.name,
-                        status=status)
+                        account=self._broker.account_id, status=status)
                     session.add(row)
                     session.flush()  # the event below references this row
                 row.status = status
@@ -99,25 +101,29 @@ class OrderDesk:
                 OrderEventRow.client_order_id == coid).order_by(OrderEventRow.id.desc())).first() or ""
 
     def _sent_elsewhere(self, decision: TradeDecision) -> OrderRecord | None:
-        """The decision's orders if another broker was sent them (the trading database is shared:
-        a user who ran on paper, then set TRADING_BROKER=ibkr): the decision was sent, once, there.
-        Sending it to this broker too would be a second order for one decision, so nothing is
-        sent and the record names the broker that has it (its rows are left as they are: that
-        broker's sync keeps them)."""
+        """The decision's orders if another broker, or another account of this broker, was sent them
+        (the trading database is shared: a user who ran on paper, then set TRADING_BROKER=ibkr; or
+        who traded the IBKR paper account, DU…, then logged the gateway in to the live one, U…): the
+        decision was sent, once, there. Sending it here too would be a second order for one
+        decision, so nothing is sent and the record names the broker and account that have it (its
+        rows are left as they are: that broker's sync, logged in to that account, keeps them)."""
         with self._sessions() as session:
             rows = session.scalars(select(OrderRow).where(
                 (OrderRow.decision_id == decision.decision_id) | (OrderRow.exit_decision_id == decision.decision_id),
-                ~of_broker(OrderRow, self._broker.name)).order_by(OrderRow.created_at)).all()
+                ~of_broker(OrderRow, self._broker)).order_by(OrderRow.created_at)).all()
         if not rows:
             return None
         first = next((r for r in rows if r.role in ("entry", "exit")), rows[0])
         states = ", ".join(f"{r.client_order_id} {r.status}" for r in rows)
+        there = describe_broker(first.broker, first.account)
+        here = describe_broker(self._broker.name, self._broker.account_id)
+        when = f"TRADING_BROKER={first.broker} runs again" + (
+            f" with the gateway logged in to account {first.account}" if first.account else "")
         return OrderRecord(
             decision_id=decision.decision_id, symbol=decision.symbol, status="already_sent",
-            reason=(f"decision {decision.decision_id} was sent to the {first.broker} broker, not this one "
-                    f"({self._broker.name}): {states}; nothing sent to {self._broker.name} (one decision, one "
-                    f"order). Its orders are checked when TRADING_BROKER={first.broker} runs again; use a separate "
-                    "TRADING_DATABASE_URL per broker to keep them apart"),
+            reason=(f"decision {decision.decision_id} was sent to {there}, not this one ({here}): {states}; "
+                    f"nothing sent here (one decision, one order). Its orders are checked when {when}; use a "
+                    "separate TRADING_DATABASE_URL per broker and account to keep them apart"),
             broker=first.broker, client_order_id=first.client_order_id,
             broker_order_ids=[r.broker_order_id or "" for r in rows], legs=[self._as_leg(r) for r in rows],
             filled_quantity=int(first.filled_quantity or 0), average_fill_price=first.average_fill_price)
@@ -208,9 +214,17 @@ class OrderDesk:
                                               and r.parent_client_order_id == first.client_order_id]])
         status = {"Rejected": "rejected", "Filled": "filled"}.get(first.status, "already_sent")
         detail = f": {self._last_detail(first.client_order_id)}" if status == "rejected" else ""
-        if first.broker != self._broker.name:
-            detail += (f" (at the {first.broker} broker, not this one, {self._broker.name}: nothing is sent to "
-                       f"{self._broker.name} for this decision)")
+        if first.broker != self._broker.name or first.account is not None:
+            try:  # the account is asked only of a row that names one (IBKR: the cached pre-flight)
+                with self._sessions() as session:
+                    mine = session.scalar(select(OrderRow.client_order_id).where(
+                        OrderRow.client_order_id == first.client_order_id, of_broker(OrderRow, self._broker)))
+            except UserError:  # the gateway cannot say its account now: the record is shown without the note
+                mine = first.client_order_id
+            if mine is None:
+                detail += (f" (at {describe_broker(first.broker, first.account)}, not this one, "
+                           f"{describe_broker(self._broker.name, self._broker.account_id)}: nothing is sent here "
+                           "for this decision)")
         return OrderRecord(
             decision_id=decision.decision_id, symbol=decision.symbol, status=status,
             reason=f"sent earlier for this decision; now {states}{detail}", broker=first.broker,
@@ -257,7 +271,7 @@ class OrderDesk:
         position twice if both fill. The sync confirms it or closes it."""
         with self._sessions() as session:
             rows = session.scalars(select(OrderRow).where(
-                of_broker(OrderRow, self._broker.name), OrderRow.symbol == symbol,
+                of_broker(OrderRow, self._broker), OrderRow.symbol == symbol,
                 OrderRow.role.in_(("stop_loss", "take_profit")), OrderRow.side == side,
                 OrderRow.status.not_in(FINAL_STATUSES))).all()
             entries_filled = {row.client_order_id: bool(parent is None or parent.filled_quantity)
@@ -281,7 +295,7 @@ class OrderDesk:
         while the pipeline wrote it without the broker's word may be in flight, and counts too."""
         with self._sessions() as session:
             rows = session.scalars(select(OrderRow).where(
-                of_broker(OrderRow, self._broker.name), OrderRow.symbol == decision.symbol,
+                of_broker(OrderRow, self._broker), OrderRow.symbol == decision.symbol,
                 OrderRow.role.in_(("entry", "exit")),
                 OrderRow.decision_id != decision.decision_id, OrderRow.status.not_in(FINAL_STATUSES))).all()
         for row in rows:
@@ -296,7 +310,7 @@ class OrderDesk:
     def _exit_in_progress(self, decision: TradeDecision) -> OrderRow | None:
         with self._sessions() as session:
             return session.scalars(select(OrderRow).where(
-                of_broker(OrderRow, self._broker.name), OrderRow.exit_decision_id == decision.decision_id)).first()
+                of_broker(OrderRow, self._broker), OrderRow.exit_decision_id == decision.decision_id)).first()
 
     def exit_once(self, decision: TradeDecision, *, placed_at: datetime | None = None,
                   stopped: Callable[[], str | None] | None = None) -> OrderRecord:
@@ -452,7 +466,7 @@ class OrderDesk:
             return ""
         with self._sessions() as session:
             siblings = session.scalars(select(OrderRow).where(
-                of_broker(OrderRow, self._broker.name), OrderRow.parent_client_order_id == row.parent_client_order_id,
+                of_broker(OrderRow, self._broker), OrderRow.parent_client_order_id == row.parent_client_order_id,
                 OrderRow.client_order_id != row.client_order_id,
                 OrderRow.status.not_in(FINAL_STATUSES))).all()
         notes = []

@@ -12,8 +12,10 @@ import functools
 import os
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
@@ -103,6 +105,9 @@ class OrderRow(Base):
     price: Mapped[float | None] = mapped_column(Float)  # none for a market order
     tif: Mapped[str] = mapped_column(String(4))
     broker: Mapped[str] = mapped_column(String(16))
+    # The broker's account the order was sent to (`Broker.account_id`: IBKR's DU…/U… id; NULL for the
+    # paper broker, and for rows written before revision 0008): see `of_broker`.
+    account: Mapped[str | None] = mapped_column(String(32))
     # A protective stop turned into a market exit by this decision (the exit stays in the stop's
     # one-cancels-other group, so the position is never without an order that closes it).
     exit_decision_id: Mapped[str | None] = mapped_column(String(40), index=True)
@@ -134,6 +139,7 @@ class ExecutionRow(Base):
     quantity: Mapped[float] = mapped_column(Float)
     price: Mapped[float] = mapped_column(Float)
     broker: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str | None] = mapped_column(String(32))  # as OrderRow.account
     executed_at: Mapped[datetime]
     commission: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # fees included
 
@@ -197,13 +203,47 @@ class PaperFillRow(Base):
     commission: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # fees included
 
 
-def of_broker(model: type[OrderRow | ExecutionRow], broker_name: str):
+class BrokerAccount(Protocol):
+    """What `of_broker` reads of a broker (any `Broker`, or a `BrokerKey`)."""
+
+    name: str
+
+    @property
+    def account_id(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class BrokerKey:
+    """A broker's name and account as the rows store them (`OrderRow.broker`, `OrderRow.account`)."""
+
+    name: str
+    account_id: str | None = None
+
+
+def describe_broker(name: str, account: str | None) -> str:
+    """'the paper broker', 'the ibkr broker (account DU1234567)'."""
+    return f"the {name} broker" + (f" (account {account})" if account else "")
+
+
+def of_broker(model: type[OrderRow | ExecutionRow], broker: BrokerAccount):
     """The one predicate every query of the order lifecycle uses to read a broker's orders or
-    executions: the rows of `model` (OrderRow or ExecutionRow) written for the broker named
-    `broker_name` (`Broker.name`: "paper", "ibkr"). One trading database can hold both (a user who
-    ran on paper, then set TRADING_BROKER=ibkr): another broker's open orders are never sent to,
-    asked of, cancelled at or counted for this one, and its fills are not this account's."""
-    return model.broker == broker_name
+    executions: the rows of `model` (OrderRow or ExecutionRow) written for `broker` (a `Broker`, or a
+    `BrokerKey`): its `name` ("paper", "ibkr") and its `account_id` (the IBKR account it trades,
+    DU… or U…; None for the paper broker, one simulated account). One trading database can hold
+    several: a user who ran on paper, then set TRADING_BROKER=ibkr; or who traded the IBKR paper
+    account (DU…) for weeks, then logged the gateway in to the live account (U…). Another broker's
+    or another account's open orders are never sent to, asked of, cancelled at or counted for this
+    one, and its fills are not this account's.
+
+    A row of this broker's name whose account is NULL (written before revision 0008, which added
+    the column) belongs to whichever account of that broker runs, as it did before: an upgrade
+    never orphans the working stops of an existing user. A broker whose account_id is None reads
+    every row of its name. IBKR's account id is its pre-flight's (`/iserver/accounts`, cached for
+    the brokerage session), asked once per call."""
+    account = broker.account_id
+    if account is None:
+        return model.broker == broker.name
+    return (model.broker == broker.name) & (model.account.is_(None) | (model.account == account))
 
 
 MIGRATION_LOCK_ID = 7_420_011  # PostgreSQL advisory lock: one process migrates at a time

@@ -152,7 +152,7 @@ def portfolio_sync(context: dg.AssetExecutionContext, broker: BrokerResource, ma
     # Positions under the pipeline's own symbols (IBKR's BRK B is the strategy's BRK.B): under another
     # name a position would look gone, and the sync cancel its stop as orphaned.
     the_broker = broker.broker(symbols=tuple(sorted(symbols_in_play(sessions))))
-    symbols = set(the_broker.account({}, as_of).positions) | working_symbols(sessions, the_broker.name)
+    symbols = set(the_broker.account({}, as_of).positions) | working_symbols(sessions, the_broker)
     if hasattr(the_broker, "working_symbols"):
         symbols |= set(the_broker.working_symbols())
     source = market_data.source()

@@ -101,6 +101,7 @@ class BookBroker:
     as they were then whatever fills come, as IBKR's positions lag its fills."""
 
     name = "book"
+    account_id = None
 
     def __init__(self, starting_cash: float = 100_000.0):
         self.cash = starting_cash

@@ -107,6 +107,13 @@ class IBKRBroker(OrderLookups):
         self._ids: dict[str, str] = self._load_ids()
         self._status_failures: dict[str, str] = {}
 
+    @property
+    def account_id(self) -> str:
+        """The account this broker trades (DU… paper or U… live): the pre-flight's choice
+        (`/iserver/accounts`, IBKR_ACCOUNT_ID), cached by the client for the brokerage session, so
+        reading it costs no request once an order was looked up, placed or checked."""
+        return self.client.account_id
+
     # ------------------------------------------------------------------ cOID -> IBKR order id
     def _load_ids(self) -> dict[str, str]:
         if self.id_map_path is None:

@@ -11,7 +11,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from trading_pipeline.adapters.broker import as_utc
-from trading_pipeline.adapters.trading_db import DecisionRow, ExecutionRow, OrderEventRow, OrderRow, of_broker
+from trading_pipeline.adapters.trading_db import (
+    BrokerAccount,
+    DecisionRow,
+    ExecutionRow,
+    OrderEventRow,
+    OrderRow,
+    of_broker,
+)
 from trading_pipeline.core.books import Fill, Trade, describe_duration, match_trades
 
 
@@ -30,14 +37,14 @@ def exit_reason(row: OrderRow | None, converted: set[str]) -> str:
     return "manual"
 
 
-def matched_trades(session: Session, broker_name: str) -> list[Trade]:
-    """Every execution recorded at the broker named `broker_name` matched FIFO per symbol into trades
+def matched_trades(session: Session, broker: BrokerAccount) -> list[Trade]:
+    """Every execution recorded at `broker` (its account: `of_broker`) matched FIFO per symbol into trades
     (core/books.py): the paper broker's fills are not the IBKR account's trades, nor the reverse."""
     orders = {row.client_order_id: row for row in session.scalars(select(OrderRow))}
     converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
         OrderEventRow.detail.contains("converted"))))
     stops = dict(session.execute(select(DecisionRow.decision_id, DecisionRow.stop)).all())
-    executions = session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker_name))
+    executions = session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker))
                                  .order_by(ExecutionRow.executed_at)).all()
     fills = [Fill(execution_id=e.execution_id, symbol=e.symbol, side=e.side, quantity=e.quantity, price=e.price,
                   commission=e.commission, executed_at=as_utc(e.executed_at),

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import OUTSIDE_ORDER, Broker, as_utc
 from trading_pipeline.adapters.portfolio_sync.order_states import UNCONFIRMED, advance_orders, working_symbols
-from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, of_broker
+from trading_pipeline.adapters.trading_db import BrokerAccount, BrokerKey, ExecutionRow, OrderRow, of_broker
 
 
 def symbols_in_play(sessions: sessionmaker[Session]) -> set[str]:
@@ -24,8 +24,9 @@ def symbols_in_play(sessions: sessionmaker[Session]) -> set[str]:
     every broker in the database: they are read before the broker is made, and a name too many only
     resolves one contract more."""
     with sessions() as session:
-        implied = {symbol for name in session.scalars(select(ExecutionRow.broker).distinct())
-                   for symbol in implied_positions(session, name)}
+        implied = {symbol for name, account in session.execute(select(ExecutionRow.broker, ExecutionRow.account)
+                                                               .distinct())
+                   for symbol in implied_positions(session, BrokerKey(name, account))}
     return working_symbols(sessions) | implied
 
 
@@ -50,7 +51,7 @@ def _once_more_on_conflict(record, *args) -> int:
         return record(*args)
 
 
-def _store(session: Session, execution, client_order_id: str, symbol: str, broker_name: str) -> bool:
+def _store(session: Session, execution, client_order_id: str, symbol: str, broker: Broker) -> bool:
     """Record one execution once (True when added). One already recorded takes the commission the
     broker gives now (IBKR charges after the fill), and, booked as outside while the broker had not
     yet tied it to an order of the pipeline's, that order."""
@@ -58,8 +59,8 @@ def _store(session: Session, execution, client_order_id: str, symbol: str, broke
     if recorded is None:
         session.add(ExecutionRow(
             execution_id=execution.execution_id, client_order_id=client_order_id, symbol=symbol,
-            side=execution.side, quantity=execution.quantity, price=execution.price, broker=broker_name,
-            executed_at=execution.executed_at, commission=execution.commission))
+            side=execution.side, quantity=execution.quantity, price=execution.price, broker=broker.name,
+            account=broker.account_id,            executed_at=execution.executed_at, commission=execution.commission))
         return True
     if recorded.client_order_id == OUTSIDE_ORDER and client_order_id != OUTSIDE_ORDER:
         recorded.client_order_id = client_order_id  # it is the pipeline's after all
@@ -74,11 +75,11 @@ def _record_executions(sessions: sessionmaker[Session], broker: Broker, symbol: 
     with sessions() as session:
         query = (select(OrderRow).where(OrderRow.filled_quantity > 0) if client_order_ids is None
                  else select(OrderRow).where(OrderRow.client_order_id.in_(client_order_ids)))
-        query = query.where(of_broker(OrderRow, broker.name))  # another broker's orders are not asked of this one
+        query = query.where(of_broker(OrderRow, broker))  # another broker's orders are not asked of this one
         rows = session.scalars(query if symbol is None else query.where(OrderRow.symbol == symbol)).all()
         for row in rows:
             for execution in broker.executions(row.client_order_id):
-                added += _store(session, execution, row.client_order_id, row.symbol, broker.name)
+                added += _store(session, execution, row.client_order_id, row.symbol, broker)
         session.commit()
     return added
 
@@ -106,12 +107,12 @@ def record_outside_executions(sessions: sessionmaker[Session], broker: Broker) -
 def _record_outside_executions(sessions: sessionmaker[Session], broker: Broker) -> int:
     added = 0
     with sessions() as session:
-        orders = session.scalars(select(OrderRow).where(of_broker(OrderRow, broker.name))).all()
+        orders = session.scalars(select(OrderRow).where(of_broker(OrderRow, broker))).all()
         if not orders:
             return 0
         executed: dict[str, float] = {}
         for coid, quantity in session.execute(select(ExecutionRow.client_order_id, func.sum(ExecutionRow.quantity))
-                                              .where(of_broker(ExecutionRow, broker.name))
+                                              .where(of_broker(ExecutionRow, broker))
                                               .group_by(ExecutionRow.client_order_id)):
             executed[coid] = quantity or 0.0
         start: dict[str, datetime] = {}
@@ -120,7 +121,7 @@ def _record_outside_executions(sessions: sessionmaker[Session], broker: Broker) 
             start[row.symbol] = min(start.get(row.symbol, created), created)
         for symbol, first in session.execute(
                 select(ExecutionRow.symbol, func.min(ExecutionRow.executed_at))
-                .where(of_broker(ExecutionRow, broker.name), ExecutionRow.client_order_id != OUTSIDE_ORDER)
+                .where(of_broker(ExecutionRow, broker), ExecutionRow.client_order_id != OUTSIDE_ORDER)
                 .group_by(ExecutionRow.symbol)):
             if symbol in start and first is not None:
                 start[symbol] = min(start[symbol], as_utc(first))
@@ -134,7 +135,7 @@ def _record_outside_executions(sessions: sessionmaker[Session], broker: Broker) 
             begins = start.get(execution.symbol)
             if begins is None or execution.symbol in unsettled or as_utc(execution.executed_at) < begins:
                 continue
-            added += _store(session, execution, OUTSIDE_ORDER, execution.symbol, broker.name)
+            added += _store(session, execution, OUTSIDE_ORDER, execution.symbol, broker)
         session.commit()
     return added
 
@@ -172,10 +173,10 @@ def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> l
     record_executions(sessions, broker, symbol=symbol)
     with sessions() as session:
         executed: dict[str, float] = {}
-        for execution in session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker.name),
+        for execution in session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker),
                                                                     ExecutionRow.symbol == symbol)):
             executed[execution.client_order_id] = executed.get(execution.client_order_id, 0.0) + execution.quantity
-        rows = session.scalars(select(OrderRow).where(of_broker(OrderRow, broker.name), OrderRow.symbol == symbol)
+        rows = session.scalars(select(OrderRow).where(of_broker(OrderRow, broker), OrderRow.symbol == symbol)
                                .order_by(OrderRow.created_at, OrderRow.client_order_id)).all()
         fills = [OwnFill(row.client_order_id, row.role, row.side,
                          max(row.filled_quantity or 0.0, executed.get(row.client_order_id, 0.0))) for row in rows]
@@ -184,10 +185,10 @@ def own_fills(sessions: sessionmaker[Session], broker: Broker, symbol: str) -> l
     return fills[entries[-1]:] if entries else fills
 
 
-def implied_positions(session: Session, broker_name: str) -> dict[str, float]:
-    """The positions the executions recorded at the broker named `broker_name` imply, by symbol."""
+def implied_positions(session: Session, broker: BrokerAccount) -> dict[str, float]:
+    """The positions the executions recorded at `broker` (its account: `of_broker`) imply, by symbol."""
     quantities: dict[str, float] = {}
-    for execution in session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker_name))):
+    for execution in session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker))):
         signed = execution.quantity if execution.side == "BUY" else -execution.quantity
         quantities[execution.symbol] = quantities.get(execution.symbol, 0.0) + signed
     return {symbol: quantity for symbol, quantity in quantities.items() if abs(quantity) > 1e-9}

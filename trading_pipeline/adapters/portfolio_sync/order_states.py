@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trading_pipeline.adapters.broker import FINAL_STATUSES, Broker, as_utc, cancel_inactive, describe_expiry, expiry_of
-from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, of_broker
+from trading_pipeline.adapters.trading_db import BrokerAccount, OrderEventRow, OrderRow, of_broker
 from trading_pipeline.core.market_calendar import periods_closed_between
 from trading_pipeline.core.risk import AccountState, WorkingEntry
 
@@ -178,7 +178,7 @@ def advance_orders(sessions: sessionmaker[Session], broker: Broker, roles: tuple
     open orders the broker does not know (left as they were)."""
     changes, changed, unknown = [], set(), set()
     with sessions() as session:
-        query = select(OrderRow).where(of_broker(OrderRow, broker.name), OrderRow.status.not_in(FINAL_STATUSES))
+        query = select(OrderRow).where(of_broker(OrderRow, broker), OrderRow.status.not_in(FINAL_STATUSES))
         if roles is not None:
             query = query.where(OrderRow.role.in_(roles))
         if symbol is not None:
@@ -256,21 +256,21 @@ def with_working_orders(account: AccountState, sessions: sessionmaker[Session], 
     with sessions() as session:
         protection = {}
         for symbol in sorted(set(session.scalars(select(OrderRow.symbol).where(
-                of_broker(OrderRow, broker.name), OrderRow.role.in_(PROTECTIVE_ROLES),
+                of_broker(OrderRow, broker), OrderRow.role.in_(PROTECTIVE_ROLES),
                 OrderRow.status.not_in(FINAL_STATUSES))))):
-            live = [row for row in (*working_exits(session, symbol, "stop_loss", unconfirmed=True, broker_name=broker.name),
+            live = [row for row in (*working_exits(session, symbol, "stop_loss", unconfirmed=True, broker=broker),
                                     *working_exits(session, symbol, "take_profit", unconfirmed=True,
-                                                   broker_name=broker.name))
+                                                   broker=broker))
                     if listed_or_young(row)]
             if live:
                 row = min(live, key=lambda r: r.status in UNCONFIRMED)  # the broker's word first
                 protection[symbol] = WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
                                                   row.price, row.status, row.role)
-        return dataclasses.replace(account, working_entries=_working_entries(session, broker.name), working_protection=protection)
+        return dataclasses.replace(account, working_entries=_working_entries(session, broker), working_protection=protection)
 
 
-def _working_entries(session: Session, broker_name: str) -> dict[str, WorkingEntry]:
-    rows = session.scalars(select(OrderRow).where(of_broker(OrderRow, broker_name), OrderRow.role == "entry",
+def _working_entries(session: Session, broker: BrokerAccount) -> dict[str, WorkingEntry]:
+    rows = session.scalars(select(OrderRow).where(of_broker(OrderRow, broker), OrderRow.role == "entry",
                                                   OrderRow.status.not_in(FINAL_STATUSES))).all()
     return {row.symbol: WorkingEntry(row.client_order_id, row.side, row.quantity - row.filled_quantity,
                                      row.price, row.status)
@@ -278,24 +278,24 @@ def _working_entries(session: Session, broker_name: str) -> dict[str, WorkingEnt
 
 
 
-def working_symbols(sessions: sessionmaker[Session], broker_name: str | None = None) -> set[str]:
+def working_symbols(sessions: sessionmaker[Session], broker: BrokerAccount | None = None) -> set[str]:
     """Symbols with a pipeline order that may still work (the sync marks them and walks their bars):
-    at the broker named `broker_name`, or at any broker when None (the names a broker must report
+    at `broker` (its account: `of_broker`), or at any broker when None (the names a broker must report
     positions under, `symbols_in_play`: a superset is harmless there)."""
     query = select(OrderRow.symbol).where(OrderRow.status.not_in(FINAL_STATUSES))
-    if broker_name is not None:
-        query = query.where(of_broker(OrderRow, broker_name))
+    if broker is not None:
+        query = query.where(of_broker(OrderRow, broker))
     with sessions() as session:
         return set(session.scalars(query))
 
 
 def working_exits(session: Session, symbol: str, role: str, unconfirmed: bool = False, *,
-                  broker_name: str) -> list[OrderRow]:
-    """The symbol's working protective orders at the broker named `broker_name`: confirmed by the broker (or, with `unconfirmed`, also
+                  broker: BrokerAccount) -> list[OrderRow]:
+    """The symbol's working protective orders at `broker` (its account: `of_broker`): confirmed by the broker (or, with `unconfirmed`, also
     written without its word: their state unknown, they may be working), and live (a child whose
     entry has not filled at all waits; one whose entry filled in part protects that part)."""
     rows = session.scalars(select(OrderRow).where(
-        of_broker(OrderRow, broker_name), OrderRow.symbol == symbol, OrderRow.role == role,
+        of_broker(OrderRow, broker), OrderRow.symbol == symbol, OrderRow.role == role,
         OrderRow.status.not_in(FINAL_STATUSES if unconfirmed else (*FINAL_STATUSES, *UNCONFIRMED)))).all()
     live = []
     for row in rows:

@@ -257,11 +257,11 @@ def protect_positions(session: Session, broker: Broker, held: dict[str, float],
     saw) protects nothing, and counted it would hide that a later position has no stop."""
     result = Protection()
     symbols = {row.symbol for row in session.scalars(select(OrderRow).where(
-        of_broker(OrderRow, broker.name), OrderRow.role.in_(("stop_loss", "take_profit")),
+        of_broker(OrderRow, broker), OrderRow.role.in_(("stop_loss", "take_profit")),
         OrderRow.status.not_in(FINAL_STATUSES)))}
 
     def working(symbol: str, role: str) -> list[OrderRow]:  # this broker's only: another's are not its protection
-        return working_exits(session, symbol, role, broker_name=broker.name)
+        return working_exits(session, symbol, role, broker=broker)
 
     for symbol in sorted(symbols | set(implied)):
         stops = working(symbol, "stop_loss")

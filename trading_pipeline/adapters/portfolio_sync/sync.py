@@ -29,6 +29,7 @@ from trading_pipeline.adapters.trading_db import (
     OrderEventRow,
     OrderRow,
     PositionSnapshotRow,
+    describe_broker,
     of_broker,
 )
 from trading_pipeline.core.risk import AccountState, Mark
@@ -47,46 +48,55 @@ class SyncReport:
     unprotected: list[str] = field(default_factory=list)
     # What each decision's orders became, for the decisions whose orders changed in this sync.
     orders: list[dict] = field(default_factory=list)
-    # Open orders another broker wrote in this database (paper rows while TRADING_BROKER=ibkr): left
-    # as they are, one line per broker.
+    # Open orders another broker or account wrote in this database (paper rows while
+    # TRADING_BROKER=ibkr, the DU… account's while IBKR trades the U… one): left as they are, one
+    # line per broker and account.
     other_brokers: list[str] = field(default_factory=list)
 
 
-def other_brokers_open(session: Session, broker_name: str) -> list[str]:
-    """One line per other broker with open orders in this database: never asked of, cancelled at or
-    counted for this broker (`of_broker`), and checked again when that broker runs."""
-    counts = session.execute(select(OrderRow.broker, func.count()).where(
-        ~of_broker(OrderRow, broker_name), OrderRow.status.not_in(FINAL_STATUSES)).group_by(OrderRow.broker))
-    return [f"{count} open order(s) of the {other} broker in this database are not this broker's ({broker_name}): "
-            f"left as they are; they are checked when TRADING_BROKER={other} runs again; use a separate "
-            "TRADING_DATABASE_URL per broker to keep them apart"
-            for other, count in sorted(counts)]
+def other_brokers_open(session: Session, broker: Broker) -> list[str]:
+    """One line per other broker or account with open orders in this database (paper rows while
+    TRADING_BROKER=ibkr, the DU… paper account's rows while the gateway is logged in to the live U…
+    account): never asked of, cancelled at or counted for this broker (`of_broker`), and checked
+    again when that broker, logged in to that account, runs."""
+    this = broker.name + (f", account {broker.account_id}" if broker.account_id else "")
+    counts = session.execute(select(OrderRow.broker, OrderRow.account, func.count()).where(
+        ~of_broker(OrderRow, broker), OrderRow.status.not_in(FINAL_STATUSES))
+        .group_by(OrderRow.broker, OrderRow.account))
+    lines = []
+    for other, account, count in sorted(counts, key=lambda c: (c[0], c[1] or "")):
+        when = f"TRADING_BROKER={other} runs again" + (f" with the gateway logged in to account {account}"
+                                                        if account else "")
+        lines.append(f"{count} open order(s) of {describe_broker(other, account)} in this database are not this "
+                     f"broker's ({this}): left as they are; they are checked when {when}; use a separate "
+                     "TRADING_DATABASE_URL per broker and account to keep them apart")
+    return lines
 
 
 # --- what each decision's orders became (observations on the `orders` asset) -----------------------
 
-def _changes_since_last_sync(session: Session, broker_name: str, started: datetime) -> list[tuple[str, str]]:
+def _changes_since_last_sync(session: Session, broker: Broker, started: datetime) -> list[tuple[str, str]]:
     """Order events written since the previous sync by others than this sync (the orders step
     placing or converting a stop into an exit, the risk gates reading an entry's state): what an
     order became shows on the asset whoever saw it first. (cOID, line) pairs, oldest first."""
     previous = session.scalar(select(func.max(AccountSnapshotRow.taken_at)).where(
-        AccountSnapshotRow.broker == broker_name))
+        AccountSnapshotRow.broker == broker.name))
     query = select(OrderEventRow).where(OrderEventRow.at < started, OrderEventRow.client_order_id.in_(
-        select(OrderRow.client_order_id).where(of_broker(OrderRow, broker_name)))).order_by(OrderEventRow.id)
+        select(OrderRow.client_order_id).where(of_broker(OrderRow, broker)))).order_by(OrderEventRow.id)
     if previous is not None:
         query = query.where(OrderEventRow.at > previous)
     return [(event.client_order_id, f"{event.client_order_id}: {event.status} ({event.detail})")
             for event in session.scalars(query)]
 
 
-def _order_outcomes(session: Session, broker_name: str, changed: set[str], changes: list[str]) -> list[dict]:
+def _order_outcomes(session: Session, broker: Broker, changed: set[str], changes: list[str]) -> list[dict]:
     """For each decision with a changed order: its legs' states, fills, average prices and
     commissions, which child filled, and the change lines."""
     if not changed:
         return []
     decision_ids = set(session.scalars(select(OrderRow.decision_id).where(OrderRow.client_order_id.in_(changed))))
     commissions: dict[str, float] = {}
-    for execution in session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker_name))):
+    for execution in session.scalars(select(ExecutionRow).where(of_broker(ExecutionRow, broker))):
         commissions[execution.client_order_id] = commissions.get(execution.client_order_id, 0.0) + execution.commission
     converted = set(session.scalars(select(OrderEventRow.client_order_id).where(
         OrderEventRow.detail.contains("converted"))))
@@ -138,20 +148,20 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
     account = broker.account(marks, as_of)
     now = datetime.now(UTC)
     with sessions() as session:
-        changes_elsewhere = _changes_since_last_sync(session, broker.name, started)
+        changes_elsewhere = _changes_since_last_sync(session, broker, started)
         changed |= {coid for coid, _ in changes_elsewhere}
-        known = set(session.scalars(select(OrderRow.client_order_id).where(of_broker(OrderRow, broker.name))))
+        known = set(session.scalars(select(OrderRow.client_order_id).where(of_broker(OrderRow, broker))))
         for order in broker.open_orders():
             if order.client_order_id not in known:
                 drift.append(f"broker has open order {order.client_order_id or order.broker_order_id} "
                              "that the pipeline did not send")
-        implied = implied_positions(session, broker.name)
+        implied = implied_positions(session, broker)
         held = {symbol: p.quantity for symbol, p in account.positions.items() if p.quantity}
         for symbol in sorted(set(implied) | set(held)):
             if abs(implied.get(symbol, 0.0) - held.get(symbol, 0.0)) > 1e-9:
                 drift.append(f"{symbol}: broker holds {held.get(symbol, 0.0):g}, the pipeline's executions "
                              f"imply {implied.get(symbol, 0.0):g}")
-        books = matched_trades(session, broker.name)  # protection adds no execution: the books stay these
+        books = matched_trades(session, broker)  # protection adds no execution: the books stay these
         protection = protect_positions(session, broker, held, pipeline_positions(books),
                                        positions_contradicted(account), unknown)
         session.commit()
@@ -161,7 +171,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
         positions = []
         for symbol, position in sorted(account.positions.items()):
             unrealized = round(position.quantity * (position.market_price - position.average_price), 2)
-            stop = working_exits(session, symbol, "stop_loss", broker_name=broker.name)
+            stop = working_exits(session, symbol, "stop_loss", broker=broker)
             positions.append({"symbol": symbol, "quantity": position.quantity,
                               "average_price": position.average_price, "market_price": position.market_price,
                               "market_value": round(position.market_value, 2), "unrealized_pnl": unrealized,
@@ -173,7 +183,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
                                        gross_exposure=account.gross_exposure, daily_pnl=account.daily_pnl,
                                        open_positions=account.open_positions))
         trades = trades_by_position(books, as_utc(as_of) if as_of is not None else now)
-        outcomes = _order_outcomes(session, broker.name, changed, [line for _, line in changes_elsewhere] + changes)
-        others = other_brokers_open(session, broker.name)
+        outcomes = _order_outcomes(session, broker, changed, [line for _, line in changes_elsewhere] + changes)
+        others = other_brokers_open(session, broker)
         session.commit()
     return SyncReport(account, changes, added, drift, positions, trades, protection.unprotected, outcomes, others)

@@ -176,9 +176,9 @@ def test_the_ibkr_sync_never_asks_ibkr_about_paper_rows_leaves_them_as_they_are_
     assert not set(asked.asked) & set(before), asked.asked  # IBKR was never asked about a paper row
     assert rows_of(w, "paper") == before and events_of(w, before) == paper_events  # nor were they closed
     assert report.other_brokers == [(
-        "5 open order(s) of the paper broker in this database are not this broker's (ibkr): left as they are; "
-        "they are checked when TRADING_BROKER=paper runs again; use a separate TRADING_DATABASE_URL per broker "
-        "to keep them apart")]
+        "5 open order(s) of the paper broker in this database are not this broker's (ibkr, account DU1234567): "
+        "left as they are; they are checked when TRADING_BROKER=paper runs again; use a separate "
+        "TRADING_DATABASE_URL per broker and account to keep them apart")]
     assert not [line for line in report.drift + report.status_changes if "paper" in line], report.drift
     assert report.trades == []  # the paper fills are not the IBKR account's trades
 
@@ -234,9 +234,9 @@ def test_switching_back_to_paper_finds_its_rows_intact_and_manages_them(world):
         ("paper-long", "closed", "stop_loss")]
     assert report.drift == [], report.drift  # no IBKR fill in its drift check, no IBKR stop taken for an orphan
     assert report.other_brokers == [(
-        "2 open order(s) of the ibkr broker in this database are not this broker's (paper): left as they are; "
-        "they are checked when TRADING_BROKER=ibkr runs again; use a separate TRADING_DATABASE_URL per broker "
-        "to keep them apart")]
+        "2 open order(s) of the ibkr broker (account DU1234567) in this database are not this broker's (paper): "
+        "left as they are; they are checked when TRADING_BROKER=ibkr runs again with the gateway logged in to "
+        "account DU1234567; use a separate TRADING_DATABASE_URL per broker and account to keep them apart")]
     assert {coid: state[0] for coid, state in rows_of(w, "ibkr").items()} == {
         "tp-ibkr-long": "Filled", "tp-ibkr-long-sl": "Submitted", "tp-ibkr-long-tp": "Submitted"}
 
@@ -258,7 +258,7 @@ def test_a_decision_sent_to_the_paper_broker_is_not_sent_to_ibkr_as_well(world):
     assert w.desk.recorded(decision) is None  # unknown yet: the orders step goes on to submit_once
     result = w.desk.submit_once(decision, build_legs(decision, "DAY"), 100.0)
     assert result.status == "already_sent" and result.broker == "paper", result.reason
-    assert "was sent to the paper broker, not this one (ibkr)" in result.reason
+    assert "was sent to the paper broker, not this one (the ibkr broker (account DU1234567))" in result.reason
     assert w.requests_sent() == (0, 0, 0)
     assert set(rows_of(w, "paper")) == {"tp-sent-to-paper", "tp-sent-to-paper-sl", "tp-sent-to-paper-tp"}
     assert rows_of(w, "ibkr") == {}
@@ -267,6 +267,6 @@ def test_a_decision_sent_to_the_paper_broker_is_not_sent_to_ibkr_as_well(world):
         session.execute(update(OrderRow).where(OrderRow.decision_id == decision.decision_id).values(status="Submitted"))
         session.commit()
     shown = w.desk.recorded(decision)
-    assert shown.broker == "paper" and "at the paper broker, not this one, ibkr" in shown.reason, shown.reason
+    assert shown.broker == "paper" and "at the paper broker, not this one, the ibkr broker (account DU1234567)" in shown.reason, shown.reason
     exit_result = w.desk.exit_once(decision.model_copy(update={"action": Action.SELL, "closes_position": True}))
     assert exit_result.status == "already_sent" and w.requests_sent() == (0, 0, 0), exit_result.reason
