@@ -149,6 +149,7 @@ class PositionSnapshotRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     taken_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     broker: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str | None] = mapped_column(String(32))  # as OrderRow.account
     symbol: Mapped[str] = mapped_column(String(16), index=True)
     quantity: Mapped[float] = mapped_column(Float)
     average_price: Mapped[float] = mapped_column(Float)
@@ -161,6 +162,7 @@ class AccountSnapshotRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     taken_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     broker: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str | None] = mapped_column(String(32))  # as OrderRow.account
     equity: Mapped[float] = mapped_column(Float)
     cash: Mapped[float] = mapped_column(Float)
     gross_exposure: Mapped[float] = mapped_column(Float)
@@ -225,15 +227,18 @@ def describe_broker(name: str, account: str | None) -> str:
     return f"the {name} broker" + (f" (account {account})" if account else "")
 
 
-def of_broker(model: type[OrderRow | ExecutionRow], broker: BrokerAccount):
-    """The one predicate every query of the order lifecycle uses to read a broker's orders or
-    executions: the rows of `model` (OrderRow or ExecutionRow) written for `broker` (a `Broker`, or a
-    `BrokerKey`): its `name` ("paper", "ibkr") and its `account_id` (the IBKR account it trades,
-    DU… or U…; None for the paper broker, one simulated account). One trading database can hold
-    several: a user who ran on paper, then set TRADING_BROKER=ibkr; or who traded the IBKR paper
-    account (DU…) for weeks, then logged the gateway in to the live account (U…). Another broker's
-    or another account's open orders are never sent to, asked of, cancelled at or counted for this
-    one, and its fills are not this account's.
+def of_broker(model: type[OrderRow | ExecutionRow | PositionSnapshotRow | AccountSnapshotRow],
+              broker: BrokerAccount):
+    """The one predicate every query uses to read a broker's rows: the rows of `model` (OrderRow,
+    ExecutionRow, PositionSnapshotRow or AccountSnapshotRow: each has `broker` and `account`) written
+    for `broker` (a `Broker`, or a `BrokerKey`): its `name` ("paper", "ibkr") and its `account_id`
+    (the IBKR account it trades, DU… or U…; None for the paper broker, one simulated account). One
+    trading database can hold several: a user who ran on paper, then set TRADING_BROKER=ibkr; or who
+    traded the IBKR paper account (DU…) for weeks, then logged the gateway in to the live account
+    (U…). Another broker's or another account's open orders are never sent to, asked of, cancelled
+    at or counted for this one, its fills are not this account's, and its syncs' position and
+    account snapshots are not this account's syncs (the orphan-stop timing and the "since the last
+    sync" window read them).
 
     A row of this broker's name whose account is NULL (written before revision 0008, which added
     the column) belongs to whichever account of that broker runs, as it did before: an upgrade

@@ -84,9 +84,10 @@ def _one_ibkr_order_and_fill(connection, account_values: dict | None = None) -> 
 
 def test_a_database_with_orders_from_before_the_account_column_keeps_them_for_the_ibkr_account_that_runs(
         database_url):
-    """0008 added orders.account and executions.account (two IBKR accounts, DU… and U…, on one
-    database): the rows an existing user has keep NULL, and every IBKR account reads them as its own
-    (a working stop is never orphaned by the upgrade); another broker's reading does not."""
+    """0008 added orders.account, executions.account and the snapshots' account (two IBKR accounts,
+    DU… and U…, on one database): the rows an existing user has keep NULL, and every IBKR account
+    reads them as its own (a working stop is never orphaned by the upgrade); another broker's
+    reading does not."""
     from alembic import command
 
     from trading_pipeline import migrations
@@ -97,7 +98,13 @@ def test_a_database_with_orders_from_before_the_account_column_keeps_them_for_th
         config.attributes["connection"] = connection
         command.downgrade(config, "0007_unknown_daily_pnl")  # the release before, with its rows
         assert "account" not in {c["name"] for c in sa.inspect(connection).get_columns("orders")}
+        assert "account" not in {c["name"] for c in sa.inspect(connection).get_columns("account_snapshots")}
+        assert "account" not in {c["name"] for c in sa.inspect(connection).get_columns("position_snapshots")}
         _one_ibkr_order_and_fill(connection)
+        connection.execute(sa.insert(trading_db.AccountSnapshotRow).values(
+            broker="ibkr", equity=1000.0, cash=1000.0, gross_exposure=0.0, daily_pnl=0.0, open_positions=1))
+        connection.execute(sa.insert(trading_db.PositionSnapshotRow).values(
+            broker="ibkr", symbol="AAPL", quantity=50.0, average_price=100.0, market_price=100.0, unrealized_pnl=0.0))
     trading_db.upgrade_schema(engine)
     with engine.connect() as connection:
         assert connection.execute(sa.select(trading_db.OrderRow.account, trading_db.OrderRow.status)).all() == [
@@ -108,6 +115,9 @@ def test_a_database_with_orders_from_before_the_account_column_keeps_them_for_th
                 trading_db.of_broker(trading_db.OrderRow, reader))).scalars().all() == ["tp-d-1-sl"]
             assert connection.execute(sa.select(trading_db.ExecutionRow.execution_id).where(
                 trading_db.of_broker(trading_db.ExecutionRow, reader))).scalars().all() == ["e-1"]
+            for snapshot in (trading_db.AccountSnapshotRow, trading_db.PositionSnapshotRow):  # the syncs' too
+                assert connection.execute(sa.select(snapshot.account).where(
+                    trading_db.of_broker(snapshot, reader))).all() == [(None,)]
         assert connection.execute(sa.select(trading_db.OrderRow.client_order_id).where(
             trading_db.of_broker(trading_db.OrderRow, trading_db.BrokerKey("paper")))).scalars().all() == []
 

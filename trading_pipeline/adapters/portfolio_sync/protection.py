@@ -141,30 +141,33 @@ def _resize_locked(session: Session, broker: Broker, row: OrderRow, held: float,
     return True
 
 
-def _no_position_since(session: Session, broker_name: str, row: OrderRow) -> datetime | None:
+def _no_position_since(session: Session, broker: Broker, row: OrderRow) -> datetime | None:
     """When the syncs began to find no position for the protective order `row`: the first sync
     after its entry last changed and after the symbol's position was last seen (each sync since
     found none too), or None when no such sync was made yet. This sync is not counted: its
-    snapshot is written after the check."""
+    snapshot is written after the check. Only this account's syncs count (`of_broker`): another
+    account's sync of the same broker (the DU… paper account's, on the live U… account's database)
+    found nothing about this account's positions."""
     entry = row.parent_client_order_id or row.client_order_id
     changed = session.scalar(select(func.max(OrderEventRow.at)).where(OrderEventRow.client_order_id == entry))
     seen = session.scalar(select(func.max(PositionSnapshotRow.taken_at)).where(
-        PositionSnapshotRow.broker == broker_name, PositionSnapshotRow.symbol == row.symbol))
+        of_broker(PositionSnapshotRow, broker), PositionSnapshotRow.symbol == row.symbol))
     after = max(as_utc(t) for t in (row.created_at, changed, seen) if t is not None)
     first = session.scalar(select(func.min(AccountSnapshotRow.taken_at)).where(
-        AccountSnapshotRow.broker == broker_name, AccountSnapshotRow.taken_at > after))
+        of_broker(AccountSnapshotRow, broker), AccountSnapshotRow.taken_at > after))
     return as_utc(first) if first is not None else None
 
 
-def _wrong_side_since(session: Session, broker_name: str, row: OrderRow) -> datetime | None:
+def _wrong_side_since(session: Session, broker: Broker, row: OrderRow) -> datetime | None:
     """When the syncs began to find the symbol's position on the side the protective order `row`
     would add to (a position flipped by hand): the first snapshot on that side after its entry
-    last changed and after the position was last seen on the side `row` closes, or None."""
+    last changed and after the position was last seen on the side `row` closes, or None. This
+    account's snapshots only (`of_broker`)."""
     entry = row.parent_client_order_id or row.client_order_id
     changed = session.scalar(select(func.max(OrderEventRow.at)).where(OrderEventRow.client_order_id == entry))
     adds_to = PositionSnapshotRow.quantity < 0 if row.side == "SELL" else PositionSnapshotRow.quantity > 0
     closes = PositionSnapshotRow.quantity > 0 if row.side == "SELL" else PositionSnapshotRow.quantity < 0
-    of_symbol = (PositionSnapshotRow.broker == broker_name, PositionSnapshotRow.symbol == row.symbol)
+    of_symbol = (of_broker(PositionSnapshotRow, broker), PositionSnapshotRow.symbol == row.symbol)
     closed_side_seen = session.scalar(select(func.max(PositionSnapshotRow.taken_at)).where(*of_symbol, closes))
     after = max(as_utc(t) for t in (row.created_at, changed, closed_side_seen) if t is not None)
     first = session.scalar(select(func.min(PositionSnapshotRow.taken_at)).where(
@@ -183,7 +186,7 @@ def _cancel_orphans(session: Session, broker: Broker, symbol: str, rows: list[Or
         kind = row.role.replace("_", "-")
         what = f"{symbol}: the working {kind} {row.client_order_id} ({row.side} {row.quantity - row.filled_quantity:g})"
         if flipped is not None:
-            since = _wrong_side_since(session, broker.name, row)
+            since = _wrong_side_since(session, broker, row)
             if since is None or datetime.now(UTC) - since < ORPHAN_GRACE:
                 result.drift.append(f"{what} would add to the position of {flipped:g} shares instead of closing it "
                                     f"(flipped by hand?): a sync {grace} or more after the first one finding it so "
@@ -199,7 +202,7 @@ def _cancel_orphans(session: Session, broker: Broker, symbol: str, rows: list[Or
                                 "(cancelling the stop of a position still held would leave it unprotected); check "
                                 "the positions at the broker, and cancel it there if the position was closed by hand")
             continue
-        since = _no_position_since(session, broker.name, row)
+        since = _no_position_since(session, broker, row)
         if since is None or datetime.now(UTC) - since < ORPHAN_GRACE:
             result.drift.append(f"{what} has no position at the broker: a sync {grace} or more after the first one "
                                 "finding none cancels it if it finds none either (a position just opened may not be "

@@ -80,7 +80,7 @@ def _changes_since_last_sync(session: Session, broker: Broker, started: datetime
     placing or converting a stop into an exit, the risk gates reading an entry's state): what an
     order became shows on the asset whoever saw it first. (cOID, line) pairs, oldest first."""
     previous = session.scalar(select(func.max(AccountSnapshotRow.taken_at)).where(
-        AccountSnapshotRow.broker == broker.name))
+        of_broker(AccountSnapshotRow, broker)))  # this account's last sync, never another's
     query = select(OrderEventRow).where(OrderEventRow.at < started, OrderEventRow.client_order_id.in_(
         select(OrderRow.client_order_id).where(of_broker(OrderRow, broker)))).order_by(OrderEventRow.id)
     if previous is not None:
@@ -169,6 +169,7 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
         changed |= protection.changed
         drift.extend(protection.drift)
         positions = []
+        account_id = broker.account_id  # the snapshots name the account, as the orders do (`of_broker`)
         for symbol, position in sorted(account.positions.items()):
             unrealized = round(position.quantity * (position.market_price - position.average_price), 2)
             stop = working_exits(session, symbol, "stop_loss", broker=broker)
@@ -176,12 +177,12 @@ def sync_portfolio(sessions: sessionmaker[Session], broker: Broker, marks: dict[
                               "average_price": position.average_price, "market_price": position.market_price,
                               "market_value": round(position.market_value, 2), "unrealized_pnl": unrealized,
                               "stop": stop[0].price if len(stop) == 1 else None})
-            session.add(PositionSnapshotRow(taken_at=now, broker=broker.name, symbol=symbol,
+            session.add(PositionSnapshotRow(taken_at=now, broker=broker.name, account=account_id, symbol=symbol,
                                             quantity=position.quantity, average_price=position.average_price,
                                             market_price=position.market_price, unrealized_pnl=unrealized))
-        session.add(AccountSnapshotRow(taken_at=now, broker=broker.name, equity=account.equity, cash=account.cash,
-                                       gross_exposure=account.gross_exposure, daily_pnl=account.daily_pnl,
-                                       open_positions=account.open_positions))
+        session.add(AccountSnapshotRow(taken_at=now, broker=broker.name, account=account_id, equity=account.equity,
+                                       cash=account.cash, gross_exposure=account.gross_exposure,
+                                       daily_pnl=account.daily_pnl, open_positions=account.open_positions))
         trades = trades_by_position(books, as_utc(as_of) if as_of is not None else now)
         outcomes = _order_outcomes(session, broker, changed, [line for _, line in changes_elsewhere] + changes)
         others = other_brokers_open(session, broker)

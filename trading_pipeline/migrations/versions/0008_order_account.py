@@ -1,8 +1,11 @@
-"""orders.account and executions.account: the broker's account a row belongs to (IBKR DU… or U…)
+"""orders.account, executions.account, position_snapshots.account and account_snapshots.account:
+the broker's account a row belongs to (IBKR DU… or U…)
 
 Two IBKR accounts (the paper DU… account, then the live U… one, on the same trading database) are
-the same broker "ibkr": the account tells their rows apart. Existing rows keep NULL: they stay with
-whichever IBKR account runs, as before (`trading_db.of_broker`).
+the same broker "ibkr": the account tells their rows apart, the syncs' snapshots included (one
+account's sync must not stand in for the other's: the orphan-stop timing and the "since the last
+sync" window read them). Existing rows keep NULL: they stay with whichever IBKR account runs, as
+before (`trading_db.of_broker`).
 
 Revision ID: 0008_order_account
 Revises: 0007_unknown_daily_pnl
@@ -22,6 +25,10 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('account', sa.String(length=32), nullable=True))
     with op.batch_alter_table('executions', schema=None) as batch_op:
         batch_op.add_column(sa.Column('account', sa.String(length=32), nullable=True))
+    with op.batch_alter_table('position_snapshots', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('account', sa.String(length=32), nullable=True))
+    with op.batch_alter_table('account_snapshots', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('account', sa.String(length=32), nullable=True))
 
 
 def downgrade() -> None:
@@ -37,6 +44,13 @@ def downgrade() -> None:
             "tell apart (one account's sync would then ask about, and close, the other's working orders). Fix: "
             "keep a copy of the trading database, delete the rows of the account you no longer use (orders, "
             "their order_events, executions), then downgrade again")
+    # The snapshots' account goes with the column: two accounts' snapshots then read as the broker's
+    # again, as before this revision (a sync's orphan-stop timing may count the other account's
+    # syncs); the check above is what keeps two accounts' working orders from being merged.
+    with op.batch_alter_table('account_snapshots', schema=None) as batch_op:
+        batch_op.drop_column('account')
+    with op.batch_alter_table('position_snapshots', schema=None) as batch_op:
+        batch_op.drop_column('account')
     with op.batch_alter_table('executions', schema=None) as batch_op:
         batch_op.drop_column('account')
     with op.batch_alter_table('orders', schema=None) as batch_op:

@@ -7,7 +7,9 @@ entries by the live one (nor the other way round), its fills are not the live bo
 decision it was sent is not sent to the live account too. Rows written before the account column
 (NULL) stay with whichever IBKR account runs, as before. Each account is its own emulator (its own
 `/iserver/accounts` and `/portfolio/accounts` list, as a gateway logged in with that account's
-username answers) over real HTTP, with one trading database and one state folder."""
+username answers) over real HTTP, with one trading database and one state folder. The syncs'
+position and account snapshots name the account too: one account's sync never stands in for the
+other's (the orphan-stop timing, the "since the last sync" window)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,16 @@ from sqlalchemy import select, update
 
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
-from trading_pipeline.adapters.portfolio_sync import sync_portfolio, with_working_orders
+from trading_pipeline.adapters.portfolio_sync import ORPHAN_GRACE, sync_portfolio, with_working_orders
 from trading_pipeline.adapters.records import record_decision
-from trading_pipeline.adapters.trading_db import ExecutionRow, OrderRow, session_factory
+from trading_pipeline.adapters.trading_db import (
+    AccountSnapshotRow,
+    ExecutionRow,
+    OrderRow,
+    PositionSnapshotRow,
+    of_broker,
+    session_factory,
+)
 from trading_pipeline.core.analysis import Action
 from trading_pipeline.core.orders import build_legs, client_order_id
 from trading_pipeline.core.risk import entry_limits
@@ -31,6 +40,7 @@ from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     exit_decision,
 )
 from trading_pipeline_tests.adapters.ibkr.test_shared_database_brokers import Asked
+from trading_pipeline_tests.adapters.sync_world import earlier
 
 PAPER_ACCOUNT, LIVE_ACCOUNT = "DU1234567", "U7654321"
 
@@ -198,3 +208,67 @@ def test_what_was_sent_shows_while_the_gateway_cannot_say_its_account(accounts, 
     shown = OrderDesk(paper.sessions, broker).recorded(decision)
     assert shown is not None and shown.status == "already_sent" and shown.client_order_id == "tp-sent-earlier"
     assert "sent earlier for this decision; now tp-sent-earlier Submitted" in shown.reason, shown.reason
+
+
+def test_the_paper_accounts_sync_does_not_stand_in_for_the_live_accounts_first_sync_without_a_position(accounts):
+    """The live position closed in TWS; the DU account's sync (no AAPL there) ran after the live
+    sync that last saw it, ORPHAN_GRACE ago. The live stop is cancelled only once a live sync
+    ORPHAN_GRACE after the first live sync finding no position finds none either: IBKR's positions
+    lag its fills, and a stop cancelled on one empty answer leaves a held position unprotected.
+    Before: the snapshots were the broker's, and the DU sync counted as that first sync."""
+    paper, live = accounts()
+    live.emulator.set_price("AAPL", 100.0)
+    stop_id, take_profit_id = live.open_position(entry_decision("u-long"))
+    assert sync_portfolio(live.sessions, live.broker, {}).drift == []  # the live sync sees the 50
+    live.sell_by_hand(50)
+    paper_report = sync_portfolio(paper.sessions, paper.broker, {})  # the DU account holds no AAPL
+    assert paper_report.positions == [] and paper_report.drift == [], paper_report.drift
+    earlier(live.sessions, ORPHAN_GRACE)
+
+    first = sync_portfolio(live.sessions, live.broker, {})  # the live account's first answer without it
+    assert (live.order(stop_id).status, live.order(take_profit_id).status) == ("Submitted", "Submitted")
+    assert live.row("tp-u-long-sl").status == "Submitted"
+    assert any(line.startswith("AAPL: the working stop-loss tp-u-long-sl (SELL 50) has no position at the broker")
+               for line in first.drift), first.drift
+
+    earlier(live.sessions, ORPHAN_GRACE)
+    sync_portfolio(live.sessions, live.broker, {})  # the next live sync, ORPHAN_GRACE on: still none
+    assert (live.order(stop_id).status, live.order(take_profit_id).status) == ("Cancelled", "Cancelled")
+    assert "cancelled by the sync: no AAPL position at the broker" in live.last_event("tp-u-long-sl")
+
+
+def test_the_live_sync_reports_its_orders_since_its_own_last_sync_and_records_its_own_account(accounts):
+    """A live entry placed by the orders step after the live account's last sync, then a DU sync:
+    the next live sync still shows what that entry became on the `orders` asset (its window starts at
+    the live account's last sync, not the DU one's), and the account and positions it records are
+    the live account's, named so; the DU account's stay the DU account's."""
+    paper, live = accounts()
+    paper.emulator.set_price("AAPL", 100.0)
+    paper.open_position(entry_decision("du-long"))  # DU holds 50 AAPL, U nothing
+    live.emulator.set_price("MSFT", 101.0)  # the U entry's 100 limit does not fill: it works
+    sync_portfolio(live.sessions, live.broker, {})  # the live account's last sync
+    decision = entry_decision("u-msft", symbol="MSFT")
+    record_decision(live.sessions, decision)
+    assert live.desk.submit_once(decision, build_legs(decision, "DAY"), 100.0).status == "submitted"
+    sync_portfolio(paper.sessions, paper.broker, {})  # the DU sync, after the U entry was placed
+
+    report = sync_portfolio(live.sessions, live.broker, {})
+    assert [o["decision_id"] for o in report.orders] == ["u-msft"], report.orders
+    assert any(line.startswith("tp-u-msft: ") for line in report.orders[0]["changes"]), report.orders
+    assert report.account.open_positions == 0 and report.positions == []  # the account_summary: U's
+
+    with live.sessions() as session:
+        def recorded(broker):
+            return ([(s.account, s.open_positions, s.equity) for s in session.scalars(
+                        select(AccountSnapshotRow).where(of_broker(AccountSnapshotRow, broker))
+                        .order_by(AccountSnapshotRow.id))],
+                    [(s.account, s.symbol, s.quantity) for s in session.scalars(
+                        select(PositionSnapshotRow).where(of_broker(PositionSnapshotRow, broker))
+                        .order_by(PositionSnapshotRow.id))])
+
+        live_accounts, live_positions = recorded(live.broker)
+        paper_accounts, paper_positions = recorded(paper.broker)
+    assert [a[:2] for a in live_accounts] == [(LIVE_ACCOUNT, 0), (LIVE_ACCOUNT, 0)]
+    assert live_accounts[-1][2] == report.account.equity and live_positions == []
+    assert [a[:2] for a in paper_accounts] == [(PAPER_ACCOUNT, 1)]
+    assert paper_positions == [(PAPER_ACCOUNT, "AAPL", 50.0)]
