@@ -143,6 +143,7 @@ class IBKRClient(GatewayTransport, SessionRequests, ContractRequests, MarketData
         self._portfolio_epoch = -1
         self._live_orders_epoch = -1
         self._orders_cache: tuple[float, list[dict]] | None = None
+        self._live_orders_partial = ""  # why the last live-orders answer may lack orders, or ""
         self._trades_cache: tuple[float, int, list[dict]] | None = None
 
 

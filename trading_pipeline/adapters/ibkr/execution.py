@@ -35,6 +35,7 @@ FINAL_ORDER_STATES = {"Filled", "Cancelled", "Inactive"}
 # An order's type as `order/status` spells it -> the code an order is placed with.
 _STATUS_ORDER_TYPES = {"LIMIT": "LMT", "LMT": "LMT", "STOP": "STP", "STP": "STP", "MARKET": "MKT", "MKT": "MKT",
                        "STOP_LIMIT": "STOP_LIMIT", "STOP LIMIT": "STOP_LIMIT"}
+LIVE_ORDERS_MAX = 1000  # the most orders `GET /iserver/account/orders` lists (IBKR's reference)
 _DUPLICATE_RE = re.compile(r"Local order ID=(?P<coid>.+?) is already registered", re.IGNORECASE)
 
 
@@ -198,9 +199,19 @@ class OrderRequests:
             incomplete = isinstance(body, dict) and parse_flag(body.get("snapshot")) is False
             if not (first or incomplete):
                 break
+        partial = ("IBKR's last live-orders answer still said snapshot=false (incomplete) after 3 asks" if incomplete
+                   else f"IBKR's last live-orders answer holds {len(orders)} orders, its documented maximum of "
+                        f"{LIVE_ORDERS_MAX}: more may be working" if len(orders) >= LIVE_ORDERS_MAX else "")
         with self._state:
             self._orders_cache = (time.monotonic(), orders)
+            self._live_orders_partial = partial
         return orders
+
+    def live_orders_partial(self) -> str:
+        """Why the last live-orders answer may lack working orders (still flagged incomplete after
+        the re-asks; as long as IBKR's documented maximum), or "" when nothing says so."""
+        with self._state:
+            return self._live_orders_partial
 
     def live_orders_preflight_done(self) -> bool:
         """Whether the live orders were read in the brokerage session in use, past its pre-flight

@@ -104,7 +104,8 @@ class OrderLookups:
         """Complete when the live orders this broker reads (an answer up to `order_cache_seconds`
         old) were read during the exchange's regular session (core/market_calendar), now and at the
         oldest answer it may reuse, and in a brokerage session whose pre-flight of the live orders
-        the client has done (the first answer asked again); and, for `client_order_id`, when the
+        the client has done (the first answer asked again), from an answer that is whole (not
+        still flagged incomplete, not as long as IBKR's maximum); and, for `client_order_id`, when the
         last look at that order's own status did not fail (IBKR's 503, "ended before this
         session", is an answer; a 500, an error body, a malformed answer are not). Else why not,
         and when it will be."""
@@ -124,6 +125,8 @@ class OrderLookups:
                 if session is None else
                 "the regular session has just opened and the live orders read may be from before it; decided by "
                 "the next sync"))
+        if partial := self.client.live_orders_partial():
+            return OrderListCompleteness(False, f"{partial}; decided by a sync that reads a whole list")
         if not self.client.live_orders_preflight_done():
             return OrderListCompleteness(False, "IBKR's live orders have not been read in this brokerage session "
                                                 "yet (its first answer can be empty or incomplete); decided by the "

@@ -413,3 +413,24 @@ def test_ibkrs_live_orders_are_complete_only_when_read_in_the_regular_session_pa
     ibkr_clock(monkeypatch, AFTER_HOURS)
     after_hours = broker.order_list_completeness()
     assert not after_hours.complete and "Tue 2026-12-08 09:30" in after_hours.why_not, after_hours.why_not
+
+
+@pytest.mark.parametrize(("answer", "said"), [
+    ({"orders": [], "snapshot": False}, "snapshot=false"),  # still flagged incomplete after the re-asks
+    ({"orders": [{"orderId": 9_000_000 + i, "order_ref": f"other-{i}", "status": "Submitted", "filledQuantity": 0}
+                 for i in range(1000)], "snapshot": True}, "documented maximum of 1000"),
+], ids=["flagged-incomplete", "at-the-1000-cap"])
+def test_a_live_orders_answer_that_may_lack_orders_is_not_a_complete_list(emulator, client, monkeypatch, answer,
+                                                                          said):
+    """In session and past the pre-flight, a list IBKR itself marks incomplete, or one as long as the
+    most it lists, may still lack working orders: absence from it proves nothing."""
+    broker = IBKRBroker(client, order_cache_seconds=5)
+    ibkr_clock(monkeypatch, IN_SESSION)
+    emulator.inject(LIVE_ORDERS, method="GET", body=answer, count=10)
+    assert broker.find_order("tp-nothing") is None
+    verdict = broker.order_list_completeness()
+    assert not verdict.complete and said in verdict.why_not, verdict.why_not
+    with emulator.state.lock:  # the gateway answers whole lists again
+        emulator.state.faults.clear()
+    client.live_orders()
+    assert broker.order_list_completeness().complete
