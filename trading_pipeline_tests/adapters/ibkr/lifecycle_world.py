@@ -11,10 +11,13 @@ from sqlalchemy import select
 
 from trading_pipeline.adapters.ibkr.broker import IBKRBroker
 from trading_pipeline.adapters.order_desk import OrderDesk
+from trading_pipeline.adapters.portfolio_sync import with_working_orders
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, session_factory
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
+from trading_pipeline.core.risk import entry_limits
+from trading_pipeline.core.strategies import RiskSettings
 from trading_pipeline_tests.adapters.ibkr.conftest import FAST
 
 AS_OF = datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
@@ -133,3 +136,15 @@ def world_maker(emulator_factory, client_factory, tmp_path):
         return process()
 
     return make
+
+
+def limits_now(process, decision: TradeDecision, risk: RiskSettings | None = None):
+    """The limit check the orders step runs for `decision` under the account lock (`limits=` of
+    `submit_once`), for a process (`World`, or anything with its `broker` and `sessions`): the
+    account as the entry gates read it, working orders included, the decision's own order not
+    counted against it. Call it for the (quantity allowed, checks) now."""
+    def check():
+        account = with_working_orders(process.broker.account({}), process.sessions, process.broker)
+        return entry_limits(decision.symbol, decision.entry, decision.stop, account, risk or RiskSettings(),
+                            own_order=client_order_id(decision))
+    return check

@@ -23,6 +23,7 @@ from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     RACE_WINDOW,
     entry_decision,
     exit_decision,
+    limits_now,
 )
 from trading_pipeline_tests.adapters.sync_world import earlier
 
@@ -107,14 +108,9 @@ def test_two_runs_deciding_for_a_symbol_at_once_send_one_entry_while_ibkrs_posit
     def run(decision: TradeDecision):
         process = w.restart()  # its own client, broker and desk, on the same trading database
         record_decision(process.sessions, decision)
-
-        def limits_now():  # as the orders step checks them under the account lock
-            account = with_working_orders(process.broker.account({}), process.sessions, process.broker)
-            return entry_limits("AAPL", decision.entry, decision.stop, account, RiskSettings(),
-                                own_order=client_order_id(decision))
-
         start.wait(30)
-        return process.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry, limits=limits_now)
+        return process.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry,
+                                        limits=limits_now(process, decision))
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run, [entry_decision("daily-run"), entry_decision("run-by-hand")]))

@@ -29,15 +29,14 @@ from trading_pipeline.adapters.trading_db import (
     session_factory,
 )
 from trading_pipeline.core.analysis import Action
-from trading_pipeline.core.orders import build_legs, client_order_id
-from trading_pipeline.core.risk import entry_limits
-from trading_pipeline.core.strategies import RiskSettings
+from trading_pipeline.core.orders import build_legs
 from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     QUICK,
     QUICK_PACING,
     World,
     entry_decision,
     exit_decision,
+    limits_now,
 )
 from trading_pipeline_tests.adapters.ibkr.test_shared_database_brokers import Asked
 from trading_pipeline_tests.adapters.sync_world import earlier
@@ -119,15 +118,10 @@ def test_a_paper_accounts_working_entry_does_not_block_a_live_entry(accounts):
     live.emulator.set_price("MSFT", 100.0)
     live_decision = entry_decision("u-msft", symbol="MSFT")
     record_decision(live.sessions, live_decision)
-
-    def limits_now():
-        account = with_working_orders(live.broker.account({}), live.sessions, live.broker)
-        return entry_limits("MSFT", live_decision.entry, live_decision.stop, account, RiskSettings(),
-                            own_order=client_order_id(live_decision))
-
-    allowed, checks = limits_now()
+    limits = limits_now(live, live_decision)
+    allowed, checks = limits()
     assert allowed >= 50 and all(c.passed for c in checks), [(c.rule, c.detail) for c in checks if not c.passed]
-    sent = live.desk.submit_once(live_decision, build_legs(live_decision, "DAY"), 100.0, limits=limits_now)
+    sent = live.desk.submit_once(live_decision, build_legs(live_decision, "DAY"), 100.0, limits=limits)
     assert sent.status == "filled", sent.reason
     assert rows_of(paper, PAPER_ACCOUNT) == before  # the DU entry still works, untouched
     assert set(rows_of(live, LIVE_ACCOUNT)) == {"tp-u-msft", "tp-u-msft-sl", "tp-u-msft-tp"}

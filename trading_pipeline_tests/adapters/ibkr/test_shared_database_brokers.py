@@ -22,14 +22,13 @@ from trading_pipeline.adapters.trading_db import OrderEventRow, OrderRow, sessio
 from trading_pipeline.core import market_calendar
 from trading_pipeline.core.analysis import Action, TradeDecision
 from trading_pipeline.core.orders import build_legs, client_order_id
-from trading_pipeline.core.risk import entry_limits
-from trading_pipeline.core.strategies import RiskSettings
 from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     QUICK,
     QUICK_PACING,
     World,
     entry_decision,
     exit_decision,
+    limits_now,
 )
 
 TUESDAY_EVENING = datetime(2026, 9, 1, 21, 30, tzinfo=UTC)
@@ -146,15 +145,10 @@ def test_a_paper_working_entry_does_not_block_an_ibkr_entry_on_that_symbol(world
     w.emulator.set_price("MSFT", 100.0)
     decision = entry_decision("ibkr-msft", symbol="MSFT")
     record_decision(w.sessions, decision)
-
-    def limits_now():
-        account = with_working_orders(w.broker.account({}), w.sessions, w.broker)
-        return entry_limits("MSFT", decision.entry, decision.stop, account, RiskSettings(),
-                            own_order=client_order_id(decision))
-
-    allowed, checks = limits_now()
+    limits = limits_now(w, decision)
+    allowed, checks = limits()
     assert allowed >= 50 and all(c.passed for c in checks), [(c.rule, c.detail) for c in checks if not c.passed]
-    sent = w.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry, limits=limits_now)
+    sent = w.desk.submit_once(decision, build_legs(decision, "DAY"), decision.entry, limits=limits)
     assert sent.status == "filled", sent.reason
     assert rows_of(w, "paper") == before  # the paper entry is the paper broker's business, untouched
 

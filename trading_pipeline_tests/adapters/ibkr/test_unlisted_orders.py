@@ -18,18 +18,17 @@ from trading_pipeline.adapters.portfolio_sync import (
     SUBMITTING_GRACE,
     UNCONFIRMED,
     sync_portfolio,
-    with_working_orders,
 )
 from trading_pipeline.adapters.portfolio_sync.order_states import ENDED_OUTSIDE
 from trading_pipeline.adapters.records import record_decision
 from trading_pipeline.core.analysis import TradeDecision
 from trading_pipeline.core.orders import build_legs
-from trading_pipeline.core.risk import entry_limits
 from trading_pipeline.core.strategies import RiskSettings
 from trading_pipeline_tests.adapters.ibkr.lifecycle_world import (
     World,
     entry_decision,
     exit_decision,
+    limits_now,
 )
 from trading_pipeline_tests.adapters.sync_world import earlier
 
@@ -50,8 +49,7 @@ def ibkr_clock(monkeypatch, at: datetime) -> None:
 
 def gates(w: World, decision: TradeDecision, risk: RiskSettings | None = None):
     """The entry gates of `decision` on the account as the orders step reads it."""
-    account = with_working_orders(w.broker.account({}), w.sessions, w.broker)
-    return entry_limits(decision.symbol, decision.entry, decision.stop, account, risk or RiskSettings())
+    return limits_now(w, decision, risk)()
 
 
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
